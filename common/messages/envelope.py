@@ -1,0 +1,136 @@
+"""The versioned envelope every virtfleet message travels in.
+
+On the wire an envelope is a MessagePack map::
+
+    {"v": "1.0", "kind": "vm.create", "id": "<uuid hex>", "correlation_id": null,
+     "sender": "controller:node1:4242", "sent_at": 1764111111.5, "expires_at": 1764111141.5,
+     "body": {...}}
+
+A reply has ``kind == "reply"``, ``correlation_id`` equal to the request's ``id`` and a body
+``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": {"type", "message",
+"retryable", "details"}}``. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from common import codec
+from common.errors import DecodeError, UnsupportedVersion, VirtfleetError
+
+PROTOCOL_MAJOR = 1
+PROTOCOL_MINOR = 0
+PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
+REPLY_KIND = "reply"
+
+
+def new_id() -> str:
+    """A fresh message id."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One message: routing metadata plus a plain-data body."""
+
+    kind: str
+    body: dict[str, Any]
+    sender: str
+    id: str = field(default_factory=new_id)
+    correlation_id: str | None = None
+    sent_at: float = field(default_factory=time.time)
+    expires_at: float | None = None
+    version: str = PROTOCOL_VERSION
+
+    def expired(self, now: float) -> bool:
+        """True when the sender said the message is worthless after ``expires_at``."""
+        return self.expires_at is not None and now > self.expires_at
+
+    def to_wire(self) -> dict[str, Any]:
+        """The envelope as the plain map that goes through the codec."""
+        return {
+            "v": self.version,
+            "kind": self.kind,
+            "id": self.id,
+            "correlation_id": self.correlation_id,
+            "sender": self.sender,
+            "sent_at": self.sent_at,
+            "expires_at": self.expires_at,
+            "body": self.body,
+        }
+
+    def encode(self) -> bytes:
+        """MessagePack bytes of this envelope."""
+        return codec.encode(self.to_wire())
+
+    def reply_ok(self, result: dict[str, Any], sender: str) -> Envelope:
+        """The success reply to this request."""
+        return Envelope(
+            kind=REPLY_KIND, body={"ok": True, "result": result}, sender=sender, correlation_id=self.id
+        )
+
+    def reply_error(self, error: VirtfleetError, sender: str) -> Envelope:
+        """The error reply to this request."""
+        return Envelope(
+            kind=REPLY_KIND,
+            body={"ok": False, "error": error.to_wire()},
+            sender=sender,
+            correlation_id=self.id,
+        )
+
+    def with_body(self, body: dict[str, Any]) -> Envelope:
+        """A copy with another body (same id)."""
+        return replace(self, body=body)
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    """Split "major.minor"; DecodeError when it is not that."""
+    major, sep, minor = text.partition(".")
+    if not sep or not major.isdigit() or not minor.isdigit():
+        raise DecodeError(f"bad protocol version {text!r}")
+    return int(major), int(minor)
+
+
+def decode_envelope(raw: bytes) -> Envelope:
+    """Decode and validate an envelope; DecodeError or UnsupportedVersion if it is not one of ours.
+
+    A newer minor version is accepted (unknown fields are ignored); another major is not.
+    """
+    data = codec.decode(raw)
+    if not isinstance(data, dict):
+        raise DecodeError(f"envelope must be a map, got {type(data).__name__}")
+    version = data.get("v")
+    if not isinstance(version, str):
+        raise DecodeError("envelope has no protocol version 'v'")
+    major, _minor = parse_version(version)
+    if major != PROTOCOL_MAJOR:
+        raise UnsupportedVersion(f"protocol {version} is not supported (this side speaks {PROTOCOL_VERSION})")
+    kind, msg_id, sender, body = data.get("kind"), data.get("id"), data.get("sender"), data.get("body")
+    corr, sent_at, expires_at = data.get("correlation_id"), data.get("sent_at"), data.get("expires_at")
+    if not isinstance(kind, str) or not kind:
+        raise DecodeError("envelope field 'kind' must be a non-empty string")
+    if not isinstance(msg_id, str) or not msg_id:
+        raise DecodeError("envelope field 'id' must be a non-empty string")
+    if not isinstance(sender, str):
+        raise DecodeError("envelope field 'sender' must be a string")
+    if not isinstance(body, dict):
+        raise DecodeError("envelope field 'body' must be a map")
+    if corr is not None and not isinstance(corr, str):
+        raise DecodeError("envelope field 'correlation_id' must be a string or null")
+    if isinstance(sent_at, bool) or not isinstance(sent_at, int | float):
+        raise DecodeError("envelope field 'sent_at' must be a number")
+    if expires_at is not None and (isinstance(expires_at, bool) or not isinstance(expires_at, int | float)):
+        raise DecodeError("envelope field 'expires_at' must be a number or null")
+    return Envelope(
+        kind=kind,
+        body=body,
+        sender=sender,
+        id=msg_id,
+        correlation_id=corr,
+        sent_at=float(sent_at),
+        expires_at=None if expires_at is None else float(expires_at),
+        version=version,
+    )

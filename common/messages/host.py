@@ -1,0 +1,77 @@
+"""Host family: what an agent reports about its hypervisor (agent -> controller, no reply)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.messages.vm import VmStatus
+
+FAMILY_VERSION = "1.0"
+
+
+@dataclass(frozen=True, slots=True)
+class CpuTopology:
+    """Host CPUs as libvirt's nodeinfo and capabilities describe them."""
+
+    cpus: int
+    sockets: int = 1
+    cores: int = 1
+    threads: int = 1
+    numa_cells: int = 1
+    mhz: int = 0
+    model: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StoragePoolInfo:
+    name: str
+    path: str
+    capacity_gib: int
+    allocation_gib: int
+    available_gib: int
+
+
+@dataclass(frozen=True, slots=True)
+class HostReport:
+    """``host.report``: full capacity and VM state, on start and every report interval."""
+
+    host_id: str
+    hostname: str
+    agent_version: str
+    hypervisor_type: str  # what libvirt calls it: QEMU, Test, Xen, ...
+    hypervisor_version: str
+    libvirt_uri: str
+    #: /dev/kvm is usable *and* the CPU has vmx/svm: VMs may use domain type kvm.
+    hw_virt: bool
+    cpu: CpuTopology
+    memory_mib: int
+    memory_free_mib: int
+    storage: StoragePoolInfo | None
+    networks: tuple[str, ...]
+    bridges: tuple[str, ...]
+    vms: tuple[VmStatus, ...]
+    seq: int
+    started_at: float
+    reported_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """``host.heartbeat``: the agent is alive and consuming; cheap, sent every heartbeat interval."""
+
+    host_id: str
+    seq: int
+    started_at: float
+    sent_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReportRequest:
+    """``host.report_now``: ask an agent for an immediate full report (also its liveness probe)."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReportAck:
+    seq: int

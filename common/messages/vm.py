@@ -1,0 +1,291 @@
+"""VM family: the VM definition and the controller -> agent VM commands.
+
+A :class:`VmSpec` is what the controller decided; the agent resolves pool volumes into
+paths (:class:`DiskSpec.path`) and hands the resolved spec to the pure domain-XML builder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from common.errors import InvalidRequest
+from common.validation import check_mac, check_name, check_positive
+
+FAMILY_VERSION = "1.0"
+
+
+class DomainType(StrEnum):
+    """libvirt domain type: ``kvm`` where hardware virtualisation works, ``qemu`` = TCG."""
+
+    KVM = "kvm"
+    QEMU = "qemu"
+    TEST = "test"
+
+
+class DiskFormat(StrEnum):
+    RAW = "raw"
+    QCOW2 = "qcow2"
+
+
+class DiskBus(StrEnum):
+    VIRTIO = "virtio"
+    SATA = "sata"
+    SCSI = "scsi"
+    IDE = "ide"
+
+
+class DiskDevice(StrEnum):
+    DISK = "disk"
+    CDROM = "cdrom"
+
+
+class CacheMode(StrEnum):
+    """Disk cache mode; ``none`` is the default (safe with O_DIRECT, no host page cache)."""
+
+    NONE = "none"
+    WRITEBACK = "writeback"
+    WRITETHROUGH = "writethrough"
+    DIRECTSYNC = "directsync"
+    UNSAFE = "unsafe"
+
+
+class IoMode(StrEnum):
+    NATIVE = "native"
+    THREADS = "threads"
+    IO_URING = "io_uring"
+
+
+class NicKind(StrEnum):
+    NETWORK = "network"  # a libvirt network such as "default"
+    BRIDGE = "bridge"  # a host bridge such as "br0"
+
+
+class NicModel(StrEnum):
+    VIRTIO = "virtio"
+    E1000 = "e1000"
+    RTL8139 = "rtl8139"
+
+
+class PowerState(StrEnum):
+    """VM states as virtfleet reports them (libvirt's, by name)."""
+
+    NOSTATE = "nostate"
+    RUNNING = "running"
+    BLOCKED = "blocked"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"  # shutting down
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    PMSUSPENDED = "pmsuspended"
+    MISSING = "missing"  # the controller knows it, the host does not have it
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSpec:
+    """One disk or CD-ROM.
+
+    ``source`` is ``new`` (the agent creates ``volume`` in ``pool`` with ``size_gib``) or
+    ``existing`` (``path`` names an image already on the host). ``target`` is the guest
+    device name (vda, vdb, sda, hdc, ...); the controller assigns it.
+    """
+
+    target: str
+    source: str = "new"
+    format: DiskFormat = DiskFormat.QCOW2
+    size_gib: int = 0
+    pool: str | None = None
+    volume: str | None = None
+    path: str | None = None
+    bus: DiskBus = DiskBus.VIRTIO
+    device: DiskDevice = DiskDevice.DISK
+    cache: CacheMode = CacheMode.NONE
+    io: IoMode | None = None
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        if self.source not in {"new", "existing"}:
+            raise InvalidRequest(f"disk {self.target}: source must be 'new' or 'existing'")
+        if self.source == "new" and self.device is DiskDevice.DISK:
+            check_positive(self.size_gib, f"disk {self.target} size (GiB)")
+        if self.source == "existing" and not self.path:
+            raise InvalidRequest(f"disk {self.target}: an existing image needs a path")
+        if self.path is not None and not self.path.startswith("/"):
+            raise InvalidRequest(f"disk {self.target}: path must be absolute, got {self.path!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class NicSpec:
+    """One network interface: on a libvirt network or a host bridge."""
+
+    kind: NicKind
+    source: str
+    model: NicModel = NicModel.VIRTIO
+    mac: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise InvalidRequest("a NIC needs a source network or bridge")
+        if self.mac is not None:
+            check_mac(self.mac)
+
+
+@dataclass(frozen=True, slots=True)
+class GraphicsSpec:
+    """VNC console. ``port`` None means automatic; a fixed port must be 5900-65535."""
+
+    listen: str = "127.0.0.1"
+    port: int | None = None
+    password: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.port is not None and not 5900 <= self.port <= 65535:
+            raise InvalidRequest(f"VNC port must be between 5900 and 65535, got {self.port}")
+        if self.password is not None and len(self.password) > 8:
+            # QEMU's VNC authentication uses only the first 8 characters; refuse rather than truncate.
+            raise InvalidRequest("VNC passwords are limited to 8 characters")
+
+
+@dataclass(frozen=True, slots=True)
+class KernelBoot:
+    """Direct kernel boot, an alternative to booting from a disk."""
+
+    kernel: str
+    initrd: str | None = None
+    cmdline: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuPin:
+    vcpu: int
+    cpuset: str
+
+
+@dataclass(frozen=True, slots=True)
+class CpuTune:
+    """Pinning: each vCPU to a host CPU set, emulator threads to another."""
+
+    vcpu_pins: tuple[VcpuPin, ...] = ()
+    emulator_cpuset: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VmSpec:
+    """A VM as the controller wants it on a host."""
+
+    uuid: str
+    name: str
+    vcpus: int
+    memory_mib: int
+    max_vcpus: int = 0  # 0 = same as vcpus
+    max_memory_mib: int = 0  # 0 = same as memory_mib
+    domain_type: DomainType = DomainType.KVM
+    arch: str = "x86_64"
+    machine: str | None = None
+    cpuset: str | None = None  # host CPUs the vCPUs may float over (virt-install --vcpus cpuset=)
+    disks: tuple[DiskSpec, ...] = ()
+    nics: tuple[NicSpec, ...] = ()
+    graphics: GraphicsSpec | None = None
+    kernel_boot: KernelBoot | None = None
+    autostart: bool = False
+    cputune: CpuTune | None = None
+    hugepage_size_kib: int | None = None
+    serial_log: str | None = None  # path of a file that receives the serial console
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "VM name")
+        check_positive(self.vcpus, "vcpus")
+        check_positive(self.memory_mib, "memory (MiB)")
+        if self.max_vcpus and self.max_vcpus < self.vcpus:
+            raise InvalidRequest(f"max vcpus ({self.max_vcpus}) is below vcpus ({self.vcpus})")
+        if self.max_memory_mib and self.max_memory_mib < self.memory_mib:
+            raise InvalidRequest(
+                f"max memory ({self.max_memory_mib} MiB) is below memory ({self.memory_mib} MiB)"
+            )
+        targets = [d.target for d in self.disks]
+        if len(set(targets)) != len(targets):
+            raise InvalidRequest(f"duplicate disk targets in {targets}")
+
+    @property
+    def effective_max_vcpus(self) -> int:
+        return self.max_vcpus or self.vcpus
+
+    @property
+    def effective_max_memory_mib(self) -> int:
+        return self.max_memory_mib or self.memory_mib
+
+
+# ---------------------------------------------------------------- commands (controller -> agent)
+
+
+@dataclass(frozen=True, slots=True)
+class VmRef:
+    """Names a VM on a host; the uuid is authoritative, the name is for messages."""
+
+    uuid: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class CreateVm:
+    """``vm.create``: create disks, define the domain, optionally start it. Idempotent by uuid."""
+
+    spec: VmSpec
+    start: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class VmAction:
+    """``vm.start|destroy|reboot|suspend|resume``: one lifecycle action on one VM."""
+
+    vm: VmRef
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownVm:
+    """``vm.shutdown``: ACPI shutdown; after ``timeout_s`` optionally power off."""
+
+    vm: VmRef
+    timeout_s: float = 60.0
+    force_after_timeout: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteVm:
+    """``vm.delete``: undefine (and power off first); keep the disks unless asked."""
+
+    vm: VmRef
+    delete_disks: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SetAutostart:
+    vm: VmRef
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VmStatus:
+    """What ``virsh dominfo`` shows, as the agent saw it."""
+
+    uuid: str
+    name: str
+    state: PowerState
+    vcpus: int
+    max_vcpus: int
+    memory_mib: int
+    max_memory_mib: int
+    cpu_time_ns: int = 0
+    autostart: bool = False
+    persistent: bool = True
+    managed: bool = True  # False for domains virtfleet did not create
+
+
+@dataclass(frozen=True, slots=True)
+class VmResult:
+    """Reply to every VM command: the VM's status afterwards (None after a delete)."""
+
+    status: VmStatus | None = None
+    message: str = ""
+    disks: tuple[DiskSpec, ...] = field(default=())

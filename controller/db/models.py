@@ -1,0 +1,108 @@
+"""ORM tables of the controller's state store (SQLite by default, PostgreSQL in production).
+
+The schema itself is owned by the alembic migrations in ``controller/db/migrations``; these
+classes must match them (a test compares the two).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Host(Base):
+    """A hypervisor as its agent reported it, plus the operator's settings for it."""
+
+    __tablename__ = "hosts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255), default="")
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    maintenance: Mapped[bool] = mapped_column(Boolean, default=False)
+    hypervisor_type: Mapped[str] = mapped_column(String(32), default="")
+    hypervisor_version: Mapped[str] = mapped_column(String(32), default="")
+    libvirt_uri: Mapped[str] = mapped_column(String(255), default="")
+    agent_version: Mapped[str] = mapped_column(String(32), default="")
+    hw_virt: Mapped[bool] = mapped_column(Boolean, default=False)
+    cpus: Mapped[int] = mapped_column(Integer, default=0)
+    sockets: Mapped[int] = mapped_column(Integer, default=0)
+    cores: Mapped[int] = mapped_column(Integer, default=0)
+    threads: Mapped[int] = mapped_column(Integer, default=0)
+    numa_cells: Mapped[int] = mapped_column(Integer, default=0)
+    memory_mib: Mapped[int] = mapped_column(Integer, default=0)
+    memory_free_mib: Mapped[int] = mapped_column(Integer, default=0)
+    disk_gib: Mapped[int] = mapped_column(Integer, default=0)
+    disk_free_gib: Mapped[int] = mapped_column(Integer, default=0)
+    networks: Mapped[str] = mapped_column(Text, default="[]")  # JSON list
+    bridges: Mapped[str] = mapped_column(Text, default="[]")  # JSON list
+    reported_vms: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of VmStatus
+    # Operator overrides; NULL = fleet default.
+    cpu_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ram_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    disk_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reserved_memory_mib: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reserved_cpus: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reserved_disk_gib: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_vms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: Bumped by every claim or release on this host: optimistic concurrency for claims.
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    agent_started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    report_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_heartbeat: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_report: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Vm(Base):
+    """A VM as the controller wants it (desired) and as its host last reported it (actual)."""
+
+    __tablename__ = "vms"
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    host_id: Mapped[str | None] = mapped_column(String(64), ForeignKey("hosts.id"), nullable=True, index=True)
+    status: Mapped[str] = mapped_column(String(16))  # building | active | error | deleting
+    task: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    desired_power: Mapped[str] = mapped_column(String(16), default="running")
+    power_state: Mapped[str] = mapped_column(String(16), default="nostate")
+    vcpus: Mapped[int] = mapped_column(Integer)
+    max_vcpus: Mapped[int] = mapped_column(Integer)
+    memory_mib: Mapped[int] = mapped_column(Integer)
+    max_memory_mib: Mapped[int] = mapped_column(Integer)
+    disk_gib: Mapped[int] = mapped_column(Integer)
+    autostart: Mapped[bool] = mapped_column(Boolean, default=False)
+    persistent: Mapped[bool] = mapped_column(Boolean, default=True)
+    cpu_time_ns: Mapped[int] = mapped_column(BigInteger, default=0)
+    spec: Mapped[str] = mapped_column(Text)  # JSON of the VmSpec sent to the agent
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    reported_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Allocation(Base):
+    """An amount of one resource class that a VM holds on a host (placement's allocation)."""
+
+    __tablename__ = "allocations"
+    __table_args__ = (UniqueConstraint("vm_uuid", "resource", name="uq_allocation_vm_resource"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    vm_uuid: Mapped[str] = mapped_column(String(36), ForeignKey("vms.uuid", ondelete="CASCADE"), index=True)
+    host_id: Mapped[str] = mapped_column(String(64), ForeignKey("hosts.id"), index=True)
+    resource: Mapped[str] = mapped_column(String(32))
+    amount: Mapped[int] = mapped_column(BigInteger)

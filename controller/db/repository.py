@@ -1,0 +1,358 @@
+"""Database access: every query the controller makes, returning plain frozen records.
+
+Nothing outside this module sees an ORM object. Writes that must be atomic (claims) are
+single functions that run inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from common.errors import AlreadyExists, NotFound
+from common.messages.host import Heartbeat, HostReport
+from common.messages.vm import PowerState, VmStatus
+from common.schema import from_plain, to_plain
+from controller.db.models import Allocation, Host, Vm
+
+
+@dataclass(frozen=True, slots=True)
+class HostRecord:
+    """A host row plus what is allocated on it."""
+
+    id: str
+    hostname: str
+    enabled: bool
+    maintenance: bool
+    hypervisor_type: str
+    hypervisor_version: str
+    libvirt_uri: str
+    hw_virt: bool
+    cpus: int
+    numa_cells: int
+    memory_mib: int
+    memory_free_mib: int
+    disk_gib: int
+    disk_free_gib: int
+    networks: tuple[str, ...]
+    bridges: tuple[str, ...]
+    reported_vms: tuple[VmStatus, ...]
+    cpu_ratio: float | None
+    ram_ratio: float | None
+    disk_ratio: float | None
+    reserved_memory_mib: int | None
+    reserved_cpus: int | None
+    reserved_disk_gib: int | None
+    max_vms: int | None
+    generation: int
+    last_heartbeat: float | None
+    last_report: float | None
+    used: Mapping[str, int]
+    vm_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class VmRecord:
+    uuid: str
+    name: str
+    host_id: str | None
+    status: str
+    task: str | None
+    desired_power: str
+    power_state: str
+    vcpus: int
+    max_vcpus: int
+    memory_mib: int
+    max_memory_mib: int
+    disk_gib: int
+    autostart: bool
+    persistent: bool
+    cpu_time_ns: int
+    spec: dict[str, Any]
+    idempotency_key: str | None
+    last_error: str | None
+    created_at: float
+    updated_at: float
+    reported_at: float | None
+
+
+def _host_record(row: Host, used: Mapping[str, int], vm_count: int) -> HostRecord:
+    return HostRecord(
+        id=row.id,
+        hostname=row.hostname,
+        enabled=row.enabled,
+        maintenance=row.maintenance,
+        hypervisor_type=row.hypervisor_type,
+        hypervisor_version=row.hypervisor_version,
+        libvirt_uri=row.libvirt_uri,
+        hw_virt=row.hw_virt,
+        cpus=row.cpus,
+        numa_cells=row.numa_cells,
+        memory_mib=row.memory_mib,
+        memory_free_mib=row.memory_free_mib,
+        disk_gib=row.disk_gib,
+        disk_free_gib=row.disk_free_gib,
+        networks=tuple(json.loads(row.networks)),
+        bridges=tuple(json.loads(row.bridges)),
+        reported_vms=tuple(from_plain(VmStatus, v, "reported_vms") for v in json.loads(row.reported_vms)),
+        cpu_ratio=row.cpu_ratio,
+        ram_ratio=row.ram_ratio,
+        disk_ratio=row.disk_ratio,
+        reserved_memory_mib=row.reserved_memory_mib,
+        reserved_cpus=row.reserved_cpus,
+        reserved_disk_gib=row.reserved_disk_gib,
+        max_vms=row.max_vms,
+        generation=row.generation,
+        last_heartbeat=row.last_heartbeat,
+        last_report=row.last_report,
+        used=dict(used),
+        vm_count=vm_count,
+    )
+
+
+def _vm_record(row: Vm) -> VmRecord:
+    return VmRecord(
+        uuid=row.uuid,
+        name=row.name,
+        host_id=row.host_id,
+        status=row.status,
+        task=row.task,
+        desired_power=row.desired_power,
+        power_state=row.power_state,
+        vcpus=row.vcpus,
+        max_vcpus=row.max_vcpus,
+        memory_mib=row.memory_mib,
+        max_memory_mib=row.max_memory_mib,
+        disk_gib=row.disk_gib,
+        autostart=row.autostart,
+        persistent=row.persistent,
+        cpu_time_ns=row.cpu_time_ns,
+        spec=json.loads(row.spec),
+        idempotency_key=row.idempotency_key,
+        last_error=row.last_error,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        reported_at=row.reported_at,
+    )
+
+
+# ---------------------------------------------------------------------------- hosts
+
+
+def list_hosts(session: Session, host_ids: Iterable[str] | None = None) -> list[HostRecord]:
+    """Hosts with their allocations; generations are read *before* usage (see claim())."""
+    query = select(Host).order_by(Host.id)
+    if host_ids is not None:
+        query = query.where(Host.id.in_(list(host_ids)))
+    hosts = list(session.scalars(query))
+    used: dict[str, dict[str, int]] = {}
+    for host_id, resource, amount in session.execute(
+        select(Allocation.host_id, Allocation.resource, func.sum(Allocation.amount)).group_by(
+            Allocation.host_id, Allocation.resource
+        )
+    ):
+        used.setdefault(host_id, {})[resource] = int(amount)
+    counts = {
+        host_id: int(n)
+        for host_id, n in session.execute(
+            select(Vm.host_id, func.count()).where(Vm.host_id.is_not(None)).group_by(Vm.host_id)
+        )
+    }
+    return [_host_record(h, used.get(h.id, {}), int(counts.get(h.id, 0))) for h in hosts]
+
+
+def get_host(session: Session, host_id: str) -> HostRecord:
+    records = list_hosts(session, [host_id])
+    if not records:
+        raise NotFound(f"host {host_id!r} is not known (has its agent ever reported?)")
+    return records[0]
+
+
+def record_report(session: Session, report: HostReport, now: float) -> list[str]:
+    """Store an agent's report; update reported power states. Returns drift notes."""
+    row = session.get(Host, report.host_id)
+    if row is None:
+        row = Host(id=report.host_id, created_at=now, generation=0, report_seq=0)
+        session.add(row)
+    elif report.started_at == row.agent_started_at and report.seq < row.report_seq:
+        return []  # an older report overtaken by a newer one: ignore
+    row.hostname = report.hostname
+    row.hypervisor_type = report.hypervisor_type
+    row.hypervisor_version = report.hypervisor_version
+    row.libvirt_uri = report.libvirt_uri
+    row.agent_version = report.agent_version
+    row.hw_virt = report.hw_virt
+    row.cpus = report.cpu.cpus
+    row.sockets = report.cpu.sockets
+    row.cores = report.cpu.cores
+    row.threads = report.cpu.threads
+    row.numa_cells = report.cpu.numa_cells
+    row.memory_mib = report.memory_mib
+    row.memory_free_mib = report.memory_free_mib
+    row.disk_gib = report.storage.capacity_gib if report.storage else 0
+    row.disk_free_gib = report.storage.available_gib if report.storage else 0
+    row.networks = json.dumps(sorted(report.networks))
+    row.bridges = json.dumps(sorted(report.bridges))
+    row.reported_vms = json.dumps(to_plain(report.vms))
+    row.agent_started_at = report.started_at
+    row.report_seq = report.seq
+    row.last_report = now
+    row.last_heartbeat = now
+    row.updated_at = now
+    return _apply_reported_vms(session, report, now)
+
+
+def _apply_reported_vms(session: Session, report: HostReport, now: float) -> list[str]:
+    seen = {vm.uuid: vm for vm in report.vms}
+    notes: list[str] = []
+    for vm in session.scalars(select(Vm).where(Vm.host_id == report.host_id)):
+        status = seen.get(vm.uuid)
+        if status is None:
+            # A VM still building may not be defined yet; anything else is missing.
+            if vm.status != "building" and vm.power_state != PowerState.MISSING:
+                notes.append(f"{vm.name}: missing on {report.host_id}")
+                vm.power_state = PowerState.MISSING
+                vm.reported_at = now
+            continue
+        if vm.power_state != status.state:
+            notes.append(f"{vm.name}: {vm.power_state} -> {status.state}")
+        vm.power_state = status.state
+        vm.vcpus = status.vcpus
+        vm.max_vcpus = status.max_vcpus
+        vm.memory_mib = status.memory_mib
+        vm.max_memory_mib = status.max_memory_mib
+        vm.autostart = status.autostart
+        vm.persistent = status.persistent
+        vm.cpu_time_ns = status.cpu_time_ns
+        vm.reported_at = now
+    return notes
+
+
+def record_heartbeat(session: Session, beat: Heartbeat, now: float) -> bool:
+    """Note that a host is alive; False when the host has never sent a report."""
+    result = session.execute(update(Host).where(Host.id == beat.host_id).values(last_heartbeat=now))
+    return bool(getattr(result, "rowcount", 0))
+
+
+def set_host_fields(session: Session, host_id: str, values: Mapping[str, Any], now: float) -> None:
+    row = session.get(Host, host_id)
+    if row is None:
+        raise NotFound(f"host {host_id!r} is not known")
+    for key, value in values.items():
+        setattr(row, key, value)
+    row.updated_at = now
+
+
+# ---------------------------------------------------------------------------- VMs
+
+
+def list_vms(session: Session, host_id: str | None = None) -> list[VmRecord]:
+    query = select(Vm).order_by(Vm.name)
+    if host_id is not None:
+        query = query.where(Vm.host_id == host_id)
+    return [_vm_record(v) for v in session.scalars(query)]
+
+
+def find_vm(session: Session, name: str) -> VmRecord | None:
+    row = session.scalars(select(Vm).where(Vm.name == name)).first()
+    return None if row is None else _vm_record(row)
+
+
+def get_vm(session: Session, name: str) -> VmRecord:
+    record = find_vm(session, name)
+    if record is None:
+        raise NotFound(f"VM {name!r} does not exist")
+    return record
+
+
+def get_vm_by_uuid(session: Session, uuid: str) -> VmRecord:
+    row = session.get(Vm, uuid)
+    if row is None:
+        raise NotFound(f"VM {uuid} does not exist")
+    return _vm_record(row)
+
+
+def find_vm_by_key(session: Session, key: str) -> VmRecord | None:
+    row = session.scalars(select(Vm).where(Vm.idempotency_key == key)).first()
+    return None if row is None else _vm_record(row)
+
+
+def update_vm(session: Session, uuid: str, now: float, **values: Any) -> None:
+    session.execute(update(Vm).where(Vm.uuid == uuid).values(updated_at=now, **values))
+
+
+def delete_vm(session: Session, uuid: str) -> None:
+    session.execute(delete(Allocation).where(Allocation.vm_uuid == uuid))
+    session.execute(delete(Vm).where(Vm.uuid == uuid))
+
+
+# ---------------------------------------------------------------------------- claims
+
+
+def bump_generation(session: Session, host_id: str) -> None:
+    """Bump the host's generation; in PostgreSQL this also takes the host row's lock until commit.
+
+    Every change to a host's allocations goes through here first, so claims on one host are
+    serialised and any snapshot that saw the old generation is known to be stale.
+    """
+    bumped = session.execute(update(Host).where(Host.id == host_id).values(generation=Host.generation + 1))
+    if getattr(bumped, "rowcount", 0) != 1:
+        raise NotFound(f"host {host_id!r} is not known")
+
+
+def insert_claim(
+    session: Session, *, vm: Mapping[str, Any], host_id: str, amounts: Mapping[str, int]
+) -> None:
+    """Write a VM (or re-home an existing one) and its allocations on ``host_id``.
+
+    Call inside the transaction that called :func:`bump_generation` for the host and
+    re-checked its capacity. A duplicate name raises AlreadyExists.
+    """
+    existing = session.get(Vm, vm["uuid"])
+    if existing is None:
+        session.add(Vm(**vm))
+    else:
+        existing.host_id = host_id
+        existing.status = str(vm["status"])
+    for resource, amount in amounts.items():
+        session.add(Allocation(vm_uuid=vm["uuid"], host_id=host_id, resource=resource, amount=amount))
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        raise AlreadyExists(f"a VM named {vm['name']!r} already exists") from exc
+
+
+def release(session: Session, vm_uuid: str, host_id: str) -> None:
+    """Drop a VM's allocations and bump the host generation (others' snapshots are stale)."""
+    session.execute(delete(Allocation).where(Allocation.vm_uuid == vm_uuid))
+    session.execute(update(Host).where(Host.id == host_id).values(generation=Host.generation + 1))
+
+
+def allocations_of(session: Session, vm_uuid: str) -> dict[str, int]:
+    return {
+        r: int(a)
+        for r, a in session.execute(
+            select(Allocation.resource, Allocation.amount).where(Allocation.vm_uuid == vm_uuid)
+        ).tuples()
+    }
+
+
+def host_usage(session: Session, host_id: str) -> dict[str, int]:
+    return {
+        r: int(a)
+        for r, a in session.execute(
+            select(Allocation.resource, func.sum(Allocation.amount))
+            .where(Allocation.host_id == host_id)
+            .group_by(Allocation.resource)
+        ).tuples()
+    }
+
+
+def names_in_use(session: Session, names: Sequence[str]) -> set[str]:
+    return set(session.scalars(select(Vm.name).where(Vm.name.in_(list(names)))))

@@ -1,0 +1,138 @@
+"""``virtfleet-controller``: wiring only (config, database, transport, service, signals)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from common.errors import VirtfleetError
+from common.transport.amqp import ConsumerServer
+from common.transport.topology import declare_api_queue, declare_reports
+from controller.agent_api import AgentApi, AmqpAgentCalls
+from controller.config import ControllerConfig, load_config
+from controller.db.engine import make_engine, migrate
+from controller.endpoint import api_dispatcher, report_dispatcher
+from controller.service import ControllerService
+
+log = logging.getLogger("virtfleet.controller")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="virtfleet-controller", description="The virtfleet controller.")
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    parser.add_argument("--amqp-url", help="broker URL (env VIRTFLEET_AMQP_URL)")
+    parser.add_argument("--database-url", help="SQLAlchemy URL (env VIRTFLEET_DATABASE_URL)")
+    parser.add_argument(
+        "--down-after", type=float, dest="down_after_s", help="seconds without heartbeat = down"
+    )
+    parser.add_argument("--workers", type=int, help="concurrent API requests")
+    parser.add_argument("--strategy", choices=["spread", "pack"])
+    parser.add_argument("--log-level", default=os.environ.get("VIRTFLEET_LOG_LEVEL", "INFO"))
+    return parser.parse_args(argv)
+
+
+class Controller:
+    """A running controller: API server, report consumer and reconciler."""
+
+    def __init__(self, config: ControllerConfig, name: str | None = None) -> None:
+        self.config = config
+        self.name = name or f"controller:{socket.gethostname()}:{os.getpid()}"
+        self.engine = make_engine(config.database_url)
+        migrate(self.engine)
+        agents = AgentApi(AmqpAgentCalls(config.amqp_url, self.name))
+        self.service = ControllerService(self.engine, config, agents)
+        self.api = ConsumerServer(
+            config.amqp_url,
+            f"{self.name}-api",
+            declare_api_queue,
+            api_dispatcher(self.service, self.name),
+            prefetch=config.workers,
+            workers=config.workers,
+        )
+        self.reports = ConsumerServer(
+            config.amqp_url,
+            f"{self.name}-reports",
+            declare_reports,
+            report_dispatcher(self.service, self.name),
+            prefetch=16,
+            workers=2,
+        )
+        self._stop = threading.Event()
+        self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
+
+    def start(self) -> None:
+        self.reports.start()
+        self.api.start()
+        self._reconciler.start()
+
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        return self.api.ready.wait(timeout) and self.reports.ready.wait(timeout)
+
+    def _reconcile_loop(self) -> None:
+        while not self._stop.wait(self.config.reconcile_interval_s):
+            try:
+                for change in self.service.reconcile_once():
+                    log.info("reconcile: %s", change)
+            except Exception:
+                log.exception("reconciliation pass failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.api.stop()
+        self.reports.stop()
+        self.service.close()
+        self.engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    try:
+        config = load_config(
+            args.config,
+            overrides={
+                "amqp_url": args.amqp_url,
+                "database_url": args.database_url,
+                "down_after_s": args.down_after_s,
+                "workers": args.workers,
+                "strategy": args.strategy,
+            },
+        )
+        controller = Controller(config)
+    except VirtfleetError as exc:
+        log.error("cannot start: %s", exc.message)
+        return 2
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    controller.start()
+    if controller.wait_ready():
+        log.info(
+            "controller %s ready (database %s)", controller.name, controller.engine.url.render_as_string()
+        )
+    while not stopping.wait(1.0):
+        pass
+    controller.stop()
+    log.info("controller stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

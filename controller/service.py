@@ -1,0 +1,458 @@
+"""Controller use cases: what each API request does, in terms of the store, the scheduler
+and the agents. No transport code here; the endpoint maps messages onto these methods.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.errors import (
+    AlreadyExists,
+    Conflict,
+    HypervisorError,
+    NoValidHost,
+    RequestTimeout,
+    StorageError,
+    TransportError,
+    Unsupported,
+    VirtfleetError,
+)
+from common.messages import api
+from common.messages.host import Heartbeat, HostReport
+from common.messages.vm import (
+    CreateVm,
+    DeleteVm,
+    DiskFormat,
+    DiskSpec,
+    DomainType,
+    PowerState,
+    ShutdownVm,
+    VmRef,
+    VmResult,
+    VmSpec,
+)
+from common.schema import to_plain
+from controller import fleet
+from controller.agent_api import AgentApi
+from controller.config import ControllerConfig
+from controller.db import repository as repo
+from controller.scheduler.model import Placement, PlacementRequest, Refusal
+from controller.scheduler.place import place
+
+log = logging.getLogger(__name__)
+
+#: Errors after which a build is retried on an alternate host (the host failed, not the request).
+RESCHEDULABLE = (HypervisorError, StorageError, Unsupported, TransportError)
+
+
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    placement: Placement
+    host: repo.HostRecord
+
+
+class ControllerService:
+    """The controller's use cases over an engine, an agent API and a clock."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: ControllerConfig,
+        agents: AgentApi,
+        *,
+        clock: Callable[[], float] = time.time,
+        background: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.config = config
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._agents = agents
+        self._clock = clock
+        self._background = background or ThreadPoolExecutor(max_workers=8, thread_name_prefix="build")
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def close(self) -> None:
+        self._background.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ hosts
+
+    def list_hosts(self) -> api.HostList:
+        now = self._clock()
+        with self._tx() as s:
+            records = repo.list_hosts(s)
+        return api.HostList(tuple(fleet.host_view(r, self.config, now) for r in records))
+
+    def show_host(self, host_id: str) -> api.HostView:
+        now = self._clock()
+        with self._tx() as s:
+            record = repo.get_host(s, host_id)
+            vms = [v.name for v in repo.list_vms(s, host_id)]
+        return fleet.host_view(record, self.config, now, vms, detail=True)
+
+    # ------------------------------------------------------------------ reports
+
+    def record_report(self, report: HostReport) -> None:
+        with self._tx() as s:
+            notes = repo.record_report(s, report, self._clock())
+        for note in notes:
+            log.info("drift on %s: %s", report.host_id, note)
+
+    def record_heartbeat(self, beat: Heartbeat) -> None:
+        with self._tx() as s:
+            known = repo.record_heartbeat(s, beat, self._clock())
+        if not known:
+            log.debug("heartbeat from %s before its first report", beat.host_id)
+
+    # ------------------------------------------------------------------ VMs: create
+
+    def create_vm(self, req: api.VmCreate) -> api.VmCreated:
+        """Place, claim atomically, then build on the agent (with reschedule on failure)."""
+        with self._tx() as s:
+            if req.idempotency_key:
+                previous = repo.find_vm_by_key(s, req.idempotency_key)
+                if previous is not None:
+                    if previous.name != req.name:
+                        raise Conflict(f"idempotency key was used for VM {previous.name!r}, not {req.name!r}")
+                    return api.VmCreated(fleet.vm_view(previous), _placement_view_of(previous.host_id))
+            if repo.find_vm(s, req.name) is not None:
+                raise AlreadyExists(f"a VM named {req.name!r} already exists in the fleet")
+            if req.host is not None:
+                repo.get_host(s, req.host)  # NotFound for an unknown host, before placing
+        request = self._placement_request(req, exclude=())
+        if req.dry_run:
+            result = self._decide(request)
+            if isinstance(result, Refusal):
+                raise _no_valid_host(result)
+            return api.VmCreated(None, _placement_view(result), dry_run=True)
+        vm_uuid = str(uuidlib.uuid4())
+        claimed = self._claim(req, vm_uuid, request)
+        if not req.wait:
+            self._background.submit(self._build_logged, req, vm_uuid, claimed)
+            with self._tx() as s:
+                return api.VmCreated(
+                    fleet.vm_view(repo.get_vm(s, req.name)), _placement_view(claimed.placement)
+                )
+        view = self._build(req, vm_uuid, claimed)
+        return api.VmCreated(view, _placement_view(claimed.placement))
+
+    def _placement_request(self, req: api.VmCreate, exclude: tuple[str, ...]) -> PlacementRequest:
+        return fleet.placement_request(
+            req.name,
+            fleet.amounts(req.vcpus, req.memory_mib, req.disk_gib),
+            needs_hw_virt=req.domain_type == "kvm",
+            force_host=req.host,
+            exclude=exclude,
+        )
+
+    def _decide(self, request: PlacementRequest) -> Placement | Refusal:
+        now = self._clock()
+        with self._tx() as s:
+            records = repo.list_hosts(s)
+        return place(fleet.snapshot(records, self.config, now), request, fleet.policy(self.config))
+
+    def _claim(self, req: api.VmCreate, vm_uuid: str, request: PlacementRequest) -> _Claimed:
+        """Decide on a snapshot, then claim under the host's lock after re-checking it.
+
+        The claim transaction first bumps the host's generation (in PostgreSQL that takes
+        the row lock; SQLite's BEGIN IMMEDIATE already holds the database write lock), then
+        re-reads the host's usage and re-runs the scheduler on that one fresh host. Only if
+        it still fits are the VM and its allocations written. So concurrent creates, in
+        one or many controller processes, can never push a host past its capacity; a
+        host that filled up meanwhile just sends us back to decide again.
+        """
+        for _attempt in range(self.config.claim_retries):
+            result = self._decide(request)
+            if isinstance(result, Refusal):
+                raise _no_valid_host(result)
+            now = self._clock()
+            with self._tx() as s:
+                repo.bump_generation(s, result.host_id)
+                fresh = repo.get_host(s, result.host_id)
+                recheck = place(
+                    fleet.snapshot([fresh], self.config, now),
+                    PlacementRequest(
+                        vm_name=request.vm_name,
+                        resources=request.resources,
+                        needs_hw_virt=request.needs_hw_virt,
+                    ),
+                    fleet.policy(self.config),
+                )
+                if isinstance(recheck, Refusal):
+                    log.info("host %s filled up while placing %s; deciding again", result.host_id, req.name)
+                    s.rollback()
+                    continue
+                repo.insert_claim(
+                    s,
+                    vm=self._vm_row(req, vm_uuid, result.host_id, now),
+                    host_id=result.host_id,
+                    amounts={str(k): v for k, v in request.resources.items()},
+                )
+            return _Claimed(result, fresh)
+        raise Conflict(
+            f"could not claim a host for {req.name} after {self.config.claim_retries} attempts (heavy contention)",
+            retryable=True,
+        )
+
+    def _vm_row(self, req: api.VmCreate, vm_uuid: str, host_id: str, now: float) -> dict[str, object]:
+        return {
+            "uuid": vm_uuid,
+            "name": req.name,
+            "host_id": host_id,
+            "status": "building",
+            "task": "building",
+            "desired_power": "running" if req.start else "shutoff",
+            "power_state": PowerState.NOSTATE.value,
+            "vcpus": req.vcpus,
+            "max_vcpus": req.vcpus,
+            "memory_mib": req.memory_mib,
+            "max_memory_mib": req.memory_mib,
+            "disk_gib": req.disk_gib,
+            "spec": "{}",
+            "idempotency_key": req.idempotency_key,
+            "created_at": now,
+            "updated_at": now,
+        }
+
+    def _spec(self, req: api.VmCreate, vm_uuid: str, host: repo.HostRecord) -> VmSpec:
+        if req.domain_type is not None:
+            domain_type = DomainType(req.domain_type)
+        elif host.hypervisor_type.lower() == "test":
+            domain_type = DomainType.TEST
+        else:
+            domain_type = DomainType.KVM if host.hw_virt else DomainType.QEMU
+        return VmSpec(
+            uuid=vm_uuid,
+            name=req.name,
+            vcpus=req.vcpus,
+            memory_mib=req.memory_mib,
+            domain_type=domain_type,
+            disks=(DiskSpec(target="vda", source="new", format=DiskFormat.QCOW2, size_gib=req.disk_gib),),
+        )
+
+    def _build_logged(self, req: api.VmCreate, vm_uuid: str, claimed: _Claimed) -> None:
+        try:
+            self._build(req, vm_uuid, claimed)
+        except VirtfleetError as exc:
+            log.warning("background build of %s failed: %s", req.name, exc.message)
+        except Exception:
+            log.exception("background build of %s crashed", req.name)
+
+    def _build(self, req: api.VmCreate, vm_uuid: str, claimed: _Claimed) -> api.VmView:
+        """Build on the claimed host; on a host failure release and try the next host."""
+        tried: list[str] = []
+        failures: list[str] = []
+        while True:
+            host = claimed.host
+            tried.append(host.id)
+            spec = self._spec(req, vm_uuid, host)
+            with self._tx() as s:
+                repo.update_vm(s, vm_uuid, self._clock(), spec=_json(spec), host_id=host.id)
+            try:
+                result = self._agents.create_vm(host.id, CreateVm(spec=spec, start=req.start))
+            except RequestTimeout as exc:
+                # Ambiguous: the agent may still finish. Keep the claim; reports will tell.
+                self._fail(vm_uuid, f"build on {host.id} timed out: {exc.message}", keep_host=True)
+                raise
+            except RESCHEDULABLE as exc:
+                failures.append(f"{host.id}: {exc.message}")
+                log.warning("build of %s failed on %s: %s", req.name, host.id, exc.message)
+                with self._tx() as s:
+                    repo.release(s, vm_uuid, host.id)
+                    repo.update_vm(s, vm_uuid, self._clock(), host_id=None, status="building")
+                if len(tried) >= self.config.max_attempts:
+                    self._fail(vm_uuid, "; ".join(failures), keep_host=False)
+                    raise HypervisorError(
+                        f"build of {req.name} failed on every host tried: {'; '.join(failures)}",
+                        details={"hosts": tried},
+                    ) from exc
+                try:
+                    claimed = self._claim(req, vm_uuid, self._placement_request(req, exclude=tuple(tried)))
+                except NoValidHost as refused:
+                    self._fail(vm_uuid, "; ".join(failures), keep_host=False)
+                    raise NoValidHost(
+                        f"build of {req.name} failed on {', '.join(tried)} and no other host can take it: "
+                        f"{'; '.join(failures)}; {refused.message}",
+                        details=refused.details,
+                    ) from exc
+                continue
+            except VirtfleetError as exc:
+                self._fail(vm_uuid, exc.message, keep_host=False)
+                with self._tx() as s:
+                    repo.release(s, vm_uuid, host.id)
+                raise
+            return self._apply_result(vm_uuid, result, status="active")
+
+    def _fail(self, vm_uuid: str, message: str, *, keep_host: bool) -> None:
+        with self._tx() as s:
+            values: dict[str, object] = {"status": "error", "task": None, "last_error": message}
+            if not keep_host:
+                values["host_id"] = None
+            repo.update_vm(s, vm_uuid, self._clock(), **values)
+
+    def _apply_result(self, vm_uuid: str, result: VmResult, *, status: str | None = None) -> api.VmView:
+        now = self._clock()
+        values: dict[str, object] = {"task": None, "last_error": None}
+        if status is not None:
+            values["status"] = status
+        st = result.status
+        if st is not None:
+            values.update(
+                power_state=st.state.value,
+                vcpus=st.vcpus,
+                max_vcpus=st.max_vcpus,
+                memory_mib=st.memory_mib,
+                max_memory_mib=st.max_memory_mib,
+                autostart=st.autostart,
+                persistent=st.persistent,
+                cpu_time_ns=st.cpu_time_ns,
+                reported_at=now,
+            )
+        with self._tx() as s:
+            repo.update_vm(s, vm_uuid, now, **values)
+            return fleet.vm_view(repo.get_vm_by_uuid(s, vm_uuid))
+
+    # ------------------------------------------------------------------ VMs: read
+
+    def list_vms(self, req: api.VmListRequest) -> api.VmList:
+        with self._tx() as s:
+            records = repo.list_vms(s, req.host)
+        views = [fleet.vm_view(r) for r in records]
+        if not req.all:
+            views = [v for v in views if v.power_state == PowerState.RUNNING]
+        return api.VmList(tuple(views))
+
+    def show_vm(self, name: str) -> api.VmView:
+        with self._tx() as s:
+            return fleet.vm_view(repo.get_vm(s, name))
+
+    # ------------------------------------------------------------------ VMs: lifecycle
+
+    def _target(self, name: str, task: str) -> tuple[repo.VmRecord, str]:
+        """The VM and its host, after checking the host can be talked to; marks the task."""
+        now = self._clock()
+        with self._tx() as s:
+            vm = repo.get_vm(s, name)
+            if vm.host_id is None:
+                raise Conflict(f"VM {name} has no host (status {vm.status}); only delete is possible")
+            if vm.status == "building":
+                raise Conflict(f"VM {name} is still being built", retryable=True)
+            host = repo.get_host(s, vm.host_id)
+            if not fleet.host_is_up(host, now, self.config.down_after_s):
+                raise Conflict(
+                    f"host {host.id} of VM {name} is down (last heartbeat "
+                    f"{_ago(host.last_heartbeat, now)}); try again when its agent is back",
+                    retryable=True,
+                )
+            repo.update_vm(s, vm.uuid, now, task=task)
+        return vm, vm.host_id
+
+    def _run(
+        self, name: str, task: str, call: Callable[[str, VmRef], VmResult], desired: str | None
+    ) -> api.VmActionDone:
+        vm, host_id = self._target(name, task)
+        try:
+            result = call(host_id, VmRef(uuid=vm.uuid, name=vm.name))
+        except VirtfleetError as exc:
+            with self._tx() as s:
+                repo.update_vm(s, vm.uuid, self._clock(), task=None, last_error=exc.message)
+            raise
+        if desired is not None:
+            with self._tx() as s:
+                repo.update_vm(s, vm.uuid, self._clock(), desired_power=desired)
+        return api.VmActionDone(self._apply_result(vm.uuid, result), result.message)
+
+    def start_vm(self, name: str) -> api.VmActionDone:
+        return self._run(name, "starting", lambda h, ref: self._agents.vm_action(h, "start", ref), "running")
+
+    def destroy_vm(self, name: str) -> api.VmActionDone:
+        return self._run(
+            name, "stopping", lambda h, ref: self._agents.vm_action(h, "destroy", ref), "shutoff"
+        )
+
+    def shutdown_vm(self, req: api.VmShutdownRequest) -> api.VmActionDone:
+        return self._run(
+            req.name,
+            "shutting-down",
+            lambda h, ref: self._agents.shutdown_vm(
+                h, ShutdownVm(vm=ref, timeout_s=req.timeout_s, force_after_timeout=req.force)
+            ),
+            "shutoff",
+        )
+
+    def delete_vm(self, req: api.VmDeleteRequest) -> api.VmActionDone:
+        with self._tx() as s:
+            vm = repo.get_vm(s, req.name)
+        if vm.host_id is not None:
+            vm, host_id = self._target(req.name, "deleting")
+            try:
+                self._agents.delete_vm(
+                    host_id, DeleteVm(vm=VmRef(vm.uuid, vm.name), delete_disks=req.delete_disks)
+                )
+            except VirtfleetError as exc:
+                with self._tx() as s:
+                    repo.update_vm(s, vm.uuid, self._clock(), task=None, last_error=exc.message)
+                raise
+        with self._tx() as s:
+            if vm.host_id is not None:
+                repo.release(s, vm.uuid, vm.host_id)
+            repo.delete_vm(s, vm.uuid)
+        return api.VmActionDone(None, f"deleted {vm.name}" + (" and its disks" if req.delete_disks else ""))
+
+    # ------------------------------------------------------------------ reconciliation
+
+    def reconcile_once(self) -> list[str]:
+        """Fail builds stuck longer than the build timeout. Returns what it changed."""
+        now = self._clock()
+        changed = []
+        with self._tx() as s:
+            for vm in repo.list_vms(s):
+                if vm.status == "building" and now - vm.created_at > self.config.build_timeout_s:
+                    repo.update_vm(s, vm.uuid, now, status="error", task=None, last_error="build timed out")
+                    changed.append(f"{vm.name}: build timed out")
+        return changed
+
+
+def _json(spec: VmSpec) -> str:
+    return json.dumps(to_plain(spec), sort_keys=True)
+
+
+def _ago(when: float | None, now: float) -> str:
+    if when is None:
+        return "never"
+    return f"{now - when:.0f} s ago"
+
+
+def _no_valid_host(refusal: Refusal) -> NoValidHost:
+    return NoValidHost(
+        f"no host can take {refusal.vm_name}: {refusal.summary()}",
+        details={"reasons": [r.as_dict() for r in refusal.reasons], "tally": refusal.tally()},
+    )
+
+
+def _placement_view(placement: Placement) -> api.PlacementView:
+    return api.PlacementView(
+        host=placement.host_id,
+        alternates=placement.alternates,
+        candidates=tuple(
+            api.CandidateView(host=c.host_id, score=c.score, weights=dict(c.weights))
+            for c in placement.ranked
+        ),
+        rejected=tuple(fleet.rejection_view(r) for r in placement.rejections),
+    )
+
+
+def _placement_view_of(host: str | None) -> api.PlacementView:
+    return api.PlacementView(host=host, alternates=(), candidates=(), rejected=())
