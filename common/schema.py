@@ -73,7 +73,7 @@ def _convert(tp: Any, data: object, path: str) -> Any:  # noqa: PLR0912 - one br
         raise InvalidRequest("; ".join(errors) or f"{path}: unexpected value")
     if origin is typing.Literal:
         allowed = get_args(tp)
-        if data not in allowed:
+        if not any(type(data) is type(a) and data == a for a in allowed):
             raise InvalidRequest(f"{path}: must be one of {', '.join(map(repr, allowed))}, got {data!r:.80}")
         return data
     if origin is tuple or origin is frozenset:

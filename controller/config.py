@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -57,11 +58,16 @@ class ControllerConfig:
     def __post_init__(self) -> None:
         if self.strategy not in {"spread", "pack"}:
             raise InvalidRequest(f"strategy must be 'spread' or 'pack', got {self.strategy!r}")
-        if self.down_after_s <= 0 or self.workers < 1 or self.max_attempts < 1:
+        if (
+            not math.isfinite(self.down_after_s)
+            or self.down_after_s <= 0
+            or self.workers < 1
+            or self.max_attempts < 1
+        ):
             raise InvalidRequest("down_after_s, workers and max_attempts must be positive")
         oc = self.overcommit
         for name in ("cpu_ratio", "ram_ratio", "disk_ratio"):
-            if getattr(oc, name) <= 0:
+            if not math.isfinite(getattr(oc, name)) or getattr(oc, name) <= 0:
                 raise InvalidRequest(f"overcommit.{name} must be positive")
 
 
@@ -81,6 +87,10 @@ def _coerce(cls: type[Any], values: Mapping[str, Any], where: str) -> dict[str, 
                 value = type(default)(raw)
             except ValueError:
                 raise InvalidRequest(f"{where}: {key} must be a number, got {raw!r}") from None
+        elif isinstance(default, float) and type(raw) is int:
+            value = float(raw)
+        if type(value) is not type(default):
+            raise InvalidRequest(f"{where}: {key} must be {type(default).__name__}, got {raw!r}")
         out[key] = value
     return out
 
@@ -101,6 +111,8 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise InvalidRequest(f"config file {path} is not valid TOML: {exc}") from None
     overcommit_values = file_values.pop("overcommit", {})
+    if not isinstance(overcommit_values, dict):
+        raise InvalidRequest(f"{path}: [overcommit] must be a table")
     values = _coerce(ControllerConfig, file_values, str(path))
     values.update(
         _coerce(ControllerConfig, {ENV_VARS[k]: v for k, v in env.items() if k in ENV_VARS}, "environment")

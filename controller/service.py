@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
@@ -78,10 +79,17 @@ class ControllerService:
         self._agents = agents
         self._clock = clock
         self._background = background or ThreadPoolExecutor(max_workers=8, thread_name_prefix="build")
+        # SQLite has one writer at a time and its busy handler waits by sleeping and polling;
+        # queueing this process's threads on a lock instead keeps latency flat under load.
+        self._tx_lock: threading.RLock | None = threading.RLock() if engine.dialect.name == "sqlite" else None
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
+        if self._tx_lock is None:
+            with self._sessions.begin() as session:
+                yield session
+            return
+        with self._tx_lock, self._sessions.begin() as session:
             yield session
 
     def close(self) -> None:

@@ -89,7 +89,7 @@ class Envelope:
 def parse_version(text: str) -> tuple[int, int]:
     """Split "major.minor"; DecodeError when it is not that."""
     major, sep, minor = text.partition(".")
-    if not sep or not major.isdigit() or not minor.isdigit():
+    if not sep or not (major.isascii() and major.isdigit() and minor.isascii() and minor.isdigit()):
         raise DecodeError(f"bad protocol version {text!r}")
     return int(major), int(minor)
 

@@ -24,7 +24,7 @@ from common.errors import (
     VirtfleetError,
     error_from_wire,
 )
-from common.messages.catalogue import CATALOGUE, lookup
+from common.messages.catalogue import CATALOGUE, TIMEOUT_SECONDS, lookup
 from common.messages.envelope import REPLY_KIND, Envelope, decode_envelope
 from common.schema import from_plain, to_plain
 from common.transport.amqp import Delivery, Outcome
@@ -120,13 +120,13 @@ def request(
     if not isinstance(body, entry.body):
         raise TypeError(f"{kind} takes {entry.body.__name__}, not {type(body).__name__}")
     sent = time.time() if now is None else now
-    seconds = timeout if timeout is not None else None
+    seconds = timeout if timeout is not None else TIMEOUT_SECONDS[entry.timeout]
     return Envelope(
         kind=kind,
         body=to_plain(body),
         sender=sender,
         sent_at=sent,
-        expires_at=None if seconds is None else sent + seconds,
+        expires_at=sent + seconds,
     )
 
 

@@ -17,6 +17,8 @@ REPORTS_QUEUE = "virtfleet.controller.reports"  # competing controllers
 #: Reports older than this are worthless (a newer one will follow); keeps the queue short
 #: while no controller runs.
 REPORT_TTL_MS = 120_000
+#: Messages kept in the dead-letter queue before the oldest are dropped.
+DEAD_LETTER_MAX = 10_000
 
 
 def agent_queue(host_id: str) -> str:
@@ -49,7 +51,8 @@ def _dead_letter_args() -> dict[str, Any]:
 def declare_dead_letters(ch: Channel) -> None:
     """The DLX and the queue that keeps every rejected (malformed) message for inspection."""
     ch.exchange_declare(DEAD_LETTER_EXCHANGE, "fanout", durable=True)
-    ch.queue_declare(DEAD_LETTER_QUEUE, durable=True)
+    # Bounded: rejected messages are kept for inspection, not forever (oldest dropped first).
+    ch.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments={"x-max-length": DEAD_LETTER_MAX})
     ch.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, "")
 
 
@@ -67,9 +70,9 @@ def declare_reports(ch: Channel) -> str:
     """The reports exchange and the controllers' shared reports queue."""
     declare_dead_letters(ch)
     ch.exchange_declare(REPORTS_EXCHANGE, "topic", durable=True)
-    ch.queue_declare(
-        REPORTS_QUEUE, durable=True, arguments={**_dead_letter_args(), "x-message-ttl": REPORT_TTL_MS}
-    )
+    # No dead-lettering here: an expired report is simply stale (a newer one follows), and a
+    # malformed one is logged and dropped rather than filling the dead-letter queue.
+    ch.queue_declare(REPORTS_QUEUE, durable=True, arguments={"x-message-ttl": REPORT_TTL_MS})
     ch.queue_bind(REPORTS_QUEUE, REPORTS_EXCHANGE, "#")
     return REPORTS_QUEUE
 

@@ -220,7 +220,7 @@ def _apply_reported_vms(session: Session, report: HostReport, now: float) -> lis
                 vm.power_state = PowerState.MISSING
                 vm.reported_at = now
             continue
-        if vm.power_state != status.state:
+        if vm.power_state != status.state and vm.status != "building":
             notes.append(f"{vm.name}: {vm.power_state} -> {status.state}")
         vm.power_state = status.state
         vm.vcpus = status.vcpus
@@ -316,16 +316,24 @@ def insert_claim(
     """
     existing = session.get(Vm, vm["uuid"])
     if existing is None:
+        if session.scalars(select(Vm.uuid).where(Vm.name == vm["name"])).first() is not None:
+            raise AlreadyExists(f"a VM named {vm['name']!r} already exists in the fleet")
         session.add(Vm(**vm))
     else:
         existing.host_id = host_id
         existing.status = str(vm["status"])
-    for resource, amount in amounts.items():
-        session.add(Allocation(vm_uuid=vm["uuid"], host_id=host_id, resource=resource, amount=amount))
     try:
+        # The VM row first: allocations reference it (no ORM relationship orders the inserts).
         session.flush()
     except IntegrityError as exc:
-        raise AlreadyExists(f"a VM named {vm['name']!r} already exists") from exc
+        # The name check above runs under the claim lock; this is a concurrent insert
+        # that got in through another path (e.g. an import).
+        raise AlreadyExists(f"a VM named {vm['name']!r} already exists in the fleet") from exc
+    session.add_all(
+        Allocation(vm_uuid=vm["uuid"], host_id=host_id, resource=resource, amount=amount)
+        for resource, amount in amounts.items()
+    )
+    session.flush()
 
 
 def release(session: Session, vm_uuid: str, host_id: str) -> None:

@@ -1,0 +1,211 @@
+"""Agent configuration: TOML file < environment < command-line flags.
+
+The TOML file holds an ``[agent]`` table (or the same keys at the top level)::
+
+    [agent]
+    host_id = "hv1"
+    libvirt_uri = "qemu:///system"
+    amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    state_dir = "/var/lib/virtfleet/agent/hv1"
+    report_interval = 30
+    heartbeat_interval = 5
+    storage_pool = "default"
+    images_dir = "/var/lib/virtfleet/images"   # where a missing dir pool is created (real hosts)
+    log_level = "INFO"
+    simulate_hw_virt = true                    # test:/// hosts only: pretend /dev/kvm + vmx/svm
+
+Environment: ``VIRTFLEET_AMQP_URL``, ``VIRTFLEET_AGENT_HOST_ID``, ``VIRTFLEET_LIBVIRT_URI``.
+:func:`resolve` is pure (unit-tested); :func:`load` adds argv parsing and file reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import InvalidRequest
+from common.transport.amqp import DEFAULT_URL
+from common.validation import check_host_id, check_name
+
+DEFAULT_REPORT_INTERVAL = 30.0
+DEFAULT_HEARTBEAT_INTERVAL = 5.0
+DEFAULT_STORAGE_POOL = "default"
+DEFAULT_IMAGES_DIR = Path("/var/lib/virtfleet/images")
+DEFAULT_STATE_ROOT = Path("/var/lib/virtfleet/agent")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+#: environment variable -> config key
+ENVIRONMENT: Mapping[str, str] = {
+    "VIRTFLEET_AMQP_URL": "amqp_url",
+    "VIRTFLEET_AGENT_HOST_ID": "host_id",
+    "VIRTFLEET_LIBVIRT_URI": "libvirt_uri",
+}
+
+_KEYS = frozenset(
+    {
+        "host_id",
+        "libvirt_uri",
+        "amqp_url",
+        "state_dir",
+        "report_interval",
+        "heartbeat_interval",
+        "storage_pool",
+        "images_dir",
+        "log_level",
+        "simulate_hw_virt",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    host_id: str
+    libvirt_uri: str
+    amqp_url: str = DEFAULT_URL
+    state_dir: Path = DEFAULT_STATE_ROOT
+    report_interval: float = DEFAULT_REPORT_INTERVAL
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    storage_pool: str = DEFAULT_STORAGE_POOL
+    images_dir: Path = DEFAULT_IMAGES_DIR
+    log_level: str = "INFO"
+    simulate_hw_virt: bool = True
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"config {key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _interval(key: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise InvalidRequest(f"config {key}: expected a number of seconds, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise InvalidRequest(f"config {key}: expected a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"config {key}: expected true or false, got {value!r}")
+    return value
+
+
+def file_values(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The agent's keys from a parsed TOML document (``[agent]`` table or top level); unknown keys refused."""
+    table = data.get("agent", data)
+    if not isinstance(table, Mapping):
+        raise InvalidRequest("config: [agent] must be a table")
+    values = {k: v for k, v in table.items() if not (table is data and isinstance(v, Mapping))}
+    unknown = sorted(set(values) - _KEYS)
+    if unknown:
+        raise InvalidRequest(
+            f"config: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_KEYS))})"
+        )
+    return values
+
+
+def resolve(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str, Any]) -> AgentConfig:
+    """Merge the three sources (later wins; a flag of None means 'not given') and validate."""
+    merged: dict[str, Any] = dict(file)
+    for var, key in ENVIRONMENT.items():
+        if env.get(var):
+            merged[key] = env[var]
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    unknown = sorted(set(merged) - _KEYS)
+    if unknown:
+        raise InvalidRequest(f"config: unknown key(s) {', '.join(unknown)}")
+
+    if "host_id" not in merged:
+        raise InvalidRequest(
+            "a host id is required (--host-id, VIRTFLEET_AGENT_HOST_ID or host_id in the file)"
+        )
+    host_id = check_host_id(_str("host_id", merged["host_id"]))
+    if "libvirt_uri" not in merged:
+        raise InvalidRequest(
+            "a libvirt URI is required (--libvirt-uri, VIRTFLEET_LIBVIRT_URI or libvirt_uri in the file)"
+        )
+    log_level = _str("log_level", merged.get("log_level", "INFO")).upper()
+    if log_level not in LOG_LEVELS:
+        raise InvalidRequest(f"config log_level: expected one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    state_dir = merged.get("state_dir")
+    return AgentConfig(
+        host_id=host_id,
+        libvirt_uri=_str("libvirt_uri", merged["libvirt_uri"]),
+        amqp_url=_str("amqp_url", merged.get("amqp_url", DEFAULT_URL)),
+        state_dir=Path(_str("state_dir", state_dir))
+        if state_dir is not None
+        else DEFAULT_STATE_ROOT / host_id,
+        report_interval=_interval("report_interval", merged.get("report_interval", DEFAULT_REPORT_INTERVAL)),
+        heartbeat_interval=_interval(
+            "heartbeat_interval", merged.get("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL)
+        ),
+        storage_pool=check_name(
+            _str("storage_pool", merged.get("storage_pool", DEFAULT_STORAGE_POOL)), "pool"
+        ),
+        images_dir=Path(_str("images_dir", str(merged.get("images_dir", DEFAULT_IMAGES_DIR)))),
+        log_level=log_level,
+        simulate_hw_virt=_bool("simulate_hw_virt", merged.get("simulate_hw_virt", True)),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="virtfleet-agent",
+        description="virtfleet hypervisor agent: runs VM commands from the controller and reports host state.",
+    )
+    parser.add_argument("--host-id", dest="host_id", help="this host's id (the agent queue's routing key)")
+    parser.add_argument(
+        "--libvirt-uri", dest="libvirt_uri", help="e.g. qemu:///system or test:///path/node.xml"
+    )
+    parser.add_argument("--config", type=Path, help="TOML file with an [agent] table")
+    parser.add_argument("--amqp-url", dest="amqp_url", help=f"broker URL (default {DEFAULT_URL})")
+    parser.add_argument(
+        "--state-dir", dest="state_dir", help="journal directory (default /var/lib/virtfleet/agent/<host>)"
+    )
+    parser.add_argument(
+        "--report-interval", dest="report_interval", type=float, help="seconds between full reports (30)"
+    )
+    parser.add_argument(
+        "--heartbeat-interval", dest="heartbeat_interval", type=float, help="seconds between heartbeats (5)"
+    )
+    parser.add_argument(
+        "--storage-pool", dest="storage_pool", help="libvirt storage pool for new disks (default)"
+    )
+    parser.add_argument(
+        "--log-level", dest="log_level", choices=LOG_LEVELS, type=str.upper, help="INFO by default"
+    )
+    return parser
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """The agent's keys from a TOML file; InvalidRequest when it cannot be read or parsed."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidRequest(f"config file {path} is not valid TOML: {exc}") from None
+    return file_values(data)
+
+
+def load(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConfig:
+    """Parse ``argv`` (argparse exits on --help or a bad flag), read the file, merge with ``env``."""
+    args = build_parser().parse_args(argv)
+    flags = vars(args)
+    config_path: Path | None = flags.pop("config")
+    file = read_file(config_path) if config_path is not None else {}
+    return resolve(file, env, flags)
+
+
+def log_level_number(name: str) -> int:
+    level = logging.getLevelName(name)
+    return level if isinstance(level, int) else logging.INFO

@@ -1,0 +1,528 @@
+"""The libvirt implementation of :class:`agent.ports.Hypervisor`.
+
+Every ``libvirt.libvirtError`` is translated here, once: unknown domains, volumes, pools and
+networks become :class:`~common.errors.NotFound`, anything else
+:class:`~common.errors.HypervisorError`; both keep libvirt's error code in ``details["code"]``.
+
+One connection is shared by all threads (libvirt connections are thread-safe). That matters for
+the test driver: every ``open()`` of ``test:///path/node.xml`` gets private state, so a second
+connection would not see the agent's domains.
+
+Domain XML is never built here (:mod:`agent.domain_xml` does that); only the small storage and
+metadata documents below are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from agent.domain_xml import DomainXmlError, parse_domain_xml
+from agent.drivers import host_facts
+from agent.ports import NodeFacts
+from common.errors import Conflict, HypervisorError, NotFound, VirtfleetError
+from common.messages.host import CpuTopology, StoragePoolInfo
+from common.messages.vm import DiskFormat, PowerState, VmStatus
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+MIB = 1024**2
+
+#: Namespace of the agent's own ``<metadata>`` element: the volumes it created for a domain.
+OWNED_VOLUMES_NS = "https://virtfleet.dev/xmlns/agent-volumes/1"
+OWNED_VOLUMES_PREFIX = "vfa"
+
+#: libvirt domain state -> virtfleet power state, spelled out for every VIR_DOMAIN_* state.
+STATE_MAP: Mapping[int, PowerState] = {
+    libvirt.VIR_DOMAIN_NOSTATE: PowerState.NOSTATE,
+    libvirt.VIR_DOMAIN_RUNNING: PowerState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: PowerState.BLOCKED,
+    libvirt.VIR_DOMAIN_PAUSED: PowerState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: PowerState.SHUTDOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF: PowerState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: PowerState.CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: PowerState.PMSUSPENDED,
+}
+
+_NOT_FOUND_CODES = frozenset(
+    {
+        libvirt.VIR_ERR_NO_DOMAIN,
+        libvirt.VIR_ERR_NO_STORAGE_POOL,
+        libvirt.VIR_ERR_NO_STORAGE_VOL,
+        libvirt.VIR_ERR_NO_NETWORK,
+    }
+)
+
+
+def power_state(code: int) -> PowerState:
+    """The PowerState of a VIR_DOMAIN_* state code (NOSTATE for codes newer than this map)."""
+    return STATE_MAP.get(code, PowerState.NOSTATE)
+
+
+# ------------------------------------------------------------------------------ error translation
+
+
+def translate_error(exc: libvirt.libvirtError, action: str) -> VirtfleetError:
+    """A virtfleet error for a libvirt one, keeping libvirt's code, domain and message."""
+    code = exc.get_error_code()
+    text = exc.get_error_message() or str(exc)
+    details = {"code": code, "domain": exc.get_error_domain(), "libvirt_message": text}
+    if code in _NOT_FOUND_CODES:
+        return NotFound(f"{action}: {text}", details=details)
+    return HypervisorError(f"{action}: {text}", details=details)
+
+
+@contextlib.contextmanager
+def libvirt_errors(action: str) -> Iterator[None]:
+    """Translate libvirtError raised inside the block (see :func:`translate_error`)."""
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        raise translate_error(exc, action) from exc
+
+
+def _code(exc: libvirt.libvirtError) -> int:
+    code = exc.get_error_code()
+    return int(code) if code is not None else -1
+
+
+def open_connection(uri: str) -> Any:
+    """Open the one libvirt connection of this process; HypervisorError when that fails."""
+    with libvirt_errors(f"cannot open libvirt connection {uri}"):
+        conn = libvirt.open(uri)
+    if conn is None:  # older bindings returned None instead of raising
+        raise HypervisorError(f"cannot open libvirt connection {uri}")
+    return conn
+
+
+# ------------------------------------------------------------------------------ small documents (pure)
+
+
+def _tostring(elem: ET.Element) -> str:
+    ET.indent(elem, space="  ")
+    return ET.tostring(elem, encoding="unicode")
+
+
+def volume_xml(name: str, fmt: DiskFormat, size_gib: int) -> str:
+    """A sparse storage volume of ``size_gib`` GiB in format ``fmt``."""
+    vol = ET.Element("volume")
+    ET.SubElement(vol, "name").text = name
+    ET.SubElement(vol, "capacity", {"unit": "GiB"}).text = str(size_gib)
+    ET.SubElement(vol, "allocation", {"unit": "bytes"}).text = "0"
+    target = ET.SubElement(vol, "target")
+    ET.SubElement(target, "format", {"type": fmt.value})
+    return _tostring(vol)
+
+
+def dir_pool_xml(name: str, path: Path) -> str:
+    """A directory storage pool."""
+    pool = ET.Element("pool", {"type": "dir"})
+    ET.SubElement(pool, "name").text = name
+    target = ET.SubElement(pool, "target")
+    ET.SubElement(target, "path").text = str(path)
+    return _tostring(pool)
+
+
+def owned_volumes_xml(paths: tuple[str, ...]) -> str:
+    """The agent's metadata element listing the volumes it created for a domain."""
+    root = ET.Element("volumes")
+    for path in paths:
+        ET.SubElement(root, "volume", {"path": path})
+    return _tostring(root)
+
+
+def parse_owned_volumes(xml: str) -> tuple[str, ...]:
+    """Paths listed by :func:`owned_volumes_xml` (libvirt hands the element back without namespace)."""
+    try:
+        root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output of our own element
+    except ET.ParseError:
+        return ()
+    return tuple(
+        path for elem in root.iter() if elem.tag.rpartition("}")[2] == "volume" and (path := elem.get("path"))
+    )
+
+
+def pool_target_path(pool_xml: str) -> str:
+    """``<pool><target><path>`` ("" when absent)."""
+    try:
+        root = ET.fromstring(pool_xml)  # noqa: S314 - libvirt's own output
+    except ET.ParseError:
+        return ""
+    return (root.findtext("target/path") or "").strip()
+
+
+def domain_has_nvram(domain_xml: str) -> bool:
+    """True when the domain has UEFI variables (``<os><nvram>``) that undefine must remove."""
+    try:
+        root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own output
+    except ET.ParseError:
+        return False
+    return root.find("os/nvram") is not None
+
+
+# ------------------------------------------------------------------------------ the driver
+
+
+class LibvirtHypervisor:
+    """:class:`agent.ports.Hypervisor` over one shared libvirt connection."""
+
+    def __init__(
+        self,
+        conn: Any,
+        pool_name: str,
+        *,
+        hw_virt: bool | None = None,
+        simulated: bool | None = None,
+        pool_capacity_bytes: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        poll_interval: float = 0.5,
+        sys_class_net: Path = host_facts.SYS_CLASS_NET,
+    ) -> None:
+        """``simulated`` (default: the connection is the test driver) turns off /dev/kvm and sysfs probing;
+        ``hw_virt`` None means detect it (always True when simulated); ``pool_capacity_bytes`` overrides the
+        pool capacity that the test driver hard-codes at 100 GiB."""
+        self.conn = conn
+        self._pool_name = pool_name
+        if simulated is None:
+            with libvirt_errors("cannot query the hypervisor type"):
+                simulated = str(conn.getType()).upper() == "TEST"
+        self.simulated = simulated
+        self._hw_virt = (
+            hw_virt if hw_virt is not None else (True if simulated else host_facts.detect_hw_virt())
+        )
+        self._pool_capacity_bytes = pool_capacity_bytes
+        self._clock = clock
+        self._sleep = sleep
+        self._poll_interval = poll_interval
+        self._sys_class_net = sys_class_net
+        self._cpu_model: str | None = None
+
+    # -- host -------------------------------------------------------------------------
+    @property
+    def default_pool(self) -> str:
+        return self._pool_name
+
+    def hw_virt(self) -> bool:
+        return self._hw_virt
+
+    def ensure_pool(self, images_dir: Path) -> None:
+        """Make sure the default pool exists and is active; on a real host create a dir pool if missing."""
+        name = self._pool_name
+        try:
+            pool = self.conn.storagePoolLookupByName(name)
+        except libvirt.libvirtError as exc:
+            if _code(exc) != libvirt.VIR_ERR_NO_STORAGE_POOL:
+                raise translate_error(exc, f"storage pool {name}") from exc
+            if self.simulated:
+                raise NotFound(
+                    f"storage pool {name!r} is not defined in the test driver's node file"
+                ) from None
+            log.info("creating directory storage pool %s at %s", name, images_dir)
+            with libvirt_errors(f"cannot create storage pool {name} at {images_dir}"):
+                pool = self.conn.storagePoolDefineXML(dir_pool_xml(name, images_dir), 0)
+                pool.build(0)
+                pool.setAutostart(1)
+        with libvirt_errors(f"cannot start storage pool {name}"):
+            if not pool.isActive():
+                pool.create(0)
+
+    def pool_info(self, name: str) -> StoragePoolInfo:
+        pool = self._pool(name)
+        with libvirt_errors(f"storage pool {name}"):
+            _state, capacity, allocation, available = pool.info()
+            path = pool_target_path(pool.XMLDesc(0))
+        if self._pool_capacity_bytes is not None and name == self._pool_name:
+            capacity = self._pool_capacity_bytes
+            available = max(0, capacity - allocation)
+        return StoragePoolInfo(
+            name=name,
+            path=path,
+            capacity_gib=capacity // GIB,
+            allocation_gib=allocation // GIB,
+            available_gib=available // GIB,
+        )
+
+    def node_facts(self) -> NodeFacts:
+        conn = self.conn
+        with libvirt_errors("cannot read node facts"):
+            model, memory_mib, cpus, mhz, nodes, sockets, cores, threads = conn.getInfo()
+            hostname = conn.getHostname()
+            hv_type = conn.getType()
+            hv_version = conn.getVersion()
+            lib_version = conn.getLibVersion()
+            networks = tuple(sorted(net.name() for net in conn.listAllNetworks(0)))
+            if self._cpu_model is None:
+                self._cpu_model = host_facts.cpu_model_from_capabilities(conn.getCapabilities()) or str(model)
+        try:
+            free_mib = int(conn.getFreeMemory()) // MIB
+        except libvirt.libvirtError:
+            free_mib = 0
+        try:
+            storage: StoragePoolInfo | None = self.pool_info(self._pool_name)
+        except NotFound:
+            storage = None
+        return NodeFacts(
+            hostname=str(hostname),
+            hypervisor_type=str(hv_type),
+            hypervisor_version=host_facts.version_string(int(hv_version)),
+            libvirt_version=host_facts.version_string(int(lib_version)),
+            cpu=CpuTopology(
+                cpus=int(cpus),
+                sockets=max(1, int(nodes)) * int(sockets),
+                cores=int(cores),
+                threads=int(threads),
+                numa_cells=max(1, int(nodes)),
+                mhz=int(mhz),
+                model=self._cpu_model,
+            ),
+            memory_mib=int(memory_mib),
+            free_memory_mib=free_mib,
+            storage=storage,
+            networks=networks,
+            bridges=() if self.simulated else host_facts.list_bridges(self._sys_class_net),
+            hw_virt=self._hw_virt,
+        )
+
+    # -- storage ----------------------------------------------------------------------
+    def _pool(self, name: str) -> Any:
+        with libvirt_errors(f"storage pool {name}"):
+            return self.conn.storagePoolLookupByName(name)
+
+    def _volume(self, pool: Any, pool_name: str, name: str) -> Any | None:
+        try:
+            return pool.storageVolLookupByName(name)
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return None
+            raise translate_error(exc, f"volume {pool_name}/{name}") from exc
+
+    def volume_path(self, pool: str, name: str) -> str | None:
+        vol = self._volume(self._pool(pool), pool, name)
+        if vol is None:
+            return None
+        with libvirt_errors(f"volume {pool}/{name}"):
+            return str(vol.path())
+
+    def create_volume(self, pool: str, name: str, fmt: DiskFormat, size_gib: int) -> str:
+        pool_obj = self._pool(pool)
+        vol = self._volume(pool_obj, pool, name)
+        if vol is None:
+            try:
+                vol = pool_obj.createXML(volume_xml(name, fmt, size_gib), 0)
+            except libvirt.libvirtError as exc:
+                # Lost a race with a concurrent create of the same volume: reuse it.
+                vol = self._volume(pool_obj, pool, name)
+                if vol is None:
+                    raise translate_error(exc, f"cannot create volume {pool}/{name}") from exc
+            log.info("created volume %s/%s (%s, %d GiB)", pool, name, fmt.value, size_gib)
+        with libvirt_errors(f"volume {pool}/{name}"):
+            return str(vol.path())
+
+    def delete_volume(self, pool: str, name: str) -> bool:
+        vol = self._volume(self._pool(pool), pool, name)
+        if vol is None:
+            return False
+        with libvirt_errors(f"cannot delete volume {pool}/{name}"):
+            vol.delete(0)
+        return True
+
+    def _volume_by_path(self, path: str) -> Any | None:
+        try:
+            return self.conn.storageVolLookupByPath(path)
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return None
+            raise translate_error(exc, f"volume {path}") from exc
+
+    def delete_volume_path(self, path: str) -> bool:
+        vol = self._volume_by_path(path)
+        if vol is None:
+            return False
+        with libvirt_errors(f"cannot delete volume {path}"):
+            vol.delete(0)
+        log.info("deleted volume %s", path)
+        return True
+
+    def path_exists(self, path: str) -> bool:
+        return self._volume_by_path(path) is not None or os.path.exists(path)  # noqa: PTH110 - str API
+
+    # -- domains ----------------------------------------------------------------------
+    def _dom(self, uuid: str) -> Any:
+        with libvirt_errors(f"VM {uuid}"):
+            return self.conn.lookupByUUIDString(uuid)
+
+    def find(self, uuid: str) -> VmStatus | None:
+        try:
+            return self.status(uuid)
+        except NotFound:
+            return None
+
+    def uuid_for_name(self, name: str) -> str | None:
+        try:
+            dom = self.conn.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise translate_error(exc, f"VM {name}") from exc
+        with libvirt_errors(f"VM {name}"):
+            return str(dom.UUIDString())
+
+    def define(self, xml: str) -> str:
+        with libvirt_errors("cannot define the domain"):
+            dom = self.conn.defineXML(xml)
+            return str(dom.UUIDString())
+
+    def set_owned_volumes(self, uuid: str, paths: tuple[str, ...]) -> None:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"VM {uuid}: cannot record its volumes"):
+            dom.setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                owned_volumes_xml(paths),
+                OWNED_VOLUMES_PREFIX,
+                OWNED_VOLUMES_NS,
+                libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+            )
+
+    def owned_volumes(self, uuid: str) -> tuple[str, ...]:
+        dom = self._dom(uuid)
+        try:
+            xml = dom.metadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT, OWNED_VOLUMES_NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            )
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                return ()
+            raise translate_error(exc, f"VM {uuid}: cannot read its volumes") from exc
+        return parse_owned_volumes(str(xml))
+
+    def start(self, uuid: str) -> None:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"cannot start VM {uuid}"):
+            dom.create()
+
+    def _state(self, dom: Any, uuid: str) -> PowerState:
+        with libvirt_errors(f"VM {uuid}"):
+            state, _reason = dom.state(0)
+        return power_state(state)
+
+    def shutdown(self, uuid: str, timeout_s: float, force: bool) -> None:
+        dom = self._dom(uuid)
+        if self._state(dom, uuid) is PowerState.SHUTOFF:
+            return
+        with libvirt_errors(f"cannot shut down VM {uuid}"):
+            dom.shutdown()
+        deadline = self._clock() + timeout_s
+        while True:
+            try:
+                if self._state(dom, uuid) is PowerState.SHUTOFF:
+                    return
+            except NotFound:  # a transient domain is gone once it is off
+                return
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                break
+            self._sleep(min(self._poll_interval, remaining))
+        if force:
+            log.info("VM %s did not shut down within %s s; powering it off", uuid, timeout_s)
+            self.destroy(uuid)
+            return
+        raise Conflict(
+            f"VM {uuid} did not shut down within {timeout_s:g} s (the guest ignored ACPI); "
+            "retry, or shut down with force",
+            retryable=True,
+            details={"timeout_s": timeout_s},
+        )
+
+    def destroy(self, uuid: str) -> None:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"cannot power off VM {uuid}"):
+            dom.destroy()
+
+    def reboot(self, uuid: str) -> None:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"cannot reboot VM {uuid}"):
+            dom.reboot(0)
+
+    def suspend(self, uuid: str) -> None:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"cannot suspend VM {uuid}"):
+            dom.suspend()
+
+    def resume(self, uuid: str) -> None:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"cannot resume VM {uuid}"):
+            dom.resume()
+
+    def undefine(self, uuid: str) -> None:
+        try:
+            dom = self._dom(uuid)
+        except NotFound:
+            return  # a transient domain vanished when it was powered off
+        with libvirt_errors(f"cannot undefine VM {uuid}"):
+            if not dom.isPersistent():
+                return
+            flags = 0
+            if dom.hasManagedSaveImage(0):
+                flags |= libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            if dom.snapshotNum(0) > 0:
+                flags |= libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            if domain_has_nvram(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)):
+                flags |= libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+            dom.undefineFlags(flags)
+
+    def set_autostart(self, uuid: str, enabled: bool) -> None:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"cannot set autostart of VM {uuid}"):
+            dom.setAutostart(1 if enabled else 0)
+
+    def status(self, uuid: str) -> VmStatus:
+        return self._status(self._dom(uuid))
+
+    def _status(self, dom: Any) -> VmStatus:
+        with libvirt_errors("cannot read VM status"):
+            uuid = str(dom.UUIDString())
+            name = str(dom.name())
+            state, max_mem_kib, mem_kib, vcpus, cpu_time = dom.info()
+            xml = dom.XMLDesc(0)
+            autostart = bool(dom.autostart())
+            persistent = bool(dom.isPersistent())
+        try:
+            parsed = parse_domain_xml(xml)
+            max_vcpus, managed = parsed.max_vcpus, parsed.managed
+        except DomainXmlError as exc:
+            log.debug("VM %s: unparsable domain XML (%s); reporting it as unmanaged", name, exc)
+            max_vcpus, managed = int(vcpus), False
+        return VmStatus(
+            uuid=uuid,
+            name=name,
+            state=power_state(int(state)),
+            vcpus=int(vcpus),
+            max_vcpus=max(int(max_vcpus), int(vcpus)),
+            memory_mib=int(mem_kib) // 1024,
+            max_memory_mib=int(max_mem_kib) // 1024,
+            cpu_time_ns=int(cpu_time),
+            autostart=autostart,
+            persistent=persistent,
+            managed=managed,
+        )
+
+    def list_statuses(self) -> tuple[VmStatus, ...]:
+        with libvirt_errors("cannot list domains"):
+            domains = self.conn.listAllDomains(0)
+        statuses = []
+        for dom in domains:
+            try:
+                statuses.append(self._status(dom))
+            except NotFound:
+                continue  # undefined between the listing and the lookup
+        return tuple(sorted(statuses, key=lambda s: (s.name, s.uuid)))

@@ -1,0 +1,269 @@
+"""One handler per agent command kind; each is idempotent by VM uuid, so redelivery is harmless.
+
+Handlers take typed bodies (the :class:`~common.transport.rpc.Dispatcher` decodes them) and an
+injected :class:`~agent.ports.Hypervisor`; they raise only virtfleet errors. Commands on the same
+VM are serialised by a per-uuid lock (a redelivered command may overlap its first run). After
+every state-changing command the reporter is asked for a fresh report.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+from agent.domain_xml import build_domain_xml
+from agent.ports import ACTIVE_STATES, Hypervisor
+from common.errors import AlreadyExists, Conflict, InvalidRequest, NotFound, Unsupported, VirtfleetError
+from common.messages.host import ReportAck, ReportRequest
+from common.messages.vm import (
+    CreateVm,
+    DeleteVm,
+    DiskDevice,
+    DiskSpec,
+    DomainType,
+    PowerState,
+    SetAutostart,
+    ShutdownVm,
+    VmAction,
+    VmRef,
+    VmResult,
+    VmSpec,
+    VmStatus,
+)
+
+log = logging.getLogger(__name__)
+
+_VOLUME_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_STARTABLE = frozenset({PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE})
+
+
+def volume_name(spec: VmSpec, disk: DiskSpec) -> str:
+    """The pool volume for a new disk: the spec's name, else ``<vmname>-<target>.<fmt>``."""
+    name = disk.volume or f"{spec.name}-{disk.target}.{disk.format.value}"
+    if not _VOLUME_NAME_RE.fullmatch(name) or name in {".", ".."}:
+        raise InvalidRequest(f"disk {disk.target}: invalid volume name {name!r}")
+    return name
+
+
+class AgentHandlers:
+    """The agent's command handlers over one hypervisor."""
+
+    def __init__(self, hypervisor: Hypervisor, request_report: Callable[[], int]) -> None:
+        self._hv = hypervisor
+        self._request_report = request_report
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        #: serialises the name check and define of vm.create across VMs (two uuids, one name)
+        self._define_lock = threading.Lock()
+
+    def table(self) -> dict[str, Callable[[Any], Any]]:
+        """kind -> handler, for the Dispatcher."""
+        return {
+            "vm.create": self.create,
+            "vm.start": self.start,
+            "vm.shutdown": self.shutdown,
+            "vm.destroy": self.destroy,
+            "vm.reboot": self.reboot,
+            "vm.suspend": self.suspend,
+            "vm.resume": self.resume,
+            "vm.delete": self.delete,
+            "vm.autostart": self.autostart,
+            "host.report_now": self.report_now,
+        }
+
+    # -- helpers ----------------------------------------------------------------------
+    @contextmanager
+    def _changing(self, uuid: str) -> Iterator[None]:
+        """Hold the VM's lock; afterwards (even after a failure) ask for a fresh report."""
+        with self._locks_guard:
+            lock = self._locks.setdefault(uuid, threading.Lock())
+        try:
+            with lock:
+                yield
+        finally:
+            self._request_report()
+
+    def _existing(self, ref: VmRef) -> VmStatus:
+        status = self._hv.find(ref.uuid)
+        if status is None:
+            raise NotFound(f"VM {ref.name} ({ref.uuid}) is not defined on this host")
+        return status
+
+    def _result(self, uuid: str, message: str) -> VmResult:
+        return VmResult(status=self._hv.status(uuid), message=message)
+
+    # -- vm.create --------------------------------------------------------------------
+    def create(self, body: CreateVm) -> VmResult:
+        spec = body.spec
+        if spec.domain_type is DomainType.KVM and not self._hv.hw_virt():
+            raise Unsupported(
+                f"VM {spec.name}: domain type kvm needs hardware virtualisation, which this host does not "
+                "have (/dev/kvm unusable or no vmx/svm CPU flag); use domain type qemu (TCG)"
+            )
+        with self._changing(spec.uuid):
+            with self._define_lock:
+                other = self._hv.uuid_for_name(spec.name)
+                if other is not None and other.lower() != spec.uuid.lower():
+                    raise AlreadyExists(
+                        f"a VM named {spec.name} exists on this host with another uuid ({other})",
+                        details={"name": spec.name, "uuid": other},
+                    )
+                existing = self._hv.find(spec.uuid)
+                if existing is None:
+                    disks = self._create_and_define(spec)
+                    message = "defined"
+                else:
+                    disks = self._resolve_disks(spec, None)
+                    message = "already defined"
+                owned = tuple(d.path for d in disks if d.source == "new" and d.path is not None)
+                if owned and (existing is None or not self._hv.owned_volumes(spec.uuid)):
+                    self._hv.set_owned_volumes(spec.uuid, owned)
+            status = self._hv.status(spec.uuid)
+            if spec.autostart and not status.autostart:
+                self._hv.set_autostart(spec.uuid, True)
+            if body.start and status.state in _STARTABLE:
+                self._hv.start(spec.uuid)
+                message += " and started"
+            return VmResult(status=self._hv.status(spec.uuid), message=message, disks=disks)
+
+    def _resolve_disks(self, spec: VmSpec, created: list[str] | None) -> tuple[DiskSpec, ...]:
+        """Every disk with its pool, volume and path filled in.
+
+        With ``created`` (a new VM), missing volumes are created and their paths appended to it, and
+        existing images must exist; without it (the VM is defined already) nothing is touched.
+        """
+        resolved = []
+        for disk in spec.disks:
+            if disk.source == "existing":
+                assert disk.path is not None  # DiskSpec guarantees it
+                if created is not None and not self._hv.path_exists(disk.path):
+                    raise NotFound(f"disk {disk.target}: image {disk.path} does not exist on this host")
+                resolved.append(disk)
+                continue
+            if disk.device is DiskDevice.CDROM:
+                raise InvalidRequest(
+                    f"disk {disk.target}: a CD-ROM must be an existing image (source 'existing')"
+                )
+            pool = disk.pool or self._hv.default_pool
+            name = volume_name(spec, disk)
+            path = self._hv.volume_path(pool, name)
+            if path is None and created is not None:
+                path = self._hv.create_volume(pool, name, disk.format, disk.size_gib)
+                created.append(path)
+            resolved.append(replace(disk, pool=pool, volume=name, path=path))
+        return tuple(resolved)
+
+    def _discard_volumes(self, paths: list[str]) -> None:
+        """Best effort: remove volumes this create made before its define failed."""
+        for path in paths:
+            try:
+                self._hv.delete_volume_path(path)
+            except VirtfleetError as exc:
+                log.warning("could not remove volume %s after a failed define: %s", path, exc.message)
+
+    def _create_and_define(self, spec: VmSpec) -> tuple[DiskSpec, ...]:
+        """Create the new volumes and define the domain; on failure remove the volumes made here."""
+        created: list[str] = []
+        try:
+            disks = self._resolve_disks(spec, created)
+            resolved = replace(spec, disks=disks)
+            try:
+                xml = build_domain_xml(resolved)
+            except ValueError as exc:
+                raise InvalidRequest(f"VM {spec.name}: {exc}") from exc
+            self._hv.define(xml)
+        except VirtfleetError:
+            self._discard_volumes(created)
+            raise
+        log.info("defined VM %s (%s); %d new volume(s)", spec.name, spec.uuid, len(created))
+        return disks
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self, body: VmAction) -> VmResult:
+        with self._changing(body.vm.uuid):
+            status = self._existing(body.vm)
+            if status.state not in _STARTABLE:
+                return self._result(body.vm.uuid, f"already {status.state.value}")
+            self._hv.start(body.vm.uuid)
+            return self._result(body.vm.uuid, "started")
+
+    def shutdown(self, body: ShutdownVm) -> VmResult:
+        with self._changing(body.vm.uuid):
+            status = self._existing(body.vm)
+            if status.state not in ACTIVE_STATES:
+                return self._result(body.vm.uuid, f"already {status.state.value}")
+            self._hv.shutdown(body.vm.uuid, body.timeout_s, body.force_after_timeout)
+            return self._result(body.vm.uuid, "shut down")
+
+    def destroy(self, body: VmAction) -> VmResult:
+        with self._changing(body.vm.uuid):
+            status = self._existing(body.vm)
+            if status.state not in ACTIVE_STATES:
+                return self._result(body.vm.uuid, f"already {status.state.value}")
+            self._hv.destroy(body.vm.uuid)
+            return self._result(body.vm.uuid, "powered off")
+
+    def reboot(self, body: VmAction) -> VmResult:
+        with self._changing(body.vm.uuid):
+            status = self._existing(body.vm)
+            if status.state not in {PowerState.RUNNING, PowerState.BLOCKED}:
+                raise Conflict(f"VM {body.vm.name} cannot reboot: it is {status.state.value}")
+            self._hv.reboot(body.vm.uuid)
+            return self._result(body.vm.uuid, "rebooted")
+
+    def suspend(self, body: VmAction) -> VmResult:
+        with self._changing(body.vm.uuid):
+            status = self._existing(body.vm)
+            if status.state is PowerState.PAUSED:
+                return self._result(body.vm.uuid, "already paused")
+            if status.state not in {PowerState.RUNNING, PowerState.BLOCKED}:
+                raise Conflict(f"VM {body.vm.name} cannot be suspended: it is {status.state.value}")
+            self._hv.suspend(body.vm.uuid)
+            return self._result(body.vm.uuid, "suspended")
+
+    def resume(self, body: VmAction) -> VmResult:
+        with self._changing(body.vm.uuid):
+            status = self._existing(body.vm)
+            if status.state in {PowerState.RUNNING, PowerState.BLOCKED}:
+                return self._result(body.vm.uuid, f"already {status.state.value}")
+            if status.state is not PowerState.PAUSED:
+                raise Conflict(f"VM {body.vm.name} cannot be resumed: it is {status.state.value}")
+            self._hv.resume(body.vm.uuid)
+            return self._result(body.vm.uuid, "resumed")
+
+    def delete(self, body: DeleteVm) -> VmResult:
+        uuid = body.vm.uuid
+        with self._changing(uuid):
+            status = self._hv.find(uuid)
+            if status is None:
+                return VmResult(status=None, message="not defined on this host")
+            if status.state in ACTIVE_STATES:
+                self._hv.destroy(uuid)
+            deleted = 0
+            if body.delete_disks:
+                # Before undefine: if we die in between, the redelivered delete still knows the volumes.
+                for path in self._hv.owned_volumes(uuid):
+                    deleted += self._hv.delete_volume_path(path)
+            self._hv.undefine(uuid)
+            log.info("deleted VM %s (%s) and %d volume(s)", body.vm.name, uuid, deleted)
+            return VmResult(status=None, message=f"deleted ({deleted} volume(s) removed)")
+
+    def autostart(self, body: SetAutostart) -> VmResult:
+        with self._changing(body.vm.uuid):
+            status = self._existing(body.vm)
+            if status.autostart != body.enabled:
+                self._hv.set_autostart(body.vm.uuid, body.enabled)
+            return self._result(body.vm.uuid, "autostart " + ("enabled" if body.enabled else "disabled"))
+
+    # -- host -------------------------------------------------------------------------
+    def report_now(self, body: ReportRequest) -> ReportAck:
+        seq = self._request_report()
+        log.info(
+            "report requested%s; it will carry seq >= %d", f" ({body.reason})" if body.reason else "", seq
+        )
+        return ReportAck(seq=seq)

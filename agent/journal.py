@@ -1,0 +1,123 @@
+"""The agent's command journal: the reply to every handled command, by message id, in SQLite.
+
+:class:`~common.transport.rpc.Dispatcher` consults it before running a command, so a redelivered
+command (the broker redelivers whatever was not acknowledged) is answered with the recorded
+reply instead of running again. The first reply recorded for an id wins. Old rows are pruned on
+every put: at most ``max_entries`` rows and nothing older than ``max_age_s``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from common.errors import StorageError
+
+DEFAULT_MAX_ENTRIES = 10_000
+DEFAULT_MAX_AGE_S = 7 * 24 * 3600.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS journal (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL UNIQUE,
+    kind       TEXT NOT NULL,
+    reply      BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS journal_created_at ON journal (created_at);
+"""
+
+
+class SqliteJournal:
+    """Thread-safe (one connection behind a lock) implementation of the ``Journal`` protocol."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_age_s: float = DEFAULT_MAX_AGE_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_entries <= 0 or max_age_s <= 0:
+            raise ValueError("journal limits must be positive")
+        self.path = Path(path)
+        self._max_entries = max_entries
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db: sqlite3.Connection | None = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # The reply must be on disk before the command is acknowledged: that is the point.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(f"cannot open the command journal {self.path}: {exc}") from exc
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StorageError(f"the command journal {self.path} is closed")
+        return self._db
+
+    def get(self, message_id: str) -> bytes | None:
+        """The recorded reply for ``message_id``, or None."""
+        with self._lock:
+            try:
+                row = (
+                    self._conn()
+                    .execute("SELECT reply FROM journal WHERE message_id = ?", (message_id,))
+                    .fetchone()
+                )
+            except sqlite3.Error as exc:
+                raise StorageError(f"command journal read failed: {exc}") from exc
+        return None if row is None else bytes(row[0])
+
+    def put(self, message_id: str, kind: str, reply: bytes) -> None:
+        """Record a reply (the first one for an id is kept) and prune old rows."""
+        now = self._clock()
+        with self._lock:
+            db = self._conn()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(
+                    "INSERT OR IGNORE INTO journal (message_id, kind, reply, created_at) VALUES (?, ?, ?, ?)",
+                    (message_id, kind, reply, now),
+                )
+                db.execute("DELETE FROM journal WHERE created_at < ?", (now - self._max_age_s,))
+                db.execute(
+                    "DELETE FROM journal WHERE seq <= (SELECT MAX(seq) FROM journal) - ?",
+                    (self._max_entries,),
+                )
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise StorageError(f"command journal write failed: {exc}") from exc
+
+    def kind_of(self, message_id: str) -> str | None:
+        """The kind recorded for ``message_id`` (for diagnostics and tests)."""
+        with self._lock:
+            row = (
+                self._conn()
+                .execute("SELECT kind FROM journal WHERE message_id = ?", (message_id,))
+                .fetchone()
+            )
+        return None if row is None else str(row[0])
+
+    def __len__(self) -> int:
+        with self._lock:
+            row = self._conn().execute("SELECT COUNT(*) FROM journal").fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        with self._lock:
+            db, self._db = self._db, None
+            if db is not None:
+                db.close()

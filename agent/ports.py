@@ -1,0 +1,120 @@
+"""The agent's interfaces to effects: what handlers and the reporter need from a hypervisor.
+
+:class:`~agent.drivers.libvirt_driver.LibvirtHypervisor` implements :class:`Hypervisor`; unit
+tests use a stateful in-memory fake. Every method raises only virtfleet errors
+(:class:`~common.errors.NotFound` for an unknown domain, volume or pool,
+:class:`~common.errors.HypervisorError` for anything libvirt refused).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from common.messages.host import CpuTopology, StoragePoolInfo
+from common.messages.vm import DiskFormat, PowerState, VmStatus
+
+#: States in which a domain is running in some form (has a QEMU process).
+ACTIVE_STATES = frozenset(
+    {PowerState.RUNNING, PowerState.BLOCKED, PowerState.PAUSED, PowerState.SHUTDOWN, PowerState.PMSUSPENDED}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeFacts:
+    """What the hypervisor says about the host, gathered in one go for a report."""
+
+    hostname: str
+    hypervisor_type: str  # libvirt's getType(): QEMU, TEST, ...
+    hypervisor_version: str
+    libvirt_version: str
+    cpu: CpuTopology
+    memory_mib: int
+    free_memory_mib: int  # 0 when the hypervisor cannot tell (the test driver)
+    storage: StoragePoolInfo | None
+    networks: tuple[str, ...]
+    bridges: tuple[str, ...]
+    hw_virt: bool
+
+
+class Hypervisor(Protocol):
+    """Operations on one hypervisor host; every domain is named by its uuid."""
+
+    @property
+    def default_pool(self) -> str: ...
+
+    def hw_virt(self) -> bool:
+        """Whether domain type kvm can run here."""
+        ...
+
+    def node_facts(self) -> NodeFacts: ...
+
+    # -- storage --------------------------------------------------------------------
+    def volume_path(self, pool: str, name: str) -> str | None:
+        """Path of volume ``name`` in ``pool``, None when there is no such volume."""
+        ...
+
+    def create_volume(self, pool: str, name: str, fmt: DiskFormat, size_gib: int) -> str:
+        """Create (or reuse, when it exists) a volume; return its path."""
+        ...
+
+    def delete_volume(self, pool: str, name: str) -> bool:
+        """Delete a volume; False when it did not exist."""
+        ...
+
+    def delete_volume_path(self, path: str) -> bool:
+        """Delete the storage-pool volume at ``path``; False when no pool volume has that path."""
+        ...
+
+    def path_exists(self, path: str) -> bool:
+        """True when ``path`` is a pool volume or an existing file on the host."""
+        ...
+
+    # -- domains --------------------------------------------------------------------
+    def find(self, uuid: str) -> VmStatus | None:
+        """The domain's status, or None when there is no domain with that uuid."""
+        ...
+
+    def uuid_for_name(self, name: str) -> str | None:
+        """The uuid of the domain called ``name``, or None."""
+        ...
+
+    def define(self, xml: str) -> str:
+        """Define a persistent domain; return its uuid."""
+        ...
+
+    def set_owned_volumes(self, uuid: str, paths: tuple[str, ...]) -> None:
+        """Remember (in the domain's metadata) which volume paths the agent created for it."""
+        ...
+
+    def owned_volumes(self, uuid: str) -> tuple[str, ...]:
+        """What :meth:`set_owned_volumes` recorded; () when nothing was."""
+        ...
+
+    def start(self, uuid: str) -> None: ...
+
+    def shutdown(self, uuid: str, timeout_s: float, force: bool) -> None:
+        """ACPI shutdown and wait for SHUTOFF; after ``timeout_s`` destroy if ``force``, else raise Conflict."""
+        ...
+
+    def destroy(self, uuid: str) -> None: ...
+
+    def reboot(self, uuid: str) -> None: ...
+
+    def suspend(self, uuid: str) -> None: ...
+
+    def resume(self, uuid: str) -> None: ...
+
+    def undefine(self, uuid: str) -> None:
+        """Remove the definition (with managed save, snapshot metadata and NVRAM when present)."""
+        ...
+
+    def set_autostart(self, uuid: str, enabled: bool) -> None: ...
+
+    def status(self, uuid: str) -> VmStatus:
+        """The domain's status; NotFound when there is none."""
+        ...
+
+    def list_statuses(self) -> tuple[VmStatus, ...]:
+        """Every domain on the host, including ones virtfleet did not create (managed=False)."""
+        ...

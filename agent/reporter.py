@@ -1,0 +1,258 @@
+"""Host reports and heartbeats: a pure builder plus a thin publishing thread.
+
+:func:`build_report` turns gathered facts into a :class:`~common.messages.host.HostReport`
+(unit-tested). :class:`Reporter` runs a thread that owns its own publisher (pika connections
+are per thread) and sends ``host.heartbeat`` every heartbeat interval (only while the command
+consumer is healthy) and a full ``host.report`` on start, every report interval, whenever
+:meth:`Reporter.request_report` is called (after every state-changing command and for
+``host.report_now``) and once more on stop. A failure is logged and retried later; it never
+ends the thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from agent.ports import ACTIVE_STATES, Hypervisor, NodeFacts
+from common.errors import VirtfleetError
+from common.messages.envelope import Envelope
+from common.messages.host import Heartbeat, HostReport
+from common.messages.vm import VmStatus
+from common.schema import to_plain
+from common.transport.topology import REPORT_TTL_MS, REPORTS_EXCHANGE
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ pure
+
+
+def free_memory_mib(total_mib: int, reported_free_mib: int, vms: Iterable[VmStatus]) -> int:
+    """Free host memory: the hypervisor's figure when it has one (> 0), else total minus active VMs."""
+    if reported_free_mib > 0:
+        return min(reported_free_mib, total_mib)
+    used = sum(vm.memory_mib for vm in vms if vm.state in ACTIVE_STATES)
+    return max(0, total_mib - used)
+
+
+def build_report(
+    *,
+    host_id: str,
+    libvirt_uri: str,
+    agent_version: str,
+    facts: NodeFacts,
+    vms: tuple[VmStatus, ...],
+    seq: int,
+    started_at: float,
+    reported_at: float,
+) -> HostReport:
+    """The full report for one moment, from facts gathered by the hypervisor driver."""
+    return HostReport(
+        host_id=host_id,
+        hostname=facts.hostname,
+        agent_version=agent_version,
+        hypervisor_type=facts.hypervisor_type,
+        hypervisor_version=facts.hypervisor_version,
+        libvirt_uri=libvirt_uri,
+        hw_virt=facts.hw_virt,
+        cpu=facts.cpu,
+        memory_mib=facts.memory_mib,
+        memory_free_mib=free_memory_mib(facts.memory_mib, facts.free_memory_mib, vms),
+        storage=facts.storage,
+        networks=facts.networks,
+        bridges=facts.bridges,
+        vms=vms,
+        seq=seq,
+        started_at=started_at,
+        reported_at=reported_at,
+    )
+
+
+def routing_key(kind: str, host_id: str) -> str:
+    """``<kind>.<host id>`` on the reports topic exchange."""
+    return f"{kind}.{host_id}"
+
+
+def envelope_for(kind: str, body: HostReport | Heartbeat, sender: str, sent_at: float) -> Envelope:
+    return Envelope(
+        kind=kind,
+        body=to_plain(body),
+        sender=sender,
+        sent_at=sent_at,
+        expires_at=sent_at + REPORT_TTL_MS / 1000,
+    )
+
+
+# ------------------------------------------------------------------------------------------ thread
+
+
+class ReportSink(Protocol):
+    """What the reporter needs from a publisher (:class:`common.transport.amqp.Publisher` fits)."""
+
+    def publish(
+        self, exchange: str, routing_key: str, env: Envelope, *, persistent: bool = ..., retries: int = ...
+    ) -> None: ...
+
+    def process_events(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Reporter:
+    """Publishes heartbeats and reports for one host from its own thread."""
+
+    def __init__(
+        self,
+        host_id: str,
+        libvirt_uri: str,
+        hypervisor: Hypervisor,
+        sink_factory: Callable[[], ReportSink],
+        *,
+        report_interval: float,
+        heartbeat_interval: float,
+        agent_version: str,
+        alive: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.host_id = host_id
+        self._uri = libvirt_uri
+        self._hv = hypervisor
+        self._sink_factory = sink_factory
+        self._report_interval = report_interval
+        self._heartbeat_interval = heartbeat_interval
+        self._agent_version = agent_version
+        self._alive = alive
+        self._clock = clock
+        self._monotonic = monotonic
+        self._sender = f"agent:{host_id}"
+        self.started_at = clock()
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._heartbeat_seq = 0
+        self._pending = False
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._final_report = True
+        self._thread: threading.Thread | None = None
+        #: the last report published (for diagnostics and tests)
+        self.last_report: HostReport | None = None
+        self.reports_sent = 0
+        self.heartbeats_sent = 0
+        self.failures = 0
+
+    # -- API for other threads --------------------------------------------------------
+    def request_report(self) -> int:
+        """Ask for a full report soon; return the seq it will carry at least."""
+        with self._lock:
+            self._pending = True
+            seq = self._seq + 1
+        self._wake.set()
+        return seq
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name=f"reporter-{self.host_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, final_report: bool = True, timeout: float = 30.0) -> None:
+        """Stop the thread; it sends one last report first unless told not to."""
+        self._final_report = final_report
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the thread -------------------------------------------------------------------
+    def run(self) -> None:
+        sink = self._sink_factory()
+        next_report = next_heartbeat = self._monotonic()
+        try:
+            while not self._stop.is_set():
+                now = self._monotonic()
+                if self._take_pending() or now >= next_report:
+                    ok = self._send_report(sink)
+                    retry = min(self._report_interval, self._heartbeat_interval)
+                    next_report = now + (self._report_interval if ok else retry)
+                if now >= next_heartbeat:
+                    if self._alive():
+                        self._send_heartbeat(sink)
+                    next_heartbeat = now + self._heartbeat_interval
+                sink.process_events()
+                # Wake up at least every second to service the connection's heartbeats.
+                self._wake.wait(max(0.0, min(next_report, next_heartbeat, now + 1.0) - self._monotonic()))
+                self._wake.clear()
+            if self._final_report:
+                self._take_pending()
+                self._send_report(sink)
+        finally:
+            sink.close()
+
+    def _take_pending(self) -> bool:
+        with self._lock:
+            pending, self._pending = self._pending, False
+        return pending
+
+    def _send_report(self, sink: ReportSink) -> bool:
+        try:
+            facts = self._hv.node_facts()
+            vms = self._hv.list_statuses()
+            with self._lock:
+                self._seq += 1
+                seq = self._seq
+            now = self._clock()
+            report = build_report(
+                host_id=self.host_id,
+                libvirt_uri=self._uri,
+                agent_version=self._agent_version,
+                facts=facts,
+                vms=vms,
+                seq=seq,
+                started_at=self.started_at,
+                reported_at=now,
+            )
+            env = envelope_for("host.report", report, self._sender, now)
+            sink.publish(
+                REPORTS_EXCHANGE, routing_key("host.report", self.host_id), env, persistent=False, retries=1
+            )
+        except VirtfleetError as exc:
+            self.failures += 1
+            log.warning(
+                "could not send host report: %s: %s (retrying later)", type(exc).__name__, exc.message
+            )
+            return False
+        except Exception:  # the reporter must outlive any bug in one report
+            self.failures += 1
+            log.exception("host report failed (bug); retrying later")
+            return False
+        self.last_report = report
+        self.reports_sent += 1
+        log.debug("sent host report seq %d (%d VMs)", seq, len(vms))
+        return True
+
+    def _send_heartbeat(self, sink: ReportSink) -> None:
+        self._heartbeat_seq += 1
+        now = self._clock()
+        beat = Heartbeat(
+            host_id=self.host_id, seq=self._heartbeat_seq, started_at=self.started_at, sent_at=now
+        )
+        try:
+            sink.publish(
+                REPORTS_EXCHANGE,
+                routing_key("host.heartbeat", self.host_id),
+                envelope_for("host.heartbeat", beat, self._sender, now),
+                persistent=False,
+                retries=0,
+            )
+        except VirtfleetError as exc:
+            self.failures += 1
+            log.warning("could not send heartbeat: %s", exc.message)
+            return
+        except Exception:  # see _send_report
+            self.failures += 1
+            log.exception("heartbeat failed (bug)")
+            return
+        self.heartbeats_sent += 1

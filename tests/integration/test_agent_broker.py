@@ -1,0 +1,262 @@
+"""The real agent wiring (consumer, dispatcher, journal, reporter) against the real RabbitMQ.
+
+The module runs in a private vhost (``vhost_url`` from tests/conftest.py, deleted afterwards, so
+dead letters do not pile up in the shared ``virtfleet.dead``), and each test uses a unique host
+id, so its queue and routing keys are its own; the agent queue is deleted after each test. The
+hypervisor is libvirt's test driver with the small node file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid as uuid_mod
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pika
+import pytest
+
+from agent.config import AgentConfig
+from agent.drivers import host_facts
+from agent.drivers.libvirt_driver import LibvirtHypervisor, open_connection
+from agent.main import Agent
+from common.errors import NotFound
+from common.messages.envelope import Envelope, decode_envelope
+from common.messages.host import HostReport, ReportAck, ReportRequest
+from common.messages.vm import CreateVm, DiskSpec, DomainType, PowerState, VmAction, VmRef, VmResult, VmSpec
+from common.schema import from_plain
+from common.transport.amqp import RpcClient
+from common.transport.rpc import request, unwrap
+from common.transport.topology import (
+    COMMANDS_EXCHANGE,
+    DEAD_LETTER_EXCHANGE,
+    REPORTS_EXCHANGE,
+    agent_queue,
+    declare_dead_letters,
+    declare_reports_exchange,
+)
+
+pytestmark = pytest.mark.broker
+
+NODE = Path(__file__).resolve().parents[1] / "fixtures" / "nodes" / "small.xml"
+URI = f"test://{NODE}"
+WAIT = 30.0  # upper bound for things that normally take milliseconds
+REPO = Path(__file__).resolve().parents[2]
+
+
+class CountingHypervisor(LibvirtHypervisor):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.defines = 0
+
+    def define(self, xml: str) -> str:
+        self.defines += 1
+        return super().define(xml)
+
+
+class Tap:
+    """A private queue bound to an exchange, read with basic_get until a condition holds."""
+
+    def __init__(self, url: str, exchange: str, routing_key: str, declare: Callable[[Any], None]) -> None:
+        self.conn = pika.BlockingConnection(pika.URLParameters(url))
+        self.ch = self.conn.channel()
+        declare(self.ch)
+        self.queue = self.ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        self.ch.queue_bind(self.queue, exchange, routing_key)
+
+    def wait_for(self, match: Callable[[bytes], bool]) -> bytes:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            _method, _props, body = self.ch.basic_get(self.queue, auto_ack=True)
+            if body is None:
+                self.conn.sleep(0.05)
+            elif match(body):
+                return bytes(body)
+        raise AssertionError(f"no matching message on {self.queue} within {WAIT} s")
+
+    def close(self) -> None:
+        if self.conn.is_open:
+            self.conn.close()
+
+
+def report_of(body: bytes) -> HostReport | None:
+    env = decode_envelope(body)
+    return from_plain(HostReport, env.body) if env.kind == "host.report" else None
+
+
+def report_matching(tap: Tap, pred: Callable[[HostReport], bool]) -> HostReport:
+    body = tap.wait_for(lambda b: (r := report_of(b)) is not None and pred(r))
+    report = report_of(body)
+    assert report is not None
+    return report
+
+
+def delete_queue(url: str, name: str) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        conn.channel().queue_delete(name)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def host_id(vhost_url: str) -> Iterator[str]:
+    host = f"test-agent-{uuid_mod.uuid4().hex[:12]}"
+    yield host
+    delete_queue(vhost_url, agent_queue(host))
+
+
+@pytest.fixture
+def reports(vhost_url: str, host_id: str) -> Iterator[Tap]:
+    tap = Tap(vhost_url, REPORTS_EXCHANGE, f"host.report.{host_id}", declare_reports_exchange)
+    yield tap
+    tap.close()
+
+
+@pytest.fixture
+def agent(vhost_url: str, host_id: str, reports: Tap, tmp_path: Path) -> Iterator[Agent]:
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    conn = open_connection(URI)
+    hv = CountingHypervisor(
+        conn, "default", pool_capacity_bytes=host_facts.read_node_file_pool_capacity(URI, "default")
+    )
+    cfg = AgentConfig(
+        host_id=host_id,
+        libvirt_uri=URI,
+        amqp_url=vhost_url,
+        state_dir=tmp_path / "state",
+        report_interval=300,
+        heartbeat_interval=1,
+    )
+    running = Agent(cfg, hv)
+    running.start()
+    assert running.server.ready.wait(WAIT), "the agent never started consuming"
+    yield running
+    running.stop()
+    conn.close()
+
+
+@pytest.fixture
+def client(vhost_url: str) -> Iterator[RpcClient]:
+    rpc = RpcClient(vhost_url, "test-agent-broker")
+    yield rpc
+    rpc.close()
+
+
+def vm_spec(name: str = "web1") -> VmSpec:
+    return VmSpec(
+        uuid=str(uuid_mod.uuid4()),
+        name=name,
+        vcpus=2,
+        memory_mib=1024,
+        domain_type=DomainType.TEST,
+        disks=(DiskSpec(target="vda", size_gib=10),),
+    )
+
+
+def call(client: RpcClient, host: str, env: Envelope) -> Envelope:
+    return client.call(COMMANDS_EXCHANGE, host, env, timeout=WAIT)
+
+
+def test_create_report_and_redelivery(agent: Agent, client: RpcClient, reports: Tap, host_id: str) -> None:
+    hv = agent.handlers._hv
+    assert isinstance(hv, CountingHypervisor)
+    first_report = report_matching(reports, lambda r: True)
+    assert first_report.host_id == host_id
+    assert first_report.cpu.cpus == 8
+    assert first_report.storage is not None and first_report.storage.capacity_gib == 200
+
+    spec = vm_spec()
+    env = request("vm.create", CreateVm(spec=spec), "test", timeout=120)
+    reply = call(client, host_id, env)
+    result = unwrap(reply, VmResult)
+    assert result.status is not None and result.status.state is PowerState.RUNNING
+    assert result.disks[0].path == "/var/lib/virtfleet/images/web1-vda.qcow2"
+
+    shown = report_matching(reports, lambda r: any(v.uuid == spec.uuid for v in r.vms))
+    (vm,) = shown.vms
+    assert (vm.name, vm.state, vm.managed) == ("web1", PowerState.RUNNING, True)
+    assert shown.memory_free_mib == 16384 - 1024
+
+    again = call(client, host_id, env)  # the same envelope, same id: a redelivery
+    assert again == reply  # the journal's copy, down to the reply's own id and timestamp
+    assert hv.defines == 1
+    assert agent.journal.kind_of(env.id) == "vm.create"
+
+
+def test_garbage_is_dead_lettered_and_the_agent_carries_on(
+    vhost_url: str, agent: Agent, client: RpcClient, host_id: str
+) -> None:
+    dead = Tap(vhost_url, DEAD_LETTER_EXCHANGE, "", declare_dead_letters)
+    try:
+        marker = uuid_mod.uuid4().hex.encode()
+        dead.ch.basic_publish("", agent_queue(host_id), b"\xc1 not msgpack " + marker)
+        body = dead.wait_for(lambda b: marker in b)
+        assert body.startswith(b"\xc1")
+    finally:
+        dead.close()
+
+    reply = call(client, host_id, request("host.report_now", ReportRequest(reason="after garbage"), "test"))
+    assert unwrap(reply, ReportAck).seq >= 1
+
+
+def test_report_now_and_errors_over_the_wire(
+    agent: Agent, client: RpcClient, reports: Tap, host_id: str
+) -> None:
+    report_matching(reports, lambda r: r.seq == 1)
+    ack = unwrap(call(client, host_id, request("host.report_now", ReportRequest(), "test")), ReportAck)
+    report_matching(reports, lambda r: r.seq >= ack.seq)
+
+    ghost = VmAction(VmRef(uuid=str(uuid_mod.uuid4()), name="ghost"))
+    with pytest.raises(NotFound):
+        unwrap(call(client, host_id, request("vm.start", ghost, "test")), VmResult)
+
+
+def test_the_agent_process_stops_cleanly_on_sigterm(
+    vhost_url: str, host_id: str, reports: Tap, client: RpcClient, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTFLEET_")}
+    env["VIRTFLEET_AGENT_HOST_ID"] = host_id  # the host id from the environment, the rest from flags
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent.main",
+            "--libvirt-uri",
+            URI,
+            "--amqp-url",
+            vhost_url,
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--heartbeat-interval",
+            "1",
+            "--report-interval",
+            "3600",  # no periodic report: every report below was asked for
+        ],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        report_matching(reports, lambda r: r.seq == 1)
+        created = call(client, host_id, request("vm.create", CreateVm(spec=vm_spec("proc1")), "test"))
+        assert unwrap(created, VmResult).status is not None
+        after_create = report_matching(reports, lambda r: any(v.name == "proc1" for v in r.vms))
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    last = report_matching(reports, lambda r: r.seq > after_create.seq)  # the report sent on the way out
+    assert [v.name for v in last.vms] == ["proc1"]
+    assert "received SIGTERM" in err
+    assert (tmp_path / "state" / "journal.db").exists()

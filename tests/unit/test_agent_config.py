@@ -1,0 +1,109 @@
+"""Agent configuration: precedence file < environment < flags, defaults and validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent import config
+from agent.main import main
+from common.errors import InvalidRequest
+
+URL_FILE = "amqp://file:file@broker-file:5672/%2F"
+URL_ENV = "amqp://env:env@broker-env:5672/%2F"
+URL_FLAG = "amqp://flag:flag@broker-flag:5672/%2F"
+
+
+def test_defaults() -> None:
+    cfg = config.resolve({}, {}, {"host_id": "hv1", "libvirt_uri": "qemu:///system"})
+    assert cfg == config.AgentConfig(
+        host_id="hv1", libvirt_uri="qemu:///system", state_dir=Path("/var/lib/virtfleet/agent/hv1")
+    )
+    assert cfg.amqp_url == "amqp://guest:guest@127.0.0.1:5672/%2F"
+    assert cfg.state_dir == Path("/var/lib/virtfleet/agent/hv1")
+    assert (cfg.report_interval, cfg.heartbeat_interval) == (30.0, 5.0)
+    assert cfg.storage_pool == "default"
+    assert cfg.simulate_hw_virt is True
+
+
+def test_precedence_file_env_flags() -> None:
+    file = {
+        "host_id": "from-file",
+        "libvirt_uri": "test:///default",
+        "amqp_url": URL_FILE,
+        "report_interval": 10,
+    }
+    env = {"VIRTFLEET_AMQP_URL": URL_ENV, "VIRTFLEET_AGENT_HOST_ID": "from-env"}
+    flags = {"amqp_url": URL_FLAG, "host_id": None, "report_interval": None}
+
+    cfg = config.resolve(file, env, flags)
+
+    assert cfg.amqp_url == URL_FLAG  # flag beats env beats file
+    assert cfg.host_id == "from-env"  # env beats file; a None flag is "not given"
+    assert cfg.libvirt_uri == "test:///default"  # only the file says it
+    assert cfg.report_interval == 10.0
+
+
+def test_env_beats_file() -> None:
+    cfg = config.resolve(
+        {"host_id": "a", "libvirt_uri": "qemu:///system"}, {"VIRTFLEET_LIBVIRT_URI": "test:///default"}, {}
+    )
+    assert cfg.libvirt_uri == "test:///default"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"libvirt_uri": "test:///default"}, "host id is required"),
+        ({"host_id": "hv1"}, "libvirt URI is required"),
+        ({"host_id": "bad host!", "libvirt_uri": "x"}, "invalid host id"),
+        ({"host_id": "hv1", "libvirt_uri": "x", "report_interval": 0}, "positive"),
+        ({"host_id": "hv1", "libvirt_uri": "x", "heartbeat_interval": "soon"}, "number of seconds"),
+        ({"host_id": "hv1", "libvirt_uri": "x", "log_level": "chatty"}, "log_level"),
+        ({"host_id": "hv1", "libvirt_uri": "x", "simulate_hw_virt": "yes"}, "true or false"),
+        ({"host_id": "hv1", "libvirt_uri": "x", "storage_pool": "a/b"}, "invalid pool"),
+    ],
+)
+def test_invalid(values: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        config.resolve(values, {}, {})
+
+
+def test_file_values_table_and_top_level() -> None:
+    assert config.file_values({"agent": {"host_id": "a"}, "controller": {"x": 1}}) == {"host_id": "a"}
+    assert config.file_values({"host_id": "a", "controller": {"x": 1}}) == {"host_id": "a"}
+    with pytest.raises(InvalidRequest, match="unknown key"):
+        config.file_values({"agent": {"host_idd": "a"}})
+
+
+def test_load_reads_toml_and_flags(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        '[agent]\nhost_id = "hv-file"\nlibvirt_uri = "test:///default"\nheartbeat_interval = 2.5\n'
+        'simulate_hw_virt = false\nstate_dir = "/srv/state"\n'
+    )
+    cfg = config.load(
+        ["--config", str(path), "--host-id", "hv-flag", "--report-interval", "7", "--log-level", "debug"],
+        {"VIRTFLEET_AGENT_HOST_ID": "hv-env"},
+    )
+    assert cfg.host_id == "hv-flag"
+    assert cfg.heartbeat_interval == 2.5
+    assert cfg.report_interval == 7.0
+    assert cfg.log_level == "DEBUG"
+    assert cfg.simulate_hw_virt is False
+    assert cfg.state_dir == Path("/srv/state")
+
+
+def test_load_bad_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("host_id = ")
+    with pytest.raises(InvalidRequest, match="not valid TOML"):
+        config.load(["--config", str(bad)], {})
+    with pytest.raises(InvalidRequest, match="cannot read"):
+        config.load(["--config", str(tmp_path / "missing.toml")], {})
+
+
+def test_main_exits_2_on_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--libvirt-uri", "test:///default"]) == 2
+    assert "host id is required" in capsys.readouterr().err

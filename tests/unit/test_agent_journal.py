@@ -1,0 +1,102 @@
+"""The SQLite command journal."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.journal import SqliteJournal
+from common.errors import StorageError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_put_get(tmp_path: Path) -> None:
+    journal = SqliteJournal(tmp_path / "j.db")
+    assert journal.get("m1") is None
+    journal.put("m1", "vm.create", b"\x81\xa2ok\xc3")
+    assert journal.get("m1") == b"\x81\xa2ok\xc3"
+    assert journal.kind_of("m1") == "vm.create"
+    journal.close()
+
+
+def test_first_reply_wins(tmp_path: Path) -> None:
+    journal = SqliteJournal(tmp_path / "j.db")
+    journal.put("m1", "vm.start", b"first")
+    journal.put("m1", "vm.start", b"second")
+    assert journal.get("m1") == b"first"
+    assert len(journal) == 1
+    journal.close()
+
+
+def test_survives_a_restart(tmp_path: Path) -> None:
+    journal = SqliteJournal(tmp_path / "state" / "j.db")
+    journal.put("m1", "vm.delete", b"reply")
+    journal.close()
+    reopened = SqliteJournal(tmp_path / "state" / "j.db")
+    assert reopened.get("m1") == b"reply"
+    reopened.close()
+
+
+def test_prunes_by_count(tmp_path: Path) -> None:
+    journal = SqliteJournal(tmp_path / "j.db", max_entries=3)
+    for i in range(5):
+        journal.put(f"m{i}", "vm.start", b"r")
+    assert len(journal) == 3
+    assert [journal.get(f"m{i}") is not None for i in range(5)] == [False, False, True, True, True]
+    journal.close()
+
+
+def test_prunes_by_age(tmp_path: Path) -> None:
+    clock = Clock()
+    journal = SqliteJournal(tmp_path / "j.db", max_age_s=3600, clock=clock)
+    journal.put("old", "vm.start", b"r")
+    clock.now += 3601
+    journal.put("new", "vm.start", b"r")
+    assert journal.get("old") is None
+    assert journal.get("new") == b"r"
+    journal.close()
+
+
+def test_concurrent_puts(tmp_path: Path) -> None:
+    journal = SqliteJournal(tmp_path / "j.db")
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(50):
+                journal.put(f"w{n}-{i}", "vm.start", bytes([n, i]))
+                assert journal.get(f"w{n}-{i}") == bytes([n, i])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(journal) == 200
+    journal.close()
+
+
+def test_closed_journal_raises(tmp_path: Path) -> None:
+    journal = SqliteJournal(tmp_path / "j.db")
+    journal.close()
+    with pytest.raises(StorageError, match="closed"):
+        journal.get("m1")
+
+
+def test_unwritable_location(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StorageError, match="cannot open"):
+        SqliteJournal(blocker / "j.db")

@@ -1,0 +1,488 @@
+"""The request/reply layer (common/transport/rpc.py): Dispatcher, request() and unwrap()."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from common.errors import (
+    Conflict,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    RequestTimeout,
+    TransportError,
+    VirtfleetError,
+)
+from common.messages import api, host, vm
+from common.messages.catalogue import CATALOGUE, Route, timeout_for
+from common.messages.envelope import Envelope, decode_envelope
+from common.schema import to_plain
+from common.transport.amqp import Delivery, Outcome
+from common.transport.rpc import Dispatcher, request, unwrap
+
+NOW = 1_000_000.0
+SENDER = "agent:h1:99"
+
+
+class DictJournal:
+    def __init__(self) -> None:
+        self.replies: dict[str, bytes] = {}
+        self.puts: list[tuple[str, str]] = []
+
+    def get(self, message_id: str) -> bytes | None:
+        return self.replies.get(message_id)
+
+    def put(self, message_id: str, kind: str, reply: bytes) -> None:
+        self.puts.append((message_id, kind))
+        self.replies[message_id] = reply
+
+
+class Recorder:
+    """A fake handler: records its calls and returns or raises what it is told."""
+
+    def __init__(self, result: Any = None, raises: BaseException | None = None) -> None:
+        self.calls: list[Any] = []
+        self.result = result
+        self.raises = raises
+
+    def __call__(self, body: Any) -> Any:
+        self.calls.append(body)
+        if self.raises is not None:
+            raise self.raises
+        return self.result
+
+
+def delivery(env: Envelope, redelivered: bool = False) -> Delivery:
+    return Delivery(
+        envelope=env,
+        routing_key="virtfleet.agent.h1",
+        redelivered=redelivered,
+        reply_to="amq.rabbitmq.reply-to",
+    )
+
+
+def env_for(
+    kind: str, body: dict[str, Any], *, expires_at: float | None = NOW + 30, msg_id: str = "req-1"
+) -> Envelope:
+    return Envelope(
+        kind=kind, body=body, sender="controller:c:1", id=msg_id, sent_at=NOW, expires_at=expires_at
+    )
+
+
+VM_REF = {"vm": {"uuid": "u-1", "name": "web"}}
+STATUS = vm.VmStatus(
+    uuid="u-1",
+    name="web",
+    state=vm.PowerState.RUNNING,
+    vcpus=2,
+    max_vcpus=2,
+    memory_mib=1024,
+    max_memory_mib=1024,
+)
+
+
+def make(handlers: dict[str, Any], journal: DictJournal | None = None) -> Dispatcher:
+    return Dispatcher(SENDER, handlers, journal=journal, clock=lambda: NOW)
+
+
+def error_of(outcome: Outcome) -> dict[str, Any]:
+    assert outcome.reply is not None
+    assert outcome.reply.kind == "reply"
+    assert outcome.reply.body["ok"] is False
+    err = outcome.reply.body["error"]
+    assert isinstance(err, dict)
+    return err
+
+
+# ------------------------------------------------------------------ construction
+
+
+def test_handlers_for_unknown_kinds_are_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"handlers for kinds not in the catalogue: \['vm.explode', 'zzz'\]"):
+        Dispatcher(SENDER, {"vm.start": Recorder(), "zzz": Recorder(), "vm.explode": Recorder()})
+
+
+def test_empty_handler_map_is_fine() -> None:
+    assert Dispatcher(SENDER, {}).sender == SENDER
+
+
+# ------------------------------------------------------------------ success
+
+
+def test_handler_gets_typed_body_and_result_is_serialised() -> None:
+    handler = Recorder(result=vm.VmResult(status=STATUS, message="started"))
+    env = env_for("vm.start", VM_REF)
+    outcome = make({"vm.start": handler})(delivery(env))
+    assert handler.calls == [vm.VmAction(vm=vm.VmRef(uuid="u-1", name="web"))]
+    assert outcome.dead_letter is False
+    assert outcome.reply is not None
+    assert outcome.reply.kind == "reply"
+    assert outcome.reply.correlation_id == "req-1"
+    assert outcome.reply.sender == SENDER
+    assert outcome.reply.body == {
+        "ok": True,
+        "result": {
+            "status": {
+                "uuid": "u-1",
+                "name": "web",
+                "state": "running",
+                "vcpus": 2,
+                "max_vcpus": 2,
+                "memory_mib": 1024,
+                "max_memory_mib": 1024,
+                "cpu_time_ns": 0,
+                "autostart": False,
+                "persistent": True,
+                "managed": True,
+            },
+            "message": "started",
+            "disks": [],
+        },
+    }
+    assert unwrap(outcome.reply, vm.VmResult) == vm.VmResult(status=STATUS, message="started")
+
+
+def test_handler_returning_none_gives_empty_result() -> None:
+    outcome = make({"api.ping": Recorder(result=None)})(delivery(env_for("api.ping", {})))
+    assert outcome.reply is not None
+    assert outcome.reply.body == {"ok": True, "result": {}}
+    assert unwrap(outcome.reply, api.Empty) == api.Empty()
+
+
+def test_unknown_body_fields_are_ignored() -> None:
+    handler = Recorder(result=api.Empty())
+    outcome = make({"api.ping": handler})(delivery(env_for("api.ping", {"newer": 1})))
+    assert handler.calls == [api.Empty()]
+    assert outcome.reply is not None
+    assert outcome.reply.body["ok"] is True
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def test_unknown_kind_is_invalid_request_and_dead_lettered() -> None:
+    handler = Recorder()
+    outcome = make({"vm.start": handler})(delivery(env_for("vm.explode", VM_REF)))
+    assert outcome.dead_letter is True
+    assert error_of(outcome) == {
+        "type": "InvalidRequest",
+        "message": "unknown message kind 'vm.explode'",
+        "retryable": False,
+        "details": {},
+    }
+    assert outcome.reply is not None
+    assert outcome.reply.correlation_id == "req-1"
+    assert handler.calls == []
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "body.vm: required field is missing"),
+        ({"vm": {"uuid": "u"}}, "body.vm.name: required field is missing"),
+        ({"vm": {"uuid": 1, "name": "web"}}, "body.vm.uuid: expected a string, got int"),
+        ({"vm": []}, "body.vm: expected a map, got a list"),
+    ],
+)
+def test_malformed_body_is_error_reply_and_dead_lettered(body: dict[str, Any], message: str) -> None:
+    handler = Recorder()
+    outcome = make({"vm.start": handler})(delivery(env_for("vm.start", body)))
+    assert outcome.dead_letter is True
+    err = error_of(outcome)
+    assert err["type"] == "InvalidRequest"
+    assert err["message"] == message
+    assert handler.calls == []
+
+
+def test_body_failing_validation_is_dead_lettered() -> None:
+    handler = Recorder()
+    outcome = make({"api.vm.show": handler})(delivery(env_for("api.vm.show", {"name": "-bad"})))
+    assert outcome.dead_letter is True
+    err = error_of(outcome)
+    assert err["type"] == "InvalidRequest"
+    assert err["message"].startswith("body: invalid VM name '-bad'")
+    assert handler.calls == []
+
+
+def test_expired_request_is_request_timeout_not_dead_lettered() -> None:
+    handler = Recorder()
+    outcome = make({"vm.start": handler})(delivery(env_for("vm.start", VM_REF, expires_at=NOW - 0.001)))
+    assert outcome.dead_letter is False
+    assert error_of(outcome) == {
+        "type": "RequestTimeout",
+        "message": "vm.start expired before it could be handled",
+        "retryable": True,
+        "details": {},
+    }
+    assert handler.calls == []
+
+
+def test_request_expiring_exactly_now_is_still_handled() -> None:
+    handler = Recorder(result=vm.VmResult())
+    outcome = make({"vm.start": handler})(delivery(env_for("vm.start", VM_REF, expires_at=NOW)))
+    assert len(handler.calls) == 1
+    assert outcome.reply is not None
+    assert outcome.reply.body["ok"] is True
+
+
+def test_expired_check_comes_before_body_validation() -> None:
+    outcome = make({"vm.start": Recorder()})(delivery(env_for("vm.start", {}, expires_at=NOW - 1)))
+    assert error_of(outcome)["type"] == "RequestTimeout"
+    assert outcome.dead_letter is False
+
+
+def test_known_kind_without_handler_is_unsupported() -> None:
+    outcome = make({"vm.start": Recorder()})(delivery(env_for("vm.reboot", VM_REF)))
+    assert outcome.dead_letter is False
+    assert error_of(outcome) == {
+        "type": "Unsupported",
+        "message": "vm.reboot is not handled here",
+        "retryable": False,
+        "details": {},
+    }
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        NotFound("no VM 'web'", details={"name": "web"}),
+        Conflict("VM 'web' is running", retryable=True),
+        TransportError("lost"),
+        InternalError("raised on purpose"),
+    ],
+)
+def test_handler_raising_virtfleet_error_is_error_reply(error: VirtfleetError) -> None:
+    outcome = make({"vm.start": Recorder(raises=error)})(delivery(env_for("vm.start", VM_REF)))
+    assert outcome.dead_letter is False
+    assert error_of(outcome) == error.to_wire()
+    assert outcome.reply is not None
+    with pytest.raises(type(error)) as info:
+        unwrap(outcome.reply, vm.VmResult)
+    assert type(info.value) is type(error)
+    assert info.value.message == error.message
+    assert info.value.retryable is error.retryable
+    assert info.value.details == error.details
+
+
+def test_handler_raising_plain_exception_is_internal_error() -> None:
+    outcome = make({"vm.start": Recorder(raises=KeyError("disk"))})(delivery(env_for("vm.start", VM_REF)))
+    assert outcome.dead_letter is False
+    err = error_of(outcome)
+    assert err == {
+        "type": "InternalError",
+        "message": "internal error handling vm.start: KeyError: 'disk'",
+        "retryable": False,
+        "details": {},
+    }
+    assert "Traceback" not in err["message"]
+    assert "File " not in err["message"]
+
+
+def test_handler_exception_message_is_only_type_and_str() -> None:
+    class Boom(RuntimeError):
+        pass
+
+    outcome = make({"api.ping": Recorder(raises=Boom("kaput"))})(delivery(env_for("api.ping", {})))
+    assert error_of(outcome)["message"] == "internal error handling api.ping: Boom: kaput"
+
+
+# ------------------------------------------------------------------ reports
+
+
+REPORT_KINDS = sorted(name for name, k in CATALOGUE.items() if k.route is Route.REPORT)
+
+
+def test_report_kinds_have_no_result_type() -> None:
+    assert REPORT_KINDS == ["host.heartbeat", "host.report"]
+    assert all(CATALOGUE[k].result is None for k in REPORT_KINDS)
+
+
+def test_report_kind_gives_outcome_without_reply() -> None:
+    handler = Recorder(result="ignored")
+    beat = host.Heartbeat(host_id="h1", seq=3, started_at=1.0, sent_at=2.0)
+    outcome = make({"host.heartbeat": handler})(delivery(env_for("host.heartbeat", to_plain(beat))))
+    assert outcome == Outcome(reply=None, dead_letter=False)
+    assert handler.calls == [beat]
+
+
+def test_report_kind_with_journal_records_nothing() -> None:
+    journal = DictJournal()
+    handler = Recorder()
+    dispatch = make({"host.heartbeat": handler}, journal)
+    beat = to_plain(host.Heartbeat(host_id="h1", seq=3, started_at=1.0, sent_at=2.0))
+    env = env_for("host.heartbeat", beat)
+    assert dispatch(delivery(env)) == Outcome()
+    assert dispatch(delivery(env, redelivered=True)) == Outcome()
+    assert journal.replies == {}
+    assert len(handler.calls) == 2
+
+
+# ------------------------------------------------------------------ journal
+
+
+def test_redelivery_is_answered_from_the_journal() -> None:
+    journal = DictJournal()
+    handler = Recorder(result=vm.VmResult(status=STATUS))
+    dispatch = make({"vm.start": handler}, journal)
+    env = env_for("vm.start", VM_REF)
+    first = dispatch(delivery(env))
+    assert journal.puts == [("req-1", "vm.start")]
+    assert first.reply is not None
+    assert decode_envelope(journal.replies["req-1"]) == first.reply
+
+    second = dispatch(delivery(env, redelivered=True))
+    assert len(handler.calls) == 1
+    assert second.reply == first.reply
+    assert second.reply is not None
+    assert second.reply.correlation_id == "req-1"
+    assert second.dead_letter is False
+    assert journal.puts == [("req-1", "vm.start")]
+
+
+def test_error_replies_are_journaled_too() -> None:
+    journal = DictJournal()
+    handler = Recorder(raises=NotFound("gone"))
+    dispatch = make({"vm.start": handler}, journal)
+    env = env_for("vm.start", VM_REF)
+    first = dispatch(delivery(env))
+    second = dispatch(delivery(env))
+    assert len(handler.calls) == 1
+    assert second.reply == first.reply
+    assert error_of(second)["type"] == "NotFound"
+
+
+def test_other_ids_are_not_answered_from_the_journal() -> None:
+    journal = DictJournal()
+    handler = Recorder(result=vm.VmResult())
+    dispatch = make({"vm.start": handler}, journal)
+    dispatch(delivery(env_for("vm.start", VM_REF, msg_id="a")))
+    dispatch(delivery(env_for("vm.start", VM_REF, msg_id="b")))
+    assert len(handler.calls) == 2
+    assert set(journal.replies) == {"a", "b"}
+
+
+def test_dead_lettered_messages_are_not_journaled() -> None:
+    journal = DictJournal()
+    dispatch = make({"vm.start": Recorder()}, journal)
+    dispatch(delivery(env_for("vm.start", {}, msg_id="bad-body")))
+    dispatch(delivery(env_for("nope", {}, msg_id="bad-kind")))
+    assert journal.replies == {}
+
+
+def test_journal_hit_wins_even_over_expiry() -> None:
+    journal = DictJournal()
+    handler = Recorder(result=vm.VmResult(message="done"))
+    env = env_for("vm.start", VM_REF, expires_at=NOW + 1)
+    first = Dispatcher(SENDER, {"vm.start": handler}, journal=journal, clock=lambda: NOW)(delivery(env))
+    later = Dispatcher(SENDER, {"vm.start": handler}, journal=journal, clock=lambda: NOW + 100)(delivery(env))
+    assert later.reply == first.reply
+    assert len(handler.calls) == 1
+
+
+# ------------------------------------------------------------------ request()
+
+
+def test_request_builds_envelope_with_plain_body() -> None:
+    body = vm.VmAction(vm=vm.VmRef(uuid="u-1", name="web"))
+    env = request("vm.start", body, "controller:c:1", timeout=12.5, now=500.0)
+    assert env.kind == "vm.start"
+    assert env.body == VM_REF
+    assert env.sender == "controller:c:1"
+    assert env.sent_at == 500.0
+    assert env.expires_at == 512.5
+    assert env.correlation_id is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        ("vm.start", vm.DeleteVm(vm=vm.VmRef(uuid="u", name="n"))),
+        ("vm.start", VM_REF),
+        ("api.ping", None),
+        ("api.vm.show", api.VmDeleteRequest(name="web")),
+    ],
+)
+def test_request_with_wrong_body_type_is_type_error(kind: str, body: object) -> None:
+    with pytest.raises(TypeError, match=f"^{kind} takes "):
+        request(kind, body, "s", timeout=1.0)
+
+
+def test_request_of_unknown_kind_is_invalid_request() -> None:
+    with pytest.raises(InvalidRequest, match=r"^unknown message kind 'vm\.explode'$"):
+        request("vm.explode", api.Empty(), "s", timeout=1.0)
+
+
+@pytest.mark.parametrize("kind", ["vm.start", "vm.shutdown", "vm.suspend"])
+def test_request_without_timeout_uses_catalogue_timeout(kind: str) -> None:
+    body: object = vm.VmAction(vm=vm.VmRef(uuid="u", name="n"))
+    if kind == "vm.shutdown":
+        body = vm.ShutdownVm(vm=vm.VmRef(uuid="u", name="n"))
+    env = request(kind, body, "s", now=1000.0)
+    assert env.expires_at == 1000.0 + timeout_for(kind)
+
+
+def test_request_round_trips_through_dispatcher() -> None:
+    body = api.VmCreate(name="web", vcpus=2, memory_mib=1024, disk_gib=10, host="h1")
+    handler = Recorder(
+        result=api.VmCreated(
+            vm=None, placement=api.PlacementView(host="h1", alternates=(), candidates=(), rejected=())
+        )
+    )
+    env = decode_envelope(request("api.vm.create", body, "cli", timeout=60, now=NOW).encode())
+    outcome = make({"api.vm.create": handler})(delivery(env))
+    assert handler.calls == [body]
+    assert outcome.reply is not None
+    created = unwrap(decode_envelope(outcome.reply.encode()), api.VmCreated)
+    assert created.placement.host == "h1"
+    assert created.vm is None
+
+
+# ------------------------------------------------------------------ unwrap()
+
+
+def test_unwrap_ok() -> None:
+    req = env_for("api.ping", {})
+    assert unwrap(req.reply_ok({"host": "h1"}, "x"), api.HostRef) == api.HostRef(host="h1")
+
+
+def test_unwrap_ok_bad_result_names_result_path() -> None:
+    reply = env_for("api.host.show", {}).reply_ok({"hosts": "x"}, "x")
+    with pytest.raises(InvalidRequest, match=r"^result\.hosts: expected a list, got a string$"):
+        unwrap(reply, api.HostList)
+
+
+def test_unwrap_ok_without_result_uses_empty_map() -> None:
+    reply = Envelope(kind="reply", body={"ok": True}, sender="x", correlation_id="c")
+    assert unwrap(reply, api.Empty) == api.Empty()
+
+
+def test_unwrap_error_raises_rebuilt_error() -> None:
+    reply = env_for("vm.start", VM_REF).reply_error(RequestTimeout("slow", details={"s": 3}), "x")
+    with pytest.raises(RequestTimeout) as info:
+        unwrap(reply, vm.VmResult)
+    assert info.value.message == "slow"
+    assert info.value.retryable is True
+    assert info.value.details == {"s": 3}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"ok": False},
+        {"ok": "true", "result": {}},
+        {"ok": 1, "result": {}},
+        {},
+        {"ok": False, "error": {"type": "os.system", "message": "rm"}},
+    ],
+)
+def test_unwrap_malformed_reply_is_internal_error(body: dict[str, Any]) -> None:
+    reply = Envelope(kind="reply", body=body, sender="x", correlation_id="c")
+    with pytest.raises(InternalError):
+        unwrap(reply, api.Empty)
+
+
+def test_unwrap_of_non_reply_is_invalid_request() -> None:
+    with pytest.raises(InvalidRequest, match=r"^expected a reply, got 'vm\.start'$"):
+        unwrap(env_for("vm.start", {"ok": True, "result": {}}), api.Empty)

@@ -1,0 +1,281 @@
+"""Controller configuration (controller/config.py): defaults < file < environment < overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.errors import InvalidRequest
+from common.transport.amqp import DEFAULT_URL
+from controller.config import (
+    DEFAULT_DATABASE_URL,
+    ENV_VARS,
+    ControllerConfig,
+    Overcommit,
+    load_config,
+)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "controller.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    config = load_config(env={})
+    assert config == ControllerConfig()
+    assert config.amqp_url == DEFAULT_URL
+    assert config.database_url == DEFAULT_DATABASE_URL == "sqlite:///./virtfleet.db"
+    assert config.down_after_s == 30.0
+    assert config.workers == 16
+    assert config.strategy == "spread"
+    assert config.max_attempts == 3
+    assert config.n_plus_one is False
+    assert config.claim_retries == 10
+    assert config.build_timeout_s == 600.0
+    assert config.reconcile_interval_s == 30.0
+    assert config.overcommit == Overcommit(
+        cpu_ratio=4.0,
+        ram_ratio=1.0,
+        disk_ratio=1.0,
+        reserved_memory_mib=512,
+        reserved_cpus=0,
+        reserved_disk_gib=0,
+    )
+
+
+def test_env_vars_map_to_real_fields() -> None:
+    names = set(ControllerConfig.__dataclass_fields__)
+    assert set(ENV_VARS.values()) <= names
+    assert dict(ENV_VARS) == {
+        "VIRTFLEET_AMQP_URL": "amqp_url",
+        "VIRTFLEET_DATABASE_URL": "database_url",
+        "VIRTFLEET_DOWN_AFTER": "down_after_s",
+        "VIRTFLEET_STRATEGY": "strategy",
+    }
+
+
+def test_process_environment_is_read_when_env_not_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VIRTFLEET_STRATEGY", "pack")
+    assert load_config().strategy == "pack"
+
+
+def test_file_values(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+amqp_url = "amqp://u:p@mq:5672/vf"
+database_url = "postgresql+psycopg://vf@db/vf"
+down_after_s = 45.5
+workers = 4
+strategy = "pack"
+max_attempts = 5
+n_plus_one = true
+claim_retries = 3
+build_timeout_s = 120.0
+reconcile_interval_s = 10.0
+""",
+    )
+    config = load_config(path, env={})
+    assert config == ControllerConfig(
+        amqp_url="amqp://u:p@mq:5672/vf",
+        database_url="postgresql+psycopg://vf@db/vf",
+        down_after_s=45.5,
+        workers=4,
+        strategy="pack",
+        max_attempts=5,
+        n_plus_one=True,
+        claim_retries=3,
+        build_timeout_s=120.0,
+        reconcile_interval_s=10.0,
+    )
+
+
+def test_string_values_in_file_are_coerced(tmp_path: Path) -> None:
+    path = write(tmp_path, 'workers = "8"\ndown_after_s = "12.5"\nn_plus_one = "yes"\n')
+    config = load_config(path, env={})
+    assert config.workers == 8
+    assert type(config.workers) is int
+    assert config.down_after_s == 12.5
+    assert config.n_plus_one is True
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1", True), ("TRUE", True), ("on", True), ("0", False), ("no", False), ("off", False)],
+)
+def test_bool_strings(tmp_path: Path, text: str, expected: bool) -> None:
+    assert load_config(write(tmp_path, f'n_plus_one = "{text}"\n'), env={}).n_plus_one is expected
+
+
+def test_env_overrides_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'strategy = "pack"\ndown_after_s = 45.0\namqp_url = "amqp://file"\nworkers = 4\n')
+    env = {"VIRTFLEET_STRATEGY": "spread", "VIRTFLEET_DOWN_AFTER": "90", "VIRTFLEET_AMQP_URL": "amqp://env"}
+    config = load_config(path, env=env)
+    assert config.strategy == "spread"
+    assert config.down_after_s == 90.0
+    assert type(config.down_after_s) is float
+    assert config.amqp_url == "amqp://env"
+    assert config.workers == 4  # from the file, no env var for it
+
+
+def test_unrelated_env_vars_are_ignored() -> None:
+    config = load_config(env={"VIRTFLEET_WORKERS": "x", "VIRTFLEET_BOGUS": "1", "PATH": "/bin"})
+    assert config == ControllerConfig()
+
+
+def test_explicit_overrides_beat_env_and_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'strategy = "pack"\ndatabase_url = "sqlite:///file.db"\n')
+    env = {"VIRTFLEET_STRATEGY": "pack", "VIRTFLEET_DATABASE_URL": "sqlite:///env.db"}
+    config = load_config(path, env=env, overrides={"strategy": "spread", "database_url": "sqlite:///flag.db"})
+    assert config.strategy == "spread"
+    assert config.database_url == "sqlite:///flag.db"
+
+
+def test_none_overrides_are_skipped() -> None:
+    config = load_config(env={"VIRTFLEET_STRATEGY": "pack"}, overrides={"strategy": None, "workers": 2})
+    assert config.strategy == "pack"
+    assert config.workers == 2
+
+
+def test_unknown_key_in_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "wokers = 4\n")
+    with pytest.raises(InvalidRequest) as info:
+        load_config(path, env={})
+    assert info.value.message == f"{path}: unknown setting 'wokers'"
+
+
+def test_unknown_key_in_overcommit_table(tmp_path: Path) -> None:
+    path = write(tmp_path, "[overcommit]\ncpu_ration = 2.0\n")
+    with pytest.raises(InvalidRequest) as info:
+        load_config(path, env={})
+    assert info.value.message == "[overcommit]: unknown setting 'cpu_ration'"
+
+
+@pytest.mark.parametrize("value", ["abc", "", "1e", "30s"])
+def test_bad_number_in_env(value: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        load_config(env={"VIRTFLEET_DOWN_AFTER": value})
+    assert info.value.message == f"environment: down_after_s must be a number, got {value!r}"
+
+
+def test_bad_number_in_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'workers = "many"\n')
+    with pytest.raises(InvalidRequest) as info:
+        load_config(path, env={})
+    assert info.value.message == f"{path}: workers must be a number, got 'many'"
+
+
+def test_int_field_refuses_decimal_string(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match=r"workers must be a number, got '2\.5'$"):
+        load_config(write(tmp_path, 'workers = "2.5"\n'), env={})
+
+
+@pytest.mark.parametrize("source", ["env", "file", "override"])
+def test_bad_strategy(tmp_path: Path, source: str) -> None:
+    env: dict[str, str] = {}
+    path = None
+    overrides = None
+    if source == "env":
+        env = {"VIRTFLEET_STRATEGY": "random"}
+    elif source == "file":
+        path = write(tmp_path, 'strategy = "random"\n')
+    else:
+        overrides = {"strategy": "random"}
+    with pytest.raises(InvalidRequest) as info:
+        load_config(path, env=env, overrides=overrides)
+    assert info.value.message == "strategy must be 'spread' or 'pack', got 'random'"
+
+
+@pytest.mark.parametrize(
+    "setting", ["down_after_s = 0", "down_after_s = -1.0", "workers = 0", "max_attempts = 0"]
+)
+def test_non_positive_limits(tmp_path: Path, setting: str) -> None:
+    with pytest.raises(InvalidRequest, match="down_after_s, workers and max_attempts must be positive"):
+        load_config(write(tmp_path, setting + "\n"), env={})
+
+
+def test_overcommit_table(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+strategy = "pack"
+
+[overcommit]
+cpu_ratio = 16.0
+ram_ratio = 1.5
+reserved_memory_mib = 2048
+reserved_cpus = "2"
+""",
+    )
+    config = load_config(path, env={})
+    assert config.strategy == "pack"
+    assert config.overcommit == Overcommit(
+        cpu_ratio=16.0,
+        ram_ratio=1.5,
+        disk_ratio=1.0,
+        reserved_memory_mib=2048,
+        reserved_cpus=2,
+        reserved_disk_gib=0,
+    )
+
+
+@pytest.mark.parametrize("name", ["cpu_ratio", "ram_ratio", "disk_ratio"])
+@pytest.mark.parametrize("value", ["0", "-1.0"])
+def test_overcommit_ratio_must_be_positive(tmp_path: Path, name: str, value: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        load_config(write(tmp_path, f"[overcommit]\n{name} = {value}\n"), env={})
+    assert info.value.message == f"overcommit.{name} must be positive"
+
+
+def test_overcommit_bad_number(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        load_config(write(tmp_path, '[overcommit]\nram_ratio = "lots"\n'), env={})
+    assert info.value.message == "[overcommit]: ram_ratio must be a number, got 'lots'"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(InvalidRequest) as info:
+        load_config(path, env={})
+    assert info.value.message == f"config file {path} does not exist"
+
+
+@pytest.mark.parametrize(
+    "text", ["workers = ", "[overcommit\n", "a = 1\na = 2\n", "strategy = 'unterminated\n"]
+)
+def test_bad_toml(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(InvalidRequest) as info:
+        load_config(path, env={})
+    assert info.value.message.startswith(f"config file {path} is not valid TOML: ")
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, ""), env={}) == ControllerConfig()
+
+
+def test_config_is_frozen() -> None:
+    config = ControllerConfig()
+    with pytest.raises(AttributeError):
+        config.workers = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("setting", ["workers = 2.5", "max_attempts = 1.5", "amqp_url = 5", "n_plus_one = 1"])
+def test_wrong_toml_type_is_refused(tmp_path: Path, setting: str) -> None:
+    with pytest.raises(InvalidRequest):
+        load_config(write(tmp_path, setting + "\n"), env={})
+
+
+def test_overcommit_that_is_not_a_table(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest):
+        load_config(write(tmp_path, "overcommit = 3\n"), env={})
+
+
+def test_nan_down_after_is_refused() -> None:
+    with pytest.raises(InvalidRequest):
+        load_config(env={"VIRTFLEET_DOWN_AFTER": "nan"})

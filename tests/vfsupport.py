@@ -1,0 +1,234 @@
+"""Test support: real brokers (a private vhost each), real databases, real processes.
+
+Every fleet a test starts gets its own RabbitMQ vhost, so queues such as ``virtfleet.api``
+never mix between tests, and its own database (a SQLite file, or a fresh PostgreSQL
+database when ``VIRTFLEET_DATABASE_URL`` points at PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import sqlalchemy as sa
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NODES = REPO / "tests" / "fixtures" / "nodes"
+BROKER_HOST, BROKER_PORT = "127.0.0.1", 5672
+
+
+def broker_reachable() -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((BROKER_HOST, BROKER_PORT), timeout=2):
+        return True
+    return False
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def private_vhost(prefix: str = "vftest") -> Iterator[str]:
+    """A fresh vhost with full rights for guest; yields its AMQP URL; deleted afterwards."""
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    _rabbitmqctl("add_vhost", name)
+    try:
+        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/{quote(name, safe='')}"
+    finally:
+        _rabbitmqctl("delete_vhost", name)
+
+
+def database_backend() -> str:
+    url = os.environ.get("VIRTFLEET_DATABASE_URL", "")
+    return "postgresql" if url.startswith("postgres") else "sqlite"
+
+
+@contextlib.contextmanager
+def fresh_database(tmp: Path) -> Iterator[str]:
+    """A new empty database URL: a file in ``tmp``, or a new PostgreSQL database."""
+    base = os.environ.get("VIRTFLEET_DATABASE_URL", "")
+    if not base.startswith("postgres"):
+        yield f"sqlite:///{tmp / 'virtfleet.db'}"
+        return
+    admin_url = sa.engine.make_url(base).set(drivername="postgresql+psycopg")
+    name = f"vftest_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(admin_url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+@dataclass
+class Proc:
+    """A daemon started by a test, with its log kept for failure messages."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self, tail: int = 60) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-tail:])
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                return self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+                raise AssertionError(f"{self.name} ignored SIGTERM for {timeout}s:\n{self.log()}") from None
+        return int(self.popen.returncode)
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait()
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+@dataclass
+class Fleet:
+    """A controller, agents and the CLI against one private vhost and database."""
+
+    tmp: Path
+    amqp_url: str
+    database_url: str
+    procs: list[Proc] = field(default_factory=list)
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTFLEET_")}
+        env["VIRTFLEET_AMQP_URL"] = self.amqp_url
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _spawn(self, name: str, argv: list[str]) -> Proc:
+        log_path = self.tmp / f"{name}.log"
+        handle = log_path.open("wb")
+        popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=self._env(), cwd=self.tmp)
+        handle.close()
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def start_controller(self, name: str = "controller", *extra: str, down_after: float = 4.0) -> Proc:
+        return self._spawn(
+            name,
+            [
+                str(BIN / "virtfleet-controller"),
+                "--database-url",
+                self.database_url,
+                "--down-after",
+                str(down_after),
+                "--log-level",
+                "INFO",
+                *extra,
+            ],
+        )
+
+    def start_agent(self, host_id: str, uri: str, *extra: str, heartbeat: float = 1.0) -> Proc:
+        state = self.tmp / f"agent-{host_id}"
+        state.mkdir(exist_ok=True)
+        return self._spawn(
+            f"agent-{host_id}",
+            [
+                str(BIN / "virtfleet-agent"),
+                "--host-id",
+                host_id,
+                "--libvirt-uri",
+                uri,
+                "--state-dir",
+                str(state),
+                "--heartbeat-interval",
+                str(heartbeat),
+                "--report-interval",
+                "5",
+                *extra,
+            ],
+        )
+
+    def cli(self, *args: str, output: str = "json", timeout: float = 120) -> CliResult:
+        """Run ``virtfleet`` as a user would."""
+        argv = [str(BIN / "virtfleet"), "--output", output, *args]
+        done = subprocess.run(
+            argv, capture_output=True, text=True, env=self._env(), timeout=timeout, check=False
+        )
+        return CliResult(done.returncode, done.stdout, done.stderr)
+
+    def cli_ok(self, *args: str) -> Any:
+        result = self.cli(*args)
+        assert result.code == 0, (
+            f"virtfleet {' '.join(args)} failed ({result.code}): {result.stdout}{result.stderr}"
+        )
+        return result.json
+
+    def hosts(self) -> dict[str, Any]:
+        result = self.cli("host", "list")
+        if result.code != 0:
+            return {}
+        return {h["host_id"]: h for h in result.json["hosts"]}
+
+    def wait_hosts(self, ids: set[str], status: str = "up", timeout: float = 60) -> None:
+        wait_until(
+            lambda: all(self.hosts().get(i, {}).get("status") == status for i in ids),
+            timeout,
+            f"hosts {sorted(ids)} to be {status}",
+        )
+
+    def logs(self) -> str:
+        return "\n\n".join(f"===== {p.name} =====\n{p.log()}" for p in self.procs)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            with contextlib.suppress(AssertionError):
+                proc.stop()
+
+
+def node_uri(name: str) -> str:
+    """libvirt test-driver URI of a simulated host file in tests/fixtures/nodes."""
+    return f"test://{NODES / f'{name}.xml'}"
