@@ -18,7 +18,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import libvirt
 
@@ -31,6 +31,7 @@ from agent.journal import SqliteJournal
 from agent.ports import Hypervisor
 from agent.reporter import Reporter, ReportSink
 from common.errors import VirtfleetError
+from common.messages.host import HostReport
 from common.transport.amqp import ConsumerServer, Publisher
 from common.transport.rpc import Dispatcher
 from common.transport.topology import declare_agent_queue, declare_reports_exchange
@@ -64,6 +65,20 @@ def build_hypervisor(cfg: AgentConfig, conn: Any) -> LibvirtHypervisor:
     return hv
 
 
+class AgentModule(Protocol):
+    """A feature area of the agent beyond VM lifecycle (host networking, tuning): its command
+    handlers and the facts it adds to every host report."""
+
+    def handlers(self, request_report: Callable[[], int]) -> dict[str, Callable[[Any], Any]]: ...
+
+    def enrich_report(self, report: HostReport) -> HostReport: ...
+
+
+def build_modules(cfg: AgentConfig, conn: Any) -> list[AgentModule]:
+    """The agent modules for this host. Feature areas register here (one line each)."""
+    return []
+
+
 class Agent:
     """The running agent: consumer + dispatcher + journal + reporter around one hypervisor."""
 
@@ -73,6 +88,7 @@ class Agent:
         hypervisor: Hypervisor,
         *,
         sink_factory: Callable[[], ReportSink] | None = None,
+        modules: Sequence[AgentModule] = (),
     ) -> None:
         self.cfg = cfg
         host = cfg.host_id
@@ -88,11 +104,17 @@ class Agent:
             heartbeat_interval=cfg.heartbeat_interval,
             agent_version=agent_version(),
             alive=self._consumer_healthy,
+            enrichers=[m.enrich_report for m in modules],
         )
         self.handlers = AgentHandlers(hypervisor, self.reporter.request_report)
-        self.dispatcher = Dispatcher(
-            sender=f"agent:{host}", handlers=self.handlers.table(), journal=self.journal
-        )
+        table = self.handlers.table()
+        for module in modules:
+            extra = module.handlers(self.reporter.request_report)
+            clash = set(extra) & set(table)
+            if clash:
+                raise ValueError(f"agent modules both handle {sorted(clash)}")
+            table.update(extra)
+        self.dispatcher = Dispatcher(sender=f"agent:{host}", handlers=table, journal=self.journal)
         self.server = ConsumerServer(
             cfg.amqp_url,
             f"agent-{host}",
@@ -164,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         try:
-            agent = Agent(cfg, build_hypervisor(cfg, conn))
+            agent = Agent(cfg, build_hypervisor(cfg, conn), modules=build_modules(cfg, conn))
         except VirtfleetError as exc:
             log.error("cannot start: %s", exc.message)
             return 1

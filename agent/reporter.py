@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from agent.ports import ACTIVE_STATES, Hypervisor, NodeFacts
@@ -116,6 +116,7 @@ class Reporter:
         heartbeat_interval: float,
         agent_version: str,
         alive: Callable[[], bool] = lambda: True,
+        enrichers: Sequence[Callable[[HostReport], HostReport]] = (),
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -127,6 +128,8 @@ class Reporter:
         self._heartbeat_interval = heartbeat_interval
         self._agent_version = agent_version
         self._alive = alive
+        #: add facts of other agent modules (network, tuning) to each report; each returns a copy
+        self._enrichers = tuple(enrichers)
         self._clock = clock
         self._monotonic = monotonic
         self._sender = f"agent:{host_id}"
@@ -214,6 +217,8 @@ class Reporter:
                 started_at=self.started_at,
                 reported_at=now,
             )
+            for enrich in self._enrichers:
+                report = enrich(report)
             env = envelope_for("host.report", report, self._sender, now)
             sink.publish(
                 REPORTS_EXCHANGE, routing_key("host.report", self.host_id), env, persistent=False, retries=1

@@ -64,6 +64,10 @@ class AgentApi:
     def __init__(self, calls: AgentCalls) -> None:
         self._calls = calls
 
+    def call(self, host_id: str, kind: str, body: object, result_type: type[T]) -> T:
+        """Any agent command of the catalogue (feature modules use this for their kinds)."""
+        return self._calls.call(host_id, kind, body, result_type)
+
     def create_vm(self, host_id: str, body: vm_msgs.CreateVm) -> vm_msgs.VmResult:
         return self._calls.call(host_id, "vm.create", body, vm_msgs.VmResult)
 

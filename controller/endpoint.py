@@ -5,6 +5,7 @@ from __future__ import annotations
 from common.messages import api
 from common.messages.host import Heartbeat, HostReport
 from common.transport.rpc import Dispatcher, HandlerFn
+from controller import network, tuning, vmops
 from controller.service import ControllerService
 
 
@@ -29,7 +30,7 @@ def api_handlers(service: ControllerService) -> dict[str, HandlerFn]:
     def vm_destroy(body: api.VmRefRequest) -> api.VmActionDone:
         return service.destroy_vm(body.name)
 
-    return {
+    core: dict[str, HandlerFn] = {
         "api.ping": ping,
         "api.host.list": host_list,
         "api.host.show": host_show,
@@ -41,6 +42,13 @@ def api_handlers(service: ControllerService) -> dict[str, HandlerFn]:
         "api.vm.destroy": vm_destroy,
         "api.vm.delete": service.delete_vm,
     }
+    # Feature areas add their API kinds in their own modules (one line each here).
+    for extra in (vmops.api_handlers(service), network.api_handlers(service), tuning.api_handlers(service)):
+        clash = set(extra) & set(core)
+        if clash:
+            raise ValueError(f"API kinds handled twice: {sorted(clash)}")
+        core.update(extra)
+    return core
 
 
 def report_handlers(service: ControllerService) -> dict[str, HandlerFn]:

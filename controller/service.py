@@ -76,15 +76,16 @@ class ControllerService:
     ) -> None:
         self.config = config
         self._sessions = sessionmaker(engine, expire_on_commit=False)
-        self._agents = agents
-        self._clock = clock
+        self.agents = agents
+        self.clock = clock
         self._background = background or ThreadPoolExecutor(max_workers=8, thread_name_prefix="build")
         # SQLite has one writer at a time and its busy handler waits by sleeping and polling;
         # queueing this process's threads on a lock instead keeps latency flat under load.
         self._tx_lock: threading.RLock | None = threading.RLock() if engine.dialect.name == "sqlite" else None
 
     @contextmanager
-    def _tx(self) -> Iterator[Session]:
+    def tx(self) -> Iterator[Session]:
+        """One database transaction (feature modules use this too)."""
         if self._tx_lock is None:
             with self._sessions.begin() as session:
                 yield session
@@ -98,14 +99,14 @@ class ControllerService:
     # ------------------------------------------------------------------ hosts
 
     def list_hosts(self) -> api.HostList:
-        now = self._clock()
-        with self._tx() as s:
+        now = self.clock()
+        with self.tx() as s:
             records = repo.list_hosts(s)
         return api.HostList(tuple(fleet.host_view(r, self.config, now) for r in records))
 
     def show_host(self, host_id: str) -> api.HostView:
-        now = self._clock()
-        with self._tx() as s:
+        now = self.clock()
+        with self.tx() as s:
             record = repo.get_host(s, host_id)
             vms = [v.name for v in repo.list_vms(s, host_id)]
         return fleet.host_view(record, self.config, now, vms, detail=True)
@@ -113,14 +114,14 @@ class ControllerService:
     # ------------------------------------------------------------------ reports
 
     def record_report(self, report: HostReport) -> None:
-        with self._tx() as s:
-            notes = repo.record_report(s, report, self._clock())
+        with self.tx() as s:
+            notes = repo.record_report(s, report, self.clock())
         for note in notes:
             log.info("drift on %s: %s", report.host_id, note)
 
     def record_heartbeat(self, beat: Heartbeat) -> None:
-        with self._tx() as s:
-            known = repo.record_heartbeat(s, beat, self._clock())
+        with self.tx() as s:
+            known = repo.record_heartbeat(s, beat, self.clock())
         if not known:
             log.debug("heartbeat from %s before its first report", beat.host_id)
 
@@ -128,7 +129,7 @@ class ControllerService:
 
     def create_vm(self, req: api.VmCreate) -> api.VmCreated:
         """Place, claim atomically, then build on the agent (with reschedule on failure)."""
-        with self._tx() as s:
+        with self.tx() as s:
             if req.idempotency_key:
                 previous = repo.find_vm_by_key(s, req.idempotency_key)
                 if previous is not None:
@@ -149,7 +150,7 @@ class ControllerService:
         claimed = self._claim(req, vm_uuid, request)
         if not req.wait:
             self._background.submit(self._build_logged, req, vm_uuid, claimed)
-            with self._tx() as s:
+            with self.tx() as s:
                 return api.VmCreated(
                     fleet.vm_view(repo.get_vm(s, req.name)), _placement_view(claimed.placement)
                 )
@@ -166,8 +167,8 @@ class ControllerService:
         )
 
     def _decide(self, request: PlacementRequest) -> Placement | Refusal:
-        now = self._clock()
-        with self._tx() as s:
+        now = self.clock()
+        with self.tx() as s:
             records = repo.list_hosts(s)
         return place(fleet.snapshot(records, self.config, now), request, fleet.policy(self.config))
 
@@ -185,8 +186,8 @@ class ControllerService:
             result = self._decide(request)
             if isinstance(result, Refusal):
                 raise _no_valid_host(result)
-            now = self._clock()
-            with self._tx() as s:
+            now = self.clock()
+            with self.tx() as s:
                 repo.bump_generation(s, result.host_id)
                 fresh = repo.get_host(s, result.host_id)
                 recheck = place(
@@ -266,10 +267,10 @@ class ControllerService:
             host = claimed.host
             tried.append(host.id)
             spec = self._spec(req, vm_uuid, host)
-            with self._tx() as s:
-                repo.update_vm(s, vm_uuid, self._clock(), spec=_json(spec), host_id=host.id)
+            with self.tx() as s:
+                repo.update_vm(s, vm_uuid, self.clock(), spec=_json(spec), host_id=host.id)
             try:
-                result = self._agents.create_vm(host.id, CreateVm(spec=spec, start=req.start))
+                result = self.agents.create_vm(host.id, CreateVm(spec=spec, start=req.start))
             except RequestTimeout as exc:
                 # Ambiguous: the agent may still finish. Keep the claim; reports will tell.
                 self._fail(vm_uuid, f"build on {host.id} timed out: {exc.message}", keep_host=True)
@@ -277,9 +278,9 @@ class ControllerService:
             except RESCHEDULABLE as exc:
                 failures.append(f"{host.id}: {exc.message}")
                 log.warning("build of %s failed on %s: %s", req.name, host.id, exc.message)
-                with self._tx() as s:
+                with self.tx() as s:
                     repo.release(s, vm_uuid, host.id)
-                    repo.update_vm(s, vm_uuid, self._clock(), host_id=None, status="building")
+                    repo.update_vm(s, vm_uuid, self.clock(), host_id=None, status="building")
                 if len(tried) >= self.config.max_attempts:
                     self._fail(vm_uuid, "; ".join(failures), keep_host=False)
                     raise HypervisorError(
@@ -298,20 +299,20 @@ class ControllerService:
                 continue
             except VirtfleetError as exc:
                 self._fail(vm_uuid, exc.message, keep_host=False)
-                with self._tx() as s:
+                with self.tx() as s:
                     repo.release(s, vm_uuid, host.id)
                 raise
-            return self._apply_result(vm_uuid, result, status="active")
+            return self.apply_result(vm_uuid, result, status="active")
 
     def _fail(self, vm_uuid: str, message: str, *, keep_host: bool) -> None:
-        with self._tx() as s:
+        with self.tx() as s:
             values: dict[str, object] = {"status": "error", "task": None, "last_error": message}
             if not keep_host:
                 values["host_id"] = None
-            repo.update_vm(s, vm_uuid, self._clock(), **values)
+            repo.update_vm(s, vm_uuid, self.clock(), **values)
 
-    def _apply_result(self, vm_uuid: str, result: VmResult, *, status: str | None = None) -> api.VmView:
-        now = self._clock()
+    def apply_result(self, vm_uuid: str, result: VmResult, *, status: str | None = None) -> api.VmView:
+        now = self.clock()
         values: dict[str, object] = {"task": None, "last_error": None}
         if status is not None:
             values["status"] = status
@@ -328,14 +329,14 @@ class ControllerService:
                 cpu_time_ns=st.cpu_time_ns,
                 reported_at=now,
             )
-        with self._tx() as s:
+        with self.tx() as s:
             repo.update_vm(s, vm_uuid, now, **values)
             return fleet.vm_view(repo.get_vm_by_uuid(s, vm_uuid))
 
     # ------------------------------------------------------------------ VMs: read
 
     def list_vms(self, req: api.VmListRequest) -> api.VmList:
-        with self._tx() as s:
+        with self.tx() as s:
             records = repo.list_vms(s, req.host)
         views = [fleet.vm_view(r) for r in records]
         if not req.all:
@@ -343,15 +344,15 @@ class ControllerService:
         return api.VmList(tuple(views))
 
     def show_vm(self, name: str) -> api.VmView:
-        with self._tx() as s:
+        with self.tx() as s:
             return fleet.vm_view(repo.get_vm(s, name))
 
     # ------------------------------------------------------------------ VMs: lifecycle
 
-    def _target(self, name: str, task: str) -> tuple[repo.VmRecord, str]:
+    def target(self, name: str, task: str) -> tuple[repo.VmRecord, str]:
         """The VM and its host, after checking the host can be talked to; marks the task."""
-        now = self._clock()
-        with self._tx() as s:
+        now = self.clock()
+        with self.tx() as s:
             vm = repo.get_vm(s, name)
             if vm.host_id is None:
                 raise Conflict(f"VM {name} has no host (status {vm.status}); only delete is possible")
@@ -370,50 +371,48 @@ class ControllerService:
     def _run(
         self, name: str, task: str, call: Callable[[str, VmRef], VmResult], desired: str | None
     ) -> api.VmActionDone:
-        vm, host_id = self._target(name, task)
+        vm, host_id = self.target(name, task)
         try:
             result = call(host_id, VmRef(uuid=vm.uuid, name=vm.name))
         except VirtfleetError as exc:
-            with self._tx() as s:
-                repo.update_vm(s, vm.uuid, self._clock(), task=None, last_error=exc.message)
+            with self.tx() as s:
+                repo.update_vm(s, vm.uuid, self.clock(), task=None, last_error=exc.message)
             raise
         if desired is not None:
-            with self._tx() as s:
-                repo.update_vm(s, vm.uuid, self._clock(), desired_power=desired)
-        return api.VmActionDone(self._apply_result(vm.uuid, result), result.message)
+            with self.tx() as s:
+                repo.update_vm(s, vm.uuid, self.clock(), desired_power=desired)
+        return api.VmActionDone(self.apply_result(vm.uuid, result), result.message)
 
     def start_vm(self, name: str) -> api.VmActionDone:
-        return self._run(name, "starting", lambda h, ref: self._agents.vm_action(h, "start", ref), "running")
+        return self._run(name, "starting", lambda h, ref: self.agents.vm_action(h, "start", ref), "running")
 
     def destroy_vm(self, name: str) -> api.VmActionDone:
-        return self._run(
-            name, "stopping", lambda h, ref: self._agents.vm_action(h, "destroy", ref), "shutoff"
-        )
+        return self._run(name, "stopping", lambda h, ref: self.agents.vm_action(h, "destroy", ref), "shutoff")
 
     def shutdown_vm(self, req: api.VmShutdownRequest) -> api.VmActionDone:
         return self._run(
             req.name,
             "shutting-down",
-            lambda h, ref: self._agents.shutdown_vm(
+            lambda h, ref: self.agents.shutdown_vm(
                 h, ShutdownVm(vm=ref, timeout_s=req.timeout_s, force_after_timeout=req.force)
             ),
             "shutoff",
         )
 
     def delete_vm(self, req: api.VmDeleteRequest) -> api.VmActionDone:
-        with self._tx() as s:
+        with self.tx() as s:
             vm = repo.get_vm(s, req.name)
         if vm.host_id is not None:
-            vm, host_id = self._target(req.name, "deleting")
+            vm, host_id = self.target(req.name, "deleting")
             try:
-                self._agents.delete_vm(
+                self.agents.delete_vm(
                     host_id, DeleteVm(vm=VmRef(vm.uuid, vm.name), delete_disks=req.delete_disks)
                 )
             except VirtfleetError as exc:
-                with self._tx() as s:
-                    repo.update_vm(s, vm.uuid, self._clock(), task=None, last_error=exc.message)
+                with self.tx() as s:
+                    repo.update_vm(s, vm.uuid, self.clock(), task=None, last_error=exc.message)
                 raise
-        with self._tx() as s:
+        with self.tx() as s:
             if vm.host_id is not None:
                 repo.release(s, vm.uuid, vm.host_id)
             repo.delete_vm(s, vm.uuid)
@@ -423,9 +422,9 @@ class ControllerService:
 
     def reconcile_once(self) -> list[str]:
         """Fail builds stuck longer than the build timeout. Returns what it changed."""
-        now = self._clock()
+        now = self.clock()
         changed = []
-        with self._tx() as s:
+        with self.tx() as s:
             for vm in repo.list_vms(s):
                 if vm.status == "building" and now - vm.created_at > self.config.build_timeout_s:
                     repo.update_vm(s, vm.uuid, now, status="error", task=None, last_error="build timed out")

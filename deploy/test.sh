@@ -16,6 +16,7 @@ cd "$ROOT"
 
 # libvirt runs QEMU as libvirt-qemu: the guest files must sit where it can
 # read them, which rules out root's 0700 $HOME.
+export VIRTFLEET_REQUIRE_QEMU=1
 export VIRTFLEET_TEST_GUEST_DIR="${VIRTFLEET_TEST_GUEST_DIR:-/var/cache/virtfleet/guest}"
 PG_URL="postgresql+psycopg://postgres@127.0.0.1:5432/virtfleet_test"
 PY="$ROOT/.venv/bin/python"

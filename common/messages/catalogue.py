@@ -7,79 +7,47 @@ docs/protocol.md agree. Agent commands go to ``virtfleet.agent.<host_id>``; API 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import Any
-
 from common.errors import InvalidRequest
-from common.messages import api, host, vm
-
-
-class Timeout(StrEnum):
-    """Timeout classes: a command's seconds come from its class, not from each call site."""
-
-    FAST = "fast"  # lookups and state flips: 30 s
-    NORMAL = "normal"  # domain define/start, disk create: 120 s
-    SLOW = "slow"  # shutdown with a guest-side timeout, image conversion: 600 s
-
-
-TIMEOUT_SECONDS: dict[Timeout, float] = {Timeout.FAST: 30.0, Timeout.NORMAL: 120.0, Timeout.SLOW: 600.0}
-
-
-class Route(StrEnum):
-    AGENT = "agent"  # controller -> agent, reply expected
-    API = "api"  # client -> controller, reply expected
-    REPORT = "report"  # agent -> controller, no reply
-
-
-@dataclass(frozen=True, slots=True)
-class Kind:
-    name: str
-    route: Route
-    body: type[Any]
-    result: type[Any] | None
-    timeout: Timeout
-    doc: str
-
-
-def _k(
-    name: str, route: Route, body: type[Any], result: type[Any] | None, timeout: Timeout, doc: str
-) -> Kind:
-    return Kind(name, route, body, result, timeout, doc)
-
+from common.messages import api, host, network, tuning, vm, vmops
+from common.messages.kinds import TIMEOUT_SECONDS, Kind, Route, Timeout, kind
 
 A, C, R = Route.AGENT, Route.API, Route.REPORT
 F, N, S = Timeout.FAST, Timeout.NORMAL, Timeout.SLOW
 
 KINDS: tuple[Kind, ...] = (
     # controller -> agent
-    _k("vm.create", A, vm.CreateVm, vm.VmResult, N, "create disks, define the domain, start it"),
-    _k("vm.start", A, vm.VmAction, vm.VmResult, N, "virsh start"),
-    _k("vm.shutdown", A, vm.ShutdownVm, vm.VmResult, S, "virsh shutdown (ACPI), optional forced off"),
-    _k("vm.destroy", A, vm.VmAction, vm.VmResult, N, "virsh destroy (power off)"),
-    _k("vm.reboot", A, vm.VmAction, vm.VmResult, N, "virsh reboot"),
-    _k("vm.suspend", A, vm.VmAction, vm.VmResult, F, "virsh suspend"),
-    _k("vm.resume", A, vm.VmAction, vm.VmResult, F, "virsh resume"),
-    _k("vm.delete", A, vm.DeleteVm, vm.VmResult, N, "virsh destroy + undefine (+ delete disks)"),
-    _k("vm.autostart", A, vm.SetAutostart, vm.VmResult, F, "virsh autostart [--disable]"),
-    _k("host.report_now", A, host.ReportRequest, host.ReportAck, F, "send a full report now"),
+    kind("vm.create", A, vm.CreateVm, vm.VmResult, N, "create disks, define the domain, start it"),
+    kind("vm.start", A, vm.VmAction, vm.VmResult, N, "virsh start"),
+    kind("vm.shutdown", A, vm.ShutdownVm, vm.VmResult, S, "virsh shutdown (ACPI), optional forced off"),
+    kind("vm.destroy", A, vm.VmAction, vm.VmResult, N, "virsh destroy (power off)"),
+    kind("vm.reboot", A, vm.VmAction, vm.VmResult, N, "virsh reboot"),
+    kind("vm.suspend", A, vm.VmAction, vm.VmResult, F, "virsh suspend"),
+    kind("vm.resume", A, vm.VmAction, vm.VmResult, F, "virsh resume"),
+    kind("vm.delete", A, vm.DeleteVm, vm.VmResult, N, "virsh destroy + undefine (+ delete disks)"),
+    kind("vm.autostart", A, vm.SetAutostart, vm.VmResult, F, "virsh autostart [--disable]"),
+    kind("host.report_now", A, host.ReportRequest, host.ReportAck, F, "send a full report now"),
     # agent -> controller
-    _k("host.report", R, host.HostReport, None, F, "capacity, topology and VM states"),
-    _k("host.heartbeat", R, host.Heartbeat, None, F, "liveness"),
+    kind("host.report", R, host.HostReport, None, F, "capacity, topology and VM states"),
+    kind("host.heartbeat", R, host.Heartbeat, None, F, "liveness"),
     # client -> controller
-    _k("api.ping", C, api.Empty, api.Empty, F, "is a controller there"),
-    _k("api.host.list", C, api.Empty, api.HostList, F, "virtfleet host list"),
-    _k("api.host.show", C, api.HostRef, api.HostView, F, "virtfleet host show"),
-    _k("api.vm.create", C, api.VmCreate, api.VmCreated, S, "virtfleet vm create"),
-    _k("api.vm.list", C, api.VmListRequest, api.VmList, F, "virtfleet vm list"),
-    _k("api.vm.show", C, api.VmRefRequest, api.VmView, F, "virtfleet vm show"),
-    _k("api.vm.start", C, api.VmRefRequest, api.VmActionDone, N, "virtfleet vm start"),
-    _k("api.vm.shutdown", C, api.VmShutdownRequest, api.VmActionDone, S, "virtfleet vm shutdown"),
-    _k("api.vm.destroy", C, api.VmRefRequest, api.VmActionDone, N, "virtfleet vm destroy"),
-    _k("api.vm.delete", C, api.VmDeleteRequest, api.VmActionDone, N, "virtfleet vm delete"),
+    kind("api.ping", C, api.Empty, api.Empty, F, "is a controller there"),
+    kind("api.host.list", C, api.Empty, api.HostList, F, "virtfleet host list"),
+    kind("api.host.show", C, api.HostRef, api.HostView, F, "virtfleet host show"),
+    kind("api.vm.create", C, api.VmCreate, api.VmCreated, S, "virtfleet vm create"),
+    kind("api.vm.list", C, api.VmListRequest, api.VmList, F, "virtfleet vm list"),
+    kind("api.vm.show", C, api.VmRefRequest, api.VmView, F, "virtfleet vm show"),
+    kind("api.vm.start", C, api.VmRefRequest, api.VmActionDone, N, "virtfleet vm start"),
+    kind("api.vm.shutdown", C, api.VmShutdownRequest, api.VmActionDone, S, "virtfleet vm shutdown"),
+    kind("api.vm.destroy", C, api.VmRefRequest, api.VmActionDone, N, "virtfleet vm destroy"),
+    kind("api.vm.delete", C, api.VmDeleteRequest, api.VmActionDone, N, "virtfleet vm delete"),
 )
 
+# Feature families declare their own kinds next to their message types.
+KINDS = KINDS + vmops.KINDS + network.KINDS + tuning.KINDS
+
 CATALOGUE: dict[str, Kind] = {k.name: k for k in KINDS}
+if len(CATALOGUE) != len(KINDS):
+    raise RuntimeError("a message kind is declared twice")
 
 
 def lookup(name: str) -> Kind:
@@ -93,3 +61,6 @@ def lookup(name: str) -> Kind:
 def timeout_for(name: str) -> float:
     """Seconds a caller waits for the reply to ``name``."""
     return TIMEOUT_SECONDS[lookup(name).timeout]
+
+
+__all__ = ["CATALOGUE", "KINDS", "TIMEOUT_SECONDS", "Kind", "Route", "Timeout", "lookup", "timeout_for"]

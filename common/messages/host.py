@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.messages.network import HostNetworkReport
+from common.messages.tuning import HostTuningReport
 from common.messages.vm import VmStatus
 
 FAMILY_VERSION = "1.0"
@@ -53,6 +55,8 @@ class HostReport:
     seq: int
     started_at: float
     reported_at: float
+    network: HostNetworkReport | None = None
+    tuning: HostTuningReport | None = None
 
 
 @dataclass(frozen=True, slots=True)

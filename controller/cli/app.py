@@ -1,78 +1,21 @@
 """``virtfleet``: the operator CLI. Parses, calls one controller endpoint, renders.
 
-Exit codes: 0 done; 1 the operation failed; 2 invalid input; 3 not found;
-4 refused (no valid host, already exists, conflict); 5 controller or broker unavailable,
-or no answer in time. With ``--output json`` errors are one JSON document on stdout too.
+The machinery (global options, exit codes, JSON vs tables) is in :mod:`controller.cli.runner`;
+the core host and VM commands are here, feature areas add theirs in ``cmd_*.py``.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from common.errors import (
-    AlreadyExists,
-    CapacityExceeded,
-    Conflict,
-    ControllerUnavailable,
-    InvalidRequest,
-    NotFound,
-    NoValidHost,
-    RequestTimeout,
-    TransportError,
-    VirtfleetError,
-)
 from common.messages import api
 from common.transport.amqp import DEFAULT_URL
 from controller.cli import render
-from controller.cli.client import ApiClient
-
-
-class Output(StrEnum):
-    TABLE = "table"
-    JSON = "json"
-
-
-@dataclass
-class State:
-    output: Output
-    amqp_url: str
-    timeout: float | None
-    out: Console
-    err: Console
-
-
-EXIT_CODES: list[tuple[type[VirtfleetError], int]] = [
-    (InvalidRequest, 2),
-    (NotFound, 3),
-    (NoValidHost, 4),
-    (AlreadyExists, 4),
-    (Conflict, 4),
-    (CapacityExceeded, 4),
-    (TransportError, 5),
-    (RequestTimeout, 5),
-]
-
-
-def exit_code(exc: VirtfleetError) -> int:
-    for cls, code in EXIT_CODES:
-        if isinstance(exc, cls):
-            return code
-    return 1
-
-
-app = typer.Typer(help="virtfleet: run VMs on a fleet of KVM/libvirt hosts.", no_args_is_help=True)
-host_app = typer.Typer(help="Hypervisor hosts.", no_args_is_help=True)
-vm_app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
-app.add_typer(host_app, name="host")
-app.add_typer(vm_app, name="vm")
+from controller.cli.runner import Output, State, app, host_app, run, validated, vm_app
 
 
 @app.callback()
@@ -97,45 +40,13 @@ def main_options(
     )
 
 
-def _run(ctx: typer.Context, kind: str, body: object, show: Callable[[State, Any], None]) -> None:
-    state: State = ctx.obj
-    client = ApiClient(state.amqp_url, timeout=state.timeout)
-    try:
-        result = client.call(kind, body)
-    except VirtfleetError as exc:
-        if state.output is Output.JSON:
-            render.emit_json(state.out, render.error_document(exc))
-        else:
-            render.error_text(state.err, exc)
-        raise typer.Exit(exit_code(exc)) from None
-    finally:
-        client.close()
-    if state.output is Output.JSON:
-        render.emit_json(state.out, result)
-    else:
-        show(state, result)
-
-
-def _validated(build: Callable[[], Any], ctx: typer.Context) -> Any:
-    """Build a request body; invalid input is reported like any other error."""
-    try:
-        return build()
-    except InvalidRequest as exc:
-        state: State = ctx.obj
-        if state.output is Output.JSON:
-            render.emit_json(state.out, render.error_document(exc))
-        else:
-            render.error_text(state.err, exc)
-        raise typer.Exit(2) from None
-
-
 # ----------------------------------------------------------------------------- host
 
 
 @host_app.command("list")
 def host_list(ctx: typer.Context) -> None:
     """List hosts with status, size and heartbeat."""
-    _run(ctx, "api.host.list", api.Empty(), lambda s, r: s.out.print(render.hosts_table(r.hosts)))
+    run(ctx, "api.host.list", api.Empty(), lambda s, r: s.out.print(render.hosts_table(r.hosts)))
 
 
 @host_app.command("show")
@@ -146,7 +57,7 @@ def host_show(ctx: typer.Context, host: str) -> None:
         for table in render.host_detail(r):
             s.out.print(table)
 
-    _run(ctx, "api.host.show", api.HostRef(host), show)
+    run(ctx, "api.host.show", api.HostRef(host), show)
 
 
 # ----------------------------------------------------------------------------- vm
@@ -169,7 +80,7 @@ def vm_create(
     ] = None,
 ) -> None:
     """Create a VM; the scheduler picks the host unless --host is given."""
-    body = _validated(
+    body = validated(
         lambda: api.VmCreate(
             name=name,
             vcpus=vcpus,
@@ -196,7 +107,7 @@ def vm_create(
             f"{r.vm.name} created on host {r.vm.host} ({r.vm.status}, {r.vm.power_state})", highlight=False
         )
 
-    _run(ctx, "api.vm.create", body, show)
+    run(ctx, "api.vm.create", body, show)
 
 
 @vm_app.command("list")
@@ -206,7 +117,7 @@ def vm_list(
     host: Annotated[str | None, typer.Option(help="only VMs on this host")] = None,
 ) -> None:
     """List VMs with their host and state."""
-    _run(
+    run(
         ctx,
         "api.vm.list",
         api.VmListRequest(all=all_, host=host),
@@ -217,8 +128,8 @@ def vm_list(
 @vm_app.command("show")
 def vm_show(ctx: typer.Context, name: str) -> None:
     """Show one VM (the dominfo fields)."""
-    body = _validated(lambda: api.VmRefRequest(name), ctx)
-    _run(ctx, "api.vm.show", body, lambda s, r: s.out.print(render.vm_detail(r)))
+    body = validated(lambda: api.VmRefRequest(name), ctx)
+    run(ctx, "api.vm.show", body, lambda s, r: s.out.print(render.vm_detail(r)))
 
 
 def _done(s: State, r: api.VmActionDone) -> None:
@@ -233,7 +144,7 @@ def _done(s: State, r: api.VmActionDone) -> None:
 @vm_app.command("start")
 def vm_start(ctx: typer.Context, name: str) -> None:
     """Start (power on) a VM."""
-    _run(ctx, "api.vm.start", _validated(lambda: api.VmRefRequest(name), ctx), _done)
+    run(ctx, "api.vm.start", validated(lambda: api.VmRefRequest(name), ctx), _done)
 
 
 @vm_app.command("shutdown")
@@ -244,14 +155,14 @@ def vm_shutdown(
     force: Annotated[bool, typer.Option("--force", help="power off if the guest ignores ACPI")] = False,
 ) -> None:
     """Ask the guest to shut down (ACPI)."""
-    body = _validated(lambda: api.VmShutdownRequest(name, timeout_s=timeout, force=force), ctx)
-    _run(ctx, "api.vm.shutdown", body, _done)
+    body = validated(lambda: api.VmShutdownRequest(name, timeout_s=timeout, force=force), ctx)
+    run(ctx, "api.vm.shutdown", body, _done)
 
 
 @vm_app.command("destroy")
 def vm_destroy(ctx: typer.Context, name: str) -> None:
     """Power a VM off at once (virsh destroy); the definition stays."""
-    _run(ctx, "api.vm.destroy", _validated(lambda: api.VmRefRequest(name), ctx), _done)
+    run(ctx, "api.vm.destroy", validated(lambda: api.VmRefRequest(name), ctx), _done)
 
 
 @vm_app.command("delete")
@@ -261,13 +172,13 @@ def vm_delete(
     delete_disks: Annotated[bool, typer.Option("--delete-disks", help="also delete its disk images")] = False,
 ) -> None:
     """Delete a VM (power off, undefine); disks are kept unless --delete-disks."""
-    _run(ctx, "api.vm.delete", _validated(lambda: api.VmDeleteRequest(name, delete_disks), ctx), _done)
+    run(ctx, "api.vm.delete", validated(lambda: api.VmDeleteRequest(name, delete_disks), ctx), _done)
+
+
+# Feature areas register their commands on import (kept last: they extend the apps above).
+from controller.cli import cmd_network, cmd_tuning, cmd_vmops  # noqa: E402, F401
 
 
 def main() -> None:
     """Console-script entry point."""
-    try:
-        app()
-    except ControllerUnavailable as exc:  # pragma: no cover - _run handles it; belt and braces
-        print(f"error: {exc.message}", file=sys.stderr)
-        sys.exit(5)
+    app()

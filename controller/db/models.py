@@ -57,6 +57,12 @@ class Host(Base):
     reserved_cpus: Mapped[int | None] = mapped_column(Integer, nullable=True)
     reserved_disk_gib: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_vms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    group_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: JSON {resource: {reserved, allocation_ratio, min_unit, max_unit, step_size}} set by the operator.
+    inventory_overrides: Mapped[str] = mapped_column(Text, default="{}")
+    #: JSON of the last HostNetworkReport / HostTuningReport (null when the agent sends none).
+    network_facts: Mapped[str] = mapped_column(Text, default="null")
+    tuning_facts: Mapped[str] = mapped_column(Text, default="null")
     #: Bumped by every claim or release on this host: optimistic concurrency for claims.
     generation: Mapped[int] = mapped_column(BigInteger, default=0)
     agent_started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -93,6 +99,11 @@ class Vm(Base):
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
     reported_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    server_group: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    cpu_policy: Mapped[str] = mapped_column(String(16), default="shared")
+    pcpus: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of host CPU ids
+    hugepage_size_kib: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    needs_hw_virt: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Allocation(Base):
@@ -106,3 +117,29 @@ class Allocation(Base):
     host_id: Mapped[str] = mapped_column(String(64), ForeignKey("hosts.id"), index=True)
     resource: Mapped[str] = mapped_column(String(32))
     amount: Mapped[int] = mapped_column(BigInteger)
+
+
+class HostGroup(Base):
+    """Operator defaults shared by a set of hosts (between fleet defaults and per-host settings)."""
+
+    __tablename__ = "host_groups"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cpu_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ram_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    disk_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reserved_memory_mib: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reserved_cpus: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reserved_disk_gib: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class ServerGroup(Base):
+    """An affinity or anti-affinity group of VMs."""
+
+    __tablename__ = "server_groups"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    policy: Mapped[str] = mapped_column(String(32))
+    max_per_host: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[float] = mapped_column(Float)

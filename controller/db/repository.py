@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -55,6 +55,11 @@ class HostRecord:
     last_report: float | None
     used: Mapping[str, int]
     vm_count: int
+    group_name: str | None = None
+    inventory_overrides: Mapping[str, Any] = field(default_factory=dict)
+    #: plain data of the last HostNetworkReport / HostTuningReport, or None
+    network: Any = None
+    tuning: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +85,11 @@ class VmRecord:
     created_at: float
     updated_at: float
     reported_at: float | None
+    server_group: str | None = None
+    cpu_policy: str = "shared"
+    pcpus: tuple[int, ...] = ()
+    hugepage_size_kib: int | None = None
+    needs_hw_virt: bool = False
 
 
 def _host_record(row: Host, used: Mapping[str, int], vm_count: int) -> HostRecord:
@@ -113,6 +123,10 @@ def _host_record(row: Host, used: Mapping[str, int], vm_count: int) -> HostRecor
         last_report=row.last_report,
         used=dict(used),
         vm_count=vm_count,
+        group_name=row.group_name,
+        inventory_overrides=json.loads(row.inventory_overrides),
+        network=json.loads(row.network_facts),
+        tuning=json.loads(row.tuning_facts),
     )
 
 
@@ -139,6 +153,11 @@ def _vm_record(row: Vm) -> VmRecord:
         created_at=row.created_at,
         updated_at=row.updated_at,
         reported_at=row.reported_at,
+        server_group=row.server_group,
+        cpu_policy=row.cpu_policy,
+        pcpus=tuple(json.loads(row.pcpus)),
+        hugepage_size_kib=row.hugepage_size_kib,
+        needs_hw_virt=row.needs_hw_virt,
     )
 
 
@@ -200,6 +219,8 @@ def record_report(session: Session, report: HostReport, now: float) -> list[str]
     row.networks = json.dumps(sorted(report.networks))
     row.bridges = json.dumps(sorted(report.bridges))
     row.reported_vms = json.dumps(to_plain(report.vms))
+    row.network_facts = json.dumps(to_plain(report.network))
+    row.tuning_facts = json.dumps(to_plain(report.tuning))
     row.agent_started_at = report.started_at
     row.report_seq = report.seq
     row.last_report = now

@@ -1,0 +1,104 @@
+"""Shared CLI machinery: global state, the typer apps, calling the controller, rendering errors.
+
+Exit codes: 0 done; 1 the operation failed; 2 invalid input; 3 not found;
+4 refused (no valid host, already exists, conflict); 5 controller or broker unavailable,
+or no answer in time. With ``--output json`` errors are one JSON document on stdout too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from common.errors import (
+    AlreadyExists,
+    CapacityExceeded,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    NoValidHost,
+    RequestTimeout,
+    TransportError,
+    VirtfleetError,
+)
+from controller.cli import render
+from controller.cli.client import ApiClient
+
+
+class Output(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+
+
+@dataclass
+class State:
+    output: Output
+    amqp_url: str
+    timeout: float | None
+    out: Console
+    err: Console
+
+
+EXIT_CODES: list[tuple[type[VirtfleetError], int]] = [
+    (InvalidRequest, 2),
+    (NotFound, 3),
+    (NoValidHost, 4),
+    (AlreadyExists, 4),
+    (Conflict, 4),
+    (CapacityExceeded, 4),
+    (TransportError, 5),
+    (RequestTimeout, 5),
+]
+
+
+def exit_code(exc: VirtfleetError) -> int:
+    for cls, code in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return 1
+
+
+# The command tree. Feature modules (cmd_*.py) add their commands and sub-apps to these.
+app = typer.Typer(help="virtfleet: run VMs on a fleet of KVM/libvirt hosts.", no_args_is_help=True)
+host_app = typer.Typer(help="Hypervisor hosts.", no_args_is_help=True)
+vm_app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
+app.add_typer(host_app, name="host")
+app.add_typer(vm_app, name="vm")
+
+
+def fail(state: State, exc: VirtfleetError) -> typer.Exit:
+    """Render ``exc`` (JSON document or text with reasons) and return the Exit to raise."""
+    if state.output is Output.JSON:
+        render.emit_json(state.out, render.error_document(exc))
+    else:
+        render.error_text(state.err, exc)
+    return typer.Exit(exit_code(exc))
+
+
+def run(ctx: typer.Context, kind: str, body: object, show: Callable[[State, Any], None]) -> None:
+    """Call one controller API kind and render its answer (JSON, or ``show`` for people)."""
+    state: State = ctx.obj
+    client = ApiClient(state.amqp_url, timeout=state.timeout)
+    try:
+        result = client.call(kind, body)
+    except VirtfleetError as exc:
+        raise fail(state, exc) from None
+    finally:
+        client.close()
+    if state.output is Output.JSON:
+        render.emit_json(state.out, result)
+    else:
+        show(state, result)
+
+
+def validated(build: Callable[[], Any], ctx: typer.Context) -> Any:
+    """Build a request body; invalid input is reported like any other error (exit 2)."""
+    try:
+        return build()
+    except InvalidRequest as exc:
+        raise fail(ctx.obj, exc) from None

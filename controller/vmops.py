@@ -1,0 +1,11 @@
+"""VM operations beyond the basic lifecycle: snapshots, live resize, disks, images, NICs, export/import."""
+
+from __future__ import annotations
+
+from common.transport.rpc import HandlerFn
+from controller.service import ControllerService
+
+
+def api_handlers(service: ControllerService) -> dict[str, HandlerFn]:
+    """The API kinds of this feature area, bound to the service."""
+    return {}

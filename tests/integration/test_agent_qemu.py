@@ -1,0 +1,107 @@
+"""An agent on the real qemu:///system (libvirtd started by deploy/services.sh), driven over
+the real broker, checked with libvirt's own API and the guest's serial console."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu_guest import (
+    QEMU_URI,
+    TEST_POOL,
+    TEST_POOL_DIR,
+    guest_name,
+    guest_spec,
+    qemu_connection,
+    require_qemu,
+    wait_for_serial,
+    with_new_disk,
+)
+from vfsupport import wait_until
+
+from agent.config import AgentConfig
+from agent.main import Agent, build_hypervisor
+from common.messages.vm import CreateVm, DeleteVm, PowerState, VmAction, VmRef, VmResult
+from common.transport.amqp import RpcClient
+from common.transport.rpc import request, unwrap
+from common.transport.topology import COMMANDS_EXCHANGE
+
+pytestmark = [pytest.mark.broker, pytest.mark.qemu]
+
+
+@pytest.fixture
+def conn() -> Iterator[Any]:
+    require_qemu()
+    with qemu_connection() as c:
+        yield c
+
+
+@pytest.fixture
+def agent(conn: Any, vhost_url: str, tmp_path: Path) -> Iterator[Agent]:
+    cfg = AgentConfig(
+        host_id="qemu-host",
+        libvirt_uri=QEMU_URI,
+        amqp_url=vhost_url,
+        state_dir=tmp_path / "state",
+        storage_pool=TEST_POOL,
+        images_dir=TEST_POOL_DIR,
+        report_interval=300,
+        heartbeat_interval=5,
+    )
+    running = Agent(cfg, build_hypervisor(cfg, conn))
+    running.start()
+    assert running.server.ready.wait(30)
+    yield running
+    running.stop()
+
+
+def _call(client: RpcClient, kind: str, body: object) -> VmResult:
+    env = request(kind, body, "test", timeout=120)
+    return unwrap(client.call(COMMANDS_EXCHANGE, "qemu-host", env, 120), VmResult)
+
+
+def test_create_boot_and_delete_a_real_guest(agent: Agent, conn: Any, vhost_url: str) -> None:
+    import libvirt  # noqa: PLC0415
+
+    name = guest_name("boot")
+    spec = with_new_disk(guest_spec(name))
+    client = RpcClient(vhost_url, "test-qemu")
+    try:
+        created = _call(client, "vm.create", CreateVm(spec=spec, start=True))
+        assert created.status is not None
+        assert created.status.state == PowerState.RUNNING
+
+        # libvirt's own view, not ours
+        dom = conn.lookupByUUIDString(spec.uuid)
+        assert dom.name() == name
+        assert dom.isActive() == 1
+        state, max_kib, _mem_kib, vcpus, _cpu_time = dom.info()
+        assert state == libvirt.VIR_DOMAIN_RUNNING
+        assert (max_kib, vcpus) == (384 * 1024, 1)
+        xml = dom.XMLDesc(0)
+        # The persistent definition asks for 256 MiB now and 384 MiB at most.
+        assert "<currentMemory unit='KiB'>262144</currentMemory>" in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        assert "type='qemu'" in xml or 'type="qemu"' in xml
+        pool = conn.storagePoolLookupByName(TEST_POOL)
+        pool.refresh(0)
+        volume = pool.storageVolLookupByName(f"{name}-vda.qcow2")
+        assert volume.path() in xml
+        wait_for_serial(name, "GUEST-HELLO", timeout=90)
+        # QEMU starts with max memory; the guest's balloon driver then gives back the rest.
+        wait_until(lambda: dom.info()[2] == 256 * 1024, 60, "the balloon to settle at 256 MiB")
+
+        ref = VmRef(spec.uuid, name)
+        destroyed = _call(client, "vm.destroy", VmAction(ref))
+        assert destroyed.status is not None and destroyed.status.state == PowerState.SHUTOFF
+        assert dom.isActive() == 0
+
+        deleted = _call(client, "vm.delete", DeleteVm(ref, delete_disks=True))
+        assert deleted.status is None
+        with pytest.raises(libvirt.libvirtError):
+            conn.lookupByUUIDString(spec.uuid)
+        pool.refresh(0)
+        assert f"{name}-vda.qcow2" not in pool.listVolumes()
+    finally:
+        client.close()
