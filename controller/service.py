@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import (
     AlreadyExists,
+    CapacityExceeded,
     Conflict,
     HypervisorError,
     NoValidHost,
@@ -33,9 +34,6 @@ from common.messages.host import Heartbeat, HostReport
 from common.messages.vm import (
     CreateVm,
     DeleteVm,
-    DiskFormat,
-    DiskSpec,
-    DomainType,
     PowerState,
     ShutdownVm,
     VmRef,
@@ -47,8 +45,9 @@ from controller import fleet
 from controller.agent_api import AgentApi
 from controller.config import ControllerConfig
 from controller.db import repository as repo
-from controller.scheduler.model import Placement, PlacementRequest, Refusal
+from controller.scheduler.model import Placement, PlacementRequest, Refusal, ResourceClass
 from controller.scheduler.place import place
+from controller.vm_spec import build_spec
 
 log = logging.getLogger(__name__)
 
@@ -235,22 +234,6 @@ class ControllerService:
             "updated_at": now,
         }
 
-    def _spec(self, req: api.VmCreate, vm_uuid: str, host: repo.HostRecord) -> VmSpec:
-        if req.domain_type is not None:
-            domain_type = DomainType(req.domain_type)
-        elif host.hypervisor_type.lower() == "test":
-            domain_type = DomainType.TEST
-        else:
-            domain_type = DomainType.KVM if host.hw_virt else DomainType.QEMU
-        return VmSpec(
-            uuid=vm_uuid,
-            name=req.name,
-            vcpus=req.vcpus,
-            memory_mib=req.memory_mib,
-            domain_type=domain_type,
-            disks=(DiskSpec(target="vda", source="new", format=DiskFormat.QCOW2, size_gib=req.disk_gib),),
-        )
-
     def _build_logged(self, req: api.VmCreate, vm_uuid: str, claimed: _Claimed) -> None:
         try:
             self._build(req, vm_uuid, claimed)
@@ -266,7 +249,7 @@ class ControllerService:
         while True:
             host = claimed.host
             tried.append(host.id)
-            spec = self._spec(req, vm_uuid, host)
+            spec = build_spec(req, vm_uuid, host, pcpus=claimed.placement.pcpus)
             with self.tx() as s:
                 repo.update_vm(s, vm_uuid, self.clock(), spec=_json(spec), host_id=host.id)
             try:
@@ -332,6 +315,36 @@ class ControllerService:
         with self.tx() as s:
             repo.update_vm(s, vm_uuid, now, **values)
             return fleet.vm_view(repo.get_vm_by_uuid(s, vm_uuid))
+
+    def resize_claim(self, vm_uuid: str, host_id: str, new_amounts: dict[str, int]) -> None:
+        """Change a VM's allocations on its host (live vCPU/memory changes).
+
+        A grow is checked against the host's capacity at its ratios under the same lock as a
+        create claim (CapacityExceeded naming the resource and shortfall when it does not
+        fit); a shrink always succeeds and frees capacity at once.
+        """
+        now = self.clock()
+        with self.tx() as s:
+            repo.bump_generation(s, host_id)
+            current = repo.allocations_of(s, vm_uuid)
+            grow = {r: a - current.get(r, 0) for r, a in new_amounts.items() if a > current.get(r, 0)}
+            if grow:
+                fresh = repo.get_host(s, host_id)
+                check = place(
+                    fleet.snapshot([fresh], self.config, now),
+                    fleet.placement_request(
+                        f"grow of {vm_uuid}",
+                        {ResourceClass(r): a for r, a in grow.items()},
+                        force_host=host_id,
+                    ),
+                    fleet.policy(self.config),
+                )
+                if isinstance(check, Refusal):
+                    raise CapacityExceeded(
+                        f"host {host_id} has no room for the change: {check.summary()}",
+                        details={"reasons": [r.as_dict() for r in check.reasons]},
+                    )
+            repo.set_allocations(s, vm_uuid, host_id, new_amounts)
 
     # ------------------------------------------------------------------ VMs: read
 

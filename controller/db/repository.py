@@ -363,6 +363,17 @@ def release(session: Session, vm_uuid: str, host_id: str) -> None:
     session.execute(update(Host).where(Host.id == host_id).values(generation=Host.generation + 1))
 
 
+def set_allocations(session: Session, vm_uuid: str, host_id: str, amounts: Mapping[str, int]) -> None:
+    """Replace a VM's allocations (call after bump_generation and a capacity check)."""
+    session.execute(delete(Allocation).where(Allocation.vm_uuid == vm_uuid))
+    session.add_all(
+        Allocation(vm_uuid=vm_uuid, host_id=host_id, resource=r, amount=a)
+        for r, a in amounts.items()
+        if a > 0
+    )
+    session.flush()
+
+
 def allocations_of(session: Session, vm_uuid: str) -> dict[str, int]:
     return {
         r: int(a)
