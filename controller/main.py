@@ -14,7 +14,7 @@ from types import FrameType
 
 from common.errors import VirtfleetError
 from common.transport.amqp import ConsumerServer
-from common.transport.topology import declare_api_queue, declare_reports
+from common.transport.topology import declare_api_queue, declare_heartbeats, declare_reports
 from controller.agent_api import AgentApi, AmqpAgentCalls
 from controller.config import ControllerConfig, load_config
 from controller.db.engine import make_engine, migrate
@@ -64,16 +64,25 @@ class Controller:
             prefetch=16,
             workers=2,
         )
+        self.heartbeats = ConsumerServer(
+            config.amqp_url,
+            f"{self.name}-heartbeats",
+            declare_heartbeats,
+            report_dispatcher(self.service, self.name),
+            prefetch=64,
+            workers=1,
+        )
         self._stop = threading.Event()
         self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
 
     def start(self) -> None:
+        self.heartbeats.start()
         self.reports.start()
         self.api.start()
         self._reconciler.start()
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
-        return self.api.ready.wait(timeout) and self.reports.ready.wait(timeout)
+        return all(s.ready.wait(timeout) for s in (self.api, self.reports, self.heartbeats))
 
     def _reconcile_loop(self) -> None:
         while not self._stop.wait(self.config.reconcile_interval_s):
@@ -87,6 +96,7 @@ class Controller:
         self._stop.set()
         self.api.stop()
         self.reports.stop()
+        self.heartbeats.stop()
         self.service.close()
         self.engine.dispose()
 

@@ -14,6 +14,10 @@ DEAD_LETTER_EXCHANGE = "virtfleet.dlx"  # fanout
 DEAD_LETTER_QUEUE = "virtfleet.dead"
 API_QUEUE = "virtfleet.api"  # on the default exchange; competing controllers
 REPORTS_QUEUE = "virtfleet.controller.reports"  # competing controllers
+#: Heartbeats have their own queue so that they are never stuck behind a backlog of full
+#: reports (a late heartbeat would make a busy host look down).
+HEARTBEATS_QUEUE = "virtfleet.controller.heartbeats"
+HEARTBEAT_TTL_MS = 30_000
 #: Reports older than this are worthless (a newer one will follow); keeps the queue short
 #: while no controller runs.
 REPORT_TTL_MS = 120_000
@@ -73,8 +77,16 @@ def declare_reports(ch: Channel) -> str:
     # No dead-lettering here: an expired report is simply stale (a newer one follows), and a
     # malformed one is logged and dropped rather than filling the dead-letter queue.
     ch.queue_declare(REPORTS_QUEUE, durable=True, arguments={"x-message-ttl": REPORT_TTL_MS})
-    ch.queue_bind(REPORTS_QUEUE, REPORTS_EXCHANGE, "#")
+    ch.queue_bind(REPORTS_QUEUE, REPORTS_EXCHANGE, "host.report.*")
     return REPORTS_QUEUE
+
+
+def declare_heartbeats(ch: Channel) -> str:
+    """The heartbeats exchange binding and the controllers' shared heartbeat queue."""
+    ch.exchange_declare(REPORTS_EXCHANGE, "topic", durable=True)
+    ch.queue_declare(HEARTBEATS_QUEUE, durable=True, arguments={"x-message-ttl": HEARTBEAT_TTL_MS})
+    ch.queue_bind(HEARTBEATS_QUEUE, REPORTS_EXCHANGE, "host.heartbeat.*")
+    return HEARTBEATS_QUEUE
 
 
 def declare_reports_exchange(ch: Channel) -> None:

@@ -233,6 +233,10 @@ def _apply_reported_vms(session: Session, report: HostReport, now: float) -> lis
     seen = {vm.uuid: vm for vm in report.vms}
     notes: list[str] = []
     for vm in session.scalars(select(Vm).where(Vm.host_id == report.host_id)):
+        if vm.updated_at > report.reported_at:
+            # The controller changed this VM after the agent took the report: the report
+            # cannot know about it yet (e.g. a create finishing while the report was queued).
+            continue
         status = seen.get(vm.uuid)
         if status is None:
             # A VM still building may not be defined yet; anything else is missing.
@@ -241,15 +245,22 @@ def _apply_reported_vms(session: Session, report: HostReport, now: float) -> lis
                 vm.power_state = PowerState.MISSING
                 vm.reported_at = now
             continue
-        if vm.power_state != status.state and vm.status != "building":
+        values = {
+            "power_state": status.state.value,
+            "vcpus": status.vcpus,
+            "max_vcpus": status.max_vcpus,
+            "memory_mib": status.memory_mib,
+            "max_memory_mib": status.max_memory_mib,
+            "autostart": status.autostart,
+            "persistent": status.persistent,
+        }
+        changed = {k: v for k, v in values.items() if getattr(vm, k) != v}
+        if not changed:
+            continue  # nothing to write: keeps reports cheap on hosts with many VMs
+        if "power_state" in changed and vm.status != "building":
             notes.append(f"{vm.name}: {vm.power_state} -> {status.state}")
-        vm.power_state = status.state
-        vm.vcpus = status.vcpus
-        vm.max_vcpus = status.max_vcpus
-        vm.memory_mib = status.memory_mib
-        vm.max_memory_mib = status.max_memory_mib
-        vm.autostart = status.autostart
-        vm.persistent = status.persistent
+        for key, value in changed.items():
+            setattr(vm, key, value)
         vm.cpu_time_ns = status.cpu_time_ns
         vm.reported_at = now
     return notes

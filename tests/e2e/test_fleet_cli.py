@@ -7,13 +7,15 @@ tests/fixtures/nodes). Each module gets its own RabbitMQ vhost and database.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import pytest
-from vfsupport import Fleet, fresh_database, node_uri, private_vhost, wait_until
+from vfsupport import CliResult, Fleet, fresh_database, node_uri, private_vhost, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
@@ -172,6 +174,29 @@ def test_50_concurrent_creates_never_exceed_capacity(fleet: Fleet) -> None:
     burst = [v for v in fleet.cli_ok("vm", "list")["vms"] if v["name"].startswith("burst-")]
     assert len(burst) == expected
     assert all(v["status"] == "active" for v in burst)
+
+
+def test_fleet_recovers_when_the_broker_drops_every_connection(fleet: Fleet) -> None:
+    vhost = unquote(urlparse(fleet.amqp_url).path.lstrip("/"))
+    subprocess.run(
+        ["rabbitmqctl", "-q", "close_all_connections", "--vhost", vhost, "test: broker restart"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    # Agents reconnect, heartbeat again; the controller serves the API again.
+    fleet.wait_hosts(set(SIZES), timeout=60)
+
+    def create() -> CliResult | None:
+        # The idempotency key makes a retry after an ambiguous failure create the VM once.
+        args = ("vm", "create", "after-drop", "--memory", "64", "--disk", "1", "--idempotency-key", "k-drop")
+        result = fleet.cli(*args)
+        return result if result.code == 0 else None
+
+    created = wait_until(create, 60, "a create to succeed after the drop")
+    assert created.json["vm"]["name"] == "after-drop"
+    assert [v["name"] for v in fleet.cli_ok("vm", "list")["vms"]].count("after-drop") == 1
+    assert all(p.alive() for p in fleet.procs), fleet.logs()
 
 
 def test_killed_agent_marks_host_down_and_it_is_not_chosen(fleet: Fleet) -> None:
