@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from common.messages.api import HostView, RejectionView, ResourceView, VmView
+from controller import tuning_inventory
 from controller.config import ControllerConfig
 from controller.db.repository import HostRecord, VmRecord
 from controller.scheduler.model import (
@@ -39,42 +40,60 @@ def down_since(record: HostRecord, now: float, down_after_s: float) -> float | N
     return record.last_heartbeat
 
 
-def inventories(record: HostRecord, config: ControllerConfig) -> dict[ResourceClass, Inventory]:
-    """vCPU, memory and disk inventories: reported totals, reserved amounts and ratios."""
+def _setting(record: HostRecord, name: str, fleet_default: float) -> tuple[float, str]:
+    """A ratio or reserve: the host's own value, else its group's, else the fleet default."""
+    own = getattr(record, name)
+    if own is not None:
+        return own, "host"
+    grouped = record.group_settings.get(name)
+    if grouped is not None:
+        return grouped, f"group:{record.group_name}"
+    return fleet_default, "fleet"
+
+
+#: resource -> (total attribute, ratio setting, reserved setting)
+_BASE_RESOURCES: dict[ResourceClass, tuple[str, str, str]] = {
+    ResourceClass.VCPU: ("cpus", "cpu_ratio", "reserved_cpus"),
+    ResourceClass.MEMORY_MIB: ("memory_mib", "ram_ratio", "reserved_memory_mib"),
+    ResourceClass.DISK_GIB: ("disk_gib", "disk_ratio", "reserved_disk_gib"),
+}
+
+
+def inventory_sources(record: HostRecord, config: ControllerConfig) -> dict[ResourceClass, str]:
+    """Where each base inventory's ratio came from (``host``, ``group:NAME`` or ``fleet``)."""
     oc = config.overcommit
-    ram_ratio = record.ram_ratio if record.ram_ratio is not None else oc.ram_ratio
-    if record.hypervisor_type.lower() in NO_MEMORY_OVERCOMMIT:
-        ram_ratio = 1.0
     return {
-        ResourceClass.VCPU: Inventory.for_class(
-            ResourceClass.VCPU,
-            record.cpus,
-            reserved=min(
-                record.cpus, record.reserved_cpus if record.reserved_cpus is not None else oc.reserved_cpus
-            ),
-            allocation_ratio=record.cpu_ratio if record.cpu_ratio is not None else oc.cpu_ratio,
-        ),
-        ResourceClass.MEMORY_MIB: Inventory.for_class(
-            ResourceClass.MEMORY_MIB,
-            record.memory_mib,
-            reserved=min(
-                record.memory_mib,
-                record.reserved_memory_mib
-                if record.reserved_memory_mib is not None
-                else oc.reserved_memory_mib,
-            ),
-            allocation_ratio=ram_ratio,
-        ),
-        ResourceClass.DISK_GIB: Inventory.for_class(
-            ResourceClass.DISK_GIB,
-            record.disk_gib,
-            reserved=min(
-                record.disk_gib,
-                record.reserved_disk_gib if record.reserved_disk_gib is not None else oc.reserved_disk_gib,
-            ),
-            allocation_ratio=record.disk_ratio if record.disk_ratio is not None else oc.disk_ratio,
-        ),
+        rc: _setting(record, ratio, getattr(oc, ratio))[1]
+        for rc, (_total, ratio, _res) in _BASE_RESOURCES.items()
     }
+
+
+def inventories(record: HostRecord, config: ControllerConfig) -> dict[ResourceClass, Inventory]:
+    """vCPU, memory and disk inventories: reported totals, reserved amounts, ratios, unit limits.
+
+    Precedence for each ratio and reserve: the host's own setting, its host group's, the fleet
+    default. A hypervisor that cannot overcommit memory (Xen) gets memory ratio 1.0 whatever
+    is set. Min/max unit and step size come from the host's limits (Nova placement's rules).
+    """
+    oc = config.overcommit
+    out: dict[ResourceClass, Inventory] = {}
+    for rc, (total_attr, ratio_name, reserved_name) in _BASE_RESOURCES.items():
+        total = int(getattr(record, total_attr))
+        ratio, _source = _setting(record, ratio_name, getattr(oc, ratio_name))
+        reserved, _ = _setting(record, reserved_name, getattr(oc, reserved_name))
+        if rc is ResourceClass.MEMORY_MIB and record.hypervisor_type.lower() in NO_MEMORY_OVERCOMMIT:
+            ratio = 1.0
+        limits = record.inventory_overrides.get(str(rc), {})
+        out[rc] = Inventory.for_class(
+            rc,
+            total,
+            reserved=min(total, int(reserved)),
+            allocation_ratio=float(ratio),
+            min_unit=int(limits.get("min_unit") or 1),
+            max_unit=limits.get("max_unit"),
+            step_size=int(limits.get("step_size") or 1),
+        )
+    return out
 
 
 def _used(record: HostRecord) -> dict[ResourceClass, int]:
@@ -89,9 +108,10 @@ def _used(record: HostRecord) -> dict[ResourceClass, int]:
 
 def host_state(record: HostRecord, config: ControllerConfig, now: float) -> HostState:
     """The scheduler's view of one host."""
+    tuned = tuning_inventory.from_record(record)
     return HostState(
         host_id=record.id,
-        inventories=inventories(record, config),
+        inventories=tuned.inventories(inventories(record, config)),
         used=_used(record),
         enabled=record.enabled,
         maintenance=record.maintenance,
@@ -104,6 +124,8 @@ def host_state(record: HostRecord, config: ControllerConfig, now: float) -> Host
         vm_count=record.vm_count,
         max_vms=record.max_vms,
         generation=record.generation,
+        free_pcpus=tuned.free_pcpus,
+        pcpu_numa=tuned.pcpu_numa,
     )
 
 

@@ -10,11 +10,11 @@ from typing import Any
 import libvirt
 import pytest
 
-from agent.domain_xml import build_domain_xml
 from agent.drivers import host_facts
 from agent.drivers.libvirt_driver import LibvirtHypervisor, open_connection
 from agent.handlers import AgentHandlers
 from agent.reporter import build_report
+from common.domain_xml import build_domain_xml
 from common.errors import AlreadyExists, HypervisorError, NotFound
 from common.messages.vm import (
     CreateVm,

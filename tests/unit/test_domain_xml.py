@@ -1,4 +1,4 @@
-"""Golden-file and round-trip tests of the pure domain-XML builder and parser (agent/domain_xml.py).
+"""Golden-file and round-trip tests of the pure domain-XML builder and parser (common/domain_xml.py).
 
 Regenerate the golden files after an intended change with::
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.domain_xml import (
+from common.domain_xml import (
     VF_NAMESPACE,
     DomainXmlError,
     DomIfRow,

@@ -1,0 +1,234 @@
+"""Placement family: operator settings of hosts and groups, capacity views, server groups."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from common.errors import InvalidRequest
+from common.messages.kinds import Kind, Route, Timeout, kind
+from common.validation import check_name
+
+FAMILY_VERSION = "1.0"
+
+#: Settings that may be cleared back to the group/fleet default with ``--reset``.
+HOST_SETTINGS = (
+    "cpu_ratio",
+    "ram_ratio",
+    "disk_ratio",
+    "reserved_memory_mib",
+    "reserved_cpus",
+    "reserved_disk_gib",
+    "max_vms",
+    "group",
+)
+GROUP_POLICIES = ("affinity", "anti-affinity", "soft-affinity", "soft-anti-affinity")
+RESOURCE_NAMES = ("VCPU", "MEMORY_MIB", "DISK_GIB", "PCPU", "HUGEPAGES_2M", "HUGEPAGES_1G")
+
+
+def _check_ratio(value: float | None, what: str) -> None:
+    if value is not None and (not math.isfinite(value) or value <= 0 or value > 1000):
+        raise InvalidRequest(f"{what} must be a positive number up to 1000, got {value}")
+
+
+def _check_non_negative(value: int | None, what: str) -> None:
+    if value is not None and value < 0:
+        raise InvalidRequest(f"{what} must be zero or more, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Nova-placement style unit rules for one resource of one host."""
+
+    resource: str
+    min_unit: int | None = None
+    max_unit: int | None = None
+    step_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.resource not in RESOURCE_NAMES:
+            raise InvalidRequest(f"unknown resource {self.resource!r}; one of {', '.join(RESOURCE_NAMES)}")
+        for name in ("min_unit", "max_unit", "step_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InvalidRequest(f"{self.resource} {name} must be at least 1, got {value}")
+        if self.min_unit is not None and self.max_unit is not None and self.max_unit < self.min_unit:
+            raise InvalidRequest(
+                f"{self.resource}: max_unit {self.max_unit} is below min_unit {self.min_unit}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class HostSet:
+    """``api.host.set``: operator overrides for one host; None leaves a setting as it is."""
+
+    host: str
+    cpu_ratio: float | None = None
+    ram_ratio: float | None = None
+    disk_ratio: float | None = None
+    reserved_memory_mib: int | None = None
+    reserved_cpus: int | None = None
+    reserved_disk_gib: int | None = None
+    max_vms: int | None = None
+    group: str | None = None
+    limits: tuple[Limits, ...] = ()
+    reset: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_name(self.host, "host")
+        for name in ("cpu_ratio", "ram_ratio", "disk_ratio"):
+            _check_ratio(getattr(self, name), name.replace("_", " "))
+        for name in ("reserved_memory_mib", "reserved_cpus", "reserved_disk_gib", "max_vms"):
+            _check_non_negative(getattr(self, name), name.replace("_", " "))
+        if self.group is not None:
+            check_name(self.group, "host group")
+        unknown = [r for r in self.reset if r not in (*HOST_SETTINGS, "limits")]
+        if unknown:
+            raise InvalidRequest(
+                f"cannot reset {', '.join(unknown)}; resettable: {', '.join(HOST_SETTINGS)}, limits"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class HostSwitch:
+    """``api.host.state``: enable/disable a host or put it in or out of maintenance."""
+
+    host: str
+    enabled: bool | None = None
+    maintenance: bool | None = None
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        check_name(self.host, "host")
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityRequest:
+    host: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceCapacity:
+    """One resource of one host: the inventory, what is claimed and what the host reports."""
+
+    resource: str
+    total: int
+    reserved: int
+    allocation_ratio: float
+    capacity: int
+    used: int
+    free: int
+    min_unit: int
+    max_unit: int
+    step_size: int
+    #: what running domains on the host use per its last report (None: not measurable)
+    reported: int | None = None
+    #: where the ratio/reserved came from: host, group:<name> or fleet
+    source: str = "fleet"
+
+
+@dataclass(frozen=True, slots=True)
+class HostCapacity:
+    host: str
+    status: str
+    group: str | None
+    resources: tuple[ResourceCapacity, ...]
+    #: differences between what the controller claimed and what the agent reports
+    drift: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityReport:
+    hosts: tuple[HostCapacity, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HostGroupSet:
+    """``api.hostgroup.set``: create or update a host group's defaults."""
+
+    name: str
+    cpu_ratio: float | None = None
+    ram_ratio: float | None = None
+    disk_ratio: float | None = None
+    reserved_memory_mib: int | None = None
+    reserved_cpus: int | None = None
+    reserved_disk_gib: int | None = None
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "host group")
+        for name in ("cpu_ratio", "ram_ratio", "disk_ratio"):
+            _check_ratio(getattr(self, name), name.replace("_", " "))
+        for name in ("reserved_memory_mib", "reserved_cpus", "reserved_disk_gib"):
+            _check_non_negative(getattr(self, name), name.replace("_", " "))
+
+
+@dataclass(frozen=True, slots=True)
+class HostGroupView:
+    name: str
+    cpu_ratio: float | None
+    ram_ratio: float | None
+    disk_ratio: float | None
+    reserved_memory_mib: int | None
+    reserved_cpus: int | None
+    reserved_disk_gib: int | None
+    hosts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HostGroupList:
+    groups: tuple[HostGroupView, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerGroupCreate:
+    """``api.group.create``: an (anti-)affinity group of VMs."""
+
+    name: str
+    policy: str
+    max_per_host: int = 1
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "server group")
+        if self.policy not in GROUP_POLICIES:
+            raise InvalidRequest(f"policy must be one of {', '.join(GROUP_POLICIES)}, got {self.policy!r}")
+        if self.max_per_host < 1:
+            raise InvalidRequest(f"max per host must be at least 1, got {self.max_per_host}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerGroupRef:
+    name: str
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "server group")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerGroupView:
+    name: str
+    policy: str
+    max_per_host: int
+    members: dict[str, int]  # host -> VMs of the group there
+
+
+@dataclass(frozen=True, slots=True)
+class ServerGroupList:
+    groups: tuple[ServerGroupView, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    message: str = ""
+
+
+_C = Route.API
+KINDS: tuple[Kind, ...] = (
+    kind("api.host.set", _C, HostSet, Done, Timeout.FAST, "virtfleet host set"),
+    kind("api.host.state", _C, HostSwitch, Done, Timeout.FAST, "virtfleet host enable|disable|maintenance"),
+    kind("api.host.capacity", _C, CapacityRequest, CapacityReport, Timeout.FAST, "virtfleet host capacity"),
+    kind("api.hostgroup.set", _C, HostGroupSet, Done, Timeout.FAST, "virtfleet hostgroup set"),
+    kind("api.hostgroup.list", _C, CapacityRequest, HostGroupList, Timeout.FAST, "virtfleet hostgroup list"),
+    kind("api.group.create", _C, ServerGroupCreate, ServerGroupView, Timeout.FAST, "virtfleet group create"),
+    kind("api.group.delete", _C, ServerGroupRef, Done, Timeout.FAST, "virtfleet group delete"),
+    kind("api.group.list", _C, CapacityRequest, ServerGroupList, Timeout.FAST, "virtfleet group list"),
+)

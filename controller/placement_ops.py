@@ -1,0 +1,255 @@
+"""Placement use cases beyond create: host settings and switches, capacity and drift,
+host groups (shared defaults) and server groups (affinity / anti-affinity)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+
+from common.errors import NotFound
+from common.messages import placement as msg
+from common.messages.vm import PowerState
+from common.transport.rpc import HandlerFn
+from controller import fleet
+from controller.db import repository as repo
+from controller.service import ControllerService
+
+log = logging.getLogger(__name__)
+
+_RESETTABLE_COLUMNS = {
+    "cpu_ratio": "cpu_ratio",
+    "ram_ratio": "ram_ratio",
+    "disk_ratio": "disk_ratio",
+    "reserved_memory_mib": "reserved_memory_mib",
+    "reserved_cpus": "reserved_cpus",
+    "reserved_disk_gib": "reserved_disk_gib",
+    "max_vms": "max_vms",
+    "group": "group_name",
+}
+
+
+def host_set(service: ControllerService, req: msg.HostSet) -> msg.Done:
+    """Operator overrides for one host (ratios, reserves, limits, group)."""
+    values: dict[str, object] = {}
+    for name in (
+        "cpu_ratio",
+        "ram_ratio",
+        "disk_ratio",
+        "reserved_memory_mib",
+        "reserved_cpus",
+        "reserved_disk_gib",
+    ):
+        value = getattr(req, name)
+        if value is not None:
+            values[name] = value
+    if req.max_vms is not None:
+        values["max_vms"] = req.max_vms
+    for name in req.reset:
+        if name == "limits":
+            values["inventory_overrides"] = "{}"
+        else:
+            values[_RESETTABLE_COLUMNS[name]] = None
+    with service.tx() as s:
+        host = repo.get_host(s, req.host)
+        if req.group is not None:
+            if not repo.host_group_exists(s, req.group):
+                raise NotFound(
+                    f"host group {req.group!r} does not exist; create it with `virtfleet hostgroup set`"
+                )
+            values["group_name"] = req.group
+        if req.limits:
+            limits = dict(host.inventory_overrides)
+            for lim in req.limits:
+                entry = {
+                    k: v
+                    for k, v in (
+                        ("min_unit", lim.min_unit),
+                        ("max_unit", lim.max_unit),
+                        ("step_size", lim.step_size),
+                    )
+                    if v is not None
+                }
+                limits[lim.resource] = {**limits.get(lim.resource, {}), **entry}
+            values["inventory_overrides"] = json.dumps(limits, sort_keys=True)
+        # A changed ratio changes capacity: bump the generation so in-flight decisions re-check.
+        repo.bump_generation(s, req.host)
+        repo.set_host_fields(s, req.host, values, service.clock())
+    changed = ", ".join(f"{k}={v}" for k, v in values.items()) or "nothing"
+    log.info("host %s settings: %s", req.host, changed)
+    return msg.Done(f"{req.host}: {changed}")
+
+
+def host_state(service: ControllerService, req: msg.HostSwitch) -> msg.Done:
+    """Enable/disable a host or put it in/out of maintenance (no new VMs while off/in maintenance)."""
+    values: dict[str, object] = {}
+    if req.enabled is not None:
+        values["enabled"] = req.enabled
+    if req.maintenance is not None:
+        values["maintenance"] = req.maintenance
+    with service.tx() as s:
+        repo.bump_generation(s, req.host)
+        repo.set_host_fields(s, req.host, values, service.clock())
+    words = []
+    if req.enabled is not None:
+        words.append("enabled" if req.enabled else "disabled")
+    if req.maintenance is not None:
+        words.append("in maintenance" if req.maintenance else "out of maintenance")
+    return msg.Done(
+        f"{req.host}: {' and '.join(words) or 'unchanged'}" + (f" ({req.reason})" if req.reason else "")
+    )
+
+
+def _reported_usage(record: repo.HostRecord) -> dict[str, int]:
+    running = [
+        v
+        for v in record.reported_vms
+        if v.state in (PowerState.RUNNING, PowerState.PAUSED, PowerState.BLOCKED)
+    ]
+    return {
+        "VCPU": sum(v.vcpus for v in running),
+        "MEMORY_MIB": sum(v.memory_mib for v in running),
+        "DISK_GIB": max(0, record.disk_gib - record.disk_free_gib),
+    }
+
+
+def drift_notes(record: repo.HostRecord, vms: Iterable[repo.VmRecord]) -> list[str]:
+    """What the controller claimed on a host vs what its agent last reported (pure)."""
+    notes: list[str] = []
+    known = {v.uuid: v for v in vms}
+    reported = {v.uuid: v for v in record.reported_vms}
+    for seen in record.reported_vms:
+        if seen.uuid not in known:
+            kind = "unmanaged" if not seen.managed else "unknown"
+            notes.append(
+                f"{kind} domain {seen.name} ({seen.state}, {seen.vcpus} vCPU, {seen.memory_mib} MiB) "
+                "is not claimed by virtfleet"
+            )
+    for vm in known.values():
+        if vm.status == "building":
+            continue
+        status = reported.get(vm.uuid)
+        if status is None:
+            notes.append(f"VM {vm.name} is claimed here but the host does not report it")
+        elif status.memory_mib > vm.memory_mib or status.vcpus > vm.vcpus:
+            notes.append(
+                f"VM {vm.name} uses {status.vcpus} vCPU / {status.memory_mib} MiB, "
+                f"claimed {vm.vcpus} vCPU / {vm.memory_mib} MiB"
+            )
+    return notes
+
+
+def capacity(service: ControllerService, req: msg.CapacityRequest) -> msg.CapacityReport:
+    """Per host and resource: total, reserved, ratio, capacity, used, free, limits, reported use."""
+    now = service.clock()
+    with service.tx() as s:
+        records = repo.list_hosts(s, None if req.host is None else [req.host])
+        if req.host is not None and not records:
+            raise NotFound(f"host {req.host!r} is not known")
+        vms = repo.list_vms(s)
+    by_host: dict[str, list[repo.VmRecord]] = {}
+    for vm in vms:
+        if vm.host_id is not None:
+            by_host.setdefault(vm.host_id, []).append(vm)
+    hosts = []
+    for record in records:
+        state = fleet.host_state(record, service.config, now)
+        sources = fleet.inventory_sources(record, service.config)
+        reported = _reported_usage(record)
+        resources = []
+        for rc, inv in sorted(state.inventories.items(), key=lambda kv: str(kv[0])):
+            used = state.used.get(rc, 0)
+            resources.append(
+                msg.ResourceCapacity(
+                    resource=str(rc),
+                    total=inv.total,
+                    reserved=inv.reserved,
+                    allocation_ratio=inv.allocation_ratio,
+                    capacity=inv.capacity,
+                    used=used,
+                    free=inv.capacity - used,
+                    min_unit=inv.min_unit,
+                    max_unit=inv.effective_max_unit,
+                    step_size=inv.step_size,
+                    reported=reported.get(str(rc)),
+                    source=sources.get(rc, "host"),
+                )
+            )
+        hosts.append(
+            msg.HostCapacity(
+                host=record.id,
+                status="up" if state.up else "down",
+                group=record.group_name,
+                resources=tuple(resources),
+                drift=tuple(drift_notes(record, by_host.get(record.id, []))),
+            )
+        )
+    return msg.CapacityReport(tuple(hosts))
+
+
+def hostgroup_set(service: ControllerService, req: msg.HostGroupSet) -> msg.Done:
+    values = {k: getattr(req, k) for k in repo.GROUP_SETTINGS}
+    with service.tx() as s:
+        repo.upsert_host_group(s, req.name, values, service.clock())
+        for record in repo.list_hosts(s):
+            if record.group_name == req.name:
+                repo.bump_generation(s, record.id)
+    return msg.Done(f"host group {req.name} saved")
+
+
+def hostgroup_list(service: ControllerService, _req: msg.CapacityRequest) -> msg.HostGroupList:
+    with service.tx() as s:
+        groups = repo.list_host_groups(s)
+    return msg.HostGroupList(
+        tuple(
+            msg.HostGroupView(
+                name=g.name,
+                cpu_ratio=g.settings.get("cpu_ratio"),
+                ram_ratio=g.settings.get("ram_ratio"),
+                disk_ratio=g.settings.get("disk_ratio"),
+                reserved_memory_mib=g.settings.get("reserved_memory_mib"),
+                reserved_cpus=g.settings.get("reserved_cpus"),
+                reserved_disk_gib=g.settings.get("reserved_disk_gib"),
+                hosts=g.hosts,
+            )
+            for g in groups
+        )
+    )
+
+
+def _group_view(g: repo.ServerGroupRecord) -> msg.ServerGroupView:
+    return msg.ServerGroupView(
+        name=g.name, policy=g.policy, max_per_host=g.max_per_host, members=dict(g.members)
+    )
+
+
+def group_create(service: ControllerService, req: msg.ServerGroupCreate) -> msg.ServerGroupView:
+    with service.tx() as s:
+        repo.create_server_group(s, req.name, req.policy, req.max_per_host, service.clock())
+    return msg.ServerGroupView(name=req.name, policy=req.policy, max_per_host=req.max_per_host, members={})
+
+
+def group_delete(service: ControllerService, req: msg.ServerGroupRef) -> msg.Done:
+    with service.tx() as s:
+        repo.delete_server_group(s, req.name)
+    return msg.Done(f"server group {req.name} deleted")
+
+
+def group_list(service: ControllerService, _req: msg.CapacityRequest) -> msg.ServerGroupList:
+    with service.tx() as s:
+        groups = repo.list_server_groups(s)
+    return msg.ServerGroupList(tuple(_group_view(g) for g in groups))
+
+
+def api_handlers(service: ControllerService) -> dict[str, HandlerFn]:
+    """The placement API kinds bound to ``service``."""
+    return {
+        "api.host.set": lambda req: host_set(service, req),
+        "api.host.state": lambda req: host_state(service, req),
+        "api.host.capacity": lambda req: capacity(service, req),
+        "api.hostgroup.set": lambda req: hostgroup_set(service, req),
+        "api.hostgroup.list": lambda req: hostgroup_list(service, req),
+        "api.group.create": lambda req: group_create(service, req),
+        "api.group.delete": lambda req: group_delete(service, req),
+        "api.group.list": lambda req: group_list(service, req),
+    }

@@ -1,0 +1,182 @@
+"""Pure parts of placement operations: setting precedence, limits, drift notes, --limit parsing."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from common.errors import InvalidRequest
+from common.messages import placement as msg
+from common.messages.vm import PowerState, VmStatus
+from controller.cli.cmd_placement import parse_limit
+from controller.config import ControllerConfig
+from controller.db.repository import HostRecord, VmRecord
+from controller.fleet import inventories, inventory_sources
+from controller.placement_ops import drift_notes
+from controller.scheduler.model import ResourceClass
+
+
+def host(**over: Any) -> HostRecord:
+    base: dict[str, Any] = {
+        "id": "h1",
+        "hostname": "h1",
+        "enabled": True,
+        "maintenance": False,
+        "hypervisor_type": "QEMU",
+        "hypervisor_version": "7.2",
+        "libvirt_uri": "qemu:///system",
+        "hw_virt": True,
+        "cpus": 16,
+        "numa_cells": 1,
+        "memory_mib": 65536,
+        "memory_free_mib": 60000,
+        "disk_gib": 500,
+        "disk_free_gib": 400,
+        "networks": (),
+        "bridges": (),
+        "reported_vms": (),
+        "cpu_ratio": None,
+        "ram_ratio": None,
+        "disk_ratio": None,
+        "reserved_memory_mib": None,
+        "reserved_cpus": None,
+        "reserved_disk_gib": None,
+        "max_vms": None,
+        "generation": 0,
+        "last_heartbeat": 100.0,
+        "last_report": 100.0,
+        "used": {},
+        "vm_count": 0,
+    }
+    base.update(over)
+    return HostRecord(**base)
+
+
+def vm(name: str, uuid: str, **over: Any) -> VmRecord:
+    base: dict[str, Any] = {
+        "uuid": uuid,
+        "name": name,
+        "host_id": "h1",
+        "status": "active",
+        "task": None,
+        "desired_power": "running",
+        "power_state": "running",
+        "vcpus": 2,
+        "max_vcpus": 2,
+        "memory_mib": 1024,
+        "max_memory_mib": 1024,
+        "disk_gib": 10,
+        "autostart": False,
+        "persistent": True,
+        "cpu_time_ns": 0,
+        "spec": {},
+        "idempotency_key": None,
+        "last_error": None,
+        "created_at": 1.0,
+        "updated_at": 1.0,
+        "reported_at": None,
+    }
+    base.update(over)
+    return VmRecord(**base)
+
+
+def status(name: str, uuid: str, *, vcpus: int = 2, memory: int = 1024, managed: bool = True) -> VmStatus:
+    return VmStatus(
+        uuid=uuid,
+        name=name,
+        state=PowerState.RUNNING,
+        vcpus=vcpus,
+        max_vcpus=vcpus,
+        memory_mib=memory,
+        max_memory_mib=memory,
+        managed=managed,
+    )
+
+
+CONFIG = ControllerConfig()
+
+
+def test_host_setting_beats_group_beats_fleet() -> None:
+    fleet_only = inventories(host(), CONFIG)
+    assert fleet_only[ResourceClass.VCPU].allocation_ratio == 4.0
+    assert fleet_only[ResourceClass.MEMORY_MIB].reserved == 512
+
+    grouped = host(group_name="dense", group_settings={"cpu_ratio": 8.0, "reserved_memory_mib": 2048})
+    inv = inventories(grouped, CONFIG)
+    assert inv[ResourceClass.VCPU].allocation_ratio == 8.0
+    assert inv[ResourceClass.VCPU].capacity == 128
+    assert inv[ResourceClass.MEMORY_MIB].reserved == 2048
+    assert inventory_sources(grouped, CONFIG)[ResourceClass.VCPU] == "group:dense"
+    assert inventory_sources(grouped, CONFIG)[ResourceClass.DISK_GIB] == "fleet"
+
+    own = replace(grouped, cpu_ratio=2.0)
+    assert inventories(own, CONFIG)[ResourceClass.VCPU].capacity == 32
+    assert inventory_sources(own, CONFIG)[ResourceClass.VCPU] == "host"
+
+
+def test_xen_never_overcommits_memory_even_when_a_group_says_so() -> None:
+    xen = host(hypervisor_type="Xen", group_name="g", group_settings={"ram_ratio": 1.5}, ram_ratio=2.0)
+    assert inventories(xen, CONFIG)[ResourceClass.MEMORY_MIB].allocation_ratio == 1.0
+
+
+def test_unit_limits_come_from_the_host_overrides() -> None:
+    limited = host(inventory_overrides={"MEMORY_MIB": {"min_unit": 256, "max_unit": 8192, "step_size": 256}})
+    inv = inventories(limited, CONFIG)[ResourceClass.MEMORY_MIB]
+    assert (inv.min_unit, inv.max_unit, inv.step_size) == (256, 8192, 256)
+    assert inventories(limited, CONFIG)[ResourceClass.VCPU].step_size == 1
+
+
+def test_drift_names_unmanaged_missing_and_oversized_vms() -> None:
+    record = host(
+        reported_vms=(
+            status("known", "u1"),
+            status("handmade", "u9", vcpus=4, memory=4096, managed=False),
+            status("grown", "u2", vcpus=4, memory=1024),
+        )
+    )
+    vms = [vm("known", "u1"), vm("grown", "u2"), vm("gone", "u3"), vm("new", "u4", status="building")]
+    notes = drift_notes(record, vms)
+    assert notes == [
+        "unmanaged domain handmade (running, 4 vCPU, 4096 MiB) is not claimed by virtfleet",
+        "VM grown uses 4 vCPU / 1024 MiB, claimed 2 vCPU / 1024 MiB",
+        "VM gone is claimed here but the host does not report it",
+    ]
+
+
+def test_no_drift_when_report_and_claims_agree() -> None:
+    assert drift_notes(host(reported_vms=(status("a", "u1"),)), [vm("a", "u1")]) == []
+
+
+def test_parse_limit() -> None:
+    assert parse_limit("memory_mib:min=256,max=8192,step=256") == msg.Limits("MEMORY_MIB", 256, 8192, 256)
+    assert parse_limit("VCPU:max=8") == msg.Limits("VCPU", None, 8, None)
+    for bad in ("MEMORY_MIB", "MEMORY_MIB:", "MEMORY_MIB:size=3", "MEMORY_MIB:min=x", "FOO:min=1"):
+        with pytest.raises(InvalidRequest):
+            parse_limit(bad)
+    with pytest.raises(InvalidRequest, match="below min_unit"):
+        parse_limit("VCPU:min=4,max=2")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cpu_ratio": 0.0}, "cpu ratio must be a positive number"),
+        ({"ram_ratio": float("nan")}, "ram ratio must be a positive number"),
+        ({"reserved_memory_mib": -1}, "reserved memory mib must be zero or more"),
+        ({"reset": ("bogus",)}, "cannot reset bogus"),
+        ({"group": "bad name"}, "invalid host group"),
+    ],
+)
+def test_host_set_validation(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        msg.HostSet(host="h1", **kwargs)
+
+
+def test_server_group_validation() -> None:
+    assert msg.ServerGroupCreate("web", "anti-affinity", 2).max_per_host == 2
+    with pytest.raises(InvalidRequest, match="policy must be one of"):
+        msg.ServerGroupCreate("web", "spread-out")
+    with pytest.raises(InvalidRequest, match="at least 1"):
+        msg.ServerGroupCreate("web", "anti-affinity", 0)
