@@ -9,15 +9,16 @@ every state-changing command the reporter is asked for a fresh report.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from agent.domain_xml import build_domain_xml
-from agent.ports import ACTIVE_STATES, Hypervisor
+from agent import disks as disk_helpers
+from agent.ports import ACTIVE_STATES, Hypervisor, Images
+from agent.vmops import VmOpsHandlers
+from common.domain_xml import build_domain_xml
 from common.errors import AlreadyExists, Conflict, InvalidRequest, NotFound, Unsupported, VirtfleetError
 from common.messages.host import ReportAck, ReportRequest
 from common.messages.vm import (
@@ -38,32 +39,35 @@ from common.messages.vm import (
 
 log = logging.getLogger(__name__)
 
-_VOLUME_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _STARTABLE = frozenset({PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE})
 
 
 def volume_name(spec: VmSpec, disk: DiskSpec) -> str:
     """The pool volume for a new disk: the spec's name, else ``<vmname>-<target>.<fmt>``."""
-    name = disk.volume or f"{spec.name}-{disk.target}.{disk.format.value}"
-    if not _VOLUME_NAME_RE.fullmatch(name) or name in {".", ".."}:
-        raise InvalidRequest(f"disk {disk.target}: invalid volume name {name!r}")
-    return name
+    return disk_helpers.volume_name(spec.name, disk.target, disk.format, disk.volume)
 
 
 class AgentHandlers:
     """The agent's command handlers over one hypervisor."""
 
-    def __init__(self, hypervisor: Hypervisor, request_report: Callable[[], int]) -> None:
+    def __init__(
+        self, hypervisor: Hypervisor, request_report: Callable[[], int], images: Images | None = None
+    ) -> None:
         self._hv = hypervisor
         self._request_report = request_report
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        #: serialises the name check and define of vm.create across VMs (two uuids, one name)
+        #: serialises the name and disk checks and the define of vm.create/vm.define across VMs
         self._define_lock = threading.Lock()
+        if images is None:
+            from agent.drivers.images import QemuImg  # noqa: PLC0415 - the default tool; tests inject theirs
+
+            images = QemuImg()
+        self.vmops = VmOpsHandlers(hypervisor, images, self._changing, self._define_lock)
 
     def table(self) -> dict[str, Callable[[Any], Any]]:
         """kind -> handler, for the Dispatcher."""
-        return {
+        return self.vmops.table() | {
             "vm.create": self.create,
             "vm.start": self.start,
             "vm.shutdown": self.shutdown,
@@ -115,6 +119,8 @@ class AgentHandlers:
                     )
                 existing = self._hv.find(spec.uuid)
                 if existing is None:
+                    if not body.allow_shared_disk:
+                        self._refuse_disks_in_use(spec)
                     disks = self._create_and_define(spec)
                     message = "defined"
                 else:
@@ -130,6 +136,18 @@ class AgentHandlers:
                 self._hv.start(spec.uuid)
                 message += " and started"
             return VmResult(status=self._hv.status(spec.uuid), message=message, disks=disks)
+
+    def _refuse_disks_in_use(self, spec: VmSpec) -> None:
+        """virt-install's "in use by other guests": an existing image another domain writes to."""
+        for disk in spec.disks:
+            if disk.source != "existing" or disk.device is not DiskDevice.DISK or disk.readonly:
+                continue
+            assert disk.path is not None  # DiskSpec guarantees it
+            users = disk_helpers.disk_users(self._hv, disk.path, exclude_uuid=spec.uuid)
+            if users:
+                raise AlreadyExists(
+                    disk_helpers.in_use_message(disk.path, users), details={"path": disk.path, "users": users}
+                )
 
     def _resolve_disks(self, spec: VmSpec, created: list[str] | None) -> tuple[DiskSpec, ...]:
         """Every disk with its pool, volume and path filled in.

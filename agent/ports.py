@@ -13,6 +13,7 @@ from typing import Protocol
 
 from common.messages.host import CpuTopology, StoragePoolInfo
 from common.messages.vm import DiskFormat, PowerState, VmStatus
+from common.messages.vmops import ImageInfo
 
 #: States in which a domain is running in some form (has a QEMU process).
 ACTIVE_STATES = frozenset(
@@ -117,4 +118,81 @@ class Hypervisor(Protocol):
 
     def list_statuses(self) -> tuple[VmStatus, ...]:
         """Every domain on the host, including ones virtfleet did not create (managed=False)."""
+        ...
+
+    # -- whole definitions ----------------------------------------------------------
+    def domain_xml(self, uuid: str, *, live: bool, secure: bool = False) -> str:
+        """The running (``live``) or persistent definition; ``secure`` includes passwords."""
+        ...
+
+    def domain_xmls(self) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+        """(uuid, name, its XML documents: live or persistent, plus persistent when running) of every domain."""
+        ...
+
+    def mark_managed(self, uuid: str) -> None:
+        """Add virtfleet's metadata to a domain defined from foreign XML (``vm import``)."""
+        ...
+
+    # -- live changes ---------------------------------------------------------------
+    def set_vcpus(self, uuid: str, vcpus: int, *, live: bool, config: bool) -> None: ...
+
+    def set_memory(self, uuid: str, memory_mib: int, *, live: bool, config: bool) -> None: ...
+
+    def memory_stats(self, uuid: str) -> dict[str, int]:
+        """``virsh dommemstat`` in KiB (``actual`` is the balloon); may be empty."""
+        ...
+
+    # -- snapshots ------------------------------------------------------------------
+    def create_snapshot(self, uuid: str, xml: str) -> None: ...
+
+    def list_snapshots(self, uuid: str) -> tuple[tuple[str, bool], ...]:
+        """(snapshot XML, is current) for each snapshot of the domain."""
+        ...
+
+    def revert_snapshot(self, uuid: str, name: str) -> None: ...
+
+    def delete_snapshot(self, uuid: str, name: str) -> None: ...
+
+    # -- devices --------------------------------------------------------------------
+    def attach_device(self, uuid: str, xml: str, *, live: bool, config: bool) -> None: ...
+
+    def detach_device(self, uuid: str, xml: str, *, live: bool, config: bool) -> None: ...
+
+    def block_size(self, uuid: str, target: str) -> int:
+        """Virtual size (bytes) of a running domain's disk."""
+        ...
+
+    def block_resize(self, uuid: str, target: str, size_bytes: int) -> None: ...
+
+    # -- storage, networks ----------------------------------------------------------
+    def pool_path(self, pool: str) -> str:
+        """The directory of a storage pool."""
+        ...
+
+    def refresh_pool(self, pool: str) -> None: ...
+
+    def is_pool_volume(self, path: str) -> bool: ...
+
+    def network_exists(self, name: str) -> bool: ...
+
+    def bridge_exists(self, name: str) -> bool: ...
+
+
+class Images(Protocol):
+    """Disk image files (``qemu-img``); :class:`~agent.drivers.images.QemuImg` implements it."""
+
+    def info(self, path: str) -> ImageInfo:
+        """NotFound when there is no such file."""
+        ...
+
+    def create(self, path: str, fmt: DiskFormat, size_gib: int) -> ImageInfo:
+        """Never overwrites: AlreadyExists unless ``path`` is this very image already."""
+        ...
+
+    def convert(self, src: str, dst: str, fmt: DiskFormat) -> ImageInfo:
+        """AlreadyExists when ``dst`` exists."""
+        ...
+
+    def resize(self, path: str, size_gib: int) -> ImageInfo:
+        """Grow only."""
         ...

@@ -60,12 +60,19 @@ __all__ = [
     "ParsedDomain",
     "ParsedGraphics",
     "ParsedNic",
+    "SnapshotXml",
     "build_disk_xml",
     "build_domain_xml",
     "build_interface_xml",
+    "build_snapshot_xml",
+    "detach_disk_xml",
+    "detach_interface_xml",
     "domiflist",
     "parse_domain_xml",
+    "parse_snapshot_xml",
+    "shared_disk_paths",
     "spec_from_parsed",
+    "writable_disk_paths",
 ]
 
 #: Namespace of virtfleet's ``<metadata>`` element; its presence marks a domain as managed by virtfleet.
@@ -107,6 +114,7 @@ class ParsedDisk:
     cache: str | None
     io: str | None
     readonly: bool
+    shareable: bool = False  # <shareable/>: meant to be used by several domains at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +163,8 @@ class ParsedDomain:
     nics: tuple[ParsedNic, ...] = ()
     graphics: ParsedGraphics | None = None  # the first VNC console, else the first console of any type
     serial_log: str | None = None  # <serial type='file'> source path
+    #: vCPUs hot-added to the running domain (live XML ``<vcpus><vcpu enabled='yes' hotpluggable='yes'>``)
+    hotplugged_vcpus: int = 0
 
 
 class DomIfRow(NamedTuple):
@@ -464,6 +474,7 @@ def _parse_disk(elem: ET.Element) -> ParsedDisk:
         cache=driver.get("cache") if driver is not None else None,
         io=driver.get("io") if driver is not None else None,
         readonly=elem.find("readonly") is not None,
+        shareable=elem.find("shareable") is not None,
     )
 
 
@@ -563,6 +574,11 @@ def parse_domain_xml(xml: str) -> ParsedDomain:
         nics=tuple(_parse_nic(n) for n in devices.findall("interface")),
         graphics=_parse_graphics(devices),
         serial_log=serial_source.get("path") if serial_source is not None else None,
+        hotplugged_vcpus=sum(
+            1
+            for v in root.findall("vcpus/vcpu")
+            if v.get("enabled") == "yes" and v.get("hotpluggable") == "yes"
+        ),
     )
 
 
@@ -671,3 +687,91 @@ def spec_from_parsed(parsed: ParsedDomain) -> VmSpec:
         )
     except InvalidRequest as exc:
         raise DomainXmlError(f"domain {parsed.name} cannot be imported: {exc.message}") from exc
+
+
+# ------------------------------------------------------------------------------------------------ devices
+
+
+def writable_disk_paths(parsed: ParsedDomain) -> tuple[str, ...]:
+    """Images the domain writes to: its disks, without CD-ROMs, read-only and shareable disks.
+
+    These are the paths virt-install's ``path_in_use`` check protects: two guests writing one image
+    corrupt it; sharing an ISO or a read-only image is normal.
+    """
+    return tuple(
+        d.path
+        for d in parsed.disks
+        if d.path is not None and d.device == "disk" and not d.readonly and not d.shareable
+    )
+
+
+def shared_disk_paths(parsed: ParsedDomain) -> tuple[str, ...]:
+    """Every image path of the domain (any device), for "who uses this file" questions."""
+    return tuple(d.path for d in parsed.disks if d.path is not None)
+
+
+def detach_disk_xml(disk: ParsedDisk) -> str:
+    """Minimal ``<disk>`` XML that names ``disk`` for ``detachDeviceFlags`` (libvirt matches the target)."""
+    elem = ET.Element("disk", {"type": disk.source_type, "device": disk.device})
+    if disk.path is not None and disk.source_type in {"file", "block"}:
+        _sub(elem, "source", {"file" if disk.source_type == "file" else "dev": disk.path})
+    _sub(elem, "target", {"dev": disk.target, "bus": disk.bus})
+    return _tostring(elem)
+
+
+def detach_interface_xml(nic: ParsedNic) -> str:
+    """Minimal ``<interface>`` XML that names ``nic`` for ``detachDeviceFlags`` (libvirt matches the MAC)."""
+    if nic.mac is None:
+        raise ValueError("an interface without a MAC address cannot be named for detaching")
+    elem = ET.Element("interface", {"type": nic.kind})
+    _sub(elem, "mac", {"address": nic.mac})
+    if nic.source is not None and nic.kind in {"network", "bridge"}:
+        _sub(elem, "source", {nic.kind: nic.source})
+    return _tostring(elem)
+
+
+# ------------------------------------------------------------------------------------------------ snapshots
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotXml:
+    """What ``virsh snapshot-list`` / ``snapshot-info`` show of one snapshot."""
+
+    name: str
+    description: str
+    state: str  # the domain's state when it was taken: running, shutoff, paused, disk-snapshot, ...
+    created_at: float
+    parent: str | None
+    memory: bool  # the guest's RAM was saved too (a running snapshot)
+
+
+def build_snapshot_xml(name: str, description: str = "") -> str:
+    """``<domainsnapshot>`` for ``snapshotCreateXML``: an internal snapshot (libvirt's default for qcow2)."""
+    root = ET.Element("domainsnapshot")
+    _sub(root, "name", text=name)
+    if description:
+        _sub(root, "description", text=description)
+    return _tostring(root)
+
+
+def parse_snapshot_xml(xml: str) -> SnapshotXml:
+    """Parse libvirt's ``<domainsnapshot>`` (``virDomainSnapshotGetXMLDesc``)."""
+    if "<!ENTITY" in xml or "<!DOCTYPE" in xml:
+        raise DomainXmlError("snapshot XML must not contain a DOCTYPE or entity declarations")
+    try:
+        root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output; entities refused above
+    except ET.ParseError as exc:
+        raise DomainXmlError(f"malformed snapshot XML: {exc}") from None
+    if root.tag != "domainsnapshot":
+        raise DomainXmlError(f"expected a <domainsnapshot> root element, got <{root.tag}>")
+    name = _required_text(root, "name")
+    created = (root.findtext("creationTime") or "0").strip()
+    memory = root.find("memory")
+    return SnapshotXml(
+        name=name,
+        description=root.findtext("description") or "",
+        state=(root.findtext("state") or "").strip(),
+        created_at=float(_int(created, "<creationTime>")),
+        parent=(root.findtext("parent/name") or "").strip() or None,
+        memory=memory is not None and memory.get("snapshot") not in (None, "no"),
+    )

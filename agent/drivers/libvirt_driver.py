@@ -8,7 +8,7 @@ One connection is shared by all threads (libvirt connections are thread-safe). T
 the test driver: every ``open()`` of ``test:///path/node.xml`` gets private state, so a second
 connection would not see the agent's domains.
 
-Domain XML is never built here (:mod:`agent.domain_xml` does that); only the small storage and
+Domain XML is never built here (:mod:`common.domain_xml` does that); only the small storage and
 metadata documents below are.
 """
 
@@ -25,10 +25,10 @@ from typing import Any
 
 import libvirt
 
-from agent.domain_xml import DomainXmlError, parse_domain_xml
 from agent.drivers import host_facts
 from agent.ports import NodeFacts
-from common.errors import Conflict, HypervisorError, NotFound, VirtfleetError
+from common.domain_xml import VF_NAMESPACE, DomainXmlError, parse_domain_xml
+from common.errors import Conflict, HypervisorError, NotFound, Unsupported, VirtfleetError
 from common.messages.host import CpuTopology, StoragePoolInfo
 from common.messages.vm import DiskFormat, PowerState, VmStatus
 
@@ -59,8 +59,11 @@ _NOT_FOUND_CODES = frozenset(
         libvirt.VIR_ERR_NO_STORAGE_POOL,
         libvirt.VIR_ERR_NO_STORAGE_VOL,
         libvirt.VIR_ERR_NO_NETWORK,
+        libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT,
     }
 )
+#: "this function is not supported by the connection driver" and friends: the hypervisor cannot do it.
+_UNSUPPORTED_CODES = frozenset({libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_UNSUPPORTED})
 
 
 def power_state(code: int) -> PowerState:
@@ -78,6 +81,8 @@ def translate_error(exc: libvirt.libvirtError, action: str) -> VirtfleetError:
     details = {"code": code, "domain": exc.get_error_domain(), "libvirt_message": text}
     if code in _NOT_FOUND_CODES:
         return NotFound(f"{action}: {text}", details=details)
+    if code in _UNSUPPORTED_CODES:
+        return Unsupported(f"{action}: {text}", details=details)
     return HypervisorError(f"{action}: {text}", details=details)
 
 
@@ -158,6 +163,13 @@ def pool_target_path(pool_xml: str) -> str:
     except ET.ParseError:
         return ""
     return (root.findtext("target/path") or "").strip()
+
+
+def managed_marker_xml() -> str:
+    """The body of virtfleet's ``<vf:instance>`` metadata (libvirt adds the namespace prefix)."""
+    root = ET.Element("instance")
+    ET.SubElement(root, "managed").text = "true"
+    return _tostring(root)
 
 
 def domain_has_nvram(domain_xml: str) -> bool:
@@ -526,3 +538,153 @@ class LibvirtHypervisor:
             except NotFound:
                 continue  # undefined between the listing and the lookup
         return tuple(sorted(statuses, key=lambda s: (s.name, s.uuid)))
+
+    # -- whole definitions (vm import / export) ------------------------------------------
+    def domain_xml(self, uuid: str, *, live: bool, secure: bool = False) -> str:
+        dom = self._dom(uuid)
+        flags = 0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE
+        if secure:
+            flags |= libvirt.VIR_DOMAIN_XML_SECURE
+        with libvirt_errors(f"cannot read the definition of VM {uuid}"):
+            return str(dom.XMLDesc(flags))
+
+    def domain_xmls(self) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+        with libvirt_errors("cannot list domains"):
+            domains = self.conn.listAllDomains(0)
+        out = []
+        for dom in domains:
+            try:
+                with libvirt_errors("cannot read a domain definition"):
+                    xmls = [str(dom.XMLDesc(0))]
+                    if dom.isActive() and dom.isPersistent():
+                        xmls.append(str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+                    out.append((str(dom.UUIDString()), str(dom.name()), tuple(xmls)))
+            except NotFound:
+                continue  # undefined meanwhile
+        return tuple(out)
+
+    def mark_managed(self, uuid: str) -> None:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"VM {uuid}: cannot mark it as managed by virtfleet"):
+            dom.setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                managed_marker_xml(),
+                "vf",
+                VF_NAMESPACE,
+                libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+            )
+
+    # -- live changes ----------------------------------------------------------------------
+    def set_vcpus(self, uuid: str, vcpus: int, *, live: bool, config: bool) -> None:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"cannot set the vCPUs of VM {uuid} to {vcpus}"):
+            # One call per scope: some drivers (the test driver) refuse LIVE|CONFIG together.
+            if live:
+                dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            if config:
+                dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+
+    def set_memory(self, uuid: str, memory_mib: int, *, live: bool, config: bool) -> None:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"cannot set the memory of VM {uuid} to {memory_mib} MiB"):
+            if live:
+                dom.setMemoryFlags(memory_mib * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            if config:
+                dom.setMemoryFlags(memory_mib * 1024, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+
+    def memory_stats(self, uuid: str) -> dict[str, int]:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"cannot read the memory statistics of VM {uuid}"):
+            stats = dom.memoryStats()
+        return {str(k): int(v) for k, v in dict(stats).items()}
+
+    # -- snapshots ---------------------------------------------------------------------
+    def create_snapshot(self, uuid: str, xml: str) -> None:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"cannot snapshot VM {uuid}"):
+            dom.snapshotCreateXML(xml, 0)
+
+    def list_snapshots(self, uuid: str) -> tuple[tuple[str, bool], ...]:
+        """(snapshot XML, is current) for each snapshot."""
+        dom = self._dom(uuid)
+        with libvirt_errors(f"cannot list the snapshots of VM {uuid}"):
+            return tuple((str(s.getXMLDesc(0)), bool(s.isCurrent(0))) for s in dom.listAllSnapshots(0))
+
+    def _snapshot(self, uuid: str, name: str) -> Any:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"VM {uuid}: snapshot {name}"):
+            return dom.snapshotLookupByName(name, 0)
+
+    def revert_snapshot(self, uuid: str, name: str) -> None:
+        snap = self._snapshot(uuid, name)
+        dom = self._dom(uuid)
+        with libvirt_errors(f"cannot revert VM {uuid} to snapshot {name}"):
+            dom.revertToSnapshot(snap, 0)
+
+    def delete_snapshot(self, uuid: str, name: str) -> None:
+        snap = self._snapshot(uuid, name)
+        with libvirt_errors(f"cannot delete snapshot {name} of VM {uuid}"):
+            snap.delete(0)
+
+    # -- devices ---------------------------------------------------------------------
+    @staticmethod
+    def _scope(live: bool, config: bool) -> int:
+        flags = 0
+        if live:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if config:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        return flags
+
+    def attach_device(self, uuid: str, xml: str, *, live: bool, config: bool) -> None:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"cannot attach a device to VM {uuid}"):
+            dom.attachDeviceFlags(xml, self._scope(live, config))
+
+    def detach_device(self, uuid: str, xml: str, *, live: bool, config: bool) -> None:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"cannot detach a device from VM {uuid}"):
+            dom.detachDeviceFlags(xml, self._scope(live, config))
+
+    def block_size(self, uuid: str, target: str) -> int:
+        """Virtual size in bytes of the running domain's disk ``target``."""
+        dom = self._dom(uuid)
+        with libvirt_errors(f"VM {uuid}: disk {target}"):
+            return int(dom.blockInfo(target, 0)[0])
+
+    def block_resize(self, uuid: str, target: str, size_bytes: int) -> None:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"cannot resize disk {target} of VM {uuid}"):
+            dom.blockResize(target, size_bytes, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+
+    # -- storage, networks -----------------------------------------------------------
+    def pool_path(self, pool: str) -> str:
+        pool_obj = self._pool(pool)
+        with libvirt_errors(f"storage pool {pool}"):
+            path = pool_target_path(pool_obj.XMLDesc(0))
+        if not path:
+            raise NotFound(f"storage pool {pool} has no target directory")
+        return path
+
+    def refresh_pool(self, pool: str) -> None:
+        pool_obj = self._pool(pool)
+        with libvirt_errors(f"cannot refresh storage pool {pool}"):
+            pool_obj.refresh(0)
+
+    def is_pool_volume(self, path: str) -> bool:
+        return self._volume_by_path(path) is not None
+
+    def network_exists(self, name: str) -> bool:
+        try:
+            self.conn.networkLookupByName(name)
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_NETWORK:
+                return False
+            raise translate_error(exc, f"network {name}") from exc
+        return True
+
+    def bridge_exists(self, name: str) -> bool:
+        """A simulated host has every bridge (the test driver has no host interfaces)."""
+        if self.simulated:
+            return True
+        return name in host_facts.list_bridges(self._sys_class_net)

@@ -127,7 +127,8 @@ class NicSpec:
         if not self.source:
             raise InvalidRequest("a NIC needs a source network or bridge")
         if self.mac is not None:
-            check_mac(self.mac)
+            # Stored lower-case: libvirt reports MACs lower-case, and they are compared as strings.
+            object.__setattr__(self, "mac", check_mac(self.mac))
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,10 +230,15 @@ class VmRef:
 
 @dataclass(frozen=True, slots=True)
 class CreateVm:
-    """``vm.create``: create disks, define the domain, optionally start it. Idempotent by uuid."""
+    """``vm.create``: create disks, define the domain, optionally start it. Idempotent by uuid.
+
+    An existing image that another domain on the host uses already is refused (virt-install's
+    "in use by other guests") unless ``allow_shared_disk``; CD-ROMs and read-only disks may be shared.
+    """
 
     spec: VmSpec
     start: bool = True
+    allow_shared_disk: bool = False
 
 
 @dataclass(frozen=True, slots=True)

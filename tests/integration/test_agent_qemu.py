@@ -82,7 +82,9 @@ def test_create_boot_and_delete_a_real_guest(agent: Agent, conn: Any, vhost_url:
         assert (max_kib, vcpus) == (384 * 1024, 1)
         xml = dom.XMLDesc(0)
         # The persistent definition asks for 256 MiB now and 384 MiB at most.
-        assert "<currentMemory unit='KiB'>262144</currentMemory>" in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        assert "<currentMemory unit='KiB'>262144</currentMemory>" in dom.XMLDesc(
+            libvirt.VIR_DOMAIN_XML_INACTIVE
+        )
         assert "type='qemu'" in xml or 'type="qemu"' in xml
         pool = conn.storagePoolLookupByName(TEST_POOL)
         pool.refresh(0)
