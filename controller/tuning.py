@@ -1,11 +1,295 @@
-"""Performance tuning use cases: pinning, hugepages, IO."""
+"""Performance tuning use cases: pinning, taskset, hugepage pools, IO schedulers, host profiles.
+
+Each use case checks what only the controller knows (which VMs virtfleet manages, each VM's
+CPU policy and pCPUs, what VMs claim of a host's hugepages) and then asks the host's agent,
+which checks what only the host knows (the process, the online CPUs, the kernel's choices).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from common.errors import Conflict, InvalidRequest, NotFound, VirtfleetError
+from common.messages.tuning import (
+    ApplyProfile,
+    GetAffinity,
+    HostHugepagesDone,
+    HostHugepagesRequest,
+    HostIoSchedulerDone,
+    HostIoSchedulerRequest,
+    HostTasksetDone,
+    HostTasksetRequest,
+    HostTuneDone,
+    HostTuneRequest,
+    HostTuningReport,
+    HostTuningView,
+    HugepagesResult,
+    HugepageTarget,
+    IoSchedulerResult,
+    PinnedVm,
+    PinVm,
+    ProcessInfo,
+    ProcessQuery,
+    ProfileResult,
+    SetHugepages,
+    SetIoScheduler,
+    SetTaskset,
+    TasksetResult,
+    VmAffinity,
+    VmAffinityView,
+    VmPinRequest,
+    page_size_kib,
+    page_size_label,
+)
+from common.messages.vm import CpuTune, VcpuPin, VmRef, VmSpec
+from common.schema import from_plain, to_plain
 from common.transport.rpc import HandlerFn
+from controller import fleet, tuning_inventory
+from controller.db import repository as repo
+from controller.scheduler.cpus import CpuSetSyntaxError, format_cpuset, parse_cpuset
 from controller.service import ControllerService
+
+log = logging.getLogger(__name__)
+
+
+def _cpus(text: str) -> frozenset[int]:
+    try:
+        return parse_cpuset(text)
+    except CpuSetSyntaxError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def _facts(record: repo.HostRecord) -> HostTuningReport | None:
+    if record.tuning is None:
+        return None
+    try:
+        return from_plain(HostTuningReport, record.tuning, "tuning")
+    except InvalidRequest:
+        log.warning("host %s: stored tuning facts do not parse; ignoring them", record.id)
+        return None
+
+
+def _repin(spec: dict[str, Any], body: PinVm) -> str | None:
+    """The stored VmSpec with the new pins, as JSON; None when the stored spec does not parse."""
+    try:
+        parsed = from_plain(VmSpec, spec, "spec")
+    except InvalidRequest:
+        return None
+    tune = parsed.cputune or CpuTune()
+    pins = {p.vcpu: p for p in tune.vcpu_pins}
+    pins.update({p.vcpu: p for p in body.vcpu_pins})
+    emulator = body.emulator_cpuset if body.emulator_cpuset is not None else tune.emulator_cpuset
+    updated = replace(
+        parsed, cputune=CpuTune(vcpu_pins=tuple(pins[v] for v in sorted(pins)), emulator_cpuset=emulator)
+    )
+    return json.dumps(to_plain(updated), sort_keys=True)
+
+
+class TuningService:
+    """The tuning use cases over the controller service (store, agents, clock)."""
+
+    def __init__(self, service: ControllerService) -> None:
+        self.service = service
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _up_host(self, host_id: str) -> repo.HostRecord:
+        now = self.service.clock()
+        with self.service.tx() as s:
+            record = repo.get_host(s, host_id)
+        if not fleet.host_is_up(record, now, self.service.config.down_after_s):
+            raise Conflict(f"host {host_id} is down; try again when its agent is back", retryable=True)
+        return record
+
+    def _vm_and_host(self, name: str) -> tuple[repo.VmRecord, repo.HostRecord]:
+        with self.service.tx() as s:
+            vm = repo.get_vm(s, name)
+        if vm.host_id is None:
+            raise Conflict(f"VM {name} has no host (status {vm.status})")
+        return vm, self._up_host(vm.host_id)
+
+    @staticmethod
+    def _allowance_text(vm: repo.VmRecord, allowance: frozenset[int]) -> str:
+        cpus = format_cpuset(allowance) or "none"
+        if vm.cpu_policy == "dedicated":
+            return f"{cpus} (its dedicated pCPUs)"
+        return f"{cpus} (the host's shared CPUs)"
+
+    def _view(
+        self, vm: repo.VmRecord, host: repo.HostRecord, affinity: VmAffinity, message: str = ""
+    ) -> VmAffinityView:
+        return VmAffinityView(
+            vm=vm.name,
+            host=host.id,
+            cpu_policy=vm.cpu_policy,
+            pcpus=format_cpuset(vm.pcpus),
+            allowance=format_cpuset(tuning_inventory.vm_allowance(host, vm.cpu_policy, vm.pcpus)),
+            affinity=affinity,
+            message=message,
+        )
+
+    # -- host facts -------------------------------------------------------------------------
+    def show(self, host_id: str) -> HostTuningView:
+        with self.service.tx() as s:
+            record = repo.get_host(s, host_id)
+            vms = repo.list_vms(s, host_id)
+        tuned = tuning_inventory.from_record(record)
+        claimed = {
+            page_size_label(size): record.used.get(str(resource), 0)
+            for size, resource in tuning_inventory.HUGEPAGE_CLASSES.items()
+            if record.used.get(str(resource), 0)
+        }
+        return HostTuningView(
+            host=record.id,
+            reported_at=record.last_report,
+            facts=_facts(record),
+            free_pcpus=format_cpuset(tuned.free_pcpus),
+            pinned=tuple(
+                PinnedVm(v.name, v.cpu_policy, format_cpuset(v.pcpus), v.status)
+                for v in vms
+                if v.cpu_policy == "dedicated" or v.pcpus
+            ),
+            hugepages_claimed=claimed,
+        )
+
+    # -- pinning ----------------------------------------------------------------------------
+    def pin(self, req: VmPinRequest) -> VmAffinityView:
+        """Live re-pin of one vCPU (within the VM's allowance) or of the emulator threads (within
+        the host's shared set)."""
+        cpus = _cpus(req.cpus)
+        vm, host_id = self.service.target(req.name, "pinning")
+        error: str | None = None
+        try:
+            with self.service.tx() as s:
+                host = repo.get_host(s, host_id)
+            if req.emulator:
+                allowance = tuning_inventory.from_record(host).shared
+                where = f"{format_cpuset(allowance) or 'none'} (the host's shared CPUs)"
+                what = "the emulator threads"
+            else:
+                assert req.vcpu is not None  # VmPinRequest guarantees one of the two
+                if req.vcpu >= max(vm.max_vcpus, vm.vcpus):
+                    raise InvalidRequest(f"VM {vm.name} has vCPUs 0-{max(vm.max_vcpus, vm.vcpus) - 1}")
+                allowance = tuning_inventory.vm_allowance(host, vm.cpu_policy, vm.pcpus)
+                where = self._allowance_text(vm, allowance)
+                what = f"vCPU {req.vcpu}"
+            if not allowance:
+                raise Conflict(f"host {host_id} has not reported its CPU sets yet; cannot pin VM {vm.name}")
+            outside = cpus - allowance
+            if outside:
+                raise InvalidRequest(
+                    f"cannot pin {what} of VM {vm.name} to {format_cpuset(cpus)}: CPU(s) "
+                    f"{format_cpuset(outside)} are outside its allowance {where}",
+                    details={"allowance": format_cpuset(allowance), "outside": format_cpuset(outside)},
+                )
+            body = PinVm(
+                vm=VmRef(vm.uuid, vm.name),
+                vcpu_pins=() if req.emulator else (VcpuPin(req.vcpu or 0, format_cpuset(cpus)),),
+                emulator_cpuset=format_cpuset(cpus) if req.emulator else None,
+            )
+            affinity = self.service.agents.call(host_id, "tuning.pin", body, VmAffinity)
+            spec = _repin(vm.spec, body)
+            with self.service.tx() as s:
+                if spec is not None:
+                    repo.update_vm(s, vm.uuid, self.service.clock(), spec=spec)
+        except VirtfleetError as exc:
+            error = exc.message
+            raise
+        finally:
+            with self.service.tx() as s:
+                repo.update_vm(s, vm.uuid, self.service.clock(), task=None, last_error=error)
+        log.info("VM %s: %s pinned to %s on %s", vm.name, what, format_cpuset(cpus), host_id)
+        return self._view(vm, host, affinity, f"{what} pinned to {format_cpuset(cpus)}")
+
+    def affinity(self, name: str) -> VmAffinityView:
+        vm, host = self._vm_and_host(name)
+        affinity = self.service.agents.call(
+            host.id, "tuning.affinity", GetAffinity(VmRef(vm.uuid, vm.name)), VmAffinity
+        )
+        return self._view(vm, host, affinity)
+
+    def taskset(self, req: HostTasksetRequest) -> HostTasksetDone:
+        """``taskset -a -pc CPUS PID`` for the QEMU process of a VM virtfleet manages, within the
+        VM's allowance (its pCPUs and the shared set for a dedicated VM, the shared set otherwise)."""
+        cpus = _cpus(req.cpus)
+        host = self._up_host(req.host)
+        info = self.service.agents.call(host.id, "tuning.process", ProcessQuery(req.pid), ProcessInfo)
+        if not info.qemu or info.vm_uuid is None:
+            raise Conflict(
+                f"process {req.pid} on {host.id} is not a QEMU process; virtfleet only tasksets VMs"
+            )
+        try:
+            with self.service.tx() as s:
+                vm = repo.get_vm_by_uuid(s, info.vm_uuid)
+        except NotFound:
+            raise Conflict(
+                f"process {req.pid} on {host.id} runs VM {info.vm_name or info.vm_uuid}, "
+                "which virtfleet does not manage"
+            ) from None
+        if vm.host_id != host.id or not info.managed:
+            raise Conflict(f"process {req.pid} is not VM {vm.name} on {host.id} as virtfleet knows it")
+        shared = tuning_inventory.from_record(host).shared
+        allowance = (frozenset(vm.pcpus) | shared) if vm.cpu_policy == "dedicated" else shared
+        outside = cpus - allowance
+        if outside:
+            raise InvalidRequest(
+                f"cannot taskset VM {vm.name} to {format_cpuset(cpus)}: CPU(s) {format_cpuset(outside)} "
+                f"are outside its allowance {format_cpuset(allowance) or 'none'}",
+                details={"allowance": format_cpuset(allowance)},
+            )
+        result = self.service.agents.call(
+            host.id, "tuning.taskset", SetTaskset(req.pid, vm.uuid, format_cpuset(cpus)), TasksetResult
+        )
+        return HostTasksetDone(host=host.id, vm=vm.name, result=result)
+
+    # -- host settings ----------------------------------------------------------------------
+    def hugepages(self, req: HostHugepagesRequest) -> HostHugepagesDone:
+        size = page_size_kib(req.size)
+        host = self._up_host(req.host)
+        claimed = host.used.get(str(tuning_inventory.hugepage_class(size)), 0)
+        if req.count < claimed:
+            raise Conflict(
+                f"VMs on {host.id} claim {claimed} {page_size_label(size)} pages; "
+                f"the pool cannot shrink to {req.count}",
+                details={"claimed": claimed},
+            )
+        result = self.service.agents.call(
+            host.id, "tuning.hugepages", SetHugepages(size, req.count), HugepagesResult
+        )
+        return HostHugepagesDone(host=host.id, result=result)
+
+    def io_scheduler(self, req: HostIoSchedulerRequest) -> HostIoSchedulerDone:
+        host = self._up_host(req.host)
+        result = self.service.agents.call(
+            host.id, "tuning.io_scheduler", SetIoScheduler(req.device, req.scheduler), IoSchedulerResult
+        )
+        return HostIoSchedulerDone(host=host.id, result=result)
+
+    def tune(self, req: HostTuneRequest) -> HostTuneDone:
+        host = self._up_host(req.host)
+        targets = tuple(
+            HugepageTarget(page_size_kib(size), count)
+            for size, count in sorted((req.hugepages or {}).items())
+        )
+        result = self.service.agents.call(
+            host.id, "tuning.profile", ApplyProfile(req.profile, targets, req.dry_run), ProfileResult
+        )
+        return HostTuneDone(host=host.id, result=result)
 
 
 def api_handlers(service: ControllerService) -> dict[str, HandlerFn]:
     """The API kinds of this feature area, bound to the service."""
-    return {}
+    tuning = TuningService(service)
+    handlers: dict[str, Callable[[Any], Any]] = {
+        "api.tuning.show": lambda body: tuning.show(body.host),
+        "api.tuning.pin": tuning.pin,
+        "api.tuning.affinity": lambda body: tuning.affinity(body.name),
+        "api.tuning.taskset": tuning.taskset,
+        "api.tuning.hugepages": tuning.hugepages,
+        "api.tuning.io_scheduler": tuning.io_scheduler,
+        "api.tuning.tune": tuning.tune,
+    }
+    return handlers

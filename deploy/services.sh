@@ -5,7 +5,8 @@
 #   RabbitMQ    127.0.0.1:5672 (guest/guest, which RabbitMQ only accepts on loopback)
 #   PostgreSQL  127.0.0.1:5432, database virtfleet_test (user postgres, trust auth)
 #               (VIRTFLEET_PG_PORT / VIRTFLEET_PG_CLUSTER / VIRTFLEET_PG_DB override)
-#   libvirtd    qemu:///system (plus virtlogd), QEMU/TCG guests
+#   libvirtd    qemu:///system (plus virtlogd), QEMU/TCG guests; hugetlbfs
+#               mounted at /dev/hugepages (2M) and /dev/hugepages1G (1G) first
 #
 # Everything binds to loopback. libvirt's `default` NAT network is never
 # autostarted in the host network namespace (no virbr0, no iptables NAT).
@@ -120,7 +121,39 @@ start_postgres() {
     report postgres "$state"
 }
 
+# ----------------------------------------------------------------- hugetlbfs
+# libvirtd looks for hugetlbfs mounts once, when it starts: a guest with
+# <memoryBacking><hugepages/> then fails with "hugetlbfs filesystem is not
+# mounted or disabled by administrator config", even if the mount appeared
+# later (checked on libvirt 9.0). So mount one hugetlbfs per page size the
+# kernel offers *before* libvirtd starts, and restart a libvirtd that was
+# already running when a mount had to be made (running guests survive that).
+HUGETLBFS_NEW=0
+mount_hugetlbfs() {
+    local entry dir size kib
+    for entry in /dev/hugepages:2M:2048 /dev/hugepages1G:1G:1048576; do
+        IFS=: read -r dir size kib <<<"$entry"
+        [[ -d /sys/kernel/mm/hugepages/hugepages-${kib}kB ]] || continue
+        if ! findmnt -n -t hugetlbfs "$dir" >/dev/null 2>&1; then
+            mkdir -p "$dir"
+            mount -t hugetlbfs -o "pagesize=$size" hugetlbfs "$dir"
+            HUGETLBFS_NEW=1
+        fi
+    done
+}
+
 # ------------------------------------------------------------------- libvirt
+stop_libvirtd() {
+    local pid
+    pid="$(</run/libvirtd.pid)"
+    kill -TERM "$pid"
+    local deadline=$((SECONDS + 30))
+    while [[ -d "/proc/$pid" ]]; do
+        ((SECONDS < deadline)) || die "libvirtd ($pid) did not stop within 30 s"
+        sleep 0.2
+    done
+}
+
 start_libvirt() {
     [[ -x /usr/sbin/libvirtd ]] || die "libvirtd not installed (run deploy/install.sh)"
     # No udev here: /dev/kvm is root:root 0600. libvirt then re-probes QEMU on
@@ -137,6 +170,10 @@ start_libvirt() {
     if ! pid_alive /run/virtlogd.pid virtlogd; then
         /usr/sbin/virtlogd -d
         started=1
+    fi
+    mount_hugetlbfs
+    if ((HUGETLBFS_NEW)) && pid_alive /run/libvirtd.pid libvirtd; then
+        stop_libvirtd # it cannot see the new hugetlbfs mount until it restarts
     fi
     if ! pid_alive /run/libvirtd.pid libvirtd; then
         /usr/sbin/libvirtd -d

@@ -1,18 +1,466 @@
-"""Performance tuning: CPU sets and pinning, hugepages, THP, IO schedulers."""
+"""Performance tuning: CPU sets and pinning, hugepages, THP, IO schedulers.
+
+What an agent adds to its host report (:class:`HostTuningReport`), the controller -> agent
+tuning commands and the client -> controller tuning requests. CPU sets travel as libvirt
+cpuset strings (``"0-3,8"``); an empty string is the empty set. Page sizes travel in KiB
+(2048 = 2 MiB pages, 1048576 = 1 GiB pages); people write them ``2M`` and ``1G``.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from common.messages.kinds import Kind
+from common.errors import InvalidRequest
+from common.messages.api import HostRef, VmRefRequest
+from common.messages.kinds import Kind, Route, Timeout, kind
+from common.messages.vm import VcpuPin, VmRef
+from common.validation import check_host_id, check_name
 
 FAMILY_VERSION = "1.0"
+
+#: Page sizes virtfleet schedules, by the name people use.
+PAGE_SIZES_KIB: dict[str, int] = {"2M": 2048, "1G": 1048576}
+
+_SIZE_RE = re.compile(r"([0-9]+)\s*([KMG]?)(?:I?B)?", re.IGNORECASE)
+_SIZE_FACTOR = {"": 1, "K": 1, "M": 1024, "G": 1024 * 1024}
+_DEVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,31}")
+_SCHEDULER_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+#: The host tune profiles the agent knows (see agent/tuning/profile.py for what each sets).
+PROFILES: tuple[str, ...] = ("virt-host",)
+
+
+def page_size_kib(text: str) -> int:
+    """``"2M"`` -> 2048, ``"1G"`` -> 1048576 (also ``2048k``, ``2MiB``, ``2048``); only 2M and 1G."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None:
+        raise InvalidRequest(f"invalid page size {text!r}: use 2M or 1G")
+    kib = int(match.group(1)) * _SIZE_FACTOR[match.group(2).upper()]
+    if kib not in PAGE_SIZES_KIB.values():
+        raise InvalidRequest(f"unsupported page size {text!r}: use 2M or 1G")
+    return kib
+
+
+def page_size_label(kib: int) -> str:
+    """2048 -> ``"2M"``, 1048576 -> ``"1G"``, anything else ``"<n>K"``."""
+    for label, size in PAGE_SIZES_KIB.items():
+        if size == kib:
+            return label
+    return f"{kib}K"
+
+
+def _check_device(device: str) -> str:
+    if not _DEVICE_RE.fullmatch(device):
+        raise InvalidRequest(f"invalid block device name {device!r} (e.g. vda, sda, nvme0n1)")
+    return device
+
+
+def _check_scheduler(name: str) -> str:
+    if not _SCHEDULER_RE.fullmatch(name):
+        raise InvalidRequest(f"invalid IO scheduler name {name!r} (e.g. none, mq-deadline, kyber, bfq)")
+    return name
+
+
+def _check_pid(pid: int) -> int:
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 1:
+        raise InvalidRequest(f"invalid process id {pid!r}")
+    return pid
+
+
+def _check_cpus(cpus: str, what: str) -> str:
+    # The full cpuset grammar is checked where it is used (controller and agent); here only
+    # what can never be right.
+    if not cpus.strip() or not re.fullmatch(r"[0-9,\-^\s]+", cpus):
+        raise InvalidRequest(f"invalid {what} {cpus!r}: use a CPU list such as 2, 0-3 or 0-3,^2,8")
+    return cpus
+
+
+# ------------------------------------------------------------------------ host report
+
+
+@dataclass(frozen=True, slots=True)
+class NumaCell:
+    """One NUMA node: its CPUs (cpuset string) and memory."""
+
+    id: int
+    cpus: str
+    memory_mib: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HugepagePool:
+    """The kernel's pool of one page size (``/sys/kernel/mm/hugepages/hugepages-<size>kB``).
+
+    ``free`` counts pages not yet faulted in, including ``reserved`` ones that mappings were
+    promised (HugePages_Rsvd); ``mounted`` says a hugetlbfs of this size is mounted, which
+    libvirt needs to back guests with these pages.
+    """
+
+    size_kib: int
+    total: int
+    free: int
+    reserved: int = 0
+    surplus: int = 0
+    mounted: bool = False
+
+    @property
+    def available(self) -> int:
+        """Pages a new guest could still get."""
+        return max(0, self.free - self.reserved)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockDevice:
+    """A block device with its IO scheduler (``/sys/block/<name>/queue/scheduler``)."""
+
+    name: str
+    scheduler: str
+    available: tuple[str, ...] = ()
+    rotational: bool = False
+    #: backed by a device (disk, NVMe, virtio) rather than loop, ram, zram, dm
+    physical: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class HostTuningReport:
-    """Tuning facts an agent adds to its host report (CPU sets, topology, hugepages, IO)."""
+    """Tuning facts an agent adds to its host report (CPU sets, topology, hugepages, IO).
 
+    CPU sets are the agent's configuration resolved against the online CPUs: ``dedicated``
+    CPUs are handed one per vCPU to VMs with the dedicated CPU policy, ``shared`` CPUs run
+    shared VMs and every VM's emulator threads, ``reserved`` CPUs are left to the host.
+    """
+
+    sockets: int = 1
+    cores_per_socket: int = 1
+    threads_per_core: int = 1
+    cells: tuple[NumaCell, ...] = ()
+    online_cpus: str = ""
+    dedicated_cpus: str = ""
+    shared_cpus: str = ""
+    reserved_cpus: str = ""
+    hugepages: tuple[HugepagePool, ...] = ()
+    default_hugepage_kib: int = 0
+    thp_enabled: str = ""
+    thp_defrag: str = ""
+    block_devices: tuple[BlockDevice, ...] = ()
+    #: the facts come from a simulated host (libvirt's test driver), not this machine's kernel
+    simulated: bool = False
+
+
+# ------------------------------------------------------------------------ agent commands
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadAffinity:
+    """One thread of a QEMU process and the CPUs it may run on (what ``taskset -p`` shows)."""
+
+    tid: int
+    name: str
+    cpus: str
+    vcpu: int | None = None  # the vCPU this thread runs (from its name "CPU <n>/KVM|TCG"), else None
+
+
+@dataclass(frozen=True, slots=True)
+class VmAffinity:
+    """A VM's pinning as libvirt has it and, where a QEMU process runs, as the host shows it."""
+
+    uuid: str
+    name: str
+    state: str
+    vcpu_pins: tuple[VcpuPin, ...] = ()
+    emulator_cpuset: str | None = None
+    pid: int | None = None
+    threads: tuple[ThreadAffinity, ...] = ()
+    #: True when ``threads`` were read from /proc (a real QEMU process); False on a simulated host
+    observed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PinVm:
+    """``tuning.pin``: re-pin vCPUs and/or the emulator threads of a VM (live, and persistently)."""
+
+    vm: VmRef
+    vcpu_pins: tuple[VcpuPin, ...] = ()
+    emulator_cpuset: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GetAffinity:
+    """``tuning.affinity``: a VM's pinning and its threads' affinity."""
+
+    vm: VmRef
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessQuery:
+    """``tuning.process``: what a host process is (is it the QEMU of a VM virtfleet manages?)."""
+
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    pid: int
+    qemu: bool
+    vm_uuid: str | None = None
+    vm_name: str | None = None
+    managed: bool = False
+    threads: tuple[ThreadAffinity, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SetTaskset:
+    """``tuning.taskset``: ``taskset -a -pc CPUS PID`` on the QEMU process of VM ``vm_uuid``."""
+
+    pid: int
+    vm_uuid: str
+    cpuset: str
+
+
+@dataclass(frozen=True, slots=True)
+class TasksetResult:
+    pid: int
+    vm_uuid: str
+    before: tuple[ThreadAffinity, ...]
+    after: tuple[ThreadAffinity, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SetHugepages:
+    """``tuning.hugepages``: set the kernel's pool of ``size_kib`` pages to ``count`` pages."""
+
+    size_kib: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class HugepagesResult:
+    """The kernel may allocate fewer pages than asked (fragmented memory): ``pool.total`` is the truth."""
+
+    size_kib: int
+    requested: int
+    before: int
+    pool: HugepagePool
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SetIoScheduler:
+    """``tuning.io_scheduler``: ``echo SCHED > /sys/block/DEVICE/queue/scheduler``."""
+
+    device: str
+    scheduler: str
+
+
+@dataclass(frozen=True, slots=True)
+class IoSchedulerResult:
+    device: str
+    before: str
+    after: str
+    available: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HugepageTarget:
+    size_kib: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyProfile:
+    """``tuning.profile``: apply a documented host profile; idempotent. ``hugepages`` are the
+    pool sizes to grow to (a profile never shrinks a pool)."""
+
+    profile: str
+    hugepages: tuple[HugepageTarget, ...] = ()
+    dry_run: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SettingChange:
+    """One setting a profile looked at: ``setting`` is a path-like name such as ``thp.enabled``."""
+
+    setting: str
+    before: str
+    after: str
+    changed: bool
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileResult:
+    profile: str
+    changes: tuple[SettingChange, ...]
+    dry_run: bool = False
+
+    @property
+    def changed(self) -> tuple[SettingChange, ...]:
+        return tuple(c for c in self.changes if c.changed)
+
+
+# ------------------------------------------------------------------------ API (client -> controller)
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedVm:
+    name: str
+    cpu_policy: str
+    pcpus: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class HostTuningView:
+    """``virtfleet host tuning HOST``: the host's last tuning facts plus what VMs hold of them."""
+
+    host: str
+    reported_at: float | None
+    facts: HostTuningReport | None
+    free_pcpus: str = ""
+    pinned: tuple[PinnedVm, ...] = ()
+    #: hugepages claimed by VMs on the host, by page size label ("2M": pages)
+    hugepages_claimed: dict[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VmPinRequest:
+    """``virtfleet vm pin NAME --vcpu N --cpus LIST`` (or ``--emulator``)."""
+
+    name: str
+    cpus: str
+    vcpu: int | None = None
+    emulator: bool = False
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "VM name")
+        _check_cpus(self.cpus, "CPU list")
+        if self.emulator == (self.vcpu is not None):
+            raise InvalidRequest("pin either one vCPU (--vcpu N) or the emulator threads (--emulator)")
+        if self.vcpu is not None and (isinstance(self.vcpu, bool) or self.vcpu < 0):
+            raise InvalidRequest(f"vCPU number must be 0 or more, got {self.vcpu!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class VmAffinityView:
+    """A VM's CPU policy, what it may be pinned to, and its actual affinity."""
+
+    vm: str
+    host: str
+    cpu_policy: str
+    pcpus: str
+    allowance: str
+    affinity: VmAffinity
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HostTasksetRequest:
+    host: str
+    pid: int
+    cpus: str
+
+    def __post_init__(self) -> None:
+        check_host_id(self.host)
+        _check_pid(self.pid)
+        _check_cpus(self.cpus, "CPU list")
+
+
+@dataclass(frozen=True, slots=True)
+class HostTasksetDone:
+    host: str
+    vm: str
+    result: TasksetResult
+
+
+@dataclass(frozen=True, slots=True)
+class HostHugepagesRequest:
+    host: str
+    size: str
+    count: int
+
+    def __post_init__(self) -> None:
+        check_host_id(self.host)
+        page_size_kib(self.size)
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
+            raise InvalidRequest(f"page count must be 0 or more, got {self.count!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class HostHugepagesDone:
+    host: str
+    result: HugepagesResult
+
+
+@dataclass(frozen=True, slots=True)
+class HostIoSchedulerRequest:
+    host: str
+    device: str
+    scheduler: str
+
+    def __post_init__(self) -> None:
+        check_host_id(self.host)
+        _check_device(self.device)
+        _check_scheduler(self.scheduler)
+
+
+@dataclass(frozen=True, slots=True)
+class HostIoSchedulerDone:
+    host: str
+    result: IoSchedulerResult
+
+
+@dataclass(frozen=True, slots=True)
+class HostTuneRequest:
+    """``virtfleet host tune HOST --profile virt-host [--hugepages 2M=64]``."""
+
+    host: str
+    profile: str
+    hugepages: dict[str, int] | None = None  # page size label -> pool size to grow to
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        check_host_id(self.host)
+        if self.profile not in PROFILES:
+            raise InvalidRequest(f"unknown profile {self.profile!r}; known: {', '.join(PROFILES)}")
+        for size, count in (self.hugepages or {}).items():
+            page_size_kib(size)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise InvalidRequest(f"hugepage count for {size} must be 0 or more, got {count!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class HostTuneDone:
+    host: str
+    result: ProfileResult
+
+
+A, C = Route.AGENT, Route.API
+F, N = Timeout.FAST, Timeout.NORMAL
 
 #: The message kinds of this family (merged into common.messages.catalogue).
-KINDS: tuple[Kind, ...] = ()
+KINDS: tuple[Kind, ...] = (
+    # controller -> agent
+    kind("tuning.pin", A, PinVm, VmAffinity, F, "virsh vcpupin / emulatorpin --live --config"),
+    kind("tuning.affinity", A, GetAffinity, VmAffinity, F, "virsh vcpupin + taskset -p of every QEMU thread"),
+    kind("tuning.process", A, ProcessQuery, ProcessInfo, F, "which VM a host process belongs to"),
+    kind("tuning.taskset", A, SetTaskset, TasksetResult, F, "taskset -a -pc on a VM's QEMU process"),
+    kind("tuning.hugepages", A, SetHugepages, HugepagesResult, N, "set the hugepage pool of one size"),
+    kind("tuning.io_scheduler", A, SetIoScheduler, IoSchedulerResult, F, "set a block device's IO scheduler"),
+    kind("tuning.profile", A, ApplyProfile, ProfileResult, N, "apply a host tune profile (virt-host)"),
+    # client -> controller
+    kind("api.tuning.show", C, HostRef, HostTuningView, F, "virtfleet host tuning"),
+    kind("api.tuning.pin", C, VmPinRequest, VmAffinityView, F, "virtfleet vm pin"),
+    kind("api.tuning.affinity", C, VmRefRequest, VmAffinityView, F, "virtfleet vm affinity"),
+    kind("api.tuning.taskset", C, HostTasksetRequest, HostTasksetDone, F, "virtfleet host taskset"),
+    kind("api.tuning.hugepages", C, HostHugepagesRequest, HostHugepagesDone, N, "virtfleet host hugepages"),
+    kind(
+        "api.tuning.io_scheduler",
+        C,
+        HostIoSchedulerRequest,
+        HostIoSchedulerDone,
+        F,
+        "virtfleet host io-scheduler",
+    ),
+    kind("api.tuning.tune", C, HostTuneRequest, HostTuneDone, N, "virtfleet host tune --profile"),
+)
