@@ -13,6 +13,12 @@ The TOML file holds an ``[agent]`` table (or the same keys at the top level)::
     images_dir = "/var/lib/virtfleet/images"   # where a missing dir pool is created (real hosts)
     log_level = "INFO"
     simulate_hw_virt = true                    # test:/// hosts only: pretend /dev/kvm + vmx/svm
+    dedicated_cpus = "2-7"                     # pinned one per vCPU to dedicated-policy VMs (default none)
+    shared_cpus = "0-1"                        # shared VMs and emulator threads (default: the rest)
+    reserved_cpus = ""                         # left to the host alone (default none)
+
+The three CPU sets are cpuset strings (``0-3,^2,8``); they must be disjoint, and they are checked
+against the host's online CPUs when the agent starts (:mod:`agent.tuning.cpusets`).
 
 Environment: ``VIRTFLEET_AMQP_URL``, ``VIRTFLEET_AGENT_HOST_ID``, ``VIRTFLEET_LIBVIRT_URI``.
 :func:`resolve` is pure (unit-tested); :func:`load` adds argv parsing and file reading.
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.tuning import cpusets
 from common.errors import InvalidRequest
 from common.transport.amqp import DEFAULT_URL
 from common.validation import check_host_id, check_name
@@ -58,6 +65,9 @@ _KEYS = frozenset(
         "images_dir",
         "log_level",
         "simulate_hw_virt",
+        "dedicated_cpus",
+        "shared_cpus",
+        "reserved_cpus",
     }
 )
 
@@ -74,6 +84,10 @@ class AgentConfig:
     images_dir: Path = DEFAULT_IMAGES_DIR
     log_level: str = "INFO"
     simulate_hw_virt: bool = True
+    #: CPU sets (cpuset strings; None = default: nothing dedicated or reserved, the rest shared)
+    dedicated_cpus: str | None = None
+    shared_cpus: str | None = None
+    reserved_cpus: str | None = None
 
 
 def _str(key: str, value: Any) -> str:
@@ -91,6 +105,16 @@ def _interval(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise InvalidRequest(f"config {key}: expected a positive number of seconds, got {value!r}")
     return float(value)
+
+
+def _cpuset(key: str, value: Any) -> str | None:
+    """A CPU set setting: syntax and pairwise overlap are checked here, online CPUs at start."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f'config {key}: expected a CPU list string such as "2-7", got {value!r}')
+    cpusets.parse_setting(key, value)
+    return value.strip()
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -137,6 +161,8 @@ def resolve(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str,
     if log_level not in LOG_LEVELS:
         raise InvalidRequest(f"config log_level: expected one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     state_dir = merged.get("state_dir")
+    sets = {name: _cpuset(name, merged.get(name)) for name in cpusets.SET_NAMES}
+    cpusets.check_disjoint({name: cpusets.parse_setting(name, value) for name, value in sets.items()})
     return AgentConfig(
         host_id=host_id,
         libvirt_uri=_str("libvirt_uri", merged["libvirt_uri"]),
@@ -154,6 +180,9 @@ def resolve(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str,
         images_dir=Path(_str("images_dir", str(merged.get("images_dir", DEFAULT_IMAGES_DIR)))),
         log_level=log_level,
         simulate_hw_virt=_bool("simulate_hw_virt", merged.get("simulate_hw_virt", True)),
+        dedicated_cpus=sets["dedicated_cpus"],
+        shared_cpus=sets["shared_cpus"],
+        reserved_cpus=sets["reserved_cpus"],
     )
 
 
@@ -167,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--libvirt-uri", dest="libvirt_uri", help="e.g. qemu:///system or test:///path/node.xml"
     )
     parser.add_argument("--config", type=Path, help="TOML file with an [agent] table")
-    parser.add_argument("--amqp-url", dest="amqp_url", help=f"broker URL (default {DEFAULT_URL})")
+    parser.add_argument(
+        "--amqp-url", dest="amqp_url", help=f"broker URL (default {DEFAULT_URL.replace('%', '%%')})"
+    )
     parser.add_argument(
         "--state-dir", dest="state_dir", help="journal directory (default /var/lib/virtfleet/agent/<host>)"
     )
@@ -183,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", dest="log_level", choices=LOG_LEVELS, type=str.upper, help="INFO by default"
     )
+    for name, what in (
+        ("dedicated", "CPUs for dedicated-policy VMs, one per vCPU (default none)"),
+        ("shared", "CPUs for shared VMs and emulator threads (default: all others)"),
+        ("reserved", "CPUs left to the host (default none)"),
+    ):
+        parser.add_argument(f"--{name}-cpus", dest=f"{name}_cpus", metavar="CPUS", help=what)
     return parser
 
 

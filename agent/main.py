@@ -28,8 +28,10 @@ from agent.drivers import host_facts
 from agent.drivers.libvirt_driver import LibvirtHypervisor, open_connection
 from agent.handlers import AgentHandlers
 from agent.journal import SqliteJournal
+from agent.network.module import build_network_module
 from agent.ports import Hypervisor
 from agent.reporter import Reporter, ReportSink
+from agent.tuning.module import TuningModule
 from common.errors import VirtfleetError
 from common.messages.host import HostReport
 from common.transport.amqp import ConsumerServer, Publisher
@@ -76,7 +78,7 @@ class AgentModule(Protocol):
 
 def build_modules(cfg: AgentConfig, conn: Any) -> list[AgentModule]:
     """The agent modules for this host. Feature areas register here (one line each)."""
-    return []
+    return [TuningModule.for_host(cfg, conn), build_network_module(cfg, conn)]
 
 
 class Agent:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from common.messages import api
 from common.messages.host import Heartbeat, HostReport
 from common.transport.rpc import Dispatcher, HandlerFn
-from controller import network, tuning, vmops
+from controller import network, placement_ops, tuning, vmops
 from controller.service import ControllerService
 
 
@@ -43,7 +43,12 @@ def api_handlers(service: ControllerService) -> dict[str, HandlerFn]:
         "api.vm.delete": service.delete_vm,
     }
     # Feature areas add their API kinds in their own modules (one line each here).
-    for extra in (vmops.api_handlers(service), network.api_handlers(service), tuning.api_handlers(service)):
+    for extra in (
+        placement_ops.api_handlers(service),
+        vmops.api_handlers(service),
+        network.api_handlers(service),
+        tuning.api_handlers(service),
+    ):
         clash = set(extra) & set(core)
         if clash:
             raise ValueError(f"API kinds handled twice: {sorted(clash)}")

@@ -12,7 +12,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +22,8 @@ from common.errors import (
     CapacityExceeded,
     Conflict,
     HypervisorError,
+    InvalidRequest,
+    NotFound,
     NoValidHost,
     RequestTimeout,
     StorageError,
@@ -31,6 +33,7 @@ from common.errors import (
 )
 from common.messages import api
 from common.messages.host import Heartbeat, HostReport
+from common.messages.tuning import page_size_kib
 from common.messages.vm import (
     CreateVm,
     DeleteVm,
@@ -41,7 +44,7 @@ from common.messages.vm import (
     VmSpec,
 )
 from common.schema import to_plain
-from controller import fleet
+from controller import fleet, tuning_inventory
 from controller.agent_api import AgentApi
 from controller.config import ControllerConfig
 from controller.db import repository as repo
@@ -159,7 +162,13 @@ class ControllerService:
     def _placement_request(self, req: api.VmCreate, exclude: tuple[str, ...]) -> PlacementRequest:
         return fleet.placement_request(
             req.name,
-            fleet.amounts(req.vcpus, req.memory_mib, req.disk_gib),
+            tuning_inventory.request_resources(
+                req.vcpus,
+                req.memory_mib,
+                req.disk_gib,
+                dedicated=req.cpu_policy == "dedicated",
+                hugepage_size_kib=page_size_kib(req.hugepage_size) if req.hugepage_size else None,
+            ),
             needs_hw_virt=req.domain_type == "kvm",
             force_host=req.host,
             exclude=exclude,
@@ -204,17 +213,23 @@ class ControllerService:
                     continue
                 repo.insert_claim(
                     s,
-                    vm=self._vm_row(req, vm_uuid, result.host_id, now),
+                    vm=self._vm_row(req, vm_uuid, result.host_id, now, recheck.pcpus),
                     host_id=result.host_id,
-                    amounts={str(k): v for k, v in request.resources.items()},
+                    amounts={
+                        **{str(k): v for k, v in request.resources.items()},
+                        **tuning_inventory.pcpu_allocations(recheck.pcpus),
+                    },
                 )
-            return _Claimed(result, fresh)
+            # The pCPUs picked on the fresh host state under its lock, not the snapshot's.
+            return _Claimed(replace(result, pcpus=recheck.pcpus), fresh)
         raise Conflict(
             f"could not claim a host for {req.name} after {self.config.claim_retries} attempts (heavy contention)",
             retryable=True,
         )
 
-    def _vm_row(self, req: api.VmCreate, vm_uuid: str, host_id: str, now: float) -> dict[str, object]:
+    def _vm_row(
+        self, req: api.VmCreate, vm_uuid: str, host_id: str, now: float, pcpus: tuple[int, ...] = ()
+    ) -> dict[str, object]:
         return {
             "uuid": vm_uuid,
             "name": req.name,
@@ -230,6 +245,9 @@ class ControllerService:
             "disk_gib": req.disk_gib,
             "spec": "{}",
             "idempotency_key": req.idempotency_key,
+            "cpu_policy": req.cpu_policy,
+            "pcpus": json.dumps(list(pcpus)),
+            "hugepage_size_kib": page_size_kib(req.hugepage_size) if req.hugepage_size else None,
             "created_at": now,
             "updated_at": now,
         }
@@ -249,11 +267,17 @@ class ControllerService:
         while True:
             host = claimed.host
             tried.append(host.id)
-            spec = build_spec(req, vm_uuid, host, pcpus=claimed.placement.pcpus)
+            pcpus = claimed.placement.pcpus
+            emulator = tuning_inventory.emulator_cpuset(host, dedicated=req.cpu_policy == "dedicated")
+            spec = build_spec(req, vm_uuid, host, pcpus=pcpus, emulator_cpuset=emulator)
             with self.tx() as s:
-                repo.update_vm(s, vm_uuid, self.clock(), spec=_json(spec), host_id=host.id)
+                repo.update_vm(
+                    s, vm_uuid, self.clock(), spec=_json(spec), host_id=host.id, pcpus=json.dumps(list(pcpus))
+                )
             try:
-                result = self.agents.create_vm(host.id, CreateVm(spec=spec, start=req.start))
+                result = self.agents.create_vm(
+                    host.id, CreateVm(spec=spec, start=req.start, allow_shared_disk=req.allow_shared_disk)
+                )
             except RequestTimeout as exc:
                 # Ambiguous: the agent may still finish. Keep the claim; reports will tell.
                 self._fail(vm_uuid, f"build on {host.id} timed out: {exc.message}", keep_host=True)
@@ -261,6 +285,8 @@ class ControllerService:
             except RESCHEDULABLE as exc:
                 failures.append(f"{host.id}: {exc.message}")
                 log.warning("build of %s failed on %s: %s", req.name, host.id, exc.message)
+                if not isinstance(exc, TransportError):
+                    self._clean_failed_build(host.id, vm_uuid, req.name)
                 with self.tx() as s:
                     repo.release(s, vm_uuid, host.id)
                     repo.update_vm(s, vm_uuid, self.clock(), host_id=None, status="building")
@@ -280,12 +306,30 @@ class ControllerService:
                         details=refused.details,
                     ) from exc
                 continue
+            except (InvalidRequest, AlreadyExists, NotFound):
+                # The agent refused the request itself (image missing or in use by another guest, name
+                # taken on the host) and built nothing: a refusal changes nothing, so forget the VM.
+                with self.tx() as s:
+                    repo.release(s, vm_uuid, host.id)
+                    repo.delete_vm(s, vm_uuid)
+                raise
             except VirtfleetError as exc:
                 self._fail(vm_uuid, exc.message, keep_host=False)
                 with self.tx() as s:
                     repo.release(s, vm_uuid, host.id)
                 raise
             return self.apply_result(vm_uuid, result, status="active")
+
+    def _clean_failed_build(self, host_id: str, vm_uuid: str, name: str) -> None:
+        """Remove what a failed build left on a host (a defined domain, new disks); best effort.
+
+        Like Nova's cleanup before a reschedule: the host must not keep a half-built VM that
+        nobody accounts for. Only disks the agent created for this VM are deleted.
+        """
+        try:
+            self.agents.delete_vm(host_id, DeleteVm(vm=VmRef(vm_uuid, name), delete_disks=True))
+        except VirtfleetError as exc:
+            log.warning("could not clean up the failed build of %s on %s: %s", name, host_id, exc.message)
 
     def _fail(self, vm_uuid: str, message: str, *, keep_host: bool) -> None:
         with self.tx() as s:

@@ -6,12 +6,18 @@ Field names here are the stable JSON field names of ``virtfleet --output json``
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from common.errors import InvalidRequest
+from common.messages.vm import DiskDevice, DiskSpec, GraphicsSpec, KernelBoot, NicKind, NicSpec
 from common.validation import check_name, check_positive
 
 FAMILY_VERSION = "1.0"
+
+_CPUSET_RE = re.compile(r"\^?\d+(-\d+)?(,\^?\d+(-\d+)?)*")
+_TARGET_RE = re.compile(r"(vd|sd|hd|xvd)[a-z]{1,2}")
+_MACHINE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 # ------------------------------------------------------------------ views (answers)
@@ -118,28 +124,127 @@ class HostList:
 
 @dataclass(frozen=True, slots=True)
 class VmCreate:
-    """``api.vm.create``: the virt-install equivalent, placed by the scheduler unless ``host`` is given."""
+    """``api.vm.create``: the virt-install equivalent, placed by the scheduler unless ``host`` is given.
+
+    Disks: either the legacy shorthand ``disk_gib`` (one new qcow2 root disk ``vda`` of that size,
+    ``disks`` empty), or ``disks`` listing every disk (new volumes of ``size_gib`` in the host's pool, or
+    ``source='existing'`` images), with ``disk_gib`` 0 or equal to the total of the new disks: it is then
+    set to that total. Either way ``disk_gib`` is what the VM claims of the host's pool (existing images
+    claim nothing). Empty ``target`` names are assigned by the controller (vda, vdb, ..., hda, ...).
+    NICs without a MAC get a generated 52:54:00:xx:xx:xx. ``server_group``, ``cpu_policy`` and
+    ``hugepage_size`` are placement and tuning requests.
+    """
 
     name: str
     vcpus: int
     memory_mib: int
-    disk_gib: int
+    disk_gib: int = 0
     host: str | None = None
     wait: bool = True
     dry_run: bool = False
     start: bool = True
     idempotency_key: str | None = None
     domain_type: str | None = None  # None: kvm where the host has hardware virt, else qemu
+    max_vcpus: int = 0  # 0: same as vcpus; more leaves room to hot-add vCPUs
+    max_memory_mib: int = 0  # 0: same as memory_mib; more leaves room to balloon up
+    cpuset: str | None = None  # host CPUs the vCPUs may run on (virt-install --vcpus cpuset=)
+    disks: tuple[DiskSpec, ...] = ()
+    cdrom: str | None = None  # an ISO image on the host, attached as a CD-ROM (booted first)
+    nics: tuple[NicSpec, ...] = ()
+    graphics: GraphicsSpec | None = None
+    kernel_boot: KernelBoot | None = None
+    autostart: bool = False
+    allow_shared_disk: bool = False  # virt-install --check path_in_use=off
+    machine: str | None = None
+    serial_log: str | None = None  # a file on the host that receives the serial console
+    server_group: str | None = None
+    cpu_policy: str = "shared"  # shared | dedicated
+    hugepage_size: str | None = None  # None | 2M | 1G
 
     def __post_init__(self) -> None:
         check_name(self.name, "VM name")
-        check_positive(self.vcpus, "vcpus")
-        check_positive(self.memory_mib, "memory (MiB)")
-        check_positive(self.disk_gib, "disk (GiB)")
         if self.host is not None:
             check_name(self.host, "host")
         if self.domain_type not in (None, "kvm", "qemu", "test"):
             raise InvalidRequest(f"domain type must be kvm, qemu or test, got {self.domain_type!r}")
+        self._check_sizes()
+        self._check_disks()
+        self._check_boot()
+        for nic_mac in (n.mac for n in self.nics if n.mac is not None):
+            if sum(1 for n in self.nics if n.mac == nic_mac) > 1:
+                raise InvalidRequest(f"MAC address {nic_mac} is given to two NICs")
+        if self.server_group is not None:
+            check_name(self.server_group, "server group")
+        if self.cpu_policy not in ("shared", "dedicated"):
+            raise InvalidRequest(f"cpu policy must be shared or dedicated, got {self.cpu_policy!r}")
+        if self.hugepage_size not in (None, "2M", "1G"):
+            raise InvalidRequest(f"hugepage size must be 2M or 1G, got {self.hugepage_size!r}")
+
+    def _check_sizes(self) -> None:
+        check_positive(self.vcpus, "vcpus")
+        check_positive(self.memory_mib, "memory (MiB)")
+        if isinstance(self.disk_gib, bool) or self.disk_gib < 0:
+            raise InvalidRequest(f"disk (GiB) must be 0 or more, got {self.disk_gib!r}")
+        if self.max_vcpus < 0 or self.max_memory_mib < 0:
+            raise InvalidRequest("max vcpus and max memory must be 0 (same as current) or more")
+        if self.max_vcpus and self.max_vcpus < self.vcpus:
+            raise InvalidRequest(f"max vcpus ({self.max_vcpus}) is below vcpus ({self.vcpus})")
+        if self.max_memory_mib and self.max_memory_mib < self.memory_mib:
+            raise InvalidRequest(
+                f"max memory ({self.max_memory_mib} MiB) is below memory ({self.memory_mib} MiB)"
+            )
+        if self.cpuset is not None and not _CPUSET_RE.fullmatch(self.cpuset):
+            raise InvalidRequest(
+                f"invalid cpuset {self.cpuset!r}: use libvirt's syntax, e.g. 1-4,6,8 or 0-7,^3"
+            )
+
+    def _check_boot(self) -> None:
+        paths = [(self.cdrom, "CD-ROM image"), (self.serial_log, "serial log")]
+        if self.kernel_boot is not None:
+            paths += [(self.kernel_boot.kernel, "kernel"), (self.kernel_boot.initrd, "initrd")]
+        for path, what in paths:
+            if path is not None and not path.startswith("/"):
+                raise InvalidRequest(f"{what} must be an absolute path on the host, got {path!r}")
+        if not self.disks and not self.disk_gib and self.cdrom is None and self.kernel_boot is None:
+            raise InvalidRequest("the VM has nothing to boot from: give a disk, a CD-ROM or a kernel")
+        if self.machine is not None and not _MACHINE_RE.fullmatch(self.machine):
+            raise InvalidRequest(f"invalid machine type {self.machine!r}")
+
+    def _check_disks(self) -> None:
+        if not self.disks:
+            return
+        new_total = sum(d.size_gib for d in self.disks if d.source == "new" and d.device is DiskDevice.DISK)
+        if self.disk_gib == 0:
+            object.__setattr__(self, "disk_gib", new_total)
+        elif self.disk_gib != new_total:
+            raise InvalidRequest(
+                f"disk_gib ({self.disk_gib}) must be 0 or the total of the new disks ({new_total} GiB) "
+                "when the disks are listed"
+            )
+        targets = [d.target for d in self.disks if d.target]
+        for target in targets:
+            if not _TARGET_RE.fullmatch(target):
+                raise InvalidRequest(f"invalid disk target {target!r}: expected a name like vdb, sdb or hdc")
+        if len(set(targets)) != len(targets):
+            raise InvalidRequest(f"duplicate disk targets in {targets}")
+        for disk in self.disks:
+            if disk.device is DiskDevice.CDROM and disk.source != "existing":
+                raise InvalidRequest("a CD-ROM must be an existing image (an ISO on the host)")
+
+    @property
+    def new_disk_gib(self) -> int:
+        """GiB of new volumes in the host's pool: what placement claims (existing images claim nothing)."""
+        return self.disk_gib
+
+    @property
+    def nic_networks(self) -> frozenset[str]:
+        """libvirt networks the host must have for this VM's NICs (for placement)."""
+        return frozenset(n.source for n in self.nics if n.kind is NicKind.NETWORK)
+
+    @property
+    def nic_bridges(self) -> frozenset[str]:
+        """Host bridges the host must have for this VM's NICs (for placement)."""
+        return frozenset(n.source for n in self.nics if n.kind is NicKind.BRIDGE)
 
 
 @dataclass(frozen=True, slots=True)

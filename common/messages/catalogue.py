@@ -8,7 +8,7 @@ docs/protocol.md agree. Agent commands go to ``virtfleet.agent.<host_id>``; API 
 from __future__ import annotations
 
 from common.errors import InvalidRequest
-from common.messages import api, host, network, tuning, vm, vmops
+from common.messages import api, host, network, placement, tuning, vm, vmops
 from common.messages.kinds import TIMEOUT_SECONDS, Kind, Route, Timeout, kind
 
 A, C, R = Route.AGENT, Route.API, Route.REPORT
@@ -43,7 +43,7 @@ KINDS: tuple[Kind, ...] = (
 )
 
 # Feature families declare their own kinds next to their message types.
-KINDS = KINDS + vmops.KINDS + network.KINDS + tuning.KINDS
+KINDS = KINDS + placement.KINDS + vmops.KINDS + network.KINDS + tuning.KINDS
 
 CATALOGUE: dict[str, Kind] = {k.name: k for k in KINDS}
 if len(CATALOGUE) != len(KINDS):

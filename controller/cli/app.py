@@ -13,9 +13,17 @@ import typer
 from rich.console import Console
 
 from common.messages import api
+from common.messages.vm import KernelBoot
 from common.transport.amqp import DEFAULT_URL
 from controller.cli import render
 from controller.cli.runner import Output, State, app, host_app, run, validated, vm_app
+from controller.cli.vm_options import (
+    create_warnings,
+    parse_disks,
+    parse_graphics,
+    parse_network,
+    run_with_progress,
+)
 
 
 @app.callback()
@@ -67,11 +75,47 @@ def host_show(ctx: typer.Context, host: str) -> None:
 def vm_create(
     ctx: typer.Context,
     name: str,
-    vcpus: Annotated[int, typer.Option(help="virtual CPUs")] = 1,
+    vcpus: Annotated[int, typer.Option(help="virtual CPUs at start")] = 1,
+    max_vcpus: Annotated[int, typer.Option(help="room to hot-add vCPUs later (default: --vcpus)")] = 0,
+    cpuset: Annotated[str | None, typer.Option(help="host CPUs the vCPUs may run on, e.g. 1-4,6,8")] = None,
     memory: Annotated[int, typer.Option(help="memory in MiB")] = 512,
-    disk: Annotated[int, typer.Option(help="root disk in GiB (qcow2 in the host's pool)")] = 10,
+    max_memory: Annotated[int, typer.Option(help="room to balloon up later, MiB (default: --memory)")] = 0,
+    disk: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="repeatable: SIZE_GIB | size=N[,format=raw|qcow2][,bus=][,cache=none|writeback|writethrough]"
+            "[,io=native|threads|io_uring][,pool=][,target=] | path=/image[,format=][,bus=][,cache=][,io=] | "
+            "none. Default: one 10 GiB qcow2 disk"
+        ),
+    ] = None,
+    cdrom: Annotated[str | None, typer.Option(help="ISO image on the host to boot from")] = None,
+    network: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="repeatable: network=NAME | bridge=BR [,model=virtio|e1000|rtl8139][,mac=52:54:00:..]"
+        ),
+    ] = None,
+    graphics: Annotated[
+        str | None, typer.Option(help="vnc[,listen=0.0.0.0][,port=5910|auto][,password=SECRET] | none")
+    ] = None,
+    kernel: Annotated[str | None, typer.Option(help="direct kernel boot: kernel image on the host")] = None,
+    initrd: Annotated[str | None, typer.Option(help="direct kernel boot: initrd on the host")] = None,
+    kernel_args: Annotated[str, typer.Option(help="direct kernel boot: kernel command line")] = "",
+    autostart: Annotated[bool, typer.Option("--autostart", help="start it when its host boots")] = False,
+    allow_shared_disk: Annotated[
+        bool, typer.Option("--allow-shared-disk", help="allow an image another guest already uses")
+    ] = False,
+    machine: Annotated[str | None, typer.Option(help="machine type, e.g. pc or q35")] = None,
+    serial_log: Annotated[
+        str | None, typer.Option(help="file on the host that receives the serial console")
+    ] = None,
+    server_group: Annotated[str | None, typer.Option(help="(anti-)affinity group")] = None,
+    cpu_policy: Annotated[str, typer.Option(help="shared | dedicated")] = "shared",
+    hugepage_size: Annotated[str | None, typer.Option(help="back memory with 2M or 1G huge pages")] = None,
     host: Annotated[str | None, typer.Option(help="put it on this host (still capacity-checked)")] = None,
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="wait until it is built")] = True,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="wait until it runs, showing progress (table output)")
+    ] = True,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show the decision, claim nothing")] = False,
     start: Annotated[bool, typer.Option("--start/--no-start", help="start it once defined")] = True,
     domain_type: Annotated[str | None, typer.Option(help="kvm | qemu (default: kvm where available)")] = None,
@@ -79,22 +123,44 @@ def vm_create(
         str | None, typer.Option(help="retry-safe key: the same key creates once")
     ] = None,
 ) -> None:
-    """Create a VM; the scheduler picks the host unless --host is given."""
-    body = validated(
-        lambda: api.VmCreate(
+    """Create a VM (virt-install); the scheduler picks the host unless --host is given."""
+
+    def build() -> api.VmCreate:
+        disks = parse_disks(disk)
+        return api.VmCreate(
             name=name,
             vcpus=vcpus,
             memory_mib=memory,
-            disk_gib=disk,
+            disk_gib=0 if disks is not None else 10,
             host=host,
             wait=wait,
             dry_run=dry_run,
             start=start,
             domain_type=domain_type,
             idempotency_key=idempotency_key,
-        ),
-        ctx,
-    )
+            max_vcpus=max_vcpus,
+            max_memory_mib=max_memory,
+            cpuset=cpuset,
+            disks=disks or (),
+            cdrom=cdrom,
+            nics=tuple(parse_network(n) for n in network or ()),
+            graphics=parse_graphics(graphics),
+            kernel_boot=None
+            if kernel is None
+            else KernelBoot(kernel=kernel, initrd=initrd, cmdline=kernel_args),
+            autostart=autostart,
+            allow_shared_disk=allow_shared_disk,
+            machine=machine,
+            serial_log=serial_log,
+            server_group=server_group,
+            cpu_policy=cpu_policy,
+            hugepage_size=hugepage_size,
+        )
+
+    body: api.VmCreate = validated(build, ctx)
+    state: State = ctx.obj
+    for warning in create_warnings(body):
+        state.err.print(f"[yellow]warning[/]: {warning}", highlight=False)
 
     def show(s: State, r: api.VmCreated) -> None:
         if r.dry_run:
@@ -107,7 +173,10 @@ def vm_create(
             f"{r.vm.name} created on host {r.vm.host} ({r.vm.status}, {r.vm.power_state})", highlight=False
         )
 
-    run(ctx, "api.vm.create", body, show)
+    if wait and not dry_run and state.output is Output.TABLE:
+        run_with_progress(ctx, body, show)
+    else:
+        run(ctx, "api.vm.create", body, show)
 
 
 @vm_app.command("list")
@@ -176,7 +245,7 @@ def vm_delete(
 
 
 # Feature areas register their commands on import (kept last: they extend the apps above).
-from controller.cli import cmd_network, cmd_tuning, cmd_vmops  # noqa: E402, F401
+from controller.cli import cmd_network, cmd_placement, cmd_tuning, cmd_vmops  # noqa: E402, F401
 
 
 def main() -> None:

@@ -15,11 +15,11 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from common.errors import AlreadyExists, NotFound
+from common.errors import AlreadyExists, Conflict, NotFound
 from common.messages.host import Heartbeat, HostReport
 from common.messages.vm import PowerState, VmStatus
 from common.schema import from_plain, to_plain
-from controller.db.models import Allocation, Host, Vm
+from controller.db.models import Allocation, Host, HostGroup, ServerGroup, Vm
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +56,8 @@ class HostRecord:
     used: Mapping[str, int]
     vm_count: int
     group_name: str | None = None
+    #: the host group's settings (cpu_ratio, ..., reserved_disk_gib; None = not set)
+    group_settings: Mapping[str, Any] = field(default_factory=dict)
     inventory_overrides: Mapping[str, Any] = field(default_factory=dict)
     #: plain data of the last HostNetworkReport / HostTuningReport, or None
     network: Any = None
@@ -92,7 +94,23 @@ class VmRecord:
     needs_hw_virt: bool = False
 
 
-def _host_record(row: Host, used: Mapping[str, int], vm_count: int) -> HostRecord:
+GROUP_SETTINGS = (
+    "cpu_ratio",
+    "ram_ratio",
+    "disk_ratio",
+    "reserved_memory_mib",
+    "reserved_cpus",
+    "reserved_disk_gib",
+)
+
+
+def _group_settings(group: HostGroup | None) -> dict[str, Any]:
+    return {} if group is None else {k: getattr(group, k) for k in GROUP_SETTINGS}
+
+
+def _host_record(
+    row: Host, used: Mapping[str, int], vm_count: int, group: HostGroup | None = None
+) -> HostRecord:
     return HostRecord(
         id=row.id,
         hostname=row.hostname,
@@ -124,6 +142,7 @@ def _host_record(row: Host, used: Mapping[str, int], vm_count: int) -> HostRecor
         used=dict(used),
         vm_count=vm_count,
         group_name=row.group_name,
+        group_settings=_group_settings(group),
         inventory_overrides=json.loads(row.inventory_overrides),
         network=json.loads(row.network_facts),
         tuning=json.loads(row.tuning_facts),
@@ -183,7 +202,11 @@ def list_hosts(session: Session, host_ids: Iterable[str] | None = None) -> list[
             select(Vm.host_id, func.count()).where(Vm.host_id.is_not(None)).group_by(Vm.host_id)
         )
     }
-    return [_host_record(h, used.get(h.id, {}), int(counts.get(h.id, 0))) for h in hosts]
+    groups = {g.name: g for g in session.scalars(select(HostGroup))}
+    return [
+        _host_record(h, used.get(h.id, {}), int(counts.get(h.id, 0)), groups.get(h.group_name or ""))
+        for h in hosts
+    ]
 
 
 def get_host(session: Session, host_id: str) -> HostRecord:
@@ -407,3 +430,79 @@ def host_usage(session: Session, host_id: str) -> dict[str, int]:
 
 def names_in_use(session: Session, names: Sequence[str]) -> set[str]:
     return set(session.scalars(select(Vm.name).where(Vm.name.in_(list(names)))))
+
+
+# ---------------------------------------------------------------------------- groups
+
+
+@dataclass(frozen=True, slots=True)
+class HostGroupRecord:
+    name: str
+    settings: Mapping[str, Any]
+    hosts: tuple[str, ...]
+
+
+def upsert_host_group(session: Session, name: str, values: Mapping[str, Any], now: float) -> None:
+    row = session.get(HostGroup, name)
+    if row is None:
+        row = HostGroup(name=name, created_at=now)
+        session.add(row)
+    for key, value in values.items():
+        if value is not None:
+            setattr(row, key, value)
+
+
+def host_group_exists(session: Session, name: str) -> bool:
+    return session.get(HostGroup, name) is not None
+
+
+def list_host_groups(session: Session) -> list[HostGroupRecord]:
+    members: dict[str, list[str]] = {}
+    for host_id, group in session.execute(
+        select(Host.id, Host.group_name).where(Host.group_name.is_not(None))
+    ):
+        if group is not None:
+            members.setdefault(group, []).append(host_id)
+    return [
+        HostGroupRecord(g.name, _group_settings(g), tuple(sorted(members.get(g.name, []))))
+        for g in session.scalars(select(HostGroup).order_by(HostGroup.name))
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerGroupRecord:
+    name: str
+    policy: str
+    max_per_host: int
+    members: Mapping[str, int]  # host -> VMs of the group placed there
+
+
+def create_server_group(session: Session, name: str, policy: str, max_per_host: int, now: float) -> None:
+    if session.get(ServerGroup, name) is not None:
+        raise AlreadyExists(f"server group {name!r} already exists")
+    session.add(ServerGroup(name=name, policy=policy, max_per_host=max_per_host, created_at=now))
+
+
+def delete_server_group(session: Session, name: str) -> None:
+    row = session.get(ServerGroup, name)
+    if row is None:
+        raise NotFound(f"server group {name!r} does not exist")
+    in_use = session.scalars(select(Vm.name).where(Vm.server_group == name)).first()
+    if in_use is not None:
+        raise Conflict(f"server group {name!r} still has VMs (e.g. {in_use}); delete them first")
+    session.delete(row)
+
+
+def list_server_groups(session: Session) -> list[ServerGroupRecord]:
+    members: dict[str, dict[str, int]] = {}
+    for group, host_id, count in session.execute(
+        select(Vm.server_group, Vm.host_id, func.count())
+        .where(Vm.server_group.is_not(None), Vm.host_id.is_not(None))
+        .group_by(Vm.server_group, Vm.host_id)
+    ):
+        if group is not None and host_id is not None:
+            members.setdefault(group, {})[host_id] = int(count)
+    return [
+        ServerGroupRecord(g.name, g.policy, g.max_per_host, members.get(g.name, {}))
+        for g in session.scalars(select(ServerGroup).order_by(ServerGroup.name))
+    ]
