@@ -351,12 +351,16 @@ class VmOpsHandlers:
             if body.memory_mib == status.memory_mib:
                 return VmResult(status=status, message=f"already {body.memory_mib} MiB")
             self._hv.set_memory(ref.uuid, body.memory_mib, live=running, config=status.persistent)
-            message = (
-                f"balloon target {body.memory_mib} MiB (the guest's virtio_balloon driver hands the memory over)"
-                if running
-                else f"{body.memory_mib} MiB at the next start"
+            status = self._hv.status(ref.uuid)
+            if not running:
+                return VmResult(status=status, message=f"{body.memory_mib} MiB at the next start")
+            # libvirt updates a running domain's current memory only when QEMU's BALLOON_CHANGE
+            # event arrives, a moment after setMemoryFlags returns: the reply states the target
+            # that was set; `vm memstat` shows how far the guest has got.
+            return VmResult(
+                status=replace(status, memory_mib=body.memory_mib),
+                message=f"balloon target {body.memory_mib} MiB (the guest's virtio_balloon driver hands the memory over)",
             )
-            return VmResult(status=self._hv.status(ref.uuid), message=message)
 
     def memstat(self, body: VmAction) -> MemStat:
         status = self._existing(body.vm)

@@ -439,9 +439,11 @@ def test_device_changes_fail_clearly_on_the_test_driver_and_change_nothing(fleet
     assert _error(fleet, 3, "vm", "disk", "detach", "devices", "vdz")["message"].endswith("has no disk vdz")
     refused = fleet.cli("vm", "disk", "resize", "devices", "vda", "5", output="table")
     assert refused.code == 2 and "--yes-i-know" in refused.stderr and "warning" in refused.stderr
-    # The grow is claimed first: 2000 GiB does not fit medium's 500 GiB pool.
+    # The grow is claimed first: 2000 GiB does not fit medium's 500 GiB pool (less its
+    # reserve and what the other VMs hold), and the refusal says by how much.
+    short = (2000 - 1) - _free(fleet, "medium")["DISK_GIB"]
     full = _error(fleet, 4, "vm", "disk", "resize", "devices", "vda", "2000", "--yes-i-know")
-    assert full["type"] == "CapacityExceeded" and "disk short by 1500 GiB" in full["message"]
+    assert full["type"] == "CapacityExceeded" and f"disk short by {short} GiB" in full["message"]
     assert _used(fleet, "medium") == used
 
 
