@@ -113,9 +113,7 @@ def vm_autostart(
 
     def show(s: State, r: api.VmActionDone) -> None:
         if r.vm is not None:
-            s.out.print(
-                f"{r.vm.name}: autostart {'on' if r.vm.autostart else 'off'}", highlight=False
-            )
+            s.out.print(f"{r.vm.name}: autostart {'on' if r.vm.autostart else 'off'}", highlight=False)
 
     run(ctx, "api.vm.autostart", body, show)
 
