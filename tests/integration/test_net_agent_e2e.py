@@ -318,6 +318,27 @@ def test_confirm_or_it_is_undone(env: Env) -> None:
     assert confirmed["state"] == "applied"
     assert env.facts().interface("br1").addresses == ("10.202.0.2/24",)
     env.ok("host", "net", "bridge", "remove", HOST, "br1")
+    # An operator may also undo a pending change at once instead of waiting for its timeout.
+    tried = env.ok(
+        "host",
+        "net",
+        "bridge",
+        "create",
+        HOST,
+        "br1",
+        "--nic",
+        "eth1",
+        "--confirm",
+        "--confirm-timeout",
+        "60",
+    )
+    assert env.facts().interface("eth1").master == "br1"
+    reverted = env.ok("host", "net", "revert", HOST, tried["change_id"])
+    assert reverted["state"] == "reverted"
+    facts = env.facts()
+    assert facts.interface("br1") is None and facts.interface("eth1").addresses == ("10.202.0.2/24",)
+    gone = env.cli("host", "net", "confirm", HOST, tried["change_id"])
+    assert gone.code != 0  # nothing left to confirm
 
 
 def test_bond_is_refused_cleanly_on_this_kernel(env: Env) -> None:
@@ -334,6 +355,8 @@ def test_bond_is_refused_cleanly_on_this_kernel(env: Env) -> None:
 
 
 def test_delete_the_default_network_and_the_bridge(env: Env) -> None:
+    assert env.ok("net", "stop", HOST, "default")["network"]["active"] is False
+    assert env.ok("net", "start", HOST, "default")["network"]["active"] is True  # virsh net-start
     env.ok("net", "stop", HOST, "default")
     undefined = env.ok("net", "undefine", HOST, "default")
     assert undefined["network"] is None
