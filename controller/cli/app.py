@@ -7,11 +7,13 @@ the core host and VM commands are here, feature areas add theirs in ``cmd_*.py``
 from __future__ import annotations
 
 import os
+import sys
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from common.errors import InvalidRequest
 from common.messages import api
 from common.messages.vm import KernelBoot
 from common.transport.amqp import DEFAULT_URL
@@ -83,7 +85,7 @@ def vm_create(
     disk: Annotated[
         list[str] | None,
         typer.Option(
-            help="repeatable: SIZE_GIB | size=N[,format=raw|qcow2][,bus=][,cache=none|writeback|writethrough]"
+            help="repeatable: SIZE_GIB | size=N[,format=raw|qcow2][,bus=][,cache=none|writethrough|directsync|writeback|unsafe]"
             "[,io=native|threads|io_uring][,pool=][,target=] | path=/image[,format=][,bus=][,cache=][,io=] | "
             "none. Default: one 10 GiB qcow2 disk"
         ),
@@ -248,6 +250,40 @@ def vm_delete(
 from controller.cli import cmd_network, cmd_placement, cmd_tuning, cmd_vmops  # noqa: E402, F401
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app()
+def wants_json(argv: list[str]) -> bool:
+    """Whether the global options ask for JSON, read before click parses anything (a usage
+    error stops parsing before ``main_options`` can record the choice)."""
+    takes_value = {"--amqp-url", "--timeout"}
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-o", "--output"):
+            return next(args, None) == Output.JSON.value
+        if arg in ("--output=json", "-ojson"):
+            return True
+        if arg in takes_value:
+            next(args, None)
+        elif not arg.startswith("-"):
+            return False  # the command: global options come before it
+    return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point.
+
+    With ``--output json`` a command-line mistake (unknown option, bad choice, missing
+    argument) is one JSON error document on stdout with exit 2, like every other error,
+    so that scripts never have to parse usage text.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    if not wants_json(args):
+        app(args=args)
+        return
+    try:
+        code = app(args=args, standalone_mode=False)
+    except typer.TyperException as exc:
+        error = InvalidRequest(exc.format_message(), details={"usage": True})
+        render.emit_json(Console(soft_wrap=True), render.error_document(error))
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -212,7 +212,7 @@ def group_create(
     ],
     max_per_host: Annotated[int, typer.Option(help="anti-affinity: VMs of the group allowed per host")] = 1,
 ) -> None:
-    """Create a server group; VMs join with `virtfleet vm create ... --group NAME`."""
+    """Create a server group; VMs join with `virtfleet vm create ... --server-group NAME`."""
     body = validated(lambda: msg.ServerGroupCreate(name, policy, max_per_host), ctx)
     run(
         ctx, "api.group.create", body, lambda s, r: s.out.print(f"server group {r.name} ({r.policy}) created")

@@ -182,8 +182,8 @@ def host_taskset(
 def host_hugepages(
     ctx: typer.Context,
     host: str,
+    count: Annotated[int, typer.Option("--count", help="pages in the pool (0 empties it)")],
     size: Annotated[str, typer.Option("--size", help="page size: 2M or 1G")] = "2M",
-    count: Annotated[int, typer.Option("--count", help="pages in the pool")] = 0,
 ) -> None:
     """Set a host's hugepage pool of one page size (the kernel may give fewer pages)."""
 

@@ -44,6 +44,7 @@ from common.messages.vmops import (
     VmSetVcpusRequest,
 )
 from controller.cli.runner import State, app, fail, run, validated, vm_app
+from controller.cli.vm_options import cache_warning
 
 snapshot_app = typer.Typer(help="VM snapshots (qcow2 disks only).", no_args_is_help=True)
 disk_app = typer.Typer(help="A VM's disks: attach, detach, resize.", no_args_is_help=True)
@@ -315,8 +316,9 @@ def disk_attach(
 ) -> None:
     """Attach a data disk (the notes: add a disk rather than grow one)."""
     state: State = ctx.obj
-    if cache is CacheMode.WRITEBACK:
-        state.err.print("[yellow]warning[/]: cache=writeback loses recent writes if the host crashes")
+    warning = cache_warning(target or path or f"new {size} GiB disk", cache)
+    if warning is not None:
+        state.err.print(f"[yellow]warning[/]: {warning}", highlight=False)
     live_scope, config_scope = scope(live, config)
     body = validated(
         lambda: VmDiskAttachRequest(

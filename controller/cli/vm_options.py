@@ -152,18 +152,25 @@ def parse_graphics(text: str | None) -> GraphicsSpec | None:
     return GraphicsSpec(listen=opts.get("listen", "127.0.0.1"), port=port, password=opts.get("password"))
 
 
+def cache_warning(name: str, cache: CacheMode | None) -> str | None:
+    """The data-loss warning a cache mode deserves (the ops notes: writeback is fast but unsafe)."""
+    if cache is CacheMode.WRITEBACK:
+        return (
+            f"disk {name} uses cache=writeback: fast, but what the guest believes written is lost if the host "
+            "crashes (none is the safe default)"
+        )
+    if cache is CacheMode.UNSAFE:
+        return f"disk {name} uses cache=unsafe: flushes are ignored; only for throw-away guests"
+    return None
+
+
 def create_warnings(req: api.VmCreate) -> list[str]:
     """What the operator should know before this VM is built (printed on stderr, never fatal)."""
     warnings = []
     for disk in req.disks:
-        name = disk.target or disk.path or f"new {disk.size_gib} GiB disk"
-        if disk.cache is CacheMode.WRITEBACK:
-            warnings.append(
-                f"disk {name} uses cache=writeback: fast, but what the guest believes written is lost if the host "
-                "crashes (none is the safe default)"
-            )
-        if disk.cache is CacheMode.UNSAFE:
-            warnings.append(f"disk {name} uses cache=unsafe: flushes are ignored; only for throw-away guests")
+        warning = cache_warning(disk.target or disk.path or f"new {disk.size_gib} GiB disk", disk.cache)
+        if warning is not None:
+            warnings.append(warning)
     graphics = req.graphics
     if (
         graphics is not None
