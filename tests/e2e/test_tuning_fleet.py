@@ -127,6 +127,11 @@ def test_dedicated_vms_land_where_cpus_are_free_and_never_share_one(fleet: Fleet
     assert tuning(fleet, "pin-a")["free_pcpus"] == "2-3"
     again = dedicated(fleet, "ded-2", 2)
     assert again.code == 0 and again.json["vm"]["host"] == "pin-a"
+    # Its vCPUs are pinned one to one: the count cannot change live, and nothing is claimed.
+    held_before = tuning(fleet, "pin-a")["pinned"]
+    changed = fleet.cli("vm", "setvcpus", "ded-2", "3")
+    assert changed.code == 1 and "has dedicated CPUs" in changed.json["error"]["message"]
+    assert tuning(fleet, "pin-a")["pinned"] == held_before
 
 
 def test_live_repin_within_the_allowance(fleet: Fleet) -> None:
