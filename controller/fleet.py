@@ -115,6 +115,7 @@ def host_state(record: HostRecord, config: ControllerConfig, now: float) -> Host
         used=_used(record),
         enabled=record.enabled,
         maintenance=record.maintenance,
+        state_reason=record.state_reason,
         up=host_is_up(record, now, config.down_after_s),
         down_since=down_since(record, now, config.down_after_s),
         has_hw_virt=record.hw_virt,
@@ -208,6 +209,7 @@ def host_view(
         networks=record.networks if detail else (),
         bridges=record.bridges if detail else (),
         vms=tuple(vms) if detail else (),
+        state_reason=record.state_reason,
     )
 
 

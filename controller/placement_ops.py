@@ -88,6 +88,15 @@ def host_state(service: ControllerService, req: msg.HostSwitch) -> msg.Done:
     if req.maintenance is not None:
         values["maintenance"] = req.maintenance
     with service.tx() as s:
+        current = repo.get_host(s, req.host)
+        enabled = current.enabled if req.enabled is None else req.enabled
+        maintenance = current.maintenance if req.maintenance is None else req.maintenance
+        # The reason is kept while the host is still out of service; putting it back in
+        # service forgets it, and a new switch without a reason keeps the old one.
+        if enabled and not maintenance:
+            values["state_reason"] = None
+        elif req.reason:
+            values["state_reason"] = req.reason[:255]
         repo.bump_generation(s, req.host)
         repo.set_host_fields(s, req.host, values, service.clock())
     words = []

@@ -56,6 +56,8 @@ class HostView:
     networks: tuple[str, ...] = ()
     bridges: tuple[str, ...] = ()
     vms: tuple[str, ...] = ()
+    #: why it is disabled or in maintenance (None when neither, or no reason was given)
+    state_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,7 @@ def host_detail(h: api.HostView) -> list[Table]:
         ("status", h.status),
         ("enabled", "yes" if h.enabled else "no"),
         ("maintenance", "yes" if h.maintenance else "no"),
+        ("reason", h.state_reason or "-"),
         ("hypervisor", h.hypervisor_type),
         ("libvirt uri", h.libvirt_uri),
         ("hardware virt", "yes" if h.hw_virt else "no"),

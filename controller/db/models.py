@@ -32,6 +32,8 @@ class Host(Base):
     hostname: Mapped[str] = mapped_column(String(255), default="")
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     maintenance: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: why an operator disabled the host or put it in maintenance (Nova's disabled_reason)
+    state_reason: Mapped[str | None] = mapped_column(String(255), nullable=True)
     hypervisor_type: Mapped[str] = mapped_column(String(32), default="")
     hypervisor_version: Mapped[str] = mapped_column(String(32), default="")
     libvirt_uri: Mapped[str] = mapped_column(String(255), default="")

@@ -56,6 +56,8 @@ class HostRecord:
     used: Mapping[str, int]
     vm_count: int
     group_name: str | None = None
+    #: why it is disabled or in maintenance, as the operator said
+    state_reason: str | None = None
     #: the host group's settings (cpu_ratio, ..., reserved_disk_gib; None = not set)
     group_settings: Mapping[str, Any] = field(default_factory=dict)
     inventory_overrides: Mapping[str, Any] = field(default_factory=dict)
@@ -116,6 +118,7 @@ def _host_record(
         hostname=row.hostname,
         enabled=row.enabled,
         maintenance=row.maintenance,
+        state_reason=row.state_reason,
         hypervisor_type=row.hypervisor_type,
         hypervisor_version=row.hypervisor_version,
         libvirt_uri=row.libvirt_uri,

@@ -171,14 +171,16 @@ def host_enabled(host: HostState, ctx: FilterContext) -> HostRejection | None:
     """Hosts disabled by an operator take nothing."""
     if host.enabled:
         return None
-    return HostRejection(host_id=host.host_id, rule=Rule.DISABLED, message="disabled by an operator")
+    message = "disabled by an operator" + (f": {host.state_reason}" if host.state_reason else "")
+    return HostRejection(host_id=host.host_id, rule=Rule.DISABLED, message=message)
 
 
 def not_in_maintenance(host: HostState, ctx: FilterContext) -> HostRejection | None:
     """Hosts in maintenance are being drained; they take nothing."""
     if not host.maintenance:
         return None
-    return HostRejection(host_id=host.host_id, rule=Rule.MAINTENANCE, message="in maintenance")
+    message = "in maintenance" + (f": {host.state_reason}" if host.state_reason else "")
+    return HostRejection(host_id=host.host_id, rule=Rule.MAINTENANCE, message=message)
 
 
 def excluded(host: HostState, ctx: FilterContext) -> HostRejection | None:

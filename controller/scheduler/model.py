@@ -224,6 +224,8 @@ class HostState:
     used: Mapping[ResourceClass, int] = field(default_factory=FrozenMap)
     enabled: bool = True
     maintenance: bool = False
+    #: the operator's reason for disabling it or putting it in maintenance (only explains)
+    state_reason: str | None = None
     up: bool = True
     down_since: float | None = None
     has_hw_virt: bool = True

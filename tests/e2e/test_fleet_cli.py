@@ -131,6 +131,41 @@ def test_dry_run_claims_nothing(fleet: Fleet) -> None:
     assert fleet.cli("vm", "show", "dry").code == 3
 
 
+def _reason(fleet: Fleet, name: str, host: str) -> dict[str, str]:
+    refused = fleet.cli("vm", "create", name, "--memory", "64", "--disk", "1", "--host", host)
+    assert refused.code == 4, refused.stdout + refused.stderr
+    return next(r for r in refused.json["error"]["details"]["reasons"] if r["host"] == host)
+
+
+def test_disabled_and_maintenance_hosts_take_nothing_and_say_why(fleet: Fleet) -> None:
+    fleet.cli_ok("host", "disable", "large", "--reason", "PSU swap")
+    fleet.cli_ok("host", "maintenance", "medium", "--reason", "BIOS 2.1")
+    try:
+        shown = fleet.cli_ok("host", "show", "large")
+        assert (shown["enabled"], shown["state_reason"]) == (False, "PSU swap")
+        assert "PSU swap" in fleet.cli("host", "show", "large", output="table").stdout
+        large = _reason(fleet, "to-large", "large")
+        assert (large["rule"], large["message"]) == ("disabled", "disabled by an operator: PSU swap")
+        medium = _reason(fleet, "to-medium", "medium")
+        assert (medium["rule"], medium["message"]) == ("maintenance", "in maintenance: BIOS 2.1")
+        # A second switch without a reason keeps the first one.
+        fleet.cli_ok("host", "disable", "medium")
+        assert fleet.cli_ok("host", "show", "medium")["state_reason"] == "BIOS 2.1"
+        placed = fleet.cli_ok("vm", "create", "only-small", "--memory", "64", "--disk", "1")
+        assert placed["vm"]["host"] == "small"
+        fleet.cli_ok("vm", "delete", "only-small")
+    finally:
+        fleet.cli_ok("host", "enable", "large")
+        fleet.cli_ok("host", "enable", "medium")
+        fleet.cli_ok("host", "maintenance", "medium", "--off")
+    # Back in service: the reason is forgotten, and the hosts take VMs again.
+    assert fleet.cli_ok("host", "show", "large")["state_reason"] is None
+    assert fleet.cli_ok("host", "show", "medium")["state_reason"] is None
+    assert fleet.cli_ok(
+        "vm", "create", "to-large", "--memory", "64", "--disk", "1", "--host", "large", "--dry-run"
+    )
+
+
 def test_lifecycle_through_the_cli(fleet: Fleet) -> None:
     fleet.cli_ok("vm", "create", "life", "--memory", "512", "--disk", "1")
     assert fleet.cli_ok("vm", "destroy", "life")["vm"]["power_state"] == "shutoff"

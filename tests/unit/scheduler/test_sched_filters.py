@@ -155,6 +155,8 @@ def test_down_host_names_the_time() -> None:
     [
         ({"enabled": False}, Rule.DISABLED, "disabled by an operator"),
         ({"maintenance": True}, Rule.MAINTENANCE, "in maintenance"),
+        ({"enabled": False, "state_reason": "PSU"}, Rule.DISABLED, "disabled by an operator: PSU"),
+        ({"maintenance": True, "state_reason": "BIOS 2.1"}, Rule.MAINTENANCE, "in maintenance: BIOS 2.1"),
         ({"vm_count": 5, "max_vms": 5}, Rule.MAX_VMS, "already runs 5 VMs (max 5)"),
         ({"has_hw_virt": False}, Rule.HW_VIRT, "no hardware virtualisation (VT-x/AMD-V absent)"),
         ({"hypervisor_type": "qemu"}, Rule.HW_VIRT, "no hardware virtualisation (hypervisor qemu)"),
