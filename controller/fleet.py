@@ -12,15 +12,17 @@ from collections.abc import Iterable, Mapping
 from common.messages.api import HostView, RejectionView, ResourceView, VmView
 from controller import tuning_inventory
 from controller.config import ControllerConfig
-from controller.db.repository import HostRecord, VmRecord
+from controller.db.repository import HostRecord, ServerGroupRecord, VmRecord
 from controller.scheduler.model import (
     FleetSnapshot,
+    GroupPolicy,
     HostRejection,
     HostState,
     Inventory,
     PlacementPolicy,
     PlacementRequest,
     ResourceClass,
+    ServerGroup,
     Strategy,
 )
 
@@ -130,9 +132,28 @@ def host_state(record: HostRecord, config: ControllerConfig, now: float) -> Host
     )
 
 
-def snapshot(records: Iterable[HostRecord], config: ControllerConfig, now: float) -> FleetSnapshot:
-    """The whole fleet as the scheduler sees it at ``now``."""
-    return FleetSnapshot(hosts=tuple(host_state(r, config, now) for r in records), now=now)
+def server_group(record: ServerGroupRecord) -> ServerGroup:
+    return ServerGroup(
+        name=record.name,
+        policy=GroupPolicy(record.policy),
+        max_per_host=record.max_per_host,
+        members=record.members,
+    )
+
+
+def snapshot(
+    records: Iterable[HostRecord],
+    config: ControllerConfig,
+    now: float,
+    groups: Iterable[ServerGroupRecord] = (),
+) -> FleetSnapshot:
+    """The whole fleet as the scheduler sees it at ``now``, with the server groups and where
+    their VMs run (the anti-/affinity filters and weighers need them)."""
+    return FleetSnapshot(
+        hosts=tuple(host_state(r, config, now) for r in records),
+        server_groups=tuple(server_group(g) for g in groups),
+        now=now,
+    )
 
 
 def policy(config: ControllerConfig) -> PlacementPolicy:
@@ -154,11 +175,17 @@ def placement_request(
     needs_hw_virt: bool = False,
     force_host: str | None = None,
     exclude: Iterable[str] = (),
+    networks: Iterable[str] = (),
+    bridges: Iterable[str] = (),
+    group: str | None = None,
 ) -> PlacementRequest:
     return PlacementRequest(
         vm_name=name,
         resources=resources,
         needs_hw_virt=needs_hw_virt,
+        networks=frozenset(networks),
+        bridges=frozenset(bridges),
+        group=group,
         force_host=force_host,
         exclude_hosts=frozenset(exclude),
     )

@@ -37,6 +37,7 @@ from common.messages.tuning import page_size_kib
 from common.messages.vm import (
     CreateVm,
     DeleteVm,
+    NicKind,
     PowerState,
     ShutdownVm,
     VmRef,
@@ -48,7 +49,14 @@ from controller import fleet, tuning_inventory
 from controller.agent_api import AgentApi
 from controller.config import ControllerConfig
 from controller.db import repository as repo
-from controller.scheduler.model import Placement, PlacementRequest, Refusal, ResourceClass
+from controller.scheduler.model import (
+    FleetSnapshot,
+    Placement,
+    PlacementRequest,
+    Refusal,
+    ResourceClass,
+    UnknownServerGroupError,
+)
 from controller.scheduler.place import place
 from controller.vm_spec import build_spec
 
@@ -142,6 +150,12 @@ class ControllerService:
                 raise AlreadyExists(f"a VM named {req.name!r} already exists in the fleet")
             if req.host is not None:
                 repo.get_host(s, req.host)  # NotFound for an unknown host, before placing
+            if req.server_group is not None and req.server_group not in {
+                g.name for g in repo.list_server_groups(s)
+            }:
+                raise NotFound(
+                    f"server group {req.server_group!r} does not exist (create it with `virtfleet group create`)"
+                )
         request = self._placement_request(req, exclude=())
         if req.dry_run:
             result = self._decide(request)
@@ -172,13 +186,17 @@ class ControllerService:
             needs_hw_virt=req.domain_type == "kvm",
             force_host=req.host,
             exclude=exclude,
+            networks=(n.source for n in req.nics if n.kind is NicKind.NETWORK),
+            bridges=(n.source for n in req.nics if n.kind is NicKind.BRIDGE),
+            group=req.server_group,
         )
 
     def _decide(self, request: PlacementRequest) -> Placement | Refusal:
         now = self.clock()
         with self.tx() as s:
             records = repo.list_hosts(s)
-        return place(fleet.snapshot(records, self.config, now), request, fleet.policy(self.config))
+            groups = repo.list_server_groups(s)
+        return _place(fleet.snapshot(records, self.config, now, groups), request, self.config)
 
     def _claim(self, req: api.VmCreate, vm_uuid: str, request: PlacementRequest) -> _Claimed:
         """Decide on a snapshot, then claim under the host's lock after re-checking it.
@@ -198,14 +216,19 @@ class ControllerService:
             with self.tx() as s:
                 repo.bump_generation(s, result.host_id)
                 fresh = repo.get_host(s, result.host_id)
-                recheck = place(
-                    fleet.snapshot([fresh], self.config, now),
+                # Group members on this host are VMs placed here, so under this host's lock
+                # the count is exact: a hard anti-affinity limit cannot be raced past.
+                recheck = _place(
+                    fleet.snapshot([fresh], self.config, now, repo.list_server_groups(s)),
                     PlacementRequest(
                         vm_name=request.vm_name,
                         resources=request.resources,
                         needs_hw_virt=request.needs_hw_virt,
+                        networks=request.networks,
+                        bridges=request.bridges,
+                        group=request.group,
                     ),
-                    fleet.policy(self.config),
+                    self.config,
                 )
                 if isinstance(recheck, Refusal):
                     log.info("host %s filled up while placing %s; deciding again", result.host_id, req.name)
@@ -246,6 +269,7 @@ class ControllerService:
             "spec": "{}",
             "idempotency_key": req.idempotency_key,
             "cpu_policy": req.cpu_policy,
+            "server_group": req.server_group,
             "pcpus": json.dumps(list(pcpus)),
             "hugepage_size_kib": page_size_kib(req.hugepage_size) if req.hugepage_size else None,
             "created_at": now,
@@ -497,6 +521,16 @@ def _ago(when: float | None, now: float) -> str:
     if when is None:
         return "never"
     return f"{now - when:.0f} s ago"
+
+
+def _place(
+    snapshot: FleetSnapshot, request: PlacementRequest, config: ControllerConfig
+) -> Placement | Refusal:
+    """The pure scheduler, with a group deleted since the request was checked as NotFound."""
+    try:
+        return place(snapshot, request, fleet.policy(config))
+    except UnknownServerGroupError:
+        raise NotFound(f"server group {request.group!r} does not exist") from None
 
 
 def _no_valid_host(refusal: Refusal) -> NoValidHost:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -130,6 +131,23 @@ def list_bridges(sys_class_net: Path = SYS_CLASS_NET) -> tuple[str, ...]:
     with contextlib.suppress(OSError):
         return tuple(sorted(p.name for p in sys_class_net.iterdir() if (p / "bridge").is_dir()))
     return ()
+
+
+def bridges_in_interface_xml(docs: Iterable[str]) -> tuple[str, ...]:
+    """Names of the bridges among libvirt interface XML documents (``<interface type='bridge'>``).
+
+    A simulated host (libvirt's test driver) has no sysfs of its own: the bridges it
+    offers are the ``<interface type='bridge'>`` elements of its node file.
+    """
+    names = set()
+    for doc in docs:
+        try:
+            root = ET.fromstring(doc)  # noqa: S314 - libvirt's own XML for its own host
+        except ET.ParseError:
+            continue
+        if root.tag == "interface" and root.get("type") == "bridge" and root.get("name"):
+            names.add(str(root.get("name")))
+    return tuple(sorted(names))
 
 
 def read_node_file_pool_capacity(uri: str, pool_name: str) -> int | None:

@@ -301,7 +301,7 @@ class LibvirtHypervisor:
             free_memory_mib=free_mib,
             storage=storage,
             networks=networks,
-            bridges=() if self.simulated else host_facts.list_bridges(self._sys_class_net),
+            bridges=self._bridges(),
             hw_virt=self._hw_virt,
         )
 
@@ -683,8 +683,14 @@ class LibvirtHypervisor:
             raise translate_error(exc, f"network {name}") from exc
         return True
 
+    def _bridges(self) -> tuple[str, ...]:
+        """The host's Linux bridges; on a simulated host, the bridges its node file declares
+        (``<interface type='bridge' name='br0'>``, read through libvirt's interface API)."""
+        if not self.simulated:
+            return host_facts.list_bridges(self._sys_class_net)
+        with libvirt_errors("cannot list the simulated host's interfaces"):
+            docs = [str(i.XMLDesc(0)) for i in self.conn.listAllInterfaces(0)]
+        return host_facts.bridges_in_interface_xml(docs)
+
     def bridge_exists(self, name: str) -> bool:
-        """A simulated host has every bridge (the test driver has no host interfaces)."""
-        if self.simulated:
-            return True
-        return name in host_facts.list_bridges(self._sys_class_net)
+        return name in self._bridges()

@@ -38,6 +38,20 @@ def parse_limit(text: str) -> msg.Limits:
     return msg.Limits(resource=resource.strip().upper(), **values)
 
 
+#: `--reset` takes the option names people type (`reserved-memory`) or the field names.
+_RESET_ALIASES = {
+    "reserved_memory": "reserved_memory_mib",
+    "reserved_disk": "reserved_disk_gib",
+    "limit": "limits",
+}
+
+
+def reset_field(name: str) -> str:
+    """``--reserved-memory`` / ``reserved-memory`` / ``reserved_memory_mib`` -> ``reserved_memory_mib``."""
+    field = name.strip().lstrip("-").replace("-", "_")
+    return _RESET_ALIASES.get(field, field)
+
+
 @host_app.command("set")
 def host_set(
     ctx: typer.Context,
@@ -58,7 +72,11 @@ def host_set(
         list[str] | None, typer.Option(help="unit rules, e.g. MEMORY_MIB:min=256,max=65536,step=256")
     ] = None,
     reset: Annotated[
-        list[str] | None, typer.Option(help="back to the group/fleet default: cpu_ratio, ...")
+        list[str] | None,
+        typer.Option(
+            help="back to the group/fleet default (repeatable): cpu-ratio, ram-ratio, disk-ratio, "
+            "reserved-memory, reserved-cpus, reserved-disk, max-vms, group, limit"
+        ),
     ] = None,
 ) -> None:
     """Override overcommit ratios, reserves and limits for one host (placement-style inventory)."""
@@ -74,7 +92,7 @@ def host_set(
             max_vms=max_vms,
             group=group,
             limits=tuple(parse_limit(t) for t in limit or ()),
-            reset=tuple(reset or ()),
+            reset=tuple(reset_field(r) for r in reset or ()),
         ),
         ctx,
     )

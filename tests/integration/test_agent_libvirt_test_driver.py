@@ -82,7 +82,8 @@ def test_node_facts(hv: LibvirtHypervisor) -> None:
     assert facts.memory_mib == 16384
     assert facts.free_memory_mib == 0  # the test driver does not know; the report computes it
     assert facts.networks == ("default",)
-    assert facts.bridges == ()
+    assert facts.bridges == ("br0",)  # declared in the node file
+    assert hv.bridge_exists("br0") and not hv.bridge_exists("br9")
     assert facts.hw_virt is True  # simulated hosts model KVM-capable hardware by default
     assert facts.storage is not None
     assert (facts.storage.name, facts.storage.path) == ("default", "/var/lib/virtfleet/images")

@@ -123,3 +123,16 @@ def test_detect_hw_virt_needs_both_device_and_flags(tmp_path: Path) -> None:
 def test_kvm_device_not_openable(tmp_path: Path) -> None:
     assert host_facts.kvm_device_usable(tmp_path / "absent") is False
     assert host_facts.kvm_device_usable(tmp_path) is False  # a directory cannot be opened read-write
+
+
+def test_bridges_in_interface_xml_picks_only_bridges() -> None:
+    docs = [
+        "<interface type='bridge' name='br1'><bridge><interface type='ethernet' name='eth1'/></bridge></interface>",
+        "<interface type='ethernet' name='eth0'/>",
+        "<interface type='bridge' name='br0'/>",
+        "<interface type='bond' name='bond0'/>",
+        "not xml",
+        "<interface type='bridge'/>",  # no name: ignored
+    ]
+    assert host_facts.bridges_in_interface_xml(docs) == ("br0", "br1")
+    assert host_facts.bridges_in_interface_xml([]) == ()
