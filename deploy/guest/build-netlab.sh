@@ -27,7 +27,8 @@ set -euo pipefail
 
 OUT="${1:-/var/cache/virtfleet/netlab}"
 DEBS="${VIRTFLEET_TEST_GUEST_DIR:-/var/cache/virtfleet/guest}/debs"
-SELF_HASH="$(sha256sum "$0" | cut -c1-16)"
+# The stamp covers the shared .deb helper too, so a change there rebuilds the guest.
+SELF_HASH="$(cat "$0" "$(dirname "$0")/debs.sh" | sha256sum | cut -c1-16)"
 
 log() { printf 'build-netlab: %s\n' "$*"; }
 die() {
@@ -44,60 +45,9 @@ OUT="$(cd "$OUT" && pwd)"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/virtfleet-netlab.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 
-cached_deb() { # newest cached .deb matching a glob, or nothing
-    local f best=""
-    for f in "$DEBS"/$1; do
-        [[ -f "$f" ]] && best="$(printf '%s\n%s\n' "$best" "$f" | sed '/^$/d' | sort -V | tail -n1)"
-    done
-    printf '%s' "$best"
-}
-
-apt_updated=0
-maybe_apt_update() {
-    if ((apt_updated == 0)) && [[ $EUID -eq 0 ]]; then
-        apt-get update -q >/dev/null
-        apt_updated=1
-        return 0
-    fi
-    return 1
-}
-
-download() { # download PKG -> prints the .deb path
-    (cd "$DEBS" && apt-get download -q "$1" >&2) || return 1
-    cached_deb "${1}_*.deb"
-}
-
-KDEB="$(cached_deb 'linux-image-6.1.0-*-amd64_*.deb')"
-if [[ -z "$KDEB" ]]; then
-    list_kernels() {
-        apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | awk '{print $1}' | sort -rV
-    }
-    candidates="$(list_kernels)"
-    if [[ -z "$candidates" ]] && maybe_apt_update; then
-        candidates="$(list_kernels)"
-    fi
-    [[ -n "$candidates" ]] || die "apt offers no linux-image-6.1.0-N-amd64 package"
-    for pkg in $candidates; do
-        log "downloading $pkg"
-        if KDEB="$(download "$pkg")" && [[ -n "$KDEB" ]]; then
-            break
-        fi
-        KDEB=""
-    done
-    [[ -n "$KDEB" ]] || die "could not download any of: $candidates"
-fi
-BBDEB="$(cached_deb 'busybox-static_*.deb')"
-if [[ -z "$BBDEB" ]]; then
-    BBDEB="$(download busybox-static)" || { maybe_apt_update && BBDEB="$(download busybox-static)"; } ||
-        die "could not download busybox-static"
-fi
-log "kernel:  $(basename "$KDEB")"
-
-dpkg-deb -x "$KDEB" "$WORK/k"
-dpkg-deb -x "$BBDEB" "$WORK/bb"
-KVER="$(find "$WORK/k/lib/modules" -mindepth 1 -maxdepth 1 -printf '%f\n' | head -n1)"
-[[ -n "$KVER" ]] || die "no /lib/modules in $(basename "$KDEB")"
-MODDIR="$WORK/k/lib/modules/$KVER"
+# shellcheck source=deploy/guest/debs.sh
+source "$(dirname "$0")/debs.sh"
+unpack_kernel_and_busybox
 
 IR="$WORK/ir"
 mkdir -p "$IR"/{bin,dev,proc,sys,newroot,lib/modules}
