@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,6 +227,29 @@ class Fleet:
         for proc in reversed(self.procs):
             with contextlib.suppress(AssertionError):
                 proc.stop()
+
+
+@contextlib.contextmanager
+def running_fleet(tmp: Path, agents: Mapping[str, tuple[str, ...]]) -> Iterator[Fleet]:
+    """A controller and one agent per host on a private vhost and a fresh database.
+
+    ``agents`` maps each host id to its node file name (tests/fixtures/nodes) followed by
+    extra ``virtfleet-agent`` arguments. The logs are printed if anything fails, and every
+    process is stopped on the way out.
+    """
+    with private_vhost() as url, fresh_database(tmp) as db:
+        f = Fleet(tmp, url, db)
+        try:
+            f.start_controller()
+            for host, (node, *args) in agents.items():
+                f.start_agent(host, node_uri(node), *args)
+            f.wait_hosts(set(agents))
+            yield f
+        except BaseException:
+            print(f.logs())
+            raise
+        finally:
+            f.stop_all()
 
 
 def node_uri(name: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pytest
-from vfsupport import CliResult, Fleet, fresh_database, node_uri, private_vhost, wait_until
+from vfsupport import CliResult, Fleet, fresh_database, private_vhost, running_fleet, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
@@ -25,19 +25,8 @@ SIZES = {"small": (8, 16384), "medium": (16, 65536), "large": (32, 131072)}
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("fleet")
-    with private_vhost() as url, fresh_database(tmp) as db:
-        f = Fleet(tmp, url, db)
-        try:
-            f.start_controller()
-            for name in SIZES:
-                f.start_agent(name, node_uri(name))
-            f.wait_hosts(set(SIZES))
-            yield f
-        except BaseException:
-            print(f.logs())
-            raise
-        finally:
-            f.stop_all()
+    with running_fleet(tmp, {name: (name,) for name in SIZES}) as f:
+        yield f
 
 
 def _fail_with_logs(fleet: Fleet, message: str) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from vfsupport import Fleet, fresh_database, node_uri, private_vhost
+from vfsupport import Fleet, running_fleet
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
@@ -20,19 +20,8 @@ HOSTS = ("small", "medium", "large")  # 8/16/32 CPUs, 16/64/128 GiB
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("placement-cli")
-    with private_vhost() as url, fresh_database(tmp) as db:
-        f = Fleet(tmp, url, db)
-        try:
-            f.start_controller()
-            for name in HOSTS:
-                f.start_agent(name, node_uri(name))
-            f.wait_hosts(set(HOSTS))
-            yield f
-        except BaseException:
-            print(f.logs())
-            raise
-        finally:
-            f.stop_all()
+    with running_fleet(tmp, {name: (name,) for name in HOSTS}) as f:
+        yield f
 
 
 def capacity(fleet: Fleet, host: str) -> dict[str, dict[str, Any]]:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from vfsupport import Fleet, fresh_database, node_uri, private_vhost, wait_until
+from vfsupport import Fleet, running_fleet, wait_until
 
 from controller.scheduler.cpus import parse_cpuset
 
@@ -25,21 +25,10 @@ HOSTS = {"pin-a": ("--dedicated-cpus", "2-7", "--shared-cpus", "0-1"), "pin-b": 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("tuning-fleet")
-    with private_vhost() as url, fresh_database(tmp) as db:
-        f = Fleet(tmp, url, db)
-        try:
-            f.start_controller()
-            for name, sets in HOSTS.items():
-                f.start_agent(name, node_uri("tuning-numa"), *sets)
-            f.wait_hosts(set(HOSTS))
-            for name in HOSTS:
-                wait_until(lambda n=name: tuning(f, n)["facts"], 30, f"tuning facts of {name}")
-            yield f
-        except BaseException:
-            print(f.logs())
-            raise
-        finally:
-            f.stop_all()
+    with running_fleet(tmp, {name: ("tuning-numa", *sets) for name, sets in HOSTS.items()}) as f:
+        for name in HOSTS:
+            wait_until(lambda n=name: tuning(f, n)["facts"], 30, f"tuning facts of {name}")
+        yield f
 
 
 def tuning(fleet: Fleet, host: str) -> Any:

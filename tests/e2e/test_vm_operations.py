@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vfsupport import Fleet, fresh_database, node_uri, private_vhost
+from vfsupport import Fleet, running_fleet
 
 from common.domain_xml import parse_domain_xml
 
@@ -25,19 +25,8 @@ HOSTS = ("small", "medium", "large")
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("vmops")
-    with private_vhost() as url, fresh_database(tmp) as db:
-        f = Fleet(tmp, url, db)
-        try:
-            f.start_controller()
-            for name in HOSTS:
-                f.start_agent(name, node_uri(name))
-            f.wait_hosts(set(HOSTS))
-            yield f
-        except BaseException:
-            print(f.logs())
-            raise
-        finally:
-            f.stop_all()
+    with running_fleet(tmp, {name: (name,) for name in HOSTS}) as f:
+        yield f
 
 
 @pytest.fixture(scope="module")
