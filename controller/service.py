@@ -150,9 +150,7 @@ class ControllerService:
                 raise AlreadyExists(f"a VM named {req.name!r} already exists in the fleet")
             if req.host is not None:
                 repo.get_host(s, req.host)  # NotFound for an unknown host, before placing
-            if req.server_group is not None and req.server_group not in {
-                g.name for g in repo.list_server_groups(s)
-            }:
+            if req.server_group is not None and repo.find_server_group(s, req.server_group) is None:
                 raise NotFound(
                     f"server group {req.server_group!r} does not exist (create it with `virtfleet group create`)"
                 )
@@ -195,7 +193,7 @@ class ControllerService:
         now = self.clock()
         with self.tx() as s:
             records = repo.list_hosts(s)
-            groups = repo.list_server_groups(s)
+            groups = _request_group(s, request)
         return _place(fleet.snapshot(records, self.config, now, groups), request, self.config)
 
     def _claim(self, req: api.VmCreate, vm_uuid: str, request: PlacementRequest) -> _Claimed:
@@ -219,7 +217,7 @@ class ControllerService:
                 # Group members on this host are VMs placed here, so under this host's lock
                 # the count is exact: a hard anti-affinity limit cannot be raced past.
                 recheck = _place(
-                    fleet.snapshot([fresh], self.config, now, repo.list_server_groups(s)),
+                    fleet.snapshot([fresh], self.config, now, _request_group(s, request)),
                     PlacementRequest(
                         vm_name=request.vm_name,
                         resources=request.resources,
@@ -521,6 +519,16 @@ def _ago(when: float | None, now: float) -> str:
     if when is None:
         return "never"
     return f"{now - when:.0f} s ago"
+
+
+def _request_group(session: Session, request: PlacementRequest) -> list[repo.ServerGroupRecord]:
+    """The request's server group with its members: the only group the scheduler looks at,
+    so a create outside any group costs no group query. A missing group stays missing
+    (the scheduler then reports it)."""
+    if request.group is None:
+        return []
+    group = repo.find_server_group(session, request.group)
+    return [] if group is None else [group]
 
 
 def _place(

@@ -496,6 +496,23 @@ def delete_server_group(session: Session, name: str) -> None:
     session.delete(row)
 
 
+def find_server_group(session: Session, name: str) -> ServerGroupRecord | None:
+    """One server group and where its VMs are, or None (placement needs only the request's group)."""
+    group = session.get(ServerGroup, name)
+    if group is None:
+        return None
+    members = {
+        host_id: int(count)
+        for host_id, count in session.execute(
+            select(Vm.host_id, func.count())
+            .where(Vm.server_group == name, Vm.host_id.is_not(None))
+            .group_by(Vm.host_id)
+        )
+        if host_id is not None
+    }
+    return ServerGroupRecord(group.name, group.policy, group.max_per_host, members)
+
+
 def list_server_groups(session: Session) -> list[ServerGroupRecord]:
     members: dict[str, dict[str, int]] = {}
     for group, host_id, count in session.execute(
