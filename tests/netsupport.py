@@ -37,7 +37,7 @@ def require_root() -> None:
     if os.geteuid() != 0:
         if os.environ.get("VIRTFLEET_REQUIRE_QEMU") == "1":
             pytest.fail("network namespace tests need root")
-        pytest.skip("network namespace tests need root")
+        pytest.skip("host networking in network namespaces not tested: creating namespaces needs root")
 
 
 class Lab:
@@ -261,7 +261,9 @@ class PrivateLibvirtd:
         import libvirt  # noqa: PLC0415 - only this helper needs it
 
         if not Path("/usr/sbin/libvirtd").exists():
-            pytest.skip("libvirtd is not installed")
+            pytest.skip(
+                "libvirt networks inside a namespace not tested: /usr/sbin/libvirtd is not installed (deploy/install.sh)"
+            )
         for sub in self.DIRS:
             (self.tmp / sub).mkdir(parents=True, exist_ok=True)
         (self.tmp / "etc-qemu" / "networks" / "autostart").mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,10 @@ THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 def conn() -> Iterator[Any]:
     require_qemu()
     if os.cpu_count() != 2 or parse.cpu_list(Path("/sys/devices/system/cpu/online").read_text()) != {0, 1}:
-        pytest.skip("written for the project machine: CPUs 0 and 1 online")
+        pytest.skip(
+            "CPU pinning, emulator pinning and taskset on real QEMU not tested: the tests pin to "
+            "CPUs 0 and 1 and need a 2-CPU host with exactly those online"
+        )
     with qemu_connection() as c:
         yield c
 
@@ -211,7 +214,9 @@ def test_io_scheduler_and_profile_on_the_real_kernel(agent: Agent, client: RpcCl
     loop = _block_device("loop0")
     vda = _block_device("vda")
     if not (loop.exists() and vda.exists()):
-        pytest.skip("needs loop0 and vda")
+        pytest.skip(
+            "IO scheduler and virt-host profile on the real kernel not tested: needs block devices loop0 and vda"
+        )
     with restored(loop, vda, THP_ENABLED):
         done = call(client, "tuning.io_scheduler", SetIoScheduler("loop0", "mq-deadline"), IoSchedulerResult)
         assert done.after == "mq-deadline" and parse.selection(loop.read_text()).selected == "mq-deadline"

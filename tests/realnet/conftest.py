@@ -72,6 +72,7 @@ class NetlabRun:
 
 
 def _unavailable(reason: str) -> None:
+    reason = f"bonding and 802.1Q on a real kernel (the netlab guest) not tested: {reason}"
     if os.environ.get("VIRTFLEET_REQUIRE_QEMU") == "1":
         pytest.fail(reason)
     pytest.skip(reason)
