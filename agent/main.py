@@ -36,7 +36,7 @@ from common.errors import VirtfleetError
 from common.messages.host import HostReport
 from common.transport.amqp import ConsumerServer, Publisher
 from common.transport.rpc import Dispatcher
-from common.transport.topology import declare_agent_queue, declare_reports_exchange
+from common.transport.topology import REPORTS_EXCHANGE, agent_queue, declare, declare_exchange
 
 log = logging.getLogger("agent")
 
@@ -101,7 +101,13 @@ class Agent:
             cfg.libvirt_uri,
             hypervisor,
             sink_factory
-            or (lambda: Publisher(cfg.amqp_url, f"agent-{host}-reports", declare=declare_reports_exchange)),
+            or (
+                lambda: Publisher(
+                    cfg.amqp_url,
+                    f"agent-{host}-reports",
+                    declare=lambda ch: declare_exchange(ch, REPORTS_EXCHANGE),
+                )
+            ),
             report_interval=cfg.report_interval,
             heartbeat_interval=cfg.heartbeat_interval,
             agent_version=agent_version(),
@@ -120,7 +126,7 @@ class Agent:
         self.server = ConsumerServer(
             cfg.amqp_url,
             f"agent-{host}",
-            declare=lambda ch: declare_agent_queue(ch, host),
+            declare=lambda ch: declare(ch, agent_queue(host)),
             handler=self.dispatcher,
             prefetch=CONCURRENCY,
             workers=CONCURRENCY,

@@ -221,7 +221,11 @@ class Reporter:
                 report = enrich(report)
             env = envelope_for("host.report", report, self._sender, now)
             sink.publish(
-                REPORTS_EXCHANGE, routing_key("host.report", self.host_id), env, persistent=False, retries=1
+                REPORTS_EXCHANGE.name,
+                routing_key("host.report", self.host_id),
+                env,
+                persistent=False,
+                retries=1,
             )
         except VirtfleetError as exc:
             self.failures += 1
@@ -246,7 +250,7 @@ class Reporter:
         )
         try:
             sink.publish(
-                REPORTS_EXCHANGE,
+                REPORTS_EXCHANGE.name,
                 routing_key("host.heartbeat", self.host_id),
                 envelope_for("host.heartbeat", beat, self._sender, now),
                 persistent=False,

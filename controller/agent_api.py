@@ -46,7 +46,7 @@ class AmqpAgentCalls:
         timeout = timeout_for(kind)
         env = request(kind, body, self._sender, timeout=timeout)
         reply = self._client().call(
-            COMMANDS_EXCHANGE,
+            COMMANDS_EXCHANGE.name,
             host_id,
             env,
             timeout,

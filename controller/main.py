@@ -14,7 +14,7 @@ from types import FrameType
 
 from common.errors import VirtfleetError
 from common.transport.amqp import ConsumerServer
-from common.transport.topology import declare_api_queue, declare_heartbeats, declare_reports
+from common.transport.topology import API_QUEUE, HEARTBEATS_QUEUE, REPORTS_QUEUE, declare
 from controller.agent_api import AgentApi, AmqpAgentCalls
 from controller.config import ControllerConfig, load_config
 from controller.db.engine import make_engine, migrate
@@ -51,7 +51,7 @@ class Controller:
         self.api = ConsumerServer(
             config.amqp_url,
             f"{self.name}-api",
-            declare_api_queue,
+            lambda ch: declare(ch, API_QUEUE),
             api_dispatcher(self.service, self.name),
             prefetch=config.workers,
             workers=config.workers,
@@ -59,7 +59,7 @@ class Controller:
         self.reports = ConsumerServer(
             config.amqp_url,
             f"{self.name}-reports",
-            declare_reports,
+            lambda ch: declare(ch, REPORTS_QUEUE),
             report_dispatcher(self.service, self.name),
             prefetch=16,
             workers=2,
@@ -67,7 +67,7 @@ class Controller:
         self.heartbeats = ConsumerServer(
             config.amqp_url,
             f"{self.name}-heartbeats",
-            declare_heartbeats,
+            lambda ch: declare(ch, HEARTBEATS_QUEUE),
             report_dispatcher(self.service, self.name),
             prefetch=64,
             workers=1,

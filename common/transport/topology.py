@@ -1,37 +1,167 @@
-"""Names of every exchange and queue, and their (idempotent) declarations.
+"""Every exchange, queue, queue argument and binding of virtfleet, as data.
 
-See docs/protocol.md for the picture. All declarations are safe to repeat: every party
-declares what it uses, so start order does not matter.
+Both transports (AMQP and in-memory) declare from these objects, and docs/protocol.md's broker
+sections are generated from them, so the reference cannot drift from what runs. Declarations
+are idempotent: every party declares what it uses, so start order does not matter.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
-COMMANDS_EXCHANGE = "virtfleet.commands"  # direct, routing key = host id
-REPORTS_EXCHANGE = "virtfleet.reports"  # topic, routing key = "<kind>.<host id>"
-DEAD_LETTER_EXCHANGE = "virtfleet.dlx"  # fanout
-DEAD_LETTER_QUEUE = "virtfleet.dead"
-API_QUEUE = "virtfleet.api"  # on the default exchange; competing controllers
-REPORTS_QUEUE = "virtfleet.controller.reports"  # competing controllers
-#: Heartbeats have their own queue so that they are never stuck behind a backlog of full
-#: reports (a late heartbeat would make a busy host look down).
-HEARTBEATS_QUEUE = "virtfleet.controller.heartbeats"
-HEARTBEAT_TTL_MS = 30_000
-#: Reports older than this are worthless (a newer one will follow); keeps the queue short
-#: while no controller runs.
-REPORT_TTL_MS = 120_000
+
+class ExchangeType(StrEnum):
+    DIRECT = "direct"
+    TOPIC = "topic"
+    FANOUT = "fanout"
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """A durable exchange."""
+
+    name: str
+    type: ExchangeType
+    doc: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """``queue`` receives what ``exchange`` routes with ``routing_key``."""
+
+    exchange: Exchange
+    routing_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """A queue with its arguments and bindings.
+
+    ``disposable``: its messages are worth nothing after a while (reports, heartbeats), so a
+    declaration that the broker refuses because an older release declared the queue with other
+    arguments (``406 PRECONDITION_FAILED``) may delete and re-declare it. Other queues are never
+    deleted by virtfleet.
+    """
+
+    name: str
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+    bindings: tuple[Binding, ...] = ()
+    durable: bool = True
+    exclusive: bool = False
+    auto_delete: bool = False
+    disposable: bool = False
+    doc: str = ""
+
+    @property
+    def dead_letter_exchange(self) -> str | None:
+        """The exchange rejected and expired messages go to, if any."""
+        value = self.arguments.get("x-dead-letter-exchange")
+        return value if isinstance(value, str) else None
+
+    def exchanges(self) -> tuple[Exchange, ...]:
+        """The exchanges this queue needs (its bindings' and its dead-letter exchange)."""
+        seen = {b.exchange.name: b.exchange for b in self.bindings}
+        if self.dead_letter_exchange == DEAD_LETTER_EXCHANGE.name:
+            seen.setdefault(DEAD_LETTER_EXCHANGE.name, DEAD_LETTER_EXCHANGE)
+        return tuple(seen.values())
+
+
+# ---------------------------------------------------------------------------------- exchanges
+
+#: Where every queue's rejected (malformed, refused) messages go, for people to inspect.
+DEAD_LETTER_EXCHANGE = Exchange(
+    "virtfleet.dlx", ExchangeType.FANOUT, "dead letters of every virtfleet queue -> virtfleet.dead"
+)
+#: Controller -> agent commands; the routing key is the host id.
+COMMANDS_EXCHANGE = Exchange(
+    "virtfleet.commands", ExchangeType.DIRECT, "controller -> agent commands, key = host id"
+)
+#: Agent -> controller reports and heartbeats; the routing key is ``<kind>.<host id>``.
+REPORTS_EXCHANGE = Exchange(
+    "virtfleet.reports", ExchangeType.TOPIC, "agent -> controller reports, key = <kind>.<host id>"
+)
+#: AMQP's default exchange: routes to the queue named by the routing key (API calls, replies).
+DEFAULT_EXCHANGE = ""
+
+# ---------------------------------------------------------------------------------- arguments
+
 #: Messages kept in the dead-letter queue before the oldest are dropped.
 DEAD_LETTER_MAX = 10_000
+#: Heartbeats older than this are worthless (the host's liveness is judged by the newest one):
+#: the agent sets ``expires_at`` this far ahead and the controller skips expired ones.
+HEARTBEAT_TTL_MS = 30_000
+#: Reports older than this are worthless (a newer one follows); enforced the same way.
+REPORT_TTL_MS = 120_000
+#: Reports or heartbeats queued while no controller consumes them. Beyond it the broker refuses
+#: new ones (``reject-publish``: the agent's publish is nacked and it sends a fresh one later)
+#: rather than dead-lettering them, so a controller outage cannot flood ``virtfleet.dead``; for
+#: the same reason these queues have no queue TTL (RabbitMQ dead-letters expired messages).
+REPORT_BACKLOG_MAX = 10_000
+
+_DEAD_LETTERED = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name}
+
+# ---------------------------------------------------------------------------------- queues
+
+DEAD_LETTER_QUEUE = Queue(
+    "virtfleet.dead",
+    arguments={"x-max-length": DEAD_LETTER_MAX},
+    bindings=(Binding(DEAD_LETTER_EXCHANGE, ""),),
+    doc="every rejected message, for people to inspect; no consumer; oldest dropped beyond the limit",
+)
+API_QUEUE = Queue(
+    "virtfleet.api",
+    arguments=_DEAD_LETTERED,
+    doc="client -> controller API calls (on the default exchange); controllers compete for them",
+)
+REPORTS_QUEUE = Queue(
+    "virtfleet.controller.reports",
+    arguments={**_DEAD_LETTERED, "x-max-length": REPORT_BACKLOG_MAX, "x-overflow": "reject-publish"},
+    bindings=(Binding(REPORTS_EXCHANGE, "host.report.*"),),
+    disposable=True,
+    doc="full host reports; controllers compete for them; malformed ones are dead-lettered",
+)
+#: Heartbeats have their own queue so that they are never stuck behind a backlog of full
+#: reports (a late heartbeat would make a busy host look down).
+HEARTBEATS_QUEUE = Queue(
+    "virtfleet.controller.heartbeats",
+    arguments={**_DEAD_LETTERED, "x-max-length": REPORT_BACKLOG_MAX, "x-overflow": "reject-publish"},
+    bindings=(Binding(REPORTS_EXCHANGE, "host.heartbeat.*"),),
+    disposable=True,
+    doc="host heartbeats; controllers compete for them",
+)
+
+#: The name pattern of agent queues, for documentation.
+AGENT_QUEUE_PATTERN = "virtfleet.agent.<host_id>"
 
 
-def agent_queue(host_id: str) -> str:
-    """The durable command queue of one agent."""
-    return f"virtfleet.agent.{host_id}"
+def agent_queue(host_id: str) -> Queue:
+    """The durable command queue of one agent, bound to the commands exchange by host id."""
+    return Queue(
+        f"virtfleet.agent.{host_id}",
+        arguments=_DEAD_LETTERED,
+        bindings=(Binding(COMMANDS_EXCHANGE, host_id),),
+        doc="controller -> agent commands for one host",
+    )
+
+
+def report_routing_key(kind: str, host_id: str) -> str:
+    """``<kind>.<host id>`` on the reports topic exchange."""
+    return f"{kind}.{host_id}"
+
+
+#: Every shared queue (agent queues follow :func:`agent_queue`), for docs and tests.
+SHARED_QUEUES: tuple[Queue, ...] = (API_QUEUE, REPORTS_QUEUE, HEARTBEATS_QUEUE, DEAD_LETTER_QUEUE)
+EXCHANGES: tuple[Exchange, ...] = (COMMANDS_EXCHANGE, REPORTS_EXCHANGE, DEAD_LETTER_EXCHANGE)
+
+
+# ---------------------------------------------------------------------------------- declaring
 
 
 class Channel(Protocol):
-    """The subset of pika's BlockingChannel the declarations use."""
+    """The subset of an AMQP channel (pika's BlockingChannel) that declarations use."""
 
     def exchange_declare(self, exchange: str, exchange_type: str, durable: bool = ...) -> Any: ...
 
@@ -48,54 +178,24 @@ class Channel(Protocol):
     def queue_bind(self, queue: str, exchange: str, routing_key: str | None = ...) -> Any: ...
 
 
-def _dead_letter_args() -> dict[str, Any]:
-    return {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+def declare(ch: Channel, queue: Queue) -> str:
+    """Declare ``queue``, its exchanges, its dead-letter queue and its bindings on ``ch``."""
+    for exchange in queue.exchanges():
+        ch.exchange_declare(exchange.name, exchange.type.value, durable=True)
+    if queue.dead_letter_exchange == DEAD_LETTER_EXCHANGE.name and queue is not DEAD_LETTER_QUEUE:
+        declare(ch, DEAD_LETTER_QUEUE)
+    ch.queue_declare(
+        queue.name,
+        durable=queue.durable,
+        exclusive=queue.exclusive,
+        auto_delete=queue.auto_delete,
+        arguments=dict(queue.arguments),
+    )
+    for binding in queue.bindings:
+        ch.queue_bind(queue.name, binding.exchange.name, binding.routing_key)
+    return queue.name
 
 
-def declare_dead_letters(ch: Channel) -> None:
-    """The DLX and the queue that keeps every rejected (malformed) message for inspection."""
-    ch.exchange_declare(DEAD_LETTER_EXCHANGE, "fanout", durable=True)
-    # Bounded: rejected messages are kept for inspection, not forever (oldest dropped first).
-    ch.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments={"x-max-length": DEAD_LETTER_MAX})
-    ch.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, "")
-
-
-def declare_agent_queue(ch: Channel, host_id: str) -> str:
-    """The commands exchange and one agent's durable queue bound to it by host id."""
-    declare_dead_letters(ch)
-    ch.exchange_declare(COMMANDS_EXCHANGE, "direct", durable=True)
-    name = agent_queue(host_id)
-    ch.queue_declare(name, durable=True, arguments=_dead_letter_args())
-    ch.queue_bind(name, COMMANDS_EXCHANGE, host_id)
-    return name
-
-
-def declare_reports(ch: Channel) -> str:
-    """The reports exchange and the controllers' shared reports queue."""
-    declare_dead_letters(ch)
-    ch.exchange_declare(REPORTS_EXCHANGE, "topic", durable=True)
-    # No dead-lettering here: an expired report is simply stale (a newer one follows), and a
-    # malformed one is logged and dropped rather than filling the dead-letter queue.
-    ch.queue_declare(REPORTS_QUEUE, durable=True, arguments={"x-message-ttl": REPORT_TTL_MS})
-    ch.queue_bind(REPORTS_QUEUE, REPORTS_EXCHANGE, "host.report.*")
-    return REPORTS_QUEUE
-
-
-def declare_heartbeats(ch: Channel) -> str:
-    """The heartbeats exchange binding and the controllers' shared heartbeat queue."""
-    ch.exchange_declare(REPORTS_EXCHANGE, "topic", durable=True)
-    ch.queue_declare(HEARTBEATS_QUEUE, durable=True, arguments={"x-message-ttl": HEARTBEAT_TTL_MS})
-    ch.queue_bind(HEARTBEATS_QUEUE, REPORTS_EXCHANGE, "host.heartbeat.*")
-    return HEARTBEATS_QUEUE
-
-
-def declare_reports_exchange(ch: Channel) -> None:
-    """Only the exchange: what an agent needs to publish (it may not read the queue)."""
-    ch.exchange_declare(REPORTS_EXCHANGE, "topic", durable=True)
-
-
-def declare_api_queue(ch: Channel) -> str:
-    """The controllers' shared API request queue."""
-    declare_dead_letters(ch)
-    ch.queue_declare(API_QUEUE, durable=True, arguments=_dead_letter_args())
-    return API_QUEUE
+def declare_exchange(ch: Channel, exchange: Exchange) -> None:
+    """Only an exchange: what a publisher needs (an agent may not configure the controller's queues)."""
+    ch.exchange_declare(exchange.name, exchange.type.value, durable=True)

@@ -28,7 +28,7 @@ class ApiClient:
 
     def _check_controller(self) -> None:
         try:
-            consumers = self._rpc.consumer_count(API_QUEUE)
+            consumers = self._rpc.consumer_count(API_QUEUE.name)
         except TransportError as exc:
             raise ControllerUnavailable(
                 f"{exc.message}. Is RabbitMQ running? (--amqp-url / VIRTFLEET_AMQP_URL)"
@@ -49,7 +49,7 @@ class ApiClient:
         env = request(kind, body, self._sender, timeout=timeout)
         reply = self._rpc.call(
             "",
-            API_QUEUE,
+            API_QUEUE.name,
             env,
             timeout,
             persistent=False,

@@ -36,10 +36,11 @@ from common.transport.rpc import request, unwrap
 from common.transport.topology import (
     COMMANDS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
     REPORTS_EXCHANGE,
     agent_queue,
-    declare_dead_letters,
-    declare_reports_exchange,
+    declare,
+    declare_exchange,
 )
 
 pytestmark = pytest.mark.broker
@@ -109,12 +110,17 @@ def delete_queue(url: str, name: str) -> None:
 def host_id(vhost_url: str) -> Iterator[str]:
     host = f"test-agent-{uuid_mod.uuid4().hex[:12]}"
     yield host
-    delete_queue(vhost_url, agent_queue(host))
+    delete_queue(vhost_url, agent_queue(host).name)
 
 
 @pytest.fixture
 def reports(vhost_url: str, host_id: str) -> Iterator[Tap]:
-    tap = Tap(vhost_url, REPORTS_EXCHANGE, f"host.report.{host_id}", declare_reports_exchange)
+    tap = Tap(
+        vhost_url,
+        REPORTS_EXCHANGE.name,
+        f"host.report.{host_id}",
+        lambda ch: declare_exchange(ch, REPORTS_EXCHANGE),
+    )
     yield tap
     tap.close()
 
@@ -161,7 +167,7 @@ def vm_spec(name: str = "web1") -> VmSpec:
 
 
 def call(client: RpcClient, host: str, env: Envelope) -> Envelope:
-    return client.call(COMMANDS_EXCHANGE, host, env, timeout=WAIT)
+    return client.call(COMMANDS_EXCHANGE.name, host, env, timeout=WAIT)
 
 
 def test_create_report_and_redelivery(agent: Agent, client: RpcClient, reports: Tap, host_id: str) -> None:
@@ -193,10 +199,10 @@ def test_create_report_and_redelivery(agent: Agent, client: RpcClient, reports: 
 def test_garbage_is_dead_lettered_and_the_agent_carries_on(
     vhost_url: str, agent: Agent, client: RpcClient, host_id: str
 ) -> None:
-    dead = Tap(vhost_url, DEAD_LETTER_EXCHANGE, "", declare_dead_letters)
+    dead = Tap(vhost_url, DEAD_LETTER_EXCHANGE.name, "", lambda ch: declare(ch, DEAD_LETTER_QUEUE))
     try:
         marker = uuid_mod.uuid4().hex.encode()
-        dead.ch.basic_publish("", agent_queue(host_id), b"\xc1 not msgpack " + marker)
+        dead.ch.basic_publish("", agent_queue(host_id).name, b"\xc1 not msgpack " + marker)
         body = dead.wait_for(lambda b: marker in b)
         assert body.startswith(b"\xc1")
     finally:

@@ -59,7 +59,7 @@ def agent(conn: Any, vhost_url: str, tmp_path: Path) -> Iterator[Agent]:
 
 def _call(client: RpcClient, kind: str, body: object) -> VmResult:
     env = request(kind, body, "test", timeout=120)
-    return unwrap(client.call(COMMANDS_EXCHANGE, "qemu-host", env, 120), VmResult)
+    return unwrap(client.call(COMMANDS_EXCHANGE.name, "qemu-host", env, 120), VmResult)
 
 
 def test_create_boot_and_delete_a_real_guest(agent: Agent, conn: Any, vhost_url: str) -> None:

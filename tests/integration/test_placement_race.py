@@ -42,7 +42,9 @@ def two_controllers(tmp_path: Path) -> Iterator[Fleet]:
             fleet.wait_hosts(set(HOSTS))
             probe = RpcClient(url, "probe")
             wait_until(
-                lambda: probe.consumer_count(API_QUEUE) == 2, 30, "both controllers to consume the API queue"
+                lambda: probe.consumer_count(API_QUEUE.name) == 2,
+                30,
+                "both controllers to consume the API queue",
             )
             probe.close()
             yield fleet

@@ -17,7 +17,7 @@ from common.messages import api
 from common.messages.envelope import Envelope, decode_envelope
 from common.transport.amqp import ConsumerServer, RpcClient
 from common.transport.rpc import Dispatcher, request, unwrap
-from common.transport.topology import API_QUEUE, DEAD_LETTER_EXCHANGE, declare_api_queue, declare_dead_letters
+from common.transport.topology import API_QUEUE, DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, declare
 
 pytestmark = pytest.mark.broker
 
@@ -33,7 +33,7 @@ def server(vhost_url: str) -> Iterator[ConsumerServer]:
     srv = ConsumerServer(
         vhost_url,
         "test-api",
-        declare_api_queue,
+        lambda ch: declare(ch, API_QUEUE),
         Dispatcher("test-controller", {"api.ping": ping}),
         prefetch=4,
     )
@@ -45,7 +45,7 @@ def server(vhost_url: str) -> Iterator[ConsumerServer]:
 
 def _ping(client: RpcClient) -> api.Empty:
     env = request("api.ping", api.Empty(), "test", timeout=20)
-    return unwrap(client.call("", API_QUEUE, env, 20, persistent=False), api.Empty)
+    return unwrap(client.call("", API_QUEUE.name, env, 20, persistent=False), api.Empty)
 
 
 def _close_all_connections(vhost_url: str) -> None:
@@ -78,9 +78,9 @@ class DeadLetterTap:
     def __init__(self, url: str) -> None:
         self.conn = pika.BlockingConnection(pika.URLParameters(url))
         self.ch = self.conn.channel()
-        declare_dead_letters(self.ch)
+        declare(self.ch, DEAD_LETTER_QUEUE)
         self.queue = self.ch.queue_declare("", exclusive=True).method.queue
-        self.ch.queue_bind(self.queue, DEAD_LETTER_EXCHANGE, "")
+        self.ch.queue_bind(self.queue, DEAD_LETTER_EXCHANGE.name, "")
 
     def wait_for(self, body: bytes, timeout: float = 20) -> dict[str, object]:
         deadline = time.monotonic() + timeout
@@ -104,7 +104,7 @@ def test_garbage_on_the_api_queue_is_dead_lettered_and_the_server_carries_on(
     client = RpcClient(vhost_url, "test-client")
     try:
         garbage = b"\xc1 this is not msgpack " + str(time.time()).encode()
-        publisher.channel().basic_publish("", API_QUEUE, garbage)
+        publisher.channel().basic_publish("", API_QUEUE.name, garbage)
         headers = tap.wait_for(garbage)
         death = headers["x-death"]
         assert isinstance(death, list)
@@ -125,7 +125,7 @@ def test_a_body_that_does_not_fit_the_schema_gets_an_error_reply_and_is_dead_let
     try:
         # api.host.show needs {"host": str}; send a number instead, through the real client.
         env = Envelope(kind="api.host.show", body={"host": 42}, sender="test", expires_at=time.time() + 20)
-        reply = client.call("", API_QUEUE, env, 20, persistent=False)
+        reply = client.call("", API_QUEUE.name, env, 20, persistent=False)
         with pytest.raises(InvalidRequest, match=r"body\.host: expected a string"):
             unwrap(reply, api.HostView)
         dead = decode_envelope(_wait_dead(tap, env.id))

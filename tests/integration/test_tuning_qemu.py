@@ -107,7 +107,7 @@ def client(vhost_url: str) -> Iterator[RpcClient]:
 
 def call(client: RpcClient, kind: str, body: object, result: type[T]) -> T:
     env = request(kind, body, "test", timeout=120)
-    return unwrap(client.call(COMMANDS_EXCHANGE, HOST, env, 120), result)
+    return unwrap(client.call(COMMANDS_EXCHANGE.name, HOST, env, 120), result)
 
 
 def affinity_from_proc(pid: int) -> dict[str, frozenset[int]]:

@@ -173,7 +173,7 @@ def test_report_on_start_and_heartbeat(parts: tuple[Reporter, RecordingSink, Stu
     reporter.start()
     sink.wait_for(lambda: sink.reports() and sink.heartbeats())
     exchange, key, env = next(m for m in sink.messages if m[2].kind == "host.report")
-    assert (exchange, key) == (REPORTS_EXCHANGE, "host.report.hv1")
+    assert (exchange, key) == (REPORTS_EXCHANGE.name, "host.report.hv1")
     assert env.sender == "agent:hv1"
     assert sink.reports()[0].seq == 1
     assert sink.heartbeats()[0].host_id == "hv1"

@@ -1,0 +1,158 @@
+"""The transport port: what the controller, the agents and the CLI need from a message broker.
+
+Two implementations, chosen by URL (:func:`common.transport.open_transport`):
+
+* ``amqp://user:pass@host:port/vhost`` -- RabbitMQ through pika (:mod:`common.transport.amqp`).
+* ``memory://name`` -- an in-process broker with the same semantics
+  (:mod:`common.transport.memory`), so a controller, many agents and the CLI run in one test
+  process with no broker, no root and no QEMU.
+
+Semantics both implementations guarantee (and the contract tests in ``tests/contract`` check):
+
+* **Publish** is confirmed: when :meth:`Transport.publish` returns, the broker has the message
+  (persistent ones survive a broker restart on AMQP). ``mandatory`` publishes to a routing key no
+  queue is bound to raise :class:`Unroutable`; a queue over its ``x-max-length`` with
+  ``x-overflow: reject-publish`` makes publish raise :class:`Refused`.
+* **Consume, ack after reply**: a :class:`Consumer` runs the handler in a worker pool (at most
+  ``prefetch`` unacknowledged deliveries), publishes the handler's reply to the request's
+  ``reply_to`` and only then acknowledges. A consumer that stops or dies before acknowledging
+  leaves the message to be delivered again with ``redelivered=True``.
+* **Dead letters**: an :class:`Outcome` with ``dead_letter`` (and an undecodable message) is
+  rejected without requeue: the queue's dead-letter exchange receives it.
+* **Expiry**: a per-message ``expiration_ms`` drops (dead-letters) the message when it waits
+  longer than that in a queue.
+* **Call** (request/reply): :meth:`Transport.call` publishes ``mandatory`` and persistent (or
+  not), waits for the reply whose ``correlation_id`` is the request's id and returns it;
+  :class:`~common.errors.RequestTimeout` after ``timeout`` seconds. On a lost connection it
+  publishes the *same* envelope again (receivers are idempotent by message id).
+
+Every broker-specific exception is translated into :class:`~common.errors.TransportError` (or a
+subclass) inside the implementation, once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from common.errors import TransportError, VirtfleetError
+from common.messages.envelope import Envelope
+from common.transport.topology import Queue
+
+
+class Unroutable(TransportError):
+    """A mandatory publish found no queue bound for its routing key."""
+
+    retryable_default = False
+
+
+class Refused(TransportError):
+    """The broker refused a publish (the queue is full and rejects new messages)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A decoded message handed to a handler."""
+
+    envelope: Envelope
+    routing_key: str
+    redelivered: bool
+    reply_to: str | None
+    #: the login the broker authenticated for the publisher (AMQP ``user_id``), when it said
+    user_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a handler wants done: an optional reply, and whether to dead-letter the message."""
+
+    reply: Envelope | None = None
+    dead_letter: bool = False
+
+
+Handler = Callable[[Delivery], Outcome]
+
+
+class Consumer(Protocol):
+    """One queue consumed in the background until stopped (reconnecting on AMQP)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def ready(self) -> threading.Event:
+        """Set once the queue is declared and consumed."""
+        ...
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking deliveries, let in-flight ones finish and be acknowledged, then close."""
+        ...
+
+    def healthy(self, max_age: float = 10.0) -> bool:
+        """Connected, and the consuming loop ran within ``max_age`` seconds (a wedged consumer is not)."""
+        ...
+
+
+class Transport(Protocol):
+    """A connection to the fleet's broker, shareable by every thread of a process."""
+
+    @property
+    def url(self) -> str:
+        """The broker URL without its password, for messages."""
+        ...
+
+    def declare(self, queue: Queue) -> None:
+        """Declare ``queue`` with its exchanges, dead-letter exchange and bindings (idempotent)."""
+        ...
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        env: Envelope,
+        *,
+        persistent: bool = False,
+        mandatory: bool = False,
+        expiration_ms: int | None = None,
+    ) -> None:
+        """Publish and wait for the broker's confirm (Unroutable, Refused, TransportError)."""
+        ...
+
+    def call(
+        self,
+        exchange: str,
+        routing_key: str,
+        env: Envelope,
+        timeout: float,
+        *,
+        persistent: bool = True,
+        expiration_ms: int | None = None,
+        unroutable: Callable[[], VirtfleetError] | None = None,
+    ) -> Envelope:
+        """Send a request and return the reply envelope (RequestTimeout, TransportError).
+
+        ``unroutable()`` builds the error raised when no queue is bound for ``routing_key``
+        (default: :class:`Unroutable`).
+        """
+        ...
+
+    def consumer(
+        self, queue: Queue, handler: Handler, *, name: str, prefetch: int = 8, workers: int = 4
+    ) -> Consumer:
+        """A consumer of ``queue`` (declared when it connects); call ``start()`` to run it."""
+        ...
+
+    def consumer_count(self, queue: str) -> int | None:
+        """Consumers on ``queue``, or None when the queue does not exist."""
+        ...
+
+    def close(self) -> None:
+        """Close this process's connections (consumers are stopped separately)."""
+        ...
+
+
+__all__ = ["Consumer", "Delivery", "Handler", "Outcome", "Refused", "Transport", "Unroutable"]
