@@ -36,7 +36,7 @@ from typing import Any
 
 from agent.tuning import cpusets
 from common.errors import InvalidRequest
-from common.transport.amqp import DEFAULT_URL
+from common.transport.factory import DEFAULT_URL
 from common.validation import check_host_id, check_name
 
 DEFAULT_REPORT_INTERVAL = 30.0

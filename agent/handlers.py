@@ -13,14 +13,14 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
 
 from agent import disks as disk_helpers
 from agent.ports import ACTIVE_STATES, Hypervisor, Images
 from agent.vmops import VmOpsHandlers
 from common.domain_xml import build_domain_xml
 from common.errors import AlreadyExists, Conflict, InvalidRequest, NotFound, Unsupported, VirtfleetError
-from common.messages.host import ReportAck, ReportRequest
+from common.messages import vm
+from common.messages.host import HOST_REPORT_NOW, ReportAck, ReportRequest
 from common.messages.vm import (
     CreateVm,
     DeleteVm,
@@ -36,6 +36,7 @@ from common.messages.vm import (
     VmSpec,
     VmStatus,
 )
+from common.transport.rpc import HandlerTable
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +66,19 @@ class AgentHandlers:
             images = QemuImg()
         self.vmops = VmOpsHandlers(hypervisor, images, self._changing, self._define_lock)
 
-    def table(self) -> dict[str, Callable[[Any], Any]]:
-        """kind -> handler, for the Dispatcher."""
-        return self.vmops.table() | {
-            "vm.create": self.create,
-            "vm.start": self.start,
-            "vm.shutdown": self.shutdown,
-            "vm.destroy": self.destroy,
-            "vm.reboot": self.reboot,
-            "vm.suspend": self.suspend,
-            "vm.resume": self.resume,
-            "vm.delete": self.delete,
-            "vm.autostart": self.autostart,
-            "host.report_now": self.report_now,
-        }
+    def register(self, table: HandlerTable) -> None:
+        """Serve the VM and host commands (and, through :attr:`vmops`, the other VM operations)."""
+        table.register(vm.VM_CREATE, self.create)
+        table.register(vm.VM_START, self.start)
+        table.register(vm.VM_SHUTDOWN, self.shutdown)
+        table.register(vm.VM_DESTROY, self.destroy)
+        table.register(vm.VM_REBOOT, self.reboot)
+        table.register(vm.VM_SUSPEND, self.suspend)
+        table.register(vm.VM_RESUME, self.resume)
+        table.register(vm.VM_DELETE, self.delete)
+        table.register(vm.VM_AUTOSTART, self.autostart)
+        table.register(HOST_REPORT_NOW, self.report_now)
+        self.vmops.register(table)
 
     # -- helpers ----------------------------------------------------------------------
     @contextmanager

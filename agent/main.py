@@ -29,14 +29,16 @@ from agent.drivers.libvirt_driver import LibvirtHypervisor, open_connection
 from agent.handlers import AgentHandlers
 from agent.journal import SqliteJournal
 from agent.network.module import build_network_module
-from agent.ports import Hypervisor
-from agent.reporter import Reporter, ReportSink
+from agent.ports import Hypervisor, Images
+from agent.reporter import Reporter, TransportReportSink
 from agent.tuning.module import TuningModule
 from common.errors import VirtfleetError
+from common.messages.descriptor import Side
 from common.messages.host import HostReport
-from common.transport.amqp import ConsumerServer, Publisher
-from common.transport.rpc import Dispatcher
-from common.transport.topology import REPORTS_EXCHANGE, agent_queue, declare, declare_exchange
+from common.transport.factory import open_transport
+from common.transport.port import Transport
+from common.transport.rpc import Dispatcher, HandlerTable
+from common.transport.topology import agent_queue
 
 log = logging.getLogger("agent")
 
@@ -71,7 +73,7 @@ class AgentModule(Protocol):
     """A feature area of the agent beyond VM lifecycle (host networking, tuning): its command
     handlers and the facts it adds to every host report."""
 
-    def handlers(self, request_report: Callable[[], int]) -> dict[str, Callable[[Any], Any]]: ...
+    def register(self, table: HandlerTable, request_report: Callable[[], int]) -> None: ...
 
     def enrich_report(self, report: HostReport) -> HostReport: ...
 
@@ -82,52 +84,48 @@ def build_modules(cfg: AgentConfig, conn: Any) -> list[AgentModule]:
 
 
 class Agent:
-    """The running agent: consumer + dispatcher + journal + reporter around one hypervisor."""
+    """The running agent: consumer + dispatcher + journal + reporter around one hypervisor.
+
+    ``transport``: the fleet's broker (opened from ``cfg.amqp_url`` when not given); ``images``:
+    the qemu-img port (QemuImg when not given).
+    """
 
     def __init__(
         self,
         cfg: AgentConfig,
         hypervisor: Hypervisor,
         *,
-        sink_factory: Callable[[], ReportSink] | None = None,
+        transport: Transport | None = None,
         modules: Sequence[AgentModule] = (),
+        images: Images | None = None,
     ) -> None:
         self.cfg = cfg
         host = cfg.host_id
+        sender = f"agent:{host}"
+        self.transport = transport or open_transport(cfg.amqp_url, name=f"agent-{host}")
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.journal = SqliteJournal(cfg.state_dir / "journal.db")
         self.reporter = Reporter(
             host,
             cfg.libvirt_uri,
             hypervisor,
-            sink_factory
-            or (
-                lambda: Publisher(
-                    cfg.amqp_url,
-                    f"agent-{host}-reports",
-                    declare=lambda ch: declare_exchange(ch, REPORTS_EXCHANGE),
-                )
-            ),
+            TransportReportSink(self.transport, host, sender),
             report_interval=cfg.report_interval,
             heartbeat_interval=cfg.heartbeat_interval,
             agent_version=agent_version(),
             alive=self._consumer_healthy,
             enrichers=[m.enrich_report for m in modules],
         )
-        self.handlers = AgentHandlers(hypervisor, self.reporter.request_report)
-        table = self.handlers.table()
+        self.handlers = AgentHandlers(hypervisor, self.reporter.request_report, images)
+        table = HandlerTable(Side.AGENT)
+        self.handlers.register(table)
         for module in modules:
-            extra = module.handlers(self.reporter.request_report)
-            clash = set(extra) & set(table)
-            if clash:
-                raise ValueError(f"agent modules both handle {sorted(clash)}")
-            table.update(extra)
-        self.dispatcher = Dispatcher(sender=f"agent:{host}", handlers=table, journal=self.journal)
-        self.server = ConsumerServer(
-            cfg.amqp_url,
-            f"agent-{host}",
-            declare=lambda ch: declare(ch, agent_queue(host)),
-            handler=self.dispatcher,
+            module.register(table, self.reporter.request_report)
+        self.dispatcher = Dispatcher(sender, table, journal=self.journal)
+        self.server = self.transport.consumer(
+            agent_queue(host),
+            self.dispatcher,
+            name=f"agent-{host}",
             prefetch=CONCURRENCY,
             workers=CONCURRENCY,
         )
@@ -151,6 +149,7 @@ class Agent:
         self.server.stop(timeout)
         self.reporter.stop(final_report=True, timeout=timeout)
         self.journal.close()
+        self.transport.close()
         log.info("agent %s stopped", self.cfg.host_id)
 
 

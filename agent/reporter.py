@@ -1,8 +1,8 @@
 """Host reports and heartbeats: a pure builder plus a thin publishing thread.
 
 :func:`build_report` turns gathered facts into a :class:`~common.messages.host.HostReport`
-(unit-tested). :class:`Reporter` runs a thread that owns its own publisher (pika connections
-are per thread) and sends ``host.heartbeat`` every heartbeat interval (only while the command
+(unit-tested). :class:`Reporter` runs a thread that publishes through a :class:`ReportSink` and
+sends ``host.heartbeat`` every heartbeat interval (only while the command
 consumer is healthy) and a full ``host.report`` on start, every report interval, whenever
 :meth:`Reporter.request_report` is called (after every state-changing command and for
 ``host.report_now``) and once more on stop. A failure is logged and retried later; it never
@@ -15,17 +15,21 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from agent.ports import ACTIVE_STATES, Hypervisor, NodeFacts
+from common import codec
 from common.errors import VirtfleetError
+from common.messages.descriptor import Report
 from common.messages.envelope import Envelope
-from common.messages.host import Heartbeat, HostReport
+from common.messages.host import HOST_HEARTBEAT, HOST_REPORT, Heartbeat, HostReport
 from common.messages.vm import VmStatus
-from common.schema import to_plain
-from common.transport.topology import REPORT_TTL_MS, REPORTS_EXCHANGE
+from common.transport.port import Transport
+from common.transport.topology import HEARTBEAT_TTL_MS, REPORT_TTL_MS, REPORTS_EXCHANGE, report_routing_key
 
 log = logging.getLogger(__name__)
+
+B = TypeVar("B")
 
 
 # ------------------------------------------------------------------------------------------ pure
@@ -72,18 +76,10 @@ def build_report(
     )
 
 
-def routing_key(kind: str, host_id: str) -> str:
-    """``<kind>.<host id>`` on the reports topic exchange."""
-    return f"{kind}.{host_id}"
-
-
-def envelope_for(kind: str, body: HostReport | Heartbeat, sender: str, sent_at: float) -> Envelope:
+def report_envelope(op: Report[B], body: B, sender: str, sent_at: float, ttl_s: float) -> Envelope:
+    """The envelope of a report: worthless (skipped by the controller) after ``ttl_s`` seconds."""
     return Envelope(
-        kind=kind,
-        body=to_plain(body),
-        sender=sender,
-        sent_at=sent_at,
-        expires_at=sent_at + REPORT_TTL_MS / 1000,
+        kind=op.kind, body=codec.to_wire(body), sender=sender, sent_at=sent_at, expires_at=sent_at + ttl_s
     )
 
 
@@ -91,15 +87,30 @@ def envelope_for(kind: str, body: HostReport | Heartbeat, sender: str, sent_at: 
 
 
 class ReportSink(Protocol):
-    """What the reporter needs from a publisher (:class:`common.transport.amqp.Publisher` fits)."""
+    """Where the reporter publishes (:class:`TransportReportSink` on the fleet's broker)."""
 
-    def publish(
-        self, exchange: str, routing_key: str, env: Envelope, *, persistent: bool = ..., retries: int = ...
-    ) -> None: ...
+    def send(self, op: Report[B], body: B, *, sent_at: float, ttl_s: float) -> None:
+        """Publish one report; a virtfleet error when the broker did not take it."""
+        ...
 
-    def process_events(self) -> None: ...
 
-    def close(self) -> None: ...
+class TransportReportSink:
+    """Reports on the ``virtfleet.reports`` exchange, routed by ``<kind>.<host id>``.
+
+    Published ``mandatory``: until a controller has declared the reports queues (a fresh broker),
+    a report is unroutable and the reporter sends it again soon rather than losing it.
+    """
+
+    def __init__(self, transport: Transport, host_id: str, sender: str) -> None:
+        self._transport = transport
+        self._host_id = host_id
+        self._sender = sender
+
+    def send(self, op: Report[B], body: B, *, sent_at: float, ttl_s: float) -> None:
+        env = report_envelope(op, body, self._sender, sent_at, ttl_s)
+        self._transport.publish(
+            REPORTS_EXCHANGE.name, report_routing_key(op.kind, self._host_id), env, mandatory=True
+        )
 
 
 class Reporter:
@@ -110,7 +121,7 @@ class Reporter:
         host_id: str,
         libvirt_uri: str,
         hypervisor: Hypervisor,
-        sink_factory: Callable[[], ReportSink],
+        sink: ReportSink,
         *,
         report_interval: float,
         heartbeat_interval: float,
@@ -123,7 +134,7 @@ class Reporter:
         self.host_id = host_id
         self._uri = libvirt_uri
         self._hv = hypervisor
-        self._sink_factory = sink_factory
+        self._sink = sink
         self._report_interval = report_interval
         self._heartbeat_interval = heartbeat_interval
         self._agent_version = agent_version
@@ -171,35 +182,29 @@ class Reporter:
 
     # -- the thread -------------------------------------------------------------------
     def run(self) -> None:
-        sink = self._sink_factory()
         next_report = next_heartbeat = self._monotonic()
-        try:
-            while not self._stop.is_set():
-                now = self._monotonic()
-                if self._take_pending() or now >= next_report:
-                    ok = self._send_report(sink)
-                    retry = min(self._report_interval, self._heartbeat_interval)
-                    next_report = now + (self._report_interval if ok else retry)
-                if now >= next_heartbeat:
-                    if self._alive():
-                        self._send_heartbeat(sink)
-                    next_heartbeat = now + self._heartbeat_interval
-                sink.process_events()
-                # Wake up at least every second to service the connection's heartbeats.
-                self._wake.wait(max(0.0, min(next_report, next_heartbeat, now + 1.0) - self._monotonic()))
-                self._wake.clear()
-            if self._final_report:
-                self._take_pending()
-                self._send_report(sink)
-        finally:
-            sink.close()
+        while not self._stop.is_set():
+            now = self._monotonic()
+            if self._take_pending() or now >= next_report:
+                ok = self._send_report()
+                retry = min(self._report_interval, self._heartbeat_interval)
+                next_report = now + (self._report_interval if ok else retry)
+            if now >= next_heartbeat:
+                if self._alive():
+                    self._send_heartbeat()
+                next_heartbeat = now + self._heartbeat_interval
+            self._wake.wait(max(0.0, min(next_report, next_heartbeat) - self._monotonic()))
+            self._wake.clear()
+        if self._final_report:
+            self._take_pending()
+            self._send_report()
 
     def _take_pending(self) -> bool:
         with self._lock:
             pending, self._pending = self._pending, False
         return pending
 
-    def _send_report(self, sink: ReportSink) -> bool:
+    def _send_report(self) -> bool:
         try:
             facts = self._hv.node_facts()
             vms = self._hv.list_statuses()
@@ -219,14 +224,7 @@ class Reporter:
             )
             for enrich in self._enrichers:
                 report = enrich(report)
-            env = envelope_for("host.report", report, self._sender, now)
-            sink.publish(
-                REPORTS_EXCHANGE.name,
-                routing_key("host.report", self.host_id),
-                env,
-                persistent=False,
-                retries=1,
-            )
+            self._sink.send(HOST_REPORT, report, sent_at=now, ttl_s=REPORT_TTL_MS / 1000)
         except VirtfleetError as exc:
             self.failures += 1
             log.warning(
@@ -242,20 +240,14 @@ class Reporter:
         log.debug("sent host report seq %d (%d VMs)", seq, len(vms))
         return True
 
-    def _send_heartbeat(self, sink: ReportSink) -> None:
+    def _send_heartbeat(self) -> None:
         self._heartbeat_seq += 1
         now = self._clock()
         beat = Heartbeat(
             host_id=self.host_id, seq=self._heartbeat_seq, started_at=self.started_at, sent_at=now
         )
         try:
-            sink.publish(
-                REPORTS_EXCHANGE.name,
-                routing_key("host.heartbeat", self.host_id),
-                envelope_for("host.heartbeat", beat, self._sender, now),
-                persistent=False,
-                retries=0,
-            )
+            self._sink.send(HOST_HEARTBEAT, beat, sent_at=now, ttl_s=HEARTBEAT_TTL_MS / 1000)
         except VirtfleetError as exc:
             self.failures += 1
             log.warning("could not send heartbeat: %s", exc.message)

@@ -13,7 +13,6 @@ import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import replace
-from typing import Any
 
 from agent import disks as disk_helpers
 from agent.ports import ACTIVE_STATES, Hypervisor, Images
@@ -41,6 +40,7 @@ from common.errors import (
     Unsupported,
     VirtfleetError,
 )
+from common.messages import vmops as ops
 from common.messages.vm import (
     DiskDevice,
     DiskSpec,
@@ -77,6 +77,7 @@ from common.messages.vmops import (
     SnapshotRef,
     SnapshotResult,
 )
+from common.transport.rpc import HandlerTable
 
 log = logging.getLogger(__name__)
 
@@ -109,28 +110,27 @@ class VmOpsHandlers:
         self._changing = changing
         self._define_lock = define_lock
 
-    def table(self) -> dict[str, Callable[[Any], Any]]:
-        return {
-            "vm.define": self.define,
-            "vm.dumpxml": self.dumpxml,
-            "vm.console": self.console,
-            "vm.snapshot.create": self.snapshot_create,
-            "vm.snapshot.list": self.snapshot_list,
-            "vm.snapshot.revert": self.snapshot_revert,
-            "vm.snapshot.delete": self.snapshot_delete,
-            "vm.set_vcpus": self.set_vcpus,
-            "vm.set_memory": self.set_memory,
-            "vm.memstat": self.memstat,
-            "vm.disk.attach": self.disk_attach,
-            "vm.disk.detach": self.disk_detach,
-            "vm.disk.resize": self.disk_resize,
-            "vm.nic.attach": self.nic_attach,
-            "vm.nic.detach": self.nic_detach,
-            "vm.nic.list": self.nic_list,
-            "image.create": self.image_create,
-            "image.info": self.image_info,
-            "image.convert": self.image_convert,
-        }
+    def register(self, table: HandlerTable) -> None:
+        """Serve the VM operations beyond the lifecycle, and the image commands."""
+        table.register(ops.VM_DEFINE, self.define)
+        table.register(ops.VM_DUMPXML, self.dumpxml)
+        table.register(ops.VM_CONSOLE, self.console)
+        table.register(ops.VM_SNAPSHOT_CREATE, self.snapshot_create)
+        table.register(ops.VM_SNAPSHOT_LIST, self.snapshot_list)
+        table.register(ops.VM_SNAPSHOT_REVERT, self.snapshot_revert)
+        table.register(ops.VM_SNAPSHOT_DELETE, self.snapshot_delete)
+        table.register(ops.VM_SET_VCPUS, self.set_vcpus)
+        table.register(ops.VM_SET_MEMORY, self.set_memory)
+        table.register(ops.VM_MEMSTAT, self.memstat)
+        table.register(ops.VM_DISK_ATTACH, self.disk_attach)
+        table.register(ops.VM_DISK_DETACH, self.disk_detach)
+        table.register(ops.VM_DISK_RESIZE, self.disk_resize)
+        table.register(ops.VM_NIC_ATTACH, self.nic_attach)
+        table.register(ops.VM_NIC_DETACH, self.nic_detach)
+        table.register(ops.VM_NIC_LIST, self.nic_list)
+        table.register(ops.IMAGE_CREATE, self.image_create)
+        table.register(ops.IMAGE_INFO, self.image_info)
+        table.register(ops.IMAGE_CONVERT, self.image_convert)
 
     # -- helpers ----------------------------------------------------------------------
     def _existing(self, ref: VmRef) -> VmStatus:

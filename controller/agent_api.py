@@ -1,51 +1,64 @@
-"""Typed client for agent commands: one method per command kind of the catalogue.
+"""The controller's one way to call an agent: ``agents.call(host_id, COMMAND, body) -> result``.
 
-Each controller thread that calls agents gets its own :class:`RpcClient` (pika
-connections are not thread-safe); the envelope of a call expires when its timeout class
-runs out, so an agent never executes a command its caller has given up on.
+The command descriptor fixes the body and result types (a mismatch is a mypy error), the
+timeout class and the family version; the envelope expires when the timeout runs out, so an
+agent never executes a command its caller has given up on. Before anything is sent, the
+command and its body are checked against the version the host's agent speaks (the operator's
+``[rpc] version_cap``), so an old agent is never sent something it would misread.
 """
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Callable, Mapping
 from typing import Protocol, TypeVar
 
 from common.errors import TransportError
-from common.messages import host as host_msgs
-from common.messages import vm as vm_msgs
-from common.messages.catalogue import timeout_for
-from common.transport.amqp import RpcClient
+from common.messages.catalogue import timeout_of
+from common.messages.descriptor import Command, Family, Version, check_sendable
+from common.transport.port import Transport
 from common.transport.rpc import request, unwrap
 from common.transport.topology import COMMANDS_EXCHANGE
 
-T = TypeVar("T")
+B = TypeVar("B")
+R = TypeVar("R")
+
+#: (host id, family) -> the newest version of that family the host's agent may be sent (None: no cap)
+VersionCap = Callable[[str, Family], Version | None]
 
 
 class AgentCalls(Protocol):
-    """What the service needs from agents (a real broker client, or a fake in tests)."""
+    """What the controller's use cases need from agents (a transport client, or a test double)."""
 
-    def call(self, host_id: str, kind: str, body: object, result_type: type[T]) -> T: ...
+    def call(self, host_id: str, op: Command[B, R], body: B) -> R: ...
 
 
-class AmqpAgentCalls:
-    """Agent calls over RabbitMQ: persistent, confirmed, routed by host id."""
+def configured_cap(caps: Mapping[str, Version]) -> VersionCap:
+    """A cap from configuration: the same per-family version for every host."""
 
-    def __init__(self, url: str, sender: str) -> None:
-        self._url = url
+    def cap(_host_id: str, family: Family) -> Version | None:
+        return caps.get(family.name)
+
+    return cap
+
+
+def _uncapped(_host_id: str, _family: Family) -> Version | None:
+    return None
+
+
+class AgentClient:
+    """Agent commands over a transport: persistent, confirmed, routed by host id."""
+
+    def __init__(self, transport: Transport, sender: str, *, cap: VersionCap = _uncapped) -> None:
+        self._transport = transport
         self._sender = sender
-        self._local = threading.local()
+        self._cap = cap
 
-    def _client(self) -> RpcClient:
-        client: RpcClient | None = getattr(self._local, "client", None)
-        if client is None:
-            client = RpcClient(self._url, f"{self._sender}-{threading.current_thread().name}")
-            self._local.client = client
-        return client
-
-    def call(self, host_id: str, kind: str, body: object, result_type: type[T]) -> T:
-        timeout = timeout_for(kind)
-        env = request(kind, body, self._sender, timeout=timeout)
-        reply = self._client().call(
+    def call(self, host_id: str, op: Command[B, R], body: B) -> R:
+        """Send ``op`` to ``host_id``'s agent and return its typed result (or raise its error)."""
+        check_sendable(op, body, self._cap(host_id, op.family), f"the agent of host {host_id}")
+        timeout = timeout_of(op)
+        env = request(op, body, self._sender, timeout=timeout)
+        reply = self._transport.call(
             COMMANDS_EXCHANGE.name,
             host_id,
             env,
@@ -55,38 +68,4 @@ class AmqpAgentCalls:
                 f"host {host_id} has no command queue: its agent has never started", retryable=False
             ),
         )
-        return unwrap(reply, result_type)
-
-
-class AgentApi:
-    """One typed method per agent command."""
-
-    def __init__(self, calls: AgentCalls) -> None:
-        self._calls = calls
-
-    def call(self, host_id: str, kind: str, body: object, result_type: type[T]) -> T:
-        """Any agent command of the catalogue (feature modules use this for their kinds)."""
-        return self._calls.call(host_id, kind, body, result_type)
-
-    def create_vm(self, host_id: str, body: vm_msgs.CreateVm) -> vm_msgs.VmResult:
-        return self._calls.call(host_id, "vm.create", body, vm_msgs.VmResult)
-
-    def vm_action(self, host_id: str, action: str, ref: vm_msgs.VmRef) -> vm_msgs.VmResult:
-        """``action`` is one of start, destroy, reboot, suspend, resume."""
-        if action not in {"start", "destroy", "reboot", "suspend", "resume"}:
-            raise ValueError(f"not a simple VM action: {action}")
-        return self._calls.call(host_id, f"vm.{action}", vm_msgs.VmAction(ref), vm_msgs.VmResult)
-
-    def shutdown_vm(self, host_id: str, body: vm_msgs.ShutdownVm) -> vm_msgs.VmResult:
-        return self._calls.call(host_id, "vm.shutdown", body, vm_msgs.VmResult)
-
-    def delete_vm(self, host_id: str, body: vm_msgs.DeleteVm) -> vm_msgs.VmResult:
-        return self._calls.call(host_id, "vm.delete", body, vm_msgs.VmResult)
-
-    def set_autostart(self, host_id: str, body: vm_msgs.SetAutostart) -> vm_msgs.VmResult:
-        return self._calls.call(host_id, "vm.autostart", body, vm_msgs.VmResult)
-
-    def report_now(self, host_id: str, reason: str) -> host_msgs.ReportAck:
-        return self._calls.call(
-            host_id, "host.report_now", host_msgs.ReportRequest(reason), host_msgs.ReportAck
-        )
+        return unwrap(reply, op)

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidRequest
-from common.transport.amqp import DEFAULT_URL
+from common.messages.catalogue import CATALOGUE
+from common.messages.descriptor import Side, Version
+from common.transport.factory import DEFAULT_URL
 
 DEFAULT_DATABASE_URL = "sqlite:///./virtfleet.db"
 
@@ -21,6 +23,41 @@ ENV_VARS: Mapping[str, str] = {
     "VIRTFLEET_DOWN_AFTER": "down_after_s",
     "VIRTFLEET_STRATEGY": "strategy",
 }
+#: ``[rpc] version_cap`` from the environment: ``vm=1.0,net=1.0``.
+VERSION_CAP_ENV = "VIRTFLEET_RPC_VERSION_CAP"
+
+
+def parse_version_cap(value: object, where: str) -> dict[str, Version]:
+    """``{"vm": "1.0"}`` or ``"vm=1.0,net=1.0"`` -> family name -> Version, checked.
+
+    Only families the agents serve can be capped, at the same major version as this controller's
+    and no newer than it: the cap says what the oldest agent of the fleet understands.
+    """
+    if isinstance(value, str):
+        pairs: dict[str, object] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            name, sep, version = item.partition("=")
+            if not sep:
+                raise InvalidRequest(f"{where}: expected FAMILY=MAJOR.MINOR items, got {item!r}")
+            pairs[name.strip()] = version.strip()
+        value = pairs
+    if not isinstance(value, Mapping):
+        raise InvalidRequest(f'{where}: version_cap must be a table of family = "MAJOR.MINOR"')
+    agent_families = {op.family.name: op.family for op in CATALOGUE.values() if op.served_by is Side.AGENT}
+    caps: dict[str, Version] = {}
+    for name, raw in value.items():
+        family = agent_families.get(name)
+        if family is None:
+            raise InvalidRequest(
+                f"{where}: {name!r} is not a family the agents serve (known: {', '.join(sorted(agent_families))})"
+            )
+        cap = Version.parse(str(raw))
+        if cap.major != family.version.major or cap > family.version:
+            raise InvalidRequest(
+                f"{where}: cap {name}={cap} must be {family.version.major}.x and at most {family.version}"
+            )
+        caps[name] = cap
+    return caps
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +91,9 @@ class ControllerConfig:
     #: Seconds between reconciliation passes (drift, stuck builds).
     reconcile_interval_s: float = 30.0
     overcommit: Overcommit = field(default_factory=Overcommit)
+    #: ``[rpc] version_cap``: family -> newest version the controller may send agents (oslo's
+    #: version_cap), so that the controller can be upgraded before the agents.
+    version_cap: Mapping[str, Version] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.strategy not in {"spread", "pack"}:
@@ -113,12 +153,18 @@ def load_config(
     overcommit_values = file_values.pop("overcommit", {})
     if not isinstance(overcommit_values, dict):
         raise InvalidRequest(f"{path}: [overcommit] must be a table")
+    rpc_values = file_values.pop("rpc", {})
+    if not isinstance(rpc_values, dict) or set(rpc_values) - {"version_cap"}:
+        raise InvalidRequest(f"{path}: [rpc] takes only version_cap")
+    caps = parse_version_cap(rpc_values.get("version_cap", {}), f"{path}: [rpc] version_cap")
+    if VERSION_CAP_ENV in env:
+        caps = parse_version_cap(env[VERSION_CAP_ENV], VERSION_CAP_ENV)
     values = _coerce(ControllerConfig, file_values, str(path))
     values.update(
         _coerce(ControllerConfig, {ENV_VARS[k]: v for k, v in env.items() if k in ENV_VARS}, "environment")
     )
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    config = ControllerConfig(**values)
+    config = ControllerConfig(**values, version_cap=caps)
     if overcommit_values:
         config = replace(
             config, overcommit=Overcommit(**_coerce(Overcommit, overcommit_values, "[overcommit]"))

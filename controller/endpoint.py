@@ -1,71 +1,54 @@
-"""The controller's API endpoint and report consumer: message kinds -> service methods."""
+"""The controller's API endpoint and report consumer: operation descriptors -> service methods.
+
+Simple VM operations (:class:`~common.messages.api.VmForward`) and calls forwarded to a host's
+agent (:class:`~common.messages.descriptor.ToHostAgent`) are served generically: every such
+descriptor in the catalogue is registered here without a line of its own.
+"""
 
 from __future__ import annotations
 
-from common.messages import api
-from common.messages.host import Heartbeat, HostReport
-from common.transport.rpc import Dispatcher, HandlerFn
+from typing import Any
+
+from common.messages import api, host
+from common.messages.api import VmForward
+from common.messages.catalogue import CATALOGUE
+from common.messages.descriptor import ApiCall, Side, ToHostAgent
+from common.transport.rpc import Dispatcher, HandlerTable
 from controller import network, placement_ops, tuning, vmops
 from controller.service import ControllerService
 
 
-def api_handlers(service: ControllerService) -> dict[str, HandlerFn]:
-    """What the CLI may call (``virtfleet.api`` queue)."""
-
-    def ping(_body: api.Empty) -> api.Empty:
-        return api.Empty()
-
-    def host_show(body: api.HostRef) -> api.HostView:
-        return service.show_host(body.host)
-
-    def host_list(_body: api.Empty) -> api.HostList:
-        return service.list_hosts()
-
-    def vm_show(body: api.VmRefRequest) -> api.VmView:
-        return service.show_vm(body.name)
-
-    def vm_start(body: api.VmRefRequest) -> api.VmActionDone:
-        return service.start_vm(body.name)
-
-    def vm_destroy(body: api.VmRefRequest) -> api.VmActionDone:
-        return service.destroy_vm(body.name)
-
-    core: dict[str, HandlerFn] = {
-        "api.ping": ping,
-        "api.host.list": host_list,
-        "api.host.show": host_show,
-        "api.vm.create": service.create_vm,
-        "api.vm.list": service.list_vms,
-        "api.vm.show": vm_show,
-        "api.vm.start": vm_start,
-        "api.vm.shutdown": service.shutdown_vm,
-        "api.vm.destroy": vm_destroy,
-        "api.vm.delete": service.delete_vm,
-    }
-    # Feature areas add their API kinds in their own modules (one line each here).
-    for extra in (
-        placement_ops.api_handlers(service),
-        vmops.api_handlers(service),
-        network.api_handlers(service),
-        tuning.api_handlers(service),
-    ):
-        clash = set(extra) & set(core)
-        if clash:
-            raise ValueError(f"API kinds handled twice: {sorted(clash)}")
-        core.update(extra)
-    return core
+def api_handlers(service: ControllerService) -> HandlerTable:
+    """What clients may call (the ``virtfleet.api`` queue)."""
+    table = HandlerTable(Side.CONTROLLER)
+    table.register(api.API_PING, lambda _body: api.Empty())
+    table.register(api.API_HOST_LIST, lambda _body: service.list_hosts())
+    table.register(api.API_HOST_SHOW, lambda body: service.show_host(body.host))
+    table.register(api.API_VM_CREATE, service.create_vm)
+    table.register(api.API_VM_LIST, service.list_vms)
+    table.register(api.API_VM_SHOW, lambda body: service.show_vm(body.name))
+    table.register(api.API_VM_SHUTDOWN, service.shutdown_vm)
+    table.register(api.API_VM_DELETE, service.delete_vm)
+    for op in CATALOGUE.values():
+        if not isinstance(op, ApiCall):
+            continue
+        generic: ApiCall[Any, Any] = op
+        if isinstance(op.forward, VmForward):
+            table.register(generic, service.vm_action(generic))
+        elif isinstance(op.forward, ToHostAgent):
+            table.register(generic, service.forward_to_host(generic))
+    # Feature areas register their own calls (one line each here).
+    for register in (placement_ops.register, vmops.register, network.register, tuning.register):
+        register(table, service)
+    return table
 
 
-def report_handlers(service: ControllerService) -> dict[str, HandlerFn]:
-    """What agents publish (``virtfleet.controller.reports`` queue)."""
-
-    def report(body: HostReport) -> None:
-        service.record_report(body)
-
-    def heartbeat(body: Heartbeat) -> None:
-        service.record_heartbeat(body)
-
-    return {"host.report": report, "host.heartbeat": heartbeat}
+def report_handlers(service: ControllerService) -> HandlerTable:
+    """What agents publish (the reports and heartbeats queues)."""
+    table = HandlerTable(Side.CONTROLLER)
+    table.register(host.HOST_REPORT, service.record_report)
+    table.register(host.HOST_HEARTBEAT, service.record_heartbeat)
+    return table
 
 
 def api_dispatcher(service: ControllerService, sender: str) -> Dispatcher:

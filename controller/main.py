@@ -11,15 +11,20 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from common.errors import VirtfleetError
-from common.transport.amqp import ConsumerServer
-from common.transport.topology import API_QUEUE, HEARTBEATS_QUEUE, REPORTS_QUEUE, declare
-from controller.agent_api import AgentApi, AmqpAgentCalls
+from common.transport.factory import open_transport
+from common.transport.port import Transport
+from common.transport.topology import API_QUEUE, HEARTBEATS_QUEUE, REPORTS_QUEUE
+from controller.agent_api import AgentClient, configured_cap
 from controller.config import ControllerConfig, load_config
 from controller.db.engine import make_engine, migrate
 from controller.endpoint import api_dispatcher, report_dispatcher
 from controller.service import ControllerService
+
+if TYPE_CHECKING:
+    from common.transport.memory import MemoryBroker
 
 log = logging.getLogger("virtfleet.controller")
 
@@ -39,38 +44,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Controller:
-    """A running controller: API server, report consumer and reconciler."""
+    """A running controller: API server, report consumers and reconciler.
 
-    def __init__(self, config: ControllerConfig, name: str | None = None) -> None:
+    ``memory``: the in-process broker a ``memory://`` URL names (in-process tests).
+    """
+
+    def __init__(
+        self, config: ControllerConfig, name: str | None = None, *, memory: MemoryBroker | None = None
+    ) -> None:
         self.config = config
         self.name = name or f"controller:{socket.gethostname()}:{os.getpid()}"
         self.engine = make_engine(config.database_url)
         migrate(self.engine)
-        agents = AgentApi(AmqpAgentCalls(config.amqp_url, self.name))
+        self.transport: Transport = open_transport(config.amqp_url, name=self.name, memory=memory)
+        agents = AgentClient(self.transport, self.name, cap=configured_cap(config.version_cap))
         self.service = ControllerService(self.engine, config, agents)
-        self.api = ConsumerServer(
-            config.amqp_url,
-            f"{self.name}-api",
-            lambda ch: declare(ch, API_QUEUE),
+        reports = report_dispatcher(self.service, self.name)
+        self.api = self.transport.consumer(
+            API_QUEUE,
             api_dispatcher(self.service, self.name),
+            name=f"{self.name}-api",
             prefetch=config.workers,
             workers=config.workers,
         )
-        self.reports = ConsumerServer(
-            config.amqp_url,
-            f"{self.name}-reports",
-            lambda ch: declare(ch, REPORTS_QUEUE),
-            report_dispatcher(self.service, self.name),
-            prefetch=16,
-            workers=2,
+        self.reports = self.transport.consumer(
+            REPORTS_QUEUE, reports, name=f"{self.name}-reports", prefetch=16, workers=2
         )
-        self.heartbeats = ConsumerServer(
-            config.amqp_url,
-            f"{self.name}-heartbeats",
-            lambda ch: declare(ch, HEARTBEATS_QUEUE),
-            report_dispatcher(self.service, self.name),
-            prefetch=64,
-            workers=1,
+        self.heartbeats = self.transport.consumer(
+            HEARTBEATS_QUEUE, reports, name=f"{self.name}-heartbeats", prefetch=64, workers=1
         )
         self._stop = threading.Event()
         self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
@@ -98,6 +99,7 @@ class Controller:
         self.reports.stop()
         self.heartbeats.stop()
         self.service.close()
+        self.transport.close()
         self.engine.dispose()
 
 

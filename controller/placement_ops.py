@@ -9,8 +9,9 @@ from collections.abc import Iterable
 
 from common.errors import NotFound
 from common.messages import placement as msg
+from common.messages import placement as msgs
 from common.messages.vm import PowerState
-from common.transport.rpc import HandlerFn
+from common.transport.rpc import HandlerTable
 from controller import fleet
 from controller.db import repository as repo
 from controller.service import ControllerService
@@ -250,15 +251,13 @@ def group_list(service: ControllerService, _req: msg.CapacityRequest) -> msg.Ser
     return msg.ServerGroupList(tuple(_group_view(g) for g in groups))
 
 
-def api_handlers(service: ControllerService) -> dict[str, HandlerFn]:
-    """The placement API kinds bound to ``service``."""
-    return {
-        "api.host.set": lambda req: host_set(service, req),
-        "api.host.state": lambda req: host_state(service, req),
-        "api.host.capacity": lambda req: capacity(service, req),
-        "api.hostgroup.set": lambda req: hostgroup_set(service, req),
-        "api.hostgroup.list": lambda req: hostgroup_list(service, req),
-        "api.group.create": lambda req: group_create(service, req),
-        "api.group.delete": lambda req: group_delete(service, req),
-        "api.group.list": lambda req: group_list(service, req),
-    }
+def register(table: HandlerTable, service: ControllerService) -> None:
+    """Serve the placement API calls."""
+    table.register(msgs.API_HOST_SET, lambda req: host_set(service, req))
+    table.register(msgs.API_HOST_STATE, lambda req: host_state(service, req))
+    table.register(msgs.API_HOST_CAPACITY, lambda req: capacity(service, req))
+    table.register(msgs.API_HOSTGROUP_SET, lambda req: hostgroup_set(service, req))
+    table.register(msgs.API_HOSTGROUP_LIST, lambda req: hostgroup_list(service, req))
+    table.register(msgs.API_GROUP_CREATE, lambda req: group_create(service, req))
+    table.register(msgs.API_GROUP_DELETE, lambda req: group_delete(service, req))
+    table.register(msgs.API_GROUP_LIST, lambda req: group_list(service, req))

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from dataclasses import replace as replace_fields
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,21 +34,29 @@ from common.errors import (
     VirtfleetError,
 )
 from common.messages import api
+from common.messages.api import VmForward
+from common.messages.descriptor import ApiCall, Command, ToHostAgent
 from common.messages.host import Heartbeat, HostReport
 from common.messages.tuning import page_size_kib
 from common.messages.vm import (
+    VM_CREATE,
+    VM_DELETE,
+    VM_SHUTDOWN,
     CreateVm,
     DeleteVm,
+    DesiredPower,
     NicKind,
     PowerState,
     ShutdownVm,
+    Task,
+    VmAction,
     VmRef,
     VmResult,
     VmSpec,
 )
 from common.schema import to_plain
 from controller import fleet, tuning_inventory
-from controller.agent_api import AgentApi
+from controller.agent_api import AgentCalls
 from controller.config import ControllerConfig
 from controller.db import repository as repo
 from controller.scheduler.model import (
@@ -61,6 +71,9 @@ from controller.scheduler.place import place
 from controller.vm_spec import build_spec
 
 log = logging.getLogger(__name__)
+
+B = TypeVar("B")
+R = TypeVar("R")
 
 #: Errors after which a build is retried on an alternate host (the host failed, not the request).
 RESCHEDULABLE = (HypervisorError, StorageError, Unsupported, TransportError)
@@ -79,7 +92,7 @@ class ControllerService:
         self,
         engine: Engine,
         config: ControllerConfig,
-        agents: AgentApi,
+        agents: AgentCalls,
         *,
         clock: Callable[[], float] = time.time,
         background: ThreadPoolExecutor | None = None,
@@ -297,8 +310,10 @@ class ControllerService:
                     s, vm_uuid, self.clock(), spec=_json(spec), host_id=host.id, pcpus=json.dumps(list(pcpus))
                 )
             try:
-                result = self.agents.create_vm(
-                    host.id, CreateVm(spec=spec, start=req.start, allow_shared_disk=req.allow_shared_disk)
+                result = self.agents.call(
+                    host.id,
+                    VM_CREATE,
+                    CreateVm(spec=spec, start=req.start, allow_shared_disk=req.allow_shared_disk),
                 )
             except RequestTimeout as exc:
                 # Ambiguous: the agent may still finish. Keep the claim; reports will tell.
@@ -349,7 +364,7 @@ class ControllerService:
         nobody accounts for. Only disks the agent created for this VM are deleted.
         """
         try:
-            self.agents.delete_vm(host_id, DeleteVm(vm=VmRef(vm_uuid, name), delete_disks=True))
+            self.agents.call(host_id, VM_DELETE, DeleteVm(vm=VmRef(vm_uuid, name), delete_disks=True))
         except VirtfleetError as exc:
             log.warning("could not clean up the failed build of %s on %s: %s", name, host_id, exc.message)
 
@@ -428,7 +443,37 @@ class ControllerService:
 
     # ------------------------------------------------------------------ VMs: lifecycle
 
-    def target(self, name: str, task: str) -> tuple[repo.VmRecord, str]:
+    def locate_vm(self, name: str) -> tuple[repo.VmRecord, repo.HostRecord]:
+        """The VM and its host, for a query that changes nothing (no task is marked).
+
+        NotFound for an unknown VM, Conflict when it has no host or its host is down.
+        """
+        now = self.clock()
+        with self.tx() as s:
+            vm = repo.get_vm(s, name)
+            if vm.host_id is None:
+                raise Conflict(f"VM {name} has no host (status {vm.status})")
+            host = repo.get_host(s, vm.host_id)
+        self._check_up(host, now, f"host {host.id} of VM {name}")
+        return vm, host
+
+    def up_host(self, host_id: str) -> repo.HostRecord:
+        """A host that is up (NotFound, or Conflict when it is down)."""
+        now = self.clock()
+        with self.tx() as s:
+            host = repo.get_host(s, host_id)
+        self._check_up(host, now, f"host {host_id}")
+        return host
+
+    def _check_up(self, host: repo.HostRecord, now: float, what: str) -> None:
+        if not fleet.host_is_up(host, now, self.config.down_after_s):
+            raise Conflict(
+                f"{what} is down (last heartbeat {_ago(host.last_heartbeat, now)}); "
+                "try again when its agent is back",
+                retryable=True,
+            )
+
+    def target(self, name: str, task: Task) -> tuple[repo.VmRecord, str]:
         """The VM and its host, after checking the host can be talked to; marks the task."""
         now = self.clock()
         with self.tx() as s:
@@ -438,58 +483,102 @@ class ControllerService:
             if vm.status == "building":
                 raise Conflict(f"VM {name} is still being built", retryable=True)
             host = repo.get_host(s, vm.host_id)
-            if not fleet.host_is_up(host, now, self.config.down_after_s):
-                raise Conflict(
-                    f"host {host.id} of VM {name} is down (last heartbeat "
-                    f"{_ago(host.last_heartbeat, now)}); try again when its agent is back",
-                    retryable=True,
-                )
-            repo.update_vm(s, vm.uuid, now, task=task)
+            self._check_up(host, now, f"host {host.id} of VM {name}")
+            repo.update_vm(s, vm.uuid, now, task=task.value)
         return vm, vm.host_id
 
-    def _run(
-        self, name: str, task: str, call: Callable[[str, VmRef], VmResult], desired: str | None
+    def finish_task(self, vm: repo.VmRecord, **values: object) -> None:
+        """Clear the VM's task (after a failure: with ``last_error``) and store ``values``."""
+        with self.tx() as s:
+            repo.update_vm(s, vm.uuid, self.clock(), task=None, **values)
+
+    def change_vm(
+        self,
+        name: str,
+        task: Task,
+        call: Callable[[repo.VmRecord, str, VmRef], VmResult],
+        *,
+        desired: Callable[[VmResult], DesiredPower | None] = lambda _r: None,
     ) -> api.VmActionDone:
+        """The one path of an operation on a VM: find it, check its host, mark the task, call the
+        agent, record the VM's state afterwards (or the error, with the task cleared)."""
         vm, host_id = self.target(name, task)
         try:
-            result = call(host_id, VmRef(uuid=vm.uuid, name=vm.name))
+            result = call(vm, host_id, VmRef(uuid=vm.uuid, name=vm.name))
         except VirtfleetError as exc:
-            with self.tx() as s:
-                repo.update_vm(s, vm.uuid, self.clock(), task=None, last_error=exc.message)
+            self.finish_task(vm, last_error=exc.message)
             raise
-        if desired is not None:
+        want = desired(result)
+        if want is not None:
             with self.tx() as s:
-                repo.update_vm(s, vm.uuid, self.clock(), desired_power=desired)
+                repo.update_vm(s, vm.uuid, self.clock(), desired_power=want.value)
         return api.VmActionDone(self.apply_result(vm.uuid, result), result.message)
 
-    def start_vm(self, name: str) -> api.VmActionDone:
-        return self._run(name, "starting", lambda h, ref: self.agents.vm_action(h, "start", ref), "running")
+    def vm_action(
+        self, op: ApiCall[api.VmRefRequest, api.VmActionDone]
+    ) -> Callable[[api.VmRefRequest], api.VmActionDone]:
+        """The handler of a simple VM operation (an API call forwarded with :class:`VmForward`)."""
+        forward = op.forward
+        if not isinstance(forward, VmForward):
+            raise ValueError(f"{op.kind} is not a simple VM operation")
 
-    def destroy_vm(self, name: str) -> api.VmActionDone:
-        return self._run(name, "stopping", lambda h, ref: self.agents.vm_action(h, "destroy", ref), "shutoff")
+        def desired(result: VmResult) -> DesiredPower | None:
+            if forward.desired is not None:
+                return forward.desired
+            return None if result.status is None else DesiredPower.after(result.status.state)
+
+        def handle(req: api.VmRefRequest) -> api.VmActionDone:
+            return self.change_vm(
+                req.name,
+                forward.task,
+                lambda _vm, host_id, ref: self.agents.call(host_id, forward.command, VmAction(ref)),
+                desired=desired,
+            )
+
+        return handle
+
+    def forward_to_host(self, op: ApiCall[B, R]) -> Callable[[B], R]:
+        """The handler of an API call forwarded unchanged to the agent of ``body.host``
+        (declared with :func:`~common.messages.descriptor.host_twin`).
+
+        A body with an empty ``change_id`` gets a fresh one here, so that a redelivery of the
+        command is recognised by the agent as the same change.
+        """
+        forward = op.forward
+        if not isinstance(forward, ToHostAgent):
+            raise ValueError(f"{op.kind} is not forwarded to a host")
+        command: Command[B, R] = forward.command
+
+        def handle(body: B) -> R:
+            host_id = getattr(body, "host", "")
+            if not host_id:
+                raise NotFound("no host given")
+            with self.tx() as s:
+                repo.get_host(s, host_id)  # NotFound for an unknown host
+            if getattr(body, "change_id", None) == "":
+                body = replace_fields(cast(Any, body), change_id=uuidlib.uuid4().hex)
+            return self.agents.call(host_id, command, body)
+
+        return handle
 
     def shutdown_vm(self, req: api.VmShutdownRequest) -> api.VmActionDone:
-        return self._run(
-            req.name,
-            "shutting-down",
-            lambda h, ref: self.agents.shutdown_vm(
-                h, ShutdownVm(vm=ref, timeout_s=req.timeout_s, force_after_timeout=req.force)
-            ),
-            "shutoff",
-        )
+        def call(_vm: repo.VmRecord, host_id: str, ref: VmRef) -> VmResult:
+            body = ShutdownVm(vm=ref, timeout_s=req.timeout_s, force_after_timeout=req.force)
+            return self.agents.call(host_id, VM_SHUTDOWN, body)
+
+        return self.change_vm(req.name, Task.SHUTTING_DOWN, call, desired=lambda _r: DesiredPower.SHUTOFF)
 
     def delete_vm(self, req: api.VmDeleteRequest) -> api.VmActionDone:
         with self.tx() as s:
             vm = repo.get_vm(s, req.name)
         if vm.host_id is not None:
-            vm, host_id = self.target(req.name, "deleting")
+            vm, host_id = self.target(req.name, Task.DELETING)
             try:
-                self.agents.delete_vm(
-                    host_id, DeleteVm(vm=VmRef(vm.uuid, vm.name), delete_disks=req.delete_disks)
+                self.agents.call(
+                    host_id, VM_DELETE, DeleteVm(vm=VmRef(vm.uuid, vm.name), delete_disks=req.delete_disks)
                 )
             except VirtfleetError as exc:
-                with self.tx() as s:
-                    repo.update_vm(s, vm.uuid, self.clock(), task=None, last_error=exc.message)
+                self.finish_task(vm, last_error=exc.message)
                 raise
         with self.tx() as s:
             if vm.host_id is not None:

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from common.errors import Conflict, InvalidRequest, NotFound, VirtfleetError
+from common.messages import tuning as msgs
 from common.messages.tuning import (
+    TUNING_AFFINITY,
+    TUNING_HUGEPAGES,
+    TUNING_IO_SCHEDULER,
+    TUNING_PIN,
+    TUNING_PROCESS,
+    TUNING_PROFILE,
+    TUNING_TASKSET,
     ApplyProfile,
     GetAffinity,
     HostHugepagesDone,
@@ -27,28 +34,23 @@ from common.messages.tuning import (
     HostTuneRequest,
     HostTuningReport,
     HostTuningView,
-    HugepagesResult,
     HugepageTarget,
-    IoSchedulerResult,
     PinnedVm,
     PinVm,
-    ProcessInfo,
     ProcessQuery,
-    ProfileResult,
     SetHugepages,
     SetIoScheduler,
     SetTaskset,
-    TasksetResult,
     VmAffinity,
     VmAffinityView,
     VmPinRequest,
     page_size_kib,
     page_size_label,
 )
-from common.messages.vm import CpuTune, VcpuPin, VmRef, VmSpec
+from common.messages.vm import CpuTune, Task, VcpuPin, VmRef, VmSpec
 from common.schema import from_plain, to_plain
-from common.transport.rpc import HandlerFn
-from controller import fleet, tuning_inventory
+from common.transport.rpc import HandlerTable
+from controller import tuning_inventory
 from controller.db import repository as repo
 from controller.scheduler.cpus import CpuSetSyntaxError, format_cpuset, parse_cpuset
 from controller.service import ControllerService
@@ -96,20 +98,8 @@ class TuningService:
         self.service = service
 
     # -- helpers ----------------------------------------------------------------------------
-    def _up_host(self, host_id: str) -> repo.HostRecord:
-        now = self.service.clock()
-        with self.service.tx() as s:
-            record = repo.get_host(s, host_id)
-        if not fleet.host_is_up(record, now, self.service.config.down_after_s):
-            raise Conflict(f"host {host_id} is down; try again when its agent is back", retryable=True)
-        return record
-
     def _vm_and_host(self, name: str) -> tuple[repo.VmRecord, repo.HostRecord]:
-        with self.service.tx() as s:
-            vm = repo.get_vm(s, name)
-        if vm.host_id is None:
-            raise Conflict(f"VM {name} has no host (status {vm.status})")
-        return vm, self._up_host(vm.host_id)
+        return self.service.locate_vm(name)
 
     @staticmethod
     def _allowance_text(vm: repo.VmRecord, allowance: frozenset[int]) -> str:
@@ -160,7 +150,7 @@ class TuningService:
         """Live re-pin of one vCPU (within the VM's allowance) or of the emulator threads (within
         the host's shared set)."""
         cpus = _cpus(req.cpus)
-        vm, host_id = self.service.target(req.name, "pinning")
+        vm, host_id = self.service.target(req.name, Task.PINNING)
         error: str | None = None
         try:
             with self.service.tx() as s:
@@ -190,7 +180,7 @@ class TuningService:
                 vcpu_pins=() if req.emulator else (VcpuPin(req.vcpu or 0, format_cpuset(cpus)),),
                 emulator_cpuset=format_cpuset(cpus) if req.emulator else None,
             )
-            affinity = self.service.agents.call(host_id, "tuning.pin", body, VmAffinity)
+            affinity = self.service.agents.call(host_id, TUNING_PIN, body)
             spec = _repin(vm.spec, body)
             with self.service.tx() as s:
                 if spec is not None:
@@ -206,17 +196,15 @@ class TuningService:
 
     def affinity(self, name: str) -> VmAffinityView:
         vm, host = self._vm_and_host(name)
-        affinity = self.service.agents.call(
-            host.id, "tuning.affinity", GetAffinity(VmRef(vm.uuid, vm.name)), VmAffinity
-        )
+        affinity = self.service.agents.call(host.id, TUNING_AFFINITY, GetAffinity(VmRef(vm.uuid, vm.name)))
         return self._view(vm, host, affinity)
 
     def taskset(self, req: HostTasksetRequest) -> HostTasksetDone:
         """``taskset -a -pc CPUS PID`` for the QEMU process of a VM virtfleet manages, within the
         VM's allowance (its pCPUs and the shared set for a dedicated VM, the shared set otherwise)."""
         cpus = _cpus(req.cpus)
-        host = self._up_host(req.host)
-        info = self.service.agents.call(host.id, "tuning.process", ProcessQuery(req.pid), ProcessInfo)
+        host = self.service.up_host(req.host)
+        info = self.service.agents.call(host.id, TUNING_PROCESS, ProcessQuery(req.pid))
         if not info.qemu or info.vm_uuid is None:
             raise Conflict(
                 f"process {req.pid} on {host.id} is not a QEMU process; virtfleet only tasksets VMs"
@@ -241,14 +229,14 @@ class TuningService:
                 details={"allowance": format_cpuset(allowance)},
             )
         result = self.service.agents.call(
-            host.id, "tuning.taskset", SetTaskset(req.pid, vm.uuid, format_cpuset(cpus)), TasksetResult
+            host.id, TUNING_TASKSET, SetTaskset(req.pid, vm.uuid, format_cpuset(cpus))
         )
         return HostTasksetDone(host=host.id, vm=vm.name, result=result)
 
     # -- host settings ----------------------------------------------------------------------
     def hugepages(self, req: HostHugepagesRequest) -> HostHugepagesDone:
         size = page_size_kib(req.size)
-        host = self._up_host(req.host)
+        host = self.service.up_host(req.host)
         claimed = host.used.get(str(tuning_inventory.hugepage_class(size)), 0)
         if req.count < claimed:
             raise Conflict(
@@ -256,40 +244,35 @@ class TuningService:
                 f"the pool cannot shrink to {req.count}",
                 details={"claimed": claimed},
             )
-        result = self.service.agents.call(
-            host.id, "tuning.hugepages", SetHugepages(size, req.count), HugepagesResult
-        )
+        result = self.service.agents.call(host.id, TUNING_HUGEPAGES, SetHugepages(size, req.count))
         return HostHugepagesDone(host=host.id, result=result)
 
     def io_scheduler(self, req: HostIoSchedulerRequest) -> HostIoSchedulerDone:
-        host = self._up_host(req.host)
+        host = self.service.up_host(req.host)
         result = self.service.agents.call(
-            host.id, "tuning.io_scheduler", SetIoScheduler(req.device, req.scheduler), IoSchedulerResult
+            host.id, TUNING_IO_SCHEDULER, SetIoScheduler(req.device, req.scheduler)
         )
         return HostIoSchedulerDone(host=host.id, result=result)
 
     def tune(self, req: HostTuneRequest) -> HostTuneDone:
-        host = self._up_host(req.host)
+        host = self.service.up_host(req.host)
         targets = tuple(
             HugepageTarget(page_size_kib(size), count)
             for size, count in sorted((req.hugepages or {}).items())
         )
         result = self.service.agents.call(
-            host.id, "tuning.profile", ApplyProfile(req.profile, targets, req.dry_run), ProfileResult
+            host.id, TUNING_PROFILE, ApplyProfile(req.profile, targets, req.dry_run)
         )
         return HostTuneDone(host=host.id, result=result)
 
 
-def api_handlers(service: ControllerService) -> dict[str, HandlerFn]:
-    """The API kinds of this feature area, bound to the service."""
+def register(table: HandlerTable, service: ControllerService) -> None:
+    """Serve the API calls of this feature area."""
     tuning = TuningService(service)
-    handlers: dict[str, Callable[[Any], Any]] = {
-        "api.tuning.show": lambda body: tuning.show(body.host),
-        "api.tuning.pin": tuning.pin,
-        "api.tuning.affinity": lambda body: tuning.affinity(body.name),
-        "api.tuning.taskset": tuning.taskset,
-        "api.tuning.hugepages": tuning.hugepages,
-        "api.tuning.io_scheduler": tuning.io_scheduler,
-        "api.tuning.tune": tuning.tune,
-    }
-    return handlers
+    table.register(msgs.API_TUNING_SHOW, lambda body: tuning.show(body.host))
+    table.register(msgs.API_TUNING_PIN, tuning.pin)
+    table.register(msgs.API_TUNING_AFFINITY, lambda body: tuning.affinity(body.name))
+    table.register(msgs.API_TUNING_TASKSET, tuning.taskset)
+    table.register(msgs.API_TUNING_HUGEPAGES, tuning.hugepages)
+    table.register(msgs.API_TUNING_IO_SCHEDULER, tuning.io_scheduler)
+    table.register(msgs.API_TUNING_TUNE, tuning.tune)

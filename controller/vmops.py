@@ -25,40 +25,57 @@ from common.errors import (
     Unsupported,
     VirtfleetError,
 )
-from common.messages import api
+from common.messages import api, vmops
 from common.messages.vm import (
+    VM_AUTOSTART,
+    DesiredPower,
     DiskDevice,
     DiskSpec,
     NicSpec,
-    PowerState,
     SetAutostart,
+    Task,
     VmAction,
     VmRef,
     VmResult,
     VmSpec,
 )
 from common.messages.vmops import (
+    IMAGE_CONVERT,
+    IMAGE_CREATE,
+    IMAGE_INFO,
+    VM_CONSOLE,
+    VM_DEFINE,
+    VM_DISK_ATTACH,
+    VM_DISK_DETACH,
+    VM_DISK_RESIZE,
+    VM_DUMPXML,
+    VM_MEMSTAT,
+    VM_NIC_ATTACH,
+    VM_NIC_DETACH,
+    VM_NIC_LIST,
+    VM_SET_MEMORY,
+    VM_SET_VCPUS,
+    VM_SNAPSHOT_CREATE,
+    VM_SNAPSHOT_DELETE,
+    VM_SNAPSHOT_LIST,
+    VM_SNAPSHOT_REVERT,
     ConsoleInfo,
     ConsoleView,
     DefineVm,
     DiskAttach,
     DiskDetach,
     DiskResize,
-    DomainXml,
     DumpXml,
     ImageConvert,
     ImageConvertRequest,
     ImageCreate,
     ImageCreateRequest,
-    ImageInfo,
     ImageInfoApiRequest,
     ImageInfoRequest,
     ImageView,
-    MemStat,
     MemStatView,
     NicAttach,
     NicDetach,
-    NicList,
     NicListView,
     SetMemory,
     SetVcpus,
@@ -81,8 +98,7 @@ from common.messages.vmops import (
     VmSetVcpusRequest,
 )
 from common.schema import from_plain, to_plain
-from common.transport.rpc import HandlerFn
-from controller import fleet
+from common.transport.rpc import HandlerTable
 from controller.db import repository as repo
 from controller.service import ControllerService, _placement_view
 from controller.vm_spec import generated_mac, next_target
@@ -91,7 +107,6 @@ log = logging.getLogger(__name__)
 
 #: Listen addresses that mean "every address of the host": the console is reached at the host's name.
 _ANY_ADDRESS = frozenset({"0.0.0.0", "::", "[::]", ""})  # noqa: S104 - compared, never bound
-_RUNNING_STATES = frozenset({PowerState.RUNNING.value, PowerState.BLOCKED.value, PowerState.PAUSED.value})
 
 
 def _spec(vm: repo.VmRecord) -> VmSpec | None:
@@ -107,10 +122,6 @@ def _spec(vm: repo.VmRecord) -> VmSpec | None:
 
 def _spec_json(spec: VmSpec) -> str:
     return json.dumps(to_plain(spec), sort_keys=True)
-
-
-def _desired_after(state: PowerState) -> str:
-    return "running" if state.value in _RUNNING_STATES else "shutoff"
 
 
 def console_address(info: ConsoleInfo, hostname: str) -> str:
@@ -131,54 +142,6 @@ class VmOps:
         self.service = service
 
     # -- helpers ------------------------------------------------------------------------
-    def _locate(self, name: str) -> tuple[repo.VmRecord, repo.HostRecord]:
-        """The VM and its host for a read-only query (no task is marked)."""
-        now = self.service.clock()
-        with self.service.tx() as s:
-            vm = repo.get_vm(s, name)
-            if vm.host_id is None:
-                raise Conflict(f"VM {name} has no host (status {vm.status})")
-            host = repo.get_host(s, vm.host_id)
-        if not fleet.host_is_up(host, now, self.service.config.down_after_s):
-            raise Conflict(
-                f"host {host.id} of VM {name} is down; try again when its agent is back", retryable=True
-            )
-        return vm, host
-
-    def _host(self, host_id: str) -> repo.HostRecord:
-        now = self.service.clock()
-        with self.service.tx() as s:
-            host = repo.get_host(s, host_id)
-        if not fleet.host_is_up(host, now, self.service.config.down_after_s):
-            raise Conflict(f"host {host_id} is down; try again when its agent is back", retryable=True)
-        return host
-
-    def _done(self, vm: repo.VmRecord, **values: Any) -> None:
-        """Clear the task (after a failure: with ``last_error``) and store ``values``."""
-        with self.service.tx() as s:
-            repo.update_vm(s, vm.uuid, self.service.clock(), task=None, **values)
-
-    def _change(
-        self,
-        name: str,
-        task: str,
-        call: Callable[[repo.VmRecord, str, VmRef], VmResult],
-        *,
-        desired: Callable[[VmResult], str | None] = lambda _r: None,
-    ) -> api.VmActionDone:
-        """Mark the task, call the agent, record the VM's state afterwards (or the error)."""
-        vm, host_id = self.service.target(name, task)
-        try:
-            result = call(vm, host_id, VmRef(uuid=vm.uuid, name=vm.name))
-        except VirtfleetError as exc:
-            self._done(vm, last_error=exc.message)
-            raise
-        want = desired(result)
-        if want is not None:
-            with self.service.tx() as s:
-                repo.update_vm(s, vm.uuid, self.service.clock(), desired_power=want)
-        return api.VmActionDone(self.service.apply_result(vm.uuid, result), result.message)
-
     def _resize(self, vm: repo.VmRecord, host_id: str, changes: dict[str, int]) -> dict[str, int]:
         """Claim ``changes`` (resource -> new amount) on top of the VM's other allocations; return the old ones."""
         with self.service.tx() as s:
@@ -216,26 +179,17 @@ class VmOps:
             self._restore(vm, host_id, old)
             raise
 
-    # -- simple lifecycle ----------------------------------------------------------------
-    def action(self, name: str, action: str) -> api.VmActionDone:
-        tasks = {"reboot": "rebooting", "suspend": "suspending", "resume": "resuming"}
-        return self._change(
-            name,
-            tasks[action],
-            lambda _vm, h, ref: self.service.agents.vm_action(h, action, ref),
-            desired=lambda r: None if r.status is None else _desired_after(r.status.state),
-        )
-
+    # -- autostart, console ----------------------------------------------------------------
     def autostart(self, req: VmAutostartRequest) -> api.VmActionDone:
-        return self._change(
+        return self.service.change_vm(
             req.name,
-            "autostart",
-            lambda _vm, h, ref: self.service.agents.set_autostart(h, SetAutostart(ref, req.enabled)),
+            Task.AUTOSTART,
+            lambda _vm, h, ref: self.service.agents.call(h, VM_AUTOSTART, SetAutostart(ref, req.enabled)),
         )
 
     def console(self, name: str) -> ConsoleView:
-        vm, host = self._locate(name)
-        info = self.service.agents.call(host.id, "vm.console", VmAction(VmRef(vm.uuid, vm.name)), ConsoleInfo)
+        vm, host = self.service.locate_vm(name)
+        info = self.service.agents.call(host.id, VM_CONSOLE, VmAction(VmRef(vm.uuid, vm.name)))
         if info.type is None:
             raise NotFound(f"VM {name} has no graphical console (create it with --graphics vnc)")
         return ConsoleView(
@@ -251,9 +205,9 @@ class VmOps:
 
     # -- export / import ---------------------------------------------------------------
     def export(self, req: VmExportRequest) -> VmExport:
-        vm, host = self._locate(req.name)
+        vm, host = self.service.locate_vm(req.name)
         body = DumpXml(VmRef(vm.uuid, vm.name), secure=req.secure, live=req.live)
-        xml = self.service.agents.call(host.id, "vm.dumpxml", body, DomainXml).xml
+        xml = self.service.agents.call(host.id, VM_DUMPXML, body).xml
         return VmExport(name=vm.name, host=host.id, xml=xml)
 
     def import_vm(self, req: VmImportRequest) -> api.VmCreated:
@@ -302,9 +256,11 @@ class VmOps:
             start=req.start,
         )
         try:
-            result = self.service.agents.call(host_id, "vm.define", body, VmResult)
+            result = self.service.agents.call(host_id, VM_DEFINE, body)
         except RequestTimeout as exc:
-            self._done(self._record(spec.uuid), status="error", last_error=f"import timed out: {exc.message}")
+            self.service.finish_task(
+                self._record(spec.uuid), status="error", last_error=f"import timed out: {exc.message}"
+            )
             raise
         except VirtfleetError:
             with self.service.tx() as s:  # nothing was defined: forget the VM and its claim
@@ -321,48 +277,55 @@ class VmOps:
 
     # -- snapshots -------------------------------------------------------------------------
     def snapshot_create(self, req: SnapshotCreateRequest) -> SnapshotListView:
-        vm, host_id = self.service.target(req.name, "snapshotting")
+        vm, host_id = self.service.target(req.name, Task.SNAPSHOTTING)
         body = SnapshotCreate(VmRef(vm.uuid, vm.name), req.snapshot, req.description)
-        result = self._snapshot_call(vm, host_id, "vm.snapshot.create", body)
+        result = self._snapshot_call(
+            vm, host_id, lambda: self.service.agents.call(host_id, VM_SNAPSHOT_CREATE, body)
+        )
         return SnapshotListView(name=vm.name, snapshots=result.snapshots, message=result.message)
 
     def snapshot_list(self, name: str) -> SnapshotListView:
-        vm, host = self._locate(name)
-        result = self.service.agents.call(
-            host.id, "vm.snapshot.list", VmAction(VmRef(vm.uuid, vm.name)), SnapshotResult
-        )
+        vm, host = self.service.locate_vm(name)
+        result = self.service.agents.call(host.id, VM_SNAPSHOT_LIST, VmAction(VmRef(vm.uuid, vm.name)))
         return SnapshotListView(name=vm.name, snapshots=result.snapshots)
 
     def snapshot_revert(self, req: SnapshotRequest) -> api.VmActionDone:
-        vm, host_id = self.service.target(req.name, "reverting")
+        vm, host_id = self.service.target(req.name, Task.REVERTING)
+        body = SnapshotRef(VmRef(vm.uuid, vm.name), req.snapshot)
         result = self._snapshot_call(
-            vm, host_id, "vm.snapshot.revert", SnapshotRef(VmRef(vm.uuid, vm.name), req.snapshot)
+            vm, host_id, lambda: self.service.agents.call(host_id, VM_SNAPSHOT_REVERT, body)
         )
         assert result.status is not None
         view = self.service.apply_result(vm.uuid, VmResult(status=result.status))
         return api.VmActionDone(view, result.message)
 
     def snapshot_delete(self, req: SnapshotRequest) -> SnapshotListView:
-        vm, host_id = self.service.target(req.name, "snapshotting")
+        vm, host_id = self.service.target(req.name, Task.SNAPSHOTTING)
+        body = SnapshotRef(VmRef(vm.uuid, vm.name), req.snapshot)
         result = self._snapshot_call(
-            vm, host_id, "vm.snapshot.delete", SnapshotRef(VmRef(vm.uuid, vm.name), req.snapshot)
+            vm, host_id, lambda: self.service.agents.call(host_id, VM_SNAPSHOT_DELETE, body)
         )
         return SnapshotListView(name=vm.name, snapshots=result.snapshots, message=result.message)
 
-    def _snapshot_call(self, vm: repo.VmRecord, host_id: str, kind: str, body: object) -> SnapshotResult:
+    def _snapshot_call(
+        self, vm: repo.VmRecord, host_id: str, call: Callable[[], SnapshotResult]
+    ) -> SnapshotResult:
         try:
-            result = self.service.agents.call(host_id, kind, body, SnapshotResult)
+            result = call()
         except VirtfleetError as exc:
-            self._done(vm, last_error=exc.message)
+            self.service.finish_task(vm, last_error=exc.message)
             raise
         if result.status is not None:
             with self.service.tx() as s:
                 repo.update_vm(
-                    s, vm.uuid, self.service.clock(), desired_power=_desired_after(result.status.state)
+                    s,
+                    vm.uuid,
+                    self.service.clock(),
+                    desired_power=DesiredPower.after(result.status.state).value,
                 )
             self.service.apply_result(vm.uuid, VmResult(status=result.status))
         else:
-            self._done(vm)
+            self.service.finish_task(vm)
         return result
 
     # -- live vCPUs and memory ----------------------------------------------------------------
@@ -379,12 +342,12 @@ class VmOps:
                 host_id,
                 {"VCPU": req.vcpus},
                 req.vcpus > vm.vcpus,
-                lambda: self.service.agents.call(host_id, "vm.set_vcpus", SetVcpus(ref, req.vcpus), VmResult),
+                lambda: self.service.agents.call(host_id, VM_SET_VCPUS, SetVcpus(ref, req.vcpus)),
             )
             self._update_spec(vm, lambda spec: replace(spec, vcpus=req.vcpus))
             return result
 
-        return self._change(req.name, "resizing", call)
+        return self.service.change_vm(req.name, Task.RESIZING, call)
 
     def set_memory(self, req: VmSetMemoryRequest) -> api.VmActionDone:
         def call(vm: repo.VmRecord, host_id: str, ref: VmRef) -> VmResult:
@@ -397,18 +360,16 @@ class VmOps:
                 host_id,
                 {"MEMORY_MIB": req.memory_mib},
                 req.memory_mib > vm.memory_mib,
-                lambda: self.service.agents.call(
-                    host_id, "vm.set_memory", SetMemory(ref, req.memory_mib), VmResult
-                ),
+                lambda: self.service.agents.call(host_id, VM_SET_MEMORY, SetMemory(ref, req.memory_mib)),
             )
             self._update_spec(vm, lambda spec: replace(spec, memory_mib=req.memory_mib))
             return result
 
-        return self._change(req.name, "resizing", call)
+        return self.service.change_vm(req.name, Task.RESIZING, call)
 
     def memstat(self, name: str) -> MemStatView:
-        vm, host = self._locate(name)
-        stat = self.service.agents.call(host.id, "vm.memstat", VmAction(VmRef(vm.uuid, vm.name)), MemStat)
+        vm, host = self.service.locate_vm(name)
+        stat = self.service.agents.call(host.id, VM_MEMSTAT, VmAction(VmRef(vm.uuid, vm.name)))
         return MemStatView(
             name=vm.name,
             host=host.id,
@@ -455,7 +416,7 @@ class VmOps:
                 host_id,
                 {"DISK_GIB": vm.disk_gib + new_gib},
                 new_gib > 0,
-                lambda: self.service.agents.call(host_id, "vm.disk.attach", body, VmResult),
+                lambda: self.service.agents.call(host_id, VM_DISK_ATTACH, body),
             )
             attached = result.disks[0] if result.disks else disk
             self._update_spec(
@@ -463,7 +424,7 @@ class VmOps:
             )
             return result
 
-        return self._change(req.name, "attaching", call)
+        return self.service.change_vm(req.name, Task.ATTACHING, call)
 
     def disk_detach(self, req: VmDiskDetachRequest) -> api.VmActionDone:
         def call(vm: repo.VmRecord, host_id: str, ref: VmRef) -> VmResult:
@@ -478,7 +439,7 @@ class VmOps:
                 host_id,
                 {"DISK_GIB": max(0, vm.disk_gib - freed)},
                 False,
-                lambda: self.service.agents.call(host_id, "vm.disk.detach", body, VmResult),
+                lambda: self.service.agents.call(host_id, VM_DISK_DETACH, body),
             )
             if req.config:
                 self._update_spec(
@@ -488,7 +449,7 @@ class VmOps:
                 )
             return result
 
-        return self._change(req.name, "detaching", call)
+        return self.service.change_vm(req.name, Task.DETACHING, call)
 
     def disk_resize(self, req: VmDiskResizeRequest) -> api.VmActionDone:
         if not req.i_know:
@@ -509,7 +470,7 @@ class VmOps:
                 host_id,
                 {"DISK_GIB": vm.disk_gib + grow},
                 grow > 0,
-                lambda: self.service.agents.call(host_id, "vm.disk.resize", body, VmResult),
+                lambda: self.service.agents.call(host_id, VM_DISK_RESIZE, body),
             )
             self._update_spec(
                 vm,
@@ -526,91 +487,86 @@ class VmOps:
             )
             return result
 
-        return self._change(req.name, "resizing", call)
+        return self.service.change_vm(req.name, Task.RESIZING, call)
 
     # -- NICs ------------------------------------------------------------------------------
     def nic_attach(self, req: VmNicAttachRequest) -> NicListView:
-        vm, host_id = self.service.target(req.name, "attaching")
+        vm, host_id = self.service.target(req.name, Task.ATTACHING)
         try:
             spec = _spec(vm)
             nics = spec.nics if spec is not None else ()
             mac = req.mac or generated_mac(vm.uuid, len(nics), [n.mac for n in nics if n.mac])
             nic = NicSpec(kind=req.kind, source=req.source, model=req.model, mac=mac)
             body = NicAttach(VmRef(vm.uuid, vm.name), nic, live=req.live, config=req.config)
-            result = self.service.agents.call(host_id, "vm.nic.attach", body, NicList)
+            result = self.service.agents.call(host_id, VM_NIC_ATTACH, body)
         except VirtfleetError as exc:
-            self._done(vm, last_error=exc.message)
+            self.service.finish_task(vm, last_error=exc.message)
             raise
         if req.config:
             self._update_spec(vm, lambda s: replace(s, nics=(*tuple(n for n in s.nics if n.mac != mac), nic)))
-        self._done(vm)
+        self.service.finish_task(vm)
         return NicListView(name=vm.name, host=host_id, nics=result.nics, message=result.message)
 
     def nic_detach(self, req: VmNicDetachRequest) -> NicListView:
-        vm, host_id = self.service.target(req.name, "detaching")
+        vm, host_id = self.service.target(req.name, Task.DETACHING)
         try:
             body = NicDetach(VmRef(vm.uuid, vm.name), req.mac, live=req.live, config=req.config)
-            result = self.service.agents.call(host_id, "vm.nic.detach", body, NicList)
+            result = self.service.agents.call(host_id, VM_NIC_DETACH, body)
         except VirtfleetError as exc:
-            self._done(vm, last_error=exc.message)
+            self.service.finish_task(vm, last_error=exc.message)
             raise
         if req.config:
             self._update_spec(vm, lambda s: replace(s, nics=tuple(n for n in s.nics if n.mac != req.mac)))
-        self._done(vm)
+        self.service.finish_task(vm)
         return NicListView(name=vm.name, host=host_id, nics=result.nics, message=result.message)
 
     def nic_list(self, name: str) -> NicListView:
-        vm, host = self._locate(name)
-        result = self.service.agents.call(host.id, "vm.nic.list", VmAction(VmRef(vm.uuid, vm.name)), NicList)
+        vm, host = self.service.locate_vm(name)
+        result = self.service.agents.call(host.id, VM_NIC_LIST, VmAction(VmRef(vm.uuid, vm.name)))
         return NicListView(name=vm.name, host=host.id, nics=result.nics)
 
     # -- images ---------------------------------------------------------------------------
     def image_create(self, req: ImageCreateRequest) -> ImageView:
-        self._host(req.host)
+        self.service.up_host(req.host)
         info = self.service.agents.call(
-            req.host, "image.create", ImageCreate(req.image, req.format, req.size_gib), ImageInfo
+            req.host, IMAGE_CREATE, ImageCreate(req.image, req.format, req.size_gib)
         )
         return ImageView(host=req.host, image=info, message=f"created {req.image.describe()}")
 
     def image_info(self, req: ImageInfoApiRequest) -> ImageView:
-        self._host(req.host)
-        info = self.service.agents.call(req.host, "image.info", ImageInfoRequest(req.image), ImageInfo)
+        self.service.up_host(req.host)
+        info = self.service.agents.call(req.host, IMAGE_INFO, ImageInfoRequest(req.image))
         return ImageView(host=req.host, image=info)
 
     def image_convert(self, req: ImageConvertRequest) -> ImageView:
-        self._host(req.host)
+        self.service.up_host(req.host)
         body = ImageConvert(req.source, req.dest, req.format)
-        info = self.service.agents.call(req.host, "image.convert", body, ImageInfo)
+        info = self.service.agents.call(req.host, IMAGE_CONVERT, body)
         return ImageView(
             host=req.host, image=info, message=f"converted {req.source.describe()} to {req.dest.describe()}"
         )
 
 
-def api_handlers(service: ControllerService) -> dict[str, HandlerFn]:
-    """The API kinds of this feature area, bound to the service."""
+def register(table: HandlerTable, service: ControllerService) -> None:
+    """Serve the API calls of this feature area (simple VM operations are served generically)."""
     ops = VmOps(service)
-    return {
-        "api.vm.reboot": lambda b: ops.action(b.name, "reboot"),
-        "api.vm.suspend": lambda b: ops.action(b.name, "suspend"),
-        "api.vm.resume": lambda b: ops.action(b.name, "resume"),
-        "api.vm.autostart": ops.autostart,
-        "api.vm.console": lambda b: ops.console(b.name),
-        "api.vm.export": ops.export,
-        "api.vm.import": ops.import_vm,
-        "api.vm.snapshot.create": ops.snapshot_create,
-        "api.vm.snapshot.list": lambda b: ops.snapshot_list(b.name),
-        "api.vm.snapshot.revert": ops.snapshot_revert,
-        "api.vm.snapshot.delete": ops.snapshot_delete,
-        "api.vm.setvcpus": ops.set_vcpus,
-        "api.vm.setmem": ops.set_memory,
-        "api.vm.memstat": lambda b: ops.memstat(b.name),
-        "api.vm.disk.attach": ops.disk_attach,
-        "api.vm.disk.detach": ops.disk_detach,
-        "api.vm.disk.resize": ops.disk_resize,
-        "api.vm.nic.attach": ops.nic_attach,
-        "api.vm.nic.detach": ops.nic_detach,
-        "api.vm.nic.list": lambda b: ops.nic_list(b.name),
-        "api.image.create": ops.image_create,
-        "api.image.info": ops.image_info,
-        "api.image.convert": ops.image_convert,
-    }
+    table.register(vmops.API_VM_AUTOSTART, ops.autostart)
+    table.register(vmops.API_VM_CONSOLE, lambda b: ops.console(b.name))
+    table.register(vmops.API_VM_EXPORT, ops.export)
+    table.register(vmops.API_VM_IMPORT, ops.import_vm)
+    table.register(vmops.API_VM_SNAPSHOT_CREATE, ops.snapshot_create)
+    table.register(vmops.API_VM_SNAPSHOT_LIST, lambda b: ops.snapshot_list(b.name))
+    table.register(vmops.API_VM_SNAPSHOT_REVERT, ops.snapshot_revert)
+    table.register(vmops.API_VM_SNAPSHOT_DELETE, ops.snapshot_delete)
+    table.register(vmops.API_VM_SETVCPUS, ops.set_vcpus)
+    table.register(vmops.API_VM_SETMEM, ops.set_memory)
+    table.register(vmops.API_VM_MEMSTAT, lambda b: ops.memstat(b.name))
+    table.register(vmops.API_VM_DISK_ATTACH, ops.disk_attach)
+    table.register(vmops.API_VM_DISK_DETACH, ops.disk_detach)
+    table.register(vmops.API_VM_DISK_RESIZE, ops.disk_resize)
+    table.register(vmops.API_VM_NIC_ATTACH, ops.nic_attach)
+    table.register(vmops.API_VM_NIC_DETACH, ops.nic_detach)
+    table.register(vmops.API_VM_NIC_LIST, lambda b: ops.nic_list(b.name))
+    table.register(vmops.API_IMAGE_CREATE, ops.image_create)
+    table.register(vmops.API_IMAGE_INFO, ops.image_info)
+    table.register(vmops.API_IMAGE_CONVERT, ops.image_convert)

@@ -27,6 +27,7 @@ from agent.network.model import Probe
 from agent.network.persist import Persister
 from agent.network.transaction import ChangeManager, Executor, LinkDriver
 from common.errors import InvalidRequest, NetworkConfigError, VirtfleetError
+from common.messages import network as msgs
 from common.messages.host import HostReport
 from common.messages.network import (
     BondCreate,
@@ -49,6 +50,7 @@ from common.messages.network import (
     NetworkResult,
     NetworkSpec,
 )
+from common.transport.rpc import HandlerTable
 
 log = logging.getLogger(__name__)
 
@@ -122,29 +124,28 @@ class NetworkModule:
 
     # ------------------------------------------------------------------ AgentModule
 
-    def handlers(self, request_report: Callable[[], int]) -> dict[str, Callable[[Any], Any]]:
+    def register(self, table: HandlerTable, request_report: Callable[[], int]) -> None:
+        """Serve the ``net.*`` commands (first restoring the network after an unfinished change)."""
         self._request_report = request_report
         recovered = self.changes.recover()
         if recovered is not None:
             log.warning("restored the network after an unfinished change: %s", recovered.reason)
-        return {
-            "net.list": self.list_networks,
-            "net.define": self.define_network,
-            "net.start": self.start_network,
-            "net.stop": self.stop_network,
-            "net.autostart": self.autostart_network,
-            "net.undefine": self.undefine_network,
-            "net.ip_forward": self.ip_forward,
-            "net.host.facts": self.host_facts,
-            "net.bridge.create": self.bridge_create,
-            "net.bridge.stp": self.bridge_stp,
-            "net.bridge.remove": self.bridge_remove,
-            "net.bond.create": self.bond_create,
-            "net.bond.enslave": self.bond_enslave,
-            "net.bond.remove": self.bond_remove,
-            "net.host.confirm": self.confirm,
-            "net.host.revert": self.revert,
-        }
+        table.register(msgs.NET_LIST, self.list_networks)
+        table.register(msgs.NET_DEFINE, self.define_network)
+        table.register(msgs.NET_START, self.start_network)
+        table.register(msgs.NET_STOP, self.stop_network)
+        table.register(msgs.NET_AUTOSTART, self.autostart_network)
+        table.register(msgs.NET_UNDEFINE, self.undefine_network)
+        table.register(msgs.NET_IP_FORWARD, self.ip_forward)
+        table.register(msgs.NET_HOST_FACTS, self.host_facts)
+        table.register(msgs.NET_BRIDGE_CREATE, self.bridge_create)
+        table.register(msgs.NET_BRIDGE_STP, self.bridge_stp)
+        table.register(msgs.NET_BRIDGE_REMOVE, self.bridge_remove)
+        table.register(msgs.NET_BOND_CREATE, self.bond_create)
+        table.register(msgs.NET_BOND_ENSLAVE, self.bond_enslave)
+        table.register(msgs.NET_BOND_REMOVE, self.bond_remove)
+        table.register(msgs.NET_HOST_CONFIRM, self.confirm)
+        table.register(msgs.NET_HOST_REVERT, self.revert)
 
     def enrich_report(self, report: HostReport) -> HostReport:
         return replace(report, network=self.facts())

@@ -24,6 +24,7 @@ from agent.tuning.pinning import LibvirtPinning
 from agent.tuning.sysfs import HostKernel, seed_simulated_root
 from common.domain_xml import DomainXmlError, parse_domain_xml
 from common.errors import Conflict, InvalidRequest, NotFound, VirtfleetError
+from common.messages import tuning as msgs
 from common.messages.host import HostReport
 from common.messages.tuning import (
     ApplyProfile,
@@ -45,6 +46,7 @@ from common.messages.tuning import (
     page_size_label,
 )
 from common.messages.vm import PowerState
+from common.transport.rpc import HandlerTable
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +105,16 @@ class TuningModule:
         return module
 
     # -- AgentModule ----------------------------------------------------------------------
-    def handlers(self, request_report: Callable[[], int]) -> dict[str, Callable[[Any], Any]]:
+    def register(self, table: HandlerTable, request_report: Callable[[], int]) -> None:
+        """Serve the ``tuning.*`` commands."""
         self._request_report = request_report
-        return {
-            "tuning.pin": self.pin,
-            "tuning.affinity": self.affinity,
-            "tuning.process": self.process,
-            "tuning.taskset": self.taskset,
-            "tuning.hugepages": self.hugepages,
-            "tuning.io_scheduler": self.io_scheduler,
-            "tuning.profile": self.profile,
-        }
+        table.register(msgs.TUNING_PIN, self.pin)
+        table.register(msgs.TUNING_AFFINITY, self.affinity)
+        table.register(msgs.TUNING_PROCESS, self.process)
+        table.register(msgs.TUNING_TASKSET, self.taskset)
+        table.register(msgs.TUNING_HUGEPAGES, self.hugepages)
+        table.register(msgs.TUNING_IO_SCHEDULER, self.io_scheduler)
+        table.register(msgs.TUNING_PROFILE, self.profile)
 
     def enrich_report(self, report: HostReport) -> HostReport:
         return replace(report, tuning=self.facts())

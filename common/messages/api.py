@@ -10,10 +10,34 @@ import re
 from dataclasses import dataclass
 
 from common.errors import InvalidRequest
-from common.messages.vm import DiskDevice, DiskSpec, GraphicsSpec, KernelBoot, NicKind, NicSpec
+from common.messages.descriptor import (
+    ApiCall,
+    Command,
+    Family,
+    Forward,
+    Role,
+    Timeout,
+    Version,
+    api_call,
+)
+from common.messages.vm import (
+    VM_DESTROY,
+    VM_START,
+    DesiredPower,
+    DiskDevice,
+    DiskSpec,
+    GraphicsSpec,
+    KernelBoot,
+    NicKind,
+    NicSpec,
+    Task,
+    VmAction,
+    VmResult,
+)
 from common.validation import check_name, check_positive
 
-FAMILY_VERSION = "1.0"
+#: Every client -> controller call (this module and the feature modules' API calls).
+API = Family("api", Version(1, 0), "client (virtfleet CLI) -> controller")
 
 _CPUSET_RE = re.compile(r"\^?\d+(-\d+)?(,\^?\d+(-\d+)?)*")
 _TARGET_RE = re.compile(r"(vd|sd|hd|xvd)[a-z]{1,2}")
@@ -300,3 +324,97 @@ class VmDeleteRequest:
 class VmActionDone:
     vm: VmView | None
     message: str = ""
+
+
+# ------------------------------------------------------------------ simple VM operations
+
+
+@dataclass(frozen=True, slots=True)
+class VmForward(Forward):
+    """A simple VM operation: the controller finds the VM, checks that its host is up, marks
+    ``task``, sends ``command`` with the VM's reference and records the VM's state afterwards.
+
+    ``desired``: the desired power state afterwards; None follows the observed state
+    (:meth:`DesiredPower.after`). The CLI offers each one as ``virtfleet vm <verb> NAME``, the
+    verb being the last part of the command's kind.
+    """
+
+    command: Command[VmAction, VmResult]
+    task: Task
+    desired: DesiredPower | None = None
+
+    @property
+    def verb(self) -> str:
+        """The CLI verb: ``vm.reboot`` -> ``reboot``."""
+        return self.command.kind.rpartition(".")[2]
+
+
+def vm_action(
+    command: Command[VmAction, VmResult],
+    task: Task,
+    doc: str,
+    *,
+    desired: DesiredPower | None = None,
+    role: Role = Role.OPERATOR,
+) -> ApiCall[VmRefRequest, VmActionDone]:
+    """Declare the API call ``api.<kind>`` of a simple VM operation (see :class:`VmForward`)."""
+    return ApiCall(
+        f"api.{command.kind}",
+        VmRefRequest,
+        VmActionDone,
+        API,
+        command.timeout,
+        doc,
+        role,
+        command.idempotent,
+        command.since,
+        forward=VmForward(command, task, desired),
+    )
+
+
+# ------------------------------------------------------------------ the calls of this module
+
+_F, _N, _S = Timeout.FAST, Timeout.NORMAL, Timeout.SLOW
+_READ, _OPERATE = Role.READER, Role.OPERATOR
+
+API_PING = api_call(API, "api.ping", Empty, Empty, _F, "is a controller there", role=_READ, idempotent=True)
+API_HOST_LIST = api_call(
+    API, "api.host.list", Empty, HostList, _F, "virtfleet host list", role=_READ, idempotent=True
+)
+API_HOST_SHOW = api_call(
+    API, "api.host.show", HostRef, HostView, _F, "virtfleet host show", role=_READ, idempotent=True
+)
+API_VM_CREATE = api_call(API, "api.vm.create", VmCreate, VmCreated, _S, "virtfleet vm create", role=_OPERATE)
+API_VM_LIST = api_call(
+    API, "api.vm.list", VmListRequest, VmList, _F, "virtfleet vm list", role=_READ, idempotent=True
+)
+API_VM_SHOW = api_call(
+    API, "api.vm.show", VmRefRequest, VmView, _F, "virtfleet vm show", role=_READ, idempotent=True
+)
+API_VM_START = vm_action(VM_START, Task.STARTING, "Start (power on) a VM.", desired=DesiredPower.RUNNING)
+API_VM_DESTROY = vm_action(
+    VM_DESTROY,
+    Task.STOPPING,
+    "Power a VM off at once (virsh destroy); the definition stays.",
+    desired=DesiredPower.SHUTOFF,
+)
+API_VM_SHUTDOWN = api_call(
+    API,
+    "api.vm.shutdown",
+    VmShutdownRequest,
+    VmActionDone,
+    _S,
+    "virtfleet vm shutdown",
+    role=_OPERATE,
+    idempotent=True,
+)
+API_VM_DELETE = api_call(
+    API,
+    "api.vm.delete",
+    VmDeleteRequest,
+    VmActionDone,
+    _N,
+    "virtfleet vm delete",
+    role=_OPERATE,
+    idempotent=True,
+)

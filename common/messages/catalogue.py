@@ -1,66 +1,56 @@
-"""Every message kind virtfleet sends: its body type, its result type and its timeout class.
+"""The catalogue: every operation descriptor, found where it is declared, looked up by kind.
 
-One declarative table (like Ganeti's rpc_defs) so that senders, receivers and
-docs/protocol.md agree. Agent commands go to ``virtfleet.agent.<host_id>``; API calls to
-``virtfleet.api``; reports (no reply) to the ``virtfleet.reports`` exchange.
+Each family module declares its operations next to its message types (see
+:mod:`common.messages.descriptor`); this module only collects them, so adding an operation
+never means editing a table here. docs/protocol.md's reference sections are generated from
+:data:`CATALOGUE` (``python -m common.protocol_doc``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
 from common.errors import InvalidRequest
 from common.messages import api, host, network, placement, tuning, vm, vmops
-from common.messages.kinds import TIMEOUT_SECONDS, Kind, Route, Timeout, kind
+from common.messages.descriptor import TIMEOUT_SECONDS, Family, Op
 
-A, C, R = Route.AGENT, Route.API, Route.REPORT
-F, N, S = Timeout.FAST, Timeout.NORMAL, Timeout.SLOW
-
-KINDS: tuple[Kind, ...] = (
-    # controller -> agent
-    kind("vm.create", A, vm.CreateVm, vm.VmResult, N, "create disks, define the domain, start it"),
-    kind("vm.start", A, vm.VmAction, vm.VmResult, N, "virsh start"),
-    kind("vm.shutdown", A, vm.ShutdownVm, vm.VmResult, S, "virsh shutdown (ACPI), optional forced off"),
-    kind("vm.destroy", A, vm.VmAction, vm.VmResult, N, "virsh destroy (power off)"),
-    kind("vm.reboot", A, vm.VmAction, vm.VmResult, N, "virsh reboot"),
-    kind("vm.suspend", A, vm.VmAction, vm.VmResult, F, "virsh suspend"),
-    kind("vm.resume", A, vm.VmAction, vm.VmResult, F, "virsh resume"),
-    kind("vm.delete", A, vm.DeleteVm, vm.VmResult, N, "virsh destroy + undefine (+ delete disks)"),
-    kind("vm.autostart", A, vm.SetAutostart, vm.VmResult, F, "virsh autostart [--disable]"),
-    kind("host.report_now", A, host.ReportRequest, host.ReportAck, F, "send a full report now"),
-    # agent -> controller
-    kind("host.report", R, host.HostReport, None, F, "capacity, topology and VM states"),
-    kind("host.heartbeat", R, host.Heartbeat, None, F, "liveness"),
-    # client -> controller
-    kind("api.ping", C, api.Empty, api.Empty, F, "is a controller there"),
-    kind("api.host.list", C, api.Empty, api.HostList, F, "virtfleet host list"),
-    kind("api.host.show", C, api.HostRef, api.HostView, F, "virtfleet host show"),
-    kind("api.vm.create", C, api.VmCreate, api.VmCreated, S, "virtfleet vm create"),
-    kind("api.vm.list", C, api.VmListRequest, api.VmList, F, "virtfleet vm list"),
-    kind("api.vm.show", C, api.VmRefRequest, api.VmView, F, "virtfleet vm show"),
-    kind("api.vm.start", C, api.VmRefRequest, api.VmActionDone, N, "virtfleet vm start"),
-    kind("api.vm.shutdown", C, api.VmShutdownRequest, api.VmActionDone, S, "virtfleet vm shutdown"),
-    kind("api.vm.destroy", C, api.VmRefRequest, api.VmActionDone, N, "virtfleet vm destroy"),
-    kind("api.vm.delete", C, api.VmDeleteRequest, api.VmActionDone, N, "virtfleet vm delete"),
-)
-
-# Feature families declare their own kinds next to their message types.
-KINDS = KINDS + placement.KINDS + vmops.KINDS + network.KINDS + tuning.KINDS
-
-CATALOGUE: dict[str, Kind] = {k.name: k for k in KINDS}
-if len(CATALOGUE) != len(KINDS):
-    raise RuntimeError("a message kind is declared twice")
+#: The modules that declare operations, in the order the reference lists them.
+FAMILY_MODULES: tuple[ModuleType, ...] = (vm, vmops, host, network, tuning, api, placement)
 
 
-def lookup(name: str) -> Kind:
-    """The catalogue entry for a kind; InvalidRequest for an unknown one."""
+def _collect(modules: tuple[ModuleType, ...]) -> dict[str, Op[Any, Any]]:
+    found: dict[str, Op[Any, Any]] = {}
+    for module in modules:
+        for value in vars(module).values():
+            if not isinstance(value, Op):
+                continue
+            other = found.get(value.kind)
+            if other is not None and other is not value:
+                raise RuntimeError(f"message kind {value.kind!r} is declared twice")
+            found[value.kind] = value
+    return found
+
+
+#: kind -> descriptor, for every operation virtfleet knows.
+CATALOGUE: Mapping[str, Op[Any, Any]] = _collect(FAMILY_MODULES)
+
+#: name -> family, for every family an operation belongs to.
+FAMILIES: Mapping[str, Family] = {op.family.name: op.family for op in CATALOGUE.values()}
+
+
+def lookup(kind: str) -> Op[Any, Any]:
+    """The descriptor of ``kind``; InvalidRequest for an unknown one."""
     try:
-        return CATALOGUE[name]
+        return CATALOGUE[kind]
     except KeyError:
-        raise InvalidRequest(f"unknown message kind {name!r}") from None
+        raise InvalidRequest(f"unknown message kind {kind!r}") from None
 
 
-def timeout_for(name: str) -> float:
-    """Seconds a caller waits for the reply to ``name``."""
-    return TIMEOUT_SECONDS[lookup(name).timeout]
+def timeout_of(op: Op[Any, Any]) -> float:
+    """Seconds a caller waits for the reply to ``op``."""
+    return TIMEOUT_SECONDS[op.timeout]
 
 
-__all__ = ["CATALOGUE", "KINDS", "TIMEOUT_SECONDS", "Kind", "Route", "Timeout", "lookup", "timeout_for"]
+__all__ = ["CATALOGUE", "FAMILIES", "FAMILY_MODULES", "lookup", "timeout_of"]

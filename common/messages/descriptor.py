@@ -23,7 +23,7 @@ A message type that gained fields declares ``__since__: ClassVar[Mapping[str, Ve
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Generic, TypeVar, final
 
@@ -116,8 +116,6 @@ class Op(Generic[B, R]):
     idempotent: bool = False
     #: the family minor version that introduced the operation
     since: Version | None = None
-    #: extra facts for the generated reference (e.g. the virsh command it replaces)
-    notes: tuple[str, ...] = field(default=())
 
     route: ClassVar[Route]
     served_by: ClassVar[Side]
@@ -146,13 +144,35 @@ class Command(Op[B, R]):
     role: Role = Role.CONTROLLER
 
 
+class Forward:
+    """How the controller serves an API call by forwarding it to an agent (see :class:`ApiCall`).
+
+    The controller has one generic path per kind of forward, so such an operation needs no
+    controller code of its own.
+    """
+
+    __slots__ = ()
+
+
 @final
 @dataclass(frozen=True, slots=True, eq=False, repr=False)
 class ApiCall(Op[B, R]):
-    """Client (the CLI) -> controller, on the ``virtfleet.api`` queue."""
+    """Client (the CLI) -> controller, on the ``virtfleet.api`` queue.
+
+    ``forward`` set: the controller serves it generically by sending an agent command.
+    """
 
     route: ClassVar[Route] = Route.API
     served_by: ClassVar[Side] = Side.CONTROLLER
+    forward: Forward | None = None
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ToHostAgent(Forward, Generic[B, R]):
+    """Served by sending the body unchanged to the agent of the host the body names (``body.host``)."""
+
+    command: Command[B, R]
 
 
 @final
@@ -196,6 +216,31 @@ def api_call(
     if role in (Role.CONTROLLER, Role.AGENT):
         raise ValueError(f"{kind}: API calls are made by people: reader, operator or admin")
     return ApiCall(kind, body, result, family, timeout, doc, role, idempotent, since)
+
+
+#: An API call waits one timeout class longer than the command it wraps, so that the
+#: controller's own wait for the agent ends first and its answer reaches the client.
+LONGER: Mapping[Timeout, Timeout] = {
+    Timeout.FAST: Timeout.NORMAL,
+    Timeout.NORMAL: Timeout.SLOW,
+    Timeout.SLOW: Timeout.SLOW,
+}
+
+
+def host_twin(family: Family, cmd: Command[B, R], *, role: Role, doc: str = "") -> ApiCall[B, R]:
+    """The API call ``api.<kind>`` that the controller serves by forwarding ``cmd`` to ``body.host``."""
+    return ApiCall(
+        f"api.{cmd.kind}",
+        cmd.body,
+        cmd.result,
+        family,
+        LONGER[cmd.timeout],
+        doc or f"virtfleet: {cmd.doc}",
+        role,
+        cmd.idempotent,
+        cmd.since,
+        forward=ToHostAgent(cmd),
+    )
 
 
 def report(family: Family, kind: str, body: type[B], doc: str, *, since: Version | None = None) -> Report[B]:
@@ -248,19 +293,23 @@ def _defaults(cls: type) -> dict[str, Any]:
 
 
 __all__ = [
+    "LONGER",
     "TIMEOUT_SECONDS",
     "ApiCall",
     "Command",
     "Family",
+    "Forward",
     "Op",
     "Report",
     "Role",
     "Route",
     "Side",
     "Timeout",
+    "ToHostAgent",
     "Version",
     "api_call",
     "check_sendable",
     "command",
+    "host_twin",
     "report",
 ]

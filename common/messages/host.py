@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.messages.descriptor import Family, Timeout, Version, command, report
 from common.messages.network import HostNetworkReport
 from common.messages.tuning import HostTuningReport
 from common.messages.vm import VmStatus
 
-FAMILY_VERSION = "1.0"
+#: Agent -> controller reports and the controller's "report now" command.
+HOST = Family("host", Version(1, 0), "agent -> controller reports and heartbeats; report on demand")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,3 +81,16 @@ class ReportRequest:
 @dataclass(frozen=True, slots=True)
 class ReportAck:
     seq: int
+
+
+HOST_REPORT = report(HOST, "host.report", HostReport, "capacity, topology and VM states")
+HOST_HEARTBEAT = report(HOST, "host.heartbeat", Heartbeat, "liveness")
+HOST_REPORT_NOW = command(
+    HOST,
+    "host.report_now",
+    ReportRequest,
+    ReportAck,
+    Timeout.FAST,
+    "send a full report now (also a liveness probe)",
+    idempotent=True,
+)

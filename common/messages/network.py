@@ -24,10 +24,9 @@ import re
 from dataclasses import dataclass, field
 
 from common.errors import InvalidRequest
-from common.messages.kinds import Kind, Route, Timeout, kind
+from common.messages.api import API
+from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command, host_twin
 from common.validation import check_host_id, check_ifname, check_name
-
-FAMILY_VERSION = "1.0"
 
 #: Linux bonding modes by name, with the number ``BONDING_OPTS="mode=N"`` and netlink use.
 BOND_MODES: dict[str, int] = {
@@ -583,48 +582,156 @@ class NetChangeResult:
 
 # ----------------------------------------------------------------------------- kinds
 
-A, C = Route.AGENT, Route.API
-F, N, S = Timeout.FAST, Timeout.NORMAL, Timeout.SLOW
+_F, _N = Timeout.FAST, Timeout.NORMAL
+_ADMIN = Role.ADMIN
 
-#: agent kind -> (body, result, timeout class, doc); the API kind is "api." + agent kind.
-_COMMANDS: tuple[tuple[str, type, type, Timeout, str], ...] = (
-    ("net.define", DefineNetwork, NetworkResult, N, "virsh net-define [+ net-start + net-autostart]"),
-    ("net.start", NetworkRef, NetworkResult, N, "virsh net-start"),
-    ("net.stop", NetworkRef, NetworkResult, N, "virsh net-destroy"),
-    ("net.autostart", NetworkAutostart, NetworkResult, F, "virsh net-autostart [--disable]"),
-    ("net.undefine", NetworkRef, NetworkResult, N, "virsh net-destroy + net-undefine"),
-    ("net.ip_forward", IpForwardRequest, IpForwardState, F, "cat / echo 1 > /proc/sys/net/ipv4/ip_forward"),
-    ("net.host.facts", HostNetShow, HostNetworkReport, F, "interfaces, routes, bridges, bonds, networks now"),
-    ("net.bridge.create", BridgeCreate, NetChangeResult, N, "bridge + NIC, IP/route/DNS moved (transaction)"),
-    ("net.bridge.stp", BridgeStp, NetChangeResult, N, "bridge STP on/off"),
-    ("net.bridge.remove", InterfaceRemove, NetChangeResult, N, "delete a bridge, NIC restored (transaction)"),
-    ("net.bond.create", BondCreate, NetChangeResult, N, "bond (+bridge), IP/route/DNS moved (transaction)"),
-    ("net.bond.enslave", BondEnslave, NetChangeResult, N, "add a NIC to a bond (transaction)"),
-    ("net.bond.remove", InterfaceRemove, NetChangeResult, N, "delete a bond, slave restored (transaction)"),
-    ("net.host.confirm", ChangeRef, NetChangeResult, F, "keep a change made with --confirm"),
-    ("net.host.revert", ChangeRef, NetChangeResult, N, "undo a change made with --confirm now"),
+#: Host and libvirt networking (controller -> agent).
+NET = Family("net", Version(1, 0), "controller -> agent: libvirt networks, bridges, bonds, host addresses")
+
+# -- controller -> agent; most are also API calls ``api.<kind>`` forwarded to ``body.host``
+NET_DEFINE = command(
+    NET,
+    "net.define",
+    DefineNetwork,
+    NetworkResult,
+    _N,
+    "virsh net-define [+ net-start + net-autostart]",
+    idempotent=True,
+)
+NET_START = command(NET, "net.start", NetworkRef, NetworkResult, _N, "virsh net-start", idempotent=True)
+NET_STOP = command(NET, "net.stop", NetworkRef, NetworkResult, _N, "virsh net-destroy", idempotent=True)
+NET_AUTOSTART = command(
+    NET,
+    "net.autostart",
+    NetworkAutostart,
+    NetworkResult,
+    _F,
+    "virsh net-autostart [--disable]",
+    idempotent=True,
+)
+NET_UNDEFINE = command(
+    NET, "net.undefine", NetworkRef, NetworkResult, _N, "virsh net-destroy + net-undefine", idempotent=True
+)
+NET_IP_FORWARD = command(
+    NET,
+    "net.ip_forward",
+    IpForwardRequest,
+    IpForwardState,
+    _F,
+    "cat / echo 1 > /proc/sys/net/ipv4/ip_forward",
+    idempotent=True,
+)
+NET_HOST_FACTS = command(
+    NET,
+    "net.host.facts",
+    HostNetShow,
+    HostNetworkReport,
+    _F,
+    "interfaces, routes, bridges, bonds, networks now",
+    idempotent=True,
+)
+NET_BRIDGE_CREATE = command(
+    NET,
+    "net.bridge.create",
+    BridgeCreate,
+    NetChangeResult,
+    _N,
+    "bridge + NIC, IP/route/DNS moved (transaction)",
+    idempotent=True,
+)
+NET_BRIDGE_STP = command(
+    NET, "net.bridge.stp", BridgeStp, NetChangeResult, _N, "bridge STP on/off", idempotent=True
+)
+NET_BRIDGE_REMOVE = command(
+    NET,
+    "net.bridge.remove",
+    InterfaceRemove,
+    NetChangeResult,
+    _N,
+    "delete a bridge, NIC restored (transaction)",
+    idempotent=True,
+)
+NET_BOND_CREATE = command(
+    NET,
+    "net.bond.create",
+    BondCreate,
+    NetChangeResult,
+    _N,
+    "bond (+bridge), IP/route/DNS moved (transaction)",
+    idempotent=True,
+)
+NET_BOND_ENSLAVE = command(
+    NET,
+    "net.bond.enslave",
+    BondEnslave,
+    NetChangeResult,
+    _N,
+    "add a NIC to a bond (transaction)",
+    idempotent=True,
+)
+NET_BOND_REMOVE = command(
+    NET,
+    "net.bond.remove",
+    InterfaceRemove,
+    NetChangeResult,
+    _N,
+    "delete a bond, slave restored (transaction)",
+    idempotent=True,
+)
+NET_HOST_CONFIRM = command(
+    NET,
+    "net.host.confirm",
+    ChangeRef,
+    NetChangeResult,
+    _F,
+    "keep a change made with --confirm",
+    idempotent=True,
+)
+NET_HOST_REVERT = command(
+    NET,
+    "net.host.revert",
+    ChangeRef,
+    NetChangeResult,
+    _N,
+    "undo a change made with --confirm now",
+    idempotent=True,
+)
+NET_LIST = command(
+    NET, "net.list", NetworkListRequest, NetworkList, _F, "virsh net-list --all", idempotent=True
 )
 
-#: The API timeouts are one class longer than the agent's, so the controller's wait nests inside.
-_LONGER = {Timeout.FAST: Timeout.NORMAL, Timeout.NORMAL: Timeout.SLOW, Timeout.SLOW: Timeout.SLOW}
-
-#: agent kinds whose body changes the host's addresses or routes (run as a transaction)
-CHANGE_KINDS = frozenset(name for name, _b, result, _t, _d in _COMMANDS if result is NetChangeResult) - {
-    "net.host.confirm",
-    "net.host.revert",
-}
-
-#: The message kinds of this family (merged into common.messages.catalogue).
-KINDS: tuple[Kind, ...] = (
-    tuple(kind(name, A, body, result, timeout, doc) for name, body, result, timeout, doc in _COMMANDS)
-    + tuple(
-        kind(f"api.{name}", C, body, result, _LONGER[timeout], f"virtfleet: {doc}")
-        for name, body, result, timeout, doc in _COMMANDS
-        if name != "net.host.facts"
-    )
-    + (
-        kind("api.net.list", C, NetworkListRequest, FleetNetworkList, N, "virtfleet net list"),
-        kind("net.list", A, NetworkListRequest, NetworkList, F, "virsh net-list --all"),
-        kind("api.net.host.show", C, HostNetShow, HostNetworkReport, N, "virtfleet host net show"),
-    )
+# -- client -> controller
+API_NET_DEFINE = host_twin(API, NET_DEFINE, role=_ADMIN)
+API_NET_START = host_twin(API, NET_START, role=_ADMIN)
+API_NET_STOP = host_twin(API, NET_STOP, role=_ADMIN)
+API_NET_AUTOSTART = host_twin(API, NET_AUTOSTART, role=_ADMIN)
+API_NET_UNDEFINE = host_twin(API, NET_UNDEFINE, role=_ADMIN)
+API_NET_IP_FORWARD = host_twin(API, NET_IP_FORWARD, role=_ADMIN)
+API_NET_BRIDGE_CREATE = host_twin(API, NET_BRIDGE_CREATE, role=_ADMIN)
+API_NET_BRIDGE_STP = host_twin(API, NET_BRIDGE_STP, role=_ADMIN)
+API_NET_BRIDGE_REMOVE = host_twin(API, NET_BRIDGE_REMOVE, role=_ADMIN)
+API_NET_BOND_CREATE = host_twin(API, NET_BOND_CREATE, role=_ADMIN)
+API_NET_BOND_ENSLAVE = host_twin(API, NET_BOND_ENSLAVE, role=_ADMIN)
+API_NET_BOND_REMOVE = host_twin(API, NET_BOND_REMOVE, role=_ADMIN)
+API_NET_HOST_CONFIRM = host_twin(API, NET_HOST_CONFIRM, role=_ADMIN)
+API_NET_HOST_REVERT = host_twin(API, NET_HOST_REVERT, role=_ADMIN)
+API_NET_LIST = api_call(
+    API,
+    "api.net.list",
+    NetworkListRequest,
+    FleetNetworkList,
+    _N,
+    "virtfleet net list",
+    role=Role.READER,
+    idempotent=True,
+)
+API_NET_HOST_SHOW = api_call(
+    API,
+    "api.net.host.show",
+    HostNetShow,
+    HostNetworkReport,
+    _N,
+    "virtfleet host net show",
+    role=Role.READER,
+    idempotent=True,
 )

@@ -6,10 +6,9 @@ import math
 from dataclasses import dataclass
 
 from common.errors import InvalidRequest
-from common.messages.kinds import Kind, Route, Timeout, kind
+from common.messages.api import API
+from common.messages.descriptor import Role, Timeout, api_call
 from common.validation import check_name
-
-FAMILY_VERSION = "1.0"
 
 #: Settings that may be cleared back to the group/fleet default with ``--reset``.
 HOST_SETTINGS = (
@@ -221,14 +220,65 @@ class Done:
     message: str = ""
 
 
-_C = Route.API
-KINDS: tuple[Kind, ...] = (
-    kind("api.host.set", _C, HostSet, Done, Timeout.FAST, "virtfleet host set"),
-    kind("api.host.state", _C, HostSwitch, Done, Timeout.FAST, "virtfleet host enable|disable|maintenance"),
-    kind("api.host.capacity", _C, CapacityRequest, CapacityReport, Timeout.FAST, "virtfleet host capacity"),
-    kind("api.hostgroup.set", _C, HostGroupSet, Done, Timeout.FAST, "virtfleet hostgroup set"),
-    kind("api.hostgroup.list", _C, CapacityRequest, HostGroupList, Timeout.FAST, "virtfleet hostgroup list"),
-    kind("api.group.create", _C, ServerGroupCreate, ServerGroupView, Timeout.FAST, "virtfleet group create"),
-    kind("api.group.delete", _C, ServerGroupRef, Done, Timeout.FAST, "virtfleet group delete"),
-    kind("api.group.list", _C, CapacityRequest, ServerGroupList, Timeout.FAST, "virtfleet group list"),
+_F = Timeout.FAST
+_READ, _OPERATE, _ADMIN = Role.READER, Role.OPERATOR, Role.ADMIN
+
+API_HOST_SET = api_call(
+    API, "api.host.set", HostSet, Done, _F, "virtfleet host set", role=_ADMIN, idempotent=True
+)
+API_HOST_STATE = api_call(
+    API,
+    "api.host.state",
+    HostSwitch,
+    Done,
+    _F,
+    "virtfleet host enable|disable|maintenance",
+    role=_ADMIN,
+    idempotent=True,
+)
+API_HOST_CAPACITY = api_call(
+    API,
+    "api.host.capacity",
+    CapacityRequest,
+    CapacityReport,
+    _F,
+    "virtfleet host capacity",
+    role=_READ,
+    idempotent=True,
+)
+API_HOSTGROUP_SET = api_call(
+    API, "api.hostgroup.set", HostGroupSet, Done, _F, "virtfleet hostgroup set", role=_ADMIN, idempotent=True
+)
+API_HOSTGROUP_LIST = api_call(
+    API,
+    "api.hostgroup.list",
+    CapacityRequest,
+    HostGroupList,
+    _F,
+    "virtfleet hostgroup list",
+    role=_READ,
+    idempotent=True,
+)
+API_GROUP_CREATE = api_call(
+    API, "api.group.create", ServerGroupCreate, ServerGroupView, _F, "virtfleet group create", role=_OPERATE
+)
+API_GROUP_DELETE = api_call(
+    API,
+    "api.group.delete",
+    ServerGroupRef,
+    Done,
+    _F,
+    "virtfleet group delete",
+    role=_OPERATE,
+    idempotent=True,
+)
+API_GROUP_LIST = api_call(
+    API,
+    "api.group.list",
+    CapacityRequest,
+    ServerGroupList,
+    _F,
+    "virtfleet group list",
+    role=_READ,
+    idempotent=True,
 )

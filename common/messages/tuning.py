@@ -12,12 +12,10 @@ import re
 from dataclasses import dataclass
 
 from common.errors import InvalidRequest
-from common.messages.api import HostRef, VmRefRequest
-from common.messages.kinds import Kind, Route, Timeout, kind
+from common.messages.api import API, HostRef, VmRefRequest
+from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command
 from common.messages.vm import VcpuPin, VmRef
 from common.validation import check_host_id, check_name
-
-FAMILY_VERSION = "1.0"
 
 #: Page sizes virtfleet schedules, by the name people use.
 PAGE_SIZES_KIB: dict[str, int] = {"2M": 2048, "1G": 1048576}
@@ -435,32 +433,131 @@ class HostTuneDone:
     result: ProfileResult
 
 
-A, C = Route.AGENT, Route.API
-F, N = Timeout.FAST, Timeout.NORMAL
+_F, _N = Timeout.FAST, Timeout.NORMAL
+_READ, _OPERATE, _ADMIN = Role.READER, Role.OPERATOR, Role.ADMIN
 
-#: The message kinds of this family (merged into common.messages.catalogue).
-KINDS: tuple[Kind, ...] = (
-    # controller -> agent
-    kind("tuning.pin", A, PinVm, VmAffinity, F, "virsh vcpupin / emulatorpin --live --config"),
-    kind("tuning.affinity", A, GetAffinity, VmAffinity, F, "virsh vcpupin + taskset -p of every QEMU thread"),
-    kind("tuning.process", A, ProcessQuery, ProcessInfo, F, "which VM a host process belongs to"),
-    kind("tuning.taskset", A, SetTaskset, TasksetResult, F, "taskset -a -pc on a VM's QEMU process"),
-    kind("tuning.hugepages", A, SetHugepages, HugepagesResult, N, "set the hugepage pool of one size"),
-    kind("tuning.io_scheduler", A, SetIoScheduler, IoSchedulerResult, F, "set a block device's IO scheduler"),
-    kind("tuning.profile", A, ApplyProfile, ProfileResult, N, "apply a host tune profile (virt-host)"),
-    # client -> controller
-    kind("api.tuning.show", C, HostRef, HostTuningView, F, "virtfleet host tuning"),
-    kind("api.tuning.pin", C, VmPinRequest, VmAffinityView, F, "virtfleet vm pin"),
-    kind("api.tuning.affinity", C, VmRefRequest, VmAffinityView, F, "virtfleet vm affinity"),
-    kind("api.tuning.taskset", C, HostTasksetRequest, HostTasksetDone, F, "virtfleet host taskset"),
-    kind("api.tuning.hugepages", C, HostHugepagesRequest, HostHugepagesDone, N, "virtfleet host hugepages"),
-    kind(
-        "api.tuning.io_scheduler",
-        C,
-        HostIoSchedulerRequest,
-        HostIoSchedulerDone,
-        F,
-        "virtfleet host io-scheduler",
-    ),
-    kind("api.tuning.tune", C, HostTuneRequest, HostTuneDone, N, "virtfleet host tune --profile"),
+#: Performance tuning of a host and its VMs (controller -> agent).
+TUNING = Family("tuning", Version(1, 0), "controller -> agent: CPU pinning, taskset, hugepages, IO, profiles")
+
+# -- controller -> agent
+TUNING_PIN = command(
+    TUNING,
+    "tuning.pin",
+    PinVm,
+    VmAffinity,
+    _F,
+    "virsh vcpupin / emulatorpin --live --config",
+    idempotent=True,
+)
+TUNING_AFFINITY = command(
+    TUNING,
+    "tuning.affinity",
+    GetAffinity,
+    VmAffinity,
+    _F,
+    "virsh vcpupin + taskset -p of every QEMU thread",
+    idempotent=True,
+)
+TUNING_PROCESS = command(
+    TUNING,
+    "tuning.process",
+    ProcessQuery,
+    ProcessInfo,
+    _F,
+    "which VM a host process belongs to",
+    idempotent=True,
+)
+TUNING_TASKSET = command(
+    TUNING,
+    "tuning.taskset",
+    SetTaskset,
+    TasksetResult,
+    _F,
+    "taskset -a -pc on a VM's QEMU process",
+    idempotent=True,
+)
+TUNING_HUGEPAGES = command(
+    TUNING,
+    "tuning.hugepages",
+    SetHugepages,
+    HugepagesResult,
+    _N,
+    "set the hugepage pool of one size",
+    idempotent=True,
+)
+TUNING_IO_SCHEDULER = command(
+    TUNING,
+    "tuning.io_scheduler",
+    SetIoScheduler,
+    IoSchedulerResult,
+    _F,
+    "set a block device's IO scheduler",
+    idempotent=True,
+)
+TUNING_PROFILE = command(
+    TUNING,
+    "tuning.profile",
+    ApplyProfile,
+    ProfileResult,
+    _N,
+    "apply a host tune profile (virt-host)",
+    idempotent=True,
+)
+
+# -- client -> controller
+API_TUNING_SHOW = api_call(
+    API, "api.tuning.show", HostRef, HostTuningView, _F, "virtfleet host tuning", role=_READ, idempotent=True
+)
+API_TUNING_PIN = api_call(
+    API, "api.tuning.pin", VmPinRequest, VmAffinityView, _F, "virtfleet vm pin", role=_ADMIN, idempotent=True
+)
+API_TUNING_AFFINITY = api_call(
+    API,
+    "api.tuning.affinity",
+    VmRefRequest,
+    VmAffinityView,
+    _F,
+    "virtfleet vm affinity",
+    role=_READ,
+    idempotent=True,
+)
+API_TUNING_TASKSET = api_call(
+    API,
+    "api.tuning.taskset",
+    HostTasksetRequest,
+    HostTasksetDone,
+    _F,
+    "virtfleet host taskset",
+    role=_ADMIN,
+    idempotent=True,
+)
+API_TUNING_HUGEPAGES = api_call(
+    API,
+    "api.tuning.hugepages",
+    HostHugepagesRequest,
+    HostHugepagesDone,
+    _N,
+    "virtfleet host hugepages",
+    role=_ADMIN,
+    idempotent=True,
+)
+API_TUNING_IO_SCHEDULER = api_call(
+    API,
+    "api.tuning.io_scheduler",
+    HostIoSchedulerRequest,
+    HostIoSchedulerDone,
+    _F,
+    "virtfleet host io-scheduler",
+    role=_ADMIN,
+    idempotent=True,
+)
+API_TUNING_TUNE = api_call(
+    API,
+    "api.tuning.tune",
+    HostTuneRequest,
+    HostTuneDone,
+    _N,
+    "virtfleet host tune --profile",
+    role=_ADMIN,
+    idempotent=True,
 )

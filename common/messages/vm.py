@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from common.errors import InvalidRequest
+from common.messages.descriptor import Family, Timeout, Version, command
 from common.validation import check_mac, check_name, check_positive
 
-FAMILY_VERSION = "1.0"
+#: The controller -> agent VM commands (this module and :mod:`common.messages.vmops`).
+VM = Family("vm", Version(1, 0), "controller -> agent: a VM's lifecycle, definition, devices and snapshots")
 
 
 class DomainType(StrEnum):
@@ -79,6 +81,59 @@ class PowerState(StrEnum):
     CRASHED = "crashed"
     PMSUSPENDED = "pmsuspended"
     MISSING = "missing"  # the controller knows it, the host does not have it
+
+
+#: Power states in which the VM has a running QEMU process (the desired state is then "running").
+RUNNING_STATES = frozenset({PowerState.RUNNING, PowerState.BLOCKED, PowerState.PAUSED})
+
+
+class DesiredPower(StrEnum):
+    """Whether the operator wants the VM on or off (what reconciliation aims for)."""
+
+    RUNNING = "running"
+    SHUTOFF = "shutoff"
+
+    @classmethod
+    def after(cls, state: PowerState) -> DesiredPower:
+        """The desired state that matches an observed one (after reboot, suspend, resume...)."""
+        return cls.RUNNING if state in RUNNING_STATES else cls.SHUTOFF
+
+
+class Lifecycle(StrEnum):
+    """Where a VM is in its life as the controller tracks it (``status`` in views)."""
+
+    BUILDING = "building"  # claimed on a host, being created there
+    ACTIVE = "active"  # exists on its host
+    ERROR = "error"  # the last build or import failed (``last_error`` says why)
+    DELETING = "deleting"
+
+
+class Task(StrEnum):
+    """The operation in flight on a VM (``task`` in views; None when idle)."""
+
+    BUILDING = "building"
+    IMPORTING = "importing"
+    STARTING = "starting"
+    STOPPING = "stopping"
+    SHUTTING_DOWN = "shutting-down"
+    REBOOTING = "rebooting"
+    SUSPENDING = "suspending"
+    RESUMING = "resuming"
+    DELETING = "deleting"
+    AUTOSTART = "autostart"
+    SNAPSHOTTING = "snapshotting"
+    REVERTING = "reverting"
+    RESIZING = "resizing"
+    ATTACHING = "attaching"
+    DETACHING = "detaching"
+    PINNING = "pinning"
+
+
+class HostStatus(StrEnum):
+    """A host as the controller sees it: up while its heartbeats arrive in time."""
+
+    UP = "up"
+    DOWN = "down"
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,3 +350,26 @@ class VmResult:
     status: VmStatus | None = None
     message: str = ""
     disks: tuple[DiskSpec, ...] = field(default=())
+
+
+# ---------------------------------------------------------------- the commands of this module
+
+_F, _N, _S = Timeout.FAST, Timeout.NORMAL, Timeout.SLOW
+
+VM_CREATE = command(
+    VM, "vm.create", CreateVm, VmResult, _N, "create disks, define the domain, start it", idempotent=True
+)
+VM_START = command(VM, "vm.start", VmAction, VmResult, _N, "virsh start", idempotent=True)
+VM_SHUTDOWN = command(
+    VM, "vm.shutdown", ShutdownVm, VmResult, _S, "virsh shutdown (ACPI), optional forced off", idempotent=True
+)
+VM_DESTROY = command(VM, "vm.destroy", VmAction, VmResult, _N, "virsh destroy (power off)", idempotent=True)
+VM_REBOOT = command(VM, "vm.reboot", VmAction, VmResult, _N, "virsh reboot")
+VM_SUSPEND = command(VM, "vm.suspend", VmAction, VmResult, _F, "virsh suspend", idempotent=True)
+VM_RESUME = command(VM, "vm.resume", VmAction, VmResult, _F, "virsh resume", idempotent=True)
+VM_DELETE = command(
+    VM, "vm.delete", DeleteVm, VmResult, _N, "virsh destroy + undefine (+ delete disks)", idempotent=True
+)
+VM_AUTOSTART = command(
+    VM, "vm.autostart", SetAutostart, VmResult, _F, "virsh autostart [--disable]", idempotent=True
+)

@@ -19,9 +19,13 @@ import re
 from dataclasses import dataclass
 
 from common.errors import InvalidRequest
-from common.messages.api import VmActionDone, VmCreated, VmRefRequest
-from common.messages.kinds import Kind, Route, Timeout, kind
+from common.messages.api import API, VmActionDone, VmCreated, VmRefRequest, vm_action
+from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command
 from common.messages.vm import (
+    VM,
+    VM_REBOOT,
+    VM_RESUME,
+    VM_SUSPEND,
     CacheMode,
     DiskBus,
     DiskFormat,
@@ -30,14 +34,13 @@ from common.messages.vm import (
     NicKind,
     NicModel,
     NicSpec,
+    Task,
     VmAction,
     VmRef,
     VmResult,
     VmStatus,
 )
 from common.validation import check_host_id, check_mac, check_name, check_positive
-
-FAMILY_VERSION = "1.0"
 
 _TARGET_RE = re.compile(r"(vd|sd|hd|xvd)[a-z]{1,2}")
 _VOLUME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
@@ -609,63 +612,233 @@ class ImageView:
     message: str = ""
 
 
-# ====================================================================== the kinds
+# ====================================================================== the operations
 
-A, C = Route.AGENT, Route.API
-F, N, S = Timeout.FAST, Timeout.NORMAL, Timeout.SLOW
+_F, _N, _S = Timeout.FAST, Timeout.NORMAL, Timeout.SLOW
+_READ, _OPERATE = Role.READER, Role.OPERATOR
 
-#: The message kinds of this family (merged into common.messages.catalogue). An API call's timeout
-#: class is never shorter than the agent command it wraps.
-KINDS: tuple[Kind, ...] = (
-    # controller -> agent
-    kind("vm.define", A, DefineVm, VmResult, N, "virsh define (vm import)"),
-    kind("vm.dumpxml", A, DumpXml, DomainXml, F, "virsh dumpxml [--inactive] [--security-info]"),
-    kind("vm.console", A, VmAction, ConsoleInfo, F, "virsh vncdisplay (graphics of the live XML)"),
-    kind("vm.snapshot.create", A, SnapshotCreate, SnapshotResult, S, "virsh snapshot-create-as"),
-    kind("vm.snapshot.list", A, VmAction, SnapshotResult, F, "virsh snapshot-list"),
-    kind("vm.snapshot.revert", A, SnapshotRef, SnapshotResult, S, "virsh snapshot-revert"),
-    kind("vm.snapshot.delete", A, SnapshotRef, SnapshotResult, N, "virsh snapshot-delete"),
-    kind("vm.set_vcpus", A, SetVcpus, VmResult, N, "virsh setvcpus N --live --config"),
-    kind("vm.set_memory", A, SetMemory, VmResult, N, "virsh setmem / qemu-monitor-command balloon"),
-    kind("vm.memstat", A, VmAction, MemStat, F, "qemu-monitor-command info balloon / virsh dommemstat"),
-    kind("vm.disk.attach", A, DiskAttach, VmResult, N, "virsh attach-disk (new volume or image)"),
-    kind("vm.disk.detach", A, DiskDetach, VmResult, N, "virsh detach-disk"),
-    kind("vm.disk.resize", A, DiskResize, VmResult, N, "virsh blockresize / qemu-img resize"),
-    kind("vm.nic.attach", A, NicAttach, NicList, N, "virsh attach-interface"),
-    kind("vm.nic.detach", A, NicDetach, NicList, N, "virsh detach-interface --mac"),
-    kind("vm.nic.list", A, VmAction, NicList, F, "virsh domiflist"),
-    kind("image.create", A, ImageCreate, ImageInfo, N, "qemu-img create -f raw|qcow2"),
-    kind("image.info", A, ImageInfoRequest, ImageInfo, F, "qemu-img info"),
-    kind("image.convert", A, ImageConvert, ImageInfo, S, "qemu-img convert -O raw|qcow2"),
-    # client -> controller
-    kind("api.vm.reboot", C, VmRefRequest, VmActionDone, N, "virtfleet vm reboot"),
-    kind("api.vm.suspend", C, VmRefRequest, VmActionDone, F, "virtfleet vm suspend"),
-    kind("api.vm.resume", C, VmRefRequest, VmActionDone, F, "virtfleet vm resume"),
-    kind("api.vm.autostart", C, VmAutostartRequest, VmActionDone, F, "virtfleet vm autostart"),
-    kind("api.vm.console", C, VmRefRequest, ConsoleView, F, "virtfleet vm console"),
-    kind("api.vm.export", C, VmExportRequest, VmExport, F, "virtfleet vm export"),
-    kind("api.vm.import", C, VmImportRequest, VmCreated, S, "virtfleet vm import"),
-    kind(
-        "api.vm.snapshot.create",
-        C,
-        SnapshotCreateRequest,
-        SnapshotListView,
-        S,
-        "virtfleet vm snapshot create",
-    ),
-    kind("api.vm.snapshot.list", C, VmRefRequest, SnapshotListView, F, "virtfleet vm snapshot list"),
-    kind("api.vm.snapshot.revert", C, SnapshotRequest, VmActionDone, S, "virtfleet vm snapshot revert"),
-    kind("api.vm.snapshot.delete", C, SnapshotRequest, SnapshotListView, N, "virtfleet vm snapshot delete"),
-    kind("api.vm.setvcpus", C, VmSetVcpusRequest, VmActionDone, N, "virtfleet vm setvcpus"),
-    kind("api.vm.setmem", C, VmSetMemoryRequest, VmActionDone, N, "virtfleet vm setmem"),
-    kind("api.vm.memstat", C, VmRefRequest, MemStatView, F, "virtfleet vm memstat"),
-    kind("api.vm.disk.attach", C, VmDiskAttachRequest, VmActionDone, N, "virtfleet vm disk attach"),
-    kind("api.vm.disk.detach", C, VmDiskDetachRequest, VmActionDone, N, "virtfleet vm disk detach"),
-    kind("api.vm.disk.resize", C, VmDiskResizeRequest, VmActionDone, N, "virtfleet vm disk resize"),
-    kind("api.vm.nic.attach", C, VmNicAttachRequest, NicListView, N, "virtfleet vm nic attach"),
-    kind("api.vm.nic.detach", C, VmNicDetachRequest, NicListView, N, "virtfleet vm nic detach"),
-    kind("api.vm.nic.list", C, VmRefRequest, NicListView, F, "virtfleet vm nic list"),
-    kind("api.image.create", C, ImageCreateRequest, ImageView, N, "virtfleet image create"),
-    kind("api.image.info", C, ImageInfoApiRequest, ImageView, F, "virtfleet image info"),
-    kind("api.image.convert", C, ImageConvertRequest, ImageView, S, "virtfleet image convert"),
+#: qemu-img on a host's images (controller -> agent).
+IMAGE = Family("image", Version(1, 0), "controller -> agent: disk images on a host (qemu-img)")
+
+# -- controller -> agent (family vm, declared in common.messages.vm)
+VM_DEFINE = command(VM, "vm.define", DefineVm, VmResult, _N, "virsh define (vm import)", idempotent=True)
+VM_DUMPXML = command(
+    VM, "vm.dumpxml", DumpXml, DomainXml, _F, "virsh dumpxml [--inactive] [--security-info]", idempotent=True
+)
+VM_CONSOLE = command(
+    VM,
+    "vm.console",
+    VmAction,
+    ConsoleInfo,
+    _F,
+    "virsh vncdisplay (graphics of the live XML)",
+    idempotent=True,
+)
+VM_SNAPSHOT_CREATE = command(
+    VM, "vm.snapshot.create", SnapshotCreate, SnapshotResult, _S, "virsh snapshot-create-as"
+)
+VM_SNAPSHOT_LIST = command(
+    VM, "vm.snapshot.list", VmAction, SnapshotResult, _F, "virsh snapshot-list", idempotent=True
+)
+VM_SNAPSHOT_REVERT = command(
+    VM, "vm.snapshot.revert", SnapshotRef, SnapshotResult, _S, "virsh snapshot-revert"
+)
+VM_SNAPSHOT_DELETE = command(
+    VM, "vm.snapshot.delete", SnapshotRef, SnapshotResult, _N, "virsh snapshot-delete", idempotent=True
+)
+VM_SET_VCPUS = command(
+    VM, "vm.set_vcpus", SetVcpus, VmResult, _N, "virsh setvcpus N --live --config", idempotent=True
+)
+VM_SET_MEMORY = command(
+    VM,
+    "vm.set_memory",
+    SetMemory,
+    VmResult,
+    _N,
+    "virsh setmem / qemu-monitor-command balloon",
+    idempotent=True,
+)
+VM_MEMSTAT = command(
+    VM,
+    "vm.memstat",
+    VmAction,
+    MemStat,
+    _F,
+    "qemu-monitor-command info balloon / virsh dommemstat",
+    idempotent=True,
+)
+VM_DISK_ATTACH = command(
+    VM, "vm.disk.attach", DiskAttach, VmResult, _N, "virsh attach-disk (new volume or image)"
+)
+VM_DISK_DETACH = command(VM, "vm.disk.detach", DiskDetach, VmResult, _N, "virsh detach-disk", idempotent=True)
+VM_DISK_RESIZE = command(
+    VM, "vm.disk.resize", DiskResize, VmResult, _N, "virsh blockresize / qemu-img resize", idempotent=True
+)
+VM_NIC_ATTACH = command(VM, "vm.nic.attach", NicAttach, NicList, _N, "virsh attach-interface")
+VM_NIC_DETACH = command(
+    VM, "vm.nic.detach", NicDetach, NicList, _N, "virsh detach-interface --mac", idempotent=True
+)
+VM_NIC_LIST = command(VM, "vm.nic.list", VmAction, NicList, _F, "virsh domiflist", idempotent=True)
+IMAGE_CREATE = command(IMAGE, "image.create", ImageCreate, ImageInfo, _N, "qemu-img create -f raw|qcow2")
+IMAGE_INFO = command(IMAGE, "image.info", ImageInfoRequest, ImageInfo, _F, "qemu-img info", idempotent=True)
+IMAGE_CONVERT = command(IMAGE, "image.convert", ImageConvert, ImageInfo, _S, "qemu-img convert -O raw|qcow2")
+
+# -- client -> controller (an API call's timeout class is never shorter than the command it wraps)
+API_VM_REBOOT = vm_action(VM_REBOOT, Task.REBOOTING, "Reboot a running VM (virsh reboot).")
+API_VM_SUSPEND = vm_action(VM_SUSPEND, Task.SUSPENDING, "Pause a running VM (virsh suspend).")
+API_VM_RESUME = vm_action(VM_RESUME, Task.RESUMING, "Resume a paused VM (virsh resume).")
+API_VM_AUTOSTART = api_call(
+    API,
+    "api.vm.autostart",
+    VmAutostartRequest,
+    VmActionDone,
+    _F,
+    "virtfleet vm autostart",
+    role=_OPERATE,
+    idempotent=True,
+)
+API_VM_CONSOLE = api_call(
+    API,
+    "api.vm.console",
+    VmRefRequest,
+    ConsoleView,
+    _F,
+    "virtfleet vm console",
+    role=_OPERATE,
+    idempotent=True,
+)
+API_VM_EXPORT = api_call(
+    API, "api.vm.export", VmExportRequest, VmExport, _F, "virtfleet vm export", role=_READ, idempotent=True
+)
+API_VM_IMPORT = api_call(
+    API, "api.vm.import", VmImportRequest, VmCreated, _S, "virtfleet vm import", role=_OPERATE
+)
+API_VM_SNAPSHOT_CREATE = api_call(
+    API,
+    "api.vm.snapshot.create",
+    SnapshotCreateRequest,
+    SnapshotListView,
+    _S,
+    "virtfleet vm snapshot create",
+    role=_OPERATE,
+)
+API_VM_SNAPSHOT_LIST = api_call(
+    API,
+    "api.vm.snapshot.list",
+    VmRefRequest,
+    SnapshotListView,
+    _F,
+    "virtfleet vm snapshot list",
+    role=_READ,
+    idempotent=True,
+)
+API_VM_SNAPSHOT_REVERT = api_call(
+    API,
+    "api.vm.snapshot.revert",
+    SnapshotRequest,
+    VmActionDone,
+    _S,
+    "virtfleet vm snapshot revert",
+    role=_OPERATE,
+)
+API_VM_SNAPSHOT_DELETE = api_call(
+    API,
+    "api.vm.snapshot.delete",
+    SnapshotRequest,
+    SnapshotListView,
+    _N,
+    "virtfleet vm snapshot delete",
+    role=_OPERATE,
+    idempotent=True,
+)
+API_VM_SETVCPUS = api_call(
+    API,
+    "api.vm.setvcpus",
+    VmSetVcpusRequest,
+    VmActionDone,
+    _N,
+    "virtfleet vm setvcpus",
+    role=_OPERATE,
+    idempotent=True,
+)
+API_VM_SETMEM = api_call(
+    API,
+    "api.vm.setmem",
+    VmSetMemoryRequest,
+    VmActionDone,
+    _N,
+    "virtfleet vm setmem",
+    role=_OPERATE,
+    idempotent=True,
+)
+API_VM_MEMSTAT = api_call(
+    API, "api.vm.memstat", VmRefRequest, MemStatView, _F, "virtfleet vm memstat", role=_READ, idempotent=True
+)
+API_VM_DISK_ATTACH = api_call(
+    API,
+    "api.vm.disk.attach",
+    VmDiskAttachRequest,
+    VmActionDone,
+    _N,
+    "virtfleet vm disk attach",
+    role=_OPERATE,
+)
+API_VM_DISK_DETACH = api_call(
+    API,
+    "api.vm.disk.detach",
+    VmDiskDetachRequest,
+    VmActionDone,
+    _N,
+    "virtfleet vm disk detach",
+    role=_OPERATE,
+    idempotent=True,
+)
+API_VM_DISK_RESIZE = api_call(
+    API,
+    "api.vm.disk.resize",
+    VmDiskResizeRequest,
+    VmActionDone,
+    _N,
+    "virtfleet vm disk resize",
+    role=_OPERATE,
+    idempotent=True,
+)
+API_VM_NIC_ATTACH = api_call(
+    API, "api.vm.nic.attach", VmNicAttachRequest, NicListView, _N, "virtfleet vm nic attach", role=_OPERATE
+)
+API_VM_NIC_DETACH = api_call(
+    API,
+    "api.vm.nic.detach",
+    VmNicDetachRequest,
+    NicListView,
+    _N,
+    "virtfleet vm nic detach",
+    role=_OPERATE,
+    idempotent=True,
+)
+API_VM_NIC_LIST = api_call(
+    API,
+    "api.vm.nic.list",
+    VmRefRequest,
+    NicListView,
+    _F,
+    "virtfleet vm nic list",
+    role=_READ,
+    idempotent=True,
+)
+API_IMAGE_CREATE = api_call(
+    API, "api.image.create", ImageCreateRequest, ImageView, _N, "virtfleet image create", role=_OPERATE
+)
+API_IMAGE_INFO = api_call(
+    API,
+    "api.image.info",
+    ImageInfoApiRequest,
+    ImageView,
+    _F,
+    "virtfleet image info",
+    role=_READ,
+    idempotent=True,
+)
+API_IMAGE_CONVERT = api_call(
+    API, "api.image.convert", ImageConvertRequest, ImageView, _S, "virtfleet image convert", role=_OPERATE
 )

@@ -39,6 +39,7 @@ from common.errors import (
     VirtfleetError,
 )
 from common.messages.envelope import Envelope, decode_envelope
+from common.transport.port import Delivery, Handler, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -282,25 +283,6 @@ class RpcClient(_Session):
             self.conn.process_data_events(time_limit=min(remaining, 0.5))
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """A decoded message handed to a handler."""
-
-    envelope: Envelope
-    routing_key: str
-    redelivered: bool
-    reply_to: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What a handler wants done: an optional reply, and whether to dead-letter the message."""
-
-    reply: Envelope | None = None
-    dead_letter: bool = False
-
-
-Handler = Callable[[Delivery], Outcome]
 
 
 class ConsumerServer:

@@ -1,21 +1,24 @@
-"""Typed request/reply on top of the transport: dispatching to handlers and calling peers.
+"""Typed request/reply on top of the transport: handler tables, dispatching, building requests.
 
-:class:`Dispatcher` turns a :class:`~common.transport.amqp.Delivery` into an
-:class:`~common.transport.amqp.Outcome`: it looks the kind up in the catalogue, refuses
-expired requests, decodes the body into its dataclass, runs the handler and wraps the
-result or error as a reply. Malformed messages (unknown kind, body that does not fit the
-schema) are answered with an error *and* dead-lettered. An optional :class:`Journal`
-records each reply by message id so that a redelivered command is answered from the
-journal instead of being executed twice.
+A :class:`HandlerTable` maps operation descriptors to handler functions; registering a handler
+whose body or result type does not match the descriptor is a mypy error, and registering an
+operation the other side serves is refused at start. :class:`Dispatcher` turns a
+:class:`~common.transport.port.Delivery` into an :class:`~common.transport.port.Outcome`: it
+looks the kind up, refuses expired requests, decodes the body into its type, runs the handler
+and wraps the result or error as a reply. Malformed messages (unknown kind, body that does not
+fit its type) are answered with an error *and* dead-lettered. An optional :class:`Journal`
+records each reply by message id so that a redelivered command is answered from the journal
+instead of being executed twice.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
+from common import codec
 from common.errors import (
     InternalError,
     InvalidRequest,
@@ -24,14 +27,15 @@ from common.errors import (
     VirtfleetError,
     error_from_wire,
 )
-from common.messages.catalogue import CATALOGUE, TIMEOUT_SECONDS, lookup
+from common.messages.catalogue import CATALOGUE, timeout_of
+from common.messages.descriptor import Op, Side
 from common.messages.envelope import REPLY_KIND, Envelope, decode_envelope
-from common.schema import from_plain, to_plain
-from common.transport.amqp import Delivery, Outcome
+from common.transport.port import Delivery, Outcome
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+B = TypeVar("B")
+R = TypeVar("R")
 
 
 class Journal(Protocol):
@@ -42,7 +46,41 @@ class Journal(Protocol):
     def put(self, message_id: str, kind: str, reply: bytes) -> None: ...
 
 
-HandlerFn = Callable[[Any], Any]
+class HandlerTable:
+    """The handlers of one side (agent or controller), one per operation descriptor."""
+
+    def __init__(self, side: Side) -> None:
+        self.side = side
+        self._entries: dict[str, tuple[Op[Any, Any], Callable[[Any], Any]]] = {}
+
+    def register(self, op: Op[B, R], handler: Callable[[B], R]) -> None:
+        """Serve ``op`` with ``handler``; ValueError when it is served elsewhere or twice."""
+        if op.served_by is not self.side:
+            raise ValueError(f"{op.kind} is served by the {op.served_by.value}, not the {self.side.value}")
+        if CATALOGUE.get(op.kind) is not op:
+            raise ValueError(f"{op.kind} is not the catalogue's descriptor")
+        if op.kind in self._entries:
+            raise ValueError(f"{op.kind} is handled twice")
+        self._entries[op.kind] = (op, handler)
+
+    def update(self, other: HandlerTable) -> None:
+        """Add every handler of ``other`` (a feature area's table)."""
+        for op, handler in other._entries.values():
+            self.register(op, handler)
+
+    def get(self, kind: str) -> tuple[Op[Any, Any], Callable[[Any], Any]] | None:
+        """The descriptor and handler of ``kind``, or None when it is not handled here."""
+        return self._entries.get(kind)
+
+    def ops(self) -> Iterator[Op[Any, Any]]:
+        """The operations handled, in registration order."""
+        return (op for op, _fn in self._entries.values())
+
+    def __contains__(self, op: object) -> bool:
+        return isinstance(op, Op) and self._entries.get(op.kind, (None,))[0] is op
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class Dispatcher:
@@ -51,16 +89,13 @@ class Dispatcher:
     def __init__(
         self,
         sender: str,
-        handlers: Mapping[str, HandlerFn],
+        table: HandlerTable,
         *,
         journal: Journal | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        unknown = set(handlers) - set(CATALOGUE)
-        if unknown:
-            raise ValueError(f"handlers for kinds not in the catalogue: {sorted(unknown)}")
         self.sender = sender
-        self._handlers = dict(handlers)
+        self._table = table
         self._journal = journal
         self._clock = clock
 
@@ -77,24 +112,28 @@ class Dispatcher:
         return outcome
 
     def _handle(self, env: Envelope) -> Outcome:
-        kind = CATALOGUE.get(env.kind)
-        if kind is None:
+        op = CATALOGUE.get(env.kind)
+        if op is None:
             log.warning("dead-lettering message of unknown kind %r from %s", env.kind, env.sender)
             return Outcome(
                 env.reply_error(InvalidRequest(f"unknown message kind {env.kind!r}"), self.sender), True
             )
         if env.expired(self._clock()):
+            if not op.replies:
+                log.debug("skipping expired %s from %s", env.kind, env.sender)
+                return Outcome()
             return Outcome(
                 env.reply_error(RequestTimeout(f"{env.kind} expired before it could be handled"), self.sender)
             )
         try:
-            body = from_plain(kind.body, env.body)
+            body = codec.from_wire(op.body, env.body, "body")
         except InvalidRequest as exc:
             log.warning("dead-lettering malformed %s from %s: %s", env.kind, env.sender, exc.message)
             return Outcome(env.reply_error(exc, self.sender), True)
-        handler = self._handlers.get(env.kind)
-        if handler is None:
+        entry = self._table.get(env.kind)
+        if entry is None:
             return Outcome(env.reply_error(Unsupported(f"{env.kind} is not handled here"), self.sender))
+        _op, handler = entry
         try:
             result = handler(body)
         except VirtfleetError as exc:
@@ -107,34 +146,36 @@ class Dispatcher:
             log.exception("%s crashed (bug)", env.kind)
             error = InternalError(f"internal error handling {env.kind}: {type(exc).__name__}: {exc}")
             return Outcome(env.reply_error(error, self.sender))
-        if kind.result is None:
+        if not op.replies:
             return Outcome()
-        return Outcome(env.reply_ok(to_plain(result) if result is not None else {}, self.sender))
+        return Outcome(env.reply_ok(codec.to_wire(result) if result is not None else {}, self.sender))
 
 
 def request(
-    kind: str, body: object, sender: str, *, timeout: float | None = None, now: float | None = None
+    op: Op[B, Any], body: B, sender: str, *, timeout: float | None = None, now: float | None = None
 ) -> Envelope:
-    """An envelope for ``kind`` whose ``expires_at`` is its timeout from now."""
-    entry = lookup(kind)
-    if not isinstance(body, entry.body):
-        raise TypeError(f"{kind} takes {entry.body.__name__}, not {type(body).__name__}")
+    """An envelope for ``op`` whose ``expires_at`` is its timeout from now."""
+    if not isinstance(body, op.body):
+        raise TypeError(f"{op.kind} takes {op.body.__name__}, not {type(body).__name__}")
     sent = time.time() if now is None else now
-    seconds = timeout if timeout is not None else TIMEOUT_SECONDS[entry.timeout]
+    seconds = timeout if timeout is not None else timeout_of(op)
     return Envelope(
-        kind=kind,
-        body=to_plain(body),
+        kind=op.kind,
+        body=codec.to_wire(body),
         sender=sender,
         sent_at=sent,
         expires_at=sent + seconds,
     )
 
 
-def unwrap(reply: Envelope, result_type: type[T]) -> T:
-    """The typed result of a reply, or the rebuilt error raised."""
+def unwrap(reply: Envelope, op: Op[Any, R]) -> R:
+    """The typed result of a reply to ``op``, or the error it carries raised."""
     if reply.kind != REPLY_KIND:
         raise InvalidRequest(f"expected a reply, got {reply.kind!r}")
     body = reply.body
     if body.get("ok") is True:
-        return from_plain(result_type, body.get("result", {}), "result")
+        return codec.from_wire(op.result, body.get("result", {}), "result")
     raise error_from_wire(body.get("error"))
+
+
+__all__ = ["Dispatcher", "HandlerTable", "Journal", "request", "unwrap"]

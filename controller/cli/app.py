@@ -15,10 +15,23 @@ from rich.console import Console
 
 from common.errors import InvalidRequest
 from common.messages import api
+from common.messages.api import (
+    API_HOST_LIST,
+    API_HOST_SHOW,
+    API_VM_CREATE,
+    API_VM_DELETE,
+    API_VM_LIST,
+    API_VM_SHOW,
+    API_VM_SHUTDOWN,
+    VmForward,
+)
+from common.messages.catalogue import CATALOGUE
+from common.messages.descriptor import ApiCall
 from common.messages.vm import KernelBoot
-from common.transport.amqp import DEFAULT_URL
+from common.transport.factory import DEFAULT_URL, open_transport
+from common.transport.port import Transport
 from controller.cli import render
-from controller.cli.runner import Output, State, app, host_app, run, validated, vm_app
+from controller.cli.runner import Environment, Output, State, app, host_app, run, validated, vm_app
 from controller.cli.vm_options import (
     create_warnings,
     parse_disks,
@@ -41,13 +54,19 @@ def main_options(
 ) -> None:
     """Global options."""
     width = int(os.environ.get("COLUMNS", "160"))
+    env = ctx.obj if isinstance(ctx.obj, Environment) else Environment(connect=_open_broker)
     ctx.obj = State(
         output=output,
         amqp_url=amqp_url,
         timeout=timeout,
         out=Console(width=width, soft_wrap=False),
         err=Console(stderr=True, width=width),
+        connect=env.connect,
     )
+
+
+def _open_broker(url: str) -> Transport:
+    return open_transport(url, name="virtfleet-cli")
 
 
 # ----------------------------------------------------------------------------- host
@@ -56,7 +75,7 @@ def main_options(
 @host_app.command("list")
 def host_list(ctx: typer.Context) -> None:
     """List hosts with status, size and heartbeat."""
-    run(ctx, "api.host.list", api.Empty(), lambda s, r: s.out.print(render.hosts_table(r.hosts)))
+    run(ctx, API_HOST_LIST, api.Empty(), lambda s, r: s.out.print(render.hosts_table(r.hosts)))
 
 
 @host_app.command("show")
@@ -67,7 +86,7 @@ def host_show(ctx: typer.Context, host: str) -> None:
         for table in render.host_detail(r):
             s.out.print(table)
 
-    run(ctx, "api.host.show", api.HostRef(host), show)
+    run(ctx, API_HOST_SHOW, api.HostRef(host), show)
 
 
 # ----------------------------------------------------------------------------- vm
@@ -178,7 +197,7 @@ def vm_create(
     if wait and not dry_run and state.output is Output.TABLE:
         run_with_progress(ctx, body, show)
     else:
-        run(ctx, "api.vm.create", body, show)
+        run(ctx, API_VM_CREATE, body, show)
 
 
 @vm_app.command("list")
@@ -190,7 +209,7 @@ def vm_list(
     """List VMs with their host and state."""
     run(
         ctx,
-        "api.vm.list",
+        API_VM_LIST,
         api.VmListRequest(all=all_, host=host),
         lambda s, r: s.out.print(render.vms_table(r.vms)),
     )
@@ -200,7 +219,7 @@ def vm_list(
 def vm_show(ctx: typer.Context, name: str) -> None:
     """Show one VM (the dominfo fields)."""
     body = validated(lambda: api.VmRefRequest(name), ctx)
-    run(ctx, "api.vm.show", body, lambda s, r: s.out.print(render.vm_detail(r)))
+    run(ctx, API_VM_SHOW, body, lambda s, r: s.out.print(render.vm_detail(r)))
 
 
 def _done(s: State, r: api.VmActionDone) -> None:
@@ -212,12 +231,6 @@ def _done(s: State, r: api.VmActionDone) -> None:
         s.out.print(r.message, highlight=False)
 
 
-@vm_app.command("start")
-def vm_start(ctx: typer.Context, name: str) -> None:
-    """Start (power on) a VM."""
-    run(ctx, "api.vm.start", validated(lambda: api.VmRefRequest(name), ctx), _done)
-
-
 @vm_app.command("shutdown")
 def vm_shutdown(
     ctx: typer.Context,
@@ -227,13 +240,7 @@ def vm_shutdown(
 ) -> None:
     """Ask the guest to shut down (ACPI)."""
     body = validated(lambda: api.VmShutdownRequest(name, timeout_s=timeout, force=force), ctx)
-    run(ctx, "api.vm.shutdown", body, _done)
-
-
-@vm_app.command("destroy")
-def vm_destroy(ctx: typer.Context, name: str) -> None:
-    """Power a VM off at once (virsh destroy); the definition stays."""
-    run(ctx, "api.vm.destroy", validated(lambda: api.VmRefRequest(name), ctx), _done)
+    run(ctx, API_VM_SHUTDOWN, body, _done)
 
 
 @vm_app.command("delete")
@@ -243,8 +250,21 @@ def vm_delete(
     delete_disks: Annotated[bool, typer.Option("--delete-disks", help="also delete its disk images")] = False,
 ) -> None:
     """Delete a VM (power off, undefine); disks are kept unless --delete-disks."""
-    run(ctx, "api.vm.delete", validated(lambda: api.VmDeleteRequest(name, delete_disks), ctx), _done)
+    run(ctx, API_VM_DELETE, validated(lambda: api.VmDeleteRequest(name, delete_disks), ctx), _done)
 
+
+def _vm_action_command(op: ApiCall[api.VmRefRequest, api.VmActionDone], verb: str) -> None:
+    def command(ctx: typer.Context, name: str) -> None:
+        run(ctx, op, validated(lambda: api.VmRefRequest(name), ctx), _done)
+
+    vm_app.command(verb, help=op.doc)(command)
+
+
+# Simple VM operations (``vm start|destroy|reboot|suspend|resume ...``) come from the catalogue:
+# declaring one with ``vm_action`` in common/messages is all it takes to get its command here.
+for _op in CATALOGUE.values():
+    if isinstance(_op, ApiCall) and isinstance(_op.forward, VmForward):
+        _vm_action_command(_op, _op.forward.verb)
 
 # Feature areas register their commands on import (kept last: they extend the apps above).
 from controller.cli import cmd_network, cmd_placement, cmd_tuning, cmd_vmops  # noqa: E402, F401

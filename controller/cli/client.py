@@ -1,54 +1,54 @@
-"""The CLI's connection to the controller: RPC on the ``virtfleet.api`` queue."""
+"""The CLI's connection to the controller: typed calls on the ``virtfleet.api`` queue."""
 
 from __future__ import annotations
 
 from typing import TypeVar
 
 from common.errors import ControllerUnavailable, TransportError
-from common.messages.catalogue import lookup, timeout_for
-from common.transport.amqp import RpcClient
+from common.messages.catalogue import timeout_of
+from common.messages.descriptor import ApiCall
+from common.transport.port import Transport
 from common.transport.rpc import request, unwrap
-from common.transport.topology import API_QUEUE
+from common.transport.topology import API_QUEUE, DEFAULT_EXCHANGE
 
-T = TypeVar("T")
+B = TypeVar("B")
+R = TypeVar("R")
 
 
 class ApiClient:
-    """Calls controller API kinds; fails fast and clearly when no controller is running."""
+    """Calls controller API operations; fails fast and clearly when no controller is running."""
 
-    def __init__(self, url: str, *, timeout: float | None = None, sender: str = "cli") -> None:
-        self._url = url
+    def __init__(self, transport: Transport, *, timeout: float | None = None, sender: str = "cli") -> None:
+        self._transport = transport
         self._timeout = timeout
         self._sender = sender
-        self._rpc = RpcClient(url, "virtfleet-cli")
         self._checked = False
 
     def close(self) -> None:
-        self._rpc.close()
+        self._transport.close()
 
     def _check_controller(self) -> None:
         try:
-            consumers = self._rpc.consumer_count(API_QUEUE.name)
+            consumers = self._transport.consumer_count(API_QUEUE.name)
         except TransportError as exc:
             raise ControllerUnavailable(
                 f"{exc.message}. Is RabbitMQ running? (--amqp-url / VIRTFLEET_AMQP_URL)"
             ) from exc
         if not consumers:
             raise ControllerUnavailable(
-                "no virtfleet controller is running: nothing consumes the virtfleet.api queue. "
+                f"no virtfleet controller is running: nothing consumes the {API_QUEUE.name} queue. "
                 "Start one with `virtfleet-controller` (or check --amqp-url)."
             )
         self._checked = True
 
-    def call(self, kind: str, body: object) -> object:
-        """Send ``kind`` with ``body`` and return the typed result."""
-        entry = lookup(kind)
+    def call(self, op: ApiCall[B, R], body: B) -> R:
+        """Send ``op`` with ``body`` and return its typed result (or raise its error)."""
         if not self._checked:
             self._check_controller()
-        timeout = self._timeout if self._timeout is not None else timeout_for(kind)
-        env = request(kind, body, self._sender, timeout=timeout)
-        reply = self._rpc.call(
-            "",
+        timeout = self._timeout if self._timeout is not None else timeout_of(op)
+        env = request(op, body, self._sender, timeout=timeout)
+        reply = self._transport.call(
+            DEFAULT_EXCHANGE,
             API_QUEUE.name,
             env,
             timeout,
@@ -59,10 +59,4 @@ class ApiClient:
                 "no virtfleet controller has ever started on this broker"
             ),
         )
-        assert entry.result is not None
-        return unwrap(reply, entry.result)
-
-    def typed(self, kind: str, body: object, result_type: type[T]) -> T:
-        result = self.call(kind, body)
-        assert isinstance(result, result_type)
-        return result
+        return unwrap(reply, op)

@@ -17,14 +17,31 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from common.errors import InvalidRequest, VirtfleetError
+from common.messages.descriptor import ApiCall
 from common.messages.network import (
+    API_NET_AUTOSTART,
+    API_NET_BOND_CREATE,
+    API_NET_BOND_ENSLAVE,
+    API_NET_BOND_REMOVE,
+    API_NET_BRIDGE_CREATE,
+    API_NET_BRIDGE_REMOVE,
+    API_NET_BRIDGE_STP,
+    API_NET_DEFINE,
+    API_NET_HOST_CONFIRM,
+    API_NET_HOST_REVERT,
+    API_NET_HOST_SHOW,
+    API_NET_IP_FORWARD,
+    API_NET_LIST,
+    API_NET_START,
+    API_NET_STOP,
+    API_NET_UNDEFINE,
     BondCreate,
     BondEnslave,
     BondInfo,
@@ -48,8 +65,10 @@ from common.messages.network import (
     NetworkSpec,
 )
 from controller.cli import render
-from controller.cli.client import ApiClient
 from controller.cli.runner import Output, State, app, fail, host_app, run, validated
+
+B = TypeVar("B")
+R = TypeVar("R")
 
 net_app = typer.Typer(
     help="libvirt virtual networks on hosts (virsh net-*), IPv4 forwarding.", no_args_is_help=True
@@ -225,11 +244,11 @@ def change_text(r: NetChangeResult) -> list[str]:
 # ------------------------------------------------------------------------------- calling
 
 
-def _call(ctx: typer.Context, kind: str, body: object) -> Any:
+def _call(ctx: typer.Context, op: ApiCall[B, R], body: B) -> R:
     state: State = ctx.obj
-    client = ApiClient(state.amqp_url, timeout=state.timeout)
+    client = state.client()
     try:
-        return client.call(kind, body)
+        return client.call(op, body)
     except VirtfleetError as exc:
         raise fail(state, exc) from None
     finally:
@@ -244,20 +263,21 @@ def _emit_change(state: State, result: NetChangeResult) -> None:
             state.out.print(line, highlight=False, markup=False)
 
 
-def _run_change(ctx: typer.Context, kind: str, body: Any) -> None:
+def _run_change(ctx: typer.Context, op: ApiCall[B, NetChangeResult], body: B) -> None:
     """Send one host change; handle ``--confirm``; exit 1 when it was rolled back."""
     state: State = ctx.obj
-    result: NetChangeResult = _call(ctx, kind, body)
+    result = _call(ctx, op, body)
+    host = getattr(body, "host", "")
     _emit_change(state, result)
     if result.state == "pending-confirm":
         if state.output is Output.TABLE and sys.stdin.isatty():
             keep = typer.confirm("Keep this network configuration?", default=False)
-            follow = "api.net.host.confirm" if keep else "api.net.host.revert"
-            result = _call(ctx, follow, ChangeRef(result.change_id, host=body.host))
+            follow = API_NET_HOST_CONFIRM if keep else API_NET_HOST_REVERT
+            result = _call(ctx, follow, ChangeRef(result.change_id, host=host))
             _emit_change(state, result)
         elif state.output is Output.TABLE:
             state.out.print(
-                f"confirm with: virtfleet host net confirm {body.host} {result.change_id}", highlight=False
+                f"confirm with: virtfleet host net confirm {host} {result.change_id}", highlight=False
             )
     if result.rolled_back:
         raise typer.Exit(1)
@@ -311,7 +331,7 @@ def net_list(
     def show(s: State, r: FleetNetworkList) -> None:
         s.out.print(networks_table([(e.host, e.network) for e in r.entries]))
 
-    run(ctx, "api.net.list", body, show)
+    run(ctx, API_NET_LIST, body, show)
 
 
 def _network_done(s: State, r: NetworkResult) -> None:
@@ -366,19 +386,19 @@ def net_define(
         )
         return DefineNetwork(spec, host=host, start=start, autostart=autostart)
 
-    run(ctx, "api.net.define", validated(build, ctx), _network_done)
+    run(ctx, API_NET_DEFINE, validated(build, ctx), _network_done)
 
 
 @net_app.command("start")
 def net_start(ctx: typer.Context, host: str, name: str) -> None:
     """Start a network (virsh net-start)."""
-    run(ctx, "api.net.start", validated(lambda: NetworkRef(name, host=host), ctx), _network_done)
+    run(ctx, API_NET_START, validated(lambda: NetworkRef(name, host=host), ctx), _network_done)
 
 
 @net_app.command("stop")
 def net_stop(ctx: typer.Context, host: str, name: str) -> None:
     """Stop a network (virsh net-destroy); the definition stays."""
-    run(ctx, "api.net.stop", validated(lambda: NetworkRef(name, host=host), ctx), _network_done)
+    run(ctx, API_NET_STOP, validated(lambda: NetworkRef(name, host=host), ctx), _network_done)
 
 
 @net_app.command("autostart")
@@ -390,13 +410,13 @@ def net_autostart(
 ) -> None:
     """Start a network at boot, or not (virsh net-autostart [--disable])."""
     body = validated(lambda: NetworkAutostart(name, host=host, enabled=not disable), ctx)
-    run(ctx, "api.net.autostart", body, _network_done)
+    run(ctx, API_NET_AUTOSTART, body, _network_done)
 
 
 @net_app.command("undefine")
 def net_undefine(ctx: typer.Context, host: str, name: str) -> None:
     """Stop and delete a network (virsh net-destroy + net-undefine), e.g. the default NAT network."""
-    run(ctx, "api.net.undefine", validated(lambda: NetworkRef(name, host=host), ctx), _network_done)
+    run(ctx, API_NET_UNDEFINE, validated(lambda: NetworkRef(name, host=host), ctx), _network_done)
 
 
 @net_app.command("ip-forward")
@@ -414,7 +434,7 @@ def net_ip_forward(
         for p in r.persisted:
             s.out.print(f"  wrote: {p}", highlight=False)
 
-    run(ctx, "api.net.ip_forward", body, show)
+    run(ctx, API_NET_IP_FORWARD, body, show)
 
 
 # ------------------------------------------------------------------------------- host net
@@ -430,13 +450,13 @@ def host_net_show(
 ) -> None:
     """Interfaces, addresses, routes, bridges, bonds (like /proc/net/bonding), networks, DNS."""
     body = validated(lambda: HostNetShow(host=host, live=live), ctx)
-    run(ctx, "api.net.host.show", body, lambda s, r: render_host_network(s.out, r, host))
+    run(ctx, API_NET_HOST_SHOW, body, lambda s, r: render_host_network(s.out, r, host))
 
 
 @host_net_app.command("confirm")
 def host_net_confirm(ctx: typer.Context, host: str, change_id: str) -> None:
     """Keep a change made with --confirm (and write its configuration files)."""
-    _run_change(ctx, "api.net.host.confirm", validated(lambda: ChangeRef(change_id, host=host), ctx))
+    _run_change(ctx, API_NET_HOST_CONFIRM, validated(lambda: ChangeRef(change_id, host=host), ctx))
 
 
 @host_net_app.command("revert")
@@ -444,7 +464,7 @@ def host_net_revert(ctx: typer.Context, host: str, change_id: str) -> None:
     """Undo a change made with --confirm now."""
     body = validated(lambda: ChangeRef(change_id, host=host), ctx)
     state: State = ctx.obj
-    result: NetChangeResult = _call(ctx, "api.net.host.revert", body)
+    result: NetChangeResult = _call(ctx, API_NET_HOST_REVERT, body)
     _emit_change(state, result)
     if not result.restored:
         raise typer.Exit(1)
@@ -486,7 +506,7 @@ def bridge_create(
         ),
         ctx,
     )
-    _run_change(ctx, "api.net.bridge.create", body)
+    _run_change(ctx, API_NET_BRIDGE_CREATE, body)
 
 
 @bridge_app.command("stp")
@@ -507,12 +527,12 @@ def bridge_stp(
         ),
         ctx,
     )
-    _run_change(ctx, "api.net.bridge.stp", body)
+    _run_change(ctx, API_NET_BRIDGE_STP, body)
 
 
 def _remove(
     ctx: typer.Context,
-    kind: str,
+    op: ApiCall[InterfaceRemove, NetChangeResult],
     host: str,
     name: str,
     restore_to: str | None,
@@ -522,7 +542,7 @@ def _remove(
     body = validated(
         lambda: InterfaceRemove(name, host=host, restore_to=restore_to, force=force, options=opts), ctx
     )
-    _run_change(ctx, f"api.net.{kind}.remove", body)
+    _run_change(ctx, op, body)
 
 
 @bridge_app.command("remove")
@@ -542,7 +562,7 @@ def bridge_remove(
 ) -> None:
     """Delete a bridge; its NIC gets the addresses and routes back."""
     opts = validated(lambda: _options(deadline, confirm, confirm_timeout, no_persist, dry_run), ctx)
-    _remove(ctx, "bridge", host, bridge, restore_to, force, opts)
+    _remove(ctx, API_NET_BRIDGE_REMOVE, host, bridge, restore_to, force, opts)
 
 
 @bond_app.command("create")
@@ -589,7 +609,7 @@ def bond_create(
         ),
         ctx,
     )
-    _run_change(ctx, "api.net.bond.create", body)
+    _run_change(ctx, API_NET_BOND_CREATE, body)
 
 
 @bond_app.command("enslave")
@@ -607,7 +627,7 @@ def bond_enslave(
         lambda: BondEnslave(bond, nic, host=host, options=_options(deadline, False, 0, no_persist, dry_run)),
         ctx,
     )
-    _run_change(ctx, "api.net.bond.enslave", body)
+    _run_change(ctx, API_NET_BOND_ENSLAVE, body)
 
 
 @bond_app.command("remove")
@@ -626,4 +646,4 @@ def bond_remove(
 ) -> None:
     """Delete a bond; a slave NIC gets the addresses and routes back."""
     opts = validated(lambda: _options(deadline, confirm, confirm_timeout, no_persist, dry_run), ctx)
-    _remove(ctx, "bond", host, bond, restore_to, False, opts)
+    _remove(ctx, API_NET_BOND_REMOVE, host, bond, restore_to, False, opts)

@@ -9,6 +9,16 @@ from rich.table import Table
 
 from common.errors import InvalidRequest
 from common.messages import placement as msg
+from common.messages.placement import (
+    API_GROUP_CREATE,
+    API_GROUP_DELETE,
+    API_GROUP_LIST,
+    API_HOST_CAPACITY,
+    API_HOST_SET,
+    API_HOST_STATE,
+    API_HOSTGROUP_LIST,
+    API_HOSTGROUP_SET,
+)
 from controller.cli.runner import State, app, host_app, run, validated
 
 hostgroup_app = typer.Typer(
@@ -96,13 +106,13 @@ def host_set(
         ),
         ctx,
     )
-    run(ctx, "api.host.set", body, _done)
+    run(ctx, API_HOST_SET, body, _done)
 
 
 @host_app.command("enable")
 def host_enable(ctx: typer.Context, host: str) -> None:
     """Allow new VMs on the host again."""
-    run(ctx, "api.host.state", validated(lambda: msg.HostSwitch(host, enabled=True), ctx), _done)
+    run(ctx, API_HOST_STATE, validated(lambda: msg.HostSwitch(host, enabled=True), ctx), _done)
 
 
 @host_app.command("disable")
@@ -112,7 +122,7 @@ def host_disable(
     """No new VMs on the host; running VMs stay."""
     run(
         ctx,
-        "api.host.state",
+        API_HOST_STATE,
         validated(lambda: msg.HostSwitch(host, enabled=False, reason=reason), ctx),
         _done,
     )
@@ -127,7 +137,7 @@ def host_maintenance(
 ) -> None:
     """Put a host in maintenance (no new VMs), or take it out with --off."""
     body = validated(lambda: msg.HostSwitch(host, maintenance=not off, reason=reason), ctx)
-    run(ctx, "api.host.state", body, _done)
+    run(ctx, API_HOST_STATE, body, _done)
 
 
 def _capacity_tables(s: State, r: msg.CapacityReport) -> None:
@@ -169,7 +179,7 @@ def _capacity_tables(s: State, r: msg.CapacityReport) -> None:
 @host_app.command("capacity")
 def host_capacity(ctx: typer.Context, host: Annotated[str | None, typer.Argument()] = None) -> None:
     """Per resource: total, reserved, ratio, capacity, used, free, reported use and drift."""
-    run(ctx, "api.host.capacity", msg.CapacityRequest(host), _capacity_tables)
+    run(ctx, API_HOST_CAPACITY, msg.CapacityRequest(host), _capacity_tables)
 
 
 @hostgroup_app.command("set")
@@ -196,7 +206,7 @@ def hostgroup_set(
         ),
         ctx,
     )
-    run(ctx, "api.hostgroup.set", body, _done)
+    run(ctx, API_HOSTGROUP_SET, body, _done)
 
 
 @hostgroup_app.command("list")
@@ -218,7 +228,7 @@ def hostgroup_list(ctx: typer.Context) -> None:
             )
         s.out.print(table)
 
-    run(ctx, "api.hostgroup.list", msg.CapacityRequest(), show)
+    run(ctx, API_HOSTGROUP_LIST, msg.CapacityRequest(), show)
 
 
 @group_app.command("create")
@@ -232,15 +242,13 @@ def group_create(
 ) -> None:
     """Create a server group; VMs join with `virtfleet vm create ... --server-group NAME`."""
     body = validated(lambda: msg.ServerGroupCreate(name, policy, max_per_host), ctx)
-    run(
-        ctx, "api.group.create", body, lambda s, r: s.out.print(f"server group {r.name} ({r.policy}) created")
-    )
+    run(ctx, API_GROUP_CREATE, body, lambda s, r: s.out.print(f"server group {r.name} ({r.policy}) created"))
 
 
 @group_app.command("delete")
 def group_delete(ctx: typer.Context, name: str) -> None:
     """Delete an empty server group."""
-    run(ctx, "api.group.delete", validated(lambda: msg.ServerGroupRef(name), ctx), _done)
+    run(ctx, API_GROUP_DELETE, validated(lambda: msg.ServerGroupRef(name), ctx), _done)
 
 
 @group_app.command("list")
@@ -256,4 +264,4 @@ def group_list(ctx: typer.Context) -> None:
             table.add_row(g.name, g.policy, str(g.max_per_host), members)
         s.out.print(table)
 
-    run(ctx, "api.group.list", msg.CapacityRequest(), show)
+    run(ctx, API_GROUP_LIST, msg.CapacityRequest(), show)

@@ -14,6 +14,13 @@ from rich.table import Table
 from common.errors import InvalidRequest
 from common.messages.api import HostRef, VmRefRequest
 from common.messages.tuning import (
+    API_TUNING_AFFINITY,
+    API_TUNING_HUGEPAGES,
+    API_TUNING_IO_SCHEDULER,
+    API_TUNING_PIN,
+    API_TUNING_SHOW,
+    API_TUNING_TASKSET,
+    API_TUNING_TUNE,
     HostHugepagesDone,
     HostHugepagesRequest,
     HostIoSchedulerDone,
@@ -137,13 +144,13 @@ def vm_pin(
     CPUs; emulator threads stay on the shared CPUs.
     """
     body = validated(lambda: VmPinRequest(name=name, cpus=cpus, vcpu=vcpu, emulator=emulator), ctx)
-    run(ctx, "api.tuning.pin", body, _show_affinity)
+    run(ctx, API_TUNING_PIN, body, _show_affinity)
 
 
 @vm_app.command("affinity")
 def vm_affinity(ctx: typer.Context, name: str) -> None:
     """Show a VM's pinning (libvirt) and each QEMU thread's CPU affinity (as taskset -p shows it)."""
-    run(ctx, "api.tuning.affinity", validated(lambda: VmRefRequest(name), ctx), _show_affinity)
+    run(ctx, API_TUNING_AFFINITY, validated(lambda: VmRefRequest(name), ctx), _show_affinity)
 
 
 # ----------------------------------------------------------------------------- host
@@ -152,7 +159,7 @@ def vm_affinity(ctx: typer.Context, name: str) -> None:
 @host_app.command("tuning")
 def host_tuning(ctx: typer.Context, host: str) -> None:
     """Show a host's topology, CPU sets, hugepages, THP mode and IO schedulers."""
-    run(ctx, "api.tuning.show", HostRef(host), _show_tuning)
+    run(ctx, API_TUNING_SHOW, HostRef(host), _show_tuning)
 
 
 @host_app.command("taskset")
@@ -175,7 +182,7 @@ def host_taskset(
         s.out.print(table)
 
     body = validated(lambda: HostTasksetRequest(host=host, pid=pid, cpus=cpus), ctx)
-    run(ctx, "api.tuning.taskset", body, show)
+    run(ctx, API_TUNING_TASKSET, body, show)
 
 
 @host_app.command("hugepages")
@@ -191,7 +198,7 @@ def host_hugepages(
         s.out.print(f"{r.host}: {r.result.message}", highlight=False)
 
     body = validated(lambda: HostHugepagesRequest(host=host, size=size, count=count), ctx)
-    run(ctx, "api.tuning.hugepages", body, show)
+    run(ctx, API_TUNING_HUGEPAGES, body, show)
 
 
 @host_app.command("io-scheduler")
@@ -207,7 +214,7 @@ def host_io_scheduler(ctx: typer.Context, host: str, device: str, scheduler: str
         )
 
     body = validated(lambda: HostIoSchedulerRequest(host=host, device=device, scheduler=scheduler), ctx)
-    run(ctx, "api.tuning.io_scheduler", body, show)
+    run(ctx, API_TUNING_IO_SCHEDULER, body, show)
 
 
 def _hugepage_targets(values: list[str], ctx: typer.Context) -> dict[str, int]:
@@ -249,4 +256,4 @@ def host_tune(
     body = validated(
         lambda: HostTuneRequest(host=host, profile=profile, hugepages=targets or None, dry_run=dry_run), ctx
     )
-    run(ctx, "api.tuning.tune", body, show)
+    run(ctx, API_TUNING_TUNE, body, show)

@@ -1,6 +1,6 @@
 """CLI commands of the vmops feature area (registered on the apps of controller.cli.runner).
 
-``vm reboot|suspend|resume|autostart|console|export|import|setvcpus|setmem|memstat``,
+``vm autostart|console|export|import|setvcpus|setmem|memstat``,
 ``vm snapshot create|list|revert|delete``, ``vm disk attach|detach|resize``,
 ``vm nic attach|detach|list`` and ``image create|info|convert``. docs/operations.md maps each one
 to the virsh / qemu-img command of the ops notes it replaces.
@@ -20,6 +20,26 @@ from common.errors import InvalidRequest
 from common.messages import api
 from common.messages.vm import CacheMode, DiskBus, DiskFormat, IoMode, NicKind, NicModel
 from common.messages.vmops import (
+    API_IMAGE_CONVERT,
+    API_IMAGE_CREATE,
+    API_IMAGE_INFO,
+    API_VM_AUTOSTART,
+    API_VM_CONSOLE,
+    API_VM_DISK_ATTACH,
+    API_VM_DISK_DETACH,
+    API_VM_DISK_RESIZE,
+    API_VM_EXPORT,
+    API_VM_IMPORT,
+    API_VM_MEMSTAT,
+    API_VM_NIC_ATTACH,
+    API_VM_NIC_DETACH,
+    API_VM_NIC_LIST,
+    API_VM_SETMEM,
+    API_VM_SETVCPUS,
+    API_VM_SNAPSHOT_CREATE,
+    API_VM_SNAPSHOT_DELETE,
+    API_VM_SNAPSHOT_LIST,
+    API_VM_SNAPSHOT_REVERT,
     ConsoleView,
     ImageConvertRequest,
     ImageCreateRequest,
@@ -85,24 +105,6 @@ def _ref(ctx: typer.Context, name: str) -> api.VmRefRequest:
 # ----------------------------------------------------------------------------- lifecycle
 
 
-@vm_app.command("reboot")
-def vm_reboot(ctx: typer.Context, name: str) -> None:
-    """Reboot a running VM (virsh reboot)."""
-    run(ctx, "api.vm.reboot", _ref(ctx, name), _done)
-
-
-@vm_app.command("suspend")
-def vm_suspend(ctx: typer.Context, name: str) -> None:
-    """Pause a running VM (virsh suspend)."""
-    run(ctx, "api.vm.suspend", _ref(ctx, name), _done)
-
-
-@vm_app.command("resume")
-def vm_resume(ctx: typer.Context, name: str) -> None:
-    """Resume a paused VM (virsh resume)."""
-    run(ctx, "api.vm.resume", _ref(ctx, name), _done)
-
-
 @vm_app.command("autostart")
 def vm_autostart(
     ctx: typer.Context,
@@ -116,7 +118,7 @@ def vm_autostart(
         if r.vm is not None:
             s.out.print(f"{r.vm.name}: autostart {'on' if r.vm.autostart else 'off'}", highlight=False)
 
-    run(ctx, "api.vm.autostart", body, show)
+    run(ctx, API_VM_AUTOSTART, body, show)
 
 
 @vm_app.command("console")
@@ -137,7 +139,7 @@ def vm_console(ctx: typer.Context, name: str) -> None:
         if r.password_set:
             s.err.print("note: the console is password protected", highlight=False)
 
-    run(ctx, "api.vm.console", _ref(ctx, name), show)
+    run(ctx, API_VM_CONSOLE, _ref(ctx, name), show)
 
 
 # ----------------------------------------------------------------------------- export / import
@@ -162,7 +164,7 @@ def vm_export(
         sys.stdout.write(r.xml if r.xml.endswith("\n") else r.xml + "\n")
         sys.stdout.flush()
 
-    run(ctx, "api.vm.export", body, show)
+    run(ctx, API_VM_EXPORT, body, show)
 
 
 @vm_app.command("import")
@@ -193,7 +195,7 @@ def vm_import(
         assert r.vm is not None
         s.out.print(f"{r.vm.name} imported on host {r.vm.host} ({r.vm.power_state})", highlight=False)
 
-    run(ctx, "api.vm.import", body, show)
+    run(ctx, API_VM_IMPORT, body, show)
 
 
 # ----------------------------------------------------------------------------- live changes
@@ -203,14 +205,14 @@ def vm_import(
 def vm_setvcpus(ctx: typer.Context, name: str, vcpus: int) -> None:
     """Set the vCPU count (virsh setvcpus --live --config): a running VM can only gain vCPUs."""
     body = validated(lambda: VmSetVcpusRequest(name, vcpus), ctx)
-    run(ctx, "api.vm.setvcpus", body, _done)
+    run(ctx, API_VM_SETVCPUS, body, _done)
 
 
 @vm_app.command("setmem")
 def vm_setmem(ctx: typer.Context, name: str, memory: Annotated[int, typer.Argument(help="MiB")]) -> None:
     """Set the memory (balloon) within the VM's max memory (the notes' qemu-monitor-command balloon)."""
     body = validated(lambda: VmSetMemoryRequest(name, memory), ctx)
-    run(ctx, "api.vm.setmem", body, _done)
+    run(ctx, API_VM_SETMEM, body, _done)
 
 
 @vm_app.command("memstat")
@@ -229,7 +231,7 @@ def vm_memstat(ctx: typer.Context, name: str) -> None:
             table.add_row(key, str(value))
         s.out.print(table)
 
-    run(ctx, "api.vm.memstat", _ref(ctx, name), show)
+    run(ctx, API_VM_MEMSTAT, _ref(ctx, name), show)
 
 
 # ----------------------------------------------------------------------------- snapshots
@@ -267,19 +269,19 @@ def snapshot_create(
 ) -> None:
     """Take a snapshot (virsh snapshot-create-as); refused on raw disks."""
     body = validated(lambda: SnapshotCreateRequest(name, snapshot, description), ctx)
-    run(ctx, "api.vm.snapshot.create", body, _show_snapshots)
+    run(ctx, API_VM_SNAPSHOT_CREATE, body, _show_snapshots)
 
 
 @snapshot_app.command("list")
 def snapshot_list(ctx: typer.Context, name: str) -> None:
     """List a VM's snapshots (virsh snapshot-list)."""
-    run(ctx, "api.vm.snapshot.list", _ref(ctx, name), _show_snapshots)
+    run(ctx, API_VM_SNAPSHOT_LIST, _ref(ctx, name), _show_snapshots)
 
 
 @snapshot_app.command("revert")
 def snapshot_revert(ctx: typer.Context, name: str, snapshot: str) -> None:
     """Go back to a snapshot (virsh snapshot-revert); what changed since is lost."""
-    run(ctx, "api.vm.snapshot.revert", validated(lambda: SnapshotRequest(name, snapshot), ctx), _done)
+    run(ctx, API_VM_SNAPSHOT_REVERT, validated(lambda: SnapshotRequest(name, snapshot), ctx), _done)
 
 
 @snapshot_app.command("delete")
@@ -287,7 +289,7 @@ def snapshot_delete(ctx: typer.Context, name: str, snapshot: str) -> None:
     """Delete a snapshot (virsh snapshot-delete)."""
     run(
         ctx,
-        "api.vm.snapshot.delete",
+        API_VM_SNAPSHOT_DELETE,
         validated(lambda: SnapshotRequest(name, snapshot), ctx),
         _show_snapshots,
     )
@@ -337,7 +339,7 @@ def disk_attach(
         ),
         ctx,
     )
-    run(ctx, "api.vm.disk.attach", body, _done)
+    run(ctx, API_VM_DISK_ATTACH, body, _done)
 
 
 @disk_app.command("detach")
@@ -359,7 +361,7 @@ def disk_detach(
         ),
         ctx,
     )
-    run(ctx, "api.vm.disk.detach", body, _done)
+    run(ctx, API_VM_DISK_DETACH, body, _done)
 
 
 @disk_app.command("resize")
@@ -382,7 +384,7 @@ def disk_resize(
     body = validated(lambda: VmDiskResizeRequest(name, target, size, i_know=yes_i_know), ctx)
     if not yes_i_know:
         raise fail(state, InvalidRequest("refused: add --yes-i-know to grow the disk anyway"))
-    run(ctx, "api.vm.disk.resize", body, _done)
+    run(ctx, API_VM_DISK_RESIZE, body, _done)
 
 
 # ----------------------------------------------------------------------------- NICs
@@ -429,7 +431,7 @@ def nic_attach(
         ),
         ctx,
     )
-    run(ctx, "api.vm.nic.attach", body, _show_nics)
+    run(ctx, API_VM_NIC_ATTACH, body, _show_nics)
 
 
 @nic_app.command("detach")
@@ -443,13 +445,13 @@ def nic_detach(
     """Detach a network interface (virsh detach-interface --mac)."""
     live_scope, config_scope = scope(live, config)
     body = validated(lambda: VmNicDetachRequest(name, mac, live=live_scope, config=config_scope), ctx)
-    run(ctx, "api.vm.nic.detach", body, _show_nics)
+    run(ctx, API_VM_NIC_DETACH, body, _show_nics)
 
 
 @nic_app.command("list")
 def nic_list(ctx: typer.Context, name: str) -> None:
     """The VM's interfaces (virsh domiflist)."""
-    run(ctx, "api.vm.nic.list", _ref(ctx, name), _show_nics)
+    run(ctx, API_VM_NIC_LIST, _ref(ctx, name), _show_nics)
 
 
 # ----------------------------------------------------------------------------- images
@@ -507,7 +509,7 @@ def image_create(
 ) -> None:
     """Create an image (qemu-img create -f raw|qcow2 PATH SIZE); never overwrites."""
     body = validated(lambda: ImageCreateRequest(host, location(image, pool), fmt, size), ctx)
-    run(ctx, "api.image.create", body, _show_image)
+    run(ctx, API_IMAGE_CREATE, body, _show_image)
 
 
 @image_app.command("info")
@@ -519,7 +521,7 @@ def image_info(
 ) -> None:
     """Format, virtual size, size on disk and cluster size (qemu-img info)."""
     body = validated(lambda: ImageInfoApiRequest(host, location(image, pool)), ctx)
-    run(ctx, "api.image.info", body, _show_image)
+    run(ctx, API_IMAGE_INFO, body, _show_image)
 
 
 @image_app.command("convert")
@@ -535,4 +537,4 @@ def image_convert(
     body = validated(
         lambda: ImageConvertRequest(host, location(source, pool), location(dest, pool), fmt), ctx
     )
-    run(ctx, "api.image.convert", body, _show_image)
+    run(ctx, API_IMAGE_CONVERT, body, _show_image)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -26,13 +26,29 @@ from common.errors import (
     TransportError,
     VirtfleetError,
 )
+from common.messages.descriptor import ApiCall
+from common.transport.port import Transport
 from controller.cli import render
 from controller.cli.client import ApiClient
+
+B = TypeVar("B")
+R = TypeVar("R")
 
 
 class Output(StrEnum):
     TABLE = "table"
     JSON = "json"
+
+
+#: Opens the transport to the fleet's broker for a URL (tests hand in an in-process broker's).
+Connect = Callable[[str], Transport]
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What the CLI is run with: how to reach the broker (set as the click context's ``obj``)."""
+
+    connect: Connect
 
 
 @dataclass
@@ -42,6 +58,11 @@ class State:
     timeout: float | None
     out: Console
     err: Console
+    connect: Connect
+
+    def client(self, timeout: float | None = None) -> ApiClient:
+        """A client of the controller API (close it after use)."""
+        return ApiClient(self.connect(self.amqp_url), timeout=self.timeout if timeout is None else timeout)
 
 
 EXIT_CODES: list[tuple[type[VirtfleetError], int]] = [
@@ -80,12 +101,12 @@ def fail(state: State, exc: VirtfleetError) -> typer.Exit:
     return typer.Exit(exit_code(exc))
 
 
-def run(ctx: typer.Context, kind: str, body: object, show: Callable[[State, Any], None]) -> None:
-    """Call one controller API kind and render its answer (JSON, or ``show`` for people)."""
+def run(ctx: typer.Context, op: ApiCall[B, R], body: B, show: Callable[[State, R], None]) -> None:
+    """Call one controller API operation and render its answer (JSON, or ``show`` for people)."""
     state: State = ctx.obj
-    client = ApiClient(state.amqp_url, timeout=state.timeout)
+    client = state.client()
     try:
-        result = client.call(kind, body)
+        result = client.call(op, body)
     except VirtfleetError as exc:
         raise fail(state, exc) from None
     finally:

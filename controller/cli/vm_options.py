@@ -20,6 +20,7 @@ import typer
 
 from common.errors import InvalidRequest, NotFound, VirtfleetError
 from common.messages import api
+from common.messages.api import API_VM_CREATE, API_VM_SHOW
 from common.messages.vm import (
     CacheMode,
     DiskBus,
@@ -190,7 +191,7 @@ def create_warnings(req: api.VmCreate) -> list[str]:
 
 def _phase(client: ApiClient, name: str) -> str | None:
     try:
-        vm = client.typed("api.vm.show", api.VmRefRequest(name), api.VmView)
+        vm = client.call(API_VM_SHOW, api.VmRefRequest(name))
     except NotFound:
         return "placing"
     except VirtfleetError:
@@ -206,9 +207,9 @@ def run_with_progress(ctx: typer.Context, body: api.VmCreate, show: Callable[[St
     outcome: dict[str, Any] = {}
 
     def create() -> None:
-        client = ApiClient(state.amqp_url, timeout=state.timeout)
+        client = state.client()
         try:
-            outcome["result"] = client.call("api.vm.create", body)
+            outcome["result"] = client.call(API_VM_CREATE, body)
         except VirtfleetError as exc:
             outcome["error"] = exc
         except Exception as exc:  # noqa: BLE001 - handed to the main thread, which reports it
@@ -219,7 +220,7 @@ def run_with_progress(ctx: typer.Context, body: api.VmCreate, show: Callable[[St
     worker = threading.Thread(target=create, name="vm-create", daemon=True)
     started = time.monotonic()
     worker.start()
-    poller = ApiClient(state.amqp_url, timeout=10.0)
+    poller = state.client(timeout=10.0)
     last: str | None = None
     try:
         while True:

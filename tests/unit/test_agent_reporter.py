@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import pytest
 
 from agent.ports import NodeFacts
-from agent.reporter import Reporter, build_report, free_memory_mib, routing_key
+from agent.reporter import Reporter, TransportReportSink, build_report, free_memory_mib
 from common.errors import HypervisorError, TransportError
 from common.messages.envelope import Envelope, decode_envelope
 from common.messages.host import CpuTopology, Heartbeat, HostReport, StoragePoolInfo
 from common.messages.vm import PowerState, VmStatus
-from common.schema import from_plain
-from common.transport.topology import REPORTS_EXCHANGE
+from common.codec import from_wire
+from common.transport.port import Transport
+from common.transport.topology import HEARTBEAT_TTL_MS, REPORT_TTL_MS, REPORTS_EXCHANGE, report_routing_key
 
 WAIT = 10.0  # generous upper bound for a condition that normally holds within milliseconds
 
@@ -90,7 +92,7 @@ def test_build_report() -> None:
 
 
 def test_routing_key() -> None:
-    assert routing_key("host.report", "hv1") == "host.report.hv1"
+    assert report_routing_key("host.report", "hv1") == "host.report.hv1"
 
 
 # ------------------------------------------------------------------------------------------ the thread
@@ -112,18 +114,29 @@ class StubHypervisor:
 
 
 class RecordingSink:
-    """Records published envelopes; can be told to fail the next N publishes."""
+    """Records what the reporter's sink publishes; can be told to fail the next N publishes."""
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, str, Envelope]] = []
         self.fail_next = 0
-        self.closed = False
         self.cond = threading.Condition()
 
+    def as_sink(self, host_id: str) -> TransportReportSink:
+        return TransportReportSink(cast(Transport, self), host_id, f"agent:{host_id}")
+
     def publish(
-        self, exchange: str, routing_key: str, env: Envelope, *, persistent: bool = False, retries: int = 3
+        self,
+        exchange: str,
+        routing_key: str,
+        env: Envelope,
+        *,
+        persistent: bool = False,
+        mandatory: bool = False,
+        expiration_ms: int | None = None,
     ) -> None:
-        assert persistent is False
+        # Reports are transient (worthless after a restart) and mandatory (not lost before the
+        # controller has declared its queues).
+        assert persistent is False and mandatory is True and expiration_ms is None
         with self.cond:
             if self.fail_next:
                 self.fail_next -= 1
@@ -133,19 +146,13 @@ class RecordingSink:
             self.messages.append((exchange, routing_key, decode_envelope(env.encode())))
             self.cond.notify_all()
 
-    def process_events(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
-
     def reports(self) -> list[HostReport]:
         with self.cond:
-            return [from_plain(HostReport, e.body) for _, _, e in self.messages if e.kind == "host.report"]
+            return [from_wire(HostReport, e.body) for _, _, e in self.messages if e.kind == "host.report"]
 
     def heartbeats(self) -> list[Heartbeat]:
         with self.cond:
-            return [from_plain(Heartbeat, e.body) for _, _, e in self.messages if e.kind == "host.heartbeat"]
+            return [from_wire(Heartbeat, e.body) for _, _, e in self.messages if e.kind == "host.heartbeat"]
 
     def wait_for(self, predicate: Callable[[], object]) -> None:
         with self.cond:
@@ -159,7 +166,7 @@ def parts() -> Iterator[tuple[Reporter, RecordingSink, StubHypervisor]]:
         "hv1",
         "test:///default",
         hv,  # type: ignore[arg-type]  # only what the reporter uses
-        lambda: sink,
+        sink.as_sink("hv1"),
         report_interval=3600,
         heartbeat_interval=3600,
         agent_version="0.1.0",
@@ -175,6 +182,10 @@ def test_report_on_start_and_heartbeat(parts: tuple[Reporter, RecordingSink, Stu
     exchange, key, env = next(m for m in sink.messages if m[2].kind == "host.report")
     assert (exchange, key) == (REPORTS_EXCHANGE.name, "host.report.hv1")
     assert env.sender == "agent:hv1"
+    beat = next(m[2] for m in sink.messages if m[2].kind == "host.heartbeat")
+    # Each is skipped by the controller once a newer one must exist: heartbeats sooner than reports.
+    assert env.expires_at is not None and env.expires_at - env.sent_at == REPORT_TTL_MS / 1000
+    assert beat.expires_at is not None and beat.expires_at - beat.sent_at == HEARTBEAT_TTL_MS / 1000
     assert sink.reports()[0].seq == 1
     assert sink.heartbeats()[0].host_id == "hv1"
 
@@ -205,13 +216,12 @@ def test_failures_do_not_kill_the_thread(parts: tuple[Reporter, RecordingSink, S
     assert reporter.reports_sent >= 1
 
 
-def test_stop_sends_a_last_report_and_closes(parts: tuple[Reporter, RecordingSink, StubHypervisor]) -> None:
+def test_stop_sends_a_last_report(parts: tuple[Reporter, RecordingSink, StubHypervisor]) -> None:
     reporter, sink, _hv = parts
     reporter.start()
     sink.wait_for(lambda: len(sink.reports()) == 1)
     reporter.stop(final_report=True)
     assert [r.seq for r in sink.reports()] == [1, 2]
-    assert sink.closed
 
 
 def test_no_heartbeat_while_the_consumer_is_unhealthy() -> None:
@@ -220,7 +230,7 @@ def test_no_heartbeat_while_the_consumer_is_unhealthy() -> None:
         "hv1",
         "test:///default",
         hv,  # type: ignore[arg-type]
-        lambda: sink,
+        sink.as_sink("hv1"),
         report_interval=3600,
         heartbeat_interval=3600,
         agent_version="0.1.0",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import InvalidRequest
-from common.transport.amqp import DEFAULT_URL
+from common.transport.factory import DEFAULT_URL
 from controller.config import (
     DEFAULT_DATABASE_URL,
     ENV_VARS,
