@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import pika
@@ -281,8 +280,6 @@ class RpcClient(_Session):
             if remaining <= 0:
                 raise RequestTimeout("no reply within the timeout; the operation may still complete")
             self.conn.process_data_events(time_limit=min(remaining, 0.5))
-
-
 
 
 class ConsumerServer:

@@ -10,11 +10,11 @@ import pytest
 
 from agent.ports import NodeFacts
 from agent.reporter import Reporter, TransportReportSink, build_report, free_memory_mib
+from common.codec import from_wire
 from common.errors import HypervisorError, TransportError
 from common.messages.envelope import Envelope, decode_envelope
 from common.messages.host import CpuTopology, Heartbeat, HostReport, StoragePoolInfo
 from common.messages.vm import PowerState, VmStatus
-from common.codec import from_wire
 from common.transport.port import Transport
 from common.transport.topology import HEARTBEAT_TTL_MS, REPORT_TTL_MS, REPORTS_EXCHANGE, report_routing_key
 

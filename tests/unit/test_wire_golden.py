@@ -33,9 +33,9 @@ import pytest
 from wiresamples import Sampler
 
 from common import codec
-from common.messages.catalogue import KINDS, Kind
+from common.messages.catalogue import CATALOGUE
+from common.messages.descriptor import Op
 from common.messages.envelope import Envelope, decode_envelope
-from common.schema import from_plain, to_plain
 from common.transport.rpc import request, unwrap
 
 T = TypeVar("T")
@@ -53,26 +53,26 @@ _REGEN_HINT = "PYTHONPATH=tests .venv/bin/python tests/unit/test_wire_golden.py 
 # the encode API changes (msgspec Structs), adapt them and nothing else: the golden files stay.
 
 
-def encode_request(kind: str, body: object) -> tuple[Envelope, bytes]:
+def encode_request(op: Op[Any, Any], body: object) -> tuple[Envelope, bytes]:
     """The request envelope of ``body`` with a fixed id and clock, and its wire bytes."""
-    env = dataclasses.replace(request(kind, body, sender=SENDER, now=REQUEST_AT), id=REQUEST_ID)
+    env = dataclasses.replace(request(op, body, sender=SENDER, now=REQUEST_AT), id=REQUEST_ID)
     return env, env.encode()
 
 
 def encode_reply(request_env: Envelope, result: object) -> bytes:
     """The wire bytes of the success reply carrying ``result``, with a fixed id and clock."""
-    reply = request_env.reply_ok(to_plain(result), sender=SENDER)
+    reply = request_env.reply_ok(codec.to_wire(result), sender=SENDER)
     return dataclasses.replace(reply, id=REPLY_ID, sent_at=REPLY_AT).encode()
 
 
 def decode_request_body(raw: bytes, body_type: type[T]) -> T:
     """The typed body of request bytes, as a receiver decodes it."""
-    return from_plain(body_type, decode_envelope(raw).body)
+    return codec.from_wire(body_type, decode_envelope(raw).body)
 
 
-def decode_reply_result(raw: bytes, result_type: type[T]) -> T:
+def decode_reply_result(raw: bytes, op: Op[Any, T]) -> T:
     """The typed result of reply bytes, as a caller decodes it."""
-    return unwrap(decode_envelope(raw), result_type)
+    return unwrap(decode_envelope(raw), op)
 
 
 # ---------------------------------------------------------------- golden records
@@ -96,11 +96,11 @@ def golden_path(name: str) -> Path:
     return GOLDEN / f"{name}.json"
 
 
-def build_record(kind: Kind, sampler: Sampler) -> dict[str, str]:
+def build_record(kind: Op[Any, Any], sampler: Sampler) -> dict[str, str]:
     """The golden record of ``kind`` as today's code encodes its samples."""
-    env, raw = encode_request(kind.name, sampler.sample(kind.body))
-    record = {"kind": kind.name, "request_hex": raw.hex()}
-    if kind.result is not None:
+    env, raw = encode_request(kind, sampler.sample(kind.body))
+    record = {"kind": kind.kind, "request_hex": raw.hex()}
+    if kind.replies:
         record["reply_hex"] = encode_reply(env, sampler.sample(kind.result)).hex()
     return record
 
@@ -122,14 +122,14 @@ def sampler() -> Sampler:
 
 
 def _kind_params() -> list[Any]:
-    return [pytest.param(k, id=k.name) for k in KINDS]
+    return [pytest.param(k, id=k.kind) for k in CATALOGUE.values()]
 
 
 @pytest.mark.parametrize("kind", _kind_params())
-def test_wire_bytes_match_golden(kind: Kind, sampler: Sampler) -> None:
-    golden = load_record(kind.name)
+def test_wire_bytes_match_golden(kind: Op[Any, Any], sampler: Sampler) -> None:
+    golden = load_record(kind.kind)
     actual = build_record(kind, sampler)
-    assert golden["kind"] == kind.name
+    assert golden["kind"] == kind.kind
     assert sorted(actual) == sorted(golden), "reply presence differs from the golden record"
     for key in ("request_hex", "reply_hex"):
         if key not in golden:
@@ -137,22 +137,22 @@ def test_wire_bytes_match_golden(kind: Kind, sampler: Sampler) -> None:
         want, got = bytes.fromhex(golden[key]), bytes.fromhex(actual[key])
         # Decoded first, for a readable diff when a value changed; equal maps can still differ in
         # bytes (key order, int width, float64 vs float32, int vs float, list vs map), hence both.
-        assert codec.decode(got) == codec.decode(want), f"{kind.name} {key}: decoded values differ"
-        assert got.hex() == want.hex(), f"{kind.name} {key}: same values, different bytes"
+        assert codec.decode(got) == codec.decode(want), f"{kind.kind} {key}: decoded values differ"
+        assert got.hex() == want.hex(), f"{kind.kind} {key}: same values, different bytes"
 
 
 @pytest.mark.parametrize("kind", _kind_params())
-def test_golden_bytes_decode_to_the_sample(kind: Kind, sampler: Sampler) -> None:
-    golden = load_record(kind.name)
+def test_golden_bytes_decode_to_the_sample(kind: Op[Any, Any], sampler: Sampler) -> None:
+    golden = load_record(kind.kind)
     body = decode_request_body(bytes.fromhex(golden["request_hex"]), kind.body)
     assert body == sampler.sample(kind.body)
-    if kind.result is not None:
-        result = decode_reply_result(bytes.fromhex(golden["reply_hex"]), kind.result)
+    if kind.replies:
+        result = decode_reply_result(bytes.fromhex(golden["reply_hex"]), kind)
         assert result == sampler.sample(kind.result)
 
 
 def test_golden_files_match_the_catalogue() -> None:
-    kinds = {k.name for k in KINDS}
+    kinds = {k.kind for k in CATALOGUE.values()}
     files = {p.name for p in GOLDEN.iterdir()}
     missing = sorted(k for k in kinds if f"{k}.json" not in files)
     stray = sorted(f for f in files if f.removesuffix(".json") not in kinds or not f.endswith(".json"))
@@ -161,7 +161,7 @@ def test_golden_files_match_the_catalogue() -> None:
 
 
 def test_fields_left_at_their_default_are_the_allowed_ones(sampler: Sampler) -> None:
-    roots = [tp for k in KINDS for tp in (k.body, k.result) if tp is not None]
+    roots = [tp for k in CATALOGUE.values() for tp in ((k.body, k.result) if k.replies else (k.body,))]
     values = [sampler.sample(tp) for tp in roots]
     assert sampler.uncovered(roots, values) == ALLOWED_DEFAULTS
 
@@ -243,16 +243,16 @@ def _main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if not args.write:
         parser.error("say --write to write golden files")
-    unknown = sorted(set(args.kinds) - {k.name for k in KINDS})
+    unknown = sorted(set(args.kinds) - {k.kind for k in CATALOGUE.values()})
     if unknown:
         parser.error(f"unknown kinds: {', '.join(unknown)}")
     sampler = Sampler()
     refused = 0
     GOLDEN.mkdir(parents=True, exist_ok=True)
-    for kind in KINDS:
-        if args.kinds and kind.name not in args.kinds:
+    for kind in CATALOGUE.values():
+        if args.kinds and kind.kind not in args.kinds:
             continue
-        path = golden_path(kind.name)
+        path = golden_path(kind.kind)
         text = json.dumps(build_record(kind, sampler), indent=2) + "\n"
         if path.exists() and path.read_text() == text:
             continue
