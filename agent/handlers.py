@@ -12,7 +12,6 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 
 from agent import disks as disk_helpers
 from agent.ports import ACTIVE_STATES, Hypervisor, Images
@@ -20,6 +19,7 @@ from agent.vmops import VmOpsHandlers
 from common.domain_xml import build_domain_xml
 from common.errors import AlreadyExists, Conflict, InvalidRequest, NotFound, Unsupported, VirtfleetError
 from common.messages import vm
+from common.messages.base import replace
 from common.messages.host import HOST_REPORT_NOW, ReportAck, ReportRequest
 from common.messages.vm import (
     CreateVm,

@@ -12,7 +12,6 @@ import logging
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import replace
 
 from agent import disks as disk_helpers
 from agent.ports import ACTIVE_STATES, Hypervisor, Images
@@ -41,6 +40,7 @@ from common.errors import (
     VirtfleetError,
 )
 from common.messages import vmops as ops
+from common.messages.base import replace
 from common.messages.vm import (
     DiskDevice,
     DiskSpec,

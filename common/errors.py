@@ -64,8 +64,12 @@ class VirtfleetError(Exception):
         return f"{type(self).__name__}({self.message!r})"
 
 
-class InvalidRequest(VirtfleetError):
-    """The request is malformed or a value is out of range; nothing was changed."""
+class InvalidRequest(VirtfleetError, ValueError):
+    """The request is malformed or a value is out of range; nothing was changed.
+
+    Also a ValueError, so that msgspec reports a message's own ``__post_init__`` refusal with the
+    path of the field that holds it (and keeps this error as the cause).
+    """
 
 
 class NotFound(VirtfleetError):

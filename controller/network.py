@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.codec import from_wire
 from common.errors import NotFound
 from common.messages import network as msgs
 from common.messages.network import (
@@ -20,7 +21,6 @@ from common.messages.network import (
     HostNetworkReport,
     NetworkListRequest,
 )
-from common.schema import from_plain
 from common.transport.rpc import HandlerTable
 from controller.db import repository as repo
 from controller.service import ControllerService
@@ -37,7 +37,7 @@ def reported_network(data: Any) -> HostNetworkReport | None:
     """The HostNetworkReport of a host record's ``network`` plain data (None before the first)."""
     if not data:
         return None
-    return from_plain(HostNetworkReport, data, "network")
+    return from_wire(HostNetworkReport, data, "network")
 
 
 def list_networks(service: ControllerService, body: NetworkListRequest) -> FleetNetworkList:

@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from dataclasses import replace as replace_fields
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from common.codec import to_wire
 from common.errors import (
     AlreadyExists,
     CapacityExceeded,
@@ -35,6 +35,7 @@ from common.errors import (
 )
 from common.messages import api
 from common.messages.api import VmForward
+from common.messages.base import replace as replace_message
 from common.messages.descriptor import ApiCall, Command, ToHostAgent
 from common.messages.host import Heartbeat, HostReport
 from common.messages.tuning import page_size_kib
@@ -54,7 +55,6 @@ from common.messages.vm import (
     VmResult,
     VmSpec,
 )
-from common.schema import to_plain
 from controller import fleet, tuning_inventory
 from controller.agent_api import AgentCalls
 from controller.config import ControllerConfig
@@ -556,7 +556,7 @@ class ControllerService:
             with self.tx() as s:
                 repo.get_host(s, host_id)  # NotFound for an unknown host
             if getattr(body, "change_id", None) == "":
-                body = replace_fields(cast(Any, body), change_id=uuidlib.uuid4().hex)
+                body = replace_message(cast(Any, body), change_id=uuidlib.uuid4().hex)
             return self.agents.call(host_id, command, body)
 
         return handle
@@ -601,7 +601,7 @@ class ControllerService:
 
 
 def _json(spec: VmSpec) -> str:
-    return json.dumps(to_plain(spec), sort_keys=True)
+    return json.dumps(to_wire(spec), sort_keys=True)
 
 
 def _ago(when: float | None, now: float) -> str:

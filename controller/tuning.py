@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from typing import Any
 
+from common.codec import from_wire, to_wire
 from common.errors import Conflict, InvalidRequest, NotFound, VirtfleetError
 from common.messages import tuning as msgs
+from common.messages.base import replace
 from common.messages.tuning import (
     TUNING_AFFINITY,
     TUNING_HUGEPAGES,
@@ -48,7 +49,6 @@ from common.messages.tuning import (
     page_size_label,
 )
 from common.messages.vm import CpuTune, Task, VcpuPin, VmRef, VmSpec
-from common.schema import from_plain, to_plain
 from common.transport.rpc import HandlerTable
 from controller import tuning_inventory
 from controller.db import repository as repo
@@ -69,7 +69,7 @@ def _facts(record: repo.HostRecord) -> HostTuningReport | None:
     if record.tuning is None:
         return None
     try:
-        return from_plain(HostTuningReport, record.tuning, "tuning")
+        return from_wire(HostTuningReport, record.tuning, "tuning")
     except InvalidRequest:
         log.warning("host %s: stored tuning facts do not parse; ignoring them", record.id)
         return None
@@ -78,7 +78,7 @@ def _facts(record: repo.HostRecord) -> HostTuningReport | None:
 def _repin(spec: dict[str, Any], body: PinVm) -> str | None:
     """The stored VmSpec with the new pins, as JSON; None when the stored spec does not parse."""
     try:
-        parsed = from_plain(VmSpec, spec, "spec")
+        parsed = from_wire(VmSpec, spec, "spec")
     except InvalidRequest:
         return None
     tune = parsed.cputune or CpuTune()
@@ -88,7 +88,7 @@ def _repin(spec: dict[str, Any], body: PinVm) -> str | None:
     updated = replace(
         parsed, cputune=CpuTune(vcpu_pins=tuple(pins[v] for v in sorted(pins)), emulator_cpuset=emulator)
     )
-    return json.dumps(to_plain(updated), sort_keys=True)
+    return json.dumps(to_wire(updated), sort_keys=True)
 
 
 class TuningService:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import replace
 
 from common.errors import InvalidRequest
 from common.messages import api
+from common.messages.base import replace
 from common.messages.tuning import page_size_kib
 from common.messages.vm import (
     CpuTune,

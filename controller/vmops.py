@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
+from common.codec import from_wire, to_wire
 from common.domain_xml import DomainXmlError, parse_domain_xml, spec_from_parsed
 from common.errors import (
     AlreadyExists,
@@ -26,6 +26,7 @@ from common.errors import (
     VirtfleetError,
 )
 from common.messages import api, vmops
+from common.messages.base import replace
 from common.messages.vm import (
     VM_AUTOSTART,
     DesiredPower,
@@ -97,7 +98,6 @@ from common.messages.vmops import (
     VmSetMemoryRequest,
     VmSetVcpusRequest,
 )
-from common.schema import from_plain, to_plain
 from common.transport.rpc import HandlerTable
 from controller.db import repository as repo
 from controller.service import ControllerService, _placement_view
@@ -114,14 +114,14 @@ def _spec(vm: repo.VmRecord) -> VmSpec | None:
     if not vm.spec:
         return None
     try:
-        return from_plain(VmSpec, vm.spec, "spec")
+        return from_wire(VmSpec, vm.spec, "spec")
     except InvalidRequest:
         log.warning("VM %s: its recorded spec is unreadable; treating it as unknown", vm.name)
         return None
 
 
 def _spec_json(spec: VmSpec) -> str:
-    return json.dumps(to_plain(spec), sort_keys=True)
+    return json.dumps(to_wire(spec), sort_keys=True)
 
 
 def console_address(info: ConsoleInfo, hostname: str) -> str:

@@ -15,12 +15,13 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from common.messages.base import replace
 from common.messages.vm import DiskFormat, DiskSpec, DomainType, GraphicsSpec, KernelBoot, NicSpec, VmSpec
 
 QEMU_URI = "qemu:///system"

@@ -18,7 +18,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ from agent.network.persist import Persister
 from agent.network.transaction import ChangeManager, Executor, LinkDriver
 from common.errors import InvalidRequest, NetworkConfigError, VirtfleetError
 from common.messages import network as msgs
+from common.messages.base import replace
 from common.messages.host import HostReport
 from common.messages.network import (
     BondCreate,

@@ -18,7 +18,7 @@ the facts between phases, so kernel side effects (routes flushed with an address
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from agent.network import resolv
 from agent.network.model import (
@@ -41,6 +41,7 @@ from agent.network.model import (
     Step,
 )
 from common.errors import Conflict, InvalidRequest, NotFound
+from common.messages.base import replace
 from common.messages.network import (
     BondCreate,
     BondEnslave,

@@ -22,6 +22,7 @@ snapshot could not be put back.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -29,7 +30,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -47,7 +48,9 @@ from agent.network.model import (
 )
 from agent.network.persist import Persister, configs_from_facts
 from agent.network.planner import RESTORE_PHASES, Plan, restore_steps
+from common.codec import from_wire, to_wire
 from common.errors import Conflict, NetworkConfigError, NotFound, VirtfleetError
+from common.messages.base import replace
 from common.messages.network import (
     ChangeOptions,
     HostNetworkReport,
@@ -55,7 +58,6 @@ from common.messages.network import (
     PendingChange,
     RollbackInfo,
 )
-from common.schema import from_plain, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +194,7 @@ class ChangeManager:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(to_plain(data)), encoding="utf-8")
+        tmp.write_text(json.dumps(to_wire(data)), encoding="utf-8")
         tmp.replace(path)
 
     def _drop(self, name: str) -> None:
@@ -206,7 +208,7 @@ class ChangeManager:
         if path is None or not path.exists():
             return None
         try:
-            return from_plain(RollbackInfo, json.loads(path.read_text(encoding="utf-8")))
+            return from_wire(RollbackInfo, json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError, VirtfleetError):
             log.warning("ignoring unreadable %s", path)
             return None
@@ -226,7 +228,7 @@ class ChangeManager:
         if path is None or not path.exists():
             return None
         try:
-            record = from_plain(PendingRecord, json.loads(path.read_text(encoding="utf-8")))
+            record = from_wire(PendingRecord, json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError, VirtfleetError) as exc:
             log.error("cannot read %s (%s); not restoring anything", path, exc)
             return None
@@ -303,7 +305,7 @@ class ChangeManager:
                 return self._remember(self._finish(result, started))
             if options.confirm_s is not None:
                 expires = self._clock() + options.confirm_s
-                record = replace(record, expires_at=expires)
+                record = dataclasses.replace(record, expires_at=expires)
                 self._save(PENDING_FILE, record)
                 result = replace(base, state="pending-confirm", confirm_expires_at=expires)
                 timer = threading.Timer(options.confirm_s, self._expire, args=(change_id,))

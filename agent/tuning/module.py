@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from agent.config import AgentConfig
@@ -25,6 +24,7 @@ from agent.tuning.sysfs import HostKernel, seed_simulated_root
 from common.domain_xml import DomainXmlError, parse_domain_xml
 from common.errors import Conflict, InvalidRequest, NotFound, VirtfleetError
 from common.messages import tuning as msgs
+from common.messages.base import replace
 from common.messages.host import HostReport
 from common.messages.tuning import (
     ApplyProfile,

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 from common.errors import InvalidRequest
+from common.messages.base import Message, force_setattr
 from common.messages.descriptor import (
     ApiCall,
     Command,
@@ -47,8 +48,7 @@ _MACHINE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # ------------------------------------------------------------------ views (answers)
 
 
-@dataclass(frozen=True, slots=True)
-class ResourceView:
+class ResourceView(Message, frozen=True):
     """One resource of one host, Nova-placement style."""
 
     resource: str
@@ -60,8 +60,7 @@ class ResourceView:
     free: int
 
 
-@dataclass(frozen=True, slots=True)
-class HostView:
+class HostView(Message, frozen=True):
     host_id: str
     hostname: str
     status: str  # up | down
@@ -84,8 +83,7 @@ class HostView:
     state_reason: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class VmView:
+class VmView(Message, frozen=True):
     uuid: str
     name: str
     host: str | None
@@ -106,8 +104,7 @@ class VmView:
     last_error: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class RejectionView:
+class RejectionView(Message, frozen=True):
     """Why one host was not chosen."""
 
     host: str
@@ -115,15 +112,13 @@ class RejectionView:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class CandidateView:
+class CandidateView(Message, frozen=True):
     host: str
     score: float
     weights: dict[str, float]
 
 
-@dataclass(frozen=True, slots=True)
-class PlacementView:
+class PlacementView(Message, frozen=True):
     host: str | None
     alternates: tuple[str, ...]
     candidates: tuple[CandidateView, ...]
@@ -133,23 +128,19 @@ class PlacementView:
 # ------------------------------------------------------------------ requests
 
 
-@dataclass(frozen=True, slots=True)
-class Empty:
+class Empty(Message, frozen=True):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class HostRef:
+class HostRef(Message, frozen=True):
     host: str
 
 
-@dataclass(frozen=True, slots=True)
-class HostList:
+class HostList(Message, frozen=True):
     hosts: tuple[HostView, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class VmCreate:
+class VmCreate(Message, frozen=True):
     """``api.vm.create``: the virt-install equivalent, placed by the scheduler unless ``host`` is given.
 
     Disks: either the legacy shorthand ``disk_gib`` (one new qcow2 root disk ``vda`` of that size,
@@ -241,7 +232,7 @@ class VmCreate:
             return
         new_total = sum(d.size_gib for d in self.disks if d.source == "new" and d.device is DiskDevice.DISK)
         if self.disk_gib == 0:
-            object.__setattr__(self, "disk_gib", new_total)
+            force_setattr(self, "disk_gib", new_total)
         elif self.disk_gib != new_total:
             raise InvalidRequest(
                 f"disk_gib ({self.disk_gib}) must be 0 or the total of the new disks ({new_total} GiB) "
@@ -273,34 +264,29 @@ class VmCreate:
         return frozenset(n.source for n in self.nics if n.kind is NicKind.BRIDGE)
 
 
-@dataclass(frozen=True, slots=True)
-class VmCreated:
+class VmCreated(Message, frozen=True):
     vm: VmView | None
     placement: PlacementView
     dry_run: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class VmRefRequest:
+class VmRefRequest(Message, frozen=True):
     name: str
 
     def __post_init__(self) -> None:
         check_name(self.name, "VM name")
 
 
-@dataclass(frozen=True, slots=True)
-class VmListRequest:
+class VmListRequest(Message, frozen=True):
     all: bool = True
     host: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class VmList:
+class VmList(Message, frozen=True):
     vms: tuple[VmView, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class VmShutdownRequest:
+class VmShutdownRequest(Message, frozen=True):
     name: str
     timeout_s: float = 60.0
     force: bool = False
@@ -311,8 +297,7 @@ class VmShutdownRequest:
             raise InvalidRequest("shutdown timeout must be positive")
 
 
-@dataclass(frozen=True, slots=True)
-class VmDeleteRequest:
+class VmDeleteRequest(Message, frozen=True):
     name: str
     delete_disks: bool = False
 
@@ -320,8 +305,7 @@ class VmDeleteRequest:
         check_name(self.name, "VM name")
 
 
-@dataclass(frozen=True, slots=True)
-class VmActionDone:
+class VmActionDone(Message, frozen=True):
     vm: VmView | None
     message: str = ""
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from common.messages.base import Message
 from common.messages.descriptor import Family, Timeout, Version, command, report
 from common.messages.network import HostNetworkReport
 from common.messages.tuning import HostTuningReport
@@ -13,8 +12,7 @@ from common.messages.vm import VmStatus
 HOST = Family("host", Version(1, 0), "agent -> controller reports and heartbeats; report on demand")
 
 
-@dataclass(frozen=True, slots=True)
-class CpuTopology:
+class CpuTopology(Message, frozen=True):
     """Host CPUs as libvirt's nodeinfo and capabilities describe them."""
 
     cpus: int
@@ -26,8 +24,7 @@ class CpuTopology:
     model: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class StoragePoolInfo:
+class StoragePoolInfo(Message, frozen=True):
     name: str
     path: str
     capacity_gib: int
@@ -35,8 +32,7 @@ class StoragePoolInfo:
     available_gib: int
 
 
-@dataclass(frozen=True, slots=True)
-class HostReport:
+class HostReport(Message, frozen=True):
     """``host.report``: full capacity and VM state, on start and every report interval."""
 
     host_id: str
@@ -61,8 +57,7 @@ class HostReport:
     tuning: HostTuningReport | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
+class Heartbeat(Message, frozen=True):
     """``host.heartbeat``: the agent is alive and consuming; cheap, sent every heartbeat interval."""
 
     host_id: str
@@ -71,15 +66,13 @@ class Heartbeat:
     sent_at: float
 
 
-@dataclass(frozen=True, slots=True)
-class ReportRequest:
+class ReportRequest(Message, frozen=True):
     """``host.report_now``: ask an agent for an immediate full report (also its liveness probe)."""
 
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class ReportAck:
+class ReportAck(Message, frozen=True):
     seq: int
 
 

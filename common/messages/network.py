@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+
+import msgspec
 
 from common.errors import InvalidRequest
 from common.messages.api import API
+from common.messages.base import Message
 from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command, host_twin
 from common.validation import check_host_id, check_ifname, check_name
 
@@ -88,8 +90,7 @@ def _unique_ifnames(values: tuple[str, ...], what: str) -> None:
 # ----------------------------------------------------------------------------- facts
 
 
-@dataclass(frozen=True, slots=True)
-class InterfaceInfo:
+class InterfaceInfo(Message, frozen=True):
     """One network interface as netlink shows it (``ip -d addr`` equivalent)."""
 
     name: str
@@ -106,8 +107,7 @@ class InterfaceInfo:
     link: str | None = None  # parent of a VLAN
 
 
-@dataclass(frozen=True, slots=True)
-class RouteInfo:
+class RouteInfo(Message, frozen=True):
     """A route of the main table (``dst`` is ``default`` or a CIDR)."""
 
     dst: str
@@ -120,22 +120,19 @@ class RouteInfo:
     prefsrc: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class BridgePort:
+class BridgePort(Message, frozen=True):
     name: str
     state: str = ""  # disabled, listening, learning, forwarding, blocking
 
 
-@dataclass(frozen=True, slots=True)
-class BridgeInfo:
+class BridgeInfo(Message, frozen=True):
     name: str
     stp: bool = False
     ports: tuple[BridgePort, ...] = ()
     forward_delay_cs: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class BondSlaveInfo:
+class BondSlaveInfo(Message, frozen=True):
     """One slave as ``/proc/net/bonding/<bond>`` lists it."""
 
     name: str
@@ -145,8 +142,7 @@ class BondSlaveInfo:
     perm_hwaddr: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class BondInfo:
+class BondInfo(Message, frozen=True):
     name: str
     mode: str = ""  # a key of BOND_MODES
     miimon: int = 0
@@ -155,8 +151,7 @@ class BondInfo:
     slaves: tuple[BondSlaveInfo, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class LibvirtNetworkInfo:
+class LibvirtNetworkInfo(Message, frozen=True):
     """One libvirt network (``virsh net-list --all`` + ``net-dumpxml``)."""
 
     name: str
@@ -171,8 +166,7 @@ class LibvirtNetworkInfo:
     uuid: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class RollbackInfo:
+class RollbackInfo(Message, frozen=True):
     """A change the agent undid by itself (or on the operator's ``revert``)."""
 
     change_id: str
@@ -183,8 +177,7 @@ class RollbackInfo:
     errors: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class PendingChange:
+class PendingChange(Message, frozen=True):
     """A change applied with ``--confirm`` that is undone unless confirmed before ``expires_at``."""
 
     change_id: str
@@ -192,8 +185,7 @@ class PendingChange:
     expires_at: float
 
 
-@dataclass(frozen=True, slots=True)
-class HostNetworkReport:
+class HostNetworkReport(Message, frozen=True):
     """Network facts an agent adds to its host report (interfaces, bridges, bonds, routes)."""
 
     interfaces: tuple[InterfaceInfo, ...] = ()
@@ -221,8 +213,7 @@ class HostNetworkReport:
 # ----------------------------------------------------------------------------- libvirt networks
 
 
-@dataclass(frozen=True, slots=True)
-class NetworkSpec:
+class NetworkSpec(Message, frozen=True):
     """A libvirt network: ``nat`` (like ``default``), ``isolated`` (no forwarding) or ``bridge``
     (guests join an existing host bridge such as br0)."""
 
@@ -275,8 +266,7 @@ class NetworkSpec:
                 raise InvalidRequest(f"the DHCP range {start}-{end} ends before it starts")
 
 
-@dataclass(frozen=True, slots=True)
-class DefineNetwork:
+class DefineNetwork(Message, frozen=True):
     """``net.define``: define a libvirt network, then (by default) start it and mark it autostart."""
 
     spec: NetworkSpec
@@ -288,8 +278,7 @@ class DefineNetwork:
         _check_host(self.host)
 
 
-@dataclass(frozen=True, slots=True)
-class NetworkRef:
+class NetworkRef(Message, frozen=True):
     """``net.start`` / ``net.stop`` / ``net.undefine``."""
 
     name: str
@@ -300,8 +289,7 @@ class NetworkRef:
         _check_host(self.host)
 
 
-@dataclass(frozen=True, slots=True)
-class NetworkAutostart:
+class NetworkAutostart(Message, frozen=True):
     name: str
     host: str = ""
     enabled: bool = True
@@ -311,14 +299,12 @@ class NetworkAutostart:
         _check_host(self.host)
 
 
-@dataclass(frozen=True, slots=True)
-class NetworkResult:
+class NetworkResult(Message, frozen=True):
     network: LibvirtNetworkInfo | None
     message: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class NetworkListRequest:
+class NetworkListRequest(Message, frozen=True):
     """``net.list`` (one host, live) / ``api.net.list`` (all hosts from their reports, or one)."""
 
     host: str = ""
@@ -328,24 +314,20 @@ class NetworkListRequest:
         _check_host(self.host)
 
 
-@dataclass(frozen=True, slots=True)
-class NetworkList:
+class NetworkList(Message, frozen=True):
     networks: tuple[LibvirtNetworkInfo, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class HostNetworkEntry:
+class HostNetworkEntry(Message, frozen=True):
     host: str
     network: LibvirtNetworkInfo
 
 
-@dataclass(frozen=True, slots=True)
-class FleetNetworkList:
+class FleetNetworkList(Message, frozen=True):
     entries: tuple[HostNetworkEntry, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class IpForwardRequest:
+class IpForwardRequest(Message, frozen=True):
     """``net.ip_forward``: read (and with ``enable``, switch on) net.ipv4.ip_forward."""
 
     host: str = ""
@@ -356,16 +338,14 @@ class IpForwardRequest:
         _check_host(self.host)
 
 
-@dataclass(frozen=True, slots=True)
-class IpForwardState:
+class IpForwardState(Message, frozen=True):
     enabled: bool
     changed: bool = False
     persisted: tuple[str, ...] = ()
     message: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class HostNetShow:
+class HostNetShow(Message, frozen=True):
     """``net.host.facts`` (agent, always live) / ``api.net.host.show`` (last report unless live)."""
 
     host: str = ""
@@ -378,8 +358,7 @@ class HostNetShow:
 # ----------------------------------------------------------------------------- host changes
 
 
-@dataclass(frozen=True, slots=True)
-class ChangeOptions:
+class ChangeOptions(Message, frozen=True):
     """How a host change is applied.
 
     ``deadline_s``: after applying, the agent must reach the broker again within this many
@@ -412,8 +391,7 @@ def _check_addressing(addresses: tuple[str, ...], gateway: str | None, dns: tupl
         check_ip(d, "DNS server")
 
 
-@dataclass(frozen=True, slots=True)
-class BridgeCreate:
+class BridgeCreate(Message, frozen=True):
     """``net.bridge.create``: create a bridge (``brctl addbr``), enslave NICs (``brctl addif``),
     move their addresses, routes (the default route) and DNS onto it, STP on/off.
 
@@ -428,7 +406,7 @@ class BridgeCreate:
     addresses: tuple[str, ...] = ()
     gateway: str | None = None
     dns: tuple[str, ...] = ()
-    options: ChangeOptions = field(default_factory=ChangeOptions)
+    options: ChangeOptions = msgspec.field(default_factory=ChangeOptions)
     change_id: str = ""
 
     def __post_init__(self) -> None:
@@ -441,14 +419,13 @@ class BridgeCreate:
         check_change_id(self.change_id)
 
 
-@dataclass(frozen=True, slots=True)
-class BridgeStp:
+class BridgeStp(Message, frozen=True):
     """``net.bridge.stp``: spanning tree on or off."""
 
     name: str
     enabled: bool
     host: str = ""
-    options: ChangeOptions = field(default_factory=ChangeOptions)
+    options: ChangeOptions = msgspec.field(default_factory=ChangeOptions)
     change_id: str = ""
 
     def __post_init__(self) -> None:
@@ -457,8 +434,7 @@ class BridgeStp:
         check_change_id(self.change_id)
 
 
-@dataclass(frozen=True, slots=True)
-class InterfaceRemove:
+class InterfaceRemove(Message, frozen=True):
     """``net.bridge.remove`` / ``net.bond.remove``: release the ports or slaves, give the
     addresses, routes back to ``restore_to`` (default: the only port, or the first slave) and
     delete the bridge or bond."""
@@ -467,7 +443,7 @@ class InterfaceRemove:
     host: str = ""
     restore_to: str | None = None
     force: bool = False  # remove a bridge even though VM taps are attached
-    options: ChangeOptions = field(default_factory=ChangeOptions)
+    options: ChangeOptions = msgspec.field(default_factory=ChangeOptions)
     change_id: str = ""
 
     def __post_init__(self) -> None:
@@ -478,8 +454,7 @@ class InterfaceRemove:
         check_change_id(self.change_id)
 
 
-@dataclass(frozen=True, slots=True)
-class BondCreate:
+class BondCreate(Message, frozen=True):
     """``net.bond.create``: a bond (active-backup, miimon 100 unless told otherwise) over
     ``slaves``, with the slaves' addresses moved onto it (plus ``addresses``/``gateway``/
     ``dns``), optionally under a new bridge ``bridge`` that then carries the addresses."""
@@ -496,7 +471,7 @@ class BondCreate:
     dns: tuple[str, ...] = ()
     bridge: str | None = None
     bridge_stp: bool = False
-    options: ChangeOptions = field(default_factory=ChangeOptions)
+    options: ChangeOptions = msgspec.field(default_factory=ChangeOptions)
     change_id: str = ""
 
     def __post_init__(self) -> None:
@@ -521,14 +496,13 @@ class BondCreate:
         check_change_id(self.change_id)
 
 
-@dataclass(frozen=True, slots=True)
-class BondEnslave:
+class BondEnslave(Message, frozen=True):
     """``net.bond.enslave``: add a NIC to an existing bond (its addresses move to the bond)."""
 
     name: str
     nic: str
     host: str = ""
-    options: ChangeOptions = field(default_factory=ChangeOptions)
+    options: ChangeOptions = msgspec.field(default_factory=ChangeOptions)
     change_id: str = ""
 
     def __post_init__(self) -> None:
@@ -540,8 +514,7 @@ class BondEnslave:
         check_change_id(self.change_id)
 
 
-@dataclass(frozen=True, slots=True)
-class ChangeRef:
+class ChangeRef(Message, frozen=True):
     """``net.host.confirm`` / ``net.host.revert``: keep or undo a change made with ``--confirm``."""
 
     change_id: str
@@ -554,8 +527,7 @@ class ChangeRef:
         _check_host(self.host)
 
 
-@dataclass(frozen=True, slots=True)
-class NetChangeResult:
+class NetChangeResult(Message, frozen=True):
     """What became of a host change.
 
     ``state``: ``applied`` (kept; persisted unless --no-persist), ``unchanged`` (already so),

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from common.errors import InvalidRequest
 from common.messages.api import API
+from common.messages.base import Message
 from common.messages.descriptor import Role, Timeout, api_call
 from common.validation import check_name
 
@@ -35,8 +35,7 @@ def _check_non_negative(value: int | None, what: str) -> None:
         raise InvalidRequest(f"{what} must be zero or more, got {value}")
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
+class Limits(Message, frozen=True):
     """Nova-placement style unit rules for one resource of one host."""
 
     resource: str
@@ -57,8 +56,7 @@ class Limits:
             )
 
 
-@dataclass(frozen=True, slots=True)
-class HostSet:
+class HostSet(Message, frozen=True):
     """``api.host.set``: operator overrides for one host; None leaves a setting as it is."""
 
     host: str
@@ -88,8 +86,7 @@ class HostSet:
             )
 
 
-@dataclass(frozen=True, slots=True)
-class HostSwitch:
+class HostSwitch(Message, frozen=True):
     """``api.host.state``: enable/disable a host or put it in or out of maintenance."""
 
     host: str
@@ -101,13 +98,11 @@ class HostSwitch:
         check_name(self.host, "host")
 
 
-@dataclass(frozen=True, slots=True)
-class CapacityRequest:
+class CapacityRequest(Message, frozen=True):
     host: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ResourceCapacity:
+class ResourceCapacity(Message, frozen=True):
     """One resource of one host: the inventory, what is claimed and what the host reports."""
 
     resource: str
@@ -126,8 +121,7 @@ class ResourceCapacity:
     source: str = "fleet"
 
 
-@dataclass(frozen=True, slots=True)
-class HostCapacity:
+class HostCapacity(Message, frozen=True):
     host: str
     status: str
     group: str | None
@@ -136,13 +130,11 @@ class HostCapacity:
     drift: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class CapacityReport:
+class CapacityReport(Message, frozen=True):
     hosts: tuple[HostCapacity, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class HostGroupSet:
+class HostGroupSet(Message, frozen=True):
     """``api.hostgroup.set``: create or update a host group's defaults."""
 
     name: str
@@ -161,8 +153,7 @@ class HostGroupSet:
             _check_non_negative(getattr(self, name), name.replace("_", " "))
 
 
-@dataclass(frozen=True, slots=True)
-class HostGroupView:
+class HostGroupView(Message, frozen=True):
     name: str
     cpu_ratio: float | None
     ram_ratio: float | None
@@ -173,13 +164,11 @@ class HostGroupView:
     hosts: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class HostGroupList:
+class HostGroupList(Message, frozen=True):
     groups: tuple[HostGroupView, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class ServerGroupCreate:
+class ServerGroupCreate(Message, frozen=True):
     """``api.group.create``: an (anti-)affinity group of VMs."""
 
     name: str
@@ -194,29 +183,25 @@ class ServerGroupCreate:
             raise InvalidRequest(f"max per host must be at least 1, got {self.max_per_host}")
 
 
-@dataclass(frozen=True, slots=True)
-class ServerGroupRef:
+class ServerGroupRef(Message, frozen=True):
     name: str
 
     def __post_init__(self) -> None:
         check_name(self.name, "server group")
 
 
-@dataclass(frozen=True, slots=True)
-class ServerGroupView:
+class ServerGroupView(Message, frozen=True):
     name: str
     policy: str
     max_per_host: int
     members: dict[str, int]  # host -> VMs of the group there
 
 
-@dataclass(frozen=True, slots=True)
-class ServerGroupList:
+class ServerGroupList(Message, frozen=True):
     groups: tuple[ServerGroupView, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Done:
+class Done(Message, frozen=True):
     message: str = ""
 
 

@@ -9,10 +9,10 @@ cpuset strings (``"0-3,8"``); an empty string is the empty set. Page sizes trave
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from common.errors import InvalidRequest
 from common.messages.api import API, HostRef, VmRefRequest
+from common.messages.base import Message
 from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command
 from common.messages.vm import VcpuPin, VmRef
 from common.validation import check_host_id, check_name
@@ -77,8 +77,7 @@ def _check_cpus(cpus: str, what: str) -> str:
 # ------------------------------------------------------------------------ host report
 
 
-@dataclass(frozen=True, slots=True)
-class NumaCell:
+class NumaCell(Message, frozen=True):
     """One NUMA node: its CPUs (cpuset string) and memory."""
 
     id: int
@@ -86,8 +85,7 @@ class NumaCell:
     memory_mib: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class HugepagePool:
+class HugepagePool(Message, frozen=True):
     """The kernel's pool of one page size (``/sys/kernel/mm/hugepages/hugepages-<size>kB``).
 
     ``free`` counts pages not yet faulted in, including ``reserved`` ones that mappings were
@@ -108,8 +106,7 @@ class HugepagePool:
         return max(0, self.free - self.reserved)
 
 
-@dataclass(frozen=True, slots=True)
-class BlockDevice:
+class BlockDevice(Message, frozen=True):
     """A block device with its IO scheduler (``/sys/block/<name>/queue/scheduler``)."""
 
     name: str
@@ -120,8 +117,7 @@ class BlockDevice:
     physical: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class HostTuningReport:
+class HostTuningReport(Message, frozen=True):
     """Tuning facts an agent adds to its host report (CPU sets, topology, hugepages, IO).
 
     CPU sets are the agent's configuration resolved against the online CPUs: ``dedicated``
@@ -149,8 +145,7 @@ class HostTuningReport:
 # ------------------------------------------------------------------------ agent commands
 
 
-@dataclass(frozen=True, slots=True)
-class ThreadAffinity:
+class ThreadAffinity(Message, frozen=True):
     """One thread of a QEMU process and the CPUs it may run on (what ``taskset -p`` shows)."""
 
     tid: int
@@ -159,8 +154,7 @@ class ThreadAffinity:
     vcpu: int | None = None  # the vCPU this thread runs (from its name "CPU <n>/KVM|TCG"), else None
 
 
-@dataclass(frozen=True, slots=True)
-class VmAffinity:
+class VmAffinity(Message, frozen=True):
     """A VM's pinning as libvirt has it and, where a QEMU process runs, as the host shows it."""
 
     uuid: str
@@ -174,8 +168,7 @@ class VmAffinity:
     observed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class PinVm:
+class PinVm(Message, frozen=True):
     """``tuning.pin``: re-pin vCPUs and/or the emulator threads of a VM (live, and persistently)."""
 
     vm: VmRef
@@ -183,22 +176,19 @@ class PinVm:
     emulator_cpuset: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class GetAffinity:
+class GetAffinity(Message, frozen=True):
     """``tuning.affinity``: a VM's pinning and its threads' affinity."""
 
     vm: VmRef
 
 
-@dataclass(frozen=True, slots=True)
-class ProcessQuery:
+class ProcessQuery(Message, frozen=True):
     """``tuning.process``: what a host process is (is it the QEMU of a VM virtfleet manages?)."""
 
     pid: int
 
 
-@dataclass(frozen=True, slots=True)
-class ProcessInfo:
+class ProcessInfo(Message, frozen=True):
     pid: int
     qemu: bool
     vm_uuid: str | None = None
@@ -207,8 +197,7 @@ class ProcessInfo:
     threads: tuple[ThreadAffinity, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class SetTaskset:
+class SetTaskset(Message, frozen=True):
     """``tuning.taskset``: ``taskset -a -pc CPUS PID`` on the QEMU process of VM ``vm_uuid``."""
 
     pid: int
@@ -216,24 +205,21 @@ class SetTaskset:
     cpuset: str
 
 
-@dataclass(frozen=True, slots=True)
-class TasksetResult:
+class TasksetResult(Message, frozen=True):
     pid: int
     vm_uuid: str
     before: tuple[ThreadAffinity, ...]
     after: tuple[ThreadAffinity, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class SetHugepages:
+class SetHugepages(Message, frozen=True):
     """``tuning.hugepages``: set the kernel's pool of ``size_kib`` pages to ``count`` pages."""
 
     size_kib: int
     count: int
 
 
-@dataclass(frozen=True, slots=True)
-class HugepagesResult:
+class HugepagesResult(Message, frozen=True):
     """The kernel may allocate fewer pages than asked (fragmented memory): ``pool.total`` is the truth."""
 
     size_kib: int
@@ -243,30 +229,26 @@ class HugepagesResult:
     message: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class SetIoScheduler:
+class SetIoScheduler(Message, frozen=True):
     """``tuning.io_scheduler``: ``echo SCHED > /sys/block/DEVICE/queue/scheduler``."""
 
     device: str
     scheduler: str
 
 
-@dataclass(frozen=True, slots=True)
-class IoSchedulerResult:
+class IoSchedulerResult(Message, frozen=True):
     device: str
     before: str
     after: str
     available: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class HugepageTarget:
+class HugepageTarget(Message, frozen=True):
     size_kib: int
     count: int
 
 
-@dataclass(frozen=True, slots=True)
-class ApplyProfile:
+class ApplyProfile(Message, frozen=True):
     """``tuning.profile``: apply a documented host profile; idempotent. ``hugepages`` are the
     pool sizes to grow to (a profile never shrinks a pool)."""
 
@@ -275,8 +257,7 @@ class ApplyProfile:
     dry_run: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class SettingChange:
+class SettingChange(Message, frozen=True):
     """One setting a profile looked at: ``setting`` is a path-like name such as ``thp.enabled``."""
 
     setting: str
@@ -286,8 +267,7 @@ class SettingChange:
     note: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class ProfileResult:
+class ProfileResult(Message, frozen=True):
     profile: str
     changes: tuple[SettingChange, ...]
     dry_run: bool = False
@@ -300,16 +280,14 @@ class ProfileResult:
 # ------------------------------------------------------------------------ API (client -> controller)
 
 
-@dataclass(frozen=True, slots=True)
-class PinnedVm:
+class PinnedVm(Message, frozen=True):
     name: str
     cpu_policy: str
     pcpus: str
     status: str
 
 
-@dataclass(frozen=True, slots=True)
-class HostTuningView:
+class HostTuningView(Message, frozen=True):
     """``virtfleet host tuning HOST``: the host's last tuning facts plus what VMs hold of them."""
 
     host: str
@@ -321,8 +299,7 @@ class HostTuningView:
     hugepages_claimed: dict[str, int] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class VmPinRequest:
+class VmPinRequest(Message, frozen=True):
     """``virtfleet vm pin NAME --vcpu N --cpus LIST`` (or ``--emulator``)."""
 
     name: str
@@ -339,8 +316,7 @@ class VmPinRequest:
             raise InvalidRequest(f"vCPU number must be 0 or more, got {self.vcpu!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class VmAffinityView:
+class VmAffinityView(Message, frozen=True):
     """A VM's CPU policy, what it may be pinned to, and its actual affinity."""
 
     vm: str
@@ -352,8 +328,7 @@ class VmAffinityView:
     message: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class HostTasksetRequest:
+class HostTasksetRequest(Message, frozen=True):
     host: str
     pid: int
     cpus: str
@@ -364,15 +339,13 @@ class HostTasksetRequest:
         _check_cpus(self.cpus, "CPU list")
 
 
-@dataclass(frozen=True, slots=True)
-class HostTasksetDone:
+class HostTasksetDone(Message, frozen=True):
     host: str
     vm: str
     result: TasksetResult
 
 
-@dataclass(frozen=True, slots=True)
-class HostHugepagesRequest:
+class HostHugepagesRequest(Message, frozen=True):
     host: str
     size: str
     count: int
@@ -384,14 +357,12 @@ class HostHugepagesRequest:
             raise InvalidRequest(f"page count must be 0 or more, got {self.count!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class HostHugepagesDone:
+class HostHugepagesDone(Message, frozen=True):
     host: str
     result: HugepagesResult
 
 
-@dataclass(frozen=True, slots=True)
-class HostIoSchedulerRequest:
+class HostIoSchedulerRequest(Message, frozen=True):
     host: str
     device: str
     scheduler: str
@@ -402,14 +373,12 @@ class HostIoSchedulerRequest:
         _check_scheduler(self.scheduler)
 
 
-@dataclass(frozen=True, slots=True)
-class HostIoSchedulerDone:
+class HostIoSchedulerDone(Message, frozen=True):
     host: str
     result: IoSchedulerResult
 
 
-@dataclass(frozen=True, slots=True)
-class HostTuneRequest:
+class HostTuneRequest(Message, frozen=True):
     """``virtfleet host tune HOST --profile virt-host [--hugepages 2M=64]``."""
 
     host: str
@@ -427,8 +396,7 @@ class HostTuneRequest:
                 raise InvalidRequest(f"hugepage count for {size} must be 0 or more, got {count!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class HostTuneDone:
+class HostTuneDone(Message, frozen=True):
     host: str
     result: ProfileResult
 

@@ -6,10 +6,10 @@ paths (:class:`DiskSpec.path`) and hands the resolved spec to the pure domain-XM
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import StrEnum
 
 from common.errors import InvalidRequest
+from common.messages.base import Message, force_setattr
 from common.messages.descriptor import Family, Timeout, Version, command
 from common.validation import check_mac, check_name, check_positive
 
@@ -136,8 +136,7 @@ class HostStatus(StrEnum):
     DOWN = "down"
 
 
-@dataclass(frozen=True, slots=True)
-class DiskSpec:
+class DiskSpec(Message, frozen=True):
     """One disk or CD-ROM.
 
     ``source`` is ``new`` (the agent creates ``volume`` in ``pool`` with ``size_gib``) or
@@ -169,8 +168,7 @@ class DiskSpec:
             raise InvalidRequest(f"disk {self.target}: path must be absolute, got {self.path!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class NicSpec:
+class NicSpec(Message, frozen=True):
     """One network interface: on a libvirt network or a host bridge."""
 
     kind: NicKind
@@ -183,11 +181,10 @@ class NicSpec:
             raise InvalidRequest("a NIC needs a source network or bridge")
         if self.mac is not None:
             # Stored lower-case: libvirt reports MACs lower-case, and they are compared as strings.
-            object.__setattr__(self, "mac", check_mac(self.mac))
+            force_setattr(self, "mac", check_mac(self.mac))
 
 
-@dataclass(frozen=True, slots=True)
-class GraphicsSpec:
+class GraphicsSpec(Message, frozen=True):
     """VNC console. ``port`` None means automatic; a fixed port must be 5900-65535."""
 
     listen: str = "127.0.0.1"
@@ -202,8 +199,7 @@ class GraphicsSpec:
             raise InvalidRequest("VNC passwords are limited to 8 characters")
 
 
-@dataclass(frozen=True, slots=True)
-class KernelBoot:
+class KernelBoot(Message, frozen=True):
     """Direct kernel boot, an alternative to booting from a disk."""
 
     kernel: str
@@ -211,22 +207,19 @@ class KernelBoot:
     cmdline: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class VcpuPin:
+class VcpuPin(Message, frozen=True):
     vcpu: int
     cpuset: str
 
 
-@dataclass(frozen=True, slots=True)
-class CpuTune:
+class CpuTune(Message, frozen=True):
     """Pinning: each vCPU to a host CPU set, emulator threads to another."""
 
     vcpu_pins: tuple[VcpuPin, ...] = ()
     emulator_cpuset: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class VmSpec:
+class VmSpec(Message, frozen=True):
     """A VM as the controller wants it on a host."""
 
     uuid: str
@@ -275,16 +268,14 @@ class VmSpec:
 # ---------------------------------------------------------------- commands (controller -> agent)
 
 
-@dataclass(frozen=True, slots=True)
-class VmRef:
+class VmRef(Message, frozen=True):
     """Names a VM on a host; the uuid is authoritative, the name is for messages."""
 
     uuid: str
     name: str
 
 
-@dataclass(frozen=True, slots=True)
-class CreateVm:
+class CreateVm(Message, frozen=True):
     """``vm.create``: create disks, define the domain, optionally start it. Idempotent by uuid.
 
     An existing image that another domain on the host uses already is refused (virt-install's
@@ -296,15 +287,13 @@ class CreateVm:
     allow_shared_disk: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class VmAction:
+class VmAction(Message, frozen=True):
     """``vm.start|destroy|reboot|suspend|resume``: one lifecycle action on one VM."""
 
     vm: VmRef
 
 
-@dataclass(frozen=True, slots=True)
-class ShutdownVm:
+class ShutdownVm(Message, frozen=True):
     """``vm.shutdown``: ACPI shutdown; after ``timeout_s`` optionally power off."""
 
     vm: VmRef
@@ -312,22 +301,19 @@ class ShutdownVm:
     force_after_timeout: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class DeleteVm:
+class DeleteVm(Message, frozen=True):
     """``vm.delete``: undefine (and power off first); keep the disks unless asked."""
 
     vm: VmRef
     delete_disks: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class SetAutostart:
+class SetAutostart(Message, frozen=True):
     vm: VmRef
     enabled: bool
 
 
-@dataclass(frozen=True, slots=True)
-class VmStatus:
+class VmStatus(Message, frozen=True):
     """What ``virsh dominfo`` shows, as the agent saw it."""
 
     uuid: str
@@ -343,13 +329,12 @@ class VmStatus:
     managed: bool = True  # False for domains virtfleet did not create
 
 
-@dataclass(frozen=True, slots=True)
-class VmResult:
+class VmResult(Message, frozen=True):
     """Reply to every VM command: the VM's status afterwards (None after a delete)."""
 
     status: VmStatus | None = None
     message: str = ""
-    disks: tuple[DiskSpec, ...] = field(default=())
+    disks: tuple[DiskSpec, ...] = ()
 
 
 # ---------------------------------------------------------------- the commands of this module

@@ -16,10 +16,10 @@ Conventions
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from common.errors import InvalidRequest
 from common.messages.api import API, VmActionDone, VmCreated, VmRefRequest, vm_action
+from common.messages.base import Message, force_setattr
 from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command
 from common.messages.vm import (
     VM,
@@ -75,8 +75,7 @@ def _check_scope(live: bool | None, config: bool) -> None:
 # ====================================================================== agent commands
 
 
-@dataclass(frozen=True, slots=True)
-class DefineVm:
+class DefineVm(Message, frozen=True):
     """``vm.define``: define a persistent domain from libvirt XML (``virsh define backup.xml``).
 
     ``uuid`` and ``name`` must be those in ``xml`` (the controller parsed it). Idempotent by uuid:
@@ -95,8 +94,7 @@ class DefineVm:
             raise InvalidRequest("the domain XML is empty")
 
 
-@dataclass(frozen=True, slots=True)
-class DumpXml:
+class DumpXml(Message, frozen=True):
     """``vm.dumpxml``: the domain's XML; the persistent definition unless ``live``.
 
     ``secure`` includes secrets such as the VNC password (``virsh dumpxml --security-info``).
@@ -107,13 +105,11 @@ class DumpXml:
     live: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class DomainXml:
+class DomainXml(Message, frozen=True):
     xml: str
 
 
-@dataclass(frozen=True, slots=True)
-class ConsoleInfo:
+class ConsoleInfo(Message, frozen=True):
     """``vm.console``: the graphical console as the running domain has it (live XML)."""
 
     type: str | None  # vnc, spice, or None when the VM has no graphics
@@ -124,8 +120,7 @@ class ConsoleInfo:
     running: bool
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotCreate:
+class SnapshotCreate(Message, frozen=True):
     """``vm.snapshot.create``: an internal snapshot (disks and, when running, memory). Needs qcow2 disks."""
 
     vm: VmRef
@@ -136,8 +131,7 @@ class SnapshotCreate:
         check_name(self.name, "snapshot name")
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotRef:
+class SnapshotRef(Message, frozen=True):
     """``vm.snapshot.revert`` / ``vm.snapshot.delete``."""
 
     vm: VmRef
@@ -147,8 +141,7 @@ class SnapshotRef:
         check_name(self.name, "snapshot name")
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotInfo:
+class SnapshotInfo(Message, frozen=True):
     """One row of ``virsh snapshot-list`` (plus ``snapshot-info``)."""
 
     name: str
@@ -160,8 +153,7 @@ class SnapshotInfo:
     memory: bool = False  # RAM saved too: reverting resumes the guest where it was
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotResult:
+class SnapshotResult(Message, frozen=True):
     """Reply to the snapshot commands: the VM afterwards and its snapshots."""
 
     status: VmStatus | None
@@ -169,8 +161,7 @@ class SnapshotResult:
     message: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class SetVcpus:
+class SetVcpus(Message, frozen=True):
     """``vm.set_vcpus``: ``virsh setvcpus N --live --config``; a running VM can only gain vCPUs."""
 
     vm: VmRef
@@ -180,8 +171,7 @@ class SetVcpus:
         check_positive(self.vcpus, "vcpus")
 
 
-@dataclass(frozen=True, slots=True)
-class SetMemory:
+class SetMemory(Message, frozen=True):
     """``vm.set_memory``: the balloon target (``virsh setmem``, the notes' ``balloon`` monitor command)."""
 
     vm: VmRef
@@ -191,8 +181,7 @@ class SetMemory:
         check_positive(self.memory_mib, "memory (MiB)")
 
 
-@dataclass(frozen=True, slots=True)
-class MemStat:
+class MemStat(Message, frozen=True):
     """``vm.memstat``: ``info balloon`` (``actual``) and the rest of ``virsh dommemstat``, in KiB."""
 
     status: VmStatus
@@ -200,8 +189,7 @@ class MemStat:
     stats: dict[str, int]
 
 
-@dataclass(frozen=True, slots=True)
-class DiskAttach:
+class DiskAttach(Message, frozen=True):
     """``vm.disk.attach``: a data disk, new (created in a pool) or an existing image."""
 
     vm: VmRef
@@ -215,8 +203,7 @@ class DiskAttach:
         _check_scope(self.live, self.config)
 
 
-@dataclass(frozen=True, slots=True)
-class DiskDetach:
+class DiskDetach(Message, frozen=True):
     """``vm.disk.detach``: detach by target; the image is kept unless ``delete_volume`` (agent-made only)."""
 
     vm: VmRef
@@ -230,8 +217,7 @@ class DiskDetach:
         _check_scope(self.live, self.config)
 
 
-@dataclass(frozen=True, slots=True)
-class DiskResize:
+class DiskResize(Message, frozen=True):
     """``vm.disk.resize``: grow a disk image to ``size_gib`` (``virsh blockresize`` / ``qemu-img resize``)."""
 
     vm: VmRef
@@ -243,8 +229,7 @@ class DiskResize:
         check_positive(self.size_gib, "disk size (GiB)")
 
 
-@dataclass(frozen=True, slots=True)
-class NicAttach:
+class NicAttach(Message, frozen=True):
     """``vm.nic.attach``: ``virsh attach-interface``; the controller always sends a MAC."""
 
     vm: VmRef
@@ -258,8 +243,7 @@ class NicAttach:
         _check_scope(self.live, self.config)
 
 
-@dataclass(frozen=True, slots=True)
-class NicDetach:
+class NicDetach(Message, frozen=True):
     """``vm.nic.detach``: ``virsh detach-interface --mac``."""
 
     vm: VmRef
@@ -268,12 +252,11 @@ class NicDetach:
     config: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mac", check_mac(self.mac))
+        force_setattr(self, "mac", check_mac(self.mac))
         _check_scope(self.live, self.config)
 
 
-@dataclass(frozen=True, slots=True)
-class NicRow:
+class NicRow(Message, frozen=True):
     """One row of ``virsh domiflist``; ``-`` where virsh prints it."""
 
     interface: str
@@ -283,16 +266,14 @@ class NicRow:
     mac: str
 
 
-@dataclass(frozen=True, slots=True)
-class NicList:
+class NicList(Message, frozen=True):
     """Reply to ``vm.nic.*``: the interfaces afterwards (the running domain's when it runs)."""
 
     nics: tuple[NicRow, ...]
     message: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class ImageLocation:
+class ImageLocation(Message, frozen=True):
     """An image on a host: an absolute ``path``, or ``volume`` in ``pool`` (None: the default pool)."""
 
     path: str | None = None
@@ -317,8 +298,7 @@ class ImageLocation:
         return f"{self.pool or '<default pool>'}/{self.volume}"
 
 
-@dataclass(frozen=True, slots=True)
-class ImageCreate:
+class ImageCreate(Message, frozen=True):
     """``image.create``: ``qemu-img create -f FORMAT PATH SIZE`` (or a pool volume). Never overwrites."""
 
     image: ImageLocation
@@ -329,15 +309,13 @@ class ImageCreate:
         check_positive(self.size_gib, "image size (GiB)")
 
 
-@dataclass(frozen=True, slots=True)
-class ImageInfoRequest:
+class ImageInfoRequest(Message, frozen=True):
     """``image.info``: ``qemu-img info``."""
 
     image: ImageLocation
 
 
-@dataclass(frozen=True, slots=True)
-class ImageConvert:
+class ImageConvert(Message, frozen=True):
     """``image.convert``: ``qemu-img convert -O FORMAT SRC DST``; DST must not exist."""
 
     source: ImageLocation
@@ -345,8 +323,7 @@ class ImageConvert:
     format: DiskFormat
 
 
-@dataclass(frozen=True, slots=True)
-class ImageInfo:
+class ImageInfo(Message, frozen=True):
     """What ``qemu-img info`` says about an image."""
 
     path: str
@@ -362,8 +339,7 @@ class ImageInfo:
 # ====================================================================== client -> controller
 
 
-@dataclass(frozen=True, slots=True)
-class VmAutostartRequest:
+class VmAutostartRequest(Message, frozen=True):
     name: str
     enabled: bool = True
 
@@ -371,8 +347,7 @@ class VmAutostartRequest:
         check_name(self.name, "VM name")
 
 
-@dataclass(frozen=True, slots=True)
-class VmExportRequest:
+class VmExportRequest(Message, frozen=True):
     name: str
     secure: bool = False
     live: bool = False
@@ -381,15 +356,13 @@ class VmExportRequest:
         check_name(self.name, "VM name")
 
 
-@dataclass(frozen=True, slots=True)
-class VmExport:
+class VmExport(Message, frozen=True):
     name: str
     host: str
     xml: str
 
 
-@dataclass(frozen=True, slots=True)
-class VmImportRequest:
+class VmImportRequest(Message, frozen=True):
     """``api.vm.import``: define a VM from libvirt XML, on ``host`` or where the scheduler puts it."""
 
     xml: str
@@ -404,8 +377,7 @@ class VmImportRequest:
             check_host_id(self.host)
 
 
-@dataclass(frozen=True, slots=True)
-class ConsoleView:
+class ConsoleView(Message, frozen=True):
     name: str
     host: str
     hostname: str
@@ -417,8 +389,7 @@ class ConsoleView:
     address: str
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotCreateRequest:
+class SnapshotCreateRequest(Message, frozen=True):
     name: str
     snapshot: str
     description: str = ""
@@ -428,8 +399,7 @@ class SnapshotCreateRequest:
         check_name(self.snapshot, "snapshot name")
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotRequest:
+class SnapshotRequest(Message, frozen=True):
     name: str
     snapshot: str
 
@@ -438,15 +408,13 @@ class SnapshotRequest:
         check_name(self.snapshot, "snapshot name")
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotListView:
+class SnapshotListView(Message, frozen=True):
     name: str
     snapshots: tuple[SnapshotInfo, ...]
     message: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class VmSetVcpusRequest:
+class VmSetVcpusRequest(Message, frozen=True):
     name: str
     vcpus: int
 
@@ -455,8 +423,7 @@ class VmSetVcpusRequest:
         check_positive(self.vcpus, "vcpus")
 
 
-@dataclass(frozen=True, slots=True)
-class VmSetMemoryRequest:
+class VmSetMemoryRequest(Message, frozen=True):
     name: str
     memory_mib: int
 
@@ -465,8 +432,7 @@ class VmSetMemoryRequest:
         check_positive(self.memory_mib, "memory (MiB)")
 
 
-@dataclass(frozen=True, slots=True)
-class MemStatView:
+class MemStatView(Message, frozen=True):
     name: str
     host: str
     memory_mib: int
@@ -475,8 +441,7 @@ class MemStatView:
     stats: dict[str, int]
 
 
-@dataclass(frozen=True, slots=True)
-class VmDiskAttachRequest:
+class VmDiskAttachRequest(Message, frozen=True):
     """A data disk: new (``size_gib`` in the host's pool) or an existing image (``path``)."""
 
     name: str
@@ -505,8 +470,7 @@ class VmDiskAttachRequest:
         _check_scope(self.live, self.config)
 
 
-@dataclass(frozen=True, slots=True)
-class VmDiskDetachRequest:
+class VmDiskDetachRequest(Message, frozen=True):
     name: str
     target: str
     live: bool | None = None
@@ -519,8 +483,7 @@ class VmDiskDetachRequest:
         _check_scope(self.live, self.config)
 
 
-@dataclass(frozen=True, slots=True)
-class VmDiskResizeRequest:
+class VmDiskResizeRequest(Message, frozen=True):
     """Growing a disk is refused unless ``i_know`` (the notes: add a disk instead; back up first)."""
 
     name: str
@@ -534,8 +497,7 @@ class VmDiskResizeRequest:
         check_positive(self.size_gib, "disk size (GiB)")
 
 
-@dataclass(frozen=True, slots=True)
-class VmNicAttachRequest:
+class VmNicAttachRequest(Message, frozen=True):
     name: str
     kind: NicKind
     source: str
@@ -548,12 +510,11 @@ class VmNicAttachRequest:
         check_name(self.name, "VM name")
         NicSpec(self.kind, self.source, self.model, self.mac)  # same checks as at create
         if self.mac is not None:
-            object.__setattr__(self, "mac", check_mac(self.mac))
+            force_setattr(self, "mac", check_mac(self.mac))
         _check_scope(self.live, self.config)
 
 
-@dataclass(frozen=True, slots=True)
-class VmNicDetachRequest:
+class VmNicDetachRequest(Message, frozen=True):
     name: str
     mac: str
     live: bool | None = None
@@ -561,20 +522,18 @@ class VmNicDetachRequest:
 
     def __post_init__(self) -> None:
         check_name(self.name, "VM name")
-        object.__setattr__(self, "mac", check_mac(self.mac))
+        force_setattr(self, "mac", check_mac(self.mac))
         _check_scope(self.live, self.config)
 
 
-@dataclass(frozen=True, slots=True)
-class NicListView:
+class NicListView(Message, frozen=True):
     name: str
     host: str
     nics: tuple[NicRow, ...]
     message: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class ImageCreateRequest:
+class ImageCreateRequest(Message, frozen=True):
     host: str
     image: ImageLocation
     format: DiskFormat = DiskFormat.QCOW2
@@ -585,8 +544,7 @@ class ImageCreateRequest:
         check_positive(self.size_gib, "image size (GiB)")
 
 
-@dataclass(frozen=True, slots=True)
-class ImageInfoApiRequest:
+class ImageInfoApiRequest(Message, frozen=True):
     host: str
     image: ImageLocation
 
@@ -594,8 +552,7 @@ class ImageInfoApiRequest:
         check_host_id(self.host)
 
 
-@dataclass(frozen=True, slots=True)
-class ImageConvertRequest:
+class ImageConvertRequest(Message, frozen=True):
     host: str
     source: ImageLocation
     dest: ImageLocation
@@ -605,8 +562,7 @@ class ImageConvertRequest:
         check_host_id(self.host)
 
 
-@dataclass(frozen=True, slots=True)
-class ImageView:
+class ImageView(Message, frozen=True):
     host: str
     image: ImageInfo
     message: str = ""

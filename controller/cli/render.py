@@ -10,14 +10,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from common.codec import to_wire
 from common.errors import VirtfleetError
 from common.messages import api
-from common.schema import to_plain
 
 
 def emit_json(console: Console, data: Any) -> None:
     """One JSON document on stdout (stable field names: docs/cli.md)."""
-    console.print_json(json.dumps(to_plain(data), sort_keys=True), highlight=False)
+    console.print_json(json.dumps(to_wire(data), sort_keys=True), highlight=False)
 
 
 def _ago(ts: float | None) -> str:

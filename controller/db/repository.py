@@ -15,10 +15,10 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from common.codec import from_wire, to_wire
 from common.errors import AlreadyExists, Conflict, NotFound
 from common.messages.host import Heartbeat, HostReport
 from common.messages.vm import PowerState, VmStatus
-from common.schema import from_plain, to_plain
 from controller.db.models import Allocation, Host, HostGroup, ServerGroup, Vm
 
 
@@ -131,7 +131,7 @@ def _host_record(
         disk_free_gib=row.disk_free_gib,
         networks=tuple(json.loads(row.networks)),
         bridges=tuple(json.loads(row.bridges)),
-        reported_vms=tuple(from_plain(VmStatus, v, "reported_vms") for v in json.loads(row.reported_vms)),
+        reported_vms=tuple(from_wire(VmStatus, v, "reported_vms") for v in json.loads(row.reported_vms)),
         cpu_ratio=row.cpu_ratio,
         ram_ratio=row.ram_ratio,
         disk_ratio=row.disk_ratio,
@@ -244,9 +244,9 @@ def record_report(session: Session, report: HostReport, now: float) -> list[str]
     row.disk_free_gib = report.storage.available_gib if report.storage else 0
     row.networks = json.dumps(sorted(report.networks))
     row.bridges = json.dumps(sorted(report.bridges))
-    row.reported_vms = json.dumps(to_plain(report.vms))
-    row.network_facts = json.dumps(to_plain(report.network))
-    row.tuning_facts = json.dumps(to_plain(report.tuning))
+    row.reported_vms = json.dumps(to_wire(report.vms))
+    row.network_facts = json.dumps(to_wire(report.network))
+    row.tuning_facts = json.dumps(to_wire(report.tuning))
     row.agent_started_at = report.started_at
     row.report_seq = report.seq
     row.last_report = now

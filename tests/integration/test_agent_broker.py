@@ -26,11 +26,11 @@ from agent.config import AgentConfig
 from agent.drivers import host_facts
 from agent.drivers.libvirt_driver import LibvirtHypervisor, open_connection
 from agent.main import Agent
+from common.codec import from_wire
 from common.errors import NotFound
 from common.messages.envelope import Envelope, decode_envelope
 from common.messages.host import HostReport, ReportAck, ReportRequest
 from common.messages.vm import CreateVm, DiskSpec, DomainType, PowerState, VmAction, VmRef, VmResult, VmSpec
-from common.schema import from_plain
 from common.transport.amqp import RpcClient
 from common.transport.rpc import request, unwrap
 from common.transport.topology import (
@@ -88,7 +88,7 @@ class Tap:
 
 def report_of(body: bytes) -> HostReport | None:
     env = decode_envelope(body)
-    return from_plain(HostReport, env.body) if env.kind == "host.report" else None
+    return from_wire(HostReport, env.body) if env.kind == "host.report" else None
 
 
 def report_matching(tap: Tap, pred: Callable[[HostReport], bool]) -> HostReport:

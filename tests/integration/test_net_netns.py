@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from agent.network.netlink import NetlinkDriver
 from agent.network.planner import managed_routes
 from agent.network.transaction import PENDING_FILE
 from common.errors import Conflict, NetworkConfigError, NotFound
+from common.messages.base import replace
 from common.messages.network import (
     BondCreate,
     BridgeCreate,

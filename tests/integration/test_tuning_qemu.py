@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +33,7 @@ from agent.config import AgentConfig
 from agent.main import Agent, build_hypervisor
 from agent.tuning import parse
 from agent.tuning.module import TuningModule
+from common.messages.base import replace
 from common.messages.tuning import (
     ApplyProfile,
     GetAffinity,

@@ -97,6 +97,12 @@ def make(handlers: dict[Op[Any, Any], Any], journal: DictJournal | None = None) 
     return Dispatcher(SENDER, table(handlers), journal=journal, clock=lambda: NOW)
 
 
+def wire(env: Envelope | None) -> bytes:
+    """What a reply is on the wire (in-process bodies hold tuples where decoded ones hold lists)."""
+    assert env is not None
+    return env.encode()
+
+
 def error_of(outcome: Outcome) -> dict[str, Any]:
     assert outcome.reply is not None
     assert outcome.reply.kind == "reply"
@@ -151,7 +157,8 @@ def test_handler_gets_typed_body_and_result_is_serialised() -> None:
     assert outcome.reply.kind == "reply"
     assert outcome.reply.correlation_id == "req-1"
     assert outcome.reply.sender == SENDER
-    assert outcome.reply.body == {
+    # as the caller receives it
+    assert decode_envelope(outcome.reply.encode()).body == {
         "ok": True,
         "result": {
             "status": {
@@ -212,7 +219,7 @@ def test_unknown_kind_is_invalid_request_and_dead_lettered() -> None:
     [
         ({}, "body.vm: required field is missing"),
         ({"vm": {"uuid": "u"}}, "body.vm.name: required field is missing"),
-        ({"vm": {"uuid": 1, "name": "web"}}, "body.vm.uuid: expected a string, got int"),
+        ({"vm": {"uuid": 1, "name": "web"}}, "body.vm.uuid: expected a string, got an integer"),
         ({"vm": []}, "body.vm: expected a map, got a list"),
     ],
 )
@@ -362,17 +369,17 @@ def test_redelivery_is_answered_from_the_journal() -> None:
     dispatch = make({vm.VM_START: handler}, journal)
     env = env_for(vm.VM_START.kind, VM_REF)
     first = dispatch(delivery(env))
-    assert journal.puts == [("req-1", "vm.start")]
+    assert journal.puts == [("req-1", vm.VM_START.kind)]
     assert first.reply is not None
-    assert decode_envelope(journal.replies["req-1"]) == first.reply
+    assert journal.replies["req-1"] == first.reply.encode()
 
     second = dispatch(delivery(env, redelivered=True))
     assert len(handler.calls) == 1
-    assert second.reply == first.reply
+    assert wire(second.reply) == wire(first.reply)
     assert second.reply is not None
     assert second.reply.correlation_id == "req-1"
     assert second.dead_letter is False
-    assert journal.puts == [("req-1", "vm.start")]
+    assert journal.puts == [("req-1", vm.VM_START.kind)]
 
 
 def test_error_replies_are_journaled_too() -> None:
@@ -383,7 +390,7 @@ def test_error_replies_are_journaled_too() -> None:
     first = dispatch(delivery(env))
     second = dispatch(delivery(env))
     assert len(handler.calls) == 1
-    assert second.reply == first.reply
+    assert wire(second.reply) == wire(first.reply)
     assert error_of(second)["type"] == "NotFound"
 
 
@@ -415,7 +422,7 @@ def test_journal_hit_wins_even_over_expiry() -> None:
     later = Dispatcher(SENDER, table({vm.VM_START: handler}), journal=journal, clock=lambda: NOW + 100)(
         delivery(env)
     )
-    assert later.reply == first.reply
+    assert wire(later.reply) == wire(first.reply)
     assert len(handler.calls) == 1
 
 

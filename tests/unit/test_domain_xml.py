@@ -9,7 +9,6 @@ then review the diff. Without the variable the XML must match the files byte for
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import re
@@ -33,6 +32,7 @@ from common.domain_xml import (
     parse_domain_xml,
     spec_from_parsed,
 )
+from common.messages.base import replace
 from common.messages.vm import (
     CacheMode,
     CpuTune,
@@ -236,7 +236,7 @@ def test_no_stale_golden_files() -> None:
 
 def test_build_is_deterministic() -> None:
     spec = DOMAIN_CASES["two_bridges_vnc"]
-    assert build_domain_xml(spec) == build_domain_xml(dataclasses.replace(spec))
+    assert build_domain_xml(spec) == build_domain_xml(replace(spec))
 
 
 def test_exact_elements_of_two_bridges_vnc() -> None:
@@ -273,7 +273,7 @@ def test_cdrom_boots_first_and_kernel_boot_has_no_boot_devices() -> None:
 
 
 def test_default_size_hugepages_round_trip() -> None:
-    spec = dataclasses.replace(DOMAIN_CASES["minimal"], hugepage_size_kib=0)
+    spec = replace(DOMAIN_CASES["minimal"], hugepage_size_kib=0)
     root = ET.fromstring(build_domain_xml(spec))
     hugepages = root.find("memoryBacking/hugepages")
     assert hugepages is not None
@@ -506,7 +506,7 @@ def test_domain_xml_error_is_a_value_error() -> None:
 
 def test_disk_without_path_is_refused() -> None:
     disk = DiskSpec(target="vdb", size_gib=10, pool="default", volume="vm1-vdb.qcow2")
-    spec = dataclasses.replace(DOMAIN_CASES["minimal"], disks=(disk,))
+    spec = replace(DOMAIN_CASES["minimal"], disks=(disk,))
     with pytest.raises(ValueError, match=r"^disk vdb: no path"):
         build_domain_xml(spec)
     with pytest.raises(ValueError, match=r"^disk vdb: no path"):
@@ -538,11 +538,11 @@ def test_disks_qemu_would_refuse(disk: DiskSpec, message: str) -> None:
 def test_build_refuses_bad_values() -> None:
     minimal = DOMAIN_CASES["minimal"]
     with pytest.raises(ValueError, match="invalid uuid 'nope'"):
-        build_domain_xml(dataclasses.replace(minimal, uuid="nope"))
+        build_domain_xml(replace(minimal, uuid="nope"))
     with pytest.raises(ValueError, match="vcpupin for vCPU 1, but it has 1 vCPUs"):
-        build_domain_xml(dataclasses.replace(minimal, cputune=CpuTune(vcpu_pins=(VcpuPin(1, "0"),))))
+        build_domain_xml(replace(minimal, cputune=CpuTune(vcpu_pins=(VcpuPin(1, "0"),))))
     with pytest.raises(ValueError, match="<description> contains a character"):
-        build_domain_xml(dataclasses.replace(minimal, description="bell\x07"))
+        build_domain_xml(replace(minimal, description="bell\x07"))
 
 
 def _foreign(devices: str, domain_type: str = "kvm", name: str = "vm1") -> str:
@@ -609,7 +609,7 @@ def test_foreign_defaults_on_import() -> None:
 def test_libvirt_test_driver_accepts(name: str) -> None:
     import libvirt  # noqa: PLC0415 - optional; the skipif above covers its absence
 
-    spec = dataclasses.replace(DOMAIN_CASES[name], name=f"vf-golden-{name.replace('_', '-')}")
+    spec = replace(DOMAIN_CASES[name], name=f"vf-golden-{name.replace('_', '-')}")
     conn = libvirt.open("test:///default")
     try:
         dom = conn.defineXML(build_domain_xml(spec))
@@ -620,11 +620,10 @@ def test_libvirt_test_driver_accepts(name: str) -> None:
             assert (live.memory_mib, live.max_memory_mib) == (spec.memory_mib, spec.effective_max_memory_mib)
             # libvirt invents MACs (and test-driver taps) for NICs that have none; everything else comes back.
             invented = [n.mac for n in live.nics]
-            expected = dataclasses.replace(
+            expected = replace(
                 spec,
                 nics=tuple(
-                    dataclasses.replace(nic, mac=nic.mac or mac)
-                    for nic, mac in zip(spec.nics, invented, strict=True)
+                    replace(nic, mac=nic.mac or mac) for nic, mac in zip(spec.nics, invented, strict=True)
                 ),
             )
             assert spec_from_parsed(live) == expected

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
+from common.codec import to_wire
 from common.errors import InvalidRequest
 from common.messages.tuning import BlockDevice, HostTuningReport, HugepagePool, NumaCell
-from common.schema import to_plain
 from controller import fleet, tuning_inventory
 from controller.config import ControllerConfig
 from controller.db.repository import HostRecord
@@ -33,7 +33,7 @@ def report(**changes: Any) -> dict[str, Any]:
         "block_devices": (BlockDevice("vda", "none"),),
     }
     base.update(changes)
-    return dict(to_plain(HostTuningReport(**base)))
+    return dict(to_wire(HostTuningReport(**base)))
 
 
 def host(
