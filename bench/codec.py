@@ -58,7 +58,9 @@ def _messages(vm: Any, host: Any) -> tuple[Any, Any]:
         cpuset="0-7",
         disks=(
             vm.DiskSpec(target="vda", size_gib=40, pool="default", volume="web-1-vda"),
-            vm.DiskSpec(target="vdb", size_gib=200, pool="default", volume="web-1-vdb", cache=vm.CacheMode.NONE),
+            vm.DiskSpec(
+                target="vdb", size_gib=200, pool="default", volume="web-1-vdb", cache=vm.CacheMode.NONE
+            ),
             vm.DiskSpec(
                 target="sda",
                 source="existing",
@@ -127,8 +129,8 @@ def _codec_of_tree() -> tuple[Callable[[Any], Any], Callable[[type, Any], Any], 
     except ImportError:  # the reflective converter of older trees
         from common.schema import from_plain, to_plain  # type: ignore[import-not-found]  # noqa: PLC0415
 
-        return to_plain, lambda cls, data: from_plain(cls, data), envelope
-    return to_wire, lambda cls, data: from_wire(cls, data), envelope
+        return to_plain, from_plain, envelope
+    return to_wire, from_wire, envelope
 
 
 def _time_per_call(fn: Callable[[], object], batches: int) -> float:
@@ -174,7 +176,9 @@ def measure(batches: int) -> dict[str, float]:
         assert round_trip() == message
         out[label] = _time_per_call(round_trip, batches)
         out[f"{label}_floor"] = _time_per_call(floor, batches)
-        out[f"{label}_bytes"] = float(len(envelope.Envelope(kind=kind, body=plain["body"], sender="bench").encode()))
+        out[f"{label}_bytes"] = float(
+            len(envelope.Envelope(kind=kind, body=plain["body"], sender="bench").encode())
+        )
     return out
 
 
@@ -212,7 +216,9 @@ class Row:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--measure", action="store_true", help="(internal) measure the tree on sys.path")
     parser.add_argument("--before", default=DEFAULT_BEFORE, help="git revision to compare with")
     parser.add_argument("--no-before", action="store_true", help="only this tree")
@@ -227,13 +233,18 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="vf-codec-bench-") as tmp:
             tree = Path(tmp) / "before"
             subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), args.before], check=True
+                ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), args.before],
+                check=True,
             )
             try:
                 before = _run_in(tree, args.batches)
             finally:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True)
-    print(f"codec: encode + decode of one message, µs (median of {args.batches} batches); before = {args.before}")
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True
+                )
+    print(
+        f"codec: encode + decode of one message, µs (median of {args.batches} batches); before = {args.before}"
+    )
     print(f"{'message':<28} {'floor':>9} {'before':>9} {'after':>9}   speedup   after/floor")
     for label, name in (("create", "vm.create (full spec)"), ("report200", "host.report (200 VMs)")):
         row = Row(

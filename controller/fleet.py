@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from common.messages.api import HostView, RejectionView, ResourceView, VmView
+from common.messages.vm import HostStatus
 from controller import tuning_inventory
 from controller.config import ControllerConfig
 from controller.db.repository import HostRecord, ServerGroupRecord, VmRecord
@@ -220,7 +221,7 @@ def host_view(
     return HostView(
         host_id=record.id,
         hostname=record.hostname,
-        status="up" if host_is_up(record, now, config.down_after_s) else "down",
+        status=HostStatus.UP if host_is_up(record, now, config.down_after_s) else HostStatus.DOWN,
         enabled=record.enabled,
         maintenance=record.maintenance,
         hypervisor_type=record.hypervisor_type,
@@ -241,23 +242,5 @@ def host_view(
 
 
 def vm_view(record: VmRecord) -> VmView:
-    return VmView(
-        uuid=record.uuid,
-        name=record.name,
-        host=record.host_id,
-        status=record.status,
-        power_state=record.power_state,
-        desired_power=record.desired_power,
-        task=record.task,
-        vcpus=record.vcpus,
-        max_vcpus=record.max_vcpus,
-        memory_mib=record.memory_mib,
-        max_memory_mib=record.max_memory_mib,
-        disk_gib=record.disk_gib,
-        autostart=record.autostart,
-        persistent=record.persistent,
-        cpu_time_ns=record.cpu_time_ns,
-        created_at=record.created_at,
-        updated_at=record.updated_at,
-        last_error=record.last_error,
-    )
+    """What clients are shown of a VM."""
+    return record.view()

@@ -8,9 +8,8 @@ import logging
 from collections.abc import Iterable
 
 from common.errors import NotFound
-from common.messages import placement as msg
 from common.messages import placement as msgs
-from common.messages.vm import PowerState
+from common.messages.vm import HostStatus, Lifecycle, PowerState
 from common.transport.rpc import HandlerTable
 from controller import fleet
 from controller.db import repository as repo
@@ -30,7 +29,7 @@ _RESETTABLE_COLUMNS = {
 }
 
 
-def host_set(service: ControllerService, req: msg.HostSet) -> msg.Done:
+def host_set(service: ControllerService, req: msgs.HostSet) -> msgs.Done:
     """Operator overrides for one host (ratios, reserves, limits, group)."""
     values: dict[str, object] = {}
     for name in (
@@ -78,10 +77,10 @@ def host_set(service: ControllerService, req: msg.HostSet) -> msg.Done:
         repo.set_host_fields(s, req.host, values, service.clock())
     changed = ", ".join(f"{k}={v}" for k, v in values.items()) or "nothing"
     log.info("host %s settings: %s", req.host, changed)
-    return msg.Done(f"{req.host}: {changed}")
+    return msgs.Done(f"{req.host}: {changed}")
 
 
-def host_state(service: ControllerService, req: msg.HostSwitch) -> msg.Done:
+def host_state(service: ControllerService, req: msgs.HostSwitch) -> msgs.Done:
     """Enable/disable a host or put it in/out of maintenance (no new VMs while off/in maintenance)."""
     values: dict[str, object] = {}
     if req.enabled is not None:
@@ -105,7 +104,7 @@ def host_state(service: ControllerService, req: msg.HostSwitch) -> msg.Done:
         words.append("enabled" if req.enabled else "disabled")
     if req.maintenance is not None:
         words.append("in maintenance" if req.maintenance else "out of maintenance")
-    return msg.Done(
+    return msgs.Done(
         f"{req.host}: {' and '.join(words) or 'unchanged'}" + (f" ({req.reason})" if req.reason else "")
     )
 
@@ -136,7 +135,7 @@ def drift_notes(record: repo.HostRecord, vms: Iterable[repo.VmRecord]) -> list[s
                 "is not claimed by virtfleet"
             )
     for vm in known.values():
-        if vm.status == "building":
+        if vm.status is Lifecycle.BUILDING:
             continue
         status = reported.get(vm.uuid)
         if status is None:
@@ -149,7 +148,7 @@ def drift_notes(record: repo.HostRecord, vms: Iterable[repo.VmRecord]) -> list[s
     return notes
 
 
-def capacity(service: ControllerService, req: msg.CapacityRequest) -> msg.CapacityReport:
+def capacity(service: ControllerService, req: msgs.CapacityRequest) -> msgs.CapacityReport:
     """Per host and resource: total, reserved, ratio, capacity, used, free, limits, reported use."""
     now = service.clock()
     with service.tx() as s:
@@ -170,7 +169,7 @@ def capacity(service: ControllerService, req: msg.CapacityRequest) -> msg.Capaci
         for rc, inv in sorted(state.inventories.items(), key=lambda kv: str(kv[0])):
             used = state.used.get(rc, 0)
             resources.append(
-                msg.ResourceCapacity(
+                msgs.ResourceCapacity(
                     resource=str(rc),
                     total=inv.total,
                     reserved=inv.reserved,
@@ -186,33 +185,33 @@ def capacity(service: ControllerService, req: msg.CapacityRequest) -> msg.Capaci
                 )
             )
         hosts.append(
-            msg.HostCapacity(
+            msgs.HostCapacity(
                 host=record.id,
-                status="up" if state.up else "down",
+                status=HostStatus.UP if state.up else HostStatus.DOWN,
                 group=record.group_name,
                 resources=tuple(resources),
                 drift=tuple(drift_notes(record, by_host.get(record.id, []))),
             )
         )
-    return msg.CapacityReport(tuple(hosts))
+    return msgs.CapacityReport(tuple(hosts))
 
 
-def hostgroup_set(service: ControllerService, req: msg.HostGroupSet) -> msg.Done:
+def hostgroup_set(service: ControllerService, req: msgs.HostGroupSet) -> msgs.Done:
     values = {k: getattr(req, k) for k in repo.GROUP_SETTINGS}
     with service.tx() as s:
         repo.upsert_host_group(s, req.name, values, service.clock())
         for record in repo.list_hosts(s):
             if record.group_name == req.name:
                 repo.bump_generation(s, record.id)
-    return msg.Done(f"host group {req.name} saved")
+    return msgs.Done(f"host group {req.name} saved")
 
 
-def hostgroup_list(service: ControllerService, _req: msg.CapacityRequest) -> msg.HostGroupList:
+def hostgroup_list(service: ControllerService, _req: msgs.CapacityRequest) -> msgs.HostGroupList:
     with service.tx() as s:
         groups = repo.list_host_groups(s)
-    return msg.HostGroupList(
+    return msgs.HostGroupList(
         tuple(
-            msg.HostGroupView(
+            msgs.HostGroupView(
                 name=g.name,
                 cpu_ratio=g.settings.get("cpu_ratio"),
                 ram_ratio=g.settings.get("ram_ratio"),
@@ -227,28 +226,28 @@ def hostgroup_list(service: ControllerService, _req: msg.CapacityRequest) -> msg
     )
 
 
-def _group_view(g: repo.ServerGroupRecord) -> msg.ServerGroupView:
-    return msg.ServerGroupView(
+def _group_view(g: repo.ServerGroupRecord) -> msgs.ServerGroupView:
+    return msgs.ServerGroupView(
         name=g.name, policy=g.policy, max_per_host=g.max_per_host, members=dict(g.members)
     )
 
 
-def group_create(service: ControllerService, req: msg.ServerGroupCreate) -> msg.ServerGroupView:
+def group_create(service: ControllerService, req: msgs.ServerGroupCreate) -> msgs.ServerGroupView:
     with service.tx() as s:
         repo.create_server_group(s, req.name, req.policy, req.max_per_host, service.clock())
-    return msg.ServerGroupView(name=req.name, policy=req.policy, max_per_host=req.max_per_host, members={})
+    return msgs.ServerGroupView(name=req.name, policy=req.policy, max_per_host=req.max_per_host, members={})
 
 
-def group_delete(service: ControllerService, req: msg.ServerGroupRef) -> msg.Done:
+def group_delete(service: ControllerService, req: msgs.ServerGroupRef) -> msgs.Done:
     with service.tx() as s:
         repo.delete_server_group(s, req.name)
-    return msg.Done(f"server group {req.name} deleted")
+    return msgs.Done(f"server group {req.name} deleted")
 
 
-def group_list(service: ControllerService, _req: msg.CapacityRequest) -> msg.ServerGroupList:
+def group_list(service: ControllerService, _req: msgs.CapacityRequest) -> msgs.ServerGroupList:
     with service.tx() as s:
         groups = repo.list_server_groups(s)
-    return msg.ServerGroupList(tuple(_group_view(g) for g in groups))
+    return msgs.ServerGroupList(tuple(_group_view(g) for g in groups))
 
 
 def register(table: HandlerTable, service: ControllerService) -> None:

@@ -4,7 +4,6 @@ and the agents. No transport code here; the endpoint maps messages onto these me
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -18,7 +17,6 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.codec import to_wire
 from common.errors import (
     AlreadyExists,
     CapacityExceeded,
@@ -46,6 +44,7 @@ from common.messages.vm import (
     CreateVm,
     DeleteVm,
     DesiredPower,
+    Lifecycle,
     NicKind,
     PowerState,
     ShutdownVm,
@@ -53,7 +52,6 @@ from common.messages.vm import (
     VmAction,
     VmRef,
     VmResult,
-    VmSpec,
 )
 from controller import fleet, tuning_inventory
 from controller.agent_api import AgentCalls
@@ -268,20 +266,20 @@ class ControllerService:
             "uuid": vm_uuid,
             "name": req.name,
             "host_id": host_id,
-            "status": "building",
-            "task": "building",
-            "desired_power": "running" if req.start else "shutoff",
+            "status": Lifecycle.BUILDING,
+            "task": Task.BUILDING,
+            "desired_power": DesiredPower.RUNNING if req.start else DesiredPower.SHUTOFF,
             "power_state": PowerState.NOSTATE.value,
             "vcpus": req.vcpus,
             "max_vcpus": req.vcpus,
             "memory_mib": req.memory_mib,
             "max_memory_mib": req.memory_mib,
             "disk_gib": req.disk_gib,
-            "spec": "{}",
+            "spec": None,
             "idempotency_key": req.idempotency_key,
             "cpu_policy": req.cpu_policy,
             "server_group": req.server_group,
-            "pcpus": json.dumps(list(pcpus)),
+            "pcpus": pcpus,
             "hugepage_size_kib": page_size_kib(req.hugepage_size) if req.hugepage_size else None,
             "created_at": now,
             "updated_at": now,
@@ -306,9 +304,7 @@ class ControllerService:
             emulator = tuning_inventory.emulator_cpuset(host, dedicated=req.cpu_policy == "dedicated")
             spec = build_spec(req, vm_uuid, host, pcpus=pcpus, emulator_cpuset=emulator)
             with self.tx() as s:
-                repo.update_vm(
-                    s, vm_uuid, self.clock(), spec=_json(spec), host_id=host.id, pcpus=json.dumps(list(pcpus))
-                )
+                repo.update_vm(s, vm_uuid, self.clock(), spec=spec, host_id=host.id, pcpus=pcpus)
             try:
                 result = self.agents.call(
                     host.id,
@@ -326,7 +322,7 @@ class ControllerService:
                     self._clean_failed_build(host.id, vm_uuid, req.name)
                 with self.tx() as s:
                     repo.release(s, vm_uuid, host.id)
-                    repo.update_vm(s, vm_uuid, self.clock(), host_id=None, status="building")
+                    repo.update_vm(s, vm_uuid, self.clock(), host_id=None, status=Lifecycle.BUILDING)
                 if len(tried) >= self.config.max_attempts:
                     self._fail(vm_uuid, "; ".join(failures), keep_host=False)
                     raise HypervisorError(
@@ -355,7 +351,7 @@ class ControllerService:
                 with self.tx() as s:
                     repo.release(s, vm_uuid, host.id)
                 raise
-            return self.apply_result(vm_uuid, result, status="active")
+            return self.apply_result(vm_uuid, result, status=Lifecycle.ACTIVE)
 
     def _clean_failed_build(self, host_id: str, vm_uuid: str, name: str) -> None:
         """Remove what a failed build left on a host (a defined domain, new disks); best effort.
@@ -370,12 +366,12 @@ class ControllerService:
 
     def _fail(self, vm_uuid: str, message: str, *, keep_host: bool) -> None:
         with self.tx() as s:
-            values: dict[str, object] = {"status": "error", "task": None, "last_error": message}
+            values: dict[str, object] = {"status": Lifecycle.ERROR, "task": None, "last_error": message}
             if not keep_host:
                 values["host_id"] = None
             repo.update_vm(s, vm_uuid, self.clock(), **values)
 
-    def apply_result(self, vm_uuid: str, result: VmResult, *, status: str | None = None) -> api.VmView:
+    def apply_result(self, vm_uuid: str, result: VmResult, *, status: Lifecycle | None = None) -> api.VmView:
         now = self.clock()
         values: dict[str, object] = {"task": None, "last_error": None}
         if status is not None:
@@ -383,7 +379,7 @@ class ControllerService:
         st = result.status
         if st is not None:
             values.update(
-                power_state=st.state.value,
+                power_state=st.state,
                 vcpus=st.vcpus,
                 max_vcpus=st.max_vcpus,
                 memory_mib=st.memory_mib,
@@ -480,11 +476,11 @@ class ControllerService:
             vm = repo.get_vm(s, name)
             if vm.host_id is None:
                 raise Conflict(f"VM {name} has no host (status {vm.status}); only delete is possible")
-            if vm.status == "building":
+            if vm.status is Lifecycle.BUILDING:
                 raise Conflict(f"VM {name} is still being built", retryable=True)
             host = repo.get_host(s, vm.host_id)
             self._check_up(host, now, f"host {host.id} of VM {name}")
-            repo.update_vm(s, vm.uuid, now, task=task.value)
+            repo.update_vm(s, vm.uuid, now, task=task)
         return vm, vm.host_id
 
     def finish_task(self, vm: repo.VmRecord, **values: object) -> None:
@@ -511,7 +507,7 @@ class ControllerService:
         want = desired(result)
         if want is not None:
             with self.tx() as s:
-                repo.update_vm(s, vm.uuid, self.clock(), desired_power=want.value)
+                repo.update_vm(s, vm.uuid, self.clock(), desired_power=want)
         return api.VmActionDone(self.apply_result(vm.uuid, result), result.message)
 
     def vm_action(
@@ -594,14 +590,12 @@ class ControllerService:
         changed = []
         with self.tx() as s:
             for vm in repo.list_vms(s):
-                if vm.status == "building" and now - vm.created_at > self.config.build_timeout_s:
-                    repo.update_vm(s, vm.uuid, now, status="error", task=None, last_error="build timed out")
+                if vm.status is Lifecycle.BUILDING and now - vm.created_at > self.config.build_timeout_s:
+                    repo.update_vm(
+                        s, vm.uuid, now, status=Lifecycle.ERROR, task=None, last_error="build timed out"
+                    )
                     changed.append(f"{vm.name}: build timed out")
         return changed
-
-
-def _json(spec: VmSpec) -> str:
-    return json.dumps(to_wire(spec), sort_keys=True)
 
 
 def _ago(when: float | None, now: float) -> str:

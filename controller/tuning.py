@@ -7,11 +7,9 @@ which checks what only the host knows (the process, the online CPUs, the kernel'
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any
 
-from common.codec import from_wire, to_wire
+from common.codec import from_wire
 from common.errors import Conflict, InvalidRequest, NotFound, VirtfleetError
 from common.messages import tuning as msgs
 from common.messages.base import replace
@@ -75,20 +73,17 @@ def _facts(record: repo.HostRecord) -> HostTuningReport | None:
         return None
 
 
-def _repin(spec: dict[str, Any], body: PinVm) -> str | None:
-    """The stored VmSpec with the new pins, as JSON; None when the stored spec does not parse."""
-    try:
-        parsed = from_wire(VmSpec, spec, "spec")
-    except InvalidRequest:
+def _repin(parsed: VmSpec | None, body: PinVm) -> VmSpec | None:
+    """The stored VmSpec with the new pins; None when there is no (readable) stored spec."""
+    if parsed is None:
         return None
     tune = parsed.cputune or CpuTune()
     pins = {p.vcpu: p for p in tune.vcpu_pins}
     pins.update({p.vcpu: p for p in body.vcpu_pins})
     emulator = body.emulator_cpuset if body.emulator_cpuset is not None else tune.emulator_cpuset
-    updated = replace(
+    return replace(
         parsed, cputune=CpuTune(vcpu_pins=tuple(pins[v] for v in sorted(pins)), emulator_cpuset=emulator)
     )
-    return json.dumps(to_wire(updated), sort_keys=True)
 
 
 class TuningService:

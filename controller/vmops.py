@@ -9,12 +9,10 @@ agent fails; a shrink is released only once the agent has done it.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from common.codec import from_wire, to_wire
 from common.domain_xml import DomainXmlError, parse_domain_xml, spec_from_parsed
 from common.errors import (
     AlreadyExists,
@@ -32,6 +30,7 @@ from common.messages.vm import (
     DesiredPower,
     DiskDevice,
     DiskSpec,
+    Lifecycle,
     NicSpec,
     SetAutostart,
     Task,
@@ -107,21 +106,6 @@ log = logging.getLogger(__name__)
 
 #: Listen addresses that mean "every address of the host": the console is reached at the host's name.
 _ANY_ADDRESS = frozenset({"0.0.0.0", "::", "[::]", ""})  # noqa: S104 - compared, never bound
-
-
-def _spec(vm: repo.VmRecord) -> VmSpec | None:
-    """The VmSpec the controller last recorded for the VM (None when it has none yet)."""
-    if not vm.spec:
-        return None
-    try:
-        return from_wire(VmSpec, vm.spec, "spec")
-    except InvalidRequest:
-        log.warning("VM %s: its recorded spec is unreadable; treating it as unknown", vm.name)
-        return None
-
-
-def _spec_json(spec: VmSpec) -> str:
-    return json.dumps(to_wire(spec), sort_keys=True)
 
 
 def console_address(info: ConsoleInfo, hostname: str) -> str:
@@ -247,7 +231,7 @@ class VmOps:
         claimed = self.service._claim(create, spec.uuid, self.service._placement_request(create, exclude=()))
         host_id = claimed.placement.host_id
         with self.service.tx() as s:
-            repo.update_vm(s, spec.uuid, self.service.clock(), spec=_spec_json(spec))
+            repo.update_vm(s, spec.uuid, self.service.clock(), spec=spec)
         body = DefineVm(
             uuid=spec.uuid,
             name=spec.name,
@@ -259,7 +243,7 @@ class VmOps:
             result = self.service.agents.call(host_id, VM_DEFINE, body)
         except RequestTimeout as exc:
             self.service.finish_task(
-                self._record(spec.uuid), status="error", last_error=f"import timed out: {exc.message}"
+                self._record(spec.uuid), status=Lifecycle.ERROR, last_error=f"import timed out: {exc.message}"
             )
             raise
         except VirtfleetError:
@@ -267,7 +251,7 @@ class VmOps:
                 repo.release(s, spec.uuid, host_id)
                 repo.delete_vm(s, spec.uuid)
             raise
-        view = self.service.apply_result(spec.uuid, result, status="active")
+        view = self.service.apply_result(spec.uuid, result, status=Lifecycle.ACTIVE)
         log.info("imported VM %s onto %s", spec.name, host_id)
         return api.VmCreated(vm=view, placement=_placement_view(claimed.placement))
 
@@ -321,7 +305,7 @@ class VmOps:
                     s,
                     vm.uuid,
                     self.service.clock(),
-                    desired_power=DesiredPower.after(result.status.state).value,
+                    desired_power=DesiredPower.after(result.status.state),
                 )
             self.service.apply_result(vm.uuid, VmResult(status=result.status))
         else:
@@ -380,18 +364,18 @@ class VmOps:
         )
 
     def _update_spec(self, vm: repo.VmRecord, change: Callable[[VmSpec], VmSpec], **values: Any) -> None:
-        spec = _spec(vm)
+        spec = vm.spec
         with self.service.tx() as s:
-            current = _spec(repo.get_vm_by_uuid(s, vm.uuid)) or spec
+            current = repo.get_vm_by_uuid(s, vm.uuid).spec or spec
             if current is not None:
-                values["spec"] = _spec_json(change(current))
+                values["spec"] = change(current)
             if values:
                 repo.update_vm(s, vm.uuid, self.service.clock(), **values)
 
     # -- disks ---------------------------------------------------------------------------
     def disk_attach(self, req: VmDiskAttachRequest) -> api.VmActionDone:
         def call(vm: repo.VmRecord, host_id: str, ref: VmRef) -> VmResult:
-            spec = _spec(vm)
+            spec = vm.spec
             taken = [d.target for d in spec.disks] if spec is not None else []
             target = req.target or next_target(req.bus, taken)
             if target in taken:
@@ -428,7 +412,7 @@ class VmOps:
 
     def disk_detach(self, req: VmDiskDetachRequest) -> api.VmActionDone:
         def call(vm: repo.VmRecord, host_id: str, ref: VmRef) -> VmResult:
-            spec = _spec(vm)
+            spec = vm.spec
             known = next((d for d in spec.disks if d.target == req.target), None) if spec else None
             freed = known.size_gib if known is not None and known.source == "new" and req.delete_volume else 0
             body = DiskDetach(
@@ -459,7 +443,7 @@ class VmOps:
             )
 
         def call(vm: repo.VmRecord, host_id: str, ref: VmRef) -> VmResult:
-            spec = _spec(vm)
+            spec = vm.spec
             known = next((d for d in spec.disks if d.target == req.target), None) if spec else None
             grow = 0
             if known is not None and known.source == "new" and known.device is DiskDevice.DISK:
@@ -493,7 +477,7 @@ class VmOps:
     def nic_attach(self, req: VmNicAttachRequest) -> NicListView:
         vm, host_id = self.service.target(req.name, Task.ATTACHING)
         try:
-            spec = _spec(vm)
+            spec = vm.spec
             nics = spec.nics if spec is not None else ()
             mac = req.mac or generated_mac(vm.uuid, len(nics), [n.mac for n in nics if n.mac])
             nic = NicSpec(kind=req.kind, source=req.source, model=req.model, mac=mac)

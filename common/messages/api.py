@@ -28,9 +28,12 @@ from common.messages.vm import (
     DiskDevice,
     DiskSpec,
     GraphicsSpec,
+    HostStatus,
     KernelBoot,
+    Lifecycle,
     NicKind,
     NicSpec,
+    PowerState,
     Task,
     VmAction,
     VmResult,
@@ -63,7 +66,7 @@ class ResourceView(Message, frozen=True):
 class HostView(Message, frozen=True):
     host_id: str
     hostname: str
-    status: str  # up | down
+    status: HostStatus
     enabled: bool
     maintenance: bool
     hypervisor_type: str
@@ -87,10 +90,10 @@ class VmView(Message, frozen=True):
     uuid: str
     name: str
     host: str | None
-    status: str  # building | active | error | deleting | deleted
-    power_state: str  # as the host last reported it (PowerState values)
-    desired_power: str  # running | shutoff
-    task: str | None  # operation in flight
+    status: Lifecycle
+    power_state: PowerState  # as the host last reported it
+    desired_power: DesiredPower
+    task: Task | None  # the operation in flight
     vcpus: int
     max_vcpus: int
     memory_mib: int

@@ -8,6 +8,7 @@ from common.errors import InvalidRequest
 from common.messages.api import API
 from common.messages.base import Message
 from common.messages.descriptor import Role, Timeout, api_call
+from common.messages.vm import HostStatus
 from common.validation import check_name
 
 #: Settings that may be cleared back to the group/fleet default with ``--reset``.
@@ -123,7 +124,7 @@ class ResourceCapacity(Message, frozen=True):
 
 class HostCapacity(Message, frozen=True):
     host: str
-    status: str
+    status: HostStatus
     group: str | None
     resources: tuple[ResourceCapacity, ...]
     #: differences between what the controller claimed and what the agent reports

@@ -112,7 +112,6 @@ class Task(StrEnum):
     """The operation in flight on a VM (``task`` in views; None when idle)."""
 
     BUILDING = "building"
-    IMPORTING = "importing"
     STARTING = "starting"
     STOPPING = "stopping"
     SHUTTING_DOWN = "shutting-down"

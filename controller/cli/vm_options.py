@@ -28,6 +28,7 @@ from common.messages.vm import (
     DiskSpec,
     GraphicsSpec,
     IoMode,
+    Lifecycle,
     NicKind,
     NicModel,
     NicSpec,
@@ -196,7 +197,7 @@ def _phase(client: ApiClient, name: str) -> str | None:
         return "placing"
     except VirtfleetError:
         return None
-    if vm.status == "building":
+    if vm.status is Lifecycle.BUILDING:
         return f"building on host {vm.host}" if vm.host else "placing"
     return f"{vm.status} on host {vm.host}, {vm.power_state}"
 

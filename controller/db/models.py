@@ -6,17 +6,83 @@ classes must match them (a test compares the two).
 
 from __future__ import annotations
 
+import json
+import logging
+from enum import StrEnum
+from typing import Any, Generic, TypeVar
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Dialect,
     Float,
     ForeignKey,
     Integer,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from common.codec import from_wire, to_wire
+from common.errors import InvalidRequest
+from common.messages.vm import DesiredPower, Lifecycle, PowerState, Task, VmSpec
+
+E = TypeVar("E", bound=StrEnum)
+log = logging.getLogger(__name__)
+
+
+class EnumText(TypeDecorator[E], Generic[E]):
+    """A string enum stored as its value in a plain string column (no database enum type, so a
+    new member needs no migration); rows read back as enum members."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum: type[E], length: int) -> None:
+        super().__init__(length)
+        self.enum = enum
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum(value)
+
+
+class SpecJson(TypeDecorator[VmSpec]):
+    """A VM's spec as JSON text; a spec that no longer parses (written by another release) reads
+    as None rather than making the VM unreadable."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str:
+        return "{}" if value is None else json.dumps(to_wire(value), sort_keys=True)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> VmSpec | None:
+        data = json.loads(value) if value else None
+        if not data:
+            return None
+        try:
+            return from_wire(VmSpec, data, "spec")
+        except InvalidRequest as exc:
+            log.warning("a stored VM spec does not parse (%s); treating it as unknown", exc.message)
+            return None
+
+
+class IntTuple(TypeDecorator[tuple[int, ...]]):
+    """A tuple of integers as a JSON list."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str:
+        return json.dumps(list(value or ()))
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> tuple[int, ...]:
+        return tuple(int(v) for v in json.loads(value or "[]"))
 
 
 class Base(DeclarativeBase):
@@ -83,10 +149,12 @@ class Vm(Base):
     uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     host_id: Mapped[str | None] = mapped_column(String(64), ForeignKey("hosts.id"), nullable=True, index=True)
-    status: Mapped[str] = mapped_column(String(16))  # building | active | error | deleting
-    task: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    desired_power: Mapped[str] = mapped_column(String(16), default="running")
-    power_state: Mapped[str] = mapped_column(String(16), default="nostate")
+    status: Mapped[Lifecycle] = mapped_column(EnumText(Lifecycle, 16))
+    task: Mapped[Task | None] = mapped_column(EnumText(Task, 32), nullable=True)
+    desired_power: Mapped[DesiredPower] = mapped_column(
+        EnumText(DesiredPower, 16), default=DesiredPower.RUNNING
+    )
+    power_state: Mapped[PowerState] = mapped_column(EnumText(PowerState, 16), default=PowerState.NOSTATE)
     vcpus: Mapped[int] = mapped_column(Integer)
     max_vcpus: Mapped[int] = mapped_column(Integer)
     memory_mib: Mapped[int] = mapped_column(Integer)
@@ -95,7 +163,8 @@ class Vm(Base):
     autostart: Mapped[bool] = mapped_column(Boolean, default=False)
     persistent: Mapped[bool] = mapped_column(Boolean, default=True)
     cpu_time_ns: Mapped[int] = mapped_column(BigInteger, default=0)
-    spec: Mapped[str] = mapped_column(Text)  # JSON of the VmSpec sent to the agent
+    #: the VmSpec last sent to the agent (None until the VM is placed)
+    spec: Mapped[VmSpec | None] = mapped_column(SpecJson())
     idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
@@ -103,7 +172,7 @@ class Vm(Base):
     reported_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     server_group: Mapped[str | None] = mapped_column(String(64), nullable=True)
     cpu_policy: Mapped[str] = mapped_column(String(16), default="shared")
-    pcpus: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of host CPU ids
+    pcpus: Mapped[tuple[int, ...]] = mapped_column(IntTuple(), default=())  # dedicated host CPUs
     hugepage_size_kib: Mapped[int | None] = mapped_column(Integer, nullable=True)
     needs_hw_virt: Mapped[bool] = mapped_column(Boolean, default=False)
 

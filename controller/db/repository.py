@@ -17,8 +17,9 @@ from sqlalchemy.orm import Session
 
 from common.codec import from_wire, to_wire
 from common.errors import AlreadyExists, Conflict, NotFound
+from common.messages.api import VmView
 from common.messages.host import Heartbeat, HostReport
-from common.messages.vm import PowerState, VmStatus
+from common.messages.vm import Lifecycle, PowerState, VmSpec, VmStatus
 from controller.db.models import Allocation, Host, HostGroup, ServerGroup, Vm
 
 
@@ -66,34 +67,27 @@ class HostRecord:
     tuning: Any = None
 
 
-@dataclass(frozen=True, slots=True)
-class VmRecord:
-    uuid: str
-    name: str
-    host_id: str | None
-    status: str
-    task: str | None
-    desired_power: str
-    power_state: str
-    vcpus: int
-    max_vcpus: int
-    memory_mib: int
-    max_memory_mib: int
-    disk_gib: int
-    autostart: bool
-    persistent: bool
-    cpu_time_ns: int
-    spec: dict[str, Any]
-    idempotency_key: str | None
-    last_error: str | None
-    created_at: float
-    updated_at: float
-    reported_at: float | None
+class VmRecord(VmView, frozen=True):
+    """The controller's one model of a VM: what every client sees of it (the :class:`VmView`
+    fields, declared once there) plus what only the controller needs."""
+
+    spec: VmSpec | None = None
+    idempotency_key: str | None = None
+    reported_at: float | None = None
     server_group: str | None = None
     cpu_policy: str = "shared"
     pcpus: tuple[int, ...] = ()
     hugepage_size_kib: int | None = None
     needs_hw_virt: bool = False
+
+    @property
+    def host_id(self) -> str | None:
+        """The host the VM is placed on (``host`` in views)."""
+        return self.host
+
+    def view(self) -> VmView:
+        """What clients are shown."""
+        return VmView(**{name: getattr(self, name) for name in VmView.__struct_fields__})
 
 
 GROUP_SETTINGS = (
@@ -156,11 +150,11 @@ def _vm_record(row: Vm) -> VmRecord:
     return VmRecord(
         uuid=row.uuid,
         name=row.name,
-        host_id=row.host_id,
+        host=row.host_id,
         status=row.status,
-        task=row.task,
-        desired_power=row.desired_power,
         power_state=row.power_state,
+        desired_power=row.desired_power,
+        task=row.task,
         vcpus=row.vcpus,
         max_vcpus=row.max_vcpus,
         memory_mib=row.memory_mib,
@@ -169,15 +163,15 @@ def _vm_record(row: Vm) -> VmRecord:
         autostart=row.autostart,
         persistent=row.persistent,
         cpu_time_ns=row.cpu_time_ns,
-        spec=json.loads(row.spec),
-        idempotency_key=row.idempotency_key,
-        last_error=row.last_error,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        last_error=row.last_error,
+        spec=row.spec,
+        idempotency_key=row.idempotency_key,
         reported_at=row.reported_at,
         server_group=row.server_group,
         cpu_policy=row.cpu_policy,
-        pcpus=tuple(json.loads(row.pcpus)),
+        pcpus=row.pcpus,
         hugepage_size_kib=row.hugepage_size_kib,
         needs_hw_virt=row.needs_hw_virt,
     )
@@ -266,13 +260,13 @@ def _apply_reported_vms(session: Session, report: HostReport, now: float) -> lis
         status = seen.get(vm.uuid)
         if status is None:
             # A VM still building may not be defined yet; anything else is missing.
-            if vm.status != "building" and vm.power_state != PowerState.MISSING:
+            if vm.status is not Lifecycle.BUILDING and vm.power_state is not PowerState.MISSING:
                 notes.append(f"{vm.name}: missing on {report.host_id}")
                 vm.power_state = PowerState.MISSING
                 vm.reported_at = now
             continue
         values = {
-            "power_state": status.state.value,
+            "power_state": status.state,
             "vcpus": status.vcpus,
             "max_vcpus": status.max_vcpus,
             "memory_mib": status.memory_mib,
@@ -283,8 +277,8 @@ def _apply_reported_vms(session: Session, report: HostReport, now: float) -> lis
         changed = {k: v for k, v in values.items() if getattr(vm, k) != v}
         if not changed:
             continue  # nothing to write: keeps reports cheap on hosts with many VMs
-        if "power_state" in changed and vm.status != "building":
-            notes.append(f"{vm.name}: {vm.power_state} -> {status.state}")
+        if "power_state" in changed and vm.status is not Lifecycle.BUILDING:
+            notes.append(f"{vm.name}: {vm.power_state.value} -> {status.state.value}")
         for key, value in changed.items():
             setattr(vm, key, value)
         vm.cpu_time_ns = status.cpu_time_ns
@@ -379,7 +373,7 @@ def insert_claim(
         session.add(Vm(**vm))
     else:
         existing.host_id = host_id
-        existing.status = str(vm["status"])
+        existing.status = Lifecycle(vm["status"])
     try:
         # The VM row first: allocations reference it (no ORM relationship orders the inserts).
         session.flush()

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from common.messages.api import RejectionView, ResourceView
+from common.messages.vm import DesiredPower, Lifecycle, PowerState
 from controller import fleet
 from controller.config import ControllerConfig, Overcommit
 from controller.db.repository import HostRecord, VmRecord
@@ -324,11 +325,11 @@ def test_vm_view_copies_fields() -> None:
     record = VmRecord(
         uuid="u",
         name="web",
-        host_id="h1",
-        status="active",
+        host="h1",
+        status=Lifecycle.ACTIVE,
         task=None,
-        desired_power="running",
-        power_state="running",
+        desired_power=DesiredPower.RUNNING,
+        power_state=PowerState.RUNNING,
         vcpus=2,
         max_vcpus=4,
         memory_mib=1024,
@@ -337,7 +338,7 @@ def test_vm_view_copies_fields() -> None:
         autostart=True,
         persistent=True,
         cpu_time_ns=5,
-        spec={},
+        spec=None,
         idempotency_key=None,
         last_error="old",
         created_at=1.0,

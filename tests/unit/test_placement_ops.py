@@ -9,7 +9,7 @@ import pytest
 
 from common.errors import InvalidRequest
 from common.messages import placement as msg
-from common.messages.vm import PowerState, VmStatus
+from common.messages.vm import DesiredPower, Lifecycle, PowerState, VmStatus
 from controller.cli.cmd_placement import parse_limit
 from controller.config import ControllerConfig
 from controller.db.repository import HostRecord, VmRecord
@@ -58,11 +58,11 @@ def vm(name: str, uuid: str, **over: Any) -> VmRecord:
     base: dict[str, Any] = {
         "uuid": uuid,
         "name": name,
-        "host_id": "h1",
-        "status": "active",
+        "host": "h1",
+        "status": Lifecycle.ACTIVE,
         "task": None,
-        "desired_power": "running",
-        "power_state": "running",
+        "desired_power": DesiredPower.RUNNING,
+        "power_state": PowerState.RUNNING,
         "vcpus": 2,
         "max_vcpus": 2,
         "memory_mib": 1024,
@@ -71,7 +71,7 @@ def vm(name: str, uuid: str, **over: Any) -> VmRecord:
         "autostart": False,
         "persistent": True,
         "cpu_time_ns": 0,
-        "spec": {},
+        "spec": None,
         "idempotency_key": None,
         "last_error": None,
         "created_at": 1.0,
@@ -136,7 +136,7 @@ def test_drift_names_unmanaged_missing_and_oversized_vms() -> None:
             status("grown", "u2", vcpus=4, memory=1024),
         )
     )
-    vms = [vm("known", "u1"), vm("grown", "u2"), vm("gone", "u3"), vm("new", "u4", status="building")]
+    vms = [vm("known", "u1"), vm("grown", "u2"), vm("gone", "u3"), vm("new", "u4", status=Lifecycle.BUILDING)]
     notes = drift_notes(record, vms)
     assert notes == [
         "unmanaged domain handmade (running, 4 vCPU, 4096 MiB) is not claimed by virtfleet",
