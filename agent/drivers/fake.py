@@ -848,8 +848,8 @@ class FakeHypervisor:
             path = str(PurePosixPath(p.path) / name)
             if self.storage.exists(path):
                 raise libvirt_error(action, VIR_ERR_SYSTEM_ERROR, f"cannot create path '{path}': File exists")
-            actual = _QCOW2_HEADER_BYTES if fmt is DiskFormat.QCOW2 else 0
-            self.storage.add_file(path, fmt.value, size_gib * GIB, actual)
+            # Allocation 0, as LibvirtHypervisor asks for it (and the test driver reports it).
+            self.storage.add_file(path, fmt.value, size_gib * GIB, 0)
             p.volumes[name] = path
             return path
 
@@ -1746,8 +1746,9 @@ class FakeHypervisor:
             return self._get(uuid, f"VM {uuid}").state
 
     def _cputune_view(self, uuid: str) -> tuple[ET.Element, int]:
+        """The definition in effect and its current vCPU count (vcpuPinInfo has one map per vCPU)."""
         dom = self._get(uuid, f"VM {uuid}")
-        return dom.current, _parsed(dom.current).max_vcpus
+        return dom.current, _parsed(dom.current).vcpus
 
     def _default_pin(self, tree: ET.Element) -> str:
         vcpu = tree.find("vcpu")
@@ -1755,12 +1756,12 @@ class FakeHypervisor:
         return cpuset or format_cpuset(range(self.cpu.cpus))
 
     def vcpu_pins(self, uuid: str) -> tuple[tuple[int, str], ...]:
-        """(vCPU, CPU list) for every possible vCPU, in effect now (like ``virsh vcpupin``)."""
+        """(vCPU, CPU list) for every vCPU, in effect now (like ``virsh vcpupin``)."""
         with self.lock:
-            tree, max_vcpus = self._cputune_view(uuid)
+            tree, vcpus = self._cputune_view(uuid)
             pins = {int(p.get("vcpu", "-1")): p.get("cpuset", "") for p in tree.findall("cputune/vcpupin")}
             default = self._default_pin(tree)
-            return tuple((i, pins.get(i, default)) for i in range(max_vcpus))
+            return tuple((i, pins.get(i, default)) for i in range(vcpus))
 
     def emulator_cpuset(self, uuid: str) -> str:
         with self.lock:

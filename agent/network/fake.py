@@ -189,7 +189,9 @@ class FakeLinkDriver:
             return tuple(sorted(n for n, link in self._links.items() if link.kind == "bridge"))
 
     def reaches(self, ip: str) -> bool:
-        """A packet to ``ip`` leaves by a usable route: the longest matching route's device has carrier."""
+        """A packet to ``ip`` leaves by a usable route: the longest matching route's device has carrier
+        and is nobody's port (a bridge or bond port's own addresses receive nothing: its frames go to
+        the master, so an address left on a port is what cuts a host off)."""
         with self._lock:
             target = ipaddress.ip_address(ip)
             best: tuple[int, RouteInfo] | None = None
@@ -204,7 +206,7 @@ class FakeLinkDriver:
             if best is None or best[1].dev is None:
                 return False
             link = self._links.get(best[1].dev)
-            return link is not None and self._carrier(link)
+            return link is not None and link.master is None and self._carrier(link)
 
     # -- LinkDriver --------------------------------------------------------------------------------
     def facts(self) -> HostNetworkReport:
