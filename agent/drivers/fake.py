@@ -696,7 +696,7 @@ class FakeHypervisor:
     # -- hooks -------------------------------------------------------------------------------------
     def fail_next(self, method: str, error: VirtfleetError) -> None:
         """Make the next call of port method ``method`` raise ``error`` (before it changes anything)."""
-        if not callable(getattr(Hypervisor, method, None)) and method != "default_pool":
+        if not callable(getattr(Hypervisor, method, None)):
             raise InvalidRequest(f"{method} is not a method of agent.ports.Hypervisor")
         with self.lock:
             self._failures.setdefault(method, deque()).append(error)
