@@ -13,7 +13,7 @@ import pytest
 from agent.fakehost import FakeHost, build_fake_host
 from agent.network.fake import FakeLinkDriver
 from agent.network.model import AddAddress, AddRoute, DelAddress, DeleteLink, SetLinkUp, SetMaster
-from agent.reporter import ReportSink
+from agent.reporter import ReportSink, build_report
 from common.errors import Conflict, InvalidRequest, NetworkConfigError, NotFound
 from common.messages.catalogue import KINDS, Route
 from common.messages.network import (
@@ -268,3 +268,28 @@ def test_concurrent_creates_on_one_host(host: FakeHost) -> None:
     statuses = host.hypervisor.list_statuses()
     assert len(statuses) == 12 and all(s.state is PowerState.RUNNING for s in statuses)
     assert len(host.hypervisor.volumes()) == 12
+
+
+def test_a_full_host_report(host: FakeHost) -> None:
+    host.table(lambda: 0)["vm.create"](CreateVm(spec=vm(memory_mib=2048)))
+    report = build_report(
+        host_id=host.config.host_id,
+        libvirt_uri=host.config.libvirt_uri,
+        agent_version="test",
+        facts=host.hypervisor.node_facts(),
+        vms=host.hypervisor.list_statuses(),
+        seq=1,
+        started_at=0,
+        reported_at=0,
+    )
+    for module in host.modules:
+        report = module.enrich_report(report)
+    assert (report.hypervisor_type, report.memory_mib, report.memory_free_mib) == (
+        "QEMU",
+        16384,
+        16384 - 2048,
+    )
+    assert report.bridges == ("br0",) and report.networks == ("default",)
+    assert report.tuning is not None and report.tuning.dedicated_cpus == "2-7" and report.tuning.simulated
+    assert report.network is not None and report.network.persistence == "networkd"
+    assert report.network.dns == ("192.0.2.1",) and report.network.ipv4_forwarding is False
