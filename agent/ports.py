@@ -1,7 +1,8 @@
 """The agent's interfaces to effects: what handlers and the reporter need from a hypervisor.
 
-:class:`~agent.drivers.libvirt_driver.LibvirtHypervisor` implements :class:`Hypervisor`; unit
-tests use a stateful in-memory fake. Every method raises only virtfleet errors
+:class:`~agent.drivers.libvirt_driver.LibvirtHypervisor` implements :class:`Hypervisor`;
+:class:`~agent.drivers.fake.FakeHypervisor` is a stateful in-memory one with the same refusals
+(tests, in-process simulated hosts). Every method raises only virtfleet errors
 (:class:`~common.errors.NotFound` for an unknown domain, volume or pool,
 :class:`~common.errors.HypervisorError` for anything libvirt refused).
 """

@@ -19,7 +19,7 @@ from agent.drivers import host_facts
 from agent.drivers.libvirt_driver import libvirt_errors
 from agent.tuning import cpusets, parse
 from agent.tuning import profile as profiles
-from agent.tuning.pinning import LibvirtPinning
+from agent.tuning.pinning import LibvirtPinning, Pinning
 from agent.tuning.sysfs import HostKernel, seed_simulated_root
 from common.domain_xml import DomainXmlError, parse_domain_xml
 from common.errors import Conflict, InvalidRequest, NotFound, VirtfleetError
@@ -64,12 +64,12 @@ class TuningModule:
     """:class:`agent.main.AgentModule` for performance tuning."""
 
     def __init__(
-        self, conn: Any, kernel: HostKernel, sets: cpusets.CpuSets, *, simulated: bool = False
+        self, pinning: Pinning, kernel: HostKernel, sets: cpusets.CpuSets, *, simulated: bool = False
     ) -> None:
         self.kernel = kernel
         self.sets = sets
         self.simulated = simulated
-        self.pinning = LibvirtPinning(conn, simulated=simulated)
+        self.pinning: Pinning = pinning
         self._lock = threading.Lock()
         self._request_report: Callable[[], int] = lambda: 0
 
@@ -94,7 +94,7 @@ class TuningModule:
         else:
             kernel = HostKernel()
         sets = cpusets.resolve(kernel.online_cpus(), cfg.dedicated_cpus, cfg.shared_cpus, cfg.reserved_cpus)
-        module = cls(conn, kernel, sets, simulated=simulated)
+        module = cls(LibvirtPinning(conn, simulated=simulated), kernel, sets, simulated=simulated)
         width = module.pinning.cpu_map_width()
         beyond = sorted(c for c in sets.dedicated if c >= width)
         if beyond:

@@ -13,7 +13,7 @@ flag and gets ``AFFECT_CURRENT``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import libvirt
 
@@ -39,6 +39,42 @@ def cpumap(cpus: frozenset[int], width: int) -> tuple[bool, ...]:
 def cpus_of(mask: Sequence[bool]) -> frozenset[int]:
     """The CPUs set in a libvirt cpumap."""
     return frozenset(i for i, on in enumerate(mask) if on)
+
+
+class PinnedDomain(Protocol):
+    """The domain handle :meth:`Pinning.domain` returns: what TuningModule reads from it directly
+    (libvirt's ``virDomain`` spelling, so a libvirt domain is one)."""
+
+    def name(self) -> str: ...
+
+    def XMLDesc(self, flags: int = 0) -> str: ...  # noqa: N802 - libvirt's method name
+
+
+class Pinning(Protocol):
+    """What :class:`agent.tuning.module.TuningModule` needs for pinning: :class:`LibvirtPinning`
+    on a real (or test-driver) host, :class:`agent.tuning.fake.FakePinning` on a fake one."""
+
+    def cpu_map_width(self) -> int:
+        """How many host CPUs a pin may name (CPUs 0 to width-1)."""
+        ...
+
+    def domain(self, uuid: str) -> PinnedDomain:
+        """The domain with that uuid; NotFound when there is none."""
+        ...
+
+    def state(self, dom: PinnedDomain) -> PowerState: ...
+
+    def vcpu_pins(self, dom: PinnedDomain) -> tuple[VcpuPin, ...]:
+        """One pin per vCPU, as in effect now (live when running, else the definition)."""
+        ...
+
+    def emulator_cpuset(self, dom: PinnedDomain) -> str | None: ...
+
+    def pin_vcpu(self, dom: PinnedDomain, vcpu: int, cpus: frozenset[int]) -> None:
+        """Pin and read back; InvalidRequest for CPUs beyond the map or an unknown vCPU."""
+        ...
+
+    def pin_emulator(self, dom: PinnedDomain, cpus: frozenset[int]) -> None: ...
 
 
 class LibvirtPinning:

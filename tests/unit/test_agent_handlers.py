@@ -1,4 +1,4 @@
-"""Agent command handlers against a stateful in-memory fake hypervisor.
+"""Agent command handlers against the shipped in-memory hypervisor (agent.drivers.fake).
 
 The fake is strict like libvirt: starting a running domain, destroying a stopped one or defining a
 second domain with a taken name raise, so idempotency has to come from the handlers.
@@ -6,16 +6,16 @@ second domain with a taken name raise, so idempotency has to come from the handl
 
 from __future__ import annotations
 
-import threading
 import uuid as uuid_mod
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from agent.drivers.fake import GIB, FakeHypervisor
 from agent.handlers import AgentHandlers, volume_name
 from agent.journal import SqliteJournal
-from agent.ports import ACTIVE_STATES, Hypervisor, NodeFacts
+from agent.ports import Hypervisor
 from common.domain_xml import parse_domain_xml
 from common.errors import (
     AlreadyExists,
@@ -27,7 +27,7 @@ from common.errors import (
 )
 from common.messages.catalogue import KINDS, Route
 from common.messages.envelope import Envelope
-from common.messages.host import CpuTopology, ReportAck, ReportRequest, StoragePoolInfo
+from common.messages.host import ReportAck, ReportRequest
 from common.messages.vm import (
     CreateVm,
     DeleteVm,
@@ -42,194 +42,10 @@ from common.messages.vm import (
     VmRef,
     VmResult,
     VmSpec,
-    VmStatus,
 )
 from common.schema import to_plain
 from common.transport.amqp import Delivery
 from common.transport.rpc import Dispatcher, request, unwrap
-
-# ------------------------------------------------------------------------------------------ the fake
-
-
-@dataclass
-class FakeDomain:
-    uuid: str
-    name: str
-    xml: str
-    state: PowerState = PowerState.SHUTOFF
-    autostart: bool = False
-    owned: tuple[str, ...] = ()
-
-
-class FakeHypervisor:
-    """In-memory hypervisor with libvirt's refusals; counts the calls that change something."""
-
-    def __init__(self, *, hw_virt: bool = True, pool: str = "default") -> None:
-        self._hw_virt = hw_virt
-        self._pool = pool
-        self.domains: dict[str, FakeDomain] = {}
-        self.volumes: dict[tuple[str, str], str] = {}
-        self.files: set[str] = set()
-        self.calls: list[str] = []
-        self.ignore_acpi = False
-        self.fail_define = False
-        self.lock = threading.Lock()
-
-    def count(self, name: str) -> int:
-        return self.calls.count(name)
-
-    @property
-    def default_pool(self) -> str:
-        return self._pool
-
-    def hw_virt(self) -> bool:
-        return self._hw_virt
-
-    def node_facts(self) -> NodeFacts:
-        return NodeFacts(
-            hostname="fake",
-            hypervisor_type="FAKE",
-            hypervisor_version="1.0.0",
-            libvirt_version="9.0.0",
-            cpu=CpuTopology(cpus=8, cores=4, threads=2),
-            memory_mib=16384,
-            free_memory_mib=0,
-            storage=StoragePoolInfo(self._pool, "/pools/default", 200, 0, 200),
-            networks=("default",),
-            bridges=(),
-            hw_virt=self._hw_virt,
-        )
-
-    # storage
-    def volume_path(self, pool: str, name: str) -> str | None:
-        return self.volumes.get((pool, name))
-
-    def create_volume(self, pool: str, name: str, fmt: DiskFormat, size_gib: int) -> str:
-        self.calls.append("create_volume")
-        assert size_gib > 0
-        return self.volumes.setdefault((pool, name), f"/pools/{pool}/{name}")
-
-    def delete_volume(self, pool: str, name: str) -> bool:
-        self.calls.append("delete_volume")
-        return self.volumes.pop((pool, name), None) is not None
-
-    def delete_volume_path(self, path: str) -> bool:
-        self.calls.append("delete_volume_path")
-        for key, value in list(self.volumes.items()):
-            if value == path:
-                del self.volumes[key]
-                return True
-        return False
-
-    def path_exists(self, path: str) -> bool:
-        return path in self.files or path in self.volumes.values()
-
-    # domains
-    def _get(self, uuid: str) -> FakeDomain:
-        try:
-            return self.domains[uuid]
-        except KeyError:
-            raise NotFound(f"VM {uuid}: Domain not found", details={"code": 42}) from None
-
-    def find(self, uuid: str) -> VmStatus | None:
-        return self.status(uuid) if uuid in self.domains else None
-
-    def uuid_for_name(self, name: str) -> str | None:
-        return next((d.uuid for d in self.domains.values() if d.name == name), None)
-
-    def define(self, xml: str) -> str:
-        self.calls.append("define")
-        if self.fail_define:
-            raise HypervisorError("cannot define the domain: boom", details={"code": 1})
-        parsed = parse_domain_xml(xml)
-        other = self.uuid_for_name(parsed.name)
-        if other is not None and other != parsed.uuid:
-            raise HypervisorError(
-                f"domain '{parsed.name}' already exists with uuid {other}", details={"code": 9}
-            )
-        dom = self.domains.get(parsed.uuid)
-        if dom is None:
-            self.domains[parsed.uuid] = FakeDomain(parsed.uuid, parsed.name, xml)
-        else:
-            dom.xml = xml
-        return parsed.uuid
-
-    def set_owned_volumes(self, uuid: str, paths: tuple[str, ...]) -> None:
-        self._get(uuid).owned = paths
-
-    def owned_volumes(self, uuid: str) -> tuple[str, ...]:
-        return self._get(uuid).owned
-
-    def domain_xmls(self) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
-        return tuple((d.uuid, d.name, (d.xml,)) for d in self.domains.values())
-
-    def _require(self, dom: FakeDomain, states: set[PowerState], op: str) -> None:
-        if dom.state not in states:
-            raise HypervisorError(f"cannot {op}: domain is {dom.state.value}", details={"code": 55})
-
-    def start(self, uuid: str) -> None:
-        self.calls.append("start")
-        dom = self._get(uuid)
-        self._require(dom, {PowerState.SHUTOFF, PowerState.CRASHED}, "start")
-        dom.state = PowerState.RUNNING
-
-    def shutdown(self, uuid: str, timeout_s: float, force: bool) -> None:
-        self.calls.append("shutdown")
-        dom = self._get(uuid)
-        self._require(dom, set(ACTIVE_STATES), "shut down")
-        if self.ignore_acpi and not force:
-            raise Conflict(f"VM {uuid} did not shut down within {timeout_s:g} s", retryable=True)
-        dom.state = PowerState.SHUTOFF
-
-    def destroy(self, uuid: str) -> None:
-        self.calls.append("destroy")
-        dom = self._get(uuid)
-        self._require(dom, set(ACTIVE_STATES), "destroy")
-        dom.state = PowerState.SHUTOFF
-
-    def reboot(self, uuid: str) -> None:
-        self.calls.append("reboot")
-        self._require(self._get(uuid), {PowerState.RUNNING}, "reboot")
-
-    def suspend(self, uuid: str) -> None:
-        self.calls.append("suspend")
-        dom = self._get(uuid)
-        self._require(dom, {PowerState.RUNNING}, "suspend")
-        dom.state = PowerState.PAUSED
-
-    def resume(self, uuid: str) -> None:
-        self.calls.append("resume")
-        dom = self._get(uuid)
-        self._require(dom, {PowerState.PAUSED}, "resume")
-        dom.state = PowerState.RUNNING
-
-    def undefine(self, uuid: str) -> None:
-        self.calls.append("undefine")
-        self._get(uuid)
-        del self.domains[uuid]
-
-    def set_autostart(self, uuid: str, enabled: bool) -> None:
-        self.calls.append("set_autostart")
-        self._get(uuid).autostart = enabled
-
-    def status(self, uuid: str) -> VmStatus:
-        dom = self._get(uuid)
-        parsed = parse_domain_xml(dom.xml)
-        return VmStatus(
-            uuid=dom.uuid,
-            name=dom.name,
-            state=dom.state,
-            vcpus=parsed.vcpus,
-            max_vcpus=parsed.max_vcpus,
-            memory_mib=parsed.memory_mib,
-            max_memory_mib=parsed.max_memory_mib,
-            autostart=dom.autostart,
-            managed=parsed.managed,
-        )
-
-    def list_statuses(self) -> tuple[VmStatus, ...]:
-        return tuple(self.status(u) for u in sorted(self.domains))
-
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -262,7 +78,7 @@ def ref(spec: VmSpec) -> VmRef:
 
 @pytest.fixture
 def hv() -> FakeHypervisor:
-    return FakeHypervisor()
+    return FakeHypervisor(pool_path="/pools/default")
 
 
 @pytest.fixture
@@ -272,7 +88,7 @@ def reports() -> ReportRequests:
 
 @pytest.fixture
 def handlers(hv: FakeHypervisor, reports: ReportRequests) -> AgentHandlers:
-    return AgentHandlers(hv, reports)
+    return AgentHandlers(hv, reports, hv.images())
 
 
 def test_fake_satisfies_the_port() -> None:
@@ -290,14 +106,14 @@ def test_create_makes_volume_defines_and_starts(handlers: AgentHandlers, hv: Fak
     assert result.status is not None
     assert result.status.state is PowerState.RUNNING
     assert result.status.managed is True
-    assert hv.volumes == {("default", "web1-vda.qcow2"): "/pools/default/web1-vda.qcow2"}
+    assert hv.volumes() == {("default", "web1-vda.qcow2"): "/pools/default/web1-vda.qcow2"}
     (disk,) = result.disks
     assert (disk.pool, disk.volume, disk.path) == (
         "default",
         "web1-vda.qcow2",
         "/pools/default/web1-vda.qcow2",
     )
-    parsed = parse_domain_xml(hv.domains[spec.uuid].xml)
+    parsed = parse_domain_xml(hv.domain_xml(spec.uuid, live=False))
     assert [d.path for d in parsed.disks] == ["/pools/default/web1-vda.qcow2"]
     assert hv.owned_volumes(spec.uuid) == ("/pools/default/web1-vda.qcow2",)
 
@@ -319,8 +135,8 @@ def test_create_again_finishes_an_interrupted_create(handlers: AgentHandlers, hv
     spec = make_spec(autostart=True)
     handlers.create(CreateVm(spec=spec, start=False))
     assert hv.status(spec.uuid).state is PowerState.SHUTOFF
-    hv.domains[spec.uuid].autostart = False
-    hv.domains[spec.uuid].owned = ()  # as if the agent died right after define
+    hv.set_autostart(spec.uuid, False)
+    hv.set_owned_volumes(spec.uuid, ())  # as if the agent died right after define
 
     result = handlers.create(CreateVm(spec=spec, start=True))
 
@@ -333,7 +149,8 @@ def test_create_again_finishes_an_interrupted_create(handlers: AgentHandlers, hv
 def test_create_reuses_a_volume_left_by_an_earlier_attempt(
     handlers: AgentHandlers, hv: FakeHypervisor
 ) -> None:
-    hv.volumes[("default", "web1-vda.qcow2")] = "/pools/default/web1-vda.qcow2"
+    hv.create_volume("default", "web1-vda.qcow2", DiskFormat.QCOW2, 10)
+    hv.calls.clear()
     handlers.create(CreateVm(spec=make_spec()))
     assert hv.count("create_volume") == 0
 
@@ -346,7 +163,7 @@ def test_create_with_a_taken_name_and_another_uuid_is_already_exists(
         handlers.create(CreateVm(spec=make_spec(disks=(DiskSpec(target="vdb", size_gib=5),))))
     assert info.value.details["name"] == "web1"
     assert hv.count("define") == 1
-    assert ("default", "web1-vdb.qcow2") not in hv.volumes
+    assert hv.volume_path("default", "web1-vdb.qcow2") is None
 
 
 def test_kvm_on_a_host_without_hw_virt_is_unsupported(reports: ReportRequests) -> None:
@@ -363,7 +180,7 @@ def test_kvm_on_a_host_without_hw_virt_is_unsupported(reports: ReportRequests) -
 def test_kvm_on_a_host_with_hw_virt_is_defined_as_kvm(handlers: AgentHandlers, hv: FakeHypervisor) -> None:
     spec = make_spec(domain_type=DomainType.KVM)
     handlers.create(CreateVm(spec=spec))
-    assert parse_domain_xml(hv.domains[spec.uuid].xml).domain_type == "kvm"
+    assert parse_domain_xml(hv.domain_xml(spec.uuid, live=False)).domain_type == "kvm"
 
 
 def test_existing_image_must_exist_and_is_not_owned(handlers: AgentHandlers, hv: FakeHypervisor) -> None:
@@ -372,7 +189,7 @@ def test_existing_image_must_exist_and_is_not_owned(handlers: AgentHandlers, hv:
         handlers.create(CreateVm(spec=make_spec(disks=(disk,))))
     assert hv.calls == []
 
-    hv.files.add("/srv/images/base.qcow2")
+    hv.add_file("/srv/images/base.qcow2")
     spec = make_spec(disks=(disk, DiskSpec(target="vdb", size_gib=1, format=DiskFormat.RAW)))
     result = handlers.create(CreateVm(spec=spec))
     assert [d.path for d in result.disks] == ["/srv/images/base.qcow2", "/pools/default/web1-vdb.raw"]
@@ -380,6 +197,7 @@ def test_existing_image_must_exist_and_is_not_owned(handlers: AgentHandlers, hv:
 
 
 def test_disk_in_a_named_pool_with_a_named_volume(handlers: AgentHandlers, hv: FakeHypervisor) -> None:
+    hv.add_pool("fast", "/pools/fast", 100 * GIB)
     spec = make_spec(disks=(DiskSpec(target="vda", size_gib=3, pool="fast", volume="root.qcow2"),))
     result = handlers.create(CreateVm(spec=spec))
     assert result.disks[0].path == "/pools/fast/root.qcow2"
@@ -399,11 +217,11 @@ def test_new_cdrom_is_invalid(handlers: AgentHandlers) -> None:
 
 
 def test_failed_define_removes_the_volumes_it_created(handlers: AgentHandlers, hv: FakeHypervisor) -> None:
-    hv.fail_define = True
+    hv.fail_next("define", HypervisorError("cannot define the domain: boom", details={"code": 1}))
     with pytest.raises(HypervisorError):
         handlers.create(CreateVm(spec=make_spec()))
-    assert hv.volumes == {}
-    assert hv.domains == {}
+    assert hv.volumes() == {}
+    assert hv.list_statuses() == ()
 
 
 def test_create_without_start_leaves_it_off(handlers: AgentHandlers, hv: FakeHypervisor) -> None:
@@ -507,8 +325,8 @@ def test_delete_of_a_missing_vm_is_fine(handlers: AgentHandlers, hv: FakeHypervi
 
 
 def test_delete_with_disks_removes_only_created_volumes(handlers: AgentHandlers, hv: FakeHypervisor) -> None:
-    hv.files.add("/srv/images/base.qcow2")
-    hv.volumes[("default", "shared.iso")] = "/pools/default/shared.iso"
+    hv.add_file("/srv/images/base.qcow2")
+    hv.create_volume("default", "shared.iso", DiskFormat.RAW, 1)
     spec = make_spec(
         disks=(
             DiskSpec(target="vda", size_gib=10),
@@ -521,9 +339,9 @@ def test_delete_with_disks_removes_only_created_volumes(handlers: AgentHandlers,
     result = handlers.delete(DeleteVm(ref(spec), delete_disks=True))
 
     assert result.status is None
-    assert spec.uuid not in hv.domains
-    assert hv.volumes == {("default", "shared.iso"): "/pools/default/shared.iso"}
-    assert "/srv/images/base.qcow2" in hv.files
+    assert hv.find(spec.uuid) is None
+    assert hv.volumes() == {("default", "shared.iso"): "/pools/default/shared.iso"}
+    assert hv.path_exists("/srv/images/base.qcow2")
     # and once more: already gone is fine
     assert handlers.delete(DeleteVm(ref(spec), delete_disks=True)).status is None
 
@@ -532,17 +350,18 @@ def test_delete_keeps_disks_unless_asked(
     handlers: AgentHandlers, hv: FakeHypervisor, running: VmSpec
 ) -> None:
     handlers.delete(DeleteVm(ref(running)))
-    assert running.uuid not in hv.domains
-    assert ("default", "web1-vda.qcow2") in hv.volumes
+    assert hv.find(running.uuid) is None
+    assert hv.volume_path("default", "web1-vda.qcow2") is not None
     assert hv.count("destroy") == 1  # it was running
 
 
 def test_delete_redelivered_after_the_volumes_went(
     handlers: AgentHandlers, hv: FakeHypervisor, running: VmSpec
 ) -> None:
-    hv.volumes.clear()  # as if the first delete died between deleting volumes and undefine
+    # as if the first delete died between deleting volumes and undefine
+    hv.delete_volume("default", "web1-vda.qcow2")
     result = handlers.delete(DeleteVm(ref(running), delete_disks=True))
-    assert result.status is None and running.uuid not in hv.domains
+    assert result.status is None and hv.find(running.uuid) is None
 
 
 # ------------------------------------------------------------------------------------------ reports
@@ -579,11 +398,13 @@ def test_redelivered_command_is_answered_from_the_journal(
 ) -> None:
     journal = SqliteJournal(tmp_path / "journal.db")
     dispatcher = Dispatcher("agent:h1", handlers.table(), journal=journal)
-    env = request("vm.create", CreateVm(spec=make_spec()), "test", timeout=60)
+    spec = make_spec()
+    env = request("vm.create", CreateVm(spec=spec), "test", timeout=60)
     delivery = Delivery(env, "h1", redelivered=False, reply_to="amq.reply")
 
     first = dispatcher(delivery)
-    hv.domains.clear()  # were it executed again, it would define again
+    hv.destroy(spec.uuid)  # were it executed again, it would define again
+    hv.undefine(spec.uuid)
     second = dispatcher(replace(delivery, redelivered=True))
 
     assert first.reply is not None and second.reply == first.reply

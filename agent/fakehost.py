@@ -1,0 +1,188 @@
+"""One simulated hypervisor host, in-process: everything the agent takes, wired with the fakes.
+
+:func:`build_fake_host` gives a :class:`FakeHost`: a :class:`~agent.drivers.fake.FakeHypervisor`,
+:class:`~agent.drivers.fake.FakeImages` on its files, the real
+:class:`~agent.tuning.module.TuningModule` over :class:`~agent.tuning.fake.FakePinning` and a
+simulated kernel tree, and the real :class:`~agent.network.module.NetworkModule` over the fakes of
+:mod:`agent.network.fake`. Everything it writes is under the state directory it is given (journal,
+simulated /sys and /proc, resolv.conf, network configuration files, pending network changes), so
+the real machine is never touched, and nothing needs root, libvirtd or QEMU.
+
+It fits ``agent.main``: ``Agent(host.config, host.hypervisor, modules=host.modules, ...)`` is what
+:meth:`FakeHost.agent` builds; :meth:`FakeHost.table` is the dispatcher table without a broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.drivers.fake import FakeHypervisor, FakeImages
+from agent.handlers import AgentHandlers
+from agent.main import Agent, AgentModule
+from agent.network.fake import FakeLinkDriver, FakeNetworks, FakeProbe
+from agent.network.module import NetworkModule, NetworkSettings
+from agent.reporter import ReportSink
+from agent.tuning import cpusets
+from agent.tuning.fake import FakePinning
+from agent.tuning.module import TuningModule
+from agent.tuning.sysfs import HostKernel, seed_simulated_root
+from common.errors import InternalError
+
+
+@dataclass
+class FakeHost:
+    """Everything the agent needs for one simulated host (see :func:`build_fake_host`)."""
+
+    config: AgentConfig
+    hypervisor: FakeHypervisor
+    images: FakeImages
+    links: FakeLinkDriver
+    networks: FakeNetworks
+    probe: FakeProbe
+    pinning: FakePinning
+    tuning: TuningModule
+    network: NetworkModule
+
+    @property
+    def modules(self) -> tuple[AgentModule, ...]:
+        """What ``agent.main.build_modules`` gives a real host, in the same order."""
+        return (self.tuning, self.network)
+
+    def handlers(self, request_report: Callable[[], int]) -> AgentHandlers:
+        """The VM handlers over the fake hypervisor and the fake qemu-img."""
+        return AgentHandlers(self.hypervisor, request_report, self.images)
+
+    def table(self, request_report: Callable[[], int]) -> dict[str, Callable[[Any], Any]]:
+        """kind -> handler for a :class:`~common.transport.rpc.Dispatcher`, merged as ``Agent`` merges it."""
+        table = self.handlers(request_report).table()
+        for module in self.modules:
+            extra = module.handlers(request_report)
+            clash = set(extra) & set(table)
+            if clash:
+                raise InternalError(f"agent modules both handle {sorted(clash)}")
+            table.update(extra)
+        return table
+
+    def agent(self, sink_factory: Callable[[], ReportSink]) -> Agent:
+        """``agent.main.Agent`` over this host (journal in the state dir). Its broker consumer and the
+        sink connect only when it is started."""
+        agent = Agent(self.config, self.hypervisor, sink_factory=sink_factory, modules=self.modules)
+        # Agent builds its AgentHandlers without an Images argument, i.e. with the real qemu-img. Point
+        # the image handlers at the fake files, so that image.* never touches this machine's disks.
+        agent.handlers.vmops._images = self.images
+        return agent
+
+    def close(self) -> None:
+        """Stop the network module's confirm timer, if a change is waiting for confirmation."""
+        self.network.close()
+
+
+def build_fake_host(
+    state_dir: Path,
+    *,
+    host_id: str = "fake1",
+    cpus: int = 8,
+    memory_mib: int = 16384,
+    disk_gib: int = 200,
+    networks: Iterable[str] = ("default",),
+    bridges: Iterable[str] = ("br0",),
+    nics: Sequence[str] = ("eth0", "eth1"),
+    hw_virt: bool = True,
+    cells: int = 1,
+    threads: int = 1,
+    node_xml: Path | None = None,
+    dedicated_cpus: str | None = None,
+    shared_cpus: str | None = None,
+    reserved_cpus: str | None = None,
+    bonding: bool = True,
+    host_address: str = "192.0.2.10/24",
+    gateway: str = "192.0.2.1",
+    broker_ip: str = "198.51.100.1",
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F",
+) -> FakeHost:
+    """One simulated host; nothing outside ``state_dir`` is touched.
+
+    The hypervisor is built from the simple parameters, or from ``node_xml`` (a libvirt test-driver
+    node file such as ``tests/fixtures/nodes/small.xml``; then it reports hypervisor type TEST, and
+    the controller gives its VMs domain type test). The links are ``nics`` (the first with
+    ``host_address`` and a default route via ``gateway``) and ``bridges`` (the first with the second
+    NIC as its port); the probe reaches the broker while a usable route to ``broker_ip`` exists, so a
+    change that cuts the host off is rolled back as on a real host. The CPU sets are the agent
+    configuration's (``dedicated_cpus`` ...), checked against the host's CPUs.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    bridge_list = tuple(bridges)
+    ports = {bridge_list[0]: tuple(nics[1:2])} if bridge_list and len(nics) > 1 else {}
+    links = FakeLinkDriver.simple(
+        nics=nics, bridges=bridge_list, ports=ports, address=host_address, gateway=gateway, bonding=bonding
+    )
+    if node_xml is not None:
+        hv = FakeHypervisor.from_node_xml(
+            node_xml, host=host_id, hw_virt=hw_virt, bridge_source=links.bridge_names
+        )
+        for name in hv.node_facts().bridges:
+            links.ensure_bridge(name)
+        links.applied.clear()
+    else:
+        hv = FakeHypervisor(
+            host_id,
+            cpus=cpus,
+            memory_mib=memory_mib,
+            disk_gib=disk_gib,
+            networks=networks,
+            hw_virt=hw_virt,
+            cells=cells,
+            threads=threads,
+            bridge_source=links.bridge_names,
+        )
+    config = AgentConfig(
+        host_id=host_id,
+        libvirt_uri=f"fake:///{host_id}",
+        amqp_url=amqp_url,
+        state_dir=state_dir,
+        storage_pool=hv.default_pool,
+        images_dir=state_dir / "images",
+        dedicated_cpus=dedicated_cpus,
+        shared_cpus=shared_cpus,
+        reserved_cpus=reserved_cpus,
+    )
+
+    cpu = hv.cpu
+    root = state_dir / "simulated-host"
+    seed_simulated_root(
+        root,
+        cpus=cpu.cpus,
+        cells=cpu.numa_cells,
+        sockets=max(1, cpu.sockets // cpu.numa_cells),
+        cores=cpu.cores,
+        threads=cpu.threads,
+        memory_mib=hv.memory_mib,
+    )
+    kernel = HostKernel(root, emulate=True)
+    sets = cpusets.resolve(kernel.online_cpus(), dedicated_cpus, shared_cpus, reserved_cpus)
+    pinning = FakePinning(hv)
+    tuning = TuningModule(pinning, kernel, sets, simulated=True)
+
+    netroot = state_dir / "netroot"
+    (netroot / "etc" / "systemd" / "network").mkdir(parents=True, exist_ok=True)
+    resolv = netroot / "etc" / "resolv.conf"
+    if not resolv.exists():
+        resolv.write_text(f"nameserver {gateway}\n", encoding="utf-8")
+    forward = netroot / "proc" / "sys" / "net" / "ipv4" / "ip_forward"
+    forward.parent.mkdir(parents=True, exist_ok=True)
+    if not forward.exists():
+        forward.write_text("0\n", encoding="utf-8")
+    probe = FakeProbe(reachable=lambda: links.reaches(broker_ip))
+    nets = FakeNetworks(hv)
+    network = NetworkModule(
+        links,
+        nets,
+        probe,
+        settings=NetworkSettings(root=netroot, persist="networkd", proc=netroot / "proc"),
+        state_dir=state_dir,
+    )
+    return FakeHost(config, hv, hv.images(), links, nets, probe, pinning, tuning, network)
