@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from agent.config import AgentConfig
 from agent.drivers.fake import FakeHypervisor, FakeImages
@@ -25,12 +24,13 @@ from agent.handlers import AgentHandlers
 from agent.main import Agent, AgentModule
 from agent.network.fake import FakeLinkDriver, FakeNetworks, FakeProbe
 from agent.network.module import NetworkModule, NetworkSettings
-from agent.reporter import ReportSink
 from agent.tuning import cpusets
 from agent.tuning.fake import FakePinning
 from agent.tuning.module import TuningModule
 from agent.tuning.sysfs import HostKernel, seed_simulated_root
-from common.errors import InternalError
+from common.messages.descriptor import Side
+from common.transport.port import Transport
+from common.transport.rpc import HandlerTable
 
 
 @dataclass
@@ -56,25 +56,21 @@ class FakeHost:
         """The VM handlers over the fake hypervisor and the fake qemu-img."""
         return AgentHandlers(self.hypervisor, request_report, self.images)
 
-    def table(self, request_report: Callable[[], int]) -> dict[str, Callable[[Any], Any]]:
-        """kind -> handler for a :class:`~common.transport.rpc.Dispatcher`, merged as ``Agent`` merges it."""
-        table = self.handlers(request_report).table()
+    def table(self, request_report: Callable[[], int]) -> HandlerTable:
+        """The agent's handler table for a :class:`~common.transport.rpc.Dispatcher`, built as ``Agent``
+        builds it."""
+        table = HandlerTable(Side.AGENT)
+        self.handlers(request_report).register(table)
         for module in self.modules:
-            extra = module.handlers(request_report)
-            clash = set(extra) & set(table)
-            if clash:
-                raise InternalError(f"agent modules both handle {sorted(clash)}")
-            table.update(extra)
+            module.register(table, request_report)
         return table
 
-    def agent(self, sink_factory: Callable[[], ReportSink]) -> Agent:
-        """``agent.main.Agent`` over this host (journal in the state dir). Its broker consumer and the
-        sink connect only when it is started."""
-        agent = Agent(self.config, self.hypervisor, sink_factory=sink_factory, modules=self.modules)
-        # Agent builds its AgentHandlers without an Images argument, i.e. with the real qemu-img. Point
-        # the image handlers at the fake files, so that image.* never touches this machine's disks.
-        agent.handlers.vmops._images = self.images
-        return agent
+    def agent(self, transport: Transport) -> Agent:
+        """``agent.main.Agent`` over this host on ``transport`` (journal in the state dir); its consumer
+        connects when it is started."""
+        return Agent(
+            self.config, self.hypervisor, transport=transport, modules=self.modules, images=self.images
+        )
 
     def close(self) -> None:
         """Stop the network module's confirm timer, if a change is waiting for confirmation."""

@@ -68,6 +68,13 @@ class HandlerTable:
         for op, handler in other._entries.values():
             self.register(op, handler)
 
+    def handler(self, op: Op[B, R]) -> Callable[[B], R]:
+        """The handler of ``op`` (KeyError when it is not handled here), typed by the descriptor."""
+        registered, handler = self._entries[op.kind]
+        if registered is not op:
+            raise KeyError(op.kind)
+        return handler
+
     def get(self, kind: str) -> tuple[Op[Any, Any], Callable[[Any], Any]] | None:
         """The descriptor and handler of ``kind``, or None when it is not handled here."""
         return self._entries.get(kind)

@@ -16,6 +16,7 @@ from agent.drivers.fake import GIB, FakeHypervisor
 from agent.handlers import AgentHandlers, volume_name
 from agent.journal import SqliteJournal
 from agent.ports import Hypervisor
+from common.codec import to_wire
 from common.domain_xml import parse_domain_xml
 from common.errors import (
     AlreadyExists,
@@ -25,7 +26,9 @@ from common.errors import (
     NotFound,
     Unsupported,
 )
-from common.messages.catalogue import KINDS, Route
+from common.messages import vm as vm_msgs
+from common.messages.catalogue import CATALOGUE
+from common.messages.descriptor import Route, Side
 from common.messages.envelope import Envelope
 from common.messages.host import ReportAck, ReportRequest
 from common.messages.vm import (
@@ -43,9 +46,8 @@ from common.messages.vm import (
     VmResult,
     VmSpec,
 )
-from common.schema import to_plain
-from common.transport.amqp import Delivery
-from common.transport.rpc import Dispatcher, request, unwrap
+from common.transport.port import Delivery
+from common.transport.rpc import Dispatcher, HandlerTable, request, unwrap
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -386,8 +388,13 @@ def test_table_covers_every_agent_kind(handlers: AgentHandlers) -> None:
     # Host networking and tuning kinds are handled by their own agent modules (agent.main.build_modules).
     from common.messages import network, tuning  # noqa: PLC0415
 
-    modules = {k.name for k in (*network.KINDS, *tuning.KINDS)}
-    assert set(handlers.table()) == {k.name for k in KINDS if k.route is Route.AGENT} - modules
+    table = HandlerTable(Side.AGENT)
+    handlers.register(table)
+    served = {op.kind for op in table.ops()}
+    modules = {op.family for op in CATALOGUE.values() if op.family in (network.NET, tuning.TUNING)}
+    assert served == {
+        k for k, op in CATALOGUE.items() if op.route is Route.COMMAND and op.family not in modules
+    }
 
 
 # ------------------------------------------------------------------------------------------ dispatch + journal
@@ -397,9 +404,9 @@ def test_redelivered_command_is_answered_from_the_journal(
     tmp_path: Path, hv: FakeHypervisor, handlers: AgentHandlers
 ) -> None:
     journal = SqliteJournal(tmp_path / "journal.db")
-    dispatcher = Dispatcher("agent:h1", handlers.table(), journal=journal)
+    dispatcher = Dispatcher("agent:h1", table_of(handlers), journal=journal)
     spec = make_spec()
-    env = request("vm.create", CreateVm(spec=spec), "test", timeout=60)
+    env = request(vm_msgs.VM_CREATE, CreateVm(spec=spec), "test", timeout=60)
     delivery = Delivery(env, "h1", redelivered=False, reply_to="amq.reply")
 
     first = dispatcher(delivery)
@@ -407,22 +414,29 @@ def test_redelivered_command_is_answered_from_the_journal(
     hv.undefine(spec.uuid)
     second = dispatcher(replace(delivery, redelivered=True))
 
-    assert first.reply is not None and second.reply == first.reply
+    assert first.reply is not None and second.reply is not None
+    assert second.reply.encode() == first.reply.encode()
     assert hv.count("define") == 1
-    result = unwrap(first.reply, VmResult)
+    result = unwrap(first.reply, vm_msgs.VM_CREATE)
     assert result.status is not None and result.status.state is PowerState.RUNNING
-    assert journal.kind_of(env.id) == "vm.create"
+    assert journal.kind_of(env.id) == vm_msgs.VM_CREATE.kind
     journal.close()
 
 
 def test_handler_errors_travel_as_typed_errors(hv: FakeHypervisor, handlers: AgentHandlers) -> None:
-    dispatcher = Dispatcher("agent:h1", handlers.table())
+    dispatcher = Dispatcher("agent:h1", table_of(handlers))
     env = Envelope(
-        kind="vm.start",
-        body=to_plain(VmAction(VmRef(uuid=str(uuid_mod.uuid4()), name="ghost"))),
+        kind=vm_msgs.VM_START.kind,
+        body=to_wire(VmAction(VmRef(uuid=str(uuid_mod.uuid4()), name="ghost"))),
         sender="test",
     )
     outcome = dispatcher(Delivery(env, "h1", False, "amq.reply"))
     assert outcome.reply is not None and not outcome.dead_letter
     with pytest.raises(NotFound):
-        unwrap(outcome.reply, VmResult)
+        unwrap(outcome.reply, vm_msgs.VM_START)
+
+
+def table_of(handlers: AgentHandlers) -> HandlerTable:
+    table = HandlerTable(Side.AGENT)
+    handlers.register(table)
+    return table

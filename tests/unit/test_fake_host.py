@@ -13,9 +13,14 @@ import pytest
 from agent.fakehost import FakeHost, build_fake_host
 from agent.network.fake import FakeLinkDriver
 from agent.network.model import AddAddress, AddRoute, DelAddress, DeleteLink, SetLinkUp, SetMaster
-from agent.reporter import ReportSink, build_report
+from agent.reporter import build_report
 from common.errors import Conflict, InvalidRequest, NetworkConfigError, NotFound
-from common.messages.catalogue import KINDS, Route
+from common.messages import network as network_msgs
+from common.messages import tuning as tuning_msgs
+from common.messages import vm as vm_msgs
+from common.messages import vmops as vmops_msgs
+from common.messages.catalogue import CATALOGUE
+from common.messages.descriptor import Route
 from common.messages.network import (
     BondCreate,
     BridgeCreate,
@@ -38,8 +43,9 @@ from common.messages.vm import (
     VmRef,
     VmSpec,
 )
-from common.messages.vmops import ImageCreate, ImageInfo, ImageLocation, NicAttach
-from common.transport.amqp import Delivery
+from common.messages.vmops import ImageCreate, ImageLocation, NicAttach
+from common.transport.memory import MemoryBroker
+from common.transport.port import Delivery
 from common.transport.rpc import request, unwrap
 
 FAST = ChangeOptions(deadline_s=1.0)
@@ -68,7 +74,7 @@ def vm(name: str = "web1", **kw: object) -> VmSpec:
 
 def test_the_table_is_what_the_agent_serves(host: FakeHost) -> None:
     table = host.table(lambda: 0)
-    assert set(table) == {k.name for k in KINDS if k.route is Route.AGENT}
+    assert {op.kind for op in table.ops()} == {k for k, op in CATALOGUE.items() if op.route is Route.COMMAND}
 
 
 def test_everything_lives_under_the_state_dir(host: FakeHost, tmp_path: Path) -> None:
@@ -86,10 +92,10 @@ def test_everything_lives_under_the_state_dir(host: FakeHost, tmp_path: Path) ->
 def test_vm_create_and_pin_through_the_tuning_module(host: FakeHost) -> None:
     table = host.table(lambda: 0)
     s = vm()
-    created = table["vm.create"](CreateVm(spec=s))
+    created = table.handler(vm_msgs.VM_CREATE)(CreateVm(spec=s))
     assert created.status.state is PowerState.RUNNING
     ref = VmRef(s.uuid, s.name)
-    pinned = table["tuning.pin"](
+    pinned = table.handler(tuning_msgs.TUNING_PIN)(
         PinVm(ref, vcpu_pins=(VcpuPin(0, "2"), VcpuPin(1, "3")), emulator_cpuset="0-1")
     )
     assert [p.cpuset for p in pinned.vcpu_pins] == ["2", "3"] and pinned.emulator_cpuset == "0-1"
@@ -113,23 +119,25 @@ def test_vm_create_and_pin_through_the_tuning_module(host: FakeHost) -> None:
 def test_a_network_defined_on_the_host_is_usable_by_its_vms(host: FakeHost) -> None:
     table = host.table(lambda: 0)
     s = vm()
-    table["vm.create"](CreateVm(spec=s))
+    table.handler(vm_msgs.VM_CREATE)(CreateVm(spec=s))
     ref = VmRef(s.uuid, s.name)
     nic = NicSpec(kind=NicKind.NETWORK, source="lab", mac="52:54:00:aa:00:01")
     with pytest.raises(NotFound, match="no libvirt network lab"):
-        table["vm.nic.attach"](NicAttach(ref, nic))
+        table.handler(vmops_msgs.VM_NIC_ATTACH)(NicAttach(ref, nic))
     spec = NetworkSpec("lab", mode="isolated", address="10.9.0.1/24")
-    result = table["net.define"](DefineNetwork(spec))
+    result = table.handler(network_msgs.NET_DEFINE)(DefineNetwork(spec))
     assert result.network.active and result.network.bridge == "virbr1"
-    assert table["net.define"](DefineNetwork(spec)).message.startswith("already defined")
-    listed = table["vm.nic.attach"](NicAttach(ref, nic))
+    assert table.handler(network_msgs.NET_DEFINE)(DefineNetwork(spec)).message.startswith("already defined")
+    listed = table.handler(vmops_msgs.VM_NIC_ATTACH)(NicAttach(ref, nic))
     assert [(n.type, n.source, n.interface) for n in listed.nics] == [("network", "lab", "vnet0")]
     assert "lab" in host.hypervisor.node_facts().networks
 
 
 def test_bridge_create_moves_the_host_address_and_vms_can_use_it(host: FakeHost) -> None:
     table = host.table(lambda: 0)
-    result = table["net.bridge.create"](BridgeCreate("br1", ("eth0",), options=FAST, change_id="c1"))
+    result = table.handler(network_msgs.NET_BRIDGE_CREATE)(
+        BridgeCreate("br1", ("eth0",), options=FAST, change_id="c1")
+    )
     assert result.state == "applied" and result.persistence == "networkd"
     facts = host.links.facts()
     br1, eth0 = facts.interface("br1"), facts.interface("eth0")
@@ -138,7 +146,9 @@ def test_bridge_create_moves_the_host_address_and_vms_can_use_it(host: FakeHost)
     assert RouteInfo("default", "br1", "192.0.2.1", proto="boot") in facts.routes
     assert (host.config.state_dir / "netroot/etc/systemd/network/10-virtfleet-br1.netdev").exists()
     assert host.hypervisor.bridge_exists("br1")  # the hypervisor sees the host's bridges
-    again = table["net.bridge.create"](BridgeCreate("br1", ("eth0",), options=FAST, change_id="c2"))
+    again = table.handler(network_msgs.NET_BRIDGE_CREATE)(
+        BridgeCreate("br1", ("eth0",), options=FAST, change_id="c2")
+    )
     assert again.state == "unchanged"
 
 
@@ -222,18 +232,14 @@ def test_link_driver_mirrors_netlink_errors_and_kernel_side_effects() -> None:
         links.apply(SetMaster("eth1", "eth0"))
 
 
-def no_sink() -> ReportSink:
-    raise AssertionError("the agent is not started in these tests")
-
-
 def test_agent_construction_uses_the_fake_images(host: FakeHost) -> None:
-    agent = host.agent(sink_factory=no_sink)
+    agent = host.agent(MemoryBroker().transport("agent-fake1"))
     try:
         body = ImageCreate(ImageLocation(volume="blank.qcow2"), DiskFormat.QCOW2, 3)
-        env = request("image.create", body, "test", timeout=60)
+        env = request(vmops_msgs.IMAGE_CREATE, body, "test", timeout=60)
         outcome = agent.dispatcher(Delivery(env, "fake1", False, "amq.reply"))
         assert outcome.reply is not None
-        info = unwrap(outcome.reply, ImageInfo)
+        info = unwrap(outcome.reply, vmops_msgs.IMAGE_CREATE)
         assert info.path == "/var/lib/virtfleet/images/blank.qcow2" and info.virtual_size_bytes == 3 * 1024**3
         assert host.hypervisor.volume_path("default", "blank.qcow2") == info.path  # refreshed into the pool
         assert not Path(info.path).exists()  # only in the fake's files
@@ -255,7 +261,7 @@ def test_concurrent_creates_on_one_host(host: FakeHost) -> None:
 
     def create(i: int) -> None:
         try:
-            table["vm.create"](CreateVm(spec=vm(f"vm{i}")))
+            table.handler(vm_msgs.VM_CREATE)(CreateVm(spec=vm(f"vm{i}")))
         except BaseException as exc:
             errors.append(exc)
 
@@ -271,7 +277,7 @@ def test_concurrent_creates_on_one_host(host: FakeHost) -> None:
 
 
 def test_a_full_host_report(host: FakeHost) -> None:
-    host.table(lambda: 0)["vm.create"](CreateVm(spec=vm(memory_mib=2048)))
+    host.table(lambda: 0).handler(vm_msgs.VM_CREATE)(CreateVm(spec=vm(memory_mib=2048)))
     report = build_report(
         host_id=host.config.host_id,
         libvirt_uri=host.config.libvirt_uri,

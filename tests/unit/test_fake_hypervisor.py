@@ -50,6 +50,7 @@ from common.errors import (
     Unsupported,
     VirtfleetError,
 )
+from common.messages.base import replace
 from common.messages.vm import (
     CreateVm,
     DeleteVm,
@@ -114,9 +115,7 @@ def defined(hv: FakeHypervisor, s: VmSpec, *, start: bool = False) -> str:
             )
             d = DiskSpec(target=d.target, size_gib=d.size_gib, format=d.format, path=path, bus=d.bus)  # noqa: PLW2901
         disks.append(d)
-    xml = build_domain_xml(
-        VmSpec(**{**{f: getattr(s, f) for f in s.__dataclass_fields__}, "disks": tuple(disks)})
-    )
+    xml = build_domain_xml(replace(s, disks=tuple(disks)))
     uuid = hv.define(xml)
     if start:
         hv.start(uuid)
@@ -187,7 +186,7 @@ def test_define_refusals(hv: FakeHypervisor) -> None:
     with pytest.raises(HypervisorError, match="already exists with uuid") as info:
         hv.define(build_domain_xml(qemu_spec()))
     assert code(info) == libvirt.VIR_ERR_OPERATION_FAILED
-    renamed = VmSpec(**{**{f: getattr(s, f) for f in s.__dataclass_fields__}, "name": "other"})
+    renamed = replace(s, name="other")
     with pytest.raises(HypervisorError, match="is already defined with uuid"):
         hv.define(build_domain_xml(renamed))
     with pytest.raises(HypervisorError, match="missing domain type"):
