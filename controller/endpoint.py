@@ -1,6 +1,6 @@
 """The controller's API endpoint and report consumer: operation descriptors -> service methods.
 
-Simple VM operations (:class:`~common.messages.api.VmForward`) and calls forwarded to a host's
+Simple VM operations (:class:`~common.messages.VmForward`) and calls forwarded to a host's
 agent (:class:`~common.messages.descriptor.ToHostAgent`) are served generically: every such
 descriptor in the catalogue is registered here without a line of its own.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from common.messages import api, host
-from common.messages.api import VmForward
 from common.messages.catalogue import CATALOGUE
 from common.messages.descriptor import ApiCall, Side, ToHostAgent
+from common.messages.vm import VmForward
 from common.transport.rpc import Dispatcher, HandlerTable
 from controller import network, placement_ops, tuning, vmops
 from controller.service import ControllerService

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from common.messages.api import HostView, RejectionView, ResourceView, VmView
-from common.messages.vm import HostStatus
+from common.messages.api import HostView, RejectionView, ResourceView
+from common.messages.vm import HostStatus, VmView
 from controller import tuning_inventory
 from controller.config import ControllerConfig
 from controller.db.repository import HostRecord, ServerGroupRecord, VmRecord

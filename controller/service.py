@@ -32,7 +32,6 @@ from common.errors import (
     VirtfleetError,
 )
 from common.messages import api
-from common.messages.api import VmForward
 from common.messages.base import replace as replace_message
 from common.messages.descriptor import ApiCall, Command, ToHostAgent
 from common.messages.host import Heartbeat, HostReport
@@ -50,8 +49,12 @@ from common.messages.vm import (
     ShutdownVm,
     Task,
     VmAction,
+    VmActionDone,
+    VmForward,
     VmRef,
+    VmRefRequest,
     VmResult,
+    VmView,
 )
 from controller import fleet, tuning_inventory
 from controller.agent_api import AgentCalls
@@ -293,7 +296,7 @@ class ControllerService:
         except Exception:
             log.exception("background build of %s crashed", req.name)
 
-    def _build(self, req: api.VmCreate, vm_uuid: str, claimed: _Claimed) -> api.VmView:
+    def _build(self, req: api.VmCreate, vm_uuid: str, claimed: _Claimed) -> VmView:
         """Build on the claimed host; on a host failure release and try the next host."""
         tried: list[str] = []
         failures: list[str] = []
@@ -371,7 +374,7 @@ class ControllerService:
                 values["host_id"] = None
             repo.update_vm(s, vm_uuid, self.clock(), **values)
 
-    def apply_result(self, vm_uuid: str, result: VmResult, *, status: Lifecycle | None = None) -> api.VmView:
+    def apply_result(self, vm_uuid: str, result: VmResult, *, status: Lifecycle | None = None) -> VmView:
         now = self.clock()
         values: dict[str, object] = {"task": None, "last_error": None}
         if status is not None:
@@ -433,7 +436,7 @@ class ControllerService:
             views = [v for v in views if v.power_state == PowerState.RUNNING]
         return api.VmList(tuple(views))
 
-    def show_vm(self, name: str) -> api.VmView:
+    def show_vm(self, name: str) -> VmView:
         with self.tx() as s:
             return fleet.vm_view(repo.get_vm(s, name))
 
@@ -495,7 +498,7 @@ class ControllerService:
         call: Callable[[repo.VmRecord, str, VmRef], VmResult],
         *,
         desired: Callable[[VmResult], DesiredPower | None] = lambda _r: None,
-    ) -> api.VmActionDone:
+    ) -> VmActionDone:
         """The one path of an operation on a VM: find it, check its host, mark the task, call the
         agent, record the VM's state afterwards (or the error, with the task cleared)."""
         vm, host_id = self.target(name, task)
@@ -508,11 +511,9 @@ class ControllerService:
         if want is not None:
             with self.tx() as s:
                 repo.update_vm(s, vm.uuid, self.clock(), desired_power=want)
-        return api.VmActionDone(self.apply_result(vm.uuid, result), result.message)
+        return VmActionDone(self.apply_result(vm.uuid, result), result.message)
 
-    def vm_action(
-        self, op: ApiCall[api.VmRefRequest, api.VmActionDone]
-    ) -> Callable[[api.VmRefRequest], api.VmActionDone]:
+    def vm_action(self, op: ApiCall[VmRefRequest, VmActionDone]) -> Callable[[VmRefRequest], VmActionDone]:
         """The handler of a simple VM operation (an API call forwarded with :class:`VmForward`)."""
         forward = op.forward
         if not isinstance(forward, VmForward):
@@ -523,7 +524,7 @@ class ControllerService:
                 return forward.desired
             return None if result.status is None else DesiredPower.after(result.status.state)
 
-        def handle(req: api.VmRefRequest) -> api.VmActionDone:
+        def handle(req: VmRefRequest) -> VmActionDone:
             return self.change_vm(
                 req.name,
                 forward.task,
@@ -557,14 +558,14 @@ class ControllerService:
 
         return handle
 
-    def shutdown_vm(self, req: api.VmShutdownRequest) -> api.VmActionDone:
+    def shutdown_vm(self, req: api.VmShutdownRequest) -> VmActionDone:
         def call(_vm: repo.VmRecord, host_id: str, ref: VmRef) -> VmResult:
             body = ShutdownVm(vm=ref, timeout_s=req.timeout_s, force_after_timeout=req.force)
             return self.agents.call(host_id, VM_SHUTDOWN, body)
 
         return self.change_vm(req.name, Task.SHUTTING_DOWN, call, desired=lambda _r: DesiredPower.SHUTOFF)
 
-    def delete_vm(self, req: api.VmDeleteRequest) -> api.VmActionDone:
+    def delete_vm(self, req: api.VmDeleteRequest) -> VmActionDone:
         with self.tx() as s:
             vm = repo.get_vm(s, req.name)
         if vm.host_id is not None:
@@ -580,7 +581,7 @@ class ControllerService:
             if vm.host_id is not None:
                 repo.release(s, vm.uuid, vm.host_id)
             repo.delete_vm(s, vm.uuid)
-        return api.VmActionDone(None, f"deleted {vm.name}" + (" and its disks" if req.delete_disks else ""))
+        return VmActionDone(None, f"deleted {vm.name}" + (" and its disks" if req.delete_disks else ""))
 
     # ------------------------------------------------------------------ reconciliation
 

@@ -35,6 +35,7 @@ from common.messages.vm import (
     SetAutostart,
     Task,
     VmAction,
+    VmActionDone,
     VmRef,
     VmResult,
     VmSpec,
@@ -164,7 +165,7 @@ class VmOps:
             raise
 
     # -- autostart, console ----------------------------------------------------------------
-    def autostart(self, req: VmAutostartRequest) -> api.VmActionDone:
+    def autostart(self, req: VmAutostartRequest) -> VmActionDone:
         return self.service.change_vm(
             req.name,
             Task.AUTOSTART,
@@ -273,7 +274,7 @@ class VmOps:
         result = self.service.agents.call(host.id, VM_SNAPSHOT_LIST, VmAction(VmRef(vm.uuid, vm.name)))
         return SnapshotListView(name=vm.name, snapshots=result.snapshots)
 
-    def snapshot_revert(self, req: SnapshotRequest) -> api.VmActionDone:
+    def snapshot_revert(self, req: SnapshotRequest) -> VmActionDone:
         vm, host_id = self.service.target(req.name, Task.REVERTING)
         body = SnapshotRef(VmRef(vm.uuid, vm.name), req.snapshot)
         result = self._snapshot_call(
@@ -281,7 +282,7 @@ class VmOps:
         )
         assert result.status is not None
         view = self.service.apply_result(vm.uuid, VmResult(status=result.status))
-        return api.VmActionDone(view, result.message)
+        return VmActionDone(view, result.message)
 
     def snapshot_delete(self, req: SnapshotRequest) -> SnapshotListView:
         vm, host_id = self.service.target(req.name, Task.SNAPSHOTTING)
@@ -313,7 +314,7 @@ class VmOps:
         return result
 
     # -- live vCPUs and memory ----------------------------------------------------------------
-    def set_vcpus(self, req: VmSetVcpusRequest) -> api.VmActionDone:
+    def set_vcpus(self, req: VmSetVcpusRequest) -> VmActionDone:
         def call(vm: repo.VmRecord, host_id: str, ref: VmRef) -> VmResult:
             if vm.cpu_policy == "dedicated":
                 raise Unsupported(
@@ -333,7 +334,7 @@ class VmOps:
 
         return self.service.change_vm(req.name, Task.RESIZING, call)
 
-    def set_memory(self, req: VmSetMemoryRequest) -> api.VmActionDone:
+    def set_memory(self, req: VmSetMemoryRequest) -> VmActionDone:
         def call(vm: repo.VmRecord, host_id: str, ref: VmRef) -> VmResult:
             if req.memory_mib > vm.max_memory_mib:
                 raise InvalidRequest(
@@ -373,7 +374,7 @@ class VmOps:
                 repo.update_vm(s, vm.uuid, self.service.clock(), **values)
 
     # -- disks ---------------------------------------------------------------------------
-    def disk_attach(self, req: VmDiskAttachRequest) -> api.VmActionDone:
+    def disk_attach(self, req: VmDiskAttachRequest) -> VmActionDone:
         def call(vm: repo.VmRecord, host_id: str, ref: VmRef) -> VmResult:
             spec = vm.spec
             taken = [d.target for d in spec.disks] if spec is not None else []
@@ -410,7 +411,7 @@ class VmOps:
 
         return self.service.change_vm(req.name, Task.ATTACHING, call)
 
-    def disk_detach(self, req: VmDiskDetachRequest) -> api.VmActionDone:
+    def disk_detach(self, req: VmDiskDetachRequest) -> VmActionDone:
         def call(vm: repo.VmRecord, host_id: str, ref: VmRef) -> VmResult:
             spec = vm.spec
             known = next((d for d in spec.disks if d.target == req.target), None) if spec else None
@@ -435,7 +436,7 @@ class VmOps:
 
         return self.service.change_vm(req.name, Task.DETACHING, call)
 
-    def disk_resize(self, req: VmDiskResizeRequest) -> api.VmActionDone:
+    def disk_resize(self, req: VmDiskResizeRequest) -> VmActionDone:
         if not req.i_know:
             raise InvalidRequest(
                 "growing a disk is refused without --yes-i-know: the ops notes advise adding a disk instead, never "

@@ -7,36 +7,27 @@ Field names here are the stable JSON field names of ``virtfleet --output json``
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from common.errors import InvalidRequest
 from common.messages.base import Message, force_setattr
 from common.messages.descriptor import (
-    ApiCall,
-    Command,
     Family,
-    Forward,
     Role,
     Timeout,
     Version,
     api_call,
 )
 from common.messages.vm import (
-    VM_DESTROY,
-    VM_START,
-    DesiredPower,
     DiskDevice,
     DiskSpec,
     GraphicsSpec,
     HostStatus,
     KernelBoot,
-    Lifecycle,
     NicKind,
     NicSpec,
-    PowerState,
-    Task,
-    VmAction,
-    VmResult,
+    VmActionDone,
+    VmRefRequest,
+    VmView,
 )
 from common.validation import check_name, check_positive
 
@@ -84,27 +75,6 @@ class HostView(Message, frozen=True):
     vms: tuple[str, ...] = ()
     #: why it is disabled or in maintenance (None when neither, or no reason was given)
     state_reason: str | None = None
-
-
-class VmView(Message, frozen=True):
-    uuid: str
-    name: str
-    host: str | None
-    status: Lifecycle
-    power_state: PowerState  # as the host last reported it
-    desired_power: DesiredPower
-    task: Task | None  # the operation in flight
-    vcpus: int
-    max_vcpus: int
-    memory_mib: int
-    max_memory_mib: int
-    disk_gib: int
-    autostart: bool
-    persistent: bool
-    cpu_time_ns: int
-    created_at: float
-    updated_at: float
-    last_error: str | None = None
 
 
 class RejectionView(Message, frozen=True):
@@ -273,13 +243,6 @@ class VmCreated(Message, frozen=True):
     dry_run: bool = False
 
 
-class VmRefRequest(Message, frozen=True):
-    name: str
-
-    def __post_init__(self) -> None:
-        check_name(self.name, "VM name")
-
-
 class VmListRequest(Message, frozen=True):
     all: bool = True
     host: str | None = None
@@ -308,57 +271,6 @@ class VmDeleteRequest(Message, frozen=True):
         check_name(self.name, "VM name")
 
 
-class VmActionDone(Message, frozen=True):
-    vm: VmView | None
-    message: str = ""
-
-
-# ------------------------------------------------------------------ simple VM operations
-
-
-@dataclass(frozen=True, slots=True)
-class VmForward(Forward):
-    """A simple VM operation: the controller finds the VM, checks that its host is up, marks
-    ``task``, sends ``command`` with the VM's reference and records the VM's state afterwards.
-
-    ``desired``: the desired power state afterwards; None follows the observed state
-    (:meth:`DesiredPower.after`). The CLI offers each one as ``virtfleet vm <verb> NAME``, the
-    verb being the last part of the command's kind.
-    """
-
-    command: Command[VmAction, VmResult]
-    task: Task
-    desired: DesiredPower | None = None
-
-    @property
-    def verb(self) -> str:
-        """The CLI verb: ``vm.reboot`` -> ``reboot``."""
-        return self.command.kind.rpartition(".")[2]
-
-
-def vm_action(
-    command: Command[VmAction, VmResult],
-    task: Task,
-    doc: str,
-    *,
-    desired: DesiredPower | None = None,
-    role: Role = Role.OPERATOR,
-) -> ApiCall[VmRefRequest, VmActionDone]:
-    """Declare the API call ``api.<kind>`` of a simple VM operation (see :class:`VmForward`)."""
-    return ApiCall(
-        f"api.{command.kind}",
-        VmRefRequest,
-        VmActionDone,
-        API,
-        command.timeout,
-        doc,
-        role,
-        command.idempotent,
-        command.since,
-        forward=VmForward(command, task, desired),
-    )
-
-
 # ------------------------------------------------------------------ the calls of this module
 
 _F, _N, _S = Timeout.FAST, Timeout.NORMAL, Timeout.SLOW
@@ -377,13 +289,6 @@ API_VM_LIST = api_call(
 )
 API_VM_SHOW = api_call(
     API, "api.vm.show", VmRefRequest, VmView, _F, "virtfleet vm show", role=_READ, idempotent=True
-)
-API_VM_START = vm_action(VM_START, Task.STARTING, "Start (power on) a VM.", desired=DesiredPower.RUNNING)
-API_VM_DESTROY = vm_action(
-    VM_DESTROY,
-    Task.STOPPING,
-    "Power a VM off at once (virsh destroy); the definition stays.",
-    desired=DesiredPower.SHUTOFF,
 )
 API_VM_SHUTDOWN = api_call(
     API,

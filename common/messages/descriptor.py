@@ -227,13 +227,17 @@ LONGER: Mapping[Timeout, Timeout] = {
 }
 
 
-def host_twin(family: Family, cmd: Command[B, R], *, role: Role, doc: str = "") -> ApiCall[B, R]:
-    """The API call ``api.<kind>`` that the controller serves by forwarding ``cmd`` to ``body.host``."""
+def host_twin(cmd: Command[B, R], *, role: Role, doc: str = "") -> ApiCall[B, R]:
+    """The API call ``api.<kind>`` that the controller serves by forwarding ``cmd`` to ``body.host``.
+
+    A twin belongs to its command's family and is as old as it: one version says what both sides
+    of the operation understand.
+    """
     return ApiCall(
         f"api.{cmd.kind}",
         cmd.body,
         cmd.result,
-        family,
+        cmd.family,
         LONGER[cmd.timeout],
         doc or f"virtfleet: {cmd.doc}",
         role,

@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 
 from common.errors import InvalidRequest
-from common.messages.api import API, HostRef, VmRefRequest
+from common.messages.api import API, HostRef
 from common.messages.base import Message
 from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command
-from common.messages.vm import VcpuPin, VmRef
+from common.messages.vm import VcpuPin, VmRef, VmRefRequest
 from common.validation import check_host_id, check_name
 
 #: Page sizes virtfleet schedules, by the name people use.

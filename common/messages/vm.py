@@ -6,11 +6,12 @@ paths (:class:`DiskSpec.path`) and hands the resolved spec to the pure domain-XM
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 from common.errors import InvalidRequest
 from common.messages.base import Message, force_setattr
-from common.messages.descriptor import Family, Timeout, Version, command
+from common.messages.descriptor import ApiCall, Command, Family, Forward, Role, Timeout, Version, command
 from common.validation import check_mac, check_name, check_positive
 
 #: The controller -> agent VM commands (this module and :mod:`common.messages.vmops`).
@@ -336,6 +337,42 @@ class VmResult(Message, frozen=True):
     disks: tuple[DiskSpec, ...] = ()
 
 
+# ---------------------------------------------------------------- what clients see of a VM
+
+
+class VmView(Message, frozen=True):
+    uuid: str
+    name: str
+    host: str | None
+    status: Lifecycle
+    power_state: PowerState  # as the host last reported it
+    desired_power: DesiredPower
+    task: Task | None  # the operation in flight
+    vcpus: int
+    max_vcpus: int
+    memory_mib: int
+    max_memory_mib: int
+    disk_gib: int
+    autostart: bool
+    persistent: bool
+    cpu_time_ns: int
+    created_at: float
+    updated_at: float
+    last_error: str | None = None
+
+
+class VmRefRequest(Message, frozen=True):
+    name: str
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "VM name")
+
+
+class VmActionDone(Message, frozen=True):
+    vm: VmView | None
+    message: str = ""
+
+
 # ---------------------------------------------------------------- the commands of this module
 
 _F, _N, _S = Timeout.FAST, Timeout.NORMAL, Timeout.SLOW
@@ -357,3 +394,64 @@ VM_DELETE = command(
 VM_AUTOSTART = command(
     VM, "vm.autostart", SetAutostart, VmResult, _F, "virsh autostart [--disable]", idempotent=True
 )
+
+
+# ------------------------------------------------------------------ simple VM operations
+
+
+@dataclass(frozen=True, slots=True)
+class VmForward(Forward):
+    """A simple VM operation: the controller finds the VM, checks that its host is up, marks
+    ``task``, sends ``command`` with the VM's reference and records the VM's state afterwards.
+
+    ``desired``: the desired power state afterwards; None follows the observed state
+    (:meth:`DesiredPower.after`). The CLI offers each one as ``virtfleet vm <verb> NAME``, the
+    verb being the last part of the command's kind.
+    """
+
+    command: Command[VmAction, VmResult]
+    task: Task
+    desired: DesiredPower | None = None
+
+    @property
+    def verb(self) -> str:
+        """The CLI verb: ``vm.reboot`` -> ``reboot``."""
+        return self.command.kind.rpartition(".")[2]
+
+
+def vm_action(
+    command: Command[VmAction, VmResult],
+    task: Task,
+    doc: str,
+    *,
+    desired: DesiredPower | None = None,
+    role: Role = Role.OPERATOR,
+) -> ApiCall[VmRefRequest, VmActionDone]:
+    """Declare the API call ``api.<kind>`` of a simple VM operation (see :class:`VmForward`); it
+    belongs to the command's family and is as old as the command."""
+    return ApiCall(
+        f"api.{command.kind}",
+        VmRefRequest,
+        VmActionDone,
+        command.family,
+        command.timeout,
+        doc,
+        role,
+        command.idempotent,
+        command.since,
+        forward=VmForward(command, task, desired),
+    )
+
+
+# ---------------------------------------------------------------- simple VM operations (command + API call)
+
+API_VM_START = vm_action(VM_START, Task.STARTING, "Start (power on) a VM.", desired=DesiredPower.RUNNING)
+API_VM_DESTROY = vm_action(
+    VM_DESTROY,
+    Task.STOPPING,
+    "Power a VM off at once (virsh destroy); the definition stays.",
+    desired=DesiredPower.SHUTOFF,
+)
+API_VM_REBOOT = vm_action(VM_REBOOT, Task.REBOOTING, "Reboot a running VM (virsh reboot).")
+API_VM_SUSPEND = vm_action(VM_SUSPEND, Task.SUSPENDING, "Pause a running VM (virsh suspend).")
+API_VM_RESUME = vm_action(VM_RESUME, Task.RESUMING, "Resume a paused VM (virsh resume).")

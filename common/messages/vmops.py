@@ -18,14 +18,11 @@ from __future__ import annotations
 import re
 
 from common.errors import InvalidRequest
-from common.messages.api import API, VmActionDone, VmCreated, VmRefRequest, vm_action
+from common.messages.api import API, VmCreated
 from common.messages.base import Message, force_setattr
 from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command
 from common.messages.vm import (
     VM,
-    VM_REBOOT,
-    VM_RESUME,
-    VM_SUSPEND,
     CacheMode,
     DiskBus,
     DiskFormat,
@@ -34,9 +31,10 @@ from common.messages.vm import (
     NicKind,
     NicModel,
     NicSpec,
-    Task,
     VmAction,
+    VmActionDone,
     VmRef,
+    VmRefRequest,
     VmResult,
     VmStatus,
 )
@@ -640,9 +638,6 @@ IMAGE_INFO = command(IMAGE, "image.info", ImageInfoRequest, ImageInfo, _F, "qemu
 IMAGE_CONVERT = command(IMAGE, "image.convert", ImageConvert, ImageInfo, _S, "qemu-img convert -O raw|qcow2")
 
 # -- client -> controller (an API call's timeout class is never shorter than the command it wraps)
-API_VM_REBOOT = vm_action(VM_REBOOT, Task.REBOOTING, "Reboot a running VM (virsh reboot).")
-API_VM_SUSPEND = vm_action(VM_SUSPEND, Task.SUSPENDING, "Pause a running VM (virsh suspend).")
-API_VM_RESUME = vm_action(VM_RESUME, Task.RESUMING, "Resume a paused VM (virsh resume).")
 API_VM_AUTOSTART = api_call(
     API,
     "api.vm.autostart",

@@ -23,11 +23,10 @@ from common.messages.api import (
     API_VM_LIST,
     API_VM_SHOW,
     API_VM_SHUTDOWN,
-    VmForward,
 )
 from common.messages.catalogue import CATALOGUE
 from common.messages.descriptor import ApiCall
-from common.messages.vm import KernelBoot
+from common.messages.vm import KernelBoot, VmActionDone, VmForward, VmRefRequest
 from common.transport.factory import DEFAULT_URL, open_transport
 from common.transport.port import Transport
 from controller.cli import render
@@ -218,11 +217,11 @@ def vm_list(
 @vm_app.command("show")
 def vm_show(ctx: typer.Context, name: str) -> None:
     """Show one VM (the dominfo fields)."""
-    body = validated(lambda: api.VmRefRequest(name), ctx)
+    body = validated(lambda: VmRefRequest(name), ctx)
     run(ctx, API_VM_SHOW, body, lambda s, r: s.out.print(render.vm_detail(r)))
 
 
-def _done(s: State, r: api.VmActionDone) -> None:
+def _done(s: State, r: VmActionDone) -> None:
     if r.vm is not None:
         s.out.print(
             f"{r.vm.name}: {r.vm.power_state}" + (f" ({r.message})" if r.message else ""), highlight=False
@@ -253,9 +252,9 @@ def vm_delete(
     run(ctx, API_VM_DELETE, validated(lambda: api.VmDeleteRequest(name, delete_disks), ctx), _done)
 
 
-def _vm_action_command(op: ApiCall[api.VmRefRequest, api.VmActionDone], verb: str) -> None:
+def _vm_action_command(op: ApiCall[VmRefRequest, VmActionDone], verb: str) -> None:
     def command(ctx: typer.Context, name: str) -> None:
-        run(ctx, op, validated(lambda: api.VmRefRequest(name), ctx), _done)
+        run(ctx, op, validated(lambda: VmRefRequest(name), ctx), _done)
 
     vm_app.command(verb, help=op.doc)(command)
 

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from common.errors import InvalidRequest
-from common.messages.api import HostRef, VmRefRequest
+from common.messages.api import HostRef
 from common.messages.tuning import (
     API_TUNING_AFFINITY,
     API_TUNING_HUGEPAGES,
@@ -35,6 +35,7 @@ from common.messages.tuning import (
     VmPinRequest,
     page_size_label,
 )
+from common.messages.vm import VmRefRequest
 from controller.cli.runner import State, fail, host_app, run, validated, vm_app
 
 # ----------------------------------------------------------------------------- rendering

@@ -18,7 +18,16 @@ from rich.table import Table
 
 from common.errors import InvalidRequest
 from common.messages import api
-from common.messages.vm import CacheMode, DiskBus, DiskFormat, IoMode, NicKind, NicModel
+from common.messages.vm import (
+    CacheMode,
+    DiskBus,
+    DiskFormat,
+    IoMode,
+    NicKind,
+    NicModel,
+    VmActionDone,
+    VmRefRequest,
+)
 from common.messages.vmops import (
     API_IMAGE_CONVERT,
     API_IMAGE_CREATE,
@@ -88,7 +97,7 @@ def scope(live: bool, config: bool) -> tuple[bool | None, bool]:
     return live, config
 
 
-def _done(s: State, r: api.VmActionDone) -> None:
+def _done(s: State, r: VmActionDone) -> None:
     if r.vm is not None:
         s.out.print(
             f"{r.vm.name}: {r.vm.power_state}" + (f" ({r.message})" if r.message else ""), highlight=False
@@ -97,8 +106,8 @@ def _done(s: State, r: api.VmActionDone) -> None:
         s.out.print(r.message, highlight=False)
 
 
-def _ref(ctx: typer.Context, name: str) -> api.VmRefRequest:
-    body: api.VmRefRequest = validated(lambda: api.VmRefRequest(name), ctx)
+def _ref(ctx: typer.Context, name: str) -> VmRefRequest:
+    body: VmRefRequest = validated(lambda: VmRefRequest(name), ctx)
     return body
 
 
@@ -114,7 +123,7 @@ def vm_autostart(
     """Start the VM when its host boots (virsh autostart [--disable])."""
     body = validated(lambda: VmAutostartRequest(name, enabled=not disable), ctx)
 
-    def show(s: State, r: api.VmActionDone) -> None:
+    def show(s: State, r: VmActionDone) -> None:
         if r.vm is not None:
             s.out.print(f"{r.vm.name}: autostart {'on' if r.vm.autostart else 'off'}", highlight=False)
 

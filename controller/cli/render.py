@@ -13,6 +13,7 @@ from rich.table import Table
 from common.codec import to_wire
 from common.errors import VirtfleetError
 from common.messages import api
+from common.messages.vm import VmView
 
 
 def emit_json(console: Console, data: Any) -> None:
@@ -98,7 +99,7 @@ def host_detail(h: api.HostView) -> list[Table]:
     return [info, res]
 
 
-def vms_table(vms: Sequence[api.VmView]) -> Table:
+def vms_table(vms: Sequence[VmView]) -> Table:
     table = Table(title="vms")
     for col in ("NAME", "HOST", "STATUS", "STATE", "VCPUS", "MEMORY MiB", "DISK GiB", "TASK"):
         table.add_column(col)
@@ -116,7 +117,7 @@ def vms_table(vms: Sequence[api.VmView]) -> Table:
     return table
 
 
-def vm_detail(v: api.VmView) -> Table:
+def vm_detail(v: VmView) -> Table:
     table = Table(title=f"vm {v.name}", show_header=False)
     table.add_column("field")
     table.add_column("value")

@@ -32,6 +32,7 @@ from common.messages.vm import (
     NicKind,
     NicModel,
     NicSpec,
+    VmRefRequest,
 )
 from controller.cli import render
 from controller.cli.client import ApiClient
@@ -192,7 +193,7 @@ def create_warnings(req: api.VmCreate) -> list[str]:
 
 def _phase(client: ApiClient, name: str) -> str | None:
     try:
-        vm = client.call(API_VM_SHOW, api.VmRefRequest(name))
+        vm = client.call(API_VM_SHOW, VmRefRequest(name))
     except NotFound:
         return "placing"
     except VirtfleetError:

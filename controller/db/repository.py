@@ -17,9 +17,8 @@ from sqlalchemy.orm import Session
 
 from common.codec import from_wire, to_wire
 from common.errors import AlreadyExists, Conflict, NotFound
-from common.messages.api import VmView
 from common.messages.host import Heartbeat, HostReport
-from common.messages.vm import Lifecycle, PowerState, VmSpec, VmStatus
+from common.messages.vm import Lifecycle, PowerState, VmSpec, VmStatus, VmView
 from controller.db.models import Allocation, Host, HostGroup, ServerGroup, Vm
 
 
