@@ -73,6 +73,7 @@ class AgentHandlers:
         table.register(vm.VM_SHUTDOWN, self.shutdown)
         table.register(vm.VM_DESTROY, self.destroy)
         table.register(vm.VM_REBOOT, self.reboot)
+        table.register(vm.VM_RESET, self.reset)
         table.register(vm.VM_SUSPEND, self.suspend)
         table.register(vm.VM_RESUME, self.resume)
         table.register(vm.VM_DELETE, self.delete)
@@ -233,6 +234,14 @@ class AgentHandlers:
                 raise Conflict(f"VM {body.vm.name} cannot reboot: it is {status.state.value}")
             self._hv.reboot(body.vm.uuid)
             return self._result(body.vm.uuid, "rebooted")
+
+    def reset(self, body: VmAction) -> VmResult:
+        with self._changing(body.vm.uuid):
+            status = self._existing(body.vm)
+            if status.state not in {PowerState.RUNNING, PowerState.BLOCKED, PowerState.PAUSED}:
+                raise Conflict(f"VM {body.vm.name} cannot be reset: it is {status.state.value}")
+            self._hv.reset(body.vm.uuid)
+            return self._result(body.vm.uuid, "reset")
 
     def suspend(self, body: VmAction) -> VmResult:
         with self._changing(body.vm.uuid):

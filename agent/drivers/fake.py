@@ -117,6 +117,7 @@ MUTATING = frozenset(
         "shutdown",
         "destroy",
         "reboot",
+        "reset",
         "suspend",
         "resume",
         "undefine",
@@ -1192,6 +1193,14 @@ class FakeHypervisor:
             if dom.state not in ACTIVE_STATES:
                 raise libvirt_error(f"cannot reboot VM {uuid}", VIR_ERR_OPERATION_INVALID, _NOT_RUNNING)
             dom.state = PowerState.RUNNING  # the test driver resumes a paused domain on reboot
+
+    def reset(self, uuid: str) -> None:
+        with self.lock:
+            self._enter("reset")
+            dom = self._get(uuid, f"VM {uuid}")
+            if dom.state not in ACTIVE_STATES:
+                raise libvirt_error(f"cannot reset VM {uuid}", VIR_ERR_OPERATION_INVALID, _NOT_RUNNING)
+            # like QEMU's system_reset (and the test driver): the state is kept, a paused VM stays paused
 
     def suspend(self, uuid: str) -> None:
         with self.lock:

@@ -465,6 +465,11 @@ class LibvirtHypervisor:
         with libvirt_errors(f"cannot reboot VM {uuid}"):
             dom.reboot(0)
 
+    def reset(self, uuid: str) -> None:
+        dom = self._dom(uuid)
+        with libvirt_errors(f"cannot reset VM {uuid}"):
+            dom.reset(0)
+
     def suspend(self, uuid: str) -> None:
         dom = self._dom(uuid)
         with libvirt_errors(f"cannot suspend VM {uuid}"):

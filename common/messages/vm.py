@@ -15,7 +15,7 @@ from common.messages.descriptor import ApiCall, Command, Family, Forward, Role, 
 from common.validation import check_mac, check_name, check_positive
 
 #: The controller -> agent VM commands (this module and :mod:`common.messages.vmops`).
-VM = Family("vm", Version(1, 0), "controller -> agent: a VM's lifecycle, definition, devices and snapshots")
+VM = Family("vm", Version(1, 1), "controller -> agent: a VM's lifecycle, definition, devices and snapshots")
 
 
 class DomainType(StrEnum):
@@ -117,6 +117,7 @@ class Task(StrEnum):
     STOPPING = "stopping"
     SHUTTING_DOWN = "shutting-down"
     REBOOTING = "rebooting"
+    RESETTING = "resetting"
     SUSPENDING = "suspending"
     RESUMING = "resuming"
     DELETING = "deleting"
@@ -386,6 +387,15 @@ VM_SHUTDOWN = command(
 )
 VM_DESTROY = command(VM, "vm.destroy", VmAction, VmResult, _N, "virsh destroy (power off)", idempotent=True)
 VM_REBOOT = command(VM, "vm.reboot", VmAction, VmResult, _N, "virsh reboot")
+VM_RESET = command(
+    VM,
+    "vm.reset",
+    VmAction,
+    VmResult,
+    _F,
+    "virsh reset (hard reset, like the reset button)",
+    since=Version(1, 1),
+)
 VM_SUSPEND = command(VM, "vm.suspend", VmAction, VmResult, _F, "virsh suspend", idempotent=True)
 VM_RESUME = command(VM, "vm.resume", VmAction, VmResult, _F, "virsh resume", idempotent=True)
 VM_DELETE = command(
@@ -453,5 +463,6 @@ API_VM_DESTROY = vm_action(
     desired=DesiredPower.SHUTOFF,
 )
 API_VM_REBOOT = vm_action(VM_REBOOT, Task.REBOOTING, "Reboot a running VM (virsh reboot).")
+API_VM_RESET = vm_action(VM_RESET, Task.RESETTING, "Reset a VM at once, like its reset button (virsh reset).")
 API_VM_SUSPEND = vm_action(VM_SUSPEND, Task.SUSPENDING, "Pause a running VM (virsh suspend).")
 API_VM_RESUME = vm_action(VM_RESUME, Task.RESUMING, "Resume a paused VM (virsh resume).")

@@ -294,9 +294,11 @@ def test_suspend_and_resume_are_idempotent(
     assert (hv.count("suspend"), hv.count("resume")) == (1, 1)
 
 
-def test_suspend_resume_reboot_of_a_stopped_vm_conflict(handlers: AgentHandlers, running: VmSpec) -> None:
+def test_suspend_resume_reboot_reset_of_a_stopped_vm_conflict(
+    handlers: AgentHandlers, running: VmSpec
+) -> None:
     handlers.destroy(VmAction(ref(running)))
-    for action in (handlers.suspend, handlers.resume, handlers.reboot):
+    for action in (handlers.suspend, handlers.resume, handlers.reboot, handlers.reset):
         with pytest.raises(Conflict, match="shutoff"):
             action(VmAction(ref(running)))
 
@@ -305,6 +307,15 @@ def test_reboot(handlers: AgentHandlers, hv: FakeHypervisor, running: VmSpec) ->
     result = handlers.reboot(VmAction(ref(running)))
     assert result.status is not None and result.status.state is PowerState.RUNNING
     assert hv.count("reboot") == 1
+
+
+def test_reset_keeps_the_power_state(handlers: AgentHandlers, hv: FakeHypervisor, running: VmSpec) -> None:
+    result = handlers.reset(VmAction(ref(running)))
+    assert result.status is not None and result.status.state is PowerState.RUNNING
+    handlers.suspend(VmAction(ref(running)))
+    result = handlers.reset(VmAction(ref(running)))  # like QEMU's system_reset: a paused VM stays paused
+    assert result.status is not None and result.status.state is PowerState.PAUSED
+    assert hv.count("reset") == 2
 
 
 def test_autostart(handlers: AgentHandlers, hv: FakeHypervisor, running: VmSpec) -> None:
