@@ -1,7 +1,7 @@
 """Typed request/reply on top of the transport: dispatching to handlers and calling peers.
 
-:class:`Dispatcher` turns a :class:`~common.transport.amqp.Delivery` into an
-:class:`~common.transport.amqp.Outcome`: it looks the kind up in the catalogue, refuses
+:class:`Dispatcher` turns a :class:`~common.transport.port.Delivery` into an
+:class:`~common.transport.port.Outcome`: it looks the kind up in the catalogue, refuses
 expired requests, decodes the body into its dataclass, runs the handler and wraps the
 result or error as a reply. Malformed messages (unknown kind, body that does not fit the
 schema) are answered with an error *and* dead-lettered. An optional :class:`Journal`
@@ -27,7 +27,7 @@ from common.errors import (
 from common.messages.catalogue import CATALOGUE, TIMEOUT_SECONDS, lookup
 from common.messages.envelope import REPLY_KIND, Envelope, decode_envelope
 from common.schema import from_plain, to_plain
-from common.transport.amqp import Delivery, Outcome
+from common.transport.port import Delivery, Outcome
 
 log = logging.getLogger(__name__)
 
