@@ -24,6 +24,7 @@ every caller uses the port. Every pika exception is translated here into
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import threading
@@ -199,8 +200,8 @@ def declare_queue(
             )
             ch = reopen()
             ch.queue_delete(queue.name)
-            topology.declare(ch, queue)
-            return ch
+            # Once only: should the broker refuse again, the error is the plain one.
+            return declare_queue(ch, dataclasses.replace(queue, disposable=False), reopen)
         if exc.reply_code == 406:
             raise TransportError(
                 f"{recorder.kind} {recorder.name} exists with other arguments"
@@ -700,6 +701,7 @@ class AmqpTransport:
 
     @property
     def url(self) -> str:
+        """The broker URL without its credentials."""
         return safe_url(self._url)
 
     @contextlib.contextmanager
@@ -721,6 +723,7 @@ class AmqpTransport:
             yield session
 
     def declare(self, queue: Queue) -> None:
+        """Declare ``queue`` with its exchanges and bindings (see :func:`declare_queue`)."""
         with self._session() as session:
             session.declare(queue)
 
@@ -734,6 +737,7 @@ class AmqpTransport:
         mandatory: bool = False,
         expiration_ms: int | None = None,
     ) -> None:
+        """Publish and wait for the confirm; reconnects (3 times, backoff) on a lost connection."""
         with self._session() as session:
             session.publish(
                 exchange,
@@ -755,6 +759,7 @@ class AmqpTransport:
         expiration_ms: int | None = None,
         unroutable: Callable[[], VirtfleetError] | None = None,
     ) -> Envelope:
+        """Request/reply on this thread's session (see :meth:`_Session.call`)."""
         with self._session() as session:
             return session.call(
                 exchange,
@@ -769,11 +774,13 @@ class AmqpTransport:
     def consumer(
         self, queue: Queue, handler: Handler, *, name: str, prefetch: int = 8, workers: int = 4
     ) -> ConsumerServer:
+        """A :class:`ConsumerServer` of ``queue`` on its own connection named ``name``."""
         consumer = ConsumerServer(self._url, name, queue, handler, prefetch=prefetch, workers=workers)
         self._consumers.add(consumer)
         return consumer
 
     def consumer_count(self, queue: str) -> int | None:
+        """Consumers on ``queue``, or None when the queue does not exist."""
         with self._session() as session:
             return session.consumer_count(queue)
 

@@ -65,13 +65,13 @@ SUPPORTED_ARGUMENTS = frozenset(
 )
 _OVERFLOWS = frozenset({"drop-head", "reject-publish", "reject-publish-dlx"})
 #: The order in which RabbitMQ 3.10 compares queue arguments on a re-declaration.
-_ARGUMENT_ORDER = {
-    "x-message-ttl": 0,
-    "x-dead-letter-exchange": 1,
-    "x-dead-letter-routing-key": 2,
-    "x-max-length": 3,
-    "x-overflow": 4,
-}
+_ARGUMENT_ORDER = (
+    "x-message-ttl",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-length",
+    "x-overflow",
+)
 
 
 class PreconditionFailed(TransportError):
@@ -744,9 +744,7 @@ def _compare(
         if received != current:
             raise PreconditionFailed("queue", q.name, prop, received, current)
     # In RabbitMQ's order, so that both transports name the same argument first.
-    for key in sorted(
-        set(arguments) | set(q.arguments), key=lambda k: _ARGUMENT_ORDER.get(k, len(_ARGUMENT_ORDER))
-    ):
+    for key in sorted(set(arguments) | set(q.arguments), key=_ARGUMENT_ORDER.index):
         if arguments.get(key) != q.arguments.get(key):
             raise PreconditionFailed("queue", q.name, key, arguments.get(key), q.arguments.get(key))
 
@@ -848,6 +846,7 @@ class MemoryTransport:
 
     @property
     def url(self) -> str:
+        """``memory://<broker name>``."""
         return self._broker.url
 
     @property
@@ -865,6 +864,7 @@ class MemoryTransport:
             return self._conn
 
     def declare(self, queue: Queue) -> None:
+        """Declare ``queue`` with its exchanges and bindings (see the port; disposable rule)."""
         _declare(self._broker, self._connection(), queue)
 
     def publish(
@@ -877,11 +877,12 @@ class MemoryTransport:
         mandatory: bool = False,
         expiration_ms: int | None = None,
     ) -> None:
+        """Route ``env`` now: Unroutable, Refused or TransportError as RabbitMQ's confirm would say."""
+        message = _message(
+            env, exchange, routing_key, user=self.user, persistent=persistent, expiration_ms=expiration_ms
+        )
         with self._broker._lock:
             self._connection()
-            message = _message(
-                env, exchange, routing_key, user=self.user, persistent=persistent, expiration_ms=expiration_ms
-            )
             self._broker._publish(message, mandatory=mandatory)
 
     def call(
@@ -895,24 +896,25 @@ class MemoryTransport:
         expiration_ms: int | None = None,
         unroutable: Callable[[], VirtfleetError] | None = None,
     ) -> Envelope:
+        """Publish ``env`` (mandatory) with this transport's reply queue and wait for its reply.
+
+        When the broker drops the connection meanwhile, the same envelope is published again
+        on a new one, as on AMQP.
+        """
         deadline = self._broker._monotonic() + timeout
         broker = self._broker
+        request = _message(
+            env, exchange, routing_key, user=self.user, persistent=persistent, expiration_ms=expiration_ms
+        )
         with broker._changed:
             self._waiting.add(env.id)
             try:
                 while True:
                     conn = self._connection()
-                    message = _message(
-                        env,
-                        exchange,
-                        routing_key,
-                        user=self.user,
-                        persistent=persistent,
-                        reply_to=self._reply_queue_name(conn),
-                        expiration_ms=expiration_ms,
-                    )
                     try:
-                        broker._publish(message, mandatory=True)
+                        broker._publish(
+                            replace(request, reply_to=self._reply_queue_name(conn)), mandatory=True
+                        )
                     except Unroutable:
                         if unroutable is not None:
                             raise unroutable() from None
@@ -959,11 +961,13 @@ class MemoryTransport:
     def consumer(
         self, queue: Queue, handler: Handler, *, name: str, prefetch: int = 8, workers: int = 4
     ) -> MemoryConsumer:
+        """A consumer of ``queue`` on its own connection named ``name``; ``start()`` runs it."""
         consumer = MemoryConsumer(self, queue, handler, name=name, prefetch=prefetch, workers=workers)
         self._consumers.add(consumer)
         return consumer
 
     def consumer_count(self, queue: str) -> int | None:
+        """Consumers on ``queue``, or None when the queue does not exist."""
         state = self._broker.queue_state(queue)
         return None if state is None else state.consumers
 

@@ -455,6 +455,16 @@ def test_redeclaring_a_queue_with_other_arguments_fails_naming_queue_and_argumen
     assert [m.message_id for m in kit.take(old.name)] == [kept.id]
 
 
+def test_redeclaring_an_exchange_with_another_type_fails_naming_it(kit: Kit, names: Names) -> None:
+    direct = names.exchange(ExchangeType.DIRECT)
+    kit.transport.declare(names.queue("a", bindings=(Binding(direct, "k"),)))
+    fanout = names.exchange(ExchangeType.FANOUT)  # same name, another type
+    with pytest.raises(TransportError) as info:
+        kit.transport.declare(names.queue("b", bindings=(Binding(fanout, ""),)))
+    assert info.value.details == {"exchange": direct.name, "argument": "type"}
+    assert info.value.retryable is False
+
+
 def test_a_disposable_queue_declared_by_an_older_release_is_replaced(
     kit: Kit, names: Names, consumers: Consumers
 ) -> None:
