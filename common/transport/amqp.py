@@ -1,44 +1,50 @@
 """AMQP transport over pika: the only module that imports pika.
 
-Three building blocks, each owning one BlockingConnection (pika connections are not
-thread-safe, so every thread that talks to the broker has its own):
+:class:`AmqpTransport` implements :class:`~common.transport.port.Transport` (see the port's
+docstring for the semantics) on top of two building blocks:
 
-* :class:`RpcClient` publishes a request (persistent, mandatory, publisher-confirmed) and
-  waits on a private reply queue. When the connection drops it reconnects with jittered
-  backoff and publishes the *same* envelope again; receivers are idempotent by message id.
-* :class:`Publisher` publishes fire-and-forget messages (reports) with confirms.
-* :class:`ConsumerServer` consumes a queue in its own thread, runs the handler in a worker
-  pool and, from the connection's thread, publishes the reply and only then acknowledges
-  (``add_callback_threadsafe``), so a crash mid-command means redelivery, not loss. It
-  reconnects forever with backoff and exposes :attr:`ConsumerServer.last_tick` so a health
-  check can prove the loop is alive.
+* :class:`_Session`: one BlockingConnection with one confirm-mode channel. pika connections are
+  not thread-safe, so the transport keeps one session per thread. It publishes persistent or
+  transient messages and waits for the broker's confirm (a nack is :class:`Refused`, a returned
+  mandatory message :class:`Unroutable`), makes calls (publish ``mandatory`` and wait on a
+  private reply queue; on a lost connection it reconnects with jittered backoff and publishes the
+  *same* envelope again, receivers being idempotent by message id), declares and inspects queues.
+* :class:`ConsumerServer`: consumes one queue in its own thread and connection, runs the handler
+  in a worker pool and, from the connection's thread, publishes the reply and only then
+  acknowledges (``add_callback_threadsafe``), so a crash mid-command means redelivery, not loss.
+  It declares its queue on every (re)connect, reconnects forever with backoff (also when the
+  broker cancels it because its queue was deleted) and exposes :attr:`ConsumerServer.last_tick`
+  so a health check can prove the loop is alive.
 
-Every pika exception is translated here into :class:`~common.errors.TransportError` (or a
-subclass), once.
+:class:`RpcClient` and :class:`Publisher` remain as the session under their old names until
+every caller uses the port. Every pika exception is translated here into
+:class:`~common.errors.TransportError` (or a subclass), once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-import random
+import re
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pika
+import pika.credentials
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
-from common.errors import (
-    RequestTimeout,
-    TransportError,
-    VirtfleetError,
-)
+from common.errors import RequestTimeout, TransportError, VirtfleetError
 from common.messages.envelope import Envelope, decode_envelope
-from common.transport.port import Delivery, Handler, Outcome
+from common.transport import topology
+from common.transport.backoff import backoff_delays
+from common.transport.port import Delivery, Handler, Outcome, Refused, Unroutable
+from common.transport.topology import Queue
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +57,17 @@ _PIKA_ERRORS: tuple[type[Exception], ...] = (
     ConnectionError,
     OSError,
 )
+#: What makes a consumer reconnect.
 _RECONNECT_ERRORS: tuple[type[Exception], ...] = (TransportError, *_PIKA_ERRORS)
+#: How often a waiting call looks at its transport's state (closed?) between reply checks.
+_WAIT_SLICE = 0.2
 
 
-def backoff_delays(base: float = 0.2, cap: float = 10.0) -> Any:
-    """Yield 'full jitter' backoff delays: random in [0, min(cap, base * 2**n)]."""
-    attempt = 0
-    while True:
-        yield random.uniform(0, min(cap, base * (2**attempt)))  # noqa: S311 - jitter, not crypto
-        attempt += 1
+class _ConnectionLost(TransportError):
+    """The connection or channel went away: the operation may be retried on a new one.
+
+    Internal to this module: callers see a plain TransportError once retries are exhausted.
+    """
 
 
 def connect(url: str, name: str, *, heartbeat: int = 30, timeout: float = 5.0) -> BlockingConnection:
@@ -75,14 +83,21 @@ def connect(url: str, name: str, *, heartbeat: int = 30, timeout: float = 5.0) -
         return BlockingConnection(params)
     except _PIKA_ERRORS as exc:
         raise TransportError(
-            f"cannot connect to the message broker at {_safe_url(url)}: {_describe(exc)}"
+            f"cannot connect to the message broker at {safe_url(url)}: {_describe(exc)}"
         ) from exc
 
 
-def _safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
+def safe_url(url: str) -> str:
+    """The URL without its credentials, for messages."""
     params = pika.URLParameters(url)
-    return f"amqp://{params.host}:{params.port}{params.virtual_host if params.virtual_host != '/' else '/'}"
+    vhost = params.virtual_host
+    return f"amqp://{params.host}:{params.port}/{'' if vhost == '/' else vhost}"
+
+
+def _user(url: str) -> str | None:
+    """The login in ``url``: what the broker will authenticate, so what ``user_id`` may say."""
+    credentials = pika.URLParameters(url).credentials
+    return credentials.username if isinstance(credentials, pika.credentials.PlainCredentials) else None
 
 
 def _describe(exc: BaseException) -> str:
@@ -91,7 +106,12 @@ def _describe(exc: BaseException) -> str:
 
 
 def _properties(
-    env: Envelope, *, persistent: bool, reply_to: str | None = None, expiration_ms: int | None = None
+    env: Envelope,
+    *,
+    persistent: bool,
+    reply_to: str | None = None,
+    expiration_ms: int | None = None,
+    user_id: str | None = None,
 ) -> pika.BasicProperties:
     return pika.BasicProperties(
         content_type=CONTENT_TYPE,
@@ -102,30 +122,142 @@ def _properties(
         type=env.kind,
         timestamp=int(env.sent_at),
         expiration=str(expiration_ms) if expiration_ms is not None else None,
+        # RabbitMQ refuses a user_id that is not the connection's login, so a consumer can
+        # trust it (the trust model's broker-authenticated identity).
+        user_id=user_id,
     )
 
 
-class _Session:
-    """One connection + one confirm-mode channel, reopened on demand."""
+# ------------------------------------------------------------------------------ declarations
 
-    def __init__(self, url: str, name: str) -> None:
+
+class _Recorder:
+    """A topology.Channel that remembers what it was declaring when the broker refused it."""
+
+    def __init__(self, ch: BlockingChannel) -> None:
+        self.ch = ch
+        self.kind = ""
+        self.name = ""
+
+    def exchange_declare(self, exchange: str, exchange_type: str, durable: bool = True) -> Any:
+        self.kind, self.name = "exchange", exchange
+        return self.ch.exchange_declare(exchange, exchange_type, durable=durable)
+
+    def queue_declare(
+        self,
+        queue: str,
+        passive: bool = False,
+        durable: bool = False,
+        exclusive: bool = False,
+        auto_delete: bool = False,
+        arguments: dict[str, Any] | None = None,
+    ) -> Any:
+        self.kind, self.name = "queue", queue
+        return self.ch.queue_declare(
+            queue,
+            passive=passive,
+            durable=durable,
+            exclusive=exclusive,
+            auto_delete=auto_delete,
+            arguments=arguments,
+        )
+
+    def queue_bind(self, queue: str, exchange: str, routing_key: str | None = None) -> Any:
+        self.kind, self.name = "binding of queue", queue
+        return self.ch.queue_bind(queue, exchange, routing_key)
+
+
+_INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)'")
+
+
+def declare_queue(
+    ch: BlockingChannel, queue: Queue, reopen: Callable[[], BlockingChannel]
+) -> BlockingChannel:
+    """``topology.declare`` on ``ch``; returns the channel to go on with.
+
+    A ``406 PRECONDITION_FAILED`` (the queue exists with other arguments, declared by another
+    release) closes the channel: for a ``disposable`` queue, a new channel from ``reopen``
+    deletes the queue and declares it again; otherwise a non-retryable TransportError names the
+    queue and the argument. Connection failures propagate as pika exceptions.
+    """
+    recorder = _Recorder(ch)
+    try:
+        topology.declare(recorder, queue)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        match = _INEQUIVALENT.search(exc.reply_text or "")
+        argument = match.group(1) if match else None
+        if (
+            exc.reply_code == 406
+            and recorder.kind == "queue"
+            and recorder.name == queue.name
+            and queue.disposable
+        ):
+            log.warning(
+                "queue %s exists with other arguments (%s); its messages are disposable: "
+                "deleting it and declaring it again",
+                queue.name,
+                exc.reply_text,
+            )
+            ch = reopen()
+            ch.queue_delete(queue.name)
+            # Once only: should the broker refuse again, the error is the plain one.
+            return declare_queue(ch, dataclasses.replace(queue, disposable=False), reopen)
+        if exc.reply_code == 406:
+            raise TransportError(
+                f"{recorder.kind} {recorder.name} exists with other arguments"
+                f"{f' ({argument!r} differs)' if argument else ''}, declared by another release? "
+                f"The broker said: {exc.reply_text}",
+                retryable=False,
+                details={recorder.kind: recorder.name, "argument": argument},
+            ) from None
+        raise TransportError(
+            f"cannot declare {recorder.kind} {recorder.name}: {exc.reply_code} {exc.reply_text}",
+            retryable=False,
+        ) from None
+    return ch
+
+
+# ------------------------------------------------------------------------------ client session
+
+
+class _Session:
+    """One connection + one confirm-mode channel, reopened on demand; used by one thread at a time.
+
+    ``closing`` (the owning transport's) makes a waiting call give up.
+    """
+
+    def __init__(self, url: str, name: str, *, closing: threading.Event | None = None) -> None:
         self.url = url
         self.name = name
+        self.user_id = _user(url)
         self.conn: BlockingConnection | None = None
         self.ch: BlockingChannel | None = None
+        #: held by the thread using the session, so that another thread may close it safely
+        self.lock = threading.Lock()
+        self._closing = closing or threading.Event()
+        self._reply_queue = ""
+        self._replies: dict[str, Envelope] = {}
+        self._waiting: set[str] = set()
 
+    # -- connection -----------------------------------------------------------------------
     def ensure(self) -> BlockingChannel:
-        if self.conn is not None and self.conn.is_open and self.ch is not None and self.ch.is_open:
+        """The open channel; reconnects (or reopens only the channel); _ConnectionLost if it cannot."""
+        if self.ch is not None and self.ch.is_open:
             return self.ch
-        self.close()
-        self.conn = connect(self.url, self.name)
+        if self.conn is None or not self.conn.is_open:
+            self.close()
+            try:
+                self.conn = connect(self.url, self.name)
+            except TransportError as exc:
+                raise _ConnectionLost(exc.message) from exc
         try:
             self.ch = self.conn.channel()
             self.ch.confirm_delivery()
+            self._reply_queue = ""  # replies were consumed on the old channel
+            self.on_open(self.ch)
         except _PIKA_ERRORS as exc:
             self.close()
-            raise TransportError(f"cannot open a channel: {_describe(exc)}") from exc
-        self.on_open(self.ch)
+            raise _ConnectionLost(f"cannot open a channel: {_describe(exc)}") from exc
         return self.ch
 
     def on_open(self, ch: BlockingChannel) -> None:
@@ -133,42 +265,70 @@ class _Session:
 
     def close(self) -> None:
         conn, self.conn, self.ch = self.conn, None, None
+        self._reply_queue = ""
         if conn is not None and conn.is_open:
             with contextlib.suppress(*_PIKA_ERRORS):
                 conn.close()
 
-
-class Publisher(_Session):
-    """Publishes persistent or transient messages with publisher confirms; reconnects on failure."""
-
-    def __init__(self, url: str, name: str, declare: Callable[[BlockingChannel], None] | None = None) -> None:
-        super().__init__(url, name)
-        self._declare = declare
-
-    def on_open(self, ch: BlockingChannel) -> None:
-        if self._declare is not None:
-            self._declare(ch)
-
-    def publish(
-        self, exchange: str, routing_key: str, env: Envelope, *, persistent: bool = False, retries: int = 3
-    ) -> None:
-        """Publish and wait for the broker's confirm; TransportError after ``retries`` reconnects."""
+    def _retrying(self, what: str, op: Callable[[], Any], retries: int) -> Any:
+        """Run ``op``, reconnecting with backoff on a lost connection ``retries`` times."""
         delays = backoff_delays()
         for attempt in range(retries + 1):
             try:
-                ch = self.ensure()
-                ch.basic_publish(exchange, routing_key, env.encode(), _properties(env, persistent=persistent))
-                return
-            except TransportError:
-                if attempt == retries:
-                    raise
-            except _PIKA_ERRORS as exc:
+                return op()
+            except _ConnectionLost as exc:
                 self.close()
-                if attempt == retries:
-                    raise TransportError(
-                        f"publish to {exchange}/{routing_key} failed: {_describe(exc)}"
-                    ) from exc
-            time.sleep(next(delays))
+                if attempt == retries or self._closing.is_set():
+                    raise TransportError(f"{what} failed: {exc.message}") from exc
+                delay = next(delays)
+                log.warning("%s: %s failed (%s); retrying in %.1fs", self.name, what, exc.message, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- publishing -----------------------------------------------------------------------
+    def _publish_once(
+        self, exchange: str, routing_key: str, body: bytes, props: pika.BasicProperties, *, mandatory: bool
+    ) -> None:
+        ch = self.ensure()
+        where = f"{exchange or '(default exchange)'}/{routing_key}"
+        try:
+            ch.basic_publish(exchange, routing_key, body, props, mandatory=mandatory)
+        except pika.exceptions.UnroutableError:
+            raise Unroutable(f"no queue is bound for {where}") from None
+        except pika.exceptions.NackError:
+            # The channel stays usable: nothing to reconnect (and retrying would be refused too).
+            raise Refused(
+                f"the broker refused the message for {where} (a queue full with x-overflow reject-publish)"
+            ) from None
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            # No such exchange (404), no permission (403), a forged user_id (406): retrying
+            # cannot help. ensure() opens a new channel next time.
+            raise TransportError(
+                f"the broker refused the publish to {where}: {exc.reply_code} {exc.reply_text}",
+                retryable=False,
+            ) from None
+        except _PIKA_ERRORS as exc:
+            raise _ConnectionLost(_describe(exc)) from exc
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        env: Envelope,
+        *,
+        persistent: bool = False,
+        mandatory: bool = False,
+        expiration_ms: int | None = None,
+        retries: int = 3,
+    ) -> None:
+        """Publish and wait for the broker's confirm; TransportError after ``retries`` reconnects."""
+        body = env.encode()
+        props = _properties(env, persistent=persistent, expiration_ms=expiration_ms, user_id=self.user_id)
+        self._retrying(
+            f"publish to {exchange}/{routing_key}",
+            lambda: self._publish_once(exchange, routing_key, body, props, mandatory=mandatory),
+            retries,
+        )
 
     def process_events(self) -> None:
         """Service heartbeats on an idle connection (call now and then from the owning thread)."""
@@ -178,47 +338,66 @@ class Publisher(_Session):
             except _PIKA_ERRORS:
                 self.close()
 
+    # -- queues ---------------------------------------------------------------------------
+    def declare(self, queue: Queue, *, retries: int = 3) -> None:
+        """Declare ``queue`` (see :func:`declare_queue`)."""
 
-class RpcClient(_Session):
-    """Request/reply over the broker, with at-least-once publishing of the same envelope."""
+        def once() -> None:
+            ch = self.ensure()
+            try:
+                self.ch = declare_queue(ch, queue, self._new_channel)
+            except _PIKA_ERRORS as exc:
+                raise _ConnectionLost(_describe(exc)) from exc
 
-    def __init__(self, url: str, name: str) -> None:
-        super().__init__(url, name)
-        self._reply_queue = ""
-        self._replies: dict[str, Envelope] = {}
-        self._waiting: set[str] = set()
+        self._retrying(f"declaring {queue.name}", once, retries)
 
-    def on_open(self, ch: BlockingChannel) -> None:
-        result = ch.queue_declare("", exclusive=True, auto_delete=True)
-        self._reply_queue = result.method.queue
-        ch.basic_consume(self._reply_queue, self._on_reply, auto_ack=True)
+    def _new_channel(self) -> BlockingChannel:
+        self.ch = None
+        return self.ensure()
+
+    def consumer_count(self, queue: str, *, retries: int = 3) -> int | None:
+        """Consumers on ``queue``, or None when the queue does not exist."""
+
+        def once() -> int | None:
+            ch = self.ensure()
+            try:
+                result = ch.queue_declare(queue, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code == 404:
+                    return None  # the channel is closed; ensure() opens another next time
+                raise TransportError(
+                    f"cannot inspect queue {queue}: {exc.reply_code} {exc.reply_text}", retryable=False
+                ) from None
+            except _PIKA_ERRORS as exc:
+                raise _ConnectionLost(_describe(exc)) from exc
+            return int(result.method.consumer_count)
+
+        count: int | None = self._retrying(f"inspecting queue {queue}", once, retries)
+        return count
+
+    # -- calls ----------------------------------------------------------------------------
+    def _reply_to(self) -> str:
+        """This connection's private reply queue, declared on first use."""
+        ch = self.ensure()
+        if not self._reply_queue:
+            try:
+                result = ch.queue_declare("", exclusive=True, auto_delete=True)
+                ch.basic_consume(result.method.queue, self._on_reply, auto_ack=True)
+            except _PIKA_ERRORS as exc:
+                raise _ConnectionLost(f"cannot declare a reply queue: {_describe(exc)}") from exc
+            self._reply_queue = result.method.queue
+        return self._reply_queue
 
     def _on_reply(self, _ch: Any, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
         try:
             env = decode_envelope(body)
         except VirtfleetError as exc:
-            log.warning("dropping undecodable reply: %s", exc)
+            log.warning("%s: dropping undecodable reply: %s", self.name, exc)
             return
         if env.correlation_id in self._waiting:
             self._replies[env.correlation_id] = env
         else:
-            log.debug("dropping late reply %s (%s)", env.correlation_id, props.type)
-
-    def consumer_count(self, queue: str) -> int | None:
-        """Consumers on ``queue``, or None when the queue does not exist."""
-        ch = self.ensure()
-        try:
-            result = ch.queue_declare(queue, passive=True)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 404:
-                self.ch = None  # the channel is closed; reopen on next use
-                self.close()
-                return None
-            raise TransportError(f"cannot inspect queue {queue}: {_describe(exc)}") from exc
-        except _PIKA_ERRORS as exc:
-            self.close()
-            raise TransportError(f"cannot inspect queue {queue}: {_describe(exc)}") from exc
-        return int(result.method.consumer_count)
+            log.debug("%s: dropping late reply %s (%s)", self.name, env.correlation_id, props.type)
 
     def call(
         self,
@@ -234,36 +413,42 @@ class RpcClient(_Session):
         """Send ``env`` and return the reply envelope.
 
         Raises RequestTimeout when no reply came within ``timeout`` seconds, TransportError
-        when the broker stayed unreachable, and ``unroutable()`` (default TransportError)
-        when no queue is bound for ``routing_key``.
+        when the broker stayed unreachable, Refused when a full queue refused the request, and
+        ``unroutable()`` (default :class:`Unroutable`) when no queue is bound for ``routing_key``.
         """
         deadline = time.monotonic() + timeout
         delays = backoff_delays()
+        body = env.encode()
         self._waiting.add(env.id)
         try:
             while True:
                 try:
-                    ch = self.ensure()
                     props = _properties(
-                        env, persistent=persistent, reply_to=self._reply_queue, expiration_ms=expiration_ms
+                        env,
+                        persistent=persistent,
+                        reply_to=self._reply_to(),
+                        expiration_ms=expiration_ms,
+                        user_id=self.user_id,
                     )
-                    ch.basic_publish(exchange, routing_key, env.encode(), props, mandatory=True)
+                    self._publish_once(exchange, routing_key, body, props, mandatory=True)
                     return self._wait(env.id, deadline)
-                except pika.exceptions.UnroutableError:
+                except Unroutable:
                     if unroutable is not None:
                         raise unroutable() from None
-                    raise TransportError(
-                        f"no queue is bound for {exchange}/{routing_key}", retryable=False
-                    ) from None
-                except _RECONNECT_ERRORS as exc:
+                    raise
+                except _ConnectionLost as exc:
                     self.close()
                     delay = next(delays)
-                    if time.monotonic() + delay >= deadline:
-                        if isinstance(exc, TransportError):
-                            raise
-                        raise TransportError(f"lost the broker connection: {_describe(exc)}") from exc
+                    if time.monotonic() + delay >= deadline or self._closing.is_set():
+                        raise TransportError(
+                            f"lost the broker connection during a call: {exc.message}"
+                        ) from exc
                     log.warning(
-                        "broker connection lost during a call (%s); retrying in %.1fs", _describe(exc), delay
+                        "%s: broker connection lost during a call (%s); publishing %s again in %.1fs",
+                        self.name,
+                        exc.message,
+                        env.id,
+                        delay,
                     )
                     time.sleep(delay)
         finally:
@@ -271,25 +456,55 @@ class RpcClient(_Session):
             self._replies.pop(env.id, None)
 
     def _wait(self, msg_id: str, deadline: float) -> Envelope:
-        assert self.conn is not None
         while True:
             reply = self._replies.pop(msg_id, None)
             if reply is not None:
                 return reply
+            if self._closing.is_set():
+                raise TransportError("the transport was closed during a call", retryable=False)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RequestTimeout("no reply within the timeout; the operation may still complete")
-            self.conn.process_data_events(time_limit=min(remaining, 0.5))
+            if self.conn is None:
+                raise _ConnectionLost("connection closed")
+            try:
+                self.conn.process_data_events(time_limit=min(remaining, _WAIT_SLICE))
+            except _PIKA_ERRORS as exc:
+                raise _ConnectionLost(_describe(exc)) from exc
+
+
+class Publisher(_Session):
+    """A session that declares what it publishes to on every connect (the agent's reporter)."""
+
+    def __init__(self, url: str, name: str, declare: Callable[[BlockingChannel], None] | None = None) -> None:
+        super().__init__(url, name)
+        self._declare = declare
+
+    def on_open(self, ch: BlockingChannel) -> None:
+        if self._declare is not None:
+            self._declare(ch)
+
+
+class RpcClient(_Session):
+    """Request/reply over the broker for one thread (callers move to :class:`AmqpTransport`)."""
+
+
+# ------------------------------------------------------------------------------ consumer
 
 
 class ConsumerServer:
-    """Consumes one queue forever: reconnects, bounds concurrency, acks after the reply."""
+    """Consumes one queue forever: reconnects, bounds concurrency, acks after the reply.
+
+    ``declare`` is the :class:`~common.transport.topology.Queue` (declared on every connect,
+    with the disposable rule of :func:`declare_queue`) or, for older callers, a function that
+    declares on a channel and returns the queue name.
+    """
 
     def __init__(
         self,
         url: str,
         name: str,
-        declare: Callable[[BlockingChannel], str],
+        declare: Queue | Callable[[BlockingChannel], str],
         handler: Handler,
         *,
         prefetch: int = 8,
@@ -301,9 +516,11 @@ class ConsumerServer:
         self._declare = declare
         self._handler = handler
         self._prefetch = prefetch
+        self._user_id = _user(url)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-worker")
         self._tick = tick
         self._stop = threading.Event()
+        self._drain_until = float("inf")
         self._thread: threading.Thread | None = None
         self._inflight: set[Future[None]] = set()
         self._lock = threading.Lock()
@@ -311,6 +528,7 @@ class ConsumerServer:
         #: monotonic time of the last loop iteration; a stale value means a wedged consumer.
         self.last_tick = time.monotonic()
         self.connected = False
+        self._consumed = False
         self.reconnects = 0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -320,10 +538,13 @@ class ConsumerServer:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop consuming, let in-flight work finish and be acknowledged, then close."""
+        """Stop consuming, give in-flight work ``timeout`` seconds to finish and be acknowledged,
+        then close the connection (what is still unacknowledged is redelivered)."""
+        self._drain_until = time.monotonic() + timeout
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout)
+            # The loop closes the connection by the deadline; the margin covers closing it.
+            self._thread.join(timeout + 10)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def healthy(self, max_age: float = 10.0) -> bool:
@@ -332,17 +553,30 @@ class ConsumerServer:
 
     def run(self) -> None:
         """The loop: connect, consume, and on any failure back off and start over."""
-        delays = backoff_delays()
+        delays: Iterator[float] = backoff_delays()
         while not self._stop.is_set():
             try:
                 self._consume_once()
-                delays = backoff_delays()
             except _RECONNECT_ERRORS as exc:
                 self.connected = False
+                if self._consumed:
+                    # It was consuming before this failure: start the backoff over, so that a
+                    # consumer that survived many broker restarts does not wait the maximum.
+                    delays = backoff_delays()
+                    self._consumed = False
                 delay = next(delays)
                 self.reconnects += 1
-                log.warning(
-                    "%s: broker connection lost (%s); reconnecting in %.1fs", self.name, _describe(exc), delay
+                level = (
+                    logging.ERROR
+                    if isinstance(exc, TransportError) and not exc.retryable
+                    else logging.WARNING
+                )
+                log.log(
+                    level,
+                    "%s: broker connection lost (%s); reconnecting in %.1fs",
+                    self.name,
+                    exc.message if isinstance(exc, TransportError) else _describe(exc),
+                    delay,
                 )
                 self._stop.wait(delay)
 
@@ -350,19 +584,32 @@ class ConsumerServer:
         conn = connect(self.url, self.name)
         try:
             ch = conn.channel()
+            if isinstance(self._declare, Queue):
+                ch = declare_queue(ch, self._declare, conn.channel)
+                queue = self._declare.name
+            else:
+                queue = self._declare(ch)
             ch.basic_qos(prefetch_count=self._prefetch)
-            queue = self._declare(ch)
+            cancelled: list[object] = []
+            # RabbitMQ cancels consumers of a deleted queue; pika would then idle silently.
+            ch.add_on_cancel_callback(cancelled.append)
             tag = ch.basic_consume(queue, lambda c, m, p, b: self._on_message(conn, c, m, p, b))
             self.connected = True
+            self._consumed = True
             self.ready.set()
             log.info("%s: consuming %s", self.name, queue)
             while not self._stop.is_set():
                 conn.process_data_events(time_limit=self._tick)
                 self.last_tick = time.monotonic()
-            # Graceful stop: no new deliveries; finish and acknowledge what is in flight.
+                if cancelled:
+                    raise _ConnectionLost(f"the broker cancelled the consumer of {queue} (queue deleted?)")
+            # Graceful stop: no new deliveries; finish and acknowledge what is in flight, until
+            # the deadline stop() set. Unacknowledged deliveries go back when the connection closes.
             ch.basic_cancel(tag)
-            while self._pending():
-                conn.process_data_events(time_limit=self._tick)
+            while self._pending() and time.monotonic() < self._drain_until:
+                conn.process_data_events(
+                    time_limit=min(self._tick, max(0.0, self._drain_until - time.monotonic()))
+                )
             conn.process_data_events(time_limit=0)
         finally:
             self.connected = False
@@ -390,7 +637,7 @@ class ConsumerServer:
             log.warning("%s: rejecting malformed message to the dead-letter queue: %s", self.name, exc)
             ch.basic_nack(method.delivery_tag, requeue=False)
             return
-        delivery = Delivery(env, method.routing_key, bool(method.redelivered), props.reply_to)
+        delivery = Delivery(env, method.routing_key, bool(method.redelivered), props.reply_to, props.user_id)
         future = self._pool.submit(self._work, conn, ch, method.delivery_tag, delivery)
         with self._lock:
             self._inflight = {f for f in self._inflight if not f.done()}
@@ -410,7 +657,7 @@ class ConsumerServer:
                         "",
                         delivery.reply_to,
                         outcome.reply.encode(),
-                        _properties(outcome.reply, persistent=False),
+                        _properties(outcome.reply, persistent=False, user_id=self._user_id),
                     )
                 if outcome.dead_letter:
                     ch.basic_nack(tag, requeue=False)
@@ -432,9 +679,135 @@ class ConsumerServer:
             )
 
 
+# ------------------------------------------------------------------------------ transport
+
+
+class AmqpTransport:
+    """:class:`~common.transport.port.Transport` on RabbitMQ; shareable by every thread.
+
+    Each thread gets its own session (connection + confirm channel), opened on first use and
+    reopened after a failure; consumers have their own connections. Nothing connects until
+    first used, so constructing one never fails.
+    """
+
+    def __init__(self, url: str, name: str) -> None:
+        self._url = url
+        self.name = name
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._sessions: list[tuple[threading.Thread, _Session]] = []
+        self._consumers: weakref.WeakSet[ConsumerServer] = weakref.WeakSet()
+        self._closed = threading.Event()
+
+    @property
+    def url(self) -> str:
+        """The broker URL without its credentials."""
+        return safe_url(self._url)
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[_Session]:
+        if self._closed.is_set():
+            raise TransportError(f"transport {self.name} is closed", retryable=False)
+        session: _Session | None = getattr(self._local, "session", None)
+        if session is None:
+            thread = threading.current_thread()
+            session = _Session(self._url, f"{self.name}:{thread.name}", closing=self._closed)
+            with self._lock:
+                # Threads come and go (worker pools): close what dead threads left behind.
+                for dead in [s for t, s in self._sessions if not t.is_alive()]:
+                    dead.close()
+                self._sessions = [(t, s) for t, s in self._sessions if t.is_alive()]
+                self._sessions.append((thread, session))
+            self._local.session = session
+        with session.lock:
+            yield session
+
+    def declare(self, queue: Queue) -> None:
+        """Declare ``queue`` with its exchanges and bindings (see :func:`declare_queue`)."""
+        with self._session() as session:
+            session.declare(queue)
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        env: Envelope,
+        *,
+        persistent: bool = False,
+        mandatory: bool = False,
+        expiration_ms: int | None = None,
+    ) -> None:
+        """Publish and wait for the confirm; reconnects (3 times, backoff) on a lost connection."""
+        with self._session() as session:
+            session.publish(
+                exchange,
+                routing_key,
+                env,
+                persistent=persistent,
+                mandatory=mandatory,
+                expiration_ms=expiration_ms,
+            )
+
+    def call(
+        self,
+        exchange: str,
+        routing_key: str,
+        env: Envelope,
+        timeout: float,
+        *,
+        persistent: bool = True,
+        expiration_ms: int | None = None,
+        unroutable: Callable[[], VirtfleetError] | None = None,
+    ) -> Envelope:
+        """Request/reply on this thread's session (see :meth:`_Session.call`)."""
+        with self._session() as session:
+            return session.call(
+                exchange,
+                routing_key,
+                env,
+                timeout,
+                persistent=persistent,
+                expiration_ms=expiration_ms,
+                unroutable=unroutable,
+            )
+
+    def consumer(
+        self, queue: Queue, handler: Handler, *, name: str, prefetch: int = 8, workers: int = 4
+    ) -> ConsumerServer:
+        """A :class:`ConsumerServer` of ``queue`` on its own connection named ``name``."""
+        consumer = ConsumerServer(self._url, name, queue, handler, prefetch=prefetch, workers=workers)
+        self._consumers.add(consumer)
+        return consumer
+
+    def consumer_count(self, queue: str) -> int | None:
+        """Consumers on ``queue``, or None when the queue does not exist."""
+        with self._session() as session:
+            return session.consumer_count(queue)
+
+    def close(self) -> None:
+        """Close every thread's connection (a call in progress gives up within a fraction of a
+        second); consumers still running lose theirs, so their unacknowledged deliveries are
+        redelivered: stop consumers first to let them finish."""
+        self._closed.set()
+        with self._lock:
+            sessions, self._sessions = [s for _, s in self._sessions], []
+        for session in sessions:
+            # Another thread may be inside the session: wait until it lets go (it sees _closed).
+            if session.lock.acquire(timeout=30):
+                try:
+                    session.close()
+                finally:
+                    session.lock.release()
+            else:
+                log.warning("%s: session %s stayed busy; not closed", self.name, session.name)
+        for consumer in list(self._consumers):
+            consumer.stop(timeout=0)
+
+
 __all__ = [
     "CONTENT_TYPE",
     "DEFAULT_URL",
+    "AmqpTransport",
     "ConsumerServer",
     "Delivery",
     "Handler",
@@ -443,4 +816,6 @@ __all__ = [
     "RpcClient",
     "backoff_delays",
     "connect",
+    "declare_queue",
+    "safe_url",
 ]

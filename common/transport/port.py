@@ -151,7 +151,12 @@ class Transport(Protocol):
         ...
 
     def close(self) -> None:
-        """Close this process's connections (consumers are stopped separately)."""
+        """Close this process's connections.
+
+        Stop consumers first (``Consumer.stop``) to let in-flight work finish: a consumer still
+        running when its transport closes loses its connection, so its unacknowledged
+        deliveries are redelivered.
+        """
         ...
 
 

@@ -1,5 +1,7 @@
-"""The transport against the real broker: reconnection after the broker drops every
-connection, and malformed messages on the API queue going to the dead-letter queue."""
+"""The AMQP transport against the real broker with the real API dispatcher: reconnection after
+the broker drops every connection, and malformed messages on the API queue going to the
+dead-letter queue. (tests/contract checks the same semantics on both transports with test
+handlers; this module checks them with the fleet's own queue and dispatcher.)"""
 
 from __future__ import annotations
 
@@ -12,14 +14,28 @@ import pika
 import pytest
 from vfsupport import wait_until
 
-from common.errors import InvalidRequest
+from common.errors import InvalidRequest, TransportError
 from common.messages import api
 from common.messages.envelope import Envelope, decode_envelope
-from common.transport.amqp import ConsumerServer, RpcClient
+from common.transport.amqp import AmqpTransport, ConsumerServer
 from common.transport.rpc import Dispatcher, request, unwrap
-from common.transport.topology import API_QUEUE, DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, declare
+from common.transport.topology import (
+    API_QUEUE,
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    HEARTBEATS_QUEUE,
+    REPORTS_QUEUE,
+    declare,
+)
 
 pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+def transport(vhost_url: str) -> Iterator[AmqpTransport]:
+    shared = AmqpTransport(vhost_url, "test-client")
+    yield shared
+    shared.close()
 
 
 @pytest.fixture
@@ -30,22 +46,20 @@ def server(vhost_url: str) -> Iterator[ConsumerServer]:
         calls.append("ping")
         return api.Empty()
 
-    srv = ConsumerServer(
-        vhost_url,
-        "test-api",
-        lambda ch: declare(ch, API_QUEUE),
-        Dispatcher("test-controller", {"api.ping": ping}),
-        prefetch=4,
+    transport = AmqpTransport(vhost_url, "test-api")
+    srv = transport.consumer(
+        API_QUEUE, Dispatcher("test-controller", {"api.ping": ping}), name="test-api", prefetch=4
     )
     srv.start()
     assert srv.ready.wait(30)
     yield srv
     srv.stop()
+    transport.close()
 
 
-def _ping(client: RpcClient) -> api.Empty:
+def _ping(transport: AmqpTransport) -> api.Empty:
     env = request("api.ping", api.Empty(), "test", timeout=20)
-    return unwrap(client.call("", API_QUEUE.name, env, 20, persistent=False), api.Empty)
+    return unwrap(transport.call("", API_QUEUE.name, env, 20, persistent=False), api.Empty)
 
 
 def _close_all_connections(vhost_url: str) -> None:
@@ -59,19 +73,15 @@ def _close_all_connections(vhost_url: str) -> None:
 
 
 def test_server_and_client_recover_after_the_broker_drops_all_connections(
-    server: ConsumerServer, vhost_url: str
+    server: ConsumerServer, transport: AmqpTransport, vhost_url: str
 ) -> None:
-    client = RpcClient(vhost_url, "test-client")
-    try:
-        assert _ping(client) == api.Empty()
-        reconnects_before = server.reconnects
-        _close_all_connections(vhost_url)
-        wait_until(lambda: server.reconnects > reconnects_before, 30, "the server to notice the drop")
-        wait_until(server.healthy, 30, "the server to reconnect and consume again")
-        # The client's connection was dropped too: the call reconnects and re-publishes.
-        assert _ping(client) == api.Empty()
-    finally:
-        client.close()
+    assert _ping(transport) == api.Empty()
+    reconnects_before = server.reconnects
+    _close_all_connections(vhost_url)
+    wait_until(lambda: server.reconnects > reconnects_before, 30, "the server to notice the drop")
+    wait_until(server.healthy, 30, "the server to reconnect and consume again")
+    # The client's connection was dropped too: the call reconnects and re-publishes.
+    assert _ping(transport) == api.Empty()
 
 
 class DeadLetterTap:
@@ -97,11 +107,11 @@ class DeadLetterTap:
 
 
 def test_garbage_on_the_api_queue_is_dead_lettered_and_the_server_carries_on(
-    server: ConsumerServer, vhost_url: str
+    server: ConsumerServer, transport: AmqpTransport, vhost_url: str
 ) -> None:
     tap = DeadLetterTap(vhost_url)
+    # Bytes that are not an envelope cannot go through the transport: publish them raw.
     publisher = pika.BlockingConnection(pika.URLParameters(vhost_url))
-    client = RpcClient(vhost_url, "test-client")
     try:
         garbage = b"\xc1 this is not msgpack " + str(time.time()).encode()
         publisher.channel().basic_publish("", API_QUEUE.name, garbage)
@@ -110,28 +120,25 @@ def test_garbage_on_the_api_queue_is_dead_lettered_and_the_server_carries_on(
         assert isinstance(death, list)
         assert death[0]["reason"] == b"rejected" or death[0]["reason"] == "rejected"
         assert death[0]["count"] == 1  # rejected once, not requeued in a loop
-        assert _ping(client) == api.Empty()
+        assert _ping(transport) == api.Empty()
     finally:
-        client.close()
         publisher.close()
         tap.close()
 
 
 def test_a_body_that_does_not_fit_the_schema_gets_an_error_reply_and_is_dead_lettered(
-    server: ConsumerServer, vhost_url: str
+    server: ConsumerServer, transport: AmqpTransport, vhost_url: str
 ) -> None:
     tap = DeadLetterTap(vhost_url)
-    client = RpcClient(vhost_url, "test-client")
     try:
         # api.host.show needs {"host": str}; send a number instead, through the real client.
         env = Envelope(kind="api.host.show", body={"host": 42}, sender="test", expires_at=time.time() + 20)
-        reply = client.call("", API_QUEUE.name, env, 20, persistent=False)
+        reply = transport.call("", API_QUEUE.name, env, 20, persistent=False)
         with pytest.raises(InvalidRequest, match=r"body\.host: expected a string"):
             unwrap(reply, api.HostView)
         dead = decode_envelope(_wait_dead(tap, env.id))
         assert dead.id == env.id
     finally:
-        client.close()
         tap.close()
 
 
@@ -144,3 +151,35 @@ def _wait_dead(tap: DeadLetterTap, msg_id: str, timeout: float = 20) -> bytes:
         if method is None:
             tap.conn.sleep(0.05)
     raise AssertionError(f"message {msg_id} never reached the dead-letter exchange")
+
+
+def test_the_reports_and_heartbeats_queues_of_the_previous_release_are_replaced(
+    transport: AmqpTransport, vhost_url: str
+) -> None:
+    # What the previous release declared: a queue TTL, and no dead-lettering for heartbeats.
+    old = pika.BlockingConnection(pika.URLParameters(vhost_url))
+    try:
+        ch = old.channel()
+        for queue in (REPORTS_QUEUE, HEARTBEATS_QUEUE, API_QUEUE):
+            ch.queue_delete(queue.name)  # other tests of the module declared today's
+        ch.queue_declare(REPORTS_QUEUE.name, durable=True, arguments={"x-message-ttl": 120_000})
+        ch.queue_declare(HEARTBEATS_QUEUE.name, durable=True, arguments={"x-message-ttl": 30_000})
+        ch.queue_declare(API_QUEUE.name, durable=True, arguments={"x-message-ttl": 1})
+    finally:
+        old.close()
+    try:
+        consumer = transport.consumer(HEARTBEATS_QUEUE, Dispatcher("test", {}), name="test-heartbeats")
+        consumer.start()
+        try:
+            assert consumer.ready.wait(30)
+        finally:
+            consumer.stop()
+        transport.declare(REPORTS_QUEUE)
+        transport.declare(HEARTBEATS_QUEUE)  # now declared as this release wants: no error
+        # The API queue holds requests: never deleted, the operator is told what differs.
+        with pytest.raises(TransportError, match=r"virtfleet\.api.*'x-message-ttl'"):
+            transport.declare(API_QUEUE)
+    finally:
+        cleanup = pika.BlockingConnection(pika.URLParameters(vhost_url))
+        cleanup.channel().queue_delete(API_QUEUE.name)
+        cleanup.close()
