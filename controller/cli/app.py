@@ -286,19 +286,20 @@ def wants_json(argv: list[str]) -> bool:
     return False
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
     """Console-script entry point.
 
     With ``--output json`` a command-line mistake (unknown option, bad choice, missing
     argument) is one JSON error document on stdout with exit 2, like every other error,
-    so that scripts never have to parse usage text.
+    so that scripts never have to parse usage text. ``env`` says how to reach the broker
+    (tests hand in an in-process one); by default the URL is opened.
     """
     args = sys.argv[1:] if argv is None else argv
     if not wants_json(args):
-        app(args=args)
+        app(args=args, obj=env)
         return
     try:
-        code = app(args=args, standalone_mode=False)
+        code = app(args=args, standalone_mode=False, obj=env)
     except typer.TyperException as exc:
         error = InvalidRequest(exc.format_message(), details={"usage": True})
         render.emit_json(Console(soft_wrap=True), render.error_document(error))

@@ -13,6 +13,8 @@ import pytest
 
 from common.errors import Conflict, InvalidRequest, NotFound, NoValidHost
 from common.messages import api
+from common.messages import tuning as tuning_msgs
+from common.messages.descriptor import Command
 from common.messages.host import CpuTopology, HostReport, StoragePoolInfo
 from common.messages.tuning import (
     GetAffinity,
@@ -32,8 +34,7 @@ from common.messages.tuning import (
     VmAffinity,
     VmPinRequest,
 )
-from common.messages.vm import CreateVm, PowerState, VmResult, VmSpec, VmStatus
-from controller.agent_api import AgentApi
+from common.messages.vm import VM_CREATE, VM_DELETE, CreateVm, PowerState, VcpuPin, VmResult, VmSpec, VmStatus
 from controller.config import ControllerConfig
 from controller.db import repository as repo
 from controller.db.engine import make_engine, migrate
@@ -55,11 +56,11 @@ class FakeAgents:
         self.calls: list[tuple[str, str, Any]] = []
         self.processes: dict[int, ProcessInfo] = {}
 
-    def call(self, host_id: str, kind: str, body: Any, result_type: type[T]) -> T:
+    def call(self, host_id: str, op: Command[Any, T], body: Any) -> T:
         with self.lock:
-            self.calls.append((host_id, kind, body))
+            self.calls.append((host_id, op.kind, body))
         result: Any
-        if kind == "vm.create":
+        if op is VM_CREATE:
             assert isinstance(body, CreateVm)
             with self.lock:
                 self.specs[body.spec.name] = body.spec
@@ -75,22 +76,22 @@ class FakeAgents:
                     spec.memory_mib,
                 )
             )
-        elif kind == "vm.delete":
+        elif op is VM_DELETE:
             result = VmResult(None, "deleted")
-        elif kind == "tuning.pin":
+        elif op is tuning_msgs.TUNING_PIN:
             assert isinstance(body, PinVm)
             result = VmAffinity(body.vm.uuid, body.vm.name, "running", vcpu_pins=body.vcpu_pins)
-        elif kind == "tuning.affinity":
+        elif op is tuning_msgs.TUNING_AFFINITY:
             assert isinstance(body, GetAffinity)
             result = VmAffinity(body.vm.uuid, body.vm.name, "running")
-        elif kind == "tuning.process":
+        elif op is tuning_msgs.TUNING_PROCESS:
             assert isinstance(body, ProcessQuery)
             result = self.processes.get(body.pid, ProcessInfo(body.pid, qemu=False))
-        elif kind == "tuning.taskset":
+        elif op is tuning_msgs.TUNING_TASKSET:
             assert isinstance(body, SetTaskset)
             thread = ThreadAffinity(body.pid, "qemu-system-x86", body.cpuset)
             result = TasksetResult(body.pid, body.vm_uuid, before=(), after=(thread,))
-        elif kind == "tuning.hugepages":
+        elif op is tuning_msgs.TUNING_HUGEPAGES:
             assert isinstance(body, SetHugepages)
             result = HugepagesResult(
                 body.size_kib,
@@ -99,9 +100,9 @@ class FakeAgents:
                 HugepagePool(body.size_kib, body.count, body.count, mounted=True),
             )
         else:
-            raise AssertionError(f"unexpected agent call {kind}")
-        assert isinstance(result, result_type)
-        return result
+            raise AssertionError(f"unexpected agent call {op.kind}")
+        assert isinstance(result, op.result)
+        return result  # type: ignore[no-any-return]
 
 
 def tuning_facts(dedicated: str, shared: str, pages: int = 0) -> HostTuningReport:
@@ -147,7 +148,7 @@ def service(database_url: str) -> Iterator[tuple[ControllerService, FakeAgents]]
     engine = make_engine(database_url)
     migrate(engine)
     agents = FakeAgents()
-    svc = ControllerService(engine, ControllerConfig(down_after_s=1e9), AgentApi(agents), clock=lambda: NOW)
+    svc = ControllerService(engine, ControllerConfig(down_after_s=1e9), agents, clock=lambda: NOW)
     yield svc, agents
     svc.close()
     engine.dispose()
@@ -264,7 +265,8 @@ def test_pin_within_the_allowance(service: tuple[ControllerService, FakeAgents])
     with svc.tx() as s:
         vm = repo.get_vm(s, "ded")
     assert vm.task is None and vm.last_error is None
-    assert vm.spec["cputune"]["vcpu_pins"][0] == {"vcpu": 0, "cpuset": str(mine[1])}
+    assert vm.spec is not None and vm.spec.cputune is not None
+    assert vm.spec.cputune.vcpu_pins[0] == VcpuPin(0, str(mine[1]))
     # another VM's pCPU, the shared set, a vCPU the VM lacks: refused before any agent call
     for body, fragment in (
         (VmPinRequest("ded", cpus="0", vcpu=1), "outside its allowance"),
@@ -305,4 +307,7 @@ def test_taskset_only_for_managed_qemu_processes(service: tuple[ControllerServic
         tuning.taskset(HostTasksetRequest("a", 100, "5-7"))  # other dedicated CPUs
     done = tuning.taskset(HostTasksetRequest("a", 100, f"0-3,{vm.pcpus[0]}"))
     assert done.vm == "ded" and done.result.vm_uuid == vm.uuid
-    assert [k for _h, k, _b in agents.calls[-2:]] == ["tuning.process", "tuning.taskset"]
+    assert [k for _h, k, _b in agents.calls[-2:]] == [
+        tuning_msgs.TUNING_PROCESS.kind,
+        tuning_msgs.TUNING_TASKSET.kind,
+    ]

@@ -1,0 +1,206 @@
+"""The in-process tier: a controller, N agents and the CLI in one test process.
+
+Real code on both sides of the bus -- the controller's :class:`~controller.main.Controller` wiring,
+each agent's :class:`~agent.main.Agent` with its handlers, journal, reporter and the tuning and
+network modules -- over the in-memory broker (:mod:`common.transport.memory`, the same semantics
+as RabbitMQ: see tests/contract) and the shipped fakes of every host port (:mod:`agent.fakehost`).
+The database is a SQLite file, or PostgreSQL when ``VIRTFLEET_DATABASE_URL`` says so. The CLI runs
+as a user runs it (``controller.cli.app.main`` with argv, exit code, stdout, stderr), only its
+broker is the in-memory one. No broker, root, libvirtd or QEMU is needed.
+
+:class:`InProcessFleet` offers the same ``cli`` / ``cli_ok`` / ``hosts`` / ``wait_hosts`` as the
+process fleet of tests/vfsupport.py, plus direct access to each host's fakes for setting up what an
+operator would have prepared by hand (an image file, a foreign domain) and for faults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from typer.testing import CliRunner
+from vfsupport import NODES, CliResult, fresh_database, wait_until
+
+from agent.fakehost import FakeHost, build_fake_host
+from agent.main import Agent
+from common.transport.memory import MemoryBroker
+from controller.cli.app import main as cli_main
+from controller.cli.runner import Environment
+from controller.config import ControllerConfig
+from controller.main import Controller
+
+log = logging.getLogger(__name__)
+
+#: The URL the CLI is given: ``memory://`` URLs name an in-process broker (handed in, not looked up).
+BROKER_URL = "memory://fleet"
+
+
+@dataclass(frozen=True)
+class HostShape:
+    """One simulated host: a node file of tests/fixtures/nodes and the agent's CPU sets."""
+
+    node: str = "small"
+    dedicated_cpus: str | None = None
+    shared_cpus: str | None = None
+    reserved_cpus: str | None = None
+    hw_virt: bool = True
+
+
+@dataclass
+class RunningHost:
+    """A host of the fleet: its fakes and, while it runs, its agent."""
+
+    name: str
+    fake: FakeHost
+    agent: Agent | None = None
+
+
+@dataclass
+class InProcessFleet:
+    """A controller, agents and the CLI in this process (see the module docstring)."""
+
+    tmp: Path
+    database_url: str
+    broker: MemoryBroker = field(default_factory=MemoryBroker)
+    down_after_s: float = 4.0
+    heartbeat_interval: float = 0.5
+    report_interval: float = 5.0
+    controller: Controller | None = None
+    hosts_by_name: dict[str, RunningHost] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ processes
+    def start_controller(self, **overrides: Any) -> Controller:
+        config = ControllerConfig(
+            amqp_url=BROKER_URL,
+            database_url=self.database_url,
+            down_after_s=self.down_after_s,
+            workers=8,
+            **overrides,
+        )
+        self.controller = Controller(config, name="controller", memory=self.broker)
+        self.controller.start()
+        assert self.controller.wait_ready(30), "the controller's consumers did not start"
+        return self.controller
+
+    def add_host(self, name: str, shape: HostShape) -> RunningHost:
+        fake = build_fake_host(
+            self.tmp / f"agent-{name}",
+            host_id=name,
+            node_xml=NODES / f"{shape.node}.xml",
+            hw_virt=shape.hw_virt,
+            dedicated_cpus=shape.dedicated_cpus,
+            shared_cpus=shape.shared_cpus,
+            reserved_cpus=shape.reserved_cpus,
+            amqp_url=BROKER_URL,
+        )
+        fake.config = dataclasses.replace(
+            fake.config, heartbeat_interval=self.heartbeat_interval, report_interval=self.report_interval
+        )
+        host = RunningHost(name, fake)
+        self.hosts_by_name[name] = host
+        self.start_agent(name)
+        return host
+
+    def start_agent(self, name: str) -> Agent:
+        host = self.hosts_by_name[name]
+        assert host.agent is None, f"the agent of {name} runs already"
+        host.agent = host.fake.agent(self.broker.transport(f"agent-{name}"))
+        host.agent.start()
+        return host.agent
+
+    def stop_agent(self, name: str) -> None:
+        """Stop an agent as SIGTERM does (finish, acknowledge, last report)."""
+        host = self.hosts_by_name[name]
+        if host.agent is not None:
+            host.agent.stop(timeout=10)
+            host.agent = None
+
+    def kill_agent(self, name: str) -> None:
+        """An agent dies at once: its connections drop, unacknowledged commands go back to the queue,
+        no last report, no more heartbeats."""
+        host = self.hosts_by_name[name]
+        agent, host.agent = host.agent, None
+        if agent is None:
+            return
+        self.broker.kill_connections(f"agent-{name}")
+        agent.reporter.stop(final_report=False, timeout=10)
+        agent.server.stop(timeout=1)
+        agent.journal.close()
+
+    def fake(self, name: str) -> FakeHost:
+        """The fakes of a host (its hypervisor, images, links...)."""
+        return self.hosts_by_name[name].fake
+
+    def stop_all(self) -> None:
+        for name in list(self.hosts_by_name):
+            with contextlib.suppress(Exception):
+                self.stop_agent(name)
+            self.hosts_by_name[name].fake.close()
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+    # ------------------------------------------------------------------ the CLI, as a user runs it
+    def cli(self, *args: str, output: str = "json", timeout: float | None = None) -> CliResult:
+        """``virtfleet --output OUTPUT ARGS...``: exit code, stdout and stderr."""
+        argv = ["--output", output, "--amqp-url", BROKER_URL]
+        if timeout is not None:
+            argv += ["--timeout", str(timeout)]
+        env = Environment(connect=lambda _url: self.broker.transport("cli"))
+        runner = CliRunner()
+        code = 0
+        with runner.isolation(env={"COLUMNS": "200"}) as (out, err, _mixed):
+            try:
+                cli_main([*argv, *args], env=env)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+        return CliResult(code, stdout, stderr)
+
+    def cli_ok(self, *args: str) -> Any:
+        result = self.cli(*args)
+        assert result.code == 0, (
+            f"virtfleet {' '.join(args)} failed ({result.code}): {result.stdout}{result.stderr}"
+        )
+        return json.loads(result.stdout)
+
+    def hosts(self) -> dict[str, Any]:
+        result = self.cli("host", "list")
+        if result.code != 0:
+            return {}
+        return {h["host_id"]: h for h in result.json["hosts"]}
+
+    def wait_hosts(self, ids: set[str], status: str = "up", timeout: float = 30) -> None:
+        wait_until(
+            lambda: all(self.hosts().get(i, {}).get("status") == status for i in ids),
+            timeout,
+            f"hosts {sorted(ids)} to be {status}",
+        )
+
+
+@contextlib.contextmanager
+def inprocess_fleet(
+    tmp: Path, hosts: Mapping[str, HostShape], **controller_overrides: Any
+) -> Iterator[InProcessFleet]:
+    """A started fleet of ``hosts`` (all up), stopped on the way out."""
+    with fresh_database(tmp) as db:
+        fleet = InProcessFleet(tmp, db)
+        try:
+            fleet.start_controller(**controller_overrides)
+            for name, shape in hosts.items():
+                fleet.add_host(name, shape)
+            fleet.wait_hosts(set(hosts))
+            yield fleet
+        finally:
+            fleet.stop_all()
+
+
+def database_is_postgres() -> bool:
+    return os.environ.get("VIRTFLEET_DATABASE_URL", "").startswith("postgres")
