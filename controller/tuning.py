@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from common.codec import from_wire
+from common.cpuset import CpuSetSyntaxError, format_cpuset, parse_cpuset
 from common.errors import Conflict, InvalidRequest, NotFound, VirtfleetError
 from common.messages import tuning as msgs
 from common.messages.base import replace
@@ -50,7 +51,6 @@ from common.messages.vm import CpuTune, Task, VcpuPin, VmRef, VmSpec
 from common.transport.rpc import HandlerTable
 from controller import tuning_inventory
 from controller.db import repository as repo
-from controller.scheduler.cpus import CpuSetSyntaxError, format_cpuset, parse_cpuset
 from controller.service import ControllerService
 
 log = logging.getLogger(__name__)

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from common.cpuset import CpuSetSyntaxError, format_cpuset, parse_cpuset
 from common.errors import InvalidRequest
 from common.messages.tuning import page_size_label
 from controller.db.repository import HostRecord
-from controller.scheduler.cpus import CpuSetSyntaxError, format_cpuset, parse_cpuset
 from controller.scheduler.model import FrozenMap, Inventory, ResourceClass
 
 #: allocation resource naming one claimed pCPU: ``PCPU:7``

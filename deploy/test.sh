@@ -6,7 +6,7 @@
 # 1. deploy/install.sh            apt packages + .venv (fast when present)
 # 2. deploy/services.sh           RabbitMQ, PostgreSQL, libvirtd (started if needed)
 # 3. deploy/guest/build-guest.sh  the tiny QEMU test guest ($VIRTFLEET_TEST_GUEST_DIR)
-# 4. ruff check, ruff format --check, mypy --strict
+# 4. ruff check, ruff format --check, mypy --strict, import directions (lint-imports)
 # 5. pytest tests "$@"            (SQLite for the database tests)
 # 6. pytest -m db tests           again, against PostgreSQL (virtfleet_test)
 set -euo pipefail
@@ -69,6 +69,7 @@ step guest bash deploy/guest/build-guest.sh "$VIRTFLEET_TEST_GUEST_DIR"
 step ruff-check "$ROOT/.venv/bin/ruff" check "${LINT_PATHS[@]}"
 step ruff-format "$ROOT/.venv/bin/ruff" format --check "${LINT_PATHS[@]}"
 step mypy "$ROOT/.venv/bin/mypy" --strict controller agent common
+step import-lint "$ROOT/.venv/bin/lint-imports" --no-cache
 
 run_pytest() { # run_pytest LOGFILE ARGS...: tee the output, keep pytest's rc
     local log="$1"

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from agent.ports import ACTIVE_STATES, Hypervisor, Images, NodeFacts
-from agent.tuning.parse import format_cpuset
+from common.cpuset import format_cpuset
 from common.domain_xml import VF_NAMESPACE, DomainXmlError, ParsedDomain, parse_domain_xml
 from common.errors import (
     AlreadyExists,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.tuning.parse import CpuSetSyntaxError, format_cpuset, parse_cpuset
+from common.cpuset import CpuSetSyntaxError, format_cpuset, parse_cpuset
 from common.errors import InvalidRequest
 
 SET_NAMES = ("dedicated_cpus", "shared_cpus", "reserved_cpus")

@@ -9,8 +9,8 @@ definition (persistent domain), where ``<cputune>`` then shows it.
 from __future__ import annotations
 
 from agent.drivers.fake import FakeHypervisor
-from agent.tuning.parse import format_cpuset
 from agent.tuning.pinning import PinnedDomain, Pinning, cpumap
+from common.cpuset import format_cpuset
 from common.errors import InternalError, InvalidRequest
 from common.messages.vm import PowerState, VcpuPin
 

@@ -21,6 +21,7 @@ from agent.tuning import cpusets, parse
 from agent.tuning import profile as profiles
 from agent.tuning.pinning import LibvirtPinning, Pinning
 from agent.tuning.sysfs import HostKernel, seed_simulated_root
+from common import cpuset
 from common.domain_xml import DomainXmlError, parse_domain_xml
 from common.errors import Conflict, InvalidRequest, NotFound, VirtfleetError
 from common.messages import tuning as msgs
@@ -55,8 +56,8 @@ _ACTIVE = frozenset({PowerState.RUNNING, PowerState.BLOCKED, PowerState.PAUSED, 
 
 def _cpus(text: str, what: str) -> frozenset[int]:
     try:
-        return parse.parse_cpuset(text)
-    except parse.CpuSetSyntaxError as exc:
+        return cpuset.parse_cpuset(text)
+    except cpuset.CpuSetSyntaxError as exc:
         raise InvalidRequest(f"{what}: {exc}") from None
 
 
@@ -99,7 +100,7 @@ class TuningModule:
         beyond = sorted(c for c in sets.dedicated if c >= width)
         if beyond:
             raise InvalidRequest(
-                f"config dedicated_cpus: CPU(s) {parse.format_cpuset(beyond)} are beyond libvirt's CPU map "
+                f"config dedicated_cpus: CPU(s) {cpuset.format_cpuset(beyond)} are beyond libvirt's CPU map "
                 f"(0-{width - 1}); libvirt's test driver knows 8 CPUs and drops pins beyond them"
             )
         return module
@@ -127,10 +128,10 @@ class TuningModule:
             cores_per_socket=cores,
             threads_per_core=threads,
             cells=k.numa_cells(),
-            online_cpus=parse.format_cpuset(self.sets.online),
-            dedicated_cpus=parse.format_cpuset(self.sets.dedicated),
-            shared_cpus=parse.format_cpuset(self.sets.shared),
-            reserved_cpus=parse.format_cpuset(self.sets.reserved),
+            online_cpus=cpuset.format_cpuset(self.sets.online),
+            dedicated_cpus=cpuset.format_cpuset(self.sets.dedicated),
+            shared_cpus=cpuset.format_cpuset(self.sets.shared),
+            reserved_cpus=cpuset.format_cpuset(self.sets.reserved),
             hugepages=k.hugepage_pools(),
             default_hugepage_kib=k.default_hugepage_kib(),
             thp_enabled=k.thp("enabled").selected,
@@ -145,7 +146,7 @@ class TuningModule:
         if outside:
             reserved = outside & self.sets.reserved
             why = "reserved for the host" if reserved == outside else "not dedicated or shared on this host"
-            raise InvalidRequest(f"{what}: CPU(s) {parse.format_cpuset(outside)} are {why}")
+            raise InvalidRequest(f"{what}: CPU(s) {cpuset.format_cpuset(outside)} are {why}")
         return cpus
 
     def _managed_domain(self, uuid: str, name: str) -> Any:
@@ -168,12 +169,12 @@ class TuningModule:
             for pin in body.vcpu_pins:
                 cpus = self._allowed(_cpus(pin.cpuset, f"vCPU {pin.vcpu}"), f"vCPU {pin.vcpu}")
                 self.pinning.pin_vcpu(dom, pin.vcpu, cpus)
-                log.info("VM %s: vCPU %d pinned to %s", body.vm.name, pin.vcpu, parse.format_cpuset(cpus))
+                log.info("VM %s: vCPU %d pinned to %s", body.vm.name, pin.vcpu, cpuset.format_cpuset(cpus))
             if body.emulator_cpuset is not None:
                 cpus = self._allowed(_cpus(body.emulator_cpuset, "emulator"), "emulator threads")
                 self.pinning.pin_emulator(dom, cpus)
                 self._align_emulator_threads(body.vm.uuid, cpus)
-                log.info("VM %s: emulator threads pinned to %s", body.vm.name, parse.format_cpuset(cpus))
+                log.info("VM %s: emulator threads pinned to %s", body.vm.name, cpuset.format_cpuset(cpus))
         return self.affinity(GetAffinity(body.vm))
 
     def _align_emulator_threads(self, uuid: str, cpus: frozenset[int]) -> None:
@@ -189,7 +190,7 @@ class TuningModule:
         pid = self.qemu_pid(uuid)
         if pid is None:
             return
-        wanted = parse.format_cpuset(cpus)
+        wanted = cpuset.format_cpuset(cpus)
         for thread in self.kernel.threads(pid):
             if thread.vcpu is None and thread.cpus != wanted:
                 self.kernel.set_thread_affinity(thread.tid, cpus)
@@ -272,7 +273,7 @@ class TuningModule:
                         log.warning("could not restore thread %d: %s", thread.tid, exc.message)
                 raise
             after = self.kernel.threads(body.pid)
-        log.info("taskset -a -pc %s %d (VM %s)", parse.format_cpuset(cpus), body.pid, info.vm_name)
+        log.info("taskset -a -pc %s %d (VM %s)", cpuset.format_cpuset(cpus), body.pid, info.vm_name)
         return TasksetResult(pid=body.pid, vm_uuid=info.vm_uuid or "", before=before, after=after)
 
     # -- hugepages, IO, profiles ----------------------------------------------------------

@@ -1,7 +1,7 @@
 """Pure parsers of the /sys and /proc text the tuning module reads (unit-tested on captured text).
 
 CPU lists use the kernel's format (``0-3,8-11``), a subset of libvirt's cpuset syntax, so they
-are parsed by :func:`controller.scheduler.cpus.parse_cpuset` (the one cpuset parser of the
+are parsed by :func:`common.cpuset.parse_cpuset` (the one cpuset parser of the
 project); the kernel writes an empty line for an empty list, which is the empty set here.
 """
 
@@ -11,17 +11,14 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from controller.scheduler.cpus import CpuSetSyntaxError, format_cpuset, parse_cpuset
+from common.cpuset import parse_cpuset
 
 __all__ = [
-    "CpuSetSyntaxError",
     "Selection",
     "cpu_list",
-    "format_cpuset",
     "hugepage_dir_kib",
     "hugetlbfs_page_sizes",
     "meminfo",
-    "parse_cpuset",
     "qemu_uuid",
     "selection",
     "size_kib",

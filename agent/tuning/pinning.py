@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import libvirt
 
 from agent.drivers.libvirt_driver import libvirt_errors, power_state
-from agent.tuning.parse import format_cpuset
+from common.cpuset import format_cpuset
 from common.errors import HypervisorError, InvalidRequest
 from common.messages.vm import PowerState, VcpuPin
 

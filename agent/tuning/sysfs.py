@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from agent.tuning import parse
+from common import cpuset
 from common.errors import HypervisorError, InvalidRequest, NotFound, Unsupported
 from common.messages.tuning import BlockDevice, HugepagePool, NumaCell, ThreadAffinity
 
@@ -115,10 +116,10 @@ class HostKernel:
                     memory_kib = parse.meminfo(_read(entry / "meminfo")).get("MemTotal", 0)
                 except OSError:
                     continue
-                cells.append(NumaCell(int(match.group(1)), parse.format_cpuset(cpus), memory_kib // 1024))
+                cells.append(NumaCell(int(match.group(1)), cpuset.format_cpuset(cpus), memory_kib // 1024))
         if not cells:
             online = self.online_cpus()
-            cells.append(NumaCell(0, parse.format_cpuset(online), self.meminfo().get("MemTotal", 0) // 1024))
+            cells.append(NumaCell(0, cpuset.format_cpuset(online), self.meminfo().get("MemTotal", 0) // 1024))
         return tuple(sorted(cells, key=lambda c: c.id))
 
     # -- hugepages ----------------------------------------------------------------------
@@ -265,7 +266,7 @@ class HostKernel:
             except OSError:
                 continue  # the thread ended while we looked
             cpus = parse.cpu_list(allowed or "")
-            out.append(ThreadAffinity(tid, comm, parse.format_cpuset(cpus), parse.vcpu_of_thread(comm)))
+            out.append(ThreadAffinity(tid, comm, cpuset.format_cpuset(cpus), parse.vcpu_of_thread(comm)))
         return tuple(out)
 
     def set_thread_affinity(self, tid: int, cpus: frozenset[int]) -> None:
@@ -273,7 +274,7 @@ class HostKernel:
         if self.emulate:
             for status in self._proc().glob(f"*/task/{tid}/status"):
                 lines = [
-                    f"Cpus_allowed_list:\t{parse.format_cpuset(cpus)}"
+                    f"Cpus_allowed_list:\t{cpuset.format_cpuset(cpus)}"
                     if line.startswith("Cpus_allowed_list:")
                     else line
                     for line in _read(status).splitlines()
@@ -292,7 +293,7 @@ class HostKernel:
                 else ""
             )
             raise HypervisorError(
-                f"cannot set the affinity of thread {tid} to {parse.format_cpuset(cpus)}: "
+                f"cannot set the affinity of thread {tid} to {cpuset.format_cpuset(cpus)}: "
                 f"{exc.strerror or exc}{hint}",
                 details={"errno": exc.errno, "tid": tid},
             ) from None
@@ -329,7 +330,7 @@ def seed_simulated_root(
     online = frozenset(range(max(1, cpus)))
     cpu_base = root / "sys" / "devices" / "system" / "cpu"
     cpu_base.mkdir(parents=True, exist_ok=True)
-    (cpu_base / "online").write_text(parse.format_cpuset(online) + "\n", encoding="utf-8")
+    (cpu_base / "online").write_text(cpuset.format_cpuset(online) + "\n", encoding="utf-8")
     per_core = max(1, threads)
     cores_per_package = max(1, cores)  # libvirt's nodeinfo: cores per socket, sockets per node
     for cpu in sorted(online):
@@ -343,7 +344,7 @@ def seed_simulated_root(
     for cell, cell_cpus in enumerate(parse.even_cells(online, cells)):
         node = node_base / f"node{cell}"
         node.mkdir(exist_ok=True)
-        (node / "cpulist").write_text(parse.format_cpuset(cell_cpus) + "\n", encoding="utf-8")
+        (node / "cpulist").write_text(cpuset.format_cpuset(cell_cpus) + "\n", encoding="utf-8")
         kib = memory_mib * 1024 // max(1, cells)
         (node / "meminfo").write_text(f"Node {cell} MemTotal:       {kib} kB\n", encoding="utf-8")
     (root / "proc").mkdir(parents=True, exist_ok=True)

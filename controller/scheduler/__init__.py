@@ -5,7 +5,7 @@ and gets back a :class:`Placement` or a :class:`Refusal` that names every host a
 rule that excluded it.
 """
 
-from controller.scheduler.cpus import CpuSetSyntaxError, format_cpuset, parse_cpuset, pick_pcpus
+from controller.scheduler.cpus import pick_pcpus
 from controller.scheduler.model import (
     Candidate,
     FleetSnapshot,
@@ -28,7 +28,6 @@ from controller.scheduler.place import apply_claim, apply_placement, explain, pl
 
 __all__ = [
     "Candidate",
-    "CpuSetSyntaxError",
     "FleetSnapshot",
     "FrozenMap",
     "GroupPolicy",
@@ -47,8 +46,6 @@ __all__ = [
     "apply_claim",
     "apply_placement",
     "explain",
-    "format_cpuset",
-    "parse_cpuset",
     "pick_pcpus",
     "place",
 ]

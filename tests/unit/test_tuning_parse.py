@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.tuning import parse
+from common import cpuset
 from common.errors import InvalidRequest
 from common.messages.tuning import page_size_kib, page_size_label
 
@@ -47,7 +48,7 @@ def test_cpu_list(text: str, cpus: set[int]) -> None:
 
 
 def test_cpu_list_refuses_garbage() -> None:
-    with pytest.raises(parse.CpuSetSyntaxError):
+    with pytest.raises(cpuset.CpuSetSyntaxError):
         parse.cpu_list("0-x")
 
 

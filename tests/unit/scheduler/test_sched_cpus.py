@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.scheduler import CpuSetSyntaxError, format_cpuset, parse_cpuset, pick_pcpus
-from controller.scheduler.cpus import MAX_CPU_ID
+from common.cpuset import MAX_CPU_ID, CpuSetSyntaxError, format_cpuset, parse_cpuset
+from controller.scheduler import pick_pcpus
 
 
 @pytest.mark.parametrize(
