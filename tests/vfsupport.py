@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,16 +147,24 @@ class Fleet:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def _spawn(self, name: str, argv: list[str]) -> Proc:
+    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Proc:
         log_path = self.tmp / f"{name}.log"
         handle = log_path.open("wb")
-        popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=self._env(), cwd=self.tmp)
+        popen = subprocess.Popen(
+            argv, stdout=handle, stderr=subprocess.STDOUT, env={**self._env(), **(env or {})}, cwd=self.tmp
+        )
         handle.close()
         proc = Proc(name, popen, log_path)
         self.procs.append(proc)
         return proc
 
-    def start_controller(self, name: str = "controller", *extra: str, down_after: float = 4.0) -> Proc:
+    def start_controller(
+        self,
+        name: str = "controller",
+        *extra: str,
+        down_after: float = 4.0,
+        env: Mapping[str, str] | None = None,
+    ) -> Proc:
         return self._spawn(
             name,
             [
@@ -169,15 +177,25 @@ class Fleet:
                 "INFO",
                 *extra,
             ],
+            env,
         )
 
-    def start_agent(self, host_id: str, uri: str, *extra: str, heartbeat: float = 1.0) -> Proc:
+    def start_agent(
+        self,
+        host_id: str,
+        uri: str,
+        *extra: str,
+        heartbeat: float = 1.0,
+        command: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Proc:
+        """An agent process; ``command`` replaces ``virtfleet-agent`` (e.g. another release's code)."""
         state = self.tmp / f"agent-{host_id}"
         state.mkdir(exist_ok=True)
         return self._spawn(
             f"agent-{host_id}",
             [
-                str(BIN / "virtfleet-agent"),
+                *(command or [str(BIN / "virtfleet-agent")]),
                 "--host-id",
                 host_id,
                 "--libvirt-uri",
@@ -190,6 +208,7 @@ class Fleet:
                 "5",
                 *extra,
             ],
+            env,
         )
 
     def cli(self, *args: str, output: str = "json", timeout: float = 120) -> CliResult:
