@@ -161,7 +161,7 @@ def measure(batches: int) -> dict[str, float]:
     to_plain, from_plain, envelope = _codec_of_tree()
     create, report = _messages(vm, host)
     out: dict[str, float] = {}
-    for label, message, kind in (("create", create, "vm.create"), ("report200", report, "host.report")):
+    for label, message, kind in (("create", create, "bench.create"), ("report200", report, "bench.report")):
 
         def round_trip(message: Any = message, kind: str = kind) -> object:
             env = envelope.Envelope(kind=kind, body=to_plain(message), sender="bench", expires_at=1.0)

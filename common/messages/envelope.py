@@ -2,7 +2,7 @@
 
 On the wire an envelope is a MessagePack map::
 
-    {"v": "1.0", "kind": "vm.create", "id": "<uuid hex>", "correlation_id": null,
+    {"v": "1.0", "kind": "<kind>", "id": "<uuid hex>", "correlation_id": null,
      "sender": "controller:node1:4242", "sent_at": 1764111111.5, "expires_at": 1764111141.5,
      "body": {...}}
 

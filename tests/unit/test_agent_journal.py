@@ -9,6 +9,7 @@ import pytest
 
 from agent.journal import SqliteJournal
 from common.errors import StorageError
+from common.messages.vm import VM_CREATE, VM_DELETE, VM_START
 
 
 class Clock:
@@ -22,16 +23,16 @@ class Clock:
 def test_put_get(tmp_path: Path) -> None:
     journal = SqliteJournal(tmp_path / "j.db")
     assert journal.get("m1") is None
-    journal.put("m1", "vm.create", b"\x81\xa2ok\xc3")
+    journal.put("m1", VM_CREATE.kind, b"\x81\xa2ok\xc3")
     assert journal.get("m1") == b"\x81\xa2ok\xc3"
-    assert journal.kind_of("m1") == "vm.create"
+    assert journal.kind_of("m1") == VM_CREATE.kind
     journal.close()
 
 
 def test_first_reply_wins(tmp_path: Path) -> None:
     journal = SqliteJournal(tmp_path / "j.db")
-    journal.put("m1", "vm.start", b"first")
-    journal.put("m1", "vm.start", b"second")
+    journal.put("m1", VM_START.kind, b"first")
+    journal.put("m1", VM_START.kind, b"second")
     assert journal.get("m1") == b"first"
     assert len(journal) == 1
     journal.close()
@@ -39,7 +40,7 @@ def test_first_reply_wins(tmp_path: Path) -> None:
 
 def test_survives_a_restart(tmp_path: Path) -> None:
     journal = SqliteJournal(tmp_path / "state" / "j.db")
-    journal.put("m1", "vm.delete", b"reply")
+    journal.put("m1", VM_DELETE.kind, b"reply")
     journal.close()
     reopened = SqliteJournal(tmp_path / "state" / "j.db")
     assert reopened.get("m1") == b"reply"
@@ -49,7 +50,7 @@ def test_survives_a_restart(tmp_path: Path) -> None:
 def test_prunes_by_count(tmp_path: Path) -> None:
     journal = SqliteJournal(tmp_path / "j.db", max_entries=3)
     for i in range(5):
-        journal.put(f"m{i}", "vm.start", b"r")
+        journal.put(f"m{i}", VM_START.kind, b"r")
     assert len(journal) == 3
     assert [journal.get(f"m{i}") is not None for i in range(5)] == [False, False, True, True, True]
     journal.close()
@@ -58,9 +59,9 @@ def test_prunes_by_count(tmp_path: Path) -> None:
 def test_prunes_by_age(tmp_path: Path) -> None:
     clock = Clock()
     journal = SqliteJournal(tmp_path / "j.db", max_age_s=3600, clock=clock)
-    journal.put("old", "vm.start", b"r")
+    journal.put("old", VM_START.kind, b"r")
     clock.now += 3601
-    journal.put("new", "vm.start", b"r")
+    journal.put("new", VM_START.kind, b"r")
     assert journal.get("old") is None
     assert journal.get("new") == b"r"
     journal.close()
@@ -73,7 +74,7 @@ def test_concurrent_puts(tmp_path: Path) -> None:
     def worker(n: int) -> None:
         try:
             for i in range(50):
-                journal.put(f"w{n}-{i}", "vm.start", bytes([n, i]))
+                journal.put(f"w{n}-{i}", VM_START.kind, bytes([n, i]))
                 assert journal.get(f"w{n}-{i}") == bytes([n, i])
         except BaseException as exc:
             errors.append(exc)

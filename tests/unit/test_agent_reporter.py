@@ -13,7 +13,14 @@ from agent.reporter import Reporter, TransportReportSink, build_report, free_mem
 from common.codec import from_wire
 from common.errors import HypervisorError, TransportError
 from common.messages.envelope import Envelope, decode_envelope
-from common.messages.host import CpuTopology, Heartbeat, HostReport, StoragePoolInfo
+from common.messages.host import (
+    HOST_HEARTBEAT,
+    HOST_REPORT,
+    CpuTopology,
+    Heartbeat,
+    HostReport,
+    StoragePoolInfo,
+)
 from common.messages.vm import PowerState, VmStatus
 from common.transport.port import Transport
 from common.transport.topology import HEARTBEAT_TTL_MS, REPORT_TTL_MS, REPORTS_EXCHANGE, report_routing_key
@@ -92,7 +99,7 @@ def test_build_report() -> None:
 
 
 def test_routing_key() -> None:
-    assert report_routing_key("host.report", "hv1") == "host.report.hv1"
+    assert report_routing_key(HOST_REPORT.kind, "hv1") == "host.report.hv1"
 
 
 # ------------------------------------------------------------------------------------------ the thread
@@ -148,11 +155,13 @@ class RecordingSink:
 
     def reports(self) -> list[HostReport]:
         with self.cond:
-            return [from_wire(HostReport, e.body) for _, _, e in self.messages if e.kind == "host.report"]
+            return [from_wire(HostReport, e.body) for _, _, e in self.messages if e.kind == HOST_REPORT.kind]
 
     def heartbeats(self) -> list[Heartbeat]:
         with self.cond:
-            return [from_wire(Heartbeat, e.body) for _, _, e in self.messages if e.kind == "host.heartbeat"]
+            return [
+                from_wire(Heartbeat, e.body) for _, _, e in self.messages if e.kind == HOST_HEARTBEAT.kind
+            ]
 
     def wait_for(self, predicate: Callable[[], object]) -> None:
         with self.cond:
@@ -179,10 +188,10 @@ def test_report_on_start_and_heartbeat(parts: tuple[Reporter, RecordingSink, Stu
     reporter, sink, _hv = parts
     reporter.start()
     sink.wait_for(lambda: sink.reports() and sink.heartbeats())
-    exchange, key, env = next(m for m in sink.messages if m[2].kind == "host.report")
+    exchange, key, env = next(m for m in sink.messages if m[2].kind == HOST_REPORT.kind)
     assert (exchange, key) == (REPORTS_EXCHANGE.name, "host.report.hv1")
     assert env.sender == "agent:hv1"
-    beat = next(m[2] for m in sink.messages if m[2].kind == "host.heartbeat")
+    beat = next(m[2] for m in sink.messages if m[2].kind == HOST_HEARTBEAT.kind)
     # Each is skipped by the controller once a newer one must exist: heartbeats sooner than reports.
     assert env.expires_at is not None and env.expires_at - env.sent_at == REPORT_TTL_MS / 1000
     assert beat.expires_at is not None and beat.expires_at - beat.sent_at == HEARTBEAT_TTL_MS / 1000

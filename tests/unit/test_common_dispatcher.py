@@ -126,7 +126,7 @@ def test_a_table_refuses_an_operation_twice_and_foreign_descriptors() -> None:
     t = table({vm.VM_START: Recorder()})
     with pytest.raises(ValueError, match=r"^vm\.start is handled twice$"):
         t.register(vm.VM_START, Recorder())
-    impostor = command(vm.VM, "vm.start", vm.VmAction, vm.VmResult, Timeout.FAST, "not the catalogue's")
+    impostor = command(vm.VM, vm.VM_START.kind, vm.VmAction, vm.VmResult, Timeout.FAST, "not the catalogue's")
     with pytest.raises(ValueError, match=r"^vm\.start is not the catalogue's descriptor$"):
         HandlerTable(Side.AGENT).register(impostor, Recorder())
 
@@ -134,7 +134,7 @@ def test_a_table_refuses_an_operation_twice_and_foreign_descriptors() -> None:
 def test_a_table_merges_feature_tables_and_refuses_clashes() -> None:
     core, extra = table({vm.VM_START: Recorder()}), table({vm.VM_REBOOT: Recorder()})
     core.update(extra)
-    assert [op.kind for op in core.ops()] == ["vm.start", "vm.reboot"]
+    assert [op.kind for op in core.ops()] == [vm.VM_START.kind, vm.VM_REBOOT.kind]
     assert vm.VM_REBOOT in core and len(core) == 2
     with pytest.raises(ValueError, match="handled twice"):
         core.update(extra)

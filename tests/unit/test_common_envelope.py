@@ -20,12 +20,13 @@ from common.messages.envelope import (
     new_id,
     parse_version,
 )
+from common.messages.vm import VM_START
 
 
 def wire(**changes: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
         "v": "1.0",
-        "kind": "vm.start",
+        "kind": VM_START.kind,
         "id": "abc123",
         "correlation_id": None,
         "sender": "controller:node1:4242",
@@ -90,7 +91,7 @@ def test_codec_accepts_a_message_of_exactly_the_limit() -> None:
 
 
 def test_decode_envelope_refuses_message_over_the_limit() -> None:
-    env = Envelope(kind="vm.start", body={"blob": b"x" * codec.MAX_MESSAGE_BYTES}, sender="s")
+    env = Envelope(kind=VM_START.kind, body={"blob": b"x" * codec.MAX_MESSAGE_BYTES}, sender="s")
     with pytest.raises(DecodeError, match="byte limit"):
         decode_envelope(env.encode())
 
@@ -100,7 +101,7 @@ def test_decode_envelope_refuses_message_over_the_limit() -> None:
 
 def test_envelope_round_trip() -> None:
     env = Envelope(
-        kind="vm.start",
+        kind=VM_START.kind,
         body={"vm": {"uuid": "u", "name": "web"}, "n": [1, 2.5, None, b"\x00"]},
         sender="controller:a:1",
         correlation_id="corr",
@@ -153,7 +154,7 @@ def test_decode_integer_times_become_floats() -> None:
 def test_decode_exact_fields() -> None:
     env = decode_envelope(pack(wire(correlation_id="req-1")))
     assert env == Envelope(
-        kind="vm.start",
+        kind=VM_START.kind,
         body={"vm": {"uuid": "u", "name": "web"}},
         sender="controller:node1:4242",
         id="abc123",
@@ -252,7 +253,7 @@ def test_other_major_version_is_unsupported(version: str) -> None:
 def test_same_major_newer_minor_is_accepted(version: str) -> None:
     env = decode_envelope(pack(wire(v=version, future_field={"x": 1})))
     assert env.version == version
-    assert env.kind == "vm.start"
+    assert env.kind == VM_START.kind
 
 
 @pytest.mark.parametrize("version", ["x", "1", "1.", ".1", "1.0.0", "1.x", " 1.0", "-1.0", "", "1,0"])
@@ -288,7 +289,7 @@ def test_expired_boundaries() -> None:
 
 
 def test_reply_ok() -> None:
-    req = Envelope(kind="vm.start", body={}, sender="controller", id="req-1")
+    req = Envelope(kind=VM_START.kind, body={}, sender="controller", id="req-1")
     reply = req.reply_ok({"status": None}, sender="agent:h1")
     assert reply.kind == REPLY_KIND == "reply"
     assert reply.correlation_id == "req-1"
@@ -300,7 +301,7 @@ def test_reply_ok() -> None:
 
 
 def test_reply_error() -> None:
-    req = Envelope(kind="vm.start", body={}, sender="controller", id="req-2")
+    req = Envelope(kind=VM_START.kind, body={}, sender="controller", id="req-2")
     reply = req.reply_error(NotFound("no VM 'web'", details={"name": "web"}), sender="agent:h1")
     assert reply.kind == "reply"
     assert reply.correlation_id == "req-2"
@@ -365,7 +366,7 @@ ascii_versions = st.text(alphabet="0123456789.x -", max_size=6) | st.sampled_fro
         {},
         optional={
             "v": ascii_versions | plain_values,
-            "kind": st.sampled_from(["vm.start", ""]) | plain_values,
+            "kind": st.sampled_from([VM_START.kind, ""]) | plain_values,
             "id": st.sampled_from(["i", ""]) | plain_values,
             "sender": st.just("s") | plain_values,
             "body": st.just({}) | plain_values,
