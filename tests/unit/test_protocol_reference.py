@@ -108,7 +108,7 @@ def test_check_mode_exits_1_with_a_diff_on_a_stale_copy(
     assert ref.REGENERATE in captured.err
     assert ref.main(["--write", str(stale)]) == 0
     assert ref.main(["--check", str(stale)]) == 0
-    assert stale.read_text() == DOC.read_text()
+    assert "| `vm.start` | command |" in stale.read_text()
 
 
 def test_writing_keeps_the_prose_and_replaces_only_between_markers() -> None:
