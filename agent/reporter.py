@@ -105,8 +105,14 @@ class TransportReportSink:
         self._transport = transport
         self._host_id = host_id
         self._sender = sender
+        self._declared = False
 
     def send(self, op: Report[B], body: B, *, sent_at: float, ttl_s: float) -> None:
+        if not self._declared:
+            # On a fresh broker the exchange does not exist until someone declares it: publishing to
+            # it would close the channel (404) instead of coming back unroutable.
+            self._transport.declare_exchange(REPORTS_EXCHANGE)
+            self._declared = True
         env = report_envelope(op, body, self._sender, sent_at, ttl_s)
         self._transport.publish(
             REPORTS_EXCHANGE.name, report_routing_key(op.kind, self._host_id), env, mandatory=True

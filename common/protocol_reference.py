@@ -40,7 +40,6 @@ import msgspec
 
 from common import codec
 from common.errors import WIRE_TYPES, VirtfleetError
-from common.messages.api import VmForward
 from common.messages.catalogue import CATALOGUE, FAMILY_MODULES
 from common.messages.descriptor import (
     LONGER,
@@ -53,6 +52,7 @@ from common.messages.descriptor import (
     Timeout,
     ToHostAgent,
 )
+from common.messages.vm import VmForward
 from common.transport import topology
 from common.transport.topology import (
     AGENT_QUEUE_PATTERN,

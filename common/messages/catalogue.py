@@ -3,7 +3,7 @@
 Each family module declares its operations next to its message types (see
 :mod:`common.messages.descriptor`); this module only collects them, so adding an operation
 never means editing a table here. docs/protocol.md's reference sections are generated from
-:data:`CATALOGUE` (``python -m common.protocol_doc``).
+:data:`CATALOGUE` (``python -m common.protocol_reference --write docs/protocol.md``).
 """
 
 from __future__ import annotations

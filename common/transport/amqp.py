@@ -44,7 +44,7 @@ from common.messages.envelope import Envelope, decode_envelope
 from common.transport import topology
 from common.transport.backoff import backoff_delays
 from common.transport.port import Delivery, Handler, Outcome, Refused, Unroutable
-from common.transport.topology import Queue
+from common.transport.topology import Exchange, Queue
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +350,18 @@ class _Session:
                 raise _ConnectionLost(_describe(exc)) from exc
 
         self._retrying(f"declaring {queue.name}", once, retries)
+
+    def declare_exchange(self, exchange: Exchange, *, retries: int = 3) -> None:
+        """Declare only ``exchange``."""
+
+        def once() -> None:
+            ch = self.ensure()
+            try:
+                topology.declare_exchange(ch, exchange)
+            except _PIKA_ERRORS as exc:
+                raise _ConnectionLost(_describe(exc)) from exc
+
+        self._retrying(f"declaring exchange {exchange.name}", once, retries)
 
     def _new_channel(self) -> BlockingChannel:
         self.ch = None
@@ -726,6 +738,11 @@ class AmqpTransport:
         """Declare ``queue`` with its exchanges and bindings (see :func:`declare_queue`)."""
         with self._session() as session:
             session.declare(queue)
+
+    def declare_exchange(self, exchange: Exchange) -> None:
+        """Declare only ``exchange`` (see the port)."""
+        with self._session() as session:
+            session.declare_exchange(exchange)
 
     def publish(
         self,

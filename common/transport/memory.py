@@ -49,7 +49,7 @@ from common.messages.envelope import Envelope, decode_envelope
 from common.transport import topology
 from common.transport.backoff import backoff_delays
 from common.transport.port import Delivery, Handler, Outcome, Refused, Unroutable
-from common.transport.topology import ExchangeType, Queue
+from common.transport.topology import Exchange, ExchangeType, Queue
 
 log = logging.getLogger(__name__)
 
@@ -866,6 +866,10 @@ class MemoryTransport:
     def declare(self, queue: Queue) -> None:
         """Declare ``queue`` with its exchanges and bindings (see the port; disposable rule)."""
         _declare(self._broker, self._connection(), queue)
+
+    def declare_exchange(self, exchange: Exchange) -> None:
+        """Declare only ``exchange`` (see the port)."""
+        topology.declare_exchange(_Channel(self._broker, self._connection()), exchange)
 
     def publish(
         self,

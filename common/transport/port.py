@@ -39,7 +39,7 @@ from typing import Protocol
 
 from common.errors import TransportError, VirtfleetError
 from common.messages.envelope import Envelope
-from common.transport.topology import Queue
+from common.transport.topology import Exchange, Queue
 
 
 class Unroutable(TransportError):
@@ -107,6 +107,11 @@ class Transport(Protocol):
 
     def declare(self, queue: Queue) -> None:
         """Declare ``queue`` with its exchanges, dead-letter exchange and bindings (idempotent)."""
+        ...
+
+    def declare_exchange(self, exchange: Exchange) -> None:
+        """Declare only an exchange (idempotent): what a publisher needs before its first publish
+        (an agent may not configure the controller's queues)."""
         ...
 
     def publish(

@@ -119,7 +119,8 @@ API_QUEUE = Queue(
 REPORTS_QUEUE = Queue(
     "virtfleet.controller.reports",
     arguments={**_DEAD_LETTERED, "x-max-length": REPORT_BACKLOG_MAX, "x-overflow": "reject-publish"},
-    bindings=(Binding(REPORTS_EXCHANGE, "host.report.*"),),
+    # "#", not "*": a host id may contain dots (node1.example.com), and "*" matches one word only.
+    bindings=(Binding(REPORTS_EXCHANGE, "host.report.#"),),
     disposable=True,
     doc="full host reports; controllers compete for them; malformed ones are dead-lettered",
 )
@@ -128,7 +129,7 @@ REPORTS_QUEUE = Queue(
 HEARTBEATS_QUEUE = Queue(
     "virtfleet.controller.heartbeats",
     arguments={**_DEAD_LETTERED, "x-max-length": REPORT_BACKLOG_MAX, "x-overflow": "reject-publish"},
-    bindings=(Binding(REPORTS_EXCHANGE, "host.heartbeat.*"),),
+    bindings=(Binding(REPORTS_EXCHANGE, "host.heartbeat.#"),),
     disposable=True,
     doc="host heartbeats; controllers compete for them",
 )

@@ -23,7 +23,13 @@ from common.messages.host import (
 )
 from common.messages.vm import PowerState, VmStatus
 from common.transport.port import Transport
-from common.transport.topology import HEARTBEAT_TTL_MS, REPORT_TTL_MS, REPORTS_EXCHANGE, report_routing_key
+from common.transport.topology import (
+    HEARTBEAT_TTL_MS,
+    REPORT_TTL_MS,
+    REPORTS_EXCHANGE,
+    Exchange,
+    report_routing_key,
+)
 
 WAIT = 10.0  # generous upper bound for a condition that normally holds within milliseconds
 
@@ -125,8 +131,13 @@ class RecordingSink:
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, str, Envelope]] = []
+        self.declared: list[str] = []
         self.fail_next = 0
         self.cond = threading.Condition()
+
+    def declare_exchange(self, exchange: Exchange) -> None:
+        with self.cond:
+            self.declared.append(exchange.name)
 
     def as_sink(self, host_id: str) -> TransportReportSink:
         return TransportReportSink(cast(Transport, self), host_id, f"agent:{host_id}")
@@ -145,6 +156,8 @@ class RecordingSink:
         # controller has declared its queues).
         assert persistent is False and mandatory is True and expiration_ms is None
         with self.cond:
+            # the exchange is declared before the first publish (a fresh broker has none)
+            assert self.declared == [REPORTS_EXCHANGE.name]
             if self.fail_next:
                 self.fail_next -= 1
                 self.cond.notify_all()
