@@ -6,9 +6,11 @@ the core host and VM commands are here, feature areas add theirs in ``cmd_*.py``
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -286,6 +288,13 @@ def wants_json(argv: list[str]) -> bool:
     return False
 
 
+@functools.cache
+def _command() -> Callable[..., Any]:
+    """The click command tree, built once per process (typer rebuilds it on every call otherwise,
+    which is most of a CLI call's CPU when several run in one process, as in-process tests do)."""
+    return typer.main.get_command(app)
+
+
 def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
     """Console-script entry point.
 
@@ -296,10 +305,10 @@ def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
     """
     args = sys.argv[1:] if argv is None else argv
     if not wants_json(args):
-        app(args=args, obj=env)
+        _command()(args=args, obj=env)
         return
     try:
-        code = app(args=args, standalone_mode=False, obj=env)
+        code = _command()(args=args, standalone_mode=False, obj=env)
     except typer.TyperException as exc:
         error = InvalidRequest(exc.format_message(), details={"usage": True})
         render.emit_json(Console(soft_wrap=True), render.error_document(error))
