@@ -7,8 +7,9 @@
 # 2. deploy/services.sh           RabbitMQ, PostgreSQL, libvirtd (started if needed)
 # 3. deploy/guest/build-guest.sh  the tiny QEMU test guest ($VIRTFLEET_TEST_GUEST_DIR)
 # 4. ruff check, ruff format --check, mypy --strict, import directions (lint-imports)
-# 5. pytest tests "$@"            (SQLite for the database tests)
-# 6. pytest -m db tests           again, against PostgreSQL (virtfleet_test)
+# 5. pytest -m inprocess          the in-process tier, without a network, >= 80 % of controller/
+# 6. pytest -m "not inprocess"    everything else (SQLite for the database tests)
+# 7. pytest -m db tests           again, against PostgreSQL (virtfleet_test), in-process tier included
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -77,7 +78,19 @@ run_pytest() { # run_pytest LOGFILE ARGS...: tee the output, keep pytest's rc
     "$PY" -m pytest "$@" 2>&1 | tee "$log"
 }
 
-step pytest run_pytest "$LOG_DIR/main.log" tests "$@"
+# The in-process tier first (controller + agents over the shipped fakes + memory transport + SQLite
+# + the CLI): it must need no broker, so it runs in a network namespace without even a loopback
+# interface, and it must cover at least 80 % of controller/.
+inprocess_pytest() {
+    local isolate=()
+    if [[ $EUID -eq 0 ]] && command -v unshare >/dev/null 2>&1; then
+        isolate=(unshare --net)
+    fi
+    "${isolate[@]}" "$PY" -m pytest -m inprocess --cov=controller --cov-report=term \
+        --cov-fail-under=80 tests "$@" 2>&1 | tee "$LOG_DIR/inprocess.log"
+}
+step inprocess inprocess_pytest "$@"
+step pytest run_pytest "$LOG_DIR/main.log" -m "not inprocess" tests "$@"
 
 pg_pytest() {
     local rc=0
@@ -95,9 +108,12 @@ pg_pytest() {
 }
 step pytest-pg pg_pytest
 
-passed=$(($(count passed "$LOG_DIR/main.log") + $(count passed "$LOG_DIR/pg.log")))
-failed=$(($(count failed "$LOG_DIR/main.log") + $(count failed "$LOG_DIR/pg.log")))
-skipped=$(($(count skipped "$LOG_DIR/main.log") + $(count skipped "$LOG_DIR/pg.log")))
+total() { # total WORD: summed over the three passes
+    echo $(($(count "$1" "$LOG_DIR/inprocess.log") + $(count "$1" "$LOG_DIR/main.log") + $(count "$1" "$LOG_DIR/pg.log")))
+}
+passed=$(total passed)
+failed=$(total failed)
+skipped=$(total skipped)
 trap - EXIT
 summary
 echo "tests: $passed passed, $failed failed, $skipped skipped"
