@@ -603,7 +603,8 @@ def test_disk_attach_claims_and_detach_gives_back(fleet: InProcessFleet) -> None
     taken = _error(fleet, 4, "vm", "disk", "attach", "disks", "--size", "1", "--target", "vdb")
     assert "has a disk vdb already" in taken["message"]
 
-    # Detaching keeps the volume and its claim unless --delete-volume; an operator's image is never deleted.
+    # An operator's image is only ever detached, never deleted; a volume virtfleet made goes with
+    # --delete-volume, and its claim with it.
     never = _error(fleet, 4, "vm", "disk", "detach", "disks", "vdc", "--delete-volume")
     assert "was not created by virtfleet" in never["message"]
     assert "vdc" in {d.target for d in _domain(fleet, "medium", "disks", live=True).disks}
