@@ -488,6 +488,7 @@ class VmOpsHandlers:
                 ref.uuid, detach_disk_xml(disk), live="running VM" in found, config="definition" in found
             )
             message = f"detached {body.target}"
+            deleted: tuple[str, ...] = ()
             if "running VM" in found and self._disk(self._live(ref), body.target) is not None:
                 message += (
                     " from the definition; the guest has not released it yet (it goes at the next stop)"
@@ -496,8 +497,9 @@ class VmOpsHandlers:
                 self._hv.delete_volume_path(disk.path)
                 self._hv.set_owned_volumes(ref.uuid, tuple(p for p in owned if p != disk.path))
                 message += f" and deleted {disk.path}"
+                deleted = (disk.path,)
             log.info("VM %s: %s", ref.name, message)
-            return VmResult(status=self._hv.status(ref.uuid), message=message)
+            return VmResult(status=self._hv.status(ref.uuid), message=message, deleted_volumes=deleted)
 
     def disk_resize(self, body: DiskResize) -> VmResult:
         ref = body.vm

@@ -415,17 +415,17 @@ class VmOps:
         def call(vm: repo.VmRecord, host_id: str, ref: VmRef) -> VmResult:
             spec = vm.spec
             known = next((d for d in spec.disks if d.target == req.target), None) if spec else None
-            freed = known.size_gib if known is not None and known.source == "new" and req.delete_volume else 0
             body = DiskDetach(
                 ref, req.target, live=req.live, config=req.config, delete_volume=req.delete_volume
             )
-            result = self._with_claim(
-                vm,
-                host_id,
-                {"DISK_GIB": max(0, vm.disk_gib - freed)},
-                False,
-                lambda: self.service.agents.call(host_id, VM_DISK_DETACH, body),
-            )
+            result = self.service.agents.call(host_id, VM_DISK_DETACH, body)
+            # Capacity comes back only for a volume the agent says it deleted: a detach the guest has
+            # not acknowledged yet keeps its volume (and so its claim).
+            freed = known.size_gib if known is not None and result.deleted_volumes else 0
+            if freed:
+                with self.service.tx() as s:
+                    old = repo.allocations_of(s, vm.uuid)
+                self.service.resize_claim(vm.uuid, host_id, {**old, "DISK_GIB": max(0, vm.disk_gib - freed)})
             if req.config:
                 self._update_spec(
                     vm,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from typer.testing import CliRunner
 from vfsupport import NODES, CliResult, fresh_database, wait_until
 
 from agent.fakehost import FakeHost, build_fake_host
@@ -148,21 +148,36 @@ class InProcessFleet:
             self.controller = None
 
     # ------------------------------------------------------------------ the CLI, as a user runs it
-    def cli(self, *args: str, output: str = "json", timeout: float | None = None) -> CliResult:
-        """``virtfleet --output OUTPUT ARGS...``: exit code, stdout and stderr."""
+    def cli(
+        self,
+        *args: str,
+        output: str = "json",
+        timeout: float | None = None,
+        stdin: str = "",
+        tty: bool = False,
+    ) -> CliResult:
+        """``virtfleet --output OUTPUT ARGS...``: exit code, stdout and stderr.
+
+        Each call has its own stdin (``stdin``, a terminal when ``tty``), stdout and stderr, so
+        calls from several threads at once do not mix.
+        """
         argv = ["--output", output, "--amqp-url", BROKER_URL]
         if timeout is not None:
             argv += ["--timeout", str(timeout)]
-        env = Environment(connect=lambda _url: self.broker.transport("cli"))
-        runner = CliRunner()
+        out, err = io.StringIO(), io.StringIO()
+        env = Environment(
+            connect=lambda _url: self.broker.transport("cli"),
+            stdin=_Input(stdin, tty),
+            stdout=out,
+            stderr=err,
+            width=200,
+        )
         code = 0
-        with runner.isolation(env={"COLUMNS": "200"}) as (out, err, _mixed):
-            try:
-                cli_main([*argv, *args], env=env)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
-        return CliResult(code, stdout, stderr)
+        try:
+            cli_main([*argv, *args], env=env)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return CliResult(code, out.getvalue(), err.getvalue())
 
     def cli_ok(self, *args: str) -> Any:
         result = self.cli(*args)
@@ -183,6 +198,17 @@ class InProcessFleet:
             timeout,
             f"hosts {sorted(ids)} to be {status}",
         )
+
+
+class _Input(io.StringIO):
+    """What a person would type; a terminal or not."""
+
+    def __init__(self, text: str, tty: bool) -> None:
+        super().__init__(text)
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
 
 
 @contextlib.contextmanager

@@ -1096,12 +1096,11 @@ class FakeHypervisor:
                 action, VIR_ERR_SYSTEM_ERROR, f"Cannot get interface MTU on '{source}': No such device"
             )
 
-    def _tap(self) -> str:
+    def _tap(self, *booting: ET.Element) -> str:
+        """A free tap name; ``booting`` are live definitions being built (their taps count too)."""
+        live = [d.live for d in self._domains.values() if d.live is not None]
         used = {
-            t.get("dev")
-            for d in self._domains.values()
-            if d.live is not None
-            for t in _devices(d.live).findall("interface/target")
+            t.get("dev") for root in (*live, *booting) for t in _devices(root).findall("interface/target")
         }
         return next(f"vnet{i}" for i in itertools.count() if f"vnet{i}" not in used)
 
@@ -1128,7 +1127,7 @@ class FakeHypervisor:
         live.set("id", str(dom.domid))
         live_devices = _devices(live)
         for nic in live_devices.findall("interface"):
-            ET.SubElement(nic, "target", {"dev": self._tap()})
+            ET.SubElement(nic, "target", {"dev": self._tap(live)})
         for graphics in live_devices.findall("graphics"):
             if graphics.get("autoport") == "yes" or graphics.get("port") in (None, "-1"):
                 graphics.set("port", str(self._vnc_port()))

@@ -6,8 +6,10 @@ paths (:class:`DiskSpec.path`) and hands the resolved spec to the pure domain-XM
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import ClassVar
 
 from common.errors import InvalidRequest
 from common.messages.base import Message, force_setattr
@@ -331,11 +333,18 @@ class VmStatus(Message, frozen=True):
 
 
 class VmResult(Message, frozen=True):
-    """Reply to every VM command: the VM's status afterwards (None after a delete)."""
+    """Reply to every VM command: the VM's status afterwards (None after a delete).
+
+    ``deleted_volumes``: the volume paths the command deleted (a disk detached with its volume);
+    an agent older than vm 1.1 never says, so the controller then keeps the claim (the safe side).
+    """
+
+    __since__: ClassVar[Mapping[str, Version]] = {"deleted_volumes": Version(1, 1)}
 
     status: VmStatus | None = None
     message: str = ""
     disks: tuple[DiskSpec, ...] = ()
+    deleted_volumes: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------- what clients see of a VM

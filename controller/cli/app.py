@@ -54,15 +54,18 @@ def main_options(
     timeout: Annotated[float | None, typer.Option(help="seconds to wait for the controller")] = None,
 ) -> None:
     """Global options."""
-    width = int(os.environ.get("COLUMNS", "160"))
     env = ctx.obj if isinstance(ctx.obj, Environment) else Environment(connect=_open_broker)
+    width = env.width or int(os.environ.get("COLUMNS", "160"))
     ctx.obj = State(
         output=output,
         amqp_url=amqp_url,
         timeout=timeout,
-        out=Console(width=width, soft_wrap=False),
-        err=Console(stderr=True, width=width),
+        # No markup: names, paths and messages from hosts are printed as they are (a path such as
+        # "[/srv/x.raw]" is not a style tag); styled words use rich Text (render.styled).
+        out=Console(file=env.stdout, width=width, soft_wrap=False, markup=False),
+        err=Console(file=env.stderr, stderr=env.stderr is None, width=width, markup=False),
         connect=env.connect,
+        stdin=env.stdin or sys.stdin,
     )
 
 
@@ -182,7 +185,7 @@ def vm_create(
     body: api.VmCreate = validated(build, ctx)
     state: State = ctx.obj
     for warning in create_warnings(body):
-        state.err.print(f"[yellow]warning[/]: {warning}", highlight=False)
+        state.err.print(render.styled("warning", "yellow", warning), highlight=False)
 
     def show(s: State, r: api.VmCreated) -> None:
         if r.dry_run:
@@ -311,7 +314,9 @@ def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
         code = _command()(args=args, standalone_mode=False, obj=env)
     except typer.TyperException as exc:
         error = InvalidRequest(exc.format_message(), details={"usage": True})
-        render.emit_json(Console(soft_wrap=True), render.error_document(error))
+        render.emit_json(
+            Console(file=env.stdout if env else None, soft_wrap=True), render.error_document(error)
+        )
         sys.exit(2)
     except typer.Abort:
         sys.exit(1)

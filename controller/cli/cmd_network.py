@@ -14,7 +14,6 @@ it with the report of the host (see :func:`bonds_table` for the bonds alone).
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from typing import Annotated, TypeVar
@@ -270,8 +269,8 @@ def _run_change(ctx: typer.Context, op: ApiCall[B, NetChangeResult], body: B) ->
     host = getattr(body, "host", "")
     _emit_change(state, result)
     if result.state == "pending-confirm":
-        if state.output is Output.TABLE and sys.stdin.isatty():
-            keep = typer.confirm("Keep this network configuration?", default=False)
+        if state.output is Output.TABLE and state.interactive:
+            keep = state.ask("Keep this network configuration?")
             follow = API_NET_HOST_CONFIRM if keep else API_NET_HOST_REVERT
             result = _call(ctx, follow, ChangeRef(result.change_id, host=host))
             _emit_change(state, result)

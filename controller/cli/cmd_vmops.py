@@ -8,7 +8,6 @@ to the virsh / qemu-img command of the ops notes it replaces.
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -72,6 +71,7 @@ from common.messages.vmops import (
     VmSetMemoryRequest,
     VmSetVcpusRequest,
 )
+from controller.cli import render
 from controller.cli.runner import State, app, fail, run, validated, vm_app
 from controller.cli.vm_options import cache_warning
 
@@ -169,9 +169,9 @@ def vm_export(
     """Print the VM's libvirt XML (virsh dumpxml): virtfleet vm export NAME > backup.xml."""
     body = validated(lambda: VmExportRequest(name, secure=secure, live=live), ctx)
 
-    def show(_s: State, r: VmExport) -> None:
-        sys.stdout.write(r.xml if r.xml.endswith("\n") else r.xml + "\n")
-        sys.stdout.flush()
+    def show(s: State, r: VmExport) -> None:
+        s.out.file.write(r.xml if r.xml.endswith("\n") else r.xml + "\n")
+        s.out.file.flush()
 
     run(ctx, API_VM_EXPORT, body, show)
 
@@ -193,7 +193,7 @@ def vm_import(
     """Define a VM from its XML (virsh define backup.xml), placed like a new VM."""
     state: State = ctx.obj
     try:
-        xml = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        xml = state.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
     except OSError as exc:
         raise fail(state, InvalidRequest(f"cannot read {file}: {exc.strerror}")) from None
     body = validated(
@@ -329,7 +329,7 @@ def disk_attach(
     state: State = ctx.obj
     warning = cache_warning(target or path or f"new {size} GiB disk", cache)
     if warning is not None:
-        state.err.print(f"[yellow]warning[/]: {warning}", highlight=False)
+        state.err.print(render.styled("warning", "yellow", warning), highlight=False)
     live_scope, config_scope = scope(live, config)
     body = validated(
         lambda: VmDiskAttachRequest(
@@ -386,8 +386,12 @@ def disk_resize(
     """Grow a disk image. Not recommended: add a disk instead; never grow a system disk."""
     state: State = ctx.obj
     state.err.print(
-        "[yellow]warning[/]: growing a disk is not recommended (ops notes): never the system disk, back up a "
-        "data disk first, and prefer `vm disk attach`. The guest must grow its partition and filesystem itself.",
+        render.styled(
+            "warning",
+            "yellow",
+            "growing a disk is not recommended (ops notes): never the system disk, back up a data disk "
+            "first, and prefer `vm disk attach`. The guest must grow its partition and filesystem itself.",
+        ),
         highlight=False,
     )
     body = validated(lambda: VmDiskResizeRequest(name, target, size, i_know=yes_i_know), ctx)

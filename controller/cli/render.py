@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from common.codec import to_wire
 from common.errors import VirtfleetError
@@ -158,8 +159,13 @@ def error_document(exc: VirtfleetError) -> dict[str, Any]:
     return {"error": exc.to_wire()}
 
 
+def styled(label: str, style: str, message: str) -> Text:
+    """``label: message`` with the label styled and the message printed exactly as it is."""
+    return Text.assemble((label, style), ": ", message)
+
+
 def error_text(console: Console, exc: VirtfleetError) -> None:
-    console.print(f"[bold red]error[/]: {exc.message}", highlight=False, soft_wrap=True)
+    console.print(styled("error", "bold red", exc.message), highlight=False, soft_wrap=True)
     reasons = exc.details.get("reasons")
     if isinstance(reasons, list) and reasons:
         table = Table(title="why each host was excluded")

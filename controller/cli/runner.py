@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import typer
 from rich.console import Console
@@ -46,9 +46,15 @@ Connect = Callable[[str], Transport]
 
 @dataclass(frozen=True)
 class Environment:
-    """What the CLI is run with: how to reach the broker (set as the click context's ``obj``)."""
+    """What the CLI is run with (set as the click context's ``obj``): how to reach the broker,
+    and where its output goes (None: the process's stdout/stderr; in-process tests give each call
+    its own buffers, so calls from several threads do not mix)."""
 
     connect: Connect
+    stdin: TextIO | None = None
+    stdout: TextIO | None = None
+    stderr: TextIO | None = None
+    width: int | None = None
 
 
 @dataclass
@@ -59,6 +65,17 @@ class State:
     out: Console
     err: Console
     connect: Connect
+    stdin: TextIO
+
+    @property
+    def interactive(self) -> bool:
+        """Whether a person can answer a question (stdin is a terminal)."""
+        return self.stdin.isatty()
+
+    def ask(self, question: str) -> bool:
+        """A yes/no question on stderr, answered on stdin; anything but yes is no."""
+        self.err.print(f"{question} [y/N] ", end="", highlight=False, markup=False)
+        return self.stdin.readline().strip().lower() in {"y", "yes"}
 
     def client(self, timeout: float | None = None) -> ApiClient:
         """A client of the controller API (close it after use)."""

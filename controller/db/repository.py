@@ -409,7 +409,7 @@ def allocations_of(session: Session, vm_uuid: str) -> dict[str, int]:
         r: int(a)
         for r, a in session.execute(
             select(Allocation.resource, Allocation.amount).where(Allocation.vm_uuid == vm_uuid)
-        ).tuples()
+        )
     }
 
 
@@ -420,7 +420,7 @@ def host_usage(session: Session, host_id: str) -> dict[str, int]:
             select(Allocation.resource, func.sum(Allocation.amount))
             .where(Allocation.host_id == host_id)
             .group_by(Allocation.resource)
-        ).tuples()
+        )
     }
 
 

@@ -12,8 +12,6 @@ live re-pinning, taskset of a managed VM's QEMU process, hugepage pools, IO sche
 from __future__ import annotations
 
 import functools
-import io
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from inproc import BROKER_URL, HostShape, InProcessFleet, inprocess_fleet
+from inproc import HostShape, InProcessFleet, inprocess_fleet
 from vfsupport import CliResult, wait_until
 
-from controller.cli.app import main as cli_main
-from controller.cli.runner import Environment
-from controller.scheduler.cpus import parse_cpuset
+from common.cpuset import parse_cpuset
 
 HOSTS = {
     "pin-a": HostShape("tuning-numa", dedicated_cpus="2-7", shared_cpus="0-1"),
@@ -77,59 +73,17 @@ def hypervisor_pins(fleet: InProcessFleet) -> dict[str, list[tuple[str, frozense
 # ----------------------------------------------------------------------------- concurrent CLI calls
 
 
-class _PerThreadStream(io.TextIOBase):
-    """``sys.stdout``/``sys.stderr`` for CLI runs in several threads: each thread writes to its own
-    buffer. ``InProcessFleet.cli`` swaps the process-wide ``sys.stdout`` (CliRunner.isolation), so
-    concurrent calls of it mix and lose each other's output and can leave ``sys.stdout`` closed."""
-
-    def __init__(self, fallback: Any) -> None:
-        self._fallback = fallback
-        self._local = threading.local()
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return "utf-8"
-
-    def use(self, buffer: io.StringIO | None) -> None:
-        self._local.buffer = buffer
-
-    def write(self, text: str) -> int:
-        target = getattr(self._local, "buffer", None) or self._fallback
-        return int(target.write(text))
-
-    def flush(self) -> None:
-        (getattr(self._local, "buffer", None) or self._fallback).flush()
-
-
 def cli_in_threads(fleet: InProcessFleet, calls: Sequence[tuple[str, ...]]) -> list[CliResult]:
     """Run ``virtfleet --output json ARGS`` for every ``calls`` entry at once, one thread each, as
-    that many operators would: the same ``main`` and in-memory broker as ``fleet.cli``."""
-    out, err = _PerThreadStream(sys.stdout), _PerThreadStream(sys.stderr)
+    that many operators would (each call has its own streams)."""
     start = threading.Barrier(len(calls))
 
     def one(args: tuple[str, ...]) -> CliResult:
-        stdout, stderr = io.StringIO(), io.StringIO()
-        out.use(stdout)
-        err.use(stderr)
-        env = Environment(connect=lambda _url: fleet.broker.transport("cli"))
-        code = 0
         start.wait(30)
-        try:
-            cli_main(["--output", "json", "--amqp-url", BROKER_URL, *args], env=env)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        finally:
-            out.use(None)
-            err.use(None)
-        return CliResult(code, stdout.getvalue(), stderr.getvalue())
+        return fleet.cli(*args)
 
-    saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = out, err
-    try:
-        with ThreadPoolExecutor(max_workers=len(calls)) as pool:
-            return list(pool.map(one, calls))
-    finally:
-        sys.stdout, sys.stderr = saved
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return list(pool.map(one, calls))
 
 
 # ----------------------------------------------------------------------------- topology and placement

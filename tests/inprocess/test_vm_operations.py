@@ -27,11 +27,6 @@ from common.domain_xml import ParsedDomain, parse_domain_xml
 from common.messages.vm import DiskFormat
 from controller.db import repository as repo
 
-# Workaround, not a test concern: controller/db/repository.py calls Result.tuples(), deprecated in
-# SQLAlchemy 2.1 (installed: 2.1.9); pytest's filterwarnings=error turns it into an exception inside
-# the controller whenever allocations are read (setvcpus, setmem, disk changes). Remove once fixed.
-pytestmark = pytest.mark.filterwarnings("ignore:The Result.tuples:DeprecationWarning")
-
 HOSTS = ("small", "medium", "large")
 #: Where operators keep images by hand on every host (outside the storage pool).
 IMAGES = "/srv/images"
@@ -272,11 +267,6 @@ def test_disk_in_use_by_another_guest_is_refused_unless_allowed(fleet: InProcess
         assert made["vm"]["power_state"] == "running"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: controller/cli/render.py error_text prints the message as rich markup; the lock "
-    "error's '[/srv/images/...]' raises MarkupError and the CLI crashes instead of printing it",
-)
 def test_an_error_naming_a_path_in_brackets_prints_for_people(fleet: InProcessFleet) -> None:
     image = _image(fleet, "small", "bracketed.raw", DiskFormat.RAW)
     fleet.cli_ok("vm", "create", "holder", "--host", "small", "--memory", "256", "--disk", f"path={image}")
@@ -622,12 +612,6 @@ def test_disk_attach_claims_and_detach_gives_back(fleet: InProcessFleet) -> None
     assert _error(fleet, 3, "vm", "disk", "detach", "disks", "vdz")["message"].endswith("has no disk vdz")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: controller/vmops.py disk_detach releases the claim of a --delete-volume detach before "
-    "the agent deleted anything; when the guest has not released the disk yet the agent keeps the "
-    "volume (and never deletes it later), so the pool holds an unclaimed volume",
-)
 def test_delete_volume_before_the_guest_releases_the_disk_keeps_its_claim(fleet: InProcessFleet) -> None:
     hv = fleet.fake("small").hypervisor
     fleet.cli_ok("vm", "create", "slow-guest", "--host", "small", "--memory", "256", "--disk", "1")
