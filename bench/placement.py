@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +34,7 @@ import pika  # noqa: E402
 from vfsupport import Fleet, fresh_database, node_uri, private_vhost  # noqa: E402
 
 from common.messages import api  # noqa: E402
+from common.transport.amqp import AmqpTransport  # noqa: E402
 from controller.cli.client import ApiClient  # noqa: E402
 
 ECHO_SERVER = """
@@ -102,25 +102,31 @@ def e2e(
         for name in names:
             fleet.start_agent(name, node_uri("large"), heartbeat=5.0)
         fleet.wait_hosts(set(names), timeout=120)
-        client = ApiClient(url, timeout=120)
-        seq: list[float] = []
-        for i in range(creates // 2):
-            t0 = time.perf_counter()
-            client.call("api.vm.create", api.VmCreate(name=f"seq-{i}", vcpus=1, memory_mib=64, disk_gib=1))
-            seq.append(time.perf_counter() - t0)
-        client.close()
-        local = threading.local()
+        client = ApiClient(AmqpTransport(url, "bench-sequential"), timeout=120)
+        try:
+            seq: list[float] = []
+            for i in range(creates // 2):
+                t0 = time.perf_counter()
+                client.call(
+                    api.API_VM_CREATE, api.VmCreate(name=f"seq-{i}", vcpus=1, memory_mib=64, disk_gib=1)
+                )
+                seq.append(time.perf_counter() - t0)
+        finally:
+            client.close()
+        # One transport for the pool: each client thread gets its own connection on first use.
+        shared = ApiClient(AmqpTransport(url, "bench-concurrent"), timeout=120)
 
         def one(i: int) -> bool:
-            if not hasattr(local, "c"):
-                local.c = ApiClient(url, timeout=120)
-            local.c.call("api.vm.create", api.VmCreate(name=f"par-{i}", vcpus=1, memory_mib=64, disk_gib=1))
+            shared.call(api.API_VM_CREATE, api.VmCreate(name=f"par-{i}", vcpus=1, memory_mib=64, disk_gib=1))
             return True
 
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            done = sum(pool.map(one, range(creates - creates // 2)))
-        rate = done / (time.perf_counter() - t0)
+        try:
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                done = sum(pool.map(one, range(creates - creates // 2)))
+            rate = done / (time.perf_counter() - t0)
+        finally:
+            shared.close()
         return seq, rate, done
     finally:
         fleet.stop_all()
@@ -148,7 +154,7 @@ def main() -> None:
         print(f"calls {len(raw)}  p50 {raw_p50 * 1000:.2f} ms  p99 {pct(raw, 0.99) * 1000:.2f} ms")
 
         print(
-            f"\n== 3. end to end: api.vm.create, 1 controller (SQLite), {args.agents} simulated agents",
+            f"\n== 3. end to end: {api.API_VM_CREATE.kind}, 1 controller (SQLite), {args.agents} simulated agents",
             flush=True,
         )
         with fresh_database(Path(tmp)) as db:

@@ -16,9 +16,8 @@ docstring for the semantics) on top of two building blocks:
   broker cancels it because its queue was deleted) and exposes :attr:`ConsumerServer.last_tick`
   so a health check can prove the loop is alive.
 
-:class:`RpcClient` and :class:`Publisher` remain as the session under their old names until
-every caller uses the port. Every pika exception is translated here into
-:class:`~common.errors.TransportError` (or a subclass), once.
+Every pika exception is translated here into :class:`~common.errors.TransportError` (or a
+subclass), once.
 """
 
 from __future__ import annotations
@@ -254,14 +253,10 @@ class _Session:
             self.ch = self.conn.channel()
             self.ch.confirm_delivery()
             self._reply_queue = ""  # replies were consumed on the old channel
-            self.on_open(self.ch)
         except _PIKA_ERRORS as exc:
             self.close()
             raise _ConnectionLost(f"cannot open a channel: {_describe(exc)}") from exc
         return self.ch
-
-    def on_open(self, ch: BlockingChannel) -> None:
-        """Hook for subclasses: declare what this session needs."""
 
     def close(self) -> None:
         conn, self.conn, self.ch = self.conn, None, None
@@ -483,22 +478,6 @@ class _Session:
                 self.conn.process_data_events(time_limit=min(remaining, _WAIT_SLICE))
             except _PIKA_ERRORS as exc:
                 raise _ConnectionLost(_describe(exc)) from exc
-
-
-class Publisher(_Session):
-    """A session that declares what it publishes to on every connect (the agent's reporter)."""
-
-    def __init__(self, url: str, name: str, declare: Callable[[BlockingChannel], None] | None = None) -> None:
-        super().__init__(url, name)
-        self._declare = declare
-
-    def on_open(self, ch: BlockingChannel) -> None:
-        if self._declare is not None:
-            self._declare(ch)
-
-
-class RpcClient(_Session):
-    """Request/reply over the broker for one thread (callers move to :class:`AmqpTransport`)."""
 
 
 # ------------------------------------------------------------------------------ consumer
@@ -829,8 +808,6 @@ __all__ = [
     "Delivery",
     "Handler",
     "Outcome",
-    "Publisher",
-    "RpcClient",
     "backoff_delays",
     "connect",
     "declare_queue",

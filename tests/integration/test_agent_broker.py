@@ -28,10 +28,20 @@ from agent.drivers.libvirt_driver import LibvirtHypervisor, open_connection
 from agent.main import Agent
 from common.codec import from_wire
 from common.errors import NotFound
-from common.messages.envelope import Envelope, decode_envelope
-from common.messages.host import HostReport, ReportAck, ReportRequest
-from common.messages.vm import CreateVm, DiskSpec, DomainType, PowerState, VmAction, VmRef, VmResult, VmSpec
-from common.transport.amqp import RpcClient
+from common.messages.envelope import decode_envelope
+from common.messages.host import HOST_REPORT, HOST_REPORT_NOW, HostReport, ReportRequest
+from common.messages.vm import (
+    VM_CREATE,
+    VM_START,
+    CreateVm,
+    DiskSpec,
+    DomainType,
+    PowerState,
+    VmAction,
+    VmRef,
+    VmSpec,
+)
+from common.transport.amqp import AmqpTransport
 from common.transport.rpc import request, unwrap
 from common.transport.topology import (
     COMMANDS_EXCHANGE,
@@ -41,7 +51,9 @@ from common.transport.topology import (
     agent_queue,
     declare,
     declare_exchange,
+    report_routing_key,
 )
+from controller.agent_api import AgentClient
 
 pytestmark = pytest.mark.broker
 
@@ -64,7 +76,7 @@ class CountingHypervisor(LibvirtHypervisor):
 class Tap:
     """A private queue bound to an exchange, read with basic_get until a condition holds."""
 
-    def __init__(self, url: str, exchange: str, routing_key: str, declare: Callable[[Any], None]) -> None:
+    def __init__(self, url: str, exchange: str, routing_key: str, declare: Callable[[Any], object]) -> None:
         self.conn = pika.BlockingConnection(pika.URLParameters(url))
         self.ch = self.conn.channel()
         declare(self.ch)
@@ -88,7 +100,7 @@ class Tap:
 
 def report_of(body: bytes) -> HostReport | None:
     env = decode_envelope(body)
-    return from_wire(HostReport, env.body) if env.kind == "host.report" else None
+    return from_wire(HOST_REPORT.body, env.body) if env.kind == HOST_REPORT.kind else None
 
 
 def report_matching(tap: Tap, pred: Callable[[HostReport], bool]) -> HostReport:
@@ -118,7 +130,7 @@ def reports(vhost_url: str, host_id: str) -> Iterator[Tap]:
     tap = Tap(
         vhost_url,
         REPORTS_EXCHANGE.name,
-        f"host.report.{host_id}",
+        report_routing_key(HOST_REPORT.kind, host_id),
         lambda ch: declare_exchange(ch, REPORTS_EXCHANGE),
     )
     yield tap
@@ -149,10 +161,16 @@ def agent(vhost_url: str, host_id: str, reports: Tap, tmp_path: Path) -> Iterato
 
 
 @pytest.fixture
-def client(vhost_url: str) -> Iterator[RpcClient]:
-    rpc = RpcClient(vhost_url, "test-agent-broker")
-    yield rpc
-    rpc.close()
+def transport(vhost_url: str) -> Iterator[AmqpTransport]:
+    shared = AmqpTransport(vhost_url, "test-agent-broker")
+    yield shared
+    shared.close()
+
+
+@pytest.fixture
+def client(transport: AmqpTransport) -> AgentClient:
+    """What the controller uses to call agents (a new envelope, so a new message id, per call)."""
+    return AgentClient(transport, "test")
 
 
 def vm_spec(name: str = "web1") -> VmSpec:
@@ -166,11 +184,9 @@ def vm_spec(name: str = "web1") -> VmSpec:
     )
 
 
-def call(client: RpcClient, host: str, env: Envelope) -> Envelope:
-    return client.call(COMMANDS_EXCHANGE.name, host, env, timeout=WAIT)
-
-
-def test_create_report_and_redelivery(agent: Agent, client: RpcClient, reports: Tap, host_id: str) -> None:
+def test_create_report_and_redelivery(
+    agent: Agent, transport: AmqpTransport, reports: Tap, host_id: str
+) -> None:
     hv = agent.handlers._hv
     assert isinstance(hv, CountingHypervisor)
     first_report = report_matching(reports, lambda r: True)
@@ -179,9 +195,10 @@ def test_create_report_and_redelivery(agent: Agent, client: RpcClient, reports: 
     assert first_report.storage is not None and first_report.storage.capacity_gib == 200
 
     spec = vm_spec()
-    env = request("vm.create", CreateVm(spec=spec), "test", timeout=120)
-    reply = call(client, host_id, env)
-    result = unwrap(reply, VmResult)
+    # Built by hand rather than through AgentClient, so that the very same envelope can be sent twice.
+    env = request(VM_CREATE, CreateVm(spec=spec), "test", timeout=120)
+    reply = transport.call(COMMANDS_EXCHANGE.name, host_id, env, timeout=WAIT)
+    result = unwrap(reply, VM_CREATE)
     assert result.status is not None and result.status.state is PowerState.RUNNING
     assert result.disks[0].path == "/var/lib/virtfleet/images/web1-vda.qcow2"
 
@@ -190,14 +207,14 @@ def test_create_report_and_redelivery(agent: Agent, client: RpcClient, reports: 
     assert (vm.name, vm.state, vm.managed) == ("web1", PowerState.RUNNING, True)
     assert shown.memory_free_mib == 16384 - 1024
 
-    again = call(client, host_id, env)  # the same envelope, same id: a redelivery
+    again = transport.call(COMMANDS_EXCHANGE.name, host_id, env, timeout=WAIT)  # same id: a redelivery
     assert again == reply  # the journal's copy, down to the reply's own id and timestamp
     assert hv.defines == 1
-    assert agent.journal.kind_of(env.id) == "vm.create"
+    assert agent.journal.kind_of(env.id) == VM_CREATE.kind
 
 
 def test_garbage_is_dead_lettered_and_the_agent_carries_on(
-    vhost_url: str, agent: Agent, client: RpcClient, host_id: str
+    vhost_url: str, agent: Agent, client: AgentClient, host_id: str
 ) -> None:
     dead = Tap(vhost_url, DEAD_LETTER_EXCHANGE.name, "", lambda ch: declare(ch, DEAD_LETTER_QUEUE))
     try:
@@ -208,24 +225,23 @@ def test_garbage_is_dead_lettered_and_the_agent_carries_on(
     finally:
         dead.close()
 
-    reply = call(client, host_id, request("host.report_now", ReportRequest(reason="after garbage"), "test"))
-    assert unwrap(reply, ReportAck).seq >= 1
+    assert client.call(host_id, HOST_REPORT_NOW, ReportRequest(reason="after garbage")).seq >= 1
 
 
 def test_report_now_and_errors_over_the_wire(
-    agent: Agent, client: RpcClient, reports: Tap, host_id: str
+    agent: Agent, client: AgentClient, reports: Tap, host_id: str
 ) -> None:
     report_matching(reports, lambda r: r.seq == 1)
-    ack = unwrap(call(client, host_id, request("host.report_now", ReportRequest(), "test")), ReportAck)
+    ack = client.call(host_id, HOST_REPORT_NOW, ReportRequest())
     report_matching(reports, lambda r: r.seq >= ack.seq)
 
     ghost = VmAction(VmRef(uuid=str(uuid_mod.uuid4()), name="ghost"))
     with pytest.raises(NotFound):
-        unwrap(call(client, host_id, request("vm.start", ghost, "test")), VmResult)
+        client.call(host_id, VM_START, ghost)
 
 
 def test_the_agent_process_stops_cleanly_on_sigterm(
-    vhost_url: str, host_id: str, reports: Tap, client: RpcClient, tmp_path: Path
+    vhost_url: str, host_id: str, reports: Tap, client: AgentClient, tmp_path: Path
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTFLEET_")}
     env["VIRTFLEET_AGENT_HOST_ID"] = host_id  # the host id from the environment, the rest from flags
@@ -252,8 +268,8 @@ def test_the_agent_process_stops_cleanly_on_sigterm(
     )
     try:
         report_matching(reports, lambda r: r.seq == 1)
-        created = call(client, host_id, request("vm.create", CreateVm(spec=vm_spec("proc1")), "test"))
-        assert unwrap(created, VmResult).status is not None
+        created = client.call(host_id, VM_CREATE, CreateVm(spec=vm_spec("proc1")))
+        assert created.status is not None
         after_create = report_matching(reports, lambda r: any(v.name == "proc1" for v in r.vms))
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=WAIT)

@@ -23,10 +23,18 @@ from vfsupport import wait_until
 
 from agent.config import AgentConfig
 from agent.main import Agent, build_hypervisor
-from common.messages.vm import CreateVm, DeleteVm, PowerState, VmAction, VmRef, VmResult
-from common.transport.amqp import RpcClient
-from common.transport.rpc import request, unwrap
-from common.transport.topology import COMMANDS_EXCHANGE
+from common.messages.vm import (
+    VM_CREATE,
+    VM_DELETE,
+    VM_DESTROY,
+    CreateVm,
+    DeleteVm,
+    PowerState,
+    VmAction,
+    VmRef,
+)
+from common.transport.amqp import AmqpTransport
+from controller.agent_api import AgentClient
 
 pytestmark = [pytest.mark.broker, pytest.mark.qemu]
 
@@ -57,19 +65,15 @@ def agent(conn: Any, vhost_url: str, tmp_path: Path) -> Iterator[Agent]:
     running.stop()
 
 
-def _call(client: RpcClient, kind: str, body: object) -> VmResult:
-    env = request(kind, body, "test", timeout=120)
-    return unwrap(client.call(COMMANDS_EXCHANGE.name, "qemu-host", env, 120), VmResult)
-
-
 def test_create_boot_and_delete_a_real_guest(agent: Agent, conn: Any, vhost_url: str) -> None:
     import libvirt  # noqa: PLC0415
 
     name = guest_name("boot")
     spec = with_new_disk(guest_spec(name))
-    client = RpcClient(vhost_url, "test-qemu")
+    transport = AmqpTransport(vhost_url, "test-qemu")
+    client = AgentClient(transport, "test")
     try:
-        created = _call(client, "vm.create", CreateVm(spec=spec, start=True))
+        created = client.call("qemu-host", VM_CREATE, CreateVm(spec=spec, start=True))
         assert created.status is not None
         assert created.status.state == PowerState.RUNNING
 
@@ -95,15 +99,15 @@ def test_create_boot_and_delete_a_real_guest(agent: Agent, conn: Any, vhost_url:
         wait_until(lambda: dom.info()[2] == 256 * 1024, 60, "the balloon to settle at 256 MiB")
 
         ref = VmRef(spec.uuid, name)
-        destroyed = _call(client, "vm.destroy", VmAction(ref))
+        destroyed = client.call("qemu-host", VM_DESTROY, VmAction(ref))
         assert destroyed.status is not None and destroyed.status.state == PowerState.SHUTOFF
         assert dom.isActive() == 0
 
-        deleted = _call(client, "vm.delete", DeleteVm(ref, delete_disks=True))
+        deleted = client.call("qemu-host", VM_DELETE, DeleteVm(ref, delete_disks=True))
         assert deleted.status is None
         with pytest.raises(libvirt.libvirtError):
             conn.lookupByUUIDString(spec.uuid)
         pool.refresh(0)
         assert f"{name}-vda.qcow2" not in pool.listVolumes()
     finally:
-        client.close()
+        transport.close()

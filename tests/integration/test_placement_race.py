@@ -5,7 +5,6 @@ Runs on SQLite here and again on PostgreSQL (marker ``db``, see deploy/test.sh).
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ from vfsupport import Fleet, fresh_database, node_uri, private_vhost, wait_until
 from common.errors import NoValidHost, VirtfleetError
 from common.messages import api
 from common.messages import placement as pmsg
-from common.transport.amqp import RpcClient
+from common.transport.amqp import AmqpTransport
 from common.transport.topology import API_QUEUE
 from controller.cli.client import ApiClient
 
@@ -40,13 +39,15 @@ def two_controllers(tmp_path: Path) -> Iterator[Fleet]:
             for name in HOSTS:
                 fleet.start_agent(name, node_uri(name), heartbeat=2.0)
             fleet.wait_hosts(set(HOSTS))
-            probe = RpcClient(url, "probe")
-            wait_until(
-                lambda: probe.consumer_count(API_QUEUE.name) == 2,
-                30,
-                "both controllers to consume the API queue",
-            )
-            probe.close()
+            probe = AmqpTransport(url, "probe")
+            try:
+                wait_until(
+                    lambda: probe.consumer_count(API_QUEUE.name) == 2,
+                    30,
+                    "both controllers to consume the API queue",
+                )
+            finally:
+                probe.close()
             yield fleet
         except BaseException:
             print(fleet.logs())
@@ -57,37 +58,38 @@ def two_controllers(tmp_path: Path) -> Iterator[Fleet]:
 
 def test_200_concurrent_creates_on_a_fleet_for_100_give_exactly_100(two_controllers: Fleet) -> None:
     fleet = two_controllers
-    local = threading.local()
-
-    def client() -> ApiClient:
-        if not hasattr(local, "client"):
-            local.client = ApiClient(fleet.amqp_url, timeout=300)
-        return local.client
+    # One transport for every thread: each thread gets its own connection, so the 40 clients
+    # really do call at once.
+    transport = AmqpTransport(fleet.amqp_url, "test-placement-race")
+    client = ApiClient(transport, timeout=300)
 
     def create(i: int) -> str:
         body = api.VmCreate(name=f"race-{i:03d}", vcpus=1, memory_mib=VM_MEMORY_MIB, disk_gib=1)
         try:
-            client().call("api.vm.create", body)
+            client.call(api.API_VM_CREATE, body)
         except NoValidHost:
             return "refused"
         except VirtfleetError as exc:
             return f"{type(exc).__name__}: {exc.message}"
         return "created"
 
-    with ThreadPoolExecutor(max_workers=40) as pool:
-        outcomes = Counter(pool.map(create, range(200)))
+    try:
+        with ThreadPoolExecutor(max_workers=40) as pool:
+            outcomes = Counter(pool.map(create, range(200)))
+    finally:
+        client.close()
     assert outcomes == Counter({"created": FITS, "refused": 200 - FITS}), fleet.logs()
 
-    checker = ApiClient(fleet.amqp_url)
+    checker = ApiClient(AmqpTransport(fleet.amqp_url, "test-placement-check"))
     try:
-        report = checker.typed("api.host.capacity", pmsg.CapacityRequest(), pmsg.CapacityReport)
+        report = checker.call(pmsg.API_HOST_CAPACITY, pmsg.CapacityRequest())
         per_host = {}
         for h in report.hosts:
             for r in h.resources:
                 assert r.used <= r.capacity, f"{h.host} {r.resource} over capacity: {r}"
             per_host[h.host] = {r.resource: r.used for r in h.resources}["MEMORY_MIB"] // VM_MEMORY_MIB
         assert per_host == {"small": 7, "medium": 31, "large": 62}
-        vms = checker.typed("api.vm.list", api.VmListRequest(), api.VmList).vms
+        vms = checker.call(api.API_VM_LIST, api.VmListRequest()).vms
         assert len(vms) == FITS
         assert all(v.status == "active" for v in vms)
     finally:

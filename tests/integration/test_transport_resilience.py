@@ -16,9 +16,10 @@ from vfsupport import wait_until
 
 from common.errors import InvalidRequest, TransportError
 from common.messages import api
+from common.messages.descriptor import Side
 from common.messages.envelope import Envelope, decode_envelope
 from common.transport.amqp import AmqpTransport, ConsumerServer
-from common.transport.rpc import Dispatcher, request, unwrap
+from common.transport.rpc import Dispatcher, HandlerTable, request, unwrap
 from common.transport.topology import (
     API_QUEUE,
     DEAD_LETTER_EXCHANGE,
@@ -46,10 +47,10 @@ def server(vhost_url: str) -> Iterator[ConsumerServer]:
         calls.append("ping")
         return api.Empty()
 
+    table = HandlerTable(Side.CONTROLLER)
+    table.register(api.API_PING, ping)
     transport = AmqpTransport(vhost_url, "test-api")
-    srv = transport.consumer(
-        API_QUEUE, Dispatcher("test-controller", {"api.ping": ping}), name="test-api", prefetch=4
-    )
+    srv = transport.consumer(API_QUEUE, Dispatcher("test-controller", table), name="test-api", prefetch=4)
     srv.start()
     assert srv.ready.wait(30)
     yield srv
@@ -58,8 +59,8 @@ def server(vhost_url: str) -> Iterator[ConsumerServer]:
 
 
 def _ping(transport: AmqpTransport) -> api.Empty:
-    env = request("api.ping", api.Empty(), "test", timeout=20)
-    return unwrap(transport.call("", API_QUEUE.name, env, 20, persistent=False), api.Empty)
+    env = request(api.API_PING, api.Empty(), "test", timeout=20)
+    return unwrap(transport.call("", API_QUEUE.name, env, 20, persistent=False), api.API_PING)
 
 
 def _close_all_connections(vhost_url: str) -> None:
@@ -131,11 +132,13 @@ def test_a_body_that_does_not_fit_the_schema_gets_an_error_reply_and_is_dead_let
 ) -> None:
     tap = DeadLetterTap(vhost_url)
     try:
-        # api.host.show needs {"host": str}; send a number instead, through the real client.
-        env = Envelope(kind="api.host.show", body={"host": 42}, sender="test", expires_at=time.time() + 20)
+        # API_HOST_SHOW needs {"host": str}; send a number instead, through the real client.
+        env = Envelope(
+            kind=api.API_HOST_SHOW.kind, body={"host": 42}, sender="test", expires_at=time.time() + 20
+        )
         reply = transport.call("", API_QUEUE.name, env, 20, persistent=False)
         with pytest.raises(InvalidRequest, match=r"body\.host: expected a string"):
-            unwrap(reply, api.HostView)
+            unwrap(reply, api.API_HOST_SHOW)
         dead = decode_envelope(_wait_dead(tap, env.id))
         assert dead.id == env.id
     finally:
@@ -168,7 +171,9 @@ def test_the_reports_and_heartbeats_queues_of_the_previous_release_are_replaced(
     finally:
         old.close()
     try:
-        consumer = transport.consumer(HEARTBEATS_QUEUE, Dispatcher("test", {}), name="test-heartbeats")
+        consumer = transport.consumer(
+            HEARTBEATS_QUEUE, Dispatcher("test", HandlerTable(Side.CONTROLLER)), name="test-heartbeats"
+        )
         consumer.start()
         try:
             assert consumer.ready.wait(30)

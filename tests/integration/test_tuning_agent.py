@@ -17,8 +17,16 @@ from agent.config import AgentConfig
 from agent.tuning.module import TuningModule
 from common.domain_xml import build_domain_xml
 from common.errors import Conflict, InvalidRequest, NotFound, Unsupported
+from common.messages.descriptor import Side
 from common.messages.host import CpuTopology, HostReport
 from common.messages.tuning import (
+    TUNING_AFFINITY,
+    TUNING_HUGEPAGES,
+    TUNING_IO_SCHEDULER,
+    TUNING_PIN,
+    TUNING_PROCESS,
+    TUNING_PROFILE,
+    TUNING_TASKSET,
     ApplyProfile,
     GetAffinity,
     HugepageTarget,
@@ -29,6 +37,7 @@ from common.messages.tuning import (
     SetTaskset,
 )
 from common.messages.vm import CpuTune, DomainType, VcpuPin, VmRef, VmSpec
+from common.transport.rpc import HandlerTable
 
 NODE = NODES / "tuning-numa.xml"  # 8 CPUs in 2 NUMA cells
 
@@ -53,9 +62,17 @@ def module(conn: Any, tmp_path: Path) -> TuningModule:
     return TuningModule.for_host(cfg, conn)
 
 
-def _handlers(module: TuningModule) -> dict[str, Any]:
+def _table(module: TuningModule) -> HandlerTable:
+    """The module's handlers, registered as the agent registers them (``table.handler(OP)``)."""
     reports: list[int] = []
-    return module.handlers(lambda: reports.append(1) or len(reports))
+
+    def request_report() -> int:
+        reports.append(1)
+        return len(reports)
+
+    table = HandlerTable(Side.AGENT)
+    module.register(table, request_report)
+    return table
 
 
 def _define(conn: Any, *, managed: bool = True, pins: tuple[int, ...] = (2, 3)) -> VmRef:
@@ -134,13 +151,13 @@ def test_the_test_drivers_cpu_map_limit_is_refused_at_start(tmp_path: Path) -> N
 
 
 def test_pin_and_affinity(module: TuningModule, conn: Any) -> None:
-    handlers = _handlers(module)
+    table = _table(module)
     ref = _define(conn)
-    before = handlers["tuning.affinity"](GetAffinity(ref))
+    before = table.handler(TUNING_AFFINITY)(GetAffinity(ref))
     assert [(p.vcpu, p.cpuset) for p in before.vcpu_pins] == [(0, "2"), (1, "3")]
     assert before.emulator_cpuset == "0-1"
     assert before.state == "running" and not before.observed  # no QEMU process on a simulated host
-    after = handlers["tuning.pin"](PinVm(ref, vcpu_pins=(VcpuPin(0, "4-5"),), emulator_cpuset="1"))
+    after = table.handler(TUNING_PIN)(PinVm(ref, vcpu_pins=(VcpuPin(0, "4-5"),), emulator_cpuset="1"))
     assert [(p.vcpu, p.cpuset) for p in after.vcpu_pins] == [(0, "4-5"), (1, "3")]
     assert after.emulator_cpuset == "1"
 
@@ -149,23 +166,23 @@ def test_pins_outside_the_host_sets_are_refused(module: TuningModule, conn: Any)
     module.sets = module.sets.__class__(
         module.sets.online, frozenset({2, 3, 4, 5}), frozenset({0, 1}), frozenset({6, 7})
     )
-    handlers = _handlers(module)
+    table = _table(module)
     ref = _define(conn)
     with pytest.raises(InvalidRequest) as err:
-        handlers["tuning.pin"](PinVm(ref, vcpu_pins=(VcpuPin(0, "6"),)))
+        table.handler(TUNING_PIN)(PinVm(ref, vcpu_pins=(VcpuPin(0, "6"),)))
     assert "reserved for the host" in err.value.message
     with pytest.raises(InvalidRequest):
-        handlers["tuning.pin"](PinVm(ref, vcpu_pins=(VcpuPin(5, "2"),)))  # no vCPU 5
+        table.handler(TUNING_PIN)(PinVm(ref, vcpu_pins=(VcpuPin(5, "2"),)))  # no vCPU 5
     with pytest.raises(InvalidRequest):
-        handlers["tuning.pin"](PinVm(ref))  # nothing to pin
+        table.handler(TUNING_PIN)(PinVm(ref))  # nothing to pin
     with pytest.raises(NotFound):
-        handlers["tuning.pin"](PinVm(VmRef(str(uuid.uuid4()), "ghost"), vcpu_pins=(VcpuPin(0, "2"),)))
+        table.handler(TUNING_PIN)(PinVm(VmRef(str(uuid.uuid4()), "ghost"), vcpu_pins=(VcpuPin(0, "2"),)))
 
 
 def test_unmanaged_domains_are_not_touched(module: TuningModule, conn: Any) -> None:
     ref = _define(conn, managed=False)
     with pytest.raises(Conflict):
-        _handlers(module)["tuning.pin"](PinVm(ref, vcpu_pins=(VcpuPin(0, "2"),)))
+        _table(module).handler(TUNING_PIN)(PinVm(ref, vcpu_pins=(VcpuPin(0, "2"),)))
 
 
 def _fake_qemu(module: TuningModule, pid: int, vm_uuid: str) -> None:
@@ -180,42 +197,42 @@ def _fake_qemu(module: TuningModule, pid: int, vm_uuid: str) -> None:
 
 
 def test_process_and_taskset(module: TuningModule, conn: Any) -> None:
-    handlers = _handlers(module)
+    table = _table(module)
     ref = _define(conn)
     _fake_qemu(module, 4000, ref.uuid)
-    info = handlers["tuning.process"](ProcessQuery(4000))
+    info = table.handler(TUNING_PROCESS)(ProcessQuery(4000))
     assert (info.qemu, info.vm_uuid, info.vm_name, info.managed) == (True, ref.uuid, ref.name, True)
     assert [t.vcpu for t in info.threads] == [None, 0]
-    done = handlers["tuning.taskset"](SetTaskset(4000, ref.uuid, "0-1"))
+    done = table.handler(TUNING_TASKSET)(SetTaskset(4000, ref.uuid, "0-1"))
     assert [t.cpus for t in done.before] == ["0-7", "0-7"]
     assert [t.cpus for t in done.after] == ["0-1", "0-1"]
     # the PID must be that VM's QEMU; reserved/unknown CPUs and other processes are refused
     with pytest.raises(Conflict):
-        handlers["tuning.taskset"](SetTaskset(4000, str(uuid.uuid4()), "0"))
+        table.handler(TUNING_TASKSET)(SetTaskset(4000, str(uuid.uuid4()), "0"))
     with pytest.raises(NotFound):
-        handlers["tuning.process"](ProcessQuery(4999))
+        table.handler(TUNING_PROCESS)(ProcessQuery(4999))
     other = module.kernel.root / "proc" / "5000"
     other.mkdir()
     (other / "cmdline").write_bytes(b"/usr/sbin/sshd\0-D\0")
-    assert handlers["tuning.process"](ProcessQuery(5000)).qemu is False
+    assert table.handler(TUNING_PROCESS)(ProcessQuery(5000)).qemu is False
     with pytest.raises(Conflict):
-        handlers["tuning.taskset"](SetTaskset(5000, ref.uuid, "0"))
+        table.handler(TUNING_TASKSET)(SetTaskset(5000, ref.uuid, "0"))
 
 
 def test_hugepages_io_and_profile(module: TuningModule) -> None:
-    handlers = _handlers(module)
-    done = handlers["tuning.hugepages"](SetHugepages(2048, 128))
+    table = _table(module)
+    done = table.handler(TUNING_HUGEPAGES)(SetHugepages(2048, 128))
     assert (done.before, done.pool.total, done.pool.free) == (0, 128, 128)
     assert done.message == "2M pool 0 -> 128 pages"
     with pytest.raises(Unsupported):
-        handlers["tuning.hugepages"](SetHugepages(16384, 1))
-    io = handlers["tuning.io_scheduler"](SetIoScheduler("vda", "kyber"))
+        table.handler(TUNING_HUGEPAGES)(SetHugepages(16384, 1))
+    io = table.handler(TUNING_IO_SCHEDULER)(SetIoScheduler("vda", "kyber"))
     assert (io.before, io.after) == ("mq-deadline", "kyber")
     with pytest.raises(InvalidRequest):
-        handlers["tuning.io_scheduler"](SetIoScheduler("vda", "cfq"))
+        table.handler(TUNING_IO_SCHEDULER)(SetIoScheduler("vda", "cfq"))
     module.kernel.set_thp("enabled", "always")
 
-    dry = handlers["tuning.profile"](ApplyProfile("virt-host", (HugepageTarget(2048, 256),), dry_run=True))
+    dry = table.handler(TUNING_PROFILE)(ApplyProfile("virt-host", (HugepageTarget(2048, 256),), dry_run=True))
     assert dry.dry_run and {c.setting for c in dry.changes if c.changed} == {
         "thp.enabled",
         "io.vda.scheduler",
@@ -223,14 +240,14 @@ def test_hugepages_io_and_profile(module: TuningModule) -> None:
     }
     assert module.kernel.thp("enabled").selected == "always"  # a dry run changes nothing
 
-    first = handlers["tuning.profile"](ApplyProfile("virt-host", (HugepageTarget(2048, 256),)))
+    first = table.handler(TUNING_PROFILE)(ApplyProfile("virt-host", (HugepageTarget(2048, 256),)))
     changed = {c.setting: (c.before, c.after) for c in first.changes if c.changed}
     assert changed == {
         "thp.enabled": ("always", "madvise"),
         "io.vda.scheduler": ("kyber", "none"),
         "hugepages.2M": ("128", "256"),
     }
-    second = handlers["tuning.profile"](ApplyProfile("virt-host", (HugepageTarget(2048, 256),)))
+    second = table.handler(TUNING_PROFILE)(ApplyProfile("virt-host", (HugepageTarget(2048, 256),)))
     assert [c for c in second.changes if c.changed] == []
     facts = module.facts()
     assert (facts.thp_enabled, facts.block_devices[0].scheduler, facts.hugepages[0].total) == (

@@ -13,7 +13,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from qemu_guest import (
@@ -35,26 +35,36 @@ from agent.tuning import parse
 from agent.tuning.module import TuningModule
 from common.messages.base import replace
 from common.messages.tuning import (
+    TUNING_AFFINITY,
+    TUNING_IO_SCHEDULER,
+    TUNING_PIN,
+    TUNING_PROCESS,
+    TUNING_PROFILE,
+    TUNING_TASKSET,
     ApplyProfile,
     GetAffinity,
-    IoSchedulerResult,
     PinVm,
-    ProcessInfo,
     ProcessQuery,
-    ProfileResult,
     SetIoScheduler,
     SetTaskset,
-    TasksetResult,
     VmAffinity,
 )
-from common.messages.vm import CpuTune, CreateVm, DeleteVm, PowerState, VcpuPin, VmRef, VmResult, VmSpec
-from common.transport.amqp import RpcClient
-from common.transport.rpc import request, unwrap
-from common.transport.topology import COMMANDS_EXCHANGE
+from common.messages.vm import (
+    VM_CREATE,
+    VM_DELETE,
+    CpuTune,
+    CreateVm,
+    DeleteVm,
+    PowerState,
+    VcpuPin,
+    VmRef,
+    VmSpec,
+)
+from common.transport.amqp import AmqpTransport
+from controller.agent_api import AgentClient
 
 pytestmark = [pytest.mark.broker, pytest.mark.qemu]
 
-T = TypeVar("T")
 HOST = "qemu-tuned"
 NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -99,15 +109,10 @@ def agent(conn: Any, vhost_url: str, tmp_path: Path) -> Iterator[Agent]:
 
 
 @pytest.fixture
-def client(vhost_url: str) -> Iterator[RpcClient]:
-    c = RpcClient(vhost_url, "test-tuning-qemu")
-    yield c
-    c.close()
-
-
-def call(client: RpcClient, kind: str, body: object, result: type[T]) -> T:
-    env = request(kind, body, "test", timeout=120)
-    return unwrap(client.call(COMMANDS_EXCHANGE.name, HOST, env, 120), result)
+def client(vhost_url: str) -> Iterator[AgentClient]:
+    transport = AmqpTransport(vhost_url, "test-tuning-qemu")
+    yield AgentClient(transport, "test")
+    transport.close()
 
 
 def affinity_from_proc(pid: int) -> dict[str, frozenset[int]]:
@@ -127,15 +132,12 @@ def vcpu_and_emulator(pid: int) -> tuple[frozenset[int], set[frozenset[int]]]:
     return threads["CPU 0/TCG"], emulator
 
 
-def boot(client: RpcClient, spec: VmSpec) -> VmAffinity:
-    created = call(client, "vm.create", CreateVm(spec=spec, start=True), VmResult)
+def boot(client: AgentClient, spec: VmSpec) -> VmAffinity:
+    created = client.call(HOST, VM_CREATE, CreateVm(spec=spec, start=True))
     assert created.status is not None and created.status.state == PowerState.RUNNING
     seen = wait_until(
         lambda: (
-            (
-                a := call(client, "tuning.affinity", GetAffinity(VmRef(spec.uuid, spec.name)), VmAffinity)
-            ).observed
-            and a
+            (a := client.call(HOST, TUNING_AFFINITY, GetAffinity(VmRef(spec.uuid, spec.name)))).observed and a
         ),
         30,
         f"the QEMU process of {spec.name}",
@@ -144,7 +146,7 @@ def boot(client: RpcClient, spec: VmSpec) -> VmAffinity:
     return seen
 
 
-def test_dedicated_vm_threads_and_live_repin(agent: Agent, client: RpcClient) -> None:
+def test_dedicated_vm_threads_and_live_repin(agent: Agent, client: AgentClient) -> None:
     name = guest_name("pinned")
     spec = replace(
         guest_spec(name, vcpus=1, max_vcpus=1),
@@ -160,12 +162,10 @@ def test_dedicated_vm_threads_and_live_repin(agent: Agent, client: RpcClient) ->
     assert emulator == {frozenset({0})}  # main, IO and RCU threads on the shared CPU
 
     ref = VmRef(spec.uuid, name)
-    moved = call(client, "tuning.pin", PinVm(ref, vcpu_pins=(VcpuPin(0, "0"),)), VmAffinity)
+    moved = client.call(HOST, TUNING_PIN, PinVm(ref, vcpu_pins=(VcpuPin(0, "0"),)))
     assert [p.cpuset for p in moved.vcpu_pins] == ["0"]
     assert vcpu_and_emulator(seen.pid)[0] == {0}  # live: the running thread moved
-    back = call(
-        client, "tuning.pin", PinVm(ref, vcpu_pins=(VcpuPin(0, "1"),), emulator_cpuset="0-1"), VmAffinity
-    )
+    back = client.call(HOST, TUNING_PIN, PinVm(ref, vcpu_pins=(VcpuPin(0, "1"),), emulator_cpuset="0-1"))
     assert back.emulator_cpuset == "0-1"
     vcpu, emulator = vcpu_and_emulator(seen.pid)
     assert vcpu == {1} and emulator == {frozenset({0, 1})}
@@ -173,23 +173,23 @@ def test_dedicated_vm_threads_and_live_repin(agent: Agent, client: RpcClient) ->
     # Persistent too (--config): the pins are in the inactive definition.
     dom_xml = agent.handlers._hv.conn.lookupByUUIDString(spec.uuid).XMLDesc(2)  # VIR_DOMAIN_XML_INACTIVE
     assert "<vcpupin vcpu='0' cpuset='1'/>" in dom_xml and "<emulatorpin cpuset='0-1'/>" in dom_xml
-    call(client, "vm.delete", DeleteVm(ref), VmResult)
+    client.call(HOST, VM_DELETE, DeleteVm(ref))
 
 
-def test_taskset_on_a_managed_qemu_process(agent: Agent, client: RpcClient) -> None:
+def test_taskset_on_a_managed_qemu_process(agent: Agent, client: AgentClient) -> None:
     name = guest_name("taskset")
     spec = guest_spec(name, vcpus=1, max_vcpus=1)  # shared: no libvirt pinning, so every CPU allowed
     seen = boot(client, spec)
     assert seen.pid is not None
-    info = call(client, "tuning.process", ProcessQuery(seen.pid), ProcessInfo)
+    info = client.call(HOST, TUNING_PROCESS, ProcessQuery(seen.pid))
     assert (info.qemu, info.vm_uuid, info.managed) == (True, spec.uuid, True)
-    assert call(client, "tuning.process", ProcessQuery(os.getpid()), ProcessInfo).qemu is False
-    done = call(client, "tuning.taskset", SetTaskset(seen.pid, spec.uuid, "0"), TasksetResult)
+    assert client.call(HOST, TUNING_PROCESS, ProcessQuery(os.getpid())).qemu is False
+    done = client.call(HOST, TUNING_TASKSET, SetTaskset(seen.pid, spec.uuid, "0"))
     assert {t.cpus for t in done.after} == {"0"}
     assert set(affinity_from_proc(seen.pid).values()) == {frozenset({0})}
-    call(client, "tuning.taskset", SetTaskset(seen.pid, spec.uuid, "0-1"), TasksetResult)
+    client.call(HOST, TUNING_TASKSET, SetTaskset(seen.pid, spec.uuid, "0-1"))
     assert set(affinity_from_proc(seen.pid).values()) == {frozenset({0, 1})}
-    call(client, "vm.delete", DeleteVm(VmRef(spec.uuid, name)), VmResult)
+    client.call(HOST, VM_DELETE, DeleteVm(VmRef(spec.uuid, name)))
 
 
 def _block_device(name: str) -> Path:
@@ -210,7 +210,7 @@ def restored(*paths: Path) -> Iterator[None]:
             assert path.read_text() == text, f"{path} was not restored"
 
 
-def test_io_scheduler_and_profile_on_the_real_kernel(agent: Agent, client: RpcClient) -> None:
+def test_io_scheduler_and_profile_on_the_real_kernel(agent: Agent, client: AgentClient) -> None:
     loop = _block_device("loop0")
     vda = _block_device("vda")
     if not (loop.exists() and vda.exists()):
@@ -218,13 +218,13 @@ def test_io_scheduler_and_profile_on_the_real_kernel(agent: Agent, client: RpcCl
             "IO scheduler and virt-host profile on the real kernel not tested: needs block devices loop0 and vda"
         )
     with restored(loop, vda, THP_ENABLED):
-        done = call(client, "tuning.io_scheduler", SetIoScheduler("loop0", "mq-deadline"), IoSchedulerResult)
+        done = client.call(HOST, TUNING_IO_SCHEDULER, SetIoScheduler("loop0", "mq-deadline"))
         assert done.after == "mq-deadline" and parse.selection(loop.read_text()).selected == "mq-deadline"
         # Detune, then let the profile put things right; a second run changes nothing.
         THP_ENABLED.write_text("always\n")
         other = "none" if parse.selection(vda.read_text()).selected != "none" else "kyber"
         vda.write_text(other + "\n")
-        first = call(client, "tuning.profile", ApplyProfile("virt-host"), ProfileResult)
+        first = client.call(HOST, TUNING_PROFILE, ApplyProfile("virt-host"))
         changed = {c.setting: c.after for c in first.changes if c.changed}
         rotational = Path("/sys/block/vda/queue/rotational").read_text().strip() == "1"
         assert changed == {
@@ -233,7 +233,7 @@ def test_io_scheduler_and_profile_on_the_real_kernel(agent: Agent, client: RpcCl
         }
         assert parse.selection(THP_ENABLED.read_text()).selected == "madvise"
         assert "io.loop0.scheduler" not in {c.setting for c in first.changes}  # virtual device: untouched
-        second = call(client, "tuning.profile", ApplyProfile("virt-host"), ProfileResult)
+        second = client.call(HOST, TUNING_PROFILE, ApplyProfile("virt-host"))
         assert [c.setting for c in second.changes if c.changed] == []
 
 
