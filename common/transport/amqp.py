@@ -486,16 +486,14 @@ class _Session:
 class ConsumerServer:
     """Consumes one queue forever: reconnects, bounds concurrency, acks after the reply.
 
-    ``declare`` is the :class:`~common.transport.topology.Queue` (declared on every connect,
-    with the disposable rule of :func:`declare_queue`) or, for older callers, a function that
-    declares on a channel and returns the queue name.
+    ``queue`` is declared on every connect, with the disposable rule of :func:`declare_queue`.
     """
 
     def __init__(
         self,
         url: str,
         name: str,
-        declare: Queue | Callable[[BlockingChannel], str],
+        queue: Queue,
         handler: Handler,
         *,
         prefetch: int = 8,
@@ -504,7 +502,7 @@ class ConsumerServer:
     ) -> None:
         self.url = url
         self.name = name
-        self._declare = declare
+        self._queue = queue
         self._handler = handler
         self._prefetch = prefetch
         self._user_id = _user(url)
@@ -575,11 +573,8 @@ class ConsumerServer:
         conn = connect(self.url, self.name)
         try:
             ch = conn.channel()
-            if isinstance(self._declare, Queue):
-                ch = declare_queue(ch, self._declare, conn.channel)
-                queue = self._declare.name
-            else:
-                queue = self._declare(ch)
+            ch = declare_queue(ch, self._queue, conn.channel)
+            queue = self._queue.name
             ch.basic_qos(prefetch_count=self._prefetch)
             cancelled: list[object] = []
             # RabbitMQ cancels consumers of a deleted queue; pika would then idle silently.

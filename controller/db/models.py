@@ -164,7 +164,7 @@ class Vm(Base):
     persistent: Mapped[bool] = mapped_column(Boolean, default=True)
     cpu_time_ns: Mapped[int] = mapped_column(BigInteger, default=0)
     #: the VmSpec last sent to the agent (None until the VM is placed)
-    spec: Mapped[VmSpec | None] = mapped_column(SpecJson())
+    spec: Mapped[VmSpec | None] = mapped_column(SpecJson(), nullable=False)  # None is stored as {}
     idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)

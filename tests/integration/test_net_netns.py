@@ -26,6 +26,7 @@ from agent.network.planner import managed_routes
 from agent.network.transaction import PENDING_FILE
 from common.errors import Conflict, NetworkConfigError, NotFound
 from common.messages.base import replace
+from common.messages.descriptor import Side
 from common.messages.network import (
     BondCreate,
     BridgeCreate,
@@ -36,6 +37,7 @@ from common.messages.network import (
     InterfaceRemove,
     RouteInfo,
 )
+from common.transport.rpc import HandlerTable
 
 pytestmark = pytest.mark.netns
 
@@ -85,7 +87,7 @@ def build_module(ns: str, root: Path, state: Path, probes: list[ProbeResult]) ->
         settings=NetworkSettings(root=root, persist="auto"),
         state_dir=state,
     )
-    module.handlers(lambda: 0)
+    module.register(HandlerTable(Side.AGENT), lambda: 0)  # as the agent does: recovers an unfinished change
     return module
 
 

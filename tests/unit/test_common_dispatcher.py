@@ -176,6 +176,7 @@ def test_handler_gets_typed_body_and_result_is_serialised() -> None:
             },
             "message": "started",
             "disks": [],
+            "deleted_volumes": [],
         },
     }
     assert unwrap(outcome.reply, vm.VM_START) == vm.VmResult(status=STATUS, message="started")
