@@ -19,7 +19,7 @@ import pytest
 from inproc import HostShape, InProcessFleet, inprocess_fleet
 from vfsupport import CliResult, wait_until
 
-from common.errors import HypervisorError, VirtfleetError
+from common.errors import HypervisorError, InternalError, VirtfleetError
 from common.messages import api
 from common.transport.memory import MemoryConsumer
 from controller.cli.client import ApiClient
@@ -379,6 +379,10 @@ def test_a_build_that_fails_everywhere_is_an_error_that_can_be_deleted(fleet: In
     assert "says no" in shown["last_error"]
     assert {h: _used(fleet, h) for h in SIZES} == before  # every claim released
     assert all(fleet.fake(h).hypervisor.uuid_for_name("doomed") is None for h in SIZES)
+    # A VM without a host can only be deleted.
+    stuck = fleet.cli("vm", "start", "doomed")
+    assert stuck.code == 4 and stuck.json["error"]["type"] == "Conflict"
+    assert "VM doomed has no host (status error); only delete is possible" in stuck.json["error"]["message"]
     fleet.cli_ok("vm", "delete", "doomed")
     assert fleet.cli("vm", "show", "doomed").code == 3
 
@@ -393,6 +397,45 @@ def test_a_forced_host_that_fails_the_build_is_not_replaced(fleet: InProcessFlee
     assert "small says no" in error["message"]
     assert fleet.cli_ok("vm", "show", "pinned")["status"] == "error"
     fleet.cli_ok("vm", "delete", "pinned")
+
+
+def test_a_build_failing_with_an_error_of_no_host_is_not_rescheduled(fleet: InProcessFleet) -> None:
+    first, _alternates = _first_choice(fleet, "odd-fail", "--memory", "64", "--disk", "1")
+    before = {h: _used(fleet, h) for h in SIZES}
+    starts = {h: fleet.fake(h).hypervisor.count("start") for h in SIZES}
+    fleet.fake(first).hypervisor.fail_next("start", InternalError("the fake's bug of the day"))
+    failed = fleet.cli("vm", "create", "odd-fail", "--memory", "64", "--disk", "1")
+    assert failed.code == 1, failed.stdout + failed.stderr
+    assert failed.json["error"]["type"] == "InternalError"
+    # Only the first host was tried: an error that is not the host's fault is not retried elsewhere.
+    assert {h: fleet.fake(h).hypervisor.count("start") - starts[h] for h in SIZES} == {
+        h: int(h == first) for h in SIZES
+    }
+    shown = fleet.cli_ok("vm", "show", "odd-fail")
+    assert (shown["status"], shown["host"]) == ("error", None)
+    assert "bug of the day" in shown["last_error"]
+    assert {h: _used(fleet, h) for h in SIZES} == before  # the claim was released
+    fleet.cli_ok("vm", "delete", "odd-fail")
+
+
+def test_a_failed_operation_records_the_error_and_clears_the_task(fleet: InProcessFleet) -> None:
+    made = fleet.cli_ok("vm", "create", "flaky", "--memory", "64", "--disk", "1")
+    hv = fleet.fake(made["vm"]["host"]).hypervisor
+    hv.fail_next("destroy", HypervisorError("cannot destroy VM: device busy"))
+    failed = fleet.cli("vm", "destroy", "flaky")
+    assert failed.code == 1 and failed.json["error"]["type"] == "HypervisorError"
+    shown = fleet.cli_ok("vm", "show", "flaky")
+    assert (shown["power_state"], shown["task"]) == ("running", None)
+    assert "device busy" in shown["last_error"]
+    hv.fail_next("undefine", HypervisorError("cannot undefine VM: locked"))
+    kept = fleet.cli("vm", "delete", "flaky")
+    assert kept.code == 1 and "locked" in kept.json["error"]["message"]
+    assert "flaky" in _vm_names(fleet)  # still known, still claimed
+    assert "locked" in fleet.cli_ok("vm", "show", "flaky")["last_error"]
+    # The next attempts go through.
+    assert fleet.cli_ok("vm", "destroy", "flaky")["vm"]["power_state"] == "shutoff"
+    fleet.cli_ok("vm", "delete", "flaky", "--delete-disks")
+    assert hv.uuid_for_name("flaky") is None
 
 
 def test_a_request_the_agent_refuses_is_not_retried_and_leaves_nothing(fleet: InProcessFleet) -> None:
@@ -448,6 +491,16 @@ def test_a_create_without_waiting_returns_at_once_and_finishes_in_the_background
     assert shown["power_state"] == "running"
     assert fleet.fake(shown["host"]).hypervisor.uuid_for_name("later") == shown["uuid"]
     fleet.cli_ok("vm", "delete", "later", "--delete-disks")
+
+    # A background build that fails leaves the VM in error, with the reason.
+    fleet.fake("small").hypervisor.fail_next("start", HypervisorError("small says no"))
+    doomed = fleet.cli_ok(
+        "vm", "create", "later-2", "--memory", "64", "--disk", "1", "--host", "small", "--no-wait"
+    )
+    assert doomed["vm"]["host"] == "small"
+    wait_until(lambda: fleet.cli_ok("vm", "show", "later-2")["status"] == "error", 30, "the build to fail")
+    assert "small says no" in fleet.cli_ok("vm", "show", "later-2")["last_error"]
+    fleet.cli_ok("vm", "delete", "later-2")
 
 
 def test_tables_for_people(fleet: InProcessFleet) -> None:
