@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from common.errors import NotFound
 from common.messages import placement as msgs
@@ -13,6 +13,7 @@ from common.messages.vm import HostStatus, Lifecycle, PowerState
 from common.transport.rpc import HandlerTable
 from controller import fleet
 from controller.db import repository as repo
+from controller.scheduler.model import ResourceClass
 from controller.service import ControllerService
 
 log = logging.getLogger(__name__)
@@ -122,9 +123,19 @@ def _reported_usage(record: repo.HostRecord) -> dict[str, int]:
     }
 
 
-def drift_notes(record: repo.HostRecord, vms: Iterable[repo.VmRecord]) -> list[str]:
-    """What the controller claimed on a host vs what its agent last reported (pure)."""
+def drift_notes(
+    record: repo.HostRecord,
+    vms: Iterable[repo.VmRecord],
+    claims: Mapping[str, Mapping[str, int]] | None = None,
+) -> list[str]:
+    """What the controller claimed on a host vs what its agent last reported (pure).
+
+    ``claims``: each VM's allocations (uuid -> resource -> amount). A VM is compared with what it
+    claims, not with its record, which the reports keep up to date with what the host runs (so a VM
+    grown by hand with virsh would otherwise never show).
+    """
     notes: list[str] = []
+    claims = claims or {}
     known = {v.uuid: v for v in vms}
     reported = {v.uuid: v for v in record.reported_vms}
     for seen in record.reported_vms:
@@ -140,11 +151,15 @@ def drift_notes(record: repo.HostRecord, vms: Iterable[repo.VmRecord]) -> list[s
         status = reported.get(vm.uuid)
         if status is None:
             notes.append(f"VM {vm.name} is claimed here but the host does not report it")
-        elif status.memory_mib > vm.memory_mib or status.vcpus > vm.vcpus:
-            notes.append(
-                f"VM {vm.name} uses {status.vcpus} vCPU / {status.memory_mib} MiB, "
-                f"claimed {vm.vcpus} vCPU / {vm.memory_mib} MiB"
-            )
+        else:
+            claim = claims.get(vm.uuid, {})
+            vcpus = claim.get(str(ResourceClass.VCPU), claim.get(str(ResourceClass.PCPU), vm.vcpus))
+            memory = claim.get(str(ResourceClass.MEMORY_MIB), vm.memory_mib)
+            if status.memory_mib > memory or status.vcpus > vcpus:
+                notes.append(
+                    f"VM {vm.name} uses {status.vcpus} vCPU / {status.memory_mib} MiB, "
+                    f"claimed {vcpus} vCPU / {memory} MiB"
+                )
     return notes
 
 
@@ -156,6 +171,7 @@ def capacity(service: ControllerService, req: msgs.CapacityRequest) -> msgs.Capa
         if req.host is not None and not records:
             raise NotFound(f"host {req.host!r} is not known")
         vms = repo.list_vms(s)
+        claims = repo.allocations_by_vm(s)
     by_host: dict[str, list[repo.VmRecord]] = {}
     for vm in vms:
         if vm.host_id is not None:
@@ -190,7 +206,7 @@ def capacity(service: ControllerService, req: msgs.CapacityRequest) -> msgs.Capa
                 status=HostStatus.UP if state.up else HostStatus.DOWN,
                 group=record.group_name,
                 resources=tuple(resources),
-                drift=tuple(drift_notes(record, by_host.get(record.id, []))),
+                drift=tuple(drift_notes(record, by_host.get(record.id, []), claims)),
             )
         )
     return msgs.CapacityReport(tuple(hosts))

@@ -213,11 +213,11 @@ class _Input(io.StringIO):
 
 @contextlib.contextmanager
 def inprocess_fleet(
-    tmp: Path, hosts: Mapping[str, HostShape], **controller_overrides: Any
+    tmp: Path, hosts: Mapping[str, HostShape], *, down_after_s: float = 4.0, **controller_overrides: Any
 ) -> Iterator[InProcessFleet]:
     """A started fleet of ``hosts`` (all up), stopped on the way out."""
     with fresh_database(tmp) as db:
-        fleet = InProcessFleet(tmp, db)
+        fleet = InProcessFleet(tmp, db, down_after_s=down_after_s)
         try:
             fleet.start_controller(**controller_overrides)
             for name, shape in hosts.items():

@@ -10,9 +10,10 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
+import typer.rich_utils
 from rich.console import Console
 
 from common.errors import InvalidRequest
@@ -307,17 +308,21 @@ def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
     (tests hand in an in-process one); by default the URL is opened.
     """
     args = sys.argv[1:] if argv is None else argv
-    if not wants_json(args):
-        _command()(args=args, obj=env)
-        return
     try:
         code = _command()(args=args, standalone_mode=False, obj=env)
     except typer.TyperException as exc:
-        error = InvalidRequest(exc.format_message(), details={"usage": True})
-        render.emit_json(
-            Console(file=env.stdout if env else None, soft_wrap=True), render.error_document(error)
-        )
-        sys.exit(2)
+        if wants_json(args):
+            error = InvalidRequest(exc.format_message(), details={"usage": True})
+            render.emit_json(
+                Console(file=env.stdout if env else None, soft_wrap=True), render.error_document(error)
+            )
+            sys.exit(2)
+        if env is not None and env.stderr is not None:
+            env.stderr.write(f"Error: {exc.format_message()}\n")
+        else:
+            # typer's usual panel, on stderr (click's exceptions are TyperExceptions at run time)
+            typer.rich_utils.rich_format_error(cast(Any, exc))
+        sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

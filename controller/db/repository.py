@@ -413,6 +413,16 @@ def allocations_of(session: Session, vm_uuid: str) -> dict[str, int]:
     }
 
 
+def allocations_by_vm(session: Session) -> dict[str, dict[str, int]]:
+    """Every VM's allocations: uuid -> resource -> amount."""
+    out: dict[str, dict[str, int]] = {}
+    for uuid, resource, amount in session.execute(
+        select(Allocation.vm_uuid, Allocation.resource, Allocation.amount)
+    ):
+        out.setdefault(uuid, {})[resource] = int(amount)
+    return out
+
+
 def host_usage(session: Session, host_id: str) -> dict[str, int]:
     return {
         r: int(a)

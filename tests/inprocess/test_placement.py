@@ -318,11 +318,6 @@ def test_capacity_shows_drift_between_claims_and_what_the_host_reports(fleet: In
     _wait_for_drift(fleet, "medium", set())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a host report overwrites the VM's vcpus/memory_mib with what the host runs before "
-    "drift_notes compares them with the claim, so a VM grown by hand never shows as drift",
-)
 def test_capacity_shows_a_vm_grown_by_hand_beyond_its_claim(fleet: InProcessFleet) -> None:
     created = create(fleet, "grown", "--memory", "256", "--vcpus", "1", "--max-vcpus", "4", "--host", "small")
     assert created.code == 0, created.stdout + created.stderr
