@@ -27,6 +27,7 @@ Run as root from the repository root (RabbitMQ on 127.0.0.1:5672, rabbitmqctl on
 
     .venv/bin/python bench/create_cpu.py [--agents 3] [--creates 200] [--runs 3] [--clients 0]
         [--before ead0cac | --no-before] [--profile /tmp/ctl.txt] [--json results.json]
+    .venv/bin/python bench/create_cpu.py --merge a.json b.json ...   # one summary of several invocations
 
 Everything is bounded (a per-call timeout, a deadline for the whole script) and cleaned up on any
 exit, Ctrl-C included: processes stopped, vhosts deleted, temporary directories removed.
@@ -55,6 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import msgpack
 import pika
@@ -62,10 +64,8 @@ import pika.exceptions
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from placement import raw_rpc  # noqa: E402
-from vfsupport import private_vhost  # noqa: E402
 
 #: The previous release: messages converted by the reflective common/schema.py, wire byte-identical.
 DEFAULT_BEFORE = "ead0cac"
@@ -113,6 +113,27 @@ def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM if this script dies (even by SIGKILL)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _rabbitmqctl(*args: str) -> None:
+    # Its own session: a Ctrl-C in the terminal must not kill it half way through.
+    subprocess.run(
+        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60, start_new_session=True
+    )
+
+
+@contextlib.contextmanager
+def private_vhost(prefix: str) -> Iterator[str]:
+    """A fresh vhost with full rights for guest; its AMQP URL; deleted afterwards, even when
+    interrupted while it was being created (unlike tests/vfsupport.py's)."""
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    try:
+        _rabbitmqctl("add_vhost", name)
+        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@127.0.0.1:5672/{quote(name, safe='')}"
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            _rabbitmqctl("delete_vhost", name)
 
 
 @dataclass
@@ -464,7 +485,7 @@ def run_tree(
                 concurrent(client, url, controller, agents, args, result)
             processes.check_alive()
             return result
-        except BaseException:
+        except Exception:  # a failure (not Ctrl-C): show what the daemons said
             for proc in processes.procs:
                 print(f"----- {label} {proc.name} (last lines)\n{proc.tail()}", file=sys.stderr)
             raise
@@ -619,16 +640,23 @@ def line(r: TreeRun) -> str:
     return s
 
 
-def summarize(runs: list[dict[str, Any]], trees: list[str], args: argparse.Namespace) -> None:
-    rpc = [r["rpc_p50_ms"] for r in runs]
-    lv = [r["libvirt_ms"] for r in runs]
+def summarize(runs: list[dict[str, Any]], trees: list[str], agents: int, creates: int) -> None:
+    """Median [min-max] over the runs of every figure, its ratios to the floors and between trees."""
     print(
-        f"\n== summary: {len(runs)} run(s), {args.agents} agents, {args.creates} sequential creates each;"
+        f"\n== summary: {len(runs)} run(s), {agents} agents, {creates} sequential creates each;"
         " median [min-max] over runs"
     )
-    print(f"floor  raw pika RPC p50          {spread(rpc)} ms")
-    print(f"floor  libvirt test define+start+destroy+undefine  {spread(lv)} ms/VM")
-    print(f"floor  SQLite WAL commit (fsync) p50  {spread([r['sqlite_commit_ms'] for r in runs])} ms")
+    floors = (
+        ("raw pika RPC p50, ms", "rpc_p50_ms"),
+        ("raw pika RPC p99, ms", "rpc_p99_ms"),
+        ("libvirt test define+start+destroy+undefine, ms/VM", "libvirt_ms"),
+        ("SQLite WAL commit (fsync) p50, ms", "sqlite_commit_ms"),
+        ("load average (1 min) at the start of the run", "load"),
+    )
+    for title, key in floors:
+        values = [r[key] for r in runs if key in r]
+        if values:
+            print(f"floor  {title:<52} {spread(values)}")
     per: dict[str, dict[str, list[float]]] = {}
     for r in runs:
         for t in r["trees"]:
@@ -638,19 +666,25 @@ def summarize(runs: list[dict[str, Any]], trees: list[str], args: argparse.Names
                     d.setdefault(k, []).append(v)
             d.setdefault("p50_over_rpc", []).append(t["p50_ms"] / r["rpc_p50_ms"])
             d.setdefault("ctl_over_rpc", []).append(t["ctl_cpu_ms"] / r["rpc_p50_ms"])
+            d.setdefault("ctl_over_libvirt", []).append(t["ctl_cpu_ms"] / r["libvirt_ms"])
+            d.setdefault("agents_over_libvirt", []).append(t["agents_cpu_ms"] / r["libvirt_ms"])
+            d.setdefault("growth", []).append(t["ctl_second_half_ms"] / t["ctl_first_half_ms"])
     rows: list[tuple[str, str]] = [
         ("controller CPU ms/create", "ctl_cpu_ms"),
         ("  user", "ctl_user_ms"),
         ("  sys", "ctl_sys_ms"),
         ("  first half of the burst", "ctl_first_half_ms"),
         ("  second half of the burst", "ctl_second_half_ms"),
+        ("  second half / first half", "growth"),
         ("agents CPU ms/create (sum)", "agents_cpu_ms"),
         ("idle controller CPU ms/s", "ctl_idle_ms_per_s"),
         ("idle agents CPU ms/s", "agents_idle_ms_per_s"),
         ("create p50 ms", "p50_ms"),
         ("create p99 ms", "p99_ms"),
-        ("create p50 / RPC p50", "p50_over_rpc"),
         ("controller CPU / RPC p50", "ctl_over_rpc"),
+        ("controller CPU / libvirt floor", "ctl_over_libvirt"),
+        ("agents CPU / libvirt floor", "agents_over_libvirt"),
+        ("create p50 / RPC p50", "p50_over_rpc"),
         ("concurrent: controller CPU ms/create", "conc_ctl_cpu_ms"),
         ("concurrent: creates/s", "conc_rate"),
     ]
@@ -661,15 +695,23 @@ def summarize(runs: list[dict[str, Any]], trees: list[str], args: argparse.Names
         print(f"{title:<38}" + "".join(f"{spread(per[t].get(key, [])):>28}" for t in trees))
     if len(trees) == 2:
         before, after = trees
-        ratios = [
-            b["ctl_cpu_ms"] / a["ctl_cpu_ms"]
-            for r in runs
-            for b in r["trees"]
-            if b["tree"] == before
-            for a in r["trees"]
-            if a["tree"] == after
-        ]
-        print(f"controller CPU before/after, per run: {spread(ratios)}x")
+        pairs = [{t["tree"]: t for t in r["trees"]} for r in runs]
+        for title, key in (
+            ("controller CPU", "ctl_cpu_ms"),
+            ("agents CPU", "agents_cpu_ms"),
+            ("create p50", "p50_ms"),
+        ):
+            ratios = [p[before][key] / p[after][key] for p in pairs]
+            print(f"{title} {before}/{after}, per run: {spread(ratios)}x")
+
+
+def merge(files: list[Path]) -> None:
+    """The summary of the runs saved by several ``--json`` files."""
+    docs = [json.loads(f.read_text()) for f in files]
+    runs = [r for d in docs for r in d["runs"]]
+    trees = list(dict.fromkeys(t["tree"] for r in runs for t in r["trees"]))
+    args = docs[0]["args"]
+    summarize(runs, trees, int(args["agents"]), int(args["creates"]))
 
 
 def main() -> int:
@@ -696,7 +738,11 @@ def main() -> int:
     parser.add_argument("--call-timeout", type=float, default=120.0)
     parser.add_argument("--deadline", type=float, default=3600.0, help="seconds for the whole script")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--merge", type=Path, nargs="+", help="only summarize these --json files")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge)
+        return 0
     if args.profile and args.profile_tree == "before" and args.no_before:
         parser.error("--profile-tree before needs a before tree")
     if args.profile and not PYSPY.exists():
@@ -756,7 +802,7 @@ def main() -> int:
                         print(line(r), flush=True)
                     runs.append(rec)
             if runs:
-                summarize(runs, order, args)
+                summarize(runs, order, args.agents, args.creates)
             profiled = None
             if args.profile:
                 label = args.profile_tree
@@ -777,6 +823,9 @@ def main() -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; cleaned up", file=sys.stderr)
         return 130
+    except BenchTimeout as exc:
+        print(f"\n{exc}; cleaned up", file=sys.stderr)
+        return 124
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     return 0
