@@ -15,13 +15,17 @@ extracted with ``git archive``) and each run:
   p50/p99.
 
 The floors, measured in the same run: the raw pika RPC round trip p50 (bench/placement.py's
-``raw_rpc``: an echo server in another process, persistent confirmed requests) and the test driver's
-defineXML + create + destroy + undefine per VM (a subprocess opening the same node file).
+``raw_rpc``: an echo server in another process, persistent confirmed requests), the test driver's
+defineXML + create + destroy + undefine per VM (a subprocess opening the same node file), and one
+SQLite WAL write transaction (fsync) in the same file system as the fleet's databases.
 
-``--profile FILE`` adds one more pass of this tree, after the measured runs and not counted in their
-medians, with ``py-spy record --nonblocking --function --threads`` attached to the controller during
-the burst (``FILE`` ending in ``.json``: speedscope; anything else: raw collapsed stacks), and prints
-the top functions by own and by total time, own time by package and samples per thread.
+``--profile FILE`` adds one more pass of this tree (``--profile-tree before``: of the other one),
+after the measured runs and not counted in their medians, with two ``py-spy record --nonblocking
+--function --threads`` attached to the controller during the burst: every thread not sleeping
+(``FILE``) and only the thread holding the GIL (``FILE`` with ``.gil`` before the suffix; the CPU
+view: py-spy counts threads in disk sleep and in the run queue as active). ``FILE`` ending in
+``.json`` gives speedscope files, anything else raw collapsed stacks. It prints, for both, the top
+functions by own and by total time, own time by package and samples per thread.
 
 Run as root from the repository root (RabbitMQ on 127.0.0.1:5672, rabbitmqctl on PATH)::
 
