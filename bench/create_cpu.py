@@ -71,6 +71,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from placement import raw_rpc  # noqa: E402
 
+# The kinds' names only (the raw client below speaks the wire protocol of docs/protocol.md, which
+# both trees share); the descriptors are where they are spelled.
+from common.messages.api import API_HOST_LIST, API_VM_CREATE, API_VM_DELETE  # noqa: E402
+
 #: The previous release: messages converted by the reflective common/schema.py, wire byte-identical.
 DEFAULT_BEFORE = "ead0cac"
 NODE_FILE = ROOT / "tests" / "fixtures" / "nodes" / "large.xml"
@@ -366,7 +370,7 @@ def wait_hosts_up(client: RawClient, procs: Processes, ids: set[str], timeout: f
     while time.monotonic() < deadline:
         procs.check_alive()
         try:
-            hosts = client.call("api.host.list", {}, timeout=10)["hosts"]
+            hosts = client.call(API_HOST_LIST.kind, {}, timeout=10)["hosts"]
             last = {h["host_id"]: h["status"] for h in hosts}
             if all(last.get(i) == "up" for i in ids):
                 return
@@ -438,7 +442,7 @@ def run_tree(
             client = RawClient(url, timeout=args.call_timeout)
             wait_hosts_up(client, processes, ids, timeout=120)
             for i in range(args.warmup):
-                client.call("api.vm.create", create_body(f"warm-{i}"))
+                client.call(API_VM_CREATE.kind, create_body(f"warm-{i}"))
 
             # The idle fleet: heartbeats, reports, the reconciler (subtracted nowhere; shown beside).
             c0, a0, t0 = fleet_cpu([controller]), fleet_cpu(agents), time.monotonic()
@@ -461,7 +465,7 @@ def run_tree(
                     if i == args.creates // 2:
                         half = sum(cpu_seconds(controller.popen.pid))
                     c = time.perf_counter()
-                    client.call("api.vm.create", create_body(f"seq-{i}"))
+                    client.call(API_VM_CREATE.kind, create_body(f"seq-{i}"))
                     latencies.append(time.perf_counter() - c)
                 burst = time.perf_counter() - t0
                 u1, s1 = cpu_seconds(controller.popen.pid)
@@ -505,7 +509,7 @@ def concurrent(
     """M more creates from ``--clients`` threads, each with its own connection (after deleting the
     sequential burst's VMs, outside the measured window, so capacity is the same)."""
     for i in range(args.creates):
-        client.call("api.vm.delete", {"name": f"seq-{i}", "delete_disks": True})
+        client.call(API_VM_DELETE.kind, {"name": f"seq-{i}", "delete_disks": True})
     local = threading.local()
     clients: list[RawClient] = []
     lock = threading.Lock()
@@ -516,7 +520,7 @@ def concurrent(
             with lock:
                 clients.append(local.client)
         t = time.perf_counter()
-        local.client.call("api.vm.create", create_body(f"par-{i}"))
+        local.client.call(API_VM_CREATE.kind, create_body(f"par-{i}"))
         return time.perf_counter() - t
 
     try:
