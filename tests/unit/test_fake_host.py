@@ -192,7 +192,8 @@ def test_bond_failover_and_removal(tmp_path: Path) -> None:
         "eth0",
     )
     assert [(s.name, s.state) for s in bond.slaves] == [("eth0", "active"), ("eth1", "backup")]
-    assert host.links.facts().interface("bond0").addresses == ("192.0.2.10/24",)  # type: ignore[union-attr]
+    bond0 = host.links.facts().interface("bond0")
+    assert bond0 is not None and bond0.addresses == ("192.0.2.10/24",)
     host.links.set_cable("eth0", False)
     bond = host.links.facts().bond("bond0")
     assert bond is not None and bond.active_slave == "eth1"
