@@ -69,7 +69,7 @@ step guest bash deploy/guest/build-guest.sh "$VIRTFLEET_TEST_GUEST_DIR"
 
 step ruff-check "$ROOT/.venv/bin/ruff" check "${LINT_PATHS[@]}"
 step ruff-format "$ROOT/.venv/bin/ruff" format --check "${LINT_PATHS[@]}"
-step mypy "$ROOT/.venv/bin/mypy" --strict controller agent common
+step mypy "$ROOT/.venv/bin/mypy" --strict controller agent common tests
 step import-lint "$ROOT/.venv/bin/lint-imports" --no-cache
 
 run_pytest() { # run_pytest LOGFILE ARGS...: tee the output, keep pytest's rc

@@ -22,15 +22,17 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from pyroute2 import NetNS, netns
 
 NSEXEC = Path(__file__).resolve().parent / "nsexec.py"
 BROKER = ("127.0.0.1", 5672)
+
+T = TypeVar("T")
 
 
 def require_root() -> None:
@@ -348,9 +350,11 @@ def processes_in(ns: str) -> list[str]:
     return names
 
 
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1) -> T:
+    """Poll ``predicate`` until it returns something truthy (which it returns); fail the test with
+    ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
-    last = None
+    last: T | None = None
     while time.monotonic() < deadline:
         last = predicate()
         if last:

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import sqlalchemy as sa
@@ -27,6 +27,8 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 NODES = REPO / "tests" / "fixtures" / "nodes"
+
+T = TypeVar("T")
 BROKER_HOST, BROKER_PORT = "127.0.0.1", 5672
 
 
@@ -77,10 +79,11 @@ def fresh_database(tmp: Path) -> Iterator[str]:
         admin.dispose()
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test with ``what`` after ``timeout``."""
+def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2) -> T:
+    """Poll ``predicate`` until it returns something truthy (which it returns); fail the test with
+    ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
-    last: Any = None
+    last: T | None = None
     while time.monotonic() < deadline:
         last = predicate()
         if last:

@@ -460,18 +460,18 @@ def sample(cls: type[T]) -> T:
 
 def _main(argv: Sequence[str]) -> int:
     """Print samples and the fields the catalogue's samples leave at their defaults."""
-    from common.messages.catalogue import KINDS  # noqa: PLC0415 - only this debugging aid needs it
+    from common.messages.catalogue import CATALOGUE  # noqa: PLC0415 - only this debugging aid needs it
 
     sampler = Sampler()
-    chosen = [k for k in KINDS if not argv or k.name in argv]
+    chosen = [op for kind, op in CATALOGUE.items() if not argv or kind in argv]
     roots: list[type] = []
     values: list[object] = []
-    for k in chosen:
-        for tp in (k.body, k.result):
-            if tp is not None:
-                roots.append(tp)
-                values.append(sampler.sample(tp))
-                print(f"{k.name} {tp.__qualname__}: {values[-1]!r}")
+    for op in chosen:
+        # a report has no reply, so only its body goes on the wire
+        for tp in (op.body, op.result) if op.replies else (op.body,):
+            roots.append(tp)
+            values.append(sampler.sample(tp))
+            print(f"{op.kind} {tp.__qualname__}: {values[-1]!r}")
     print("left at their defaults:", *sampler.uncovered(roots, values), sep="\n  ")
     return 0
 

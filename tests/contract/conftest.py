@@ -1,7 +1,7 @@
 """The contract suite runs every test against both transports: ``memory`` and ``amqp``.
 
 The AMQP variant is marked ``broker`` and runs in the module's private vhost (``vhost_url``
-from tests/conftest.py); each test uses its own names (harness.Names) inside it.
+from tests/conftest.py); each test uses its own names (transportkit.Names) inside it.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from harness import AmqpKit, Consumers, Kit, MemoryKit, Names
+from transportkit import AmqpKit, Consumers, Kit, MemoryKit, Names
 
 
 @pytest.fixture(params=[pytest.param("memory"), pytest.param("amqp", marks=pytest.mark.broker)])

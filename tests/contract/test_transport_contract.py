@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from harness import WAIT, Consumers, Gate, Kit, Names, Recorder, envelope, eventually
+from transportkit import WAIT, Consumers, Gate, Kit, Names, Recorder, envelope, eventually
 
 from common.errors import InvalidRequest, NotFound, RequestTimeout, TransportError
 from common.messages.envelope import Envelope

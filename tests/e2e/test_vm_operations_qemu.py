@@ -207,7 +207,11 @@ def test_balloon_changes_the_guests_memory(fleet: Fleet, conn: Any, guest: str) 
     assert fleet.cli_ok("vm", "setmem", guest, "200")["vm"]["memory_mib"] == 200
     started = time.monotonic()
     shrunk = wait_until(
-        lambda: (s := last_state(guest)) is not None and s.memtotal_kb < before.memtotal_kb - 40 * 1024 and s,
+        lambda: (
+            s
+            if (s := last_state(guest)) is not None and s.memtotal_kb < before.memtotal_kb - 40 * 1024
+            else None
+        ),
         60,
         "the guest's MemTotal to drop",
     )

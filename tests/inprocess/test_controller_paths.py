@@ -225,8 +225,8 @@ def test_vm_create_no_wait_returns_while_the_build_goes_on(
         text = create(fleet, "nowait2", "--host", "a", "--no-wait", output="table")
         assert text.code == 0 and text.stdout.strip() == "nowait2 created on host a (building, nostate)"
         release.set()
-        for name in ("nowait", "nowait2"):
-            wait_until(lambda n=name: vm_show(fleet, n)["status"] == "active", 30, f"{name} built")
+        wait_until(lambda: vm_show(fleet, "nowait")["status"] == "active", 30, "nowait built")
+        wait_until(lambda: vm_show(fleet, "nowait2")["status"] == "active", 30, "nowait2 built")
     assert vm_show(fleet, "nowait")["power_state"] == "running"
     for name in ("nowait", "nowait2"):
         fleet.cli_ok("vm", "delete", name, "--delete-disks")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,9 @@ def reported_show(fleet: InProcessFleet, host: str) -> dict[str, Any]:
     return dict(fleet.cli_ok("host", "net", "show", host))
 
 
-def wait_reported(fleet: InProcessFleet, host: str, what: str, check: Any) -> dict[str, Any]:
+def wait_reported(
+    fleet: InProcessFleet, host: str, what: str, check: Callable[[dict[str, Any]], object]
+) -> dict[str, Any]:
     """The reported network facts once ``check(report)`` holds (the agent reports after a change)."""
 
     def ready() -> dict[str, Any] | None:
@@ -112,7 +114,8 @@ def test_host_net_show_reported_live_and_as_tables(fleet: InProcessFleet, host: 
     report = wait_reported(fleet, host, "network facts in the host report", lambda r: iface(r, "eth0"))
     eth0 = iface(report, "eth0")
     assert eth0 is not None and eth0["addresses"] == ["192.0.2.10/24"] and eth0["admin_up"] is True
-    assert iface(report, "eth1")["master"] == "br0"
+    eth1 = iface(report, "eth1")
+    assert eth1 is not None and eth1["master"] == "br0"
     assert [(r["dst"], r["gateway"], r["dev"]) for r in report["routes"] if r["dst"] == "default"] == [
         ("default", "192.0.2.1", "eth0")
     ]
@@ -129,7 +132,8 @@ def test_host_net_show_reported_live_and_as_tables(fleet: InProcessFleet, host: 
     agent.reporter.stop(final_report=False)
     fleet.fake(host).links.add_link("eth7", addresses=("203.0.113.7/24",))
     live = fleet.cli_ok("host", "net", "show", host, "--live")
-    assert iface(live, "eth7")["addresses"] == ["203.0.113.7/24"]
+    eth7 = iface(live, "eth7")
+    assert eth7 is not None and eth7["addresses"] == ["203.0.113.7/24"]
     assert iface(reported_show(fleet, host), "eth7") is None, "the reported facts are the last report's"
 
     table = fleet.cli("host", "net", "show", host, "--live", output="table")
@@ -349,7 +353,8 @@ def test_bridge_takes_the_ip_route_and_dns_of_the_nic_and_is_persisted(
     reported = wait_reported(
         fleet, host, "br1 in the host report", lambda r: (iface(r, "br1") or {}).get("addresses")
     )
-    assert iface(reported, "eth0")["master"] == "br1"
+    reported_eth0 = iface(reported, "eth0")
+    assert reported_eth0 is not None and reported_eth0["master"] == "br1"
     assert reported["dns"] == ["192.0.2.53"]
     assert "br1" in fleet.cli_ok("host", "show", host)["bridges"], "the bridge is a host fact for placement"
 
@@ -378,7 +383,9 @@ def test_bridge_stp_and_removal_as_tables(fleet: InProcessFleet, host: str) -> N
     shown = fleet.cli("host", "net", "show", host, "--live", output="table")
     assert re.search(r"br1 +│ yes +│ eth0 \(forwarding\)", shown.stdout), shown.stdout
     off = fleet.cli_ok("host", "net", "bridge", "stp", host, "br1", "off")
-    assert off["state"] == "applied" and facts(fleet, host).bridge("br1").stp is False
+    assert off["state"] == "applied"
+    bridge = facts(fleet, host).bridge("br1")
+    assert bridge is not None and bridge.stp is False
     assert fleet.cli_ok("host", "net", "bridge", "stp", host, "br1", "off")["state"] == "unchanged"
     bad = fleet.cli("host", "net", "bridge", "stp", host, "br1", "maybe")
     assert bad.code == 2 and "STP must be on or off" in bad.json["error"]["message"]
@@ -391,7 +398,8 @@ def test_bridge_stp_and_removal_as_tables(fleet: InProcessFleet, host: str) -> N
     assert f"  removed: {networkd(fleet, host) / '10-virtfleet-br1.netdev'}" in removed.stdout.splitlines()
     now = facts(fleet, host)
     assert now.interface("br1") is None
-    assert now.interface("eth0").addresses == ("192.0.2.10/24",)
+    eth0 = now.interface("eth0")
+    assert eth0 is not None and eth0.addresses == ("192.0.2.10/24",)
     assert default_route(now) == ("192.0.2.1", "eth0")
     assert not (networkd(fleet, host) / "10-virtfleet-br1.network").exists()
     assert "Address=192.0.2.10/24" in (networkd(fleet, host) / "10-virtfleet-eth0.network").read_text()
@@ -505,7 +513,8 @@ def test_confirm_keeps_the_change(fleet: InProcessFleet, host: str) -> None:
     files = networkd(fleet, host)
     pending = fleet.cli_ok("host", "net", "bridge", "create", host, "br1", "--nic", "eth0", "--confirm")
     assert pending["state"] == "pending-confirm" and pending["confirm_expires_at"] is not None
-    assert facts(fleet, host).interface("eth0").master == "br1"
+    eth0 = facts(fleet, host).interface("eth0")
+    assert eth0 is not None and eth0.master == "br1"
     assert not files.joinpath("10-virtfleet-br1.netdev").exists(), "persisted only once kept"
     assert (state_dir(fleet, host) / PENDING_FILE).exists(), "an agent restart now would restore the host"
     live = fleet.cli_ok("host", "net", "show", host, "--live")
@@ -523,7 +532,8 @@ def test_confirm_keeps_the_change(fleet: InProcessFleet, host: str) -> None:
     assert kept["state"] == "applied" and kept["confirm_expires_at"] is None
     assert files.joinpath("10-virtfleet-br1.netdev").exists()
     assert not (state_dir(fleet, host) / PENDING_FILE).exists()
-    assert facts(fleet, host).interface("br1").addresses == ("192.0.2.10/24",)
+    br1 = facts(fleet, host).interface("br1")
+    assert br1 is not None and br1.addresses == ("192.0.2.10/24",)
     assert fleet.cli_ok("host", "net", "show", host, "--live")["pending"] is None
     # confirming again is answered, not an error (a retried CLI call)
     assert fleet.cli_ok("host", "net", "confirm", host, pending["change_id"])["state"] == "applied"
@@ -536,7 +546,8 @@ def test_confirm_keeps_the_change(fleet: InProcessFleet, host: str) -> None:
 def test_revert_undoes_a_pending_change_now(fleet: InProcessFleet, host: str) -> None:
     before = l3(facts(fleet, host))
     tried = fleet.cli_ok("host", "net", "bridge", "create", host, "br1", "--nic", "eth0", *HELD)
-    assert facts(fleet, host).interface("eth0").master == "br1"
+    eth0 = facts(fleet, host).interface("eth0")
+    assert eth0 is not None and eth0.master == "br1"
     reverted = fleet.cli_ok("host", "net", "revert", host, tried["change_id"])
     assert reverted["state"] == "reverted" and reverted["restored"] is True
     assert reverted["rollback_reason"] == "reverted by the operator"
@@ -593,7 +604,8 @@ def test_a_restore_that_fails_is_reported_and_finished_by_the_restarted_agent(
     assert re.search(r"  warning: still different: delete .*br1", reverted.stdout), reverted.stdout
     now = facts(fleet, host)
     assert now.interface("br1") is not None, "the bridge could not be deleted"
-    assert now.interface("eth0").addresses == ("192.0.2.10/24",), "the rest was put back"
+    eth0 = now.interface("eth0")
+    assert eth0 is not None and eth0.addresses == ("192.0.2.10/24",), "the rest was put back"
     assert (state_dir(fleet, host) / PENDING_FILE).exists(), "kept, so that the restore is finished later"
     rb = fleet.cli_ok("host", "net", "show", host, "--live")["last_rollback"]
     assert (rb["change_id"], rb["restored"]) == (pending["change_id"], False)
@@ -654,7 +666,9 @@ def test_bridge_remove_refuses_while_vm_interfaces_are_attached(fleet: InProcess
     forced = fleet.cli_ok("host", "net", "bridge", "remove", host, "br0", "--force")
     assert forced["state"] == "applied"
     now = facts(fleet, host)
-    assert now.interface("br0") is None and now.interface("vnet0").master is None
+    vnet0 = now.interface("vnet0")
+    assert now.interface("br0") is None
+    assert vnet0 is not None and vnet0.master is None, "the VM's interface stays, outside any bridge"
 
 
 # ----------------------------------------------------------------------------------------- bonds
@@ -677,14 +691,16 @@ def test_bond_create_enslave_failover_and_remove(fleet: InProcessFleet, host: st
         "eth2",
     )
     assert [(s.name, s.state) for s in bond.slaves] == [("eth2", "active"), ("eth3", "backup")]
-    assert facts(fleet, host).interface("bond0").addresses == ("10.9.0.2/24",)
+    bond0 = facts(fleet, host).interface("bond0")
+    assert bond0 is not None and bond0.addresses == ("10.9.0.2/24",)
     netdev = (networkd(fleet, host) / "10-virtfleet-bond0.netdev").read_text()
     assert "Kind=bond" in netdev and "Mode=active-backup" in netdev and "MIIMonitorSec=200ms" in netdev
     assert "Bond=bond0" in (networkd(fleet, host) / "10-virtfleet-eth2.network").read_text()
 
     enslaved = fleet.cli_ok("host", "net", "bond", "enslave", host, "bond0", "eth4")
     assert enslaved["state"] == "applied" and enslaved["operation"] == "bond enslave bond0 eth4"
-    assert [s.name for s in facts(fleet, host).bond("bond0").slaves] == ["eth2", "eth3", "eth4"]
+    bond = facts(fleet, host).bond("bond0")
+    assert bond is not None and [s.name for s in bond.slaves] == ["eth2", "eth3", "eth4"]
     taken = fleet.cli("host", "net", "bond", "enslave", host, "bond0", "eth1")
     assert taken.code == 4 and "already enslaved to br0" in taken.json["error"]["message"]
     not_a_bond = fleet.cli("host", "net", "bond", "enslave", host, "br0", "eth4")
@@ -708,7 +724,8 @@ def test_bond_create_enslave_failover_and_remove(fleet: InProcessFleet, host: st
     assert removed["state"] == "applied"
     now = facts(fleet, host)
     assert now.interface("bond0") is None and now.bonds == ()
-    assert now.interface("eth2").addresses == ("10.9.0.2/24",), "the primary gets the address back"
+    eth2 = now.interface("eth2")
+    assert eth2 is not None and eth2.addresses == ("10.9.0.2/24",), "the primary gets the address back"
     assert not (networkd(fleet, host) / "10-virtfleet-bond0.netdev").exists()
 
 
@@ -722,12 +739,15 @@ def test_bond_over_the_uplink_with_a_bridge_on_top_keeps_the_host_reachable(
     )  # fmt: skip
     assert result.code == 0, result.stdout + result.stderr
     assert "bond create bond0: pending-confirm" in result.stdout
-    change_id = re.search(r"\(change ([0-9a-f]{32}),", result.stdout).group(1)
+    pending = re.search(r"\(change ([0-9a-f]{32}),", result.stdout)
+    assert pending is not None, f"the output names the pending change: {result.stdout}"
+    change_id = pending.group(1)
     now = facts(fleet, host)
-    assert now.interface("brbond").addresses == ("192.0.2.10/24",)
-    assert now.interface("bond0").master == "brbond"
+    brbond, bond0, bridge = now.interface("brbond"), now.interface("bond0"), now.bridge("brbond")
+    assert brbond is not None and brbond.addresses == ("192.0.2.10/24",)
+    assert bond0 is not None and bond0.master == "brbond"
     assert default_route(now) == ("192.0.2.1", "brbond")
-    assert now.bridge("brbond").stp is True
+    assert bridge is not None and bridge.stp is True
     kept = fleet.cli("host", "net", "confirm", host, change_id, output="table")
     assert kept.code == 0 and "bond create bond0: applied" in kept.stdout
     assert "Kind=bridge" in (networkd(fleet, host) / "10-virtfleet-brbond.netdev").read_text()

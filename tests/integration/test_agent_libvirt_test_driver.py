@@ -107,12 +107,17 @@ def test_create_status_lifecycle_delete(hv: LibvirtHypervisor, handlers: AgentHa
     # volumes are sparse: nothing is allocated until the guest writes
     assert storage is not None and (storage.allocation_gib, storage.available_gib) == (0, 200)
 
-    assert handlers.suspend(VmAction(ref(s))).status.state is PowerState.PAUSED  # type: ignore[union-attr]
-    assert handlers.resume(VmAction(ref(s))).status.state is PowerState.RUNNING  # type: ignore[union-attr]
-    assert handlers.reboot(VmAction(ref(s))).status.state is PowerState.RUNNING  # type: ignore[union-attr]
+    for action, state in (
+        (handlers.suspend, PowerState.PAUSED),
+        (handlers.resume, PowerState.RUNNING),
+        (handlers.reboot, PowerState.RUNNING),
+    ):
+        status = action(VmAction(ref(s))).status
+        assert status is not None and status.state is state, action
     down = handlers.shutdown(ShutdownVm(ref(s), timeout_s=10))
     assert down.status is not None and down.status.state is PowerState.SHUTOFF
-    assert handlers.start(VmAction(ref(s))).status.state is PowerState.RUNNING  # type: ignore[union-attr]
+    up = handlers.start(VmAction(ref(s)))
+    assert up.status is not None and up.status.state is PowerState.RUNNING
     off = handlers.destroy(VmAction(ref(s)))
     assert off.status is not None and off.status.state is PowerState.SHUTOFF
     again_off = handlers.destroy(VmAction(ref(s)))  # already off: fine

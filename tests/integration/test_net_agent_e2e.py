@@ -144,11 +144,13 @@ def test_host_reports_its_network(env: Env) -> None:
         return report if _iface(report, "eth0") else None
 
     report = wait_for(reported, 30, "network facts in the host report")
-    assert _iface(report, "eth0")["addresses"] == ["10.201.0.2/24"]
+    eth0 = _iface(report, "eth0")
+    assert eth0 is not None and eth0["addresses"] == ["10.201.0.2/24"]
     assert _default(report) == ("10.201.0.1", "eth0")
     assert report["persistence"] == "ifcfg"
     live = env.ok("host", "net", "show", HOST, "--live")
-    assert _iface(live, "eth1")["addresses"] == ["10.202.0.2/24"]
+    eth1 = _iface(live, "eth1")
+    assert eth1 is not None and eth1["addresses"] == ["10.202.0.2/24"]
     table = env.fleet.cli("host", "net", "show", HOST, output="table")
     assert table.code == 0 and "eth0" in table.stdout and "10.201.0.1" in table.stdout
 
@@ -222,8 +224,9 @@ def test_bridge_takes_the_ip_route_and_dns_of_the_nic(env: Env) -> None:
     assert result["state"] == "applied", result
     assert result["probe"].startswith("broker reached"), result["probe"]
     facts = env.facts()
-    assert facts.interface("br0").addresses == ("10.201.0.2/24",)
-    assert facts.interface("eth0").master == "br0"
+    br0, eth0 = facts.interface("br0"), facts.interface("eth0")
+    assert br0 is not None and br0.addresses == ("10.201.0.2/24",)
+    assert eth0 is not None and eth0.master == "br0"
     assert env.lab.ping(env.ns, "10.201.0.1"), "no path through br0"
     ifcfg = (env.root / "etc/sysconfig/network-scripts/ifcfg-br0").read_text()
     assert "TYPE=Bridge" in ifcfg and "GATEWAY=10.201.0.1" in ifcfg and "DNS1=10.201.0.1" in ifcfg
@@ -239,9 +242,12 @@ def test_network_on_the_host_bridge_and_stp(env: Env) -> None:
     )
     on = env.ok("host", "net", "bridge", "stp", HOST, "br0", "on")
     assert on["state"] == "applied"
-    assert env.facts().bridge("br0").stp is True
+    bridge = env.facts().bridge("br0")
+    assert bridge is not None and bridge.stp is True
     off = env.ok("host", "net", "bridge", "stp", HOST, "br0", "off")
-    assert off["state"] == "applied" and env.facts().bridge("br0").stp is False
+    assert off["state"] == "applied"
+    bridge = env.facts().bridge("br0")
+    assert bridge is not None and bridge.stp is False
 
 
 def test_agent_rolls_back_when_the_change_cuts_it_off_from_the_broker(env: Env) -> None:
@@ -266,7 +272,9 @@ def test_agent_rolls_back_when_the_change_cuts_it_off_from_the_broker(env: Env) 
     assert "could not reach the broker within 4 s" in body["rollback_reason"]
     after = env.facts()
     assert after.interface("br1") is None
-    assert after.interface("eth1").addresses == before.interface("eth1").addresses
+    eth1_before, eth1_after = before.interface("eth1"), after.interface("eth1")
+    assert eth1_before is not None and eth1_after is not None
+    assert eth1_after.addresses == eth1_before.addresses
     assert {(r.dst, r.gateway, r.dev) for r in after.routes} == {
         (r.dst, r.gateway, r.dev) for r in before.routes
     }
@@ -286,7 +294,9 @@ def test_second_bridge_on_the_second_uplink_and_its_removal(env: Env) -> None:
     removed = env.ok("host", "net", "bridge", "remove", HOST, "br1")
     assert removed["state"] == "applied"
     facts = env.facts()
-    assert facts.interface("br1") is None and facts.interface("eth1").addresses == ("10.202.0.2/24",)
+    eth1 = facts.interface("eth1")
+    assert facts.interface("br1") is None
+    assert eth1 is not None and eth1.addresses == ("10.202.0.2/24",)
     assert not (env.root / "etc/sysconfig/network-scripts/ifcfg-br1").exists()
 
 
@@ -295,12 +305,14 @@ def test_confirm_or_it_is_undone(env: Env) -> None:
         "host", "net", "bridge", "create", HOST, "br1", "--nic", "eth1", "--confirm", "--confirm-timeout", "2"
     )
     assert pending["state"] == "pending-confirm"
-    wait_for(
-        lambda: env.facts().interface("eth1").master is None and env.facts().interface("br1") is None,
-        15,
-        "undo",
-    )
-    assert env.facts().interface("eth1").addresses == ("10.202.0.2/24",)
+
+    def undone() -> HostNetworkReport | None:
+        facts = env.facts()
+        eth1 = facts.interface("eth1")
+        return facts if eth1 is not None and eth1.master is None and facts.interface("br1") is None else None
+
+    eth1 = wait_for(undone, 15, "undo").interface("eth1")
+    assert eth1 is not None and eth1.addresses == ("10.202.0.2/24",)
     kept = env.ok(
         "host",
         "net",
@@ -316,7 +328,8 @@ def test_confirm_or_it_is_undone(env: Env) -> None:
     )
     confirmed = env.ok("host", "net", "confirm", HOST, kept["change_id"])
     assert confirmed["state"] == "applied"
-    assert env.facts().interface("br1").addresses == ("10.202.0.2/24",)
+    br1 = env.facts().interface("br1")
+    assert br1 is not None and br1.addresses == ("10.202.0.2/24",)
     env.ok("host", "net", "bridge", "remove", HOST, "br1")
     # An operator may also undo a pending change at once instead of waiting for its timeout.
     tried = env.ok(
@@ -332,11 +345,14 @@ def test_confirm_or_it_is_undone(env: Env) -> None:
         "--confirm-timeout",
         "60",
     )
-    assert env.facts().interface("eth1").master == "br1"
+    eth1 = env.facts().interface("eth1")
+    assert eth1 is not None and eth1.master == "br1"
     reverted = env.ok("host", "net", "revert", HOST, tried["change_id"])
     assert reverted["state"] == "reverted"
     facts = env.facts()
-    assert facts.interface("br1") is None and facts.interface("eth1").addresses == ("10.202.0.2/24",)
+    eth1 = facts.interface("eth1")
+    assert facts.interface("br1") is None
+    assert eth1 is not None and eth1.addresses == ("10.202.0.2/24",)
     gone = env.cli("host", "net", "confirm", HOST, tried["change_id"])
     assert gone.code != 0  # nothing left to confirm
 
@@ -367,6 +383,7 @@ def test_delete_the_default_network_and_the_bridge(env: Env) -> None:
     removed = env.ok("host", "net", "bridge", "remove", HOST, "br0")
     assert removed["state"] == "applied", removed
     facts = env.facts()
-    assert facts.interface("eth0").addresses == ("10.201.0.2/24",)
+    eth0 = facts.interface("eth0")
+    assert eth0 is not None and eth0.addresses == ("10.201.0.2/24",)
     assert any(r.dst == "default" and r.dev == "eth0" and r.gateway == "10.201.0.1" for r in facts.routes)
     assert env.lab.ping(env.ns, "10.201.0.1")

@@ -128,9 +128,14 @@ def test_report_facts_of_a_simulated_host(module: TuningModule) -> None:
 
 
 def test_bad_cpu_sets_stop_the_agent(conn: Any, tmp_path: Path) -> None:
-    for sets in ({"dedicated_cpus": "6-9"}, {"dedicated_cpus": "0-7"}):
-        cfg = AgentConfig(host_id="x", libvirt_uri=f"test://{NODE}", state_dir=tmp_path, **sets)
-        with pytest.raises(InvalidRequest):
+    for dedicated, why in (
+        ("6-9", r"CPU\(s\) 8-9 are not online"),
+        ("0-7", "no CPU is left for shared VMs"),
+    ):
+        cfg = AgentConfig(
+            host_id="x", libvirt_uri=f"test://{NODE}", state_dir=tmp_path, dedicated_cpus=dedicated
+        )
+        with pytest.raises(InvalidRequest, match=why):
             TuningModule.for_host(cfg, conn)
 
 

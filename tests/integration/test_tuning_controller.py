@@ -43,6 +43,7 @@ from controller.tuning import TuningService
 
 pytestmark = pytest.mark.db
 
+B = TypeVar("B")
 T = TypeVar("T")
 NOW = 1_800_000_000.0
 
@@ -53,13 +54,13 @@ class FakeAgents:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.specs: dict[str, VmSpec] = {}
-        self.calls: list[tuple[str, str, Any]] = []
+        self.calls: list[tuple[str, str, object]] = []
         self.processes: dict[int, ProcessInfo] = {}
 
-    def call(self, host_id: str, op: Command[Any, T], body: Any) -> T:
+    def call(self, host_id: str, op: Command[B, T], body: B) -> T:
         with self.lock:
             self.calls.append((host_id, op.kind, body))
-        result: Any
+        result: object
         if op is VM_CREATE:
             assert isinstance(body, CreateVm)
             with self.lock:
@@ -102,7 +103,7 @@ class FakeAgents:
         else:
             raise AssertionError(f"unexpected agent call {op.kind}")
         assert isinstance(result, op.result)
-        return result  # type: ignore[no-any-return]
+        return result
 
 
 def tuning_facts(dedicated: str, shared: str, pages: int = 0) -> HostTuningReport:

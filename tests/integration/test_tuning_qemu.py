@@ -146,7 +146,7 @@ def boot(client: AgentClient, spec: VmSpec) -> VmAffinity:
     return seen
 
 
-def test_dedicated_vm_threads_and_live_repin(agent: Agent, client: AgentClient) -> None:
+def test_dedicated_vm_threads_and_live_repin(conn: Any, agent: Agent, client: AgentClient) -> None:
     name = guest_name("pinned")
     spec = replace(
         guest_spec(name, vcpus=1, max_vcpus=1),
@@ -171,7 +171,7 @@ def test_dedicated_vm_threads_and_live_repin(agent: Agent, client: AgentClient) 
     assert vcpu == {1} and emulator == {frozenset({0, 1})}
 
     # Persistent too (--config): the pins are in the inactive definition.
-    dom_xml = agent.handlers._hv.conn.lookupByUUIDString(spec.uuid).XMLDesc(2)  # VIR_DOMAIN_XML_INACTIVE
+    dom_xml = conn.lookupByUUIDString(spec.uuid).XMLDesc(2)  # VIR_DOMAIN_XML_INACTIVE, the agent's connection
     assert "<vcpupin vcpu='0' cpuset='1'/>" in dom_xml and "<emulatorpin cpuset='0-1'/>" in dom_xml
     client.call(HOST, VM_DELETE, DeleteVm(ref))
 

@@ -21,12 +21,11 @@ import shutil
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from netlab import NetlabRun, parse_junit
 
 REPO = Path(__file__).resolve().parents[2]
 IN_GUEST = os.environ.get("VIRTFLEET_NETLAB_GUEST") == "1"
@@ -47,52 +46,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = [i for i in items if i.get_closest_marker("realnet_guest") is None]
 
 
-@dataclass
-class GuestCase:
-    name: str
-    outcome: str  # passed | failed | skipped | error
-    message: str = ""
-
-
-@dataclass
-class NetlabRun:
-    """What came back from the guest."""
-
-    rc: int | None
-    boot_s: float
-    console: str
-    pytest_log: str
-    cases: dict[str, GuestCase] = field(default_factory=dict)
-
-    def explain(self) -> str:
-        return (
-            f"guest rc={self.rc} after {self.boot_s:.1f}s\n--- guest pytest output ---\n{self.pytest_log[-6000:]}"
-            f"\n--- guest console (tail) ---\n{self.console[-3000:]}"
-        )
-
-
 def _unavailable(reason: str) -> None:
     reason = f"bonding and 802.1Q on a real kernel (the netlab guest) not tested: {reason}"
     if os.environ.get("VIRTFLEET_REQUIRE_QEMU") == "1":
         pytest.fail(reason)
     pytest.skip(reason)
-
-
-def _parse_junit(path: Path) -> dict[str, GuestCase]:
-    cases: dict[str, GuestCase] = {}
-    if not path.exists():
-        return cases
-    for tc in ET.parse(path).getroot().iter("testcase"):
-        name = tc.get("name", "")
-        outcome, message = "passed", ""
-        for tag in ("failure", "error", "skipped"):
-            el = tc.find(tag)
-            if el is not None:
-                outcome = {"failure": "failed"}.get(tag, tag)
-                message = (el.get("message") or "") + "\n" + (el.text or "")
-                break
-        cases[name] = GuestCase(name, outcome, message)
-    return cases
 
 
 def _warm_bytecode() -> None:
@@ -102,7 +60,7 @@ def _warm_bytecode() -> None:
 
     for sub in ("agent/network", "common", "tests/realnet"):
         compileall.compile_dir(str(REPO / sub), quiet=1)
-    for name in ("agent/__init__.py",):
+    for name in ("agent/__init__.py", "tests/netlab.py"):
         compileall.compile_file(str(REPO / name), quiet=1)
 
 
@@ -166,7 +124,7 @@ def netlab_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetlabRun]:
     console = (out / "console.log").read_text(errors="replace") if (out / "console.log").exists() else ""
     log = (out / "pytest.log").read_text(errors="replace") if (out / "pytest.log").exists() else ""
     run = NetlabRun(
-        rc, boot_s, console + qemu_out.decode(errors="replace"), log, _parse_junit(out / "junit.xml")
+        rc, boot_s, console + qemu_out.decode(errors="replace"), log, parse_junit(out / "junit.xml")
     )
     print(f"\nnetlab guest: rc={rc}, {len(run.cases)} tests, {boot_s:.1f}s from QEMU start to power off")
     yield run

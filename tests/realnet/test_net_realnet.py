@@ -4,7 +4,7 @@ check that each bond/VLAN test passed *inside* it. A failure shows the guest's o
 from __future__ import annotations
 
 import pytest
-from conftest import NetlabRun
+from netlab import NetlabRun
 
 pytestmark = pytest.mark.realnet
 

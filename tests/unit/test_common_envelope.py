@@ -39,7 +39,9 @@ def wire(**changes: Any) -> dict[str, Any]:
 
 
 def pack(data: object) -> bytes:
-    return msgpack.packb(data, use_bin_type=True)
+    packed = msgpack.packb(data, use_bin_type=True)
+    assert isinstance(packed, bytes)  # msgpack is untyped; packb without a stream gives bytes
+    return packed
 
 
 # ------------------------------------------------------------------ codec

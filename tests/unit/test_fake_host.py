@@ -93,7 +93,7 @@ def test_vm_create_and_pin_through_the_tuning_module(host: FakeHost) -> None:
     table = host.table(lambda: 0)
     s = vm()
     created = table.handler(vm_msgs.VM_CREATE)(CreateVm(spec=s))
-    assert created.status.state is PowerState.RUNNING
+    assert created.status is not None and created.status.state is PowerState.RUNNING
     ref = VmRef(s.uuid, s.name)
     pinned = table.handler(tuning_msgs.TUNING_PIN)(
         PinVm(ref, vcpu_pins=(VcpuPin(0, "2"), VcpuPin(1, "3")), emulator_cpuset="0-1")
@@ -126,7 +126,7 @@ def test_a_network_defined_on_the_host_is_usable_by_its_vms(host: FakeHost) -> N
         table.handler(vmops_msgs.VM_NIC_ATTACH)(NicAttach(ref, nic))
     spec = NetworkSpec("lab", mode="isolated", address="10.9.0.1/24")
     result = table.handler(network_msgs.NET_DEFINE)(DefineNetwork(spec))
-    assert result.network.active and result.network.bridge == "virbr1"
+    assert result.network is not None and result.network.active and result.network.bridge == "virbr1"
     assert table.handler(network_msgs.NET_DEFINE)(DefineNetwork(spec)).message.startswith("already defined")
     listed = table.handler(vmops_msgs.VM_NIC_ATTACH)(NicAttach(ref, nic))
     assert [(n.type, n.source, n.interface) for n in listed.nics] == [("network", "lab", "vnet0")]
@@ -192,7 +192,8 @@ def test_bond_failover_and_removal(tmp_path: Path) -> None:
         "eth0",
     )
     assert [(s.name, s.state) for s in bond.slaves] == [("eth0", "active"), ("eth1", "backup")]
-    assert host.links.facts().interface("bond0").addresses == ("192.0.2.10/24",)  # type: ignore[union-attr]
+    bond0 = host.links.facts().interface("bond0")
+    assert bond0 is not None and bond0.addresses == ("192.0.2.10/24",)
     host.links.set_cable("eth0", False)
     bond = host.links.facts().bond("bond0")
     assert bond is not None and bond.active_slave == "eth1"

@@ -369,7 +369,8 @@ def test_metadata_marker_and_owned_volumes_keep_their_prefixes(hv: FakeHyperviso
 def test_console_password_and_ports(hv: FakeHypervisor) -> None:
     s = qemu_spec(graphics=GraphicsSpec(password="secret"))
     uuid = hv.define(build_domain_xml(s))
-    assert parse_domain_xml(hv.domain_xml(uuid, live=True)).graphics.port is None  # type: ignore[union-attr]
+    graphics = parse_domain_xml(hv.domain_xml(uuid, live=True)).graphics
+    assert graphics is not None and graphics.port is None, "a defined domain has graphics, no port yet"
     hv.start(uuid)
     plain = parse_domain_xml(hv.domain_xml(uuid, live=True)).graphics
     secure = parse_domain_xml(hv.domain_xml(uuid, live=True, secure=True)).graphics

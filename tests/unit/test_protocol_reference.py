@@ -138,11 +138,12 @@ def test_output_is_deterministic() -> None:
 # ------------------------------------------------------------------ (b) everything is named
 
 
-def _message_types() -> tuple[set[type], set[type]]:
+def _message_types() -> tuple[set[type[msgspec.Struct]], set[type[enum.Enum]]]:
     """Message types and enums reachable from any body or result (found without the generator)."""
-    messages: set[type] = set()
-    enums: set[type] = set()
-    todo = [t for op in CATALOGUE.values() for t in (op.body, op.result)]
+    messages: set[type[msgspec.Struct]] = set()
+    enums: set[type[enum.Enum]] = set()
+    # types and type expressions (X | None, tuple[X, ...]) alike
+    todo: list[object] = [t for op in CATALOGUE.values() for t in (op.body, op.result)]
     while todo:
         tp = todo.pop()
         if isinstance(tp, type) and issubclass(tp, enum.Enum):
@@ -185,9 +186,9 @@ def test_every_reachable_message_type_and_enum_has_a_section() -> None:
         block = section(text, "messages").split(f'id="type-{cls.__name__}"', 1)[1].split("#####", 1)[0]
         if fields:
             assert [code(row["Field"]) for row in table(block)] == fields, cls
-    for cls in enums:
-        block = section(text, "enums").split(f'id="enum-{cls.__name__}"', 1)[1].split("####", 1)[0]
-        assert [ast.literal_eval(code(row["Value"])) for row in table(block)] == [m.value for m in cls]
+    for enum_cls in enums:
+        block = section(text, "enums").split(f'id="enum-{enum_cls.__name__}"', 1)[1].split("####", 1)[0]
+        assert [ast.literal_eval(code(row["Value"])) for row in table(block)] == [m.value for m in enum_cls]
 
 
 def test_every_wire_error_type_has_a_row() -> None:

@@ -296,11 +296,11 @@ def test_every_host_is_either_ranked_or_explained(
 @SETTINGS
 @given(fleets, requests, policies, st.randoms(use_true_random=False))
 def test_place_is_deterministic_and_order_independent(
-    snapshot: FleetSnapshot, request: PlacementRequest, policy: PlacementPolicy, rng: object
+    snapshot: FleetSnapshot, request: PlacementRequest, policy: PlacementPolicy, rng: random.Random
 ) -> None:
     first = place(snapshot, request, policy)
     shuffled = list(snapshot.hosts)
-    rng.shuffle(shuffled)  # type: ignore[attr-defined]
+    rng.shuffle(shuffled)
     second = place(
         FleetSnapshot(hosts=tuple(shuffled), server_groups=snapshot.server_groups), request, policy
     )
