@@ -507,6 +507,8 @@ def _items(function: ast.FunctionDef, scope: Mapping[str, Any]) -> list[_Item]:
             found.append((where, ("field", node.attr, None)))
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             found.append((where, ("field", node.value, None)))  # getattr(self, "name") loops
+        elif isinstance(node, ast.Name) and _is_names(scope.get(node.id)):
+            found += [(where, ("field", name, None)) for name in scope[node.id]]  # loops over NAMES
         elif isinstance(node, ast.Raise) and (template := _refusal(node)) is not None:
             rule = _ruled(f"refuses {_code(template)}", node, parents, function, scope)
             found.append((where, ("rule", rule, None)))
@@ -557,6 +559,11 @@ def _constants(nodes: Sequence[ast.AST], scope: Mapping[str, Any]) -> str:
     if not named:
         return ""
     return " (where " + ", ".join(f"`{name}` = {value}" for name, value in named.items()) + ")"
+
+
+def _is_names(value: object) -> bool:
+    """A module constant listing field names, such as ``RATIO_SETTINGS``."""
+    return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
 
 
 def _is_plain_constant(value: object) -> bool:

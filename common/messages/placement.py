@@ -11,17 +11,14 @@ from common.messages.descriptor import Role, Timeout, api_call
 from common.messages.vm import HostStatus
 from common.validation import check_name
 
+#: Overcommit ratios: a host's, else its group's, else the fleet's.
+RATIO_SETTINGS = ("cpu_ratio", "ram_ratio", "disk_ratio")
+#: Resources held back for the host itself: a host's, else its group's, else the fleet's.
+RESERVE_SETTINGS = ("reserved_memory_mib", "reserved_cpus", "reserved_disk_gib")
+#: What a host group sets for its hosts (each host may override it).
+GROUP_SETTINGS = (*RATIO_SETTINGS, *RESERVE_SETTINGS)
 #: Settings that may be cleared back to the group/fleet default with ``--reset``.
-HOST_SETTINGS = (
-    "cpu_ratio",
-    "ram_ratio",
-    "disk_ratio",
-    "reserved_memory_mib",
-    "reserved_cpus",
-    "reserved_disk_gib",
-    "max_vms",
-    "group",
-)
+HOST_SETTINGS = (*GROUP_SETTINGS, "max_vms", "group")
 GROUP_POLICIES = ("affinity", "anti-affinity", "soft-affinity", "soft-anti-affinity")
 RESOURCE_NAMES = ("VCPU", "MEMORY_MIB", "DISK_GIB", "PCPU", "HUGEPAGES_2M", "HUGEPAGES_1G")
 
@@ -74,9 +71,9 @@ class HostSet(Message, frozen=True):
 
     def __post_init__(self) -> None:
         check_name(self.host, "host")
-        for name in ("cpu_ratio", "ram_ratio", "disk_ratio"):
+        for name in RATIO_SETTINGS:
             _check_ratio(getattr(self, name), name.replace("_", " "))
-        for name in ("reserved_memory_mib", "reserved_cpus", "reserved_disk_gib", "max_vms"):
+        for name in (*RESERVE_SETTINGS, "max_vms"):
             _check_non_negative(getattr(self, name), name.replace("_", " "))
         if self.group is not None:
             check_name(self.group, "host group")
@@ -148,9 +145,9 @@ class HostGroupSet(Message, frozen=True):
 
     def __post_init__(self) -> None:
         check_name(self.name, "host group")
-        for name in ("cpu_ratio", "ram_ratio", "disk_ratio"):
+        for name in RATIO_SETTINGS:
             _check_ratio(getattr(self, name), name.replace("_", " "))
-        for name in ("reserved_memory_mib", "reserved_cpus", "reserved_disk_gib"):
+        for name in RESERVE_SETTINGS:
             _check_non_negative(getattr(self, name), name.replace("_", " "))
 
 
