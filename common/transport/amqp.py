@@ -130,42 +130,6 @@ def _properties(
 # ------------------------------------------------------------------------------ declarations
 
 
-class _Recorder:
-    """A topology.Channel that remembers what it was declaring when the broker refused it."""
-
-    def __init__(self, ch: BlockingChannel) -> None:
-        self.ch = ch
-        self.kind = ""
-        self.name = ""
-
-    def exchange_declare(self, exchange: str, exchange_type: str, durable: bool = True) -> Any:
-        self.kind, self.name = "exchange", exchange
-        return self.ch.exchange_declare(exchange, exchange_type, durable=durable)
-
-    def queue_declare(
-        self,
-        queue: str,
-        passive: bool = False,
-        durable: bool = False,
-        exclusive: bool = False,
-        auto_delete: bool = False,
-        arguments: dict[str, Any] | None = None,
-    ) -> Any:
-        self.kind, self.name = "queue", queue
-        return self.ch.queue_declare(
-            queue,
-            passive=passive,
-            durable=durable,
-            exclusive=exclusive,
-            auto_delete=auto_delete,
-            arguments=arguments,
-        )
-
-    def queue_bind(self, queue: str, exchange: str, routing_key: str | None = None) -> Any:
-        self.kind, self.name = "binding of queue", queue
-        return self.ch.queue_bind(queue, exchange, routing_key)
-
-
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)'")
 
 
@@ -179,41 +143,47 @@ def declare_queue(
     deletes the queue and declares it again; otherwise a non-retryable TransportError names the
     queue and the argument. Connection failures propagate as pika exceptions.
     """
-    recorder = _Recorder(ch)
-    try:
-        topology.declare(recorder, queue)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        match = _INEQUIVALENT.search(exc.reply_text or "")
-        argument = match.group(1) if match else None
-        if (
-            exc.reply_code == 406
-            and recorder.kind == "queue"
-            and recorder.name == queue.name
-            and queue.disposable
-        ):
-            log.warning(
-                "queue %s exists with other arguments (%s); its messages are disposable: "
-                "deleting it and declaring it again",
-                queue.name,
-                exc.reply_text,
-            )
-            ch = reopen()
-            ch.queue_delete(queue.name)
-            # Once only: should the broker refuse again, the error is the plain one.
-            return declare_queue(ch, dataclasses.replace(queue, disposable=False), reopen)
-        if exc.reply_code == 406:
-            raise TransportError(
-                f"{recorder.kind} {recorder.name} exists with other arguments"
-                f"{f' ({argument!r} differs)' if argument else ''}, declared by another release? "
-                f"The broker said: {exc.reply_text}",
-                retryable=False,
-                details={recorder.kind: recorder.name, "argument": argument},
-            ) from None
-        raise TransportError(
-            f"cannot declare {recorder.kind} {recorder.name}: {exc.reply_code} {exc.reply_text}",
-            retryable=False,
-        ) from None
+    for step in topology.declarations(queue):
+        try:
+            step.run(ch)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            return _refused(exc, step, ch, queue, reopen)
     return ch
+
+
+def _refused(
+    exc: pika.exceptions.ChannelClosedByBroker,
+    step: topology.Declaration,
+    ch: BlockingChannel,
+    queue: Queue,
+    reopen: Callable[[], BlockingChannel],
+) -> BlockingChannel:
+    """What :func:`declare_queue` does when the broker refuses ``step`` of declaring ``queue``."""
+    match = _INEQUIVALENT.search(exc.reply_text or "")
+    argument = match.group(1) if match else None
+    if exc.reply_code == 406 and step.what == "queue" and step.name == queue.name and queue.disposable:
+        log.warning(
+            "queue %s exists with other arguments (%s); its messages are disposable: "
+            "deleting it and declaring it again",
+            queue.name,
+            exc.reply_text,
+        )
+        ch = reopen()
+        ch.queue_delete(queue.name)
+        # Once only: should the broker refuse again, the error is the plain one.
+        return declare_queue(ch, dataclasses.replace(queue, disposable=False), reopen)
+    if exc.reply_code == 406:
+        raise TransportError(
+            f"{step.what} {step.name} exists with other arguments"
+            f"{f' ({argument!r} differs)' if argument else ''}, declared by another release? "
+            f"The broker said: {exc.reply_text}",
+            retryable=False,
+            details={step.what: step.name, "argument": argument},
+        ) from None
+    raise TransportError(
+        f"cannot declare {step.what} {step.name}: {exc.reply_code} {exc.reply_text}",
+        retryable=False,
+    ) from None
 
 
 # ------------------------------------------------------------------------------ client session

@@ -761,18 +761,11 @@ class _Channel:
         self._broker._exchange_declare(self._conn, exchange, exchange_type)
 
     def queue_declare(
-        self,
-        queue: str,
-        passive: bool = False,
-        durable: bool = False,
-        exclusive: bool = False,
-        auto_delete: bool = False,
-        arguments: dict[str, Any] | None = None,
+        self, queue: str, *, durable: bool, exclusive: bool, auto_delete: bool, arguments: dict[str, Any]
     ) -> QueueState:
         return self._broker._queue_declare(
             self._conn,
             queue,
-            passive=passive,
             durable=durable,
             exclusive=exclusive,
             auto_delete=auto_delete,
