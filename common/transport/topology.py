@@ -116,22 +116,30 @@ API_QUEUE = Queue(
     arguments=_DEAD_LETTERED,
     doc="client -> controller API calls (on the default exchange); controllers compete for them",
 )
-REPORTS_QUEUE = Queue(
+
+
+def _reports_queue(name: str, routing_pattern: str, doc: str) -> Queue:
+    """A controller queue of what agents publish on the reports exchange: bounded, refusing new
+    messages when full (see :data:`REPORT_BACKLOG_MAX`), disposable (a newer message follows)."""
+    return Queue(
+        name,
+        arguments={**_DEAD_LETTERED, "x-max-length": REPORT_BACKLOG_MAX, "x-overflow": "reject-publish"},
+        bindings=(Binding(REPORTS_EXCHANGE, routing_pattern),),
+        disposable=True,
+        doc=doc,
+    )
+
+
+# "#", not "*": a host id may contain dots (node1.example.com), and "*" matches one word only.
+REPORTS_QUEUE = _reports_queue(
     "virtfleet.controller.reports",
-    arguments={**_DEAD_LETTERED, "x-max-length": REPORT_BACKLOG_MAX, "x-overflow": "reject-publish"},
-    # "#", not "*": a host id may contain dots (node1.example.com), and "*" matches one word only.
-    bindings=(Binding(REPORTS_EXCHANGE, "host.report.#"),),
-    disposable=True,
-    doc="full host reports; controllers compete for them; malformed ones are dead-lettered",
+    "host.report.#",
+    "full host reports; controllers compete for them; malformed ones are dead-lettered",
 )
 #: Heartbeats have their own queue so that they are never stuck behind a backlog of full
 #: reports (a late heartbeat would make a busy host look down).
-HEARTBEATS_QUEUE = Queue(
-    "virtfleet.controller.heartbeats",
-    arguments={**_DEAD_LETTERED, "x-max-length": REPORT_BACKLOG_MAX, "x-overflow": "reject-publish"},
-    bindings=(Binding(REPORTS_EXCHANGE, "host.heartbeat.#"),),
-    disposable=True,
-    doc="host heartbeats; controllers compete for them",
+HEARTBEATS_QUEUE = _reports_queue(
+    "virtfleet.controller.heartbeats", "host.heartbeat.#", "host heartbeats; controllers compete for them"
 )
 
 #: The name pattern of agent queues, for documentation.
