@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import re
 import threading
@@ -31,7 +32,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pika
 import pika.credentials
@@ -637,6 +638,21 @@ class ConsumerServer:
 
 # ------------------------------------------------------------------------------ transport
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _on_session(method: Callable[Concatenate[_Session, P], R]) -> Callable[Concatenate[AmqpTransport, P], R]:
+    """``method`` of :class:`_Session` as a method of the transport: it runs on the calling
+    thread's session (see :meth:`AmqpTransport._session`)."""
+
+    @functools.wraps(method)
+    def on_session(self: AmqpTransport, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._session() as session:
+            return method(session, *args, **kwargs)
+
+    return on_session
+
 
 class AmqpTransport:
     """:class:`~common.transport.port.Transport` on RabbitMQ; shareable by every thread.
@@ -678,59 +694,12 @@ class AmqpTransport:
         with session.lock:
             yield session
 
-    def declare(self, queue: Queue) -> None:
-        """Declare ``queue`` with its exchanges and bindings (see :func:`declare_queue`)."""
-        with self._session() as session:
-            session.declare(queue)
-
-    def declare_exchange(self, exchange: Exchange) -> None:
-        """Declare only ``exchange`` (see the port)."""
-        with self._session() as session:
-            session.declare_exchange(exchange)
-
-    def publish(
-        self,
-        exchange: str,
-        routing_key: str,
-        env: Envelope,
-        *,
-        persistent: bool = False,
-        mandatory: bool = False,
-        expiration_ms: int | None = None,
-    ) -> None:
-        """Publish and wait for the confirm; reconnects (3 times, backoff) on a lost connection."""
-        with self._session() as session:
-            session.publish(
-                exchange,
-                routing_key,
-                env,
-                persistent=persistent,
-                mandatory=mandatory,
-                expiration_ms=expiration_ms,
-            )
-
-    def call(
-        self,
-        exchange: str,
-        routing_key: str,
-        env: Envelope,
-        timeout: float,
-        *,
-        persistent: bool = True,
-        expiration_ms: int | None = None,
-        unroutable: Callable[[], VirtfleetError] | None = None,
-    ) -> Envelope:
-        """Request/reply on this thread's session (see :meth:`_Session.call`)."""
-        with self._session() as session:
-            return session.call(
-                exchange,
-                routing_key,
-                env,
-                timeout,
-                persistent=persistent,
-                expiration_ms=expiration_ms,
-                unroutable=unroutable,
-            )
+    # Publishing, calls and declarations run on the calling thread's session, with its retries.
+    declare = _on_session(_Session.declare)
+    declare_exchange = _on_session(_Session.declare_exchange)
+    publish = _on_session(_Session.publish)
+    call = _on_session(_Session.call)
+    consumer_count = _on_session(_Session.consumer_count)
 
     def consumer(
         self, queue: Queue, handler: Handler, *, name: str, prefetch: int = 8, workers: int = 4
@@ -739,11 +708,6 @@ class AmqpTransport:
         consumer = ConsumerServer(self._url, name, queue, handler, prefetch=prefetch, workers=workers)
         self._consumers.add(consumer)
         return consumer
-
-    def consumer_count(self, queue: str) -> int | None:
-        """Consumers on ``queue``, or None when the queue does not exist."""
-        with self._session() as session:
-            return session.consumer_count(queue)
 
     def close(self) -> None:
         """Close every thread's connection (a call in progress gives up within a fraction of a
