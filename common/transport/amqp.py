@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pika
@@ -40,9 +40,10 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
 from common.errors import RequestTimeout, TransportError, VirtfleetError
-from common.messages.envelope import Envelope, decode_envelope
+from common.messages.envelope import Envelope
 from common.transport import topology
 from common.transport.backoff import backoff_delays
+from common.transport.base import PooledConsumer, Replies
 from common.transport.port import Delivery, Handler, Outcome, Refused, Unroutable
 from common.transport.topology import Exchange, Queue
 
@@ -206,8 +207,7 @@ class _Session:
         self.lock = threading.Lock()
         self._closing = closing or threading.Event()
         self._reply_queue = ""
-        self._replies: dict[str, Envelope] = {}
-        self._waiting: set[str] = set()
+        self._replies = Replies(name)
 
     # -- connection -----------------------------------------------------------------------
     def ensure(self) -> BlockingChannel:
@@ -366,16 +366,8 @@ class _Session:
             self._reply_queue = result.method.queue
         return self._reply_queue
 
-    def _on_reply(self, _ch: Any, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
-        try:
-            env = decode_envelope(body)
-        except VirtfleetError as exc:
-            log.warning("%s: dropping undecodable reply: %s", self.name, exc)
-            return
-        if env.correlation_id in self._waiting:
-            self._replies[env.correlation_id] = env
-        else:
-            log.debug("%s: dropping late reply %s (%s)", self.name, env.correlation_id, props.type)
+    def _on_reply(self, _ch: Any, _method: Any, _props: pika.BasicProperties, body: bytes) -> None:
+        self._replies.offer(body)
 
     def call(
         self,
@@ -397,7 +389,7 @@ class _Session:
         deadline = time.monotonic() + timeout
         delays = backoff_delays()
         body = env.encode()
-        self._waiting.add(env.id)
+        self._replies.expect(env.id)
         try:
             while True:
                 try:
@@ -430,12 +422,11 @@ class _Session:
                     )
                     time.sleep(delay)
         finally:
-            self._waiting.discard(env.id)
-            self._replies.pop(env.id, None)
+            self._replies.forget(env.id)
 
     def _wait(self, msg_id: str, deadline: float) -> Envelope:
         while True:
-            reply = self._replies.pop(msg_id, None)
+            reply = self._replies.take(msg_id)
             if reply is not None:
                 return reply
             if self._closing.is_set():
@@ -454,7 +445,7 @@ class _Session:
 # ------------------------------------------------------------------------------ consumer
 
 
-class ConsumerServer:
+class ConsumerServer(PooledConsumer):
     """Consumes one queue forever: reconnects, bounds concurrency, acks after the reply.
 
     ``queue`` is declared on every connect, with the disposable rule of :func:`declare_queue`.
@@ -471,25 +462,18 @@ class ConsumerServer:
         workers: int = 4,
         tick: float = 0.2,
     ) -> None:
+        super().__init__(name, queue, handler, prefetch=prefetch, workers=workers)
         self.url = url
-        self.name = name
-        self._queue = queue
-        self._handler = handler
-        self._prefetch = prefetch
         self._user_id = _user(url)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-worker")
         self._tick = tick
-        self._stop = threading.Event()
         self._drain_until = float("inf")
         self._thread: threading.Thread | None = None
         self._inflight: set[Future[None]] = set()
         self._lock = threading.Lock()
-        self.ready = threading.Event()
         #: monotonic time of the last loop iteration; a stale value means a wedged consumer.
         self.last_tick = time.monotonic()
         self.connected = False
         self._consumed = False
-        self.reconnects = 0
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -587,25 +571,19 @@ class ConsumerServer:
         props: pika.BasicProperties,
         body: bytes,
     ) -> None:
-        try:
-            env = decode_envelope(body)
-        except VirtfleetError as exc:
-            # Never requeue what we cannot read: to the dead-letter queue, once.
-            log.warning("%s: rejecting malformed message to the dead-letter queue: %s", self.name, exc)
+        delivery = self._delivery(
+            body, method.routing_key, bool(method.redelivered), props.reply_to, props.user_id
+        )
+        if delivery is None:
             ch.basic_nack(method.delivery_tag, requeue=False)
             return
-        delivery = Delivery(env, method.routing_key, bool(method.redelivered), props.reply_to, props.user_id)
         future = self._pool.submit(self._work, conn, ch, method.delivery_tag, delivery)
         with self._lock:
             self._inflight = {f for f in self._inflight if not f.done()}
             self._inflight.add(future)
 
     def _work(self, conn: BlockingConnection, ch: BlockingChannel, tag: int, delivery: Delivery) -> None:
-        try:
-            outcome = self._handler(delivery)
-        except Exception:  # the handler should not raise; if it does, keep the consumer alive
-            log.exception("%s: handler crashed on %s", self.name, delivery.envelope.kind)
-            outcome = Outcome(dead_letter=True)
+        outcome = self._outcome(delivery)
 
         def finish() -> None:
             try:
