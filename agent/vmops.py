@@ -14,7 +14,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from agent import disks as disk_helpers
-from agent.ports import ACTIVE_STATES, Hypervisor, Images
+from agent.ports import ACTIVE_STATES, GIB, Hypervisor, Images
 from common.domain_xml import (
     DomainXmlError,
     ParsedDisk,
@@ -81,7 +81,6 @@ from common.transport.rpc import HandlerTable
 
 log = logging.getLogger(__name__)
 
-GIB = 1024**3
 _RUNNING = frozenset({PowerState.RUNNING, PowerState.BLOCKED, PowerState.PAUSED})
 _STARTABLE = frozenset({PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE})
 

@@ -40,12 +40,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from agent.ports import ACTIVE_STATES, Hypervisor, Images, NodeFacts
+from agent.ports import ACTIVE_STATES, GIB, Hypervisor, Images, NodeFacts, grown_size, shutdown_timed_out
 from common.cpuset import format_cpuset
 from common.domain_xml import VF_NAMESPACE, DomainXmlError, ParsedDomain, parse_domain_xml
 from common.errors import (
     AlreadyExists,
-    Conflict,
     HypervisorError,
     InternalError,
     InvalidRequest,
@@ -61,7 +60,6 @@ from common.messages.vmops import ImageInfo
 
 KIB = 1024
 MIB = 1024**2
-GIB = 1024**3
 
 #: Namespace of the agent's owned-volumes metadata (the value of libvirt_driver.OWNED_VOLUMES_NS;
 #: repeated so that this module does not import libvirt; a unit test keeps the two equal).
@@ -425,12 +423,8 @@ class FakeImages:
         """Grow only."""
         with self.storage.lock:
             current = self.info(path)
-            wanted = size_gib * GIB
-            if wanted < current.virtual_size_bytes:
-                raise InvalidRequest(
-                    f"{path} is {current.virtual_size_bytes / GIB:g} GiB; shrinking a disk loses data and is not done"
-                )
-            if wanted == current.virtual_size_bytes:
+            wanted = grown_size(current, size_gib)
+            if wanted is None:
                 return current
             what = f"qemu-img resize {path}"
             self._locked(path, what, '"write"')
@@ -1170,12 +1164,7 @@ class FakeHypervisor:
             if force:
                 self._stopped(dom)
                 return
-            raise Conflict(
-                f"VM {uuid} did not shut down within {timeout_s:g} s (the guest ignored ACPI); "
-                "retry, or shut down with force",
-                retryable=True,
-                details={"timeout_s": timeout_s},
-            )
+            raise shutdown_timed_out(uuid, timeout_s)
 
     def destroy(self, uuid: str) -> None:
         with self.lock:

@@ -26,15 +26,14 @@ from typing import Any
 import libvirt
 
 from agent.drivers import host_facts
-from agent.ports import NodeFacts
+from agent.ports import GIB, NodeFacts, shutdown_timed_out
 from common.domain_xml import VF_NAMESPACE, DomainXmlError, parse_domain_xml
-from common.errors import Conflict, HypervisorError, NotFound, Unsupported, VirtfleetError
+from common.errors import HypervisorError, NotFound, Unsupported, VirtfleetError
 from common.messages.host import CpuTopology, StoragePoolInfo
 from common.messages.vm import DiskFormat, PowerState, VmStatus
 
 log = logging.getLogger(__name__)
 
-GIB = 1024**3
 MIB = 1024**2
 
 #: Namespace of the agent's own ``<metadata>`` element: the volumes it created for a domain.
@@ -448,12 +447,7 @@ class LibvirtHypervisor:
             log.info("VM %s did not shut down within %s s; powering it off", uuid, timeout_s)
             self.destroy(uuid)
             return
-        raise Conflict(
-            f"VM {uuid} did not shut down within {timeout_s:g} s (the guest ignored ACPI); "
-            "retry, or shut down with force",
-            retryable=True,
-            details={"timeout_s": timeout_s},
-        )
+        raise shutdown_timed_out(uuid, timeout_s)
 
     def destroy(self, uuid: str) -> None:
         dom = self._dom(uuid)
