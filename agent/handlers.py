@@ -15,9 +15,9 @@ from contextlib import contextmanager
 
 from agent import disks as disk_helpers
 from agent.ports import ACTIVE_STATES, Hypervisor, Images
-from agent.vmops import VmOpsHandlers
+from agent.vmops import STARTABLE, VmOpsHandlers, refuse_kvm_without_hw_virt, refuse_name_of_another
 from common.domain_xml import build_domain_xml
-from common.errors import AlreadyExists, Conflict, InvalidRequest, NotFound, Unsupported, VirtfleetError
+from common.errors import AlreadyExists, Conflict, InvalidRequest, NotFound, VirtfleetError
 from common.messages import vm
 from common.messages.base import replace
 from common.messages.host import HOST_REPORT_NOW, ReportAck, ReportRequest
@@ -26,7 +26,6 @@ from common.messages.vm import (
     DeleteVm,
     DiskDevice,
     DiskSpec,
-    DomainType,
     PowerState,
     SetAutostart,
     ShutdownVm,
@@ -40,7 +39,12 @@ from common.transport.rpc import HandlerTable
 
 log = logging.getLogger(__name__)
 
-_STARTABLE = frozenset({PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE})
+#: Not running in any form: nothing to stop.
+_STOPPED = frozenset(PowerState) - ACTIVE_STATES
+#: Running or paused already: nothing to start.
+_STARTED = frozenset(PowerState) - STARTABLE
+#: Running and not paused.
+_UP = frozenset({PowerState.RUNNING, PowerState.BLOCKED})
 
 
 def volume_name(spec: VmSpec, disk: DiskSpec) -> str:
@@ -105,19 +109,15 @@ class AgentHandlers:
     # -- vm.create --------------------------------------------------------------------
     def create(self, body: CreateVm) -> VmResult:
         spec = body.spec
-        if spec.domain_type is DomainType.KVM and not self._hv.hw_virt():
-            raise Unsupported(
-                f"VM {spec.name}: domain type kvm needs hardware virtualisation, which this host does not "
-                "have (/dev/kvm unusable or no vmx/svm CPU flag); use domain type qemu (TCG)"
-            )
+        refuse_kvm_without_hw_virt(
+            self._hv,
+            spec.name,
+            spec.domain_type.value,
+            " (/dev/kvm unusable or no vmx/svm CPU flag); use domain type qemu (TCG)",
+        )
         with self._changing(spec.uuid):
             with self._define_lock:
-                other = self._hv.uuid_for_name(spec.name)
-                if other is not None and other.lower() != spec.uuid.lower():
-                    raise AlreadyExists(
-                        f"a VM named {spec.name} exists on this host with another uuid ({other})",
-                        details={"name": spec.name, "uuid": other},
-                    )
+                refuse_name_of_another(self._hv, spec.name, spec.uuid)
                 existing = self._hv.find(spec.uuid)
                 if existing is None:
                     if not body.allow_shared_disk:
@@ -133,7 +133,7 @@ class AgentHandlers:
             status = self._hv.status(spec.uuid)
             if spec.autostart and not status.autostart:
                 self._hv.set_autostart(spec.uuid, True)
-            if body.start and status.state in _STARTABLE:
+            if body.start and status.state in STARTABLE:
                 self._hv.start(spec.uuid)
                 message += " and started"
             return VmResult(status=self._hv.status(spec.uuid), message=message, disks=disks)
@@ -203,65 +203,71 @@ class AgentHandlers:
         return disks
 
     # -- lifecycle --------------------------------------------------------------------
+    def _lifecycle(
+        self,
+        ref: VmRef,
+        act: Callable[[str], None],
+        done: str,
+        *,
+        acts_in: frozenset[PowerState],
+        idle_in: frozenset[PowerState] = frozenset(),
+        refusal: str = "",
+    ) -> VmResult:
+        """One lifecycle action: ``act`` in a state of ``acts_in`` (then ``done``); nothing to do in
+        a state of ``idle_in`` ("already ..."); Conflict ``VM <name> <refusal>`` in any other."""
+        with self._changing(ref.uuid):
+            state = self._existing(ref).state
+            if state in idle_in:
+                return self._result(ref.uuid, f"already {state.value}")
+            if state not in acts_in:
+                raise Conflict(f"VM {ref.name} {refusal}: it is {state.value}")
+            act(ref.uuid)
+            return self._result(ref.uuid, done)
+
     def start(self, body: VmAction) -> VmResult:
-        with self._changing(body.vm.uuid):
-            status = self._existing(body.vm)
-            if status.state not in _STARTABLE:
-                return self._result(body.vm.uuid, f"already {status.state.value}")
-            self._hv.start(body.vm.uuid)
-            return self._result(body.vm.uuid, "started")
+        return self._lifecycle(body.vm, self._hv.start, "started", acts_in=STARTABLE, idle_in=_STARTED)
 
     def shutdown(self, body: ShutdownVm) -> VmResult:
-        with self._changing(body.vm.uuid):
-            status = self._existing(body.vm)
-            if status.state not in ACTIVE_STATES:
-                return self._result(body.vm.uuid, f"already {status.state.value}")
-            self._hv.shutdown(body.vm.uuid, body.timeout_s, body.force_after_timeout)
-            return self._result(body.vm.uuid, "shut down")
+        return self._lifecycle(
+            body.vm,
+            lambda uuid: self._hv.shutdown(uuid, body.timeout_s, body.force_after_timeout),
+            "shut down",
+            acts_in=ACTIVE_STATES,
+            idle_in=_STOPPED,
+        )
 
     def destroy(self, body: VmAction) -> VmResult:
-        with self._changing(body.vm.uuid):
-            status = self._existing(body.vm)
-            if status.state not in ACTIVE_STATES:
-                return self._result(body.vm.uuid, f"already {status.state.value}")
-            self._hv.destroy(body.vm.uuid)
-            return self._result(body.vm.uuid, "powered off")
+        return self._lifecycle(
+            body.vm, self._hv.destroy, "powered off", acts_in=ACTIVE_STATES, idle_in=_STOPPED
+        )
 
     def reboot(self, body: VmAction) -> VmResult:
-        with self._changing(body.vm.uuid):
-            status = self._existing(body.vm)
-            if status.state not in {PowerState.RUNNING, PowerState.BLOCKED}:
-                raise Conflict(f"VM {body.vm.name} cannot reboot: it is {status.state.value}")
-            self._hv.reboot(body.vm.uuid)
-            return self._result(body.vm.uuid, "rebooted")
+        return self._lifecycle(body.vm, self._hv.reboot, "rebooted", acts_in=_UP, refusal="cannot reboot")
 
     def reset(self, body: VmAction) -> VmResult:
-        with self._changing(body.vm.uuid):
-            status = self._existing(body.vm)
-            if status.state not in {PowerState.RUNNING, PowerState.BLOCKED, PowerState.PAUSED}:
-                raise Conflict(f"VM {body.vm.name} cannot be reset: it is {status.state.value}")
-            self._hv.reset(body.vm.uuid)
-            return self._result(body.vm.uuid, "reset")
+        return self._lifecycle(
+            body.vm, self._hv.reset, "reset", acts_in=_UP | {PowerState.PAUSED}, refusal="cannot be reset"
+        )
 
     def suspend(self, body: VmAction) -> VmResult:
-        with self._changing(body.vm.uuid):
-            status = self._existing(body.vm)
-            if status.state is PowerState.PAUSED:
-                return self._result(body.vm.uuid, "already paused")
-            if status.state not in {PowerState.RUNNING, PowerState.BLOCKED}:
-                raise Conflict(f"VM {body.vm.name} cannot be suspended: it is {status.state.value}")
-            self._hv.suspend(body.vm.uuid)
-            return self._result(body.vm.uuid, "suspended")
+        return self._lifecycle(
+            body.vm,
+            self._hv.suspend,
+            "suspended",
+            acts_in=_UP,
+            idle_in=frozenset({PowerState.PAUSED}),
+            refusal="cannot be suspended",
+        )
 
     def resume(self, body: VmAction) -> VmResult:
-        with self._changing(body.vm.uuid):
-            status = self._existing(body.vm)
-            if status.state in {PowerState.RUNNING, PowerState.BLOCKED}:
-                return self._result(body.vm.uuid, f"already {status.state.value}")
-            if status.state is not PowerState.PAUSED:
-                raise Conflict(f"VM {body.vm.name} cannot be resumed: it is {status.state.value}")
-            self._hv.resume(body.vm.uuid)
-            return self._result(body.vm.uuid, "resumed")
+        return self._lifecycle(
+            body.vm,
+            self._hv.resume,
+            "resumed",
+            acts_in=frozenset({PowerState.PAUSED}),
+            idle_in=_UP,
+            refusal="cannot be resumed",
+        )
 
     def delete(self, body: DeleteVm) -> VmResult:
         uuid = body.vm.uuid
