@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 from agent.drivers.fake import FakeHypervisor
 from agent.network import model
-from agent.network.libvirt_net import build_network_xml, parse_network_xml, same_network
-from common.errors import AlreadyExists, NetworkConfigError, VirtfleetError
+from agent.network.libvirt_net import already_defined, build_network_xml, parse_network_xml
+from common.errors import NetworkConfigError, VirtfleetError
 from common.messages.network import (
     BondInfo,
     BondSlaveInfo,
@@ -500,12 +500,7 @@ class FakeNetworks:
         with self.hv.lock:
             existing = self.hv.network(spec.name)
             if existing is not None:
-                if not same_network(existing, spec):
-                    raise AlreadyExists(
-                        f"a different network named {spec.name} exists ({existing.forward_mode}, "
-                        f"bridge {existing.bridge}, {existing.address}); undefine it first"
-                    )
-                return existing, False
+                return already_defined(existing, spec)
             # What libvirt stores is what it reads back from the XML LibvirtNetworks would send.
             parsed = parse_network_xml(build_network_xml(spec))
             bridge = parsed.bridge
