@@ -55,6 +55,9 @@ from common.transport.rpc import HandlerTable
 
 log = logging.getLogger(__name__)
 
+#: The host changes: each applied as one transaction named by its ``change_id``.
+HostChange = BridgeCreate | BridgeStp | InterfaceRemove | BondCreate | BondEnslave
+
 
 class NetworksPort(Protocol):
     """libvirt networks (:class:`agent.network.libvirt_net.LibvirtNetworks` fits)."""
@@ -261,35 +264,29 @@ class NetworkModule:
 
     # ------------------------------------------------------------------ host changes
 
+    def _change(
+        self, body: HostChange, plan: Callable[[HostNetworkReport, str | None], planner.Plan]
+    ) -> NetChangeResult:
+        """Apply the steps ``plan`` makes as one transaction (see :mod:`agent.network.transaction`)."""
+        return self.changes.run(body.change_id, body.options, plan)
+
     def bridge_create(self, body: BridgeCreate) -> NetChangeResult:
-        return self.changes.run(
-            body.change_id, body.options, lambda facts, text: planner.plan_bridge_create(body, facts, text)
-        )
+        return self._change(body, lambda facts, text: planner.plan_bridge_create(body, facts, text))
 
     def bridge_stp(self, body: BridgeStp) -> NetChangeResult:
-        return self.changes.run(
-            body.change_id, body.options, lambda facts, _t: planner.plan_bridge_stp(body, facts)
-        )
+        return self._change(body, lambda facts, _t: planner.plan_bridge_stp(body, facts))
 
     def bridge_remove(self, body: InterfaceRemove) -> NetChangeResult:
-        return self.changes.run(
-            body.change_id, body.options, lambda facts, _t: planner.plan_remove(body, facts, "bridge")
-        )
+        return self._change(body, lambda facts, _t: planner.plan_remove(body, facts, "bridge"))
 
     def bond_create(self, body: BondCreate) -> NetChangeResult:
-        return self.changes.run(
-            body.change_id, body.options, lambda facts, text: planner.plan_bond_create(body, facts, text)
-        )
+        return self._change(body, lambda facts, text: planner.plan_bond_create(body, facts, text))
 
     def bond_enslave(self, body: BondEnslave) -> NetChangeResult:
-        return self.changes.run(
-            body.change_id, body.options, lambda facts, _t: planner.plan_bond_enslave(body, facts)
-        )
+        return self._change(body, lambda facts, _t: planner.plan_bond_enslave(body, facts))
 
     def bond_remove(self, body: InterfaceRemove) -> NetChangeResult:
-        return self.changes.run(
-            body.change_id, body.options, lambda facts, _t: planner.plan_remove(body, facts, "bond")
-        )
+        return self._change(body, lambda facts, _t: planner.plan_remove(body, facts, "bond"))
 
     def confirm(self, body: ChangeRef) -> NetChangeResult:
         return self.changes.confirm(body.change_id)
