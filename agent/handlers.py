@@ -21,33 +21,19 @@ from common.errors import AlreadyExists, Conflict, InvalidRequest, NotFound, Vir
 from common.messages import vm
 from common.messages.base import replace
 from common.messages.host import HOST_REPORT_NOW, ReportAck, ReportRequest
-from common.messages.vm import (
-    CreateVm,
-    DeleteVm,
-    DiskDevice,
-    DiskSpec,
-    PowerState,
-    SetAutostart,
-    ShutdownVm,
-    VmAction,
-    VmRef,
-    VmResult,
-    VmSpec,
-    VmStatus,
-)
 from common.transport.rpc import HandlerTable
 
 log = logging.getLogger(__name__)
 
 #: Not running in any form: nothing to stop.
-_STOPPED = frozenset(PowerState) - ACTIVE_STATES
+_STOPPED = frozenset(vm.PowerState) - ACTIVE_STATES
 #: Running or paused already: nothing to start.
-_STARTED = frozenset(PowerState) - STARTABLE
+_STARTED = frozenset(vm.PowerState) - STARTABLE
 #: Running and not paused.
-_UP = frozenset({PowerState.RUNNING, PowerState.BLOCKED})
+_UP = frozenset({vm.PowerState.RUNNING, vm.PowerState.BLOCKED})
 
 
-def volume_name(spec: VmSpec, disk: DiskSpec) -> str:
+def volume_name(spec: vm.VmSpec, disk: vm.DiskSpec) -> str:
     """The pool volume for a new disk: the spec's name, else ``<vmname>-<target>.<fmt>``."""
     return disk_helpers.volume_name(spec.name, disk.target, disk.format, disk.volume)
 
@@ -97,17 +83,17 @@ class AgentHandlers:
         finally:
             self._request_report()
 
-    def _existing(self, ref: VmRef) -> VmStatus:
+    def _existing(self, ref: vm.VmRef) -> vm.VmStatus:
         status = self._hv.find(ref.uuid)
         if status is None:
             raise NotFound(f"VM {ref.name} ({ref.uuid}) is not defined on this host")
         return status
 
-    def _result(self, uuid: str, message: str) -> VmResult:
-        return VmResult(status=self._hv.status(uuid), message=message)
+    def _result(self, uuid: str, message: str) -> vm.VmResult:
+        return vm.VmResult(status=self._hv.status(uuid), message=message)
 
     # -- vm.create --------------------------------------------------------------------
-    def create(self, body: CreateVm) -> VmResult:
+    def create(self, body: vm.CreateVm) -> vm.VmResult:
         spec = body.spec
         refuse_kvm_without_hw_virt(
             self._hv,
@@ -136,21 +122,21 @@ class AgentHandlers:
             if body.start and status.state in STARTABLE:
                 self._hv.start(spec.uuid)
                 message += " and started"
-            return VmResult(status=self._hv.status(spec.uuid), message=message, disks=disks)
+            return vm.VmResult(status=self._hv.status(spec.uuid), message=message, disks=disks)
 
-    def _refuse_disks_in_use(self, spec: VmSpec) -> None:
+    def _refuse_disks_in_use(self, spec: vm.VmSpec) -> None:
         """virt-install's "in use by other guests": an existing image another domain writes to."""
         for disk in spec.disks:
-            if disk.source != "existing" or disk.device is not DiskDevice.DISK or disk.readonly:
+            if disk.source != "existing" or disk.device is not vm.DiskDevice.DISK or disk.readonly:
                 continue
-            assert disk.path is not None  # DiskSpec guarantees it
+            assert disk.path is not None  # vm.DiskSpec guarantees it
             users = disk_helpers.disk_users(self._hv, disk.path, exclude_uuid=spec.uuid)
             if users:
                 raise AlreadyExists(
                     disk_helpers.in_use_message(disk.path, users), details={"path": disk.path, "users": users}
                 )
 
-    def _resolve_disks(self, spec: VmSpec, created: list[str] | None) -> tuple[DiskSpec, ...]:
+    def _resolve_disks(self, spec: vm.VmSpec, created: list[str] | None) -> tuple[vm.DiskSpec, ...]:
         """Every disk with its pool, volume and path filled in.
 
         With ``created`` (a new VM), missing volumes are created and their paths appended to it, and
@@ -159,12 +145,12 @@ class AgentHandlers:
         resolved = []
         for disk in spec.disks:
             if disk.source == "existing":
-                assert disk.path is not None  # DiskSpec guarantees it
+                assert disk.path is not None  # vm.DiskSpec guarantees it
                 if created is not None and not self._hv.path_exists(disk.path):
                     raise NotFound(f"disk {disk.target}: image {disk.path} does not exist on this host")
                 resolved.append(disk)
                 continue
-            if disk.device is DiskDevice.CDROM:
+            if disk.device is vm.DiskDevice.CDROM:
                 raise InvalidRequest(
                     f"disk {disk.target}: a CD-ROM must be an existing image (source 'existing')"
                 )
@@ -185,7 +171,7 @@ class AgentHandlers:
             except VirtfleetError as exc:
                 log.warning("could not remove volume %s after a failed define: %s", path, exc.message)
 
-    def _create_and_define(self, spec: VmSpec) -> tuple[DiskSpec, ...]:
+    def _create_and_define(self, spec: vm.VmSpec) -> tuple[vm.DiskSpec, ...]:
         """Create the new volumes and define the domain; on failure remove the volumes made here."""
         created: list[str] = []
         try:
@@ -205,14 +191,14 @@ class AgentHandlers:
     # -- lifecycle --------------------------------------------------------------------
     def _lifecycle(
         self,
-        ref: VmRef,
+        ref: vm.VmRef,
         act: Callable[[str], None],
         done: str,
         *,
-        acts_in: frozenset[PowerState],
-        idle_in: frozenset[PowerState] = frozenset(),
+        acts_in: frozenset[vm.PowerState],
+        idle_in: frozenset[vm.PowerState] = frozenset(),
         refusal: str = "",
-    ) -> VmResult:
+    ) -> vm.VmResult:
         """One lifecycle action: ``act`` in a state of ``acts_in`` (then ``done``); nothing to do in
         a state of ``idle_in`` ("already ..."); Conflict ``VM <name> <refusal>`` in any other."""
         with self._changing(ref.uuid):
@@ -224,10 +210,10 @@ class AgentHandlers:
             act(ref.uuid)
             return self._result(ref.uuid, done)
 
-    def start(self, body: VmAction) -> VmResult:
+    def start(self, body: vm.VmAction) -> vm.VmResult:
         return self._lifecycle(body.vm, self._hv.start, "started", acts_in=STARTABLE, idle_in=_STARTED)
 
-    def shutdown(self, body: ShutdownVm) -> VmResult:
+    def shutdown(self, body: vm.ShutdownVm) -> vm.VmResult:
         return self._lifecycle(
             body.vm,
             lambda uuid: self._hv.shutdown(uuid, body.timeout_s, body.force_after_timeout),
@@ -236,45 +222,45 @@ class AgentHandlers:
             idle_in=_STOPPED,
         )
 
-    def destroy(self, body: VmAction) -> VmResult:
+    def destroy(self, body: vm.VmAction) -> vm.VmResult:
         return self._lifecycle(
             body.vm, self._hv.destroy, "powered off", acts_in=ACTIVE_STATES, idle_in=_STOPPED
         )
 
-    def reboot(self, body: VmAction) -> VmResult:
+    def reboot(self, body: vm.VmAction) -> vm.VmResult:
         return self._lifecycle(body.vm, self._hv.reboot, "rebooted", acts_in=_UP, refusal="cannot reboot")
 
-    def reset(self, body: VmAction) -> VmResult:
+    def reset(self, body: vm.VmAction) -> vm.VmResult:
         return self._lifecycle(
-            body.vm, self._hv.reset, "reset", acts_in=_UP | {PowerState.PAUSED}, refusal="cannot be reset"
+            body.vm, self._hv.reset, "reset", acts_in=_UP | {vm.PowerState.PAUSED}, refusal="cannot be reset"
         )
 
-    def suspend(self, body: VmAction) -> VmResult:
+    def suspend(self, body: vm.VmAction) -> vm.VmResult:
         return self._lifecycle(
             body.vm,
             self._hv.suspend,
             "suspended",
             acts_in=_UP,
-            idle_in=frozenset({PowerState.PAUSED}),
+            idle_in=frozenset({vm.PowerState.PAUSED}),
             refusal="cannot be suspended",
         )
 
-    def resume(self, body: VmAction) -> VmResult:
+    def resume(self, body: vm.VmAction) -> vm.VmResult:
         return self._lifecycle(
             body.vm,
             self._hv.resume,
             "resumed",
-            acts_in=frozenset({PowerState.PAUSED}),
+            acts_in=frozenset({vm.PowerState.PAUSED}),
             idle_in=_UP,
             refusal="cannot be resumed",
         )
 
-    def delete(self, body: DeleteVm) -> VmResult:
+    def delete(self, body: vm.DeleteVm) -> vm.VmResult:
         uuid = body.vm.uuid
         with self._changing(uuid):
             status = self._hv.find(uuid)
             if status is None:
-                return VmResult(status=None, message="not defined on this host")
+                return vm.VmResult(status=None, message="not defined on this host")
             if status.state in ACTIVE_STATES:
                 self._hv.destroy(uuid)
             deleted = 0
@@ -284,9 +270,9 @@ class AgentHandlers:
                     deleted += self._hv.delete_volume_path(path)
             self._hv.undefine(uuid)
             log.info("deleted VM %s (%s) and %d volume(s)", body.vm.name, uuid, deleted)
-            return VmResult(status=None, message=f"deleted ({deleted} volume(s) removed)")
+            return vm.VmResult(status=None, message=f"deleted ({deleted} volume(s) removed)")
 
-    def autostart(self, body: SetAutostart) -> VmResult:
+    def autostart(self, body: vm.SetAutostart) -> vm.VmResult:
         with self._changing(body.vm.uuid):
             status = self._existing(body.vm)
             if status.autostart != body.enabled:
