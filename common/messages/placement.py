@@ -7,7 +7,7 @@ import math
 from common.errors import InvalidRequest
 from common.messages.api import API
 from common.messages.base import Message
-from common.messages.descriptor import Role, Timeout, api_call
+from common.messages.descriptor import Role, Timeout, api_call, query
 from common.messages.vm import HostStatus
 from common.validation import check_name
 
@@ -219,28 +219,14 @@ API_HOST_STATE = api_call(
     role=_ADMIN,
     idempotent=True,
 )
-API_HOST_CAPACITY = api_call(
-    API,
-    "api.host.capacity",
-    CapacityRequest,
-    CapacityReport,
-    _F,
-    "virtfleet host capacity",
-    role=_READ,
-    idempotent=True,
+API_HOST_CAPACITY = query(
+    API, "api.host.capacity", CapacityRequest, CapacityReport, "virtfleet host capacity"
 )
 API_HOSTGROUP_SET = api_call(
     API, "api.hostgroup.set", HostGroupSet, Done, _F, "virtfleet hostgroup set", role=_ADMIN, idempotent=True
 )
-API_HOSTGROUP_LIST = api_call(
-    API,
-    "api.hostgroup.list",
-    CapacityRequest,
-    HostGroupList,
-    _F,
-    "virtfleet hostgroup list",
-    role=_READ,
-    idempotent=True,
+API_HOSTGROUP_LIST = query(
+    API, "api.hostgroup.list", CapacityRequest, HostGroupList, "virtfleet hostgroup list"
 )
 API_GROUP_CREATE = api_call(
     API, "api.group.create", ServerGroupCreate, ServerGroupView, _F, "virtfleet group create", role=_OPERATE
@@ -255,13 +241,4 @@ API_GROUP_DELETE = api_call(
     role=_OPERATE,
     idempotent=True,
 )
-API_GROUP_LIST = api_call(
-    API,
-    "api.group.list",
-    CapacityRequest,
-    ServerGroupList,
-    _F,
-    "virtfleet group list",
-    role=_READ,
-    idempotent=True,
-)
+API_GROUP_LIST = query(API, "api.group.list", CapacityRequest, ServerGroupList, "virtfleet group list")
