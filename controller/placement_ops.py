@@ -168,16 +168,12 @@ def capacity(service: ControllerService, req: msgs.CapacityRequest) -> msgs.Capa
         reported = _reported_usage(record)
         resources = []
         for rc, inv in sorted(state.inventories.items(), key=lambda kv: str(kv[0])):
-            used = state.used.get(rc, 0)
             resources.append(
-                msgs.ResourceCapacity(
-                    resource=str(rc),
-                    total=inv.total,
-                    reserved=inv.reserved,
-                    allocation_ratio=inv.allocation_ratio,
-                    capacity=inv.capacity,
-                    used=used,
-                    free=inv.capacity - used,
+                fleet.resource_view(
+                    msgs.ResourceCapacity,
+                    rc,
+                    inv,
+                    state.used.get(rc, 0),
                     min_unit=inv.min_unit,
                     max_unit=inv.effective_max_unit,
                     step_size=inv.step_size,

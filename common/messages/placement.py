@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from common.errors import InvalidRequest
-from common.messages.api import API
+from common.messages.api import API, ResourceView
 from common.messages.base import Message
 from common.messages.descriptor import Role, Timeout, api_call, query
 from common.messages.vm import HostStatus
@@ -100,16 +100,10 @@ class CapacityRequest(Message, frozen=True):
     host: str | None = None
 
 
-class ResourceCapacity(Message, frozen=True):
-    """One resource of one host: the inventory, what is claimed and what the host reports."""
+class ResourceCapacity(ResourceView, frozen=True):
+    """One resource of one host: the inventory, what is claimed (the fields of
+    :class:`~common.messages.api.ResourceView`), its unit rules and what the host reports."""
 
-    resource: str
-    total: int
-    reserved: int
-    allocation_ratio: float
-    capacity: int
-    used: int
-    free: int
     min_unit: int
     max_unit: int
     step_size: int
