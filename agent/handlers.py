@@ -15,35 +15,25 @@ from contextlib import contextmanager
 
 from agent import disks as disk_helpers
 from agent.ports import ACTIVE_STATES, Hypervisor, Images
-from agent.vmops import VmOpsHandlers
+from agent.vmops import STARTABLE, VmOpsHandlers, refuse_kvm_without_hw_virt, refuse_name_of_another
 from common.domain_xml import build_domain_xml
-from common.errors import AlreadyExists, Conflict, InvalidRequest, NotFound, Unsupported, VirtfleetError
+from common.errors import AlreadyExists, Conflict, InvalidRequest, NotFound, VirtfleetError
 from common.messages import vm
 from common.messages.base import replace
 from common.messages.host import HOST_REPORT_NOW, ReportAck, ReportRequest
-from common.messages.vm import (
-    CreateVm,
-    DeleteVm,
-    DiskDevice,
-    DiskSpec,
-    DomainType,
-    PowerState,
-    SetAutostart,
-    ShutdownVm,
-    VmAction,
-    VmRef,
-    VmResult,
-    VmSpec,
-    VmStatus,
-)
 from common.transport.rpc import HandlerTable
 
 log = logging.getLogger(__name__)
 
-_STARTABLE = frozenset({PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE})
+#: Not running in any form: nothing to stop.
+_STOPPED = frozenset(vm.PowerState) - ACTIVE_STATES
+#: Running or paused already: nothing to start.
+_STARTED = frozenset(vm.PowerState) - STARTABLE
+#: Running and not paused.
+_UP = frozenset({vm.PowerState.RUNNING, vm.PowerState.BLOCKED})
 
 
-def volume_name(spec: VmSpec, disk: DiskSpec) -> str:
+def volume_name(spec: vm.VmSpec, disk: vm.DiskSpec) -> str:
     """The pool volume for a new disk: the spec's name, else ``<vmname>-<target>.<fmt>``."""
     return disk_helpers.volume_name(spec.name, disk.target, disk.format, disk.volume)
 
@@ -93,31 +83,27 @@ class AgentHandlers:
         finally:
             self._request_report()
 
-    def _existing(self, ref: VmRef) -> VmStatus:
+    def _existing(self, ref: vm.VmRef) -> vm.VmStatus:
         status = self._hv.find(ref.uuid)
         if status is None:
             raise NotFound(f"VM {ref.name} ({ref.uuid}) is not defined on this host")
         return status
 
-    def _result(self, uuid: str, message: str) -> VmResult:
-        return VmResult(status=self._hv.status(uuid), message=message)
+    def _result(self, uuid: str, message: str) -> vm.VmResult:
+        return vm.VmResult(status=self._hv.status(uuid), message=message)
 
     # -- vm.create --------------------------------------------------------------------
-    def create(self, body: CreateVm) -> VmResult:
+    def create(self, body: vm.CreateVm) -> vm.VmResult:
         spec = body.spec
-        if spec.domain_type is DomainType.KVM and not self._hv.hw_virt():
-            raise Unsupported(
-                f"VM {spec.name}: domain type kvm needs hardware virtualisation, which this host does not "
-                "have (/dev/kvm unusable or no vmx/svm CPU flag); use domain type qemu (TCG)"
-            )
+        refuse_kvm_without_hw_virt(
+            self._hv,
+            spec.name,
+            spec.domain_type.value,
+            " (/dev/kvm unusable or no vmx/svm CPU flag); use domain type qemu (TCG)",
+        )
         with self._changing(spec.uuid):
             with self._define_lock:
-                other = self._hv.uuid_for_name(spec.name)
-                if other is not None and other.lower() != spec.uuid.lower():
-                    raise AlreadyExists(
-                        f"a VM named {spec.name} exists on this host with another uuid ({other})",
-                        details={"name": spec.name, "uuid": other},
-                    )
+                refuse_name_of_another(self._hv, spec.name, spec.uuid)
                 existing = self._hv.find(spec.uuid)
                 if existing is None:
                     if not body.allow_shared_disk:
@@ -133,24 +119,24 @@ class AgentHandlers:
             status = self._hv.status(spec.uuid)
             if spec.autostart and not status.autostart:
                 self._hv.set_autostart(spec.uuid, True)
-            if body.start and status.state in _STARTABLE:
+            if body.start and status.state in STARTABLE:
                 self._hv.start(spec.uuid)
                 message += " and started"
-            return VmResult(status=self._hv.status(spec.uuid), message=message, disks=disks)
+            return vm.VmResult(status=self._hv.status(spec.uuid), message=message, disks=disks)
 
-    def _refuse_disks_in_use(self, spec: VmSpec) -> None:
+    def _refuse_disks_in_use(self, spec: vm.VmSpec) -> None:
         """virt-install's "in use by other guests": an existing image another domain writes to."""
         for disk in spec.disks:
-            if disk.source != "existing" or disk.device is not DiskDevice.DISK or disk.readonly:
+            if disk.source != "existing" or disk.device is not vm.DiskDevice.DISK or disk.readonly:
                 continue
-            assert disk.path is not None  # DiskSpec guarantees it
+            assert disk.path is not None  # vm.DiskSpec guarantees it
             users = disk_helpers.disk_users(self._hv, disk.path, exclude_uuid=spec.uuid)
             if users:
                 raise AlreadyExists(
                     disk_helpers.in_use_message(disk.path, users), details={"path": disk.path, "users": users}
                 )
 
-    def _resolve_disks(self, spec: VmSpec, created: list[str] | None) -> tuple[DiskSpec, ...]:
+    def _resolve_disks(self, spec: vm.VmSpec, created: list[str] | None) -> tuple[vm.DiskSpec, ...]:
         """Every disk with its pool, volume and path filled in.
 
         With ``created`` (a new VM), missing volumes are created and their paths appended to it, and
@@ -159,12 +145,12 @@ class AgentHandlers:
         resolved = []
         for disk in spec.disks:
             if disk.source == "existing":
-                assert disk.path is not None  # DiskSpec guarantees it
+                assert disk.path is not None  # vm.DiskSpec guarantees it
                 if created is not None and not self._hv.path_exists(disk.path):
                     raise NotFound(f"disk {disk.target}: image {disk.path} does not exist on this host")
                 resolved.append(disk)
                 continue
-            if disk.device is DiskDevice.CDROM:
+            if disk.device is vm.DiskDevice.CDROM:
                 raise InvalidRequest(
                     f"disk {disk.target}: a CD-ROM must be an existing image (source 'existing')"
                 )
@@ -185,7 +171,7 @@ class AgentHandlers:
             except VirtfleetError as exc:
                 log.warning("could not remove volume %s after a failed define: %s", path, exc.message)
 
-    def _create_and_define(self, spec: VmSpec) -> tuple[DiskSpec, ...]:
+    def _create_and_define(self, spec: vm.VmSpec) -> tuple[vm.DiskSpec, ...]:
         """Create the new volumes and define the domain; on failure remove the volumes made here."""
         created: list[str] = []
         try:
@@ -203,72 +189,78 @@ class AgentHandlers:
         return disks
 
     # -- lifecycle --------------------------------------------------------------------
-    def start(self, body: VmAction) -> VmResult:
-        with self._changing(body.vm.uuid):
-            status = self._existing(body.vm)
-            if status.state not in _STARTABLE:
-                return self._result(body.vm.uuid, f"already {status.state.value}")
-            self._hv.start(body.vm.uuid)
-            return self._result(body.vm.uuid, "started")
+    def _lifecycle(
+        self,
+        ref: vm.VmRef,
+        act: Callable[[str], None],
+        done: str,
+        *,
+        acts_in: frozenset[vm.PowerState],
+        idle_in: frozenset[vm.PowerState] = frozenset(),
+        refusal: str = "",
+    ) -> vm.VmResult:
+        """One lifecycle action: ``act`` in a state of ``acts_in`` (then ``done``); nothing to do in
+        a state of ``idle_in`` ("already ..."); Conflict ``VM <name> <refusal>`` in any other."""
+        with self._changing(ref.uuid):
+            state = self._existing(ref).state
+            if state in idle_in:
+                return self._result(ref.uuid, f"already {state.value}")
+            if state not in acts_in:
+                raise Conflict(f"VM {ref.name} {refusal}: it is {state.value}")
+            act(ref.uuid)
+            return self._result(ref.uuid, done)
 
-    def shutdown(self, body: ShutdownVm) -> VmResult:
-        with self._changing(body.vm.uuid):
-            status = self._existing(body.vm)
-            if status.state not in ACTIVE_STATES:
-                return self._result(body.vm.uuid, f"already {status.state.value}")
-            self._hv.shutdown(body.vm.uuid, body.timeout_s, body.force_after_timeout)
-            return self._result(body.vm.uuid, "shut down")
+    def start(self, body: vm.VmAction) -> vm.VmResult:
+        return self._lifecycle(body.vm, self._hv.start, "started", acts_in=STARTABLE, idle_in=_STARTED)
 
-    def destroy(self, body: VmAction) -> VmResult:
-        with self._changing(body.vm.uuid):
-            status = self._existing(body.vm)
-            if status.state not in ACTIVE_STATES:
-                return self._result(body.vm.uuid, f"already {status.state.value}")
-            self._hv.destroy(body.vm.uuid)
-            return self._result(body.vm.uuid, "powered off")
+    def shutdown(self, body: vm.ShutdownVm) -> vm.VmResult:
+        return self._lifecycle(
+            body.vm,
+            lambda uuid: self._hv.shutdown(uuid, body.timeout_s, body.force_after_timeout),
+            "shut down",
+            acts_in=ACTIVE_STATES,
+            idle_in=_STOPPED,
+        )
 
-    def reboot(self, body: VmAction) -> VmResult:
-        with self._changing(body.vm.uuid):
-            status = self._existing(body.vm)
-            if status.state not in {PowerState.RUNNING, PowerState.BLOCKED}:
-                raise Conflict(f"VM {body.vm.name} cannot reboot: it is {status.state.value}")
-            self._hv.reboot(body.vm.uuid)
-            return self._result(body.vm.uuid, "rebooted")
+    def destroy(self, body: vm.VmAction) -> vm.VmResult:
+        return self._lifecycle(
+            body.vm, self._hv.destroy, "powered off", acts_in=ACTIVE_STATES, idle_in=_STOPPED
+        )
 
-    def reset(self, body: VmAction) -> VmResult:
-        with self._changing(body.vm.uuid):
-            status = self._existing(body.vm)
-            if status.state not in {PowerState.RUNNING, PowerState.BLOCKED, PowerState.PAUSED}:
-                raise Conflict(f"VM {body.vm.name} cannot be reset: it is {status.state.value}")
-            self._hv.reset(body.vm.uuid)
-            return self._result(body.vm.uuid, "reset")
+    def reboot(self, body: vm.VmAction) -> vm.VmResult:
+        return self._lifecycle(body.vm, self._hv.reboot, "rebooted", acts_in=_UP, refusal="cannot reboot")
 
-    def suspend(self, body: VmAction) -> VmResult:
-        with self._changing(body.vm.uuid):
-            status = self._existing(body.vm)
-            if status.state is PowerState.PAUSED:
-                return self._result(body.vm.uuid, "already paused")
-            if status.state not in {PowerState.RUNNING, PowerState.BLOCKED}:
-                raise Conflict(f"VM {body.vm.name} cannot be suspended: it is {status.state.value}")
-            self._hv.suspend(body.vm.uuid)
-            return self._result(body.vm.uuid, "suspended")
+    def reset(self, body: vm.VmAction) -> vm.VmResult:
+        return self._lifecycle(
+            body.vm, self._hv.reset, "reset", acts_in=_UP | {vm.PowerState.PAUSED}, refusal="cannot be reset"
+        )
 
-    def resume(self, body: VmAction) -> VmResult:
-        with self._changing(body.vm.uuid):
-            status = self._existing(body.vm)
-            if status.state in {PowerState.RUNNING, PowerState.BLOCKED}:
-                return self._result(body.vm.uuid, f"already {status.state.value}")
-            if status.state is not PowerState.PAUSED:
-                raise Conflict(f"VM {body.vm.name} cannot be resumed: it is {status.state.value}")
-            self._hv.resume(body.vm.uuid)
-            return self._result(body.vm.uuid, "resumed")
+    def suspend(self, body: vm.VmAction) -> vm.VmResult:
+        return self._lifecycle(
+            body.vm,
+            self._hv.suspend,
+            "suspended",
+            acts_in=_UP,
+            idle_in=frozenset({vm.PowerState.PAUSED}),
+            refusal="cannot be suspended",
+        )
 
-    def delete(self, body: DeleteVm) -> VmResult:
+    def resume(self, body: vm.VmAction) -> vm.VmResult:
+        return self._lifecycle(
+            body.vm,
+            self._hv.resume,
+            "resumed",
+            acts_in=frozenset({vm.PowerState.PAUSED}),
+            idle_in=_UP,
+            refusal="cannot be resumed",
+        )
+
+    def delete(self, body: vm.DeleteVm) -> vm.VmResult:
         uuid = body.vm.uuid
         with self._changing(uuid):
             status = self._hv.find(uuid)
             if status is None:
-                return VmResult(status=None, message="not defined on this host")
+                return vm.VmResult(status=None, message="not defined on this host")
             if status.state in ACTIVE_STATES:
                 self._hv.destroy(uuid)
             deleted = 0
@@ -278,9 +270,9 @@ class AgentHandlers:
                     deleted += self._hv.delete_volume_path(path)
             self._hv.undefine(uuid)
             log.info("deleted VM %s (%s) and %d volume(s)", body.vm.name, uuid, deleted)
-            return VmResult(status=None, message=f"deleted ({deleted} volume(s) removed)")
+            return vm.VmResult(status=None, message=f"deleted ({deleted} volume(s) removed)")
 
-    def autostart(self, body: SetAutostart) -> VmResult:
+    def autostart(self, body: vm.SetAutostart) -> vm.VmResult:
         with self._changing(body.vm.uuid):
             status = self._existing(body.vm)
             if status.autostart != body.enabled:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from common.errors import Conflict, InvalidRequest
 from common.messages.host import CpuTopology, StoragePoolInfo
 from common.messages.vm import DiskFormat, PowerState, VmStatus
 from common.messages.vmops import ImageInfo
@@ -20,6 +21,33 @@ from common.messages.vmops import ImageInfo
 ACTIVE_STATES = frozenset(
     {PowerState.RUNNING, PowerState.BLOCKED, PowerState.PAUSED, PowerState.SHUTDOWN, PowerState.PMSUSPENDED}
 )
+
+
+GIB = 1024**3
+
+
+def shutdown_timed_out(uuid: str, timeout_s: float) -> Conflict:
+    """What :meth:`Hypervisor.shutdown` raises when the guest is still up after ``timeout_s``
+    (and ``force`` was not given)."""
+    return Conflict(
+        f"VM {uuid} did not shut down within {timeout_s:g} s (the guest ignored ACPI); "
+        "retry, or shut down with force",
+        retryable=True,
+        details={"timeout_s": timeout_s},
+    )
+
+
+def grown_size(image: ImageInfo, size_gib: int) -> int | None:
+    """The bytes :meth:`Images.resize` grows ``image`` to; None when it has that size already.
+
+    InvalidRequest for a smaller size: shrinking a disk loses data, so it is never done.
+    """
+    wanted = size_gib * GIB
+    if wanted < image.virtual_size_bytes:
+        raise InvalidRequest(
+            f"{image.path} is {image.virtual_size_bytes / GIB:g} GiB; shrinking a disk loses data and is not done"
+        )
+    return None if wanted == image.virtual_size_bytes else wanted
 
 
 @dataclass(frozen=True, slots=True)

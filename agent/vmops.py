@@ -12,9 +12,10 @@ import logging
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import TypeVar
 
 from agent import disks as disk_helpers
-from agent.ports import ACTIVE_STATES, Hypervisor, Images
+from agent.ports import ACTIVE_STATES, GIB, Hypervisor, Images
 from common.domain_xml import (
     DomainXmlError,
     ParsedDisk,
@@ -81,11 +82,31 @@ from common.transport.rpc import HandlerTable
 
 log = logging.getLogger(__name__)
 
-GIB = 1024**3
 _RUNNING = frozenset({PowerState.RUNNING, PowerState.BLOCKED, PowerState.PAUSED})
-_STARTABLE = frozenset({PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE})
+#: States from which a domain can be started.
+STARTABLE = frozenset({PowerState.SHUTOFF, PowerState.CRASHED, PowerState.NOSTATE})
 
 Changing = Callable[[str], AbstractContextManager[None]]
+T = TypeVar("T")
+
+
+def refuse_kvm_without_hw_virt(hv: Hypervisor, name: str, domain_type: str, what_to_do: str) -> None:
+    """Unsupported for a kvm domain on a host without usable hardware virtualisation."""
+    if domain_type == DomainType.KVM.value and not hv.hw_virt():
+        raise Unsupported(
+            f"VM {name}: domain type kvm needs hardware virtualisation, which this host does not have"
+            f"{what_to_do}"
+        )
+
+
+def refuse_name_of_another(hv: Hypervisor, name: str, uuid: str) -> None:
+    """AlreadyExists when another domain on the host (another uuid) is named ``name``."""
+    other = hv.uuid_for_name(name)
+    if other is not None and other.lower() != uuid.lower():
+        raise AlreadyExists(
+            f"a VM named {name} exists on this host with another uuid ({other})",
+            details={"name": name, "uuid": other},
+        )
 
 
 def _parse(xml: str, what: str) -> ParsedDomain:
@@ -164,19 +185,15 @@ class VmOpsHandlers:
             raise InvalidRequest(
                 f"the XML defines {parsed.name} ({parsed.uuid}), not {body.name} ({body.uuid})"
             )
-        if parsed.domain_type == DomainType.KVM.value and not self._hv.hw_virt():
-            raise Unsupported(
-                f"VM {parsed.name}: domain type kvm needs hardware virtualisation, which this host does not "
-                "have; change <domain type='kvm'> to 'qemu' (TCG) in the XML"
-            )
+        refuse_kvm_without_hw_virt(
+            self._hv,
+            parsed.name,
+            parsed.domain_type,
+            "; change <domain type='kvm'> to 'qemu' (TCG) in the XML",
+        )
         with self._changing(parsed.uuid):
             with self._define_lock:
-                other = self._hv.uuid_for_name(parsed.name)
-                if other is not None and other.lower() != parsed.uuid:
-                    raise AlreadyExists(
-                        f"a VM named {parsed.name} exists on this host with another uuid ({other})",
-                        details={"name": parsed.name, "uuid": other},
-                    )
+                refuse_name_of_another(self._hv, parsed.name, parsed.uuid)
                 for disk in parsed.disks:
                     if (
                         disk.path is not None
@@ -200,7 +217,7 @@ class VmOpsHandlers:
                 self._hv.mark_managed(parsed.uuid)
             message = "definition replaced" if existed else "defined"
             status = self._hv.status(parsed.uuid)
-            if body.start and status.state in _STARTABLE:
+            if body.start and status.state in STARTABLE:
                 self._hv.start(parsed.uuid)
                 message += " and started"
             log.info("defined VM %s (%s) from XML", parsed.name, parsed.uuid)
@@ -382,6 +399,15 @@ class VmOpsHandlers:
             views.append(("running VM", self._live(ref)))
         return views
 
+    def _found(
+        self, ref: VmRef, live: bool, config: bool, pick: Callable[[ParsedDomain], T | None], missing: str
+    ) -> dict[str, T]:
+        """What ``pick`` finds in each view of the VM (see :meth:`_views`); NotFound in none."""
+        found = {where: item for where, parsed in self._views(ref, live, config) if (item := pick(parsed))}
+        if not found:
+            raise NotFound(f"VM {ref.name} has {missing}")
+        return found
+
     def disk_attach(self, body: DiskAttach) -> VmResult:
         ref, disk = body.vm, body.disk
         with self._changing(ref.uuid):
@@ -465,13 +491,9 @@ class VmOpsHandlers:
         with self._changing(ref.uuid):
             status = self._existing(ref)
             live, config = self._scope(ref, status, body.live, body.config)
-            found: dict[str, ParsedDisk] = {}
-            for where, parsed in self._views(ref, live, config):
-                disk = self._disk(parsed, body.target)
-                if disk is not None:
-                    found[where] = disk
-            if not found:
-                raise NotFound(f"VM {ref.name} has no disk {body.target}")
+            found = self._found(
+                ref, live, config, lambda parsed: self._disk(parsed, body.target), f"no disk {body.target}"
+            )
             disk = next(iter(found.values()))
             owned = self._hv.owned_volumes(ref.uuid)
             if body.delete_volume:
@@ -586,13 +608,13 @@ class VmOpsHandlers:
         with self._changing(ref.uuid):
             status = self._existing(ref)
             live, config = self._scope(ref, status, body.live, body.config)
-            found: dict[str, ParsedNic] = {}
-            for where, parsed in self._views(ref, live, config):
-                nic = self._nic(parsed, body.mac)
-                if nic is not None:
-                    found[where] = nic
-            if not found:
-                raise NotFound(f"VM {ref.name} has no interface with MAC {body.mac}")
+            found = self._found(
+                ref,
+                live,
+                config,
+                lambda parsed: self._nic(parsed, body.mac),
+                f"no interface with MAC {body.mac}",
+            )
             nic = next(iter(found.values()))
             self._hv.detach_device(
                 ref.uuid, detach_interface_xml(nic), live="running VM" in found, config="definition" in found

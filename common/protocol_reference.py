@@ -507,6 +507,8 @@ def _items(function: ast.FunctionDef, scope: Mapping[str, Any]) -> list[_Item]:
             found.append((where, ("field", node.attr, None)))
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             found.append((where, ("field", node.value, None)))  # getattr(self, "name") loops
+        elif isinstance(node, ast.Name) and _is_names(scope.get(node.id)):
+            found += [(where, ("field", name, None)) for name in scope[node.id]]  # loops over NAMES
         elif isinstance(node, ast.Raise) and (template := _refusal(node)) is not None:
             rule = _ruled(f"refuses {_code(template)}", node, parents, function, scope)
             found.append((where, ("rule", rule, None)))
@@ -557,6 +559,11 @@ def _constants(nodes: Sequence[ast.AST], scope: Mapping[str, Any]) -> str:
     if not named:
         return ""
     return " (where " + ", ".join(f"`{name}` = {value}" for name, value in named.items()) + ")"
+
+
+def _is_names(value: object) -> bool:
+    """A module constant listing field names, such as ``RATIO_SETTINGS``."""
+    return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
 
 
 def _is_plain_constant(value: object) -> bool:
@@ -826,14 +833,7 @@ def render_messages(catalogue: Mapping[str, Op[Any, Any]] = CATALOGUE) -> str:
         comments = sources.member_comments(cls)
         checks = reader.of_class(cls)
         since: Mapping[str, Any] = getattr(cls, "__since__", {})
-        lines += [
-            f'##### <a id="{type_anchor(cls)}"></a>`{cls.__name__}`',
-            "",
-            _uses(found.uses.get(cls, ())),
-            "",
-        ]
-        if doc := _doc(cls):
-            lines += [doc, ""]
+        lines += _type_heading(cls, "#####", found)
         fields = msgspec.structs.fields(cls)
         if not fields:
             lines += ["No fields: sent as an empty map `{}`.", ""]
@@ -889,6 +889,20 @@ def render_checks(catalogue: Mapping[str, Op[Any, Any]] = CATALOGUE) -> str:
     return "\n".join(lines).rstrip("\n")
 
 
+def _type_heading(cls: type, level: str, found: Reachable) -> list[str]:
+    """The start of a message type's or an enum's section: its anchored heading, where it is
+    used and its docstring."""
+    lines = [
+        f'{level} <a id="{type_anchor(cls)}"></a>`{cls.__name__}`',
+        "",
+        _uses(found.uses.get(cls, ())),
+        "",
+    ]
+    if doc := _doc(cls):
+        lines += [doc, ""]
+    return lines
+
+
 def render_enums(catalogue: Mapping[str, Op[Any, Any]] = CATALOGUE) -> str:
     """Every enum a message field uses: its values (sent as these exact strings) and their meaning."""
     found = reachable(catalogue)
@@ -896,14 +910,7 @@ def render_enums(catalogue: Mapping[str, Op[Any, Any]] = CATALOGUE) -> str:
     lines: list[str] = []
     for cls in found.enums:
         comments = sources.member_comments(cls)
-        lines += [
-            f'#### <a id="{type_anchor(cls)}"></a>`{cls.__name__}`',
-            "",
-            _uses(found.uses.get(cls, ())),
-            "",
-        ]
-        if doc := _doc(cls):
-            lines += [doc, ""]
+        lines += _type_heading(cls, "####", found)
         rows = [(_code(repr(member.value)), comments.get(member.name, "")) for member in cls]
         lines += [*_table(("Value", "Meaning"), rows), ""]
     return "\n".join(lines).rstrip("\n")

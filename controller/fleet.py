@@ -8,6 +8,7 @@ for a VM asks for.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
 
 from common.messages.api import HostView, RejectionView, ResourceView
 from common.messages.vm import HostStatus, VmView
@@ -26,6 +27,8 @@ from controller.scheduler.model import (
     ServerGroup,
     Strategy,
 )
+
+V = TypeVar("V", bound=ResourceView)
 
 #: Hypervisors that cannot overcommit memory (the ops notes: Xen cannot, KVM can).
 NO_MEMORY_OVERCOMMIT = frozenset({"xen"})
@@ -196,23 +199,27 @@ def rejection_view(rejection: HostRejection) -> RejectionView:
     return RejectionView(host=rejection.host_id, rule=str(rejection.rule), message=rejection.message)
 
 
+def resource_view(cls: type[V], resource: ResourceClass, inv: Inventory, used: int, **more: Any) -> V:
+    """One resource of a host as clients see it: ``cls`` (a :class:`ResourceView`, or one with
+    the ``more`` fields too) from its inventory and what is used of it."""
+    return cls(
+        resource=str(resource),
+        total=inv.total,
+        reserved=inv.reserved,
+        allocation_ratio=inv.allocation_ratio,
+        capacity=inv.capacity,
+        used=used,
+        free=inv.capacity - used,
+        **more,
+    )
+
+
 def resource_views(record: HostRecord, config: ControllerConfig) -> tuple[ResourceView, ...]:
     used = _used(record)
-    views = []
-    for resource, inv in inventories(record, config).items():
-        amount = used.get(resource, 0)
-        views.append(
-            ResourceView(
-                resource=str(resource),
-                total=inv.total,
-                reserved=inv.reserved,
-                allocation_ratio=inv.allocation_ratio,
-                capacity=inv.capacity,
-                used=amount,
-                free=inv.capacity - amount,
-            )
-        )
-    return tuple(views)
+    return tuple(
+        resource_view(ResourceView, rc, inv, used.get(rc, 0))
+        for rc, inv in inventories(record, config).items()
+    )
 
 
 def host_view(

@@ -18,29 +18,14 @@ from controller.service import ControllerService
 
 log = logging.getLogger(__name__)
 
-_RESETTABLE_COLUMNS = {
-    "cpu_ratio": "cpu_ratio",
-    "ram_ratio": "ram_ratio",
-    "disk_ratio": "disk_ratio",
-    "reserved_memory_mib": "reserved_memory_mib",
-    "reserved_cpus": "reserved_cpus",
-    "reserved_disk_gib": "reserved_disk_gib",
-    "max_vms": "max_vms",
-    "group": "group_name",
-}
+#: The host column of a resettable setting whose name is not the column's.
+_COLUMNS = {"group": "group_name"}
 
 
 def host_set(service: ControllerService, req: msgs.HostSet) -> msgs.Done:
     """Operator overrides for one host (ratios, reserves, limits, group)."""
     values: dict[str, object] = {}
-    for name in (
-        "cpu_ratio",
-        "ram_ratio",
-        "disk_ratio",
-        "reserved_memory_mib",
-        "reserved_cpus",
-        "reserved_disk_gib",
-    ):
+    for name in msgs.GROUP_SETTINGS:
         value = getattr(req, name)
         if value is not None:
             values[name] = value
@@ -50,7 +35,7 @@ def host_set(service: ControllerService, req: msgs.HostSet) -> msgs.Done:
         if name == "limits":
             values["inventory_overrides"] = "{}"
         else:
-            values[_RESETTABLE_COLUMNS[name]] = None
+            values[_COLUMNS.get(name, name)] = None
     with service.tx() as s:
         host = repo.get_host(s, req.host)
         if req.group is not None:
@@ -183,16 +168,12 @@ def capacity(service: ControllerService, req: msgs.CapacityRequest) -> msgs.Capa
         reported = _reported_usage(record)
         resources = []
         for rc, inv in sorted(state.inventories.items(), key=lambda kv: str(kv[0])):
-            used = state.used.get(rc, 0)
             resources.append(
-                msgs.ResourceCapacity(
-                    resource=str(rc),
-                    total=inv.total,
-                    reserved=inv.reserved,
-                    allocation_ratio=inv.allocation_ratio,
-                    capacity=inv.capacity,
-                    used=used,
-                    free=inv.capacity - used,
+                fleet.resource_view(
+                    msgs.ResourceCapacity,
+                    rc,
+                    inv,
+                    state.used.get(rc, 0),
                     min_unit=inv.min_unit,
                     max_unit=inv.effective_max_unit,
                     step_size=inv.step_size,
@@ -213,7 +194,7 @@ def capacity(service: ControllerService, req: msgs.CapacityRequest) -> msgs.Capa
 
 
 def hostgroup_set(service: ControllerService, req: msgs.HostGroupSet) -> msgs.Done:
-    values = {k: getattr(req, k) for k in repo.GROUP_SETTINGS}
+    values = {k: getattr(req, k) for k in msgs.GROUP_SETTINGS}
     with service.tx() as s:
         repo.upsert_host_group(s, req.name, values, service.clock())
         for record in repo.list_hosts(s):
@@ -228,14 +209,7 @@ def hostgroup_list(service: ControllerService, _req: msgs.CapacityRequest) -> ms
     return msgs.HostGroupList(
         tuple(
             msgs.HostGroupView(
-                name=g.name,
-                cpu_ratio=g.settings.get("cpu_ratio"),
-                ram_ratio=g.settings.get("ram_ratio"),
-                disk_ratio=g.settings.get("disk_ratio"),
-                reserved_memory_mib=g.settings.get("reserved_memory_mib"),
-                reserved_cpus=g.settings.get("reserved_cpus"),
-                reserved_disk_gib=g.settings.get("reserved_disk_gib"),
-                hosts=g.hosts,
+                name=g.name, hosts=g.hosts, **{k: g.settings.get(k) for k in msgs.GROUP_SETTINGS}
             )
             for g in groups
         )

@@ -14,39 +14,6 @@ from common.cpuset import CpuSetSyntaxError, format_cpuset, parse_cpuset
 from common.errors import Conflict, InvalidRequest, NotFound, VirtfleetError
 from common.messages import tuning as msgs
 from common.messages.base import replace
-from common.messages.tuning import (
-    TUNING_AFFINITY,
-    TUNING_HUGEPAGES,
-    TUNING_IO_SCHEDULER,
-    TUNING_PIN,
-    TUNING_PROCESS,
-    TUNING_PROFILE,
-    TUNING_TASKSET,
-    ApplyProfile,
-    GetAffinity,
-    HostHugepagesDone,
-    HostHugepagesRequest,
-    HostIoSchedulerDone,
-    HostIoSchedulerRequest,
-    HostTasksetDone,
-    HostTasksetRequest,
-    HostTuneDone,
-    HostTuneRequest,
-    HostTuningReport,
-    HostTuningView,
-    HugepageTarget,
-    PinnedVm,
-    PinVm,
-    ProcessQuery,
-    SetHugepages,
-    SetIoScheduler,
-    SetTaskset,
-    VmAffinity,
-    VmAffinityView,
-    VmPinRequest,
-    page_size_kib,
-    page_size_label,
-)
 from common.messages.vm import CpuTune, Task, VcpuPin, VmRef, VmSpec
 from common.transport.rpc import HandlerTable
 from controller import tuning_inventory
@@ -63,17 +30,17 @@ def _cpus(text: str) -> frozenset[int]:
         raise InvalidRequest(str(exc)) from None
 
 
-def _facts(record: repo.HostRecord) -> HostTuningReport | None:
+def _facts(record: repo.HostRecord) -> msgs.HostTuningReport | None:
     if record.tuning is None:
         return None
     try:
-        return from_wire(HostTuningReport, record.tuning, "tuning")
+        return from_wire(msgs.HostTuningReport, record.tuning, "tuning")
     except InvalidRequest:
         log.warning("host %s: stored tuning facts do not parse; ignoring them", record.id)
         return None
 
 
-def _repin(parsed: VmSpec | None, body: PinVm) -> VmSpec | None:
+def _repin(parsed: VmSpec | None, body: msgs.PinVm) -> VmSpec | None:
     """The stored VmSpec with the new pins; None when there is no (readable) stored spec."""
     if parsed is None:
         return None
@@ -104,9 +71,9 @@ class TuningService:
         return f"{cpus} (the host's shared CPUs)"
 
     def _view(
-        self, vm: repo.VmRecord, host: repo.HostRecord, affinity: VmAffinity, message: str = ""
-    ) -> VmAffinityView:
-        return VmAffinityView(
+        self, vm: repo.VmRecord, host: repo.HostRecord, affinity: msgs.VmAffinity, message: str = ""
+    ) -> msgs.VmAffinityView:
+        return msgs.VmAffinityView(
             vm=vm.name,
             host=host.id,
             cpu_policy=vm.cpu_policy,
@@ -117,23 +84,23 @@ class TuningService:
         )
 
     # -- host facts -------------------------------------------------------------------------
-    def show(self, host_id: str) -> HostTuningView:
+    def show(self, host_id: str) -> msgs.HostTuningView:
         with self.service.tx() as s:
             record = repo.get_host(s, host_id)
             vms = repo.list_vms(s, host_id)
         tuned = tuning_inventory.from_record(record)
         claimed = {
-            page_size_label(size): record.used.get(str(resource), 0)
+            msgs.page_size_label(size): record.used.get(str(resource), 0)
             for size, resource in tuning_inventory.HUGEPAGE_CLASSES.items()
             if record.used.get(str(resource), 0)
         }
-        return HostTuningView(
+        return msgs.HostTuningView(
             host=record.id,
             reported_at=record.last_report,
             facts=_facts(record),
             free_pcpus=format_cpuset(tuned.free_pcpus),
             pinned=tuple(
-                PinnedVm(v.name, v.cpu_policy, format_cpuset(v.pcpus), v.status)
+                msgs.PinnedVm(v.name, v.cpu_policy, format_cpuset(v.pcpus), v.status)
                 for v in vms
                 if v.cpu_policy == "dedicated" or v.pcpus
             ),
@@ -141,7 +108,7 @@ class TuningService:
         )
 
     # -- pinning ----------------------------------------------------------------------------
-    def pin(self, req: VmPinRequest) -> VmAffinityView:
+    def pin(self, req: msgs.VmPinRequest) -> msgs.VmAffinityView:
         """Live re-pin of one vCPU (within the VM's allowance) or of the emulator threads (within
         the host's shared set)."""
         cpus = _cpus(req.cpus)
@@ -155,7 +122,7 @@ class TuningService:
                 where = f"{format_cpuset(allowance) or 'none'} (the host's shared CPUs)"
                 what = "the emulator threads"
             else:
-                assert req.vcpu is not None  # VmPinRequest guarantees one of the two
+                assert req.vcpu is not None  # msgs.VmPinRequest guarantees one of the two
                 if req.vcpu >= max(vm.max_vcpus, vm.vcpus):
                     raise InvalidRequest(f"VM {vm.name} has vCPUs 0-{max(vm.max_vcpus, vm.vcpus) - 1}")
                 allowance = tuning_inventory.vm_allowance(host, vm.cpu_policy, vm.pcpus)
@@ -170,12 +137,12 @@ class TuningService:
                     f"{format_cpuset(outside)} are outside its allowance {where}",
                     details={"allowance": format_cpuset(allowance), "outside": format_cpuset(outside)},
                 )
-            body = PinVm(
+            body = msgs.PinVm(
                 vm=VmRef(vm.uuid, vm.name),
                 vcpu_pins=() if req.emulator else (VcpuPin(req.vcpu or 0, format_cpuset(cpus)),),
                 emulator_cpuset=format_cpuset(cpus) if req.emulator else None,
             )
-            affinity = self.service.agents.call(host_id, TUNING_PIN, body)
+            affinity = self.service.agents.call(host_id, msgs.TUNING_PIN, body)
             spec = _repin(vm.spec, body)
             with self.service.tx() as s:
                 if spec is not None:
@@ -189,17 +156,19 @@ class TuningService:
         log.info("VM %s: %s pinned to %s on %s", vm.name, what, format_cpuset(cpus), host_id)
         return self._view(vm, host, affinity, f"{what} pinned to {format_cpuset(cpus)}")
 
-    def affinity(self, name: str) -> VmAffinityView:
+    def affinity(self, name: str) -> msgs.VmAffinityView:
         vm, host = self._vm_and_host(name)
-        affinity = self.service.agents.call(host.id, TUNING_AFFINITY, GetAffinity(VmRef(vm.uuid, vm.name)))
+        affinity = self.service.agents.call(
+            host.id, msgs.TUNING_AFFINITY, msgs.GetAffinity(VmRef(vm.uuid, vm.name))
+        )
         return self._view(vm, host, affinity)
 
-    def taskset(self, req: HostTasksetRequest) -> HostTasksetDone:
+    def taskset(self, req: msgs.HostTasksetRequest) -> msgs.HostTasksetDone:
         """``taskset -a -pc CPUS PID`` for the QEMU process of a VM virtfleet manages, within the
         VM's allowance (its pCPUs and the shared set for a dedicated VM, the shared set otherwise)."""
         cpus = _cpus(req.cpus)
         host = self.service.up_host(req.host)
-        info = self.service.agents.call(host.id, TUNING_PROCESS, ProcessQuery(req.pid))
+        info = self.service.agents.call(host.id, msgs.TUNING_PROCESS, msgs.ProcessQuery(req.pid))
         if not info.qemu or info.vm_uuid is None:
             raise Conflict(
                 f"process {req.pid} on {host.id} is not a QEMU process; virtfleet only tasksets VMs"
@@ -224,41 +193,41 @@ class TuningService:
                 details={"allowance": format_cpuset(allowance)},
             )
         result = self.service.agents.call(
-            host.id, TUNING_TASKSET, SetTaskset(req.pid, vm.uuid, format_cpuset(cpus))
+            host.id, msgs.TUNING_TASKSET, msgs.SetTaskset(req.pid, vm.uuid, format_cpuset(cpus))
         )
-        return HostTasksetDone(host=host.id, vm=vm.name, result=result)
+        return msgs.HostTasksetDone(host=host.id, vm=vm.name, result=result)
 
     # -- host settings ----------------------------------------------------------------------
-    def hugepages(self, req: HostHugepagesRequest) -> HostHugepagesDone:
-        size = page_size_kib(req.size)
+    def hugepages(self, req: msgs.HostHugepagesRequest) -> msgs.HostHugepagesDone:
+        size = msgs.page_size_kib(req.size)
         host = self.service.up_host(req.host)
         claimed = host.used.get(str(tuning_inventory.hugepage_class(size)), 0)
         if req.count < claimed:
             raise Conflict(
-                f"VMs on {host.id} claim {claimed} {page_size_label(size)} pages; "
+                f"VMs on {host.id} claim {claimed} {msgs.page_size_label(size)} pages; "
                 f"the pool cannot shrink to {req.count}",
                 details={"claimed": claimed},
             )
-        result = self.service.agents.call(host.id, TUNING_HUGEPAGES, SetHugepages(size, req.count))
-        return HostHugepagesDone(host=host.id, result=result)
+        result = self.service.agents.call(host.id, msgs.TUNING_HUGEPAGES, msgs.SetHugepages(size, req.count))
+        return msgs.HostHugepagesDone(host=host.id, result=result)
 
-    def io_scheduler(self, req: HostIoSchedulerRequest) -> HostIoSchedulerDone:
+    def io_scheduler(self, req: msgs.HostIoSchedulerRequest) -> msgs.HostIoSchedulerDone:
         host = self.service.up_host(req.host)
         result = self.service.agents.call(
-            host.id, TUNING_IO_SCHEDULER, SetIoScheduler(req.device, req.scheduler)
+            host.id, msgs.TUNING_IO_SCHEDULER, msgs.SetIoScheduler(req.device, req.scheduler)
         )
-        return HostIoSchedulerDone(host=host.id, result=result)
+        return msgs.HostIoSchedulerDone(host=host.id, result=result)
 
-    def tune(self, req: HostTuneRequest) -> HostTuneDone:
+    def tune(self, req: msgs.HostTuneRequest) -> msgs.HostTuneDone:
         host = self.service.up_host(req.host)
         targets = tuple(
-            HugepageTarget(page_size_kib(size), count)
+            msgs.HugepageTarget(msgs.page_size_kib(size), count)
             for size, count in sorted((req.hugepages or {}).items())
         )
         result = self.service.agents.call(
-            host.id, TUNING_PROFILE, ApplyProfile(req.profile, targets, req.dry_run)
+            host.id, msgs.TUNING_PROFILE, msgs.ApplyProfile(req.profile, targets, req.dry_run)
         )
-        return HostTuneDone(host=host.id, result=result)
+        return msgs.HostTuneDone(host=host.id, result=result)
 
 
 def register(table: HandlerTable, service: ControllerService) -> None:

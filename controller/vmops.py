@@ -40,64 +40,6 @@ from common.messages.vm import (
     VmResult,
     VmSpec,
 )
-from common.messages.vmops import (
-    IMAGE_CONVERT,
-    IMAGE_CREATE,
-    IMAGE_INFO,
-    VM_CONSOLE,
-    VM_DEFINE,
-    VM_DISK_ATTACH,
-    VM_DISK_DETACH,
-    VM_DISK_RESIZE,
-    VM_DUMPXML,
-    VM_MEMSTAT,
-    VM_NIC_ATTACH,
-    VM_NIC_DETACH,
-    VM_NIC_LIST,
-    VM_SET_MEMORY,
-    VM_SET_VCPUS,
-    VM_SNAPSHOT_CREATE,
-    VM_SNAPSHOT_DELETE,
-    VM_SNAPSHOT_LIST,
-    VM_SNAPSHOT_REVERT,
-    ConsoleInfo,
-    ConsoleView,
-    DefineVm,
-    DiskAttach,
-    DiskDetach,
-    DiskResize,
-    DumpXml,
-    ImageConvert,
-    ImageConvertRequest,
-    ImageCreate,
-    ImageCreateRequest,
-    ImageInfoApiRequest,
-    ImageInfoRequest,
-    ImageView,
-    MemStatView,
-    NicAttach,
-    NicDetach,
-    NicListView,
-    SetMemory,
-    SetVcpus,
-    SnapshotCreate,
-    SnapshotCreateRequest,
-    SnapshotListView,
-    SnapshotRef,
-    SnapshotRequest,
-    SnapshotResult,
-    VmAutostartRequest,
-    VmDiskAttachRequest,
-    VmDiskDetachRequest,
-    VmDiskResizeRequest,
-    VmExport,
-    VmExportRequest,
-    VmImportRequest,
-    VmNicAttachRequest,
-    VmNicDetachRequest,
-    VmSetMemoryRequest,
-    VmSetVcpusRequest,
-)
 from common.transport.rpc import HandlerTable
 from controller.db import repository as repo
 from controller.service import ControllerService, _placement_view
@@ -109,7 +51,7 @@ log = logging.getLogger(__name__)
 _ANY_ADDRESS = frozenset({"0.0.0.0", "::", "[::]", ""})  # noqa: S104 - compared, never bound
 
 
-def console_address(info: ConsoleInfo, hostname: str) -> str:
+def console_address(info: vmops.ConsoleInfo, hostname: str) -> str:
     """``host:port`` for a VNC viewer ("" while there is no port)."""
     if info.port is None:
         return ""
@@ -165,19 +107,19 @@ class VmOps:
             raise
 
     # -- autostart, console ----------------------------------------------------------------
-    def autostart(self, req: VmAutostartRequest) -> VmActionDone:
+    def autostart(self, req: vmops.VmAutostartRequest) -> VmActionDone:
         return self.service.change_vm(
             req.name,
             Task.AUTOSTART,
             lambda _vm, h, ref: self.service.agents.call(h, VM_AUTOSTART, SetAutostart(ref, req.enabled)),
         )
 
-    def console(self, name: str) -> ConsoleView:
+    def console(self, name: str) -> vmops.ConsoleView:
         vm, host = self.service.locate_vm(name)
-        info = self.service.agents.call(host.id, VM_CONSOLE, VmAction(VmRef(vm.uuid, vm.name)))
+        info = self.service.agents.call(host.id, vmops.VM_CONSOLE, VmAction(VmRef(vm.uuid, vm.name)))
         if info.type is None:
             raise NotFound(f"VM {name} has no graphical console (create it with --graphics vnc)")
-        return ConsoleView(
+        return vmops.ConsoleView(
             name=vm.name,
             host=host.id,
             hostname=host.hostname,
@@ -189,13 +131,13 @@ class VmOps:
         )
 
     # -- export / import ---------------------------------------------------------------
-    def export(self, req: VmExportRequest) -> VmExport:
+    def export(self, req: vmops.VmExportRequest) -> vmops.VmExport:
         vm, host = self.service.locate_vm(req.name)
-        body = DumpXml(VmRef(vm.uuid, vm.name), secure=req.secure, live=req.live)
-        xml = self.service.agents.call(host.id, VM_DUMPXML, body).xml
-        return VmExport(name=vm.name, host=host.id, xml=xml)
+        body = vmops.DumpXml(VmRef(vm.uuid, vm.name), secure=req.secure, live=req.live)
+        xml = self.service.agents.call(host.id, vmops.VM_DUMPXML, body).xml
+        return vmops.VmExport(name=vm.name, host=host.id, xml=xml)
 
-    def import_vm(self, req: VmImportRequest) -> api.VmCreated:
+    def import_vm(self, req: vmops.VmImportRequest) -> api.VmCreated:
         try:
             parsed = parse_domain_xml(req.xml)
             spec = spec_from_parsed(parsed)
@@ -233,7 +175,7 @@ class VmOps:
         host_id = claimed.placement.host_id
         with self.service.tx() as s:
             repo.update_vm(s, spec.uuid, self.service.clock(), spec=spec)
-        body = DefineVm(
+        body = vmops.DefineVm(
             uuid=spec.uuid,
             name=spec.name,
             xml=req.xml,
@@ -241,7 +183,7 @@ class VmOps:
             start=req.start,
         )
         try:
-            result = self.service.agents.call(host_id, VM_DEFINE, body)
+            result = self.service.agents.call(host_id, vmops.VM_DEFINE, body)
         except RequestTimeout as exc:
             self.service.finish_task(
                 self._record(spec.uuid), status=Lifecycle.ERROR, last_error=f"import timed out: {exc.message}"
@@ -261,40 +203,40 @@ class VmOps:
             return repo.get_vm_by_uuid(s, uuid)
 
     # -- snapshots -------------------------------------------------------------------------
-    def snapshot_create(self, req: SnapshotCreateRequest) -> SnapshotListView:
+    def snapshot_create(self, req: vmops.SnapshotCreateRequest) -> vmops.SnapshotListView:
         vm, host_id = self.service.target(req.name, Task.SNAPSHOTTING)
-        body = SnapshotCreate(VmRef(vm.uuid, vm.name), req.snapshot, req.description)
+        body = vmops.SnapshotCreate(VmRef(vm.uuid, vm.name), req.snapshot, req.description)
         result = self._snapshot_call(
-            vm, host_id, lambda: self.service.agents.call(host_id, VM_SNAPSHOT_CREATE, body)
+            vm, host_id, lambda: self.service.agents.call(host_id, vmops.VM_SNAPSHOT_CREATE, body)
         )
-        return SnapshotListView(name=vm.name, snapshots=result.snapshots, message=result.message)
+        return vmops.SnapshotListView(name=vm.name, snapshots=result.snapshots, message=result.message)
 
-    def snapshot_list(self, name: str) -> SnapshotListView:
+    def snapshot_list(self, name: str) -> vmops.SnapshotListView:
         vm, host = self.service.locate_vm(name)
-        result = self.service.agents.call(host.id, VM_SNAPSHOT_LIST, VmAction(VmRef(vm.uuid, vm.name)))
-        return SnapshotListView(name=vm.name, snapshots=result.snapshots)
+        result = self.service.agents.call(host.id, vmops.VM_SNAPSHOT_LIST, VmAction(VmRef(vm.uuid, vm.name)))
+        return vmops.SnapshotListView(name=vm.name, snapshots=result.snapshots)
 
-    def snapshot_revert(self, req: SnapshotRequest) -> VmActionDone:
+    def snapshot_revert(self, req: vmops.SnapshotRequest) -> VmActionDone:
         vm, host_id = self.service.target(req.name, Task.REVERTING)
-        body = SnapshotRef(VmRef(vm.uuid, vm.name), req.snapshot)
+        body = vmops.SnapshotRef(VmRef(vm.uuid, vm.name), req.snapshot)
         result = self._snapshot_call(
-            vm, host_id, lambda: self.service.agents.call(host_id, VM_SNAPSHOT_REVERT, body)
+            vm, host_id, lambda: self.service.agents.call(host_id, vmops.VM_SNAPSHOT_REVERT, body)
         )
         assert result.status is not None
         view = self.service.apply_result(vm.uuid, VmResult(status=result.status))
         return VmActionDone(view, result.message)
 
-    def snapshot_delete(self, req: SnapshotRequest) -> SnapshotListView:
+    def snapshot_delete(self, req: vmops.SnapshotRequest) -> vmops.SnapshotListView:
         vm, host_id = self.service.target(req.name, Task.SNAPSHOTTING)
-        body = SnapshotRef(VmRef(vm.uuid, vm.name), req.snapshot)
+        body = vmops.SnapshotRef(VmRef(vm.uuid, vm.name), req.snapshot)
         result = self._snapshot_call(
-            vm, host_id, lambda: self.service.agents.call(host_id, VM_SNAPSHOT_DELETE, body)
+            vm, host_id, lambda: self.service.agents.call(host_id, vmops.VM_SNAPSHOT_DELETE, body)
         )
-        return SnapshotListView(name=vm.name, snapshots=result.snapshots, message=result.message)
+        return vmops.SnapshotListView(name=vm.name, snapshots=result.snapshots, message=result.message)
 
     def _snapshot_call(
-        self, vm: repo.VmRecord, host_id: str, call: Callable[[], SnapshotResult]
-    ) -> SnapshotResult:
+        self, vm: repo.VmRecord, host_id: str, call: Callable[[], vmops.SnapshotResult]
+    ) -> vmops.SnapshotResult:
         try:
             result = call()
         except VirtfleetError as exc:
@@ -314,7 +256,7 @@ class VmOps:
         return result
 
     # -- live vCPUs and memory ----------------------------------------------------------------
-    def set_vcpus(self, req: VmSetVcpusRequest) -> VmActionDone:
+    def set_vcpus(self, req: vmops.VmSetVcpusRequest) -> VmActionDone:
         def call(vm: repo.VmRecord, host_id: str, ref: VmRef) -> VmResult:
             if vm.cpu_policy == "dedicated":
                 raise Unsupported(
@@ -327,14 +269,14 @@ class VmOps:
                 host_id,
                 {"VCPU": req.vcpus},
                 req.vcpus > vm.vcpus,
-                lambda: self.service.agents.call(host_id, VM_SET_VCPUS, SetVcpus(ref, req.vcpus)),
+                lambda: self.service.agents.call(host_id, vmops.VM_SET_VCPUS, vmops.SetVcpus(ref, req.vcpus)),
             )
             self._update_spec(vm, lambda spec: replace(spec, vcpus=req.vcpus))
             return result
 
         return self.service.change_vm(req.name, Task.RESIZING, call)
 
-    def set_memory(self, req: VmSetMemoryRequest) -> VmActionDone:
+    def set_memory(self, req: vmops.VmSetMemoryRequest) -> VmActionDone:
         def call(vm: repo.VmRecord, host_id: str, ref: VmRef) -> VmResult:
             if req.memory_mib > vm.max_memory_mib:
                 raise InvalidRequest(
@@ -345,17 +287,19 @@ class VmOps:
                 host_id,
                 {"MEMORY_MIB": req.memory_mib},
                 req.memory_mib > vm.memory_mib,
-                lambda: self.service.agents.call(host_id, VM_SET_MEMORY, SetMemory(ref, req.memory_mib)),
+                lambda: self.service.agents.call(
+                    host_id, vmops.VM_SET_MEMORY, vmops.SetMemory(ref, req.memory_mib)
+                ),
             )
             self._update_spec(vm, lambda spec: replace(spec, memory_mib=req.memory_mib))
             return result
 
         return self.service.change_vm(req.name, Task.RESIZING, call)
 
-    def memstat(self, name: str) -> MemStatView:
+    def memstat(self, name: str) -> vmops.MemStatView:
         vm, host = self.service.locate_vm(name)
-        stat = self.service.agents.call(host.id, VM_MEMSTAT, VmAction(VmRef(vm.uuid, vm.name)))
-        return MemStatView(
+        stat = self.service.agents.call(host.id, vmops.VM_MEMSTAT, VmAction(VmRef(vm.uuid, vm.name)))
+        return vmops.MemStatView(
             name=vm.name,
             host=host.id,
             memory_mib=stat.status.memory_mib,
@@ -374,7 +318,7 @@ class VmOps:
                 repo.update_vm(s, vm.uuid, self.service.clock(), **values)
 
     # -- disks ---------------------------------------------------------------------------
-    def disk_attach(self, req: VmDiskAttachRequest) -> VmActionDone:
+    def disk_attach(self, req: vmops.VmDiskAttachRequest) -> VmActionDone:
         def call(vm: repo.VmRecord, host_id: str, ref: VmRef) -> VmResult:
             spec = vm.spec
             taken = [d.target for d in spec.disks] if spec is not None else []
@@ -392,7 +336,7 @@ class VmOps:
                 io=req.io,
                 readonly=req.readonly,
             )
-            body = DiskAttach(
+            body = vmops.DiskAttach(
                 ref, disk, live=req.live, config=req.config, allow_shared_disk=req.allow_shared_disk
             )
             new_gib = req.size_gib if req.path is None else 0
@@ -401,7 +345,7 @@ class VmOps:
                 host_id,
                 {"DISK_GIB": vm.disk_gib + new_gib},
                 new_gib > 0,
-                lambda: self.service.agents.call(host_id, VM_DISK_ATTACH, body),
+                lambda: self.service.agents.call(host_id, vmops.VM_DISK_ATTACH, body),
             )
             attached = result.disks[0] if result.disks else disk
             self._update_spec(
@@ -411,14 +355,14 @@ class VmOps:
 
         return self.service.change_vm(req.name, Task.ATTACHING, call)
 
-    def disk_detach(self, req: VmDiskDetachRequest) -> VmActionDone:
+    def disk_detach(self, req: vmops.VmDiskDetachRequest) -> VmActionDone:
         def call(vm: repo.VmRecord, host_id: str, ref: VmRef) -> VmResult:
             spec = vm.spec
             known = next((d for d in spec.disks if d.target == req.target), None) if spec else None
-            body = DiskDetach(
+            body = vmops.DiskDetach(
                 ref, req.target, live=req.live, config=req.config, delete_volume=req.delete_volume
             )
-            result = self.service.agents.call(host_id, VM_DISK_DETACH, body)
+            result = self.service.agents.call(host_id, vmops.VM_DISK_DETACH, body)
             # Capacity comes back only for a volume the agent says it deleted: a detach the guest has
             # not acknowledged yet keeps its volume (and so its claim).
             freed = known.size_gib if known is not None and result.deleted_volumes else 0
@@ -436,7 +380,7 @@ class VmOps:
 
         return self.service.change_vm(req.name, Task.DETACHING, call)
 
-    def disk_resize(self, req: VmDiskResizeRequest) -> VmActionDone:
+    def disk_resize(self, req: vmops.VmDiskResizeRequest) -> VmActionDone:
         if not req.i_know:
             raise InvalidRequest(
                 "growing a disk is refused without --yes-i-know: the ops notes advise adding a disk instead, never "
@@ -449,13 +393,13 @@ class VmOps:
             grow = 0
             if known is not None and known.source == "new" and known.device is DiskDevice.DISK:
                 grow = max(0, req.size_gib - known.size_gib)
-            body = DiskResize(ref, req.target, req.size_gib)
+            body = vmops.DiskResize(ref, req.target, req.size_gib)
             result = self._with_claim(
                 vm,
                 host_id,
                 {"DISK_GIB": vm.disk_gib + grow},
                 grow > 0,
-                lambda: self.service.agents.call(host_id, VM_DISK_RESIZE, body),
+                lambda: self.service.agents.call(host_id, vmops.VM_DISK_RESIZE, body),
             )
             self._update_spec(
                 vm,
@@ -475,59 +419,59 @@ class VmOps:
         return self.service.change_vm(req.name, Task.RESIZING, call)
 
     # -- NICs ------------------------------------------------------------------------------
-    def nic_attach(self, req: VmNicAttachRequest) -> NicListView:
+    def nic_attach(self, req: vmops.VmNicAttachRequest) -> vmops.NicListView:
         vm, host_id = self.service.target(req.name, Task.ATTACHING)
         try:
             spec = vm.spec
             nics = spec.nics if spec is not None else ()
             mac = req.mac or generated_mac(vm.uuid, len(nics), [n.mac for n in nics if n.mac])
             nic = NicSpec(kind=req.kind, source=req.source, model=req.model, mac=mac)
-            body = NicAttach(VmRef(vm.uuid, vm.name), nic, live=req.live, config=req.config)
-            result = self.service.agents.call(host_id, VM_NIC_ATTACH, body)
+            body = vmops.NicAttach(VmRef(vm.uuid, vm.name), nic, live=req.live, config=req.config)
+            result = self.service.agents.call(host_id, vmops.VM_NIC_ATTACH, body)
         except VirtfleetError as exc:
             self.service.finish_task(vm, last_error=exc.message)
             raise
         if req.config:
             self._update_spec(vm, lambda s: replace(s, nics=(*tuple(n for n in s.nics if n.mac != mac), nic)))
         self.service.finish_task(vm)
-        return NicListView(name=vm.name, host=host_id, nics=result.nics, message=result.message)
+        return vmops.NicListView(name=vm.name, host=host_id, nics=result.nics, message=result.message)
 
-    def nic_detach(self, req: VmNicDetachRequest) -> NicListView:
+    def nic_detach(self, req: vmops.VmNicDetachRequest) -> vmops.NicListView:
         vm, host_id = self.service.target(req.name, Task.DETACHING)
         try:
-            body = NicDetach(VmRef(vm.uuid, vm.name), req.mac, live=req.live, config=req.config)
-            result = self.service.agents.call(host_id, VM_NIC_DETACH, body)
+            body = vmops.NicDetach(VmRef(vm.uuid, vm.name), req.mac, live=req.live, config=req.config)
+            result = self.service.agents.call(host_id, vmops.VM_NIC_DETACH, body)
         except VirtfleetError as exc:
             self.service.finish_task(vm, last_error=exc.message)
             raise
         if req.config:
             self._update_spec(vm, lambda s: replace(s, nics=tuple(n for n in s.nics if n.mac != req.mac)))
         self.service.finish_task(vm)
-        return NicListView(name=vm.name, host=host_id, nics=result.nics, message=result.message)
+        return vmops.NicListView(name=vm.name, host=host_id, nics=result.nics, message=result.message)
 
-    def nic_list(self, name: str) -> NicListView:
+    def nic_list(self, name: str) -> vmops.NicListView:
         vm, host = self.service.locate_vm(name)
-        result = self.service.agents.call(host.id, VM_NIC_LIST, VmAction(VmRef(vm.uuid, vm.name)))
-        return NicListView(name=vm.name, host=host.id, nics=result.nics)
+        result = self.service.agents.call(host.id, vmops.VM_NIC_LIST, VmAction(VmRef(vm.uuid, vm.name)))
+        return vmops.NicListView(name=vm.name, host=host.id, nics=result.nics)
 
     # -- images ---------------------------------------------------------------------------
-    def image_create(self, req: ImageCreateRequest) -> ImageView:
+    def image_create(self, req: vmops.ImageCreateRequest) -> vmops.ImageView:
         self.service.up_host(req.host)
         info = self.service.agents.call(
-            req.host, IMAGE_CREATE, ImageCreate(req.image, req.format, req.size_gib)
+            req.host, vmops.IMAGE_CREATE, vmops.ImageCreate(req.image, req.format, req.size_gib)
         )
-        return ImageView(host=req.host, image=info, message=f"created {req.image.describe()}")
+        return vmops.ImageView(host=req.host, image=info, message=f"created {req.image.describe()}")
 
-    def image_info(self, req: ImageInfoApiRequest) -> ImageView:
+    def image_info(self, req: vmops.ImageInfoApiRequest) -> vmops.ImageView:
         self.service.up_host(req.host)
-        info = self.service.agents.call(req.host, IMAGE_INFO, ImageInfoRequest(req.image))
-        return ImageView(host=req.host, image=info)
+        info = self.service.agents.call(req.host, vmops.IMAGE_INFO, vmops.ImageInfoRequest(req.image))
+        return vmops.ImageView(host=req.host, image=info)
 
-    def image_convert(self, req: ImageConvertRequest) -> ImageView:
+    def image_convert(self, req: vmops.ImageConvertRequest) -> vmops.ImageView:
         self.service.up_host(req.host)
-        body = ImageConvert(req.source, req.dest, req.format)
-        info = self.service.agents.call(req.host, IMAGE_CONVERT, body)
-        return ImageView(
+        body = vmops.ImageConvert(req.source, req.dest, req.format)
+        info = self.service.agents.call(req.host, vmops.IMAGE_CONVERT, body)
+        return vmops.ImageView(
             host=req.host, image=info, message=f"converted {req.source.describe()} to {req.dest.describe()}"
         )
 

@@ -29,6 +29,7 @@ and by the network and pinning fakes built on the same host.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import threading
@@ -39,13 +40,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
-from agent.ports import ACTIVE_STATES, Hypervisor, Images, NodeFacts
+from agent.ports import ACTIVE_STATES, GIB, Hypervisor, Images, NodeFacts, grown_size, shutdown_timed_out
 from common.cpuset import format_cpuset
 from common.domain_xml import VF_NAMESPACE, DomainXmlError, ParsedDomain, parse_domain_xml
 from common.errors import (
     AlreadyExists,
-    Conflict,
     HypervisorError,
     InternalError,
     InvalidRequest,
@@ -59,9 +60,10 @@ from common.messages.network import LibvirtNetworkInfo
 from common.messages.vm import DiskFormat, PowerState, VmStatus
 from common.messages.vmops import ImageInfo
 
+_T = TypeVar("_T")
+
 KIB = 1024
 MIB = 1024**2
-GIB = 1024**3
 
 #: Namespace of the agent's owned-volumes metadata (the value of libvirt_driver.OWNED_VOLUMES_NS;
 #: repeated so that this module does not import libvirt; a unit test keeps the two equal).
@@ -146,6 +148,12 @@ def libvirt_error(action: str, code: int, text: str, *, domain: int = VIR_FROM_T
     if code in _UNSUPPORTED_CODES:
         return Unsupported(f"{action}: {text}", details=details)
     return HypervisorError(f"{action}: {text}", details=details)
+
+
+def _refuse_unless_active(dom: _Domain, action: str) -> None:
+    """libvirt's refusal of ``action`` on a domain that is not running in any form."""
+    if dom.state not in ACTIVE_STATES:
+        raise libvirt_error(action, VIR_ERR_OPERATION_INVALID, _NOT_RUNNING)
 
 
 # ------------------------------------------------------------------------------------------ XML helpers
@@ -425,12 +433,8 @@ class FakeImages:
         """Grow only."""
         with self.storage.lock:
             current = self.info(path)
-            wanted = size_gib * GIB
-            if wanted < current.virtual_size_bytes:
-                raise InvalidRequest(
-                    f"{path} is {current.virtual_size_bytes / GIB:g} GiB; shrinking a disk loses data and is not done"
-                )
-            if wanted == current.virtual_size_bytes:
+            wanted = grown_size(current, size_gib)
+            if wanted is None:
                 return current
             what = f"qemu-img resize {path}"
             self._locked(path, what, '"write"')
@@ -818,16 +822,17 @@ class FakeHypervisor:
             )
 
     # -- storage -----------------------------------------------------------------------------------
+    def _named(self, found: _T | None, kind: str, name: str, action: str, code: int) -> _T:
+        """``found``, else libvirt's error ``code`` for no ``kind`` (storage pool, ...) named ``name``."""
+        if found is None:
+            text = f"{kind.capitalize()} not found: no {kind} with matching name '{name}'"
+            raise libvirt_error(action, code, text, domain=self._from)
+        return found
+
     def _pool(self, name: str) -> _Pool:
-        pool = self._pools.get(name)
-        if pool is None:
-            raise libvirt_error(
-                f"storage pool {name}",
-                VIR_ERR_NO_STORAGE_POOL,
-                f"Storage pool not found: no storage pool with matching name '{name}'",
-                domain=self._from,
-            )
-        return pool
+        return self._named(
+            self._pools.get(name), "storage pool", name, f"storage pool {name}", VIR_ERR_NO_STORAGE_POOL
+        )
 
     def volume_path(self, pool: str, name: str) -> str | None:
         with self.lock:
@@ -888,6 +893,13 @@ class FakeHypervisor:
             return self._volume_by_path(path) is not None or self.storage.exists(path)
 
     # -- domains -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _domain(self, method: str, uuid: str) -> Iterator[_Domain]:
+        """The domain ``uuid``, under the lock, for the port method ``method`` (see :meth:`_enter`)."""
+        with self.lock:
+            self._enter(method)
+            yield self._get(uuid, f"VM {uuid}")
+
     def _get(self, uuid: str, action: str) -> _Domain:
         try:
             key = str(uuid_mod.UUID(uuid))
@@ -1012,20 +1024,15 @@ class FakeHypervisor:
         metadata.append(elem)
 
     def set_owned_volumes(self, uuid: str, paths: tuple[str, ...]) -> None:
-        with self.lock:
-            self._enter("set_owned_volumes")
-            action = f"VM {uuid}: cannot record its volumes"
-            dom = self._get(uuid, f"VM {uuid}")
-            root = self._persistent(dom, action)
+        with self._domain("set_owned_volumes", uuid) as dom:
+            root = self._persistent(dom, f"VM {uuid}: cannot record its volumes")
             volumes = ET.Element(f"{{{OWNED_VOLUMES_NS}}}volumes")
             for path in paths:
                 ET.SubElement(volumes, f"{{{OWNED_VOLUMES_NS}}}volume", {"path": path})
             self._set_metadata(root, OWNED_VOLUMES_NS, volumes)
 
     def owned_volumes(self, uuid: str) -> tuple[str, ...]:
-        with self.lock:
-            self._enter("owned_volumes")
-            dom = self._get(uuid, f"VM {uuid}")
+        with self._domain("owned_volumes", uuid) as dom:
             root = self._persistent(dom, f"VM {uuid}: cannot read its volumes")
             volumes = root.find(f"metadata/{{{OWNED_VOLUMES_NS}}}volumes")
             if volumes is None:
@@ -1146,9 +1153,7 @@ class FakeHypervisor:
 
     def start(self, uuid: str) -> None:
         action = f"cannot start VM {uuid}"
-        with self.lock:
-            self._enter("start")
-            dom = self._get(uuid, f"VM {uuid}")
+        with self._domain("start", uuid) as dom:
             if dom.state not in _STARTABLE:
                 raise libvirt_error(
                     action, VIR_ERR_INTERNAL_ERROR, f"internal error: Domain '{dom.name}' is already running"
@@ -1156,13 +1161,10 @@ class FakeHypervisor:
             self._boot(dom, action)
 
     def shutdown(self, uuid: str, timeout_s: float, force: bool) -> None:
-        with self.lock:
-            self._enter("shutdown")
-            dom = self._get(uuid, f"VM {uuid}")
+        with self._domain("shutdown", uuid) as dom:
             if dom.state is PowerState.SHUTOFF:
                 return
-            if dom.state not in ACTIVE_STATES:
-                raise libvirt_error(f"cannot shut down VM {uuid}", VIR_ERR_OPERATION_INVALID, _NOT_RUNNING)
+            _refuse_unless_active(dom, f"cannot shut down VM {uuid}")
             if not self.ignore_acpi:
                 self._stopped(dom)
                 return
@@ -1170,60 +1172,41 @@ class FakeHypervisor:
             if force:
                 self._stopped(dom)
                 return
-            raise Conflict(
-                f"VM {uuid} did not shut down within {timeout_s:g} s (the guest ignored ACPI); "
-                "retry, or shut down with force",
-                retryable=True,
-                details={"timeout_s": timeout_s},
-            )
+            raise shutdown_timed_out(uuid, timeout_s)
 
     def destroy(self, uuid: str) -> None:
-        with self.lock:
-            self._enter("destroy")
-            dom = self._get(uuid, f"VM {uuid}")
-            if dom.state not in ACTIVE_STATES:
-                raise libvirt_error(f"cannot power off VM {uuid}", VIR_ERR_OPERATION_INVALID, _NOT_RUNNING)
+        with self._domain("destroy", uuid) as dom:
+            _refuse_unless_active(dom, f"cannot power off VM {uuid}")
             self._stopped(dom)
 
     def reboot(self, uuid: str) -> None:
-        with self.lock:
-            self._enter("reboot")
-            dom = self._get(uuid, f"VM {uuid}")
-            if dom.state not in ACTIVE_STATES:
-                raise libvirt_error(f"cannot reboot VM {uuid}", VIR_ERR_OPERATION_INVALID, _NOT_RUNNING)
+        with self._domain("reboot", uuid) as dom:
+            _refuse_unless_active(dom, f"cannot reboot VM {uuid}")
             dom.state = PowerState.RUNNING  # the test driver resumes a paused domain on reboot
 
     def reset(self, uuid: str) -> None:
-        with self.lock:
-            self._enter("reset")
-            dom = self._get(uuid, f"VM {uuid}")
-            if dom.state not in ACTIVE_STATES:
-                raise libvirt_error(f"cannot reset VM {uuid}", VIR_ERR_OPERATION_INVALID, _NOT_RUNNING)
+        with self._domain("reset", uuid) as dom:
+            _refuse_unless_active(dom, f"cannot reset VM {uuid}")
             # like QEMU's system_reset (and the test driver): the state is kept, a paused VM stays paused
 
     def suspend(self, uuid: str) -> None:
-        with self.lock:
-            self._enter("suspend")
-            dom = self._get(uuid, f"VM {uuid}")
-            if dom.state is not PowerState.RUNNING:
-                raise libvirt_error(
-                    f"cannot suspend VM {uuid}",
-                    VIR_ERR_INTERNAL_ERROR,
-                    f"internal error: domain '{dom.name}' not running",
-                )
-            dom.state = PowerState.PAUSED
+        self._pause_or_resume("suspend", uuid, PowerState.RUNNING, "running", PowerState.PAUSED)
 
     def resume(self, uuid: str) -> None:
-        with self.lock:
-            self._enter("resume")
-            dom = self._get(uuid, f"VM {uuid}")
-            if dom.state is not PowerState.PAUSED:
+        self._pause_or_resume("resume", uuid, PowerState.PAUSED, "paused", PowerState.RUNNING)
+
+    def _pause_or_resume(
+        self, method: str, uuid: str, was: PowerState, was_word: str, becomes: PowerState
+    ) -> None:
+        """``suspend`` / ``resume``: a domain in state ``was`` goes to ``becomes``; libvirt refuses any other."""
+        with self._domain(method, uuid) as dom:
+            if dom.state is not was:
                 raise libvirt_error(
-                    f"cannot resume VM {uuid}",
+                    f"cannot {method} VM {uuid}",
                     VIR_ERR_INTERNAL_ERROR,
-                    f"internal error: domain '{dom.name}' not paused",
+                    f"internal error: domain '{dom.name}' not {was_word}",
                 )
-            dom.state = PowerState.RUNNING
+            dom.state = becomes
 
     def undefine(self, uuid: str) -> None:
         with self.lock:
@@ -1243,9 +1226,8 @@ class FakeHypervisor:
                 del self._domains[dom.uuid]
 
     def set_autostart(self, uuid: str, enabled: bool) -> None:
-        with self.lock:
-            self._enter("set_autostart")
-            self._get(uuid, f"VM {uuid}").autostart = enabled
+        with self._domain("set_autostart", uuid) as dom:
+            dom.autostart = enabled
 
     def _status(self, dom: _Domain) -> VmStatus:
         try:
@@ -1267,9 +1249,8 @@ class FakeHypervisor:
         )
 
     def status(self, uuid: str) -> VmStatus:
-        with self.lock:
-            self._enter("status")
-            return self._status(self._get(uuid, f"VM {uuid}"))
+        with self._domain("status", uuid) as dom:
+            return self._status(dom)
 
     def list_statuses(self) -> tuple[VmStatus, ...]:
         with self.lock:
@@ -1300,9 +1281,8 @@ class FakeHypervisor:
         return _render(dom.persistent if dom.persistent is not None else dom.current, secure=secure)
 
     def domain_xml(self, uuid: str, *, live: bool, secure: bool = False) -> str:
-        with self.lock:
-            self._enter("domain_xml")
-            return self._xml(self._get(uuid, f"VM {uuid}"), live=live, secure=secure)
+        with self._domain("domain_xml", uuid) as dom:
+            return self._xml(dom, live=live, secure=secure)
 
     def domain_xmls(self) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
         with self.lock:
@@ -1316,9 +1296,7 @@ class FakeHypervisor:
             return tuple(out)
 
     def mark_managed(self, uuid: str) -> None:
-        with self.lock:
-            self._enter("mark_managed")
-            dom = self._get(uuid, f"VM {uuid}")
+        with self._domain("mark_managed", uuid) as dom:
             # Like setMetadata(AFFECT_CONFIG): the persistent definition only, not a running domain's.
             root = self._persistent(dom, f"VM {uuid}: cannot mark it as managed by virtfleet")
             instance = ET.Element(f"{{{VF_NAMESPACE}}}instance")
@@ -1341,9 +1319,7 @@ class FakeHypervisor:
 
     def set_vcpus(self, uuid: str, vcpus: int, *, live: bool, config: bool) -> None:
         action = f"cannot set the vCPUs of VM {uuid} to {vcpus}"
-        with self.lock:
-            self._enter("set_vcpus")
-            dom = self._get(uuid, f"VM {uuid}")
+        with self._domain("set_vcpus", uuid) as dom:
             if vcpus == 0:
                 raise libvirt_error(
                     action, VIR_ERR_INVALID_ARG, "nvcpus in virDomainSetVcpusFlags must not be zero"
@@ -1372,9 +1348,7 @@ class FakeHypervisor:
 
     def set_memory(self, uuid: str, memory_mib: int, *, live: bool, config: bool) -> None:
         action = f"cannot set the memory of VM {uuid} to {memory_mib} MiB"
-        with self.lock:
-            self._enter("set_memory")
-            dom = self._get(uuid, f"VM {uuid}")
+        with self._domain("set_memory", uuid) as dom:
             if memory_mib <= 0:
                 raise libvirt_error(
                     action, VIR_ERR_INVALID_ARG, "memory in virDomainSetMemoryFlags must not be zero"
@@ -1390,9 +1364,7 @@ class FakeHypervisor:
                 _set_current_memory(tree, memory_mib)
 
     def memory_stats(self, uuid: str) -> dict[str, int]:
-        with self.lock:
-            self._enter("memory_stats")
-            dom = self._get(uuid, f"VM {uuid}")
+        with self._domain("memory_stats", uuid) as dom:
             if dom.live is None:
                 raise libvirt_error(
                     f"cannot read the memory statistics of VM {uuid}", VIR_ERR_OPERATION_INVALID, _NOT_RUNNING
@@ -1440,9 +1412,7 @@ class FakeHypervisor:
 
     def create_snapshot(self, uuid: str, xml: str) -> None:
         action = f"cannot snapshot VM {uuid}"
-        with self.lock:
-            self._enter("create_snapshot")
-            dom = self._get(uuid, f"VM {uuid}")
+        with self._domain("create_snapshot", uuid) as dom:
             try:
                 root = _parse_xml(xml, "snapshot XML")
             except ET.ParseError as exc:
@@ -1482,29 +1452,20 @@ class FakeHypervisor:
             dom.current_snapshot = name
 
     def list_snapshots(self, uuid: str) -> tuple[tuple[str, bool], ...]:
-        with self.lock:
-            self._enter("list_snapshots")
-            dom = self._get(uuid, f"VM {uuid}")
+        with self._domain("list_snapshots", uuid) as dom:
             return tuple(
                 (self._snapshot_xml(s), s.name == dom.current_snapshot) for s in dom.snapshots.values()
             )
 
     def _snapshot(self, dom: _Domain, uuid: str, name: str) -> _Snapshot:
-        snap = dom.snapshots.get(name)
-        if snap is None:
-            raise libvirt_error(
-                f"VM {uuid}: snapshot {name}",
-                VIR_ERR_NO_DOMAIN_SNAPSHOT,
-                f"Domain snapshot not found: no domain snapshot with matching name '{name}'",
-                domain=self._from,
-            )
-        return snap
+        action = f"VM {uuid}: snapshot {name}"
+        return self._named(
+            dom.snapshots.get(name), "domain snapshot", name, action, VIR_ERR_NO_DOMAIN_SNAPSHOT
+        )
 
     def revert_snapshot(self, uuid: str, name: str) -> None:
         action = f"cannot revert VM {uuid} to snapshot {name}"
-        with self.lock:
-            self._enter("revert_snapshot")
-            dom = self._get(uuid, f"VM {uuid}")
+        with self._domain("revert_snapshot", uuid) as dom:
             snap = self._snapshot(dom, uuid, name)
             dom.live, dom.domid = None, None
             dom.pending_release.clear()
@@ -1538,9 +1499,7 @@ class FakeHypervisor:
             dom.state = PowerState.PAUSED if snap.state == PowerState.PAUSED.value else PowerState.RUNNING
 
     def delete_snapshot(self, uuid: str, name: str) -> None:
-        with self.lock:
-            self._enter("delete_snapshot")
-            dom = self._get(uuid, f"VM {uuid}")
+        with self._domain("delete_snapshot", uuid) as dom:
             snap = self._snapshot(dom, uuid, name)
             del dom.snapshots[name]
             for other in dom.snapshots.values():
@@ -1570,9 +1529,7 @@ class FakeHypervisor:
 
     def attach_device(self, uuid: str, xml: str, *, live: bool, config: bool) -> None:
         action = f"cannot attach a device to VM {uuid}"
-        with self.lock:
-            self._enter("attach_device")
-            dom = self._get(uuid, f"VM {uuid}")
+        with self._domain("attach_device", uuid) as dom:
             device = self._device(xml, action)
             if device.tag == "interface" and _nic_mac(device) is None:
                 device.insert(0, ET.Element("mac", {"address": self._new_mac()}))
@@ -1589,23 +1546,15 @@ class FakeHypervisor:
     def _check_attach(
         self, dom: _Domain, tree: ET.Element, device: ET.Element, action: str, *, live: bool
     ) -> None:
-        devices = _devices(tree)
-        if device.tag == "disk":
-            target = _disk_target(device)
-            if any(_disk_target(d) == target for d in devices.findall("disk")):
-                raise libvirt_error(
-                    action,
-                    VIR_ERR_OPERATION_INVALID,
-                    f"Requested operation is not valid: target {target} already exists",
-                )
-        else:
-            mac = _nic_mac(device)
-            if any(_nic_mac(n) == mac for n in devices.findall("interface")):
-                raise libvirt_error(
-                    action,
-                    VIR_ERR_OPERATION_INVALID,
-                    f"Requested operation is not valid: MAC address {mac} is already in use by another interface",
-                )
+        if self._matching(_devices(tree), device) is not None:
+            clash = (
+                f"target {_disk_target(device)} already exists"
+                if device.tag == "disk"
+                else f"MAC address {_nic_mac(device)} is already in use by another interface"
+            )
+            raise libvirt_error(
+                action, VIR_ERR_OPERATION_INVALID, f"Requested operation is not valid: {clash}"
+            )
         if not live:
             return  # libvirt checks sources when QEMU opens them, not in the definition
         if tree.find("features/acpi") is None:
@@ -1632,9 +1581,7 @@ class FakeHypervisor:
 
     def detach_device(self, uuid: str, xml: str, *, live: bool, config: bool) -> None:
         action = f"cannot detach a device from VM {uuid}"
-        with self.lock:
-            self._enter("detach_device")
-            dom = self._get(uuid, f"VM {uuid}")
+        with self._domain("detach_device", uuid) as dom:
             device = self._device(xml, action)
             trees = self._scopes(dom, action, live, config)
             found = []
@@ -1684,17 +1631,13 @@ class FakeHypervisor:
         )
 
     def block_size(self, uuid: str, target: str) -> int:
-        with self.lock:
-            self._enter("block_size")
-            dom = self._get(uuid, f"VM {uuid}")
+        with self._domain("block_size", uuid) as dom:
             _path, f = self._disk_file(dom, target, f"VM {uuid}: disk {target}")
             return f.virtual_size
 
     def block_resize(self, uuid: str, target: str, size_bytes: int) -> None:
         action = f"cannot resize disk {target} of VM {uuid}"
-        with self.lock:
-            self._enter("block_resize")
-            dom = self._get(uuid, f"VM {uuid}")
+        with self._domain("block_resize", uuid) as dom:
             if dom.live is None:
                 raise libvirt_error(action, VIR_ERR_OPERATION_INVALID, _NOT_RUNNING, domain=self._from)
             _path, f = self._disk_file(dom, target, action)

@@ -19,13 +19,13 @@ import subprocess
 import uuid
 from collections.abc import Callable, Sequence
 
-from common.errors import AlreadyExists, InvalidRequest, NotFound, StorageError, Unsupported
+from agent.ports import GIB, grown_size
+from common.errors import AlreadyExists, NotFound, StorageError, Unsupported
 from common.messages.vm import DiskFormat
 from common.messages.vmops import ImageInfo
 
 log = logging.getLogger(__name__)
 
-GIB = 1024**3
 
 #: Seconds one qemu-img run may take: below the 600 s "slow" class of image.convert.
 CONVERT_TIMEOUT_S = 540.0
@@ -159,12 +159,8 @@ class QemuImg:
     def resize(self, path: str, size_gib: int) -> ImageInfo:
         """Grow an image (``qemu-img resize``); shrinking is refused (it loses data)."""
         current = self.info(path)
-        wanted = size_gib * GIB
-        if wanted < current.virtual_size_bytes:
-            raise InvalidRequest(
-                f"{path} is {current.virtual_size_bytes / GIB:g} GiB; shrinking a disk loses data and is not done"
-            )
-        if wanted == current.virtual_size_bytes:
+        wanted = grown_size(current, size_gib)
+        if wanted is None:
             return current
         self._call(
             ["resize", "-q", "-f", current.format, path, str(wanted)],

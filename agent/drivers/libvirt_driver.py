@@ -26,15 +26,14 @@ from typing import Any
 import libvirt
 
 from agent.drivers import host_facts
-from agent.ports import NodeFacts
+from agent.ports import GIB, NodeFacts, shutdown_timed_out
 from common.domain_xml import VF_NAMESPACE, DomainXmlError, parse_domain_xml
-from common.errors import Conflict, HypervisorError, NotFound, Unsupported, VirtfleetError
+from common.errors import HypervisorError, NotFound, Unsupported, VirtfleetError
 from common.messages.host import CpuTopology, StoragePoolInfo
 from common.messages.vm import DiskFormat, PowerState, VmStatus
 
 log = logging.getLogger(__name__)
 
-GIB = 1024**3
 MIB = 1024**2
 
 #: Namespace of the agent's own ``<metadata>`` element: the volumes it created for a domain.
@@ -373,6 +372,13 @@ class LibvirtHypervisor:
         with libvirt_errors(f"VM {uuid}"):
             return self.conn.lookupByUUIDString(uuid)
 
+    @contextlib.contextmanager
+    def _domain(self, uuid: str, action: str) -> Iterator[Any]:
+        """The domain ``uuid``; a libvirt error inside the block is a refusal of ``action``."""
+        dom = self._dom(uuid)
+        with libvirt_errors(action):
+            yield dom
+
     def find(self, uuid: str) -> VmStatus | None:
         try:
             return self.status(uuid)
@@ -395,8 +401,7 @@ class LibvirtHypervisor:
             return str(dom.UUIDString())
 
     def set_owned_volumes(self, uuid: str, paths: tuple[str, ...]) -> None:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"VM {uuid}: cannot record its volumes"):
+        with self._domain(uuid, f"VM {uuid}: cannot record its volumes") as dom:
             dom.setMetadata(
                 libvirt.VIR_DOMAIN_METADATA_ELEMENT,
                 owned_volumes_xml(paths),
@@ -418,8 +423,7 @@ class LibvirtHypervisor:
         return parse_owned_volumes(str(xml))
 
     def start(self, uuid: str) -> None:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"cannot start VM {uuid}"):
+        with self._domain(uuid, f"cannot start VM {uuid}") as dom:
             dom.create()
 
     def _state(self, dom: Any, uuid: str) -> PowerState:
@@ -448,36 +452,26 @@ class LibvirtHypervisor:
             log.info("VM %s did not shut down within %s s; powering it off", uuid, timeout_s)
             self.destroy(uuid)
             return
-        raise Conflict(
-            f"VM {uuid} did not shut down within {timeout_s:g} s (the guest ignored ACPI); "
-            "retry, or shut down with force",
-            retryable=True,
-            details={"timeout_s": timeout_s},
-        )
+        raise shutdown_timed_out(uuid, timeout_s)
 
     def destroy(self, uuid: str) -> None:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"cannot power off VM {uuid}"):
+        with self._domain(uuid, f"cannot power off VM {uuid}") as dom:
             dom.destroy()
 
     def reboot(self, uuid: str) -> None:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"cannot reboot VM {uuid}"):
+        with self._domain(uuid, f"cannot reboot VM {uuid}") as dom:
             dom.reboot(0)
 
     def reset(self, uuid: str) -> None:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"cannot reset VM {uuid}"):
+        with self._domain(uuid, f"cannot reset VM {uuid}") as dom:
             dom.reset(0)
 
     def suspend(self, uuid: str) -> None:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"cannot suspend VM {uuid}"):
+        with self._domain(uuid, f"cannot suspend VM {uuid}") as dom:
             dom.suspend()
 
     def resume(self, uuid: str) -> None:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"cannot resume VM {uuid}"):
+        with self._domain(uuid, f"cannot resume VM {uuid}") as dom:
             dom.resume()
 
     def undefine(self, uuid: str) -> None:
@@ -498,8 +492,7 @@ class LibvirtHypervisor:
             dom.undefineFlags(flags)
 
     def set_autostart(self, uuid: str, enabled: bool) -> None:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"cannot set autostart of VM {uuid}"):
+        with self._domain(uuid, f"cannot set autostart of VM {uuid}") as dom:
             dom.setAutostart(1 if enabled else 0)
 
     def status(self, uuid: str) -> VmStatus:
@@ -569,8 +562,7 @@ class LibvirtHypervisor:
         return tuple(out)
 
     def mark_managed(self, uuid: str) -> None:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"VM {uuid}: cannot mark it as managed by virtfleet"):
+        with self._domain(uuid, f"VM {uuid}: cannot mark it as managed by virtfleet") as dom:
             dom.setMetadata(
                 libvirt.VIR_DOMAIN_METADATA_ELEMENT,
                 managed_marker_xml(),
@@ -581,8 +573,7 @@ class LibvirtHypervisor:
 
     # -- live changes ----------------------------------------------------------------------
     def set_vcpus(self, uuid: str, vcpus: int, *, live: bool, config: bool) -> None:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"cannot set the vCPUs of VM {uuid} to {vcpus}"):
+        with self._domain(uuid, f"cannot set the vCPUs of VM {uuid} to {vcpus}") as dom:
             # One call per scope: some drivers (the test driver) refuse LIVE|CONFIG together.
             if live:
                 dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_AFFECT_LIVE)
@@ -590,40 +581,34 @@ class LibvirtHypervisor:
                 dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
 
     def set_memory(self, uuid: str, memory_mib: int, *, live: bool, config: bool) -> None:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"cannot set the memory of VM {uuid} to {memory_mib} MiB"):
+        with self._domain(uuid, f"cannot set the memory of VM {uuid} to {memory_mib} MiB") as dom:
             if live:
                 dom.setMemoryFlags(memory_mib * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
             if config:
                 dom.setMemoryFlags(memory_mib * 1024, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
 
     def memory_stats(self, uuid: str) -> dict[str, int]:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"cannot read the memory statistics of VM {uuid}"):
+        with self._domain(uuid, f"cannot read the memory statistics of VM {uuid}") as dom:
             stats = dom.memoryStats()
         return {str(k): int(v) for k, v in dict(stats).items()}
 
     # -- snapshots ---------------------------------------------------------------------
     def create_snapshot(self, uuid: str, xml: str) -> None:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"cannot snapshot VM {uuid}"):
+        with self._domain(uuid, f"cannot snapshot VM {uuid}") as dom:
             dom.snapshotCreateXML(xml, 0)
 
     def list_snapshots(self, uuid: str) -> tuple[tuple[str, bool], ...]:
         """(snapshot XML, is current) for each snapshot."""
-        dom = self._dom(uuid)
-        with libvirt_errors(f"cannot list the snapshots of VM {uuid}"):
+        with self._domain(uuid, f"cannot list the snapshots of VM {uuid}") as dom:
             return tuple((str(s.getXMLDesc(0)), bool(s.isCurrent(0))) for s in dom.listAllSnapshots(0))
 
     def _snapshot(self, uuid: str, name: str) -> Any:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"VM {uuid}: snapshot {name}"):
+        with self._domain(uuid, f"VM {uuid}: snapshot {name}") as dom:
             return dom.snapshotLookupByName(name, 0)
 
     def revert_snapshot(self, uuid: str, name: str) -> None:
         snap = self._snapshot(uuid, name)
-        dom = self._dom(uuid)
-        with libvirt_errors(f"cannot revert VM {uuid} to snapshot {name}"):
+        with self._domain(uuid, f"cannot revert VM {uuid} to snapshot {name}") as dom:
             dom.revertToSnapshot(snap, 0)
 
     def delete_snapshot(self, uuid: str, name: str) -> None:
@@ -642,24 +627,20 @@ class LibvirtHypervisor:
         return flags
 
     def attach_device(self, uuid: str, xml: str, *, live: bool, config: bool) -> None:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"cannot attach a device to VM {uuid}"):
+        with self._domain(uuid, f"cannot attach a device to VM {uuid}") as dom:
             dom.attachDeviceFlags(xml, self._scope(live, config))
 
     def detach_device(self, uuid: str, xml: str, *, live: bool, config: bool) -> None:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"cannot detach a device from VM {uuid}"):
+        with self._domain(uuid, f"cannot detach a device from VM {uuid}") as dom:
             dom.detachDeviceFlags(xml, self._scope(live, config))
 
     def block_size(self, uuid: str, target: str) -> int:
         """Virtual size in bytes of the running domain's disk ``target``."""
-        dom = self._dom(uuid)
-        with libvirt_errors(f"VM {uuid}: disk {target}"):
+        with self._domain(uuid, f"VM {uuid}: disk {target}") as dom:
             return int(dom.blockInfo(target, 0)[0])
 
     def block_resize(self, uuid: str, target: str, size_bytes: int) -> None:
-        dom = self._dom(uuid)
-        with libvirt_errors(f"cannot resize disk {target} of VM {uuid}"):
+        with self._domain(uuid, f"cannot resize disk {target} of VM {uuid}") as dom:
             dom.blockResize(target, size_bytes, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
 
     # -- storage, networks -----------------------------------------------------------

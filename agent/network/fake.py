@@ -29,25 +29,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.drivers.fake import FakeHypervisor
-from agent.network.libvirt_net import build_network_xml, parse_network_xml, same_network
-from agent.network.model import (
-    AddAddress,
-    AddRoute,
-    CreateBond,
-    CreateBridge,
-    DelAddress,
-    DeleteLink,
-    DelRoute,
-    LinkStep,
-    ProbeResult,
-    SetBondMiimon,
-    SetBondPrimary,
-    SetLinkUp,
-    SetMaster,
-    SetStp,
-    describe,
-)
-from common.errors import AlreadyExists, NetworkConfigError, VirtfleetError
+from agent.network import model
+from agent.network.libvirt_net import already_defined, build_network_xml, parse_network_xml
+from common.errors import NetworkConfigError, VirtfleetError
 from common.messages.network import (
     BondInfo,
     BondSlaveInfo,
@@ -64,26 +48,9 @@ _KNOWN_PROTOS = frozenset({"unspec", "redirect", "kernel", "boot", "static", "dh
 _DEFAULT_FORWARD_DELAY_CS = 1500  # the kernel's 15 s
 
 
-def _hint(step: LinkStep, code: int) -> str:
-    """NetlinkDriver's hints, word for word."""
-    if isinstance(step, CreateBond) and code in (errno.EOPNOTSUPP, errno.EINVAL):
-        return " (the bonding driver is not available in this kernel)"
-    if isinstance(step, AddRoute) and code == errno.ENETUNREACH:
-        return " (the gateway is not on a connected network of that interface)"
-    return ""
-
-
-def _netlink_error(step: LinkStep, code: int) -> NetworkConfigError:
+def _netlink_error(step: model.LinkStep, code: int) -> NetworkConfigError:
     """What NetlinkDriver.apply raises when the kernel answers ``code``."""
-    action = describe(step)
-    return NetworkConfigError(
-        f"{action}: {os.strerror(code)}{_hint(step, code)}", details={"errno": code, "action": action}
-    )
-
-
-def _no_device(name: str) -> NetworkConfigError:
-    """NetlinkDriver._index's error (raised before netlink is asked, so not idempotent)."""
-    return NetworkConfigError(f"interface {name} does not exist", details={"errno": errno.ENODEV})
+    return model.kernel_error(step, code, os.strerror(code))
 
 
 @dataclass
@@ -115,8 +82,8 @@ class FakeLinkDriver:
         self._next_index = 1
         self.bonding = bonding
         #: Every step applied successfully, in order.
-        self.applied: list[LinkStep] = []
-        self._failures: deque[tuple[type[LinkStep] | None, VirtfleetError]] = deque()
+        self.applied: list[model.LinkStep] = []
+        self._failures: deque[tuple[type[model.LinkStep] | None, VirtfleetError]] = deque()
         self.add_link("lo", kind="loopback", addresses=("127.0.0.1/8",))
 
     @classmethod
@@ -136,9 +103,9 @@ class FakeLinkDriver:
         for name in nics:
             links.add_link(name)
         if address is not None and nics:
-            links.apply(AddAddress(nics[0], address))
+            links.apply(model.AddAddress(nics[0], address))
             if gateway is not None:
-                links.apply(AddRoute(RouteInfo("default", nics[0], gateway, proto="boot")))
+                links.apply(model.AddRoute(RouteInfo("default", nics[0], gateway, proto="boot")))
         for bridge in bridges:
             links.ensure_bridge(bridge, (ports or {}).get(bridge, ()))
         links.applied.clear()
@@ -168,17 +135,17 @@ class FakeLinkDriver:
     def ensure_bridge(self, name: str, ports: Iterable[str] = ()) -> None:
         """A bridge that is up, with ``ports`` enslaved (created when missing)."""
         with self._lock:
-            self.apply(CreateBridge(name))
+            self.apply(model.CreateBridge(name))
             for port in ports:
-                self.apply(SetMaster(port, name))
-            self.apply(SetLinkUp(name, True))
+                self.apply(model.SetMaster(port, name))
+            self.apply(model.SetLinkUp(name, True))
 
     def set_cable(self, name: str, plugged: bool) -> None:
         """Pull or plug a NIC's cable (carrier), e.g. to make a bond fail over."""
         with self._lock:
             self._require(name).cable = plugged
 
-    def fail_next(self, error: VirtfleetError, step: type[LinkStep] | None = None) -> None:
+    def fail_next(self, error: VirtfleetError, step: type[model.LinkStep] | None = None) -> None:
         """The next step (of type ``step``, or any) fails with ``error`` before it changes anything."""
         with self._lock:
             self._failures.append((step, error))
@@ -220,7 +187,7 @@ class FakeLinkDriver:
                 bonds=tuple(self._bond(link) for link in links if link.kind == "bond"),
             )
 
-    def apply(self, step: LinkStep) -> None:
+    def apply(self, step: model.LinkStep) -> None:
         """Execute one step; 'already so' is success. NetworkConfigError otherwise, as NetlinkDriver."""
         with self._lock:
             if self._failures and self._failures[0][0] in (None, type(step)):
@@ -232,7 +199,7 @@ class FakeLinkDriver:
     def _require(self, name: str) -> _Link:
         link = self._links.get(name)
         if link is None:
-            raise _no_device(name)
+            raise model.no_device(name)
         return link
 
     @staticmethod
@@ -276,54 +243,54 @@ class FakeLinkDriver:
                 return r.dev
         return None
 
-    def _apply(self, step: LinkStep) -> None:  # noqa: PLR0912 - one branch per step type, like NetlinkDriver
+    def _apply(self, step: model.LinkStep) -> None:  # noqa: PLR0912 - one branch per step type, like NetlinkDriver
         match step:
-            case CreateBridge(name, stp):
+            case model.CreateBridge(name, stp):
                 if name not in self._links:
                     self.add_link(name, kind="bridge", up=False)
                     self._links[name].stp = stp
-            case CreateBond(name, mode, miimon):
+            case model.CreateBond(name, mode, miimon):
                 if not self.bonding:
                     raise _netlink_error(step, errno.EOPNOTSUPP)
                 if name not in self._links:
                     self.add_link(name, kind="bond", up=False)
                     bond = self._links[name]
                     bond.bond_mode, bond.miimon = mode, miimon
-            case SetBondMiimon(name, miimon):
+            case model.SetBondMiimon(name, miimon):
                 bond = self._require(name)
                 if bond.kind != "bond":
                     raise _netlink_error(step, errno.EOPNOTSUPP)
                 bond.miimon = miimon
-            case SetBondPrimary(name, primary):
+            case model.SetBondPrimary(name, primary):
                 bond = self._require(name)
                 self._require(primary)
                 if bond.kind != "bond":
                     raise _netlink_error(step, errno.EOPNOTSUPP)
                 bond.primary = primary
-            case DeleteLink(name):
+            case model.DeleteLink(name):
                 self._delete(step, name)
-            case SetMaster(name, master):
+            case model.SetMaster(name, master):
                 self._set_master(step, name, master)
-            case SetLinkUp(name, up):
+            case model.SetLinkUp(name, up):
                 self._set_up(self._require(name), up)
-            case AddAddress(dev, address):
+            case model.AddAddress(dev, address):
                 link = self._require(dev)
                 text = str(ipaddress.ip_interface(address))
                 if text not in link.addresses:
                     self._add_address(link, text)
-            case DelAddress(dev, address):
+            case model.DelAddress(dev, address):
                 self._del_address(self._require(dev), str(ipaddress.ip_interface(address)))
-            case AddRoute(route):
+            case model.AddRoute(route):
                 self._add_route(step, route)
-            case DelRoute(route):
+            case model.DelRoute(route):
                 self._del_route(route)
-            case SetStp(name, enabled):
+            case model.SetStp(name, enabled):
                 link = self._require(name)
                 if link.kind != "bridge":
                     raise _netlink_error(step, errno.EOPNOTSUPP)
                 link.stp = enabled
 
-    def _delete(self, step: LinkStep, name: str) -> None:
+    def _delete(self, step: model.LinkStep, name: str) -> None:
         link = self._links.get(name)
         if link is None:
             return
@@ -335,7 +302,7 @@ class FakeLinkDriver:
         del self._links[name]
         self._drop_routes(lambda r: r.dev != name)
 
-    def _set_master(self, step: LinkStep, name: str, master: str | None) -> None:
+    def _set_master(self, step: model.LinkStep, name: str, master: str | None) -> None:
         target = (
             self._require(master) if master is not None else None
         )  # NetlinkDriver looks the master up first
@@ -385,7 +352,7 @@ class FakeLinkDriver:
             # The last IPv4 address went: so do the device's IPv4 routes.
             self._drop_routes(lambda r: not (r.dev == link.name and r.family == "inet"))
 
-    def _add_route(self, step: AddRoute, route: RouteInfo) -> None:
+    def _add_route(self, step: model.AddRoute, route: RouteInfo) -> None:
         dev = self._require(route.dev) if route.dev is not None else None
         metric = route.metric or (1024 if route.family == "inet6" else 0)
         if any(r.family == route.family and r.dst == route.dst and r.metric == metric for r in self._routes):
@@ -533,12 +500,7 @@ class FakeNetworks:
         with self.hv.lock:
             existing = self.hv.network(spec.name)
             if existing is not None:
-                if not same_network(existing, spec):
-                    raise AlreadyExists(
-                        f"a different network named {spec.name} exists ({existing.forward_mode}, "
-                        f"bridge {existing.bridge}, {existing.address}); undefine it first"
-                    )
-                return existing, False
+                return already_defined(existing, spec)
             # What libvirt stores is what it reads back from the XML LibvirtNetworks would send.
             parsed = parse_network_xml(build_network_xml(spec))
             bridge = parsed.bridge
@@ -599,11 +561,13 @@ class FakeProbe:
         with self._lock:
             self._queued.extend([False] * times)
 
-    def __call__(self, deadline_s: float) -> ProbeResult:
+    def __call__(self, deadline_s: float) -> model.ProbeResult:
         with self._lock:
             self.calls.append(deadline_s)
             forced = self._queued.popleft() if self._queued else None
         ok = self.reachable() if forced is None else forced
         if ok:
-            return ProbeResult(True, "reached the broker (fake probe)")
-        return ProbeResult(False, f"broker unreachable (fake probe, {deadline_s:g} s)", elapsed_s=deadline_s)
+            return model.ProbeResult(True, "reached the broker (fake probe)")
+        return model.ProbeResult(
+            False, f"broker unreachable (fake probe, {deadline_s:g} s)", elapsed_s=deadline_s
+        )

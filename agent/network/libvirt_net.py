@@ -104,6 +104,17 @@ def same_network(info: LibvirtNetworkInfo, spec: NetworkSpec) -> bool:
     )
 
 
+def already_defined(existing: LibvirtNetworkInfo, spec: NetworkSpec) -> tuple[LibvirtNetworkInfo, bool]:
+    """What defining ``spec`` answers when a network of its name exists: ``(existing, False)`` when
+    it is the same network (define is idempotent), AlreadyExists when it is a different one."""
+    if not same_network(existing, spec):
+        raise AlreadyExists(
+            f"a different network named {spec.name} exists ({existing.forward_mode}, "
+            f"bridge {existing.bridge}, {existing.address}); undefine it first"
+        )
+    return existing, False
+
+
 # -------------------------------------------------------------------------------------- driver
 
 
@@ -141,12 +152,7 @@ class LibvirtNetworks:
         """Define ``spec``; (info, created). An identical existing network is not an error."""
         existing = self.find(spec.name)
         if existing is not None:
-            if not same_network(existing, spec):
-                raise AlreadyExists(
-                    f"a different network named {spec.name} exists ({existing.forward_mode}, "
-                    f"bridge {existing.bridge}, {existing.address}); undefine it first"
-                )
-            return existing, False
+            return already_defined(existing, spec)
         with libvirt_errors(f"define network {spec.name}"):
             net = self.conn.networkDefineXML(build_network_xml(spec))
         return self._info(net), True

@@ -9,9 +9,11 @@ redelivered command is harmless.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from common.errors import NetworkConfigError
 from common.messages.network import BridgeInfo, InterfaceInfo, RouteInfo
 
 #: Virtual devices virtfleet creates (and may delete again when undoing a change).
@@ -161,6 +163,24 @@ def describe(step: Step) -> str:  # noqa: PLR0912 - one case per step type
         case RestoreResolvConf():
             return "restore resolv.conf"
     raise AssertionError(f"unknown step {step!r}")  # pragma: no cover
+
+
+def kernel_error(step: LinkStep, code: int, text: str) -> NetworkConfigError:
+    """The error of ``step`` refused by the kernel with errno ``code`` (``text`` its words), with
+    a hint where the errno alone misleads: the one wording of every link driver."""
+    hint = ""
+    if isinstance(step, CreateBond) and code in (errno.EOPNOTSUPP, errno.EINVAL):
+        hint = " (the bonding driver is not available in this kernel)"
+    elif isinstance(step, AddRoute) and code == errno.ENETUNREACH:
+        hint = " (the gateway is not on a connected network of that interface)"
+    action = describe(step)
+    return NetworkConfigError(f"{action}: {text}{hint}", details={"errno": code, "action": action})
+
+
+def no_device(name: str) -> NetworkConfigError:
+    """A link driver's error for a step on an interface that does not exist (found before the
+    kernel is asked, so not one of the idempotent answers)."""
+    return NetworkConfigError(f"interface {name} does not exist", details={"errno": errno.ENODEV})
 
 
 @dataclass(frozen=True, slots=True)

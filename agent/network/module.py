@@ -30,38 +30,20 @@ from common.errors import InvalidRequest, NetworkConfigError, VirtfleetError
 from common.messages import network as msgs
 from common.messages.base import replace
 from common.messages.host import HostReport
-from common.messages.network import (
-    BondCreate,
-    BondEnslave,
-    BridgeCreate,
-    BridgeStp,
-    ChangeRef,
-    DefineNetwork,
-    HostNetShow,
-    HostNetworkReport,
-    InterfaceRemove,
-    IpForwardRequest,
-    IpForwardState,
-    LibvirtNetworkInfo,
-    NetChangeResult,
-    NetworkAutostart,
-    NetworkList,
-    NetworkListRequest,
-    NetworkRef,
-    NetworkResult,
-    NetworkSpec,
-)
 from common.transport.rpc import HandlerTable
 
 log = logging.getLogger(__name__)
+
+#: The host changes: each applied as one transaction named by its ``change_id``.
+HostChange = msgs.BridgeCreate | msgs.BridgeStp | msgs.InterfaceRemove | msgs.BondCreate | msgs.BondEnslave
 
 
 class NetworksPort(Protocol):
     """libvirt networks (:class:`agent.network.libvirt_net.LibvirtNetworks` fits)."""
 
-    def list(self) -> tuple[LibvirtNetworkInfo, ...]: ...
+    def list(self) -> tuple[msgs.LibvirtNetworkInfo, ...]: ...
 
-    def define(self, spec: NetworkSpec) -> tuple[LibvirtNetworkInfo, bool]: ...
+    def define(self, spec: msgs.NetworkSpec) -> tuple[msgs.LibvirtNetworkInfo, bool]: ...
 
     def start(self, name: str) -> bool: ...
 
@@ -71,7 +53,7 @@ class NetworksPort(Protocol):
 
     def undefine(self, name: str) -> bool: ...
 
-    def info(self, name: str) -> LibvirtNetworkInfo: ...
+    def info(self, name: str) -> msgs.LibvirtNetworkInfo: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,15 +144,15 @@ class NetworkModule:
         except OSError:
             return None
 
-    def facts(self) -> HostNetworkReport:
+    def facts(self) -> msgs.HostNetworkReport:
         """Everything the host report carries about networking; what cannot be read is listed in errors."""
         errors: list[str] = []
         try:
             facts = self.driver.facts()
         except VirtfleetError as exc:
-            facts = HostNetworkReport()
+            facts = msgs.HostNetworkReport()
             errors.append(exc.message)
-        networks: tuple[LibvirtNetworkInfo, ...] = ()
+        networks: tuple[msgs.LibvirtNetworkInfo, ...] = ()
         if self.networks is not None:
             try:
                 networks = self.networks.list()
@@ -192,7 +174,7 @@ class NetworkModule:
             errors=tuple(errors),
         )
 
-    def host_facts(self, _body: HostNetShow) -> HostNetworkReport:
+    def host_facts(self, _body: msgs.HostNetShow) -> msgs.HostNetworkReport:
         return self.facts()
 
     # ------------------------------------------------------------------ libvirt networks
@@ -202,10 +184,10 @@ class NetworkModule:
             raise NetworkConfigError("this agent has no libvirt connection for networks")
         return self.networks
 
-    def list_networks(self, _body: NetworkListRequest) -> NetworkList:
-        return NetworkList(self._libvirt().list())
+    def list_networks(self, _body: msgs.NetworkListRequest) -> msgs.NetworkList:
+        return msgs.NetworkList(self._libvirt().list())
 
-    def define_network(self, body: DefineNetwork) -> NetworkResult:
+    def define_network(self, body: msgs.DefineNetwork) -> msgs.NetworkResult:
         nets = self._libvirt()
         info, created = nets.define(body.spec)
         notes = ["defined" if created else "already defined"]
@@ -215,37 +197,37 @@ class NetworkModule:
             nets.set_autostart(body.spec.name, True)
             notes.append("autostart on")
         self._request_report()
-        return NetworkResult(nets.info(body.spec.name), ", ".join(notes))
+        return msgs.NetworkResult(nets.info(body.spec.name), ", ".join(notes))
 
-    def start_network(self, body: NetworkRef) -> NetworkResult:
+    def start_network(self, body: msgs.NetworkRef) -> msgs.NetworkResult:
         nets = self._libvirt()
         started = nets.start(body.name)
         self._request_report()
-        return NetworkResult(nets.info(body.name), "started" if started else "already active")
+        return msgs.NetworkResult(nets.info(body.name), "started" if started else "already active")
 
-    def stop_network(self, body: NetworkRef) -> NetworkResult:
+    def stop_network(self, body: msgs.NetworkRef) -> msgs.NetworkResult:
         nets = self._libvirt()
         stopped = nets.stop(body.name)
         self._request_report()
-        return NetworkResult(nets.info(body.name), "stopped" if stopped else "already inactive")
+        return msgs.NetworkResult(nets.info(body.name), "stopped" if stopped else "already inactive")
 
-    def autostart_network(self, body: NetworkAutostart) -> NetworkResult:
+    def autostart_network(self, body: msgs.NetworkAutostart) -> msgs.NetworkResult:
         nets = self._libvirt()
         nets.set_autostart(body.name, body.enabled)
         self._request_report()
-        return NetworkResult(nets.info(body.name), f"autostart {'on' if body.enabled else 'off'}")
+        return msgs.NetworkResult(nets.info(body.name), f"autostart {'on' if body.enabled else 'off'}")
 
-    def undefine_network(self, body: NetworkRef) -> NetworkResult:
+    def undefine_network(self, body: msgs.NetworkRef) -> msgs.NetworkResult:
         removed = self._libvirt().undefine(body.name)
         self._request_report()
-        return NetworkResult(None, "undefined" if removed else "not defined (nothing to do)")
+        return msgs.NetworkResult(None, "undefined" if removed else "not defined (nothing to do)")
 
-    def ip_forward(self, body: IpForwardRequest) -> IpForwardState:
+    def ip_forward(self, body: msgs.IpForwardRequest) -> msgs.IpForwardState:
         before = self.read_ip_forward()
         if before is None:
             raise NetworkConfigError(f"cannot read {self._ip_forward_path()}")
         if not body.enable:
-            return IpForwardState(before, message="net.ipv4.ip_forward = " + ("1" if before else "0"))
+            return msgs.IpForwardState(before, message="net.ipv4.ip_forward = " + ("1" if before else "0"))
         changed = False
         if not before:
             try:
@@ -255,46 +237,40 @@ class NetworkModule:
             changed = True
         persisted = (self.persister.write_ip_forward(True),) if body.persist else ()
         self._request_report()
-        return IpForwardState(
+        return msgs.IpForwardState(
             bool(self.read_ip_forward()), changed, persisted, "enabled" if changed else "already enabled"
         )
 
     # ------------------------------------------------------------------ host changes
 
-    def bridge_create(self, body: BridgeCreate) -> NetChangeResult:
-        return self.changes.run(
-            body.change_id, body.options, lambda facts, text: planner.plan_bridge_create(body, facts, text)
-        )
+    def _change(
+        self, body: HostChange, plan: Callable[[msgs.HostNetworkReport, str | None], planner.Plan]
+    ) -> msgs.NetChangeResult:
+        """Apply the steps ``plan`` makes as one transaction (see :mod:`agent.network.transaction`)."""
+        return self.changes.run(body.change_id, body.options, plan)
 
-    def bridge_stp(self, body: BridgeStp) -> NetChangeResult:
-        return self.changes.run(
-            body.change_id, body.options, lambda facts, _t: planner.plan_bridge_stp(body, facts)
-        )
+    def bridge_create(self, body: msgs.BridgeCreate) -> msgs.NetChangeResult:
+        return self._change(body, lambda facts, text: planner.plan_bridge_create(body, facts, text))
 
-    def bridge_remove(self, body: InterfaceRemove) -> NetChangeResult:
-        return self.changes.run(
-            body.change_id, body.options, lambda facts, _t: planner.plan_remove(body, facts, "bridge")
-        )
+    def bridge_stp(self, body: msgs.BridgeStp) -> msgs.NetChangeResult:
+        return self._change(body, lambda facts, _t: planner.plan_bridge_stp(body, facts))
 
-    def bond_create(self, body: BondCreate) -> NetChangeResult:
-        return self.changes.run(
-            body.change_id, body.options, lambda facts, text: planner.plan_bond_create(body, facts, text)
-        )
+    def bridge_remove(self, body: msgs.InterfaceRemove) -> msgs.NetChangeResult:
+        return self._change(body, lambda facts, _t: planner.plan_remove(body, facts, "bridge"))
 
-    def bond_enslave(self, body: BondEnslave) -> NetChangeResult:
-        return self.changes.run(
-            body.change_id, body.options, lambda facts, _t: planner.plan_bond_enslave(body, facts)
-        )
+    def bond_create(self, body: msgs.BondCreate) -> msgs.NetChangeResult:
+        return self._change(body, lambda facts, text: planner.plan_bond_create(body, facts, text))
 
-    def bond_remove(self, body: InterfaceRemove) -> NetChangeResult:
-        return self.changes.run(
-            body.change_id, body.options, lambda facts, _t: planner.plan_remove(body, facts, "bond")
-        )
+    def bond_enslave(self, body: msgs.BondEnslave) -> msgs.NetChangeResult:
+        return self._change(body, lambda facts, _t: planner.plan_bond_enslave(body, facts))
 
-    def confirm(self, body: ChangeRef) -> NetChangeResult:
+    def bond_remove(self, body: msgs.InterfaceRemove) -> msgs.NetChangeResult:
+        return self._change(body, lambda facts, _t: planner.plan_remove(body, facts, "bond"))
+
+    def confirm(self, body: msgs.ChangeRef) -> msgs.NetChangeResult:
         return self.changes.confirm(body.change_id)
 
-    def revert(self, body: ChangeRef) -> NetChangeResult:
+    def revert(self, body: msgs.ChangeRef) -> msgs.NetChangeResult:
         return self.changes.revert(body.change_id)
 
     def close(self) -> None:

@@ -21,22 +21,7 @@ from typing import Any
 from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 
-from agent.network.model import (
-    AddAddress,
-    AddRoute,
-    CreateBond,
-    CreateBridge,
-    DelAddress,
-    DeleteLink,
-    DelRoute,
-    LinkStep,
-    SetBondMiimon,
-    SetBondPrimary,
-    SetLinkUp,
-    SetMaster,
-    SetStp,
-    describe,
-)
+from agent.network import model
 from common.errors import NetworkConfigError
 from common.messages.network import (
     BOND_MODES,
@@ -63,25 +48,21 @@ _RT_SCOPE = {0: "universe", 200: "site", 253: "link", 254: "host", 255: "nowhere
 
 #: errors that mean "already so" for a step (the step is idempotent)
 _ALREADY = {
-    AddAddress: {errno.EEXIST},
-    DelAddress: {errno.EADDRNOTAVAIL, errno.ENODEV},
-    DelRoute: {errno.ESRCH, errno.ENODEV},
-    DeleteLink: {errno.ENODEV},
+    model.AddAddress: {errno.EEXIST},
+    model.DelAddress: {errno.EADDRNOTAVAIL, errno.ENODEV},
+    model.DelRoute: {errno.ESRCH, errno.ENODEV},
+    model.DeleteLink: {errno.ENODEV},
 }
 
 
-def _hint(step: LinkStep, code: int) -> str:
-    if isinstance(step, CreateBond) and code in (errno.EOPNOTSUPP, errno.EINVAL):
-        return " (the bonding driver is not available in this kernel)"
-    if isinstance(step, AddRoute) and code == errno.ENETUNREACH:
-        return " (the gateway is not on a connected network of that interface)"
-    return ""
-
-
-def translate(exc: NetlinkError, action: str, hint: str = "") -> NetworkConfigError:
+def _text(exc: NetlinkError) -> str:
     code = int(exc.code or 0)
-    text = os.strerror(code) if code else str(exc)
-    return NetworkConfigError(f"{action}: {text}{hint}", details={"errno": code, "action": action})
+    return os.strerror(code) if code else str(exc)
+
+
+def translate(exc: NetlinkError, action: str) -> NetworkConfigError:
+    code = int(exc.code or 0)
+    return NetworkConfigError(f"{action}: {_text(exc)}", details={"errno": code, "action": action})
 
 
 def _attr(msg: Any, name: str) -> Any:
@@ -250,9 +231,8 @@ class NetlinkDriver:
 
     # ------------------------------------------------------------------ steps
 
-    def apply(self, step: LinkStep) -> None:
+    def apply(self, step: model.LinkStep) -> None:
         """Execute one step; 'already so' counts as success. NetworkConfigError otherwise."""
-        action = describe(step)
         try:
             with self._socket() as ipr:
                 self._apply(ipr, step)
@@ -260,48 +240,48 @@ class NetlinkDriver:
             code = int(exc.code or 0)
             if code in _ALREADY.get(type(step), set()):
                 return
-            raise translate(exc, action, _hint(step, code)) from None
+            raise model.kernel_error(step, code, _text(exc)) from None
 
     @staticmethod
     def _index(ipr: Any, name: str) -> int:
         found = ipr.link_lookup(ifname=name)
         if not found:
-            raise NetworkConfigError(f"interface {name} does not exist", details={"errno": errno.ENODEV})
+            raise model.no_device(name)
         return int(found[0])
 
-    def _apply(self, ipr: Any, step: LinkStep) -> None:  # noqa: PLR0912 - one branch per step type
+    def _apply(self, ipr: Any, step: model.LinkStep) -> None:  # noqa: PLR0912 - one branch per step type
         match step:
-            case CreateBridge(name, stp):
+            case model.CreateBridge(name, stp):
                 if not ipr.link_lookup(ifname=name):
                     ipr.link("add", ifname=name, kind="bridge", br_stp_state=int(stp))
-            case CreateBond(name, mode, miimon):
+            case model.CreateBond(name, mode, miimon):
                 if not ipr.link_lookup(ifname=name):
                     ipr.link("add", ifname=name, kind="bond", bond_mode=BOND_MODES[mode], bond_miimon=miimon)
-            case SetBondMiimon(name, miimon):
+            case model.SetBondMiimon(name, miimon):
                 ipr.link("set", index=self._index(ipr, name), kind="bond", bond_miimon=miimon)
-            case SetBondPrimary(name, primary):
+            case model.SetBondPrimary(name, primary):
                 ipr.link(
                     "set", index=self._index(ipr, name), kind="bond", bond_primary=self._index(ipr, primary)
                 )
-            case DeleteLink(name):
+            case model.DeleteLink(name):
                 found = ipr.link_lookup(ifname=name)
                 if found:
                     ipr.link("del", index=found[0])
-            case SetMaster(name, master):
+            case model.SetMaster(name, master):
                 target = self._index(ipr, master) if master is not None else 0
                 ipr.link("set", index=self._index(ipr, name), master=target)
-            case SetLinkUp(name, up):
+            case model.SetLinkUp(name, up):
                 ipr.link("set", index=self._index(ipr, name), state="up" if up else "down")
-            case AddAddress(dev, address) | DelAddress(dev, address):
+            case model.AddAddress(dev, address) | model.DelAddress(dev, address):
                 iface = ipaddress.ip_interface(address)
                 ipr.addr(
-                    "add" if isinstance(step, AddAddress) else "del",
+                    "add" if isinstance(step, model.AddAddress) else "del",
                     index=self._index(ipr, dev),
                     address=str(iface.ip),
                     prefixlen=iface.network.prefixlen,
                     family=AF_INET6 if iface.version == 6 else AF_INET,
                 )
-            case AddRoute(route) | DelRoute(route):
+            case model.AddRoute(route) | model.DelRoute(route):
                 family = AF_INET6 if route.family == "inet6" else AF_INET
                 spec: dict[str, Any] = {
                     "dst": route.dst
@@ -316,7 +296,7 @@ class NetlinkDriver:
                     spec["oif"] = self._index(ipr, route.dev)
                 if route.metric:
                     spec["priority"] = route.metric
-                if isinstance(step, AddRoute):
+                if isinstance(step, model.AddRoute):
                     if route.prefsrc:
                         spec["prefsrc"] = route.prefsrc
                     if route.scope == "link":
@@ -326,6 +306,6 @@ class NetlinkDriver:
                         if route.proto in ("kernel", "static")
                         else {v: k for k, v in _RT_PROTO.items()}.get(route.proto, 4)
                     )
-                ipr.route("add" if isinstance(step, AddRoute) else "del", **spec)
-            case SetStp(name, enabled):
+                ipr.route("add" if isinstance(step, model.AddRoute) else "del", **spec)
+            case model.SetStp(name, enabled):
                 ipr.link("set", index=self._index(ipr, name), kind="bridge", br_stp_state=int(enabled))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,19 +206,22 @@ def render_keyfile(cfg: IfaceConfig) -> dict[str, str]:
         v4, v6 = _v4(cfg.addresses), _v6(cfg.addresses)
         dns4 = [d for d in cfg.dns if ":" not in d]
         dns6 = [d for d in cfg.dns if ":" in d]
-        out += ["", "[ipv4]", f"method={'manual' if v4 else 'disabled'}"]
-        out += [f"address{i}={a}" for i, a in enumerate(v4, 1)]
-        if cfg.gateway:
-            out.append(f"gateway={cfg.gateway}")
-        if dns4:
-            out.append("dns=" + "".join(f"{d};" for d in dns4))
-        out += ["", "[ipv6]", f"method={'manual' if v6 else 'ignore'}"]
-        out += [f"address{i}={a}" for i, a in enumerate(v6, 1)]
-        if cfg.gateway6:
-            out.append(f"gateway={cfg.gateway6}")
-        if dns6:
-            out.append("dns=" + "".join(f"{d};" for d in dns6))
+        out += _keyfile_ip("ipv4", "manual" if v4 else "disabled", v4, cfg.gateway, dns4)
+        out += _keyfile_ip("ipv6", "manual" if v6 else "ignore", v6, cfg.gateway6, dns6)
     return {f"virtfleet-{cfg.name}.nmconnection": "\n".join(out) + "\n"}
+
+
+def _keyfile_ip(
+    section: str, method: str, addresses: Sequence[object], gateway: str | None, dns: Sequence[str]
+) -> list[str]:
+    """A keyfile's ``[ipv4]`` or ``[ipv6]`` section."""
+    out = ["", f"[{section}]", f"method={method}"]
+    out += [f"address{i}={a}" for i, a in enumerate(addresses, 1)]
+    if gateway:
+        out.append(f"gateway={gateway}")
+    if dns:
+        out.append("dns=" + "".join(f"{d};" for d in dns))
+    return out
 
 
 def keyfile_files(name: str) -> tuple[str, ...]:

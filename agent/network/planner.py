@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from agent.network import resolv
 from agent.network.model import (
@@ -366,13 +367,31 @@ def _restore_masters(snap: Snapshot, facts: HostNetworkReport, _resolv: str | No
     return steps
 
 
-def _restore_up(snap: Snapshot, facts: HostNetworkReport, _resolv: str | None) -> list[Step]:
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+N = TypeVar("N", bound=_Named)
+
+
+def _flags_back(
+    before: Iterable[N],
+    now: Callable[[str], N | None],
+    flag: Callable[[N], bool],
+    step: Callable[[str, bool], Step],
+) -> list[Step]:
+    """A ``step`` for each link of ``before`` whose ``flag`` differs now (links gone are left alone)."""
     steps: list[Step] = []
-    for old in snap.interfaces:
-        now = facts.interface(old.name)
-        if now is not None and now.admin_up != old.admin_up:
-            steps.append(SetLinkUp(old.name, old.admin_up))
+    for old in before:
+        current = now(old.name)
+        if current is not None and flag(current) != flag(old):
+            steps.append(step(old.name, flag(old)))
     return steps
+
+
+def _restore_up(snap: Snapshot, facts: HostNetworkReport, _resolv: str | None) -> list[Step]:
+    return _flags_back(snap.interfaces, facts.interface, lambda i: i.admin_up, SetLinkUp)
 
 
 def _restore_addresses(snap: Snapshot, facts: HostNetworkReport, _resolv: str | None) -> list[Step]:
@@ -400,12 +419,7 @@ def _restore_routes(snap: Snapshot, facts: HostNetworkReport, _resolv: str | Non
 
 
 def _restore_stp(snap: Snapshot, facts: HostNetworkReport, _resolv: str | None) -> list[Step]:
-    steps: list[Step] = []
-    for old in snap.bridges:
-        now = facts.bridge(old.name)
-        if now is not None and now.stp != old.stp:
-            steps.append(SetStp(old.name, old.stp))
-    return steps
+    return _flags_back(snap.bridges, facts.bridge, lambda b: b.stp, SetStp)
 
 
 def _restore_dns(snap: Snapshot, _facts: HostNetworkReport, resolv_text: str | None) -> list[Step]:

@@ -16,6 +16,7 @@ from common.messages.descriptor import (
     Timeout,
     Version,
     api_call,
+    query,
 )
 from common.messages.vm import (
     DiskDevice,
@@ -276,20 +277,12 @@ class VmDeleteRequest(Message, frozen=True):
 _F, _N, _S = Timeout.FAST, Timeout.NORMAL, Timeout.SLOW
 _READ, _OPERATE = Role.READER, Role.OPERATOR
 
-API_PING = api_call(API, "api.ping", Empty, Empty, _F, "is a controller there", role=_READ, idempotent=True)
-API_HOST_LIST = api_call(
-    API, "api.host.list", Empty, HostList, _F, "virtfleet host list", role=_READ, idempotent=True
-)
-API_HOST_SHOW = api_call(
-    API, "api.host.show", HostRef, HostView, _F, "virtfleet host show", role=_READ, idempotent=True
-)
+API_PING = query(API, "api.ping", Empty, Empty, "is a controller there")
+API_HOST_LIST = query(API, "api.host.list", Empty, HostList, "virtfleet host list")
+API_HOST_SHOW = query(API, "api.host.show", HostRef, HostView, "virtfleet host show")
 API_VM_CREATE = api_call(API, "api.vm.create", VmCreate, VmCreated, _S, "virtfleet vm create", role=_OPERATE)
-API_VM_LIST = api_call(
-    API, "api.vm.list", VmListRequest, VmList, _F, "virtfleet vm list", role=_READ, idempotent=True
-)
-API_VM_SHOW = api_call(
-    API, "api.vm.show", VmRefRequest, VmView, _F, "virtfleet vm show", role=_READ, idempotent=True
-)
+API_VM_LIST = query(API, "api.vm.list", VmListRequest, VmList, "virtfleet vm list")
+API_VM_SHOW = query(API, "api.vm.show", VmRefRequest, VmView, "virtfleet vm show")
 API_VM_SHUTDOWN = api_call(
     API,
     "api.vm.shutdown",

@@ -218,6 +218,14 @@ def api_call(
     return ApiCall(kind, body, result, family, timeout, doc, role, idempotent, since)
 
 
+def query(
+    family: Family, kind: str, body: type[B], result: type[R], doc: str, *, timeout: Timeout = Timeout.FAST
+) -> ApiCall[B, R]:
+    """Declare a client -> controller call that only reads: any reader may make it, and it is
+    idempotent (asking twice changes nothing)."""
+    return api_call(family, kind, body, result, timeout, doc, role=Role.READER, idempotent=True)
+
+
 #: An API call waits one timeout class longer than the command it wraps, so that the
 #: controller's own wait for the agent ends first and its answer reaches the client.
 LONGER: Mapping[Timeout, Timeout] = {
@@ -315,5 +323,6 @@ __all__ = [
     "check_sendable",
     "command",
     "host_twin",
+    "query",
     "report",
 ]

@@ -27,7 +27,7 @@ import msgspec
 from common.errors import InvalidRequest
 from common.messages.api import API
 from common.messages.base import Message
-from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command, host_twin
+from common.messages.descriptor import Family, Role, Timeout, Version, command, host_twin, query
 from common.validation import check_host_id, check_ifname, check_name
 
 #: Linux bonding modes by name, with the number ``BONDING_OPTS="mode=N"`` and netlink use.
@@ -687,23 +687,9 @@ API_NET_BOND_ENSLAVE = host_twin(NET_BOND_ENSLAVE, role=_ADMIN)
 API_NET_BOND_REMOVE = host_twin(NET_BOND_REMOVE, role=_ADMIN)
 API_NET_HOST_CONFIRM = host_twin(NET_HOST_CONFIRM, role=_ADMIN)
 API_NET_HOST_REVERT = host_twin(NET_HOST_REVERT, role=_ADMIN)
-API_NET_LIST = api_call(
-    API,
-    "api.net.list",
-    NetworkListRequest,
-    FleetNetworkList,
-    _N,
-    "virtfleet net list",
-    role=Role.READER,
-    idempotent=True,
+API_NET_LIST = query(
+    API, "api.net.list", NetworkListRequest, FleetNetworkList, "virtfleet net list", timeout=_N
 )
-API_NET_HOST_SHOW = api_call(
-    API,
-    "api.net.host.show",
-    HostNetShow,
-    HostNetworkReport,
-    _N,
-    "virtfleet host net show",
-    role=Role.READER,
-    idempotent=True,
+API_NET_HOST_SHOW = query(
+    API, "api.net.host.show", HostNetShow, HostNetworkReport, "virtfleet host net show", timeout=_N
 )

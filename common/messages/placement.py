@@ -5,23 +5,20 @@ from __future__ import annotations
 import math
 
 from common.errors import InvalidRequest
-from common.messages.api import API
+from common.messages.api import API, ResourceView
 from common.messages.base import Message
-from common.messages.descriptor import Role, Timeout, api_call
+from common.messages.descriptor import Role, Timeout, api_call, query
 from common.messages.vm import HostStatus
 from common.validation import check_name
 
+#: Overcommit ratios: a host's, else its group's, else the fleet's.
+RATIO_SETTINGS = ("cpu_ratio", "ram_ratio", "disk_ratio")
+#: Resources held back for the host itself: a host's, else its group's, else the fleet's.
+RESERVE_SETTINGS = ("reserved_memory_mib", "reserved_cpus", "reserved_disk_gib")
+#: What a host group sets for its hosts (each host may override it).
+GROUP_SETTINGS = (*RATIO_SETTINGS, *RESERVE_SETTINGS)
 #: Settings that may be cleared back to the group/fleet default with ``--reset``.
-HOST_SETTINGS = (
-    "cpu_ratio",
-    "ram_ratio",
-    "disk_ratio",
-    "reserved_memory_mib",
-    "reserved_cpus",
-    "reserved_disk_gib",
-    "max_vms",
-    "group",
-)
+HOST_SETTINGS = (*GROUP_SETTINGS, "max_vms", "group")
 GROUP_POLICIES = ("affinity", "anti-affinity", "soft-affinity", "soft-anti-affinity")
 RESOURCE_NAMES = ("VCPU", "MEMORY_MIB", "DISK_GIB", "PCPU", "HUGEPAGES_2M", "HUGEPAGES_1G")
 
@@ -74,9 +71,9 @@ class HostSet(Message, frozen=True):
 
     def __post_init__(self) -> None:
         check_name(self.host, "host")
-        for name in ("cpu_ratio", "ram_ratio", "disk_ratio"):
+        for name in RATIO_SETTINGS:
             _check_ratio(getattr(self, name), name.replace("_", " "))
-        for name in ("reserved_memory_mib", "reserved_cpus", "reserved_disk_gib", "max_vms"):
+        for name in (*RESERVE_SETTINGS, "max_vms"):
             _check_non_negative(getattr(self, name), name.replace("_", " "))
         if self.group is not None:
             check_name(self.group, "host group")
@@ -103,16 +100,10 @@ class CapacityRequest(Message, frozen=True):
     host: str | None = None
 
 
-class ResourceCapacity(Message, frozen=True):
-    """One resource of one host: the inventory, what is claimed and what the host reports."""
+class ResourceCapacity(ResourceView, frozen=True):
+    """One resource of one host: the inventory, what is claimed (the fields of
+    :class:`~common.messages.api.ResourceView`), its unit rules and what the host reports."""
 
-    resource: str
-    total: int
-    reserved: int
-    allocation_ratio: float
-    capacity: int
-    used: int
-    free: int
     min_unit: int
     max_unit: int
     step_size: int
@@ -148,9 +139,9 @@ class HostGroupSet(Message, frozen=True):
 
     def __post_init__(self) -> None:
         check_name(self.name, "host group")
-        for name in ("cpu_ratio", "ram_ratio", "disk_ratio"):
+        for name in RATIO_SETTINGS:
             _check_ratio(getattr(self, name), name.replace("_", " "))
-        for name in ("reserved_memory_mib", "reserved_cpus", "reserved_disk_gib"):
+        for name in RESERVE_SETTINGS:
             _check_non_negative(getattr(self, name), name.replace("_", " "))
 
 
@@ -222,28 +213,14 @@ API_HOST_STATE = api_call(
     role=_ADMIN,
     idempotent=True,
 )
-API_HOST_CAPACITY = api_call(
-    API,
-    "api.host.capacity",
-    CapacityRequest,
-    CapacityReport,
-    _F,
-    "virtfleet host capacity",
-    role=_READ,
-    idempotent=True,
+API_HOST_CAPACITY = query(
+    API, "api.host.capacity", CapacityRequest, CapacityReport, "virtfleet host capacity"
 )
 API_HOSTGROUP_SET = api_call(
     API, "api.hostgroup.set", HostGroupSet, Done, _F, "virtfleet hostgroup set", role=_ADMIN, idempotent=True
 )
-API_HOSTGROUP_LIST = api_call(
-    API,
-    "api.hostgroup.list",
-    CapacityRequest,
-    HostGroupList,
-    _F,
-    "virtfleet hostgroup list",
-    role=_READ,
-    idempotent=True,
+API_HOSTGROUP_LIST = query(
+    API, "api.hostgroup.list", CapacityRequest, HostGroupList, "virtfleet hostgroup list"
 )
 API_GROUP_CREATE = api_call(
     API, "api.group.create", ServerGroupCreate, ServerGroupView, _F, "virtfleet group create", role=_OPERATE
@@ -258,13 +235,4 @@ API_GROUP_DELETE = api_call(
     role=_OPERATE,
     idempotent=True,
 )
-API_GROUP_LIST = api_call(
-    API,
-    "api.group.list",
-    CapacityRequest,
-    ServerGroupList,
-    _F,
-    "virtfleet group list",
-    role=_READ,
-    idempotent=True,
-)
+API_GROUP_LIST = query(API, "api.group.list", CapacityRequest, ServerGroupList, "virtfleet group list")

@@ -13,7 +13,7 @@ import re
 from common.errors import InvalidRequest
 from common.messages.api import API, HostRef
 from common.messages.base import Message
-from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command
+from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command, query
 from common.messages.vm import VcpuPin, VmRef, VmRefRequest
 from common.validation import check_host_id, check_name
 
@@ -473,22 +473,11 @@ TUNING_PROFILE = command(
 )
 
 # -- client -> controller
-API_TUNING_SHOW = api_call(
-    API, "api.tuning.show", HostRef, HostTuningView, _F, "virtfleet host tuning", role=_READ, idempotent=True
-)
+API_TUNING_SHOW = query(API, "api.tuning.show", HostRef, HostTuningView, "virtfleet host tuning")
 API_TUNING_PIN = api_call(
     API, "api.tuning.pin", VmPinRequest, VmAffinityView, _F, "virtfleet vm pin", role=_ADMIN, idempotent=True
 )
-API_TUNING_AFFINITY = api_call(
-    API,
-    "api.tuning.affinity",
-    VmRefRequest,
-    VmAffinityView,
-    _F,
-    "virtfleet vm affinity",
-    role=_READ,
-    idempotent=True,
-)
+API_TUNING_AFFINITY = query(API, "api.tuning.affinity", VmRefRequest, VmAffinityView, "virtfleet vm affinity")
 API_TUNING_TASKSET = api_call(
     API,
     "api.tuning.taskset",

@@ -20,7 +20,7 @@ import re
 from common.errors import InvalidRequest
 from common.messages.api import API, VmCreated
 from common.messages.base import Message, force_setattr
-from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command
+from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command, query
 from common.messages.vm import (
     VM,
     CacheMode,
@@ -658,9 +658,7 @@ API_VM_CONSOLE = api_call(
     role=_OPERATE,
     idempotent=True,
 )
-API_VM_EXPORT = api_call(
-    API, "api.vm.export", VmExportRequest, VmExport, _F, "virtfleet vm export", role=_READ, idempotent=True
-)
+API_VM_EXPORT = query(API, "api.vm.export", VmExportRequest, VmExport, "virtfleet vm export")
 API_VM_IMPORT = api_call(
     API, "api.vm.import", VmImportRequest, VmCreated, _S, "virtfleet vm import", role=_OPERATE
 )
@@ -673,15 +671,8 @@ API_VM_SNAPSHOT_CREATE = api_call(
     "virtfleet vm snapshot create",
     role=_OPERATE,
 )
-API_VM_SNAPSHOT_LIST = api_call(
-    API,
-    "api.vm.snapshot.list",
-    VmRefRequest,
-    SnapshotListView,
-    _F,
-    "virtfleet vm snapshot list",
-    role=_READ,
-    idempotent=True,
+API_VM_SNAPSHOT_LIST = query(
+    API, "api.vm.snapshot.list", VmRefRequest, SnapshotListView, "virtfleet vm snapshot list"
 )
 API_VM_SNAPSHOT_REVERT = api_call(
     API,
@@ -722,9 +713,7 @@ API_VM_SETMEM = api_call(
     role=_OPERATE,
     idempotent=True,
 )
-API_VM_MEMSTAT = api_call(
-    API, "api.vm.memstat", VmRefRequest, MemStatView, _F, "virtfleet vm memstat", role=_READ, idempotent=True
-)
+API_VM_MEMSTAT = query(API, "api.vm.memstat", VmRefRequest, MemStatView, "virtfleet vm memstat")
 API_VM_DISK_ATTACH = api_call(
     API,
     "api.vm.disk.attach",
@@ -767,29 +756,11 @@ API_VM_NIC_DETACH = api_call(
     role=_OPERATE,
     idempotent=True,
 )
-API_VM_NIC_LIST = api_call(
-    API,
-    "api.vm.nic.list",
-    VmRefRequest,
-    NicListView,
-    _F,
-    "virtfleet vm nic list",
-    role=_READ,
-    idempotent=True,
-)
+API_VM_NIC_LIST = query(API, "api.vm.nic.list", VmRefRequest, NicListView, "virtfleet vm nic list")
 API_IMAGE_CREATE = api_call(
     API, "api.image.create", ImageCreateRequest, ImageView, _N, "virtfleet image create", role=_OPERATE
 )
-API_IMAGE_INFO = api_call(
-    API,
-    "api.image.info",
-    ImageInfoApiRequest,
-    ImageView,
-    _F,
-    "virtfleet image info",
-    role=_READ,
-    idempotent=True,
-)
+API_IMAGE_INFO = query(API, "api.image.info", ImageInfoApiRequest, ImageView, "virtfleet image info")
 API_IMAGE_CONVERT = api_call(
     API, "api.image.convert", ImageConvertRequest, ImageView, _S, "virtfleet image convert", role=_OPERATE
 )

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import re
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pika
 import pika.credentials
@@ -39,9 +40,10 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
 from common.errors import RequestTimeout, TransportError, VirtfleetError
-from common.messages.envelope import Envelope, decode_envelope
+from common.messages.envelope import Envelope
 from common.transport import topology
 from common.transport.backoff import backoff_delays
+from common.transport.base import PooledConsumer, Replies
 from common.transport.port import Delivery, Handler, Outcome, Refused, Unroutable
 from common.transport.topology import Exchange, Queue
 
@@ -130,42 +132,6 @@ def _properties(
 # ------------------------------------------------------------------------------ declarations
 
 
-class _Recorder:
-    """A topology.Channel that remembers what it was declaring when the broker refused it."""
-
-    def __init__(self, ch: BlockingChannel) -> None:
-        self.ch = ch
-        self.kind = ""
-        self.name = ""
-
-    def exchange_declare(self, exchange: str, exchange_type: str, durable: bool = True) -> Any:
-        self.kind, self.name = "exchange", exchange
-        return self.ch.exchange_declare(exchange, exchange_type, durable=durable)
-
-    def queue_declare(
-        self,
-        queue: str,
-        passive: bool = False,
-        durable: bool = False,
-        exclusive: bool = False,
-        auto_delete: bool = False,
-        arguments: dict[str, Any] | None = None,
-    ) -> Any:
-        self.kind, self.name = "queue", queue
-        return self.ch.queue_declare(
-            queue,
-            passive=passive,
-            durable=durable,
-            exclusive=exclusive,
-            auto_delete=auto_delete,
-            arguments=arguments,
-        )
-
-    def queue_bind(self, queue: str, exchange: str, routing_key: str | None = None) -> Any:
-        self.kind, self.name = "binding of queue", queue
-        return self.ch.queue_bind(queue, exchange, routing_key)
-
-
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)'")
 
 
@@ -179,41 +145,47 @@ def declare_queue(
     deletes the queue and declares it again; otherwise a non-retryable TransportError names the
     queue and the argument. Connection failures propagate as pika exceptions.
     """
-    recorder = _Recorder(ch)
-    try:
-        topology.declare(recorder, queue)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        match = _INEQUIVALENT.search(exc.reply_text or "")
-        argument = match.group(1) if match else None
-        if (
-            exc.reply_code == 406
-            and recorder.kind == "queue"
-            and recorder.name == queue.name
-            and queue.disposable
-        ):
-            log.warning(
-                "queue %s exists with other arguments (%s); its messages are disposable: "
-                "deleting it and declaring it again",
-                queue.name,
-                exc.reply_text,
-            )
-            ch = reopen()
-            ch.queue_delete(queue.name)
-            # Once only: should the broker refuse again, the error is the plain one.
-            return declare_queue(ch, dataclasses.replace(queue, disposable=False), reopen)
-        if exc.reply_code == 406:
-            raise TransportError(
-                f"{recorder.kind} {recorder.name} exists with other arguments"
-                f"{f' ({argument!r} differs)' if argument else ''}, declared by another release? "
-                f"The broker said: {exc.reply_text}",
-                retryable=False,
-                details={recorder.kind: recorder.name, "argument": argument},
-            ) from None
-        raise TransportError(
-            f"cannot declare {recorder.kind} {recorder.name}: {exc.reply_code} {exc.reply_text}",
-            retryable=False,
-        ) from None
+    for step in topology.declarations(queue):
+        try:
+            step.run(ch)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            return _refused(exc, step, ch, queue, reopen)
     return ch
+
+
+def _refused(
+    exc: pika.exceptions.ChannelClosedByBroker,
+    step: topology.Declaration,
+    ch: BlockingChannel,
+    queue: Queue,
+    reopen: Callable[[], BlockingChannel],
+) -> BlockingChannel:
+    """What :func:`declare_queue` does when the broker refuses ``step`` of declaring ``queue``."""
+    match = _INEQUIVALENT.search(exc.reply_text or "")
+    argument = match.group(1) if match else None
+    if exc.reply_code == 406 and step.what == "queue" and step.name == queue.name and queue.disposable:
+        log.warning(
+            "queue %s exists with other arguments (%s); its messages are disposable: "
+            "deleting it and declaring it again",
+            queue.name,
+            exc.reply_text,
+        )
+        ch = reopen()
+        ch.queue_delete(queue.name)
+        # Once only: should the broker refuse again, the error is the plain one.
+        return declare_queue(ch, dataclasses.replace(queue, disposable=False), reopen)
+    if exc.reply_code == 406:
+        raise TransportError(
+            f"{step.what} {step.name} exists with other arguments"
+            f"{f' ({argument!r} differs)' if argument else ''}, declared by another release? "
+            f"The broker said: {exc.reply_text}",
+            retryable=False,
+            details={step.what: step.name, "argument": argument},
+        ) from None
+    raise TransportError(
+        f"cannot declare {step.what} {step.name}: {exc.reply_code} {exc.reply_text}",
+        retryable=False,
+    ) from None
 
 
 # ------------------------------------------------------------------------------ client session
@@ -235,8 +207,7 @@ class _Session:
         self.lock = threading.Lock()
         self._closing = closing or threading.Event()
         self._reply_queue = ""
-        self._replies: dict[str, Envelope] = {}
-        self._waiting: set[str] = set()
+        self._replies = Replies(name)
 
     # -- connection -----------------------------------------------------------------------
     def ensure(self) -> BlockingChannel:
@@ -395,16 +366,8 @@ class _Session:
             self._reply_queue = result.method.queue
         return self._reply_queue
 
-    def _on_reply(self, _ch: Any, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
-        try:
-            env = decode_envelope(body)
-        except VirtfleetError as exc:
-            log.warning("%s: dropping undecodable reply: %s", self.name, exc)
-            return
-        if env.correlation_id in self._waiting:
-            self._replies[env.correlation_id] = env
-        else:
-            log.debug("%s: dropping late reply %s (%s)", self.name, env.correlation_id, props.type)
+    def _on_reply(self, _ch: Any, _method: Any, _props: pika.BasicProperties, body: bytes) -> None:
+        self._replies.offer(body)
 
     def call(
         self,
@@ -426,7 +389,7 @@ class _Session:
         deadline = time.monotonic() + timeout
         delays = backoff_delays()
         body = env.encode()
-        self._waiting.add(env.id)
+        self._replies.expect(env.id)
         try:
             while True:
                 try:
@@ -459,12 +422,11 @@ class _Session:
                     )
                     time.sleep(delay)
         finally:
-            self._waiting.discard(env.id)
-            self._replies.pop(env.id, None)
+            self._replies.forget(env.id)
 
     def _wait(self, msg_id: str, deadline: float) -> Envelope:
         while True:
-            reply = self._replies.pop(msg_id, None)
+            reply = self._replies.take(msg_id)
             if reply is not None:
                 return reply
             if self._closing.is_set():
@@ -483,7 +445,7 @@ class _Session:
 # ------------------------------------------------------------------------------ consumer
 
 
-class ConsumerServer:
+class ConsumerServer(PooledConsumer):
     """Consumes one queue forever: reconnects, bounds concurrency, acks after the reply.
 
     ``queue`` is declared on every connect, with the disposable rule of :func:`declare_queue`.
@@ -500,25 +462,18 @@ class ConsumerServer:
         workers: int = 4,
         tick: float = 0.2,
     ) -> None:
+        super().__init__(name, queue, handler, prefetch=prefetch, workers=workers)
         self.url = url
-        self.name = name
-        self._queue = queue
-        self._handler = handler
-        self._prefetch = prefetch
         self._user_id = _user(url)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-worker")
         self._tick = tick
-        self._stop = threading.Event()
         self._drain_until = float("inf")
         self._thread: threading.Thread | None = None
         self._inflight: set[Future[None]] = set()
         self._lock = threading.Lock()
-        self.ready = threading.Event()
         #: monotonic time of the last loop iteration; a stale value means a wedged consumer.
         self.last_tick = time.monotonic()
         self.connected = False
         self._consumed = False
-        self.reconnects = 0
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -616,25 +571,19 @@ class ConsumerServer:
         props: pika.BasicProperties,
         body: bytes,
     ) -> None:
-        try:
-            env = decode_envelope(body)
-        except VirtfleetError as exc:
-            # Never requeue what we cannot read: to the dead-letter queue, once.
-            log.warning("%s: rejecting malformed message to the dead-letter queue: %s", self.name, exc)
+        delivery = self._delivery(
+            body, method.routing_key, bool(method.redelivered), props.reply_to, props.user_id
+        )
+        if delivery is None:
             ch.basic_nack(method.delivery_tag, requeue=False)
             return
-        delivery = Delivery(env, method.routing_key, bool(method.redelivered), props.reply_to, props.user_id)
         future = self._pool.submit(self._work, conn, ch, method.delivery_tag, delivery)
         with self._lock:
             self._inflight = {f for f in self._inflight if not f.done()}
             self._inflight.add(future)
 
     def _work(self, conn: BlockingConnection, ch: BlockingChannel, tag: int, delivery: Delivery) -> None:
-        try:
-            outcome = self._handler(delivery)
-        except Exception:  # the handler should not raise; if it does, keep the consumer alive
-            log.exception("%s: handler crashed on %s", self.name, delivery.envelope.kind)
-            outcome = Outcome(dead_letter=True)
+        outcome = self._outcome(delivery)
 
         def finish() -> None:
             try:
@@ -666,6 +615,21 @@ class ConsumerServer:
 
 
 # ------------------------------------------------------------------------------ transport
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _on_session(method: Callable[Concatenate[_Session, P], R]) -> Callable[Concatenate[AmqpTransport, P], R]:
+    """``method`` of :class:`_Session` as a method of the transport: it runs on the calling
+    thread's session (see :meth:`AmqpTransport._session`)."""
+
+    @functools.wraps(method)
+    def on_session(self: AmqpTransport, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._session() as session:
+            return method(session, *args, **kwargs)
+
+    return on_session
 
 
 class AmqpTransport:
@@ -708,59 +672,12 @@ class AmqpTransport:
         with session.lock:
             yield session
 
-    def declare(self, queue: Queue) -> None:
-        """Declare ``queue`` with its exchanges and bindings (see :func:`declare_queue`)."""
-        with self._session() as session:
-            session.declare(queue)
-
-    def declare_exchange(self, exchange: Exchange) -> None:
-        """Declare only ``exchange`` (see the port)."""
-        with self._session() as session:
-            session.declare_exchange(exchange)
-
-    def publish(
-        self,
-        exchange: str,
-        routing_key: str,
-        env: Envelope,
-        *,
-        persistent: bool = False,
-        mandatory: bool = False,
-        expiration_ms: int | None = None,
-    ) -> None:
-        """Publish and wait for the confirm; reconnects (3 times, backoff) on a lost connection."""
-        with self._session() as session:
-            session.publish(
-                exchange,
-                routing_key,
-                env,
-                persistent=persistent,
-                mandatory=mandatory,
-                expiration_ms=expiration_ms,
-            )
-
-    def call(
-        self,
-        exchange: str,
-        routing_key: str,
-        env: Envelope,
-        timeout: float,
-        *,
-        persistent: bool = True,
-        expiration_ms: int | None = None,
-        unroutable: Callable[[], VirtfleetError] | None = None,
-    ) -> Envelope:
-        """Request/reply on this thread's session (see :meth:`_Session.call`)."""
-        with self._session() as session:
-            return session.call(
-                exchange,
-                routing_key,
-                env,
-                timeout,
-                persistent=persistent,
-                expiration_ms=expiration_ms,
-                unroutable=unroutable,
-            )
+    # Publishing, calls and declarations run on the calling thread's session, with its retries.
+    declare = _on_session(_Session.declare)
+    declare_exchange = _on_session(_Session.declare_exchange)
+    publish = _on_session(_Session.publish)
+    call = _on_session(_Session.call)
+    consumer_count = _on_session(_Session.consumer_count)
 
     def consumer(
         self, queue: Queue, handler: Handler, *, name: str, prefetch: int = 8, workers: int = 4
@@ -769,11 +686,6 @@ class AmqpTransport:
         consumer = ConsumerServer(self._url, name, queue, handler, prefetch=prefetch, workers=workers)
         self._consumers.add(consumer)
         return consumer
-
-    def consumer_count(self, queue: str) -> int | None:
-        """Consumers on ``queue``, or None when the queue does not exist."""
-        with self._session() as session:
-            return session.consumer_count(queue)
 
     def close(self) -> None:
         """Close every thread's connection (a call in progress gives up within a fraction of a

@@ -40,14 +40,14 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from common.errors import NotFound, RequestTimeout, TransportError, VirtfleetError
-from common.messages.envelope import Envelope, decode_envelope
+from common.messages.envelope import Envelope
 from common.transport import topology
 from common.transport.backoff import backoff_delays
+from common.transport.base import PooledConsumer, Replies
 from common.transport.port import Delivery, Handler, Outcome, Refused, Unroutable
 from common.transport.topology import Exchange, ExchangeType, Queue
 
@@ -761,18 +761,11 @@ class _Channel:
         self._broker._exchange_declare(self._conn, exchange, exchange_type)
 
     def queue_declare(
-        self,
-        queue: str,
-        passive: bool = False,
-        durable: bool = False,
-        exclusive: bool = False,
-        auto_delete: bool = False,
-        arguments: dict[str, Any] | None = None,
+        self, queue: str, *, durable: bool, exclusive: bool, auto_delete: bool, arguments: dict[str, Any]
     ) -> QueueState:
         return self._broker._queue_declare(
             self._conn,
             queue,
-            passive=passive,
             durable=durable,
             exclusive=exclusive,
             auto_delete=auto_delete,
@@ -825,8 +818,8 @@ def _message(
     )
 
 
-def _answered_or_lost(replies: Mapping[str, Envelope], msg_id: str, conn: _Connection) -> Callable[[], bool]:
-    return lambda: msg_id in replies or not conn.alive
+def _answered_or_lost(replies: Replies, msg_id: str, conn: _Connection) -> Callable[[], bool]:
+    return lambda: replies.arrived(msg_id) or not conn.alive
 
 
 class MemoryTransport:
@@ -838,9 +831,8 @@ class MemoryTransport:
         self.user = user
         self._conn: _Connection | None = None
         self._reply_queue: str | None = None
-        #: replies by correlation id, for the calls waiting on them (under the broker lock)
-        self._replies: dict[str, Envelope] = {}
-        self._waiting: set[str] = set()
+        #: the replies the calls wait for (under the broker lock)
+        self._replies = Replies(name)
         self._consumers: weakref.WeakSet[MemoryConsumer] = weakref.WeakSet()
         self._closed = False
 
@@ -911,7 +903,7 @@ class MemoryTransport:
             env, exchange, routing_key, user=self.user, persistent=persistent, expiration_ms=expiration_ms
         )
         with broker._changed:
-            self._waiting.add(env.id)
+            self._replies.expect(env.id)
             try:
                 while True:
                     conn = self._connection()
@@ -927,7 +919,7 @@ class MemoryTransport:
                         _answered_or_lost(self._replies, env.id, conn),
                         max(0.0, deadline - broker._monotonic()),
                     )
-                    reply = self._replies.pop(env.id, None)
+                    reply = self._replies.take(env.id)
                     if reply is not None:
                         return reply
                     if self._closed:
@@ -938,8 +930,7 @@ class MemoryTransport:
                     # again, as AmqpTransport does; receivers are idempotent by message id.
                     log.warning("%s: connection lost during a call; publishing %s again", self.name, env.id)
             finally:
-                self._waiting.discard(env.id)
-                self._replies.pop(env.id, None)
+                self._replies.forget(env.id)
 
     def _reply_queue_name(self, conn: _Connection) -> str:
         """The exclusive reply queue of this connection, declared on first use."""
@@ -951,16 +942,8 @@ class MemoryTransport:
 
     def _on_reply(self, _sub: _Subscription, _tag: int, message: Message) -> None:
         """Called under the broker lock: keep a reply someone waits for, drop the rest."""
-        try:
-            env = decode_envelope(message.body)
-        except VirtfleetError as exc:
-            log.warning("%s: dropping undecodable reply: %s", self.name, exc)
-            return
-        if env.correlation_id in self._waiting:
-            self._replies[env.correlation_id] = env
+        if self._replies.offer(message.body):
             self._broker._changed.notify_all()
-        else:
-            log.debug("%s: dropping late reply %s", self.name, env.correlation_id)
 
     def consumer(
         self, queue: Queue, handler: Handler, *, name: str, prefetch: int = 8, workers: int = 4
@@ -986,7 +969,7 @@ class MemoryTransport:
             consumer.stop(timeout=0)
 
 
-class MemoryConsumer:
+class MemoryConsumer(PooledConsumer):
     """:class:`~common.transport.port.Consumer` on a :class:`MemoryBroker`.
 
     The broker pushes deliveries (at most ``prefetch`` unacknowledged) into a worker pool; the
@@ -1004,26 +987,11 @@ class MemoryConsumer:
         prefetch: int = 8,
         workers: int = 4,
     ) -> None:
+        super().__init__(name, queue, handler, prefetch=prefetch, workers=workers)
         self._transport = transport
         self._broker = transport.broker
-        self._queue = queue
-        self._handler = handler
-        self._name = name
-        self._prefetch = prefetch
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-worker")
-        self._ready = threading.Event()
-        self._stop = threading.Event()
         self._conn: _Connection | None = None
         self._sub: _Subscription | None = None
-        self.reconnects = 0
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def ready(self) -> threading.Event:
-        return self._ready
 
     def start(self) -> None:
         """Declare and consume now; if that fails, keep trying in the background (logged)."""
@@ -1058,7 +1026,7 @@ class MemoryConsumer:
         with broker._lock:
             if self._stop.is_set():
                 return
-            conn = broker._connect(self._name, self._transport.user, on_lost=self._on_lost)
+            conn = broker._connect(self.name, self._transport.user, on_lost=self._on_lost)
             try:
                 _declare(broker, conn, self._queue)
                 self._sub = broker._consume(conn, self._queue.name, self._deliver, prefetch=self._prefetch)
@@ -1066,15 +1034,15 @@ class MemoryConsumer:
                 broker._close_connection(conn)
                 raise
             self._conn = conn
-            self._ready.set()
+            self.ready.set()
 
     def _on_lost(self, conn: _Connection) -> None:
         """Under the broker lock: the broker closed our connection; reconnect from a thread."""
         if self._stop.is_set() or conn is not self._conn or self._broker._closed:
             return
         self.reconnects += 1
-        log.warning("%s: connection closed by the broker; reconnecting", self._name)
-        threading.Thread(target=self._reconnect, name=f"{self._name}-reconnect", daemon=True).start()
+        log.warning("%s: connection closed by the broker; reconnecting", self.name)
+        threading.Thread(target=self._reconnect, name=f"{self.name}-reconnect", daemon=True).start()
 
     def _reconnect(self) -> None:
         try:
@@ -1083,7 +1051,7 @@ class MemoryConsumer:
             self._retry_later(exc)
 
     def _retry_later(self, exc: TransportError) -> None:
-        log.error("%s: cannot consume %s: %s; retrying", self._name, self._queue.name, exc.message)
+        log.error("%s: cannot consume %s: %s; retrying", self.name, self._queue.name, exc.message)
 
         def loop() -> None:
             for delay in backoff_delays():
@@ -1092,11 +1060,11 @@ class MemoryConsumer:
                 try:
                     self._connect()
                 except TransportError as again:
-                    log.warning("%s: still cannot consume %s: %s", self._name, self._queue.name, again)
+                    log.warning("%s: still cannot consume %s: %s", self.name, self._queue.name, again)
                 else:
                     return
 
-        threading.Thread(target=loop, name=f"{self._name}-retry", daemon=True).start()
+        threading.Thread(target=loop, name=f"{self.name}-retry", daemon=True).start()
 
     # -- per message --------------------------------------------------------------------------
     def _deliver(self, sub: _Subscription, tag: int, message: Message) -> None:
@@ -1104,20 +1072,13 @@ class MemoryConsumer:
         self._pool.submit(self._work, sub, tag, message)
 
     def _work(self, sub: _Subscription, tag: int, message: Message) -> None:
-        try:
-            env = decode_envelope(message.body)
-        except VirtfleetError as exc:
-            # Never requeue what we cannot read: to the dead-letter exchange, once.
-            log.warning("%s: rejecting malformed message to the dead-letter queue: %s", self._name, exc)
+        delivery = self._delivery(
+            message.body, message.routing_key, message.redelivered, message.reply_to, message.user_id
+        )
+        if delivery is None:
             self._broker._settle(sub, tag, dead_letter=True)
             return
-        delivery = Delivery(env, message.routing_key, message.redelivered, message.reply_to, message.user_id)
-        try:
-            outcome = self._handler(delivery)
-        except Exception:  # the handler should not raise; if it does, keep the consumer alive
-            log.exception("%s: handler crashed on %s", self._name, env.kind)
-            outcome = Outcome(dead_letter=True)
-        self._finish(sub, tag, delivery, outcome)
+        self._finish(sub, tag, delivery, self._outcome(delivery))
 
     def _finish(self, sub: _Subscription, tag: int, delivery: Delivery, outcome: Outcome) -> None:
         """Reply, then acknowledge, atomically: both are dropped when the connection is gone."""
@@ -1126,7 +1087,7 @@ class MemoryConsumer:
             if not sub.conn.alive:
                 log.warning(
                     "%s: connection gone before ack; %s will be redelivered",
-                    self._name,
+                    self.name,
                     delivery.envelope.id,
                 )
                 return
@@ -1141,7 +1102,7 @@ class MemoryConsumer:
                 try:
                     broker._publish(reply, mandatory=False)
                 except TransportError as exc:  # a full reply queue, say: the caller times out
-                    log.warning("%s: reply to %s refused: %s", self._name, delivery.reply_to, exc)
+                    log.warning("%s: reply to %s refused: %s", self.name, delivery.reply_to, exc)
             broker._settle(sub, tag, dead_letter=outcome.dead_letter)
 
 

@@ -7,7 +7,7 @@ are idempotent: every party declares what it uses, so start order does not matte
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -116,22 +116,30 @@ API_QUEUE = Queue(
     arguments=_DEAD_LETTERED,
     doc="client -> controller API calls (on the default exchange); controllers compete for them",
 )
-REPORTS_QUEUE = Queue(
+
+
+def _reports_queue(name: str, routing_pattern: str, doc: str) -> Queue:
+    """A controller queue of what agents publish on the reports exchange: bounded, refusing new
+    messages when full (see :data:`REPORT_BACKLOG_MAX`), disposable (a newer message follows)."""
+    return Queue(
+        name,
+        arguments={**_DEAD_LETTERED, "x-max-length": REPORT_BACKLOG_MAX, "x-overflow": "reject-publish"},
+        bindings=(Binding(REPORTS_EXCHANGE, routing_pattern),),
+        disposable=True,
+        doc=doc,
+    )
+
+
+# "#", not "*": a host id may contain dots (node1.example.com), and "*" matches one word only.
+REPORTS_QUEUE = _reports_queue(
     "virtfleet.controller.reports",
-    arguments={**_DEAD_LETTERED, "x-max-length": REPORT_BACKLOG_MAX, "x-overflow": "reject-publish"},
-    # "#", not "*": a host id may contain dots (node1.example.com), and "*" matches one word only.
-    bindings=(Binding(REPORTS_EXCHANGE, "host.report.#"),),
-    disposable=True,
-    doc="full host reports; controllers compete for them; malformed ones are dead-lettered",
+    "host.report.#",
+    "full host reports; controllers compete for them; malformed ones are dead-lettered",
 )
 #: Heartbeats have their own queue so that they are never stuck behind a backlog of full
 #: reports (a late heartbeat would make a busy host look down).
-HEARTBEATS_QUEUE = Queue(
-    "virtfleet.controller.heartbeats",
-    arguments={**_DEAD_LETTERED, "x-max-length": REPORT_BACKLOG_MAX, "x-overflow": "reject-publish"},
-    bindings=(Binding(REPORTS_EXCHANGE, "host.heartbeat.#"),),
-    disposable=True,
-    doc="host heartbeats; controllers compete for them",
+HEARTBEATS_QUEUE = _reports_queue(
+    "virtfleet.controller.heartbeats", "host.heartbeat.#", "host heartbeats; controllers compete for them"
 )
 
 #: The name pattern of agent queues, for documentation.
@@ -167,36 +175,70 @@ class Channel(Protocol):
     def exchange_declare(self, exchange: str, exchange_type: str, durable: bool = ...) -> Any: ...
 
     def queue_declare(
-        self,
-        queue: str,
-        passive: bool = ...,
-        durable: bool = ...,
-        exclusive: bool = ...,
-        auto_delete: bool = ...,
-        arguments: dict[str, Any] | None = ...,
+        self, queue: str, *, durable: bool, exclusive: bool, auto_delete: bool, arguments: dict[str, Any]
     ) -> Any: ...
 
     def queue_bind(self, queue: str, exchange: str, routing_key: str | None = ...) -> Any: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Declaration:
+    """One declaration; ``what`` (exchange, queue, binding of queue) and ``name`` say what it
+    declares, for the message when the broker refuses it."""
+
+    what: str
+    name: str
+    run: Callable[[Channel], object]
+
+
+def declarations(queue: Queue) -> list[Declaration]:
+    """What declaring ``queue`` takes, in order: its exchanges, its dead-letter queue (declared
+    the same way), the queue itself and its bindings."""
+    steps = [_exchange(exchange) for exchange in queue.exchanges()]
+    if queue.dead_letter_exchange == DEAD_LETTER_EXCHANGE.name and queue is not DEAD_LETTER_QUEUE:
+        steps += declarations(DEAD_LETTER_QUEUE)
+    steps.append(_queue(queue))
+    steps += [_binding(queue, binding) for binding in queue.bindings]
+    return steps
+
+
+def _exchange(exchange: Exchange) -> Declaration:
+    return Declaration(
+        "exchange",
+        exchange.name,
+        lambda ch: ch.exchange_declare(exchange.name, exchange.type.value, durable=True),
+    )
+
+
+def _queue(queue: Queue) -> Declaration:
+    return Declaration(
+        "queue",
+        queue.name,
+        lambda ch: ch.queue_declare(
+            queue.name,
+            durable=queue.durable,
+            exclusive=queue.exclusive,
+            auto_delete=queue.auto_delete,
+            arguments=dict(queue.arguments),
+        ),
+    )
+
+
+def _binding(queue: Queue, binding: Binding) -> Declaration:
+    return Declaration(
+        "binding of queue",
+        queue.name,
+        lambda ch: ch.queue_bind(queue.name, binding.exchange.name, binding.routing_key),
+    )
+
+
 def declare(ch: Channel, queue: Queue) -> str:
     """Declare ``queue``, its exchanges, its dead-letter queue and its bindings on ``ch``."""
-    for exchange in queue.exchanges():
-        ch.exchange_declare(exchange.name, exchange.type.value, durable=True)
-    if queue.dead_letter_exchange == DEAD_LETTER_EXCHANGE.name and queue is not DEAD_LETTER_QUEUE:
-        declare(ch, DEAD_LETTER_QUEUE)
-    ch.queue_declare(
-        queue.name,
-        durable=queue.durable,
-        exclusive=queue.exclusive,
-        auto_delete=queue.auto_delete,
-        arguments=dict(queue.arguments),
-    )
-    for binding in queue.bindings:
-        ch.queue_bind(queue.name, binding.exchange.name, binding.routing_key)
+    for step in declarations(queue):
+        step.run(ch)
     return queue.name
 
 
 def declare_exchange(ch: Channel, exchange: Exchange) -> None:
     """Only an exchange: what a publisher needs (an agent may not configure the controller's queues)."""
-    ch.exchange_declare(exchange.name, exchange.type.value, durable=True)
+    _exchange(exchange).run(ch)

@@ -228,12 +228,7 @@ def vm_show(ctx: typer.Context, name: str) -> None:
 
 
 def _done(s: State, r: VmActionDone) -> None:
-    if r.vm is not None:
-        s.out.print(
-            f"{r.vm.name}: {r.vm.power_state}" + (f" ({r.message})" if r.message else ""), highlight=False
-        )
-    else:
-        s.out.print(r.message, highlight=False)
+    render.vm_action_done(s.out, r)
 
 
 @vm_app.command("shutdown")

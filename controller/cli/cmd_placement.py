@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -62,20 +62,44 @@ def reset_field(name: str) -> str:
     return _RESET_ALIASES.get(field, field)
 
 
+# The settings a host group gives its hosts and a host may override (``host set``, ``hostgroup set``).
+CpuRatio = Annotated[float | None, typer.Option(help="vCPU allocation ratio (fleet default 4.0)")]
+RamRatio = Annotated[float | None, typer.Option(help="memory allocation ratio (fleet default 1.0)")]
+DiskRatio = Annotated[float | None, typer.Option(help="disk allocation ratio (fleet default 1.0)")]
+ReservedMemory = Annotated[int | None, typer.Option(help="MiB kept for the host (default 512)")]
+ReservedCpus = Annotated[int | None, typer.Option(help="CPUs kept for the host")]
+ReservedDisk = Annotated[int | None, typer.Option(help="GiB of the pool kept free")]
+
+
+def _settings(
+    cpu_ratio: float | None,
+    ram_ratio: float | None,
+    disk_ratio: float | None,
+    reserved_memory: int | None,
+    reserved_cpus: int | None,
+    reserved_disk: int | None,
+) -> dict[str, Any]:
+    """The options above as the fields of HostSet / HostGroupSet."""
+    return {
+        "cpu_ratio": cpu_ratio,
+        "ram_ratio": ram_ratio,
+        "disk_ratio": disk_ratio,
+        "reserved_memory_mib": reserved_memory,
+        "reserved_cpus": reserved_cpus,
+        "reserved_disk_gib": reserved_disk,
+    }
+
+
 @host_app.command("set")
 def host_set(
     ctx: typer.Context,
     host: str,
-    cpu_ratio: Annotated[float | None, typer.Option(help="vCPU allocation ratio (fleet default 4.0)")] = None,
-    ram_ratio: Annotated[
-        float | None, typer.Option(help="memory allocation ratio (fleet default 1.0)")
-    ] = None,
-    disk_ratio: Annotated[
-        float | None, typer.Option(help="disk allocation ratio (fleet default 1.0)")
-    ] = None,
-    reserved_memory: Annotated[int | None, typer.Option(help="MiB kept for the host (default 512)")] = None,
-    reserved_cpus: Annotated[int | None, typer.Option(help="CPUs kept for the host")] = None,
-    reserved_disk: Annotated[int | None, typer.Option(help="GiB of the pool kept free")] = None,
+    cpu_ratio: CpuRatio = None,
+    ram_ratio: RamRatio = None,
+    disk_ratio: DiskRatio = None,
+    reserved_memory: ReservedMemory = None,
+    reserved_cpus: ReservedCpus = None,
+    reserved_disk: ReservedDisk = None,
     max_vms: Annotated[int | None, typer.Option(help="at most this many VMs on the host")] = None,
     group: Annotated[str | None, typer.Option(help="member of this host group")] = None,
     limit: Annotated[
@@ -93,12 +117,7 @@ def host_set(
     body = validated(
         lambda: msg.HostSet(
             host=host,
-            cpu_ratio=cpu_ratio,
-            ram_ratio=ram_ratio,
-            disk_ratio=disk_ratio,
-            reserved_memory_mib=reserved_memory,
-            reserved_cpus=reserved_cpus,
-            reserved_disk_gib=reserved_disk,
+            **_settings(cpu_ratio, ram_ratio, disk_ratio, reserved_memory, reserved_cpus, reserved_disk),
             max_vms=max_vms,
             group=group,
             limits=tuple(parse_limit(t) for t in limit or ()),
@@ -186,23 +205,17 @@ def host_capacity(ctx: typer.Context, host: Annotated[str | None, typer.Argument
 def hostgroup_set(
     ctx: typer.Context,
     name: str,
-    cpu_ratio: Annotated[float | None, typer.Option()] = None,
-    ram_ratio: Annotated[float | None, typer.Option()] = None,
-    disk_ratio: Annotated[float | None, typer.Option()] = None,
-    reserved_memory: Annotated[int | None, typer.Option(help="MiB")] = None,
-    reserved_cpus: Annotated[int | None, typer.Option()] = None,
-    reserved_disk: Annotated[int | None, typer.Option(help="GiB")] = None,
+    cpu_ratio: CpuRatio = None,
+    ram_ratio: RamRatio = None,
+    disk_ratio: DiskRatio = None,
+    reserved_memory: ReservedMemory = None,
+    reserved_cpus: ReservedCpus = None,
+    reserved_disk: ReservedDisk = None,
 ) -> None:
     """Create or update a host group; hosts join with `virtfleet host set HOST --group NAME`."""
     body = validated(
         lambda: msg.HostGroupSet(
-            name=name,
-            cpu_ratio=cpu_ratio,
-            ram_ratio=ram_ratio,
-            disk_ratio=disk_ratio,
-            reserved_memory_mib=reserved_memory,
-            reserved_cpus=reserved_cpus,
-            reserved_disk_gib=reserved_disk,
+            name, **_settings(cpu_ratio, ram_ratio, disk_ratio, reserved_memory, reserved_cpus, reserved_disk)
         ),
         ctx,
     )

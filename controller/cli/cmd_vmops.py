@@ -98,12 +98,7 @@ def scope(live: bool, config: bool) -> tuple[bool | None, bool]:
 
 
 def _done(s: State, r: VmActionDone) -> None:
-    if r.vm is not None:
-        s.out.print(
-            f"{r.vm.name}: {r.vm.power_state}" + (f" ({r.message})" if r.message else ""), highlight=False
-        )
-    else:
-        s.out.print(r.message, highlight=False)
+    render.vm_action_done(s.out, r)
 
 
 def _ref(ctx: typer.Context, name: str) -> VmRefRequest:

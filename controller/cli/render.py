@@ -14,7 +14,7 @@ from rich.text import Text
 from common.codec import to_wire
 from common.errors import VirtfleetError
 from common.messages import api
-from common.messages.vm import VmView
+from common.messages.vm import VmActionDone, VmView
 
 
 def emit_json(console: Console, data: Any) -> None:
@@ -141,6 +141,16 @@ def vm_detail(v: VmView) -> Table:
     for k, val in rows:
         table.add_row(k, val)
     return table
+
+
+def vm_action_done(console: Console, r: VmActionDone) -> None:
+    """What a VM operation answered: the VM's power state afterwards (with the agent's words)."""
+    if r.vm is not None:
+        console.print(
+            f"{r.vm.name}: {r.vm.power_state}" + (f" ({r.message})" if r.message else ""), highlight=False
+        )
+    else:
+        console.print(r.message, highlight=False)
 
 
 def placement_table(p: api.PlacementView, title: str) -> Table:

@@ -89,7 +89,19 @@ class Base(DeclarativeBase):
     pass
 
 
-class Host(Base):
+class GroupSettings:
+    """The columns a host group sets for its hosts and a host may override
+    (:data:`common.messages.placement.GROUP_SETTINGS`); NULL = not set."""
+
+    cpu_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ram_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    disk_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reserved_memory_mib: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reserved_cpus: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reserved_disk_gib: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class Host(GroupSettings, Base):
     """A hypervisor as its agent reported it, plus the operator's settings for it."""
 
     __tablename__ = "hosts"
@@ -117,13 +129,7 @@ class Host(Base):
     networks: Mapped[str] = mapped_column(Text, default="[]")  # JSON list
     bridges: Mapped[str] = mapped_column(Text, default="[]")  # JSON list
     reported_vms: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of VmStatus
-    # Operator overrides; NULL = fleet default.
-    cpu_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
-    ram_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
-    disk_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
-    reserved_memory_mib: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    reserved_cpus: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    reserved_disk_gib: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Operator overrides (also those of GroupSettings); NULL = the group's, else the fleet default.
     max_vms: Mapped[int | None] = mapped_column(Integer, nullable=True)
     group_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
     #: JSON {resource: {reserved, allocation_ratio, min_unit, max_unit, step_size}} set by the operator.
@@ -190,18 +196,12 @@ class Allocation(Base):
     amount: Mapped[int] = mapped_column(BigInteger)
 
 
-class HostGroup(Base):
+class HostGroup(GroupSettings, Base):
     """Operator defaults shared by a set of hosts (between fleet defaults and per-host settings)."""
 
     __tablename__ = "host_groups"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    cpu_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
-    ram_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
-    disk_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
-    reserved_memory_mib: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    reserved_cpus: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    reserved_disk_gib: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
 
 

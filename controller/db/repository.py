@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from common.codec import from_wire, to_wire
 from common.errors import AlreadyExists, Conflict, NotFound
 from common.messages.host import Heartbeat, HostReport
+from common.messages.placement import GROUP_SETTINGS
 from common.messages.vm import Lifecycle, PowerState, VmSpec, VmStatus, VmView
 from controller.db.models import Allocation, Host, HostGroup, ServerGroup, Vm
 
@@ -87,16 +88,6 @@ class VmRecord(VmView, frozen=True):
     def view(self) -> VmView:
         """What clients are shown."""
         return VmView(**{name: getattr(self, name) for name in VmView.__struct_fields__})
-
-
-GROUP_SETTINGS = (
-    "cpu_ratio",
-    "ram_ratio",
-    "disk_ratio",
-    "reserved_memory_mib",
-    "reserved_cpus",
-    "reserved_disk_gib",
-)
 
 
 def _group_settings(group: HostGroup | None) -> dict[str, Any]:

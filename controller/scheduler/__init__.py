@@ -2,50 +2,14 @@
 
 No I/O, no database, no clock: the caller builds a :class:`FleetSnapshot` (with ``now``)
 and gets back a :class:`Placement` or a :class:`Refusal` that names every host and every
-rule that excluded it.
+rule that excluded it. The package offers the model's public names (its ``__all__``) and
+the functions below.
 """
 
+from controller.scheduler import model
 from controller.scheduler.cpus import pick_pcpus
-from controller.scheduler.model import (
-    Candidate,
-    FleetSnapshot,
-    FrozenMap,
-    GroupPolicy,
-    HostRejection,
-    HostState,
-    Inventory,
-    Placement,
-    PlacementPolicy,
-    PlacementRequest,
-    Refusal,
-    ResourceClass,
-    Rule,
-    ServerGroup,
-    Strategy,
-    UnknownServerGroupError,
-)
+from controller.scheduler.model import *  # noqa: F403 - exactly model.__all__, offered again below
 from controller.scheduler.place import apply_claim, apply_placement, explain, place
 
-__all__ = [
-    "Candidate",
-    "FleetSnapshot",
-    "FrozenMap",
-    "GroupPolicy",
-    "HostRejection",
-    "HostState",
-    "Inventory",
-    "Placement",
-    "PlacementPolicy",
-    "PlacementRequest",
-    "Refusal",
-    "ResourceClass",
-    "Rule",
-    "ServerGroup",
-    "Strategy",
-    "UnknownServerGroupError",
-    "apply_claim",
-    "apply_placement",
-    "explain",
-    "pick_pcpus",
-    "place",
-]
+__all__ = ["apply_claim", "apply_placement", "explain", "pick_pcpus", "place"]
+__all__ += model.__all__

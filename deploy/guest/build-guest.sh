@@ -61,48 +61,6 @@ IR="$WORK/ir"
 mkdir -p "$IR"/{bin,dev,proc,sys,etc,lib/modules}
 cp "$WORK/bb/bin/busybox" "$IR/bin/busybox"
 
-# Modules, loaded in dependency order (there is no modprobe/udev in the guest).
-# Dependencies come from the "depends=" field of each .ko's .modinfo section.
-ORDER=()
-declare -A SEEN=()
-
-find_ko() { # module name -> path of its .ko / .ko.xz (names may use - or _)
-    find "$MODDIR/kernel" \( -name "$1.ko" -o -name "$1.ko.xz" \
-        -o -name "${1//_/-}.ko" -o -name "${1//_/-}.ko.xz" \) -print -quit
-}
-
-is_builtin() {
-    grep -qE "/(${1}|${1//_/-})\.ko$" "$MODDIR/modules.builtin" 2>/dev/null
-}
-
-add_module() { # add_module NAME [optional]
-    local name="$1" optional="${2:-}" ko deps dep
-    [[ -n "${SEEN[$name]:-}" ]] && return 0
-    SEEN[$name]=1
-    if is_builtin "$name"; then
-        log "module $name: built in"
-        return 0
-    fi
-    ko="$(find_ko "$name")"
-    if [[ -z "$ko" ]]; then
-        [[ -n "$optional" ]] && {
-            log "module $name: not available, skipped"
-            return 0
-        }
-        die "module $name not found for $KVER"
-    fi
-    if [[ "$ko" == *.xz ]]; then
-        xz -dc "$ko" >"$IR/lib/modules/$name.ko"
-    else
-        cp "$ko" "$IR/lib/modules/$name.ko"
-    fi
-    deps="$(tr '\0' '\n' <"$IR/lib/modules/$name.ko" | sed -n 's/^depends=//p' | head -n1)"
-    for dep in ${deps//,/ }; do
-        add_module "$dep"
-    done
-    ORDER+=("$name")
-}
-
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci \
     virtio_balloon virtio_blk virtio_net; do
     add_module "$m"
@@ -163,17 +121,7 @@ chmod 755 "$IR/init"
 (cd "$IR" && find . | "$IR/bin/busybox" cpio -o -H newc 2>/dev/null | gzip -9) >"$WORK/initrd.gz"
 
 # Uncompressed ELF kernel (PVH entry) for faster direct boot.
-python3 - "$WORK/k/boot/vmlinuz-$KVER" "$WORK/vmlinux" <<'PY'
-import lzma, sys
-data = open(sys.argv[1], "rb").read()
-start = data.find(b"\xfd7zXZ\x00")
-if start < 0:
-    sys.exit("vmlinuz is not XZ-compressed")
-out = lzma.LZMADecompressor().decompress(data[start:])
-if out[:4] != b"\x7fELF":
-    sys.exit("decompressed kernel is not an ELF file")
-open(sys.argv[2], "wb").write(out)
-PY
+extract_vmlinux "$WORK/k/boot/vmlinuz-$KVER" "$WORK/vmlinux"
 
 cp "$WORK/k/boot/vmlinuz-$KVER" "$WORK/vmlinuz"
 echo "$KVER" >"$WORK/kernel-version"

@@ -53,41 +53,12 @@ IR="$WORK/ir"
 mkdir -p "$IR"/{bin,dev,proc,sys,newroot,lib/modules}
 cp "$WORK/bb/bin/busybox" "$IR/bin/busybox"
 
-ORDER=()
-declare -A SEEN=()
-find_ko() {
-    find "$MODDIR/kernel" \( -name "$1.ko" -o -name "$1.ko.xz" \
-        -o -name "${1//_/-}.ko" -o -name "${1//_/-}.ko.xz" \) -print -quit
-}
-is_builtin() {
-    grep -qE "/(${1}|${1//_/-})\.ko$" "$MODDIR/modules.builtin" 2>/dev/null
-}
-add_module() {
-    local name="$1" ko deps dep
-    [[ -n "${SEEN[$name]:-}" ]] && return 0
-    SEEN[$name]=1
-    if is_builtin "$name"; then
-        return 0
-    fi
-    ko="$(find_ko "$name")"
-    [[ -n "$ko" ]] || die "module $name not found for $KVER"
-    if [[ "$ko" == *.xz ]]; then
-        xz -dc "$ko" >"$IR/lib/modules/$name.ko"
-    else
-        cp "$ko" "$IR/lib/modules/$name.ko"
-    fi
-    deps="$(tr '\0' '\n' <"$IR/lib/modules/$name.ko" | sed -n 's/^depends=//p' | head -n1)"
-    for dep in ${deps//,/ }; do
-        add_module "$dep"
-    done
-    ORDER+=("$name")
-}
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci \
     9pnet 9pnet_virtio netfs fscache 9p veth bridge 8021q; do
     add_module "$m"
 done
 # bonding last and on its own: it needs max_bonds=0 (else it creates bond0 itself)
-for dep in $(tr '\0' '\n' <"$(find_ko bonding)" | sed -n 's/^depends=//p' | head -n1 | tr ',' ' '); do
+for dep in $(module_deps "$(find_ko bonding)"); do
     add_module "$dep"
 done
 cp "$(find_ko bonding)" "$IR/lib/modules/bonding.ko"
@@ -119,17 +90,7 @@ EOF
 chmod 755 "$IR/init"
 (cd "$IR" && find . | "$IR/bin/busybox" cpio -o -H newc 2>/dev/null | gzip -1) >"$WORK/initrd.gz"
 
-python3 - "$WORK/k/boot/vmlinuz-$KVER" "$WORK/vmlinux" <<'PY'
-import lzma, sys
-data = open(sys.argv[1], "rb").read()
-start = data.find(b"\xfd7zXZ\x00")
-if start < 0:
-    sys.exit("vmlinuz is not XZ-compressed")
-out = lzma.LZMADecompressor().decompress(data[start:])
-if out[:4] != b"\x7fELF":
-    sys.exit("decompressed kernel is not an ELF file")
-open(sys.argv[2], "wb").write(out)
-PY
+extract_vmlinux "$WORK/k/boot/vmlinuz-$KVER" "$WORK/vmlinux"
 
 echo "$KVER" >"$WORK/kernel-version"
 for f in vmlinux initrd.gz kernel-version; do

@@ -1,0 +1,105 @@
+"""What both transports do the same way, written once.
+
+:class:`PooledConsumer` is the part of a :class:`~common.transport.port.Consumer` that does not
+depend on the broker: its name, queue and handler, the worker pool the handler runs in, and the
+handling of one delivery (decode it, run the handler, turn a crash into a dead letter). Each
+transport's consumer adds how it connects, how a delivery reaches the pool and how the reply and
+the acknowledgement go back. :class:`Replies` is what a transport's calls wait on: the replies
+to the requests in flight, by correlation id.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from common.errors import VirtfleetError
+from common.messages.envelope import Envelope, decode_envelope
+from common.transport.port import Delivery, Handler, Outcome
+from common.transport.topology import Queue
+
+log = logging.getLogger(__name__)
+
+
+class PooledConsumer:
+    """A consumer's broker-independent half: ``handler`` runs in a pool of ``workers`` threads.
+
+    ``ready`` is set once the queue is declared and consumed; ``reconnects`` counts the times
+    the connection was lost and made again.
+    """
+
+    def __init__(self, name: str, queue: Queue, handler: Handler, *, prefetch: int, workers: int) -> None:
+        self.name = name
+        self._queue = queue
+        self._handler = handler
+        self._prefetch = prefetch
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-worker")
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self.reconnects = 0
+
+    def _delivery(
+        self, body: bytes, routing_key: str, redelivered: bool, reply_to: str | None, user_id: str | None
+    ) -> Delivery | None:
+        """The delivery of a message, or None (logged) when it cannot be read: the caller
+        dead-letters it, never requeues it."""
+        try:
+            env = decode_envelope(body)
+        except VirtfleetError as exc:
+            log.warning("%s: rejecting malformed message to the dead-letter queue: %s", self.name, exc)
+            return None
+        return Delivery(env, routing_key, redelivered, reply_to, user_id)
+
+    def _outcome(self, delivery: Delivery) -> Outcome:
+        """What the handler makes of ``delivery``; a handler that raises dead-letters it."""
+        try:
+            return self._handler(delivery)
+        except Exception:  # the handler should not raise; if it does, keep the consumer alive
+            log.exception("%s: handler crashed on %s", self.name, delivery.envelope.kind)
+            return Outcome(dead_letter=True)
+
+
+class Replies:
+    """The replies a connection's calls wait for, by the request's id (the reply's correlation id).
+
+    Not locked: each transport uses it from one thread at a time (AMQP: the session's thread;
+    memory: under the broker lock).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._waiting: set[str] = set()
+        self._replies: dict[str, Envelope] = {}
+
+    def expect(self, msg_id: str) -> None:
+        """A call is about to wait for the reply to ``msg_id``."""
+        self._waiting.add(msg_id)
+
+    def forget(self, msg_id: str) -> None:
+        """The call for ``msg_id`` is over: a reply arriving from now on is dropped."""
+        self._waiting.discard(msg_id)
+        self._replies.pop(msg_id, None)
+
+    def offer(self, body: bytes) -> bool:
+        """Keep a reply someone waits for (True); drop an undecodable or late one (logged)."""
+        try:
+            env = decode_envelope(body)
+        except VirtfleetError as exc:
+            log.warning("%s: dropping undecodable reply: %s", self._name, exc)
+            return False
+        if env.correlation_id not in self._waiting:
+            log.debug("%s: dropping late reply %s (%s)", self._name, env.correlation_id, env.kind)
+            return False
+        self._replies[env.correlation_id] = env
+        return True
+
+    def arrived(self, msg_id: str) -> bool:
+        return msg_id in self._replies
+
+    def take(self, msg_id: str) -> Envelope | None:
+        """The reply to ``msg_id`` if it arrived (taken out), else None."""
+        return self._replies.pop(msg_id, None)
+
+
+__all__ = ["PooledConsumer", "Replies"]
