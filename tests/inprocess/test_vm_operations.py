@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 from inproc import HostShape, InProcessFleet, inprocess_fleet
 
-from agent.drivers.fake import GIB, VIR_ERR_INTERNAL_ERROR, VIR_FROM_QEMU, libvirt_error
+from agent.drivers.fake import VIR_ERR_INTERNAL_ERROR, VIR_FROM_QEMU, libvirt_error
+from agent.ports import GIB
 from common.domain_xml import ParsedDomain, parse_domain_xml
 from common.messages.vm import DiskFormat
 from controller.db import repository as repo

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.drivers.fake import GIB, FakeHypervisor
+from agent.drivers.fake import FakeHypervisor
 from agent.handlers import AgentHandlers, volume_name
 from agent.journal import SqliteJournal
-from agent.ports import Hypervisor
+from agent.ports import GIB, Hypervisor
 from common.codec import to_wire
 from common.domain_xml import parse_domain_xml
 from common.errors import (

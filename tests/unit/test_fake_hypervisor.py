@@ -20,17 +20,16 @@ import pytest
 from agent.drivers import host_facts
 from agent.drivers import libvirt_driver as lv
 from agent.drivers.fake import (
-    GIB,
+    OWNED_VOLUMES_NS as FAKE_OWNED_NS,
+)
+from agent.drivers.fake import (
     FakeHypervisor,
     FakeImages,
     FakeStorage,
     libvirt_error,
 )
-from agent.drivers.fake import (
-    OWNED_VOLUMES_NS as FAKE_OWNED_NS,
-)
 from agent.handlers import AgentHandlers
-from agent.ports import Hypervisor
+from agent.ports import GIB, Hypervisor
 from common.domain_xml import (
     build_disk_xml,
     build_domain_xml,
