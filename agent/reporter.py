@@ -212,12 +212,15 @@ class Reporter:
 
     def _send_report(self) -> bool:
         try:
+            # Stamped before the hypervisor is read, so every state in the report is at least
+            # this recent: the controller ignores a report for a VM it changed after
+            # reported_at, which must include changes applied while this listing ran.
+            now = self._clock()
             facts = self._hv.node_facts()
             vms = self._hv.list_statuses()
             with self._lock:
                 self._seq += 1
                 seq = self._seq
-            now = self._clock()
             report = build_report(
                 host_id=self.host_id,
                 libvirt_uri=self._uri,

@@ -246,6 +246,37 @@ def test_stop_sends_a_last_report(parts: tuple[Reporter, RecordingSink, StubHype
     assert [r.seq for r in sink.reports()] == [1, 2]
 
 
+def test_reported_at_is_taken_before_the_hypervisor_is_read() -> None:
+    """The controller skips a report for a VM it changed after the report's ``reported_at``.
+    A change it applies while the agent is still listing domains (the listing saw the old
+    state) must therefore be newer than ``reported_at``, or the stale state overwrites it."""
+    now = [1000.0]
+    listed_at: list[float] = []
+
+    class SlowListing(StubHypervisor):
+        def list_statuses(self) -> tuple[VmStatus, ...]:
+            listed_at.append(now[0])
+            now[0] += 5.0  # meanwhile a suspend finishes and the controller records it
+            return self.vms
+
+    sink, hv = RecordingSink(), SlowListing()
+    hv.vms = (vm("a", PowerState.RUNNING, 512),)
+    reporter = Reporter(
+        "hv1",
+        "test:///default",
+        hv,  # type: ignore[arg-type]
+        lambda: sink,
+        report_interval=3600,
+        heartbeat_interval=3600,
+        agent_version="0.1.0",
+        clock=lambda: now[0],
+    )
+    reporter.start()
+    sink.wait_for(lambda: len(sink.reports()) == 1)
+    reporter.stop(final_report=False)
+    assert sink.reports()[0].reported_at <= listed_at[0]
+
+
 def test_no_heartbeat_while_the_consumer_is_unhealthy() -> None:
     sink, hv = RecordingSink(), StubHypervisor()
     reporter = Reporter(
