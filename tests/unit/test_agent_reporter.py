@@ -265,7 +265,7 @@ def test_reported_at_is_taken_before_the_hypervisor_is_read() -> None:
         "hv1",
         "test:///default",
         hv,  # type: ignore[arg-type]
-        lambda: sink,
+        sink.as_sink("hv1"),
         report_interval=3600,
         heartbeat_interval=3600,
         agent_version="0.1.0",
