@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vfsupport import NODES, CliResult, fresh_database, wait_until
+from vfsupport import DOWN_AFTER_S, NODES, CliResult, fresh_database, wait_until
 
 from agent.fakehost import FakeHost, build_fake_host
 from agent.main import Agent
@@ -69,7 +69,7 @@ class InProcessFleet:
     tmp: Path
     database_url: str
     broker: MemoryBroker = field(default_factory=MemoryBroker)
-    down_after_s: float = 4.0
+    down_after_s: float = DOWN_AFTER_S
     heartbeat_interval: float = 0.5
     report_interval: float = 5.0
     controller: Controller | None = None
@@ -213,7 +213,11 @@ class _Input(io.StringIO):
 
 @contextlib.contextmanager
 def inprocess_fleet(
-    tmp: Path, hosts: Mapping[str, HostShape], *, down_after_s: float = 4.0, **controller_overrides: Any
+    tmp: Path,
+    hosts: Mapping[str, HostShape],
+    *,
+    down_after_s: float = DOWN_AFTER_S,
+    **controller_overrides: Any,
 ) -> Iterator[InProcessFleet]:
     """A started fleet of ``hosts`` (all up), stopped on the way out."""
     with fresh_database(tmp) as db:

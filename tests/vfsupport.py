@@ -25,6 +25,13 @@ from urllib.parse import quote
 import sqlalchemy as sa
 
 REPO = Path(__file__).resolve().parents[1]
+#: How long a test fleet's controller waits for a live host's heartbeat before calling it down. Long:
+#: under CPU load (and on PostgreSQL, where a heartbeat's UPDATE waits behind claims' row locks)
+#: a live agent's recorded heartbeat has been seen to age 7-18 s. A test that needs a host to go
+#: down starts its own fleet with a short value (and expects nothing else of that fleet's timing).
+DOWN_AFTER_S = 60.0
+#: The short down-after of fleets whose tests kill an agent.
+SHORT_DOWN_AFTER_S = 10.0
 BIN = Path(sys.executable).parent
 NODES = REPO / "tests" / "fixtures" / "nodes"
 
@@ -165,7 +172,7 @@ class Fleet:
         self,
         name: str = "controller",
         *extra: str,
-        down_after: float = 4.0,
+        down_after: float = DOWN_AFTER_S,
         env: Mapping[str, str] | None = None,
     ) -> Proc:
         return self._spawn(
@@ -252,7 +259,9 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def running_fleet(tmp: Path, agents: Mapping[str, tuple[str, ...]]) -> Iterator[Fleet]:
+def running_fleet(
+    tmp: Path, agents: Mapping[str, tuple[str, ...]], *, down_after: float = DOWN_AFTER_S
+) -> Iterator[Fleet]:
     """A controller and one agent per host on a private vhost and a fresh database.
 
     ``agents`` maps each host id to its node file name (tests/fixtures/nodes) followed by
@@ -262,7 +271,7 @@ def running_fleet(tmp: Path, agents: Mapping[str, tuple[str, ...]]) -> Iterator[
     with private_vhost() as url, fresh_database(tmp) as db:
         f = Fleet(tmp, url, db)
         try:
-            f.start_controller()
+            f.start_controller(down_after=down_after)
             for host, (node, *args) in agents.items():
                 f.start_agent(host, node_uri(node), *args)
             f.wait_hosts(set(agents))

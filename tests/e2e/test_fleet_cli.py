@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from vfsupport import Fleet, node_uri, running_fleet, wait_until
+from vfsupport import SHORT_DOWN_AFTER_S, Fleet, node_uri, running_fleet, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
@@ -24,7 +24,8 @@ SIZES = {"small": (8, 16384), "medium": (16, 65536)}
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("fleet")
-    with running_fleet(tmp, {name: (name,) for name in SIZES}) as f:
+    # Light work only (no bursts that delay heartbeats), and one test kills an agent: short down-after.
+    with running_fleet(tmp, {name: (name,) for name in SIZES}, down_after=SHORT_DOWN_AFTER_S) as f:
         yield f
 
 
@@ -59,7 +60,7 @@ def test_a_vm_is_created_listed_shown_and_deleted(fleet: Fleet) -> None:
 def test_a_killed_agent_makes_its_host_down_and_a_restarted_one_up(fleet: Fleet) -> None:
     agent = next(p for p in reversed(fleet.procs) if p.name == "agent-small")
     agent.kill()  # SIGKILL: no last report, no goodbye
-    fleet.wait_hosts({"small"}, status="down", timeout=30)
+    fleet.wait_hosts({"small"}, status="down", timeout=SHORT_DOWN_AFTER_S + 60)
     refused = fleet.cli("vm", "create", "after-kill", "--memory", "64", "--disk", "1", "--host", "small")
     assert refused.code == 4, refused.stdout + refused.stderr
     reasons = refused.json["error"]["details"]["reasons"]

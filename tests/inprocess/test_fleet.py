@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from inproc import HostShape, InProcessFleet, inprocess_fleet
-from vfsupport import CliResult, wait_until
+from vfsupport import SHORT_DOWN_AFTER_S, CliResult, wait_until
 
 from common.errors import HypervisorError, InternalError, VirtfleetError
 from common.messages import api
@@ -33,6 +33,14 @@ SHAPES = {name: HostShape(name) for name in SIZES}
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessFleet]:
     with inprocess_fleet(tmp_path_factory.mktemp("fleet"), SHAPES) as f:
+        yield f
+
+
+@pytest.fixture
+def short_fleet(tmp_path: Path) -> Iterator[InProcessFleet]:
+    """A fleet of its own whose hosts go down soon after their heartbeats stop (for tests that stop
+    them; the others keep the long default, so that a starved heartbeat never changes what they see)."""
+    with inprocess_fleet(tmp_path, SHAPES, down_after_s=SHORT_DOWN_AFTER_S) as f:
         yield f
 
 
@@ -271,10 +279,10 @@ def test_fleet_recovers_when_the_broker_drops_every_connection(own_fleet: InProc
         assert isinstance(consumer, MemoryConsumer) and consumer.reconnects >= 1
 
 
-def test_killed_agent_marks_host_down_and_it_is_not_chosen(own_fleet: InProcessFleet) -> None:
-    fleet = own_fleet
+def test_killed_agent_marks_host_down_and_it_is_not_chosen(short_fleet: InProcessFleet) -> None:
+    fleet = short_fleet
     fleet.kill_agent("small")
-    fleet.wait_hosts({"small"}, status="down", timeout=30)
+    fleet.wait_hosts({"small"}, status="down", timeout=SHORT_DOWN_AFTER_S + 60)
     refused = fleet.cli("vm", "create", "after-kill", "--memory", "64", "--disk", "1", "--host", "small")
     assert refused.code == 4
     reasons = refused.json["error"]["details"]["reasons"]
@@ -295,8 +303,8 @@ def test_killed_agent_marks_host_down_and_it_is_not_chosen(own_fleet: InProcessF
 # ----------------------------------------------------------------------------- in-process only
 
 
-def test_a_silent_host_is_down_and_its_vms_are_refused_naming_it(own_fleet: InProcessFleet) -> None:
-    fleet = own_fleet
+def test_a_silent_host_is_down_and_its_vms_are_refused_naming_it(short_fleet: InProcessFleet) -> None:
+    fleet = short_fleet
     on_medium = fleet.cli_ok("vm", "create", "quiet", "--memory", "64", "--disk", "1", "--host", "medium")
     assert on_medium["vm"]["host"] == "medium"
     hv = fleet.fake("medium").hypervisor
@@ -305,7 +313,7 @@ def test_a_silent_host_is_down_and_its_vms_are_refused_naming_it(own_fleet: InPr
     agent = fleet.hosts_by_name["medium"].agent
     assert agent is not None
     agent.reporter.stop(final_report=False)
-    fleet.wait_hosts({"medium"}, status="down", timeout=30)
+    fleet.wait_hosts({"medium"}, status="down", timeout=SHORT_DOWN_AFTER_S + 60)
     down = fleet.cli_ok("host", "show", "medium")
     assert down["status"] == "down" and down["down_since"] is not None
     assert "quiet" in down["vms"]
