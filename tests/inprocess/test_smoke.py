@@ -32,3 +32,10 @@ def test_tables_for_people_and_errors_for_scripts(fleet: InProcessFleet, tmp_pat
     assert missing.code == 3 and missing.json["error"]["type"] == "NotFound"
     usage = fleet.cli("vm", "create", "x", "--bogus")
     assert usage.code == 2 and usage.json["error"]["details"] == {"usage": True}
+
+
+def test_a_host_id_with_dots_reports_and_takes_vms(tmp_path: Path) -> None:
+    # Report routing keys are "<kind>.<host id>": the bindings must take a host id of several words.
+    with inprocess_fleet(tmp_path, {"node1.example.com": HostShape("small")}) as f:
+        created = f.cli_ok("vm", "create", "web1", "--memory", "256", "--disk", "1")
+        assert created["vm"]["host"] == "node1.example.com"
