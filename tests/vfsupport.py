@@ -250,6 +250,23 @@ class Fleet:
             with contextlib.suppress(AssertionError):
                 proc.stop()
 
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_exc: object) -> None:
+        """Print the logs if anything failed inside the ``with``; stop every process either way."""
+        if exc_type is not None:
+            print(self.logs())
+        self.stop_all()
+
+
+@contextlib.contextmanager
+def private_fleet(tmp: Path) -> Iterator[Fleet]:
+    """A fleet with no process yet on a private vhost and a fresh database; its logs are printed if
+    anything fails, and every process it starts is stopped on the way out."""
+    with private_vhost() as url, fresh_database(tmp) as db, Fleet(tmp, url, db) as f:
+        yield f
+
 
 @contextlib.contextmanager
 def running_fleet(tmp: Path, agents: Mapping[str, tuple[str, ...]]) -> Iterator[Fleet]:
@@ -259,19 +276,12 @@ def running_fleet(tmp: Path, agents: Mapping[str, tuple[str, ...]]) -> Iterator[
     extra ``virtfleet-agent`` arguments. The logs are printed if anything fails, and every
     process is stopped on the way out.
     """
-    with private_vhost() as url, fresh_database(tmp) as db:
-        f = Fleet(tmp, url, db)
-        try:
-            f.start_controller()
-            for host, (node, *args) in agents.items():
-                f.start_agent(host, node_uri(node), *args)
-            f.wait_hosts(set(agents))
-            yield f
-        except BaseException:
-            print(f.logs())
-            raise
-        finally:
-            f.stop_all()
+    with private_fleet(tmp) as f:
+        f.start_controller()
+        for host, (node, *args) in agents.items():
+            f.start_agent(host, node_uri(node), *args)
+        f.wait_hosts(set(agents))
+        yield f
 
 
 def node_uri(name: str) -> str:

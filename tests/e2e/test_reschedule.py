@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from qemu_guest import QEMU_URI, TEST_POOL, TEST_POOL_DIR, qemu_connection, require_qemu
-from vfsupport import Fleet, fresh_database, node_uri, private_vhost
+from vfsupport import Fleet, node_uri, private_fleet
 
 pytestmark = [pytest.mark.broker, pytest.mark.db, pytest.mark.qemu]
 
@@ -24,19 +24,12 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     require_qemu()
     config = tmp_path / "real-agent.toml"
     config.write_text(f'[agent]\nstorage_pool = "{TEST_POOL}"\nimages_dir = "{TEST_POOL_DIR}"\n')
-    with private_vhost() as url, fresh_database(tmp_path) as db:
-        f = Fleet(tmp_path, url, db)
-        try:
-            f.start_controller("controller", "--strategy", "pack", down_after=30)
-            f.start_agent("sim", node_uri("large"), heartbeat=2.0)
-            f.start_agent("real", QEMU_URI, "--config", str(config), heartbeat=2.0)
-            f.wait_hosts({"sim", "real"})
-            yield f
-        except BaseException:
-            print(f.logs())
-            raise
-        finally:
-            f.stop_all()
+    with private_fleet(tmp_path) as f:
+        f.start_controller("controller", "--strategy", "pack", down_after=30)
+        f.start_agent("sim", node_uri("large"), heartbeat=2.0)
+        f.start_agent("real", QEMU_URI, "--config", str(config), heartbeat=2.0)
+        f.wait_hosts({"sim", "real"})
+        yield f
 
 
 def test_a_failed_build_lands_on_the_next_host(fleet: Fleet) -> None:

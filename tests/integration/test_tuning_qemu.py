@@ -241,9 +241,8 @@ def test_hugepage_guest_starts_only_when_the_pool_has_pages(
     conn: Any, vhost_url: str, tmp_path: Path, agent: Agent
 ) -> None:
     original = NR_HUGEPAGES.read_text()
-    with fresh_database(tmp_path) as db:
-        fleet = Fleet(tmp_path, vhost_url, db)
-        try:
+    try:
+        with fresh_database(tmp_path) as db, Fleet(tmp_path, vhost_url, db) as fleet:
             fleet.start_controller(down_after=30)
             # The agent started first: its first report found no controller queue. Ask again.
             wait_until(
@@ -305,14 +304,10 @@ def test_hugepage_guest_starts_only_when_the_pool_has_pages(
             again = create(guest_name("huge2"))
             assert again.code == 4 and "2M hugepages short by 64 pages" in again.json["error"]["message"]
             fleet.cli_ok("vm", "delete", name)
-        except BaseException:
-            print(fleet.logs())
-            raise
-        finally:
-            fleet.stop_all()
-            with contextlib.suppress(Exception):
-                for dom in conn.listAllDomains(0):
-                    if dom.name().startswith("vftest-huge") and dom.isActive():
-                        dom.destroy()
-            NR_HUGEPAGES.write_text(original)
-            assert NR_HUGEPAGES.read_text() == original
+    finally:
+        with contextlib.suppress(Exception):
+            for dom in conn.listAllDomains(0):
+                if dom.name().startswith("vftest-huge") and dom.isActive():
+                    dom.destroy()
+        NR_HUGEPAGES.write_text(original)
+        assert NR_HUGEPAGES.read_text() == original
