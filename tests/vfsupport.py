@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import quote
 
 import sqlalchemy as sa
@@ -135,8 +135,50 @@ class CliResult:
         return json.loads(self.stdout)
 
 
+class CliFleet:
+    """What a fleet offers on top of its ``cli``, the same for the fleet of processes here and the
+    in-process one (tests/inproc.py): the CLI's JSON, the hosts and their resources as it shows them."""
+
+    #: How long :meth:`wait_hosts` waits unless told.
+    hosts_timeout: ClassVar[float] = 60
+
+    def cli(self, *args: str, output: str = "json") -> CliResult:
+        """``virtfleet --output OUTPUT ARGS...`` as a user runs it."""
+        raise NotImplementedError
+
+    def cli_ok(self, *args: str) -> Any:
+        result = self.cli(*args)
+        assert result.code == 0, (
+            f"virtfleet {' '.join(args)} failed ({result.code}): {result.stdout}{result.stderr}"
+        )
+        return result.json
+
+    def hosts(self) -> dict[str, Any]:
+        result = self.cli("host", "list")
+        if result.code != 0:
+            return {}
+        return {h["host_id"]: h for h in result.json["hosts"]}
+
+    def wait_hosts(self, ids: set[str], status: str = "up", timeout: float | None = None) -> None:
+        wait_until(
+            lambda: all(self.hosts().get(i, {}).get("status") == status for i in ids),
+            self.hosts_timeout if timeout is None else timeout,
+            f"hosts {sorted(ids)} to be {status}",
+        )
+
+    def resources(self, host: str) -> dict[str, dict[str, Any]]:
+        """The rows of ``host show HOST``'s resources by resource class (``MEMORY_MIB``...)."""
+        return {r["resource"]: r for r in self.cli_ok("host", "show", host)["resources"]}
+
+    def used(self, host: str) -> dict[str, int]:
+        return {name: row["used"] for name, row in self.resources(host).items()}
+
+    def free(self, host: str) -> dict[str, int]:
+        return {name: row["free"] for name, row in self.resources(host).items()}
+
+
 @dataclass
-class Fleet:
+class Fleet(CliFleet):
     """A controller, agents and the CLI against one private vhost and database."""
 
     tmp: Path
@@ -221,26 +263,6 @@ class Fleet:
             argv, capture_output=True, text=True, env=self._env(), timeout=timeout, check=False
         )
         return CliResult(done.returncode, done.stdout, done.stderr)
-
-    def cli_ok(self, *args: str) -> Any:
-        result = self.cli(*args)
-        assert result.code == 0, (
-            f"virtfleet {' '.join(args)} failed ({result.code}): {result.stdout}{result.stderr}"
-        )
-        return result.json
-
-    def hosts(self) -> dict[str, Any]:
-        result = self.cli("host", "list")
-        if result.code != 0:
-            return {}
-        return {h["host_id"]: h for h in result.json["hosts"]}
-
-    def wait_hosts(self, ids: set[str], status: str = "up", timeout: float = 60) -> None:
-        wait_until(
-            lambda: all(self.hosts().get(i, {}).get("status") == status for i in ids),
-            timeout,
-            f"hosts {sorted(ids)} to be {status}",
-        )
 
     def logs(self) -> str:
         return "\n\n".join(f"===== {p.name} =====\n{p.log()}" for p in self.procs)

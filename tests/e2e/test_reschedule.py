@@ -45,10 +45,8 @@ def test_a_failed_build_lands_on_the_next_host(fleet: Fleet) -> None:
         assert created["vm"]["status"] == "active"
         # Nothing was left behind on the host that failed: no domain, no claim.
         assert name not in [d.name() for d in conn.listAllDomains(0)]
-        real = {r["resource"]: r for r in fleet.cli_ok("host", "show", "real")["resources"]}
-        assert real["MEMORY_MIB"]["used"] == 0
-        sim = {r["resource"]: r for r in fleet.cli_ok("host", "show", "sim")["resources"]}
-        assert sim["MEMORY_MIB"]["used"] == 64
+        assert fleet.used("real")["MEMORY_MIB"] == 0
+        assert fleet.used("sim")["MEMORY_MIB"] == 64
         log = (fleet.tmp / "controller.log").read_text()
         assert f"build of {name} failed on real" in log
 

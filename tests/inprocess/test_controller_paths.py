@@ -170,7 +170,7 @@ def test_a_build_stuck_past_the_build_timeout_is_failed_by_the_reconciler(
             lambda: "reconcile: stuck: build timed out" in caplog.text, 30, "the reconciler's log line"
         )
         # The failed build keeps its claim: the host still counts the VM until it is deleted.
-        used = {r["resource"]: r["used"] for r in configured.cli_ok("host", "show", "old")["resources"]}
+        used = configured.used("old")
         assert used["MEMORY_MIB"] == 128
         release.set()
         # The agent's answer comes late but says the VM was built: it is taken as the truth.
@@ -269,7 +269,7 @@ def test_a_build_the_host_fails_for_good_is_not_retried_elsewhere(fleet: InProce
     vm = vm_show(fleet, "buggy")
     assert (vm["status"], vm["host"], vm["last_error"]) == ("error", None, "simulated: the agent hit a bug")
     assert fleet.fake(other).hypervisor.count("define") == defines_elsewhere, "not rescheduled"
-    used = {r["resource"]: r["used"] for r in fleet.cli_ok("host", "show", chosen)["resources"]}
+    used = fleet.used(chosen)
     assert used["MEMORY_MIB"] == 0, "the claim was released"
     fleet.cli_ok("vm", "delete", "buggy")
 
@@ -308,7 +308,7 @@ def test_every_host_failing_the_build_ends_in_no_valid_host_with_the_history(
         hv = fleet.fake(host).hypervisor
         assert [s.name for s in hv.list_statuses()] == ["unlucky"]
         hv.undefine(vm["uuid"])  # the operator's clean-up (virsh undefine)
-        used = {r["resource"]: r["used"] for r in fleet.cli_ok("host", "show", host)["resources"]}
+        used = fleet.used(host)
         assert used["MEMORY_MIB"] == 0
     fleet.cli_ok("vm", "delete", "unlucky")
 
