@@ -22,17 +22,15 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from pyroute2 import NetNS, netns
 
 NSEXEC = Path(__file__).resolve().parent / "nsexec.py"
 BROKER = ("127.0.0.1", 5672)
-
-T = TypeVar("T")
 
 
 def require_root() -> None:
@@ -350,17 +348,4 @@ def processes_in(ns: str) -> list[str]:
     return names
 
 
-def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll ``predicate`` until it returns something truthy (which it returns); fail the test with
-    ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
-__all__ = ["Lab", "PrivateLibvirtd", "TcpRelay", "errno", "lab", "processes_in", "tcp_reachable", "wait_for"]
+__all__ = ["Lab", "PrivateLibvirtd", "TcpRelay", "errno", "lab", "processes_in", "tcp_reachable"]

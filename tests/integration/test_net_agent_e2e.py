@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netsupport import Lab, PrivateLibvirtd, TcpRelay, lab, processes_in, wait_for
-from vfsupport import BIN, CliResult, Fleet, fresh_database, private_vhost
+from netsupport import Lab, PrivateLibvirtd, TcpRelay, lab, processes_in
+from vfsupport import BIN, CliResult, Fleet, fresh_database, private_vhost, wait_until
 
 from agent.network.netlink import NetlinkDriver
 from common.messages.network import HostNetworkReport
@@ -118,7 +118,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 agent_log,
                 env=env_vars,
             )
-            wait_for(lambda: fleet.hosts().get(HOST, {}).get("status") == "up", 60, f"{HOST} up")
+            wait_until(lambda: fleet.hosts().get(HOST, {}).get("status") == "up", 60, f"{HOST} up")
             yield e
         except BaseException:
             print(e.logs(), file=sys.stderr)
@@ -143,7 +143,7 @@ def test_host_reports_its_network(env: Env) -> None:
         report = env.reported()
         return report if _iface(report, "eth0") else None
 
-    report = wait_for(reported, 30, "network facts in the host report")
+    report = wait_until(reported, 30, "network facts in the host report")
     eth0 = _iface(report, "eth0")
     assert eth0 is not None and eth0["addresses"] == ["10.201.0.2/24"]
     assert _default(report) == ("10.201.0.1", "eth0")
@@ -206,7 +206,7 @@ def test_nat_and_isolated_networks(env: Env) -> None:
     assert iso["network"]["forward_mode"] == "isolated"
     live = env.ok("net", "list", "--host", HOST, "--live")
     assert {e["network"]["name"] for e in live["entries"]} == {"default", "isolated"}
-    wait_for(
+    wait_until(
         lambda: (
             {e["network"]["name"] for e in env.ok("net", "list")["entries"] if e["host"] == HOST}
             >= {"default", "isolated"}
@@ -284,7 +284,7 @@ def test_agent_rolls_back_when_the_change_cuts_it_off_from_the_broker(env: Env) 
         rb = env.reported().get("last_rollback")
         return rb if rb and rb["change_id"] == body["change_id"] else None
 
-    rb = wait_for(rollback_reported, 30, "the rollback in the next host report")
+    rb = wait_until(rollback_reported, 30, "the rollback in the next host report")
     assert rb["operation"] == "bridge create br1" and rb["restored"] is True
 
 
@@ -314,7 +314,7 @@ def test_confirm_or_it_is_undone(env: Env) -> None:
         restored = eth1 is not None and eth1.master is None and eth1.addresses == ("10.202.0.2/24",)
         return facts if restored and facts.interface("br1") is None else None
 
-    wait_for(undone, 15, "undo: br1 gone, eth1 free with its address back")
+    wait_until(undone, 15, "undo: br1 gone, eth1 free with its address back")
     kept = env.ok(
         "host",
         "net",
