@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netsupport import Lab, PrivateLibvirtd, TcpRelay, lab, processes_in
+from netsupport import RELAY_IP, Lab, PrivateLibvirtd, lab, processes_in
 from vfsupport import BIN, CliResult, Fleet, fresh_database, private_vhost, wait_until
 
 from agent.network.netlink import NetlinkDriver
@@ -29,7 +29,6 @@ from common.messages.network import HostNetworkReport
 pytestmark = [pytest.mark.broker, pytest.mark.netns]
 
 HOST = "hv1"
-BROKER_IP = "10.200.0.1"
 
 
 @dataclass
@@ -70,14 +69,7 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("net-e2e")
     with lab() as the_lab, private_vhost() as url, fresh_database(tmp) as db:
-        h, g = the_lab.netns("hv"), the_lab.netns("gw")
-        for i in (0, 1):
-            the_lab.veth(h, f"eth{i}", g, f"g{i}")
-            the_lab.addr(h, f"eth{i}", f"10.20{i + 1}.0.2/24")
-            the_lab.addr(g, f"g{i}", f"10.20{i + 1}.0.1/24")
-        the_lab.addr(g, "lo", f"{BROKER_IP}/32")
-        the_lab.default_route(h, "10.201.0.1", "eth0")
-        the_lab.relays.append(TcpRelay(g, (BROKER_IP, 5672)))
+        h, _gateway = the_lab.host_behind_gateway("hv", "gw")
         libvirtd = PrivateLibvirtd(the_lab, h, tmp / "libvirtd")
         libvirtd.start()
         root = tmp / "root"
@@ -90,7 +82,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         agent_log = tmp / "agent.log"
         env_vars = {k: v for k, v in os.environ.items() if not k.startswith("VIRTFLEET_")}
         env_vars |= {"VIRTFLEET_NET_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
-        agent_url = url.replace("127.0.0.1", BROKER_IP)
+        agent_url = url.replace("127.0.0.1", RELAY_IP)
         e = Env(fleet, the_lab, h, root, libvirtd, agent_log)
         try:
             fleet.start_controller()
