@@ -6,11 +6,13 @@ second domain with a taken name raise, so idempotency has to come from the handl
 
 from __future__ import annotations
 
+import functools
 import uuid as uuid_mod
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from builders import vm_spec
 
 from agent.drivers.fake import FakeHypervisor
 from agent.handlers import AgentHandlers, volume_name
@@ -61,17 +63,7 @@ class ReportRequests:
         return 100 + self.count
 
 
-def make_spec(name: str = "web1", *, uuid: str | None = None, **kw: object) -> VmSpec:
-    fields: dict[str, object] = {
-        "uuid": uuid or str(uuid_mod.uuid4()),
-        "name": name,
-        "vcpus": 2,
-        "memory_mib": 1024,
-        "domain_type": DomainType.QEMU,
-        "disks": (DiskSpec(target="vda", size_gib=10),),
-    }
-    fields.update(kw)
-    return VmSpec(**fields)  # type: ignore[arg-type]
+make_spec = functools.partial(vm_spec, domain_type=DomainType.QEMU)
 
 
 def ref(spec: VmSpec) -> VmRef:

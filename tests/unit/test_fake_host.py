@@ -3,12 +3,14 @@ over the fakes of agent.drivers.fake, agent.tuning.fake and agent.network.fake."
 
 from __future__ import annotations
 
+import functools
 import threading
 import uuid as uuid_mod
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from builders import vm_spec
 
 from agent.fakehost import FakeHost, build_fake_host
 from agent.network.fake import FakeLinkDriver
@@ -41,7 +43,6 @@ from common.messages.vm import (
     PowerState,
     VcpuPin,
     VmRef,
-    VmSpec,
 )
 from common.messages.vmops import ImageCreate, ImageLocation, NicAttach
 from common.transport.memory import MemoryBroker
@@ -59,17 +60,9 @@ def host(tmp_path: Path) -> Iterator[FakeHost]:
     h.close()
 
 
-def vm(name: str = "web1", **kw: object) -> VmSpec:
-    fields: dict[str, object] = {
-        "uuid": str(uuid_mod.uuid4()),
-        "name": name,
-        "vcpus": 2,
-        "memory_mib": 512,
-        "domain_type": DomainType.KVM,
-        "disks": (DiskSpec(target="vda", size_gib=4),),
-    }
-    fields.update(kw)
-    return VmSpec(**fields)  # type: ignore[arg-type]
+vm = functools.partial(
+    vm_spec, memory_mib=512, domain_type=DomainType.KVM, disks=(DiskSpec(target="vda", size_gib=4),)
+)
 
 
 def test_the_table_is_what_the_agent_serves(host: FakeHost) -> None:
