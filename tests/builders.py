@@ -1,4 +1,5 @@
-"""Test data with defaults, for the tests of several modules and tiers: VM specs and stored host records.
+"""Test data with defaults, for the tests of several modules and tiers: VM specs, stored host records
+and host reports.
 
 Each builder takes the fields a test cares about as keywords, which replace the defaults; a module
 whose tests share other values wraps it (``functools.partial``) with them.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from common.messages.host import CpuTopology, HostReport
 from common.messages.vm import DiskSpec, DomainType, VmSpec
 from controller.db.repository import HostRecord
 
@@ -62,3 +64,28 @@ def host_record(host_id: str = "h1", **fields: Any) -> HostRecord:
         "vm_count": 0,
     }
     return HostRecord(**(values | fields))
+
+
+def host_report(host_id: str = "h1", **fields: Any) -> HostReport:
+    """The first report (seq 1, sent at 0.0) of a host on libvirt's test driver: 8 CPUs, 16 GiB all
+    free, no storage pool, networks, bridges or VMs."""
+    values: dict[str, Any] = {
+        "host_id": host_id,
+        "hostname": host_id,
+        "agent_version": "test",
+        "hypervisor_type": "TEST",
+        "hypervisor_version": "1.0.0",
+        "libvirt_uri": "test:///default",
+        "hw_virt": True,
+        "cpu": CpuTopology(cpus=8),
+        "memory_mib": 16384,
+        "memory_free_mib": 16384,
+        "storage": None,
+        "networks": (),
+        "bridges": (),
+        "vms": (),
+        "seq": 1,
+        "started_at": 0.0,
+        "reported_at": 0.0,
+    }
+    return HostReport(**(values | fields))

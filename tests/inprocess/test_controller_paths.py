@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from builders import host_report
 from inproc import HostShape, InProcessFleet, inprocess_fleet
 from vfsupport import CliResult, wait_until
 
@@ -121,10 +122,9 @@ def ghost_report(
 ) -> HostReport:
     """A report of host ``ghost``, which has no agent. 256 MiB (less than the 512 MiB reserved):
     nothing is ever placed there, so the other tests of the module are not disturbed."""
-    return HostReport(
-        host_id="ghost",
+    return host_report(
+        "ghost",
         hostname="ghost.example.net",
-        agent_version="0.0-test",
         hypervisor_type="QEMU",
         hypervisor_version="7.2.0",
         libvirt_uri="qemu:///system",
@@ -132,10 +132,6 @@ def ghost_report(
         cpu=CpuTopology(cpus=cpus),
         memory_mib=256,
         memory_free_mib=256,
-        storage=None,
-        networks=(),
-        bridges=(),
-        vms=(),
         seq=seq,
         started_at=started_at,
         reported_at=time.time() if reported_at is None else reported_at,

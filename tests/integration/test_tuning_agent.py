@@ -11,6 +11,7 @@ from typing import Any
 
 import libvirt
 import pytest
+from builders import host_report
 from vfsupport import NODES
 
 from agent.config import AgentConfig
@@ -18,7 +19,6 @@ from agent.tuning.module import TuningModule
 from common.domain_xml import build_domain_xml
 from common.errors import Conflict, InvalidRequest, NotFound, Unsupported
 from common.messages.descriptor import Side
-from common.messages.host import CpuTopology, HostReport
 from common.messages.tuning import (
     TUNING_AFFINITY,
     TUNING_HUGEPAGES,
@@ -93,26 +93,7 @@ def _define(conn: Any, *, managed: bool = True, pins: tuple[int, ...] = (2, 3)) 
 
 
 def test_report_facts_of_a_simulated_host(module: TuningModule) -> None:
-    base = HostReport(
-        host_id="tuned",
-        hostname="h",
-        agent_version="0",
-        hypervisor_type="TEST",
-        hypervisor_version="1",
-        libvirt_uri="test://",
-        hw_virt=True,
-        cpu=CpuTopology(cpus=8),
-        memory_mib=1,
-        memory_free_mib=1,
-        storage=None,
-        networks=(),
-        bridges=(),
-        vms=(),
-        seq=1,
-        started_at=0.0,
-        reported_at=0.0,
-    )
-    facts = module.enrich_report(base).tuning
+    facts = module.enrich_report(host_report("tuned")).tuning
     assert facts is not None and facts.simulated
     assert (facts.sockets, facts.cores_per_socket, facts.threads_per_core) == (2, 2, 2)
     assert [(c.id, c.cpus) for c in facts.cells] == [(0, "0-3"), (1, "4-7")]
