@@ -1,5 +1,5 @@
-"""Test data with defaults, for the tests of several modules and tiers: VM specs, stored host records
-and host reports.
+"""Test data with defaults, for the tests of several modules and tiers: VM specs, stored host records,
+host reports, and a QEMU process in a simulated /proc.
 
 Each builder takes the fields a test cares about as keywords, which replace the defaults; a module
 whose tests share other values wraps it (``functools.partial``) with them.
@@ -8,6 +8,7 @@ whose tests share other values wraps it (``functools.partial``) with them.
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 from common.messages.host import CpuTopology, HostReport
@@ -89,3 +90,18 @@ def host_report(host_id: str = "h1", **fields: Any) -> HostReport:
         "reported_at": 0.0,
     }
     return HostReport(**(values | fields))
+
+
+def qemu_process(root: Path, pid: int, vm_uuid: str, accel: str = "KVM") -> Path:
+    """A QEMU process of ``vm_uuid`` in the simulated /proc under ``root`` (what ``-uuid`` on its command
+    line and its thread names look like): a main thread ``pid`` and the vCPU thread ``pid + 1``
+    (``CPU 0/<accel>``), both allowed on CPUs 0-7. Returns its /proc directory."""
+    proc = root / "proc" / str(pid)
+    proc.mkdir(parents=True)
+    (proc / "cmdline").write_bytes(b"/usr/bin/qemu-system-x86_64\0-uuid\0" + vm_uuid.encode() + b"\0")
+    for tid, name in ((pid, "qemu-system-x86"), (pid + 1, f"CPU 0/{accel}")):
+        task = proc / "task" / str(tid)
+        task.mkdir(parents=True)
+        (task / "comm").write_text(name + "\n")
+        (task / "status").write_text(f"Name:\t{name}\nCpus_allowed_list:\t0-7\n")
+    return proc

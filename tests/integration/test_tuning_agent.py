@@ -11,7 +11,7 @@ from typing import Any
 
 import libvirt
 import pytest
-from builders import host_report
+from builders import host_report, qemu_process
 from vfsupport import NODES
 
 from agent.config import AgentConfig
@@ -171,21 +171,10 @@ def test_unmanaged_domains_are_not_touched(module: TuningModule, conn: Any) -> N
         _table(module).handler(TUNING_PIN)(PinVm(ref, vcpu_pins=(VcpuPin(0, "2"),)))
 
 
-def _fake_qemu(module: TuningModule, pid: int, vm_uuid: str) -> None:
-    proc = module.kernel.root / "proc" / str(pid)
-    proc.mkdir(parents=True)
-    (proc / "cmdline").write_bytes(b"/usr/bin/qemu-system-x86_64\0-uuid\0" + vm_uuid.encode() + b"\0")
-    for tid, name in ((pid, "qemu-system-x86"), (pid + 1, "CPU 0/TCG")):
-        task = proc / "task" / str(tid)
-        task.mkdir(parents=True)
-        (task / "comm").write_text(name + "\n")
-        (task / "status").write_text(f"Name:\t{name}\nCpus_allowed_list:\t0-7\n")
-
-
 def test_process_and_taskset(module: TuningModule, conn: Any) -> None:
     table = _table(module)
     ref = _define(conn)
-    _fake_qemu(module, 4000, ref.uuid)
+    qemu_process(module.kernel.root, 4000, ref.uuid, accel="TCG")
     info = table.handler(TUNING_PROCESS)(ProcessQuery(4000))
     assert (info.qemu, info.vm_uuid, info.vm_name, info.managed) == (True, ref.uuid, ref.name, True)
     assert [t.vcpu for t in info.threads] == [None, 0]
