@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from transportkit import WAIT, Consumers, Gate, Kit, Names, Recorder, envelope, eventually
@@ -55,24 +56,16 @@ def test_a_transport_is_shared_by_threads_and_each_call_gets_its_own_reply(
 ) -> None:
     queue = names.queue()
     consumers.start(kit.transport.consumer(queue, Recorder(), name="echo", prefetch=8, workers=4))
-    errors: list[BaseException] = []
 
     def caller(n: int) -> None:
-        try:
-            for i in range(5):
-                request = envelope(n=n, i=i)
-                reply = kit.transport.call("", queue.name, request, WAIT, persistent=False)
-                assert reply.correlation_id == request.id
-                assert reply.body == {"ok": True, "result": {"echo": {"n": n, "i": i}}}
-        except BaseException as exc:
-            errors.append(exc)
+        for i in range(5):
+            request = envelope(n=n, i=i)
+            reply = kit.transport.call("", queue.name, request, WAIT, persistent=False)
+            assert reply.correlation_id == request.id
+            assert reply.body == {"ok": True, "result": {"echo": {"n": n, "i": i}}}
 
-    threads = [threading.Thread(target=caller, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT * 2)
-    assert not errors
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(caller, range(4), timeout=WAIT * 2))  # re-raises what a caller raised
 
 
 def test_call_returns_the_reply_to_its_request_and_ignores_unrelated_ones(

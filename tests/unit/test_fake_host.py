@@ -4,9 +4,9 @@ over the fakes of agent.drivers.fake, agent.tuning.fake and agent.network.fake."
 from __future__ import annotations
 
 import functools
-import threading
 import uuid as uuid_mod
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -251,20 +251,12 @@ def test_a_node_file_host(tmp_path: Path) -> None:
 
 def test_concurrent_creates_on_one_host(host: FakeHost) -> None:
     table = host.table(lambda: 0)
-    errors: list[BaseException] = []
 
     def create(i: int) -> None:
-        try:
-            table.handler(vm_msgs.VM_CREATE)(CreateVm(spec=vm(f"vm{i}")))
-        except BaseException as exc:
-            errors.append(exc)
+        table.handler(vm_msgs.VM_CREATE)(CreateVm(spec=vm(f"vm{i}")))
 
-    threads = [threading.Thread(target=create, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(create, range(12)))  # re-raises what a create raised
     statuses = host.hypervisor.list_statuses()
     assert len(statuses) == 12 and all(s.state is PowerState.RUNNING for s in statuses)
     assert len(host.hypervisor.volumes()) == 12
