@@ -9,25 +9,22 @@ says.
 
 from __future__ import annotations
 
-import ast
-import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pika
 import pika.exceptions
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
+from protocoldoc import DOC, arguments, code, section, table, yes
 from vfsupport import private_vhost
 
 from common.transport import topology
 
 pytestmark = pytest.mark.broker
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 #: A made-up agent; no '.' in it (the document says the report bindings match one word).
 HOST = f"doc-host-{uuid.uuid4().hex[:8]}"
 
@@ -51,58 +48,26 @@ class Documented:
     bindings: list[tuple[str, str, str]]
 
 
-def _section(text: str, name: str) -> str:
-    return text.split(f"<!-- generated: {name} -->", 1)[1].split(f"<!-- end generated: {name} -->", 1)[0]
-
-
-def _rows(text: str) -> list[dict[str, str]]:
-    lines: list[str] = []
-    for line in text.splitlines():
-        if line.startswith("|"):
-            lines.append(line)
-        elif lines:
-            break
-    cells = [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines]
-    header, _rule, *rows = cells
-    return [dict(zip(header, row, strict=True)) for row in rows]
-
-
 def _code(cell: str) -> str:
-    match = re.fullmatch(r"`([^`]*)`", cell)
-    assert match is not None, f"expected a code span, got {cell!r}"
-    text = "" if match.group(1) == '""' else match.group(1)
-    return text.replace("<host_id>", HOST)
-
-
-def _arguments(cell: str) -> dict[str, Any]:
-    if cell == "none":
-        return {}
-    out: dict[str, Any] = {}
-    for part in cell.split("<br>"):
-        match = re.fullmatch(r"`([^`:]+): ([^`]+)` \((\w+)\)", part)
-        assert match is not None, f"cannot read the queue argument {part!r}"
-        value = ast.literal_eval(match.group(2))
-        assert type(value).__name__ == match.group(3), part
-        out[match.group(1)] = value
-    return out
+    return code(cell).replace("<host_id>", HOST)
 
 
 def read_doc() -> Documented:
     text = DOC.read_text(encoding="utf-8")
-    exchanges = [(_code(r["Exchange"]), _code(r["Type"])) for r in _rows(_section(text, "exchanges"))]
+    exchanges = [(_code(r["Exchange"]), _code(r["Type"])) for r in table(section(text, "exchanges"))]
     queues = [
         DocQueue(
             _code(r["Queue"]),
-            r["Durable"] == "yes",
-            r["Exclusive"] == "yes",
-            r["Auto-delete"] == "yes",
-            _arguments(r["Arguments"]),
+            yes(r["Durable"]),
+            yes(r["Exclusive"]),
+            yes(r["Auto-delete"]),
+            arguments(r["Arguments"]),
         )
-        for r in _rows(_section(text, "queues"))
+        for r in table(section(text, "queues"))
     ]
     bindings = [
         (_code(r["Exchange"]), _code(r["Routing key"]), _code(r["Queue"]))
-        for r in _rows(_section(text, "bindings"))
+        for r in table(section(text, "bindings"))
     ]
     return Documented(exchanges, queues, bindings)
 
