@@ -10,7 +10,7 @@ says.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +97,15 @@ def declare_with_virtfleet(ch: BlockingChannel) -> None:
 Step = Callable[[BlockingChannel], None]
 
 
+@pytest.fixture
+def conn() -> Iterator[pika.BlockingConnection]:
+    """A plain pika connection to a private vhost of its own."""
+    with private_vhost("vfdoc") as url:
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        yield connection
+        connection.close()
+
+
 def _run(ch: BlockingChannel, step: Step) -> None:
     try:
         step(ch)
@@ -116,41 +125,33 @@ def _count(conn: pika.BlockingConnection, queue: str) -> int:
     [(declare_from_doc, declare_with_virtfleet), (declare_with_virtfleet, declare_from_doc)],
     ids=["doc-first", "virtfleet-first"],
 )
-def test_declaring_as_documented_agrees_with_virtfleet(steps: tuple[Step, Step]) -> None:
-    with private_vhost("vfdoc") as url:
-        conn = pika.BlockingConnection(pika.URLParameters(url))
-        try:
-            ch = conn.channel()
-            for step in steps:
-                _run(ch, step)
-            # Published the way section 1 says, each message lands where the tables say.
-            ch.confirm_delivery()
-            routes = {
-                ("virtfleet.commands", HOST): f"virtfleet.agent.{HOST}",
-                ("", "virtfleet.api"): "virtfleet.api",
-                ("virtfleet.reports", f"host.report.{HOST}"): "virtfleet.controller.reports",
-                ("virtfleet.reports", f"host.heartbeat.{HOST}"): "virtfleet.controller.heartbeats",
-                ("virtfleet.dlx", "anything"): "virtfleet.dead",
-            }
-            for (exchange, routing_key), _queue in routes.items():
-                ch.basic_publish(exchange, routing_key, b"doc test", mandatory=True)
-            for queue in routes.values():
-                assert _count(conn, queue) == 1, queue
-        finally:
-            conn.close()
+def test_declaring_as_documented_agrees_with_virtfleet(
+    conn: pika.BlockingConnection, steps: tuple[Step, Step]
+) -> None:
+    ch = conn.channel()
+    for step in steps:
+        _run(ch, step)
+    # Published the way section 1 says, each message lands where the tables say.
+    ch.confirm_delivery()
+    routes = {
+        ("virtfleet.commands", HOST): f"virtfleet.agent.{HOST}",
+        ("", "virtfleet.api"): "virtfleet.api",
+        ("virtfleet.reports", f"host.report.{HOST}"): "virtfleet.controller.reports",
+        ("virtfleet.reports", f"host.heartbeat.{HOST}"): "virtfleet.controller.heartbeats",
+        ("virtfleet.dlx", "anything"): "virtfleet.dead",
+    }
+    for (exchange, routing_key), _queue in routes.items():
+        ch.basic_publish(exchange, routing_key, b"doc test", mandatory=True)
+    for queue in routes.values():
+        assert _count(conn, queue) == 1, queue
 
 
-def test_a_declaration_that_differs_from_the_document_is_refused() -> None:
+def test_a_declaration_that_differs_from_the_document_is_refused(conn: pika.BlockingConnection) -> None:
     # The check above is only worth something if a difference is noticed: a string where the
     # document says (int) is one.
-    with private_vhost("vfdoc") as url:
-        conn = pika.BlockingConnection(pika.URLParameters(url))
-        try:
-            _run(conn.channel(), declare_from_doc)
-            dead = next(q for q in read_doc().queues if q.name == "virtfleet.dead")
-            wrong = {k: str(v) for k, v in dead.arguments.items()}
-            with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
-                conn.channel().queue_declare(dead.name, durable=True, arguments=wrong)
-            assert info.value.reply_code == 406
-        finally:
-            conn.close()
+    _run(conn.channel(), declare_from_doc)
+    dead = next(q for q in read_doc().queues if q.name == "virtfleet.dead")
+    wrong = {k: str(v) for k, v in dead.arguments.items()}
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
+        conn.channel().queue_declare(dead.name, durable=True, arguments=wrong)
+    assert info.value.reply_code == 406
