@@ -418,6 +418,18 @@ def test_missing_field_inside_a_command_names_the_full_path() -> None:
     assert info.value.message == "body.spec.disks[1].target: required field is missing"
 
 
+def refusal_with(keys: tuple[Any, ...], value: object) -> str:
+    """The message of from_wire's refusal of :func:`full_plain` with ``value`` at the path ``keys``."""
+    plain = full_plain()
+    node: Any = plain
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value
+    with pytest.raises(InvalidRequest) as info:
+        from_wire(VmSpec, plain)
+    return info.value.message
+
+
 @pytest.mark.parametrize(
     ("keys", "value", "message"),
     [
@@ -449,14 +461,7 @@ def test_missing_field_inside_a_command_names_the_full_path() -> None:
     ],
 )
 def test_wrong_types_in_vm_spec_name_the_path(keys: tuple[Any, ...], value: object, message: str) -> None:
-    plain = full_plain()
-    node: Any = plain
-    for key in keys[:-1]:
-        node = node[key]
-    node[keys[-1]] = value
-    with pytest.raises(InvalidRequest) as info:
-        from_wire(VmSpec, plain)
-    assert info.value.message == message
+    assert refusal_with(keys, value) == message
 
 
 @pytest.mark.parametrize(
@@ -492,14 +497,7 @@ def test_wrong_types_in_vm_spec_name_the_path(keys: tuple[Any, ...], value: obje
     ],
 )
 def test_post_init_errors_get_the_path_prefix(keys: tuple[Any, ...], value: object, message: str) -> None:
-    plain = full_plain()
-    node: Any = plain
-    for key in keys[:-1]:
-        node = node[key]
-    node[keys[-1]] = value
-    with pytest.raises(InvalidRequest) as info:
-        from_wire(VmSpec, plain)
-    assert info.value.message == message
+    assert refusal_with(keys, value) == message
 
 
 def test_post_init_error_inside_command_gets_full_prefix() -> None:
