@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from builders import host_report
@@ -27,7 +27,7 @@ from agent.drivers.fake import FakeHypervisor
 from agent.reporter import TransportReportSink
 from common.errors import HypervisorError, InternalError
 from common.messages.base import replace
-from common.messages.descriptor import Version
+from common.messages.descriptor import Report, Version
 from common.messages.host import HOST_HEARTBEAT, HOST_REPORT, CpuTopology, Heartbeat, HostReport
 from common.messages.vm import VM_RESET
 from controller import main as controller_main
@@ -136,6 +136,24 @@ def ghost_report(
         started_at=started_at,
         reported_at=time.time() if reported_at is None else reported_at,
     )
+
+
+B = TypeVar("B")
+
+
+def first_heartbeat(host_id: str) -> Heartbeat:
+    return Heartbeat(host_id=host_id, seq=1, started_at=time.time(), sent_at=time.time())
+
+
+def send_as_agent(fleet: InProcessFleet, host_id: str, op: Report[B], body: B) -> None:
+    """Publish a report or heartbeat as the agent of ``host_id`` would, on a connection of its own."""
+    transport = fleet.broker.transport(f"agent-{host_id}")
+    try:
+        TransportReportSink(transport, host_id, f"agent:{host_id}").send(
+            op, body, sent_at=time.time(), ttl_s=60
+        )
+    finally:
+        transport.close()
 
 
 def create(fleet: InProcessFleet, name: str, *args: str, output: str = "json") -> CliResult:
@@ -356,13 +374,7 @@ def test_vm_create_wait_reports_a_refusal_for_people(fleet: InProcessFleet) -> N
 def test_reports_out_of_order_and_after_an_agent_restart(fleet: InProcessFleet) -> None:
     service = service_of(fleet)
     started = time.time() - 100
-    transport = fleet.broker.transport("agent-ghost")
-    try:
-        TransportReportSink(transport, "ghost", "agent:ghost").send(
-            HOST_REPORT, ghost_report(5, started, cpus=5), sent_at=time.time(), ttl_s=60
-        )
-    finally:
-        transport.close()
+    send_as_agent(fleet, "ghost", HOST_REPORT, ghost_report(5, started, cpus=5))
     wait_until(
         lambda: fleet.hosts().get("ghost", {}).get("cpus") == 5,
         30,
@@ -408,14 +420,7 @@ def test_a_host_without_network_facts_and_one_long_silent(fleet: InProcessFleet)
     assert no_host.code == 3 and no_host.json["error"]["message"] == "no host given"
 
     # A heartbeat brings it back up.
-    transport = fleet.broker.transport("agent-ghost")
-    try:
-        beat = Heartbeat(host_id="ghost", seq=1, started_at=time.time(), sent_at=time.time())
-        TransportReportSink(transport, "ghost", "agent:ghost").send(
-            HOST_HEARTBEAT, beat, sent_at=time.time(), ttl_s=60
-        )
-    finally:
-        transport.close()
+    send_as_agent(fleet, "ghost", HOST_HEARTBEAT, first_heartbeat("ghost"))
     wait_until(lambda: fleet.hosts()["ghost"]["status"] == "up", 30, "ghost up after its heartbeat")
 
 
@@ -423,14 +428,7 @@ def test_a_heartbeat_from_an_unknown_host_creates_nothing(
     fleet: InProcessFleet, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="controller.service")
-    transport = fleet.broker.transport("agent-stranger")
-    try:
-        beat = Heartbeat(host_id="stranger", seq=1, started_at=time.time(), sent_at=time.time())
-        TransportReportSink(transport, "stranger", "agent:stranger").send(
-            HOST_HEARTBEAT, beat, sent_at=time.time(), ttl_s=60
-        )
-    finally:
-        transport.close()
+    send_as_agent(fleet, "stranger", HOST_HEARTBEAT, first_heartbeat("stranger"))
     wait_until(
         lambda: "heartbeat from stranger before its first report" in caplog.text, 30, "the heartbeat handled"
     )
