@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from transportkit import WAIT, Consumers, Gate, Kit, Names, Recorder, envelope, eventually
@@ -25,6 +26,7 @@ from common.transport.topology import (
     REPORTS_QUEUE,
     Binding,
     ExchangeType,
+    Queue,
     agent_queue,
 )
 
@@ -221,12 +223,20 @@ def test_when_the_broker_drops_every_connection_consumers_reconnect_and_a_call_p
 # ------------------------------------------------------------------------------ dead letters
 
 
+def dead_lettered_queue(
+    kit: Kit, names: Names, arguments: dict[str, Any] | None = None
+) -> tuple[Queue, Queue]:
+    """A queue (not declared yet) whose dead letters go to a private dead-letter queue (declared):
+    (queue, dead-letter queue)."""
+    dlx, dead = names.dead_letters()
+    kit.transport.declare(dead)
+    return names.queue(dead_letters_to=dlx, arguments=arguments), dead
+
+
 def test_a_handler_asking_for_it_dead_letters_the_message_once(
     kit: Kit, names: Names, consumers: Consumers
 ) -> None:
-    dlx, dead = names.dead_letters()
-    kit.transport.declare(dead)
-    queue = names.queue(dead_letters_to=dlx)
+    queue, dead = dead_lettered_queue(kit, names)
     consumers.start(kit.transport.consumer(queue, Recorder(lambda _d: Outcome(dead_letter=True)), name="c"))
     sent = envelope()
     kit.transport.publish("", queue.name, sent)
@@ -240,9 +250,7 @@ def test_a_handler_asking_for_it_dead_letters_the_message_once(
 
 
 def test_a_crashing_handler_dead_letters_the_message(kit: Kit, names: Names, consumers: Consumers) -> None:
-    dlx, dead = names.dead_letters()
-    kit.transport.declare(dead)
-    queue = names.queue(dead_letters_to=dlx)
+    queue, dead = dead_lettered_queue(kit, names)
 
     def crash(_d: Delivery) -> Outcome:
         raise RuntimeError("bug")
@@ -256,9 +264,7 @@ def test_a_crashing_handler_dead_letters_the_message(kit: Kit, names: Names, con
 def test_bytes_that_are_not_an_envelope_are_dead_lettered_and_the_consumer_carries_on(
     kit: Kit, names: Names, consumers: Consumers
 ) -> None:
-    dlx, dead = names.dead_letters()
-    kit.transport.declare(dead)
-    queue = names.queue(dead_letters_to=dlx)
+    queue, dead = dead_lettered_queue(kit, names)
     recorder = Recorder()
     consumers.start(kit.transport.consumer(queue, recorder, name="c"))
     garbage = b"\xc1 this is not msgpack"
@@ -296,9 +302,7 @@ def test_the_fleet_topology_sends_dead_letters_to_virtfleet_dead(
 
 
 def test_a_message_waiting_longer_than_its_expiration_is_dead_lettered(kit: Kit, names: Names) -> None:
-    dlx, dead = names.dead_letters()
-    kit.transport.declare(dead)
-    queue = names.queue(dead_letters_to=dlx)
+    queue, dead = dead_lettered_queue(kit, names)
     kit.transport.declare(queue)
     sent = envelope()
 
@@ -312,9 +316,7 @@ def test_a_message_waiting_longer_than_its_expiration_is_dead_lettered(kit: Kit,
 
 
 def test_a_queue_message_ttl_dead_letters_old_messages(kit: Kit, names: Names) -> None:
-    dlx, dead = names.dead_letters()
-    kit.transport.declare(dead)
-    queue = names.queue(dead_letters_to=dlx, arguments={"x-message-ttl": 50})
+    queue, dead = dead_lettered_queue(kit, names, {"x-message-ttl": 50})
     kit.transport.declare(queue)
     sent = envelope()
     kit.transport.publish("", queue.name, sent)
@@ -323,9 +325,7 @@ def test_a_queue_message_ttl_dead_letters_old_messages(kit: Kit, names: Names) -
 
 
 def test_max_length_drops_and_dead_letters_the_oldest(kit: Kit, names: Names) -> None:
-    dlx, dead = names.dead_letters()
-    kit.transport.declare(dead)
-    queue = names.queue(dead_letters_to=dlx, arguments={"x-max-length": 2})
+    queue, dead = dead_lettered_queue(kit, names, {"x-max-length": 2})
     kit.transport.declare(queue)
     sent = [envelope(i=i) for i in range(3)]
     for env in sent:
