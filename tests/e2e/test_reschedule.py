@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qemu_guest import QEMU_URI, TEST_POOL, TEST_POOL_DIR, qemu_connection, require_qemu
+from qemu_guest import QEMU_URI, qemu_connection, require_qemu, write_agent_toml
 from vfsupport import Fleet, node_uri, private_fleet
 
 pytestmark = [pytest.mark.broker, pytest.mark.db, pytest.mark.qemu]
@@ -22,8 +22,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.db, pytest.mark.qemu]
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
     require_qemu()
-    config = tmp_path / "real-agent.toml"
-    config.write_text(f'[agent]\nstorage_pool = "{TEST_POOL}"\nimages_dir = "{TEST_POOL_DIR}"\n')
+    config = write_agent_toml(tmp_path / "real-agent.toml")
     with private_fleet(tmp_path) as f:
         f.start_controller("controller", "--strategy", "pack", down_after=30)
         f.start_agent("sim", node_uri("large"), heartbeat=2.0)

@@ -28,6 +28,7 @@ from qemu_guest import (
     require_qemu,
     serial_log,
     wait_for_serial,
+    write_agent_toml,
 )
 from vfsupport import Fleet, private_fleet, wait_until
 
@@ -52,8 +53,7 @@ def conn() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def fleet(conn: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("vmops-qemu")
-    config = tmp / "agent.toml"
-    config.write_text(f'[agent]\nstorage_pool = "{TEST_POOL}"\nimages_dir = "{TEST_POOL_DIR}"\n')
+    config = write_agent_toml(tmp / "agent.toml")
     try:
         with private_fleet(tmp) as f:
             f.start_controller(down_after=30.0)

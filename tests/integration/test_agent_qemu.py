@@ -9,20 +9,18 @@ from typing import Any
 
 import pytest
 from qemu_guest import (
-    QEMU_URI,
     TEST_POOL,
-    TEST_POOL_DIR,
     guest_name,
     guest_spec,
     qemu_connection,
     require_qemu,
+    start_qemu_agent,
     wait_for_serial,
     with_new_disk,
 )
 from vfsupport import wait_until
 
-from agent.config import AgentConfig
-from agent.main import Agent, build_hypervisor
+from agent.main import Agent
 from common.messages.vm import (
     VM_CREATE,
     VM_DELETE,
@@ -48,19 +46,7 @@ def conn() -> Iterator[Any]:
 
 @pytest.fixture
 def agent(conn: Any, vhost_url: str, tmp_path: Path) -> Iterator[Agent]:
-    cfg = AgentConfig(
-        host_id="qemu-host",
-        libvirt_uri=QEMU_URI,
-        amqp_url=vhost_url,
-        state_dir=tmp_path / "state",
-        storage_pool=TEST_POOL,
-        images_dir=TEST_POOL_DIR,
-        report_interval=300,
-        heartbeat_interval=5,
-    )
-    running = Agent(cfg, build_hypervisor(cfg, conn))
-    running.start()
-    assert running.server.ready.wait(30)
+    running = start_qemu_agent(conn, "qemu-host", vhost_url, tmp_path / "state", heartbeat_interval=5)
     yield running
     running.stop()
 

@@ -18,21 +18,17 @@ from typing import Any
 import pytest
 from qemu_guest import (
     GUEST_DIR,
-    QEMU_URI,
-    TEST_POOL,
-    TEST_POOL_DIR,
     guest_name,
     guest_spec,
     qemu_connection,
     require_qemu,
     serial_log,
+    start_qemu_agent,
 )
 from vfsupport import Fleet, fresh_database, wait_until
 
-from agent.config import AgentConfig
-from agent.main import Agent, build_hypervisor
+from agent.main import Agent
 from agent.tuning import parse
-from agent.tuning.module import TuningModule
 from common.messages.base import replace
 from common.messages.tuning import (
     TUNING_AFFINITY,
@@ -82,28 +78,18 @@ def conn() -> Iterator[Any]:
         yield c
 
 
-def _agent(conn: Any, amqp_url: str, state: Path) -> Agent:
-    cfg = AgentConfig(
-        host_id=HOST,
-        libvirt_uri=QEMU_URI,
-        amqp_url=amqp_url,
-        state_dir=state,
-        storage_pool=TEST_POOL,
-        images_dir=TEST_POOL_DIR,
-        report_interval=300,
+@pytest.fixture
+def agent(conn: Any, vhost_url: str, tmp_path: Path) -> Iterator[Agent]:
+    running = start_qemu_agent(
+        conn,
+        HOST,
+        vhost_url,
+        tmp_path / "state",
+        tuning=True,
         heartbeat_interval=1,
         dedicated_cpus="1",
         shared_cpus="0",
     )
-    running = Agent(cfg, build_hypervisor(cfg, conn), modules=[TuningModule.for_host(cfg, conn)])
-    running.start()
-    assert running.server.ready.wait(30)
-    return running
-
-
-@pytest.fixture
-def agent(conn: Any, vhost_url: str, tmp_path: Path) -> Iterator[Agent]:
-    running = _agent(conn, vhost_url, tmp_path / "state")
     yield running
     running.stop()
 
