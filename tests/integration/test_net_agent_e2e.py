@@ -29,6 +29,8 @@ from common.messages.network import HostNetworkReport
 pytestmark = [pytest.mark.broker, pytest.mark.netns]
 
 HOST = "hv1"
+#: ``virtfleet`` arguments that bridge the second NIC (eth1, 10.202.0.2/24) as br1
+BR1_ON_ETH1 = ("host", "net", "bridge", "create", HOST, "br1", "--nic", "eth1")
 
 
 @dataclass
@@ -244,20 +246,7 @@ def test_network_on_the_host_bridge_and_stp(env: Env) -> None:
 
 def test_agent_rolls_back_when_the_change_cuts_it_off_from_the_broker(env: Env) -> None:
     before = env.facts()
-    result = env.cli(
-        "host",
-        "net",
-        "bridge",
-        "create",
-        HOST,
-        "br1",
-        "--nic",
-        "eth1",
-        "--gateway",
-        "10.202.0.254",
-        "--deadline",
-        "4",
-    )
+    result = env.cli(*BR1_ON_ETH1, "--gateway", "10.202.0.254", "--deadline", "4")
     assert result.code == 1, f"{result.stdout}{result.stderr}"
     body = result.json
     assert (body["state"], body["rolled_back"], body["restored"]) == ("rolled-back", True, True), body
@@ -281,7 +270,7 @@ def test_agent_rolls_back_when_the_change_cuts_it_off_from_the_broker(env: Env) 
 
 
 def test_second_bridge_on_the_second_uplink_and_its_removal(env: Env) -> None:
-    env.ok("host", "net", "bridge", "create", HOST, "br1", "--nic", "eth1")
+    env.ok(*BR1_ON_ETH1)
     assert env.lab.ping(env.ns, "10.201.0.1") and env.lab.ping(env.ns, "10.202.0.1")
     removed = env.ok("host", "net", "bridge", "remove", HOST, "br1")
     assert removed["state"] == "applied"
@@ -293,9 +282,7 @@ def test_second_bridge_on_the_second_uplink_and_its_removal(env: Env) -> None:
 
 
 def test_confirm_or_it_is_undone(env: Env) -> None:
-    pending = env.ok(
-        "host", "net", "bridge", "create", HOST, "br1", "--nic", "eth1", "--confirm", "--confirm-timeout", "2"
-    )
+    pending = env.ok(*BR1_ON_ETH1, "--confirm", "--confirm-timeout", "2")
     assert pending["state"] == "pending-confirm"
 
     def undone() -> HostNetworkReport | None:
@@ -307,38 +294,14 @@ def test_confirm_or_it_is_undone(env: Env) -> None:
         return facts if restored and facts.interface("br1") is None else None
 
     wait_until(undone, 15, "undo: br1 gone, eth1 free with its address back")
-    kept = env.ok(
-        "host",
-        "net",
-        "bridge",
-        "create",
-        HOST,
-        "br1",
-        "--nic",
-        "eth1",
-        "--confirm",
-        "--confirm-timeout",
-        "60",
-    )
+    kept = env.ok(*BR1_ON_ETH1, "--confirm", "--confirm-timeout", "60")
     confirmed = env.ok("host", "net", "confirm", HOST, kept["change_id"])
     assert confirmed["state"] == "applied"
     br1 = env.facts().interface("br1")
     assert br1 is not None and br1.addresses == ("10.202.0.2/24",)
     env.ok("host", "net", "bridge", "remove", HOST, "br1")
     # An operator may also undo a pending change at once instead of waiting for its timeout.
-    tried = env.ok(
-        "host",
-        "net",
-        "bridge",
-        "create",
-        HOST,
-        "br1",
-        "--nic",
-        "eth1",
-        "--confirm",
-        "--confirm-timeout",
-        "60",
-    )
+    tried = env.ok(*BR1_ON_ETH1, "--confirm", "--confirm-timeout", "60")
     eth1 = env.facts().interface("eth1")
     assert eth1 is not None and eth1.master == "br1"
     reverted = env.ok("host", "net", "revert", HOST, tried["change_id"])
