@@ -158,19 +158,6 @@ def agent(vhost_url: str, host_id: str, reports: Tap, tmp_path: Path) -> Iterato
     conn.close()
 
 
-@pytest.fixture
-def transport(vhost_url: str) -> Iterator[AmqpTransport]:
-    shared = AmqpTransport(vhost_url, "test-agent-broker")
-    yield shared
-    shared.close()
-
-
-@pytest.fixture
-def client(transport: AmqpTransport) -> AgentClient:
-    """What the controller uses to call agents (a new envelope, so a new message id, per call)."""
-    return AgentClient(transport, "test")
-
-
 def test_create_report_and_redelivery(
     agent: Agent, transport: AmqpTransport, reports: Tap, host_id: str
 ) -> None:

@@ -56,7 +56,6 @@ from common.messages.vm import (
     VmRef,
     VmSpec,
 )
-from common.transport.amqp import AmqpTransport
 from controller.agent_api import AgentClient
 
 pytestmark = [pytest.mark.broker, pytest.mark.qemu]
@@ -92,13 +91,6 @@ def agent(conn: Any, vhost_url: str, tmp_path: Path) -> Iterator[Agent]:
     )
     yield running
     running.stop()
-
-
-@pytest.fixture
-def client(vhost_url: str) -> Iterator[AgentClient]:
-    transport = AmqpTransport(vhost_url, "test-tuning-qemu")
-    yield AgentClient(transport, "test")
-    transport.close()
 
 
 def affinity_from_proc(pid: int) -> dict[str, frozenset[int]]:
