@@ -29,22 +29,8 @@ from vfsupport import Fleet, fresh_database, wait_until
 
 from agent.main import Agent
 from agent.tuning import parse
+from common.messages import tuning
 from common.messages.base import replace
-from common.messages.tuning import (
-    TUNING_AFFINITY,
-    TUNING_IO_SCHEDULER,
-    TUNING_PIN,
-    TUNING_PROCESS,
-    TUNING_PROFILE,
-    TUNING_TASKSET,
-    ApplyProfile,
-    GetAffinity,
-    PinVm,
-    ProcessQuery,
-    SetIoScheduler,
-    SetTaskset,
-    VmAffinity,
-)
 from common.messages.vm import (
     VM_CREATE,
     VM_DELETE,
@@ -110,17 +96,22 @@ def vcpu_and_emulator(pid: int) -> tuple[frozenset[int], set[frozenset[int]]]:
     return threads["CPU 0/TCG"], emulator
 
 
-def boot(client: AgentClient, spec: VmSpec) -> VmAffinity:
+def boot(client: AgentClient, spec: VmSpec) -> tuning.VmAffinity:
     created = client.call(HOST, VM_CREATE, CreateVm(spec=spec, start=True))
     assert created.status is not None and created.status.state == PowerState.RUNNING
     seen = wait_until(
         lambda: (
-            (a := client.call(HOST, TUNING_AFFINITY, GetAffinity(VmRef(spec.uuid, spec.name)))).observed and a
+            (
+                a := client.call(
+                    HOST, tuning.TUNING_AFFINITY, tuning.GetAffinity(VmRef(spec.uuid, spec.name))
+                )
+            ).observed
+            and a
         ),
         30,
         f"the QEMU process of {spec.name}",
     )
-    assert isinstance(seen, VmAffinity)
+    assert isinstance(seen, tuning.VmAffinity)
     return seen
 
 
@@ -140,10 +131,12 @@ def test_dedicated_vm_threads_and_live_repin(conn: Any, agent: Agent, client: Ag
     assert emulator == {frozenset({0})}  # main, IO and RCU threads on the shared CPU
 
     ref = VmRef(spec.uuid, name)
-    moved = client.call(HOST, TUNING_PIN, PinVm(ref, vcpu_pins=(VcpuPin(0, "0"),)))
+    moved = client.call(HOST, tuning.TUNING_PIN, tuning.PinVm(ref, vcpu_pins=(VcpuPin(0, "0"),)))
     assert [p.cpuset for p in moved.vcpu_pins] == ["0"]
     assert vcpu_and_emulator(seen.pid)[0] == {0}  # live: the running thread moved
-    back = client.call(HOST, TUNING_PIN, PinVm(ref, vcpu_pins=(VcpuPin(0, "1"),), emulator_cpuset="0-1"))
+    back = client.call(
+        HOST, tuning.TUNING_PIN, tuning.PinVm(ref, vcpu_pins=(VcpuPin(0, "1"),), emulator_cpuset="0-1")
+    )
     assert back.emulator_cpuset == "0-1"
     vcpu, emulator = vcpu_and_emulator(seen.pid)
     assert vcpu == {1} and emulator == {frozenset({0, 1})}
@@ -159,13 +152,13 @@ def test_taskset_on_a_managed_qemu_process(agent: Agent, client: AgentClient) ->
     spec = guest_spec(name, vcpus=1, max_vcpus=1)  # shared: no libvirt pinning, so every CPU allowed
     seen = boot(client, spec)
     assert seen.pid is not None
-    info = client.call(HOST, TUNING_PROCESS, ProcessQuery(seen.pid))
+    info = client.call(HOST, tuning.TUNING_PROCESS, tuning.ProcessQuery(seen.pid))
     assert (info.qemu, info.vm_uuid, info.managed) == (True, spec.uuid, True)
-    assert client.call(HOST, TUNING_PROCESS, ProcessQuery(os.getpid())).qemu is False
-    done = client.call(HOST, TUNING_TASKSET, SetTaskset(seen.pid, spec.uuid, "0"))
+    assert client.call(HOST, tuning.TUNING_PROCESS, tuning.ProcessQuery(os.getpid())).qemu is False
+    done = client.call(HOST, tuning.TUNING_TASKSET, tuning.SetTaskset(seen.pid, spec.uuid, "0"))
     assert {t.cpus for t in done.after} == {"0"}
     assert set(affinity_from_proc(seen.pid).values()) == {frozenset({0})}
-    client.call(HOST, TUNING_TASKSET, SetTaskset(seen.pid, spec.uuid, "0-1"))
+    client.call(HOST, tuning.TUNING_TASKSET, tuning.SetTaskset(seen.pid, spec.uuid, "0-1"))
     assert set(affinity_from_proc(seen.pid).values()) == {frozenset({0, 1})}
     client.call(HOST, VM_DELETE, DeleteVm(VmRef(spec.uuid, name)))
 
@@ -196,13 +189,13 @@ def test_io_scheduler_and_profile_on_the_real_kernel(agent: Agent, client: Agent
             "IO scheduler and virt-host profile on the real kernel not tested: needs block devices loop0 and vda"
         )
     with restored(loop, vda, THP_ENABLED):
-        done = client.call(HOST, TUNING_IO_SCHEDULER, SetIoScheduler("loop0", "mq-deadline"))
+        done = client.call(HOST, tuning.TUNING_IO_SCHEDULER, tuning.SetIoScheduler("loop0", "mq-deadline"))
         assert done.after == "mq-deadline" and parse.selection(loop.read_text()).selected == "mq-deadline"
         # Detune, then let the profile put things right; a second run changes nothing.
         THP_ENABLED.write_text("always\n")
         other = "none" if parse.selection(vda.read_text()).selected != "none" else "kyber"
         vda.write_text(other + "\n")
-        first = client.call(HOST, TUNING_PROFILE, ApplyProfile("virt-host"))
+        first = client.call(HOST, tuning.TUNING_PROFILE, tuning.ApplyProfile("virt-host"))
         changed = {c.setting: c.after for c in first.changes if c.changed}
         rotational = Path("/sys/block/vda/queue/rotational").read_text().strip() == "1"
         assert changed == {
@@ -211,7 +204,7 @@ def test_io_scheduler_and_profile_on_the_real_kernel(agent: Agent, client: Agent
         }
         assert parse.selection(THP_ENABLED.read_text()).selected == "madvise"
         assert "io.loop0.scheduler" not in {c.setting for c in first.changes}  # virtual device: untouched
-        second = client.call(HOST, TUNING_PROFILE, ApplyProfile("virt-host"))
+        second = client.call(HOST, tuning.TUNING_PROFILE, tuning.ApplyProfile("virt-host"))
         assert [c.setting for c in second.changes if c.changed] == []
 
 
