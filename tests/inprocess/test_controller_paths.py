@@ -421,7 +421,7 @@ def test_a_host_without_network_facts_and_one_long_silent(fleet: InProcessFleet)
 
     # A heartbeat brings it back up.
     send_as_agent(fleet, "ghost", HOST_HEARTBEAT, first_heartbeat("ghost"))
-    wait_until(lambda: fleet.hosts()["ghost"]["status"] == "up", 30, "ghost up after its heartbeat")
+    fleet.wait_hosts({"ghost"})  # up again after its heartbeat
 
 
 def test_a_heartbeat_from_an_unknown_host_creates_nothing(

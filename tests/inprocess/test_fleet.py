@@ -273,7 +273,7 @@ def test_killed_agent_marks_host_down_and_it_is_not_chosen(own_fleet: InProcessF
         fleet.cli_ok("vm", "create", f"after-kill-{i}", "--memory", "64", "--disk", "1") for i in range(3)
     ]
     assert all(p["vm"]["host"] != "small" for p in placed)
-    wait_until(lambda: fleet.hosts()["medium"]["status"] == "up", 10, "the other hosts to stay up")
+    fleet.wait_hosts({"medium"}, timeout=10)  # the other hosts stay up
 
     # A restarted agent brings its host back, and it takes VMs again.
     fleet.start_agent("small")

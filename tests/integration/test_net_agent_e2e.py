@@ -112,7 +112,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 agent_log,
                 env=env_vars,
             )
-            wait_until(lambda: fleet.hosts().get(HOST, {}).get("status") == "up", 60, f"{HOST} up")
+            fleet.wait_hosts({HOST}, timeout=60)
             yield e
         except BaseException:
             print(e.logs(), file=sys.stderr)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vfsupport import REPO, Fleet, node_uri, private_fleet, wait_until
+from vfsupport import REPO, Fleet, node_uri, private_fleet
 
 from common.messages import vm as vm_msgs
 
@@ -89,6 +89,6 @@ def test_a_newer_operation_is_refused_before_it_is_sent(fleet: Fleet) -> None:
 def test_the_old_agent_reports_and_heartbeats_are_understood(fleet: Fleet) -> None:
     # The previous release's report carries no network/tuning facts decoders choke on, and its
     # heartbeats keep the host up well past the down-after interval.
-    wait_until(lambda: fleet.hosts().get("old", {}).get("status") == "up", 30, "host old up")
+    fleet.wait_hosts({"old"}, timeout=30)
     host = fleet.cli_ok("host", "show", "old")
     assert host["cpus"] > 0 and host["memory_mib"] > 0
