@@ -8,9 +8,10 @@ The database is a SQLite file, or PostgreSQL when ``VIRTFLEET_DATABASE_URL`` say
 as a user runs it (``controller.cli.app.main`` with argv, exit code, stdout, stderr), only its
 broker is the in-memory one. No broker, root, libvirtd or QEMU is needed.
 
-:class:`InProcessFleet` offers the same ``cli`` / ``cli_ok`` / ``hosts`` / ``wait_hosts`` as the
-process fleet of tests/vfsupport.py, plus direct access to each host's fakes for setting up what an
-operator would have prepared by hand (an image file, a foreign domain) and for faults.
+:class:`InProcessFleet` offers the same ``cli`` as the process fleet of tests/vfsupport.py, and what
+:class:`vfsupport.CliFleet` builds on it for both (``cli_ok``, ``hosts``, ``wait_hosts``,
+``resources``...), plus direct access to each host's fakes for setting up what an operator would
+have prepared by hand (an image file, a foreign domain) and for faults.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from vfsupport import DOWN_AFTER_S, NODES, CliResult, fresh_database, wait_until
+from vfsupport import DOWN_AFTER_S, NODES, CliFleet, CliResult, fresh_database
 
 from agent.fakehost import FakeHost, build_fake_host
 from agent.main import Agent
@@ -63,8 +63,10 @@ class RunningHost:
 
 
 @dataclass
-class InProcessFleet:
+class InProcessFleet(CliFleet):
     """A controller, agents and the CLI in this process (see the module docstring)."""
+
+    hosts_timeout: ClassVar[float] = 30
 
     tmp: Path
     database_url: str
@@ -178,26 +180,6 @@ class InProcessFleet:
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         return CliResult(code, out.getvalue(), err.getvalue())
-
-    def cli_ok(self, *args: str) -> Any:
-        result = self.cli(*args)
-        assert result.code == 0, (
-            f"virtfleet {' '.join(args)} failed ({result.code}): {result.stdout}{result.stderr}"
-        )
-        return json.loads(result.stdout)
-
-    def hosts(self) -> dict[str, Any]:
-        result = self.cli("host", "list")
-        if result.code != 0:
-            return {}
-        return {h["host_id"]: h for h in result.json["hosts"]}
-
-    def wait_hosts(self, ids: set[str], status: str = "up", timeout: float = 30) -> None:
-        wait_until(
-            lambda: all(self.hosts().get(i, {}).get("status") == status for i in ids),
-            timeout,
-            f"hosts {sorted(ids)} to be {status}",
-        )
 
 
 class _Input(io.StringIO):

@@ -22,17 +22,17 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from pyroute2 import NetNS, netns
 
 NSEXEC = Path(__file__).resolve().parent / "nsexec.py"
 BROKER = ("127.0.0.1", 5672)
-
-T = TypeVar("T")
+#: The gateway's address where :meth:`Lab.host_behind_gateway` relays to the broker.
+RELAY_IP = "10.200.0.1"
 
 
 def require_root() -> None:
@@ -86,6 +86,21 @@ class Lab:
 
     def default_route(self, ns: str, gateway: str, dev: str) -> None:
         self.ns(ns).route("add", dst="0.0.0.0/0", gateway=gateway, oif=self.index(ns, dev))
+
+    def host_behind_gateway(self, host_role: str, gateway_role: str) -> tuple[str, str]:
+        """A host namespace with two veth NICs, eth0 (10.201.0.2/24, default route via 10.201.0.1)
+        and eth1 (10.202.0.2/24), whose peers (10.201.0.1, 10.202.0.1) sit in a gateway namespace.
+        The gateway also holds :data:`RELAY_IP`, where a relay to the real broker listens: the host
+        reaches the broker there only through its default route. Returns (host, gateway)."""
+        h, g = self.netns(host_role), self.netns(gateway_role)
+        for i in (0, 1):
+            self.veth(h, f"eth{i}", g, f"g{i}")
+            self.addr(h, f"eth{i}", f"10.20{i + 1}.0.2/24")
+            self.addr(g, f"g{i}", f"10.20{i + 1}.0.1/24")
+        self.addr(g, "lo", f"{RELAY_IP}/32")
+        self.default_route(h, "10.201.0.1", "eth0")
+        self.relays.append(TcpRelay(g, (RELAY_IP, BROKER[1])))
+        return h, g
 
     # -- processes ----------------------------------------------------------------------
     def argv(self, ns: str, argv: list[str]) -> list[str]:
@@ -350,17 +365,4 @@ def processes_in(ns: str) -> list[str]:
     return names
 
 
-def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll ``predicate`` until it returns something truthy (which it returns); fail the test with
-    ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
-__all__ = ["Lab", "PrivateLibvirtd", "TcpRelay", "errno", "lab", "processes_in", "tcp_reachable", "wait_for"]
+__all__ = ["RELAY_IP", "Lab", "PrivateLibvirtd", "TcpRelay", "errno", "lab", "processes_in", "tcp_reachable"]

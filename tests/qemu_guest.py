@@ -21,6 +21,9 @@ from typing import Any
 
 import pytest
 
+from agent.config import AgentConfig
+from agent.main import Agent, build_hypervisor
+from agent.tuning.module import TuningModule
 from common.messages.base import replace
 from common.messages.vm import DiskFormat, DiskSpec, DomainType, GraphicsSpec, KernelBoot, NicSpec, VmSpec
 
@@ -143,6 +146,34 @@ def wait_for_serial(name: str, needle: str, timeout: float = 60.0) -> None:
         time.sleep(0.25)
     text = path.read_text(errors="replace")[-2000:] if path.exists() else "(no serial log)"
     raise AssertionError(f"{needle!r} did not appear on {name}'s console within {timeout}s:\n{text}")
+
+
+def write_agent_toml(path: Path) -> Path:
+    """An agent configuration file that puts images in the test pool (for ``virtfleet-agent --config``)."""
+    path.write_text(f'[agent]\nstorage_pool = "{TEST_POOL}"\nimages_dir = "{TEST_POOL_DIR}"\n')
+    return path
+
+
+def start_qemu_agent(
+    conn: Any, host_id: str, amqp_url: str, state_dir: Path, *, tuning: bool = False, **settings: Any
+) -> Agent:
+    """An agent in this process on qemu:///system and the test pool, consuming from ``amqp_url``
+    (reports every 300 s; ``settings`` are more AgentConfig fields), with the tuning module if asked."""
+    cfg = AgentConfig(
+        host_id=host_id,
+        libvirt_uri=QEMU_URI,
+        amqp_url=amqp_url,
+        state_dir=state_dir,
+        storage_pool=TEST_POOL,
+        images_dir=TEST_POOL_DIR,
+        report_interval=300,
+        **settings,
+    )
+    modules = [TuningModule.for_host(cfg, conn)] if tuning else []
+    agent = Agent(cfg, build_hypervisor(cfg, conn), modules=modules)
+    agent.start()
+    assert agent.server.ready.wait(30), f"the agent of {host_id} never started consuming"
+    return agent
 
 
 def cleanup_test_domains(conn: Any) -> None:

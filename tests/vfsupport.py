@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import quote
 
 import sqlalchemy as sa
@@ -142,8 +142,50 @@ class CliResult:
         return json.loads(self.stdout)
 
 
+class CliFleet:
+    """What a fleet offers on top of its ``cli``, the same for the fleet of processes here and the
+    in-process one (tests/inproc.py): the CLI's JSON, the hosts and their resources as it shows them."""
+
+    #: How long :meth:`wait_hosts` waits unless told.
+    hosts_timeout: ClassVar[float] = 60
+
+    def cli(self, *args: str, output: str = "json") -> CliResult:
+        """``virtfleet --output OUTPUT ARGS...`` as a user runs it."""
+        raise NotImplementedError
+
+    def cli_ok(self, *args: str) -> Any:
+        result = self.cli(*args)
+        assert result.code == 0, (
+            f"virtfleet {' '.join(args)} failed ({result.code}): {result.stdout}{result.stderr}"
+        )
+        return result.json
+
+    def hosts(self) -> dict[str, Any]:
+        result = self.cli("host", "list")
+        if result.code != 0:
+            return {}
+        return {h["host_id"]: h for h in result.json["hosts"]}
+
+    def wait_hosts(self, ids: set[str], status: str = "up", timeout: float | None = None) -> None:
+        wait_until(
+            lambda: all(self.hosts().get(i, {}).get("status") == status for i in ids),
+            self.hosts_timeout if timeout is None else timeout,
+            f"hosts {sorted(ids)} to be {status}",
+        )
+
+    def resources(self, host: str) -> dict[str, dict[str, Any]]:
+        """The rows of ``host show HOST``'s resources by resource class (``MEMORY_MIB``...)."""
+        return {r["resource"]: r for r in self.cli_ok("host", "show", host)["resources"]}
+
+    def used(self, host: str) -> dict[str, int]:
+        return {name: row["used"] for name, row in self.resources(host).items()}
+
+    def free(self, host: str) -> dict[str, int]:
+        return {name: row["free"] for name, row in self.resources(host).items()}
+
+
 @dataclass
-class Fleet:
+class Fleet(CliFleet):
     """A controller, agents and the CLI against one private vhost and database."""
 
     tmp: Path
@@ -229,26 +271,6 @@ class Fleet:
         )
         return CliResult(done.returncode, done.stdout, done.stderr)
 
-    def cli_ok(self, *args: str) -> Any:
-        result = self.cli(*args)
-        assert result.code == 0, (
-            f"virtfleet {' '.join(args)} failed ({result.code}): {result.stdout}{result.stderr}"
-        )
-        return result.json
-
-    def hosts(self) -> dict[str, Any]:
-        result = self.cli("host", "list")
-        if result.code != 0:
-            return {}
-        return {h["host_id"]: h for h in result.json["hosts"]}
-
-    def wait_hosts(self, ids: set[str], status: str = "up", timeout: float = 60) -> None:
-        wait_until(
-            lambda: all(self.hosts().get(i, {}).get("status") == status for i in ids),
-            timeout,
-            f"hosts {sorted(ids)} to be {status}",
-        )
-
     def logs(self) -> str:
         return "\n\n".join(f"===== {p.name} =====\n{p.log()}" for p in self.procs)
 
@@ -256,6 +278,23 @@ class Fleet:
         for proc in reversed(self.procs):
             with contextlib.suppress(AssertionError):
                 proc.stop()
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_exc: object) -> None:
+        """Print the logs if anything failed inside the ``with``; stop every process either way."""
+        if exc_type is not None:
+            print(self.logs())
+        self.stop_all()
+
+
+@contextlib.contextmanager
+def private_fleet(tmp: Path) -> Iterator[Fleet]:
+    """A fleet with no process yet on a private vhost and a fresh database; its logs are printed if
+    anything fails, and every process it starts is stopped on the way out."""
+    with private_vhost() as url, fresh_database(tmp) as db, Fleet(tmp, url, db) as f:
+        yield f
 
 
 @contextlib.contextmanager
@@ -268,19 +307,12 @@ def running_fleet(
     extra ``virtfleet-agent`` arguments. The logs are printed if anything fails, and every
     process is stopped on the way out.
     """
-    with private_vhost() as url, fresh_database(tmp) as db:
-        f = Fleet(tmp, url, db)
-        try:
-            f.start_controller(down_after=down_after)
-            for host, (node, *args) in agents.items():
-                f.start_agent(host, node_uri(node), *args)
-            f.wait_hosts(set(agents))
-            yield f
-        except BaseException:
-            print(f.logs())
-            raise
-        finally:
-            f.stop_all()
+    with private_fleet(tmp) as f:
+        f.start_controller(down_after=down_after)
+        for host, (node, *args) in agents.items():
+            f.start_agent(host, node_uri(node), *args)
+        f.wait_hosts(set(agents))
+        yield f
 
 
 def node_uri(name: str) -> str:

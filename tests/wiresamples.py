@@ -170,34 +170,31 @@ def _is_optional(tp: Any) -> bool:
     return get_origin(tp) in (typing.Union, types.UnionType) and type(None) in get_args(tp)
 
 
+def _field_spec(name: str, tp: Any, default: Any, default_factory: Any, missing: object) -> FieldSpec:
+    """A field's spec from its default or default factory, either of which may be ``missing``."""
+    if default is not missing:
+        return FieldSpec(name, tp, True, default)
+    if default_factory is not missing:
+        return FieldSpec(name, tp, True, default_factory())
+    return FieldSpec(name, tp, _is_optional(tp), None)
+
+
 def message_fields(cls: type) -> tuple[FieldSpec, ...]:
     """The constructor fields of a dataclass or msgspec Struct, with resolved type hints."""
     hints = typing.get_type_hints(cls)
-    out: list[FieldSpec] = []
     if dataclasses.is_dataclass(cls):
-        for f in dataclasses.fields(cls):
-            if not f.init:
-                continue
-            if f.default is not dataclasses.MISSING:
-                out.append(FieldSpec(f.name, hints[f.name], True, f.default))
-            elif f.default_factory is not dataclasses.MISSING:
-                out.append(FieldSpec(f.name, hints[f.name], True, f.default_factory()))
-            else:
-                opt = _is_optional(hints[f.name])
-                out.append(FieldSpec(f.name, hints[f.name], opt, None))
-        return tuple(out)
+        return tuple(
+            _field_spec(f.name, hints[f.name], f.default, f.default_factory, dataclasses.MISSING)
+            for f in dataclasses.fields(cls)
+            if f.init
+        )
     msgspec = _struct_module()
     if msgspec is None or not issubclass(cls, msgspec.Struct):
         raise TypeError(f"{cls!r} is neither a dataclass nor a msgspec Struct")
-    for info in msgspec.structs.fields(cls):
-        if info.default is not msgspec.NODEFAULT:
-            out.append(FieldSpec(info.name, hints[info.name], True, info.default))
-        elif info.default_factory is not msgspec.NODEFAULT:
-            out.append(FieldSpec(info.name, hints[info.name], True, info.default_factory()))
-        else:
-            opt = _is_optional(hints[info.name])
-            out.append(FieldSpec(info.name, hints[info.name], opt, None))
-    return tuple(out)
+    return tuple(
+        _field_spec(info.name, hints[info.name], info.default, info.default_factory, msgspec.NODEFAULT)
+        for info in msgspec.structs.fields(cls)
+    )
 
 
 def field_label(cls: type, name: str) -> str:

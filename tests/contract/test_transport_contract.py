@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from transportkit import WAIT, Consumers, Gate, Kit, Names, Recorder, envelope, eventually
@@ -24,6 +26,7 @@ from common.transport.topology import (
     REPORTS_QUEUE,
     Binding,
     ExchangeType,
+    Queue,
     agent_queue,
 )
 
@@ -55,24 +58,16 @@ def test_a_transport_is_shared_by_threads_and_each_call_gets_its_own_reply(
 ) -> None:
     queue = names.queue()
     consumers.start(kit.transport.consumer(queue, Recorder(), name="echo", prefetch=8, workers=4))
-    errors: list[BaseException] = []
 
     def caller(n: int) -> None:
-        try:
-            for i in range(5):
-                request = envelope(n=n, i=i)
-                reply = kit.transport.call("", queue.name, request, WAIT, persistent=False)
-                assert reply.correlation_id == request.id
-                assert reply.body == {"ok": True, "result": {"echo": {"n": n, "i": i}}}
-        except BaseException as exc:
-            errors.append(exc)
+        for i in range(5):
+            request = envelope(n=n, i=i)
+            reply = kit.transport.call("", queue.name, request, WAIT, persistent=False)
+            assert reply.correlation_id == request.id
+            assert reply.body == {"ok": True, "result": {"echo": {"n": n, "i": i}}}
 
-    threads = [threading.Thread(target=caller, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT * 2)
-    assert not errors
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(caller, range(4), timeout=WAIT * 2))  # re-raises what a caller raised
 
 
 def test_call_returns_the_reply_to_its_request_and_ignores_unrelated_ones(
@@ -228,12 +223,20 @@ def test_when_the_broker_drops_every_connection_consumers_reconnect_and_a_call_p
 # ------------------------------------------------------------------------------ dead letters
 
 
+def dead_lettered_queue(
+    kit: Kit, names: Names, arguments: dict[str, Any] | None = None
+) -> tuple[Queue, Queue]:
+    """A queue (not declared yet) whose dead letters go to a private dead-letter queue (declared):
+    (queue, dead-letter queue)."""
+    dlx, dead = names.dead_letters()
+    kit.transport.declare(dead)
+    return names.queue(dead_letters_to=dlx, arguments=arguments), dead
+
+
 def test_a_handler_asking_for_it_dead_letters_the_message_once(
     kit: Kit, names: Names, consumers: Consumers
 ) -> None:
-    dlx, dead = names.dead_letters()
-    kit.transport.declare(dead)
-    queue = names.queue(dead_letters_to=dlx)
+    queue, dead = dead_lettered_queue(kit, names)
     consumers.start(kit.transport.consumer(queue, Recorder(lambda _d: Outcome(dead_letter=True)), name="c"))
     sent = envelope()
     kit.transport.publish("", queue.name, sent)
@@ -247,9 +250,7 @@ def test_a_handler_asking_for_it_dead_letters_the_message_once(
 
 
 def test_a_crashing_handler_dead_letters_the_message(kit: Kit, names: Names, consumers: Consumers) -> None:
-    dlx, dead = names.dead_letters()
-    kit.transport.declare(dead)
-    queue = names.queue(dead_letters_to=dlx)
+    queue, dead = dead_lettered_queue(kit, names)
 
     def crash(_d: Delivery) -> Outcome:
         raise RuntimeError("bug")
@@ -263,9 +264,7 @@ def test_a_crashing_handler_dead_letters_the_message(kit: Kit, names: Names, con
 def test_bytes_that_are_not_an_envelope_are_dead_lettered_and_the_consumer_carries_on(
     kit: Kit, names: Names, consumers: Consumers
 ) -> None:
-    dlx, dead = names.dead_letters()
-    kit.transport.declare(dead)
-    queue = names.queue(dead_letters_to=dlx)
+    queue, dead = dead_lettered_queue(kit, names)
     recorder = Recorder()
     consumers.start(kit.transport.consumer(queue, recorder, name="c"))
     garbage = b"\xc1 this is not msgpack"
@@ -303,9 +302,7 @@ def test_the_fleet_topology_sends_dead_letters_to_virtfleet_dead(
 
 
 def test_a_message_waiting_longer_than_its_expiration_is_dead_lettered(kit: Kit, names: Names) -> None:
-    dlx, dead = names.dead_letters()
-    kit.transport.declare(dead)
-    queue = names.queue(dead_letters_to=dlx)
+    queue, dead = dead_lettered_queue(kit, names)
     kit.transport.declare(queue)
     sent = envelope()
 
@@ -319,9 +316,7 @@ def test_a_message_waiting_longer_than_its_expiration_is_dead_lettered(kit: Kit,
 
 
 def test_a_queue_message_ttl_dead_letters_old_messages(kit: Kit, names: Names) -> None:
-    dlx, dead = names.dead_letters()
-    kit.transport.declare(dead)
-    queue = names.queue(dead_letters_to=dlx, arguments={"x-message-ttl": 50})
+    queue, dead = dead_lettered_queue(kit, names, {"x-message-ttl": 50})
     kit.transport.declare(queue)
     sent = envelope()
     kit.transport.publish("", queue.name, sent)
@@ -330,9 +325,7 @@ def test_a_queue_message_ttl_dead_letters_old_messages(kit: Kit, names: Names) -
 
 
 def test_max_length_drops_and_dead_letters_the_oldest(kit: Kit, names: Names) -> None:
-    dlx, dead = names.dead_letters()
-    kit.transport.declare(dead)
-    queue = names.queue(dead_letters_to=dlx, arguments={"x-max-length": 2})
+    queue, dead = dead_lettered_queue(kit, names, {"x-max-length": 2})
     kit.transport.declare(queue)
     sent = [envelope(i=i) for i in range(3)]
     for env in sent:

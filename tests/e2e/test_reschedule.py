@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qemu_guest import QEMU_URI, TEST_POOL, TEST_POOL_DIR, qemu_connection, require_qemu
-from vfsupport import Fleet, fresh_database, node_uri, private_vhost
+from qemu_guest import QEMU_URI, qemu_connection, require_qemu, write_agent_toml
+from vfsupport import Fleet, node_uri, private_fleet
 
 pytestmark = [pytest.mark.broker, pytest.mark.db, pytest.mark.qemu]
 
@@ -22,21 +22,13 @@ pytestmark = [pytest.mark.broker, pytest.mark.db, pytest.mark.qemu]
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
     require_qemu()
-    config = tmp_path / "real-agent.toml"
-    config.write_text(f'[agent]\nstorage_pool = "{TEST_POOL}"\nimages_dir = "{TEST_POOL_DIR}"\n')
-    with private_vhost() as url, fresh_database(tmp_path) as db:
-        f = Fleet(tmp_path, url, db)
-        try:
-            f.start_controller("controller", "--strategy", "pack", down_after=30)
-            f.start_agent("sim", node_uri("large"), heartbeat=2.0)
-            f.start_agent("real", QEMU_URI, "--config", str(config), heartbeat=2.0)
-            f.wait_hosts({"sim", "real"})
-            yield f
-        except BaseException:
-            print(f.logs())
-            raise
-        finally:
-            f.stop_all()
+    config = write_agent_toml(tmp_path / "real-agent.toml")
+    with private_fleet(tmp_path) as f:
+        f.start_controller("controller", "--strategy", "pack", down_after=30)
+        f.start_agent("sim", node_uri("large"), heartbeat=2.0)
+        f.start_agent("real", QEMU_URI, "--config", str(config), heartbeat=2.0)
+        f.wait_hosts({"sim", "real"})
+        yield f
 
 
 def test_a_failed_build_lands_on_the_next_host(fleet: Fleet) -> None:
@@ -52,10 +44,8 @@ def test_a_failed_build_lands_on_the_next_host(fleet: Fleet) -> None:
         assert created["vm"]["status"] == "active"
         # Nothing was left behind on the host that failed: no domain, no claim.
         assert name not in [d.name() for d in conn.listAllDomains(0)]
-        real = {r["resource"]: r for r in fleet.cli_ok("host", "show", "real")["resources"]}
-        assert real["MEMORY_MIB"]["used"] == 0
-        sim = {r["resource"]: r for r in fleet.cli_ok("host", "show", "sim")["resources"]}
-        assert sim["MEMORY_MIB"]["used"] == 64
+        assert fleet.used("real")["MEMORY_MIB"] == 0
+        assert fleet.used("sim")["MEMORY_MIB"] == 64
         log = (fleet.tmp / "controller.log").read_text()
         assert f"build of {name} failed on real" in log
 

@@ -28,8 +28,9 @@ from qemu_guest import (
     require_qemu,
     serial_log,
     wait_for_serial,
+    write_agent_toml,
 )
-from vfsupport import Fleet, fresh_database, private_vhost, wait_until
+from vfsupport import Fleet, private_fleet, wait_until
 
 from common.domain_xml import parse_domain_xml
 
@@ -52,22 +53,16 @@ def conn() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def fleet(conn: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("vmops-qemu")
-    config = tmp / "agent.toml"
-    config.write_text(f'[agent]\nstorage_pool = "{TEST_POOL}"\nimages_dir = "{TEST_POOL_DIR}"\n')
-    with private_vhost() as url, fresh_database(tmp) as db:
-        f = Fleet(tmp, url, db)
-        try:
+    config = write_agent_toml(tmp / "agent.toml")
+    try:
+        with private_fleet(tmp) as f:
             f.start_controller(down_after=30.0)
             f.start_agent(HOST, QEMU_URI, "--config", str(config))
             f.wait_hosts({HOST})
             yield f
-        except BaseException:
-            print(f.logs())
-            raise
-        finally:
-            f.stop_all()
-            if TIMINGS:
-                print("real-guest timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in TIMINGS.items()))
+    finally:
+        if TIMINGS:
+            print("real-guest timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in TIMINGS.items()))
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+from builders import host_report
 from inproc import HostShape, InProcessFleet, inprocess_fleet
 from vfsupport import CliResult, wait_until
 
@@ -26,7 +27,7 @@ from agent.drivers.fake import FakeHypervisor
 from agent.reporter import TransportReportSink
 from common.errors import HypervisorError, InternalError
 from common.messages.base import replace
-from common.messages.descriptor import Version
+from common.messages.descriptor import Report, Version
 from common.messages.host import HOST_HEARTBEAT, HOST_REPORT, CpuTopology, Heartbeat, HostReport
 from common.messages.vm import VM_RESET
 from controller import main as controller_main
@@ -121,10 +122,9 @@ def ghost_report(
 ) -> HostReport:
     """A report of host ``ghost``, which has no agent. 256 MiB (less than the 512 MiB reserved):
     nothing is ever placed there, so the other tests of the module are not disturbed."""
-    return HostReport(
-        host_id="ghost",
+    return host_report(
+        "ghost",
         hostname="ghost.example.net",
-        agent_version="0.0-test",
         hypervisor_type="QEMU",
         hypervisor_version="7.2.0",
         libvirt_uri="qemu:///system",
@@ -132,14 +132,28 @@ def ghost_report(
         cpu=CpuTopology(cpus=cpus),
         memory_mib=256,
         memory_free_mib=256,
-        storage=None,
-        networks=(),
-        bridges=(),
-        vms=(),
         seq=seq,
         started_at=started_at,
         reported_at=time.time() if reported_at is None else reported_at,
     )
+
+
+B = TypeVar("B")
+
+
+def first_heartbeat(host_id: str) -> Heartbeat:
+    return Heartbeat(host_id=host_id, seq=1, started_at=time.time(), sent_at=time.time())
+
+
+def send_as_agent(fleet: InProcessFleet, host_id: str, op: Report[B], body: B) -> None:
+    """Publish a report or heartbeat as the agent of ``host_id`` would, on a connection of its own."""
+    transport = fleet.broker.transport(f"agent-{host_id}")
+    try:
+        TransportReportSink(transport, host_id, f"agent:{host_id}").send(
+            op, body, sent_at=time.time(), ttl_s=60
+        )
+    finally:
+        transport.close()
 
 
 def create(fleet: InProcessFleet, name: str, *args: str, output: str = "json") -> CliResult:
@@ -170,7 +184,7 @@ def test_a_build_stuck_past_the_build_timeout_is_failed_by_the_reconciler(
             lambda: "reconcile: stuck: build timed out" in caplog.text, 30, "the reconciler's log line"
         )
         # The failed build keeps its claim: the host still counts the VM until it is deleted.
-        used = {r["resource"]: r["used"] for r in configured.cli_ok("host", "show", "old")["resources"]}
+        used = configured.used("old")
         assert used["MEMORY_MIB"] == 128
         release.set()
         # The agent's answer comes late but says the VM was built: it is taken as the truth.
@@ -269,7 +283,7 @@ def test_a_build_the_host_fails_for_good_is_not_retried_elsewhere(fleet: InProce
     vm = vm_show(fleet, "buggy")
     assert (vm["status"], vm["host"], vm["last_error"]) == ("error", None, "simulated: the agent hit a bug")
     assert fleet.fake(other).hypervisor.count("define") == defines_elsewhere, "not rescheduled"
-    used = {r["resource"]: r["used"] for r in fleet.cli_ok("host", "show", chosen)["resources"]}
+    used = fleet.used(chosen)
     assert used["MEMORY_MIB"] == 0, "the claim was released"
     fleet.cli_ok("vm", "delete", "buggy")
 
@@ -308,7 +322,7 @@ def test_every_host_failing_the_build_ends_in_no_valid_host_with_the_history(
         hv = fleet.fake(host).hypervisor
         assert [s.name for s in hv.list_statuses()] == ["unlucky"]
         hv.undefine(vm["uuid"])  # the operator's clean-up (virsh undefine)
-        used = {r["resource"]: r["used"] for r in fleet.cli_ok("host", "show", host)["resources"]}
+        used = fleet.used(host)
         assert used["MEMORY_MIB"] == 0
     fleet.cli_ok("vm", "delete", "unlucky")
 
@@ -360,13 +374,7 @@ def test_vm_create_wait_reports_a_refusal_for_people(fleet: InProcessFleet) -> N
 def test_reports_out_of_order_and_after_an_agent_restart(fleet: InProcessFleet) -> None:
     service = service_of(fleet)
     started = time.time() - 100
-    transport = fleet.broker.transport("agent-ghost")
-    try:
-        TransportReportSink(transport, "ghost", "agent:ghost").send(
-            HOST_REPORT, ghost_report(5, started, cpus=5), sent_at=time.time(), ttl_s=60
-        )
-    finally:
-        transport.close()
+    send_as_agent(fleet, "ghost", HOST_REPORT, ghost_report(5, started, cpus=5))
     wait_until(
         lambda: fleet.hosts().get("ghost", {}).get("cpus") == 5,
         30,
@@ -412,29 +420,15 @@ def test_a_host_without_network_facts_and_one_long_silent(fleet: InProcessFleet)
     assert no_host.code == 3 and no_host.json["error"]["message"] == "no host given"
 
     # A heartbeat brings it back up.
-    transport = fleet.broker.transport("agent-ghost")
-    try:
-        beat = Heartbeat(host_id="ghost", seq=1, started_at=time.time(), sent_at=time.time())
-        TransportReportSink(transport, "ghost", "agent:ghost").send(
-            HOST_HEARTBEAT, beat, sent_at=time.time(), ttl_s=60
-        )
-    finally:
-        transport.close()
-    wait_until(lambda: fleet.hosts()["ghost"]["status"] == "up", 30, "ghost up after its heartbeat")
+    send_as_agent(fleet, "ghost", HOST_HEARTBEAT, first_heartbeat("ghost"))
+    fleet.wait_hosts({"ghost"})  # up again after its heartbeat
 
 
 def test_a_heartbeat_from_an_unknown_host_creates_nothing(
     fleet: InProcessFleet, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="controller.service")
-    transport = fleet.broker.transport("agent-stranger")
-    try:
-        beat = Heartbeat(host_id="stranger", seq=1, started_at=time.time(), sent_at=time.time())
-        TransportReportSink(transport, "stranger", "agent:stranger").send(
-            HOST_HEARTBEAT, beat, sent_at=time.time(), ttl_s=60
-        )
-    finally:
-        transport.close()
+    send_as_agent(fleet, "stranger", HOST_HEARTBEAT, first_heartbeat("stranger"))
     wait_until(
         lambda: "heartbeat from stranger before its first report" in caplog.text, 30, "the heartbeat handled"
     )

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 from inproc import HostShape, InProcessFleet, inprocess_fleet
@@ -51,14 +50,6 @@ def own_fleet(tmp_path: Path) -> Iterator[InProcessFleet]:
         yield f
 
 
-def _used(fleet: InProcessFleet, host: str) -> dict[str, int]:
-    return {r["resource"]: r["used"] for r in fleet.cli_ok("host", "show", host)["resources"]}
-
-
-def _resources(fleet: InProcessFleet, host: str) -> dict[str, dict[str, Any]]:
-    return {r["resource"]: r for r in fleet.cli_ok("host", "show", host)["resources"]}
-
-
 def _reason(fleet: InProcessFleet, name: str, host: str) -> dict[str, str]:
     refused = fleet.cli("vm", "create", name, "--memory", "64", "--disk", "1", "--host", host)
     assert refused.code == 4, refused.stdout + refused.stderr
@@ -79,8 +70,7 @@ def test_hosts_report_their_size(fleet: InProcessFleet) -> None:
         assert hosts[name]["cpus"] == cpus
         assert hosts[name]["memory_mib"] == memory
         assert hosts[name]["hypervisor_type"].lower() == "test"
-    shown = fleet.cli_ok("host", "show", "medium")
-    by_resource = {r["resource"]: r for r in shown["resources"]}
+    by_resource = fleet.resources("medium")
     assert by_resource["MEMORY_MIB"]["reserved"] == 512
     assert by_resource["MEMORY_MIB"]["capacity"] == 65536 - 512
     assert by_resource["VCPU"]["capacity"] == 16 * 4
@@ -200,10 +190,10 @@ def test_lifecycle_through_the_cli(fleet: InProcessFleet) -> None:
     assert fleet.cli_ok("vm", "start", "life")["vm"]["power_state"] == "running"
     assert fleet.cli_ok("vm", "shutdown", "life", "--grace", "10")["vm"]["power_state"] == "shutoff"
     host = fleet.cli_ok("vm", "show", "life")["host"]
-    used_before = _used(fleet, host)
+    used_before = fleet.used(host)
     fleet.cli_ok("vm", "delete", "life", "--delete-disks")
     assert fleet.cli("vm", "show", "life").code == 3
-    used_after = _used(fleet, host)
+    used_after = fleet.used(host)
     assert used_before["MEMORY_MIB"] - used_after["MEMORY_MIB"] == 512
     # The host's side: the domain is gone, and so is the volume virtfleet made for it.
     hv = fleet.fake(host).hypervisor
@@ -216,7 +206,7 @@ def test_50_concurrent_creates_never_exceed_capacity(own_fleet: InProcessFleet) 
     size = {"VCPU": 1, "MEMORY_MIB": 4096, "DISK_GIB": 1}
     expected = 0
     for host in SIZES:
-        res = _resources(fleet, host)
+        res = fleet.resources(host)
         expected += min(res[r]["free"] // amount for r, amount in size.items())
     assert 0 < expected < 50, f"the fleet must be over-subscribed by 50 creates; it fits {expected}"
 
@@ -239,7 +229,7 @@ def test_50_concurrent_creates_never_exceed_capacity(own_fleet: InProcessFleet) 
     assert sorted(set(codes)) <= [0, 4], f"unexpected exit codes {codes}"
     assert codes.count(0) == expected, f"{codes.count(0)} created, {expected} fit"
     for host in SIZES:
-        for name, r in _resources(fleet, host).items():
+        for name, r in fleet.resources(host).items():
             assert r["used"] <= r["capacity"], f"{host} {name} over capacity: {r}"
             assert r["free"] >= 0
     burst = [v for v in fleet.cli_ok("vm", "list")["vms"] if v["name"].startswith("burst-")]
@@ -291,7 +281,7 @@ def test_killed_agent_marks_host_down_and_it_is_not_chosen(short_fleet: InProces
         fleet.cli_ok("vm", "create", f"after-kill-{i}", "--memory", "64", "--disk", "1") for i in range(3)
     ]
     assert all(p["vm"]["host"] != "small" for p in placed)
-    wait_until(lambda: fleet.hosts()["medium"]["status"] == "up", 10, "the other hosts to stay up")
+    fleet.wait_hosts({"medium"}, timeout=10)  # the other hosts stay up
 
     # A restarted agent brings its host back, and it takes VMs again.
     fleet.start_agent("small")
@@ -363,15 +353,15 @@ def test_a_build_that_fails_on_one_host_is_rescheduled_on_the_next(
     assert failing.count("start") >= 1 and failing.count("undefine") >= 1
     assert failing.uuid_for_name("resched") is None
     assert not [path for path in failing.volumes().values() if "resched" in path]
-    used_by = {h: _used(fleet, h)["MEMORY_MIB"] for h in SIZES}
+    used_by = {h: fleet.used(h)["MEMORY_MIB"] for h in SIZES}
     fleet.cli_ok("vm", "delete", "resched", "--delete-disks")
-    after = {h: _used(fleet, h)["MEMORY_MIB"] for h in SIZES}
+    after = {h: fleet.used(h)["MEMORY_MIB"] for h in SIZES}
     assert used_by[alternates[0]] - after[alternates[0]] == 64
     assert used_by[first] == after[first]  # the failed host held no claim for it
 
 
 def test_a_build_that_fails_everywhere_is_an_error_that_can_be_deleted(fleet: InProcessFleet) -> None:
-    before = {h: _used(fleet, h) for h in SIZES}
+    before = {h: fleet.used(h) for h in SIZES}
     for host in SIZES:
         fleet.fake(host).hypervisor.fail_next("start", HypervisorError(f"{host} says no"))
     failed = fleet.cli("vm", "create", "doomed", "--memory", "64", "--disk", "1")
@@ -385,7 +375,7 @@ def test_a_build_that_fails_everywhere_is_an_error_that_can_be_deleted(fleet: In
     shown = fleet.cli_ok("vm", "show", "doomed")
     assert (shown["status"], shown["host"]) == ("error", None)
     assert "says no" in shown["last_error"]
-    assert {h: _used(fleet, h) for h in SIZES} == before  # every claim released
+    assert {h: fleet.used(h) for h in SIZES} == before  # every claim released
     assert all(fleet.fake(h).hypervisor.uuid_for_name("doomed") is None for h in SIZES)
     # A VM without a host can only be deleted.
     stuck = fleet.cli("vm", "start", "doomed")
@@ -409,7 +399,7 @@ def test_a_forced_host_that_fails_the_build_is_not_replaced(fleet: InProcessFlee
 
 def test_a_build_failing_with_an_error_of_no_host_is_not_rescheduled(fleet: InProcessFleet) -> None:
     first, _alternates = _first_choice(fleet, "odd-fail", "--memory", "64", "--disk", "1")
-    before = {h: _used(fleet, h) for h in SIZES}
+    before = {h: fleet.used(h) for h in SIZES}
     starts = {h: fleet.fake(h).hypervisor.count("start") for h in SIZES}
     fleet.fake(first).hypervisor.fail_next("start", InternalError("the fake's bug of the day"))
     failed = fleet.cli("vm", "create", "odd-fail", "--memory", "64", "--disk", "1")
@@ -422,7 +412,7 @@ def test_a_build_failing_with_an_error_of_no_host_is_not_rescheduled(fleet: InPr
     shown = fleet.cli_ok("vm", "show", "odd-fail")
     assert (shown["status"], shown["host"]) == ("error", None)
     assert "bug of the day" in shown["last_error"]
-    assert {h: _used(fleet, h) for h in SIZES} == before  # the claim was released
+    assert {h: fleet.used(h) for h in SIZES} == before  # the claim was released
     fleet.cli_ok("vm", "delete", "odd-fail")
 
 
@@ -447,13 +437,13 @@ def test_a_failed_operation_records_the_error_and_clears_the_task(fleet: InProce
 
 
 def test_a_request_the_agent_refuses_is_not_retried_and_leaves_nothing(fleet: InProcessFleet) -> None:
-    before = {h: _used(fleet, h) for h in SIZES}
+    before = {h: fleet.used(h) for h in SIZES}
     defines = {h: fleet.fake(h).hypervisor.count("define") for h in SIZES}
     refused = fleet.cli("vm", "create", "no-image", "--memory", "64", "--disk", "path=/srv/missing.qcow2")
     assert refused.code == 3, refused.stdout + refused.stderr
     assert "/srv/missing.qcow2 does not exist" in refused.json["error"]["message"]
     assert fleet.cli("vm", "show", "no-image").code == 3  # forgotten, claim released
-    assert {h: _used(fleet, h) for h in SIZES} == before
+    assert {h: fleet.used(h) for h in SIZES} == before
     assert {h: fleet.fake(h).hypervisor.count("define") for h in SIZES} == defines
 
 

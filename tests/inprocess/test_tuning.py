@@ -15,10 +15,10 @@ import functools
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
+from builders import qemu_process
 from inproc import HostShape, InProcessFleet, inprocess_fleet
 from vfsupport import CliResult, wait_until
 
@@ -183,25 +183,11 @@ def test_live_repin_within_the_allowance(fleet: InProcessFleet) -> None:
     assert '<vcpupin vcpu="1" cpuset="1" />' in exported and '<emulatorpin cpuset="0" />' in exported
 
 
-def _qemu_process(fleet: InProcessFleet, host: str, pid: int, vm_uuid: str) -> Path:
-    """A QEMU process for ``vm_uuid`` in the host's simulated /proc: a main thread and one vCPU thread
-    allowed on every CPU (what ``-uuid`` on the command line and the thread names look like)."""
-    proc: Path = fleet.fake(host).tuning.kernel.root / "proc" / str(pid)
-    proc.mkdir(parents=True)
-    (proc / "cmdline").write_bytes(b"/usr/bin/qemu-system-x86_64\0-uuid\0" + vm_uuid.encode() + b"\0")
-    for tid, name in ((pid, "qemu-system-x86"), (pid + 1, "CPU 0/KVM")):
-        task = proc / "task" / str(tid)
-        task.mkdir(parents=True)
-        (task / "comm").write_text(name + "\n")
-        (task / "status").write_text(f"Name:\t{name}\nCpus_allowed_list:\t0-7\n")
-    return proc
-
-
 def test_taskset_only_for_the_qemu_process_of_a_managed_vm(fleet: InProcessFleet) -> None:
     made = create(fleet, "task-1", "--host", "pin-a")
     assert made.code == 0, made.stdout + made.stderr
     vm_uuid = made.json["vm"]["uuid"]
-    _qemu_process(fleet, "pin-a", 4100, vm_uuid)
+    qemu_process(fleet.fake("pin-a").tuning.kernel.root, 4100, vm_uuid)
     done = fleet.cli_ok("host", "taskset", "pin-a", "4100", "--cpus", "0-1")
     assert done["vm"] == "task-1"
     assert [t["cpus"] for t in done["result"]["before"]] == ["0-7", "0-7"]
@@ -215,7 +201,7 @@ def test_taskset_only_for_the_qemu_process_of_a_managed_vm(fleet: InProcessFleet
     assert "Cpus_allowed_list:\t0-1" in status
 
     # A QEMU process of a VM virtfleet does not know, and a process that is not QEMU: refused.
-    _qemu_process(fleet, "pin-a", 4200, "6a1f0c3e-0d5e-4f0a-9c3e-2b7f6f1d9a02")
+    qemu_process(fleet.fake("pin-a").tuning.kernel.root, 4200, "6a1f0c3e-0d5e-4f0a-9c3e-2b7f6f1d9a02")
     foreign = fleet.cli("host", "taskset", "pin-a", "4200", "--cpus", "0")
     assert foreign.code == 4 and "does not manage" in foreign.json["error"]["message"]
     sshd = fleet.fake("pin-a").tuning.kernel.root / "proc" / "4300"

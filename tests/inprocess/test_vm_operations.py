@@ -39,14 +39,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessFleet]:
         yield f
 
 
-def _used(fleet: InProcessFleet, host: str) -> dict[str, int]:
-    return {r["resource"]: r["used"] for r in fleet.cli_ok("host", "show", host)["resources"]}
-
-
-def _free(fleet: InProcessFleet, host: str) -> dict[str, int]:
-    return {r["resource"]: r["free"] for r in fleet.cli_ok("host", "show", host)["resources"]}
-
-
 def _error(fleet: InProcessFleet, code: int, *args: str) -> dict[str, Any]:
     result = fleet.cli(*args)
     assert result.code == code, (
@@ -91,7 +83,7 @@ def _hv_error(what: str) -> Any:
 
 
 def test_create_takes_the_virt_install_options(fleet: InProcessFleet) -> None:
-    before = _used(fleet, "small")
+    before = fleet.used("small")
     created = fleet.cli_ok(
         "vm", "create", "testlinux", "--host", "small",
         "--vcpus", "1", "--max-vcpus", "2", "--cpuset", "1-4,6",
@@ -107,7 +99,7 @@ def test_create_takes_the_virt_install_options(fleet: InProcessFleet) -> None:
     assert (vm["vcpus"], vm["max_vcpus"], vm["memory_mib"], vm["max_memory_mib"]) == (1, 2, 1024, 2048)
     assert vm["autostart"] is True
     assert vm["disk_gib"] == 5  # the new volumes' total is what the pool gives up
-    after = _used(fleet, "small")
+    after = fleet.used("small")
     assert after["DISK_GIB"] - before.get("DISK_GIB", 0) == 5
     assert after["VCPU"] - before.get("VCPU", 0) == 1
     volumes = fleet.fake("small").hypervisor.volumes()
@@ -224,11 +216,11 @@ def test_name_in_use_is_refused(fleet: InProcessFleet) -> None:
 
 def test_disk_in_use_by_another_guest_is_refused_unless_allowed(fleet: InProcessFleet) -> None:
     image = _image(fleet, "medium", "CentOS-7-x86_64.raw", DiskFormat.RAW, 2)
-    start = _used(fleet, "medium")
+    start = fleet.used("medium")
     fleet.cli_ok(
         "vm", "create", "CentOS-7-x86_64", "--host", "medium", "--memory", "512", "--disk", f"path={image}"
     )
-    before = _used(fleet, "medium")
+    before = fleet.used("medium")
     assert before.get("DISK_GIB", 0) == start.get(
         "DISK_GIB", 0
     )  # an existing image takes nothing from the pool
@@ -242,7 +234,7 @@ def test_disk_in_use_by_another_guest_is_refused_unless_allowed(fleet: InProcess
     assert f"disk {image} is already in use by other guests ['CentOS-7-x86_64']" in error["message"]
     assert "--allow-shared-disk" in error["message"]
     assert "CentOS-7.5-x86_64" not in _vm_names(fleet)  # nothing recorded ...
-    assert _used(fleet, "medium") == before  # ... and nothing claimed
+    assert fleet.used("medium") == before  # ... and nothing claimed
     assert fleet.fake("medium").hypervisor.uuid_for_name("CentOS-7.5-x86_64") is None  # nor defined
 
     # With the flag it is defined, with a warning. It cannot run while the first guest does: QEMU
@@ -253,7 +245,7 @@ def test_disk_in_use_by_another_guest_is_refused_unless_allowed(fleet: InProcess
     )  # fmt: skip
     assert shared.code == 0, shared.stderr
     assert "allow-shared-disk" in shared.stderr  # warned
-    assert _used(fleet, "medium")["MEMORY_MIB"] == before["MEMORY_MIB"] + 512
+    assert fleet.used("medium")["MEMORY_MIB"] == before["MEMORY_MIB"] + 512
     locked = _error(fleet, 1, "vm", "start", "CentOS-7.5-x86_64")
     assert f'Failed to get "write" lock. Is another process using the image [{image}]?' in locked["message"]
     assert fleet.cli_ok("vm", "show", "CentOS-7.5-x86_64")["power_state"] == "shutoff"
@@ -281,22 +273,17 @@ def test_an_error_naming_a_path_in_brackets_prints_for_people(fleet: InProcessFl
 
 
 def test_missing_image_is_refused_and_changes_nothing(fleet: InProcessFleet) -> None:
-    before = _used(fleet, "small")
-    error = _error(
-        fleet, 3, "vm", "create", "no-image", "--host", "small", "--memory", "256",
-        "--disk", f"path={IMAGES}/nope.raw",
-    )  # fmt: skip
-    assert "does not exist on this host" in error["message"]
-    assert "no-image" not in _vm_names(fleet)
-    assert _used(fleet, "small") == before
-    # The image on another host does not help: each host has its own files.
+    before = fleet.used("small")
+    # An image on another host does not help either: each host has its own files.
     _image(fleet, "large", "only-on-large.raw", DiskFormat.RAW)
-    error = _error(
-        fleet, 3, "vm", "create", "no-image", "--host", "small", "--memory", "256",
-        "--disk", f"path={IMAGES}/only-on-large.raw",
-    )  # fmt: skip
-    assert "does not exist on this host" in error["message"]
-    assert "no-image" not in _vm_names(fleet)
+    for image in ("nope.raw", "only-on-large.raw"):
+        error = _error(
+            fleet, 3, "vm", "create", "no-image", "--host", "small", "--memory", "256",
+            "--disk", f"path={IMAGES}/{image}",
+        )  # fmt: skip
+        assert "does not exist on this host" in error["message"], image
+        assert "no-image" not in _vm_names(fleet)
+        assert fleet.used("small") == before
 
 
 # ----------------------------------------------------------------------------- lifecycle
@@ -375,14 +362,14 @@ def test_export_delete_import_round_trip(fleet: InProcessFleet, tmp_path: Path) 
     fleet.cli_ok("vm", "delete", "roundtrip")  # the image is kept (no --delete-disks)
     assert fleet.fake("small").hypervisor.storage.get(image) is not None
     assert fleet.fake("small").hypervisor.uuid_for_name("roundtrip") is None
-    used_before = {h: _used(fleet, h) for h in HOSTS}
+    used_before = {h: fleet.used(h) for h in HOSTS}
     imported = fleet.cli_ok("vm", "import", str(backup))  # placed by the scheduler
     vm = imported["vm"]
     assert vm["name"] == "roundtrip" and vm["uuid"] == original.uuid
     assert (vm["vcpus"], vm["max_vcpus"], vm["memory_mib"]) == (1, 3, 384)
     assert vm["power_state"] == "shutoff" and vm["status"] == "active"
     assert imported["placement"]["host"] == vm["host"]
-    used_after = _used(fleet, vm["host"])
+    used_after = fleet.used(vm["host"])
     assert used_after["MEMORY_MIB"] - used_before[vm["host"]].get("MEMORY_MIB", 0) == 384
     assert used_after.get("DISK_GIB", 0) == used_before[vm["host"]].get("DISK_GIB", 0)
     reexported = parse_domain_xml(fleet.cli("vm", "export", "roundtrip", output="table").stdout)
@@ -403,7 +390,7 @@ def test_export_delete_import_round_trip(fleet: InProcessFleet, tmp_path: Path) 
 
 def test_import_refuses_bad_xml_and_missing_disks(fleet: InProcessFleet, tmp_path: Path) -> None:
     names = _vm_names(fleet)
-    used = _used(fleet, "large")
+    used = fleet.used("large")
     bad = tmp_path / "bad.xml"
     bad.write_text("<domain><name>x</name>")
     assert "malformed domain XML" in _error(fleet, 2, "vm", "import", str(bad))["message"]
@@ -417,7 +404,7 @@ def test_import_refuses_bad_xml_and_missing_disks(fleet: InProcessFleet, tmp_pat
     error = _error(fleet, 3, "vm", "import", str(missing), "--host", "large")
     assert "/nonexistent/ghost.raw does not exist" in error["message"]
     assert _vm_names(fleet) == names
-    assert _used(fleet, "large") == used  # the claim made for the placement was given back
+    assert fleet.used("large") == used  # the claim made for the placement was given back
     assert fleet.fake("large").hypervisor.uuid_for_name("ghost") is None
     assert (
         "no such file"
@@ -474,10 +461,10 @@ def test_setvcpus_and_setmem_reclaim_capacity(fleet: InProcessFleet) -> None:
         "vm", "create", "elastic", "--host", "small", "--vcpus", "1", "--max-vcpus", "4",
         "--memory", "512", "--max-memory", "4096", "--disk", "1",
     )  # fmt: skip
-    base = _used(fleet, "small")
+    base = fleet.used("small")
     grown = fleet.cli_ok("vm", "setvcpus", "elastic", "3")["vm"]
     assert grown["vcpus"] == 3
-    assert _used(fleet, "small")["VCPU"] == base["VCPU"] + 2
+    assert fleet.used("small")["VCPU"] == base["VCPU"] + 2
     assert _domain(fleet, "small", "elastic", live=True).vcpus == 3  # hot-added to the running VM ...
     assert _domain(fleet, "small", "elastic", live=False).vcpus == 3  # ... and in its definition
     spec = _record(fleet, "elastic").spec
@@ -485,7 +472,7 @@ def test_setvcpus_and_setmem_reclaim_capacity(fleet: InProcessFleet) -> None:
     shrink = _error(fleet, 1, "vm", "setvcpus", "elastic", "2")
     assert "vCPUs can only be added live" in shrink["message"]
     assert fleet.cli_ok("vm", "show", "elastic")["vcpus"] == 3
-    assert _used(fleet, "small")["VCPU"] == base["VCPU"] + 2  # a refused change releases nothing
+    assert fleet.used("small")["VCPU"] == base["VCPU"] + 2  # a refused change releases nothing
     too_many = _error(fleet, 2, "vm", "setvcpus", "elastic", "5")
     assert "at most 4 vCPUs" in too_many["message"]
     # QEMU cannot restore a snapshot of a VM with hot-added vCPUs: refused until it restarts.
@@ -493,9 +480,9 @@ def test_setvcpus_and_setmem_reclaim_capacity(fleet: InProcessFleet) -> None:
     assert "hot-added" in hot["message"]
 
     assert fleet.cli_ok("vm", "setmem", "elastic", "2048")["vm"]["memory_mib"] == 2048
-    assert _used(fleet, "small")["MEMORY_MIB"] == base["MEMORY_MIB"] + 1536
+    assert fleet.used("small")["MEMORY_MIB"] == base["MEMORY_MIB"] + 1536
     assert fleet.cli_ok("vm", "setmem", "elastic", "256")["vm"]["memory_mib"] == 256
-    assert _used(fleet, "small")["MEMORY_MIB"] == base["MEMORY_MIB"] - 256  # a shrink releases
+    assert fleet.used("small")["MEMORY_MIB"] == base["MEMORY_MIB"] - 256  # a shrink releases
     assert _domain(fleet, "small", "elastic", live=True).memory_mib == 256  # the balloon target
     spec = _record(fleet, "elastic").spec
     assert spec is not None and spec.memory_mib == 256
@@ -508,7 +495,7 @@ def test_setvcpus_and_setmem_reclaim_capacity(fleet: InProcessFleet) -> None:
 
     # Fill the host until a grow cannot fit: refused by the controller, naming the shortfall,
     # before the hypervisor is asked.
-    free = _free(fleet, "small")
+    free = fleet.free("small")
     fleet.cli_ok(
         "vm", "create", "filler", "--host", "small", "--memory", str(free["MEMORY_MIB"] - 1024),
         "--vcpus", str(free["VCPU"]), "--disk", "1",
@@ -527,7 +514,7 @@ def test_setvcpus_and_setmem_reclaim_capacity(fleet: InProcessFleet) -> None:
 
     fleet.cli_ok("vm", "destroy", "elastic")
     assert fleet.cli_ok("vm", "setvcpus", "elastic", "1")["vm"]["vcpus"] == 1  # shut off: lowering is fine
-    assert _used(fleet, "small")["VCPU"] == base["VCPU"]
+    assert fleet.used("small")["VCPU"] == base["VCPU"]
     off = fleet.cli_ok("vm", "setmem", "elastic", "512")
     assert off["message"] == "512 MiB at the next start"
     assert "balloon: actual=-" in fleet.cli("vm", "memstat", "elastic", output="table").stdout
@@ -540,7 +527,7 @@ def test_failed_setvcpus_and_setmem_give_the_claim_back_and_change_nothing(fleet
         "vm", "create", "flaky", "--host", "medium", "--vcpus", "1", "--max-vcpus", "4",
         "--memory", "512", "--max-memory", "2048", "--disk", "1",
     )  # fmt: skip
-    used = _used(fleet, "medium")
+    used = fleet.used("medium")
     before_live = _domain(fleet, "medium", "flaky", live=True)
 
     hv.fail_next("set_vcpus", _hv_error("cannot set the vCPUs"))
@@ -549,7 +536,7 @@ def test_failed_setvcpus_and_setmem_give_the_claim_back_and_change_nothing(fleet
     hv.fail_next("set_memory", _hv_error("cannot set the memory"))
     assert _error(fleet, 1, "vm", "setmem", "flaky", "1536")["type"] == "HypervisorError"
 
-    assert _used(fleet, "medium") == used  # both grows were claimed, then given back
+    assert fleet.used("medium") == used  # both grows were claimed, then given back
     shown = fleet.cli_ok("vm", "show", "flaky")
     assert (shown["vcpus"], shown["memory_mib"], shown["task"]) == (1, 512, None)
     assert "injected by the test" in shown["last_error"]
@@ -560,7 +547,7 @@ def test_failed_setvcpus_and_setmem_give_the_claim_back_and_change_nothing(fleet
 
     # The next attempt goes through.
     assert fleet.cli_ok("vm", "setvcpus", "flaky", "3")["vm"]["vcpus"] == 3
-    assert _used(fleet, "medium")["VCPU"] == used["VCPU"] + 2
+    assert fleet.used("medium")["VCPU"] == used["VCPU"] + 2
 
 
 # ----------------------------------------------------------------------------- disks
@@ -569,11 +556,11 @@ def test_failed_setvcpus_and_setmem_give_the_claim_back_and_change_nothing(fleet
 def test_disk_attach_claims_and_detach_gives_back(fleet: InProcessFleet) -> None:
     hv = fleet.fake("medium").hypervisor
     fleet.cli_ok("vm", "create", "disks", "--host", "medium", "--memory", "256", "--disk", "1")
-    used = _used(fleet, "medium")
+    used = fleet.used("medium")
 
     attached = fleet.cli_ok("vm", "disk", "attach", "disks", "--size", "2")
     assert attached["message"] == "attached vdb" and attached["vm"]["disk_gib"] == 3
-    assert _used(fleet, "medium")["DISK_GIB"] == used["DISK_GIB"] + 2
+    assert fleet.used("medium")["DISK_GIB"] == used["DISK_GIB"] + 2
     live = {d.target: d for d in _domain(fleet, "medium", "disks", live=True).disks}
     config = {d.target: d for d in _domain(fleet, "medium", "disks", live=False).disks}
     assert set(live) == set(config) == {"vda", "vdb"}  # hot-plugged and in the definition
@@ -588,7 +575,7 @@ def test_disk_attach_claims_and_detach_gives_back(fleet: InProcessFleet) -> None
     data = _image(fleet, "medium", "data.qcow2", DiskFormat.QCOW2, 50)
     by_path = fleet.cli_ok("vm", "disk", "attach", "disks", "--path", data, "--target", "vdc")
     assert by_path["vm"]["disk_gib"] == 3
-    assert _used(fleet, "medium")["DISK_GIB"] == used["DISK_GIB"] + 2
+    assert fleet.used("medium")["DISK_GIB"] == used["DISK_GIB"] + 2
     missing = _error(fleet, 3, "vm", "disk", "attach", "disks", "--path", f"{IMAGES}/not-here.qcow2")
     assert "does not exist on this host" in missing["message"]
     taken = _error(fleet, 4, "vm", "disk", "attach", "disks", "--size", "1", "--target", "vdb")
@@ -605,7 +592,7 @@ def test_disk_attach_claims_and_detach_gives_back(fleet: InProcessFleet) -> None
     deleted = fleet.cli_ok("vm", "disk", "detach", "disks", "vdb", "--delete-volume")
     assert deleted["message"] == f"detached vdb and deleted {volume}"
     assert deleted["vm"]["disk_gib"] == 1
-    assert _used(fleet, "medium")["DISK_GIB"] == used["DISK_GIB"]  # the claim shrank back
+    assert fleet.used("medium")["DISK_GIB"] == used["DISK_GIB"]  # the claim shrank back
     assert hv.storage.get(volume) is None
     assert [d.target for d in _domain(fleet, "medium", "disks", live=True).disks] == ["vda"]
     spec = _record(fleet, "disks").spec
@@ -617,7 +604,7 @@ def test_delete_volume_before_the_guest_releases_the_disk_keeps_its_claim(fleet:
     hv = fleet.fake("small").hypervisor
     fleet.cli_ok("vm", "create", "slow-guest", "--host", "small", "--memory", "256", "--disk", "1")
     fleet.cli_ok("vm", "disk", "attach", "slow-guest", "--size", "2")
-    used = _used(fleet, "small")
+    used = fleet.used("small")
     hv.guest_acks_unplug = False
     try:
         pending = fleet.cli_ok("vm", "disk", "detach", "slow-guest", "vdb", "--delete-volume")
@@ -625,14 +612,14 @@ def test_delete_volume_before_the_guest_releases_the_disk_keeps_its_claim(fleet:
         hv.guest_acks_unplug = True
     assert "the guest has not released it yet" in pending["message"]
     assert ("default", "slow-guest-vdb.qcow2") in hv.volumes()  # the agent kept the volume ...
-    assert _used(fleet, "small")["DISK_GIB"] == used["DISK_GIB"]  # ... so its 2 GiB stay claimed
+    assert fleet.used("small")["DISK_GIB"] == used["DISK_GIB"]  # ... so its 2 GiB stay claimed
 
 
 def test_failed_disk_attach_gives_the_claim_back_and_changes_nothing(fleet: InProcessFleet) -> None:
     hv = fleet.fake("medium").hypervisor
     fleet.cli_ok("vm", "create", "devices", "--host", "medium", "--memory", "256", "--disk", "1",
                  "--network", "network=default")  # fmt: skip
-    used = _used(fleet, "medium")
+    used = fleet.used("medium")
     volumes = hv.volumes()
     definition = fleet.cli("vm", "export", "devices", output="table").stdout
 
@@ -643,7 +630,7 @@ def test_failed_disk_attach_gives_the_claim_back_and_changes_nothing(fleet: InPr
     sata = _error(fleet, 1, "vm", "disk", "attach", "devices", "--size", "2", "--bus", "sata")
     assert sata["type"] == "Unsupported" and "cannot be hotplugged" in sata["message"]
 
-    assert _used(fleet, "medium") == used  # each grow claimed first was given back
+    assert fleet.used("medium") == used  # each grow claimed first was given back
     assert hv.volumes() == volumes  # the new volume was removed again
     assert fleet.cli("vm", "export", "devices", output="table").stdout == definition  # owned volumes too
     shown = fleet.cli_ok("vm", "show", "devices")
@@ -655,7 +642,7 @@ def test_failed_disk_attach_gives_the_claim_back_and_changes_nothing(fleet: InPr
 def test_disk_resize_claims_the_growth(fleet: InProcessFleet) -> None:
     hv = fleet.fake("medium").hypervisor
     fleet.cli_ok("vm", "create", "growing", "--host", "medium", "--memory", "256", "--disk", "1")
-    used = _used(fleet, "medium")
+    used = fleet.used("medium")
     path = _domain(fleet, "medium", "growing", live=True).disks[0].path
     assert path is not None
 
@@ -663,22 +650,22 @@ def test_disk_resize_claims_the_growth(fleet: InProcessFleet) -> None:
     assert refused.code == 2 and "--yes-i-know" in refused.stderr and "warning" in refused.stderr
     # The grow is claimed first: 2000 GiB does not fit medium's 500 GiB pool (less its
     # reserve and what the other VMs hold), and the refusal says by how much.
-    short = (2000 - 1) - _free(fleet, "medium")["DISK_GIB"]
+    short = (2000 - 1) - fleet.free("medium")["DISK_GIB"]
     full = _error(fleet, 4, "vm", "disk", "resize", "growing", "vda", "2000", "--yes-i-know")
     assert full["type"] == "CapacityExceeded" and f"disk short by {short} GiB" in full["message"]
-    assert _used(fleet, "medium") == used
+    assert fleet.used("medium") == used
 
     hv.fail_next("block_resize", _hv_error("cannot resize disk vda"))
     assert _error(fleet, 1, "vm", "disk", "resize", "growing", "vda", "5", "--yes-i-know")["type"] == (
         "HypervisorError"
     )
-    assert _used(fleet, "medium") == used  # given back
+    assert fleet.used("medium") == used  # given back
     file = hv.storage.get(path)
     assert file is not None and file.virtual_size == 1 * GIB
 
     grown = fleet.cli_ok("vm", "disk", "resize", "growing", "vda", "5", "--yes-i-know")
     assert "grown to 5 GiB" in grown["message"] and grown["vm"]["disk_gib"] == 5
-    assert _used(fleet, "medium")["DISK_GIB"] == used["DISK_GIB"] + 4
+    assert fleet.used("medium")["DISK_GIB"] == used["DISK_GIB"] + 4
     assert file.virtual_size == 5 * GIB  # the running VM's disk (block_resize)
     spec = _record(fleet, "growing").spec
     assert spec is not None and spec.disks[0].size_gib == 5
@@ -694,7 +681,7 @@ def test_disk_resize_claims_the_growth(fleet: InProcessFleet) -> None:
     fleet.cli_ok("vm", "snapshot", "create", "growing", "s1")
     with_snapshot = _error(fleet, 1, "vm", "disk", "resize", "growing", "vda", "8", "--yes-i-know")
     assert "snapshots" in with_snapshot["message"]
-    assert _used(fleet, "medium")["DISK_GIB"] == used["DISK_GIB"] + 5
+    assert fleet.used("medium")["DISK_GIB"] == used["DISK_GIB"] + 5
     assert file.virtual_size == 6 * GIB
 
 
@@ -705,7 +692,7 @@ def test_nic_attach_list_detach(fleet: InProcessFleet) -> None:
     hv = fleet.fake("medium").hypervisor
     fleet.cli_ok("vm", "create", "nics", "--host", "medium", "--memory", "256", "--disk", "1",
                  "--network", "network=default")  # fmt: skip
-    used = _used(fleet, "medium")
+    used = fleet.used("medium")
     nics = fleet.cli_ok("vm", "nic", "list", "nics")["nics"]
     assert len(nics) == 1 and nics[0]["type"] == "network" and nics[0]["source"] == "default"
     first_mac = nics[0]["mac"]
@@ -726,7 +713,7 @@ def test_nic_attach_list_detach(fleet: InProcessFleet) -> None:
     assert spec is not None and [n.mac for n in spec.nics] == [first_mac, new["mac"]]
     again = fleet.cli_ok("vm", "nic", "attach", "nics", "--bridge", "br0", "--mac", new["mac"])
     assert again["message"] == f"{new['mac']} already attached" and len(again["nics"]) == 2
-    assert _used(fleet, "medium") == used  # NICs claim nothing
+    assert fleet.used("medium") == used  # NICs claim nothing
 
     # Refusals change nothing.
     nobridge = _error(fleet, 3, "vm", "nic", "attach", "nics", "--bridge", "br9")

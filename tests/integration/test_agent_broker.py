@@ -21,6 +21,7 @@ from typing import Any
 import libvirt
 import pika
 import pytest
+from builders import vm_spec
 
 from agent.config import AgentConfig
 from agent.drivers import host_facts
@@ -34,12 +35,9 @@ from common.messages.vm import (
     VM_CREATE,
     VM_START,
     CreateVm,
-    DiskSpec,
-    DomainType,
     PowerState,
     VmAction,
     VmRef,
-    VmSpec,
 )
 from common.transport.amqp import AmqpTransport
 from common.transport.rpc import request, unwrap
@@ -158,30 +156,6 @@ def agent(vhost_url: str, host_id: str, reports: Tap, tmp_path: Path) -> Iterato
     yield running
     running.stop()
     conn.close()
-
-
-@pytest.fixture
-def transport(vhost_url: str) -> Iterator[AmqpTransport]:
-    shared = AmqpTransport(vhost_url, "test-agent-broker")
-    yield shared
-    shared.close()
-
-
-@pytest.fixture
-def client(transport: AmqpTransport) -> AgentClient:
-    """What the controller uses to call agents (a new envelope, so a new message id, per call)."""
-    return AgentClient(transport, "test")
-
-
-def vm_spec(name: str = "web1") -> VmSpec:
-    return VmSpec(
-        uuid=str(uuid_mod.uuid4()),
-        name=name,
-        vcpus=2,
-        memory_mib=1024,
-        domain_type=DomainType.TEST,
-        disks=(DiskSpec(target="vda", size_gib=10),),
-    )
 
 
 def test_create_report_and_redelivery(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid as uuid_mod
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import libvirt
 import pytest
+from builders import vm_spec
 
 from agent.drivers import host_facts
 from agent.drivers.libvirt_driver import LibvirtHypervisor, open_connection
@@ -21,7 +23,6 @@ from common.messages.vm import (
     DeleteVm,
     DiskFormat,
     DiskSpec,
-    DomainType,
     PowerState,
     ShutdownVm,
     VmAction,
@@ -56,19 +57,8 @@ def handlers(hv: LibvirtHypervisor) -> AgentHandlers:
     return AgentHandlers(hv, lambda: 0)
 
 
-def spec(name: str = "web1", **kw: Any) -> VmSpec:
-    fields: dict[str, Any] = {
-        "uuid": str(uuid_mod.uuid4()),
-        "name": name,
-        "vcpus": 2,
-        "max_vcpus": 4,
-        "memory_mib": 1024,
-        "max_memory_mib": 2048,
-        "domain_type": DomainType.TEST,
-        "disks": (DiskSpec(target="vda", size_gib=10),),
-    }
-    fields.update(kw)
-    return VmSpec(**fields)
+#: as in tests/unit/test_fake_hypervisor.py, whose parity test runs the fake against this driver
+spec = functools.partial(vm_spec, max_vcpus=4, max_memory_mib=2048)
 
 
 def ref(s: VmSpec) -> VmRef:

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netsupport import Lab, PrivateLibvirtd, TcpRelay, lab, processes_in, wait_for
-from vfsupport import BIN, CliResult, Fleet, fresh_database, private_vhost
+from netsupport import RELAY_IP, Lab, PrivateLibvirtd, lab, processes_in
+from vfsupport import BIN, CliResult, Fleet, fresh_database, private_vhost, wait_until
 
 from agent.network.netlink import NetlinkDriver
 from common.messages.network import HostNetworkReport
@@ -29,7 +29,8 @@ from common.messages.network import HostNetworkReport
 pytestmark = [pytest.mark.broker, pytest.mark.netns]
 
 HOST = "hv1"
-BROKER_IP = "10.200.0.1"
+#: ``virtfleet`` arguments that bridge the second NIC (eth1, 10.202.0.2/24) as br1
+BR1_ON_ETH1 = ("host", "net", "bridge", "create", HOST, "br1", "--nic", "eth1")
 
 
 @dataclass
@@ -70,14 +71,7 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("net-e2e")
     with lab() as the_lab, private_vhost() as url, fresh_database(tmp) as db:
-        h, g = the_lab.netns("hv"), the_lab.netns("gw")
-        for i in (0, 1):
-            the_lab.veth(h, f"eth{i}", g, f"g{i}")
-            the_lab.addr(h, f"eth{i}", f"10.20{i + 1}.0.2/24")
-            the_lab.addr(g, f"g{i}", f"10.20{i + 1}.0.1/24")
-        the_lab.addr(g, "lo", f"{BROKER_IP}/32")
-        the_lab.default_route(h, "10.201.0.1", "eth0")
-        the_lab.relays.append(TcpRelay(g, (BROKER_IP, 5672)))
+        h, _gateway = the_lab.host_behind_gateway("hv", "gw")
         libvirtd = PrivateLibvirtd(the_lab, h, tmp / "libvirtd")
         libvirtd.start()
         root = tmp / "root"
@@ -90,7 +84,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         agent_log = tmp / "agent.log"
         env_vars = {k: v for k, v in os.environ.items() if not k.startswith("VIRTFLEET_")}
         env_vars |= {"VIRTFLEET_NET_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
-        agent_url = url.replace("127.0.0.1", BROKER_IP)
+        agent_url = url.replace("127.0.0.1", RELAY_IP)
         e = Env(fleet, the_lab, h, root, libvirtd, agent_log)
         try:
             fleet.start_controller()
@@ -118,7 +112,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 agent_log,
                 env=env_vars,
             )
-            wait_for(lambda: fleet.hosts().get(HOST, {}).get("status") == "up", 60, f"{HOST} up")
+            fleet.wait_hosts({HOST}, timeout=60)
             yield e
         except BaseException:
             print(e.logs(), file=sys.stderr)
@@ -143,7 +137,7 @@ def test_host_reports_its_network(env: Env) -> None:
         report = env.reported()
         return report if _iface(report, "eth0") else None
 
-    report = wait_for(reported, 30, "network facts in the host report")
+    report = wait_until(reported, 30, "network facts in the host report")
     eth0 = _iface(report, "eth0")
     assert eth0 is not None and eth0["addresses"] == ["10.201.0.2/24"]
     assert _default(report) == ("10.201.0.1", "eth0")
@@ -206,7 +200,7 @@ def test_nat_and_isolated_networks(env: Env) -> None:
     assert iso["network"]["forward_mode"] == "isolated"
     live = env.ok("net", "list", "--host", HOST, "--live")
     assert {e["network"]["name"] for e in live["entries"]} == {"default", "isolated"}
-    wait_for(
+    wait_until(
         lambda: (
             {e["network"]["name"] for e in env.ok("net", "list")["entries"] if e["host"] == HOST}
             >= {"default", "isolated"}
@@ -252,20 +246,7 @@ def test_network_on_the_host_bridge_and_stp(env: Env) -> None:
 
 def test_agent_rolls_back_when_the_change_cuts_it_off_from_the_broker(env: Env) -> None:
     before = env.facts()
-    result = env.cli(
-        "host",
-        "net",
-        "bridge",
-        "create",
-        HOST,
-        "br1",
-        "--nic",
-        "eth1",
-        "--gateway",
-        "10.202.0.254",
-        "--deadline",
-        "4",
-    )
+    result = env.cli(*BR1_ON_ETH1, "--gateway", "10.202.0.254", "--deadline", "4")
     assert result.code == 1, f"{result.stdout}{result.stderr}"
     body = result.json
     assert (body["state"], body["rolled_back"], body["restored"]) == ("rolled-back", True, True), body
@@ -284,12 +265,12 @@ def test_agent_rolls_back_when_the_change_cuts_it_off_from_the_broker(env: Env) 
         rb = env.reported().get("last_rollback")
         return rb if rb and rb["change_id"] == body["change_id"] else None
 
-    rb = wait_for(rollback_reported, 30, "the rollback in the next host report")
+    rb = wait_until(rollback_reported, 30, "the rollback in the next host report")
     assert rb["operation"] == "bridge create br1" and rb["restored"] is True
 
 
 def test_second_bridge_on_the_second_uplink_and_its_removal(env: Env) -> None:
-    env.ok("host", "net", "bridge", "create", HOST, "br1", "--nic", "eth1")
+    env.ok(*BR1_ON_ETH1)
     assert env.lab.ping(env.ns, "10.201.0.1") and env.lab.ping(env.ns, "10.202.0.1")
     removed = env.ok("host", "net", "bridge", "remove", HOST, "br1")
     assert removed["state"] == "applied"
@@ -301,9 +282,7 @@ def test_second_bridge_on_the_second_uplink_and_its_removal(env: Env) -> None:
 
 
 def test_confirm_or_it_is_undone(env: Env) -> None:
-    pending = env.ok(
-        "host", "net", "bridge", "create", HOST, "br1", "--nic", "eth1", "--confirm", "--confirm-timeout", "2"
-    )
+    pending = env.ok(*BR1_ON_ETH1, "--confirm", "--confirm-timeout", "2")
     assert pending["state"] == "pending-confirm"
 
     def undone() -> HostNetworkReport | None:
@@ -314,39 +293,15 @@ def test_confirm_or_it_is_undone(env: Env) -> None:
         restored = eth1 is not None and eth1.master is None and eth1.addresses == ("10.202.0.2/24",)
         return facts if restored and facts.interface("br1") is None else None
 
-    wait_for(undone, 15, "undo: br1 gone, eth1 free with its address back")
-    kept = env.ok(
-        "host",
-        "net",
-        "bridge",
-        "create",
-        HOST,
-        "br1",
-        "--nic",
-        "eth1",
-        "--confirm",
-        "--confirm-timeout",
-        "60",
-    )
+    wait_until(undone, 15, "undo: br1 gone, eth1 free with its address back")
+    kept = env.ok(*BR1_ON_ETH1, "--confirm", "--confirm-timeout", "60")
     confirmed = env.ok("host", "net", "confirm", HOST, kept["change_id"])
     assert confirmed["state"] == "applied"
     br1 = env.facts().interface("br1")
     assert br1 is not None and br1.addresses == ("10.202.0.2/24",)
     env.ok("host", "net", "bridge", "remove", HOST, "br1")
     # An operator may also undo a pending change at once instead of waiting for its timeout.
-    tried = env.ok(
-        "host",
-        "net",
-        "bridge",
-        "create",
-        HOST,
-        "br1",
-        "--nic",
-        "eth1",
-        "--confirm",
-        "--confirm-timeout",
-        "60",
-    )
+    tried = env.ok(*BR1_ON_ETH1, "--confirm", "--confirm-timeout", "60")
     eth1 = env.facts().interface("eth1")
     assert eth1 is not None and eth1.master == "br1"
     reverted = env.ok("host", "net", "revert", HOST, tried["change_id"])

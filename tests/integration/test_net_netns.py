@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from netsupport import Lab, TcpRelay, lab, tcp_reachable
+from netsupport import RELAY_IP, Lab, lab, tcp_reachable
 
 from agent.network.model import ProbeResult
 from agent.network.module import NetworkModule, NetworkSettings
@@ -41,7 +41,6 @@ from common.transport.rpc import HandlerTable
 
 pytestmark = pytest.mark.netns
 
-BROKER_IP = "10.200.0.1"
 FAST = ChangeOptions(deadline_s=3.0)
 
 
@@ -66,7 +65,7 @@ def tcp_probe(ns: str, log: list[ProbeResult]) -> Callable[[float], ProbeResult]
     def probe(deadline_s: float) -> ProbeResult:
         start = time.monotonic()
         while True:
-            if tcp_reachable(ns, (BROKER_IP, 5672), timeout=0.5):
+            if tcp_reachable(ns, (RELAY_IP, 5672), timeout=0.5):
                 result = ProbeResult(True, "reached", time.monotonic() - start)
                 break
             if time.monotonic() - start > deadline_s:
@@ -94,14 +93,7 @@ def build_module(ns: str, root: Path, state: Path, probes: list[ProbeResult]) ->
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[Host]:
     with lab() as the_lab:
-        h, g = the_lab.netns("h"), the_lab.netns("g")
-        for i in (0, 1):
-            the_lab.veth(h, f"eth{i}", g, f"g{i}")
-            the_lab.addr(h, f"eth{i}", f"10.20{i + 1}.0.2/24")
-            the_lab.addr(g, f"g{i}", f"10.20{i + 1}.0.1/24")
-        the_lab.addr(g, "lo", f"{BROKER_IP}/32")
-        the_lab.default_route(h, "10.201.0.1", "eth0")
-        the_lab.relays.append(TcpRelay(g, (BROKER_IP, 5672)))
+        h, g = the_lab.host_behind_gateway("h", "g")
         root = tmp_path / "root"
         (root / "etc/sysconfig/network-scripts").mkdir(parents=True)
         (root / "etc/resolv.conf").write_text("search example.net\nnameserver 10.201.0.53\n")

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from vfsupport import Fleet, fresh_database, node_uri, private_vhost, wait_until
+from vfsupport import Fleet, node_uri, private_fleet, wait_until
 
 from common.errors import NoValidHost, VirtfleetError
 from common.messages import api
@@ -31,29 +31,22 @@ FITS = 100
 
 @pytest.fixture
 def two_controllers(tmp_path: Path) -> Iterator[Fleet]:
-    with private_vhost() as url, fresh_database(tmp_path) as db:
-        fleet = Fleet(tmp_path, url, db)
+    with private_fleet(tmp_path) as fleet:
+        fleet.start_controller("controller-a", down_after=30)
+        fleet.start_controller("controller-b", down_after=30)
+        for name in HOSTS:
+            fleet.start_agent(name, node_uri(name), heartbeat=2.0)
+        fleet.wait_hosts(set(HOSTS))
+        probe = AmqpTransport(fleet.amqp_url, "probe")
         try:
-            fleet.start_controller("controller-a", down_after=30)
-            fleet.start_controller("controller-b", down_after=30)
-            for name in HOSTS:
-                fleet.start_agent(name, node_uri(name), heartbeat=2.0)
-            fleet.wait_hosts(set(HOSTS))
-            probe = AmqpTransport(url, "probe")
-            try:
-                wait_until(
-                    lambda: probe.consumer_count(API_QUEUE.name) == 2,
-                    30,
-                    "both controllers to consume the API queue",
-                )
-            finally:
-                probe.close()
-            yield fleet
-        except BaseException:
-            print(fleet.logs())
-            raise
+            wait_until(
+                lambda: probe.consumer_count(API_QUEUE.name) == 2,
+                30,
+                "both controllers to consume the API queue",
+            )
         finally:
-            fleet.stop_all()
+            probe.close()
+        yield fleet
 
 
 def test_200_concurrent_creates_on_a_fleet_for_100_give_exactly_100(two_controllers: Fleet) -> None:

@@ -9,25 +9,22 @@ says.
 
 from __future__ import annotations
 
-import ast
-import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pika
 import pika.exceptions
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
+from protocoldoc import DOC, arguments, code, section, table, yes
 from vfsupport import private_vhost
 
 from common.transport import topology
 
 pytestmark = pytest.mark.broker
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 #: A made-up agent; no '.' in it (the document says the report bindings match one word).
 HOST = f"doc-host-{uuid.uuid4().hex[:8]}"
 
@@ -51,58 +48,26 @@ class Documented:
     bindings: list[tuple[str, str, str]]
 
 
-def _section(text: str, name: str) -> str:
-    return text.split(f"<!-- generated: {name} -->", 1)[1].split(f"<!-- end generated: {name} -->", 1)[0]
-
-
-def _rows(text: str) -> list[dict[str, str]]:
-    lines: list[str] = []
-    for line in text.splitlines():
-        if line.startswith("|"):
-            lines.append(line)
-        elif lines:
-            break
-    cells = [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines]
-    header, _rule, *rows = cells
-    return [dict(zip(header, row, strict=True)) for row in rows]
-
-
 def _code(cell: str) -> str:
-    match = re.fullmatch(r"`([^`]*)`", cell)
-    assert match is not None, f"expected a code span, got {cell!r}"
-    text = "" if match.group(1) == '""' else match.group(1)
-    return text.replace("<host_id>", HOST)
-
-
-def _arguments(cell: str) -> dict[str, Any]:
-    if cell == "none":
-        return {}
-    out: dict[str, Any] = {}
-    for part in cell.split("<br>"):
-        match = re.fullmatch(r"`([^`:]+): ([^`]+)` \((\w+)\)", part)
-        assert match is not None, f"cannot read the queue argument {part!r}"
-        value = ast.literal_eval(match.group(2))
-        assert type(value).__name__ == match.group(3), part
-        out[match.group(1)] = value
-    return out
+    return code(cell).replace("<host_id>", HOST)
 
 
 def read_doc() -> Documented:
     text = DOC.read_text(encoding="utf-8")
-    exchanges = [(_code(r["Exchange"]), _code(r["Type"])) for r in _rows(_section(text, "exchanges"))]
+    exchanges = [(_code(r["Exchange"]), _code(r["Type"])) for r in table(section(text, "exchanges"))]
     queues = [
         DocQueue(
             _code(r["Queue"]),
-            r["Durable"] == "yes",
-            r["Exclusive"] == "yes",
-            r["Auto-delete"] == "yes",
-            _arguments(r["Arguments"]),
+            yes(r["Durable"]),
+            yes(r["Exclusive"]),
+            yes(r["Auto-delete"]),
+            arguments(r["Arguments"]),
         )
-        for r in _rows(_section(text, "queues"))
+        for r in table(section(text, "queues"))
     ]
     bindings = [
         (_code(r["Exchange"]), _code(r["Routing key"]), _code(r["Queue"]))
-        for r in _rows(_section(text, "bindings"))
+        for r in table(section(text, "bindings"))
     ]
     return Documented(exchanges, queues, bindings)
 
@@ -132,6 +97,15 @@ def declare_with_virtfleet(ch: BlockingChannel) -> None:
 Step = Callable[[BlockingChannel], None]
 
 
+@pytest.fixture
+def conn() -> Iterator[pika.BlockingConnection]:
+    """A plain pika connection to a private vhost of its own."""
+    with private_vhost("vfdoc") as url:
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        yield connection
+        connection.close()
+
+
 def _run(ch: BlockingChannel, step: Step) -> None:
     try:
         step(ch)
@@ -151,41 +125,33 @@ def _count(conn: pika.BlockingConnection, queue: str) -> int:
     [(declare_from_doc, declare_with_virtfleet), (declare_with_virtfleet, declare_from_doc)],
     ids=["doc-first", "virtfleet-first"],
 )
-def test_declaring_as_documented_agrees_with_virtfleet(steps: tuple[Step, Step]) -> None:
-    with private_vhost("vfdoc") as url:
-        conn = pika.BlockingConnection(pika.URLParameters(url))
-        try:
-            ch = conn.channel()
-            for step in steps:
-                _run(ch, step)
-            # Published the way section 1 says, each message lands where the tables say.
-            ch.confirm_delivery()
-            routes = {
-                ("virtfleet.commands", HOST): f"virtfleet.agent.{HOST}",
-                ("", "virtfleet.api"): "virtfleet.api",
-                ("virtfleet.reports", f"host.report.{HOST}"): "virtfleet.controller.reports",
-                ("virtfleet.reports", f"host.heartbeat.{HOST}"): "virtfleet.controller.heartbeats",
-                ("virtfleet.dlx", "anything"): "virtfleet.dead",
-            }
-            for (exchange, routing_key), _queue in routes.items():
-                ch.basic_publish(exchange, routing_key, b"doc test", mandatory=True)
-            for queue in routes.values():
-                assert _count(conn, queue) == 1, queue
-        finally:
-            conn.close()
+def test_declaring_as_documented_agrees_with_virtfleet(
+    conn: pika.BlockingConnection, steps: tuple[Step, Step]
+) -> None:
+    ch = conn.channel()
+    for step in steps:
+        _run(ch, step)
+    # Published the way section 1 says, each message lands where the tables say.
+    ch.confirm_delivery()
+    routes = {
+        ("virtfleet.commands", HOST): f"virtfleet.agent.{HOST}",
+        ("", "virtfleet.api"): "virtfleet.api",
+        ("virtfleet.reports", f"host.report.{HOST}"): "virtfleet.controller.reports",
+        ("virtfleet.reports", f"host.heartbeat.{HOST}"): "virtfleet.controller.heartbeats",
+        ("virtfleet.dlx", "anything"): "virtfleet.dead",
+    }
+    for (exchange, routing_key), _queue in routes.items():
+        ch.basic_publish(exchange, routing_key, b"doc test", mandatory=True)
+    for queue in routes.values():
+        assert _count(conn, queue) == 1, queue
 
 
-def test_a_declaration_that_differs_from_the_document_is_refused() -> None:
+def test_a_declaration_that_differs_from_the_document_is_refused(conn: pika.BlockingConnection) -> None:
     # The check above is only worth something if a difference is noticed: a string where the
     # document says (int) is one.
-    with private_vhost("vfdoc") as url:
-        conn = pika.BlockingConnection(pika.URLParameters(url))
-        try:
-            _run(conn.channel(), declare_from_doc)
-            dead = next(q for q in read_doc().queues if q.name == "virtfleet.dead")
-            wrong = {k: str(v) for k, v in dead.arguments.items()}
-            with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
-                conn.channel().queue_declare(dead.name, durable=True, arguments=wrong)
-            assert info.value.reply_code == 406
-        finally:
-            conn.close()
+    _run(conn.channel(), declare_from_doc)
+    dead = next(q for q in read_doc().queues if q.name == "virtfleet.dead")
+    wrong = {k: str(v) for k, v in dead.arguments.items()}
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
+        conn.channel().queue_declare(dead.name, durable=True, arguments=wrong)
+    assert info.value.reply_code == 406

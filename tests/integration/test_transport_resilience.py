@@ -33,13 +33,6 @@ pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
-def transport(vhost_url: str) -> Iterator[AmqpTransport]:
-    shared = AmqpTransport(vhost_url, "test-client")
-    yield shared
-    shared.close()
-
-
-@pytest.fixture
 def server(vhost_url: str) -> Iterator[ConsumerServer]:
     calls: list[str] = []
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import libvirt
 import pytest
+from builders import host_report, qemu_process
 from vfsupport import NODES
 
 from agent.config import AgentConfig
@@ -18,7 +19,6 @@ from agent.tuning.module import TuningModule
 from common.domain_xml import build_domain_xml
 from common.errors import Conflict, InvalidRequest, NotFound, Unsupported
 from common.messages.descriptor import Side
-from common.messages.host import CpuTopology, HostReport
 from common.messages.tuning import (
     TUNING_AFFINITY,
     TUNING_HUGEPAGES,
@@ -93,26 +93,7 @@ def _define(conn: Any, *, managed: bool = True, pins: tuple[int, ...] = (2, 3)) 
 
 
 def test_report_facts_of_a_simulated_host(module: TuningModule) -> None:
-    base = HostReport(
-        host_id="tuned",
-        hostname="h",
-        agent_version="0",
-        hypervisor_type="TEST",
-        hypervisor_version="1",
-        libvirt_uri="test://",
-        hw_virt=True,
-        cpu=CpuTopology(cpus=8),
-        memory_mib=1,
-        memory_free_mib=1,
-        storage=None,
-        networks=(),
-        bridges=(),
-        vms=(),
-        seq=1,
-        started_at=0.0,
-        reported_at=0.0,
-    )
-    facts = module.enrich_report(base).tuning
+    facts = module.enrich_report(host_report("tuned")).tuning
     assert facts is not None and facts.simulated
     assert (facts.sockets, facts.cores_per_socket, facts.threads_per_core) == (2, 2, 2)
     assert [(c.id, c.cpus) for c in facts.cells] == [(0, "0-3"), (1, "4-7")]
@@ -190,21 +171,10 @@ def test_unmanaged_domains_are_not_touched(module: TuningModule, conn: Any) -> N
         _table(module).handler(TUNING_PIN)(PinVm(ref, vcpu_pins=(VcpuPin(0, "2"),)))
 
 
-def _fake_qemu(module: TuningModule, pid: int, vm_uuid: str) -> None:
-    proc = module.kernel.root / "proc" / str(pid)
-    proc.mkdir(parents=True)
-    (proc / "cmdline").write_bytes(b"/usr/bin/qemu-system-x86_64\0-uuid\0" + vm_uuid.encode() + b"\0")
-    for tid, name in ((pid, "qemu-system-x86"), (pid + 1, "CPU 0/TCG")):
-        task = proc / "task" / str(tid)
-        task.mkdir(parents=True)
-        (task / "comm").write_text(name + "\n")
-        (task / "status").write_text(f"Name:\t{name}\nCpus_allowed_list:\t0-7\n")
-
-
 def test_process_and_taskset(module: TuningModule, conn: Any) -> None:
     table = _table(module)
     ref = _define(conn)
-    _fake_qemu(module, 4000, ref.uuid)
+    qemu_process(module.kernel.root, 4000, ref.uuid, accel="TCG")
     info = table.handler(TUNING_PROCESS)(ProcessQuery(4000))
     assert (info.qemu, info.vm_uuid, info.vm_name, info.managed) == (True, ref.uuid, ref.name, True)
     assert [t.vcpu for t in info.threads] == [None, 0]

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import builders
 import pytest
 
 from common.errors import Conflict, InvalidRequest, NotFound, NoValidHost
@@ -122,22 +123,12 @@ def tuning_facts(dedicated: str, shared: str, pages: int = 0) -> HostTuningRepor
 
 
 def host_report(host_id: str, tuning: HostTuningReport) -> HostReport:
-    return HostReport(
-        host_id=host_id,
-        hostname=host_id,
-        agent_version="test",
-        hypervisor_type="Test",
-        hypervisor_version="9.0.0",
-        libvirt_uri="test:///default",
-        hw_virt=True,
+    return builders.host_report(
+        host_id,
         cpu=CpuTopology(cpus=8, cores=4, threads=2, numa_cells=2),
         memory_mib=65536,
         memory_free_mib=65536,
         storage=StoragePoolInfo("default", "/x", 1000, 0, 1000),
-        networks=(),
-        bridges=(),
-        vms=(),
-        seq=1,
         started_at=NOW - 100,
         reported_at=NOW,
         tuning=tuning,

@@ -18,37 +18,19 @@ from typing import Any
 import pytest
 from qemu_guest import (
     GUEST_DIR,
-    QEMU_URI,
-    TEST_POOL,
-    TEST_POOL_DIR,
     guest_name,
     guest_spec,
     qemu_connection,
     require_qemu,
     serial_log,
+    start_qemu_agent,
 )
 from vfsupport import Fleet, fresh_database, wait_until
 
-from agent.config import AgentConfig
-from agent.main import Agent, build_hypervisor
+from agent.main import Agent
 from agent.tuning import parse
-from agent.tuning.module import TuningModule
+from common.messages import tuning
 from common.messages.base import replace
-from common.messages.tuning import (
-    TUNING_AFFINITY,
-    TUNING_IO_SCHEDULER,
-    TUNING_PIN,
-    TUNING_PROCESS,
-    TUNING_PROFILE,
-    TUNING_TASKSET,
-    ApplyProfile,
-    GetAffinity,
-    PinVm,
-    ProcessQuery,
-    SetIoScheduler,
-    SetTaskset,
-    VmAffinity,
-)
 from common.messages.vm import (
     VM_CREATE,
     VM_DELETE,
@@ -60,7 +42,6 @@ from common.messages.vm import (
     VmRef,
     VmSpec,
 )
-from common.transport.amqp import AmqpTransport
 from controller.agent_api import AgentClient
 
 pytestmark = [pytest.mark.broker, pytest.mark.qemu]
@@ -82,37 +63,20 @@ def conn() -> Iterator[Any]:
         yield c
 
 
-def _agent(conn: Any, amqp_url: str, state: Path) -> Agent:
-    cfg = AgentConfig(
-        host_id=HOST,
-        libvirt_uri=QEMU_URI,
-        amqp_url=amqp_url,
-        state_dir=state,
-        storage_pool=TEST_POOL,
-        images_dir=TEST_POOL_DIR,
-        report_interval=300,
+@pytest.fixture
+def agent(conn: Any, vhost_url: str, tmp_path: Path) -> Iterator[Agent]:
+    running = start_qemu_agent(
+        conn,
+        HOST,
+        vhost_url,
+        tmp_path / "state",
+        tuning=True,
         heartbeat_interval=1,
         dedicated_cpus="1",
         shared_cpus="0",
     )
-    running = Agent(cfg, build_hypervisor(cfg, conn), modules=[TuningModule.for_host(cfg, conn)])
-    running.start()
-    assert running.server.ready.wait(30)
-    return running
-
-
-@pytest.fixture
-def agent(conn: Any, vhost_url: str, tmp_path: Path) -> Iterator[Agent]:
-    running = _agent(conn, vhost_url, tmp_path / "state")
     yield running
     running.stop()
-
-
-@pytest.fixture
-def client(vhost_url: str) -> Iterator[AgentClient]:
-    transport = AmqpTransport(vhost_url, "test-tuning-qemu")
-    yield AgentClient(transport, "test")
-    transport.close()
 
 
 def affinity_from_proc(pid: int) -> dict[str, frozenset[int]]:
@@ -132,17 +96,22 @@ def vcpu_and_emulator(pid: int) -> tuple[frozenset[int], set[frozenset[int]]]:
     return threads["CPU 0/TCG"], emulator
 
 
-def boot(client: AgentClient, spec: VmSpec) -> VmAffinity:
+def boot(client: AgentClient, spec: VmSpec) -> tuning.VmAffinity:
     created = client.call(HOST, VM_CREATE, CreateVm(spec=spec, start=True))
     assert created.status is not None and created.status.state == PowerState.RUNNING
     seen = wait_until(
         lambda: (
-            (a := client.call(HOST, TUNING_AFFINITY, GetAffinity(VmRef(spec.uuid, spec.name)))).observed and a
+            (
+                a := client.call(
+                    HOST, tuning.TUNING_AFFINITY, tuning.GetAffinity(VmRef(spec.uuid, spec.name))
+                )
+            ).observed
+            and a
         ),
         30,
         f"the QEMU process of {spec.name}",
     )
-    assert isinstance(seen, VmAffinity)
+    assert isinstance(seen, tuning.VmAffinity)
     return seen
 
 
@@ -162,10 +131,12 @@ def test_dedicated_vm_threads_and_live_repin(conn: Any, agent: Agent, client: Ag
     assert emulator == {frozenset({0})}  # main, IO and RCU threads on the shared CPU
 
     ref = VmRef(spec.uuid, name)
-    moved = client.call(HOST, TUNING_PIN, PinVm(ref, vcpu_pins=(VcpuPin(0, "0"),)))
+    moved = client.call(HOST, tuning.TUNING_PIN, tuning.PinVm(ref, vcpu_pins=(VcpuPin(0, "0"),)))
     assert [p.cpuset for p in moved.vcpu_pins] == ["0"]
     assert vcpu_and_emulator(seen.pid)[0] == {0}  # live: the running thread moved
-    back = client.call(HOST, TUNING_PIN, PinVm(ref, vcpu_pins=(VcpuPin(0, "1"),), emulator_cpuset="0-1"))
+    back = client.call(
+        HOST, tuning.TUNING_PIN, tuning.PinVm(ref, vcpu_pins=(VcpuPin(0, "1"),), emulator_cpuset="0-1")
+    )
     assert back.emulator_cpuset == "0-1"
     vcpu, emulator = vcpu_and_emulator(seen.pid)
     assert vcpu == {1} and emulator == {frozenset({0, 1})}
@@ -181,13 +152,13 @@ def test_taskset_on_a_managed_qemu_process(agent: Agent, client: AgentClient) ->
     spec = guest_spec(name, vcpus=1, max_vcpus=1)  # shared: no libvirt pinning, so every CPU allowed
     seen = boot(client, spec)
     assert seen.pid is not None
-    info = client.call(HOST, TUNING_PROCESS, ProcessQuery(seen.pid))
+    info = client.call(HOST, tuning.TUNING_PROCESS, tuning.ProcessQuery(seen.pid))
     assert (info.qemu, info.vm_uuid, info.managed) == (True, spec.uuid, True)
-    assert client.call(HOST, TUNING_PROCESS, ProcessQuery(os.getpid())).qemu is False
-    done = client.call(HOST, TUNING_TASKSET, SetTaskset(seen.pid, spec.uuid, "0"))
+    assert client.call(HOST, tuning.TUNING_PROCESS, tuning.ProcessQuery(os.getpid())).qemu is False
+    done = client.call(HOST, tuning.TUNING_TASKSET, tuning.SetTaskset(seen.pid, spec.uuid, "0"))
     assert {t.cpus for t in done.after} == {"0"}
     assert set(affinity_from_proc(seen.pid).values()) == {frozenset({0})}
-    client.call(HOST, TUNING_TASKSET, SetTaskset(seen.pid, spec.uuid, "0-1"))
+    client.call(HOST, tuning.TUNING_TASKSET, tuning.SetTaskset(seen.pid, spec.uuid, "0-1"))
     assert set(affinity_from_proc(seen.pid).values()) == {frozenset({0, 1})}
     client.call(HOST, VM_DELETE, DeleteVm(VmRef(spec.uuid, name)))
 
@@ -218,13 +189,13 @@ def test_io_scheduler_and_profile_on_the_real_kernel(agent: Agent, client: Agent
             "IO scheduler and virt-host profile on the real kernel not tested: needs block devices loop0 and vda"
         )
     with restored(loop, vda, THP_ENABLED):
-        done = client.call(HOST, TUNING_IO_SCHEDULER, SetIoScheduler("loop0", "mq-deadline"))
+        done = client.call(HOST, tuning.TUNING_IO_SCHEDULER, tuning.SetIoScheduler("loop0", "mq-deadline"))
         assert done.after == "mq-deadline" and parse.selection(loop.read_text()).selected == "mq-deadline"
         # Detune, then let the profile put things right; a second run changes nothing.
         THP_ENABLED.write_text("always\n")
         other = "none" if parse.selection(vda.read_text()).selected != "none" else "kyber"
         vda.write_text(other + "\n")
-        first = client.call(HOST, TUNING_PROFILE, ApplyProfile("virt-host"))
+        first = client.call(HOST, tuning.TUNING_PROFILE, tuning.ApplyProfile("virt-host"))
         changed = {c.setting: c.after for c in first.changes if c.changed}
         rotational = Path("/sys/block/vda/queue/rotational").read_text().strip() == "1"
         assert changed == {
@@ -233,7 +204,7 @@ def test_io_scheduler_and_profile_on_the_real_kernel(agent: Agent, client: Agent
         }
         assert parse.selection(THP_ENABLED.read_text()).selected == "madvise"
         assert "io.loop0.scheduler" not in {c.setting for c in first.changes}  # virtual device: untouched
-        second = client.call(HOST, TUNING_PROFILE, ApplyProfile("virt-host"))
+        second = client.call(HOST, tuning.TUNING_PROFILE, tuning.ApplyProfile("virt-host"))
         assert [c.setting for c in second.changes if c.changed] == []
 
 
@@ -241,9 +212,8 @@ def test_hugepage_guest_starts_only_when_the_pool_has_pages(
     conn: Any, vhost_url: str, tmp_path: Path, agent: Agent
 ) -> None:
     original = NR_HUGEPAGES.read_text()
-    with fresh_database(tmp_path) as db:
-        fleet = Fleet(tmp_path, vhost_url, db)
-        try:
+    try:
+        with fresh_database(tmp_path) as db, Fleet(tmp_path, vhost_url, db) as fleet:
             fleet.start_controller(down_after=30)
             # The agent started first: its first report found no controller queue. Ask again.
             wait_until(
@@ -305,14 +275,10 @@ def test_hugepage_guest_starts_only_when_the_pool_has_pages(
             again = create(guest_name("huge2"))
             assert again.code == 4 and "2M hugepages short by 64 pages" in again.json["error"]["message"]
             fleet.cli_ok("vm", "delete", name)
-        except BaseException:
-            print(fleet.logs())
-            raise
-        finally:
-            fleet.stop_all()
-            with contextlib.suppress(Exception):
-                for dom in conn.listAllDomains(0):
-                    if dom.name().startswith("vftest-huge") and dom.isActive():
-                        dom.destroy()
-            NR_HUGEPAGES.write_text(original)
-            assert NR_HUGEPAGES.read_text() == original
+    finally:
+        with contextlib.suppress(Exception):
+            for dom in conn.listAllDomains(0):
+                if dom.name().startswith("vftest-huge") and dom.isActive():
+                    dom.destroy()
+        NR_HUGEPAGES.write_text(original)
+        assert NR_HUGEPAGES.read_text() == original

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vfsupport import REPO, Fleet, fresh_database, node_uri, private_vhost, wait_until
+from vfsupport import REPO, Fleet, node_uri, private_fleet
 
 from common.messages import vm as vm_msgs
 
@@ -42,23 +42,16 @@ def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, previous_release: Path) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("skew")
-    with private_vhost() as url, fresh_database(tmp) as db:
-        f = Fleet(tmp, url, db)
-        try:
-            f.start_controller(env={"VIRTFLEET_RPC_VERSION_CAP": "vm=1.0"})
-            f.start_agent(
-                "old",
-                node_uri("small"),
-                command=[sys.executable, "-m", "agent.main"],
-                env={"PYTHONPATH": str(previous_release)},
-            )
-            f.wait_hosts({"old"})
-            yield f
-        except BaseException:
-            print(f.logs())
-            raise
-        finally:
-            f.stop_all()
+    with private_fleet(tmp) as f:
+        f.start_controller(env={"VIRTFLEET_RPC_VERSION_CAP": "vm=1.0"})
+        f.start_agent(
+            "old",
+            node_uri("small"),
+            command=[sys.executable, "-m", "agent.main"],
+            env={"PYTHONPATH": str(previous_release)},
+        )
+        f.wait_hosts({"old"})
+        yield f
 
 
 def test_the_previous_release_is_what_runs(fleet: Fleet, previous_release: Path) -> None:
@@ -96,6 +89,6 @@ def test_a_newer_operation_is_refused_before_it_is_sent(fleet: Fleet) -> None:
 def test_the_old_agent_reports_and_heartbeats_are_understood(fleet: Fleet) -> None:
     # The previous release's report carries no network/tuning facts decoders choke on, and its
     # heartbeats keep the host up well past the down-after interval.
-    wait_until(lambda: fleet.hosts().get("old", {}).get("status") == "up", 30, "host old up")
+    fleet.wait_hosts({"old"}, timeout=30)
     host = fleet.cli_ok("host", "show", "old")
     assert host["cpus"] > 0 and host["memory_mib"] > 0

@@ -6,26 +6,21 @@ second domain with a taken name raise, so idempotency has to come from the handl
 
 from __future__ import annotations
 
+import functools
 import uuid as uuid_mod
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from builders import vm_spec
 
 from agent.drivers.fake import FakeHypervisor
 from agent.handlers import AgentHandlers, volume_name
 from agent.journal import SqliteJournal
 from agent.ports import GIB, Hypervisor
+from common import errors
 from common.codec import to_wire
 from common.domain_xml import parse_domain_xml
-from common.errors import (
-    AlreadyExists,
-    Conflict,
-    HypervisorError,
-    InvalidRequest,
-    NotFound,
-    Unsupported,
-)
 from common.messages import vm as vm_msgs
 from common.messages.catalogue import CATALOGUE
 from common.messages.descriptor import Route, Side
@@ -61,17 +56,7 @@ class ReportRequests:
         return 100 + self.count
 
 
-def make_spec(name: str = "web1", *, uuid: str | None = None, **kw: object) -> VmSpec:
-    fields: dict[str, object] = {
-        "uuid": uuid or str(uuid_mod.uuid4()),
-        "name": name,
-        "vcpus": 2,
-        "memory_mib": 1024,
-        "domain_type": DomainType.QEMU,
-        "disks": (DiskSpec(target="vda", size_gib=10),),
-    }
-    fields.update(kw)
-    return VmSpec(**fields)  # type: ignore[arg-type]
+make_spec = functools.partial(vm_spec, domain_type=DomainType.QEMU)
 
 
 def ref(spec: VmSpec) -> VmRef:
@@ -161,7 +146,7 @@ def test_create_with_a_taken_name_and_another_uuid_is_already_exists(
     handlers: AgentHandlers, hv: FakeHypervisor
 ) -> None:
     handlers.create(CreateVm(spec=make_spec()))
-    with pytest.raises(AlreadyExists) as info:
+    with pytest.raises(errors.AlreadyExists) as info:
         handlers.create(CreateVm(spec=make_spec(disks=(DiskSpec(target="vdb", size_gib=5),))))
     assert info.value.details["name"] == "web1"
     assert hv.count("define") == 1
@@ -171,7 +156,7 @@ def test_create_with_a_taken_name_and_another_uuid_is_already_exists(
 def test_kvm_on_a_host_without_hw_virt_is_unsupported(reports: ReportRequests) -> None:
     hv = FakeHypervisor(hw_virt=False)
     handlers = AgentHandlers(hv, reports)
-    with pytest.raises(Unsupported, match="hardware virtualisation"):
+    with pytest.raises(errors.Unsupported, match="hardware virtualisation"):
         handlers.create(CreateVm(spec=make_spec(domain_type=DomainType.KVM)))
     assert hv.calls == []
     # TCG works there
@@ -187,7 +172,7 @@ def test_kvm_on_a_host_with_hw_virt_is_defined_as_kvm(handlers: AgentHandlers, h
 
 def test_existing_image_must_exist_and_is_not_owned(handlers: AgentHandlers, hv: FakeHypervisor) -> None:
     disk = DiskSpec(target="vda", source="existing", path="/srv/images/base.qcow2")
-    with pytest.raises(NotFound, match="does not exist"):
+    with pytest.raises(errors.NotFound, match="does not exist"):
         handlers.create(CreateVm(spec=make_spec(disks=(disk,))))
     assert hv.calls == []
 
@@ -207,20 +192,20 @@ def test_disk_in_a_named_pool_with_a_named_volume(handlers: AgentHandlers, hv: F
 
 def test_bad_volume_name_is_invalid(handlers: AgentHandlers, hv: FakeHypervisor) -> None:
     spec = make_spec(disks=(DiskSpec(target="vda", size_gib=3, volume="../etc/passwd"),))
-    with pytest.raises(InvalidRequest, match="volume name"):
+    with pytest.raises(errors.InvalidRequest, match="volume name"):
         handlers.create(CreateVm(spec=spec))
     assert hv.calls == []
 
 
 def test_new_cdrom_is_invalid(handlers: AgentHandlers) -> None:
     spec = make_spec(disks=(DiskSpec(target="sda", device=DiskDevice.CDROM),))
-    with pytest.raises(InvalidRequest, match="CD-ROM"):
+    with pytest.raises(errors.InvalidRequest, match="CD-ROM"):
         handlers.create(CreateVm(spec=spec))
 
 
 def test_failed_define_removes_the_volumes_it_created(handlers: AgentHandlers, hv: FakeHypervisor) -> None:
-    hv.fail_next("define", HypervisorError("cannot define the domain: boom", details={"code": 1}))
-    with pytest.raises(HypervisorError):
+    hv.fail_next("define", errors.HypervisorError("cannot define the domain: boom", details={"code": 1}))
+    with pytest.raises(errors.HypervisorError):
         handlers.create(CreateVm(spec=make_spec()))
     assert hv.volumes() == {}
     assert hv.list_statuses() == ()
@@ -254,7 +239,7 @@ def test_start_of_a_running_vm_is_fine(handlers: AgentHandlers, hv: FakeHypervis
 
 
 def test_start_of_an_unknown_vm_is_not_found(handlers: AgentHandlers) -> None:
-    with pytest.raises(NotFound):
+    with pytest.raises(errors.NotFound):
         handlers.start(VmAction(VmRef(uuid=str(uuid_mod.uuid4()), name="ghost")))
 
 
@@ -276,7 +261,7 @@ def test_shutdown(handlers: AgentHandlers, hv: FakeHypervisor, running: VmSpec) 
 
 def test_shutdown_ignored_by_the_guest(handlers: AgentHandlers, hv: FakeHypervisor, running: VmSpec) -> None:
     hv.ignore_acpi = True
-    with pytest.raises(Conflict, match="did not shut down"):
+    with pytest.raises(errors.Conflict, match="did not shut down"):
         handlers.shutdown(ShutdownVm(ref(running), timeout_s=1))
     result = handlers.shutdown(ShutdownVm(ref(running), timeout_s=1, force_after_timeout=True))
     assert result.status is not None and result.status.state is PowerState.SHUTOFF
@@ -299,7 +284,7 @@ def test_suspend_resume_reboot_reset_of_a_stopped_vm_conflict(
 ) -> None:
     handlers.destroy(VmAction(ref(running)))
     for action in (handlers.suspend, handlers.resume, handlers.reboot, handlers.reset):
-        with pytest.raises(Conflict, match="shutoff"):
+        with pytest.raises(errors.Conflict, match="shutoff"):
             action(VmAction(ref(running)))
 
 
@@ -385,7 +370,7 @@ def test_state_changes_request_a_report_even_on_failure(
 ) -> None:
     before = reports.count
     handlers.destroy(VmAction(ref(running)))
-    with pytest.raises(Conflict):
+    with pytest.raises(errors.Conflict):
         handlers.suspend(VmAction(ref(running)))
     assert reports.count == before + 2
 
@@ -443,7 +428,7 @@ def test_handler_errors_travel_as_typed_errors(hv: FakeHypervisor, handlers: Age
     )
     outcome = dispatcher(Delivery(env, "h1", False, "amq.reply"))
     assert outcome.reply is not None and not outcome.dead_letter
-    with pytest.raises(NotFound):
+    with pytest.raises(errors.NotFound):
         unwrap(outcome.reply, vm_msgs.VM_START)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -69,22 +69,14 @@ def test_prunes_by_age(tmp_path: Path) -> None:
 
 def test_concurrent_puts(tmp_path: Path) -> None:
     journal = SqliteJournal(tmp_path / "j.db")
-    errors: list[BaseException] = []
 
     def worker(n: int) -> None:
-        try:
-            for i in range(50):
-                journal.put(f"w{n}-{i}", VM_START.kind, bytes([n, i]))
-                assert journal.get(f"w{n}-{i}") == bytes([n, i])
-        except BaseException as exc:
-            errors.append(exc)
+        for i in range(50):
+            journal.put(f"w{n}-{i}", VM_START.kind, bytes([n, i]))
+            assert journal.get(f"w{n}-{i}") == bytes([n, i])
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(worker, range(4)))  # re-raises what a worker raised
     assert len(journal) == 200
     journal.close()
 

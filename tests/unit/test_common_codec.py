@@ -17,61 +17,46 @@ from hypothesis import strategies as st
 from common import codec
 from common.codec import from_wire, to_wire
 from common.errors import InvalidRequest
+from common.messages import vm
 from common.messages.api import VmCreate
 from common.messages.catalogue import CATALOGUE
-from common.messages.vm import (
-    CacheMode,
-    CpuTune,
-    CreateVm,
-    DiskBus,
-    DiskDevice,
-    DiskFormat,
-    DiskSpec,
-    DomainType,
-    GraphicsSpec,
-    IoMode,
-    KernelBoot,
-    NicKind,
-    NicModel,
-    NicSpec,
-    VcpuPin,
-    VmSpec,
-)
 
 
-def full_spec() -> VmSpec:
-    return VmSpec(
+def full_spec() -> vm.VmSpec:
+    return vm.VmSpec(
         uuid="6f1c1d2e-0000-4000-8000-000000000001",
         name="web-1",
         vcpus=2,
         memory_mib=2048,
         max_vcpus=4,
         max_memory_mib=4096,
-        domain_type=DomainType.QEMU,
+        domain_type=vm.DomainType.QEMU,
         arch="aarch64",
         machine="virt",
         cpuset="0-3",
         disks=(
-            DiskSpec(target="vda", size_gib=20, pool="default", volume="web-1-vda", io=IoMode.IO_URING),
-            DiskSpec(
+            vm.DiskSpec(target="vda", size_gib=20, pool="default", volume="web-1-vda", io=vm.IoMode.IO_URING),
+            vm.DiskSpec(
                 target="sda",
                 source="existing",
-                format=DiskFormat.RAW,
+                format=vm.DiskFormat.RAW,
                 path="/var/lib/iso/boot.iso",
-                bus=DiskBus.SATA,
-                device=DiskDevice.CDROM,
-                cache=CacheMode.WRITEBACK,
+                bus=vm.DiskBus.SATA,
+                device=vm.DiskDevice.CDROM,
+                cache=vm.CacheMode.WRITEBACK,
                 readonly=True,
             ),
         ),
         nics=(
-            NicSpec(kind=NicKind.NETWORK, source="default"),
-            NicSpec(kind=NicKind.BRIDGE, source="br0", model=NicModel.E1000, mac="52:54:00:aa:bb:cc"),
+            vm.NicSpec(kind=vm.NicKind.NETWORK, source="default"),
+            vm.NicSpec(
+                kind=vm.NicKind.BRIDGE, source="br0", model=vm.NicModel.E1000, mac="52:54:00:aa:bb:cc"
+            ),
         ),
-        graphics=GraphicsSpec(listen="0.0.0.0", port=5901, password="secret"),
-        kernel_boot=KernelBoot(kernel="/boot/vmlinuz", initrd="/boot/initrd", cmdline="console=ttyS0"),
+        graphics=vm.GraphicsSpec(listen="0.0.0.0", port=5901, password="secret"),
+        kernel_boot=vm.KernelBoot(kernel="/boot/vmlinuz", initrd="/boot/initrd", cmdline="console=ttyS0"),
         autostart=True,
-        cputune=CpuTune(vcpu_pins=(VcpuPin(0, "2"), VcpuPin(1, "3")), emulator_cpuset="0-1"),
+        cputune=vm.CpuTune(vcpu_pins=(vm.VcpuPin(0, "2"), vm.VcpuPin(1, "3")), emulator_cpuset="0-1"),
         hugepage_size_kib=2048,
         serial_log="/var/log/vm/web-1.log",
         description="a web server",
@@ -161,32 +146,32 @@ def test_to_wire_output_has_only_plain_types() -> None:
 
 def test_full_spec_round_trips() -> None:
     spec = full_spec()
-    rebuilt = from_wire(VmSpec, to_wire(spec))
+    rebuilt = from_wire(vm.VmSpec, to_wire(spec))
     assert rebuilt == spec
     assert type(rebuilt.disks) is tuple
-    assert type(rebuilt.domain_type) is DomainType
-    assert rebuilt.disks[0].io is IoMode.IO_URING
+    assert type(rebuilt.domain_type) is vm.DomainType
+    assert rebuilt.disks[0].io is vm.IoMode.IO_URING
     assert rebuilt.disks[1].io is None
-    assert type(rebuilt.cputune) is CpuTune
-    assert rebuilt.cputune.vcpu_pins == (VcpuPin(0, "2"), VcpuPin(1, "3"))
+    assert type(rebuilt.cputune) is vm.CpuTune
+    assert rebuilt.cputune.vcpu_pins == (vm.VcpuPin(0, "2"), vm.VcpuPin(1, "3"))
 
 
 def test_full_spec_round_trips_through_the_codec() -> None:
     spec = full_spec()
-    assert from_wire(VmSpec, codec.decode(codec.encode(to_wire(spec)))) == spec
+    assert from_wire(vm.VmSpec, codec.decode(codec.encode(to_wire(spec)))) == spec
 
 
 def test_nested_command_round_trips() -> None:
-    cmd = CreateVm(spec=full_spec(), start=False)
-    assert from_wire(CreateVm, to_wire(cmd)) == cmd
+    cmd = vm.CreateVm(spec=full_spec(), start=False)
+    assert from_wire(vm.CreateVm, to_wire(cmd)) == cmd
 
 
 def test_minimal_spec_takes_defaults() -> None:
-    spec = from_wire(VmSpec, {"uuid": "u", "name": "a", "vcpus": 1, "memory_mib": 64})
-    assert spec == VmSpec(uuid="u", name="a", vcpus=1, memory_mib=64)
+    spec = from_wire(vm.VmSpec, {"uuid": "u", "name": "a", "vcpus": 1, "memory_mib": 64})
+    assert spec == vm.VmSpec(uuid="u", name="a", vcpus=1, memory_mib=64)
     assert spec.disks == ()
     assert spec.graphics is None
-    assert spec.domain_type is DomainType.KVM
+    assert spec.domain_type is vm.DomainType.KVM
 
 
 def test_unknown_fields_are_ignored_at_every_level() -> None:
@@ -195,13 +180,13 @@ def test_unknown_fields_are_ignored_at_every_level() -> None:
     plain["disks"][0]["iothread"] = 3
     plain["graphics"]["gl"] = True
     plain["cputune"]["vcpu_pins"][0]["numa"] = 1
-    assert from_wire(VmSpec, plain) == full_spec()
+    assert from_wire(vm.VmSpec, plain) == full_spec()
 
 
 def test_to_wire_of_plain_values() -> None:
-    assert to_wire(DiskBus.SCSI) == "scsi"
-    assert to_wire([DiskBus.IDE, (1, 2)]) == ["ide", (1, 2)]  # tuples stay tuples: msgpack arrays
-    assert to_wire({"k": DiskFormat.RAW}) == {"k": "raw"}
+    assert to_wire(vm.DiskBus.SCSI) == "scsi"
+    assert to_wire([vm.DiskBus.IDE, (1, 2)]) == ["ide", (1, 2)]  # tuples stay tuples: msgpack arrays
+    assert to_wire({"k": vm.DiskFormat.RAW}) == {"k": "raw"}
     assert to_wire(None) is None
     assert to_wire(b"\x00") == b"\x00"
 
@@ -363,10 +348,10 @@ def test_any_field_takes_anything() -> None:
 
 def test_top_level_must_be_a_map() -> None:
     with pytest.raises(InvalidRequest) as info:
-        from_wire(VmSpec, [1, 2])
+        from_wire(vm.VmSpec, [1, 2])
     assert info.value.message == "body: expected a map, got a list"
     with pytest.raises(InvalidRequest) as info:
-        from_wire(VmSpec, None, "result")
+        from_wire(vm.VmSpec, None, "result")
     assert info.value.message == "result: expected a map, got null"
 
 
@@ -384,7 +369,7 @@ def test_missing_required_top_level_field(missing: str) -> None:
     plain = full_plain()
     del plain[missing]
     with pytest.raises(InvalidRequest) as info:
-        from_wire(VmSpec, plain)
+        from_wire(vm.VmSpec, plain)
     assert info.value.message == f"body.{missing}: required field is missing"
 
 
@@ -406,16 +391,28 @@ def test_missing_required_nested_fields_name_the_path() -> None:
             node = node[key]
         del node[keys[-1]]
         with pytest.raises(InvalidRequest) as info:
-            from_wire(VmSpec, plain)
+            from_wire(vm.VmSpec, plain)
         assert info.value.message == message
 
 
 def test_missing_field_inside_a_command_names_the_full_path() -> None:
-    plain = to_wire(CreateVm(spec=full_spec()))
+    plain = to_wire(vm.CreateVm(spec=full_spec()))
     del plain["spec"]["disks"][1]["target"]
     with pytest.raises(InvalidRequest) as info:
-        from_wire(CreateVm, plain)
+        from_wire(vm.CreateVm, plain)
     assert info.value.message == "body.spec.disks[1].target: required field is missing"
+
+
+def refusal_with(keys: tuple[Any, ...], value: object) -> str:
+    """The message of from_wire's refusal of :func:`full_plain` with ``value`` at the path ``keys``."""
+    plain = full_plain()
+    node: Any = plain
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value
+    with pytest.raises(InvalidRequest) as info:
+        from_wire(vm.VmSpec, plain)
+    return info.value.message
 
 
 @pytest.mark.parametrize(
@@ -449,14 +446,7 @@ def test_missing_field_inside_a_command_names_the_full_path() -> None:
     ],
 )
 def test_wrong_types_in_vm_spec_name_the_path(keys: tuple[Any, ...], value: object, message: str) -> None:
-    plain = full_plain()
-    node: Any = plain
-    for key in keys[:-1]:
-        node = node[key]
-    node[keys[-1]] = value
-    with pytest.raises(InvalidRequest) as info:
-        from_wire(VmSpec, plain)
-    assert info.value.message == message
+    assert refusal_with(keys, value) == message
 
 
 @pytest.mark.parametrize(
@@ -492,21 +482,14 @@ def test_wrong_types_in_vm_spec_name_the_path(keys: tuple[Any, ...], value: obje
     ],
 )
 def test_post_init_errors_get_the_path_prefix(keys: tuple[Any, ...], value: object, message: str) -> None:
-    plain = full_plain()
-    node: Any = plain
-    for key in keys[:-1]:
-        node = node[key]
-    node[keys[-1]] = value
-    with pytest.raises(InvalidRequest) as info:
-        from_wire(VmSpec, plain)
-    assert info.value.message == message
+    assert refusal_with(keys, value) == message
 
 
 def test_post_init_error_inside_command_gets_full_prefix() -> None:
-    plain = to_wire(CreateVm(spec=full_spec()))
+    plain = to_wire(vm.CreateVm(spec=full_spec()))
     plain["spec"]["name"] = "-bad"
     with pytest.raises(InvalidRequest) as info:
-        from_wire(CreateVm, plain, "request")
+        from_wire(vm.CreateVm, plain, "request")
     assert info.value.message.startswith("request.spec: invalid VM name '-bad'")
 
 
@@ -514,7 +497,7 @@ def test_duplicate_disk_targets_refused_with_prefix() -> None:
     plain = full_plain()
     plain["disks"][1]["target"] = "vda"
     with pytest.raises(InvalidRequest) as info:
-        from_wire(VmSpec, plain)
+        from_wire(vm.VmSpec, plain)
     assert info.value.message == "body: duplicate disk targets in ['vda', 'vda']"
 
 
@@ -534,9 +517,9 @@ def test_post_init_error_keeps_details() -> None:
 def test_optional_nested_dataclass_null_and_value() -> None:
     plain = full_plain()
     plain["graphics"] = None
-    assert from_wire(VmSpec, plain).graphics is None
+    assert from_wire(vm.VmSpec, plain).graphics is None
     plain["graphics"] = {}
-    assert from_wire(VmSpec, plain).graphics == GraphicsSpec()
+    assert from_wire(vm.VmSpec, plain).graphics == vm.GraphicsSpec()
 
 
 # ------------------------------------------------------------------ property: VmCreate bodies
@@ -572,36 +555,38 @@ disk_targets = st.lists(st.sampled_from([f"vd{c}" for c in "abcdefgh"]), unique=
 
 
 @st.composite
-def vm_specs(draw: st.DrawFn) -> VmSpec:
+def vm_specs(draw: st.DrawFn) -> vm.VmSpec:
     vcpus = draw(st.integers(1, 64))
     memory = draw(st.integers(1, 2**20))
     disks = tuple(
-        DiskSpec(
+        vm.DiskSpec(
             target=t,
             size_gib=draw(st.integers(1, 4096)),
-            format=draw(st.sampled_from(DiskFormat)),
-            bus=draw(st.sampled_from(DiskBus)),
-            cache=draw(st.sampled_from(CacheMode)),
-            io=draw(st.none() | st.sampled_from(IoMode)),
+            format=draw(st.sampled_from(vm.DiskFormat)),
+            bus=draw(st.sampled_from(vm.DiskBus)),
+            cache=draw(st.sampled_from(vm.CacheMode)),
+            io=draw(st.none() | st.sampled_from(vm.IoMode)),
             pool=draw(st.none() | st.just("default")),
         )
         for t in draw(disk_targets)
     )
     nics = tuple(
-        NicSpec(kind=draw(st.sampled_from(NicKind)), source=src, model=draw(st.sampled_from(NicModel)))
+        vm.NicSpec(
+            kind=draw(st.sampled_from(vm.NicKind)), source=src, model=draw(st.sampled_from(vm.NicModel))
+        )
         for src in draw(st.lists(st.sampled_from(["default", "br0", "br1"]), max_size=3))
     )
-    return VmSpec(
+    return vm.VmSpec(
         uuid=draw(st.uuids()).hex,
         name=draw(names),
         vcpus=vcpus,
         memory_mib=memory,
         max_vcpus=draw(st.sampled_from([0, vcpus, vcpus + 2])),
         max_memory_mib=draw(st.sampled_from([0, memory, memory * 2])),
-        domain_type=draw(st.sampled_from(DomainType)),
+        domain_type=draw(st.sampled_from(vm.DomainType)),
         disks=disks,
         nics=nics,
-        graphics=draw(st.none() | st.builds(GraphicsSpec, port=st.none() | st.integers(5900, 65535))),
+        graphics=draw(st.none() | st.builds(vm.GraphicsSpec, port=st.none() | st.integers(5900, 65535))),
         autostart=draw(st.booleans()),
         description=draw(st.text(max_size=30)),
     )
@@ -609,5 +594,5 @@ def vm_specs(draw: st.DrawFn) -> VmSpec:
 
 @settings(max_examples=60, deadline=None)
 @given(vm_specs())
-def test_random_vm_specs_round_trip(spec: VmSpec) -> None:
-    assert from_wire(VmSpec, codec.decode(codec.encode(to_wire(spec)))) == spec
+def test_random_vm_specs_round_trip(spec: vm.VmSpec) -> None:
+    assert from_wire(vm.VmSpec, codec.decode(codec.encode(to_wire(spec)))) == spec

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +23,15 @@ def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "controller.toml"
     path.write_text(text)
     return path
+
+
+def refusal(
+    path: Path | None = None, env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> str:
+    """The message of load_config's refusal (``env`` is empty unless given: not this process's)."""
+    with pytest.raises(InvalidRequest) as info:
+        load_config(path, env={} if env is None else env, overrides=overrides)
+    return info.value.message
 
 
 def test_defaults() -> None:
@@ -144,30 +155,25 @@ def test_none_overrides_are_skipped() -> None:
 
 def test_unknown_key_in_file(tmp_path: Path) -> None:
     path = write(tmp_path, "wokers = 4\n")
-    with pytest.raises(InvalidRequest) as info:
-        load_config(path, env={})
-    assert info.value.message == f"{path}: unknown setting 'wokers'"
+    assert refusal(path) == f"{path}: unknown setting 'wokers'"
 
 
 def test_unknown_key_in_overcommit_table(tmp_path: Path) -> None:
     path = write(tmp_path, "[overcommit]\ncpu_ration = 2.0\n")
-    with pytest.raises(InvalidRequest) as info:
-        load_config(path, env={})
-    assert info.value.message == "[overcommit]: unknown setting 'cpu_ration'"
+    assert refusal(path) == "[overcommit]: unknown setting 'cpu_ration'"
 
 
 @pytest.mark.parametrize("value", ["abc", "", "1e", "30s"])
 def test_bad_number_in_env(value: str) -> None:
-    with pytest.raises(InvalidRequest) as info:
-        load_config(env={"VIRTFLEET_DOWN_AFTER": value})
-    assert info.value.message == f"environment: down_after_s must be a number, got {value!r}"
+    assert (
+        refusal(env={"VIRTFLEET_DOWN_AFTER": value})
+        == f"environment: down_after_s must be a number, got {value!r}"
+    )
 
 
 def test_bad_number_in_file(tmp_path: Path) -> None:
     path = write(tmp_path, 'workers = "many"\n')
-    with pytest.raises(InvalidRequest) as info:
-        load_config(path, env={})
-    assert info.value.message == f"{path}: workers must be a number, got 'many'"
+    assert refusal(path) == f"{path}: workers must be a number, got 'many'"
 
 
 def test_int_field_refuses_decimal_string(tmp_path: Path) -> None:
@@ -186,9 +192,7 @@ def test_bad_strategy(tmp_path: Path, source: str) -> None:
         path = write(tmp_path, 'strategy = "random"\n')
     else:
         overrides = {"strategy": "random"}
-    with pytest.raises(InvalidRequest) as info:
-        load_config(path, env=env, overrides=overrides)
-    assert info.value.message == "strategy must be 'spread' or 'pack', got 'random'"
+    assert refusal(path, env=env, overrides=overrides) == "strategy must be 'spread' or 'pack', got 'random'"
 
 
 @pytest.mark.parametrize(
@@ -227,22 +231,21 @@ reserved_cpus = "2"
 @pytest.mark.parametrize("name", ["cpu_ratio", "ram_ratio", "disk_ratio"])
 @pytest.mark.parametrize("value", ["0", "-1.0"])
 def test_overcommit_ratio_must_be_positive(tmp_path: Path, name: str, value: str) -> None:
-    with pytest.raises(InvalidRequest) as info:
-        load_config(write(tmp_path, f"[overcommit]\n{name} = {value}\n"), env={})
-    assert info.value.message == f"overcommit.{name} must be positive"
+    assert (
+        refusal(write(tmp_path, f"[overcommit]\n{name} = {value}\n")) == f"overcommit.{name} must be positive"
+    )
 
 
 def test_overcommit_bad_number(tmp_path: Path) -> None:
-    with pytest.raises(InvalidRequest) as info:
-        load_config(write(tmp_path, '[overcommit]\nram_ratio = "lots"\n'), env={})
-    assert info.value.message == "[overcommit]: ram_ratio must be a number, got 'lots'"
+    assert (
+        refusal(write(tmp_path, '[overcommit]\nram_ratio = "lots"\n'))
+        == "[overcommit]: ram_ratio must be a number, got 'lots'"
+    )
 
 
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.toml"
-    with pytest.raises(InvalidRequest) as info:
-        load_config(path, env={})
-    assert info.value.message == f"config file {path} does not exist"
+    assert refusal(path) == f"config file {path} does not exist"
 
 
 @pytest.mark.parametrize(
@@ -250,9 +253,7 @@ def test_missing_file(tmp_path: Path) -> None:
 )
 def test_bad_toml(tmp_path: Path, text: str) -> None:
     path = write(tmp_path, text)
-    with pytest.raises(InvalidRequest) as info:
-        load_config(path, env={})
-    assert info.value.message.startswith(f"config file {path} is not valid TOML: ")
+    assert refusal(path).startswith(f"config file {path} is not valid TOML: ")
 
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:

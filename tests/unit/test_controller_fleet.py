@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import pytest
+from builders import host_record
 
 from common.messages.api import RejectionView, ResourceView
 from common.messages.vm import DesiredPower, Lifecycle, PowerState
@@ -30,39 +31,18 @@ CONFIG = ControllerConfig()  # down_after_s 30, cpu 4.0, ram 1.0, disk 1.0, rese
 
 
 def host(host_id: str = "h1", **changes: Any) -> HostRecord:
-    base: dict[str, Any] = {
-        "id": host_id,
+    ours = {
         "hostname": f"{host_id}.example",
-        "enabled": True,
-        "maintenance": False,
-        "hypervisor_type": "QEMU",
         "hypervisor_version": "8.2.0",
-        "libvirt_uri": "qemu:///system",
-        "hw_virt": True,
-        "cpus": 8,
-        "numa_cells": 1,
-        "memory_mib": 16384,
         "memory_free_mib": 12000,
-        "disk_gib": 500,
         "disk_free_gib": 400,
         "networks": ("default",),
         "bridges": ("br0",),
-        "reported_vms": (),
-        "cpu_ratio": None,
-        "ram_ratio": None,
-        "disk_ratio": None,
-        "reserved_memory_mib": None,
-        "reserved_cpus": None,
-        "reserved_disk_gib": None,
-        "max_vms": None,
         "generation": 7,
         "last_heartbeat": NOW - 5,
         "last_report": NOW - 5,
-        "used": {},
-        "vm_count": 0,
     }
-    base.update(changes)
-    return HostRecord(**base)
+    return host_record(host_id, **(ours | changes))
 
 
 def test_helper_sets_every_host_record_field() -> None:

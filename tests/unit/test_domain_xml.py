@@ -32,24 +32,8 @@ from common.domain_xml import (
     parse_domain_xml,
     spec_from_parsed,
 )
+from common.messages import vm
 from common.messages.base import replace
-from common.messages.vm import (
-    CacheMode,
-    CpuTune,
-    DiskBus,
-    DiskDevice,
-    DiskFormat,
-    DiskSpec,
-    DomainType,
-    GraphicsSpec,
-    IoMode,
-    KernelBoot,
-    NicKind,
-    NicModel,
-    NicSpec,
-    VcpuPin,
-    VmSpec,
-)
 
 GOLDEN_DIR = Path(__file__).parent / "golden" / "domain"
 REGEN = os.environ.get("VIRTFLEET_REGEN_GOLDEN") == "1"
@@ -61,16 +45,16 @@ def _uuid(n: int) -> str:
     return f"5b8f4c9e-1f0b-4b7a-9d4e-{n:012x}"
 
 
-def _disk(target: str, path: str, **kwargs: object) -> DiskSpec:
-    return DiskSpec(target=target, source="existing", path=path, **kwargs)  # type: ignore[arg-type]
+def _disk(target: str, path: str, **kwargs: object) -> vm.DiskSpec:
+    return vm.DiskSpec(target=target, source="existing", path=path, **kwargs)  # type: ignore[arg-type]
 
 
 # Every spec uses existing disks, lower-case MACs and explicit max values only where they differ from the
 # current ones, so that spec_from_parsed(parse_domain_xml(build_domain_xml(spec))) == spec exactly.
-DOMAIN_CASES: dict[str, VmSpec] = {
-    "minimal": VmSpec(uuid=_uuid(1), name="minimal", vcpus=1, memory_mib=512),
+DOMAIN_CASES: dict[str, vm.VmSpec] = {
+    "minimal": vm.VmSpec(uuid=_uuid(1), name="minimal", vcpus=1, memory_mib=512),
     # ops notes: --vcpus 5,maxcpus=10,cpuset=1-4,6,8 --memory 512,maxmemory=1024
-    "hotplug": VmSpec(
+    "hotplug": vm.VmSpec(
         uuid=_uuid(2),
         name="hotplug",
         vcpus=5,
@@ -79,11 +63,11 @@ DOMAIN_CASES: dict[str, VmSpec] = {
         memory_mib=512,
         max_memory_mib=1024,
         disks=(_disk("vda", "/var/lib/libvirt/images/hotplug.qcow2"),),
-        nics=(NicSpec(NicKind.NETWORK, "default"),),
+        nics=(vm.NicSpec(vm.NicKind.NETWORK, "default"),),
     ),
     # ops notes: virt-install --graphics vnc,password=foobar,port=5910,listen=0.0.0.0 --network bridge=br0
     #   --network bridge=br1 --disk /data/img/test.qcow2 --vcpus 1,maxvcpus=2 --memory 1024,maxmemory=2048
-    "two_bridges_vnc": VmSpec(
+    "two_bridges_vnc": vm.VmSpec(
         uuid=_uuid(3),
         name="testlinux",
         vcpus=1,
@@ -91,35 +75,39 @@ DOMAIN_CASES: dict[str, VmSpec] = {
         memory_mib=1024,
         max_memory_mib=2048,
         disks=(_disk("vda", "/data/img/test.qcow2"),),
-        nics=(NicSpec(NicKind.BRIDGE, "br0"), NicSpec(NicKind.BRIDGE, "br1")),
-        graphics=GraphicsSpec(listen="0.0.0.0", port=5910, password="foobar"),
+        nics=(vm.NicSpec(vm.NicKind.BRIDGE, "br0"), vm.NicSpec(vm.NicKind.BRIDGE, "br1")),
+        graphics=vm.GraphicsSpec(listen="0.0.0.0", port=5910, password="foobar"),
     ),
     # ops notes: virt-install --virt-type kvm --name CentOS-7-x86_64 --ram 2048 --cdrom=/opt/Centos7.5.iso
     #   --disk path=/opt/CentOS-7-x86_64.raw --network network=default --graphics vnc,listen=0.0.0.0
-    "cdrom_install": VmSpec(
+    "cdrom_install": vm.VmSpec(
         uuid=_uuid(4),
         name="CentOS-7-x86_64",
         vcpus=1,
         memory_mib=2048,
         disks=(
-            _disk("vda", "/opt/CentOS-7-x86_64.raw", format=DiskFormat.RAW),
+            _disk("vda", "/opt/CentOS-7-x86_64.raw", format=vm.DiskFormat.RAW),
             _disk(
-                "hda", "/opt/Centos7.5.iso", format=DiskFormat.RAW, device=DiskDevice.CDROM, bus=DiskBus.IDE
+                "hda",
+                "/opt/Centos7.5.iso",
+                format=vm.DiskFormat.RAW,
+                device=vm.DiskDevice.CDROM,
+                bus=vm.DiskBus.IDE,
             ),
         ),
-        nics=(NicSpec(NicKind.NETWORK, "default"),),
-        graphics=GraphicsSpec(listen="0.0.0.0"),
+        nics=(vm.NicSpec(vm.NicKind.NETWORK, "default"),),
+        graphics=vm.GraphicsSpec(listen="0.0.0.0"),
     ),
     # host-facts section 5: the TCG test guest booted straight into its kernel, console on a file
-    "kernel_boot": VmSpec(
+    "kernel_boot": vm.VmSpec(
         uuid=_uuid(5),
         name="tiny-guest",
         vcpus=1,
         max_vcpus=2,
         memory_mib=512,
-        domain_type=DomainType.QEMU,
+        domain_type=vm.DomainType.QEMU,
         machine="pc-i440fx-7.2",
-        kernel_boot=KernelBoot(
+        kernel_boot=vm.KernelBoot(
             kernel="/var/lib/virtfleet/guest/vmlinuz-6.1.0-56-amd64",
             initrd="/var/lib/virtfleet/guest/initramfs.cpio.gz",
             cmdline="console=ttyS0 quiet",
@@ -128,76 +116,81 @@ DOMAIN_CASES: dict[str, VmSpec] = {
         serial_log="/var/log/libvirt/qemu/tiny-guest-serial.log",
         description="TCG test guest",
     ),
-    "cache_modes": VmSpec(
+    "cache_modes": vm.VmSpec(
         uuid=_uuid(6),
         name="cache-modes",
         vcpus=1,
         memory_mib=512,
         disks=tuple(
             _disk(f"vd{letter}", f"/images/cache-{mode.value}.qcow2", cache=mode)
-            for letter, mode in zip("abcde", CacheMode, strict=True)
+            for letter, mode in zip("abcde", vm.CacheMode, strict=True)
         ),
     ),
-    "io_modes": VmSpec(
+    "io_modes": vm.VmSpec(
         uuid=_uuid(7),
         name="io-modes",
         vcpus=1,
         memory_mib=512,
         disks=(
-            _disk("vda", "/images/io-native.raw", format=DiskFormat.RAW, io=IoMode.NATIVE),
-            _disk("vdb", "/images/io-native-directsync.qcow2", cache=CacheMode.DIRECTSYNC, io=IoMode.NATIVE),
-            _disk("vdc", "/images/io-threads.qcow2", cache=CacheMode.WRITEBACK, io=IoMode.THREADS),
-            _disk("vdd", "/images/io-uring.qcow2", io=IoMode.IO_URING),
+            _disk("vda", "/images/io-native.raw", format=vm.DiskFormat.RAW, io=vm.IoMode.NATIVE),
+            _disk(
+                "vdb",
+                "/images/io-native-directsync.qcow2",
+                cache=vm.CacheMode.DIRECTSYNC,
+                io=vm.IoMode.NATIVE,
+            ),
+            _disk("vdc", "/images/io-threads.qcow2", cache=vm.CacheMode.WRITEBACK, io=vm.IoMode.THREADS),
+            _disk("vdd", "/images/io-uring.qcow2", io=vm.IoMode.IO_URING),
             _disk("vde", "/images/shared-ro.qcow2", readonly=True),
         ),
     ),
-    "e1000_fixed_mac": VmSpec(
+    "e1000_fixed_mac": vm.VmSpec(
         uuid=_uuid(8),
         name="e1000-guest",
         vcpus=2,
         memory_mib=1024,
         nics=(
-            NicSpec(NicKind.NETWORK, "default", model=NicModel.E1000, mac="52:54:00:12:34:56"),
-            NicSpec(NicKind.BRIDGE, "br0", model=NicModel.RTL8139),
+            vm.NicSpec(vm.NicKind.NETWORK, "default", model=vm.NicModel.E1000, mac="52:54:00:12:34:56"),
+            vm.NicSpec(vm.NicKind.BRIDGE, "br0", model=vm.NicModel.RTL8139),
         ),
     ),
-    "cputune_hugepages": VmSpec(
+    "cputune_hugepages": vm.VmSpec(
         uuid=_uuid(9),
         name="pinned",
         vcpus=2,
         memory_mib=1024,
-        cputune=CpuTune(vcpu_pins=(VcpuPin(0, "2"), VcpuPin(1, "3")), emulator_cpuset="0-1"),
+        cputune=vm.CpuTune(vcpu_pins=(vm.VcpuPin(0, "2"), vm.VcpuPin(1, "3")), emulator_cpuset="0-1"),
         hugepage_size_kib=2048,
         disks=(_disk("vda", "/images/pinned.qcow2"),),
     ),
-    "test_domain": VmSpec(
+    "test_domain": vm.VmSpec(
         uuid=_uuid(10),
         name="test-driver-vm",
         vcpus=1,
         max_vcpus=4,
         memory_mib=256,
         max_memory_mib=512,
-        domain_type=DomainType.TEST,
+        domain_type=vm.DomainType.TEST,
         disks=(_disk("vda", "/images/test.qcow2"),),
-        nics=(NicSpec(NicKind.NETWORK, "default", mac="52:54:00:aa:bb:01"),),
-        graphics=GraphicsSpec(),
+        nics=(vm.NicSpec(vm.NicKind.NETWORK, "default", mac="52:54:00:aa:bb:01"),),
+        graphics=vm.GraphicsSpec(),
     ),
 }
 
 DEVICE_CASES: dict[str, str] = {
     "device_disk": build_disk_xml(
-        DiskSpec(
+        vm.DiskSpec(
             target="vdb",
             source="new",
             size_gib=10,
             pool="default",
             volume="data-1.qcow2",
             path="/var/lib/libvirt/images/data-1.qcow2",
-            io=IoMode.NATIVE,
+            io=vm.IoMode.NATIVE,
         )
     ),
     "device_interface": build_interface_xml(
-        NicSpec(NicKind.BRIDGE, "br1", model=NicModel.VIRTIO, mac="52:54:00:ab:cd:ef")
+        vm.NicSpec(vm.NicKind.BRIDGE, "br1", model=vm.NicModel.VIRTIO, mac="52:54:00:ab:cd:ef")
     ),
 }
 
@@ -348,15 +341,15 @@ def test_round_trip_parsed_values_two_bridges_vnc() -> None:
 
 
 def test_new_disk_becomes_existing_on_import() -> None:
-    disk = DiskSpec(target="vda", size_gib=20, pool="default", volume="a.qcow2", path="/pool/a.qcow2")
-    spec = VmSpec(uuid=_uuid(20), name="fresh", vcpus=1, memory_mib=512, max_vcpus=1, disks=(disk,))
+    disk = vm.DiskSpec(target="vda", size_gib=20, pool="default", volume="a.qcow2", path="/pool/a.qcow2")
+    spec = vm.VmSpec(uuid=_uuid(20), name="fresh", vcpus=1, memory_mib=512, max_vcpus=1, disks=(disk,))
     imported = spec_from_parsed(parse_domain_xml(build_domain_xml(spec)))
     assert imported.disks == (_disk("vda", "/pool/a.qcow2"),)
     assert imported.max_vcpus == 0  # equal to vcpus: the spec's "same as current"
 
 
 def test_mac_is_written_lower_case() -> None:
-    xml = build_interface_xml(NicSpec(NicKind.NETWORK, "default", mac="52:54:00:AB:CD:EF"))
+    xml = build_interface_xml(vm.NicSpec(vm.NicKind.NETWORK, "default", mac="52:54:00:AB:CD:EF"))
     assert '<mac address="52:54:00:ab:cd:ef" />' in xml
 
 
@@ -423,22 +416,22 @@ def test_domiflist_of_libvirt_sample() -> None:
 
 def test_import_libvirt_sample() -> None:
     spec = spec_from_parsed(_libvirt_sample())
-    assert spec == VmSpec(
+    assert spec == vm.VmSpec(
         uuid="0f6a3c7e-9d52-4b1e-8f43-2c7d9e1a5b60",
         name="CentOS7-x86_64",
         vcpus=1,
         max_vcpus=2,
         memory_mib=1024,
         max_memory_mib=2048,
-        domain_type=DomainType.KVM,
+        domain_type=vm.DomainType.KVM,
         machine="pc-i440fx-rhel7.0.0",
         # the empty CD-ROM tray is left out; no cache attribute means QEMU's writeback
-        disks=(_disk("vda", "/opt/CentOS7-x86_64.qcow2", cache=CacheMode.WRITEBACK),),
+        disks=(_disk("vda", "/opt/CentOS7-x86_64.qcow2", cache=vm.CacheMode.WRITEBACK),),
         nics=(
-            NicSpec(NicKind.BRIDGE, "br0", model=NicModel.VIRTIO, mac="52:54:00:6f:1c:2a"),
-            NicSpec(NicKind.NETWORK, "default", model=NicModel.E1000, mac="52:54:00:0b:9e:77"),
+            vm.NicSpec(vm.NicKind.BRIDGE, "br0", model=vm.NicModel.VIRTIO, mac="52:54:00:6f:1c:2a"),
+            vm.NicSpec(vm.NicKind.NETWORK, "default", model=vm.NicModel.E1000, mac="52:54:00:0b:9e:77"),
         ),
-        graphics=GraphicsSpec(listen="0.0.0.0", port=None, password=None),
+        graphics=vm.GraphicsSpec(listen="0.0.0.0", port=None, password=None),
     )
 
 
@@ -505,7 +498,7 @@ def test_domain_xml_error_is_a_value_error() -> None:
 
 
 def test_disk_without_path_is_refused() -> None:
-    disk = DiskSpec(target="vdb", size_gib=10, pool="default", volume="vm1-vdb.qcow2")
+    disk = vm.DiskSpec(target="vdb", size_gib=10, pool="default", volume="vm1-vdb.qcow2")
     spec = replace(DOMAIN_CASES["minimal"], disks=(disk,))
     with pytest.raises(ValueError, match=r"^disk vdb: no path"):
         build_domain_xml(spec)
@@ -517,20 +510,20 @@ def test_disk_without_path_is_refused() -> None:
     ("disk", "message"),
     [
         (
-            _disk("vdb", "/x.iso", device=DiskDevice.CDROM, format=DiskFormat.RAW),
+            _disk("vdb", "/x.iso", device=vm.DiskDevice.CDROM, format=vm.DiskFormat.RAW),
             "disk vdb: a CD-ROM cannot be on the virtio bus",
         ),
         (
-            _disk("sdb", "/x.qcow2", bus=DiskBus.SATA, readonly=True),
+            _disk("sdb", "/x.qcow2", bus=vm.DiskBus.SATA, readonly=True),
             "disk sdb: QEMU has no read-only sata disks (use virtio or scsi)",
         ),
         (
-            _disk("vdb", "/x.qcow2", cache=CacheMode.WRITEBACK, io=IoMode.NATIVE),
+            _disk("vdb", "/x.qcow2", cache=vm.CacheMode.WRITEBACK, io=vm.IoMode.NATIVE),
             "disk vdb: io='native' needs cache 'none' or 'directsync', not 'writeback'",
         ),
     ],
 )
-def test_disks_qemu_would_refuse(disk: DiskSpec, message: str) -> None:
+def test_disks_qemu_would_refuse(disk: vm.DiskSpec, message: str) -> None:
     with pytest.raises(ValueError, match="^" + _escape(message)):
         build_disk_xml(disk)
 
@@ -540,7 +533,7 @@ def test_build_refuses_bad_values() -> None:
     with pytest.raises(ValueError, match="invalid uuid 'nope'"):
         build_domain_xml(replace(minimal, uuid="nope"))
     with pytest.raises(ValueError, match="vcpupin for vCPU 1, but it has 1 vCPUs"):
-        build_domain_xml(replace(minimal, cputune=CpuTune(vcpu_pins=(VcpuPin(1, "0"),))))
+        build_domain_xml(replace(minimal, cputune=vm.CpuTune(vcpu_pins=(vm.VcpuPin(1, "0"),))))
     with pytest.raises(ValueError, match="<description> contains a character"):
         build_domain_xml(replace(minimal, description="bell\x07"))
 
@@ -593,9 +586,11 @@ def test_foreign_defaults_on_import() -> None:
     assert parsed.nics[0].model is None
     spec = spec_from_parsed(parsed)
     assert spec.disks == (
-        _disk("sdb", "/img/a.img", format=DiskFormat.RAW, bus=DiskBus.SCSI, cache=CacheMode.WRITEBACK),
+        _disk(
+            "sdb", "/img/a.img", format=vm.DiskFormat.RAW, bus=vm.DiskBus.SCSI, cache=vm.CacheMode.WRITEBACK
+        ),
     )
-    assert spec.nics == (NicSpec(NicKind.NETWORK, "default", model=NicModel.E1000),)
+    assert spec.nics == (vm.NicSpec(vm.NicKind.NETWORK, "default", model=vm.NicModel.E1000),)
     assert domiflist(parsed) == (DomIfRow("-", "network", "default", "-", "-"),)
 
 

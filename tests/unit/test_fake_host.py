@@ -3,12 +3,14 @@ over the fakes of agent.drivers.fake, agent.tuning.fake and agent.network.fake."
 
 from __future__ import annotations
 
-import threading
+import functools
 import uuid as uuid_mod
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from builders import vm_spec
 
 from agent.fakehost import FakeHost, build_fake_host
 from agent.network.fake import FakeLinkDriver
@@ -41,7 +43,6 @@ from common.messages.vm import (
     PowerState,
     VcpuPin,
     VmRef,
-    VmSpec,
 )
 from common.messages.vmops import ImageCreate, ImageLocation, NicAttach
 from common.transport.memory import MemoryBroker
@@ -59,17 +60,9 @@ def host(tmp_path: Path) -> Iterator[FakeHost]:
     h.close()
 
 
-def vm(name: str = "web1", **kw: object) -> VmSpec:
-    fields: dict[str, object] = {
-        "uuid": str(uuid_mod.uuid4()),
-        "name": name,
-        "vcpus": 2,
-        "memory_mib": 512,
-        "domain_type": DomainType.KVM,
-        "disks": (DiskSpec(target="vda", size_gib=4),),
-    }
-    fields.update(kw)
-    return VmSpec(**fields)  # type: ignore[arg-type]
+vm = functools.partial(
+    vm_spec, memory_mib=512, domain_type=DomainType.KVM, disks=(DiskSpec(target="vda", size_gib=4),)
+)
 
 
 def test_the_table_is_what_the_agent_serves(host: FakeHost) -> None:
@@ -258,20 +251,12 @@ def test_a_node_file_host(tmp_path: Path) -> None:
 
 def test_concurrent_creates_on_one_host(host: FakeHost) -> None:
     table = host.table(lambda: 0)
-    errors: list[BaseException] = []
 
     def create(i: int) -> None:
-        try:
-            table.handler(vm_msgs.VM_CREATE)(CreateVm(spec=vm(f"vm{i}")))
-        except BaseException as exc:
-            errors.append(exc)
+        table.handler(vm_msgs.VM_CREATE)(CreateVm(spec=vm(f"vm{i}")))
 
-    threads = [threading.Thread(target=create, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(create, range(12)))  # re-raises what a create raised
     statuses = host.hypervisor.list_statuses()
     assert len(statuses) == 12 and all(s.state is PowerState.RUNNING for s in statuses)
     assert len(host.hypervisor.volumes()) == 12

@@ -8,6 +8,7 @@ it cannot do (hot-plug, block resize, disk locks, vCPU unplug) is pinned by the 
 
 from __future__ import annotations
 
+import functools
 import uuid as uuid_mod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 import libvirt
 import pytest
+from builders import vm_spec
 
 from agent.drivers import host_facts
 from agent.drivers import libvirt_driver as lv
@@ -73,18 +75,7 @@ SMALL = NODES / "small.xml"
 POOL = "/var/lib/virtfleet/images"
 
 
-def spec(name: str = "web1", **kw: Any) -> VmSpec:
-    fields: dict[str, Any] = {
-        "uuid": str(uuid_mod.uuid4()),
-        "name": name,
-        "vcpus": 2,
-        "max_vcpus": 4,
-        "memory_mib": 1024,
-        "max_memory_mib": 2048,
-        "domain_type": DomainType.TEST,
-    }
-    fields.update(kw)
-    return VmSpec(**fields)
+spec = functools.partial(vm_spec, max_vcpus=4, max_memory_mib=2048, disks=())
 
 
 def code(exc: pytest.ExceptionInfo[VirtfleetError]) -> int:

@@ -2,56 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from typing import Any
 
 import pytest
+from builders import host_record
 
 from common.errors import InvalidRequest
 from common.messages import placement as msg
 from common.messages.vm import DesiredPower, Lifecycle, PowerState, VmStatus
 from controller.cli.cmd_placement import parse_limit
 from controller.config import ControllerConfig
-from controller.db.repository import HostRecord, VmRecord
+from controller.db.repository import VmRecord
 from controller.fleet import inventories, inventory_sources
 from controller.placement_ops import drift_notes
 from controller.scheduler.model import ResourceClass
 
-
-def host(**over: Any) -> HostRecord:
-    base: dict[str, Any] = {
-        "id": "h1",
-        "hostname": "h1",
-        "enabled": True,
-        "maintenance": False,
-        "hypervisor_type": "QEMU",
-        "hypervisor_version": "7.2",
-        "libvirt_uri": "qemu:///system",
-        "hw_virt": True,
-        "cpus": 16,
-        "numa_cells": 1,
-        "memory_mib": 65536,
-        "memory_free_mib": 60000,
-        "disk_gib": 500,
-        "disk_free_gib": 400,
-        "networks": (),
-        "bridges": (),
-        "reported_vms": (),
-        "cpu_ratio": None,
-        "ram_ratio": None,
-        "disk_ratio": None,
-        "reserved_memory_mib": None,
-        "reserved_cpus": None,
-        "reserved_disk_gib": None,
-        "max_vms": None,
-        "generation": 0,
-        "last_heartbeat": 100.0,
-        "last_report": 100.0,
-        "used": {},
-        "vm_count": 0,
-    }
-    base.update(over)
-    return HostRecord(**base)
+host = functools.partial(
+    host_record, cpus=16, memory_mib=65536, memory_free_mib=60000, disk_free_gib=400, generation=0
+)
 
 
 def vm(name: str, uuid: str, **over: Any) -> VmRecord:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import ast
 import enum
-import re
 import typing
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import msgspec
 import pytest
+from protocoldoc import DOC, arguments, code, section, table, yes
 
 from common import protocol_reference as ref
 from common.errors import WIRE_TYPES, InvalidRequest
@@ -26,59 +26,7 @@ from common.messages.descriptor import Family, Op, Timeout, Version, command
 from common.transport import topology
 from common.transport.topology import EXCHANGES, SHARED_QUEUES, agent_queue
 
-ROOT = Path(__file__).resolve().parents[2]
-DOC = ROOT / "docs" / "protocol.md"
 TEMPLATE_HOST = "<host_id>"
-
-
-# ------------------------------------------------------------------ reading the Markdown
-
-
-def section(text: str, name: str) -> str:
-    """The text between a generated section's markers."""
-    start, end = f"<!-- generated: {name} -->", f"<!-- end generated: {name} -->"
-    assert text.count(start) == 1, f"{DOC.name} needs exactly one {start}"
-    return text.split(start, 1)[1].split(end, 1)[0]
-
-
-def table(text: str) -> list[dict[str, str]]:
-    """The first Markdown table in ``text`` as rows of header -> cell (pipes unescaped)."""
-    lines: list[str] = []
-    for line in text.splitlines():
-        if line.startswith("|"):
-            lines.append(line)
-        elif lines:
-            break
-    cells = [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines]
-    header, _rule, *rows = cells
-    return [dict(zip(header, row, strict=True)) for row in rows]
-
-
-def code(cell: str) -> str:
-    """The text of a cell that is one code span; ``""`` stands for the empty string."""
-    match = re.fullmatch(r"`([^`]*)`", cell)
-    assert match is not None, f"expected a code span, got {cell!r}"
-    return "" if match.group(1) == '""' else match.group(1)
-
-
-def arguments(cell: str) -> dict[str, Any]:
-    """``x-max-length: 10000`` (int)<br>... -> {"x-max-length": 10000}, the type checked."""
-    if cell == "none":
-        return {}
-    out: dict[str, Any] = {}
-    for part in cell.split("<br>"):
-        match = re.fullmatch(r"`([^`:]+): ([^`]+)` \((\w+)\)", part)
-        assert match is not None, f"cannot read the queue argument {part!r}"
-        name, literal, type_name = match.groups()
-        value = ast.literal_eval(literal)
-        assert type(value).__name__ == type_name, f"{name}: {literal} is not a {type_name}"
-        out[name] = value
-    return out
-
-
-def yes(cell: str) -> bool:
-    assert cell in {"yes", "no"}, cell
-    return cell == "yes"
 
 
 # ------------------------------------------------------------------ (a) the file is up to date

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
+from builders import host_record
 
 from common.codec import to_wire
 from common.errors import InvalidRequest
 from common.messages.tuning import BlockDevice, HostTuningReport, HugepagePool, NumaCell
 from controller import fleet, tuning_inventory
 from controller.config import ControllerConfig
-from controller.db.repository import HostRecord
 from controller.scheduler.model import Placement, Refusal, ResourceClass, Rule
 from controller.scheduler.place import place
 
@@ -36,43 +37,9 @@ def report(**changes: Any) -> dict[str, Any]:
     return dict(to_wire(HostTuningReport(**base)))
 
 
-def host(
-    host_id: str = "h1", tuning: Any = None, used: dict[str, int] | None = None, **changes: Any
-) -> HostRecord:
-    base: dict[str, Any] = {
-        "id": host_id,
-        "hostname": host_id,
-        "enabled": True,
-        "maintenance": False,
-        "hypervisor_type": "QEMU",
-        "hypervisor_version": "7.2.0",
-        "libvirt_uri": "qemu:///system",
-        "hw_virt": False,
-        "cpus": 8,
-        "numa_cells": 2,
-        "memory_mib": 16384,
-        "memory_free_mib": 16000,
-        "disk_gib": 500,
-        "disk_free_gib": 500,
-        "networks": (),
-        "bridges": (),
-        "reported_vms": (),
-        "cpu_ratio": None,
-        "ram_ratio": None,
-        "disk_ratio": None,
-        "reserved_memory_mib": None,
-        "reserved_cpus": None,
-        "reserved_disk_gib": None,
-        "max_vms": None,
-        "generation": 1,
-        "last_heartbeat": NOW - 1,
-        "last_report": NOW - 1,
-        "used": used or {},
-        "vm_count": 0,
-        "tuning": tuning,
-    }
-    base.update(changes)
-    return HostRecord(**base)
+host = functools.partial(
+    host_record, hw_virt=False, numa_cells=2, last_heartbeat=NOW - 1, last_report=NOW - 1
+)
 
 
 def request(vcpus: int, memory: int = 1024, *, dedicated: bool = True, pages: int | None = None) -> Any:

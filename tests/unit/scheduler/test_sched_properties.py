@@ -14,24 +14,10 @@ from collections.abc import Mapping
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from controller.scheduler import (
-    FleetSnapshot,
-    GroupPolicy,
-    HostState,
-    Inventory,
-    Placement,
-    PlacementPolicy,
-    PlacementRequest,
-    Refusal,
-    ResourceClass,
-    ServerGroup,
-    Strategy,
-    apply_placement,
-    place,
-)
+from controller import scheduler as sched
 from controller.scheduler.filters import build_context, host_rejections
 
-R = ResourceClass
+R = sched.ResourceClass
 SHARED = (R.VCPU, R.MEMORY_MIB, R.DISK_GIB, R.HUGEPAGES_2M)
 NETWORKS = ("default", "prod", "san")
 SETTINGS = settings(
@@ -44,12 +30,12 @@ SETTINGS = settings(
 # --- oracle -----------------------------------------------------------------------------
 
 
-def oracle_capacity(inventory: Inventory) -> int:
+def oracle_capacity(inventory: sched.Inventory) -> int:
     """Placement's formula, from the raw fields."""
     return max(0, math.floor((inventory.total - inventory.reserved) * inventory.allocation_ratio))
 
 
-def oracle_fits_resource(host: HostState, resource: ResourceClass, amount: int) -> bool:
+def oracle_fits_resource(host: sched.HostState, resource: sched.ResourceClass, amount: int) -> bool:
     inventory = host.inventories.get(resource)
     if inventory is None:
         return False
@@ -62,7 +48,9 @@ def oracle_fits_resource(host: HostState, resource: ResourceClass, amount: int) 
     )
 
 
-def oracle_accepts(host: HostState, request: PlacementRequest, group: ServerGroup | None) -> bool:
+def oracle_accepts(
+    host: sched.HostState, request: sched.PlacementRequest, group: sched.ServerGroup | None
+) -> bool:
     """Does ``host`` pass every hard rule for ``request``? Written from the rules' definitions."""
     if not host.up or not host.enabled or host.maintenance:
         return False
@@ -85,14 +73,14 @@ def oracle_accepts(host: HostState, request: PlacementRequest, group: ServerGrou
     if group is not None:
         here = group.members.get(host.host_id, 0)
         has_members = any(count > 0 for count in group.members.values())
-        if group.policy is GroupPolicy.AFFINITY and has_members and here == 0:
+        if group.policy is sched.GroupPolicy.AFFINITY and has_members and here == 0:
             return False
-        if group.policy is GroupPolicy.ANTI_AFFINITY and here >= group.max_per_host:
+        if group.policy is sched.GroupPolicy.ANTI_AFFINITY and here >= group.max_per_host:
             return False
     return True
 
 
-def oracle_n_plus_one_holds(hosts: tuple[HostState, ...]) -> bool:
+def oracle_n_plus_one_holds(hosts: tuple[sched.HostState, ...]) -> bool:
     """After a placement: the memory-fullest up host's usage fits the others' free space."""
     up = [h for h in hosts if h.up]
     if not up:
@@ -118,11 +106,11 @@ def oracle_n_plus_one_holds(hosts: tuple[HostState, ...]) -> bool:
 SEEDS = st.integers(0, 2**32 - 1)
 
 
-def random_inventory(rng: random.Random, resource: ResourceClass) -> tuple[Inventory, int]:
+def random_inventory(rng: random.Random, resource: sched.ResourceClass) -> tuple[sched.Inventory, int]:
     """An inventory of ``resource`` (sometimes with unit rules) and a usage within capacity."""
     unusual = rng.random() < 0.25
     min_unit = rng.randint(1, 3) if unusual else 1
-    inventory = Inventory.for_class(
+    inventory = sched.Inventory.for_class(
         resource,
         rng.randint(0, 64),
         reserved=rng.randint(0, 8),
@@ -134,20 +122,20 @@ def random_inventory(rng: random.Random, resource: ResourceClass) -> tuple[Inven
     return inventory, rng.randint(0, inventory.capacity)
 
 
-def random_host(index: int, seed: int) -> HostState:
+def random_host(index: int, seed: int) -> sched.HostState:
     rng = random.Random(seed)
-    inventory: dict[ResourceClass, Inventory] = {}
-    used: dict[ResourceClass, int] = {}
+    inventory: dict[sched.ResourceClass, sched.Inventory] = {}
+    used: dict[sched.ResourceClass, int] = {}
     for resource in SHARED:
         if rng.random() < 0.9:  # now and then a host lacks a resource entirely
             inventory[resource], used[resource] = random_inventory(rng, resource)
     cpus = rng.randint(0, 12)
     busy = frozenset(cpu for cpu in range(cpus) if rng.random() < 0.3)
     if cpus:
-        inventory[R.PCPU] = Inventory.for_class(R.PCPU, cpus)
+        inventory[R.PCPU] = sched.Inventory.for_class(R.PCPU, cpus)
         used[R.PCPU] = len(busy)
     max_vms = rng.choice((None, None, rng.randint(0, 6)))
-    return HostState(
+    return sched.HostState(
         host_id=f"h{index:02d}",
         inventories=inventory,
         used=used,
@@ -165,23 +153,23 @@ def random_host(index: int, seed: int) -> HostState:
     )
 
 
-def build_fleet(seeds: list[int], group_policy: GroupPolicy, max_per_host: int) -> FleetSnapshot:
-    group = ServerGroup(name="g", policy=group_policy, max_per_host=max_per_host)
+def build_fleet(seeds: list[int], group_policy: sched.GroupPolicy, max_per_host: int) -> sched.FleetSnapshot:
+    group = sched.ServerGroup(name="g", policy=group_policy, max_per_host=max_per_host)
     hosts = tuple(random_host(index, seed) for index, seed in enumerate(seeds))
-    return FleetSnapshot(hosts=hosts, server_groups=(group,), now=0.0)
+    return sched.FleetSnapshot(hosts=hosts, server_groups=(group,), now=0.0)
 
 
 fleets = st.builds(
     build_fleet,
     st.lists(SEEDS, min_size=1, max_size=20),
-    st.sampled_from(list(GroupPolicy)),
+    st.sampled_from(list(sched.GroupPolicy)),
     st.integers(1, 3),
 )
 
 
-def build_request(seed: int, index: int = 0) -> PlacementRequest:
+def build_request(seed: int, index: int = 0) -> sched.PlacementRequest:
     rng = random.Random(seed)
-    return PlacementRequest(
+    return sched.PlacementRequest(
         vm_name=f"vm-{index}",
         resources={rc: rng.randint(0, 10) for rc in SHARED if rng.random() < 0.5},
         dedicated_cpus=rng.choice((0, 0, 0, 1, 2, 3)),
@@ -199,8 +187,8 @@ requests = SEEDS.map(build_request)
 
 
 policies = st.builds(
-    PlacementPolicy,
-    strategy=st.sampled_from(list(Strategy)),
+    sched.PlacementPolicy,
+    strategy=st.sampled_from(list(sched.Strategy)),
     n_plus_one=st.booleans(),
     max_alternates=st.integers(0, 3),
     max_ranked=st.one_of(st.none(), st.integers(0, 5)),
@@ -210,7 +198,7 @@ policies = st.builds(
 # --- properties --------------------------------------------------------------------------
 
 
-def assert_within_capacity(hosts: tuple[HostState, ...], start: Mapping[str, HostState]) -> None:
+def assert_within_capacity(hosts: tuple[sched.HostState, ...], start: Mapping[str, sched.HostState]) -> None:
     for host in hosts:
         for rc, inventory in host.inventories.items():
             used = host.used.get(rc, 0)
@@ -225,7 +213,7 @@ def assert_within_capacity(hosts: tuple[HostState, ...], start: Mapping[str, Hos
 @SETTINGS
 @given(fleets, st.data(), policies)
 def test_sequences_respect_capacity_rules_and_pcpus(
-    snapshot: FleetSnapshot, data: st.DataObject, policy: PlacementPolicy
+    snapshot: sched.FleetSnapshot, data: st.DataObject, policy: sched.PlacementPolicy
 ) -> None:
     start = {h.host_id: h for h in snapshot.hosts}
     assigned: dict[str, set[int]] = {h.host_id: set() for h in snapshot.hosts}
@@ -233,9 +221,9 @@ def test_sequences_respect_capacity_rules_and_pcpus(
         request = build_request(seed, index)
         group = snapshot.group("g") if request.group else None
         eligible = [h.host_id for h in snapshot.hosts if oracle_accepts(h, request, group)]
-        result = place(snapshot, request, policy)
-        event("placed" if isinstance(result, Placement) else "refused")
-        if isinstance(result, Refusal):
+        result = sched.place(snapshot, request, policy)
+        event("placed" if isinstance(result, sched.Placement) else "refused")
+        if isinstance(result, sched.Refusal):
             # (2) refused only if no host passes every rule (N+1 may refuse on top of them)
             assert policy.n_plus_one or not eligible, (eligible, result.summary())
             assert {r.host_id for r in result.reasons} >= set(eligible)
@@ -249,39 +237,41 @@ def test_sequences_respect_capacity_rules_and_pcpus(
         assert not set(result.pcpus) & assigned[host.host_id]
         assert not set(result.pcpus) & (start[host.host_id].pcpu_numa.keys() - start[host.host_id].free_pcpus)
         assigned[host.host_id] |= set(result.pcpus)
-        snapshot = apply_placement(snapshot, request, result)
+        snapshot = sched.apply_placement(snapshot, request, result)
         if policy.n_plus_one:
             assert oracle_n_plus_one_holds(snapshot.hosts)
         # (1) no host ever exceeds its capacity
         assert_within_capacity(snapshot.hosts, start)
         if request.group:
             members = snapshot.group("g")
-            if members.policy is GroupPolicy.ANTI_AFFINITY:
+            if members.policy is sched.GroupPolicy.ANTI_AFFINITY:
                 assert max(members.members.values()) <= members.max_per_host
 
 
 @SETTINGS
 @given(fleets, requests, policies)
 def test_every_host_is_either_ranked_or_explained(
-    snapshot: FleetSnapshot, request: PlacementRequest, policy: PlacementPolicy
+    snapshot: sched.FleetSnapshot, request: sched.PlacementRequest, policy: sched.PlacementPolicy
 ) -> None:
     """The fast path in place() agrees with the full evaluation of every rule."""
-    policy = PlacementPolicy(
+    policy = sched.PlacementPolicy(
         strategy=policy.strategy, n_plus_one=False, max_alternates=policy.max_alternates, max_ranked=None
     )
-    result = place(snapshot, request, policy)
+    result = sched.place(snapshot, request, policy)
     ctx = build_context(snapshot, request)
     rejected_by_rules = {h.host_id for h in snapshot.hosts if host_rejections(h, ctx)}
     group = snapshot.group("g") if request.group else None
     oracle_rejected = {h.host_id for h in snapshot.hosts if not oracle_accepts(h, request, group)}
     assert rejected_by_rules == oracle_rejected
-    explained = {r.host_id for r in (result.reasons if isinstance(result, Refusal) else result.rejections)}
+    explained = {
+        r.host_id for r in (result.reasons if isinstance(result, sched.Refusal) else result.rejections)
+    }
     ids = {h.host_id for h in snapshot.hosts}
     if request.force_host is not None and request.force_host not in ids:
         assert request.force_host in explained  # "forced host is not in the fleet"
         explained.discard(request.force_host)
     assert explained == rejected_by_rules
-    if isinstance(result, Placement):
+    if isinstance(result, sched.Placement):
         ranked = [c.host_id for c in result.ranked]
         assert set(ranked) == {h.host_id for h in snapshot.hosts} - rejected_by_rules
         assert len(ranked) == len(set(ranked))
@@ -296,20 +286,23 @@ def test_every_host_is_either_ranked_or_explained(
 @SETTINGS
 @given(fleets, requests, policies, st.randoms(use_true_random=False))
 def test_place_is_deterministic_and_order_independent(
-    snapshot: FleetSnapshot, request: PlacementRequest, policy: PlacementPolicy, rng: random.Random
+    snapshot: sched.FleetSnapshot,
+    request: sched.PlacementRequest,
+    policy: sched.PlacementPolicy,
+    rng: random.Random,
 ) -> None:
-    first = place(snapshot, request, policy)
+    first = sched.place(snapshot, request, policy)
     shuffled = list(snapshot.hosts)
     rng.shuffle(shuffled)
-    second = place(
-        FleetSnapshot(hosts=tuple(shuffled), server_groups=snapshot.server_groups), request, policy
+    second = sched.place(
+        sched.FleetSnapshot(hosts=tuple(shuffled), server_groups=snapshot.server_groups), request, policy
     )
     assert type(first) is type(second)
-    if isinstance(first, Placement) and isinstance(second, Placement):
+    if isinstance(first, sched.Placement) and isinstance(second, sched.Placement):
         assert (first.host_id, first.alternates, first.pcpus) == (
             second.host_id,
             second.alternates,
             second.pcpus,
         )
         assert [c.host_id for c in first.ranked] == [c.host_id for c in second.ranked]
-    assert place(snapshot, request, policy) == first
+    assert sched.place(snapshot, request, policy) == first
