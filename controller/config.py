@@ -90,6 +90,9 @@ class ControllerConfig:
     build_timeout_s: float = 600.0
     #: Seconds between reconciliation passes (drift, stuck builds).
     reconcile_interval_s: float = 30.0
+    #: Seconds between syncs of the in-memory fleet with the database: heartbeats are written
+    #: (in one batch) and other controllers' changes read this often. Well under down_after_s.
+    fleet_sync_s: float = 1.0
     overcommit: Overcommit = field(default_factory=Overcommit)
     #: ``[rpc] version_cap``: family -> newest version the controller may send agents (oslo's
     #: version_cap), so that the controller can be upgraded before the agents.
@@ -105,6 +108,11 @@ class ControllerConfig:
             or self.max_attempts < 1
         ):
             raise InvalidRequest("down_after_s, workers and max_attempts must be positive")
+        if not math.isfinite(self.fleet_sync_s) or not 0 < self.fleet_sync_s <= self.down_after_s / 3:
+            raise InvalidRequest(
+                f"fleet_sync_s must be positive and at most a third of down_after_s ({self.down_after_s / 3:g} s):"
+                " heartbeats reach the database that often"
+            )
         oc = self.overcommit
         for name in ("cpu_ratio", "ram_ratio", "disk_ratio"):
             if not math.isfinite(getattr(oc, name)) or getattr(oc, name) <= 0:

@@ -75,12 +75,14 @@ class Controller:
         )
         self._stop = threading.Event()
         self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
+        self._fleet_sync = threading.Thread(target=self._fleet_sync_loop, name="fleet-sync", daemon=True)
 
     def start(self) -> None:
         self.heartbeats.start()
         self.reports.start()
         self.api.start()
         self._reconciler.start()
+        self._fleet_sync.start()
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
         return all(s.ready.wait(timeout) for s in (self.api, self.reports, self.heartbeats))
@@ -93,11 +95,25 @@ class Controller:
             except Exception:
                 log.exception("reconciliation pass failed")
 
+    def _fleet_sync_loop(self) -> None:
+        """Write batched heartbeats and read other controllers' changes, every fleet_sync_s."""
+        while not self._stop.wait(self.config.fleet_sync_s):
+            self._sync_fleet()
+
+    def _sync_fleet(self) -> None:
+        try:
+            self.service.fleet.flush_heartbeats()
+            self.service.fleet.sync(self.service.clock())
+        except Exception:
+            log.exception("fleet sync failed (retried next interval)")
+
     def stop(self) -> None:
         self._stop.set()
         self.api.stop()
         self.reports.stop()
         self.heartbeats.stop()
+        self._fleet_sync.join(timeout=10)
+        self.service.fleet.flush_heartbeats()  # the last beats, so the next controller sees them
         self.service.close()
         self.transport.close()
         self.engine.dispose()

@@ -61,6 +61,7 @@ def host_set(service: ControllerService, req: msgs.HostSet) -> msgs.Done:
         # A changed ratio changes capacity: bump the generation so in-flight decisions re-check.
         repo.bump_generation(s, req.host)
         repo.set_host_fields(s, req.host, values, service.clock())
+    service.hosts_changed(req.host)
     changed = ", ".join(f"{k}={v}" for k, v in values.items()) or "nothing"
     log.info("host %s settings: %s", req.host, changed)
     return msgs.Done(f"{req.host}: {changed}")
@@ -85,6 +86,7 @@ def host_state(service: ControllerService, req: msgs.HostSwitch) -> msgs.Done:
             values["state_reason"] = req.reason[:255]
         repo.bump_generation(s, req.host)
         repo.set_host_fields(s, req.host, values, service.clock())
+    service.hosts_changed(req.host)
     words = []
     if req.enabled is not None:
         words.append("enabled" if req.enabled else "disabled")
@@ -200,6 +202,7 @@ def hostgroup_set(service: ControllerService, req: msgs.HostGroupSet) -> msgs.Do
         for record in repo.list_hosts(s):
             if record.group_name == req.name:
                 repo.bump_generation(s, record.id)
+    service.fleet.load(service.clock())  # the group's settings reach every member
     return msgs.Done(f"host group {req.name} saved")
 
 

@@ -60,6 +60,7 @@ from controller import fleet, tuning_inventory
 from controller.agent_api import AgentCalls
 from controller.config import ControllerConfig
 from controller.db import repository as repo
+from controller.fleet_state import FleetState
 from controller.scheduler.model import (
     FleetSnapshot,
     Placement,
@@ -106,6 +107,9 @@ class ControllerService:
         # SQLite has one writer at a time and its busy handler waits by sleeping and polling;
         # queueing this process's threads on a lock instead keeps latency flat under load.
         self._tx_lock: threading.RLock | None = threading.RLock() if engine.dialect.name == "sqlite" else None
+        #: every host in memory: what placement decides on (see controller.fleet_state)
+        self.fleet = FleetState(self.tx, config)
+        self.fleet.load(clock())
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
@@ -123,30 +127,38 @@ class ControllerService:
     # ------------------------------------------------------------------ hosts
 
     def list_hosts(self) -> api.HostList:
+        """Served from memory: a read-only call never waits behind creates' transactions."""
         now = self.clock()
-        with self.tx() as s:
-            records = repo.list_hosts(s)
-        return api.HostList(tuple(fleet.host_view(r, self.config, now) for r in records))
+        return api.HostList(tuple(fleet.host_view(r, self.config, now) for r in self.fleet.records()))
 
     def show_host(self, host_id: str) -> api.HostView:
         now = self.clock()
         with self.tx() as s:
             record = repo.get_host(s, host_id)
             vms = [v.name for v in repo.list_vms(s, host_id)]
+        known = self.fleet.record(host_id)
+        if known is not None and known.last_heartbeat is not None:
+            # Heartbeats reach the database in batches; the memory has the newest one.
+            record = replace(record, last_heartbeat=max(known.last_heartbeat, record.last_heartbeat or 0.0))
         return fleet.host_view(record, self.config, now, vms, detail=True)
+
+    def hosts_changed(self, *host_ids: str) -> None:
+        """Re-read hosts this controller just changed (allocations, settings) into memory."""
+        self.fleet.refresh(host_ids, self.clock())
 
     # ------------------------------------------------------------------ reports
 
     def record_report(self, report: HostReport) -> None:
+        now = self.clock()
         with self.tx() as s:
-            notes = repo.record_report(s, report, self.clock())
+            notes = repo.record_report(s, report, now)
+            self.fleet.upsert(repo.get_host(s, report.host_id, include_vms=False), now)
         for note in notes:
             log.info("drift on %s: %s", report.host_id, note)
 
     def record_heartbeat(self, beat: Heartbeat) -> None:
-        with self.tx() as s:
-            known = repo.record_heartbeat(s, beat, self.clock())
-        if not known:
+        """Kept in memory; :meth:`FleetState.flush_heartbeats` writes them in batches."""
+        if not self.fleet.beat(beat.host_id, self.clock()):
             log.debug("heartbeat from %s before its first report", beat.host_id)
 
     # ------------------------------------------------------------------ VMs: create
@@ -204,11 +216,18 @@ class ControllerService:
         )
 
     def _decide(self, request: PlacementRequest) -> Placement | Refusal:
-        now = self.clock()
-        with self.tx() as s:
-            records = repo.list_hosts(s)
-            groups = _request_group(s, request)
-        return _place(fleet.snapshot(records, self.config, now, groups), request, self.config)
+        """Decide on the in-memory fleet; a refusal is confirmed on a fresh read of it."""
+        groups: list[repo.ServerGroupRecord] = []
+        if request.group is not None:
+            with self.tx() as s:
+                groups = _request_group(s, request)
+        result = _place(self.fleet.snapshot(self.clock(), groups), request, self.config)
+        if isinstance(result, Refusal):
+            # Rare, and the memory may lag another controller's release by a sync interval.
+            now = self.clock()
+            self.fleet.load(now)
+            result = _place(self.fleet.snapshot(now, groups), request, self.config)
+        return result
 
     def _claim(self, req: api.VmCreate, vm_uuid: str, request: PlacementRequest) -> _Claimed:
         """Decide on a snapshot, then claim under the host's lock after re-checking it.
@@ -227,7 +246,7 @@ class ControllerService:
             now = self.clock()
             with self.tx() as s:
                 repo.bump_generation(s, result.host_id)
-                fresh = repo.get_host(s, result.host_id)
+                fresh = repo.get_host(s, result.host_id, include_vms=False)
                 # Group members on this host are VMs placed here, so under this host's lock
                 # the count is exact: a hard anti-affinity limit cannot be raced past.
                 recheck = _place(
@@ -245,16 +264,20 @@ class ControllerService:
                 if isinstance(recheck, Refusal):
                     log.info("host %s filled up while placing %s; deciding again", result.host_id, req.name)
                     s.rollback()
+                    self.fleet.upsert(fresh, now)
                     continue
+                amounts = {
+                    **{str(k): v for k, v in request.resources.items()},
+                    **tuning_inventory.pcpu_allocations(recheck.pcpus),
+                }
                 repo.insert_claim(
                     s,
                     vm=self._vm_row(req, vm_uuid, result.host_id, now, recheck.pcpus),
                     host_id=result.host_id,
-                    amounts={
-                        **{str(k): v for k, v in request.resources.items()},
-                        **tuning_inventory.pcpu_allocations(recheck.pcpus),
-                    },
+                    amounts=amounts,
                 )
+            # The host as this transaction left it: no need to read it back.
+            self.fleet.upsert(_with_claim(fresh, amounts), now)
             # The pCPUs picked on the fresh host state under its lock, not the snapshot's.
             return _Claimed(replace(result, pcpus=recheck.pcpus), fresh)
         raise Conflict(
@@ -326,6 +349,7 @@ class ControllerService:
                 with self.tx() as s:
                     repo.release(s, vm_uuid, host.id)
                     repo.update_vm(s, vm_uuid, self.clock(), host_id=None, status=Lifecycle.BUILDING)
+                self.hosts_changed(host.id)
                 if len(tried) >= self.config.max_attempts:
                     self._fail(vm_uuid, "; ".join(failures), keep_host=False)
                     raise HypervisorError(
@@ -348,11 +372,13 @@ class ControllerService:
                 with self.tx() as s:
                     repo.release(s, vm_uuid, host.id)
                     repo.delete_vm(s, vm_uuid)
+                self.hosts_changed(host.id)
                 raise
             except VirtfleetError as exc:
                 self._fail(vm_uuid, exc.message, keep_host=False)
                 with self.tx() as s:
                     repo.release(s, vm_uuid, host.id)
+                self.hosts_changed(host.id)
                 raise
             return self.apply_result(vm_uuid, result, status=Lifecycle.ACTIVE)
 
@@ -425,6 +451,7 @@ class ControllerService:
                         details={"reasons": [r.as_dict() for r in check.reasons]},
                     )
             repo.set_allocations(s, vm_uuid, host_id, new_amounts)
+        self.hosts_changed(host_id)
 
     # ------------------------------------------------------------------ VMs: read
 
@@ -581,6 +608,8 @@ class ControllerService:
             if vm.host_id is not None:
                 repo.release(s, vm.uuid, vm.host_id)
             repo.delete_vm(s, vm.uuid)
+        if vm.host_id is not None:
+            self.hosts_changed(vm.host_id)
         return VmActionDone(None, f"deleted {vm.name}" + (" and its disks" if req.delete_disks else ""))
 
     # ------------------------------------------------------------------ reconciliation
@@ -597,6 +626,14 @@ class ControllerService:
                     )
                     changed.append(f"{vm.name}: build timed out")
         return changed
+
+
+def _with_claim(host: repo.HostRecord, amounts: dict[str, int]) -> repo.HostRecord:
+    """``host`` (read under its lock in the claim transaction) with the new claim added."""
+    used = dict(host.used)
+    for resource, amount in amounts.items():
+        used[resource] = used.get(resource, 0) + amount
+    return replace(host, used=used, vm_count=host.vm_count + 1)  # generation: bumped before the read
 
 
 def _ago(when: float | None, now: float) -> str:

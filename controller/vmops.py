@@ -193,6 +193,7 @@ class VmOps:
             with self.service.tx() as s:  # nothing was defined: forget the VM and its claim
                 repo.release(s, spec.uuid, host_id)
                 repo.delete_vm(s, spec.uuid)
+            self.service.hosts_changed(host_id)
             raise
         view = self.service.apply_result(spec.uuid, result, status=Lifecycle.ACTIVE)
         log.info("imported VM %s onto %s", spec.name, host_id)

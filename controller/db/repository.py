@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from common.codec import from_wire, to_wire
 from common.errors import AlreadyExists, Conflict, NotFound
@@ -65,6 +65,8 @@ class HostRecord:
     #: plain data of the last HostNetworkReport / HostTuningReport, or None
     network: Any = None
     tuning: Any = None
+    #: when the row last changed (with ``generation``: what tells an in-memory copy is stale)
+    updated_at: float = 0.0
 
 
 class VmRecord(VmView, frozen=True):
@@ -95,7 +97,12 @@ def _group_settings(group: HostGroup | None) -> dict[str, Any]:
 
 
 def _host_record(
-    row: Host, used: Mapping[str, int], vm_count: int, group: HostGroup | None = None
+    row: Host,
+    used: Mapping[str, int],
+    vm_count: int,
+    group: HostGroup | None = None,
+    *,
+    include_vms: bool = True,
 ) -> HostRecord:
     return HostRecord(
         id=row.id,
@@ -115,7 +122,11 @@ def _host_record(
         disk_free_gib=row.disk_free_gib,
         networks=tuple(json.loads(row.networks)),
         bridges=tuple(json.loads(row.bridges)),
-        reported_vms=tuple(from_wire(VmStatus, v, "reported_vms") for v in json.loads(row.reported_vms)),
+        reported_vms=(
+            tuple(from_wire(VmStatus, v, "reported_vms") for v in json.loads(row.reported_vms))
+            if include_vms
+            else ()
+        ),
         cpu_ratio=row.cpu_ratio,
         ram_ratio=row.ram_ratio,
         disk_ratio=row.disk_ratio,
@@ -133,6 +144,7 @@ def _host_record(
         inventory_overrides=json.loads(row.inventory_overrides),
         network=json.loads(row.network_facts),
         tuning=json.loads(row.tuning_facts),
+        updated_at=row.updated_at,
     )
 
 
@@ -170,34 +182,78 @@ def _vm_record(row: Vm) -> VmRecord:
 # ---------------------------------------------------------------------------- hosts
 
 
-def list_hosts(session: Session, host_ids: Iterable[str] | None = None) -> list[HostRecord]:
-    """Hosts with their allocations; generations are read *before* usage (see claim())."""
+def list_hosts(
+    session: Session, host_ids: Iterable[str] | None = None, *, include_vms: bool = True
+) -> list[HostRecord]:
+    """Hosts with their allocations; generations are read *before* usage (see claim()).
+
+    ``include_vms=False`` leaves ``reported_vms`` empty: decoding every VM a host reported
+    is most of the cost of reading a host, and placement never needs them.
+    """
     query = select(Host).order_by(Host.id)
+    allocations = select(Allocation.host_id, Allocation.resource, func.sum(Allocation.amount)).group_by(
+        Allocation.host_id, Allocation.resource
+    )
+    counts_query = select(Vm.host_id, func.count()).where(Vm.host_id.is_not(None)).group_by(Vm.host_id)
     if host_ids is not None:
-        query = query.where(Host.id.in_(list(host_ids)))
+        wanted = list(host_ids)
+        query = query.where(Host.id.in_(wanted))
+        allocations = allocations.where(Allocation.host_id.in_(wanted))
+        counts_query = counts_query.where(Vm.host_id.in_(wanted))
+    if not include_vms:
+        query = query.options(defer(Host.reported_vms))
     hosts = list(session.scalars(query))
     used: dict[str, dict[str, int]] = {}
-    for host_id, resource, amount in session.execute(
-        select(Allocation.host_id, Allocation.resource, func.sum(Allocation.amount)).group_by(
-            Allocation.host_id, Allocation.resource
-        )
-    ):
+    for host_id, resource, amount in session.execute(allocations):
         used.setdefault(host_id, {})[resource] = int(amount)
-    counts = {
-        host_id: int(n)
-        for host_id, n in session.execute(
-            select(Vm.host_id, func.count()).where(Vm.host_id.is_not(None)).group_by(Vm.host_id)
-        )
-    }
-    groups = {g.name: g for g in session.scalars(select(HostGroup))}
+    counts = {host_id: int(n) for host_id, n in session.execute(counts_query)}
+    group_names = {h.group_name for h in hosts if h.group_name}
+    groups = (
+        {g.name: g for g in session.scalars(select(HostGroup).where(HostGroup.name.in_(group_names)))}
+        if group_names
+        else {}
+    )
     return [
-        _host_record(h, used.get(h.id, {}), int(counts.get(h.id, 0)), groups.get(h.group_name or ""))
+        _host_record(
+            h,
+            used.get(h.id, {}),
+            int(counts.get(h.id, 0)),
+            groups.get(h.group_name or ""),
+            include_vms=include_vms,
+        )
         for h in hosts
     ]
 
 
-def get_host(session: Session, host_id: str) -> HostRecord:
-    records = list_hosts(session, [host_id])
+@dataclass(frozen=True, slots=True)
+class HostMarker:
+    """What tells a host's in-memory copy is stale: its generation and row update time."""
+
+    generation: int
+    updated_at: float
+    last_heartbeat: float | None
+
+
+def host_markers(session: Session) -> dict[str, HostMarker]:
+    """Every host's change markers (a cheap read: no text columns, no allocations)."""
+    return {
+        host_id: HostMarker(int(generation), float(updated_at), beat)
+        for host_id, generation, updated_at, beat in session.execute(
+            select(Host.id, Host.generation, Host.updated_at, Host.last_heartbeat)
+        )
+    }
+
+
+def host_groups_fingerprint(session: Session) -> tuple[object, ...]:
+    """All host groups' settings as one comparable value (a change reaches every member)."""
+    return tuple(
+        (g.name, *(getattr(g, k) for k in GROUP_SETTINGS))
+        for g in session.scalars(select(HostGroup).order_by(HostGroup.name))
+    )
+
+
+def get_host(session: Session, host_id: str, *, include_vms: bool = True) -> HostRecord:
+    records = list_hosts(session, [host_id], include_vms=include_vms)
     if not records:
         raise NotFound(f"host {host_id!r} is not known (has its agent ever reported?)")
     return records[0]
@@ -282,6 +338,18 @@ def record_heartbeat(session: Session, beat: Heartbeat, now: float) -> bool:
     return bool(getattr(result, "rowcount", 0))
 
 
+def record_heartbeats(session: Session, beats: Mapping[str, float]) -> None:
+    """Write many hosts' last heartbeat in one batched UPDATE (never moving one back in time)."""
+    hosts = cast(Table, Host.__table__)
+    session.execute(
+        update(hosts)
+        .where(hosts.c.id == bindparam("b_id"))
+        .where(hosts.c.last_heartbeat.is_(None) | (hosts.c.last_heartbeat < bindparam("b_beat")))
+        .values(last_heartbeat=bindparam("b_beat")),
+        [{"b_id": host_id, "b_beat": when} for host_id, when in beats.items()],
+    )
+
+
 def set_host_fields(session: Session, host_id: str, values: Mapping[str, Any], now: float) -> None:
     row = session.get(Host, host_id)
     if row is None:
@@ -330,6 +398,10 @@ def update_vm(session: Session, uuid: str, now: float, **values: Any) -> None:
 
 
 def delete_vm(session: Session, uuid: str) -> None:
+    """Forget a VM and its allocations; its host's generation moves (its usage changed)."""
+    host_id = session.scalars(select(Vm.host_id).where(Vm.uuid == uuid)).first()
+    if host_id is not None:
+        session.execute(update(Host).where(Host.id == host_id).values(generation=Host.generation + 1))
     session.execute(delete(Allocation).where(Allocation.vm_uuid == uuid))
     session.execute(delete(Vm).where(Vm.uuid == uuid))
 

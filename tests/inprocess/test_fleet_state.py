@@ -1,0 +1,179 @@
+"""The controller's in-memory fleet (controller.fleet_state) against a real database.
+
+Services here share one database file, as several controller processes share one database:
+what one writes, the other learns by its sync; a new one (a restart) rebuilds from the database.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from builders import host_report
+from inproc import database_is_postgres
+from sqlalchemy import Engine, event
+
+from common.errors import RequestTimeout
+from common.messages import api
+from common.messages.descriptor import Command
+from common.messages.host import Heartbeat
+from common.messages.vm import KernelBoot
+from controller.config import ControllerConfig
+from controller.db import repository as repo
+from controller.db.engine import make_engine, migrate
+from controller.service import ControllerService
+
+B = TypeVar("B")
+R = TypeVar("R")
+
+
+class _SilentAgents:
+    """Agents that never answer: a build times out and keeps its claim (what the tests count)."""
+
+    def call(self, host_id: str, op: Command[B, R], body: B) -> R:
+        raise RequestTimeout(f"{op.kind} to {host_id}: no answer (test double)")
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    if database_is_postgres():
+        pytest.skip("two services on one throw-away SQLite file; the claim races run on PostgreSQL elsewhere")
+    eng = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
+    migrate(eng)
+    yield eng
+    eng.dispose()
+
+
+def _service(engine: Engine, **config: Any) -> ControllerService:
+    return ControllerService(
+        engine, ControllerConfig(database_url=str(engine.url), **config), _SilentAgents()
+    )
+
+
+def _seed(service: ControllerService, *hosts: str, memory_mib: int = 16384) -> None:
+    now = time.time()
+    for host in hosts:
+        service.record_report(
+            host_report(host, memory_mib=memory_mib, memory_free_mib=memory_mib, reported_at=now)
+        )
+
+
+def _create(service: ControllerService, name: str, *, memory_mib: int = 1024, dry_run: bool = False) -> str:
+    """Place and claim ``name``; the silent agents leave the claim in place. The chosen host."""
+    request = api.VmCreate(
+        name=name, vcpus=1, memory_mib=memory_mib, dry_run=dry_run, kernel_boot=KernelBoot("/boot/vmlinuz")
+    )
+    if dry_run:
+        placement = service.create_vm(request).placement
+        assert placement.host is not None
+        return placement.host
+    with pytest.raises(RequestTimeout):
+        service.create_vm(request)
+    vm = service.show_vm(name)
+    assert vm.host is not None
+    return vm.host
+
+
+def test_a_restarted_controller_decides_as_the_old_one_would(engine: Engine) -> None:
+    first = _service(engine)
+    _seed(first, "h1", "h2", "h3")
+    for n in range(5):
+        _create(first, f"vm{n}", memory_mib=1024 * (n + 1))
+    before = [_create(first, f"probe{n}", memory_mib=512 * n + 256, dry_run=True) for n in range(6)]
+    first.close()
+
+    restarted = _service(engine)
+    after = [_create(restarted, f"probe{n}", memory_mib=512 * n + 256, dry_run=True) for n in range(6)]
+    assert after == before
+    assert {r.id: dict(r.used) for r in restarted.fleet.records()} == {
+        r.id: dict(r.used) for r in first.fleet.records()
+    }
+    restarted.close()
+
+
+def test_another_controllers_claims_are_seen_after_a_sync(engine: Engine) -> None:
+    mine, theirs = _service(engine), _service(engine)
+    _seed(mine, "h1")
+    theirs.fleet.sync(time.time())
+    assert [r.id for r in theirs.fleet.records()] == ["h1"]  # a host another controller took a report of
+
+    _create(mine, "big", memory_mib=8192)
+    assert theirs.fleet.records()[0].used == {}  # not yet synced
+    assert theirs.fleet.sync(time.time()) == 1
+    assert theirs.fleet.records()[0].used == mine.fleet.records()[0].used
+    assert dict(mine.fleet.records()[0].used)["MEMORY_MIB"] == 8192
+    assert theirs.fleet.sync(time.time()) == 0  # nothing changed since: nothing re-read
+    mine.close()
+    theirs.close()
+
+
+def test_a_stale_view_never_overfills_a_host(engine: Engine) -> None:
+    """Another controller filled the host since our last sync: the claim re-checks it under its
+    lock, finds no room, and the create is refused with the true reason."""
+    mine, theirs = _service(engine), _service(engine)
+    _seed(mine, "h1", memory_mib=4096)  # 3584 MiB placeable after the 512 MiB reserved
+    theirs.fleet.sync(time.time())
+    _create(theirs, "first", memory_mib=3000)
+    with pytest.raises(Exception) as refused:
+        _create(mine, "second", memory_mib=3000)
+    assert "memory" in str(refused.value).lower()
+    with mine.tx() as s:
+        assert repo.host_usage(s, "h1")["MEMORY_MIB"] == 3000
+    mine.close()
+    theirs.close()
+
+
+def test_heartbeats_wait_in_memory_and_are_written_in_one_batch(engine: Engine) -> None:
+    service = _service(engine)
+    _seed(service, "h1", "h2")
+    with service.tx() as s:
+        written = {h: m.last_heartbeat for h, m in repo.host_markers(s).items()}
+
+    later = time.time() + 5
+    service.clock = lambda: later
+    for host in ("h1", "h2", "unknown"):
+        service.record_heartbeat(Heartbeat(host_id=host, seq=1, started_at=0.0, sent_at=later))
+    assert service.fleet.record("h1") is not None
+    assert service.fleet.record("h1").last_heartbeat == later  # type: ignore[union-attr]
+    with service.tx() as s:
+        assert {h: m.last_heartbeat for h, m in repo.host_markers(s).items()} == written
+
+    statements = _count_statements(engine, service.fleet.flush_heartbeats)
+    assert len([s for s in statements if s.startswith("UPDATE")]) == 1
+    with service.tx() as s:
+        assert {h: m.last_heartbeat for h, m in repo.host_markers(s).items()} == {"h1": later, "h2": later}
+    assert service.fleet.flush_heartbeats() == 0
+
+    # An older beat (a delayed message) never moves a host back in time.
+    with service.tx() as s:
+        repo.record_heartbeats(s, {"h1": later - 100})
+        assert repo.host_markers(s)["h1"].last_heartbeat == later
+    service.close()
+
+
+def test_a_create_reads_one_host_not_the_fleet(engine: Engine) -> None:
+    service = _service(engine)
+    _seed(service, *(f"h{n:02d}" for n in range(20)))
+    statements = _count_statements(engine, lambda: _create(service, "one"))
+    host_reads = [s for s in statements if s.startswith("SELECT") and "FROM hosts" in s]
+    assert host_reads, statements  # the claim re-reads its host under the lock
+    assert all("WHERE hosts.id IN" in s for s in host_reads), host_reads
+    assert not any("reported_vms" in s for s in statements)
+    service.close()
+
+
+def _count_statements(engine: Engine, action: Any) -> list[str]:
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        action()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    return seen
