@@ -54,6 +54,7 @@ from common.messages.vm import (
     VmRef,
     VmRefRequest,
     VmResult,
+    VmSpec,
     VmView,
 )
 from controller import fleet, tuning_inventory
@@ -85,6 +86,8 @@ RESCHEDULABLE = (HypervisorError, StorageError, Unsupported, TransportError)
 class _Claimed:
     placement: Placement
     host: repo.HostRecord
+    #: the definition for that host, stored with the claim
+    spec: VmSpec
 
 
 class ControllerService:
@@ -270,23 +273,36 @@ class ControllerService:
                     **{str(k): v for k, v in request.resources.items()},
                     **tuning_inventory.pcpu_allocations(recheck.pcpus),
                 }
+                # The definition is part of the claim: one transaction places, claims and
+                # records what will be built (the spec needs the host as locked and its pCPUs).
+                spec = self._spec(req, vm_uuid, fresh, recheck.pcpus)
                 repo.insert_claim(
                     s,
-                    vm=self._vm_row(req, vm_uuid, result.host_id, now, recheck.pcpus),
+                    vm=self._vm_row(req, vm_uuid, result.host_id, now, recheck.pcpus, spec),
                     host_id=result.host_id,
                     amounts=amounts,
                 )
             # The host as this transaction left it: no need to read it back.
             self.fleet.upsert(_with_claim(fresh, amounts), now)
             # The pCPUs picked on the fresh host state under its lock, not the snapshot's.
-            return _Claimed(replace(result, pcpus=recheck.pcpus), fresh)
+            return _Claimed(replace(result, pcpus=recheck.pcpus), fresh, spec)
         raise Conflict(
             f"could not claim a host for {req.name} after {self.config.claim_retries} attempts (heavy contention)",
             retryable=True,
         )
 
+    def _spec(self, req: api.VmCreate, vm_uuid: str, host: repo.HostRecord, pcpus: tuple[int, ...]) -> VmSpec:
+        emulator = tuning_inventory.emulator_cpuset(host, dedicated=req.cpu_policy == "dedicated")
+        return build_spec(req, vm_uuid, host, pcpus=pcpus, emulator_cpuset=emulator)
+
     def _vm_row(
-        self, req: api.VmCreate, vm_uuid: str, host_id: str, now: float, pcpus: tuple[int, ...] = ()
+        self,
+        req: api.VmCreate,
+        vm_uuid: str,
+        host_id: str,
+        now: float,
+        pcpus: tuple[int, ...],
+        spec: VmSpec,
     ) -> dict[str, object]:
         return {
             "uuid": vm_uuid,
@@ -301,7 +317,7 @@ class ControllerService:
             "memory_mib": req.memory_mib,
             "max_memory_mib": req.memory_mib,
             "disk_gib": req.disk_gib,
-            "spec": None,
+            "spec": spec,
             "idempotency_key": req.idempotency_key,
             "cpu_policy": req.cpu_policy,
             "server_group": req.server_group,
@@ -326,11 +342,7 @@ class ControllerService:
         while True:
             host = claimed.host
             tried.append(host.id)
-            pcpus = claimed.placement.pcpus
-            emulator = tuning_inventory.emulator_cpuset(host, dedicated=req.cpu_policy == "dedicated")
-            spec = build_spec(req, vm_uuid, host, pcpus=pcpus, emulator_cpuset=emulator)
-            with self.tx() as s:
-                repo.update_vm(s, vm_uuid, self.clock(), spec=spec, host_id=host.id, pcpus=pcpus)
+            spec = claimed.spec
             try:
                 result = self.agents.call(
                     host.id,

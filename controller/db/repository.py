@@ -433,9 +433,11 @@ def insert_claim(
         if session.scalars(select(Vm.uuid).where(Vm.name == vm["name"])).first() is not None:
             raise AlreadyExists(f"a VM named {vm['name']!r} already exists in the fleet")
         session.add(Vm(**vm))
-    else:
+    else:  # a reschedule: the VM moves, with the definition and pCPUs made for its new host
         existing.host_id = host_id
         existing.status = Lifecycle(vm["status"])
+        existing.spec = vm["spec"]
+        existing.pcpus = vm["pcpus"]
     try:
         # The VM row first: allocations reference it (no ORM relationship orders the inserts).
         session.flush()
