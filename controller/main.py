@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from common.errors import VirtfleetError
 from common.transport.factory import open_transport
 from common.transport.port import Transport
-from common.transport.topology import API_QUEUE, HEARTBEATS_QUEUE, REPORTS_QUEUE
+from common.transport.topology import API_QUEUE, API_READ_QUEUE, HEARTBEATS_QUEUE, REPORTS_QUEUE
 from controller.agent_api import AgentClient, configured_cap
 from controller.config import ControllerConfig, load_config
 from controller.db.engine import make_engine, migrate
@@ -67,6 +67,14 @@ class Controller:
             prefetch=config.workers,
             workers=config.workers,
         )
+        # Reads on their own lane and workers: they never queue behind creates waiting on agents.
+        self.reads = self.transport.consumer(
+            API_READ_QUEUE,
+            api_dispatcher(self.service, self.name),
+            name=f"{self.name}-api-read",
+            prefetch=8,
+            workers=4,
+        )
         self.reports = self.transport.consumer(
             REPORTS_QUEUE, reports, name=f"{self.name}-reports", prefetch=16, workers=2
         )
@@ -81,11 +89,12 @@ class Controller:
         self.heartbeats.start()
         self.reports.start()
         self.api.start()
+        self.reads.start()
         self._reconciler.start()
         self._fleet_sync.start()
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
-        return all(s.ready.wait(timeout) for s in (self.api, self.reports, self.heartbeats))
+        return all(s.ready.wait(timeout) for s in (self.api, self.reads, self.reports, self.heartbeats))
 
     def _reconcile_loop(self) -> None:
         while not self._stop.wait(self.config.reconcile_interval_s):
@@ -110,6 +119,7 @@ class Controller:
     def stop(self) -> None:
         self._stop.set()
         self.api.stop()
+        self.reads.stop()
         self.reports.stop()
         self.heartbeats.stop()
         self._fleet_sync.join(timeout=10)

@@ -80,11 +80,13 @@ class InProcessFleet(CliFleet):
     # ------------------------------------------------------------------ processes
     def start_controller(self, **overrides: Any) -> Controller:
         config = ControllerConfig(
-            amqp_url=BROKER_URL,
-            database_url=self.database_url,
-            down_after_s=self.down_after_s,
-            workers=8,
-            **overrides,
+            **{
+                "amqp_url": BROKER_URL,
+                "database_url": self.database_url,
+                "down_after_s": self.down_after_s,
+                "workers": 8,
+                **overrides,
+            }
         )
         self.controller = Controller(config, name="controller", memory=self.broker)
         self.controller.start()

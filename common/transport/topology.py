@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from common.messages.descriptor import Role
+
 
 class ExchangeType(StrEnum):
     DIRECT = "direct"
@@ -116,6 +118,17 @@ API_QUEUE = Queue(
     arguments=_DEAD_LETTERED,
     doc="client -> controller API calls (on the default exchange); controllers compete for them",
 )
+API_READ_QUEUE = Queue(
+    "virtfleet.api.read",
+    arguments=_DEAD_LETTERED,
+    doc="client -> controller read-only API calls (role reader): their own lane and workers, so a"
+    " `host list` or `vm show` never waits behind a burst of creates",
+)
+
+
+def api_queue(role: Role) -> Queue:
+    """Where a client sends a call of ``role``: reads have a lane of their own."""
+    return API_READ_QUEUE if role is Role.READER else API_QUEUE
 
 
 def _reports_queue(name: str, routing_pattern: str, doc: str) -> Queue:
@@ -162,7 +175,13 @@ def report_routing_key(kind: str, host_id: str) -> str:
 
 
 #: Every shared queue (agent queues follow :func:`agent_queue`), for docs and tests.
-SHARED_QUEUES: tuple[Queue, ...] = (API_QUEUE, REPORTS_QUEUE, HEARTBEATS_QUEUE, DEAD_LETTER_QUEUE)
+SHARED_QUEUES: tuple[Queue, ...] = (
+    API_QUEUE,
+    API_READ_QUEUE,
+    REPORTS_QUEUE,
+    HEARTBEATS_QUEUE,
+    DEAD_LETTER_QUEUE,
+)
 EXCHANGES: tuple[Exchange, ...] = (COMMANDS_EXCHANGE, REPORTS_EXCHANGE, DEAD_LETTER_EXCHANGE)
 
 

@@ -9,7 +9,7 @@ from common.messages.catalogue import timeout_of
 from common.messages.descriptor import ApiCall
 from common.transport.port import Transport
 from common.transport.rpc import request, unwrap
-from common.transport.topology import API_QUEUE, DEFAULT_EXCHANGE
+from common.transport.topology import API_QUEUE, DEFAULT_EXCHANGE, api_queue
 
 B = TypeVar("B")
 R = TypeVar("R")
@@ -49,7 +49,7 @@ class ApiClient:
         env = request(op, body, self._sender, timeout=timeout)
         reply = self._transport.call(
             DEFAULT_EXCHANGE,
-            API_QUEUE.name,
+            api_queue(op.role).name,
             env,
             timeout,
             persistent=False,

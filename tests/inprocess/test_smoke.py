@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from inproc import HostShape, InProcessFleet, inprocess_fleet
+from vfsupport import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +41,25 @@ def test_a_host_id_with_dots_reports_and_takes_vms(tmp_path: Path) -> None:
     with inprocess_fleet(tmp_path, {"node1.example.com": HostShape("small")}) as f:
         created = f.cli_ok("vm", "create", "web1", "--memory", "256", "--disk", "1")
         assert created["vm"]["host"] == "node1.example.com"
+
+
+def test_reads_are_answered_while_every_api_worker_waits_on_an_agent(tmp_path: Path) -> None:
+    # Two workers, both taken by creates whose agent is stopped (its host still counts as up):
+    # `host list` and `vm show` go on their own lane and answer at once.
+    with inprocess_fleet(tmp_path, {"small": HostShape("small")}, workers=2) as f:
+        f.stop_agent("small")
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            creates = [
+                pool.submit(f.cli, "vm", "create", f"slow{n}", "--memory", "64", "--disk", "1", timeout=60)
+                for n in range(2)
+            ]
+            wait_until(
+                lambda: len(f.cli("vm", "list", "--all", timeout=10).json["vms"]) == 2, 10, "both claims"
+            )
+            assert not any(c.done() for c in creates)
+            hosts = f.cli("host", "list", timeout=5)
+            assert hosts.code == 0, hosts.stderr
+            shown = f.cli("vm", "show", "slow0", timeout=5)
+            assert shown.code == 0 and shown.json["status"] == "building", shown.stderr
+            f.start_agent("small")
+            assert [c.result().code for c in creates] == [0, 0]
