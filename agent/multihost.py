@@ -29,6 +29,8 @@ PREFETCH = 4
 #: Commands handled at once by the whole process: simulated hosts are cheap to drive, and more
 #: threads would only cost memory on a machine whose CPUs are the limit.
 WORKERS = 16
+#: Seconds start() waits for the consumer before the first reports go out.
+READY_WAIT = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,10 @@ class MultiHostAgent:
 
     def start(self) -> None:
         self.server.start()
+        # Heartbeats only go out while the consumer is healthy: start the schedule once all the
+        # queues are consumed (declaring a thousand takes seconds), or anyway after a while.
+        if not self.server.ready.wait(READY_WAIT):
+            log.warning("agent %s: queues not consumed after %.0fs; reporting anyway", self.name, READY_WAIT)
         self.scheduler.start()
         log.info(
             "agent %s started: %d hosts, broker consumer %s", self.name, len(self.runtimes), self.server.name
