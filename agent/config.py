@@ -22,6 +22,13 @@ against the host's online CPUs when the agent starts (:mod:`agent.tuning.cpusets
 
 Environment: ``VIRTFLEET_AMQP_URL``, ``VIRTFLEET_AGENT_HOST_ID``, ``VIRTFLEET_LIBVIRT_URI``.
 :func:`resolve` is pure (unit-tested); :func:`load` adds argv parsing and file reading.
+
+One process may serve several hosts (:class:`MultiHostConfig`, :func:`resolve_hosts`):
+``--simulate N --node-template FILE`` adds N libvirt test-driver hosts named
+``<host prefix><number>`` (each opens the template on its own, so each has private state), and
+``--host ID=URI`` (repeatable) adds one host each. Every other setting applies to all of them;
+``--state-dir`` is then the root under which each host gets ``<root>/<host id>``, and the
+single-host ``host_id``/``libvirt_uri`` (flags refused, environment and file ignored) do not apply.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import argparse
 import logging
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +51,7 @@ DEFAULT_HEARTBEAT_INTERVAL = 5.0
 DEFAULT_STORAGE_POOL = "default"
 DEFAULT_IMAGES_DIR = Path("/var/lib/virtfleet/images")
 DEFAULT_STATE_ROOT = Path("/var/lib/virtfleet/agent")
+DEFAULT_HOST_PREFIX = "sim-"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 #: environment variable -> config key
@@ -186,6 +194,74 @@ def resolve(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str,
     )
 
 
+@dataclass(frozen=True, slots=True)
+class MultiHostConfig:
+    """Several hosts served by one process: one :class:`AgentConfig` each, alike but for the host
+    id, the libvirt URI and the state directory."""
+
+    hosts: tuple[AgentConfig, ...]
+
+    @property
+    def log_level(self) -> str:
+        return self.hosts[0].log_level
+
+    @property
+    def amqp_url(self) -> str:
+        return self.hosts[0].amqp_url
+
+
+def simulated_hosts(count: int, template: Path, prefix: str = DEFAULT_HOST_PREFIX) -> list[tuple[str, str]]:
+    """``count`` (host id, test:/// URI) pairs on one node template: ``sim-0001``... (zero-padded
+    to the width of ``count``, so that they sort in order)."""
+    if count < 1:
+        raise InvalidRequest(f"--simulate: expected at least 1 host, got {count}")
+    if not template.is_file():
+        raise InvalidRequest(f"--node-template: no such file {template}")
+    uri = f"test://{template.resolve()}"
+    width = len(str(count))
+    return [(f"{prefix}{n:0{width}d}", uri) for n in range(1, count + 1)]
+
+
+def parse_host(text: str) -> tuple[str, str]:
+    """``ID=URI`` of ``--host``."""
+    host, sep, uri = text.partition("=")
+    if not sep or not host or not uri:
+        raise InvalidRequest(f"--host: expected ID=URI (e.g. hv1=test:///path/node.xml), got {text!r}")
+    return host, uri
+
+
+def resolve_hosts(
+    file: Mapping[str, Any],
+    env: Mapping[str, str],
+    flags: Mapping[str, Any],
+    hosts: Sequence[tuple[str, str]],
+) -> MultiHostConfig:
+    """:func:`resolve` for every (host id, libvirt URI) of ``hosts``; ``state_dir`` is their root."""
+    if not hosts:
+        raise InvalidRequest("no host to serve")
+    for key in ("host_id", "libvirt_uri"):
+        if flags.get(key) is not None:
+            raise InvalidRequest(
+                f"--{key.replace('_', '-')} is for a single-host agent; with --simulate or --host "
+                "each host has its own"
+            )
+    ids = [check_host_id(host) for host, _uri in hosts]
+    duplicates = sorted({h for h in ids if ids.count(h) > 1})
+    if duplicates:
+        raise InvalidRequest(f"host id(s) given twice: {', '.join(duplicates)}")
+    single = {k: v for k, v in file.items() if k not in ("host_id", "libvirt_uri")}
+    quiet_env = {k: v for k, v in env.items() if ENVIRONMENT.get(k) not in ("host_id", "libvirt_uri")}
+    root = flags.get("state_dir") or single.get("state_dir") or DEFAULT_STATE_ROOT
+    first_id, first_uri = hosts[0]
+    base = resolve(single, quiet_env, {**flags, "host_id": first_id, "libvirt_uri": first_uri})
+    return MultiHostConfig(
+        tuple(
+            replace(base, host_id=host, libvirt_uri=_str("libvirt_uri", uri), state_dir=Path(root) / host)
+            for host, (_given, uri) in zip(ids, hosts, strict=True)
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="virtfleet-agent",
@@ -220,6 +296,28 @@ def build_parser() -> argparse.ArgumentParser:
         ("reserved", "CPUs left to the host (default none)"),
     ):
         parser.add_argument(f"--{name}-cpus", dest=f"{name}_cpus", metavar="CPUS", help=what)
+    multi = parser.add_argument_group(
+        "several hosts in one process",
+        "each host has its own queue, journal (<state dir>/<host id>), reports and libvirt connection",
+    )
+    multi.add_argument(
+        "--simulate", type=int, metavar="N", help="serve N simulated hosts on --node-template's test driver"
+    )
+    multi.add_argument(
+        "--node-template", type=Path, metavar="FILE", help="libvirt test-driver node XML of --simulate"
+    )
+    multi.add_argument(
+        "--host-prefix",
+        default=DEFAULT_HOST_PREFIX,
+        help=f"host id prefix of --simulate ({DEFAULT_HOST_PREFIX}0001 ...)",
+    )
+    multi.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        metavar="ID=URI",
+        help="serve this host too (repeatable), e.g. hv1=test:///path/node.xml",
+    )
     return parser
 
 
@@ -235,12 +333,33 @@ def read_file(path: Path) -> dict[str, Any]:
 
 
 def load(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConfig:
-    """Parse ``argv`` (argparse exits on --help or a bad flag), read the file, merge with ``env``."""
-    args = build_parser().parse_args(argv)
-    flags = vars(args)
+    """Parse ``argv`` (argparse exits on --help or a bad flag), read the file, merge with ``env``:
+    a single-host agent (InvalidRequest when ``argv`` asks for several hosts)."""
+    cfg = load_any(argv, env)
+    if isinstance(cfg, MultiHostConfig):
+        raise InvalidRequest("--simulate and --host serve several hosts; this needs one (--host-id)")
+    return cfg
+
+
+def load_any(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConfig | MultiHostConfig:
+    """:func:`load`, or a :class:`MultiHostConfig` when ``argv`` has ``--simulate`` or ``--host``."""
+    flags = vars(build_parser().parse_args(argv))
     config_path: Path | None = flags.pop("config")
+    count: int | None = flags.pop("simulate")
+    template: Path | None = flags.pop("node_template")
+    prefix: str = flags.pop("host_prefix")
+    given: list[str] | None = flags.pop("hosts")
     file = read_file(config_path) if config_path is not None else {}
-    return resolve(file, env, flags)
+    if count is None and not given:
+        if template is not None:
+            raise InvalidRequest("--node-template goes with --simulate N")
+        return resolve(file, env, flags)
+    hosts = [parse_host(text) for text in given or ()]
+    if count is not None:
+        if template is None:
+            raise InvalidRequest("--simulate needs --node-template (a libvirt test-driver node XML file)")
+        hosts += simulated_hosts(count, template, prefix)
+    return resolve_hosts(file, env, flags, hosts)
 
 
 def log_level_number(name: str) -> int:

@@ -21,7 +21,8 @@ from pathlib import Path
 from agent.config import AgentConfig
 from agent.drivers.fake import FakeHypervisor, FakeImages
 from agent.handlers import AgentHandlers
-from agent.main import Agent, AgentModule
+from agent.host_runtime import AgentModule
+from agent.main import Agent
 from agent.network.fake import FakeLinkDriver, FakeNetworks, FakeProbe
 from agent.network.module import NetworkModule, NetworkSettings
 from agent.tuning import cpusets

@@ -1,5 +1,9 @@
 """``virtfleet-agent``: wiring only (config, libvirt, journal, consumer, reporter, signals).
 
+With ``--simulate N`` or ``--host ID=URI`` one process serves several hosts, each with its own
+libvirt connection, through :class:`agent.multihost.MultiHostAgent`; otherwise :class:`Agent`
+serves the one host of ``--host-id``, as described below.
+
 One libvirt connection is opened and shared by every thread (see
 :mod:`agent.drivers.libvirt_driver`). Commands arrive on ``virtfleet.agent.<host>`` through a
 :class:`~common.transport.amqp.ConsumerServer`; a :class:`~common.transport.rpc.Dispatcher`
@@ -10,7 +14,6 @@ consuming, let in-flight commands finish and be acknowledged, send a last report
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import os
 import signal
@@ -18,39 +21,27 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 import libvirt
 
 from agent import config as config_mod
-from agent.config import AgentConfig
+from agent.config import AgentConfig, MultiHostConfig
 from agent.drivers import host_facts
 from agent.drivers.libvirt_driver import LibvirtHypervisor, open_connection
-from agent.handlers import AgentHandlers
-from agent.journal import SqliteJournal
+from agent.host_runtime import AgentModule, HostRuntime
+from agent.multihost import HostParts, MultiHostAgent
 from agent.network.module import build_network_module
 from agent.ports import Hypervisor, Images
-from agent.reporter import Reporter, TransportReportSink
 from agent.tuning.module import TuningModule
 from common.errors import VirtfleetError
-from common.messages.descriptor import Side
-from common.messages.host import HostReport
 from common.transport.factory import open_transport
 from common.transport.port import Transport
-from common.transport.rpc import Dispatcher, HandlerTable
-from common.transport.topology import agent_queue
 
 log = logging.getLogger("agent")
 
 #: Commands handled at once (also the prefetch): bounds concurrent libvirt work on one host.
 CONCURRENCY = 4
-
-
-def agent_version() -> str:
-    try:
-        return importlib.metadata.version("virtfleet")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0"
 
 
 def build_hypervisor(cfg: AgentConfig, conn: Any) -> LibvirtHypervisor:
@@ -69,22 +60,14 @@ def build_hypervisor(cfg: AgentConfig, conn: Any) -> LibvirtHypervisor:
     return hv
 
 
-class AgentModule(Protocol):
-    """A feature area of the agent beyond VM lifecycle (host networking, tuning): its command
-    handlers and the facts it adds to every host report."""
-
-    def register(self, table: HandlerTable, request_report: Callable[[], int]) -> None: ...
-
-    def enrich_report(self, report: HostReport) -> HostReport: ...
-
-
 def build_modules(cfg: AgentConfig, conn: Any) -> list[AgentModule]:
     """The agent modules for this host. Feature areas register here (one line each)."""
     return [TuningModule.for_host(cfg, conn), build_network_module(cfg, conn)]
 
 
 class Agent:
-    """The running agent: consumer + dispatcher + journal + reporter around one hypervisor.
+    """The running agent of one host: its :class:`~agent.host_runtime.HostRuntime` (dispatcher,
+    journal, reporter around the hypervisor) with a consumer and a reporting thread of its own.
 
     ``transport``: the fleet's broker (opened from ``cfg.amqp_url`` when not given); ``images``:
     the qemu-img port (QemuImg when not given).
@@ -101,30 +84,18 @@ class Agent:
     ) -> None:
         self.cfg = cfg
         host = cfg.host_id
-        sender = f"agent:{host}"
         self.transport = transport or open_transport(cfg.amqp_url, name=f"agent-{host}")
-        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.journal = SqliteJournal(cfg.state_dir / "journal.db")
-        self.reporter = Reporter(
-            host,
-            cfg.libvirt_uri,
-            hypervisor,
-            TransportReportSink(self.transport, host, sender),
-            report_interval=cfg.report_interval,
-            heartbeat_interval=cfg.heartbeat_interval,
-            agent_version=agent_version(),
-            alive=self._consumer_healthy,
-            enrichers=[m.enrich_report for m in modules],
+        self.runtime = HostRuntime(
+            cfg, hypervisor, self.transport, alive=self._consumer_healthy, modules=modules, images=images
         )
-        self.handlers = AgentHandlers(hypervisor, self.reporter.request_report, images)
-        table = HandlerTable(Side.AGENT)
-        self.handlers.register(table)
-        for module in modules:
-            module.register(table, self.reporter.request_report)
-        self.dispatcher = Dispatcher(sender, table, journal=self.journal)
+        self.journal = self.runtime.journal
+        self.reporter = self.runtime.reporter
+        self.handlers = self.runtime.handlers
+        self.dispatcher = self.runtime.dispatcher
+        route = self.runtime.route()
         self.server = self.transport.consumer(
-            agent_queue(host),
-            self.dispatcher,
+            route.queue,
+            route.handler,
             name=f"agent-{host}",
             prefetch=CONCURRENCY,
             workers=CONCURRENCY,
@@ -148,7 +119,7 @@ class Agent:
         log.info("agent %s stopping", self.cfg.host_id)
         self.server.stop(timeout)
         self.reporter.stop(final_report=True, timeout=timeout)
-        self.journal.close()
+        self.runtime.close()
         self.transport.close()
         log.info("agent %s stopped", self.cfg.host_id)
 
@@ -166,9 +137,71 @@ def _quiet_libvirt(_ctx: object, _err: object) -> None:
     """libvirt prints every error to stderr by default; ours are translated and logged instead."""
 
 
+def _serve(run: Callable[[], Callable[[], None]], stop: threading.Event, received: list[int]) -> None:
+    """``run()`` starts the agent and returns how to stop it; stop it on the first signal."""
+    halt = run()
+    while not stop.wait(1.0):
+        pass
+    log.info("received %s", ", ".join(signal.Signals(n).name for n in received))
+    halt()
+
+
+def _run_one(cfg: AgentConfig, stop: threading.Event, received: list[int]) -> int:
+    try:
+        conn = open_connection(cfg.libvirt_uri)
+    except VirtfleetError as exc:
+        log.error("cannot start: %s", exc.message)
+        return 1
+    try:
+        try:
+            agent = Agent(cfg, build_hypervisor(cfg, conn), modules=build_modules(cfg, conn))
+        except VirtfleetError as exc:
+            log.error("cannot start: %s", exc.message)
+            return 1
+
+        def run() -> Callable[[], None]:
+            agent.start()
+            return agent.stop
+
+        _serve(run, stop, received)
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+    return 0
+
+
+def _run_many(multi: MultiHostConfig, stop: threading.Event, received: list[int]) -> int:
+    """Every host's own libvirt connection, driver and modules, served by one MultiHostAgent."""
+    conns: list[Any] = []
+    try:
+        hosts: list[HostParts] = []
+        try:
+            for cfg in multi.hosts:
+                conn = open_connection(cfg.libvirt_uri)
+                conns.append(conn)
+                hosts.append(HostParts(cfg, build_hypervisor(cfg, conn), build_modules(cfg, conn)))
+                if stop.is_set():
+                    return 0
+            agent = MultiHostAgent(hosts)
+        except VirtfleetError as exc:
+            log.error("cannot start host %s: %s", multi.hosts[len(hosts)].host_id, exc.message)
+            return 1
+
+        def run() -> Callable[[], None]:
+            agent.start()
+            return agent.stop
+
+        _serve(run, stop, received)
+    finally:
+        for conn in conns:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        cfg = config_mod.load(argv, os.environ)
+        cfg = config_mod.load_any(argv, os.environ)
     except VirtfleetError as exc:
         print(f"virtfleet-agent: error: {exc.message}", file=sys.stderr)
         return 2
@@ -186,26 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    try:
-        conn = open_connection(cfg.libvirt_uri)
-    except VirtfleetError as exc:
-        log.error("cannot start: %s", exc.message)
-        return 1
-    try:
-        try:
-            agent = Agent(cfg, build_hypervisor(cfg, conn), modules=build_modules(cfg, conn))
-        except VirtfleetError as exc:
-            log.error("cannot start: %s", exc.message)
-            return 1
-        agent.start()
-        while not stop.wait(1.0):
-            pass
-        log.info("received %s", ", ".join(signal.Signals(n).name for n in received))
-        agent.stop()
-    finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.close()
-    return 0
+    if isinstance(cfg, MultiHostConfig):
+        return _run_many(cfg, stop, received)
+    return _run_one(cfg, stop, received)
 
 
 if __name__ == "__main__":

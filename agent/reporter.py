@@ -7,6 +7,10 @@ consumer is healthy) and a full ``host.report`` on start, every report interval,
 :meth:`Reporter.request_report` is called (after every state-changing command and for
 ``host.report_now``) and once more on stop. A failure is logged and retried later; it never
 ends the thread.
+
+:meth:`Reporter.step` is one pass of that loop (send what is due, say when the next thing is
+due), so that :class:`agent.report_scheduler.ReportScheduler` can drive the reporters of many
+hosts from one thread instead of a thread per host.
 """
 
 from __future__ import annotations
@@ -120,7 +124,8 @@ class TransportReportSink:
 
 
 class Reporter:
-    """Publishes heartbeats and reports for one host from its own thread."""
+    """Publishes heartbeats and reports for one host, from its own thread (:meth:`start`) or
+    from a scheduler that calls :meth:`step` (then :meth:`start` is not called)."""
 
     def __init__(
         self,
@@ -156,6 +161,9 @@ class Reporter:
         self._heartbeat_seq = 0
         self._pending = False
         self._wake = threading.Event()
+        #: called by request_report: wakes whoever calls step() (the own thread by default)
+        self._notify: Callable[[], None] = self._wake.set
+        self._next_report = self._next_heartbeat = 0.0
         self._stop = threading.Event()
         self._final_report = True
         self._thread: threading.Thread | None = None
@@ -171,8 +179,13 @@ class Reporter:
         with self._lock:
             self._pending = True
             seq = self._seq + 1
-        self._wake.set()
+        self._notify()
         return seq
+
+    def notify_with(self, notify: Callable[[], None]) -> None:
+        """Let ``notify`` (instead of the own thread's wake-up) learn of every requested report:
+        how a scheduler driving :meth:`step` hears of them."""
+        self._notify = notify
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name=f"reporter-{self.host_id}", daemon=True)
@@ -186,24 +199,40 @@ class Reporter:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    # -- the thread -------------------------------------------------------------------
+    # -- the loop ---------------------------------------------------------------------
+    def begin(self, first_at: float) -> None:
+        """The first report and heartbeat are due at ``first_at`` (monotonic): a scheduler
+        staggers its hosts this way."""
+        self._next_report = self._next_heartbeat = first_at
+
+    def step(self) -> float:
+        """Send a requested or due report and a due heartbeat; return when (monotonic) the next
+        is due. Called from one thread at a time."""
+        now = self._monotonic()
+        if self._take_pending() or now >= self._next_report:
+            ok = self._send_report()
+            retry = min(self._report_interval, self._heartbeat_interval)
+            self._next_report = now + (self._report_interval if ok else retry)
+        if now >= self._next_heartbeat:
+            if self._alive():
+                self._send_heartbeat()
+            self._next_heartbeat = now + self._heartbeat_interval
+        return min(self._next_report, self._next_heartbeat)
+
+    def send_final_report(self) -> None:
+        """The last report, when the host's agent stops."""
+        self._take_pending()
+        self._send_report()
+
     def run(self) -> None:
-        next_report = next_heartbeat = self._monotonic()
+        """The own thread: :meth:`step` until stopped, then the final report."""
+        self.begin(self._monotonic())
         while not self._stop.is_set():
-            now = self._monotonic()
-            if self._take_pending() or now >= next_report:
-                ok = self._send_report()
-                retry = min(self._report_interval, self._heartbeat_interval)
-                next_report = now + (self._report_interval if ok else retry)
-            if now >= next_heartbeat:
-                if self._alive():
-                    self._send_heartbeat()
-                next_heartbeat = now + self._heartbeat_interval
-            self._wake.wait(max(0.0, min(next_report, next_heartbeat) - self._monotonic()))
+            due = self.step()
+            self._wake.wait(max(0.0, due - self._monotonic()))
             self._wake.clear()
         if self._final_report:
-            self._take_pending()
-            self._send_report()
+            self.send_final_report()
 
     def _take_pending(self) -> bool:
         with self._lock:
@@ -237,12 +266,15 @@ class Reporter:
         except VirtfleetError as exc:
             self.failures += 1
             log.warning(
-                "could not send host report: %s: %s (retrying later)", type(exc).__name__, exc.message
+                "%s: could not send host report: %s: %s (retrying later)",
+                self.host_id,
+                type(exc).__name__,
+                exc.message,
             )
             return False
         except Exception:  # the reporter must outlive any bug in one report
             self.failures += 1
-            log.exception("host report failed (bug); retrying later")
+            log.exception("%s: host report failed (bug); retrying later", self.host_id)
             return False
         self.last_report = report
         self.reports_sent += 1
@@ -259,10 +291,10 @@ class Reporter:
             self._sink.send(HOST_HEARTBEAT, beat, sent_at=now, ttl_s=HEARTBEAT_TTL_MS / 1000)
         except VirtfleetError as exc:
             self.failures += 1
-            log.warning("could not send heartbeat: %s", exc.message)
+            log.warning("%s: could not send heartbeat: %s", self.host_id, exc.message)
             return
         except Exception:  # see _send_report
             self.failures += 1
-            log.exception("heartbeat failed (bug)")
+            log.exception("%s: heartbeat failed (bug)", self.host_id)
             return
         self.heartbeats_sent += 1

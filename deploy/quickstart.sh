@@ -50,14 +50,17 @@ VIRTFLEET_DATABASE_URL="sqlite:///$QS/virtfleet.db" \
     nohup "$BIN/virtfleet-controller" --down-after 15 >"$QS/controller.log" 2>&1 &
 echo $! >"$QS/controller.pid"
 
+# One agent process serves the three simulated hosts (--host ID=URI, repeatable): each keeps
+# its own queue, journal ($QS/agents/<host>), reports and libvirt connection.
+host_args=()
 for host in "${HOSTS[@]}"; do
-    echo "==> starting agent $host (libvirt test:///…/$host.xml)"
-    nohup "$BIN/virtfleet-agent" --host-id "$host" \
-        --libvirt-uri "test://$ROOT/tests/fixtures/nodes/$host.xml" \
-        --state-dir "$QS/agent-$host" --heartbeat-interval 2 --report-interval 10 \
-        >"$QS/agent-$host.log" 2>&1 &
-    echo $! >"$QS/agent-$host.pid"
+    host_args+=(--host "$host=test://$ROOT/tests/fixtures/nodes/$host.xml")
 done
+echo "==> starting one agent for hosts ${HOSTS[*]} (libvirt test:///…/<host>.xml)"
+nohup "$BIN/virtfleet-agent" "${host_args[@]}" \
+    --state-dir "$QS/agents" --heartbeat-interval 2 --report-interval 10 \
+    >"$QS/agent.log" 2>&1 &
+echo $! >"$QS/agent.pid"
 
 vf() { "$BIN/virtfleet" "$@"; }
 

@@ -62,7 +62,7 @@ def _cpus(text: str, what: str) -> frozenset[int]:
 
 
 class TuningModule:
-    """:class:`agent.main.AgentModule` for performance tuning."""
+    """:class:`agent.host_runtime.AgentModule` for performance tuning."""
 
     def __init__(
         self, pinning: Pinning, kernel: HostKernel, sets: cpusets.CpuSets, *, simulated: bool = False

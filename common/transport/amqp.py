@@ -9,11 +9,12 @@ docstring for the semantics) on top of two building blocks:
   mandatory message :class:`Unroutable`), makes calls (publish ``mandatory`` and wait on a
   private reply queue; on a lost connection it reconnects with jittered backoff and publishes the
   *same* envelope again, receivers being idempotent by message id), declares and inspects queues.
-* :class:`ConsumerServer`: consumes one queue in its own thread and connection, runs the handler
-  in a worker pool and, from the connection's thread, publishes the reply and only then
+* :class:`ConsumerServer`: consumes one queue (or several, each with its own handler, on one
+  channel: :meth:`AmqpTransport.multi_consumer`) in its own thread and connection, runs the
+  handlers in a worker pool and, from the connection's thread, publishes the reply and only then
   acknowledges (``add_callback_threadsafe``), so a crash mid-command means redelivery, not loss.
-  It declares its queue on every (re)connect, reconnects forever with backoff (also when the
-  broker cancels it because its queue was deleted) and exposes :attr:`ConsumerServer.last_tick`
+  It declares its queues on every (re)connect, reconnects forever with backoff (also when the
+  broker cancels it because a queue was deleted) and exposes :attr:`ConsumerServer.last_tick`
   so a health check can prove the loop is alive.
 
 Every pika exception is translated here into :class:`~common.errors.TransportError` (or a
@@ -30,7 +31,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -44,7 +45,7 @@ from common.messages.envelope import Envelope
 from common.transport import topology
 from common.transport.backoff import backoff_delays
 from common.transport.base import PooledConsumer, Replies
-from common.transport.port import Delivery, Handler, Outcome, Refused, Unroutable
+from common.transport.port import Delivery, Handler, Outcome, Refused, Route, Unroutable
 from common.transport.topology import Exchange, Queue
 
 log = logging.getLogger(__name__)
@@ -446,23 +447,23 @@ class _Session:
 
 
 class ConsumerServer(PooledConsumer):
-    """Consumes one queue forever: reconnects, bounds concurrency, acks after the reply.
+    """Consumes its routes' queues forever: reconnects, bounds concurrency, acks after the reply.
 
-    ``queue`` is declared on every connect, with the disposable rule of :func:`declare_queue`.
+    Every queue is declared on every connect, with the disposable rule of :func:`declare_queue`,
+    and consumed on one channel (``prefetch`` applies to each queue's consumer).
     """
 
     def __init__(
         self,
         url: str,
         name: str,
-        queue: Queue,
-        handler: Handler,
+        routes: Sequence[Route],
         *,
         prefetch: int = 8,
         workers: int = 4,
         tick: float = 0.2,
     ) -> None:
-        super().__init__(name, queue, handler, prefetch=prefetch, workers=workers)
+        super().__init__(name, routes, prefetch=prefetch, workers=workers)
         self.url = url
         self._user_id = _user(url)
         self._tick = tick
@@ -528,25 +529,32 @@ class ConsumerServer(PooledConsumer):
         conn = connect(self.url, self.name)
         try:
             ch = conn.channel()
-            ch = declare_queue(ch, self._queue, conn.channel)
-            queue = self._queue.name
+            for route in self._routes:
+                ch = declare_queue(ch, route.queue, conn.channel)
+            # Not global: the limit applies to each consumer below, that is to each queue.
             ch.basic_qos(prefetch_count=self._prefetch)
             cancelled: list[object] = []
             # RabbitMQ cancels consumers of a deleted queue; pika would then idle silently.
             ch.add_on_cancel_callback(cancelled.append)
-            tag = ch.basic_consume(queue, lambda c, m, p, b: self._on_message(conn, c, m, p, b))
+            tags = [
+                ch.basic_consume(route.queue.name, self._on_message_for(conn, route.handler))
+                for route in self._routes
+            ]
             self.connected = True
             self._consumed = True
             self.ready.set()
-            log.info("%s: consuming %s", self.name, queue)
+            log.info("%s: consuming %s", self.name, self._what())
             while not self._stop.is_set():
                 conn.process_data_events(time_limit=self._tick)
                 self.last_tick = time.monotonic()
                 if cancelled:
-                    raise _ConnectionLost(f"the broker cancelled the consumer of {queue} (queue deleted?)")
+                    raise _ConnectionLost(
+                        f"the broker cancelled a consumer of {self._what()} (queue deleted?)"
+                    )
             # Graceful stop: no new deliveries; finish and acknowledge what is in flight, until
             # the deadline stop() set. Unacknowledged deliveries go back when the connection closes.
-            ch.basic_cancel(tag)
+            for tag in tags:
+                ch.basic_cancel(tag)
             while self._pending() and time.monotonic() < self._drain_until:
                 conn.process_data_events(
                     time_limit=min(self._tick, max(0.0, self._drain_until - time.monotonic()))
@@ -563,9 +571,16 @@ class ConsumerServer(PooledConsumer):
             return any(not f.done() for f in self._inflight)
 
     # -- per message -----------------------------------------------------------------
+    def _on_message_for(
+        self, conn: BlockingConnection, handler: Handler
+    ) -> Callable[[BlockingChannel, Any, pika.BasicProperties, bytes], None]:
+        """pika's delivery callback for one queue: its deliveries go to ``handler``."""
+        return lambda ch, method, props, body: self._on_message(conn, handler, ch, method, props, body)
+
     def _on_message(
         self,
         conn: BlockingConnection,
+        handler: Handler,
         ch: BlockingChannel,
         method: Any,
         props: pika.BasicProperties,
@@ -577,13 +592,15 @@ class ConsumerServer(PooledConsumer):
         if delivery is None:
             ch.basic_nack(method.delivery_tag, requeue=False)
             return
-        future = self._pool.submit(self._work, conn, ch, method.delivery_tag, delivery)
+        future = self._pool.submit(self._work, conn, ch, method.delivery_tag, handler, delivery)
         with self._lock:
             self._inflight = {f for f in self._inflight if not f.done()}
             self._inflight.add(future)
 
-    def _work(self, conn: BlockingConnection, ch: BlockingChannel, tag: int, delivery: Delivery) -> None:
-        outcome = self._outcome(delivery)
+    def _work(
+        self, conn: BlockingConnection, ch: BlockingChannel, tag: int, handler: Handler, delivery: Delivery
+    ) -> None:
+        outcome = self._outcome(handler, delivery)
 
         def finish() -> None:
             try:
@@ -683,7 +700,14 @@ class AmqpTransport:
         self, queue: Queue, handler: Handler, *, name: str, prefetch: int = 8, workers: int = 4
     ) -> ConsumerServer:
         """A :class:`ConsumerServer` of ``queue`` on its own connection named ``name``."""
-        consumer = ConsumerServer(self._url, name, queue, handler, prefetch=prefetch, workers=workers)
+        return self.multi_consumer([Route(queue, handler)], name=name, prefetch=prefetch, workers=workers)
+
+    def multi_consumer(
+        self, routes: Sequence[Route], *, name: str, prefetch: int = 8, workers: int = 4
+    ) -> ConsumerServer:
+        """A :class:`ConsumerServer` of every route's queue on one connection (and channel)
+        named ``name``."""
+        consumer = ConsumerServer(self._url, name, routes, prefetch=prefetch, workers=workers)
         self._consumers.add(consumer)
         return consumer
 

@@ -1,7 +1,8 @@
 """What both transports do the same way, written once.
 
 :class:`PooledConsumer` is the part of a :class:`~common.transport.port.Consumer` that does not
-depend on the broker: its name, queue and handler, the worker pool the handler runs in, and the
+depend on the broker: its name, its routes (queue and handler; one for :meth:`consumer`, many
+for :meth:`multi_consumer`), the worker pool the handlers run in, and the
 handling of one delivery (decode it, run the handler, turn a crash into a dead letter). Each
 transport's consumer adds how it connects, how a delivery reaches the pool and how the reply and
 the acknowledgement go back. :class:`Replies` is what a transport's calls wait on: the replies
@@ -12,27 +13,32 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from common.errors import VirtfleetError
 from common.messages.envelope import Envelope, decode_envelope
-from common.transport.port import Delivery, Handler, Outcome
-from common.transport.topology import Queue
+from common.transport.port import Delivery, Handler, Outcome, Route
 
 log = logging.getLogger(__name__)
 
 
 class PooledConsumer:
-    """A consumer's broker-independent half: ``handler`` runs in a pool of ``workers`` threads.
+    """A consumer's broker-independent half: each route's handler runs in one pool of
+    ``workers`` threads shared by all routes.
 
-    ``ready`` is set once the queue is declared and consumed; ``reconnects`` counts the times
+    ``ready`` is set once every queue is declared and consumed; ``reconnects`` counts the times
     the connection was lost and made again.
     """
 
-    def __init__(self, name: str, queue: Queue, handler: Handler, *, prefetch: int, workers: int) -> None:
+    def __init__(self, name: str, routes: Sequence[Route], *, prefetch: int, workers: int) -> None:
+        if not routes:
+            raise ValueError(f"consumer {name}: no queue to consume")
+        queues = [r.queue.name for r in routes]
+        if len(set(queues)) != len(queues):
+            raise ValueError(f"consumer {name}: a queue appears twice")
         self.name = name
-        self._queue = queue
-        self._handler = handler
+        self._routes = tuple(routes)
         self._prefetch = prefetch
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-worker")
         self._stop = threading.Event()
@@ -51,10 +57,15 @@ class PooledConsumer:
             return None
         return Delivery(env, routing_key, redelivered, reply_to, user_id)
 
-    def _outcome(self, delivery: Delivery) -> Outcome:
-        """What the handler makes of ``delivery``; a handler that raises dead-letters it."""
+    def _what(self) -> str:
+        """The queue(s) consumed, for messages."""
+        first = self._routes[0].queue.name
+        return first if len(self._routes) == 1 else f"{first} and {len(self._routes) - 1} more queue(s)"
+
+    def _outcome(self, handler: Handler, delivery: Delivery) -> Outcome:
+        """What ``handler`` makes of ``delivery``; a handler that raises dead-letters it."""
         try:
-            return self._handler(delivery)
+            return handler(delivery)
         except Exception:  # the handler should not raise; if it does, keep the consumer alive
             log.exception("%s: handler crashed on %s", self.name, delivery.envelope.kind)
             return Outcome(dead_letter=True)

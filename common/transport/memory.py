@@ -39,7 +39,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -48,7 +48,7 @@ from common.messages.envelope import Envelope
 from common.transport import topology
 from common.transport.backoff import backoff_delays
 from common.transport.base import PooledConsumer, Replies
-from common.transport.port import Delivery, Handler, Outcome, Refused, Unroutable
+from common.transport.port import Delivery, Handler, Outcome, Refused, Route, Unroutable
 from common.transport.topology import Exchange, ExchangeType, Queue
 
 log = logging.getLogger(__name__)
@@ -949,7 +949,13 @@ class MemoryTransport:
         self, queue: Queue, handler: Handler, *, name: str, prefetch: int = 8, workers: int = 4
     ) -> MemoryConsumer:
         """A consumer of ``queue`` on its own connection named ``name``; ``start()`` runs it."""
-        consumer = MemoryConsumer(self, queue, handler, name=name, prefetch=prefetch, workers=workers)
+        return self.multi_consumer([Route(queue, handler)], name=name, prefetch=prefetch, workers=workers)
+
+    def multi_consumer(
+        self, routes: Sequence[Route], *, name: str, prefetch: int = 8, workers: int = 4
+    ) -> MemoryConsumer:
+        """A consumer of every route's queue on one connection named ``name``."""
+        consumer = MemoryConsumer(self, routes, name=name, prefetch=prefetch, workers=workers)
         self._consumers.add(consumer)
         return consumer
 
@@ -972,26 +978,25 @@ class MemoryTransport:
 class MemoryConsumer(PooledConsumer):
     """:class:`~common.transport.port.Consumer` on a :class:`MemoryBroker`.
 
-    The broker pushes deliveries (at most ``prefetch`` unacknowledged) into a worker pool; the
-    worker runs the handler, publishes the reply and only then acknowledges. When the broker
+    The broker pushes deliveries (at most ``prefetch`` unacknowledged per queue) into a worker
+    pool shared by its routes; the worker runs the route's handler, publishes the reply and only then acknowledges. When the broker
     drops the connection it reconnects, declaring the queue again, as the AMQP consumer does.
     """
 
     def __init__(
         self,
         transport: MemoryTransport,
-        queue: Queue,
-        handler: Handler,
+        routes: Sequence[Route],
         *,
         name: str,
         prefetch: int = 8,
         workers: int = 4,
     ) -> None:
-        super().__init__(name, queue, handler, prefetch=prefetch, workers=workers)
+        super().__init__(name, routes, prefetch=prefetch, workers=workers)
         self._transport = transport
         self._broker = transport.broker
         self._conn: _Connection | None = None
-        self._sub: _Subscription | None = None
+        self._subs: list[_Subscription] = []
 
     def start(self) -> None:
         """Declare and consume now; if that fails, keep trying in the background (logged)."""
@@ -1006,10 +1011,10 @@ class MemoryConsumer(PooledConsumer):
         broker = self._broker
         with broker._changed:
             self._stop.set()
-            sub, conn = self._sub, self._conn
-            if sub is not None:
+            subs, conn = self._subs, self._conn
+            for sub in subs:
                 broker._cancel(sub)
-                broker._changed.wait_for(lambda: not sub.unacked or not sub.conn.alive, timeout)
+            broker._changed.wait_for(lambda: all(not s.unacked or not s.conn.alive for s in subs), timeout)
             if conn is not None:
                 broker._close_connection(conn)
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -1028,12 +1033,18 @@ class MemoryConsumer(PooledConsumer):
                 return
             conn = broker._connect(self.name, self._transport.user, on_lost=self._on_lost)
             try:
-                _declare(broker, conn, self._queue)
-                self._sub = broker._consume(conn, self._queue.name, self._deliver, prefetch=self._prefetch)
+                subs = []
+                for route in self._routes:
+                    _declare(broker, conn, route.queue)
+                    subs.append(
+                        broker._consume(
+                            conn, route.queue.name, self._deliver_to(route.handler), prefetch=self._prefetch
+                        )
+                    )
             except BaseException:
                 broker._close_connection(conn)
                 raise
-            self._conn = conn
+            self._conn, self._subs = conn, subs
             self.ready.set()
 
     def _on_lost(self, conn: _Connection) -> None:
@@ -1051,7 +1062,7 @@ class MemoryConsumer(PooledConsumer):
             self._retry_later(exc)
 
     def _retry_later(self, exc: TransportError) -> None:
-        log.error("%s: cannot consume %s: %s; retrying", self.name, self._queue.name, exc.message)
+        log.error("%s: cannot consume %s: %s; retrying", self.name, self._what(), exc.message)
 
         def loop() -> None:
             for delay in backoff_delays():
@@ -1060,25 +1071,30 @@ class MemoryConsumer(PooledConsumer):
                 try:
                     self._connect()
                 except TransportError as again:
-                    log.warning("%s: still cannot consume %s: %s", self.name, self._queue.name, again)
+                    log.warning("%s: still cannot consume %s: %s", self.name, self._what(), again)
                 else:
                     return
 
         threading.Thread(target=loop, name=f"{self.name}-retry", daemon=True).start()
 
     # -- per message --------------------------------------------------------------------------
-    def _deliver(self, sub: _Subscription, tag: int, message: Message) -> None:
-        """Under the broker lock: hand one delivery to the worker pool."""
-        self._pool.submit(self._work, sub, tag, message)
+    def _deliver_to(self, handler: Handler) -> Callable[[_Subscription, int, Message], None]:
+        """The broker's delivery callback for one queue: its deliveries go to ``handler``."""
 
-    def _work(self, sub: _Subscription, tag: int, message: Message) -> None:
+        def deliver(sub: _Subscription, tag: int, message: Message) -> None:
+            """Under the broker lock: hand one delivery to the worker pool."""
+            self._pool.submit(self._work, sub, tag, message, handler)
+
+        return deliver
+
+    def _work(self, sub: _Subscription, tag: int, message: Message, handler: Handler) -> None:
         delivery = self._delivery(
             message.body, message.routing_key, message.redelivered, message.reply_to, message.user_id
         )
         if delivery is None:
             self._broker._settle(sub, tag, dead_letter=True)
             return
-        self._finish(sub, tag, delivery, self._outcome(delivery))
+        self._finish(sub, tag, delivery, self._outcome(handler, delivery))
 
     def _finish(self, sub: _Subscription, tag: int, delivery: Delivery, outcome: Outcome) -> None:
         """Reply, then acknowledge, atomically: both are dropped when the connection is gone."""

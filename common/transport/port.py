@@ -17,6 +17,10 @@ Semantics both implementations guarantee (and the contract tests in ``tests/cont
   ``prefetch`` unacknowledged deliveries), publishes the handler's reply to the request's
   ``reply_to`` and only then acknowledges. A consumer that stops or dies before acknowledging
   leaves the message to be delivered again with ``redelivered=True``.
+* **Several queues, one consumer**: :meth:`Transport.multi_consumer` consumes many queues on one
+  connection and one worker pool, each queue's deliveries going to that queue's own handler
+  (:class:`Route`); ``prefetch`` bounds each queue separately. It is how one process serves many
+  simulated hosts without a connection and a thread per host.
 * **Dead letters**: an :class:`Outcome` with ``dead_letter`` (and an undecodable message) is
   rejected without requeue: the queue's dead-letter exchange receives it.
 * **Expiry**: a per-message ``expiration_ms`` drops (dead-letters) the message when it waits
@@ -33,7 +37,7 @@ subclass) inside the implementation, once.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -73,6 +77,14 @@ class Outcome:
 
 
 Handler = Callable[[Delivery], Outcome]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One queue of a :meth:`Transport.multi_consumer` and the handler its deliveries go to."""
+
+    queue: Queue
+    handler: Handler
 
 
 class Consumer(Protocol):
@@ -151,6 +163,16 @@ class Transport(Protocol):
         """A consumer of ``queue`` (declared when it connects); call ``start()`` to run it."""
         ...
 
+    def multi_consumer(
+        self, routes: Sequence[Route], *, name: str, prefetch: int = 8, workers: int = 4
+    ) -> Consumer:
+        """One consumer of every route's queue on one connection (declared when it connects):
+        a delivery from ``route.queue`` runs ``route.handler``; at most ``prefetch``
+        unacknowledged deliveries per queue; ``workers`` threads shared by all queues.
+        Semantics per queue are those of :meth:`consumer`; losing the connection (or one queue)
+        reconnects and consumes all of them again. Call ``start()`` to run it."""
+        ...
+
     def consumer_count(self, queue: str) -> int | None:
         """Consumers on ``queue``, or None when the queue does not exist."""
         ...
@@ -165,4 +187,4 @@ class Transport(Protocol):
         ...
 
 
-__all__ = ["Consumer", "Delivery", "Handler", "Outcome", "Refused", "Transport", "Unroutable"]
+__all__ = ["Consumer", "Delivery", "Handler", "Outcome", "Refused", "Route", "Transport", "Unroutable"]

@@ -20,7 +20,7 @@ from common.messages.envelope import Envelope
 from common.transport.amqp import AmqpTransport
 from common.transport.factory import open_transport
 from common.transport.memory import MemoryBroker, MemoryTransport
-from common.transport.port import Delivery, Outcome, Refused, Transport, Unroutable
+from common.transport.port import Delivery, Outcome, Refused, Route, Transport, Unroutable
 from common.transport.topology import (
     DEAD_LETTER_QUEUE,
     REPORTS_QUEUE,
@@ -425,6 +425,88 @@ def test_prefetch_bounds_the_handlers_running_at_once(kit: Kit, names: Names, co
     assert gate.most_inside == 2
 
 
+# ------------------------------------------------------------------------------ several queues, one consumer
+
+
+def test_a_multi_consumer_sends_each_queue_to_its_own_handler_and_replies_to_calls(
+    kit: Kit, names: Names, consumers: Consumers
+) -> None:
+    queues = [names.queue(f"q{i}") for i in range(3)]
+
+    def answering(i: int) -> Recorder:
+        return Recorder(lambda d: Outcome(reply=d.envelope.reply_ok({"queue": i}, "t")))
+
+    recorders = [answering(i) for i in range(3)]
+    consumers.start(
+        kit.transport.multi_consumer(
+            [Route(q, r) for q, r in zip(queues, recorders, strict=True)], name="many", workers=2
+        )
+    )
+    assert [kit.transport.consumer_count(q.name) for q in queues] == [1, 1, 1]
+
+    for i, queue in enumerate(queues):
+        reply = kit.transport.call("", queue.name, envelope(n=i), WAIT, persistent=False)
+        assert reply.body == {"ok": True, "result": {"queue": i}}
+    kit.transport.publish("", queues[1].name, envelope(extra=True))
+
+    assert [d.envelope.body for d in recorders[0].wait_for(1)] == [{"n": 0}]
+    assert [d.envelope.body for d in recorders[1].wait_for(2)] == [{"n": 1}, {"extra": True}]
+    assert [d.envelope.body for d in recorders[2].wait_for(1)] == [{"n": 2}]
+    assert len(recorders[0].deliveries) == 1 and len(recorders[2].deliveries) == 1
+
+
+def test_a_multi_consumer_prefetch_bounds_each_queue_not_the_sum(
+    kit: Kit, names: Names, consumers: Consumers
+) -> None:
+    first, second = names.queue("a"), names.queue("b")
+    gate = Gate()
+    recorder = Recorder(gate.handler)
+    consumers.start(
+        kit.transport.multi_consumer(
+            [Route(first, recorder), Route(second, recorder)], name="many", prefetch=1, workers=4
+        )
+    )
+    for i in range(3):
+        kit.transport.publish("", first.name, envelope(i=i))
+        kit.transport.publish("", second.name, envelope(i=i))
+
+    gate.wait_inside(2)  # one from each queue: a busy queue does not hold the other back
+    assert kit.ready_count(first.name) == 2
+    assert kit.ready_count(second.name) == 2
+    gate.open()
+    recorder.wait_for(6)
+    assert gate.most_inside == 2
+
+
+def test_a_multi_consumer_whose_queue_is_deleted_declares_it_again_and_keeps_the_others(
+    kit: Kit, names: Names, consumers: Consumers
+) -> None:
+    kept, deleted = names.queue("kept"), names.queue("deleted")
+    recorders = {kept.name: Recorder(lambda _d: Outcome()), deleted.name: Recorder(lambda _d: Outcome())}
+    consumers.start(
+        kit.transport.multi_consumer([Route(q, recorders[q.name]) for q in (kept, deleted)], name="many")
+    )
+
+    kit.delete_queue(deleted.name)
+
+    eventually(
+        lambda: kit.transport.consumer_count(deleted.name) == 1, "the consumer to declare the queue again"
+    )
+    eventually(lambda: kit.transport.consumer_count(kept.name) == 1, "the other queue to be consumed again")
+    for queue in (kept, deleted):
+        sent = envelope()
+        kit.transport.publish("", queue.name, sent, mandatory=True)
+        assert recorders[queue.name].wait_for(1)[0].envelope.id == sent.id
+
+
+def test_a_multi_consumer_needs_distinct_queues(kit: Kit, names: Names) -> None:
+    queue = names.queue()
+    with pytest.raises(ValueError, match="twice"):
+        kit.transport.multi_consumer([Route(queue, Recorder()), Route(queue, Recorder())], name="dup")
+    with pytest.raises(ValueError, match="no queue"):
+        kit.transport.multi_consumer([], name="none")
+
+
 # ------------------------------------------------------------------------------ declarations
 
 
@@ -538,7 +620,7 @@ def test_both_implementations_satisfy_the_port() -> None:
         broker.transport("t"),
         AmqpTransport("amqp://guest:guest@127.0.0.1:1/%2F", "t"),
     ]
-    members = ("url", "declare", "publish", "call", "consumer", "consumer_count", "close")
+    members = ("url", "declare", "publish", "call", "consumer", "multi_consumer", "consumer_count", "close")
     for transport in transports:
         assert all(hasattr(transport, m) for m in members)
     broker.close()

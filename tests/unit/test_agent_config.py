@@ -107,3 +107,75 @@ def test_load_bad_file(tmp_path: Path) -> None:
 def test_main_exits_2_on_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--libvirt-uri", "test:///default"]) == 2
     assert "host id is required" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ several hosts
+
+
+NODE = Path(__file__).resolve().parents[1] / "fixtures" / "nodes" / "small.xml"
+
+
+def test_simulate_gives_one_config_per_host_on_the_template(tmp_path: Path) -> None:
+    multi = config.load_any(
+        [
+            "--simulate",
+            "12",
+            "--node-template",
+            str(NODE),
+            "--state-dir",
+            str(tmp_path),
+            "--log-level",
+            "debug",
+        ],
+        {"VIRTFLEET_AGENT_HOST_ID": "ignored", "VIRTFLEET_AMQP_URL": "amqp://u:p@broker/%2F"},
+    )
+    assert isinstance(multi, config.MultiHostConfig)
+    ids = [h.host_id for h in multi.hosts]
+    assert ids[:2] == ["sim-01", "sim-02"] and ids[-1] == "sim-12" and len(set(ids)) == 12
+    assert {h.libvirt_uri for h in multi.hosts} == {f"test://{NODE}"}
+    assert [h.state_dir for h in multi.hosts[:2]] == [tmp_path / "sim-01", tmp_path / "sim-02"]
+    assert {(h.amqp_url, h.log_level) for h in multi.hosts} == {("amqp://u:p@broker/%2F", "DEBUG")}
+
+
+def test_hosts_by_id_and_uri_add_to_the_simulated_ones() -> None:
+    multi = config.load_any(
+        [
+            "--host",
+            "big=test:///b.xml",
+            "--simulate",
+            "2",
+            "--node-template",
+            str(NODE),
+            "--host-prefix",
+            "x",
+        ],
+        {},
+    )
+    assert isinstance(multi, config.MultiHostConfig)
+    assert [(h.host_id, h.libvirt_uri) for h in multi.hosts][:2] == [
+        ("big", "test:///b.xml"),
+        ("x1", f"test://{NODE}"),
+    ]
+    assert multi.hosts[0].state_dir == config.DEFAULT_STATE_ROOT / "big"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--simulate", "2"], "needs --node-template"),
+        (["--simulate", "0", "--node-template", str(NODE)], "at least 1"),
+        (["--simulate", "2", "--node-template", "/nonexistent.xml"], "no such file"),
+        (["--node-template", str(NODE), "--host-id", "a", "--libvirt-uri", "test:///default"], "goes with"),
+        (["--host", "a=test:///x", "--host-id", "b"], "single-host"),
+        (["--host", "a=test:///x", "--host", "a=test:///y"], "given twice"),
+        (["--host", "no-uri"], "ID=URI"),
+    ],
+)
+def test_bad_multi_host_flags(argv: list[str], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        config.load_any(argv, {})
+
+
+def test_load_is_for_one_host() -> None:
+    with pytest.raises(InvalidRequest, match="several hosts"):
+        config.load(["--simulate", "2", "--node-template", str(NODE)], {})

@@ -1,0 +1,99 @@
+"""Everything the agent keeps for one host, apart from how it consumes and when it reports.
+
+A :class:`HostRuntime` is one host's journal, reporter, handlers and dispatcher around its
+hypervisor. :class:`agent.main.Agent` wraps one with its own consumer and reporting thread
+(a host per process); :class:`agent.multihost.MultiHostAgent` puts many on one consumer of all
+their queues and one reporting thread (a simulated fleet in one process).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from agent.config import AgentConfig
+from agent.handlers import AgentHandlers
+from agent.journal import SqliteJournal
+from agent.ports import Hypervisor, Images
+from agent.reporter import Reporter, TransportReportSink
+from common.messages.descriptor import Side
+from common.messages.host import HostReport
+from common.transport.port import Route, Transport
+from common.transport.rpc import Dispatcher, HandlerTable
+from common.transport.topology import agent_queue
+
+
+def agent_version() -> str:
+    """The installed virtfleet version, reported by every host."""
+    try:
+        return importlib.metadata.version("virtfleet")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+class AgentModule(Protocol):
+    """A feature area of the agent beyond VM lifecycle (host networking, tuning): its command
+    handlers and the facts it adds to every host report."""
+
+    def register(self, table: HandlerTable, request_report: Callable[[], int]) -> None: ...
+
+    def enrich_report(self, report: HostReport) -> HostReport: ...
+
+
+class HostRuntime:
+    """One host's journal (in ``cfg.state_dir``), reporter, handlers and dispatcher.
+
+    ``transport`` carries its reports; ``alive`` tells the reporter whether the host's commands
+    are being consumed (no heartbeat otherwise). Nothing runs until the owner starts a consumer
+    of :meth:`route` and drives :attr:`reporter`.
+    """
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        hypervisor: Hypervisor,
+        transport: Transport,
+        *,
+        alive: Callable[[], bool],
+        modules: Sequence[AgentModule] = (),
+        images: Images | None = None,
+        version: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        host = cfg.host_id
+        sender = f"agent:{host}"
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.journal = SqliteJournal(cfg.state_dir / "journal.db")
+        self.reporter = Reporter(
+            host,
+            cfg.libvirt_uri,
+            hypervisor,
+            TransportReportSink(transport, host, sender),
+            report_interval=cfg.report_interval,
+            heartbeat_interval=cfg.heartbeat_interval,
+            agent_version=version or agent_version(),
+            alive=alive,
+            enrichers=[m.enrich_report for m in modules],
+        )
+        self.handlers = AgentHandlers(hypervisor, self.reporter.request_report, images)
+        table = HandlerTable(Side.AGENT)
+        self.handlers.register(table)
+        for module in modules:
+            module.register(table, self.reporter.request_report)
+        self.dispatcher = Dispatcher(sender, table, journal=self.journal)
+
+    @property
+    def host_id(self) -> str:
+        return self.cfg.host_id
+
+    def route(self) -> Route:
+        """The host's command queue and the dispatcher that answers it."""
+        return Route(agent_queue(self.cfg.host_id), self.dispatcher)
+
+    def close(self) -> None:
+        """Close the journal (after the consumer stopped and the final report went out)."""
+        self.journal.close()
+
+
+__all__ = ["AgentModule", "HostRuntime", "agent_version"]
