@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import pytest
 from vfsupport import BIN, NODES, Fleet, private_fleet, wait_until
 
+from common.messages.vm import VM_CREATE
+
 pytestmark = [pytest.mark.broker, pytest.mark.db]
 
 COUNT = 20
@@ -74,9 +76,9 @@ def test_a_command_for_one_host_reaches_that_host_only(fleet: Fleet) -> None:
     created = fleet.cli_ok("vm", "create", "web1", "--host", TARGET, "--memory", "256", "--disk", "1")
     assert created["vm"]["host"] == TARGET and created["vm"]["power_state"] == "running"
 
-    assert "vm.create" in journal_kinds(fleet, TARGET)
+    assert VM_CREATE.kind in journal_kinds(fleet, TARGET)
     others = {h: journal_kinds(fleet, h) for h in sorted(HOSTS - {TARGET})}
-    assert {h: k for h, k in others.items() if "vm.create" in k} == {}
+    assert {h: k for h, k in others.items() if VM_CREATE.kind in k} == {}
     assert fleet.cli_ok("host", "show", TARGET)["vms"] == ["web1"]
     assert fleet.cli_ok("host", "show", "sim-08")["vms"] == []
 
