@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.tuning import cpusets
+from common.broker_url import DEFAULT_URL
 from common.errors import InvalidRequest
-from common.transport.factory import DEFAULT_URL
 from common.validation import check_host_id, check_name
 
 DEFAULT_REPORT_INTERVAL = 30.0

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from common.broker_url import DEFAULT_URL
 from common.errors import InvalidRequest
 from common.messages.catalogue import CATALOGUE
 from common.messages.descriptor import Side, Version
-from common.transport.factory import DEFAULT_URL
 
 DEFAULT_DATABASE_URL = "sqlite:///./virtfleet.db"
 

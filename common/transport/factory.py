@@ -12,8 +12,6 @@ if TYPE_CHECKING:
 
 #: The scheme of the in-process broker.
 MEMORY_SCHEME = "memory://"
-#: The broker of a single-machine installation (RabbitMQ's default user on loopback).
-DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
 def open_transport(url: str, *, name: str, memory: MemoryBroker | None = None) -> Transport:

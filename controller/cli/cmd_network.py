@@ -1,4 +1,4 @@
-"""CLI commands of the network feature area (registered on the apps of controller.cli.runner).
+"""CLI commands of the network feature area (registered on the groups of controller.cli.tree).
 
 ``virtfleet net ...``       libvirt networks on a host (virsh net-*), IPv4 forwarding
 ``virtfleet host net ...``  host bridges and bonds (applied as transactions: rolled back by the
@@ -64,14 +64,12 @@ from common.messages.network import (
     NetworkSpec,
 )
 from controller.cli import render
-from controller.cli.runner import Output, State, app, fail, host_app, run, validated
+from controller.cli.runner import Output, State, fail, run, validated
+from controller.cli.tree import host_app, net_app
 
 B = TypeVar("B")
 R = TypeVar("R")
 
-net_app = typer.Typer(
-    help="libvirt virtual networks on hosts (virsh net-*), IPv4 forwarding.", no_args_is_help=True
-)
 host_net_app = typer.Typer(
     help="Host networking: bridges, bonds, addresses. Changes are rolled back by the agent if it "
     "cannot reach the broker again within --deadline seconds.",
@@ -81,7 +79,6 @@ bridge_app = typer.Typer(
     help="Host bridges (brctl addbr/addif, IP moved onto the bridge).", no_args_is_help=True
 )
 bond_app = typer.Typer(help="Host bonds (link aggregation; active-backup by default).", no_args_is_help=True)
-app.add_typer(net_app, name="net")
 host_app.add_typer(host_net_app, name="net")
 host_net_app.add_typer(bridge_app, name="bridge")
 host_net_app.add_typer(bond_app, name="bond")

@@ -19,14 +19,8 @@ from common.messages.placement import (
     API_HOSTGROUP_LIST,
     API_HOSTGROUP_SET,
 )
-from controller.cli.runner import State, app, host_app, run, validated
-
-hostgroup_app = typer.Typer(
-    help="Host groups: shared overcommit defaults for a set of hosts.", no_args_is_help=True
-)
-group_app = typer.Typer(help="Server groups: affinity and anti-affinity of VMs.", no_args_is_help=True)
-app.add_typer(hostgroup_app, name="hostgroup")
-app.add_typer(group_app, name="group")
+from controller.cli.runner import State, run, validated
+from controller.cli.tree import group_app, host_app, hostgroup_app
 
 
 def _done(s: State, r: msg.Done) -> None:

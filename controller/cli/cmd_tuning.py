@@ -1,4 +1,4 @@
-"""CLI commands of the tuning feature area (registered on the apps of controller.cli.runner).
+"""CLI commands of the tuning feature area (registered on the groups of controller.cli.tree).
 
 ``vm pin`` / ``vm affinity``; ``host tuning``, ``host taskset``, ``host hugepages``,
 ``host io-scheduler``, ``host tune``. Every command calls one ``api.tuning.*`` kind.
@@ -36,7 +36,8 @@ from common.messages.tuning import (
     page_size_label,
 )
 from common.messages.vm import VmRefRequest
-from controller.cli.runner import State, fail, host_app, run, validated, vm_app
+from controller.cli.runner import State, fail, run, validated
+from controller.cli.tree import host_app, vm_app
 
 # ----------------------------------------------------------------------------- rendering
 

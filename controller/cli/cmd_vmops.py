@@ -1,4 +1,4 @@
-"""CLI commands of the vmops feature area (registered on the apps of controller.cli.runner).
+"""CLI commands of the vmops feature area (registered on the groups of controller.cli.tree).
 
 ``vm autostart|console|export|import|setvcpus|setmem|memstat``,
 ``vm snapshot create|list|revert|delete``, ``vm disk attach|detach|resize``,
@@ -72,17 +72,16 @@ from common.messages.vmops import (
     VmSetVcpusRequest,
 )
 from controller.cli import render
-from controller.cli.runner import State, app, fail, run, validated, vm_app
+from controller.cli.runner import State, fail, run, validated
+from controller.cli.tree import image_app, vm_app
 from controller.cli.vm_options import cache_warning
 
 snapshot_app = typer.Typer(help="VM snapshots (qcow2 disks only).", no_args_is_help=True)
 disk_app = typer.Typer(help="A VM's disks: attach, detach, resize.", no_args_is_help=True)
 nic_app = typer.Typer(help="A VM's network interfaces.", no_args_is_help=True)
-image_app = typer.Typer(help="Disk images on a host (qemu-img).", no_args_is_help=True)
 vm_app.add_typer(snapshot_app, name="snapshot")
 vm_app.add_typer(disk_app, name="disk")
 vm_app.add_typer(nic_app, name="nic")
-app.add_typer(image_app, name="image")
 
 LiveOpt = Annotated[bool, typer.Option("--live", help="change the running VM (only it, unless --config too)")]
 ConfigOpt = Annotated[

@@ -11,7 +11,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from common.codec import to_wire
 from common.errors import VirtfleetError
 from common.messages import api
 from common.messages.vm import VmActionDone, VmView
@@ -19,6 +18,10 @@ from common.messages.vm import VmActionDone, VmView
 
 def emit_json(console: Console, data: Any) -> None:
     """One JSON document on stdout (stable field names: docs/cli.md)."""
+    # The codec (and msgpack with it) only once there is an answer: the command modules import
+    # this module, and their --help must not load it (docs/performance.md, "CLI start-up").
+    from common.codec import to_wire  # noqa: PLC0415
+
     console.print_json(json.dumps(to_wire(data), sort_keys=True), highlight=False)
 
 

@@ -1,8 +1,12 @@
-"""Shared CLI machinery: global state, the typer apps, calling the controller, rendering errors.
+"""Shared CLI machinery: global state, calling the controller, rendering errors.
 
 Exit codes: 0 done; 1 the operation failed; 2 invalid input; 3 not found;
 4 refused (no valid host, already exists, conflict); 5 controller or broker unavailable,
 or no answer in time. With ``--output json`` errors are one JSON document on stdout too.
+
+The entry point imports this module, so rich, the client (and with it the transport) and the
+renderers are imported where they are used, when a command runs (docs/performance.md,
+"CLI start-up").
 """
 
 from __future__ import annotations
@@ -10,10 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import typer
-from rich.console import Console
 
 from common.errors import (
     AlreadyExists,
@@ -26,10 +29,13 @@ from common.errors import (
     TransportError,
     VirtfleetError,
 )
-from common.messages.descriptor import ApiCall
-from common.transport.port import Transport
-from controller.cli import render
-from controller.cli.client import ApiClient
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from common.messages.descriptor import ApiCall
+    from common.transport.port import Transport
+    from controller.cli.client import ApiClient
 
 B = TypeVar("B")
 R = TypeVar("R")
@@ -41,7 +47,7 @@ class Output(StrEnum):
 
 
 #: Opens the transport to the fleet's broker for a URL (tests hand in an in-process broker's).
-Connect = Callable[[str], Transport]
+Connect = Callable[[str], "Transport"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,8 @@ class State:
 
     def client(self, timeout: float | None = None) -> ApiClient:
         """A client of the controller API (close it after use)."""
+        from controller.cli.client import ApiClient  # noqa: PLC0415 - see the module docstring
+
         return ApiClient(self.connect(self.amqp_url), timeout=self.timeout if timeout is None else timeout)
 
 
@@ -101,16 +109,10 @@ def exit_code(exc: VirtfleetError) -> int:
     return 1
 
 
-# The command tree. Feature modules (cmd_*.py) add their commands and sub-apps to these.
-app = typer.Typer(help="virtfleet: run VMs on a fleet of KVM/libvirt hosts.", no_args_is_help=True)
-host_app = typer.Typer(help="Hypervisor hosts.", no_args_is_help=True)
-vm_app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
-app.add_typer(host_app, name="host")
-app.add_typer(vm_app, name="vm")
-
-
 def fail(state: State, exc: VirtfleetError) -> typer.Exit:
     """Render ``exc`` (JSON document or text with reasons) and return the Exit to raise."""
+    from controller.cli import render  # noqa: PLC0415 - see the module docstring
+
     if state.output is Output.JSON:
         render.emit_json(state.out, render.error_document(exc))
     else:
@@ -120,6 +122,8 @@ def fail(state: State, exc: VirtfleetError) -> typer.Exit:
 
 def run(ctx: typer.Context, op: ApiCall[B, R], body: B, show: Callable[[State, R], None]) -> None:
     """Call one controller API operation and render its answer (JSON, or ``show`` for people)."""
+    from controller.cli import render  # noqa: PLC0415 - see the module docstring
+
     state: State = ctx.obj
     client = state.client()
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -35,8 +35,10 @@ from common.messages.vm import (
     VmRefRequest,
 )
 from controller.cli import render
-from controller.cli.client import ApiClient
 from controller.cli.runner import Output, State, fail
+
+if TYPE_CHECKING:
+    from controller.cli.client import ApiClient
 
 _DISK_KEYS = frozenset({"path", "size", "format", "bus", "cache", "io", "pool", "target", "readonly"})
 _NIC_KEYS = frozenset({"network", "bridge", "model", "mac"})

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from common.broker_url import DEFAULT_URL
 from common.errors import InvalidRequest
-from common.transport.factory import DEFAULT_URL
 from controller.config import (
     DEFAULT_DATABASE_URL,
     ENV_VARS,
