@@ -192,12 +192,15 @@ def test_indexed_placement_after_upserts_and_removes(
 
 @pytest.mark.parametrize("strategy", list(sched.Strategy))
 @pytest.mark.parametrize("n_plus_one", [False, True])
-def test_large_fleet_stops_early_and_agrees(strategy: sched.Strategy, n_plus_one: bool) -> None:
+@pytest.mark.parametrize("group_policy", list(sched.GroupPolicy))
+def test_large_fleet_stops_early_and_agrees(
+    strategy: sched.Strategy, n_plus_one: bool, group_policy: sched.GroupPolicy
+) -> None:
     ids = [f"host-{i:04d}" for i in range(2000)]
     index = HostIndex(random_host(host_id, 1000 + i, scale=64) for i, host_id in enumerate(ids))
-    group = random_group(5, ids[:100])
+    group = replace(random_group(5, ids[::20]), policy=group_policy)
     policy = sched.PlacementPolicy(strategy=strategy, n_plus_one=n_plus_one)
-    for seed in range(25):
+    for seed in range(12):
         assert_same(index, random_request(seed, ids, scale=16), policy, group)
 
 
@@ -207,11 +210,16 @@ def test_identical_hosts_tie_on_host_id() -> None:
     hosts = [sched.HostState(host_id=f"n{i:03d}", inventories=inventory) for i in range(300)]
     hosts.append(sched.HostState(host_id="busy", inventories=inventory, used={R.VCPU: 8}))
     index = HostIndex(reversed(hosts))
-    request = sched.PlacementRequest(vm_name="vm", resources={R.VCPU: 2})
-    group = sched.ServerGroup(name="g", policy=sched.GroupPolicy.SOFT_AFFINITY)
+    request = sched.PlacementRequest(vm_name="vm", resources={R.VCPU: 2}, group="g")
+    members = {"n007": 1, "n000": 2, "n150": 1}
     for strategy in sched.Strategy:
-        result = assert_same(index, request, sched.PlacementPolicy(strategy=strategy), group)
-        assert isinstance(result, sched.Placement)
+        for group_policy in sched.GroupPolicy:
+            for weighed in ({}, {R.MEMORY_MIB: 1.0}, {R.VCPU: 1.0}):
+                group = sched.ServerGroup(name="g", policy=group_policy, max_per_host=2, members=members)
+                policy = sched.PlacementPolicy(strategy=strategy, multipliers=weighed)
+                result = assert_same(index, request, policy, group)
+                assert isinstance(result, sched.Placement)
+    request = replace(request, group=None)
     result = place_indexed(index, request)
     assert isinstance(result, sched.Placement)
     assert (result.host_id, result.alternates) == ("n000", ("n001", "n002"))
@@ -279,3 +287,22 @@ def test_choose_among_picks_within_the_best_k() -> None:
     assert place_indexed(index, request, policy) == place_indexed(index, request, policy)
     with pytest.raises(ValueError, match="choose_among"):
         sched.PlacementPolicy(choose_among=0)
+
+
+@pytest.mark.parametrize(
+    "group_policy", [sched.GroupPolicy.SOFT_AFFINITY, sched.GroupPolicy.SOFT_ANTI_AFFINITY]
+)
+def test_group_weigher_bounds_when_only_members_pass(group_policy: sched.GroupPolicy) -> None:
+    """The group column's low end is a member's count, not 0, when no outsider passes."""
+    inventory = {R.VCPU: sched.Inventory(16)}
+    hosts = [
+        sched.HostState(host_id="a", inventories=inventory, networks=frozenset({"prod"})),
+        sched.HostState(host_id="b", inventories=inventory, networks=frozenset({"prod"}), used={R.VCPU: 4}),
+        sched.HostState(host_id="c", inventories=inventory, networks=frozenset({"prod"}), used={R.VCPU: 2}),
+        sched.HostState(host_id="d", inventories=inventory),
+    ]
+    group = sched.ServerGroup(name="g", policy=group_policy, members={"a": 1, "b": 3, "c": 2})
+    request = sched.PlacementRequest(
+        vm_name="vm", resources={R.VCPU: 1}, group="g", networks=frozenset({"prod"})
+    )
+    assert_same(HostIndex(hosts), request, sched.PlacementPolicy(), group)
