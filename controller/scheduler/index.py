@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import heapq
 from bisect import bisect_left, insort
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from controller.scheduler.filters import N_PLUS_ONE_RESOURCES, Headroom, fullness_key, hw_accelerated
@@ -39,7 +39,7 @@ from controller.scheduler.model import (
     ServerGroup,
 )
 
-__all__ = ["CandidateLists", "HostIndex"]
+__all__ = ["DEFAULT_TRACKED", "CandidateLists", "HostIndex"]
 
 #: (hardware accelerated, networks, bridges): the static traits a bucket shares.
 _Key = tuple[bool, frozenset[str], frozenset[str]]
@@ -50,15 +50,28 @@ _Entry = tuple[int, str]  # (raw weigher value, host id)
 _MAX_MERGED_BUCKETS = 16
 _MERGE_SHARE = 0.8
 
+#: Resources kept sorted from the start: the ones the default policy weighs. Others get
+#: their lists the first time a policy weighs them (each list costs every upsert ~2 µs).
+DEFAULT_TRACKED: tuple[ResourceClass, ...] = (
+    ResourceClass.VCPU,
+    ResourceClass.MEMORY_MIB,
+    ResourceClass.DISK_GIB,
+)
+
 
 class _Bucket:
-    """Accepting hosts that share a :data:`_Key`, sorted per resource and by id."""
+    """Accepting hosts that share a :data:`_Key`, sorted per tracked resource and by id."""
 
     __slots__ = ("by_value", "ids")
 
-    def __init__(self) -> None:
-        self.by_value: dict[ResourceClass, list[_Entry]] = {rc: [] for rc in ResourceClass}
+    def __init__(self, resources: Iterable[ResourceClass]) -> None:
+        self.by_value: dict[ResourceClass, list[_Entry]] = {rc: [] for rc in resources}
         self.ids: list[str] = []
+
+    def track(self, resource: ResourceClass, hosts: Mapping[str, HostState]) -> None:
+        entries = [(hosts[host_id].free.get(resource, 0), host_id) for host_id in self.ids]
+        entries.sort()
+        self.by_value[resource] = entries
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -127,8 +140,9 @@ class HostIndex:
 
     def __init__(self, hosts: Iterable[HostState] = ()) -> None:
         self._hosts: dict[str, HostState] = {}
+        self._tracked: list[ResourceClass] = list(DEFAULT_TRACKED)
         self._buckets: dict[_Key, _Bucket] = {}
-        self._all = _Bucket()
+        self._all = _Bucket(self._tracked)
         self._matches: dict[tuple[bool, frozenset[str], frozenset[str]], CandidateLists] = {}
         # N+1 aggregates: free per N_PLUS_ONE_RESOURCES over schedulable hosts (clamped
         # at 0) and the fullness keys of up hosts, fullest first.
@@ -180,9 +194,23 @@ class HostIndex:
             self.generation += 1
 
     def candidates(
-        self, *, needs_hw_virt: bool, networks: frozenset[str], bridges: frozenset[str]
+        self,
+        *,
+        needs_hw_virt: bool,
+        networks: frozenset[str],
+        bridges: frozenset[str],
+        weighed: Iterable[ResourceClass] = (),
     ) -> CandidateLists:
-        """The lists to walk for a request with these static needs (see :class:`CandidateLists`)."""
+        """The lists to walk for a request with these static needs (see :class:`CandidateLists`).
+
+        ``weighed``: the resources whose lists will be walked; a resource not kept sorted
+        yet is sorted now and maintained from then on.
+        """
+        for resource in weighed:
+            if resource not in self._tracked:
+                self._tracked.append(resource)
+                for bucket in (*self._buckets.values(), self._all):
+                    bucket.track(resource, self._hosts)
         wanted = (needs_hw_virt, networks, bridges)
         found = self._matches.get(wanted)
         if found is None:
@@ -210,7 +238,7 @@ class HostIndex:
             key = _key(host)
             bucket = self._buckets.get(key)
             if bucket is None:
-                bucket = self._buckets[key] = _Bucket()
+                bucket = self._buckets[key] = _Bucket(self._tracked)
                 self._matches.clear()  # a new bucket may match requests already cached
             bucket.add(host)
             self._all.add(host)

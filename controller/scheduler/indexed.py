@@ -139,7 +139,10 @@ class _Search:
         """Bounds, then the threshold algorithm (module docstring); ``None``: nobody passes."""
         request, group, policy = self.ctx.request, self.ctx.group, self.policy
         lists = self.index.candidates(
-            needs_hw_virt=request.needs_hw_virt, networks=request.networks, bridges=request.bridges
+            needs_hw_virt=request.needs_hw_virt,
+            networks=request.networks,
+            bridges=request.bridges,
+            weighed=[rc for rc, multiplier in policy.multipliers.items() if multiplier != 0],
         )
         prefer_free = policy.strategy is Strategy.SPREAD
         columns: list[Column] = []
