@@ -33,10 +33,12 @@ from controller.scheduler.model import (
 __all__ = ["SOFT_GROUP_WEIGHER", "Column", "Scores", "normalise", "rank", "score_hosts"]
 
 #: The soft group policies and the name of their weigher column.
-SOFT_GROUP_WEIGHER = {
-    GroupPolicy.SOFT_AFFINITY: "soft_affinity",
-    GroupPolicy.SOFT_ANTI_AFFINITY: "soft_anti_affinity",
-}
+SOFT_GROUP_WEIGHER: FrozenMap[GroupPolicy, str] = FrozenMap(
+    {
+        GroupPolicy.SOFT_AFFINITY: "soft_affinity",
+        GroupPolicy.SOFT_ANTI_AFFINITY: "soft_anti_affinity",
+    }
+)
 
 
 def normalise(raw: Sequence[float], multiplier: float, prefer_high: bool) -> list[float]:

@@ -187,7 +187,7 @@ def test_indexed_placement_after_upserts_and_removes(
         assert_same(index, request, policy, group)
     rebuilt = HostIndex(index.hosts)
     assert rebuilt.hosts == index.hosts
-    assert rebuilt.headroom(request) == index.headroom(request)
+    assert rebuilt.headroom(request) == index.headroom(request) == Headroom.of(index.hosts, request)
 
 
 @pytest.mark.parametrize("strategy", list(sched.Strategy))
