@@ -1,4 +1,4 @@
-"""Benchmark of the pure scheduler: latency of place() and packing quality.
+"""Benchmark of the pure scheduler: latency of place() and place_indexed(), packing quality.
 
 Run: ``python bench/placement_pure.py [--quick]`` from the repository root.
 
@@ -9,7 +9,15 @@ four balanced sizes plus memory-, CPU- and disk-heavy shapes (see ``FLAVOURS``).
 Latency: p50/p99 wall time (and p50 CPU time) of one ``place()`` call on fleets of 100,
 1,000 and 10,000 hosts with random usage up to 80% (2% down, 1% disabled, 1% in
 maintenance, 10% lacking the VM's network), default spread policy, ranked list bounded
-as by default; then the same with N+1 on.
+as by default; then the same with N+1 on. Each request is decided twice on the same
+fleet: by ``place()`` over the snapshot (the full walk, the reference) and by
+``place_indexed()`` over a :class:`HostIndex` of it; the two must choose the same host
+and alternates. ``x`` is full p50 / indexed p50. A third policy, ``max_ranked=0``, keeps
+only the chosen host and alternates in ``ranked`` (what a create needs; ``--dry-run``
+wants the default ten).
+
+Index upkeep: building the index (per host) and re-upserting a host after a claim, as
+the controller does on every claim, report and status change.
 
 Packing quality: an empty fleet of 100 hosts receives a seeded stream of VMs, one
 ``place()`` + claim each, with each policy. Two figures:
@@ -33,23 +41,28 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from controller.scheduler import (
     FleetSnapshot,
+    HostIndex,
     HostState,
     Inventory,
     Placement,
     PlacementPolicy,
     PlacementRequest,
+    Refusal,
     ResourceClass,
     Strategy,
+    apply_claim,
     apply_placement,
     place,
+    place_indexed,
 )
 
 R = ResourceClass
@@ -117,21 +130,75 @@ def percentile(samples: Sequence[float], fraction: float) -> float:
     return ordered[rank]
 
 
-def latency(hosts: int, runs: int, policy: PlacementPolicy) -> tuple[float, float, float]:
-    """p50 and p99 wall time and p50 CPU time, in ms, of place() on a random fleet."""
+@dataclass(frozen=True)
+class Latency:
+    """Wall-clock p50/p99 (ms) of both searches on one fleet, their CPU p50, the indexed CPU p99."""
+
+    full_p50: float
+    full_p99: float
+    full_cpu: float
+    indexed_p50: float
+    indexed_p99: float
+    indexed_cpu: float
+    indexed_cpu_p99: float
+
+
+def fleet(hosts: int) -> tuple[list[HostState], random.Random]:
+    """The seeded random fleet of ``hosts`` hosts and the generator to draw requests from."""
     rng = random.Random(SEED + hosts)
-    snapshot = FleetSnapshot(hosts=tuple(random_host(rng, i) for i in range(hosts)), now=1_700_000_600.0)
+    return [random_host(rng, i) for i in range(hosts)], rng
+
+
+def latency(hosts: int, runs: int, policy: PlacementPolicy) -> Latency:
+    """place() and place_indexed() on the same random fleet and requests."""
+    states, rng = fleet(hosts)
+    snapshot = FleetSnapshot(hosts=tuple(states), now=1_700_000_600.0)
+    index = HostIndex(states)
     requests = [random_request(rng, i) for i in range(runs)]
     place(snapshot, requests[0], policy)  # warm up
-    wall: list[float] = []
-    cpu: list[float] = []
+    place_indexed(index, requests[0], policy)
+    samples: dict[str, tuple[list[float], list[float]]] = {"full": ([], []), "indexed": ([], [])}
     for request in requests:
-        start, start_cpu = time.perf_counter(), time.thread_time()
-        result = place(snapshot, request, policy)
-        cpu.append((time.thread_time() - start_cpu) * 1000.0)
-        wall.append((time.perf_counter() - start) * 1000.0)
-        assert isinstance(result, Placement), "bench fleet should have room"
-    return percentile(wall, 0.50), percentile(wall, 0.99), percentile(cpu, 0.50)
+        results = []
+        deciders: tuple[tuple[str, Callable[[PlacementRequest], Placement | Refusal]], ...] = (
+            ("full", partial(place, snapshot, policy=policy)),
+            ("indexed", partial(place_indexed, index, policy=policy, now=snapshot.now)),
+        )
+        for name, decide in deciders:
+            wall, cpu = samples[name]
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            result = decide(request)
+            cpu.append((time.thread_time() - start_cpu) * 1000.0)
+            wall.append((time.perf_counter() - start) * 1000.0)
+            assert isinstance(result, Placement), "bench fleet should have room"
+            results.append((result.host_id, result.alternates))
+        assert results[0] == results[1], f"indexed placement differs: {results}"
+    (full_wall, full_cpu), (indexed_wall, indexed_cpu) = samples["full"], samples["indexed"]
+    return Latency(
+        full_p50=percentile(full_wall, 0.50),
+        full_p99=percentile(full_wall, 0.99),
+        full_cpu=percentile(full_cpu, 0.50),
+        indexed_p50=percentile(indexed_wall, 0.50),
+        indexed_p99=percentile(indexed_wall, 0.99),
+        indexed_cpu=percentile(indexed_cpu, 0.50),
+        indexed_cpu_p99=percentile(indexed_cpu, 0.99),
+    )
+
+
+def upkeep(hosts: int, runs: int) -> tuple[float, float, float]:
+    """Index build time per host (µs), then p50/p99 (µs) of one upsert after a claim."""
+    states, rng = fleet(hosts)
+    start = time.perf_counter()
+    index = HostIndex(states)
+    build = (time.perf_counter() - start) * 1e6 / hosts
+    request = random_request(rng, 0)
+    claimed = [apply_claim(rng.choice(states), request) for _ in range(runs)]
+    times: list[float] = []
+    for state in claimed:
+        start = time.perf_counter()
+        index.upsert(state)
+        times.append((time.perf_counter() - start) * 1e6)
+    return build, percentile(times, 0.50), percentile(times, 0.99)
 
 
 @dataclass(frozen=True)
@@ -196,20 +263,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer runs (for CI smoke tests)")
     args = parser.parse_args()
-    runs = {100: 400, 1_000: 200, 10_000: 60}
+    runs = {100: 400, 1_000: 200, 10_000: 200}
     if args.quick:
         runs = {100: 50, 1_000: 20, 10_000: 5}
     # CPU time is printed too: on a shared machine the wall-clock figures include time
-    # spent waiting for a core, the CPU figure is what place() itself costs.
-    print("place() latency (ms)")
-    print(f"{'hosts':>7} {'policy':>14} {'p50':>8} {'p99':>8} {'cpu p50':>8}")
+    # spent waiting for a core, the CPU figure is what the search itself costs.
+    print("placement latency (ms): place() full walk vs place_indexed() over a HostIndex")
+    print(
+        f"{'hosts':>7} {'policy':>14} {'full p50':>9} {'p99':>8} {'cpu p50':>8}"
+        f" {'index p50':>9} {'p99':>8} {'cpu p50':>8} {'cpu p99':>8} {'x p50':>7}"
+    )
     for hosts, count in runs.items():
         for label, policy in (
             ("spread", PlacementPolicy()),
             ("spread+N+1", PlacementPolicy(n_plus_one=True)),
+            ("max_ranked=0", PlacementPolicy(max_ranked=0)),
         ):
-            p50, p99, cpu50 = latency(hosts, count, policy)
-            print(f"{hosts:>7} {label:>14} {p50:>8.2f} {p99:>8.2f} {cpu50:>8.2f}")
+            lat = latency(hosts, count, policy)
+            print(
+                f"{hosts:>7} {label:>14} {lat.full_p50:>9.2f} {lat.full_p99:>8.2f} {lat.full_cpu:>8.2f}"
+                f" {lat.indexed_p50:>9.2f} {lat.indexed_p99:>8.2f} {lat.indexed_cpu:>8.2f} {lat.indexed_cpu_p99:>8.2f}"
+                f" {lat.full_p50 / lat.indexed_p50:>7.1f}"
+            )
+    print()
+    print("index upkeep (µs)")
+    print(f"{'hosts':>7} {'build/host':>10} {'upsert p50':>10} {'p99':>8}")
+    for hosts in runs:
+        build, p50, p99 = upkeep(hosts, 50 if args.quick else 1000)
+        print(f"{hosts:>7} {build:>10.1f} {p50:>10.1f} {p99:>8.1f}")
     print()
     print("packing quality: 100 empty hosts, seeded VM stream")
     print(

@@ -84,6 +84,9 @@ class ControllerConfig:
     #: Build attempts per create: the chosen host plus alternates (Nova: max_attempts=3).
     max_attempts: int = 3
     n_plus_one: bool = False
+    #: Pick the host at random among the best N (1: always the best). Set it above 1 when
+    #: several controllers place VMs at once, so they rarely race for the same host.
+    choose_among: int = 1
     #: Optimistic-claim retries when another scheduler changed the host first (placement: 10).
     claim_retries: int = 10
     #: A VM still "building" after this long, and absent from its host's reports, is failed.
@@ -113,6 +116,8 @@ class ControllerConfig:
                 f"fleet_sync_s must be positive and at most a third of down_after_s ({self.down_after_s / 3:g} s):"
                 " heartbeats reach the database that often"
             )
+        if self.choose_among < 1:
+            raise InvalidRequest(f"choose_among must be at least 1, got {self.choose_among}")
         oc = self.overcommit
         for name in ("cpu_ratio", "ram_ratio", "disk_ratio"):
             if not math.isfinite(getattr(oc, name)) or getattr(oc, name) <= 0:

@@ -165,6 +165,7 @@ def policy(config: ControllerConfig) -> PlacementPolicy:
         strategy=Strategy(config.strategy),
         n_plus_one=config.n_plus_one,
         max_alternates=max(0, config.max_attempts - 1),
+        choose_among=config.choose_among,
     )
 
 

@@ -42,13 +42,17 @@ __all__ = [
     "dedicated_cpus",
     "excluded",
     "forced_host",
+    "fullness_key",
     "host_enabled",
     "host_rejections",
     "host_up",
+    "hw_accelerated",
     "hw_virt",
+    "make_context",
     "max_vms",
     "networks",
     "not_in_maintenance",
+    "passes",
     "resource_rule",
 ]
 
@@ -202,12 +206,15 @@ def forced_host(host: HostState, ctx: FilterContext) -> HostRejection | None:
     return HostRejection(host_id=host.host_id, rule=Rule.FORCED_HOST, message=f"not the forced host {wanted}")
 
 
+def hw_accelerated(host: HostState) -> bool:
+    """The host can serve a VM that needs hardware virtualisation (see :func:`hw_virt`)."""
+    kind = host.hypervisor_type
+    return host.has_hw_virt and (kind in HW_ACCELERATED or kind.lower() in HW_ACCELERATED)
+
+
 def hw_virt(host: HostState, ctx: FilterContext) -> HostRejection | None:
     """VMs needing hardware virtualisation need VT-x/AMD-V and an accelerated hypervisor."""
-    if not ctx.request.needs_hw_virt:
-        return None
-    kind = host.hypervisor_type
-    if host.has_hw_virt and (kind in HW_ACCELERATED or kind.lower() in HW_ACCELERATED):
+    if not ctx.request.needs_hw_virt or hw_accelerated(host):
         return None
     why = "VT-x/AMD-V absent" if not host.has_hw_virt else f"hypervisor {host.hypervisor_type}"
     return HostRejection(
@@ -336,6 +343,11 @@ def build_context(snapshot: FleetSnapshot, request: PlacementRequest) -> FilterC
     names a group the snapshot does not have.
     """
     group = None if request.group is None else snapshot.group(request.group)
+    return make_context(request, group, snapshot.now)
+
+
+def make_context(request: PlacementRequest, group: ServerGroup | None, now: float | None) -> FilterContext:
+    """:func:`build_context` for a caller that resolved the group itself (no snapshot)."""
     optional: tuple[tuple[bool, HostFilter], ...] = (
         (bool(request.exclude_hosts), excluded),
         (request.force_host is not None, forced_host),
@@ -353,7 +365,7 @@ def build_context(snapshot: FleetSnapshot, request: PlacementRequest) -> FilterC
     return FilterContext(
         request=request,
         group=group,
-        now=snapshot.now,
+        now=now,
         filters=(host_up, host_enabled, not_in_maintenance, max_vms, *per_request),
         request_filters=per_request,
         resources=resources,
@@ -372,6 +384,32 @@ def host_rejections(host: HostState, ctx: FilterContext) -> list[HostRejection]:
         if rejection is not None:
             found.append(rejection)
     return found
+
+
+def passes(host: HostState, ctx: FilterContext) -> bool:
+    """``not host_rejections(host, ctx)``, without building any rejection.
+
+    This runs for every host on every full walk, so the host-only rules are read from
+    ``host.accepting``, resources are compared with ``host.free`` directly unless the host
+    has unit constraints, and it stops at the first failure (a property test holds it to
+    the full evaluation).
+    """
+    if not host.accepting:
+        return False
+    free = host.free
+    for resource, amount in ctx.resources:
+        # Missing inventory reads as -1, which every (positive) amount exceeds.
+        if free.get(resource, -1) < amount:
+            return False
+    if not host.plain_units and any(
+        check_resource(host, rc, amount) is not None for rc, amount in ctx.resources
+    ):
+        return False
+    # A loop, not all(): no generator object per host on the 10k-host walk.
+    for check in ctx.request_filters:  # noqa: SIM110
+        if check(host, ctx) is not None:
+            return False
+    return True
 
 
 def _schedulable(host: HostState) -> bool:
@@ -423,17 +461,26 @@ class Headroom:
             used_memory = host.used.get(memory, 0)
             if used_memory < second_memory:
                 continue  # cannot be one of the two fullest
-            key = _fullness_key(host)
-            if first is None or key < _fullness_key(first):
+            key = fullness_key(host)
+            if first is None or key < fullness_key(first):
                 first, second = host, first
-            elif second is None or key < _fullness_key(second):
+            elif second is None or key < fullness_key(second):
                 second = host
             if second is not None:
                 second_memory = second.used.get(memory, 0)
-        amounts = tuple(request.resources.get(resource, 0) for resource in N_PLUS_ONE_RESOURCES)
-        free_total = (free_memory, free_vcpu, free_disk)
-        baseline = () if first is None else _shortfalls(first, False, amounts, free_total)
         fullest = tuple(h for h in (first, second) if h is not None)
+        return cls.from_totals((free_memory, free_vcpu, free_disk), fullest, request)
+
+    @classmethod
+    def from_totals(
+        cls, free_total: tuple[int, ...], fullest: tuple[HostState, ...], request: PlacementRequest
+    ) -> Headroom:
+        """The same as :meth:`of` from totals kept elsewhere (e.g. maintained by an index):
+        ``free_total`` per :data:`N_PLUS_ONE_RESOURCES` over schedulable hosts (free
+        clamped at 0) and the (up to) two up hosts with the most memory used, fullest
+        first (ties: lowest host id)."""
+        amounts = tuple(request.resources.get(resource, 0) for resource in N_PLUS_ONE_RESOURCES)
+        baseline = () if not fullest else _shortfalls(fullest[0], False, amounts, free_total)
         return cls(amounts=amounts, free_total=free_total, fullest=fullest, baseline=baseline)
 
     def check(self, host: HostState) -> list[HostRejection]:
@@ -446,7 +493,7 @@ class Headroom:
             host.host_id,
         )
         top = self.fullest[0] if self.fullest else None
-        if top is not None and top.host_id != host.host_id and after_key > _fullness_key(top):
+        if top is not None and top.host_id != host.host_id and after_key > fullness_key(top):
             # The common case: the fleet's fullest host stays the one to lose, so every
             # such host shares one precomputed verdict.
             if not self.baseline:
@@ -454,7 +501,7 @@ class Headroom:
             victim, grows, shortfalls = top, False, self.baseline
         else:
             other = next((h for h in self.fullest if h.host_id != host.host_id), None)
-            if other is None or after_key <= _fullness_key(other):
+            if other is None or after_key <= fullness_key(other):
                 victim, grows = host, True  # the VM makes this host the one to lose
             else:
                 victim, grows = other, False
@@ -504,5 +551,6 @@ def _shortfalls(
     return tuple(found)
 
 
-def _fullness_key(host: HostState) -> tuple[int, str]:
+def fullness_key(host: HostState) -> tuple[int, str]:
+    """Order of "fullest" for N+1: most memory used first, then lowest host id."""
     return (-host.used.get(ResourceClass.MEMORY_MIB, 0), host.host_id)

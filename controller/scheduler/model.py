@@ -389,6 +389,10 @@ class PlacementPolicy:
     it can be, and only bends when no host satisfies it.
     ``max_ranked`` bounds the scored candidates kept for display (``None``: all of them;
     building a breakdown for 10,000 hosts costs more than choosing one).
+    ``choose_among`` > 1 picks the host at random among the best ``choose_among`` (the
+    rest of the ranking, in order, gives the alternates) so that several controllers
+    deciding at the same time on the same fleet rarely pick the same host and lose the
+    claim race to each other. The default of 1 always takes the best host, as before.
     """
 
     strategy: Strategy = Strategy.SPREAD
@@ -397,8 +401,11 @@ class PlacementPolicy:
     n_plus_one: bool = False
     max_alternates: int = 2
     max_ranked: int | None = 10
+    choose_among: int = 1
 
     def __post_init__(self) -> None:
+        if self.choose_among < 1:
+            raise ValueError(f"choose_among must be >= 1: {self.choose_among}")
         if self.max_alternates < 0:
             raise ValueError(f"max_alternates must be >= 0: {self.max_alternates}")
         if self.max_ranked is not None and self.max_ranked < 0:

@@ -8,6 +8,7 @@ alternates in order, then calls ``place()`` again with the failed hosts excluded
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 from controller.scheduler.cpus import pick_pcpus
@@ -15,8 +16,8 @@ from controller.scheduler.filters import (
     FilterContext,
     Headroom,
     build_context,
-    check_resource,
     host_rejections,
+    passes,
 )
 from controller.scheduler.model import (
     FleetSnapshot,
@@ -30,9 +31,9 @@ from controller.scheduler.model import (
     Rule,
     ServerGroup,
 )
-from controller.scheduler.weighers import rank, score_hosts
+from controller.scheduler.weighers import Scores, rank, score_hosts
 
-__all__ = ["apply_claim", "apply_placement", "explain", "place"]
+__all__ = ["apply_claim", "apply_placement", "decide", "explain", "place", "ranked_limit"]
 
 _DEFAULT_POLICY = PlacementPolicy()
 
@@ -40,33 +41,13 @@ _DEFAULT_POLICY = PlacementPolicy()
 def _filter_hosts(snapshot: FleetSnapshot, ctx: FilterContext) -> tuple[list[HostState], list[HostRejection]]:
     """Split hosts into those passing every host rule and the rejections of the others.
 
-    This loop runs for every host on every request, so it takes a fast path that is
-    equivalent to ``not host_rejections(host, ctx)`` (a property test holds it to that):
-    the host-only rules are read from ``host.accepting``, resources are compared with
-    ``host.free`` directly unless the host has unit constraints, and the loop stops at
-    the first failure. Only a rejected host pays for the full evaluation, which collects
-    every rule it fails for the explanation.
+    :func:`~controller.scheduler.filters.passes` is the fast check; only a rejected host
+    pays for the full evaluation, which collects every rule it fails for the explanation.
     """
     passed: list[HostState] = []
     rejected: list[HostRejection] = []
-    request_filters, resources = ctx.request_filters, ctx.resources
     for host in snapshot.hosts:
-        ok = host.accepting
-        if ok:
-            free = host.free
-            for resource, amount in resources:
-                # Missing inventory reads as -1, which every (positive) amount exceeds.
-                if free.get(resource, -1) < amount:
-                    ok = False
-                    break
-            if ok and not host.plain_units:
-                ok = all(check_resource(host, rc, amount) is None for rc, amount in resources)
-        if ok:
-            for check in request_filters:
-                if check(host, ctx) is not None:
-                    ok = False
-                    break
-        if ok:
+        if passes(host, ctx):
             passed.append(host)
         else:
             rejected.extend(host_rejections(host, ctx))
@@ -77,12 +58,15 @@ def place(
     snapshot: FleetSnapshot,
     request: PlacementRequest,
     policy: PlacementPolicy = _DEFAULT_POLICY,
+    *,
+    rng: random.Random | None = None,
 ) -> Placement | Refusal:
     """Choose a host for ``request``, or return a :class:`Refusal` naming every host's reasons.
 
     Steps: every host through every applicable filter; N+1 (if the policy asks) on the
-    survivors; weigh the rest; the best is chosen, the next ``max_alternates`` are the
-    alternates; dedicated CPUs are picked on the chosen host. Raises
+    survivors; weigh the rest; the best is chosen (or one of the best
+    ``policy.choose_among`` at random, see :func:`decide`), the next ``max_alternates``
+    are the alternates; dedicated CPUs are picked on the chosen host. Raises
     :class:`~controller.scheduler.model.UnknownServerGroupError` for an unknown group.
     """
     ctx = build_context(snapshot, request)
@@ -100,9 +84,37 @@ def place(
     if not passed:
         return Refusal(tuple(rejected), request.vm_name)
     scores = score_hosts(passed, ctx.group, policy)
-    wanted = 1 + policy.max_alternates
-    shown = None if policy.max_ranked is None else max(policy.max_ranked, wanted)
-    order = rank(scores, shown)
+    return decide(scores, request, policy, rejections=tuple(rejected), rng=rng)
+
+
+def ranked_limit(policy: PlacementPolicy) -> int | None:
+    """How many of the best candidates a decision needs in order (``None``: all)."""
+    wanted = max(1 + policy.max_alternates, policy.choose_among)
+    return None if policy.max_ranked is None else max(policy.max_ranked, wanted)
+
+
+def decide(
+    scores: Scores,
+    request: PlacementRequest,
+    policy: PlacementPolicy,
+    *,
+    rejections: tuple[HostRejection, ...] = (),
+    rng: random.Random | None = None,
+) -> Placement:
+    """The :class:`Placement` for weighed candidates: rank, choose, pick dedicated CPUs.
+
+    ``scores`` must hold at least the best :func:`ranked_limit` candidates of the whole
+    candidate set (more are fine). With ``policy.choose_among`` = k > 1 the chosen host
+    is drawn uniformly from the best k with ``rng``; without one, ``random.Random(vm
+    name)`` keeps the call pure and repeatable while different VMs draw differently.
+    The chosen host comes first in ``ranked``, then the others in order.
+    """
+    order = rank(scores, ranked_limit(policy))
+    among = min(policy.choose_among, len(order))
+    if among > 1:
+        # Spreading concurrent decisions, not secrecy: a seeded PRNG is what keeps it pure.
+        draw = (rng or random.Random(request.vm_name)).randrange(among)  # noqa: S311
+        order.insert(0, order.pop(draw))
     chosen = scores.hosts[order[0]]
     pcpus: tuple[int, ...] = ()
     if request.dedicated_cpus:
@@ -114,10 +126,10 @@ def place(
         pcpus = picked
     return Placement(
         host_id=chosen.host_id,
-        alternates=tuple(scores.hosts[i].host_id for i in order[1:wanted]),
+        alternates=tuple(scores.hosts[i].host_id for i in order[1 : 1 + policy.max_alternates]),
         ranked=tuple(scores.candidate(i) for i in order),
         pcpus=pcpus,
-        rejections=tuple(rejected),
+        rejections=rejections,
     )
 
 

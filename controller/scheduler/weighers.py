@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from controller.scheduler.model import (
     Candidate,
@@ -25,16 +25,20 @@ from controller.scheduler.model import (
     GroupPolicy,
     HostState,
     PlacementPolicy,
+    ResourceClass,
     ServerGroup,
     Strategy,
 )
 
-__all__ = ["Scores", "normalise", "rank", "score_hosts"]
+__all__ = ["SOFT_GROUP_WEIGHER", "Column", "Scores", "normalise", "rank", "score_hosts"]
 
-_SOFT_GROUP_WEIGHER = {
-    GroupPolicy.SOFT_AFFINITY: "soft_affinity",
-    GroupPolicy.SOFT_ANTI_AFFINITY: "soft_anti_affinity",
-}
+#: The soft group policies and the name of their weigher column.
+SOFT_GROUP_WEIGHER: FrozenMap[GroupPolicy, str] = FrozenMap(
+    {
+        GroupPolicy.SOFT_AFFINITY: "soft_affinity",
+        GroupPolicy.SOFT_ANTI_AFFINITY: "soft_anti_affinity",
+    }
+)
 
 
 def normalise(raw: Sequence[float], multiplier: float, prefer_high: bool) -> list[float]:
@@ -43,9 +47,62 @@ def normalise(raw: Sequence[float], multiplier: float, prefer_high: bool) -> lis
     if high == low:
         return [0.0] * len(raw)
     scale = multiplier / (high - low)  # one multiplication per value in the loops below
+    # Column.weight repeats these two expressions: the indexed search must produce the
+    # very same floats for a host without seeing the whole candidate set.
     if prefer_high:
         return [(value - low) * scale for value in raw]
     return [(high - value) * scale for value in raw]
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One weigher normalised over a candidate set known only by its bounds.
+
+    ``weight(v)`` equals what :func:`normalise` gives a candidate with raw value ``v``
+    when ``low``/``high`` are the min/max of the set's raw values, bit for bit, so a
+    search that finds the bounds first can score hosts one at a time.
+    """
+
+    name: str
+    low: int
+    high: int
+    multiplier: float
+    prefer_high: bool
+    #: whose free amount is the raw value; ``None`` for the group weigher (member count)
+    resource: ResourceClass | None = None
+    #: ``multiplier / (high - low)``, or 0.0 when every candidate weighs the same
+    scale: float = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        scale = 0.0 if self.high == self.low else self.multiplier / (self.high - self.low)
+        object.__setattr__(self, "scale", scale)
+
+    def raw(self, host: HostState, members: Mapping[str, int]) -> int:
+        """``host``'s raw value for this weigher (``members``: the group's counts)."""
+        if self.resource is None:
+            return members.get(host.host_id, 0)
+        return host.free.get(self.resource, 0)
+
+    @property
+    def constant(self) -> bool:
+        """Every candidate gets 0.0 (the weigher cannot tell them apart)."""
+        return self.high == self.low
+
+    @property
+    def increasing(self) -> bool:
+        """Whether the weight grows with the raw value (the best hosts have the largest)."""
+        return self.prefer_high == (self.multiplier > 0)
+
+    def weight(self, value: int) -> float:
+        """The normalised, scaled weight of raw ``value``.
+
+        Exact for candidates (``low <= value <= high``; a constant column gives
+        ``0 * 0.0 = 0.0``); for other values it is still monotonic in ``value``, which is
+        all a bound needs.
+        """
+        if self.prefer_high:
+            return (value - self.low) * self.scale
+        return (self.high - value) * self.scale
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +134,12 @@ def score_hosts(
         # A host without inventory of a resource has none of it free.
         raw = [host.free.get(resource, 0) for host in hosts]
         columns.append((resource.value.lower(), tuple(normalise(raw, multiplier, prefer_free))))
-    if group is not None and group.policy in _SOFT_GROUP_WEIGHER and policy.group_multiplier:
+    if group is not None and group.policy in SOFT_GROUP_WEIGHER and policy.group_multiplier:
         members = group.members
         raw = [members.get(host.host_id, 0) for host in hosts]
         prefer_more = group.policy is GroupPolicy.SOFT_AFFINITY
         weights = normalise(raw, policy.group_multiplier, prefer_more)
-        columns.append((_SOFT_GROUP_WEIGHER[group.policy], tuple(weights)))
+        columns.append((SOFT_GROUP_WEIGHER[group.policy], tuple(weights)))
     totals: tuple[float, ...] = (0.0,) * len(hosts)
     if columns:
         totals = tuple(map(math.fsum, zip(*(column for _, column in columns), strict=True)))

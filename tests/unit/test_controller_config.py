@@ -203,6 +203,14 @@ def test_non_positive_limits(tmp_path: Path, setting: str) -> None:
         load_config(write(tmp_path, setting + "\n"), env={})
 
 
+def test_choose_among(tmp_path: Path) -> None:
+    assert load_config(env={}).choose_among == 1
+    assert load_config(write(tmp_path, "choose_among = 3\n"), env={}).choose_among == 3
+    assert load_config(overrides={"choose_among": 4}, env={}).choose_among == 4
+    with pytest.raises(InvalidRequest, match="choose_among must be at least 1, got 0"):
+        load_config(write(tmp_path, "choose_among = 0\n"), env={})
+
+
 def test_overcommit_table(tmp_path: Path) -> None:
     path = write(
         tmp_path,
