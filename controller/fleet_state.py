@@ -28,24 +28,26 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from sqlalchemy.orm import Session
 
 from controller import fleet
 from controller.config import ControllerConfig
 from controller.db import repository as repo
-from controller.scheduler.model import FleetSnapshot, HostState
+from controller.scheduler.index import HostIndex
+from controller.scheduler.indexed import place_indexed
+from controller.scheduler.model import (
+    FleetSnapshot,
+    HostState,
+    Placement,
+    PlacementPolicy,
+    PlacementRequest,
+    Refusal,
+)
 
 #: a function opening one database transaction (``ControllerService.tx``)
 Transaction = Callable[[], AbstractContextManager[Session]]
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    record: repo.HostRecord
-    #: the scheduler's view, computed for the liveness the record had then
-    state: HostState
 
 
 class FleetState:
@@ -55,7 +57,11 @@ class FleetState:
         self._tx = tx
         self._config = config
         self._lock = threading.Lock()
-        self._entries: dict[str, _Entry] = {}
+        self._records: dict[str, repo.HostRecord] = {}
+        #: the scheduler's view of every host, kept sorted for placement (not thread-safe: _lock)
+        self._index = HostIndex()
+        #: no host can go down before this time (the oldest heartbeat of an up host + down_after_s)
+        self._next_expiry = 0.0
         #: heartbeats received and not yet written: host -> time
         self._pending_beats: dict[str, float] = {}
         self._groups_fingerprint: tuple[object, ...] = ()
@@ -69,8 +75,10 @@ class FleetState:
             fingerprint = repo.host_groups_fingerprint(s)
         with self._lock:
             beats = self._pending_beats
-            self._entries = {r.id: self._entry(_with_beat(r, beats.get(r.id)), now) for r in records}
+            self._records = {r.id: _with_beat(r, beats.get(r.id)) for r in records}
+            self._index = HostIndex(self._state(r, now) for r in self._records.values())
             self._groups_fingerprint = fingerprint
+            self._next_expiry = 0.0
 
     def sync(self, now: float) -> int:
         """Reload the hosts whose generation or row changed in the database since we read them
@@ -79,7 +87,7 @@ class FleetState:
             markers = repo.host_markers(s)
             fingerprint = repo.host_groups_fingerprint(s)
             with self._lock:
-                known = {h: (e.record.generation, e.record.updated_at) for h, e in self._entries.items()}
+                known = {h: (r.generation, r.updated_at) for h, r in self._records.items()}
                 groups_changed = fingerprint != self._groups_fingerprint
             changed = [
                 host_id
@@ -88,17 +96,15 @@ class FleetState:
             ]
             records = repo.list_hosts(s, changed, include_vms=False) if changed else []
         with self._lock:
-            for host_id in set(self._entries) - set(markers):
-                del self._entries[host_id]
+            for host_id in set(self._records) - set(markers):
+                self._forget(host_id)
             for host_id, marker in markers.items():
-                entry = self._entries.get(host_id)
-                if entry is not None and _newer(marker.last_heartbeat, entry.record.last_heartbeat):
-                    self._entries[host_id] = self._entry(
-                        replace(entry.record, last_heartbeat=marker.last_heartbeat), now
-                    )
+                known_record = self._records.get(host_id)
+                if known_record is not None and _newer(marker.last_heartbeat, known_record.last_heartbeat):
+                    # Another controller took this host's heartbeat: it counts as ours.
+                    self._put(replace(known_record, last_heartbeat=marker.last_heartbeat), now)
             for record in records:
-                beat = self._pending_beats.get(record.id)
-                self._entries[record.id] = self._entry(_with_beat(record, beat), now)
+                self._put(_with_beat(record, self._pending_beats.get(record.id)), now)
             self._groups_fingerprint = fingerprint
         return len(records)
 
@@ -113,28 +119,27 @@ class FleetState:
             self.upsert(record, now)
         with self._lock:
             for gone in set(wanted) - {r.id for r in records}:
-                self._entries.pop(gone, None)
+                self._forget(gone)
 
     def upsert(self, record: repo.HostRecord, now: float) -> None:
         """Take a host as this controller just wrote it (inside or right after the transaction)."""
         with self._lock:
-            beat = self._pending_beats.get(record.id)
-            self._entries[record.id] = self._entry(_with_beat(record, beat), now)
+            self._put(_with_beat(record, self._pending_beats.get(record.id)), now)
 
     # ------------------------------------------------------------------ heartbeats
 
     def beat(self, host_id: str, now: float) -> bool:
         """Note a heartbeat in memory; False when the host is unknown (never reported)."""
         with self._lock:
-            entry = self._entries.get(host_id)
-            if entry is None:
+            record = self._records.get(host_id)
+            if record is None:
                 return False
             self._pending_beats[host_id] = now
-            record = replace(entry.record, last_heartbeat=now)
-            state = entry.state
-            if not state.up:
-                state = fleet.host_state(record, self._config, now)
-            self._entries[host_id] = _Entry(record, state)
+            record = replace(record, last_heartbeat=now)
+            self._records[host_id] = record
+            state = self._index.get(host_id)
+            if state is not None and not state.up:  # it comes back: the scheduler must know
+                self._index.upsert(self._state(record, now))
         return True
 
     def flush_heartbeats(self) -> int:
@@ -158,38 +163,64 @@ class FleetState:
     def record(self, host_id: str) -> repo.HostRecord | None:
         """The host as last known, heartbeat included (no reported VMs)."""
         with self._lock:
-            entry = self._entries.get(host_id)
-        return None if entry is None else entry.record
+            return self._records.get(host_id)
 
     def records(self) -> list[repo.HostRecord]:
         """Every host, ordered by id."""
         with self._lock:
-            entries = sorted(self._entries.items())
-        return [e.record for _h, e in entries]
+            return [r for _h, r in sorted(self._records.items())]
 
     def snapshot(self, now: float, groups: Iterable[repo.ServerGroupRecord] = ()) -> FleetSnapshot:
-        """The fleet as the scheduler sees it at ``now``, computed without the database.
-
-        A host's scheduler state is rebuilt only when its liveness changed since it was
-        computed; everything else is reused from the last decision.
-        """
+        """The whole fleet as the scheduler sees it at ``now`` (for explanations: a dry run)."""
         with self._lock:
-            entries = sorted(self._entries.items())
-            states: list[HostState] = []
-            for host_id, cached in entries:
-                entry = cached
-                if fleet.host_is_up(entry.record, now, self._config.down_after_s) != entry.state.up:
-                    entry = self._entry(entry.record, now)
-                    self._entries[host_id] = entry
-                states.append(entry.state)
-        return FleetSnapshot(
-            hosts=tuple(states),
-            server_groups=tuple(fleet.server_group(g) for g in groups),
-            now=now,
-        )
+            self._sweep(now)
+            return self._index.snapshot(tuple(fleet.server_group(g) for g in groups), now)
 
-    def _entry(self, record: repo.HostRecord, now: float) -> _Entry:
-        return _Entry(record, fleet.host_state(record, self._config, now))
+    def place(
+        self,
+        request: PlacementRequest,
+        policy: PlacementPolicy,
+        now: float,
+        groups: Iterable[repo.ServerGroupRecord] = (),
+    ) -> Placement | Refusal:
+        """Decide on the index: only the best candidates are looked at (see scheduler.indexed)."""
+        server_groups = tuple(fleet.server_group(g) for g in groups)
+        with self._lock:
+            self._sweep(now)
+            return place_indexed(self._index, request, policy, server_groups=server_groups, now=now)
+
+    # ------------------------------------------------------------------ inside the lock
+
+    def _sweep(self, now: float) -> None:
+        """Mark hosts whose heartbeat is too old as down (the index never reads a clock).
+
+        Costs a walk of the fleet only when some host may have expired since the last sweep.
+        """
+        if now < self._next_expiry:
+            return
+        down_after = self._config.down_after_s
+        next_expiry = float("inf")
+        for host_id, record in self._records.items():
+            up = fleet.host_is_up(record, now, down_after)
+            state = self._index.get(host_id)
+            if state is not None and state.up != up:
+                self._index.upsert(self._state(record, now))
+            if up and record.last_heartbeat is not None:
+                next_expiry = min(next_expiry, record.last_heartbeat + down_after)
+        self._next_expiry = next_expiry
+
+    def _put(self, record: repo.HostRecord, now: float) -> None:
+        self._records[record.id] = record
+        self._index.upsert(self._state(record, now))
+        if record.last_heartbeat is not None:
+            self._next_expiry = min(self._next_expiry, record.last_heartbeat + self._config.down_after_s)
+
+    def _forget(self, host_id: str) -> None:
+        self._records.pop(host_id, None)
+        self._index.remove(host_id)
+
+    def _state(self, record: repo.HostRecord, now: float) -> HostState:
+        return fleet.host_state(record, self._config, now)
 
 
 def _newer(candidate: float | None, current: float | None) -> bool:

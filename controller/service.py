@@ -65,6 +65,7 @@ from controller.fleet_state import FleetState
 from controller.scheduler.model import (
     FleetSnapshot,
     Placement,
+    PlacementPolicy,
     PlacementRequest,
     Refusal,
     ResourceClass,
@@ -185,7 +186,7 @@ class ControllerService:
                 )
         request = self._placement_request(req, exclude=())
         if req.dry_run:
-            result = self._decide(request)
+            result = self._decide(request, explain=True)
             if isinstance(result, Refusal):
                 raise _no_valid_host(result)
             return api.VmCreated(None, _placement_view(result), dry_run=True)
@@ -218,18 +219,28 @@ class ControllerService:
             group=req.server_group,
         )
 
-    def _decide(self, request: PlacementRequest) -> Placement | Refusal:
-        """Decide on the in-memory fleet; a refusal is confirmed on a fresh read of it."""
+    def _decide(self, request: PlacementRequest, *, explain: bool = False) -> Placement | Refusal:
+        """Decide on the in-memory fleet; a refusal is confirmed on a fresh read of it.
+
+        ``explain``: walk every host, so the answer lists why each other host was not chosen
+        (a dry run); otherwise only the best candidates are looked at.
+        """
         groups: list[repo.ServerGroupRecord] = []
         if request.group is not None:
             with self.tx() as s:
                 groups = _request_group(s, request)
-        result = _place(self.fleet.snapshot(self.clock(), groups), request, self.config)
+        policy = fleet.policy(self.config)
+        now = self.clock()
+        if explain:
+            result = _place(self.fleet.snapshot(now, groups), request, policy)
+        else:
+            result = _guard_group(request, lambda: self.fleet.place(request, policy, now, groups))
         if isinstance(result, Refusal):
-            # Rare, and the memory may lag another controller's release by a sync interval.
+            # Rare, and the memory may lag another controller's release by a sync interval;
+            # the full walk also gives every host's reason.
             now = self.clock()
             self.fleet.load(now)
-            result = _place(self.fleet.snapshot(now, groups), request, self.config)
+            result = _place(self.fleet.snapshot(now, groups), request, policy)
         return result
 
     def _claim(self, req: api.VmCreate, vm_uuid: str, request: PlacementRequest) -> _Claimed:
@@ -262,7 +273,7 @@ class ControllerService:
                         bridges=request.bridges,
                         group=request.group,
                     ),
-                    self.config,
+                    _one_host_policy(self.config),
                 )
                 if isinstance(recheck, Refusal):
                     log.info("host %s filled up while placing %s; deciding again", result.host_id, req.name)
@@ -455,7 +466,7 @@ class ControllerService:
                         {ResourceClass(r): a for r, a in grow.items()},
                         force_host=host_id,
                     ),
-                    fleet.policy(self.config),
+                    _one_host_policy(self.config),
                 )
                 if isinstance(check, Refusal):
                     raise CapacityExceeded(
@@ -665,13 +676,25 @@ def _request_group(session: Session, request: PlacementRequest) -> list[repo.Ser
 
 
 def _place(
-    snapshot: FleetSnapshot, request: PlacementRequest, config: ControllerConfig
+    snapshot: FleetSnapshot, request: PlacementRequest, policy: PlacementPolicy
 ) -> Placement | Refusal:
-    """The pure scheduler, with a group deleted since the request was checked as NotFound."""
+    """The pure scheduler over a whole snapshot."""
+    return _guard_group(request, lambda: place(snapshot, request, policy))
+
+
+def _guard_group(request: PlacementRequest, decide: Callable[[], Placement | Refusal]) -> Placement | Refusal:
+    """A group deleted since the request was checked is NotFound, not a crash."""
     try:
-        return place(snapshot, request, fleet.policy(config))
+        return decide()
     except UnknownServerGroupError:
         raise NotFound(f"server group {request.group!r} does not exist") from None
+
+
+def _one_host_policy(config: ControllerConfig) -> PlacementPolicy:
+    """The policy for re-checking one host under its lock: the fleet-wide rules (N+1 keeps a
+    host's worth of room across the fleet) were applied when the host was chosen, and on a
+    one-host snapshot N+1 would refuse everything."""
+    return replace(fleet.policy(config), n_plus_one=False)
 
 
 def _no_valid_host(refusal: Refusal) -> NoValidHost:

@@ -78,14 +78,16 @@ def test_hosts_report_their_size(fleet: InProcessFleet) -> None:
 
 def test_vm_lands_only_where_it_fits(fleet: InProcessFleet) -> None:
     # 20 GiB cannot fit the small host (15.5 GiB usable): it must go elsewhere.
-    created = fleet.cli_ok("vm", "create", "fits-big", "--vcpus", "2", "--memory", "20480", "--disk", "5")
+    args = ("vm", "create", "fits-big", "--vcpus", "2", "--memory", "20480", "--disk", "5")
+    explained = fleet.cli_ok(*args, "--dry-run")
+    rejected = {r["host"]: r for r in explained["placement"]["rejected"]}
+    assert rejected["small"]["rule"] == "capacity"
+    assert "memory short by" in rejected["small"]["message"]
+    created = fleet.cli_ok(*args)
     assert created["vm"]["host"] in {"medium", "large"}
     assert created["vm"]["status"] == "active"
     assert created["vm"]["power_state"] == "running"
-    assert created["placement"]["host"] == created["vm"]["host"]
-    rejected = {r["host"]: r for r in created["placement"]["rejected"]}
-    assert rejected["small"]["rule"] == "capacity"
-    assert "memory short by" in rejected["small"]["message"]
+    assert created["placement"]["host"] == created["vm"]["host"] == explained["placement"]["host"]
 
     forced = fleet.cli_ok("vm", "create", "on-small", "--memory", "1024", "--disk", "2", "--host", "small")
     assert forced["vm"]["host"] == "small"

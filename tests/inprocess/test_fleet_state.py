@@ -177,3 +177,11 @@ def _count_statements(engine: Engine, action: Any) -> list[str]:
     finally:
         event.remove(engine, "before_cursor_execute", record)
     return seen
+
+
+def test_n_plus_one_is_a_fleet_rule_not_checked_again_on_the_one_claimed_host(engine: Engine) -> None:
+    # The claim re-checks one host under its lock; N+1 on a one-host snapshot refuses everything.
+    service = _service(engine, n_plus_one=True)
+    _seed(service, "h1", "h2", "h3")
+    assert _create(service, "kept") in {"h1", "h2", "h3"}
+    service.close()

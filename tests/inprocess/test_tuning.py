@@ -107,11 +107,12 @@ def test_dedicated_vms_land_where_cpus_are_free_and_never_share_one(fleet: InPro
     assert filled.code == 0, filled.stdout + filled.stderr
     assert tuning(fleet, "pin-b")["free_pcpus"] == ""
 
+    explained = dedicated(fleet, "ded-1", 2, "--dry-run")
+    rejected = {r["host"]: r["message"] for r in explained.json["placement"]["rejected"]}
+    assert rejected["pin-b"] == "dedicated cpu short by 2 pCPU at ratio 1.0"
     first = dedicated(fleet, "ded-1", 2)
     assert first.code == 0, first.stdout + first.stderr
     assert first.json["vm"]["host"] == "pin-a"
-    rejected = {r["host"]: r["message"] for r in first.json["placement"]["rejected"]}
-    assert rejected["pin-b"] == "dedicated cpu short by 2 pCPU at ratio 1.0"
     view = fleet.cli_ok("vm", "affinity", "ded-1")
     assert (view["cpu_policy"], view["pcpus"], view["allowance"]) == (
         "dedicated",
