@@ -25,13 +25,17 @@ would have made.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import replace
 
+import msgspec
 from sqlalchemy.orm import Session
 
+from common.codec import encode, to_wire
+from common.messages.host import HostReport
 from controller import fleet
 from controller.config import ControllerConfig
 from controller.db import repository as repo
@@ -45,6 +49,10 @@ from controller.scheduler.model import (
     PlacementRequest,
     Refusal,
 )
+
+#: an unchanged report is still written this often (it refreshes the host's last report time and
+#: re-applies the VMs' states, whatever the controller wrote since)
+REPORT_REWRITE_S = 300.0
 
 #: a function opening one database transaction (``ControllerService.tx``)
 Transaction = Callable[[], AbstractContextManager[Session]]
@@ -65,6 +73,8 @@ class FleetState:
         #: heartbeats received and not yet written: host -> time
         self._pending_beats: dict[str, float] = {}
         self._groups_fingerprint: tuple[object, ...] = ()
+        #: per host: the digest of the last report written, when, and the host row's updated_at then
+        self._reports: dict[str, tuple[bytes, float, float]] = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -158,12 +168,47 @@ class FleetState:
             raise
         return len(beats)
 
+    # ------------------------------------------------------------------ reports
+
+    def report_unchanged(self, report: HostReport, now: float) -> bool:
+        """True when ``report`` says what the last one this controller wrote said (counters and
+        times aside), less than REPORT_REWRITE_S ago, and nobody wrote the host since (another
+        controller's report changes the row's ``updated_at``, seen at the next sync): then it is
+        only a heartbeat. Reports of idle hosts are most reports; each would otherwise be a
+        write of the host and its VMs."""
+        digest = _digest(report)
+        with self._lock:
+            last = self._reports.get(report.host_id)
+            record = self._records.get(report.host_id)
+        return (
+            last is not None
+            and record is not None
+            and last[0] == digest
+            and now - last[1] < REPORT_REWRITE_S
+            and record.updated_at == last[2]
+        )
+
+    def report_written(self, report: HostReport, now: float) -> None:
+        """Note the report just written (see :meth:`report_unchanged`)."""
+        digest = _digest(report)
+        with self._lock:
+            record = self._records.get(report.host_id)
+            if record is not None:
+                self._reports[report.host_id] = (digest, now, record.updated_at)
+
     # ------------------------------------------------------------------ reading
 
     def record(self, host_id: str) -> repo.HostRecord | None:
         """The host as last known, heartbeat included (no reported VMs)."""
         with self._lock:
             return self._records.get(host_id)
+
+    def freshen(self, record: repo.HostRecord) -> repo.HostRecord:
+        """``record`` (read from the database) with the newest heartbeat this process knows:
+        heartbeats reach the database in batches, so liveness is judged from memory."""
+        with self._lock:
+            known = self._records.get(record.id)
+        return record if known is None else _with_beat(record, known.last_heartbeat)
 
     def records(self) -> list[repo.HostRecord]:
         """Every host, ordered by id."""
@@ -221,6 +266,19 @@ class FleetState:
 
     def _state(self, record: repo.HostRecord, now: float) -> HostState:
         return fleet.host_state(record, self._config, now)
+
+
+def _digest(report: HostReport) -> bytes:
+    """What a report says, without what changes in every report (its counters and times, and the
+    VMs' CPU time, which is only written along with a real change)."""
+    said = msgspec.structs.replace(
+        report,
+        seq=0,
+        started_at=0.0,
+        reported_at=0.0,
+        vms=tuple(msgspec.structs.replace(vm, cpu_time_ns=0) for vm in report.vms),
+    )
+    return hashlib.blake2b(encode(to_wire(said)), digest_size=16).digest()
 
 
 def _newer(candidate: float | None, current: float | None) -> bool:

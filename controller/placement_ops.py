@@ -165,7 +165,7 @@ def capacity(service: ControllerService, req: msgs.CapacityRequest) -> msgs.Capa
             by_host.setdefault(vm.host_id, []).append(vm)
     hosts = []
     for record in records:
-        state = fleet.host_state(record, service.config, now)
+        state = fleet.host_state(service.fleet.freshen(record), service.config, now)
         sources = fleet.inventory_sources(record, service.config)
         reported = _reported_usage(record)
         resources = []

@@ -140,11 +140,7 @@ class ControllerService:
         with self.tx() as s:
             record = repo.get_host(s, host_id)
             vms = [v.name for v in repo.list_vms(s, host_id)]
-        known = self.fleet.record(host_id)
-        if known is not None and known.last_heartbeat is not None:
-            # Heartbeats reach the database in batches; the memory has the newest one.
-            record = replace(record, last_heartbeat=max(known.last_heartbeat, record.last_heartbeat or 0.0))
-        return fleet.host_view(record, self.config, now, vms, detail=True)
+        return fleet.host_view(self.fleet.freshen(record), self.config, now, vms, detail=True)
 
     def hosts_changed(self, *host_ids: str) -> None:
         """Re-read hosts this controller just changed (allocations, settings) into memory."""
@@ -153,10 +149,14 @@ class ControllerService:
     # ------------------------------------------------------------------ reports
 
     def record_report(self, report: HostReport) -> None:
+        """Write a host's report; one that says nothing new only counts as a heartbeat."""
         now = self.clock()
+        if self.fleet.report_unchanged(report, now) and self.fleet.beat(report.host_id, now):
+            return
         with self.tx() as s:
             notes = repo.record_report(s, report, now)
             self.fleet.upsert(repo.get_host(s, report.host_id, include_vms=False), now)
+        self.fleet.report_written(report, now)
         for note in notes:
             log.info("drift on %s: %s", report.host_id, note)
 
@@ -260,7 +260,7 @@ class ControllerService:
             now = self.clock()
             with self.tx() as s:
                 repo.bump_generation(s, result.host_id)
-                fresh = repo.get_host(s, result.host_id, include_vms=False)
+                fresh = self.fleet.freshen(repo.get_host(s, result.host_id, include_vms=False))
                 # Group members on this host are VMs placed here, so under this host's lock
                 # the count is exact: a hard anti-affinity limit cannot be raced past.
                 recheck = _place(
@@ -458,7 +458,7 @@ class ControllerService:
             current = repo.allocations_of(s, vm_uuid)
             grow = {r: a - current.get(r, 0) for r, a in new_amounts.items() if a > current.get(r, 0)}
             if grow:
-                fresh = repo.get_host(s, host_id)
+                fresh = self.fleet.freshen(repo.get_host(s, host_id, include_vms=False))
                 check = place(
                     fleet.snapshot([fresh], self.config, now),
                     fleet.placement_request(
@@ -515,6 +515,7 @@ class ControllerService:
         return host
 
     def _check_up(self, host: repo.HostRecord, now: float, what: str) -> None:
+        host = self.fleet.freshen(host)
         if not fleet.host_is_up(host, now, self.config.down_after_s):
             raise Conflict(
                 f"{what} is down (last heartbeat {_ago(host.last_heartbeat, now)}); "

@@ -18,6 +18,7 @@ from sqlalchemy import Engine, event
 
 from common.errors import RequestTimeout
 from common.messages import api
+from common.messages.base import replace as replace_struct
 from common.messages.descriptor import Command
 from common.messages.host import Heartbeat
 from common.messages.vm import KernelBoot
@@ -184,4 +185,22 @@ def test_n_plus_one_is_a_fleet_rule_not_checked_again_on_the_one_claimed_host(en
     service = _service(engine, n_plus_one=True)
     _seed(service, "h1", "h2", "h3")
     assert _create(service, "kept") in {"h1", "h2", "h3"}
+    service.close()
+
+
+def test_a_report_that_says_nothing_new_is_only_a_heartbeat(engine: Engine) -> None:
+    service = _service(engine)
+    first = host_report("h1", memory_mib=16384, memory_free_mib=16384, seq=1, reported_at=time.time())
+    service.record_report(first)
+    later = time.time() + 5
+    service.clock = lambda: later
+    again = replace_struct(first, seq=2, reported_at=later)
+    assert _count_statements(engine, lambda: service.record_report(again)) == []
+    assert service.fleet.record("h1").last_heartbeat == later  # type: ignore[union-attr]
+
+    changed = replace_struct(again, seq=3, memory_free_mib=8000)
+    written = _count_statements(engine, lambda: service.record_report(changed))
+    assert any(s.startswith("UPDATE hosts") for s in written), written
+    with service.tx() as s:
+        assert repo.get_host(s, "h1").memory_free_mib == 8000
     service.close()
