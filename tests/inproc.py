@@ -136,7 +136,7 @@ class InProcessFleet(CliFleet):
         self.broker.kill_connections(f"agent-{name}")
         agent.reporter.stop(final_report=False, timeout=10)
         agent.server.stop(timeout=1)
-        agent.journal.close()
+        agent.runtime.close()  # the journal, and the dead reporter's watch of lifecycle events
 
     def fake(self, name: str) -> FakeHost:
         """The fakes of a host (its hypervisor, images, links...)."""
