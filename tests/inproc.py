@@ -201,11 +201,13 @@ def inprocess_fleet(
     hosts: Mapping[str, HostShape],
     *,
     down_after_s: float = DOWN_AFTER_S,
+    report_interval: float = InProcessFleet.report_interval,
     **controller_overrides: Any,
 ) -> Iterator[InProcessFleet]:
-    """A started fleet of ``hosts`` (all up), stopped on the way out."""
+    """A started fleet of ``hosts`` (all up, full reports every ``report_interval``), stopped on the
+    way out."""
     with fresh_database(tmp) as db:
-        fleet = InProcessFleet(tmp, db, down_after_s=down_after_s)
+        fleet = InProcessFleet(tmp, db, down_after_s=down_after_s, report_interval=report_interval)
         try:
             fleet.start_controller(**controller_overrides)
             for name, shape in hosts.items():
