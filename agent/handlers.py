@@ -3,7 +3,8 @@
 Handlers take typed bodies (the :class:`~common.transport.rpc.Dispatcher` decodes them) and an
 injected :class:`~agent.ports.Hypervisor`; they raise only virtfleet errors. Commands on the same
 VM are serialised by a per-uuid lock (a redelivered command may overlap its first run). After
-every state-changing command the reporter is asked for a fresh report.
+every state-changing command the reporter is told which VM changed (``vm_changed``): it sends
+that VM's state in a ``host.vm_changes`` delta, not a full host report.
 """
 
 from __future__ import annotations
@@ -42,10 +43,18 @@ class AgentHandlers:
     """The agent's command handlers over one hypervisor."""
 
     def __init__(
-        self, hypervisor: Hypervisor, request_report: Callable[[], int], images: Images | None = None
+        self,
+        hypervisor: Hypervisor,
+        request_report: Callable[[], int],
+        images: Images | None = None,
+        *,
+        vm_changed: Callable[[str], None] = lambda _uuid: None,
     ) -> None:
+        """``request_report`` asks for a full report (``host.report_now``); ``vm_changed(uuid)``
+        for a delta of one VM, after every command that may have changed it."""
         self._hv = hypervisor
         self._request_report = request_report
+        self._vm_changed = vm_changed
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         #: serialises the name and disk checks and the define of vm.create/vm.define across VMs
@@ -74,14 +83,18 @@ class AgentHandlers:
     # -- helpers ----------------------------------------------------------------------
     @contextmanager
     def _changing(self, uuid: str) -> Iterator[None]:
-        """Hold the VM's lock; afterwards (even after a failure) ask for a fresh report."""
+        """Hold the VM's lock; afterwards (even after a failure) have the VM's state sent in a delta.
+
+        Not the status of the command's own result: the reporter re-reads the VM when it sends
+        the delta, so that a delta is never older than a lifecycle event noted meanwhile.
+        """
         with self._locks_guard:
             lock = self._locks.setdefault(uuid, threading.Lock())
         try:
             with lock:
                 yield
         finally:
-            self._request_report()
+            self._vm_changed(uuid)
 
     def _existing(self, ref: vm.VmRef) -> vm.VmStatus:
         status = self._hv.find(ref.uuid)

@@ -76,12 +76,19 @@ class HostRuntime:
             alive=alive,
             enrichers=[m.enrich_report for m in modules],
         )
-        self.handlers = AgentHandlers(hypervisor, self.reporter.request_report, images)
+        self.handlers = AgentHandlers(
+            hypervisor, self.reporter.request_report, images, vm_changed=self.reporter.vm_changed
+        )
         table = HandlerTable(Side.AGENT)
         self.handlers.register(table)
         for module in modules:
+            # Host-level changes (networks, bridges, hugepages, tuning profiles) change facts only
+            # the full report carries: those modules still ask for one.
             module.register(table, self.reporter.request_report)
         self.dispatcher = Dispatcher(sender, table, journal=self.journal)
+        #: VMs changed outside virtfleet reach the controller in deltas too, where the driver
+        #: emits lifecycle events (None: they wait for the next full report)
+        self._unwatch = hypervisor.watch_lifecycle(self.reporter.vm_changed)
 
     @property
     def host_id(self) -> str:
@@ -92,7 +99,11 @@ class HostRuntime:
         return Route(agent_queue(self.cfg.host_id), self.dispatcher)
 
     def close(self) -> None:
-        """Close the journal (after the consumer stopped and the final report went out)."""
+        """Stop watching lifecycle events and close the journal (after the consumer stopped and
+        the final report went out)."""
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         self.journal.close()
 
 

@@ -4,6 +4,23 @@
 command (the broker redelivers whatever was not acknowledged) is answered with the recorded
 reply instead of running again. The first reply recorded for an id wins. Old rows are pruned on
 every put: at most ``max_entries`` rows and nothing older than ``max_age_s``.
+
+Durability: WAL with ``synchronous=NORMAL``, not ``FULL`` (an fsync per command was half of the
+agent's command path: ``bench/agent_journal.py``). A reply is durable against the agent process
+dying, whenever it dies. Power loss or a kernel crash may lose the replies committed since the
+last checkpoint, never corrupt the database. What such a lost row costs: the broker redelivers a
+command that was not acknowledged, and the agent runs it again instead of replaying its reply.
+
+* After a power loss the host rebooted: the redelivered command is minutes old, and every
+  request expires after its timeout class (30 s, 120 s, 600 s), so the dispatcher answers
+  ``RequestTimeout`` without running it; the journal is not consulted for an answer it must keep.
+* A command younger than its timeout runs again, and the handlers are idempotent by VM uuid
+  (create: "already defined"; start: "already running"; delete: "not defined"); the few that are
+  not (reboot, reset) act on VMs that the power loss switched off, and refuse.
+* The controller had no reply either (the host vanished), so its call timed out and it
+  reconciles from the agent's first full report after the restart.
+
+A reply acknowledged to the broker is never redelivered, so losing its row matters even less.
 """
 
 from __future__ import annotations
@@ -55,8 +72,13 @@ class SqliteJournal:
                 self.path, check_same_thread=False, isolation_level=None
             )
             self._db.execute("PRAGMA journal_mode=WAL")
-            # The reply must be on disk before the command is acknowledged: that is the point.
-            self._db.execute("PRAGMA synchronous=FULL")
+            # WAL + NORMAL: a commit is appended to the WAL without an fsync (checkpoints still
+            # fsync). A committed reply survives the agent's process crashing (the WAL is in
+            # the OS page cache and is replayed at the next open): the case the journal is for,
+            # a command redelivered because the agent died before acknowledging it. Only an OS
+            # crash or power loss can lose the last commits; see "Durability" above for why that
+            # loses nothing that matters.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open the command journal {self.path}: {exc}") from exc

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -78,6 +79,14 @@ class Hypervisor(Protocol):
         ...
 
     def node_facts(self) -> NodeFacts: ...
+
+    def watch_lifecycle(self, changed: Callable[[str], None]) -> Callable[[], None] | None:
+        """Have ``changed(uuid)`` called whenever a domain is defined, undefined, started, stopped,
+        paused or resumed, by virtfleet or by anyone else on the host (libvirt's domain lifecycle
+        events). It runs on libvirt's event-loop thread, or with the fake's lock held: it must only
+        take note and return. Returns how to stop watching; None when this hypervisor emits no
+        events (changes made outside virtfleet then wait for the next full report)."""
+        ...
 
     # -- storage --------------------------------------------------------------------
     def volume_path(self, pool: str, name: str) -> str | None:

@@ -1,12 +1,21 @@
-"""Host reports and heartbeats: a pure builder plus a thin publishing thread.
+"""Host reports, VM deltas and heartbeats: pure builders plus a thin publishing thread.
 
-:func:`build_report` turns gathered facts into a :class:`~common.messages.host.HostReport`
-(unit-tested). :class:`Reporter` runs a thread that publishes through a :class:`ReportSink` and
-sends ``host.heartbeat`` every heartbeat interval (only while the command
-consumer is healthy) and a full ``host.report`` on start, every report interval, whenever
-:meth:`Reporter.request_report` is called (after every state-changing command and for
-``host.report_now``) and once more on stop. A failure is logged and retried later; it never
-ends the thread.
+:func:`build_report` turns gathered facts into a :class:`~common.messages.host.HostReport` and
+:func:`build_vm_changes` a set of re-read domains into a :class:`~common.messages.host.VmChanges`
+(both unit-tested). :class:`Reporter` runs a thread that publishes through a :class:`ReportSink`:
+
+* ``host.heartbeat`` every heartbeat interval (only while the command consumer is healthy);
+* a full ``host.report`` (O(VMs): every domain plus the host's facts) on start, every report
+  interval, when :meth:`Reporter.request_report` is called (``host.report_now``, and host-level
+  changes of the network and tuning modules, whose facts only the full report carries) and once
+  more on stop;
+* ``host.vm_changes`` (O(changed VMs)) shortly after :meth:`Reporter.vm_changed`: a command
+  touched the VM, or the hypervisor emitted a lifecycle event for it (someone powered it off at
+  the console, the guest shut itself down, QEMU crashed). The domains named are re-read when the
+  delta is sent, after its ``reported_at`` is stamped, so a delta never carries a state older
+  than its stamp, and notes made within :data:`DELTA_DELAY_S` of each other go out as one.
+
+A failure is logged and retried later; it never ends the thread.
 
 :meth:`Reporter.step` is one pass of that loop (send what is due, say when the next thing is
 due), so that :class:`agent.report_scheduler.ReportScheduler` can drive the reporters of many
@@ -18,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from agent.ports import ACTIVE_STATES, Hypervisor, NodeFacts
@@ -26,7 +35,14 @@ from common import codec
 from common.errors import VirtfleetError
 from common.messages.descriptor import Report
 from common.messages.envelope import Envelope
-from common.messages.host import HOST_HEARTBEAT, HOST_REPORT, Heartbeat, HostReport
+from common.messages.host import (
+    HOST_HEARTBEAT,
+    HOST_REPORT,
+    HOST_VM_CHANGES,
+    Heartbeat,
+    HostReport,
+    VmChanges,
+)
 from common.messages.vm import VmStatus
 from common.transport.port import Transport
 from common.transport.topology import HEARTBEAT_TTL_MS, REPORT_TTL_MS, REPORTS_EXCHANGE, report_routing_key
@@ -34,6 +50,10 @@ from common.transport.topology import HEARTBEAT_TTL_MS, REPORT_TTL_MS, REPORTS_E
 log = logging.getLogger(__name__)
 
 B = TypeVar("B")
+
+#: Seconds a delta waits after the first change it carries, so that the changes of one command
+#: (define, start, the command's own note) and of an event burst go out as one message.
+DELTA_DELAY_S = 0.05
 
 
 # ------------------------------------------------------------------------------------------ pure
@@ -77,6 +97,22 @@ def build_report(
         seq=seq,
         started_at=started_at,
         reported_at=reported_at,
+    )
+
+
+def build_vm_changes(
+    *, host_id: str, started_at: float, seq: int, reported_at: float, found: Mapping[str, VmStatus | None]
+) -> VmChanges:
+    """The delta for domains re-read after ``reported_at``: uuid -> its status, None when gone."""
+    vms = sorted((st for st in found.values() if st is not None), key=lambda st: (st.name, st.uuid))
+    gone = sorted(uuid for uuid, st in found.items() if st is None)
+    return VmChanges(
+        host_id=host_id,
+        started_at=started_at,
+        seq=seq,
+        reported_at=reported_at,
+        vms=tuple(vms),
+        gone=tuple(gone),
     )
 
 
@@ -141,6 +177,7 @@ class Reporter:
         enrichers: Sequence[Callable[[HostReport], HostReport]] = (),
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        delta_delay: float = DELTA_DELAY_S,
     ) -> None:
         self.host_id = host_id
         self._uri = libvirt_uri
@@ -160,6 +197,10 @@ class Reporter:
         self._seq = 0
         self._heartbeat_seq = 0
         self._pending = False
+        #: uuids of domains to send in the next delta, and when (monotonic) it is due
+        self._changed: set[str] = set()
+        self._delta_delay = delta_delay
+        self._next_delta = 0.0
         self._wake = threading.Event()
         #: called by request_report: wakes whoever calls step() (the own thread by default)
         self._notify: Callable[[], None] = self._wake.set
@@ -169,7 +210,10 @@ class Reporter:
         self._thread: threading.Thread | None = None
         #: the last report published (for diagnostics and tests)
         self.last_report: HostReport | None = None
+        #: the last delta published (for diagnostics and tests)
+        self.last_delta: VmChanges | None = None
         self.reports_sent = 0
+        self.deltas_sent = 0
         self.heartbeats_sent = 0
         self.failures = 0
 
@@ -181,6 +225,15 @@ class Reporter:
             seq = self._seq + 1
         self._notify()
         return seq
+
+    def vm_changed(self, uuid: str) -> None:
+        """Domain ``uuid`` changed (a command touched it, or a lifecycle event): send its state in
+        a delta soon. Cheap and non-blocking: safe from libvirt's event thread."""
+        with self._lock:
+            if not self._changed:
+                self._next_delta = max(self._next_delta, self._monotonic() + self._delta_delay)
+            self._changed.add(uuid)
+        self._notify()
 
     def notify_with(self, notify: Callable[[], None]) -> None:
         """Let ``notify`` (instead of the own thread's wake-up) learn of every requested report:
@@ -206,18 +259,23 @@ class Reporter:
         self._next_report = self._next_heartbeat = first_at
 
     def step(self) -> float:
-        """Send a requested or due report and a due heartbeat; return when (monotonic) the next
-        is due. Called from one thread at a time."""
+        """Send a requested or due report, a due delta and a due heartbeat; return when
+        (monotonic) the next is due. Called from one thread at a time."""
         now = self._monotonic()
+        retry = min(self._report_interval, self._heartbeat_interval)
         if self._take_pending() or now >= self._next_report:
-            ok = self._send_report()
-            retry = min(self._report_interval, self._heartbeat_interval)
+            ok = self._send_report()  # it carries every change noted so far: no delta needed
             self._next_report = now + (self._report_interval if ok else retry)
+        elif self._delta_due(now) and not self._send_delta():
+            with self._lock:
+                self._next_delta = now + retry  # the changes stay noted: a later delta carries them
         if now >= self._next_heartbeat:
             if self._alive():
                 self._send_heartbeat()
             self._next_heartbeat = now + self._heartbeat_interval
-        return min(self._next_report, self._next_heartbeat)
+        due = min(self._next_report, self._next_heartbeat)
+        with self._lock:
+            return min(due, self._next_delta) if self._changed else due
 
     def send_final_report(self) -> None:
         """The last report, when the host's agent stops."""
@@ -239,7 +297,55 @@ class Reporter:
             pending, self._pending = self._pending, False
         return pending
 
+    def _delta_due(self, now: float) -> bool:
+        with self._lock:
+            return bool(self._changed) and now >= self._next_delta
+
+    def _take_changed(self) -> set[str]:
+        with self._lock:
+            changed, self._changed = self._changed, set()
+        return changed
+
+    def _restore_changed(self, changed: set[str]) -> None:
+        """After a failed send: the changes go out with the next delta or report."""
+        with self._lock:
+            self._changed |= changed
+
+    def _send_delta(self) -> bool:
+        changed = self._take_changed()
+        try:
+            # As for the full report: stamped before the domains are read.
+            now = self._clock()
+            found = {uuid: self._hv.find(uuid) for uuid in changed}
+            with self._lock:
+                self._seq += 1
+                seq = self._seq
+            delta = build_vm_changes(
+                host_id=self.host_id, started_at=self.started_at, seq=seq, reported_at=now, found=found
+            )
+            self._sink.send(HOST_VM_CHANGES, delta, sent_at=now, ttl_s=REPORT_TTL_MS / 1000)
+        except VirtfleetError as exc:
+            self.failures += 1
+            self._restore_changed(changed)
+            log.warning(
+                "%s: could not send VM changes: %s: %s (retrying later)",
+                self.host_id,
+                type(exc).__name__,
+                exc.message,
+            )
+            return False
+        except Exception:  # see _send_report
+            self.failures += 1
+            self._restore_changed(changed)
+            log.exception("%s: VM changes failed (bug); retrying later", self.host_id)
+            return False
+        self.last_delta = delta
+        self.deltas_sent += 1
+        log.debug("sent VM changes seq %d (%d changed, %d gone)", seq, len(delta.vms), len(delta.gone))
+        return True
+
     def _send_report(self) -> bool:
+        changed = self._take_changed()  # before the listing: what changes after it goes in a delta
         try:
             # Stamped before the hypervisor is read, so every state in the report is at least
             # this recent: the controller ignores a report for a VM it changed after
@@ -265,6 +371,7 @@ class Reporter:
             self._sink.send(HOST_REPORT, report, sent_at=now, ttl_s=REPORT_TTL_MS / 1000)
         except VirtfleetError as exc:
             self.failures += 1
+            self._restore_changed(changed)
             log.warning(
                 "%s: could not send host report: %s: %s (retrying later)",
                 self.host_id,
@@ -274,6 +381,7 @@ class Reporter:
             return False
         except Exception:  # the reporter must outlive any bug in one report
             self.failures += 1
+            self._restore_changed(changed)
             log.exception("%s: host report failed (bug); retrying later", self.host_id)
             return False
         self.last_report = report

@@ -48,6 +48,7 @@ def report_handlers(service: ControllerService) -> HandlerTable:
     table = HandlerTable(Side.CONTROLLER)
     table.register(host.HOST_REPORT, service.record_report)
     table.register(host.HOST_HEARTBEAT, service.record_heartbeat)
+    table.register(host.HOST_VM_CHANGES, service.record_vm_changes)
     return table
 
 

@@ -75,6 +75,8 @@ class FleetState:
         self._groups_fingerprint: tuple[object, ...] = ()
         #: per host: the digest of the last report written, when, and the host row's updated_at then
         self._reports: dict[str, tuple[bytes, float, float]] = {}
+        #: per host: (agent started_at, seq) of the newest report taken as a repeat (not written)
+        self._repeats: dict[str, tuple[float, int]] = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -180,13 +182,28 @@ class FleetState:
         with self._lock:
             last = self._reports.get(report.host_id)
             record = self._records.get(report.host_id)
-        return (
-            last is not None
-            and record is not None
-            and last[0] == digest
-            and now - last[1] < REPORT_REWRITE_S
-            and record.updated_at == last[2]
-        )
+            repeat = (
+                last is not None
+                and record is not None
+                and last[0] == digest
+                and now - last[1] < REPORT_REWRITE_S
+                and record.updated_at == last[2]
+            )
+            if repeat:
+                self._repeats[report.host_id] = (report.started_at, report.seq)
+        return repeat
+
+    def delta_overtaken(self, host_id: str, started_at: float, seq: int) -> bool:
+        """True when a VM delta is older than a report of the same agent run taken as a repeat
+        (the database's report seq did not move for it, so only the memory knows)."""
+        with self._lock:
+            newest = self._repeats.get(host_id)
+        return newest is not None and newest[0] == started_at and seq < newest[1]
+
+    def vms_changed(self, host_id: str) -> None:
+        """A delta changed VM rows of the host: its next full report is written, whatever it says."""
+        with self._lock:
+            self._reports.pop(host_id, None)
 
     def report_written(self, report: HostReport, now: float) -> None:
         """Note the report just written (see :meth:`report_unchanged`)."""

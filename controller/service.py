@@ -34,7 +34,7 @@ from common.errors import (
 from common.messages import api
 from common.messages.base import replace as replace_message
 from common.messages.descriptor import ApiCall, Command, ToHostAgent
-from common.messages.host import Heartbeat, HostReport
+from common.messages.host import Heartbeat, HostReport, VmChanges
 from common.messages.tuning import page_size_kib
 from common.messages.vm import (
     VM_CREATE,
@@ -159,6 +159,21 @@ class ControllerService:
         self.fleet.report_written(report, now)
         for note in notes:
             log.info("drift on %s: %s", report.host_id, note)
+
+    def record_vm_changes(self, changes: VmChanges) -> None:
+        """A delta: only the VM rows it names change (the host's facts wait for its next report)."""
+        if self.fleet.delta_overtaken(changes.host_id, changes.started_at, changes.seq):
+            notes = None
+        else:
+            with self.tx() as s:
+                notes = repo.record_vm_changes(s, changes, self.clock())
+            self.fleet.vms_changed(changes.host_id)
+        if notes is None:
+            log.debug(
+                "dropped VM changes seq %d of %s (stale or before its report)", changes.seq, changes.host_id
+            )
+        for note in notes or ():
+            log.info("drift on %s: %s", changes.host_id, note)
 
     def record_heartbeat(self, beat: Heartbeat) -> None:
         """Kept in memory; :meth:`FleetState.flush_heartbeats` writes them in batches."""

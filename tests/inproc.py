@@ -136,7 +136,7 @@ class InProcessFleet(CliFleet):
         self.broker.kill_connections(f"agent-{name}")
         agent.reporter.stop(final_report=False, timeout=10)
         agent.server.stop(timeout=1)
-        agent.journal.close()
+        agent.runtime.close()  # the journal, and the dead reporter's watch of lifecycle events
 
     def fake(self, name: str) -> FakeHost:
         """The fakes of a host (its hypervisor, images, links...)."""
@@ -201,11 +201,13 @@ def inprocess_fleet(
     hosts: Mapping[str, HostShape],
     *,
     down_after_s: float = DOWN_AFTER_S,
+    report_interval: float = InProcessFleet.report_interval,
     **controller_overrides: Any,
 ) -> Iterator[InProcessFleet]:
-    """A started fleet of ``hosts`` (all up), stopped on the way out."""
+    """A started fleet of ``hosts`` (all up, full reports every ``report_interval``), stopped on the
+    way out."""
     with fresh_database(tmp) as db:
-        fleet = InProcessFleet(tmp, db, down_after_s=down_after_s)
+        fleet = InProcessFleet(tmp, db, down_after_s=down_after_s, report_interval=report_interval)
         try:
             fleet.start_controller(**controller_overrides)
             for name, shape in hosts.items():

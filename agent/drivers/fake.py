@@ -503,6 +503,8 @@ class FakeHypervisor:
     Hooks for tests: :meth:`fail_next` (make a port method raise once), :attr:`ignore_acpi` (the guest
     ignores ACPI shutdown), :attr:`guest_acks_unplug` (False: a live detach waits for the guest, see
     :meth:`release_devices`), :attr:`calls` (the changing port calls, in order), :meth:`add_file`.
+    Lifecycle events as libvirt's (:meth:`watch_lifecycle`): a test that calls :meth:`destroy` or
+    :meth:`start` itself acts as someone at the host's console, and the agent hears of it.
     """
 
     def __init__(
@@ -562,6 +564,8 @@ class FakeHypervisor:
         self._macs = itertools.count(1)
         #: The changing port calls so far, by method name.
         self.calls: list[str] = []
+        #: lifecycle-event callbacks (see :meth:`watch_lifecycle`)
+        self._watchers: list[Callable[[str], None]] = []
         #: True: ACPI shutdown does nothing (the guest has no ACPI button handling).
         self.ignore_acpi = False
         #: False: a live detach returns but the device stays until :meth:`release_devices` or a stop.
@@ -895,10 +899,36 @@ class FakeHypervisor:
     # -- domains -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _domain(self, method: str, uuid: str) -> Iterator[_Domain]:
-        """The domain ``uuid``, under the lock, for the port method ``method`` (see :meth:`_enter`)."""
+        """The domain ``uuid``, under the lock, for the port method ``method`` (see :meth:`_enter`);
+        a lifecycle event afterwards when its state changed or it went away (even on a failure)."""
         with self.lock:
             self._enter(method)
-            yield self._get(uuid, f"VM {uuid}")
+            dom = self._get(uuid, f"VM {uuid}")
+            before = dom.state
+            try:
+                yield dom
+            finally:
+                if dom.state is not before or self._domains.get(dom.uuid) is not dom:
+                    self._emit(dom.uuid)
+
+    # -- lifecycle events (libvirt's VIR_DOMAIN_EVENT_ID_LIFECYCLE) ---------------------------------
+    def watch_lifecycle(self, changed: Callable[[str], None]) -> Callable[[], None]:
+        """Like libvirt's lifecycle events: ``changed(uuid)`` after a domain is defined, undefined,
+        started, stopped, paused or resumed through any caller (the agent, or a test acting as
+        someone at the host's console). Called synchronously, with :attr:`lock` held."""
+        with self.lock:
+            self._watchers.append(changed)
+
+        def unwatch() -> None:
+            with self.lock:
+                if changed in self._watchers:
+                    self._watchers.remove(changed)
+
+        return unwatch
+
+    def _emit(self, uuid: str) -> None:
+        for changed in tuple(self._watchers):
+            changed(uuid)
 
     def _get(self, uuid: str, action: str) -> _Domain:
         try:
@@ -982,6 +1012,7 @@ class FakeHypervisor:
                 self._domains[parsed.uuid] = _Domain(parsed.uuid, root)
             else:
                 dom.persistent = root  # a running domain keeps its live definition until it stops
+            self._emit(parsed.uuid)  # VIR_DOMAIN_EVENT_DEFINED (added or updated)
             return parsed.uuid
 
     def _normalise(self, root: ET.Element) -> None:
@@ -1224,6 +1255,7 @@ class FakeHypervisor:
             dom.persistent = None  # the test driver keeps the autostart flag of the now transient domain
             if dom.live is None:
                 del self._domains[dom.uuid]
+            self._emit(dom.uuid)  # VIR_DOMAIN_EVENT_UNDEFINED
 
     def set_autostart(self, uuid: str, enabled: bool) -> None:
         with self._domain("set_autostart", uuid) as dom:

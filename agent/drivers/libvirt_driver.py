@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping
@@ -99,8 +100,39 @@ def _code(exc: libvirt.libvirtError) -> int:
     return int(code) if code is not None else -1
 
 
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def start_event_loop() -> None:
+    """libvirt's default event loop on a daemon thread, once per process (idempotent).
+
+    Domain events need it, and a connection only delivers them when the loop was registered
+    before it was opened (remote drivers watch their socket from it): :func:`open_connection`
+    calls this first. One thread serves every connection of the process (the multi-host agent's).
+    """
+    global _event_loop_started  # noqa: PLW0603 - one loop per process, by libvirt's design
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        threading.Thread(target=_run_event_loop, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+def _run_event_loop() -> None:
+    while True:
+        try:
+            libvirt.virEventRunDefaultImpl()
+        except libvirt.libvirtError as exc:  # pragma: no cover - libvirt reports a broken loop this way
+            log.warning("libvirt event loop: %s", exc)
+            time.sleep(1.0)
+
+
 def open_connection(uri: str) -> Any:
-    """Open the one libvirt connection of this process; HypervisorError when that fails."""
+    """Open the one libvirt connection of this process (after starting libvirt's event loop, so
+    that it delivers domain events); HypervisorError when that fails."""
+    start_event_loop()
     with libvirt_errors(f"cannot open libvirt connection {uri}"):
         conn = libvirt.open(uri)
     if conn is None:  # older bindings returned None instead of raising
@@ -225,6 +257,32 @@ class LibvirtHypervisor:
 
     def hw_virt(self) -> bool:
         return self._hw_virt
+
+    def watch_lifecycle(self, changed: Callable[[str], None]) -> Callable[[], None] | None:
+        """``changed(uuid)`` on every VIR_DOMAIN_EVENT_ID_LIFECYCLE event of this connection
+        (defined, undefined, started, suspended, resumed, stopped, shut down, crashed...), from
+        libvirt's event-loop thread; None (and a log line) when the connection cannot deliver them."""
+        start_event_loop()
+
+        def on_event(_conn: Any, dom: Any, _event: int, _detail: int, _opaque: object) -> None:
+            try:
+                changed(str(dom.UUIDString()))
+            except Exception:  # an exception must not reach libvirt's C event loop
+                log.exception("lifecycle event callback failed")
+
+        try:
+            callback_id = self.conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_event, None
+            )
+        except libvirt.libvirtError as exc:
+            log.warning("no domain lifecycle events (%s); outside changes wait for the next full report", exc)
+            return None
+
+        def unwatch() -> None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self.conn.domainEventDeregisterAny(callback_id)
+
+        return unwatch
 
     def ensure_pool(self, images_dir: Path) -> None:
         """Make sure the default pool exists and is active; on a real host create a dir pool if missing."""

@@ -9,7 +9,7 @@ from common.messages.tuning import HostTuningReport
 from common.messages.vm import VmStatus
 
 #: Agent -> controller reports and the controller's "report now" command.
-HOST = Family("host", Version(1, 0), "agent -> controller reports and heartbeats; report on demand")
+HOST = Family("host", Version(1, 1), "agent -> controller reports and heartbeats; report on demand")
 
 
 class CpuTopology(Message, frozen=True):
@@ -66,6 +66,25 @@ class Heartbeat(Message, frozen=True):
     sent_at: float
 
 
+class VmChanges(Message, frozen=True):
+    """``host.vm_changes``: the VMs whose state changed since the last report or delta, O(changed).
+
+    Sent when a command touched a VM and when the hypervisor emits a lifecycle event; the full
+    ``host.report`` still comes at start, every report interval and at stop. ``seq`` is drawn from
+    the same counter as the full report's, so the controller drops a delta older than the newest
+    report or delta it applied (same ``started_at``). Every status was read after ``reported_at``.
+    """
+
+    host_id: str
+    started_at: float
+    seq: int
+    reported_at: float
+    #: changed or new domains, as the hypervisor reports them now
+    vms: tuple[VmStatus, ...] = ()
+    #: uuids of domains that are no longer defined on the host
+    gone: tuple[str, ...] = ()
+
+
 class ReportRequest(Message, frozen=True):
     """``host.report_now``: ask an agent for an immediate full report (also its liveness probe)."""
 
@@ -78,6 +97,13 @@ class ReportAck(Message, frozen=True):
 
 HOST_REPORT = report(HOST, "host.report", HostReport, "capacity, topology and VM states")
 HOST_HEARTBEAT = report(HOST, "host.heartbeat", Heartbeat, "liveness")
+HOST_VM_CHANGES = report(
+    HOST,
+    "host.vm_changes",
+    VmChanges,
+    "the VMs whose state changed (after a command or a lifecycle event), between full reports",
+    since=Version(1, 1),
+)
 HOST_REPORT_NOW = command(
     HOST,
     "host.report_now",

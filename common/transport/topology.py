@@ -131,13 +131,13 @@ def api_queue(role: Role) -> Queue:
     return API_READ_QUEUE if role is Role.READER else API_QUEUE
 
 
-def _reports_queue(name: str, routing_pattern: str, doc: str) -> Queue:
+def _reports_queue(name: str, routing_patterns: tuple[str, ...], doc: str) -> Queue:
     """A controller queue of what agents publish on the reports exchange: bounded, refusing new
     messages when full (see :data:`REPORT_BACKLOG_MAX`), disposable (a newer message follows)."""
     return Queue(
         name,
         arguments={**_DEAD_LETTERED, "x-max-length": REPORT_BACKLOG_MAX, "x-overflow": "reject-publish"},
-        bindings=(Binding(REPORTS_EXCHANGE, routing_pattern),),
+        bindings=tuple(Binding(REPORTS_EXCHANGE, pattern) for pattern in routing_patterns),
         disposable=True,
         doc=doc,
     )
@@ -146,13 +146,15 @@ def _reports_queue(name: str, routing_pattern: str, doc: str) -> Queue:
 # "#", not "*": a host id may contain dots (node1.example.com), and "*" matches one word only.
 REPORTS_QUEUE = _reports_queue(
     "virtfleet.controller.reports",
-    "host.report.#",
-    "full host reports; controllers compete for them; malformed ones are dead-lettered",
+    # One queue for both: a delta and a full report of a host are handled in the order sent
+    # (give or take the consumer's workers; their shared seq orders them).
+    ("host.report.#", "host.vm_changes.#"),
+    "full host reports and VM deltas; controllers compete for them; malformed ones are dead-lettered",
 )
 #: Heartbeats have their own queue so that they are never stuck behind a backlog of full
 #: reports (a late heartbeat would make a busy host look down).
 HEARTBEATS_QUEUE = _reports_queue(
-    "virtfleet.controller.heartbeats", "host.heartbeat.#", "host heartbeats; controllers compete for them"
+    "virtfleet.controller.heartbeats", ("host.heartbeat.#",), "host heartbeats; controllers compete for them"
 )
 
 #: The name pattern of agent queues, for documentation.

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, defer
 
 from common.codec import from_wire, to_wire
 from common.errors import AlreadyExists, Conflict, NotFound
-from common.messages.host import Heartbeat, HostReport
+from common.messages.host import Heartbeat, HostReport, VmChanges
 from common.messages.placement import GROUP_SETTINGS
 from common.messages.vm import Lifecycle, PowerState, VmSpec, VmStatus, VmView
 from controller.db.models import Allocation, Host, HostGroup, ServerGroup, Vm
@@ -296,40 +296,79 @@ def record_report(session: Session, report: HostReport, now: float) -> list[str]
 
 
 def _apply_reported_vms(session: Session, report: HostReport, now: float) -> list[str]:
+    """A full report: every VM row of the host against what the host lists (absent = missing)."""
     seen = {vm.uuid: vm for vm in report.vms}
-    notes: list[str] = []
-    for vm in session.scalars(select(Vm).where(Vm.host_id == report.host_id)):
-        if vm.updated_at > report.reported_at:
-            # The controller changed this VM after the agent took the report: the report
-            # cannot know about it yet (e.g. a create finishing while the report was queued).
-            continue
-        status = seen.get(vm.uuid)
-        if status is None:
-            # A VM still building may not be defined yet; anything else is missing.
-            if vm.status is not Lifecycle.BUILDING and vm.power_state is not PowerState.MISSING:
-                notes.append(f"{vm.name}: missing on {report.host_id}")
-                vm.power_state = PowerState.MISSING
-                vm.reported_at = now
-            continue
-        values = {
-            "power_state": status.state,
-            "vcpus": status.vcpus,
-            "max_vcpus": status.max_vcpus,
-            "memory_mib": status.memory_mib,
-            "max_memory_mib": status.max_memory_mib,
-            "autostart": status.autostart,
-            "persistent": status.persistent,
-        }
-        changed = {k: v for k, v in values.items() if getattr(vm, k) != v}
-        if not changed:
-            continue  # nothing to write: keeps reports cheap on hosts with many VMs
-        if "power_state" in changed and vm.status is not Lifecycle.BUILDING:
-            notes.append(f"{vm.name}: {vm.power_state.value} -> {status.state.value}")
-        for key, value in changed.items():
-            setattr(vm, key, value)
-        vm.cpu_time_ns = status.cpu_time_ns
-        vm.reported_at = now
-    return notes
+    rows = session.scalars(select(Vm).where(Vm.host_id == report.host_id).options(defer(Vm.spec)))
+    notes = (_apply_vm_status(vm, seen.get(vm.uuid), report.host_id, report.reported_at, now) for vm in rows)
+    return [note for note in notes if note is not None]
+
+
+def record_vm_changes(session: Session, changes: VmChanges, now: float) -> list[str] | None:
+    """Apply an agent's delta to the VM rows it names, by the same rule as a full report.
+
+    Only those rows change; the host row only takes the delta's seq (deltas and full reports share
+    one ordering, so an older one of either kind is dropped afterwards). Its ``reported_vms``
+    stays the last full report's list. Returns drift notes, or None when the delta is dropped:
+    older than the newest report or delta applied, or from an agent run whose first full report
+    is not recorded yet (that report, sent at the agent's start, lists every VM anyway).
+    """
+    result = session.execute(
+        update(Host)
+        .where(Host.id == changes.host_id)
+        .where(Host.agent_started_at == changes.started_at)
+        .where(Host.report_seq < changes.seq)
+        .values(report_seq=changes.seq)
+        .execution_options(synchronize_session=False)
+    )
+    if not getattr(result, "rowcount", 0):
+        return None
+    statuses: dict[str, VmStatus | None] = {vm.uuid: vm for vm in changes.vms}
+    statuses.update(dict.fromkeys(changes.gone))
+    rows = session.scalars(
+        select(Vm).where(Vm.host_id == changes.host_id, Vm.uuid.in_(statuses)).options(defer(Vm.spec))
+    )
+    notes = (
+        _apply_vm_status(vm, statuses[vm.uuid], changes.host_id, changes.reported_at, now) for vm in rows
+    )
+    return [note for note in notes if note is not None]
+
+
+def _apply_vm_status(
+    vm: Vm, status: VmStatus | None, host_id: str, reported_at: float, now: float
+) -> str | None:
+    """The one rule for a VM row and what its host reported (None: the host has no such domain),
+    for full reports and deltas alike. Returns a drift note, if any."""
+    if vm.updated_at > reported_at:
+        # The controller changed this VM after the agent took the report: the report
+        # cannot know about it yet (e.g. a create finishing while the report was queued).
+        return None
+    if status is None:
+        # A VM still building may not be defined yet; anything else is missing.
+        if vm.status is not Lifecycle.BUILDING and vm.power_state is not PowerState.MISSING:
+            vm.power_state = PowerState.MISSING
+            vm.reported_at = now
+            return f"{vm.name}: missing on {host_id}"
+        return None
+    values = {
+        "power_state": status.state,
+        "vcpus": status.vcpus,
+        "max_vcpus": status.max_vcpus,
+        "memory_mib": status.memory_mib,
+        "max_memory_mib": status.max_memory_mib,
+        "autostart": status.autostart,
+        "persistent": status.persistent,
+    }
+    changed = {k: v for k, v in values.items() if getattr(vm, k) != v}
+    if not changed:
+        return None  # nothing to write: keeps reports cheap on hosts with many VMs
+    note = None
+    if "power_state" in changed and vm.status is not Lifecycle.BUILDING:
+        note = f"{vm.name}: {vm.power_state.value} -> {status.state.value}"
+    for key, value in changed.items():
+        setattr(vm, key, value)
+    vm.cpu_time_ns = status.cpu_time_ns
+    vm.reported_at = now
+    return note
 
 
 def record_heartbeat(session: Session, beat: Heartbeat, now: float) -> bool:

@@ -20,8 +20,8 @@ from common.errors import RequestTimeout
 from common.messages import api
 from common.messages.base import replace as replace_struct
 from common.messages.descriptor import Command
-from common.messages.host import Heartbeat
-from common.messages.vm import KernelBoot
+from common.messages.host import Heartbeat, HostReport, VmChanges
+from common.messages.vm import KernelBoot, PowerState, VmStatus
 from controller.config import ControllerConfig
 from controller.db import repository as repo
 from controller.db.engine import make_engine, migrate
@@ -203,4 +203,37 @@ def test_a_report_that_says_nothing_new_is_only_a_heartbeat(engine: Engine) -> N
     assert any(s.startswith("UPDATE hosts") for s in written), written
     with service.tx() as s:
         assert repo.get_host(s, "h1").memory_free_mib == 8000
+    service.close()
+
+
+def test_a_repeated_report_after_a_delta_is_written_and_an_overtaken_delta_is_dropped(engine: Engine) -> None:
+    service = _service(engine)
+    _seed(service, "h1")
+    _create(service, "v")
+    uuid = service.show_vm("v").uuid
+    start = time.time() + 1
+
+    def running(power: PowerState) -> VmStatus:
+        return VmStatus(uuid, "v", power, 1, 1, 1024, 1024)
+
+    def report(seq: int) -> HostReport:
+        return host_report(
+            "h1", vms=(running(PowerState.RUNNING),), seq=seq, started_at=start, reported_at=start + seq
+        )
+
+    def delta(seq: int) -> VmChanges:
+        return VmChanges("h1", start, seq, start + seq, vms=(running(PowerState.SHUTOFF),))
+
+    service.clock = lambda: start + 10
+    service.record_report(report(1))
+    assert service.show_vm("v").power_state == PowerState.RUNNING
+    service.record_vm_changes(delta(2))
+    assert service.show_vm("v").power_state == PowerState.SHUTOFF
+    # Says what report 1 said, but a delta changed the VM since: written, not taken as a repeat.
+    service.record_report(report(3))
+    assert service.show_vm("v").power_state == PowerState.RUNNING
+
+    service.record_report(report(5))  # a repeat now: not written, the database's seq stays at 3
+    service.record_vm_changes(delta(4))  # older than report 5 (the reports queue has two workers)
+    assert service.show_vm("v").power_state == PowerState.RUNNING
     service.close()

@@ -30,7 +30,14 @@ from agent.main import Agent
 from common.codec import from_wire
 from common.errors import NotFound
 from common.messages.envelope import decode_envelope
-from common.messages.host import HOST_REPORT, HOST_REPORT_NOW, HostReport, ReportRequest
+from common.messages.host import (
+    HOST_REPORT,
+    HOST_REPORT_NOW,
+    HOST_VM_CHANGES,
+    HostReport,
+    ReportRequest,
+    VmChanges,
+)
 from common.messages.vm import (
     VM_CREATE,
     VM_START,
@@ -108,6 +115,18 @@ def report_matching(tap: Tap, pred: Callable[[HostReport], bool]) -> HostReport:
     return report
 
 
+def delta_matching(tap: Tap, pred: Callable[[VmChanges], bool]) -> VmChanges:
+    """The first ``host.vm_changes`` on ``tap`` that satisfies ``pred``."""
+
+    def delta_of(body: bytes) -> VmChanges | None:
+        env = decode_envelope(body)
+        return from_wire(HOST_VM_CHANGES.body, env.body) if env.kind == HOST_VM_CHANGES.kind else None
+
+    delta = delta_of(tap.wait_for(lambda b: (d := delta_of(b)) is not None and pred(d)))
+    assert delta is not None
+    return delta
+
+
 def delete_queue(url: str, name: str) -> None:
     conn = pika.BlockingConnection(pika.URLParameters(url))
     try:
@@ -129,6 +148,18 @@ def reports(vhost_url: str, host_id: str) -> Iterator[Tap]:
         vhost_url,
         REPORTS_EXCHANGE.name,
         report_routing_key(HOST_REPORT.kind, host_id),
+        lambda ch: declare_exchange(ch, REPORTS_EXCHANGE),
+    )
+    yield tap
+    tap.close()
+
+
+@pytest.fixture
+def deltas(vhost_url: str, host_id: str) -> Iterator[Tap]:
+    tap = Tap(
+        vhost_url,
+        REPORTS_EXCHANGE.name,
+        report_routing_key(HOST_VM_CHANGES.kind, host_id),
         lambda ch: declare_exchange(ch, REPORTS_EXCHANGE),
     )
     yield tap
@@ -159,7 +190,7 @@ def agent(vhost_url: str, host_id: str, reports: Tap, tmp_path: Path) -> Iterato
 
 
 def test_create_report_and_redelivery(
-    agent: Agent, transport: AmqpTransport, reports: Tap, host_id: str
+    agent: Agent, transport: AmqpTransport, reports: Tap, deltas: Tap, host_id: str
 ) -> None:
     hv = agent.handlers._hv
     assert isinstance(hv, CountingHypervisor)
@@ -176,6 +207,13 @@ def test_create_report_and_redelivery(
     assert result.status is not None and result.status.state is PowerState.RUNNING
     assert result.disks[0].path == "/var/lib/virtfleet/images/web1-vda.qcow2"
 
+    # The create is reported in a delta of that VM (no full report after a command any more)...
+    delta = delta_matching(
+        deltas, lambda d: any(v.uuid == spec.uuid and v.state is PowerState.RUNNING for v in d.vms)
+    )
+    assert delta.host_id == host_id and delta.seq > first_report.seq
+    # ... and the host's facts in the next full report.
+    agent.reporter.request_report()
     shown = report_matching(reports, lambda r: any(v.uuid == spec.uuid for v in r.vms))
     (vm,) = shown.vms
     assert (vm.name, vm.state, vm.managed) == ("web1", PowerState.RUNNING, True)
@@ -215,7 +253,7 @@ def test_report_now_and_errors_over_the_wire(
 
 
 def test_the_agent_process_stops_cleanly_on_sigterm(
-    vhost_url: str, host_id: str, reports: Tap, client: AgentClient, tmp_path: Path
+    vhost_url: str, host_id: str, reports: Tap, deltas: Tap, client: AgentClient, tmp_path: Path
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTFLEET_")}
     env["VIRTFLEET_AGENT_HOST_ID"] = host_id  # the host id from the environment, the rest from flags
@@ -244,7 +282,7 @@ def test_the_agent_process_stops_cleanly_on_sigterm(
         report_matching(reports, lambda r: r.seq == 1)
         created = client.call(host_id, VM_CREATE, CreateVm(spec=vm_spec("proc1")))
         assert created.status is not None
-        after_create = report_matching(reports, lambda r: any(v.name == "proc1" for v in r.vms))
+        after_create = delta_matching(deltas, lambda d: any(v.name == "proc1" for v in d.vms))
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=WAIT)
     finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import threading
+import time
 import uuid as uuid_mod
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,3 +231,35 @@ def test_missing_pool_on_a_simulated_host(conn: Any) -> None:
     with pytest.raises(NotFound, match="node file"):
         LibvirtHypervisor(conn, "nosuchpool").ensure_pool(Path("/unused"))
     assert host_facts.is_test_uri(URI)
+
+
+def test_lifecycle_events_reach_the_watcher_for_changes_made_outside_the_agent(
+    hv: LibvirtHypervisor, handlers: AgentHandlers, conn: Any
+) -> None:
+    """What feeds the agent's deltas: libvirt's lifecycle events, here from the test driver."""
+    seen: list[str] = []
+    arrived = threading.Condition()
+
+    def changed(uuid: str) -> None:
+        with arrived:
+            seen.append(uuid)
+            arrived.notify_all()
+
+    def wait_for(count: int) -> None:
+        with arrived:
+            assert arrived.wait_for(lambda: len(seen) >= count, timeout=10), f"{count} events, got {seen}"
+
+    unwatch = hv.watch_lifecycle(changed)
+    assert unwatch is not None
+    s = spec(name="events")
+    try:
+        handlers.create(CreateVm(spec=s, start=True))
+        wait_for(2)  # defined, started
+        conn.lookupByUUIDString(s.uuid).destroy()  # virsh destroy, behind the agent's back
+        wait_for(3)
+        assert set(seen) == {s.uuid}
+    finally:
+        unwatch()
+    handlers.delete(DeleteVm(vm=ref(s), delete_disks=True))
+    time.sleep(0.2)  # an event would arrive within a millisecond on this driver
+    assert len(seen) == 3, "no events after unwatch"

@@ -41,6 +41,7 @@ from common.messages.vm import (
     VmResult,
     VmSpec,
 )
+from common.messages.vmops import SetMemory
 from common.transport.port import Delivery
 from common.transport.rpc import Dispatcher, HandlerTable, request, unwrap
 
@@ -48,12 +49,18 @@ from common.transport.rpc import Dispatcher, HandlerTable, request, unwrap
 
 
 class ReportRequests:
+    """The reporter as the handlers see it: full reports requested, and VMs noted for a delta."""
+
     def __init__(self) -> None:
         self.count = 0
+        self.changed: list[str] = []
 
     def __call__(self) -> int:
         self.count += 1
         return 100 + self.count
+
+    def vm_changed(self, uuid: str) -> None:
+        self.changed.append(uuid)
 
 
 make_spec = functools.partial(vm_spec, domain_type=DomainType.QEMU)
@@ -75,7 +82,7 @@ def reports() -> ReportRequests:
 
 @pytest.fixture
 def handlers(hv: FakeHypervisor, reports: ReportRequests) -> AgentHandlers:
-    return AgentHandlers(hv, reports, hv.images())
+    return AgentHandlers(hv, reports, hv.images(), vm_changed=reports.vm_changed)
 
 
 def test_fake_satisfies_the_port() -> None:
@@ -365,14 +372,24 @@ def test_delete_redelivered_after_the_volumes_went(
 # ------------------------------------------------------------------------------------------ reports
 
 
-def test_state_changes_request_a_report_even_on_failure(
+def test_state_changes_note_the_vm_for_a_delta_even_on_failure(
     handlers: AgentHandlers, reports: ReportRequests, running: VmSpec
 ) -> None:
-    before = reports.count
+    before = (reports.count, len(reports.changed))
     handlers.destroy(VmAction(ref(running)))
     with pytest.raises(errors.Conflict):
         handlers.suspend(VmAction(ref(running)))
-    assert reports.count == before + 2
+    assert reports.changed[before[1] :] == [running.uuid, running.uuid]
+    assert reports.count == before[0], "a VM command no longer asks for a full host report"
+
+
+def test_vm_operations_note_the_vm_for_a_delta(
+    handlers: AgentHandlers, reports: ReportRequests, running: VmSpec
+) -> None:
+    """The operations of agent/vmops.py share the handlers' lock and note (one example)."""
+    before = len(reports.changed)
+    handlers.vmops.set_memory(SetMemory(vm=ref(running), memory_mib=512))
+    assert reports.changed[before:] == [running.uuid]
 
 
 def test_report_now_returns_the_promised_seq(handlers: AgentHandlers, reports: ReportRequests) -> None:

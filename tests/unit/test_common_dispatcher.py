@@ -337,7 +337,7 @@ REPORTS = [op for op in CATALOGUE.values() if op.route is Route.REPORT]
 
 
 def test_report_kinds_have_no_result_type() -> None:
-    assert REPORTS == [host.HOST_REPORT, host.HOST_HEARTBEAT]
+    assert REPORTS == [host.HOST_REPORT, host.HOST_HEARTBEAT, host.HOST_VM_CHANGES]
     assert all(op.result is type(None) and not op.replies for op in REPORTS)
 
 

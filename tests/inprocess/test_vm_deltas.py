@@ -1,0 +1,166 @@
+"""VM deltas end to end: what changes on a host reaches ``vm show`` in a ``host.vm_changes`` long
+before the next full report (every 300 s here), and commands no longer cost a full report.
+
+Host ``a`` runs its agent throughout. Host ``b``'s agent is stopped once its VM exists, so that the
+controller's rules for deltas can be checked with deltas made up here, undisturbed by its reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from inproc import HostShape, InProcessFleet, inprocess_fleet
+from vfsupport import wait_until
+
+from agent.reporter import Reporter
+from common.messages.base import replace
+from common.messages.host import VmChanges
+from common.messages.vm import PowerState, VmStatus
+from controller.db import repository as repo
+from controller.db.models import Host
+from controller.service import ControllerService
+
+#: Far beyond every wait here: a state seen in time came in a delta, not in a periodic report.
+REPORT_INTERVAL = 300.0
+#: How long a delta may take to show (it is sent 50 ms after the change).
+SOON = 10.0
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessFleet]:
+    hosts = {"a": HostShape("small"), "b": HostShape("small")}
+    with inprocess_fleet(tmp_path_factory.mktemp("deltas"), hosts, report_interval=REPORT_INTERVAL) as f:
+        yield f
+
+
+def reporter_of(fleet: InProcessFleet, host: str) -> Reporter:
+    agent = fleet.hosts_by_name[host].agent
+    assert agent is not None
+    return agent.reporter
+
+
+def service_of(fleet: InProcessFleet) -> ControllerService:
+    assert fleet.controller is not None
+    return fleet.controller.service
+
+
+def vm_show(fleet: InProcessFleet, name: str) -> dict[str, Any]:
+    return dict(fleet.cli_ok("vm", "show", name))
+
+
+def reported_vms(fleet: InProcessFleet, host: str) -> tuple[VmStatus, ...]:
+    with service_of(fleet).tx() as s:
+        return repo.get_host(s, host).reported_vms
+
+
+def test_a_create_sends_a_delta_and_no_full_report(fleet: InProcessFleet) -> None:
+    reporter = reporter_of(fleet, "a")
+    reports, deltas = reporter.reports_sent, reporter.deltas_sent
+    uuid = fleet.cli_ok("vm", "create", "quiet", "--memory", "128", "--disk", "1", "--host", "a")["vm"][
+        "uuid"
+    ]
+    delta = wait_until(
+        lambda: reporter.last_delta if reporter.deltas_sent > deltas else None, SOON, "the create's delta"
+    )
+    # Give a full report every chance to show up: the create's own reporting is over by now.
+    time.sleep(0.5)
+    assert reporter.reports_sent == reports, "a create no longer costs a full host report"
+    assert uuid in {v.uuid for v in delta.vms} | set(delta.gone)
+    fleet.cli_ok("vm", "delete", "quiet", "--delete-disks")
+
+
+def test_a_vm_powered_off_behind_the_controllers_back_shows_in_vm_show_long_before_a_full_report(
+    fleet: InProcessFleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="controller.service")
+    uuid = fleet.cli_ok("vm", "create", "event", "--memory", "128", "--disk", "1", "--host", "a")["vm"][
+        "uuid"
+    ]
+    assert vm_show(fleet, "event")["power_state"] == "running"
+    reporter = reporter_of(fleet, "a")
+    reports = reporter.reports_sent
+    listed = reported_vms(fleet, "a")
+    hv = fleet.fake("a").hypervisor
+
+    hv.destroy(uuid)  # virsh destroy event: libvirt emits a lifecycle event, so does the fake
+    wait_until(lambda: vm_show(fleet, "event")["power_state"] == "shutoff", SOON, "the delta of the destroy")
+    wait_until(lambda: "drift on a: event: running -> shutoff" in caplog.text, SOON, "the drift logged")
+    hv.start(uuid)
+    wait_until(lambda: vm_show(fleet, "event")["power_state"] == "running", SOON, "the delta of the start")
+    hv.destroy(uuid)
+    hv.undefine(uuid)  # gone from the host
+    wait_until(lambda: vm_show(fleet, "event")["power_state"] == "missing", SOON, "the VM reported gone")
+    wait_until(lambda: "drift on a: event: missing on a" in caplog.text, SOON, "the drift logged")
+    assert reporter.reports_sent == reports, "all of it came in deltas"
+    # The host's last full report is left as it was (capacity drift reads it).
+    assert reported_vms(fleet, "a") == listed
+    fleet.cli_ok("vm", "delete", "event")
+
+
+# ------------------------------------------------------------------------ the controller's rules
+
+
+def _host_row(fleet: InProcessFleet) -> tuple[int, float, str]:
+    """Host b's report seq, row update time and stored full-report VM list."""
+    with service_of(fleet).tx() as s:
+        row = s.get(Host, "b")
+        assert row is not None
+        return row.report_seq, row.updated_at, row.reported_vms
+
+
+def test_the_controller_applies_a_delta_in_order_to_the_vms_it_names_only(fleet: InProcessFleet) -> None:
+    uuid = fleet.cli_ok("vm", "create", "ruled", "--memory", "128", "--disk", "1", "--host", "b")["vm"][
+        "uuid"
+    ]
+    reporter = reporter_of(fleet, "b")
+    started_at = reporter.started_at
+    fleet.stop_agent("b")  # no more reports of b: the deltas below are the only news
+    last = reporter.last_report
+    assert last is not None
+    wait_until(lambda: _host_row(fleet)[0] == last.seq, SOON, "b's last report recorded")
+    seq, updated_at, reported_vms = _host_row(fleet)
+    running = fleet.fake("b").hypervisor.status(uuid)
+    assert running.state is PowerState.RUNNING
+    service = service_of(fleet)
+
+    def delta(
+        seq: int, *, state: PowerState | None, started: float = started_at, at: float | None = None
+    ) -> VmChanges:
+        return VmChanges(
+            host_id="b",
+            started_at=started,
+            seq=seq,
+            reported_at=time.time() if at is None else at,
+            vms=() if state is None else (replace(running, state=state),),
+            gone=(uuid,) if state is None else (),
+        )
+
+    service.record_vm_changes(delta(seq + 1, state=PowerState.PAUSED))
+    assert vm_show(fleet, "ruled")["power_state"] == "paused"
+    assert _host_row(fleet) == (seq + 1, updated_at, reported_vms), "only the seq of the host row moves"
+    # Older than the newest applied (or the same one redelivered): dropped.
+    service.record_vm_changes(delta(seq + 1, state=PowerState.SHUTOFF))
+    service.record_vm_changes(delta(seq, state=PowerState.SHUTOFF))
+    assert vm_show(fleet, "ruled")["power_state"] == "paused"
+    # From another agent run than the last full report's: dropped (its first full report lists all).
+    service.record_vm_changes(delta(seq + 5, state=PowerState.SHUTOFF, started=started_at + 1))
+    service.record_vm_changes(delta(seq + 5, state=PowerState.SHUTOFF, started=started_at - 1))
+    assert vm_show(fleet, "ruled")["power_state"] == "paused"
+    # Taken before the controller last changed the VM: that VM is left alone (the rule of full reports).
+    changed_at = vm_show(fleet, "ruled")["updated_at"]
+    service.record_vm_changes(delta(seq + 2, state=PowerState.SHUTOFF, at=changed_at - 1))
+    assert vm_show(fleet, "ruled")["power_state"] == "paused"
+    assert _host_row(fleet)[0] == seq + 2
+    # Gone from the host: missing.
+    service.record_vm_changes(delta(seq + 3, state=None))
+    assert vm_show(fleet, "ruled")["power_state"] == "missing"
+    assert _host_row(fleet) == (seq + 3, updated_at, reported_vms)
+    fleet.start_agent("b")  # its first full report puts things right
+    wait_until(
+        lambda: vm_show(fleet, "ruled")["power_state"] == "running", SOON, "b's report after its restart"
+    )
+    fleet.cli_ok("vm", "delete", "ruled", "--delete-disks")
