@@ -208,6 +208,17 @@ def signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+@contextlib.contextmanager
+def cleanup_stack() -> Iterator[contextlib.ExitStack]:
+    """An ExitStack closed with :func:`signals_held`, on any exit of the block."""
+    stack = contextlib.ExitStack()
+    try:
+        yield stack
+    finally:
+        with signals_held():
+            stack.close()
+
+
 # ------------------------------------------------------------------ the raw wire-protocol client
 
 
@@ -427,6 +438,7 @@ __all__ = [
     "Proc",
     "Processes",
     "RawClient",
+    "cleanup_stack",
     "cpu_seconds",
     "create_body",
     "libvirt_cycles",
