@@ -507,20 +507,20 @@ class HostPoller(threading.Thread):
 def pyspy(pid: int, out: Path, duration: int, rate: int, tmp: Path, procs: Processes) -> Iterator[None]:
     """Two ``py-spy record --nonblocking --format raw --duration D`` on the controller: every
     thread not sleeping (``out``) and only the thread holding the GIL (``out`` + ``.gil``)."""
-    spies = []
+    spies = Processes()  # not the fleet's: they end by themselves, which is not a failure
     for name, path, extra in (("py-spy", out, []), ("py-spy-gil", gil_path(out), ["--gil"])):
         argv = [str(PYSPY), "record", "--nonblocking", "-o", str(path), "--pid", str(pid)]
         argv += ["--duration", str(duration), "--format", "raw", "--rate", str(rate), *extra]
-        spies.append(procs.spawn(name, argv, dict(os.environ), tmp))
+        spies.spawn(name, argv, dict(os.environ), tmp)
     try:
         yield
     finally:
-        for proc in spies:
+        for proc in spies.procs:
             try:
                 proc.popen.wait(duration + 30)
             except Exception:
                 proc.stop(sig=signal.SIGINT)
-            procs.procs.remove(proc)
+        spies.stop_all()
 
 
 def gil_path(out: Path) -> Path:
