@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -53,50 +52,42 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-import msgpack
 import pika
 import pika.exceptions
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from fleetkit import (  # noqa: E402
+    NODE_FILE,
+    PYSPY,
+    BenchTimeout,
+    Proc,
+    Processes,
+    RawClient,
+    cpu_seconds,
+    create_body,
+    libvirt_floor,
+    load_stacks,
+    package_of,
+    pct,
+    private_vhost,
+)
 from placement import raw_rpc  # noqa: E402
 
-# The kinds' names only (the raw client below speaks the wire protocol of docs/protocol.md, which
+# The kinds' names only (the raw client, bench/fleetkit.py, speaks the wire protocol of docs/protocol.md, which
 # both trees share); the descriptors are where they are spelled.
 from common.messages.api import API_HOST_LIST, API_VM_CREATE, API_VM_DELETE  # noqa: E402
 
 #: The previous release: messages converted by the reflective common/schema.py, wire byte-identical.
 DEFAULT_BEFORE = "ead0cac"
-NODE_FILE = ROOT / "tests" / "fixtures" / "nodes" / "large.xml"
-API_QUEUE = "virtfleet.api"
-TICKS = os.sysconf("SC_CLK_TCK")
-PYSPY = Path(sys.executable).parent / "py-spy"
-
-
-class BenchTimeout(Exception):
-    """The whole script ran past ``--deadline``."""
-
-
-class ApiError(Exception):
-    """An API call answered ``ok: false``."""
-
-
-# ------------------------------------------------------------------ helpers
-
-
-def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def spread(values: list[float]) -> str:
@@ -107,204 +98,6 @@ def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{med:.2f}"
     return f"{med:.2f} [{min(values):.2f}-{max(values):.2f}]"
-
-
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a live process, its waited-for children included."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return (utime + cutime) / TICKS, (stime + cstime) / TICKS
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if this script dies (even by SIGKILL)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _rabbitmqctl(*args: str) -> None:
-    # Its own session: a Ctrl-C in the terminal must not kill it half way through.
-    subprocess.run(
-        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60, start_new_session=True
-    )
-
-
-@contextlib.contextmanager
-def private_vhost(prefix: str) -> Iterator[str]:
-    """A fresh vhost with full rights for guest; its AMQP URL; deleted afterwards, even when
-    interrupted while it was being created (unlike tests/vfsupport.py's)."""
-    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
-    try:
-        _rabbitmqctl("add_vhost", name)
-        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@127.0.0.1:5672/{quote(name, safe='')}"
-    finally:
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
-            _rabbitmqctl("delete_vhost", name)
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self, timeout: float = 20.0, sig: int = signal.SIGTERM) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
-
-
-@dataclass
-class Processes:
-    """Every process this script started; all stopped on exit, last started first."""
-
-    procs: list[Proc] = field(default_factory=list)
-
-    def spawn(self, name: str, argv: list[str], env: dict[str, str], cwd: Path) -> Proc:
-        log = cwd / f"{name}.log"
-        with log.open("wb") as handle:
-            popen = subprocess.Popen(
-                argv,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=cwd,
-                start_new_session=True,  # Ctrl-C reaches this script only; it stops them in order
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - spawned from the main thread only
-            )
-        proc = Proc(name, popen, log)
-        self.procs.append(proc)
-        return proc
-
-    def check_alive(self) -> None:
-        for proc in self.procs:
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
-
-    def stop_all(self) -> None:
-        while self.procs:
-            with contextlib.suppress(Exception):
-                self.procs.pop().stop()
-
-
-# ------------------------------------------------------------------ the raw wire-protocol client
-
-
-class RawClient:
-    """``api.*`` calls as docs/protocol.md describes them, with pika and msgpack only."""
-
-    def __init__(self, url: str, timeout: float = 120.0) -> None:
-        params = pika.URLParameters(url)
-        params.socket_timeout = 10
-        params.blocked_connection_timeout = 30
-        params.heartbeat = 30
-        self.timeout = timeout
-        self.conn = pika.BlockingConnection(params)
-        self.ch = self.conn.channel()
-        self.ch.confirm_delivery()
-        self.reply_queue = self.ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
-        self.replies: dict[str, dict[str, Any]] = {}
-        self.waiting: set[str] = set()
-        self.ch.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
-
-    def _on_reply(self, _ch: Any, _method: Any, _props: Any, body: bytes) -> None:
-        env = msgpack.unpackb(body, raw=False)
-        cid = env.get("correlation_id")
-        if cid in self.waiting:
-            self.replies[cid] = env["body"]
-
-    def call(self, kind: str, body: dict[str, Any], timeout: float | None = None) -> Any:
-        timeout = timeout or self.timeout
-        rid = uuid.uuid4().hex
-        now = time.time()
-        envelope = {
-            "v": "1.0",
-            "kind": kind,
-            "id": rid,
-            "correlation_id": None,
-            "sender": "bench",
-            "sent_at": now,
-            "expires_at": now + timeout,
-            "body": body,
-        }
-        props = pika.BasicProperties(
-            content_type="application/x-msgpack",
-            delivery_mode=1,
-            message_id=rid,
-            reply_to=self.reply_queue,
-            type=kind,
-            timestamp=int(now),
-            expiration=str(int(timeout * 1000)),
-        )
-        self.waiting.add(rid)
-        try:
-            self.ch.basic_publish(
-                "", API_QUEUE, msgpack.packb(envelope, use_bin_type=True), props, mandatory=True
-            )
-            deadline = time.monotonic() + timeout
-            while rid not in self.replies:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"{kind}: no reply in {timeout:.0f} s")
-                self.conn.process_data_events(time_limit=min(left, 1.0))
-            reply = self.replies.pop(rid)
-        finally:
-            self.waiting.discard(rid)
-        if reply.get("ok") is not True:
-            raise ApiError(f"{kind}: {reply.get('error')}")
-        return reply.get("result", {})
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.conn.close()
-
-
-def create_body(name: str) -> dict[str, Any]:
-    return {"name": name, "vcpus": 1, "memory_mib": 64, "disk_gib": 1}
-
-
-# ------------------------------------------------------------------ the floors
-
-LIBVIRT_FLOOR = """
-import json, sys, time, libvirt
-libvirt.registerErrorHandler(lambda *a: None, None)
-conn = libvirt.open("test://" + sys.argv[1])
-cycles = int(sys.argv[2])
-xml = ("<domain type='test'><name>floor-{}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
-       "<os><type arch='x86_64'>hvm</type></os></domain>")
-samples = []
-for i in range(cycles + 20):
-    t0 = time.perf_counter()
-    dom = conn.defineXML(xml.format(i))
-    dom.create()
-    dom.destroy()
-    dom.undefine()
-    if i >= 20:
-        samples.append(time.perf_counter() - t0)
-print(json.dumps(samples))
-"""
-
-
-def libvirt_floor(cycles: int) -> list[float]:
-    """Seconds per defineXML + create + destroy + undefine on the test driver (own process)."""
-    done = subprocess.run(
-        [sys.executable, "-c", LIBVIRT_FLOOR, str(NODE_FILE), str(cycles)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    samples: list[float] = json.loads(done.stdout.strip().splitlines()[-1])
-    return samples
 
 
 def sqlite_floor(directory: Path, commits: int) -> list[float]:
@@ -539,38 +332,6 @@ def concurrent(
 
 
 # ------------------------------------------------------------------ the profile
-
-
-def load_stacks(path: Path) -> Counter[tuple[str, ...]]:
-    """Sample counts per stack (root first), from py-spy's raw or speedscope output."""
-    stacks: Counter[tuple[str, ...]] = Counter()
-    if path.suffix == ".json":
-        doc = json.loads(path.read_text())
-        frames = [f"{f['name']} ({f.get('file', '?')}:{f.get('line', 0)})" for f in doc["shared"]["frames"]]
-        for prof in doc["profiles"]:
-            thread = prof.get("name", "thread")
-            for sample, weight in zip(prof["samples"], prof["weights"], strict=True):
-                stacks[(thread, *(frames[i] for i in sample))] += int(weight)
-        return stacks
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if stack:
-            stacks[tuple(stack.split(";"))] += int(count)
-    return stacks
-
-
-def package_of(frame: str) -> str:
-    """'sqlalchemy', 'pika', 'controller', ... or 'stdlib:<module>' for a frame 'f (file:line)'."""
-    file = frame.rpartition(" (")[2].rstrip(")").rpartition(":")[0]
-    parts = file.replace("\\", "/").split("/")
-    if "site-packages" in parts:
-        parts = parts[parts.index("site-packages") + 1 :]
-    elif "lib" in parts and any(p.startswith("python3") for p in parts):
-        return "stdlib:" + parts[-1].removesuffix(".py")
-    head = parts[0] if parts else "?"
-    if len(parts) == 1:  # a stdlib module shortened to its file name
-        return "stdlib:" + head.removesuffix(".py")
-    return head
 
 
 def thread_kind(frame: str) -> str:

@@ -57,8 +57,9 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def raw_rpc(url: str, calls: int) -> list[float]:
-    """Round trips of a 200-byte request through a plain pika echo server in another process."""
+def raw_rpc(url: str, calls: int, *, persistent: bool = True) -> list[float]:
+    """Round trips of a 200-byte request through a plain pika echo server in another process
+    (confirmed publishes; ``persistent``: delivery_mode 2, as agent commands, else 1, as API calls)."""
     server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, url], stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
@@ -78,7 +79,9 @@ def raw_rpc(url: str, calls: int) -> list[float]:
                 "",
                 "bench.echo",
                 body,
-                pika.BasicProperties(reply_to=reply_q, correlation_id=cid, delivery_mode=2),
+                pika.BasicProperties(
+                    reply_to=reply_q, correlation_id=cid, delivery_mode=2 if persistent else 1
+                ),
             )
             while cid not in got:
                 conn.process_data_events(time_limit=1)
