@@ -1,6 +1,6 @@
 """The controller's in-memory fleet (controller.fleet_state) against a real database.
 
-Services here share one database file, as several controller processes share one database:
+Services here share one database, as several controller processes do:
 what one writes, the other learns by its sync; a new one (a restart) rebuilds from the database.
 """
 
@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import pytest
 from builders import host_report
-from inproc import database_is_postgres
 from sqlalchemy import Engine, event
+from vfsupport import fresh_database
 
 from common.errors import RequestTimeout
 from common.messages import api
@@ -40,12 +40,11 @@ class _SilentAgents:
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
-    if database_is_postgres():
-        pytest.skip("two services on one throw-away SQLite file; the claim races run on PostgreSQL elsewhere")
-    eng = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
-    migrate(eng)
-    yield eng
-    eng.dispose()
+    with fresh_database(tmp_path) as url:
+        eng = make_engine(url)
+        migrate(eng)
+        yield eng
+        eng.dispose()
 
 
 def _service(engine: Engine, **config: Any) -> ControllerService:
