@@ -244,12 +244,19 @@ class FleetState:
         policy: PlacementPolicy,
         now: float,
         groups: Iterable[repo.ServerGroupRecord] = (),
-    ) -> Placement | Refusal:
-        """Decide on the index: only the best candidates are looked at (see scheduler.indexed)."""
+    ) -> tuple[Placement | Refusal, repo.HostRecord | None]:
+        """Decide on the index: only the best candidates are looked at (see scheduler.indexed).
+
+        With a placement comes the chosen host's record as the decision saw it: a claim whose
+        compare-and-set on that record's generation succeeds knows the decision was made on
+        exactly what the database holds (see ``ControllerService._claim``).
+        """
         server_groups = tuple(fleet.server_group(g) for g in groups)
         with self._lock:
             self._sweep(now)
-            return place_indexed(self._index, request, policy, server_groups=server_groups, now=now)
+            result = place_indexed(self._index, request, policy, server_groups=server_groups, now=now)
+            basis = self._records.get(result.host_id) if isinstance(result, Placement) else None
+        return result, basis
 
     # ------------------------------------------------------------------ inside the lock
 

@@ -184,6 +184,36 @@ class ControllerService:
 
     def create_vm(self, req: api.VmCreate) -> api.VmCreated:
         """Place, claim atomically, then build on the agent (with reschedule on failure)."""
+        # The common case reads nothing before placing: a taken name is refused by the claim's
+        # insert (unique index), and a refusal checks it first (below).
+        if req.idempotency_key or req.dry_run or req.host is not None or req.server_group is not None:
+            repeated = self._check_create(req)
+            if repeated is not None:
+                return repeated
+        request = self._placement_request(req, exclude=())
+        if req.dry_run:
+            result = self._decide(request, explain=True)[0]
+            if isinstance(result, Refusal):
+                raise _no_valid_host(result)
+            return api.VmCreated(None, _placement_view(result), dry_run=True)
+        vm_uuid = str(uuidlib.uuid4())
+        try:
+            claimed = self._claim(req, vm_uuid, request)
+        except NoValidHost:
+            self._check_create(req)  # a taken name says more than "no host"
+            raise
+        if not req.wait:
+            self._background.submit(self._build_logged, req, vm_uuid, claimed)
+            with self.tx() as s:
+                return api.VmCreated(
+                    fleet.vm_view(repo.get_vm(s, req.name)), _placement_view(claimed.placement)
+                )
+        view = self._build(req, vm_uuid, claimed)
+        return api.VmCreated(view, _placement_view(claimed.placement))
+
+    def _check_create(self, req: api.VmCreate) -> api.VmCreated | None:
+        """Check what a create refers to: the answer to a repeated idempotency key, else None;
+        AlreadyExists for a taken name, NotFound for an unknown host or group."""
         with self.tx() as s:
             if req.idempotency_key:
                 previous = repo.find_vm_by_key(s, req.idempotency_key)
@@ -199,22 +229,7 @@ class ControllerService:
                 raise NotFound(
                     f"server group {req.server_group!r} does not exist (create it with `virtfleet group create`)"
                 )
-        request = self._placement_request(req, exclude=())
-        if req.dry_run:
-            result = self._decide(request, explain=True)
-            if isinstance(result, Refusal):
-                raise _no_valid_host(result)
-            return api.VmCreated(None, _placement_view(result), dry_run=True)
-        vm_uuid = str(uuidlib.uuid4())
-        claimed = self._claim(req, vm_uuid, request)
-        if not req.wait:
-            self._background.submit(self._build_logged, req, vm_uuid, claimed)
-            with self.tx() as s:
-                return api.VmCreated(
-                    fleet.vm_view(repo.get_vm(s, req.name)), _placement_view(claimed.placement)
-                )
-        view = self._build(req, vm_uuid, claimed)
-        return api.VmCreated(view, _placement_view(claimed.placement))
+        return None
 
     def _placement_request(self, req: api.VmCreate, exclude: tuple[str, ...]) -> PlacementRequest:
         return fleet.placement_request(
@@ -234,11 +249,14 @@ class ControllerService:
             group=req.server_group,
         )
 
-    def _decide(self, request: PlacementRequest, *, explain: bool = False) -> Placement | Refusal:
+    def _decide(
+        self, request: PlacementRequest, *, explain: bool = False
+    ) -> tuple[Placement | Refusal, repo.HostRecord | None]:
         """Decide on the in-memory fleet; a refusal is confirmed on a fresh read of it.
 
         ``explain``: walk every host, so the answer lists why each other host was not chosen
-        (a dry run); otherwise only the best candidates are looked at.
+        (a dry run); otherwise only the best candidates are looked at. With the placement
+        comes the chosen host as decided on, when the claim may compare-and-set against it.
         """
         groups: list[repo.ServerGroupRecord] = []
         if request.group is not None:
@@ -246,72 +264,92 @@ class ControllerService:
                 groups = _request_group(s, request)
         policy = fleet.policy(self.config)
         now = self.clock()
+        basis: repo.HostRecord | None = None
         if explain:
             result = _place(self.fleet.snapshot(now, groups), request, policy)
         else:
-            result = _guard_group(request, lambda: self.fleet.place(request, policy, now, groups))
+            result, basis = _guard_group(request, lambda: self.fleet.place(request, policy, now, groups))
         if isinstance(result, Refusal):
             # Rare, and the memory may lag another controller's release by a sync interval;
             # the full walk also gives every host's reason.
             now = self.clock()
             self.fleet.load(now)
-            result = _place(self.fleet.snapshot(now, groups), request, policy)
-        return result
+            result, basis = _place(self.fleet.snapshot(now, groups), request, policy), None
+        # Group rules count VMs on other hosts too: those claims re-check under the lock.
+        return result, None if request.group is not None else basis
 
-    def _claim(self, req: api.VmCreate, vm_uuid: str, request: PlacementRequest) -> _Claimed:
-        """Decide on a snapshot, then claim under the host's lock after re-checking it.
+    def _claim(
+        self, req: api.VmCreate, vm_uuid: str, request: PlacementRequest, *, rehome: bool = False
+    ) -> _Claimed:
+        """Decide in memory, then claim in one transaction that cannot overfill a host.
 
-        The claim transaction first bumps the host's generation (in PostgreSQL that takes
-        the row lock; SQLite's BEGIN IMMEDIATE already holds the database write lock), then
-        re-reads the host's usage and re-runs the scheduler on that one fresh host. Only if
-        it still fits are the VM and its allocations written. So concurrent creates, in
-        one or many controller processes, can never push a host past its capacity; a
-        host that filled up meanwhile just sends us back to decide again.
+        Fast path: compare-and-set the chosen host's generation against the record the decision
+        was made on (:func:`repo.claim_generation`). When it holds, memory and database agree
+        on that host (every change of a host's allocations or settings moves its generation or
+        its row), so the decision stands as made: insert the VM, its definition and its
+        allocations, and commit. Otherwise (another controller or thread got there first, or a
+        group request, whose rules count other VMs) bump the generation unconditionally (in
+        PostgreSQL that takes the row lock; SQLite's BEGIN IMMEDIATE already holds the write
+        lock), re-read that one host and re-run the scheduler on it; a host that filled up
+        meanwhile sends us back to decide again. Either way concurrent creates, in one or many
+        controller processes, never push a host past its capacity.
+
+        ``rehome``: the VM row exists (a reschedule) and moves to the new host.
         """
         for _attempt in range(self.config.claim_retries):
-            result = self._decide(request)
+            result, basis = self._decide(request)
             if isinstance(result, Refusal):
                 raise _no_valid_host(result)
             now = self.clock()
             with self.tx() as s:
-                repo.bump_generation(s, result.host_id)
-                fresh = self.fleet.freshen(repo.get_host(s, result.host_id, include_vms=False))
-                # Group members on this host are VMs placed here, so under this host's lock
-                # the count is exact: a hard anti-affinity limit cannot be raced past.
-                recheck = _place(
-                    fleet.snapshot([fresh], self.config, now, _request_group(s, request)),
-                    PlacementRequest(
-                        vm_name=request.vm_name,
-                        resources=request.resources,
-                        needs_hw_virt=request.needs_hw_virt,
-                        networks=request.networks,
-                        bridges=request.bridges,
-                        group=request.group,
-                    ),
-                    _one_host_policy(self.config),
-                )
-                if isinstance(recheck, Refusal):
-                    log.info("host %s filled up while placing %s; deciding again", result.host_id, req.name)
-                    s.rollback()
-                    self.fleet.upsert(fresh, now)
-                    continue
+                if basis is not None and repo.claim_generation(
+                    s, basis.id, basis.generation, basis.updated_at
+                ):
+                    host = self.fleet.freshen(replace(basis, generation=basis.generation + 1))
+                    pcpus = result.pcpus
+                else:
+                    repo.bump_generation(s, result.host_id)
+                    host = self.fleet.freshen(repo.get_host(s, result.host_id, include_vms=False))
+                    # Group members on this host are VMs placed here, so under this host's lock
+                    # the count is exact: a hard anti-affinity limit cannot be raced past.
+                    recheck = _place(
+                        fleet.snapshot([host], self.config, now, _request_group(s, request)),
+                        PlacementRequest(
+                            vm_name=request.vm_name,
+                            resources=request.resources,
+                            needs_hw_virt=request.needs_hw_virt,
+                            networks=request.networks,
+                            bridges=request.bridges,
+                            group=request.group,
+                        ),
+                        _one_host_policy(self.config),
+                    )
+                    if isinstance(recheck, Refusal):
+                        log.info(
+                            "host %s filled up while placing %s; deciding again", result.host_id, req.name
+                        )
+                        s.rollback()
+                        self.fleet.upsert(host, now)
+                        continue
+                    # The pCPUs picked on the fresh host state under its lock, not the memory's.
+                    pcpus = recheck.pcpus
                 amounts = {
                     **{str(k): v for k, v in request.resources.items()},
-                    **tuning_inventory.pcpu_allocations(recheck.pcpus),
+                    **tuning_inventory.pcpu_allocations(pcpus),
                 }
                 # The definition is part of the claim: one transaction places, claims and
                 # records what will be built (the spec needs the host as locked and its pCPUs).
-                spec = self._spec(req, vm_uuid, fresh, recheck.pcpus)
+                spec = self._spec(req, vm_uuid, host, pcpus)
                 repo.insert_claim(
                     s,
-                    vm=self._vm_row(req, vm_uuid, result.host_id, now, recheck.pcpus, spec),
+                    vm=self._vm_row(req, vm_uuid, result.host_id, now, pcpus, spec),
                     host_id=result.host_id,
                     amounts=amounts,
+                    new=not rehome,
                 )
             # The host as this transaction left it: no need to read it back.
-            self.fleet.upsert(_with_claim(fresh, amounts), now)
-            # The pCPUs picked on the fresh host state under its lock, not the snapshot's.
-            return _Claimed(replace(result, pcpus=recheck.pcpus), fresh, spec)
+            self.fleet.upsert(_with_claim(host, amounts), now)
+            return _Claimed(replace(result, pcpus=pcpus), host, spec)
         raise Conflict(
             f"could not claim a host for {req.name} after {self.config.claim_retries} attempts (heavy contention)",
             retryable=True,
@@ -395,7 +433,9 @@ class ControllerService:
                         details={"hosts": tried},
                     ) from exc
                 try:
-                    claimed = self._claim(req, vm_uuid, self._placement_request(req, exclude=tuple(tried)))
+                    claimed = self._claim(
+                        req, vm_uuid, self._placement_request(req, exclude=tuple(tried)), rehome=True
+                    )
                 except NoValidHost as refused:
                     self._fail(vm_uuid, "; ".join(failures), keep_host=False)
                     raise NoValidHost(
@@ -457,8 +497,7 @@ class ControllerService:
                 reported_at=now,
             )
         with self.tx() as s:
-            repo.update_vm(s, vm_uuid, now, **values)
-            return fleet.vm_view(repo.get_vm_by_uuid(s, vm_uuid))
+            return fleet.vm_view(repo.update_vm_returning(s, vm_uuid, now, **values))
 
     def resize_claim(self, vm_uuid: str, host_id: str, new_amounts: dict[str, int]) -> None:
         """Change a VM's allocations on its host (live vCPU/memory changes).
@@ -698,7 +737,7 @@ def _place(
     return _guard_group(request, lambda: place(snapshot, request, policy))
 
 
-def _guard_group(request: PlacementRequest, decide: Callable[[], Placement | Refusal]) -> Placement | Refusal:
+def _guard_group(request: PlacementRequest, decide: Callable[[], R]) -> R:
     """A group deleted since the request was checked is NotFound, not a crash."""
     try:
         return decide()

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
@@ -436,6 +436,17 @@ def update_vm(session: Session, uuid: str, now: float, **values: Any) -> None:
     session.execute(update(Vm).where(Vm.uuid == uuid).values(updated_at=now, **values))
 
 
+def update_vm_returning(session: Session, uuid: str, now: float, **values: Any) -> VmRecord:
+    """:func:`update_vm` and the VM as it is now, in one statement (UPDATE ... RETURNING)."""
+    row = session.scalars(
+        update(Vm).where(Vm.uuid == uuid).values(updated_at=now, **values).returning(Vm),
+        execution_options={"synchronize_session": False},
+    ).first()
+    if row is None:
+        raise NotFound(f"VM {uuid} does not exist")
+    return _vm_record(row)
+
+
 def delete_vm(session: Session, uuid: str) -> None:
     """Forget a VM and its allocations; its host's generation moves (its usage changed)."""
     host_id = session.scalars(select(Vm.host_id).where(Vm.uuid == uuid)).first()
@@ -459,18 +470,29 @@ def bump_generation(session: Session, host_id: str) -> None:
         raise NotFound(f"host {host_id!r} is not known")
 
 
+def claim_generation(session: Session, host_id: str, generation: int, updated_at: float) -> bool:
+    """Compare-and-set: bump the host's generation only if the row is still at ``generation``
+    and ``updated_at`` (what the caller decided on). True when it was; the row is then locked
+    (PostgreSQL) until commit, and the caller's view of the host is exactly the database's."""
+    bumped = session.execute(
+        update(Host)
+        .where(Host.id == host_id, Host.generation == generation, Host.updated_at == updated_at)
+        .values(generation=Host.generation + 1)
+    )
+    return getattr(bumped, "rowcount", 0) == 1
+
+
 def insert_claim(
-    session: Session, *, vm: Mapping[str, Any], host_id: str, amounts: Mapping[str, int]
+    session: Session, *, vm: Mapping[str, Any], host_id: str, amounts: Mapping[str, int], new: bool = False
 ) -> None:
     """Write a VM (or re-home an existing one) and its allocations on ``host_id``.
 
-    Call inside the transaction that called :func:`bump_generation` for the host and
-    re-checked its capacity. A duplicate name raises AlreadyExists.
+    Call inside the transaction that bumped the host's generation (:func:`bump_generation` or
+    :func:`claim_generation`) and checked its capacity. A duplicate name raises AlreadyExists.
+    ``new``: the VM is known not to exist yet (a first claim: no row to re-home).
     """
-    existing = session.get(Vm, vm["uuid"])
+    existing = None if new else session.get(Vm, vm["uuid"])
     if existing is None:
-        if session.scalars(select(Vm.uuid).where(Vm.name == vm["name"])).first() is not None:
-            raise AlreadyExists(f"a VM named {vm['name']!r} already exists in the fleet")
         session.add(Vm(**vm))
     else:  # a reschedule: the VM moves, with the definition and pCPUs made for its new host
         existing.host_id = host_id
@@ -481,14 +503,17 @@ def insert_claim(
         # The VM row first: allocations reference it (no ORM relationship orders the inserts).
         session.flush()
     except IntegrityError as exc:
-        # The name check above runs under the claim lock; this is a concurrent insert
-        # that got in through another path (e.g. an import).
+        # Names are unique in the schema: the index refuses a duplicate, whichever path
+        # (another create, an import, another controller) got there first.
         raise AlreadyExists(f"a VM named {vm['name']!r} already exists in the fleet") from exc
-    session.add_all(
-        Allocation(vm_uuid=vm["uuid"], host_id=host_id, resource=resource, amount=amount)
-        for resource, amount in amounts.items()
-    )
-    session.flush()
+    if amounts:  # one INSERT of every row
+        session.execute(
+            insert(Allocation),
+            [
+                {"vm_uuid": vm["uuid"], "host_id": host_id, "resource": resource, "amount": amount}
+                for resource, amount in amounts.items()
+            ],
+        )
 
 
 def release(session: Session, vm_uuid: str, host_id: str) -> None:

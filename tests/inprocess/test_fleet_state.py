@@ -154,14 +154,16 @@ def test_heartbeats_wait_in_memory_and_are_written_in_one_batch(engine: Engine) 
     service.close()
 
 
-def test_a_create_reads_one_host_not_the_fleet(engine: Engine) -> None:
+def test_a_create_reads_no_host_when_the_memory_is_current(engine: Engine) -> None:
+    """The claim's compare-and-set on the host's generation proves the memory current: no host
+    is read, no reported VM decoded; the claim is one UPDATE and the inserts."""
     service = _service(engine)
     _seed(service, *(f"h{n:02d}" for n in range(20)))
     statements = _count_statements(engine, lambda: _create(service, "one"))
-    host_reads = [s for s in statements if s.startswith("SELECT") and "FROM hosts" in s]
-    assert host_reads, statements  # the claim re-reads its host under the lock
-    assert all("WHERE hosts.id IN" in s for s in host_reads), host_reads
+    assert not [s for s in statements if s.startswith("SELECT") and "FROM hosts" in s], statements
     assert not any("reported_vms" in s for s in statements)
+    claim = [s for s in statements if s.startswith("UPDATE hosts")]
+    assert len(claim) == 1 and "hosts.generation =" in claim[0], statements
     service.close()
 
 
