@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.journal import SqliteJournal
+from common.messages.vm import VM_CREATE
 
 REPLY = os.urandom(300)  # about a VmResult reply envelope
 
@@ -48,7 +49,7 @@ def journal_run(directory: Path, synchronous: str | None) -> Callable[[int], Non
             for _ in range(commands):
                 message_id = uuid.uuid4().hex
                 assert journal.get(message_id) is None
-                journal.put(message_id, "vm.create", REPLY)
+                journal.put(message_id, VM_CREATE.kind, REPLY)
         finally:
             journal.close()
             for suffix in ("", "-wal", "-shm"):
