@@ -98,8 +98,23 @@ def _walk(entries: list[_Entry], descending: bool, at_least: int) -> Iterator[_E
     # Entries below at_least cannot pass the resource filter: never yield them.
     start = bisect_left(entries, (at_least,)) if at_least > 0 else 0
     if descending:
-        return map(entries.__getitem__, range(len(entries) - 1, start - 1, -1))
+        return _descending(entries, start)
     return map(entries.__getitem__, range(start, len(entries)))
+
+
+def _descending(entries: list[_Entry], start: int) -> Iterator[_Entry]:
+    """Largest amount first, equal amounts in ascending host id order: the order in which the
+    scheduler breaks ties, so a walk can stop inside a run of equal hosts (see indexed.py)."""
+    end = len(entries)
+    while end > start:
+        amount = entries[end - 1][0]
+        run = max(start, bisect_left(entries, (amount,), start, end))
+        yield from entries[run:end]
+        end = run
+
+
+def _best_first(entry: _Entry) -> tuple[int, str]:
+    return (-entry[0], entry[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +132,11 @@ class CandidateLists:
 
     def by_value(self, resource: ResourceClass, *, descending: bool, at_least: int = 0) -> Iterator[_Entry]:
         """``(free amount, host id)`` in ascending (or descending) free order, skipping
-        hosts with less than ``at_least`` free (ties: in host id order for ascending)."""
+        hosts with less than ``at_least`` free (ties: in ascending host id order, both ways)."""
         walks = [_walk(bucket.by_value[resource], descending, at_least) for bucket in self.buckets]
         if len(walks) == 1:
             return walks[0]
-        return heapq.merge(*walks, reverse=descending)
+        return heapq.merge(*walks, key=_best_first) if descending else heapq.merge(*walks)
 
     def by_id(self) -> Iterator[str]:
         """Host ids in ascending order."""

@@ -229,12 +229,14 @@ class _Search:
         for value in scored.values():
             _keep(best, value, limit)
         cursors = [0] * len(walkers)
+        last_ids = [""] * len(walkers)
         while True:
             for turn, (_, _, walk) in enumerate(walkers):
                 entry = next(walk, None)
                 if entry is None:
                     return  # every host that can pass has been seen
                 cursors[turn], host_id = entry
+                last_ids[turn] = host_id
                 if host_id in seen:
                     continue
                 seen.add(host_id)
@@ -254,7 +256,10 @@ class _Search:
                     bound[position] = column.weight(cursors[turn])
                 # Strictly above: an unseen host scoring exactly the bound could still win
                 # the tie on its host id.
-                if best[0] > math.fsum(bound):
+                reachable = math.fsum(bound)
+                if best[0] > reachable:
+                    return
+                if best[0] == reachable and _tie_settled(scored, limit, max(last_ids)):
                     return
 
     def _top(self, lists: CandidateLists, columns: list[Column], members: dict[str, int]) -> Scores:
@@ -319,6 +324,18 @@ def _scorer(columns: list[Column], members: dict[str, int]) -> Callable[[HostSta
         return fsum(weights)
 
     return score
+
+
+def _tie_settled(scored: dict[str, float], limit: int, furthest_id: str) -> bool:
+    """Whether no unseen host can win a tie with the last of the top ``limit``.
+
+    An unseen host scoring exactly the bound sits, in every walked list, at the cursor's
+    amount and after the cursor; the lists walk equal amounts in ascending host id order, so
+    its id is above every cursor's id. If the last of the top is not above the furthest
+    cursor's id, such a host loses the tie (host ids break ties in ascending order).
+    """
+    last = heapq.nsmallest(limit, scored, key=lambda host_id: (-scored[host_id], host_id))[-1]
+    return last <= furthest_id
 
 
 def _keep(best: list[float], score: float, limit: int) -> None:

@@ -306,3 +306,64 @@ def test_group_weigher_bounds_when_only_members_pass(group_policy: sched.GroupPo
         vm_name="vm", resources={R.VCPU: 1}, group="g", networks=frozenset({"prod"})
     )
     assert_same(HostIndex(hosts), request, sched.PlacementPolicy(), group)
+
+
+def test_a_tie_on_the_bound_across_two_walked_columns() -> None:
+    """The k-th best scores exactly what an unseen host could: the walk may stop only when
+    host ids settle the tie (found by a random search; stopping on every tie picks h6)."""
+    shapes = {  # host: (VCPU total, used), (MEMORY_MIB total, used)
+        "h0": ((8, 3), (8, 2)),
+        "h1": ((4, 0), (4, 0)),
+        "h2": ((4, 0), (8, 2)),
+        "h3": ((4, 0), (4, 0)),
+        "h4": ((8, 3), (4, 3)),
+        "h5": ((8, 3), (8, 3)),
+        "h6": ((4, 2), (8, 1)),
+        "h7": ((8, 2), (4, 3)),
+    }
+    hosts = [
+        sched.HostState(
+            host_id=host_id,
+            inventories={R.VCPU: sched.Inventory(vcpu[0]), R.MEMORY_MIB: sched.Inventory(memory[0])},
+            used={R.VCPU: vcpu[1], R.MEMORY_MIB: memory[1]},
+        )
+        for host_id, (vcpu, memory) in shapes.items()
+    ]
+    policy = sched.PlacementPolicy(
+        strategy=sched.Strategy.PACK,
+        multipliers={R.VCPU: 1.0, R.MEMORY_MIB: 1.0},
+        max_alternates=2,
+        max_ranked=1,
+    )
+    request = sched.PlacementRequest(vm_name="vm", resources={R.VCPU: 1})
+    group = sched.ServerGroup(name="g", policy=sched.GroupPolicy.SOFT_AFFINITY, members={})
+    expected = assert_same(HostIndex(hosts), request, policy, group)
+    assert isinstance(expected, sched.Placement)
+    assert (expected.host_id, expected.alternates) == ("h4", ("h1", "h3"))
+
+
+def test_many_ties_across_two_walked_columns_agree() -> None:
+    """Small fleets of tie-prone hosts weighed on two resources (seeded, 3,000 of them): where
+    the walk's lists and the scheduler disagree on the order of equal hosts, this fails."""
+    for seed in range(3000):
+        rng = random.Random(seed)
+        hosts = [
+            sched.HostState(
+                host_id=f"h{i}",
+                inventories={
+                    R.VCPU: sched.Inventory(rng.choice((4, 8))),
+                    R.MEMORY_MIB: sched.Inventory(rng.choice((4, 8))),
+                },
+                used={R.VCPU: rng.randint(0, 3), R.MEMORY_MIB: rng.randint(0, 3)},
+            )
+            for i in range(rng.randint(2, 8))
+        ]
+        policy = sched.PlacementPolicy(
+            strategy=rng.choice(list(sched.Strategy)),
+            multipliers={R.VCPU: 1.0, R.MEMORY_MIB: rng.choice((1.0, 2.0, 0.5))},
+            max_alternates=rng.randint(0, 2),
+            max_ranked=rng.randint(0, 3),
+        )
+        request = sched.PlacementRequest(vm_name="vm", resources={R.VCPU: 1})
+        group = sched.ServerGroup(name="g", policy=sched.GroupPolicy.SOFT_AFFINITY, members={})
+        assert_same(HostIndex(rng.sample(hosts, len(hosts))), request, policy, group)
