@@ -185,6 +185,38 @@ def latency(hosts: int, runs: int, policy: PlacementPolicy) -> Latency:
     )
 
 
+def identical(hosts: int, creates: int) -> tuple[float, float]:
+    """A fleet of identical empty hosts (a fresh rack; the simulated fleet) filled by ``creates``
+    small spread creates, each decided by place() and place_indexed() (which must agree) and
+    claimed: ms per decision, full walk and indexed. Ties everywhere: the case where a walk
+    that cannot stop inside a run of equal hosts degrades to the full fleet."""
+    cores, memory, disk = HOST_MODELS[0]
+    inventories = {
+        R.VCPU: Inventory.for_class(R.VCPU, cores, allocation_ratio=4.0),
+        R.MEMORY_MIB: Inventory.for_class(R.MEMORY_MIB, memory, reserved=512),
+        R.DISK_GIB: Inventory.for_class(R.DISK_GIB, disk, reserved=20),
+    }
+    states = [HostState(host_id=f"sim-{i:05d}", inventories=inventories) for i in range(hosts)]
+    index = HostIndex(states)
+    by_id = {state.host_id: state for state in states}
+    request = PlacementRequest(vm_name="vm", resources={R.VCPU: 1, R.MEMORY_MIB: 64, R.DISK_GIB: 1})
+    policy = PlacementPolicy()
+    full = indexed = 0.0
+    for _ in range(creates):
+        start = time.perf_counter()
+        expected = place(FleetSnapshot(hosts=tuple(by_id.values())), request, policy)
+        middle = time.perf_counter()
+        got = place_indexed(index, request, policy)
+        indexed += time.perf_counter() - middle
+        full += middle - start
+        assert isinstance(got, Placement) and isinstance(expected, Placement)
+        assert (got.host_id, got.alternates) == (expected.host_id, expected.alternates)
+        claimed = apply_claim(by_id[got.host_id], request)
+        by_id[got.host_id] = claimed
+        index.upsert(claimed)
+    return full * 1000.0 / creates, indexed * 1000.0 / creates
+
+
 def upkeep(hosts: int, runs: int) -> tuple[float, float, float]:
     """Index build time per host (µs), then p50/p99 (µs) of one upsert after a claim."""
     states, rng = fleet(hosts)
@@ -285,6 +317,12 @@ def main() -> None:
                 f" {lat.indexed_p50:>9.2f} {lat.indexed_p99:>8.2f} {lat.indexed_cpu:>8.2f} {lat.indexed_cpu_p99:>8.2f}"
                 f" {lat.full_p50 / lat.indexed_p50:>7.1f}"
             )
+    print()
+    print("identical hosts (ties everywhere), spread creates claimed one by one: ms per decision")
+    print(f"{'hosts':>7} {'creates':>8} {'full':>8} {'indexed':>8} {'x':>6}")
+    for hosts, creates in ((1_000, 100 if args.quick else 1_500),):
+        full_ms, indexed_ms = identical(hosts, creates)
+        print(f"{hosts:>7} {creates:>8} {full_ms:>8.3f} {indexed_ms:>8.3f} {full_ms / indexed_ms:>6.1f}")
     print()
     print("index upkeep (µs)")
     print(f"{'hosts':>7} {'build/host':>10} {'upsert p50':>10} {'p99':>8}")

@@ -287,8 +287,9 @@ class ControllerService:
         was made on (:func:`repo.claim_generation`). When it holds, memory and database agree
         on that host (every change of a host's allocations or settings moves its generation or
         its row), so the decision stands as made: insert the VM, its definition and its
-        allocations, and commit. Otherwise (another controller or thread got there first, or a
-        group request, whose rules count other VMs) bump the generation unconditionally (in
+        allocations, and commit. When another controller or thread got there first, the host is
+        re-read into memory and the create decides again. For a group request (whose rules
+        count VMs on other hosts too) bump the generation unconditionally (in
         PostgreSQL that takes the row lock; SQLite's BEGIN IMMEDIATE already holds the write
         lock), re-read that one host and re-run the scheduler on it; a host that filled up
         meanwhile sends us back to decide again. Either way concurrent creates, in one or many
@@ -307,6 +308,12 @@ class ControllerService:
                 ):
                     host = self.fleet.freshen(replace(basis, generation=basis.generation + 1))
                     pcpus = result.pcpus
+                elif basis is not None:
+                    # Someone claimed there first (a concurrent create decided on the same
+                    # memory): take the host as it is now and decide again, so concurrent
+                    # creates spread instead of piling onto the host they all saw as best.
+                    self.fleet.upsert(self.fleet.freshen(repo.get_host(s, basis.id, include_vms=False)), now)
+                    continue
                 else:
                     repo.bump_generation(s, result.host_id)
                     host = self.fleet.freshen(repo.get_host(s, result.host_id, include_vms=False))
@@ -693,12 +700,15 @@ class ControllerService:
     # ------------------------------------------------------------------ reconciliation
 
     def reconcile_once(self) -> list[str]:
-        """Fail builds stuck longer than the build timeout. Returns what it changed."""
+        """Fail builds stuck longer than the build timeout. Returns what it changed.
+
+        Reads only the VMs still building (a read of every VM, at 100,000 VMs, held the GIL for
+        seconds and heartbeats queued behind it)."""
         now = self.clock()
         changed = []
         with self.tx() as s:
-            for vm in repo.list_vms(s):
-                if vm.status is Lifecycle.BUILDING and now - vm.created_at > self.config.build_timeout_s:
+            for vm in repo.list_vms(s, status=Lifecycle.BUILDING):
+                if now - vm.created_at > self.config.build_timeout_s:
                     repo.update_vm(
                         s, vm.uuid, now, status=Lifecycle.ERROR, task=None, last_error="build timed out"
                     )

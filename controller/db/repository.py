@@ -401,10 +401,14 @@ def set_host_fields(session: Session, host_id: str, values: Mapping[str, Any], n
 # ---------------------------------------------------------------------------- VMs
 
 
-def list_vms(session: Session, host_id: str | None = None) -> list[VmRecord]:
+def list_vms(
+    session: Session, host_id: str | None = None, *, status: Lifecycle | None = None
+) -> list[VmRecord]:
     query = select(Vm).order_by(Vm.name)
     if host_id is not None:
         query = query.where(Vm.host_id == host_id)
+    if status is not None:
+        query = query.where(Vm.status == status)
     return [_vm_record(v) for v in session.scalars(query)]
 
 

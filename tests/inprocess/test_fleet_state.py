@@ -238,3 +238,24 @@ def test_a_repeated_report_after_a_delta_is_written_and_an_overtaken_delta_is_dr
     service.record_vm_changes(delta(4))  # older than report 5 (the reports queue has two workers)
     assert service.show_vm("v").power_state == PowerState.RUNNING
     service.close()
+
+
+def test_a_create_that_lost_the_race_for_a_host_decides_again_and_spreads(engine: Engine) -> None:
+    # Both controllers see h1 and h2 empty and pick h1 (spread, ties by id); the second one's
+    # compare-and-set fails, it re-reads h1 and decides again: h2, not a second VM on h1.
+    mine, theirs = _service(engine), _service(engine)
+    _seed(mine, "h1", "h2")
+    theirs.fleet.sync(time.time())
+    assert _create(theirs, "first") == "h1"
+    assert _create(mine, "second") == "h2"
+    mine.close()
+    theirs.close()
+
+
+def test_the_reconciler_reads_only_the_vms_still_building(engine: Engine) -> None:
+    service = _service(engine, build_timeout_s=0.5)
+    _seed(service, "h1")
+    _create(service, "stuck")  # the silent agent: its build ends in error, not building
+    reads = [s for s in _count_statements(engine, service.reconcile_once) if s.startswith("SELECT")]
+    assert reads and all("WHERE vms.status =" in s for s in reads), reads
+    service.close()
