@@ -165,6 +165,10 @@ def start_controllers(
     argv = [sys.executable, "-m", "controller.main", "--database-url", db, "--log-level", args.log_level]
     if args.down_after:
         argv += ["--down-after", str(args.down_after)]
+    if args.choose_among:
+        config = work / "controller.toml"
+        config.write_text(f"choose_among = {args.choose_among}\n")
+        argv += ["--config", str(config)]
     controllers = [
         procs.spawn("controller" if count == 1 else f"controller-{i + 1}", argv, env, work)
         for i in range(count)
@@ -852,11 +856,12 @@ def synthetic_ingestion(args: argparse.Namespace, tmp: Path, out: dict[str, Any]
                 plant.db, prefix, n, args.synthetic_vms, 11
             )
             rec["insert_s"] = time.monotonic() - t
-            time.sleep(3.0)  # a few fleet syncs: the controller re-reads the hosts' usage
+            rec["settle_s"] = settle(ctl, plant.procs, 90.0)  # the fleet sync re-reads the hosts' usage
             rec["rss_vms_mib"] = rss_mib(ctl.popen.pid)
             print(
                 f"  synthetic: {rec['vm_rows']} VM rows + {rec['allocation_rows']} allocations inserted (COPY) in"
-                f" {rec['insert_s']:.1f} s; controller RSS {rec['rss_vms_mib']:.0f} MiB",
+                f" {rec['insert_s']:.1f} s; controller idle again {rec['settle_s']:.1f} s later; controller RSS"
+                f" {rec['rss_vms_mib']:.0f} MiB (peak so far {rss_mib(ctl.popen.pid, 'VmHWM'):.0f})",
                 flush=True,
             )
         # 3. paced heartbeats and reports; the window starts after the warm-up
@@ -939,6 +944,10 @@ def synthetic_ingestion(args: argparse.Namespace, tmp: Path, out: dict[str, Any]
             }
         rec["controller_cpu_pct"] = (c1 - c0) / elapsed * 100
         rec["controller_cpu_max_pct"] = max(t[3] for t in timeline[1:]) if len(timeline) > 1 else 0.0
+        absorbed = (rec["heartbeats"]["absorbed_per_s"] + rec["reports"]["absorbed_per_s"]) * elapsed
+        # the controller's CPU per message of this mix, and the rate one whole CPU would absorb
+        rec["controller_cpu_ms_per_msg"] = (c1 - c0) / absorbed * 1000 if absorbed > 0 else None
+        rec["ceiling_per_cpu"] = absorbed / (c1 - c0) if c1 > c0 else None
         rec["machine_busy_pct"] = (m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * 100 * (os.cpu_count() or 1)
         rec["generator_cpu_pct"] = (sum(gc1) - sum(gc0)) / elapsed * 100
         rec["generator_busy"] = [d.get("busy", 0.0) for d in done]
@@ -953,13 +962,27 @@ def synthetic_ingestion(args: argparse.Namespace, tmp: Path, out: dict[str, Any]
             f" {hb['absorbed_per_s']:.0f}/s, depth {hb['depth_start']}->{hb['depth_end']} max {hb['depth_max']};"
             f" reports offered {rp['offered_per_s']:.0f}/s (target {rp['target_per_s']:.0f}) absorbed"
             f" {rp['absorbed_per_s']:.0f}/s, depth {rp['depth_start']}->{rp['depth_end']} max {rp['depth_max']};"
-            f" controller CPU {rec['controller_cpu_pct']:.0f} % (max 1 s {rec['controller_cpu_max_pct']:.0f} %),"
+            f" controller CPU {rec['controller_cpu_pct']:.0f} % (max 1 s {rec['controller_cpu_max_pct']:.0f} %,"
+            f" {rec['controller_cpu_ms_per_msg'] or 0:.3f} ms per message: one whole CPU would absorb"
+            f" {rec['ceiling_per_cpu'] or 0:.0f} msg/s of this mix),"
             f" generator CPU {rec['generator_cpu_pct']:.0f} % (busy {', '.join(f'{b:.2f}' for b in rec['generator_busy'])},"
             f" max lag {rec['generator_max_lag_s']:.2f} s), machine {rec['machine_busy_pct']:.0f} % of"
             f" {100 * (os.cpu_count() or 1)}; controller RSS {rec['rss_end_mib']:.0f} MiB at the end, peak"
             f" {rec['rss_peak_mib']:.0f} MiB",
             flush=True,
         )
+
+
+def settle(proc: Proc, procs: Processes, timeout: float, idle_pct: float = 25.0) -> float:
+    """Seconds until ``proc`` used less than ``idle_pct`` % of a CPU in two 1-s samples running."""
+    t0 = time.monotonic()
+    quiet = 0
+    while quiet < 2 and time.monotonic() - t0 < timeout:
+        procs.check_alive()
+        c0 = proc_cpu(proc)
+        time.sleep(1.0)
+        quiet = quiet + 1 if (proc_cpu(proc) - c0) * 100 < idle_pct else 0
+    return time.monotonic() - t0
 
 
 def profile_path(base: Path, phase: str) -> Path:
@@ -1044,6 +1067,9 @@ def controllers_phase(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) 
             c1 = [proc_cpu(c) for c in fleet.controllers]
             a1, m1 = proc_cpu(fleet.agent), machine_busy()
             check = capacity_check(fleet)
+            refilled = sum(
+                c.log.read_text(errors="replace").count("filled up while placing") for c in fleet.controllers
+            )
             n = result.done
             run = {
                 "controllers": k,
@@ -1060,6 +1086,8 @@ def controllers_phase(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) 
                 "controller_cpu_ms_per_create": (sum(c1) - sum(c0)) / n * 1000 if n else None,
                 "agent_cpu_pct": (a1 - a0) / result.elapsed * 100,
                 "machine_busy_pct": (m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * 100 * (os.cpu_count() or 1),
+                "host_filled_retries": refilled,
+                "choose_among": args.choose_among or 1,
                 **check,
             }
             runs.append(run)
@@ -1074,7 +1102,8 @@ def controllers_phase(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) 
                 f" {run['controller_cpu_ms_per_create'] or 0:.1f} ms/create, agent {run['agent_cpu_pct']:.0f} %,"
                 f" machine {run['machine_busy_pct']:.0f} %; capacity: {len(check['over_capacity'])} of"
                 f" {check['hosts_with_vms']} hosts over (fullest {check['max_fill'] * 100:.0f} %), VM rows"
-                f" {check['vm_statuses']} for {n + 3} creates answered ok",
+                f" {check['vm_statuses']} for {n + 3} creates answered ok; {refilled} claims found their host"
+                f" filled meanwhile (logged retries); choose_among {args.choose_among or 1}",
                 flush=True,
             )
             if check["over_capacity"]:
@@ -1213,7 +1242,7 @@ def report(out: dict[str, Any]) -> list[dict[str, Any]]:
         failed = sum(run["errors"].values()) + run["timeouts"]
         row(
             "7",
-            f"creates/s with {run['controllers']} controller process(es), {run['hosts']} hosts,"
+            f"creates/s with {run['controllers']} controller process(es) (choose_among {run['choose_among']}), {run['hosts']} hosts,"
             f" {run['outstanding']} outstanding, {run['duration_s']:.0f} s",
             f"{run['creates_per_s']:.1f}/s",
             f"{base:.1f}/s with {runs[0]['controllers']}",
@@ -1313,7 +1342,9 @@ def main() -> int:
     parser.add_argument(
         "--ingest-seconds", type=float, default=30.0, help="measured window of --ingest-synthetic"
     )
-    parser.add_argument("--synthetic-warmup", type=float, default=5.0, help="paced seconds before the window")
+    parser.add_argument(
+        "--synthetic-warmup", type=float, default=10.0, help="paced seconds before the window"
+    )
     parser.add_argument("--synthetic-vms", type=int, default=10, help="VMs in each synthetic host's report")
     parser.add_argument("--synthetic-change", type=float, default=0.1, help="share of reports that change")
     parser.add_argument("--synthetic-publishers", type=int, default=1, help="load generator processes")
@@ -1325,6 +1356,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--controllers", metavar="K,K,...", help="the burst with K controller processes each (e.g. 1,2,4)"
+    )
+    parser.add_argument(
+        "--choose-among",
+        type=int,
+        help="controllers' choose_among (a --config TOML): pick at random among the best N (product default 1)",
     )
     parser.add_argument("--profile", type=Path, help="py-spy raw output of the controller during the burst")
     parser.add_argument("--profile-rate", type=int, default=100)
