@@ -23,6 +23,16 @@ agent.main --simulate N --node-template FILE``:
    during the burst and ``--after`` s after it (hosts shown down, how often a read was answered);
    the controller's VmRSS after the burst; optionally py-spy on the controller during the burst.
 
+Two more phases, each alone when asked for (``--phases`` to combine):
+
+4. synthetic ingestion (``--ingest-synthetic N``, no agent): bench/loadgen.py registers N fake
+   hosts (10 VMs each), the bench inserts a VM row + allocations per reported VM (PostgreSQL),
+   then the generator offers N/5 heartbeats/s + N/30 reports/s (10 % of reports changed) while
+   the queues' depths, the controller's CPU and RSS are sampled every second;
+5. several controllers (``--controllers 1,2,4``): the burst with K controller processes on the
+   same queues and database; allocations summed from the database checked against each host's
+   capacity (``api.host.show``), VM rows against creates.
+
 The raw client speaks the wire protocol with pika + msgpack only (bench/fleetkit.py): reader-role
 calls (``api.host.list``) on ``virtfleet.api.read``, the rest on ``virtfleet.api``.
 
