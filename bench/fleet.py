@@ -23,6 +23,16 @@ agent.main --simulate N --node-template FILE``:
    during the burst and ``--after`` s after it (hosts shown down, how often a read was answered);
    the controller's VmRSS after the burst; optionally py-spy on the controller during the burst.
 
+Two more phases, each alone when asked for (``--phases`` to combine):
+
+4. synthetic ingestion (``--ingest-synthetic N``, no agent): bench/loadgen.py registers N fake
+   hosts (10 VMs each), the bench inserts a VM row + allocations per reported VM (PostgreSQL),
+   then the generator offers N/5 heartbeats/s + N/30 reports/s (10 % of reports changed) while
+   the queues' depths, the controller's CPU and RSS are sampled every second;
+5. several controllers (``--controllers 1,2,4``): the burst with K controller processes on the
+   same queues and database; allocations summed from the database checked against each host's
+   capacity (``api.host.show``), VM rows against creates.
+
 The raw client speaks the wire protocol with pika + msgpack only (bench/fleetkit.py): reader-role
 calls (``api.host.list``) on ``virtfleet.api.read``, the rest on ``virtfleet.api``.
 
@@ -86,7 +96,7 @@ from fleetkit import (  # noqa: E402
 )
 from placement import raw_rpc  # noqa: E402
 
-from common.messages.api import API_HOST_LIST, API_VM_CREATE  # noqa: E402
+from common.messages.api import API_HOST_LIST, API_HOST_SHOW, API_VM_CREATE  # noqa: E402
 
 SMALL_TEMPLATE = ROOT / "tests" / "fixtures" / "nodes" / "small.xml"
 #: Nova's mean boot time at 1,000 simulated hosts, the outside reference of the issue.
@@ -125,7 +135,7 @@ def big_template(tmp: Path) -> Path:
 
 @dataclass
 class Fleet:
-    """One phase's controller, agent and API client."""
+    """One phase's controllers, agent and API client (``controller``: the first controller)."""
 
     url: str
     procs: Processes
@@ -133,21 +143,26 @@ class Fleet:
     agent: Proc
     client: RawClient
     hosts: int
+    controllers: list[Proc] = field(default_factory=list)
+    db: str = ""
 
 
-def start_fleet(
-    stack: contextlib.ExitStack,
-    args: argparse.Namespace,
-    tmp: Path,
-    phase: str,
-    *,
-    hosts: int,
-    template: Path,
-    heartbeat: float,
-    report: float,
-) -> Fleet:
-    """A vhost, a database, a controller and a ``--simulate hosts`` agent, every host up; all
-    undone by ``stack``."""
+@dataclass
+class Plant:
+    """A phase's vhost, database and controller processes (no agent yet)."""
+
+    work: Path
+    url: str
+    db: str
+    env: dict[str, str]
+    procs: Processes
+    controllers: list[Proc]
+
+
+def start_controllers(
+    stack: contextlib.ExitStack, args: argparse.Namespace, tmp: Path, phase: str, count: int = 1
+) -> Plant:
+    """A vhost, a database and ``count`` controller processes on both; undone by ``stack``."""
     work = tmp / phase
     work.mkdir()
     url = stack.enter_context(private_vhost(f"vffleet-{phase}"))
@@ -160,7 +175,34 @@ def start_fleet(
     argv = [sys.executable, "-m", "controller.main", "--database-url", db, "--log-level", args.log_level]
     if args.down_after:
         argv += ["--down-after", str(args.down_after)]
-    controller = procs.spawn("controller", argv, env, work)
+    if args.choose_among:
+        config = work / "controller.toml"
+        config.write_text(f"choose_among = {args.choose_among}\n")
+        argv += ["--config", str(config)]
+    controllers = [
+        procs.spawn("controller" if count == 1 else f"controller-{i + 1}", argv, env, work)
+        for i in range(count)
+    ]
+    return Plant(work, url, db, env, procs, controllers)
+
+
+def start_fleet(
+    stack: contextlib.ExitStack,
+    args: argparse.Namespace,
+    tmp: Path,
+    phase: str,
+    *,
+    hosts: int,
+    template: Path,
+    heartbeat: float,
+    report: float,
+    controllers: int = 1,
+) -> Fleet:
+    """A vhost, a database, ``controllers`` controllers and a ``--simulate hosts`` agent,
+    every host up; all undone by ``stack``."""
+    plant = start_controllers(stack, args, tmp, phase, controllers)
+    work, url, db, env, procs = plant.work, plant.url, plant.db, plant.env, plant.procs
+    controller = plant.controllers[0]
     argv = [sys.executable, "-m", "agent.main", "--simulate", str(hosts), "--node-template", str(template)]
     argv += ["--host-prefix", f"{phase}-", "--state-dir", str(work / "agent-state")]
     argv += ["--heartbeat-interval", str(heartbeat), "--report-interval", str(report)]
@@ -168,10 +210,10 @@ def start_fleet(
     t0 = time.monotonic()
     client = connect(url, procs, timeout=60)
     stack.callback(client.close)
-    fleet = Fleet(url, procs, controller, agent, client, hosts)
+    fleet = Fleet(url, procs, controller, agent, client, hosts, plant.controllers, db)
     wait_hosts_up(fleet, args.startup_timeout)
     print(
-        f"  {phase}: controller + agent of {hosts} hosts ({template.name}, heartbeat {heartbeat:g} s,"
+        f"  {phase}: {controllers} controller{'s' if controllers > 1 else ''} + agent of {hosts} hosts ({template.name}, heartbeat {heartbeat:g} s,"
         f" report {report:g} s) up in {time.monotonic() - t0:.1f} s",
         flush=True,
     )
@@ -621,6 +663,465 @@ def burst_phase(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) -> Non
         )
 
 
+# ------------------------------------------------------------------ phase 4: synthetic ingestion
+
+
+class GenReader(threading.Thread):
+    """Reads one load generator's JSON lines: the last ``paced`` line and the events."""
+
+    def __init__(self, proc: Proc) -> None:
+        super().__init__(name=f"read-{proc.name}", daemon=True)
+        self.proc = proc
+        self.events: dict[str, dict[str, Any]] = {}
+        self.last: dict[str, Any] | None = None
+        self.first: dict[str, Any] | None = None
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        stdout = self.proc.popen.stdout
+        if stdout is None:
+            return
+        for raw in stdout:
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue
+            with self.lock:
+                if rec.get("event") == "paced":
+                    self.last = rec
+                    if self.first is None:
+                        self.first = rec
+                self.events[rec.get("event", "?")] = rec
+
+    def snapshot(self) -> dict[str, Any] | None:
+        with self.lock:
+            return dict(self.last) if self.last else None
+
+
+def sa_url(db: str) -> str:
+    return db.replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+def insert_vm_rows(db: str, prefix: str, hosts: int, vms: int, seed: int) -> tuple[int, int]:
+    """One ``vms`` row (active) and its 3 allocations per VM the synthetic hosts report, by COPY;
+    then every synthetic host's generation is bumped (what a claim does), so the controller's
+    fleet sync re-reads their usage. ``updated_at`` is left alone: a changed row would make every
+    host's next report count as new. Returns (VM rows, allocation rows)."""
+    import psycopg  # noqa: PLC0415 - only the postgres runs need it
+    from loadgen import host_model  # noqa: PLC0415
+
+    now = time.time()
+    vm_cols = (
+        "uuid, name, host_id, status, task, desired_power, power_state, vcpus, max_vcpus, memory_mib,"
+        " max_memory_mib, disk_gib, autostart, persistent, cpu_time_ns, spec, idempotency_key,"
+        " last_error, created_at, updated_at, reported_at, server_group, cpu_policy, pcpus,"
+        " hugepage_size_kib, needs_hw_virt"
+    )
+    n_vms = n_alloc = 0
+    with psycopg.connect(db) as conn, conn.cursor() as cur:
+        models = [host_model(prefix, i, vms, seed) for i in range(hosts)]
+        with cur.copy(f"COPY vms ({vm_cols}) FROM STDIN") as copy:
+            for h in models:
+                for vm, disk in zip(h.vms, h.vm_disks, strict=True):
+                    state = vm["state"]
+                    copy.write_row(
+                        (
+                            vm["uuid"], vm["name"], h.host_id, "active", None,
+                            "running" if state == "running" else "shutoff", state,
+                            vm["vcpus"], vm["max_vcpus"], vm["memory_mib"], vm["max_memory_mib"],
+                            disk, vm["autostart"], True, vm["cpu_time_ns"], "{}", None, None,
+                            now, now, now, None, "shared", "[]", None, False,
+                        )
+                    )  # fmt: skip
+                    n_vms += 1
+        with cur.copy("COPY allocations (vm_uuid, host_id, resource, amount) FROM STDIN") as copy:
+            for h in models:
+                for vm, disk in zip(h.vms, h.vm_disks, strict=True):
+                    for resource, amount in (
+                        ("VCPU", vm["vcpus"]),
+                        ("MEMORY_MIB", vm["memory_mib"]),
+                        ("DISK_GIB", disk),
+                    ):
+                        copy.write_row((vm["uuid"], h.host_id, resource, amount))
+                        n_alloc += 1
+        cur.execute("UPDATE hosts SET generation = generation + 1 WHERE id LIKE %s", (prefix + "%",))
+        conn.commit()
+    return n_vms, n_alloc
+
+
+def db_count(db: str, sql: str) -> int:
+    import psycopg  # noqa: PLC0415
+
+    with psycopg.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(sql)
+        row = cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+def synthetic_ingestion(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) -> None:
+    """``--ingest-synthetic N``: one controller, no agent; N fake hosts from bench/loadgen.py."""
+    n = args.ingest_synthetic
+    pubs = max(1, args.synthetic_publishers)
+    prefix = "syn-"
+    rec: dict[str, Any] = {
+        "hosts": n,
+        "vms_per_host": args.synthetic_vms,
+        "publishers": pubs,
+        "heartbeat_s": 5.0,
+        "report_s": 30.0,
+        "change": args.synthetic_change,
+    }
+    print(
+        f"  synthetic: {n} fake hosts from {pubs} bench/loadgen.py process(es) (raw pika + msgpack), heartbeat"
+        f" every 5 s and report every 30 s each; {args.synthetic_change * 100:.0f} % of reports change, the"
+        f" rest repeat their host's last report (seq, times and CPU time aside), as on an idle fleet; the"
+        f" generators share the machine's {os.cpu_count()} CPUs with the controller, RabbitMQ and PostgreSQL",
+        flush=True,
+    )
+    with cleanup_stack() as stack:
+        plant = start_controllers(stack, args, tmp, "synthetic", 1)
+        ctl = plant.controllers[0]
+        client = connect(plant.url, plant.procs, timeout=60)
+        stack.callback(client.close)
+        conn = pika.BlockingConnection(pika.URLParameters(plant.url))
+        stack.callback(conn.close)
+        ch = conn.channel()
+
+        def depths() -> tuple[int, int]:
+            """Ready messages of the heartbeat and report queues (passive declare: cheap)."""
+            return (
+                ch.queue_declare(HEARTBEATS_QUEUE, passive=True).method.message_count,
+                ch.queue_declare(REPORTS_QUEUE, passive=True).method.message_count,
+            )
+
+        deadline = time.monotonic() + 60
+        while True:  # the controller declares its queues when it starts
+            plant.procs.check_alive()
+            try:
+                depths()
+                break
+            except pika.exceptions.ChannelClosedByBroker:
+                if time.monotonic() > deadline:
+                    raise
+                ch = conn.channel()
+                time.sleep(0.5)
+        rss_empty = rss_mib(ctl.popen.pid)
+        # The paced phase: warm-up, the measured window, and a little slack.
+        paced_s = args.synthetic_warmup + args.ingest_seconds + 3.0
+        gens: list[GenReader] = []
+        share = -(-n // pubs)
+        for i in range(pubs):
+            first, count = i * share, min(share, n - i * share)
+            argv = [
+                sys.executable,
+                str(ROOT / "bench" / "loadgen.py"),
+                "--url",
+                plant.url,
+                "--prefix",
+                prefix,
+            ]
+            argv += ["--hosts", str(n), "--first", str(first), "--count", str(count)]
+            argv += ["--vms", str(args.synthetic_vms), "--seconds", f"{paced_s:g}"]
+            argv += ["--change", str(args.synthetic_change)]
+            gen = plant.procs.spawn(f"loadgen-{i + 1}", argv, plant.env, plant.work, pipes=True)
+            reader = GenReader(gen)
+            reader.start()
+            gens.append(reader)
+        t_reg = time.monotonic()
+        # 1. every host's first report, until the controller knows every host
+        known = 0
+        while known < n:
+            if time.monotonic() - t_reg > args.startup_timeout:
+                raise TimeoutError(
+                    f"{known} of {n} synthetic hosts registered after {args.startup_timeout:.0f} s"
+                )
+            plant.procs.check_alive()
+            time.sleep(1.0)
+            if args.database == "postgres":
+                known = db_count(plant.db, f"SELECT count(*) FROM hosts WHERE id LIKE '{prefix}%'")
+            else:
+                hosts = client.call(API_HOST_LIST.kind, {}, timeout=30)["hosts"]
+                known = sum(1 for h in hosts if h["host_id"].startswith(prefix))
+        reg_s = time.monotonic() - t_reg
+        while sum(depths()) > 0 and time.monotonic() - t_reg < args.startup_timeout:
+            time.sleep(0.5)
+        rec["register_s"] = reg_s
+        rec["register_per_s"] = n / reg_s
+        rec["register_publish_s"] = max(g.events.get("registered", {}).get("seconds", 0.0) for g in gens)
+        rec["register_nacks"] = sum(g.events.get("registered", {}).get("nacks", 0) for g in gens)
+        time.sleep(2.0)
+        rec["rss_empty_mib"] = rss_empty
+        rec["rss_hosts_mib"] = rss_mib(ctl.popen.pid)
+        print(
+            f"  synthetic: {n} hosts registered (first reports, {args.synthetic_vms} VMs each) in {reg_s:.1f} s"
+            f" = {n / reg_s:.0f}/s ({rec['register_nacks']} nacks); controller RSS {rss_empty:.0f} MiB empty,"
+            f" {rec['rss_hosts_mib']:.0f} MiB with the hosts",
+            flush=True,
+        )
+        # 2. the VM rows the reports list, as if the controller had created them
+        rec["vm_rows"] = rec["allocation_rows"] = 0
+        if args.synthetic_vm_rows and args.database == "postgres":
+            t = time.monotonic()
+            rec["vm_rows"], rec["allocation_rows"] = insert_vm_rows(
+                plant.db, prefix, n, args.synthetic_vms, 11
+            )
+            rec["insert_s"] = time.monotonic() - t
+            rec["settle_s"] = settle(ctl, plant.procs, 90.0)  # the fleet sync re-reads the hosts' usage
+            rec["rss_vms_mib"] = rss_mib(ctl.popen.pid)
+            print(
+                f"  synthetic: {rec['vm_rows']} VM rows + {rec['allocation_rows']} allocations inserted (COPY) in"
+                f" {rec['insert_s']:.1f} s; controller idle again {rec['settle_s']:.1f} s later; controller RSS"
+                f" {rec['rss_vms_mib']:.0f} MiB (peak so far {rss_mib(ctl.popen.pid, 'VmHWM'):.0f})",
+                flush=True,
+            )
+        # 3. paced heartbeats and reports; the window starts after the warm-up
+        for g in gens:
+            stdin = g.proc.popen.stdin
+            assert stdin is not None
+            stdin.write(b"go\n")
+            stdin.flush()
+        time.sleep(args.synthetic_warmup)
+        spy_ctx = stack.enter_context(contextlib.ExitStack())
+        spy_path = profile_path(args.profile, "synthetic") if args.profile else None
+        spy_at = 5.0
+        spy_len = max(1, min(20, int(args.ingest_seconds - spy_at - 2)))
+
+        def gen_totals() -> tuple[float, int, int, float]:
+            snaps = [g.snapshot() for g in gens]
+            if any(s is None for s in snaps):
+                raise RuntimeError(f"a load generator is silent: {[g.proc.tail(5) for g in gens]}")
+            ok = [s for s in snaps if s is not None]
+            return (
+                statistics.fmean(s["t"] for s in ok),
+                sum(s["hb"] for s in ok),
+                sum(s["rep"] for s in ok),
+                max(s["lag_s"] for s in ok),
+            )
+
+        g0 = gen_totals()
+        d0 = depths()
+        c0, m0 = proc_cpu(ctl), machine_busy()
+        gc0 = [sum(cpu_seconds(g.proc.popen.pid)) for g in gens]
+        t0 = time.monotonic()
+        timeline: list[tuple[float, int, int, float, float]] = [
+            (0.0, d0[0], d0[1], 0.0, rss_mib(ctl.popen.pid))
+        ]
+        last_c, last_t, max_lag = c0, t0, 0.0
+        spying = False
+        while (now := time.monotonic()) < t0 + args.ingest_seconds:
+            time.sleep(max(0.0, min(1.0, t0 + args.ingest_seconds - now)))
+            plant.procs.check_alive()
+            if spy_path is not None and not spying and time.monotonic() - t0 >= spy_at:
+                spying = True
+                spy_ctx.enter_context(
+                    pyspy(ctl.popen.pid, spy_path, spy_len, args.profile_rate, plant.work, plant.procs)
+                )
+            d = depths()
+            c, t = proc_cpu(ctl), time.monotonic()
+            timeline.append(
+                (t - t0, d[0], d[1], (c - last_c) / max(1e-9, t - last_t) * 100, rss_mib(ctl.popen.pid))
+            )
+            last_c, last_t = c, t
+            max_lag = max(max_lag, gen_totals()[3])
+        g1 = gen_totals()
+        d1 = depths()
+        elapsed = time.monotonic() - t0
+        c1, m1 = proc_cpu(ctl), machine_busy()
+        gc1 = [sum(cpu_seconds(g.proc.popen.pid)) for g in gens]
+        spy_ctx.close()
+        rec["rss_end_mib"] = rss_mib(ctl.popen.pid)
+        rec["rss_peak_mib"] = rss_mib(ctl.popen.pid, "VmHWM")
+        for g in gens:
+            g.proc.popen.wait(paced_s + 30)
+            g.join(5)
+        done = [g.events.get("done", {}) for g in gens]
+        gen_window = g1[0] - g0[0]
+        rec["window_s"] = elapsed
+        rec["timeline"] = timeline
+        changed = sum(d.get("changed", 0) for d in done)
+        reports = sum(d.get("rep", 0) for d in done)
+        rec["changed_share"] = changed / reports if reports else 0.0
+        for what, idx, interval in (("heartbeats", 1, 5.0), ("reports", 2, 30.0)):
+            growth = d1[idx - 1] - d0[idx - 1]
+            offered = (g1[idx] - g0[idx]) / gen_window
+            rec[what] = {
+                "target_per_s": n / interval,
+                "offered_per_s": offered,
+                "absorbed_per_s": offered - growth / elapsed,
+                "depth_start": d0[idx - 1],
+                "depth_end": d1[idx - 1],
+                "depth_max": max(t[idx] for t in timeline),
+            }
+        rec["controller_cpu_pct"] = (c1 - c0) / elapsed * 100
+        rec["controller_cpu_max_pct"] = max(t[3] for t in timeline[1:]) if len(timeline) > 1 else 0.0
+        absorbed = (rec["heartbeats"]["absorbed_per_s"] + rec["reports"]["absorbed_per_s"]) * elapsed
+        # the controller's CPU per message of this mix, and the rate one whole CPU would absorb
+        rec["controller_cpu_ms_per_msg"] = (c1 - c0) / absorbed * 1000 if absorbed > 0 else None
+        rec["ceiling_per_cpu"] = absorbed / (c1 - c0) if c1 > c0 else None
+        rec["machine_busy_pct"] = (m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * 100 * (os.cpu_count() or 1)
+        rec["generator_cpu_pct"] = (sum(gc1) - sum(gc0)) / elapsed * 100
+        rec["generator_busy"] = [d.get("busy", 0.0) for d in done]
+        rec["generator_max_lag_s"] = max(max_lag, *(d.get("max_lag_s", 0.0) for d in done))
+        rec["profile"] = str(spy_path) if spy_path else None
+        out["synthetic"] = rec
+        hb, rp = rec["heartbeats"], rec["reports"]
+        print(
+            f"  synthetic ingestion over {elapsed:.1f} s ({pubs} generator process{'es' if pubs > 1 else ''},"
+            f" {rec['changed_share'] * 100:.0f} % of reports changed, the rest repeat their host's last one):"
+            f" heartbeats offered {hb['offered_per_s']:.0f}/s (target {hb['target_per_s']:.0f}) absorbed"
+            f" {hb['absorbed_per_s']:.0f}/s, depth {hb['depth_start']}->{hb['depth_end']} max {hb['depth_max']};"
+            f" reports offered {rp['offered_per_s']:.0f}/s (target {rp['target_per_s']:.0f}) absorbed"
+            f" {rp['absorbed_per_s']:.0f}/s, depth {rp['depth_start']}->{rp['depth_end']} max {rp['depth_max']};"
+            f" controller CPU {rec['controller_cpu_pct']:.0f} % (max 1 s {rec['controller_cpu_max_pct']:.0f} %,"
+            f" {rec['controller_cpu_ms_per_msg'] or 0:.3f} ms per message: one whole CPU would absorb"
+            f" {rec['ceiling_per_cpu'] or 0:.0f} msg/s of this mix),"
+            f" generator CPU {rec['generator_cpu_pct']:.0f} % (busy {', '.join(f'{b:.2f}' for b in rec['generator_busy'])},"
+            f" max lag {rec['generator_max_lag_s']:.2f} s), machine {rec['machine_busy_pct']:.0f} % of"
+            f" {100 * (os.cpu_count() or 1)}; controller RSS {rec['rss_end_mib']:.0f} MiB at the end, peak"
+            f" {rec['rss_peak_mib']:.0f} MiB",
+            flush=True,
+        )
+
+
+def settle(proc: Proc, procs: Processes, timeout: float, idle_pct: float = 25.0) -> float:
+    """Seconds until ``proc`` used less than ``idle_pct`` % of a CPU in two 1-s samples running."""
+    t0 = time.monotonic()
+    quiet = 0
+    while quiet < 2 and time.monotonic() - t0 < timeout:
+        procs.check_alive()
+        c0 = proc_cpu(proc)
+        time.sleep(1.0)
+        quiet = quiet + 1 if (proc_cpu(proc) - c0) * 100 < idle_pct else 0
+    return time.monotonic() - t0
+
+
+def profile_path(base: Path, phase: str) -> Path:
+    """``base`` for the burst; ``STEM.PHASE.SUFFIX`` beside it for another phase."""
+    return base.with_name(f"{base.stem}.{phase}{base.suffix}")
+
+
+# ------------------------------------------------------------------ phase 5: several controllers
+
+
+def capacity_check(fleet: Fleet) -> dict[str, Any]:
+    """Allocation sums per host and resource from the database against each host's capacity
+    as ``api.host.show`` gives it; VM rows against creates."""
+    import psycopg  # noqa: PLC0415
+
+    with psycopg.connect(fleet.db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT host_id, resource, sum(amount) FROM allocations GROUP BY host_id, resource")
+        used: dict[str, dict[str, int]] = {}
+        for host_id, resource, amount in cur.fetchall():
+            used.setdefault(host_id, {})[resource] = int(amount)
+        cur.execute("SELECT status, count(*) FROM vms GROUP BY status")
+        statuses = {str(s): int(c) for s, c in cur.fetchall()}
+    over: list[str] = []
+    view_differs = 0
+    fill = 0.0
+    for host_id, per_resource in sorted(used.items()):
+        view = fleet.client.call(API_HOST_SHOW.kind, {"host": host_id}, timeout=30)
+        resources = {r["resource"]: r for r in view["resources"]}
+        for resource, amount in per_resource.items():
+            cap = resources.get(resource)
+            if cap is None:
+                continue
+            fill = max(fill, amount / cap["capacity"] if cap["capacity"] else float("inf"))
+            if amount > cap["capacity"]:
+                over.append(f"{host_id} {resource} {amount} > {cap['capacity']}")
+            if cap["used"] != amount:
+                view_differs += 1
+    return {
+        "hosts_with_vms": len(used),
+        "over_capacity": over,
+        "max_fill": fill,
+        "view_differs": view_differs,
+        "vm_statuses": statuses,
+    }
+
+
+def controllers_phase(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) -> None:
+    """``--controllers 1,2,4``: the burst with 1, 2, 4 controller processes on the same queues
+    and database (a fresh vhost, database and agent each)."""
+    counts = [int(c) for c in args.controllers.split(",") if c.strip()]
+    print(
+        f"  controllers {counts}: note that this machine has {os.cpu_count()} CPUs shared by the"
+        " controllers, the agent, RabbitMQ, PostgreSQL and the client: ratios are what they are",
+        flush=True,
+    )
+    runs: list[dict[str, Any]] = []
+    out["controllers"] = runs
+    for k in counts:
+        with cleanup_stack() as stack:
+            fleet = start_fleet(
+                stack,
+                args,
+                tmp,
+                f"ctl{k}",
+                hosts=args.hosts,
+                template=SMALL_TEMPLATE,
+                heartbeat=5.0,
+                report=30.0,
+                controllers=k,
+            )
+            sequential(fleet.client, "warm", 3)
+            c0 = [proc_cpu(c) for c in fleet.controllers]
+            a0, m0 = proc_cpu(fleet.agent), machine_busy()
+            result = burst(
+                fleet.url,
+                counter("b"),
+                outstanding=args.outstanding,
+                duration=args.duration,
+                call_timeout=args.call_timeout,
+                procs=fleet.procs,
+            )
+            c1 = [proc_cpu(c) for c in fleet.controllers]
+            a1, m1 = proc_cpu(fleet.agent), machine_busy()
+            check = capacity_check(fleet)
+            refilled = sum(
+                c.log.read_text(errors="replace").count("filled up while placing") for c in fleet.controllers
+            )
+            n = result.done
+            run = {
+                "controllers": k,
+                "hosts": args.hosts,
+                "outstanding": args.outstanding,
+                "duration_s": result.elapsed,
+                "creates": n,
+                "creates_per_s": result.rate,
+                "p50_ms": statistics.median(result.latencies) * 1000 if n else None,
+                "p99_ms": pct(result.latencies, 0.99) * 1000 if n else None,
+                "errors": dict(result.errors),
+                "timeouts": result.timeouts,
+                "controller_cpu_pct": [(b - a) / result.elapsed * 100 for a, b in zip(c0, c1, strict=True)],
+                "controller_cpu_ms_per_create": (sum(c1) - sum(c0)) / n * 1000 if n else None,
+                "agent_cpu_pct": (a1 - a0) / result.elapsed * 100,
+                "machine_busy_pct": (m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * 100 * (os.cpu_count() or 1),
+                "host_filled_retries": refilled,
+                "choose_among": args.choose_among or 1,
+                **check,
+            }
+            runs.append(run)
+            base = runs[0]["creates_per_s"]
+            active = check["vm_statuses"].get("active", 0)
+            print(
+                f"  {k} controller{'s' if k > 1 else ''}: {n} creates in {result.elapsed:.1f} s ="
+                f" {result.rate:.1f}/s ({result.rate / base if base else 0:.2f}x of 1), p50"
+                f" {run['p50_ms'] or 0:.0f} ms p99 {run['p99_ms'] or 0:.0f} ms, errors {dict(result.errors)}"
+                f" timeouts {result.timeouts}; CPU controllers"
+                f" {' + '.join(f'{c:.0f}' for c in run['controller_cpu_pct'])} % ="
+                f" {run['controller_cpu_ms_per_create'] or 0:.1f} ms/create, agent {run['agent_cpu_pct']:.0f} %,"
+                f" machine {run['machine_busy_pct']:.0f} %; capacity: {len(check['over_capacity'])} of"
+                f" {check['hosts_with_vms']} hosts over (fullest {check['max_fill'] * 100:.0f} %), VM rows"
+                f" {check['vm_statuses']} for {n + 3} creates answered ok; {refilled} claims found their host"
+                f" filled meanwhile (logged retries); choose_among {args.choose_among or 1}",
+                flush=True,
+            )
+            if check["over_capacity"]:
+                print(f"    OVER CAPACITY: {check['over_capacity'][:10]}", flush=True)
+            if active != n + 3:
+                print(f"    VM rows active {active} != creates answered ok {n + 3}", flush=True)
+
+
 # ------------------------------------------------------------------ the report
 
 
@@ -713,6 +1214,53 @@ def report(out: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{target}, no growth",
                 (grew <= max(50, 0.02 * d["offered_per_s"] * ing["window_s"])) if reached else None,
             )
+    syn = out.get("synthetic")
+    if syn:
+        for what in ("heartbeats", "reports"):
+            d = syn[what]
+            reached = d["offered_per_s"] >= 0.95 * d["target_per_s"]
+            grew = d["depth_end"] - d["depth_start"]
+            ok = grew <= max(50, 0.02 * d["offered_per_s"] * syn["window_s"]) and d["depth_max"] < 9000
+            row(
+                "5s",
+                f"{what}/s absorbed, {syn['hosts']:,} synthetic hosts, {syn['window_s']:.0f} s"
+                f" ({syn['changed_share'] * 100:.0f} % of reports changed; queue depth start -> end, max)",
+                f"{d['absorbed_per_s']:.0f}/s",
+                f"offered {d['offered_per_s']:.0f}/s" + ("" if reached else " (generator short of target)"),
+                f"{d['depth_start']} -> {d['depth_end']}, max {d['depth_max']}; controller CPU"
+                f" {syn['controller_cpu_pct']:.0f} %",
+                f"{d['target_per_s']:,.0f}/s, no growth",
+                ok if reached else None,
+            )
+        vms = (
+            f", {syn['vm_rows']:,} VM rows"
+            if syn["vm_rows"]
+            else f" ({syn['vms_per_host']} VMs each reported, no VM rows)"
+        )
+        row(
+            "6s",
+            f"controller VmRSS with {syn['hosts']:,} hosts{vms}, end of ingestion (peak)",
+            f"{syn['rss_end_mib']:.0f} MiB ({syn['rss_peak_mib']:.0f})",
+            f"{syn['rss_empty_mib']:.0f} MiB with no host",
+            f"{syn['rss_hosts_mib']:.0f} MiB right after registration",
+            "<= 1,024 MiB",
+            syn["rss_peak_mib"] <= 1024,
+        )
+    runs = out.get("controllers") or []
+    for run in runs:
+        base = runs[0]["creates_per_s"]
+        failed = sum(run["errors"].values()) + run["timeouts"]
+        row(
+            "7",
+            f"creates/s with {run['controllers']} controller process(es) (choose_among {run['choose_among']}), {run['hosts']} hosts,"
+            f" {run['outstanding']} outstanding, {run['duration_s']:.0f} s",
+            f"{run['creates_per_s']:.1f}/s",
+            f"{base:.1f}/s with {runs[0]['controllers']}",
+            f"{run['creates_per_s'] / base if base else 0:.2f}x; {failed} errors; hosts over capacity"
+            f" {len(run['over_capacity'])} of {run['hosts_with_vms']} (fullest {run['max_fill'] * 100:.0f} %)",
+            "0 errors, 0 over",
+            failed == 0 and not run["over_capacity"],
+        )
     if b:
         row(
             "6",
@@ -790,7 +1338,40 @@ def main() -> int:
         "--after", type=float, default=10.0, help="seconds of host.list polls after the burst"
     )
     parser.add_argument("--down-after", type=float, help="controller --down-after (default: the product's)")
-    parser.add_argument("--phases", default="small,ingest,burst", help="comma-separated subset")
+    parser.add_argument(
+        "--phases",
+        help="comma-separated subset of small,ingest,burst,synthetic,controllers (default: small,ingest,burst;"
+        " only synthetic and/or controllers when --ingest-synthetic / --controllers is given)",
+    )
+    parser.add_argument(
+        "--ingest-synthetic",
+        type=int,
+        metavar="N",
+        help="synthetic ingestion: N fake hosts (bench/loadgen.py), heartbeats N/5 per s + reports N/30 per s",
+    )
+    parser.add_argument(
+        "--ingest-seconds", type=float, default=30.0, help="measured window of --ingest-synthetic"
+    )
+    parser.add_argument(
+        "--synthetic-warmup", type=float, default=10.0, help="paced seconds before the window"
+    )
+    parser.add_argument("--synthetic-vms", type=int, default=10, help="VMs in each synthetic host's report")
+    parser.add_argument("--synthetic-change", type=float, default=0.1, help="share of reports that change")
+    parser.add_argument("--synthetic-publishers", type=int, default=1, help="load generator processes")
+    parser.add_argument(
+        "--no-synthetic-vm-rows",
+        dest="synthetic_vm_rows",
+        action="store_false",
+        help="do not insert a VM row (+ allocations) per reported VM (PostgreSQL only)",
+    )
+    parser.add_argument(
+        "--controllers", metavar="K,K,...", help="the burst with K controller processes each (e.g. 1,2,4)"
+    )
+    parser.add_argument(
+        "--choose-among",
+        type=int,
+        help="controllers' choose_among (a --config TOML): pick at random among the best N (product default 1)",
+    )
     parser.add_argument("--profile", type=Path, help="py-spy raw output of the controller during the burst")
     parser.add_argument("--profile-rate", type=int, default=100)
     parser.add_argument("--rpc-calls", type=int, default=1000)
@@ -816,7 +1397,17 @@ def main() -> int:
         if not PYSPY.exists():
             parser.error(f"--profile needs py-spy at {PYSPY} (pip install py-spy)")
         args.profile = args.profile.resolve()
+    if args.phases is None:
+        extra = {"synthetic"} if args.ingest_synthetic else set()
+        extra |= {"controllers"} if args.controllers else set()
+        args.phases = ",".join(sorted(extra)) or "small,ingest,burst"
     phases = set(args.phases.split(","))
+    if "synthetic" in phases and not args.ingest_synthetic:
+        parser.error("the synthetic phase needs --ingest-synthetic N")
+    if "controllers" in phases and not args.controllers:
+        parser.error("the controllers phase needs --controllers K,K,...")
+    if args.controllers and args.database != "postgres":
+        parser.error("--controllers needs --database postgres (the capacity check reads it)")
 
     def on_alarm(_sig: int, _frame: Any) -> None:
         raise BenchTimeout(f"the benchmark ran past --deadline {args.deadline:.0f} s")
@@ -851,14 +1442,26 @@ def main() -> int:
             ingestion(args, tmp, out)
         if "burst" in phases:
             burst_phase(args, tmp, out)
+        if "synthetic" in phases:
+            synthetic_ingestion(args, tmp, out)
+        if "controllers" in phases:
+            controllers_phase(args, tmp, out)
         out["wall_s"] = time.monotonic() - started
         out["load_end"] = os.getloadavg()[0]
         print(f"\nwall {out['wall_s']:.0f} s, load average {out['load_start']:.1f} -> {out['load_end']:.1f}")
         out["table"] = report(out)
-        if args.profile:
+        if args.profile and "burst" in phases:
             out["profile_top"] = {
                 "gil": print_profile(gil_path(args.profile), "controller, thread holding the GIL (CPU)"),
                 "active": print_profile(args.profile, "controller, every thread not sleeping"),
+            }
+        if args.profile and "synthetic" in phases:
+            spy = profile_path(args.profile, "synthetic")
+            out["profile_top_synthetic"] = {
+                "gil": print_profile(gil_path(spy), "controller during synthetic ingestion, GIL (CPU)"),
+                "active": print_profile(
+                    spy, "controller during synthetic ingestion, every thread not sleeping"
+                ),
             }
         if args.json:
             args.json.write_text(json.dumps(out, indent=1, default=str))

@@ -60,10 +60,11 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return (utime + cutime) / TICKS, (stime + cstime) / TICKS
 
 
-def rss_mib(pid: int) -> float:
-    """VmRSS of a live process, MiB."""
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """VmRSS (or another ``/proc/PID/status`` size such as VmHWM, the peak RSS) of a live
+    process, MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -169,13 +170,18 @@ class Processes:
 
     procs: list[Proc] = field(default_factory=list)
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str], cwd: Path) -> Proc:
+    def spawn(
+        self, name: str, argv: list[str], env: dict[str, str], cwd: Path, *, pipes: bool = False
+    ) -> Proc:
+        """Start ``argv``; its output goes to ``cwd/NAME.log``. ``pipes``: stdin and stdout are
+        pipes to this script instead (stderr still goes to the log)."""
         log = cwd / f"{name}.log"
         with log.open("wb") as handle:
             popen = subprocess.Popen(
                 argv,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
+                stdin=subprocess.PIPE if pipes else None,
+                stdout=subprocess.PIPE if pipes else handle,
+                stderr=handle if pipes else subprocess.STDOUT,
                 env=env,
                 cwd=cwd,
                 start_new_session=True,  # Ctrl-C reaches this script only; it stops them in order
