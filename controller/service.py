@@ -79,6 +79,9 @@ log = logging.getLogger(__name__)
 B = TypeVar("B")
 R = TypeVar("R")
 
+#: Lost compare-and-sets allowed per claim retry (see ControllerService._claim).
+LOST_RACES_PER_RETRY = 10
+
 #: Errors after which a build is retried on an alternate host (the host failed, not the request).
 RESCHEDULABLE = (HypervisorError, StorageError, Unsupported, TransportError)
 
@@ -297,7 +300,13 @@ class ControllerService:
 
         ``rehome``: the VM row exists (a reschedule) and moves to the new host.
         """
-        for _attempt in range(self.config.claim_retries):
+        # A lost race means another claim on that host succeeded, so the fleet moved on: those
+        # retries are allowed many more times (bounded all the same) than refusals under the lock.
+        races = 0
+        attempts = 0
+        while (
+            attempts < self.config.claim_retries and races < self.config.claim_retries * LOST_RACES_PER_RETRY
+        ):
             result, basis = self._decide(request)
             if isinstance(result, Refusal):
                 raise _no_valid_host(result)
@@ -313,6 +322,7 @@ class ControllerService:
                     # memory): take the host as it is now and decide again, so concurrent
                     # creates spread instead of piling onto the host they all saw as best.
                     self.fleet.upsert(self.fleet.freshen(repo.get_host(s, basis.id, include_vms=False)), now)
+                    races += 1
                     continue
                 else:
                     repo.bump_generation(s, result.host_id)
@@ -337,6 +347,7 @@ class ControllerService:
                         )
                         s.rollback()
                         self.fleet.upsert(host, now)
+                        attempts += 1
                         continue
                     # The pCPUs picked on the fresh host state under its lock, not the memory's.
                     pcpus = recheck.pcpus
