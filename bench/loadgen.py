@@ -29,11 +29,16 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import pika
 import pika.exceptions
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common.messages.host import HOST_HEARTBEAT, HOST_REPORT
 
 EXCHANGE = "virtfleet.reports"
 CPU_CHOICES = (32, 48, 64, 96)
@@ -229,7 +234,7 @@ def main() -> int:
         body = h.body(time.time())
         while True:
             try:
-                pub.publish("host.report", h.host_id, body, 120.0, confirm=True)
+                pub.publish(HOST_REPORT.kind, h.host_id, body, 120.0, confirm=True)
                 break
             except pika.exceptions.NackError:
                 nacks += 1  # the report queue is at its x-max-length: let the controller drain it
@@ -276,7 +281,7 @@ def main() -> int:
                 h.hb_seq += 1
                 wall = time.time()
                 body = {"host_id": h.host_id, "seq": h.hb_seq, "started_at": h.started_at, "sent_at": wall}
-                pub.publish("host.heartbeat", h.host_id, body, 30.0, confirm=False)
+                pub.publish(HOST_HEARTBEAT.kind, h.host_id, body, 30.0, confirm=False)
                 sent_hb += 1
             if sent_rep < due_rep:
                 h = hosts[rep_next]
@@ -284,7 +289,7 @@ def main() -> int:
                 if rng.random() < args.change:
                     h.change(rng)
                     changed += 1
-                pub.publish("host.report", h.host_id, h.body(time.time()), 120.0, confirm=False)
+                pub.publish(HOST_REPORT.kind, h.host_id, h.body(time.time()), 120.0, confirm=False)
                 sent_rep += 1
         busy += time.perf_counter() - b0
         if now >= next_tick:
