@@ -79,9 +79,6 @@ log = logging.getLogger(__name__)
 B = TypeVar("B")
 R = TypeVar("R")
 
-#: Lost compare-and-sets allowed per claim retry (see ControllerService._claim).
-LOST_RACES_PER_RETRY = 10
-
 #: Errors after which a build is retried on an alternate host (the host failed, not the request).
 RESCHEDULABLE = (HypervisorError, StorageError, Unsupported, TransportError)
 
@@ -290,9 +287,9 @@ class ControllerService:
         was made on (:func:`repo.claim_generation`). When it holds, memory and database agree
         on that host (every change of a host's allocations or settings moves its generation or
         its row), so the decision stands as made: insert the VM, its definition and its
-        allocations, and commit. When another controller or thread got there first, the host is
-        re-read into memory and the create decides again. For a group request (whose rules
-        count VMs on other hosts too) bump the generation unconditionally (in
+        allocations, and commit. Otherwise (another controller or thread claimed there first, or a
+        group request, whose rules count VMs on other hosts too) bump the generation
+        unconditionally (in
         PostgreSQL that takes the row lock; SQLite's BEGIN IMMEDIATE already holds the write
         lock), re-read that one host and re-run the scheduler on it; a host that filled up
         meanwhile sends us back to decide again. Either way concurrent creates, in one or many
@@ -300,13 +297,8 @@ class ControllerService:
 
         ``rehome``: the VM row exists (a reschedule) and moves to the new host.
         """
-        # A lost race means another claim on that host succeeded, so the fleet moved on: those
-        # retries are allowed many more times (bounded all the same) than refusals under the lock.
-        races = 0
         attempts = 0
-        while (
-            attempts < self.config.claim_retries and races < self.config.claim_retries * LOST_RACES_PER_RETRY
-        ):
+        while attempts < self.config.claim_retries:
             result, basis = self._decide(request)
             if isinstance(result, Refusal):
                 raise _no_valid_host(result)
@@ -317,13 +309,6 @@ class ControllerService:
                 ):
                     host = self.fleet.freshen(replace(basis, generation=basis.generation + 1))
                     pcpus = result.pcpus
-                elif basis is not None:
-                    # Someone claimed there first (a concurrent create decided on the same
-                    # memory): take the host as it is now and decide again, so concurrent
-                    # creates spread instead of piling onto the host they all saw as best.
-                    self.fleet.upsert(self.fleet.freshen(repo.get_host(s, basis.id, include_vms=False)), now)
-                    races += 1
-                    continue
                 else:
                     repo.bump_generation(s, result.host_id)
                     host = self.fleet.freshen(repo.get_host(s, result.host_id, include_vms=False))
