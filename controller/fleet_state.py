@@ -172,13 +172,12 @@ class FleetState:
 
     # ------------------------------------------------------------------ reports
 
-    def report_unchanged(self, report: HostReport, now: float) -> bool:
-        """True when ``report`` says what the last one this controller wrote said (counters and
+    def report_unchanged(self, report: HostReport, digest: bytes, now: float) -> bool:
+        """True when ``report`` (whose :func:`report_digest` is ``digest``) says what the last one this controller wrote said (counters and
         times aside), less than REPORT_REWRITE_S ago, and nobody wrote the host since (another
         controller's report changes the row's ``updated_at``, seen at the next sync): then it is
         only a heartbeat. Reports of idle hosts are most reports; each would otherwise be a
         write of the host and its VMs."""
-        digest = _digest(report)
         with self._lock:
             last = self._reports.get(report.host_id)
             record = self._records.get(report.host_id)
@@ -205,13 +204,12 @@ class FleetState:
         with self._lock:
             self._reports.pop(host_id, None)
 
-    def report_written(self, report: HostReport, now: float) -> None:
-        """Note the report just written (see :meth:`report_unchanged`)."""
-        digest = _digest(report)
+    def report_written(self, host_id: str, digest: bytes, now: float) -> None:
+        """Note the report (its :func:`report_digest`) just written (see :meth:`report_unchanged`)."""
         with self._lock:
-            record = self._records.get(report.host_id)
+            record = self._records.get(host_id)
             if record is not None:
-                self._reports[report.host_id] = (digest, now, record.updated_at)
+                self._reports[host_id] = (digest, now, record.updated_at)
 
     # ------------------------------------------------------------------ reading
 
@@ -292,7 +290,7 @@ class FleetState:
         return fleet.host_state(record, self._config, now)
 
 
-def _digest(report: HostReport) -> bytes:
+def report_digest(report: HostReport) -> bytes:
     """What a report says, without what changes in every report (its counters and times, and the
     VMs' CPU time, which is only written along with a real change)."""
     said = msgspec.structs.replace(

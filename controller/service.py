@@ -61,7 +61,7 @@ from controller import fleet, tuning_inventory
 from controller.agent_api import AgentCalls
 from controller.config import ControllerConfig
 from controller.db import repository as repo
-from controller.fleet_state import FleetState
+from controller.fleet_state import FleetState, report_digest
 from controller.scheduler.model import (
     FleetSnapshot,
     Placement,
@@ -151,12 +151,13 @@ class ControllerService:
     def record_report(self, report: HostReport) -> None:
         """Write a host's report; one that says nothing new only counts as a heartbeat."""
         now = self.clock()
-        if self.fleet.report_unchanged(report, now) and self.fleet.beat(report.host_id, now):
+        digest = report_digest(report)  # once: it encodes every VM of the report
+        if self.fleet.report_unchanged(report, digest, now) and self.fleet.beat(report.host_id, now):
             return
         with self.tx() as s:
             notes = repo.record_report(s, report, now)
             self.fleet.upsert(repo.get_host(s, report.host_id, include_vms=False), now)
-        self.fleet.report_written(report, now)
+        self.fleet.report_written(report.host_id, digest, now)
         for note in notes:
             log.info("drift on %s: %s", report.host_id, note)
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, defer
 
 from common.codec import from_wire, to_wire
 from common.errors import AlreadyExists, Conflict, NotFound
-from common.messages.host import Heartbeat, HostReport, VmChanges
+from common.messages.host import HostReport, VmChanges
 from common.messages.placement import GROUP_SETTINGS
 from common.messages.vm import Lifecycle, PowerState, VmSpec, VmStatus, VmView
 from controller.db.models import Allocation, Host, HostGroup, ServerGroup, Vm
@@ -369,12 +369,6 @@ def _apply_vm_status(
     vm.cpu_time_ns = status.cpu_time_ns
     vm.reported_at = now
     return note
-
-
-def record_heartbeat(session: Session, beat: Heartbeat, now: float) -> bool:
-    """Note that a host is alive; False when the host has never sent a report."""
-    result = session.execute(update(Host).where(Host.id == beat.host_id).values(last_heartbeat=now))
-    return bool(getattr(result, "rowcount", 0))
 
 
 def record_heartbeats(session: Session, beats: Mapping[str, float]) -> None:
