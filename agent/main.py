@@ -19,9 +19,9 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import libvirt
 
@@ -137,13 +137,21 @@ def _quiet_libvirt(_ctx: object, _err: object) -> None:
     """libvirt prints every error to stderr by default; ours are translated and logged instead."""
 
 
-def _serve(run: Callable[[], Callable[[], None]], stop: threading.Event, received: list[int]) -> None:
-    """``run()`` starts the agent and returns how to stop it; stop it on the first signal."""
-    halt = run()
+class _Served(Protocol):
+    """What :func:`_serve` runs: an :class:`Agent` or a :class:`MultiHostAgent`."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def _serve(agent: _Served, stop: threading.Event, received: list[int]) -> None:
+    """Start the agent; stop it on the first signal."""
+    agent.start()
     while not stop.wait(1.0):
         pass
     log.info("received %s", ", ".join(signal.Signals(n).name for n in received))
-    halt()
+    agent.stop()
 
 
 def _run_one(cfg: AgentConfig, stop: threading.Event, received: list[int]) -> int:
@@ -159,11 +167,7 @@ def _run_one(cfg: AgentConfig, stop: threading.Event, received: list[int]) -> in
             log.error("cannot start: %s", exc.message)
             return 1
 
-        def run() -> Callable[[], None]:
-            agent.start()
-            return agent.stop
-
-        _serve(run, stop, received)
+        _serve(agent, stop, received)
     finally:
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()
@@ -187,11 +191,7 @@ def _run_many(multi: MultiHostConfig, stop: threading.Event, received: list[int]
             log.error("cannot start host %s: %s", multi.hosts[len(hosts)].host_id, exc.message)
             return 1
 
-        def run() -> Callable[[], None]:
-            agent.start()
-            return agent.stop
-
-        _serve(run, stop, received)
+        _serve(agent, stop, received)
     finally:
         for conn in conns:
             with contextlib.suppress(libvirt.libvirtError):

@@ -324,21 +324,8 @@ class Reporter:
                 host_id=self.host_id, started_at=self.started_at, seq=seq, reported_at=now, found=found
             )
             self._sink.send(HOST_VM_CHANGES, delta, sent_at=now, ttl_s=REPORT_TTL_MS / 1000)
-        except VirtfleetError as exc:
-            self.failures += 1
-            self._restore_changed(changed)
-            log.warning(
-                "%s: could not send VM changes: %s: %s (retrying later)",
-                self.host_id,
-                type(exc).__name__,
-                exc.message,
-            )
-            return False
-        except Exception:  # see _send_report
-            self.failures += 1
-            self._restore_changed(changed)
-            log.exception("%s: VM changes failed (bug); retrying later", self.host_id)
-            return False
+        except Exception as exc:  # noqa: BLE001 - _not_sent logs it (with its traceback if a bug)
+            return self._not_sent("VM changes", changed, exc)
         self.last_delta = delta
         self.deltas_sent += 1
         log.debug("sent VM changes seq %d (%d changed, %d gone)", seq, len(delta.vms), len(delta.gone))
@@ -369,25 +356,29 @@ class Reporter:
             for enrich in self._enrichers:
                 report = enrich(report)
             self._sink.send(HOST_REPORT, report, sent_at=now, ttl_s=REPORT_TTL_MS / 1000)
-        except VirtfleetError as exc:
-            self.failures += 1
-            self._restore_changed(changed)
-            log.warning(
-                "%s: could not send host report: %s: %s (retrying later)",
-                self.host_id,
-                type(exc).__name__,
-                exc.message,
-            )
-            return False
-        except Exception:  # the reporter must outlive any bug in one report
-            self.failures += 1
-            self._restore_changed(changed)
-            log.exception("%s: host report failed (bug); retrying later", self.host_id)
-            return False
+        except Exception as exc:  # noqa: BLE001 - the reporter must outlive any bug in one report; _not_sent logs it
+            return self._not_sent("host report", changed, exc)
         self.last_report = report
         self.reports_sent += 1
         log.debug("sent host report seq %d (%d VMs)", seq, len(vms))
         return True
+
+    def _not_sent(self, what: str, changed: set[str], exc: Exception) -> bool:
+        """A report or delta that failed: count it, keep its VMs for the next one, log it (with
+        the traceback when it is a bug, not a typed failure). Call from the ``except`` block."""
+        self.failures += 1
+        self._restore_changed(changed)
+        if isinstance(exc, VirtfleetError):
+            log.warning(
+                "%s: could not send %s: %s: %s (retrying later)",
+                self.host_id,
+                what,
+                type(exc).__name__,
+                exc.message,
+            )
+        else:
+            log.exception("%s: %s failed (bug); retrying later", self.host_id, what)
+        return False
 
     def _send_heartbeat(self) -> None:
         self._heartbeat_seq += 1
