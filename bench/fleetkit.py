@@ -242,9 +242,12 @@ def role_lane(kind: str) -> str:
     return API_READ_QUEUE if CATALOGUE[kind].role is Role.READER else API_QUEUE
 
 
-def envelope(kind: str, body: dict[str, Any], timeout: float) -> tuple[str, bytes, pika.BasicProperties]:
-    """A request's id, envelope bytes and AMQP properties (docs/protocol.md §3, §4); the caller
-    sets ``reply_to``."""
+def envelope(
+    kind: str, body: dict[str, Any], timeout: float, *, sender: str = "bench", broker_expiry: bool = True
+) -> tuple[str, bytes, pika.BasicProperties]:
+    """A message's id, envelope bytes and AMQP properties (docs/protocol.md §3, §4); a caller
+    of a request sets ``reply_to``. ``broker_expiry``: also the per-message AMQP expiration
+    (requests have it; reports and heartbeats never expire in the broker)."""
     rid = uuid.uuid4().hex
     now = time.time()
     env = {
@@ -252,7 +255,7 @@ def envelope(kind: str, body: dict[str, Any], timeout: float) -> tuple[str, byte
         "kind": kind,
         "id": rid,
         "correlation_id": None,
-        "sender": "bench",
+        "sender": sender,
         "sent_at": now,
         "expires_at": now + timeout,
         "body": body,
@@ -263,7 +266,7 @@ def envelope(kind: str, body: dict[str, Any], timeout: float) -> tuple[str, byte
         message_id=rid,
         type=kind,
         timestamp=int(now),
-        expiration=str(int(timeout * 1000)),
+        expiration=str(int(timeout * 1000)) if broker_expiry else None,
     )
     return rid, msgpack.packb(env, use_bin_type=True), props
 

@@ -1,5 +1,6 @@
 """Synthetic report load for bench/fleet.py ``--ingest-synthetic N``: fake hosts that speak the
-wire protocol with raw pika + msgpack (docs/protocol.md §3, §4, §6.7, §8), no product code.
+wire protocol with raw pika + msgpack (bench/fleetkit.py's envelope; docs/protocol.md §3, §4,
+§6.7, §8); of the product only the report kinds, from their descriptors.
 
 One process publishes for a slice of the fake hosts (``--first``, ``--count`` of ``--hosts``):
 
@@ -32,11 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pika
 import pika.exceptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fleetkit import envelope
 
 from common.messages.host import HOST_HEARTBEAT, HOST_REPORT
 
@@ -171,26 +173,7 @@ class Publisher:
         self.fast = self.conn.channel()
 
     def publish(self, kind: str, hid: str, body: dict[str, Any], ttl: float, *, confirm: bool) -> None:
-        now = time.time()
-        mid = uuid.uuid4().hex
-        env = {
-            "v": "1.0",
-            "kind": kind,
-            "id": mid,
-            "correlation_id": None,
-            "sender": "agent:" + hid,
-            "sent_at": now,
-            "expires_at": now + ttl,
-            "body": body,
-        }
-        props = pika.BasicProperties(
-            content_type="application/x-msgpack",
-            delivery_mode=1,
-            message_id=mid,
-            type=kind,
-            timestamp=int(now),
-        )
-        data = msgpack.packb(env, use_bin_type=True)
+        _mid, data, props = envelope(kind, body, ttl, sender="agent:" + hid, broker_expiry=False)
         channel = self.confirmed if confirm else self.fast
         channel.basic_publish(EXCHANGE, f"{kind}.{hid}", data, props, mandatory=confirm)
 
