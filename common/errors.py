@@ -19,6 +19,9 @@ Tree (``retryable`` in brackets where it is true)::
     ├── TransportError             broker unreachable or channel lost [retryable]
     │   └── ControllerUnavailable  nobody answered the CLI's request [retryable]
     ├── RequestTimeout             the peer did not answer in time [retryable]
+    ├── Unauthenticated            a message whose sender could not be proven (login, signature, expiry, replay)
+    ├── PermissionDenied           the caller's role does not allow the operation
+    ├── RateLimited                the caller sent too many requests [retryable]; details.retry_after_s
     └── InternalError              a bug; logged with a traceback where it happened
 
 Errors cross the wire as data (``type``, ``message``, ``retryable``, ``details``) and are
@@ -136,6 +139,21 @@ class RequestTimeout(VirtfleetError):
     retryable_default = True
 
 
+class Unauthenticated(VirtfleetError):
+    """A message whose sender could not be proven: wrong broker login, bad or missing signature,
+    expired or replayed; nothing was done."""
+
+
+class PermissionDenied(VirtfleetError):
+    """The authenticated caller's role does not allow this operation; nothing was done."""
+
+
+class RateLimited(VirtfleetError):
+    """The caller sent more requests than its rate allows; ``details["retry_after_s"]`` says when to retry."""
+
+    retryable_default = True
+
+
 class InternalError(VirtfleetError):
     """An unexpected failure: a bug, reported to the caller without internals."""
 
@@ -163,6 +181,9 @@ WIRE_TYPES: Mapping[str, type[VirtfleetError]] = {
         TransportError,
         ControllerUnavailable,
         RequestTimeout,
+        Unauthenticated,
+        PermissionDenied,
+        RateLimited,
         InternalError,
     )
 }

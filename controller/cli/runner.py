@@ -25,8 +25,11 @@ from common.errors import (
     InvalidRequest,
     NotFound,
     NoValidHost,
+    PermissionDenied,
+    RateLimited,
     RequestTimeout,
     TransportError,
+    Unauthenticated,
     VirtfleetError,
 )
 
@@ -99,6 +102,9 @@ EXIT_CODES: list[tuple[type[VirtfleetError], int]] = [
     (CapacityExceeded, 4),
     (TransportError, 5),
     (RequestTimeout, 5),
+    (Unauthenticated, 6),
+    (PermissionDenied, 6),
+    (RateLimited, 7),
 ]
 
 
