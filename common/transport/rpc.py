@@ -9,20 +9,31 @@ and wraps the result or error as a reply. Malformed messages (unknown kind, body
 fit its type) are answered with an error *and* dead-lettered. An optional :class:`Journal`
 records each reply by message id so that a redelivered command is answered from the journal
 instead of being executed twice.
+
+Admission (the trust model: nothing on the bus is trusted for what it says about itself): each
+:data:`Admission` check runs on a delivery of a known kind before the journal and the handler.
+A check raises :class:`~common.errors.Unauthenticated` (the sender is not proven: wrong broker
+login, bad signature, expired, replayed) -- the message is dead-lettered and answered with the
+error when it expects a reply -- or :class:`~common.errors.PermissionDenied` (a proven caller
+whose role does not allow it) -- answered, not dead-lettered. Refusals are counted per error
+type in :attr:`Dispatcher.refused`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 from common import codec
 from common.errors import (
     InternalError,
     InvalidRequest,
+    PermissionDenied,
     RequestTimeout,
+    Unauthenticated,
     Unsupported,
     VirtfleetError,
     error_from_wire,
@@ -36,6 +47,10 @@ log = logging.getLogger(__name__)
 
 B = TypeVar("B")
 R = TypeVar("R")
+
+
+#: A check of who sent a delivery of operation ``op``; raises Unauthenticated or PermissionDenied.
+Admission = Callable[[Delivery, Op[Any, Any]], None]
 
 
 class Journal(Protocol):
@@ -100,14 +115,23 @@ class Dispatcher:
         *,
         journal: Journal | None = None,
         clock: Callable[[], float] = time.time,
+        admit: Sequence[Admission] = (),
     ) -> None:
         self.sender = sender
         self._table = table
         self._journal = journal
         self._clock = clock
+        self._admit = tuple(admit)
+        #: deliveries refused by an admission check, by error type name
+        self.refused: Counter[str] = Counter()
 
     def __call__(self, delivery: Delivery) -> Outcome:
         env = delivery.envelope
+        op = CATALOGUE.get(env.kind)
+        if op is not None and self._admit:
+            refusal = self._admission(delivery, op)
+            if refusal is not None:
+                return refusal
         if self._journal is not None:
             recorded = self._journal.get(env.id)
             if recorded is not None:
@@ -117,6 +141,27 @@ class Dispatcher:
         if self._journal is not None and outcome.reply is not None and not outcome.dead_letter:
             self._journal.put(env.id, env.kind, outcome.reply.encode())
         return outcome
+
+    def _admission(self, delivery: Delivery, op: Op[Any, Any]) -> Outcome | None:
+        """None when every check admits the delivery, else the refusal's outcome."""
+        env = delivery.envelope
+        try:
+            for check in self._admit:
+                check(delivery, op)
+        except (Unauthenticated, PermissionDenied) as exc:
+            self.refused[type(exc).__name__] += 1
+            unproven = isinstance(exc, Unauthenticated)
+            log.warning(
+                "%s %s from login %r (sender %r): %s",
+                "dead-lettering" if unproven else "refusing",
+                env.kind,
+                delivery.user_id,
+                env.sender,
+                exc.message,
+            )
+            reply = env.reply_error(exc, self.sender) if op.replies else None
+            return Outcome(reply, dead_letter=unproven)
+        return None
 
     def _handle(self, env: Envelope) -> Outcome:
         op = CATALOGUE.get(env.kind)
@@ -185,4 +230,4 @@ def unwrap(reply: Envelope, op: Op[Any, R]) -> R:
     raise error_from_wire(body.get("error"))
 
 
-__all__ = ["Dispatcher", "HandlerTable", "Journal", "request", "unwrap"]
+__all__ = ["Admission", "Dispatcher", "HandlerTable", "Journal", "request", "unwrap"]

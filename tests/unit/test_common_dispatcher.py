@@ -12,8 +12,10 @@ from common.errors import (
     InternalError,
     InvalidRequest,
     NotFound,
+    PermissionDenied,
     RequestTimeout,
     TransportError,
+    Unauthenticated,
     VirtfleetError,
 )
 from common.messages import api, host, placement, vm
@@ -532,3 +534,69 @@ def test_unwrap_malformed_reply_is_internal_error(body: dict[str, Any]) -> None:
 def test_unwrap_of_non_reply_is_invalid_request() -> None:
     with pytest.raises(InvalidRequest, match=r"^expected a reply, got 'vm\.start'$"):
         unwrap(env_for(vm.VM_START.kind, {"ok": True, "result": {}}), api.API_PING)
+
+
+# ------------------------------------------------------------------ admission
+
+
+def refuse_with(error: VirtfleetError) -> Any:
+    def check(_delivery: Delivery, _op: Op[Any, Any]) -> None:
+        raise error
+
+    return check
+
+
+def test_an_unauthenticated_delivery_is_dead_lettered_answered_and_counted_not_handled() -> None:
+    handler, journal = Recorder(result=STATUS), DictJournal()
+    seen: list[tuple[str | None, str]] = []
+
+    def note(d: Delivery, op: Op[Any, Any]) -> None:
+        seen.append((d.user_id, op.kind))
+
+    dispatcher = Dispatcher(
+        SENDER,
+        table({vm.VM_START: handler}),
+        journal=journal,
+        clock=lambda: NOW,
+        admit=[note, refuse_with(Unauthenticated("bad signature"))],
+    )
+    outcome = dispatcher(delivery(env_for(vm.VM_START.kind, VM_REF)))
+    assert outcome.dead_letter is True
+    assert error_of(outcome)["type"] == "Unauthenticated"
+    assert handler.calls == [] and journal.puts == []
+    assert seen == [(None, vm.VM_START.kind)]
+    assert dispatcher.refused == {"Unauthenticated": 1}
+
+
+def test_a_denied_delivery_is_answered_but_not_dead_lettered() -> None:
+    handler = Recorder(result=api.Empty())
+    dispatcher = Dispatcher(
+        SENDER, table({api.API_PING: handler}), admit=[refuse_with(PermissionDenied("readers may not"))]
+    )
+    outcome = dispatcher(delivery(env_for(api.API_PING.kind, {})))
+    assert outcome.dead_letter is False
+    assert error_of(outcome)["type"] == "PermissionDenied"
+    assert handler.calls == []
+    assert dispatcher.refused == {"PermissionDenied": 1}
+
+
+def test_a_refused_report_gets_no_reply_and_a_journaled_reply_is_not_given_to_an_unproven_sender() -> None:
+    report = Dispatcher(SENDER, HandlerTable(Side.CONTROLLER), admit=[refuse_with(Unauthenticated("forged"))])
+    outcome = report(delivery(env_for(host.HOST_HEARTBEAT.kind, {})))
+    assert outcome == Outcome(None, dead_letter=True)
+    journal = DictJournal()
+    journal.put("req-1", vm.VM_START.kind, b"recorded")
+    replay = Dispatcher(
+        SENDER, table({vm.VM_START: Recorder()}), journal=journal, admit=[refuse_with(Unauthenticated("x"))]
+    )
+    assert error_of(replay(delivery(env_for(vm.VM_START.kind, VM_REF))))["type"] == "Unauthenticated"
+
+
+def test_admission_passes_deliveries_it_admits_through() -> None:
+    handler = Recorder(result=api.Empty())
+    dispatcher = Dispatcher(
+        SENDER, table({api.API_PING: handler}), clock=lambda: NOW, admit=[lambda d, op: None]
+    )
+    outcome = dispatcher(delivery(env_for(api.API_PING.kind, {})))
+    assert outcome.reply is not None and outcome.reply.body["ok"] is True
+    assert len(handler.calls) == 1 and not dispatcher.refused
