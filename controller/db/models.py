@@ -27,6 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from common.codec import from_wire, to_wire
 from common.errors import InvalidRequest
+from common.messages.base import replace
 from common.messages.vm import DesiredPower, Lifecycle, PowerState, Task, VmSpec
 
 E = TypeVar("E", bound=StrEnum)
@@ -59,7 +60,7 @@ class SpecJson(TypeDecorator[VmSpec]):
     cache_ok = True
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> str:
-        return "{}" if value is None else json.dumps(to_wire(value), sort_keys=True)
+        return "{}" if value is None else json.dumps(to_wire(without_secrets(value)), sort_keys=True)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> VmSpec | None:
         data = json.loads(value) if value else None
@@ -70,6 +71,19 @@ class SpecJson(TypeDecorator[VmSpec]):
         except InvalidRequest as exc:
             log.warning("a stored VM spec does not parse (%s); treating it as unknown", exc.message)
             return None
+
+
+def without_secrets(spec: VmSpec) -> VmSpec:
+    """``spec`` as it may be stored: without the VNC password.
+
+    The password is needed only when the domain is defined (it travels to the agent in the
+    create command and lives on in libvirt's definition, where ``vm export --secure`` reads it,
+    for admins); the database never holds it, so a copy of the database does not leak it.
+    """
+    graphics = spec.graphics
+    if graphics is None or graphics.password is None:
+        return spec
+    return replace(spec, graphics=replace(graphics, password=None))
 
 
 class IntTuple(TypeDecorator[tuple[int, ...]]):
