@@ -154,6 +154,8 @@ class TreeRun:
 def fleet_env(tree: Path, url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTFLEET_", "PYTHON"))}
     env.update(VIRTFLEET_AMQP_URL=url, PYTHONPATH=str(tree), PYTHONUNBUFFERED="1")
+    # The bench's one broker login (guest) is an admin, and its bursts are not rate limited.
+    env.update(VIRTFLEET_ACCESS_ROLES="guest=admin", VIRTFLEET_ACCESS_RATE_PER_S="0")
     return env
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from common.broker_url import DEFAULT_URL
 from common.errors import InvalidRequest
 from common.messages.catalogue import CATALOGUE
-from common.messages.descriptor import Side, Version
+from common.messages.descriptor import Role, Side, Version
 
 DEFAULT_DATABASE_URL = "sqlite:///./virtfleet.db"
 
@@ -25,6 +25,12 @@ ENV_VARS: Mapping[str, str] = {
 }
 #: ``[rpc] version_cap`` from the environment: ``vm=1.0,net=1.0``.
 VERSION_CAP_ENV = "VIRTFLEET_RPC_VERSION_CAP"
+#: ``[access.roles]`` from the environment: ``alice=operator,bob=admin`` (replaces the file's table).
+ACCESS_ROLES_ENV = "VIRTFLEET_ACCESS_ROLES"
+#: ``[access] rate_per_s`` from the environment (0: no limit), e.g. for benchmarks.
+ACCESS_RATE_ENV = "VIRTFLEET_ACCESS_RATE_PER_S"
+#: The roles a broker login can be given (agent and controller logins are not API callers).
+PERSON_ROLES = (Role.READER, Role.OPERATOR, Role.ADMIN)
 
 
 def parse_version_cap(value: object, where: str) -> dict[str, Version]:
@@ -58,6 +64,55 @@ def parse_version_cap(value: object, where: str) -> dict[str, Version]:
             )
         caps[name] = cap
     return caps
+
+
+def parse_roles(value: object, where: str) -> dict[str, Role]:
+    """``{"alice": "operator"}`` or ``"alice=operator,bob=admin"`` -> broker login -> Role, checked."""
+    if isinstance(value, str):
+        pairs: dict[str, object] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            login, sep, name = item.partition("=")
+            if not sep or not login.strip():
+                raise InvalidRequest(f"{where}: expected LOGIN=ROLE items, got {item!r}")
+            pairs[login.strip()] = name.strip()
+        value = pairs
+    if not isinstance(value, Mapping):
+        raise InvalidRequest(f'{where}: roles must be a table of login = "reader|operator|admin"')
+    names = ", ".join(r.value for r in PERSON_ROLES)
+    roles: dict[str, Role] = {}
+    for login, raw in value.items():
+        held = next((r for r in PERSON_ROLES if r.value == raw), None)
+        if held is None:
+            raise InvalidRequest(f"{where}: login {login!r} has role {raw!r}; a role is one of {names}")
+        roles[str(login)] = held
+    return roles
+
+
+@dataclass(frozen=True, slots=True)
+class AccessConfig:
+    """``[access]``: what each broker login may do, and how fast (see docs/security.md).
+
+    Secure by default: a login not named in ``roles`` may call nothing.
+    """
+
+    #: broker login (the AMQP user_id the broker validated) -> its role
+    roles: Mapping[str, Role] = field(default_factory=dict)
+    #: state-changing calls (role operator or admin) each login may make per second; 0: no limit
+    rate_per_s: float = 10.0
+    #: how many of them may come at once (the token bucket's size)
+    burst: int = 50
+    #: read-only calls per login per second; 0: no limit (reads have their own lane and workers)
+    read_rate_per_s: float = 0.0
+    #: how many reads may come at once
+    read_burst: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("rate_per_s", "read_rate_per_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise InvalidRequest(f"access.{name} must be 0 (no limit) or positive, got {value!r}")
+        if self.burst < 1 or self.read_burst < 1:
+            raise InvalidRequest("access.burst and access.read_burst must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +155,7 @@ class ControllerConfig:
     #: ``[rpc] version_cap``: family -> newest version the controller may send agents (oslo's
     #: version_cap), so that the controller can be upgraded before the agents.
     version_cap: Mapping[str, Version] = field(default_factory=dict)
+    access: AccessConfig = field(default_factory=AccessConfig)
 
     def __post_init__(self) -> None:
         if self.strategy not in {"spread", "pack"}:
@@ -172,14 +228,29 @@ def load_config(
     caps = parse_version_cap(rpc_values.get("version_cap", {}), f"{path}: [rpc] version_cap")
     if VERSION_CAP_ENV in env:
         caps = parse_version_cap(env[VERSION_CAP_ENV], VERSION_CAP_ENV)
+    access = _access(file_values.pop("access", {}), env, path)
     values = _coerce(ControllerConfig, file_values, str(path))
     values.update(
         _coerce(ControllerConfig, {ENV_VARS[k]: v for k, v in env.items() if k in ENV_VARS}, "environment")
     )
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    config = ControllerConfig(**values, version_cap=caps)
+    config = ControllerConfig(**values, version_cap=caps, access=access)
     if overcommit_values:
         config = replace(
             config, overcommit=Overcommit(**_coerce(Overcommit, overcommit_values, "[overcommit]"))
         )
     return config
+
+
+def _access(values: object, env: Mapping[str, str], path: Path | None) -> AccessConfig:
+    """``[access]`` of the file (its ``roles`` subtable included), then the environment."""
+    if not isinstance(values, dict):
+        raise InvalidRequest(f"{path}: [access] must be a table")
+    values = dict(values)
+    roles = parse_roles(values.pop("roles", {}), f"{path}: [access.roles]")
+    if ACCESS_ROLES_ENV in env:
+        roles = parse_roles(env[ACCESS_ROLES_ENV], ACCESS_ROLES_ENV)
+    settings = _coerce(AccessConfig, values, f"{path}: [access]")
+    if ACCESS_RATE_ENV in env:
+        settings.update(_coerce(AccessConfig, {"rate_per_s": env[ACCESS_RATE_ENV]}, ACCESS_RATE_ENV))
+    return AccessConfig(roles=roles, **settings)

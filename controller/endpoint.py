@@ -7,13 +7,14 @@ descriptor in the catalogue is registered here without a line of its own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from common.messages import api, host
 from common.messages.catalogue import CATALOGUE
 from common.messages.descriptor import ApiCall, Side, ToHostAgent
 from common.messages.vm import VmForward
-from common.transport.rpc import Dispatcher, HandlerTable
+from common.transport.rpc import Admission, Dispatcher, HandlerTable
 from controller import network, placement_ops, tuning, vmops
 from controller.service import ControllerService
 
@@ -52,8 +53,19 @@ def report_handlers(service: ControllerService) -> HandlerTable:
     return table
 
 
-def api_dispatcher(service: ControllerService, sender: str) -> Dispatcher:
-    return Dispatcher(sender, api_handlers(service))
+def api_dispatcher(
+    service: ControllerService,
+    sender: str,
+    *,
+    admit: Sequence[Admission] = (),
+    extra: HandlerTable | None = None,
+) -> Dispatcher:
+    """The API's Dispatcher; ``admit``: admission checks (the role check), ``extra``: handlers that
+    need more than the service (the audit log's)."""
+    table = api_handlers(service)
+    if extra is not None:
+        table.update(extra)
+    return Dispatcher(sender, table, admit=admit)
 
 
 def report_dispatcher(service: ControllerService, sender: str) -> Dispatcher:

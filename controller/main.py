@@ -14,11 +14,17 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from common.errors import VirtfleetError
+from common.messages.audit import API_AUDIT_LIST
+from common.messages.descriptor import Side
 from common.transport.factory import open_transport
 from common.transport.port import Transport
+from common.transport.rpc import HandlerTable
 from common.transport.topology import API_QUEUE, API_READ_QUEUE, HEARTBEATS_QUEUE, REPORTS_QUEUE
+from controller.access import Rate, RateLimiter, RoleCheck
 from controller.agent_api import AgentClient, configured_cap
+from controller.audit import AuditedApi
 from controller.config import ControllerConfig, load_config
+from controller.db.audit import AuditLog
 from controller.db.engine import make_engine, migrate
 from controller.endpoint import api_dispatcher, report_dispatcher
 from controller.service import ControllerService
@@ -60,9 +66,14 @@ class Controller:
         agents = AgentClient(self.transport, self.name, cap=configured_cap(config.version_cap))
         self.service = ControllerService(self.engine, config, agents)
         reports = report_dispatcher(self.service, self.name)
+        self.audit = AuditLog(self.engine)
+        access = config.access
+        self._limiter = RateLimiter(
+            Rate(access.rate_per_s, access.burst), Rate(access.read_rate_per_s, access.read_burst)
+        )
         self.api = self.transport.consumer(
             API_QUEUE,
-            api_dispatcher(self.service, self.name),
+            self._api_front(),
             name=f"{self.name}-api",
             prefetch=config.workers,
             workers=config.workers,
@@ -70,7 +81,7 @@ class Controller:
         # Reads on their own lane and workers: they never queue behind creates waiting on agents.
         self.reads = self.transport.consumer(
             API_READ_QUEUE,
-            api_dispatcher(self.service, self.name),
+            self._api_front(),
             name=f"{self.name}-api-read",
             prefetch=8,
             workers=4,
@@ -85,7 +96,19 @@ class Controller:
         self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
         self._fleet_sync = threading.Thread(target=self._fleet_sync_loop, name="fleet-sync", daemon=True)
 
+    def _api_front(self) -> AuditedApi:
+        """An API lane's handler: rate limit, role check (admission), handler, audit record.
+
+        Both lanes share the rate limiter, so a login's calls count once whichever lane serves them.
+        """
+        extra = HandlerTable(Side.CONTROLLER)
+        extra.register(API_AUDIT_LIST, self.audit.list)
+        roles = RoleCheck(self.config.access.roles)
+        dispatcher = api_dispatcher(self.service, self.name, admit=[roles], extra=extra)
+        return AuditedApi(dispatcher, self.audit.record, limit=self._limiter)
+
     def start(self) -> None:
+        self.audit.start()
         self.heartbeats.start()
         self.reports.start()
         self.api.start()
@@ -124,6 +147,7 @@ class Controller:
         self.heartbeats.stop()
         self._fleet_sync.join(timeout=10)
         self.service.fleet.flush_heartbeats()  # the last beats, so the next controller sees them
+        self.audit.stop()  # every call answered is in the audit log
         self.service.close()
         self.transport.close()
         self.engine.dispose()

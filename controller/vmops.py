@@ -19,6 +19,7 @@ from common.errors import (
     Conflict,
     InvalidRequest,
     NotFound,
+    PermissionDenied,
     RequestTimeout,
     Unsupported,
     VirtfleetError,
@@ -132,6 +133,16 @@ class VmOps:
 
     # -- export / import ---------------------------------------------------------------
     def export(self, req: vmops.VmExportRequest) -> vmops.VmExport:
+        """``api.vm.export`` (readers): the XML without its secrets."""
+        if req.secure:
+            raise PermissionDenied(
+                f"vm export --secure reveals secrets: it is {vmops.API_VM_EXPORT_SECURE.kind}, "
+                f"for role {vmops.API_VM_EXPORT_SECURE.role.value}"
+            )
+        return self.export_secure(req)
+
+    def export_secure(self, req: vmops.VmExportRequest) -> vmops.VmExport:
+        """``api.vm.export_secure`` (admins): the XML with secrets when ``req.secure``."""
         vm, host = self.service.locate_vm(req.name)
         body = vmops.DumpXml(VmRef(vm.uuid, vm.name), secure=req.secure, live=req.live)
         xml = self.service.agents.call(host.id, vmops.VM_DUMPXML, body).xml
@@ -483,6 +494,7 @@ def register(table: HandlerTable, service: ControllerService) -> None:
     table.register(vmops.API_VM_AUTOSTART, ops.autostart)
     table.register(vmops.API_VM_CONSOLE, lambda b: ops.console(b.name))
     table.register(vmops.API_VM_EXPORT, ops.export)
+    table.register(vmops.API_VM_EXPORT_SECURE, ops.export_secure)
     table.register(vmops.API_VM_IMPORT, ops.import_vm)
     table.register(vmops.API_VM_SNAPSHOT_CREATE, ops.snapshot_create)
     table.register(vmops.API_VM_SNAPSHOT_LIST, lambda b: ops.snapshot_list(b.name))

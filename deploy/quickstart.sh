@@ -46,7 +46,9 @@ mkdir -p "$QS"
 cd "$QS"
 
 echo "==> starting the controller (database $QS/virtfleet.db)"
-VIRTFLEET_DATABASE_URL="sqlite:///$QS/virtfleet.db" \
+# The quickstart's one broker login (guest) may do everything; a deployment names each
+# operator's login and role in [access.roles] of controller.toml (docs/security.md).
+VIRTFLEET_DATABASE_URL="sqlite:///$QS/virtfleet.db" VIRTFLEET_ACCESS_ROLES="${VIRTFLEET_ACCESS_ROLES:-guest=admin}" \
     nohup "$BIN/virtfleet-controller" --down-after 15 >"$QS/controller.log" 2>&1 &
 echo $! >"$QS/controller.pid"
 

@@ -30,13 +30,19 @@ from vfsupport import DOWN_AFTER_S, NODES, CliFleet, CliResult, fresh_database
 
 from agent.fakehost import FakeHost, build_fake_host
 from agent.main import Agent
+from common.messages.descriptor import Role
 from common.transport.memory import MemoryBroker
 from controller.cli.app import main as cli_main
 from controller.cli.runner import Environment
-from controller.config import ControllerConfig
+from controller.config import AccessConfig, ControllerConfig
 from controller.main import Controller
 
 log = logging.getLogger(__name__)
+
+#: The broker login of the CLI, the agents and the controller in this tier (the memory broker's default).
+HARNESS_LOGIN = "guest"
+#: The test fleet's access settings: its one login is an admin, and no call is rate limited.
+HARNESS_ACCESS = AccessConfig(roles={HARNESS_LOGIN: Role.ADMIN}, rate_per_s=0.0)
 
 #: The URL the CLI is given: ``memory://`` URLs name an in-process broker (handed in, not looked up).
 BROKER_URL = "memory://fleet"
@@ -79,12 +85,15 @@ class InProcessFleet(CliFleet):
 
     # ------------------------------------------------------------------ processes
     def start_controller(self, **overrides: Any) -> Controller:
+        """The controller; unless ``access`` is given, the CLI's login (``guest``) is an admin and
+        calls are not rate limited."""
         config = ControllerConfig(
             **{
                 "amqp_url": BROKER_URL,
                 "database_url": self.database_url,
                 "down_after_s": self.down_after_s,
                 "workers": 8,
+                "access": HARNESS_ACCESS,
                 **overrides,
             }
         )
@@ -159,18 +168,19 @@ class InProcessFleet(CliFleet):
         timeout: float | None = None,
         stdin: str = "",
         tty: bool = False,
+        login: str = HARNESS_LOGIN,
     ) -> CliResult:
         """``virtfleet --output OUTPUT ARGS...``: exit code, stdout and stderr.
 
         Each call has its own stdin (``stdin``, a terminal when ``tty``), stdout and stderr, so
-        calls from several threads at once do not mix.
+        calls from several threads at once do not mix. ``login``: the broker login it connects as.
         """
         argv = ["--output", output, "--amqp-url", BROKER_URL]
         if timeout is not None:
             argv += ["--timeout", str(timeout)]
         out, err = io.StringIO(), io.StringIO()
         env = Environment(
-            connect=lambda _url: self.broker.transport("cli"),
+            connect=lambda _url: self.broker.transport("cli", user=login),
             stdin=_Input(stdin, tty),
             stdout=out,
             stderr=err,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import sqlalchemy as sa
 
@@ -59,6 +59,21 @@ def private_vhost(prefix: str = "vftest") -> Iterator[str]:
         yield f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/{quote(name, safe='')}"
     finally:
         _rabbitmqctl("delete_vhost", name)
+
+
+@contextlib.contextmanager
+def broker_login(vhost_url: str, prefix: str = "vfuser") -> Iterator[tuple[str, str]]:
+    """A new broker user with full rights on ``vhost_url``'s vhost: yields (login, its AMQP URL);
+    deleted afterwards."""
+    login = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    password = uuid.uuid4().hex
+    vhost = unquote(urlsplit(vhost_url).path[1:]) or "/"
+    _rabbitmqctl("add_user", login, password)
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, login, ".*", ".*", ".*")
+        yield login, f"amqp://{login}:{password}@{BROKER_HOST}:{BROKER_PORT}/{quote(vhost, safe='')}"
+    finally:
+        _rabbitmqctl("delete_user", login)
 
 
 def database_backend() -> str:
@@ -196,6 +211,9 @@ class Fleet(CliFleet):
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTFLEET_")}
         env["VIRTFLEET_AMQP_URL"] = self.amqp_url
+        # The test fleets' one broker login is an admin; calls are not rate limited.
+        env["VIRTFLEET_ACCESS_ROLES"] = "guest=admin"
+        env["VIRTFLEET_ACCESS_RATE_PER_S"] = "0"
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
@@ -263,12 +281,13 @@ class Fleet(CliFleet):
             env,
         )
 
-    def cli(self, *args: str, output: str = "json", timeout: float = 120) -> CliResult:
-        """Run ``virtfleet`` as a user would."""
+    def cli(
+        self, *args: str, output: str = "json", timeout: float = 120, amqp_url: str | None = None
+    ) -> CliResult:
+        """Run ``virtfleet`` as a user would; ``amqp_url``: connect with another login."""
         argv = [str(BIN / "virtfleet"), "--output", output, *args]
-        done = subprocess.run(
-            argv, capture_output=True, text=True, env=self._env(), timeout=timeout, check=False
-        )
+        env = self._env() if amqp_url is None else {**self._env(), "VIRTFLEET_AMQP_URL": amqp_url}
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=False)
         return CliResult(done.returncode, done.stdout, done.stderr)
 
     def logs(self) -> str:

@@ -33,7 +33,7 @@ from common.messages.vm import (
 from common.validation import check_name, check_positive
 
 #: Every client -> controller call (this module and the feature modules' API calls).
-API = Family("api", Version(1, 0), "client (virtfleet CLI) -> controller")
+API = Family("api", Version(1, 1), "client (virtfleet CLI) -> controller")
 
 _CPUSET_RE = re.compile(r"\^?\d+(-\d+)?(,\^?\d+(-\d+)?)*")
 _TARGET_RE = re.compile(r"(vd|sd|hd|xvd)[a-z]{1,2}")

@@ -13,11 +13,11 @@ from types import ModuleType
 from typing import Any
 
 from common.errors import InvalidRequest
-from common.messages import api, host, network, placement, tuning, vm, vmops
+from common.messages import api, audit, host, network, placement, tuning, vm, vmops
 from common.messages.descriptor import TIMEOUT_SECONDS, Family, Op
 
 #: The modules that declare operations, in the order the reference lists them.
-FAMILY_MODULES: tuple[ModuleType, ...] = (vm, vmops, host, network, tuning, api, placement)
+FAMILY_MODULES: tuple[ModuleType, ...] = (vm, vmops, host, network, tuning, api, placement, audit)
 
 
 def _collect(modules: tuple[ModuleType, ...]) -> dict[str, Op[Any, Any]]:

@@ -659,6 +659,18 @@ API_VM_CONSOLE = api_call(
     idempotent=True,
 )
 API_VM_EXPORT = query(API, "api.vm.export", VmExportRequest, VmExport, "virtfleet vm export")
+#: The XML with its secrets (the VNC password): a call of its own, so that only admins may make it.
+API_VM_EXPORT_SECURE = api_call(
+    API,
+    "api.vm.export_secure",
+    VmExportRequest,
+    VmExport,
+    _F,
+    "virtfleet vm export --secure",
+    role=Role.ADMIN,
+    idempotent=True,
+    since=Version(1, 1),
+)
 API_VM_IMPORT = api_call(
     API, "api.vm.import", VmImportRequest, VmCreated, _S, "virtfleet vm import", role=_OPERATE
 )
@@ -758,9 +770,9 @@ API_VM_NIC_DETACH = api_call(
 )
 API_VM_NIC_LIST = query(API, "api.vm.nic.list", VmRefRequest, NicListView, "virtfleet vm nic list")
 API_IMAGE_CREATE = api_call(
-    API, "api.image.create", ImageCreateRequest, ImageView, _N, "virtfleet image create", role=_OPERATE
+    API, "api.image.create", ImageCreateRequest, ImageView, _N, "virtfleet image create", role=Role.ADMIN
 )
 API_IMAGE_INFO = query(API, "api.image.info", ImageInfoApiRequest, ImageView, "virtfleet image info")
 API_IMAGE_CONVERT = api_call(
-    API, "api.image.convert", ImageConvertRequest, ImageView, _S, "virtfleet image convert", role=_OPERATE
+    API, "api.image.convert", ImageConvertRequest, ImageView, _S, "virtfleet image convert", role=Role.ADMIN
 )

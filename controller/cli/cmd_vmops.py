@@ -37,6 +37,7 @@ from common.messages.vmops import (
     API_VM_DISK_DETACH,
     API_VM_DISK_RESIZE,
     API_VM_EXPORT,
+    API_VM_EXPORT_SECURE,
     API_VM_IMPORT,
     API_VM_MEMSTAT,
     API_VM_NIC_ATTACH,
@@ -167,7 +168,8 @@ def vm_export(
         s.out.file.write(r.xml if r.xml.endswith("\n") else r.xml + "\n")
         s.out.file.flush()
 
-    run(ctx, API_VM_EXPORT, body, show)
+    # The secrets are an admin's call of their own (api.vm.export_secure).
+    run(ctx, API_VM_EXPORT_SECURE if secure else API_VM_EXPORT, body, show)
 
 
 @vm_app.command("import")

@@ -34,6 +34,7 @@ net_app = _group("libvirt virtual networks on hosts (virsh net-*), IPv4 forwardi
 hostgroup_app = _group("Host groups: shared overcommit defaults for a set of hosts.")
 group_app = _group("Server groups: affinity and anti-affinity of VMs.")
 image_app = _group("Disk images on a host (qemu-img).")
+audit_app = _group("The audit log: who changed what, and what was refused (admins).")
 
 #: The top-level groups by name, in the order ``virtfleet --help`` lists them.
 GROUPS: dict[str, typer.Typer] = {
@@ -43,6 +44,7 @@ GROUPS: dict[str, typer.Typer] = {
     "hostgroup": hostgroup_app,
     "group": group_app,
     "image": image_app,
+    "audit": audit_app,
 }
 
 
@@ -50,7 +52,14 @@ def load_commands() -> None:
     """Register every command on the groups above (importing a command module registers its
     commands; importing it again does nothing)."""
     # Imported here, not at the top: this is the import ``virtfleet --help`` avoids.
-    from controller.cli import cmd_core, cmd_network, cmd_placement, cmd_tuning, cmd_vmops  # noqa: F401, PLC0415
+    from controller.cli import (  # noqa: F401, PLC0415
+        cmd_audit,
+        cmd_core,
+        cmd_network,
+        cmd_placement,
+        cmd_tuning,
+        cmd_vmops,
+    )
 
 
 def _help_of(group: typer.Typer) -> str:

@@ -219,6 +219,23 @@ class HostGroup(GroupSettings, Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
+class AuditRecord(Base):
+    """One API call above reader, or one refused call: who, what, on what, with what result."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    #: the broker login the broker authenticated (None: the delivery carried no user_id)
+    login: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    #: "ok" or the error type (PermissionDenied, RateLimited, NotFound...)
+    result: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    request_id: Mapped[str] = mapped_column(String(64))
+
+
 class ServerGroup(Base):
     """An affinity or anti-affinity group of VMs."""
 

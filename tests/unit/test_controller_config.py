@@ -10,6 +10,7 @@ import pytest
 
 from common.broker_url import DEFAULT_URL
 from common.errors import InvalidRequest
+from common.messages.descriptor import Role
 from controller.config import (
     DEFAULT_DATABASE_URL,
     ENV_VARS,
@@ -288,3 +289,42 @@ def test_overcommit_that_is_not_a_table(tmp_path: Path) -> None:
 def test_nan_down_after_is_refused() -> None:
     with pytest.raises(InvalidRequest):
         load_config(env={"VIRTFLEET_DOWN_AFTER": "nan"})
+
+
+def test_access_is_closed_by_default() -> None:
+    access = load_config(env={}).access
+    assert access.roles == {}
+    assert (access.rate_per_s, access.burst, access.read_rate_per_s) == (10.0, 50, 0.0)
+
+
+def test_access_roles_and_rates_from_file_and_environment(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[access]\nrate_per_s = 2\nburst = 5\n[access.roles]\nalice = "operator"\nbob = "admin"\n',
+    )
+    access = load_config(path, env={}).access
+    assert access.roles == {"alice": Role.OPERATOR, "bob": Role.ADMIN}
+    assert (access.rate_per_s, access.burst) == (2.0, 5)
+    env = {"VIRTFLEET_ACCESS_ROLES": "guest=admin, rita=reader", "VIRTFLEET_ACCESS_RATE_PER_S": "0"}
+    access = load_config(path, env=env).access
+    assert access.roles == {"guest": Role.ADMIN, "rita": Role.READER}  # the environment's table wins
+    assert access.rate_per_s == 0.0
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        (
+            '[access.roles]\nalice = "root"\n',
+            {},
+            "login 'alice' has role 'root'; a role is one of reader, operator, admin",
+        ),
+        ('[access.roles]\nagent1 = "agent"\n', {}, "a role is one of reader, operator, admin"),
+        ("", {"VIRTFLEET_ACCESS_ROLES": "alice"}, "expected LOGIN=ROLE items"),
+        ("[access]\nrate_per_s = -1\n", {}, "access.rate_per_s must be 0 (no limit) or positive"),
+        ("[access]\nburst = 0\n", {}, "access.burst and access.read_burst must be at least 1"),
+        ("[access]\nrate = 3\n", {}, "unknown setting 'rate'"),
+    ],
+)
+def test_access_refusals(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
+    assert message in refusal(write(tmp_path, text), env=env)

@@ -1,0 +1,156 @@
+"""The audit log in the database: a batched background writer, and the query behind ``audit list``.
+
+An API call is answered before its audit entry is written: :meth:`AuditLog.record` only puts the
+entry on a bounded queue, and one writer thread inserts what has queued up in one transaction
+(one INSERT of many rows), so a burst of creates costs the database one audit transaction per
+batch rather than one per create, and none on the create's own path. When the queue is full (the
+database is behind) the caller writes its own entry: an audit entry is never dropped to keep a
+caller fast. What a crash can lose is what was queued and not yet written (see docs/security.md,
+"Audit"); :meth:`AuditLog.stop` writes everything queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from sqlalchemy import Engine, insert, select
+from sqlalchemy.orm import Session
+
+from common.messages.audit import AuditEntryView, AuditList, AuditListRequest
+from controller.db.models import AuditRecord
+
+log = logging.getLogger(__name__)
+
+#: Entries queued at most before callers write their own.
+QUEUE_CAPACITY = 10_000
+#: Entries written in one transaction at most.
+BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One audited call (see :class:`~controller.db.models.AuditRecord`)."""
+
+    at: float
+    login: str | None
+    kind: str
+    target: str | None
+    result: str
+    message: str | None
+    request_id: str
+
+
+def insert_entries(session: Session, entries: Sequence[AuditEntry]) -> None:
+    """Add ``entries`` in one INSERT (executemany) in the session's transaction."""
+    if entries:
+        session.execute(insert(AuditRecord), [asdict(e) for e in entries])
+
+
+def list_entries(session: Session, req: AuditListRequest) -> list[AuditEntryView]:
+    """The newest ``req.limit`` entries that pass ``req``'s filters, newest first."""
+    query = select(AuditRecord).order_by(AuditRecord.at.desc(), AuditRecord.id.desc()).limit(req.limit)
+    if req.user is not None:
+        query = query.where(AuditRecord.login == req.user)
+    if req.since is not None:
+        query = query.where(AuditRecord.at >= req.since)
+    if req.kind is not None:
+        query = query.where(AuditRecord.kind == req.kind)
+    return [
+        AuditEntryView(
+            at=row.at,
+            login=row.login,
+            kind=row.kind,
+            target=row.target,
+            result=row.result,
+            message=row.message,
+            request_id=row.request_id,
+        )
+        for row in session.scalars(query)
+    ]
+
+
+class AuditLog:
+    """The controller's audit log: :meth:`record` queues, a writer thread inserts in batches."""
+
+    def __init__(self, engine: Engine, *, capacity: int = QUEUE_CAPACITY) -> None:
+        self._engine = engine
+        self._queue: queue.Queue[AuditEntry | None] = queue.Queue(capacity)
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+
+    def record(self, entry: AuditEntry) -> None:
+        """Queue ``entry`` for the writer; write it here and now when the queue is full."""
+        try:
+            self._queue.put_nowait(entry)
+        except queue.Full:
+            log.warning("audit queue full (%d entries): writing on the caller's thread", self._queue.maxsize)
+            self._write([entry])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def flush(self) -> None:
+        """Return once every entry recorded so far is in the database."""
+        if self._thread.is_alive():
+            self._queue.join()
+        else:
+            self._drain_here()
+
+    def stop(self) -> None:
+        """Write what is queued and end the writer."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._drain_here()
+
+    def list(self, req: AuditListRequest) -> AuditList:
+        """``api.audit.list``: what was recorded until now (the queue is written first)."""
+        self.flush()
+        with Session(self._engine) as session:
+            return AuditList(entries=tuple(list_entries(session, req)))
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            batch: list[AuditEntry | None] = [first]
+            while len(batch) < BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            entries = [e for e in batch if e is not None]
+            try:
+                self._write(entries)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+            if len(entries) < len(batch):
+                return
+
+    def _drain_here(self) -> None:
+        entries: list[AuditEntry] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._queue.task_done()
+            if item is not None:
+                entries.append(item)
+        self._write(entries)
+
+    def _write(self, entries: Sequence[AuditEntry]) -> None:
+        if not entries:
+            return
+        try:
+            with Session(self._engine) as session, session.begin():
+                insert_entries(session, entries)
+        except Exception:
+            # The entries are still in the log lines (controller.audit logs each call).
+            log.exception("could not write %d audit entries", len(entries))
+
+
+__all__ = ["BATCH", "QUEUE_CAPACITY", "AuditEntry", "AuditLog", "insert_entries", "list_entries"]
