@@ -80,14 +80,22 @@ class AuditLog:
         self._engine = engine
         self._queue: queue.Queue[AuditEntry | None] = queue.Queue(capacity)
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        #: the queue was full at the last record (its warning is logged once per episode)
+        self._overflowing = False
 
     def record(self, entry: AuditEntry) -> None:
         """Queue ``entry`` for the writer; write it here and now when the queue is full."""
         try:
             self._queue.put_nowait(entry)
         except queue.Full:
-            log.warning("audit queue full (%d entries): writing on the caller's thread", self._queue.maxsize)
+            if not self._overflowing:  # once per episode, not once per call of a flood
+                log.warning(
+                    "audit queue full (%d entries): callers write their own entries", self._queue.maxsize
+                )
+            self._overflowing = True
             self._write([entry])
+            return
+        self._overflowing = False
 
     def start(self) -> None:
         self._thread.start()

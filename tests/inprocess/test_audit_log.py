@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -55,10 +56,16 @@ def test_stop_writes_what_is_queued(engine: sa.Engine) -> None:
         assert conn.execute(sa.text("SELECT count(*) FROM audit_log")).scalar_one() == 3
 
 
-def test_a_full_queue_makes_the_caller_write_nothing_is_dropped(engine: sa.Engine) -> None:
+def test_a_full_queue_makes_the_caller_write_nothing_is_dropped(
+    engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
     log = AuditLog(engine, capacity=2)  # no writer thread: the queue fills
-    for n in range(5):
-        log.record(entry(n))
+    with caplog.at_level(logging.WARNING, "controller.db.audit"):
+        for n in range(5):
+            log.record(entry(n))
+    assert [r.getMessage() for r in caplog.records] == [
+        "audit queue full (2 entries): callers write their own entries"
+    ]  # once for the episode, not once per call
     with engine.connect() as conn:  # the three that did not fit were written by the caller
         assert conn.execute(sa.text("SELECT count(*) FROM audit_log")).scalar_one() == 3
     assert len(log.list(AuditListRequest()).entries) == 5
