@@ -73,12 +73,21 @@ def list_entries(session: Session, req: AuditListRequest) -> list[AuditEntryView
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    """A place in the queue: ``done`` is set once every entry queued before it is written."""
+
+    done: threading.Event
+    #: the writer ends after it
+    stop: bool = False
+
+
 class AuditLog:
     """The controller's audit log: :meth:`record` queues, a writer thread inserts in batches."""
 
     def __init__(self, engine: Engine, *, capacity: int = QUEUE_CAPACITY) -> None:
         self._engine = engine
-        self._queue: queue.Queue[AuditEntry | None] = queue.Queue(capacity)
+        self._queue: queue.Queue[AuditEntry | _Mark] = queue.Queue(capacity)
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         #: the queue was full at the last record (its warning is logged once per episode)
         self._overflowing = False
@@ -101,16 +110,21 @@ class AuditLog:
         self._thread.start()
 
     def flush(self) -> None:
-        """Return once every entry recorded so far is in the database."""
-        if self._thread.is_alive():
-            self._queue.join()
-        else:
+        """Return once every entry recorded before the call is in the database.
+
+        A mark goes through the queue behind them (entries recorded meanwhile do not delay it).
+        """
+        if not self._thread.is_alive():
             self._drain_here()
+            return
+        mark = _Mark(threading.Event())
+        self._queue.put(mark)
+        mark.done.wait()
 
     def stop(self) -> None:
         """Write what is queued and end the writer."""
         if self._thread.is_alive():
-            self._queue.put(None)
+            self._queue.put(_Mark(threading.Event(), stop=True))
             self._thread.join()
         self._drain_here()
 
@@ -122,33 +136,31 @@ class AuditLog:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            batch: list[AuditEntry | None] = [first]
+            batch = [self._queue.get()]
             while len(batch) < BATCH:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            entries = [e for e in batch if e is not None]
-            try:
-                self._write(entries)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
-            if len(entries) < len(batch):
+            if self._settle(batch):
                 return
 
     def _drain_here(self) -> None:
-        entries: list[AuditEntry] = []
+        batch: list[AuditEntry | _Mark] = []
         while True:
             try:
-                item = self._queue.get_nowait()
+                batch.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-            self._queue.task_done()
-            if item is not None:
-                entries.append(item)
-        self._write(entries)
+        self._settle(batch)
+
+    def _settle(self, batch: Sequence[AuditEntry | _Mark]) -> bool:
+        """Write the batch's entries, then release its marks; True when one says stop."""
+        self._write([item for item in batch if isinstance(item, AuditEntry)])
+        marks = [item for item in batch if isinstance(item, _Mark)]
+        for mark in marks:
+            mark.done.set()
+        return any(mark.stop for mark in marks)
 
     def _write(self, entries: Sequence[AuditEntry]) -> None:
         if not entries:
