@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
+import math
 import os
 import secrets
 import stat
@@ -39,6 +40,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from common import codec
 from common.errors import InvalidRequest, Unauthenticated
+from common.messages.descriptor import TIMEOUT_SECONDS
 from common.messages.envelope import Envelope
 from common.transport.port import Delivery
 
@@ -58,6 +60,20 @@ DEFAULT_CLOCK_SKEW_S = 30.0
 #: How long after a rotation the previous generation is still accepted (and enrolled).
 DEFAULT_GRACE_S = 86_400.0
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def check_limits(max_lifetime_s: float, clock_skew_s: float, grace_s: float) -> None:
+    """A maximum lifetime below the slowest timeout class would refuse the fleet's own commands."""
+    slowest = max(TIMEOUT_SECONDS.values())
+    if not math.isfinite(max_lifetime_s) or max_lifetime_s < slowest:
+        raise InvalidRequest(
+            f"max_message_lifetime_s must be at least {slowest:g} s (the slowest timeout class), "
+            f"got {max_lifetime_s:g}"
+        )
+    if not math.isfinite(clock_skew_s) or clock_skew_s < 0:
+        raise InvalidRequest(f"clock_skew_s must be zero or more seconds, got {clock_skew_s:g}")
+    if not math.isfinite(grace_s) or grace_s < 0:
+        raise InvalidRequest(f"key_grace_s must be zero or more seconds, got {grace_s:g}")
 
 
 class KeyFileError(InvalidRequest):
@@ -554,6 +570,7 @@ __all__ = [
     "Signer",
     "body_host",
     "canonical_bytes",
+    "check_limits",
     "derive_host_key",
     "host_keys_of",
     "init_master",

@@ -7,13 +7,14 @@ descriptor in the catalogue is registered here without a line of its own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from common.messages import api, host
 from common.messages.catalogue import CATALOGUE
 from common.messages.descriptor import ApiCall, Side, ToHostAgent
 from common.messages.vm import VmForward
-from common.transport.rpc import Dispatcher, HandlerTable
+from common.transport.rpc import Admission, Dispatcher, HandlerTable
 from controller import network, placement_ops, tuning, vmops
 from controller.service import ControllerService
 
@@ -56,5 +57,6 @@ def api_dispatcher(service: ControllerService, sender: str) -> Dispatcher:
     return Dispatcher(sender, api_handlers(service))
 
 
-def report_dispatcher(service: ControllerService, sender: str) -> Dispatcher:
-    return Dispatcher(sender, report_handlers(service))
+def report_dispatcher(service: ControllerService, sender: str, admit: Sequence[Admission] = ()) -> Dispatcher:
+    """The reports and heartbeats consumer; ``admit``: the signature check of a signed fleet."""
+    return Dispatcher(sender, report_handlers(service), admit=admit)

@@ -65,6 +65,7 @@ def test_env_vars_map_to_real_fields() -> None:
         "VIRTFLEET_DATABASE_URL": "database_url",
         "VIRTFLEET_DOWN_AFTER": "down_after_s",
         "VIRTFLEET_STRATEGY": "strategy",
+        "VIRTFLEET_MASTER_KEY_FILE": "master_key_file",
     }
 
 
@@ -288,3 +289,11 @@ def test_overcommit_that_is_not_a_table(tmp_path: Path) -> None:
 def test_nan_down_after_is_refused() -> None:
     with pytest.raises(InvalidRequest):
         load_config(env={"VIRTFLEET_DOWN_AFTER": "nan"})
+
+
+def test_signing_settings() -> None:
+    assert load_config(env={}).master_key_file == ""
+    config = load_config(env={"VIRTFLEET_MASTER_KEY_FILE": "/etc/virtfleet/master.key"})
+    assert config.master_key_file == "/etc/virtfleet/master.key"
+    assert "at least 600 s" in refusal(overrides={"max_message_lifetime_s": 300.0})
+    assert "clock_skew_s" in refusal(overrides={"clock_skew_s": -1.0})
