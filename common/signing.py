@@ -84,13 +84,14 @@ class KeyFileError(InvalidRequest):
 # ------------------------------------------------------------------------------ the signature
 
 
-def canonical_bytes(env: Envelope) -> bytes:
+def canonical_bytes(env: Envelope, kid: str | None = None) -> bytes:
     """What a signature covers: every envelope field but ``sig``, in a fixed order.
 
     The MessagePack encoding of the list ``[tag, v, kind, id, correlation_id, sender, sent_at,
     expires_at, key_id, body]``. Its maps (the body) keep the order in which they were encoded,
     and decoding keeps that order, so a receiver re-encoding a decoded envelope gets the sender's
-    bytes (pinned by tests/unit/test_signing.py).
+    bytes (pinned by tests/unit/test_signing.py). ``kid``: the key id to cover in place of
+    ``env.key_id`` (what :func:`sign` is about to set).
     """
     return codec.encode(
         [
@@ -102,7 +103,7 @@ def canonical_bytes(env: Envelope) -> bytes:
             env.sender,
             env.sent_at,
             env.expires_at,
-            env.key_id,
+            env.key_id if kid is None else kid,
             env.body,
         ]
     )
@@ -123,8 +124,7 @@ def parse_key_id(text: str) -> tuple[str, int]:
 
 def sign(env: Envelope, kid: str, key: bytes) -> Envelope:
     """``env`` signed with ``key``, which ``kid`` names."""
-    named = replace(env, key_id=kid, signature=None)
-    return replace(named, signature=hmac.digest(key, canonical_bytes(named), hashlib.sha256))
+    return replace(env, key_id=kid, signature=hmac.digest(key, canonical_bytes(env, kid), hashlib.sha256))
 
 
 def signature_matches(env: Envelope, key: bytes) -> bool:
