@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 from inproc import HostShape, InProcessFleet, inprocess_fleet
-from vfsupport import wait_until
+from vfsupport import fleet_master, wait_until
 
 from agent.main import Agent
 from common import codec
 from common.messages.base import replace
 from common.messages.envelope import Envelope, decode_envelope
 from common.messages.host import HOST_REPORT
-from common.messages.vm import VM_DESTROY
-from common.signing import HostKeyring, Signer
+from common.messages.vm import VM_DESTROY, VM_REBOOT
+from common.signing import HostKeyring, Signer, rotate_master
 from common.transport.topology import COMMANDS_EXCHANGE, REPORTS_EXCHANGE, Binding, Queue, report_routing_key
 
 SOON = 20.0
@@ -137,3 +137,31 @@ def test_a_report_signed_with_another_hosts_key_does_not_change_that_host(fleet:
     # the control: the same report signed with a's own key is applied (so the check above could fail)
     _publish_report(fleet, "a", _report_of(fleet, "a", 1_000_000), signer_host="a")
     wait_until(lambda: memory_total(fleet, "a") == 1_000_000, SOON, "a's own signed report to be applied")
+
+
+def test_a_key_rotation_keeps_every_host_working(fleet: InProcessFleet) -> None:
+    """After ``keys rotate`` the controller keeps signing with the generation each host proved;
+    a host given its new key file signs with the new generation, and commands follow it."""
+    created = fleet.cli_ok("vm", "create", "rotated", "--host", "a", "--memory", "256", "--disk", "1")
+    assert created["vm"]["host"] == "a"
+    taps = tap(fleet, "a")
+    rotate_master(fleet_master(fleet.tmp), time.time())
+
+    # a has no new key file yet: its commands are still signed with generation 1, and run
+    assert fleet.cli_ok("vm", "reboot", "rotated")["vm"]["power_state"] == "running"
+    assert recorded(fleet, taps, VM_REBOOT.kind).key_id == "a:1"
+
+    fleet.key_file("a")  # enrolled again: generations 2 and 1; the agent re-reads the file
+
+    def rebooted_with() -> str | None:
+        fleet.cli_ok("vm", "reboot", "rotated")
+        return recorded(fleet, taps, VM_REBOOT.kind).key_id
+
+    # once a's reports carry generation 2, the controller signs a's commands with it too
+    wait_until(lambda: rebooted_with() == "a:2", SOON, "commands to a to be signed with generation 2")
+    # b, not enrolled again, keeps working on generation 1 during the grace period
+    assert (
+        fleet.cli_ok("vm", "create", "on-b", "--host", "b", "--memory", "256", "--disk", "1")["vm"]["host"]
+        == "b"
+    )
+    fleet.wait_hosts({"a", "b"})
