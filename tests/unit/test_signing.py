@@ -424,3 +424,16 @@ def test_the_master_file_is_not_world_readable_even_with_a_permissive_umask(tmp_
     finally:
         os.umask(old)
     assert (tmp_path / "master.key").stat().st_mode & 0o077 == 0
+
+
+def test_the_recipe_of_the_protocol_reference_gives_the_same_signature() -> None:
+    """docs/protocol.md §4.5, followed with msgpack and hmac only (as bench/fleetkit.py does)."""
+    import hashlib  # noqa: PLC0415
+    import hmac  # noqa: PLC0415
+
+    import msgpack  # noqa: PLC0415
+
+    env = command_env(correlation_id="c-1")
+    fields = [env.version, env.kind, env.id, env.correlation_id, env.sender, env.sent_at, env.expires_at]
+    data = msgpack.packb(["virtfleet-msg-v1", *fields, "hv1:1", env.body], use_bin_type=True)
+    assert sign(env, "hv1:1", KEY).signature == hmac.digest(KEY, data, hashlib.sha256)
