@@ -21,7 +21,7 @@ from agent.reporter import Reporter, TransportReportSink
 from common.messages.descriptor import Side
 from common.messages.host import HostReport
 from common.signing import HostKeyring, SignatureCheck, Signer
-from common.transport.port import Route, Transport
+from common.transport.port import Delivery, Outcome, Route, Transport
 from common.transport.rpc import Dispatcher, HandlerTable
 from common.transport.topology import agent_queue
 
@@ -72,9 +72,10 @@ class HostRuntime:
         #: checks the controller's signature on every command (None: unsigned fleet)
         self.signatures: SignatureCheck | None = None
         signer: Signer | None = None
+        self._signer: Signer | None = None
         if cfg.key_file is not None:
             keyring = HostKeyring(cfg.key_file, host)
-            signer = Signer(keyring)
+            signer = self._signer = Signer(keyring)
             self.signatures = SignatureCheck(
                 keyring,
                 lambda _env: host,  # a command to this host must carry this host's key
@@ -115,8 +116,17 @@ class HostRuntime:
         return self.cfg.host_id
 
     def route(self) -> Route:
-        """The host's command queue and the dispatcher that answers it."""
-        return Route(agent_queue(self.cfg.host_id), self.dispatcher)
+        """The host's command queue and the dispatcher that answers it (its replies signed with
+        the host's key on a signed fleet)."""
+        return Route(agent_queue(self.cfg.host_id), self.serve)
+
+    def serve(self, delivery: Delivery) -> Outcome:
+        """One command through the dispatcher; the reply signed (also one answered from the journal,
+        which keeps the unsigned reply: a signature is made for each sending)."""
+        outcome = self.dispatcher(delivery)
+        if self._signer is None or outcome.reply is None:
+            return outcome
+        return Outcome(self._signer(outcome.reply, self.cfg.host_id), outcome.dead_letter)
 
     def close(self) -> None:
         """Stop watching lifecycle events and close the journal (after the consumer stopped and

@@ -549,6 +549,20 @@ class Signer:
         return sign(env, kid, key)
 
 
+def check_reply(keys: KeySource, reply: Envelope, host_id: str, now: float) -> None:
+    """A reply from the agent of ``host_id`` must be signed with that host's key; Unauthenticated
+    when it is not. (A reply names the request it answers in ``correlation_id``, which the
+    signature covers, so a recorded reply cannot answer another request; it needs no expiry.)"""
+    if reply.signature is None or reply.key_id is None:
+        raise Unauthenticated(f"unsigned reply to {reply.correlation_id} from host {host_id}")
+    signer_host, generation = parse_key_id(reply.key_id)
+    if signer_host != host_id:
+        raise Unauthenticated(f"the reply from host {host_id} is signed with the key of {signer_host!r}")
+    key = keys.verifying_key(host_id, generation, now)
+    if key is None or not signature_matches(reply, key):
+        raise Unauthenticated(f"the reply from host {host_id} has a bad signature (key {reply.key_id})")
+
+
 def body_host(env: Envelope) -> str | None:
     """The host a report says it is from (its body's ``host_id``): whose key must have signed it."""
     host = env.body.get("host_id")
@@ -571,6 +585,7 @@ __all__ = [
     "body_host",
     "canonical_bytes",
     "check_limits",
+    "check_reply",
     "derive_host_key",
     "host_keys_of",
     "init_master",

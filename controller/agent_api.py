@@ -56,12 +56,15 @@ class AgentClient:
         *,
         cap: VersionCap = _uncapped,
         sign: Callable[[Envelope, str], Envelope] | None = None,
+        check_reply: Callable[[Envelope, str], None] | None = None,
     ) -> None:
         self._transport = transport
         self._sender = sender
         self._cap = cap
         #: signs a command with the key of the host it goes to (common.signing.Signer); None: unsigned
         self._sign = sign
+        #: raises Unauthenticated unless a reply is signed with its host's key; None: not checked
+        self._check_reply = check_reply
 
     def call(self, host_id: str, op: Command[B, R], body: B) -> R:
         """Send ``op`` to ``host_id``'s agent and return its typed result (or raise its error)."""
@@ -80,4 +83,6 @@ class AgentClient:
                 f"host {host_id} has no command queue: its agent has never started", retryable=False
             ),
         )
+        if self._check_reply is not None:
+            self._check_reply(reply, host_id)
         return unwrap(reply, op)

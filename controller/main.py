@@ -9,12 +9,13 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from common.errors import VirtfleetError
-from common.signing import FleetKeys, SignatureCheck, Signer, body_host
+from common.signing import FleetKeys, SignatureCheck, Signer, body_host, check_reply
 from common.transport.factory import open_transport
 from common.transport.port import Transport
 from common.transport.topology import API_QUEUE, API_READ_QUEUE, HEARTBEATS_QUEUE, REPORTS_QUEUE
@@ -69,6 +70,7 @@ class Controller:
         #: checks every report's and heartbeat's signature (None: unsigned fleet)
         self.signatures: SignatureCheck | None = None
         signer: Signer | None = None
+        keys: FleetKeys | None = None
         if config.master_key_file:
             keys = FleetKeys(Path(config.master_key_file), grace_s=config.key_grace_s)
             signer = Signer(keys)
@@ -80,7 +82,15 @@ class Controller:
             )
         else:
             log.warning("no master_key_file: agent commands are not signed and reports not checked")
-        agents = AgentClient(self.transport, self.name, cap=configured_cap(config.version_cap), sign=signer)
+        agents = AgentClient(
+            self.transport,
+            self.name,
+            cap=configured_cap(config.version_cap),
+            sign=signer,
+            check_reply=None
+            if keys is None
+            else lambda reply, host: check_reply(keys, reply, host, time.time()),
+        )
         self.service = ControllerService(self.engine, config, agents)
         reports = report_dispatcher(self.service, self.name, [self.signatures] if self.signatures else [])
         #: the reports and heartbeats dispatcher (its `refused` counts what the signature check refused)

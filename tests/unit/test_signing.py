@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from common.signing import (
     Signer,
     body_host,
     canonical_bytes,
+    check_reply,
     derive_host_key,
     host_keys_of,
     init_master,
@@ -35,6 +38,7 @@ from common.signing import (
 )
 from common.transport.port import Delivery
 from common.transport.rpc import Dispatcher, HandlerTable
+from controller.agent_api import AgentClient
 
 NOW = 2_000_000_000.0
 GRACE = 3600.0
@@ -437,3 +441,47 @@ def test_the_recipe_of_the_protocol_reference_gives_the_same_signature() -> None
     fields = [env.version, env.kind, env.id, env.correlation_id, env.sender, env.sent_at, env.expires_at]
     data = msgpack.packb(["virtfleet-msg-v1", *fields, "hv1:1", env.body], use_bin_type=True)
     assert sign(env, "hv1:1", KEY).signature == hmac.digest(KEY, data, hashlib.sha256)
+
+
+def test_a_reply_must_be_signed_with_the_key_of_the_host_that_was_called(tmp_path: Path) -> None:
+    master = init_master(tmp_path / "master.key", NOW)
+    keys = FleetKeys(tmp_path / "master.key")
+    hv1 = host_keys_of(master, "hv1", NOW, GRACE).keys[0][1]
+    hv2 = host_keys_of(master, "hv2", NOW, GRACE).keys[0][1]
+    reply = command_env().reply_ok({}, "agent:hv1")
+    check_reply(keys, sign(reply, "hv1:1", hv1), "hv1", NOW)
+    with pytest.raises(Unauthenticated, match="unsigned reply"):
+        check_reply(keys, reply, "hv1", NOW)
+    with pytest.raises(Unauthenticated, match="signed with the key of 'hv2'"):
+        check_reply(keys, sign(reply, "hv2:1", hv2), "hv1", NOW)
+    with pytest.raises(Unauthenticated, match="bad signature"):
+        check_reply(keys, sign(reply, "hv1:1", hv2), "hv1", NOW)
+    # a recorded reply does not answer another request: the correlation id is signed
+    moved = dataclasses.replace(sign(reply, "hv1:1", hv1), correlation_id="another-request")
+    with pytest.raises(Unauthenticated, match="bad signature"):
+        check_reply(keys, moved, "hv1", NOW)
+
+
+class ReplyingTransport:
+    """Answers every call with what the test says (a forged reply, say)."""
+
+    def __init__(self, answer: Callable[[Envelope], Envelope]) -> None:
+        self.answer = answer
+
+    def call(self, _exchange: str, _key: str, env: Envelope, _timeout: float, **_kw: object) -> Envelope:
+        return self.answer(env)
+
+
+def test_the_controller_refuses_a_reply_its_agent_did_not_sign(tmp_path: Path) -> None:
+    master = init_master(tmp_path / "master.key", NOW)
+    keys = FleetKeys(tmp_path / "master.key")
+    hv2 = host_keys_of(master, "hv2", NOW, GRACE).keys[0][1]
+    forged = ReplyingTransport(lambda env: sign(env.reply_error(NotFound("gone"), "agent:hv1"), "hv2:1", hv2))
+    client = AgentClient(
+        forged,  # type: ignore[arg-type]
+        "controller",
+        sign=Signer(keys),
+        check_reply=lambda reply, host: check_reply(keys, reply, host, time.time()),
+    )
+    with pytest.raises(Unauthenticated, match="signed with the key of 'hv2'"):
+        client.call("hv1", vm.VM_START, vm.VmAction(vm.VmRef("u-1", "web")))
