@@ -64,9 +64,6 @@ class Controller:
     ) -> None:
         self.config = config
         self.name = name or f"controller:{socket.gethostname()}:{os.getpid()}"
-        self.engine = make_engine(config.database_url)
-        migrate(self.engine)
-        self.transport: Transport = open_transport(config.amqp_url, name=self.name, memory=memory)
         #: checks every report's and heartbeat's signature (None: unsigned fleet)
         self.signatures: SignatureCheck | None = None
         signer: Signer | None = None
@@ -82,6 +79,10 @@ class Controller:
             )
         else:
             log.warning("no master_key_file: agent commands are not signed and reports not checked")
+        # The key file is checked first: a bad one stops the start before the database is touched.
+        self.engine = make_engine(config.database_url)
+        migrate(self.engine)
+        self.transport: Transport = open_transport(config.amqp_url, name=self.name, memory=memory)
         agents = AgentClient(
             self.transport,
             self.name,

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from agent.fakehost import build_fake_host
+from agent.host_runtime import HostRuntime
 from common import codec
 from common.errors import NotFound, Unauthenticated
 from common.messages import host, vm
@@ -36,9 +38,12 @@ from common.signing import (
     signature_matches,
     write_secret_file,
 )
+from common.transport.memory import MemoryBroker
 from common.transport.port import Delivery
 from common.transport.rpc import Dispatcher, HandlerTable
 from controller.agent_api import AgentClient
+from controller.config import ControllerConfig
+from controller.main import Controller
 
 NOW = 2_000_000_000.0
 GRACE = 3600.0
@@ -485,3 +490,23 @@ def test_the_controller_refuses_a_reply_its_agent_did_not_sign(tmp_path: Path) -
     )
     with pytest.raises(Unauthenticated, match="signed with the key of 'hv2'"):
         client.call("hv1", vm.VM_START, vm.VmAction(vm.VmRef("u-1", "web")))
+
+
+def test_a_controller_or_agent_with_a_key_file_others_may_read_does_not_start(tmp_path: Path) -> None:
+    init_master(tmp_path / "master.key", NOW)
+    (tmp_path / "master.key").chmod(0o644)
+    config = ControllerConfig(
+        amqp_url="memory://x",
+        database_url=f"sqlite:///{tmp_path / 'db'}",
+        master_key_file=str(tmp_path / "master.key"),
+    )
+    with pytest.raises(KeyFileError, match="mode 0644: group or others may access it"):
+        Controller(config, memory=MemoryBroker())
+    assert not (tmp_path / "db").exists()  # refused before anything was touched
+
+    fake = build_fake_host(tmp_path / "agent", host_id="hv1")
+    write_secret_file(tmp_path / "hv1.key", "hv1 1 " + "00" * 32 + "\n")
+    (tmp_path / "hv1.key").chmod(0o640)
+    cfg = dataclasses.replace(fake.config, key_file=tmp_path / "hv1.key")
+    with pytest.raises(KeyFileError, match="mode 0640"):
+        HostRuntime(cfg, fake.hypervisor, MemoryBroker().transport("agent-hv1"), alive=lambda: True)
