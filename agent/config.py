@@ -16,11 +16,19 @@ The TOML file holds an ``[agent]`` table (or the same keys at the top level)::
     dedicated_cpus = "2-7"                     # pinned one per vCPU to dedicated-policy VMs (default none)
     shared_cpus = "0-1"                        # shared VMs and emulator threads (default: the rest)
     reserved_cpus = ""                         # left to the host alone (default none)
+    key_file = "/etc/virtfleet/keys/hv1.key"   # this host's signing key (keys enroll; mode 0600)
+    max_message_lifetime = 900                 # longest expires_at - sent_at accepted (>= 600)
+    clock_skew = 30                            # how far in the future a sent_at may be
 
 The three CPU sets are cpuset strings (``0-3,^2,8``); they must be disjoint, and they are checked
 against the host's online CPUs when the agent starts (:mod:`agent.tuning.cpusets`).
 
-Environment: ``VIRTFLEET_AMQP_URL``, ``VIRTFLEET_AGENT_HOST_ID``, ``VIRTFLEET_LIBVIRT_URI``.
+Without ``key_file`` commands are not checked and reports not signed (a warning at start; see
+docs/security.md, "Message signatures"). With several hosts it names each host's file with
+``{host}`` (``/etc/virtfleet/keys/{host}.key``).
+
+Environment: ``VIRTFLEET_AMQP_URL``, ``VIRTFLEET_AGENT_HOST_ID``, ``VIRTFLEET_LIBVIRT_URI``,
+``VIRTFLEET_AGENT_KEY_FILE``.
 :func:`resolve` is pure (unit-tested); :func:`load` adds argv parsing and file reading.
 
 One process may serve several hosts (:class:`MultiHostConfig`, :func:`resolve_hosts`):
@@ -44,6 +52,7 @@ from typing import Any
 from agent.tuning import cpusets
 from common.broker_url import DEFAULT_URL
 from common.errors import InvalidRequest
+from common.signing import DEFAULT_CLOCK_SKEW_S, DEFAULT_GRACE_S, DEFAULT_MAX_LIFETIME_S, check_limits
 from common.validation import check_host_id, check_name
 
 DEFAULT_REPORT_INTERVAL = 30.0
@@ -59,6 +68,7 @@ ENVIRONMENT: Mapping[str, str] = {
     "VIRTFLEET_AMQP_URL": "amqp_url",
     "VIRTFLEET_AGENT_HOST_ID": "host_id",
     "VIRTFLEET_LIBVIRT_URI": "libvirt_uri",
+    "VIRTFLEET_AGENT_KEY_FILE": "key_file",
 }
 
 _KEYS = frozenset(
@@ -76,8 +86,13 @@ _KEYS = frozenset(
         "dedicated_cpus",
         "shared_cpus",
         "reserved_cpus",
+        "key_file",
+        "max_message_lifetime",
+        "clock_skew",
     }
 )
+#: What ``key_file`` holds in place of the host id when one process serves several hosts.
+HOST_PLACEHOLDER = "{host}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +111,10 @@ class AgentConfig:
     dedicated_cpus: str | None = None
     shared_cpus: str | None = None
     reserved_cpus: str | None = None
+    #: this host's key file (``virtfleet-controller keys enroll``); None: no signatures
+    key_file: Path | None = None
+    max_message_lifetime: float = DEFAULT_MAX_LIFETIME_S
+    clock_skew: float = DEFAULT_CLOCK_SKEW_S
 
 
 def _str(key: str, value: Any) -> str:
@@ -170,6 +189,13 @@ def resolve(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str,
         raise InvalidRequest(f"config log_level: expected one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     state_dir = merged.get("state_dir")
     sets = {name: _cpuset(name, merged.get(name)) for name in cpusets.SET_NAMES}
+    key_file = merged.get("key_file")
+    max_lifetime = _interval(
+        "max_message_lifetime", merged.get("max_message_lifetime", DEFAULT_MAX_LIFETIME_S)
+    )
+    skew = merged.get("clock_skew", DEFAULT_CLOCK_SKEW_S)
+    skew = 0.0 if skew in (0, "0") else _interval("clock_skew", skew)
+    check_limits(max_lifetime, skew, DEFAULT_GRACE_S)
     cpusets.check_disjoint({name: cpusets.parse_setting(name, value) for name, value in sets.items()})
     return AgentConfig(
         host_id=host_id,
@@ -191,6 +217,11 @@ def resolve(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str,
         dedicated_cpus=sets["dedicated_cpus"],
         shared_cpus=sets["shared_cpus"],
         reserved_cpus=sets["reserved_cpus"],
+        key_file=Path(_str("key_file", key_file).replace(HOST_PLACEHOLDER, host_id))
+        if key_file is not None
+        else None,
+        max_message_lifetime=max_lifetime,
+        clock_skew=skew,
     )
 
 
@@ -254,9 +285,25 @@ def resolve_hosts(
     root = flags.get("state_dir") or single.get("state_dir") or DEFAULT_STATE_ROOT
     first_id, first_uri = hosts[0]
     base = resolve(single, quiet_env, {**flags, "host_id": first_id, "libvirt_uri": first_uri})
+    key_file = flags.get("key_file") or quiet_env.get("VIRTFLEET_AGENT_KEY_FILE") or single.get("key_file")
+    if key_file is not None and len(ids) > 1 and HOST_PLACEHOLDER not in str(key_file):
+        raise InvalidRequest(
+            f"key_file: with several hosts it must name each host's file with {HOST_PLACEHOLDER} "
+            f"(e.g. /etc/virtfleet/keys/{HOST_PLACEHOLDER}.key), got {key_file!r}"
+        )
+
+    def key_of(host: str) -> Path | None:
+        return None if key_file is None else Path(str(key_file).replace(HOST_PLACEHOLDER, host))
+
     return MultiHostConfig(
         tuple(
-            replace(base, host_id=host, libvirt_uri=_str("libvirt_uri", uri), state_dir=Path(root) / host)
+            replace(
+                base,
+                host_id=host,
+                libvirt_uri=_str("libvirt_uri", uri),
+                state_dir=Path(root) / host,
+                key_file=key_of(host),
+            )
             for host, (_given, uri) in zip(ids, hosts, strict=True)
         )
     )
@@ -296,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("reserved", "CPUs left to the host (default none)"),
     ):
         parser.add_argument(f"--{name}-cpus", dest=f"{name}_cpus", metavar="CPUS", help=what)
+    parser.add_argument(
+        "--key-file",
+        dest="key_file",
+        help="this host's signing key file (mode 0600); with several hosts {host} stands for each host id",
+    )
     multi = parser.add_argument_group(
         "several hosts in one process",
         "each host has its own queue, journal (<state dir>/<host id>), reports and libvirt connection",

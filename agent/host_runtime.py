@@ -9,6 +9,7 @@ their queues and one reporting thread (a simulated fleet in one process).
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -19,9 +20,12 @@ from agent.ports import Hypervisor, Images
 from agent.reporter import Reporter, TransportReportSink
 from common.messages.descriptor import Side
 from common.messages.host import HostReport
-from common.transport.port import Route, Transport
+from common.signing import HostKeyring, SignatureCheck, Signer
+from common.transport.port import Delivery, Outcome, Route, Transport
 from common.transport.rpc import Dispatcher, HandlerTable
 from common.transport.topology import agent_queue
+
+log = logging.getLogger("agent")
 
 
 def agent_version() -> str:
@@ -65,11 +69,27 @@ class HostRuntime:
         sender = f"agent:{host}"
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.journal = SqliteJournal(cfg.state_dir / "journal.db")
+        #: checks the controller's signature on every command (None: unsigned fleet)
+        self.signatures: SignatureCheck | None = None
+        signer: Signer | None = None
+        self._signer: Signer | None = None
+        if cfg.key_file is not None:
+            keyring = HostKeyring(cfg.key_file, host)
+            signer = self._signer = Signer(keyring)
+            self.signatures = SignatureCheck(
+                keyring,
+                lambda _env: host,  # a command to this host must carry this host's key
+                max_lifetime_s=cfg.max_message_lifetime,
+                clock_skew_s=cfg.clock_skew,
+                answered=self.journal.get,
+            )
+        else:
+            log.warning("host %s: no key_file: commands are not checked and reports not signed", host)
         self.reporter = Reporter(
             host,
             cfg.libvirt_uri,
             hypervisor,
-            TransportReportSink(transport, host, sender),
+            TransportReportSink(transport, host, sender, sign=signer),
             report_interval=cfg.report_interval,
             heartbeat_interval=cfg.heartbeat_interval,
             agent_version=version or agent_version(),
@@ -85,7 +105,8 @@ class HostRuntime:
             # Host-level changes (networks, bridges, hugepages, tuning profiles) change facts only
             # the full report carries: those modules still ask for one.
             module.register(table, self.reporter.request_report)
-        self.dispatcher = Dispatcher(sender, table, journal=self.journal)
+        admit = [self.signatures] if self.signatures is not None else []
+        self.dispatcher = Dispatcher(sender, table, journal=self.journal, admit=admit)
         #: VMs changed outside virtfleet reach the controller in deltas too, where the driver
         #: emits lifecycle events (None: they wait for the next full report)
         self._unwatch = hypervisor.watch_lifecycle(self.reporter.vm_changed)
@@ -95,8 +116,17 @@ class HostRuntime:
         return self.cfg.host_id
 
     def route(self) -> Route:
-        """The host's command queue and the dispatcher that answers it."""
-        return Route(agent_queue(self.cfg.host_id), self.dispatcher)
+        """The host's command queue and the dispatcher that answers it (its replies signed with
+        the host's key on a signed fleet)."""
+        return Route(agent_queue(self.cfg.host_id), self.serve)
+
+    def serve(self, delivery: Delivery) -> Outcome:
+        """One command through the dispatcher; the reply signed (also one answered from the journal,
+        which keeps the unsigned reply: a signature is made for each sending)."""
+        outcome = self.dispatcher(delivery)
+        if self._signer is None or outcome.reply is None:
+            return outcome
+        return Outcome(self._signer(outcome.reply, self.cfg.host_id), outcome.dead_letter)
 
     def close(self) -> None:
         """Stop watching lifecycle events and close the journal (after the consumer stopped and

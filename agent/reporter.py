@@ -141,10 +141,19 @@ class TransportReportSink:
     a report is unroutable and the reporter sends it again soon rather than losing it.
     """
 
-    def __init__(self, transport: Transport, host_id: str, sender: str) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        host_id: str,
+        sender: str,
+        *,
+        sign: Callable[[Envelope, str], Envelope] | None = None,
+    ) -> None:
         self._transport = transport
         self._host_id = host_id
         self._sender = sender
+        #: signs each report with the host's key (common.signing.Signer); None: unsigned
+        self._sign = sign
         self._declared = False
 
     def send(self, op: Report[B], body: B, *, sent_at: float, ttl_s: float) -> None:
@@ -154,6 +163,8 @@ class TransportReportSink:
             self._transport.declare_exchange(REPORTS_EXCHANGE)
             self._declared = True
         env = report_envelope(op, body, self._sender, sent_at, ttl_s)
+        if self._sign is not None:
+            env = self._sign(env, self._host_id)
         self._transport.publish(
             REPORTS_EXCHANGE.name, report_routing_key(op.kind, self._host_id), env, mandatory=True
         )

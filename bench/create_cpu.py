@@ -74,6 +74,8 @@ from fleetkit import (  # noqa: E402
     RawClient,
     cpu_seconds,
     create_body,
+    enroll_keys,
+    init_keys,
     libvirt_floor,
     load_stacks,
     package_of,
@@ -223,10 +225,13 @@ def run_tree(
         client: RawClient | None = None
         try:
             db = f"sqlite:///{tmp / 'virtfleet.db'}"
+            ids = {f"sim{i}" for i in range(args.agents)}
+            # Signed, as a deployed fleet is (a tree without signing runs unsigned).
+            env.update(init_keys(tmp, env))
+            env.update(enroll_keys(tmp, env, sorted(ids)))
             argv = [sys.executable, "-m", "controller.main", "--database-url", db, "--down-after", "60"]
             controller = processes.spawn("controller", [*argv, "--log-level", args.log_level], env, tmp)
             agents = []
-            ids = {f"sim{i}" for i in range(args.agents)}
             for host in sorted(ids):
                 state = tmp / f"agent-{host}"
                 state.mkdir()

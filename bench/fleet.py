@@ -83,6 +83,8 @@ from fleetkit import (  # noqa: E402
     cleanup_stack,
     cpu_seconds,
     create_body,
+    enroll_keys,
+    init_keys,
     libvirt_cycles,
     load_stacks,
     package_of,
@@ -172,6 +174,7 @@ def start_controllers(
     procs = Processes()
     stack.callback(procs.stop_all)
     env = fleet_env(ROOT, url)
+    env.update(init_keys(work, env))  # signed, as a deployed fleet is
     argv = [sys.executable, "-m", "controller.main", "--database-url", db, "--log-level", args.log_level]
     if args.down_after:
         argv += ["--down-after", str(args.down_after)]
@@ -206,7 +209,9 @@ def start_fleet(
     argv = [sys.executable, "-m", "agent.main", "--simulate", str(hosts), "--node-template", str(template)]
     argv += ["--host-prefix", f"{phase}-", "--state-dir", str(work / "agent-state")]
     argv += ["--heartbeat-interval", str(heartbeat), "--report-interval", str(report)]
-    agent = procs.spawn("agent", [*argv, "--log-level", "WARNING"], env, work)
+    width = len(str(hosts))  # the agent's --simulate names: <prefix><number, zero-padded>
+    keys = enroll_keys(work, env, [f"{phase}-{n:0{width}d}" for n in range(1, hosts + 1)])
+    agent = procs.spawn("agent", [*argv, "--log-level", "WARNING"], {**env, **keys}, work)
     t0 = time.monotonic()
     client = connect(url, procs, timeout=60)
     stack.callback(client.close)
@@ -781,6 +786,10 @@ def synthetic_ingestion(args: argparse.Namespace, tmp: Path, out: dict[str, Any]
     with cleanup_stack() as stack:
         plant = start_controllers(stack, args, tmp, "synthetic", 1)
         ctl = plant.controllers[0]
+        # the fake hosts sign their reports and heartbeats, each with its own enrolled key
+        from loadgen import host_id  # noqa: PLC0415 - as the database rows below: loadgen's names
+
+        signing = enroll_keys(plant.work, plant.env, [host_id(prefix, i) for i in range(n)])
         client = connect(plant.url, plant.procs, timeout=60)
         stack.callback(client.close)
         conn = pika.BlockingConnection(pika.URLParameters(plant.url))
@@ -823,6 +832,8 @@ def synthetic_ingestion(args: argparse.Namespace, tmp: Path, out: dict[str, Any]
             argv += ["--hosts", str(n), "--first", str(first), "--count", str(count)]
             argv += ["--vms", str(args.synthetic_vms), "--seconds", f"{paced_s:g}"]
             argv += ["--change", str(args.synthetic_change)]
+            if signing:
+                argv += ["--key-dir", str(plant.work / "keys")]
             gen = plant.procs.spawn(f"loadgen-{i + 1}", argv, plant.env, plant.work, pipes=True)
             reader = GenReader(gen)
             reader.start()

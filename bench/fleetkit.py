@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
+import hmac
 import json
 import os
 import signal
@@ -242,16 +244,27 @@ def role_lane(kind: str) -> str:
     return API_READ_QUEUE if CATALOGUE[kind].role is Role.READER else API_QUEUE
 
 
+#: A host's signing key: (key id ``<host>:<generation>``, the key).
+HostKey = tuple[str, bytes]
+
+
 def envelope(
-    kind: str, body: dict[str, Any], timeout: float, *, sender: str = "bench", broker_expiry: bool = True
+    kind: str,
+    body: dict[str, Any],
+    timeout: float,
+    *,
+    sender: str = "bench",
+    broker_expiry: bool = True,
+    key: HostKey | None = None,
 ) -> tuple[str, bytes, pika.BasicProperties]:
     """A message's id, envelope bytes and AMQP properties (docs/protocol.md §3, §4); a caller
     of a request sets ``reply_to``. ``broker_expiry``: also the per-message AMQP expiration
-    (requests have it; reports and heartbeats never expire in the broker)."""
+    (requests have it; reports and heartbeats never expire in the broker). ``key``: signed with
+    it (§4.5), as the agent of that host signs its reports."""
     rid = uuid.uuid4().hex
     now = time.time()
-    env = {
-        "v": "1.0",
+    env: dict[str, Any] = {
+        "v": "1.1",
         "kind": kind,
         "id": rid,
         "correlation_id": None,
@@ -260,6 +273,12 @@ def envelope(
         "expires_at": now + timeout,
         "body": body,
     }
+    if key is not None:
+        key_id, secret = key
+        fields = ("v", "kind", "id", "correlation_id", "sender", "sent_at", "expires_at")
+        signed = ["virtfleet-msg-v1", *(env[f] for f in fields), key_id, body]
+        env["key_id"] = key_id
+        env["sig"] = hmac.digest(secret, msgpack.packb(signed, use_bin_type=True), hashlib.sha256)
     props = pika.BasicProperties(
         content_type="application/x-msgpack",
         delivery_mode=1,
@@ -269,6 +288,49 @@ def envelope(
         expiration=str(int(timeout * 1000)) if broker_expiry else None,
     )
     return rid, msgpack.packb(env, use_bin_type=True), props
+
+
+# ------------------------------------------------------------------ signing keys (docs/security.md)
+
+
+def init_keys(work: Path, env: dict[str, str]) -> dict[str, str]:
+    """The fleet master file in ``work``, made by ``virtfleet-controller keys init`` of the tree
+    on ``env``'s PYTHONPATH; the environment that gives a controller it. Empty when that tree has
+    no signing (an older revision): its fleet then runs unsigned."""
+    master = work / "master.key"
+    done = subprocess.run(
+        [sys.executable, "-m", "controller.main", "keys", "--master-key-file", str(master), "init"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return {"VIRTFLEET_MASTER_KEY_FILE": str(master)} if done.returncode == 0 else {}
+
+
+def enroll_keys(work: Path, env: dict[str, str], hosts: list[str]) -> dict[str, str]:
+    """Each host's key file in ``work``/keys (``keys enroll``, as an operator enrols hosts); the
+    environment that gives an agent its key file (``{host}``: one per host of a multi-host agent).
+    Empty when :func:`init_keys` made no master file."""
+    master = work / "master.key"
+    if not master.exists():
+        return {}
+    keys = work / "keys"
+    keys.mkdir(mode=0o700, exist_ok=True)
+    argv = [sys.executable, "-m", "controller.main", "keys", "--master-key-file", str(master)]
+    subprocess.run(
+        [*argv, "enroll", *hosts, "--out-dir", str(keys)], env=env, check=True, capture_output=True
+    )
+    return {"VIRTFLEET_AGENT_KEY_FILE": str(keys / "{host}.key")}
+
+
+def host_key(path: Path) -> HostKey:
+    """The newest key of a host key file (``<host> <generation> <hex>`` lines, newest first)."""
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            host, generation, secret = line.split()
+            return f"{host}:{generation}", bytes.fromhex(secret)
+    raise ValueError(f"no key in {path}")
 
 
 class RawClient:

@@ -38,7 +38,7 @@ import pika.exceptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fleetkit import envelope
+from fleetkit import HostKey, envelope, host_key
 
 from common.messages.host import HOST_HEARTBEAT, HOST_REPORT
 
@@ -172,8 +172,17 @@ class Publisher:
         self.confirmed.confirm_delivery()
         self.fast = self.conn.channel()
 
-    def publish(self, kind: str, hid: str, body: dict[str, Any], ttl: float, *, confirm: bool) -> None:
-        _mid, data, props = envelope(kind, body, ttl, sender="agent:" + hid, broker_expiry=False)
+    def publish(
+        self,
+        kind: str,
+        hid: str,
+        body: dict[str, Any],
+        ttl: float,
+        *,
+        confirm: bool,
+        key: HostKey | None = None,
+    ) -> None:
+        _mid, data, props = envelope(kind, body, ttl, sender="agent:" + hid, broker_expiry=False, key=key)
         channel = self.confirmed if confirm else self.fast
         channel.basic_publish(EXCHANGE, f"{kind}.{hid}", data, props, mandatory=confirm)
 
@@ -201,6 +210,7 @@ def main() -> int:
     p.add_argument("--report-every", type=float, default=30.0)
     p.add_argument("--change", type=float, default=0.1, help="share of reports that change")
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--key-dir", type=Path, help="sign as each host with DIR/<host>.key (a signed controller)")
     args = p.parse_args()
     count = args.hosts - args.first if args.count is None else args.count
     rng = random.Random(args.seed + args.first)
@@ -208,6 +218,9 @@ def main() -> int:
     hosts = [host_model(args.prefix, args.first + i, args.vms, args.seed) for i in range(count)]
     for h in hosts:
         h.started_at = started
+    keys: dict[str, HostKey | None] = {
+        h.host_id: host_key(args.key_dir / f"{h.host_id}.key") if args.key_dir else None for h in hosts
+    }
     pub = Publisher(args.url)
 
     # 1. register: every host's first report, confirmed
@@ -217,7 +230,7 @@ def main() -> int:
         body = h.body(time.time())
         while True:
             try:
-                pub.publish(HOST_REPORT.kind, h.host_id, body, 120.0, confirm=True)
+                pub.publish(HOST_REPORT.kind, h.host_id, body, 120.0, confirm=True, key=keys[h.host_id])
                 break
             except pika.exceptions.NackError:
                 nacks += 1  # the report queue is at its x-max-length: let the controller drain it
@@ -264,7 +277,7 @@ def main() -> int:
                 h.hb_seq += 1
                 wall = time.time()
                 body = {"host_id": h.host_id, "seq": h.hb_seq, "started_at": h.started_at, "sent_at": wall}
-                pub.publish(HOST_HEARTBEAT.kind, h.host_id, body, 30.0, confirm=False)
+                pub.publish(HOST_HEARTBEAT.kind, h.host_id, body, 30.0, confirm=False, key=keys[h.host_id])
                 sent_hb += 1
             if sent_rep < due_rep:
                 h = hosts[rep_next]
@@ -272,7 +285,14 @@ def main() -> int:
                 if rng.random() < args.change:
                     h.change(rng)
                     changed += 1
-                pub.publish(HOST_REPORT.kind, h.host_id, h.body(time.time()), 120.0, confirm=False)
+                pub.publish(
+                    HOST_REPORT.kind,
+                    h.host_id,
+                    h.body(time.time()),
+                    120.0,
+                    confirm=False,
+                    key=keys[h.host_id],
+                )
                 sent_rep += 1
         busy += time.perf_counter() - b0
         if now >= next_tick:

@@ -15,6 +15,7 @@ from typing import Protocol, TypeVar
 from common.errors import TransportError
 from common.messages.catalogue import timeout_of
 from common.messages.descriptor import Command, Family, Version, check_sendable
+from common.messages.envelope import Envelope
 from common.transport.port import Transport
 from common.transport.rpc import request, unwrap
 from common.transport.topology import COMMANDS_EXCHANGE
@@ -48,16 +49,30 @@ def _uncapped(_host_id: str, _family: Family) -> Version | None:
 class AgentClient:
     """Agent commands over a transport: persistent, confirmed, routed by host id."""
 
-    def __init__(self, transport: Transport, sender: str, *, cap: VersionCap = _uncapped) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        sender: str,
+        *,
+        cap: VersionCap = _uncapped,
+        sign: Callable[[Envelope, str], Envelope] | None = None,
+        check_reply: Callable[[Envelope, str], None] | None = None,
+    ) -> None:
         self._transport = transport
         self._sender = sender
         self._cap = cap
+        #: signs a command with the key of the host it goes to (common.signing.Signer); None: unsigned
+        self._sign = sign
+        #: raises Unauthenticated unless a reply is signed with its host's key; None: not checked
+        self._check_reply = check_reply
 
     def call(self, host_id: str, op: Command[B, R], body: B) -> R:
         """Send ``op`` to ``host_id``'s agent and return its typed result (or raise its error)."""
         check_sendable(op, body, self._cap(host_id, op.family), f"the agent of host {host_id}")
         timeout = timeout_of(op)
         env = request(op, body, self._sender, timeout=timeout)
+        if self._sign is not None:
+            env = self._sign(env, host_id)
         reply = self._transport.call(
             COMMANDS_EXCHANGE.name,
             host_id,
@@ -68,4 +83,6 @@ class AgentClient:
                 f"host {host_id} has no command queue: its agent has never started", retryable=False
             ),
         )
+        if self._check_reply is not None:
+            self._check_reply(reply, host_id)
         return unwrap(reply, op)

@@ -13,7 +13,12 @@ from typing import Any
 from common.broker_url import DEFAULT_URL
 from common.errors import InvalidRequest
 from common.messages.catalogue import CATALOGUE
+<<<<<<< HEAD
 from common.messages.descriptor import Role, Side, Version
+=======
+from common.messages.descriptor import Side, Version
+from common.signing import DEFAULT_CLOCK_SKEW_S, DEFAULT_GRACE_S, DEFAULT_MAX_LIFETIME_S, check_limits
+>>>>>>> msg-signing
 
 DEFAULT_DATABASE_URL = "sqlite:///./virtfleet.db"
 
@@ -22,6 +27,7 @@ ENV_VARS: Mapping[str, str] = {
     "VIRTFLEET_DATABASE_URL": "database_url",
     "VIRTFLEET_DOWN_AFTER": "down_after_s",
     "VIRTFLEET_STRATEGY": "strategy",
+    "VIRTFLEET_MASTER_KEY_FILE": "master_key_file",
 }
 #: ``[rpc] version_cap`` from the environment: ``vm=1.0,net=1.0``.
 VERSION_CAP_ENV = "VIRTFLEET_RPC_VERSION_CAP"
@@ -155,7 +161,21 @@ class ControllerConfig:
     #: ``[rpc] version_cap``: family -> newest version the controller may send agents (oslo's
     #: version_cap), so that the controller can be upgraded before the agents.
     version_cap: Mapping[str, Version] = field(default_factory=dict)
+<<<<<<< HEAD
     access: AccessConfig = field(default_factory=AccessConfig)
+=======
+    #: The fleet master secret (``virtfleet-controller keys init``; mode 0600): commands are
+    #: signed with each host's key and reports must be. Empty: messages are neither signed nor
+    #: checked (a warning at start; docs/security.md, "Message signatures").
+    master_key_file: str = ""
+    #: Seconds after ``keys rotate`` during which the previous key generation is still accepted.
+    key_grace_s: float = DEFAULT_GRACE_S
+    #: The longest ``expires_at - sent_at`` a signed message may have (at least the slowest
+    #: timeout class); it bounds how long message ids are remembered against replays.
+    max_message_lifetime_s: float = DEFAULT_MAX_LIFETIME_S
+    #: How far in the future a message's ``sent_at`` may be (clock differences between machines).
+    clock_skew_s: float = DEFAULT_CLOCK_SKEW_S
+>>>>>>> msg-signing
 
     def __post_init__(self) -> None:
         if self.strategy not in {"spread", "pack"}:
@@ -174,6 +194,7 @@ class ControllerConfig:
             )
         if self.choose_among < 1:
             raise InvalidRequest(f"choose_among must be at least 1, got {self.choose_among}")
+        check_limits(self.max_message_lifetime_s, self.clock_skew_s, self.key_grace_s)
         oc = self.overcommit
         for name in ("cpu_ratio", "ram_ratio", "disk_ratio"):
             if not math.isfinite(getattr(oc, name)) or getattr(oc, name) <= 0:

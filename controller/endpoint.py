@@ -68,5 +68,6 @@ def api_dispatcher(
     return Dispatcher(sender, table, admit=admit)
 
 
-def report_dispatcher(service: ControllerService, sender: str) -> Dispatcher:
-    return Dispatcher(sender, report_handlers(service))
+def report_dispatcher(service: ControllerService, sender: str, admit: Sequence[Admission] = ()) -> Dispatcher:
+    """The reports and heartbeats consumer; ``admit``: the signature check of a signed fleet."""
+    return Dispatcher(sender, report_handlers(service), admit=admit)

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -16,11 +17,13 @@ from typing import TYPE_CHECKING
 from common.errors import VirtfleetError
 from common.messages.audit import API_AUDIT_LIST
 from common.messages.descriptor import Side
+from common.signing import FleetKeys, SignatureCheck, Signer, body_host, check_reply
 from common.transport.factory import open_transport
 from common.transport.port import Transport
 from common.transport.rpc import HandlerTable
 from common.transport.topology import API_QUEUE, API_READ_QUEUE, HEARTBEATS_QUEUE, REPORTS_QUEUE
 from controller.access import Rate, RateLimiter, RoleCheck
+from controller import keys_cli
 from controller.agent_api import AgentClient, configured_cap
 from controller.audit import AuditedApi
 from controller.config import ControllerConfig, load_config
@@ -36,7 +39,10 @@ log = logging.getLogger("virtfleet.controller")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="virtfleet-controller", description="The virtfleet controller.")
+    parser = argparse.ArgumentParser(
+        prog="virtfleet-controller",
+        description="The virtfleet controller. 'virtfleet-controller keys --help': the fleet's signing keys.",
+    )
     parser.add_argument("--config", type=Path, help="TOML configuration file")
     parser.add_argument("--amqp-url", help="broker URL (env VIRTFLEET_AMQP_URL)")
     parser.add_argument("--database-url", help="SQLAlchemy URL (env VIRTFLEET_DATABASE_URL)")
@@ -45,6 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, help="concurrent API requests")
     parser.add_argument("--strategy", choices=["spread", "pack"])
+    parser.add_argument(
+        "--master-key-file",
+        help="the fleet master secret: sign commands, check reports (env VIRTFLEET_MASTER_KEY_FILE)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("VIRTFLEET_LOG_LEVEL", "INFO"))
     return parser.parse_args(argv)
 
@@ -60,17 +70,43 @@ class Controller:
     ) -> None:
         self.config = config
         self.name = name or f"controller:{socket.gethostname()}:{os.getpid()}"
+        #: checks every report's and heartbeat's signature (None: unsigned fleet)
+        self.signatures: SignatureCheck | None = None
+        signer: Signer | None = None
+        keys: FleetKeys | None = None
+        if config.master_key_file:
+            keys = FleetKeys(Path(config.master_key_file), grace_s=config.key_grace_s)
+            signer = Signer(keys)
+            self.signatures = SignatureCheck(
+                keys,
+                body_host,  # a report must carry the key of the host it is about
+                max_lifetime_s=config.max_message_lifetime_s,
+                clock_skew_s=config.clock_skew_s,
+            )
+        else:
+            log.warning("no master_key_file: agent commands are not signed and reports not checked")
+        # The key file is checked first: a bad one stops the start before the database is touched.
         self.engine = make_engine(config.database_url)
         migrate(self.engine)
         self.transport: Transport = open_transport(config.amqp_url, name=self.name, memory=memory)
-        agents = AgentClient(self.transport, self.name, cap=configured_cap(config.version_cap))
+        agents = AgentClient(
+            self.transport,
+            self.name,
+            cap=configured_cap(config.version_cap),
+            sign=signer,
+            check_reply=None
+            if keys is None
+            else lambda reply, host: check_reply(keys, reply, host, time.time()),
+        )
         self.service = ControllerService(self.engine, config, agents)
-        reports = report_dispatcher(self.service, self.name)
         self.audit = AuditLog(self.engine)
         access = config.access
         self._limiter = RateLimiter(
             Rate(access.rate_per_s, access.burst), Rate(access.read_rate_per_s, access.read_burst)
         )
+        reports = report_dispatcher(self.service, self.name, [self.signatures] if self.signatures else [])
+        #: the reports and heartbeats dispatcher (its `refused` counts what the signature check refused)
+        self.report_dispatcher = reports
         self.api = self.transport.consumer(
             API_QUEUE,
             self._api_front(),
@@ -154,6 +190,9 @@ class Controller:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["keys"]:
+        return keys_cli.main(given[1:])  # key management on the controller's host (no service started)
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -170,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 "down_after_s": args.down_after_s,
                 "workers": args.workers,
                 "strategy": args.strategy,
+                "master_key_file": args.master_key_file,
             },
         )
         controller = Controller(config)

@@ -42,13 +42,21 @@ bash "$ROOT/deploy/services.sh"
 
 stop_all
 rm -rf "$QS"
-mkdir -p "$QS"
+mkdir -p "$QS" "$QS/keys"
+chmod 700 "$QS/keys"
 cd "$QS"
+
+# Signed messages (docs/security.md): a fleet master secret for the controller, and each host's
+# own key file for the agent (0600; on real hosts the file is copied to each hypervisor).
+echo "==> enrolling the hosts' signing keys ($QS/keys)"
+"$BIN/virtfleet-controller" keys --master-key-file "$QS/master.key" init
+"$BIN/virtfleet-controller" keys --master-key-file "$QS/master.key" enroll "${HOSTS[@]}" --out-dir "$QS/keys"
 
 echo "==> starting the controller (database $QS/virtfleet.db)"
 # The quickstart's one broker login (guest) may do everything; a deployment names each
 # operator's login and role in [access.roles] of controller.toml (docs/security.md).
-VIRTFLEET_DATABASE_URL="sqlite:///$QS/virtfleet.db" VIRTFLEET_ACCESS_ROLES="${VIRTFLEET_ACCESS_ROLES:-guest=admin}" \
+VIRTFLEET_DATABASE_URL="sqlite:///$QS/virtfleet.db" VIRTFLEET_MASTER_KEY_FILE="$QS/master.key" \
+    VIRTFLEET_ACCESS_ROLES="${VIRTFLEET_ACCESS_ROLES:-guest=admin}" \
     nohup "$BIN/virtfleet-controller" --down-after 15 >"$QS/controller.log" 2>&1 &
 echo $! >"$QS/controller.pid"
 
@@ -60,7 +68,7 @@ for host in "${HOSTS[@]}"; do
 done
 echo "==> starting one agent for hosts ${HOSTS[*]} (libvirt test:///…/<host>.xml)"
 nohup "$BIN/virtfleet-agent" "${host_args[@]}" \
-    --state-dir "$QS/agents" --heartbeat-interval 2 --report-interval 10 \
+    --state-dir "$QS/agents" --key-file "$QS/keys/{host}.key" --heartbeat-interval 2 --report-interval 10 \
     >"$QS/agent.log" 2>&1 &
 echo $! >"$QS/agent.pid"
 

@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vfsupport import DOWN_AFTER_S, NODES, CliFleet, CliResult, fresh_database
+from vfsupport import DOWN_AFTER_S, NODES, CliFleet, CliResult, enrolled_key, fleet_master, fresh_database
 
 from agent.fakehost import FakeHost, build_fake_host
 from agent.main import Agent
 from common.messages.descriptor import Role
+from common.signing import HostKeyring, Signer
 from common.transport.memory import MemoryBroker
 from controller.cli.app import main as cli_main
 from controller.cli.runner import Environment
@@ -82,6 +83,16 @@ class InProcessFleet(CliFleet):
     report_interval: float = 5.0
     controller: Controller | None = None
     hosts_by_name: dict[str, RunningHost] = field(default_factory=dict)
+    #: commands and reports signed (the master file in ``tmp``, a key file per host)
+    signed: bool = True
+
+    def key_file(self, name: str) -> Path:
+        """Host ``name``'s key file, enrolled (again) from the fleet's master file."""
+        return enrolled_key(self.tmp, name)
+
+    def signer(self, name: str) -> Signer | None:
+        """Signs what host ``name``'s agent would send (None on an unsigned fleet)."""
+        return Signer(HostKeyring(self.key_file(name), name)) if self.signed else None
 
     # ------------------------------------------------------------------ processes
     def start_controller(self, **overrides: Any) -> Controller:
@@ -94,6 +105,7 @@ class InProcessFleet(CliFleet):
                 "down_after_s": self.down_after_s,
                 "workers": 8,
                 "access": HARNESS_ACCESS,
+                "master_key_file": str(fleet_master(self.tmp)) if self.signed else "",
                 **overrides,
             }
         )
@@ -114,7 +126,10 @@ class InProcessFleet(CliFleet):
             amqp_url=BROKER_URL,
         )
         fake.config = dataclasses.replace(
-            fake.config, heartbeat_interval=self.heartbeat_interval, report_interval=self.report_interval
+            fake.config,
+            heartbeat_interval=self.heartbeat_interval,
+            report_interval=self.report_interval,
+            key_file=self.key_file(name) if self.signed else None,
         )
         host = RunningHost(name, fake)
         self.hosts_by_name[name] = host

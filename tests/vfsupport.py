@@ -24,6 +24,15 @@ from urllib.parse import quote, unquote, urlsplit
 
 import sqlalchemy as sa
 
+from common.signing import (
+    DEFAULT_GRACE_S,
+    host_keys_of,
+    init_master,
+    parse_master,
+    read_secret_file,
+    write_secret_file,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 #: How long a test fleet's controller waits for a live host's heartbeat before calling it down. Long:
 #: under CPU load (and on PostgreSQL, where a heartbeat's UPDATE waits behind claims' row locks)
@@ -74,6 +83,27 @@ def broker_login(vhost_url: str, prefix: str = "vfuser") -> Iterator[tuple[str, 
         yield login, f"amqp://{login}:{password}@{BROKER_HOST}:{BROKER_PORT}/{quote(vhost, safe='')}"
     finally:
         _rabbitmqctl("delete_user", login)
+
+
+def fleet_master(tmp: Path) -> Path:
+    """The fleet master file of a test fleet in ``tmp`` (created on first use, mode 0600)."""
+    path = tmp / "master.key"
+    if not path.exists():
+        init_master(path, time.time())
+    return path
+
+
+def enrolled_key(tmp: Path, host_id: str) -> Path:
+    """Host ``host_id``'s key file, enrolled (again) from ``tmp``'s master file, as
+    ``virtfleet-controller keys enroll --force`` writes it."""
+    master_path = fleet_master(tmp)
+    path = tmp / "keys" / f"{host_id}.key"
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    master = parse_master(read_secret_file(master_path)[0], master_path)
+    write_secret_file(
+        path, host_keys_of(master, host_id, time.time(), DEFAULT_GRACE_S).to_text(), overwrite=True
+    )
+    return path
 
 
 def database_backend() -> str:
@@ -207,6 +237,9 @@ class Fleet(CliFleet):
     amqp_url: str
     database_url: str
     procs: list[Proc] = field(default_factory=list)
+    #: commands and reports signed: the controller gets the master file of ``tmp``, each agent
+    #: its host's key file (through the environment, so another release's agent ignores it)
+    signed: bool = True
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTFLEET_")}
@@ -215,6 +248,8 @@ class Fleet(CliFleet):
         env["VIRTFLEET_ACCESS_ROLES"] = "guest=admin"
         env["VIRTFLEET_ACCESS_RATE_PER_S"] = "0"
         env["PYTHONUNBUFFERED"] = "1"
+        if self.signed:
+            env["VIRTFLEET_MASTER_KEY_FILE"] = str(fleet_master(self.tmp))
         return env
 
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Proc:
@@ -262,6 +297,8 @@ class Fleet(CliFleet):
         """An agent process; ``command`` replaces ``virtfleet-agent`` (e.g. another release's code)."""
         state = self.tmp / f"agent-{host_id}"
         state.mkdir(exist_ok=True)
+        if self.signed:
+            env = {"VIRTFLEET_AGENT_KEY_FILE": str(enrolled_key(self.tmp, host_id)), **(env or {})}
         return self._spawn(
             f"agent-{host_id}",
             [
@@ -309,10 +346,11 @@ class Fleet(CliFleet):
 
 
 @contextlib.contextmanager
-def private_fleet(tmp: Path) -> Iterator[Fleet]:
+def private_fleet(tmp: Path, *, signed: bool = True) -> Iterator[Fleet]:
     """A fleet with no process yet on a private vhost and a fresh database; its logs are printed if
-    anything fails, and every process it starts is stopped on the way out."""
-    with private_vhost() as url, fresh_database(tmp) as db, Fleet(tmp, url, db) as f:
+    anything fails, and every process it starts is stopped on the way out. ``signed``: see
+    :attr:`Fleet.signed`."""
+    with private_vhost() as url, fresh_database(tmp) as db, Fleet(tmp, url, db, signed=signed) as f:
         yield f
 
 

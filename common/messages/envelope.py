@@ -4,7 +4,11 @@ On the wire an envelope is a MessagePack map::
 
     {"v": "1.0", "kind": "<kind>", "id": "<uuid hex>", "correlation_id": null,
      "sender": "controller:node1:4242", "sent_at": 1764111111.5, "expires_at": 1764111141.5,
-     "body": {...}}
+     "body": {...}, "key_id": "hv1:2", "sig": b"<32 bytes>"}
+
+``key_id`` and ``sig`` (protocol 1.1) are present only on signed messages: ``sig`` is the
+HMAC-SHA256 of the canonical bytes of every other field under the key ``key_id`` names
+(:mod:`common.signing`; docs/security.md, "Message signatures").
 
 A reply has ``kind == "reply"``, ``correlation_id`` equal to the request's ``id`` and a body
 ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": {"type", "message",
@@ -22,7 +26,7 @@ from common import codec
 from common.errors import DecodeError, UnsupportedVersion, VirtfleetError
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 0
+PROTOCOL_MINOR = 1
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 REPLY_KIND = "reply"
 
@@ -44,14 +48,18 @@ class Envelope:
     sent_at: float = field(default_factory=time.time)
     expires_at: float | None = None
     version: str = PROTOCOL_VERSION
+    #: which key signed it (``<host id>:<generation>``; :mod:`common.signing`), None when unsigned
+    key_id: str | None = None
+    #: HMAC-SHA256 over :func:`common.signing.canonical_bytes`, None when unsigned
+    signature: bytes | None = None
 
     def expired(self, now: float) -> bool:
         """True when the sender said the message is worthless after ``expires_at``."""
         return self.expires_at is not None and now > self.expires_at
 
     def to_wire(self) -> dict[str, Any]:
-        """The envelope as the plain map that goes through the codec."""
-        return {
+        """The envelope as the plain map that goes through the codec (signature fields only when set)."""
+        wire: dict[str, Any] = {
             "v": self.version,
             "kind": self.kind,
             "id": self.id,
@@ -61,6 +69,11 @@ class Envelope:
             "expires_at": self.expires_at,
             "body": self.body,
         }
+        if self.key_id is not None:
+            wire["key_id"] = self.key_id
+        if self.signature is not None:
+            wire["sig"] = self.signature
+        return wire
 
     def encode(self) -> bytes:
         """MessagePack bytes of this envelope."""
@@ -82,8 +95,8 @@ class Envelope:
         )
 
     def with_body(self, body: dict[str, Any]) -> Envelope:
-        """A copy with another body (same id)."""
-        return replace(self, body=body)
+        """A copy with another body (same id, no signature: it covered the old body)."""
+        return replace(self, body=body, key_id=None, signature=None)
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -124,6 +137,11 @@ def decode_envelope(raw: bytes) -> Envelope:
         raise DecodeError("envelope field 'sent_at' must be a number")
     if expires_at is not None and (isinstance(expires_at, bool) or not isinstance(expires_at, int | float)):
         raise DecodeError("envelope field 'expires_at' must be a number or null")
+    key_id, signature = data.get("key_id"), data.get("sig")
+    if key_id is not None and (not isinstance(key_id, str) or not key_id):
+        raise DecodeError("envelope field 'key_id' must be a non-empty string or absent")
+    if signature is not None and not isinstance(signature, bytes):
+        raise DecodeError("envelope field 'sig' must be bytes (MessagePack bin) or absent")
     return Envelope(
         kind=kind,
         body=body,
@@ -133,4 +151,6 @@ def decode_envelope(raw: bytes) -> Envelope:
         sent_at=float(sent_at),
         expires_at=None if expires_at is None else float(expires_at),
         version=version,
+        key_id=key_id,
+        signature=signature,
     )

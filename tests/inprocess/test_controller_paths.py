@@ -149,7 +149,7 @@ def send_as_agent(fleet: InProcessFleet, host_id: str, op: Report[B], body: B) -
     """Publish a report or heartbeat as the agent of ``host_id`` would, on a connection of its own."""
     transport = fleet.broker.transport(f"agent-{host_id}")
     try:
-        TransportReportSink(transport, host_id, f"agent:{host_id}").send(
+        TransportReportSink(transport, host_id, f"agent:{host_id}", sign=fleet.signer(host_id)).send(
             op, body, sent_at=time.time(), ttl_s=60
         )
     finally:

@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Iterator
 
 import pytest
-from vfsupport import BIN, NODES, Fleet, private_fleet, wait_until
+from vfsupport import BIN, NODES, Fleet, enrolled_key, private_fleet, wait_until
 
 from common.messages.vm import VM_CREATE
 
@@ -27,6 +27,8 @@ TARGET = "sim-07"
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("multihost")
     with private_fleet(tmp) as f:
+        for host in HOSTS:
+            enrolled_key(tmp, host)
         f.start_controller()
         f._spawn(
             "agent-multi",
@@ -38,6 +40,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                 str(NODES / "small.xml"),
                 "--state-dir",
                 str(tmp / "hosts"),
+                "--key-file",
+                str(tmp / "keys" / "{host}.key"),  # one key file per simulated host
                 "--heartbeat-interval",
                 "1",
                 "--report-interval",

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from netsupport import RELAY_IP, Lab, PrivateLibvirtd, lab, processes_in
-from vfsupport import BIN, CliResult, Fleet, fresh_database, private_vhost, wait_until
+from vfsupport import BIN, CliResult, Fleet, enrolled_key, fresh_database, private_vhost, wait_until
 
 from agent.network.netlink import NetlinkDriver
 from common.messages.network import HostNetworkReport
@@ -102,6 +102,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                     agent_url,
                     "--state-dir",
                     str(tmp / "agent-state"),
+                    "--key-file",
+                    str(enrolled_key(tmp, HOST)),
                     "--heartbeat-interval",
                     "1",
                     "--report-interval",

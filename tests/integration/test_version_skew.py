@@ -42,7 +42,8 @@ def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, previous_release: Path) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("skew")
-    with private_fleet(tmp) as f:
+    # The previous release neither signs nor checks signatures: this fleet runs unsigned.
+    with private_fleet(tmp, signed=False) as f:
         f.start_controller(env={"VIRTFLEET_RPC_VERSION_CAP": "vm=1.0"})
         f.start_agent(
             "old",

@@ -179,3 +179,31 @@ def test_bad_multi_host_flags(argv: list[str], message: str) -> None:
 def test_load_is_for_one_host() -> None:
     with pytest.raises(InvalidRequest, match="several hosts"):
         config.load(["--simulate", "2", "--node-template", str(NODE)], {})
+
+
+# ------------------------------------------------------------------ signing keys
+
+
+def test_key_file_and_signing_limits() -> None:
+    flags = {"host_id": "hv1", "libvirt_uri": "qemu:///system"}
+    assert config.resolve({}, {}, flags).key_file is None
+    cfg = config.resolve(
+        {"key_file": "/k/{host}.key", "max_message_lifetime": 1200, "clock_skew": 0},
+        {},
+        flags,
+    )
+    assert (cfg.key_file, cfg.max_message_lifetime, cfg.clock_skew) == (Path("/k/hv1.key"), 1200.0, 0.0)
+    assert config.resolve({}, {"VIRTFLEET_AGENT_KEY_FILE": "/e.key"}, flags).key_file == Path("/e.key")
+    with pytest.raises(InvalidRequest, match="at least 600 s"):
+        config.resolve({"max_message_lifetime": 599}, {}, flags)
+
+
+def test_several_hosts_name_their_key_files_with_a_placeholder() -> None:
+    argv = ["--host", "a=test:///x", "--host", "b=test:///y"]
+    multi = config.load_any([*argv, "--key-file", "/keys/{host}.key"], {})
+    assert isinstance(multi, config.MultiHostConfig)
+    assert [h.key_file for h in multi.hosts] == [Path("/keys/a.key"), Path("/keys/b.key")]
+    with pytest.raises(InvalidRequest, match=r"must name each host's file with \{host\}"):
+        config.load_any([*argv, "--key-file", "/keys/one.key"], {})
+    with pytest.raises(InvalidRequest, match=r"\{host\}"):
+        config.load_any(argv, {"VIRTFLEET_AGENT_KEY_FILE": "/keys/one.key"})

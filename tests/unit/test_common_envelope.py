@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import string
 from typing import Any
 
@@ -115,7 +117,7 @@ def test_envelope_round_trip() -> None:
 
 def test_envelope_defaults() -> None:
     env = Envelope(kind="k", body={}, sender="s")
-    assert env.version == PROTOCOL_VERSION == "1.0"
+    assert env.version == PROTOCOL_VERSION == "1.1"
     assert env.correlation_id is None
     assert env.expires_at is None
     assert len(env.id) == 32
@@ -134,7 +136,7 @@ def test_to_wire_field_names() -> None:
         kind="k", body={"a": 1}, sender="s", id="i", correlation_id="c", sent_at=1.0, expires_at=2.0
     )
     assert env.to_wire() == {
-        "v": "1.0",
+        "v": "1.1",
         "kind": "k",
         "id": "i",
         "correlation_id": "c",
@@ -247,7 +249,7 @@ def test_empty_sender_is_accepted() -> None:
 def test_other_major_version_is_unsupported(version: str) -> None:
     with pytest.raises(UnsupportedVersion) as info:
         decode_envelope(pack(wire(v=version)))
-    assert info.value.message == f"protocol {version} is not supported (this side speaks 1.0)"
+    assert info.value.message == f"protocol {version} is not supported (this side speaks 1.1)"
     assert isinstance(info.value, ProtocolError)
 
 
@@ -411,3 +413,32 @@ def test_valid_envelopes_round_trip(
 ) -> None:
     env = Envelope(kind=kind, body=body, sender=sender, correlation_id=corr, sent_at=sent, expires_at=expires)
     assert decode_envelope(env.encode()) == env
+
+
+# ------------------------------------------------------------------ signature fields (1.1)
+
+
+def test_signature_fields_travel_only_when_set() -> None:
+    env = Envelope(kind="k", body={}, sender="s", id="i", sent_at=1.0, expires_at=2.0)
+    assert "key_id" not in env.to_wire() and "sig" not in env.to_wire()
+    signed = dataclasses.replace(env, key_id="hv1:1", signature=b"\x01" * 32)
+    back = decode_envelope(signed.encode())
+    assert (back.key_id, back.signature) == ("hv1:1", b"\x01" * 32)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("key_id", "", "envelope field 'key_id' must be a non-empty string or absent"),
+        ("key_id", 7, "envelope field 'key_id' must be a non-empty string or absent"),
+        ("sig", "deadbeef", "envelope field 'sig' must be bytes (MessagePack bin) or absent"),
+    ],
+)
+def test_bad_signature_fields_are_decode_errors(field: str, value: object, message: str) -> None:
+    with pytest.raises(DecodeError, match=re.escape(message)):
+        decode_envelope(pack(wire(**{field: value})))
+
+
+def test_with_body_drops_the_signature() -> None:
+    env = dataclasses.replace(Envelope(kind="k", body={}, sender="s"), key_id="hv1:1", signature=b"x")
+    assert env.with_body({"b": 1}).signature is None

@@ -66,6 +66,7 @@ def test_env_vars_map_to_real_fields() -> None:
         "VIRTFLEET_DATABASE_URL": "database_url",
         "VIRTFLEET_DOWN_AFTER": "down_after_s",
         "VIRTFLEET_STRATEGY": "strategy",
+        "VIRTFLEET_MASTER_KEY_FILE": "master_key_file",
     }
 
 
@@ -328,3 +329,11 @@ def test_access_roles_and_rates_from_file_and_environment(tmp_path: Path) -> Non
 )
 def test_access_refusals(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
     assert message in refusal(write(tmp_path, text), env=env)
+
+
+def test_signing_settings() -> None:
+    assert load_config(env={}).master_key_file == ""
+    config = load_config(env={"VIRTFLEET_MASTER_KEY_FILE": "/etc/virtfleet/master.key"})
+    assert config.master_key_file == "/etc/virtfleet/master.key"
+    assert "at least 600 s" in refusal(overrides={"max_message_lifetime_s": 300.0})
+    assert "clock_skew_s" in refusal(overrides={"clock_skew_s": -1.0})
