@@ -16,6 +16,15 @@ The TOML file holds an ``[agent]`` table (or the same keys at the top level)::
     dedicated_cpus = "2-7"                     # pinned one per vCPU to dedicated-policy VMs (default none)
     shared_cpus = "0-1"                        # shared VMs and emulator threads (default: the rest)
     reserved_cpus = ""                         # left to the host alone (default none)
+    allowed_devices = ["/dev/vg0/db"]          # block devices usable as disks outside any pool
+
+    [agent.pools.iso]                          # more storage pools (the default pool is always one)
+    path = "/srv/iso"
+    formats = ["raw"]                          # default: every format
+    devices = false                            # block/char devices inside it (default false)
+
+Every path a command names must lie inside a storage pool (:mod:`agent.storage_pools`): the
+libvirt pool ``storage_pool`` (its directory) and the ``[agent.pools.NAME]`` tables.
 
 The three CPU sets are cpuset strings (``0-3,^2,8``); they must be disjoint, and they are checked
 against the host's online CPUs when the agent starts (:mod:`agent.tuning.cpusets`).
@@ -41,6 +50,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from agent.storage_pools import StoragePool, parse_devices, parse_pools
 from agent.tuning import cpusets
 from common.broker_url import DEFAULT_URL
 from common.errors import InvalidRequest
@@ -76,6 +86,8 @@ _KEYS = frozenset(
         "dedicated_cpus",
         "shared_cpus",
         "reserved_cpus",
+        "pools",
+        "allowed_devices",
     }
 )
 
@@ -96,6 +108,10 @@ class AgentConfig:
     dedicated_cpus: str | None = None
     shared_cpus: str | None = None
     reserved_cpus: str | None = None
+    #: storage pools besides the libvirt pool ``storage_pool`` (whose directory is always one)
+    pools: tuple[StoragePool, ...] = ()
+    #: block or character devices usable outside any pool
+    allowed_devices: frozenset[str] = frozenset()
 
 
 def _str(key: str, value: Any) -> str:
@@ -191,6 +207,8 @@ def resolve(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str,
         dedicated_cpus=sets["dedicated_cpus"],
         shared_cpus=sets["shared_cpus"],
         reserved_cpus=sets["reserved_cpus"],
+        pools=parse_pools(merged.get("pools", {})),
+        allowed_devices=parse_devices(merged.get("allowed_devices", [])),
     )
 
 

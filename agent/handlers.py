@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from agent import disks as disk_helpers
+from agent.host_storage import HostStorage
 from agent.ports import ACTIVE_STATES, Hypervisor, Images
 from agent.vmops import STARTABLE, VmOpsHandlers, refuse_kvm_without_hw_virt, refuse_name_of_another
 from common.domain_xml import build_domain_xml
@@ -49,10 +50,13 @@ class AgentHandlers:
         images: Images | None = None,
         *,
         vm_changed: Callable[[str], None] = lambda _uuid: None,
+        storage: HostStorage | None = None,
     ) -> None:
         """``request_report`` asks for a full report (``host.report_now``); ``vm_changed(uuid)``
-        for a delta of one VM, after every command that may have changed it."""
+        for a delta of one VM, after every command that may have changed it; ``storage``: where
+        commands may touch the host's files (default: the hypervisor's default pool only)."""
         self._hv = hypervisor
+        self.storage = storage or HostStorage.for_host(hypervisor)
         self._request_report = request_report
         self._vm_changed = vm_changed
         self._locks: dict[str, threading.Lock] = {}
@@ -63,7 +67,7 @@ class AgentHandlers:
             from agent.drivers.images import QemuImg  # noqa: PLC0415 - the default tool; tests inject theirs
 
             images = QemuImg()
-        self.vmops = VmOpsHandlers(hypervisor, images, self._changing, self._define_lock)
+        self.vmops = VmOpsHandlers(hypervisor, images, self._changing, self._define_lock, self.storage)
 
     def register(self, table: HandlerTable) -> None:
         """Serve the VM and host commands (and, through :attr:`vmops`, the other VM operations)."""
@@ -156,11 +160,15 @@ class AgentHandlers:
         existing images must exist; without it (the VM is defined already) nothing is touched.
         """
         resolved = []
+        self._confine_boot_files(spec)
         for disk in spec.disks:
             if disk.source == "existing":
                 assert disk.path is not None  # vm.DiskSpec guarantees it
-                if created is not None and not self._hv.path_exists(disk.path):
-                    raise NotFound(f"disk {disk.target}: image {disk.path} does not exist on this host")
+                what = f"disk {disk.target}"
+                if created is not None:
+                    confined = self.storage.existing(disk.path, what)
+                    self.storage.policy.check_format(confined, disk.format.value, what=what)
+                    self.storage.formats.record(confined.path, disk.format.value)
                 resolved.append(disk)
                 continue
             if disk.device is vm.DiskDevice.CDROM:
@@ -171,10 +179,20 @@ class AgentHandlers:
             name = volume_name(spec, disk)
             path = self._hv.volume_path(pool, name)
             if path is None and created is not None:
+                self.storage.pool_volume(pool, self._hv.pool_path(pool), name, disk.format)
                 path = self._hv.create_volume(pool, name, disk.format, disk.size_gib)
                 created.append(path)
+                self.storage.formats.record(path, disk.format.value)
             resolved.append(replace(disk, pool=pool, volume=name, path=path))
         return tuple(resolved)
+
+    def _confine_boot_files(self, spec: vm.VmSpec) -> None:
+        """The kernel and initrd of a direct kernel boot live in a pool like every image."""
+        if spec.kernel_boot is None:
+            return
+        self.storage.existing(spec.kernel_boot.kernel, "kernel")
+        if spec.kernel_boot.initrd is not None:
+            self.storage.existing(spec.kernel_boot.initrd, "initrd")
 
     def _discard_volumes(self, paths: list[str]) -> None:
         """Best effort: remove volumes this create made before its define failed."""

@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from typing import TypeVar
 
 from agent import disks as disk_helpers
+from agent.host_storage import HostStorage
 from agent.ports import ACTIVE_STATES, GIB, Hypervisor, Images
 from common.domain_xml import (
     DomainXmlError,
@@ -124,10 +125,16 @@ class VmOpsHandlers:
     """Handlers for the ``vm.*`` operations of common.messages.vmops and the ``image.*`` commands."""
 
     def __init__(
-        self, hypervisor: Hypervisor, images: Images, changing: Changing, define_lock: threading.Lock
+        self,
+        hypervisor: Hypervisor,
+        images: Images,
+        changing: Changing,
+        define_lock: threading.Lock,
+        storage: HostStorage,
     ) -> None:
         self._hv = hypervisor
         self._images = images
+        self._storage = storage
         self._changing = changing
         self._define_lock = define_lock
 
@@ -464,13 +471,16 @@ class VmOpsHandlers:
 
     def _resolve_attach(self, ref: VmRef, disk: DiskSpec) -> DiskSpec:
         """The disk with pool, volume and path filled in (path None: a volume still to create)."""
+        what = f"disk {disk.target}"
         if disk.source == "existing":
             assert disk.path is not None
-            if not self._hv.path_exists(disk.path):
-                raise NotFound(f"disk {disk.target}: image {disk.path} does not exist on this host")
+            confined = self._storage.existing(disk.path, what)
+            self._storage.policy.check_format(confined, disk.format.value, what=what)
+            self._storage.formats.record(confined.path, disk.format.value)
             return disk
         pool = disk.pool or self._hv.default_pool
         name = disk_helpers.volume_name(ref.name, disk.target, disk.format, disk.volume)
+        self._storage.pool_volume(pool, self._hv.pool_path(pool), name, disk.format)
         path = self._hv.volume_path(pool, name)
         if path is not None and path not in self._hv.owned_volumes(ref.uuid):
             raise Conflict(
@@ -533,11 +543,13 @@ class VmOpsHandlers:
             if disk is None or disk.device != "disk" or disk.path is None:
                 raise NotFound(f"VM {ref.name} has no disk {body.target}")
             wanted = body.size_gib * GIB
-            current = (
-                self._hv.block_size(ref.uuid, body.target)
-                if running
-                else self._images.info(disk.path).virtual_size_bytes
-            )
+            if running:
+                current = self._hv.block_size(ref.uuid, body.target)
+            else:
+                confined = self._storage.existing(disk.path, f"disk {body.target}")
+                if disk.format is not None:
+                    self._storage.formats.record(confined.path, disk.format)
+                current = self._storage.inspect(self._images, confined).virtual_size_bytes
             if wanted < current:
                 raise InvalidRequest(
                     f"disk {body.target} of VM {ref.name} is {current / GIB:g} GiB; shrinking a disk loses data "
@@ -548,7 +560,7 @@ class VmOpsHandlers:
             if running:
                 self._hv.block_resize(ref.uuid, body.target, wanted)
             else:
-                self._images.resize(disk.path, body.size_gib)
+                self._images.resize(disk.path, self._storage.formats.format_of(disk.path), body.size_gib)
             log.info("VM %s: disk %s grown to %d GiB", ref.name, body.target, body.size_gib)
             return VmResult(
                 status=self._hv.status(ref.uuid),
@@ -630,7 +642,7 @@ class VmOpsHandlers:
 
     # -- images ------------------------------------------------------------------------
     def _image_path(self, image: ImageLocation) -> tuple[str, str | None]:
-        """(path, pool or None) of an image location."""
+        """(path, pool or None) of an image location (not checked yet: see :attr:`_storage`)."""
         if image.path is not None:
             return image.path, None
         assert image.volume is not None
@@ -642,22 +654,36 @@ class VmOpsHandlers:
 
     def image_create(self, body: ImageCreate) -> ImageInfo:
         path, pool = self._image_path(body.image)
-        info = self._images.create(path, body.format, body.size_gib)
+        confined = self._storage.new(path, body.format)
+        if self._storage.formats.get(confined.path) == body.format.value:
+            # A repeated create of the image it made: the same answer, nothing overwritten.
+            existing = self._storage.inspect(self._images, confined)
+            if existing.virtual_size_bytes == body.size_gib * GIB:
+                return replace(existing, path=path)
+        info = self._images.create(confined.path, body.format, body.size_gib)
+        self._storage.formats.record(confined.path, body.format.value)
         if pool is not None:
             self._hv.refresh_pool(pool)
-        return info
+        return replace(info, path=path)
 
     def image_info(self, body: ImageInfoRequest) -> ImageInfo:
         path, _pool = self._image_path(body.image)
-        return self._images.info(path)
+        info = self._storage.inspect(self._images, self._storage.existing(path))
+        return replace(info, path=path)
 
     def image_convert(self, body: ImageConvert) -> ImageInfo:
         src, _ = self._image_path(body.source)
         dst, pool = self._image_path(body.dest)
-        info = self._images.convert(src, dst, body.format)
+        source = self._storage.existing(src)
+        target = self._storage.new(dst, body.format)
+        self._storage.inspect(self._images, source)  # refuses a chain leaving the pools
+        info = self._images.convert(
+            source.path, self._storage.formats.format_of(source.path), target.path, body.format
+        )
+        self._storage.formats.record(target.path, body.format.value)
         if pool is not None:
             self._hv.refresh_pool(pool)
-        return info
+        return replace(info, path=dst)
 
 
 def _parse_request_xml(xml: str) -> ParsedDomain:

@@ -27,7 +27,9 @@ from typing import Any
 import libvirt
 
 from agent.drivers import host_facts
+from agent.host_files import OsPathLookup
 from agent.ports import GIB, NodeFacts, shutdown_timed_out
+from agent.storage_pools import PathLookup
 from common.domain_xml import VF_NAMESPACE, DomainXmlError, parse_domain_xml
 from common.errors import HypervisorError, NotFound, Unsupported, VirtfleetError
 from common.messages.host import CpuTopology, StoragePoolInfo
@@ -709,6 +711,10 @@ class LibvirtHypervisor:
         if not path:
             raise NotFound(f"storage pool {pool} has no target directory")
         return path
+
+    def files(self) -> PathLookup:
+        """The real file system (a test:/// host's pools name real directories too)."""
+        return OsPathLookup()
 
     def refresh_pool(self, pool: str) -> None:
         pool_obj = self._pool(pool)

@@ -29,7 +29,7 @@ from common.messages.vm import DiskFormat
 from controller.db import repository as repo
 
 HOSTS = ("small", "medium", "large")
-#: Where operators keep images by hand on every host (outside the storage pool).
+#: Where operators keep images by hand on every host (a storage pool of the simulated hosts: agent.fakehost).
 IMAGES = "/srv/images"
 
 
@@ -767,7 +767,7 @@ def test_images_create_info_convert(fleet: InProcessFleet) -> None:
     clash = _error(fleet, 4, "image", "create", "large", raw, "--format", "qcow2", "--size", "2")
     assert "never overwrites" in clash["message"]
     nodir = _error(
-        fleet, 3, "image", "create", "large", "/no/such/dir/x.raw", "--format", "raw", "--size", "1"
+        fleet, 3, "image", "create", "large", f"{IMAGES}/no/such/dir/x.raw", "--format", "raw", "--size", "1"
     )
     assert "directory does not exist" in nodir["message"]
     # Each host has its own files: the image made on large is not on medium.
