@@ -187,12 +187,13 @@ class AgentHandlers:
         return tuple(resolved)
 
     def _confine_boot_files(self, spec: vm.VmSpec) -> None:
-        """The kernel and initrd of a direct kernel boot live in a pool like every image."""
+        """The kernel and initrd of a direct kernel boot live in a pool like every image (whether
+        they exist is libvirt's to say when the VM starts)."""
         if spec.kernel_boot is None:
             return
-        self.storage.existing(spec.kernel_boot.kernel, "kernel")
+        self.storage.policy.resolve(spec.kernel_boot.kernel, self._hv.files(), what="kernel")
         if spec.kernel_boot.initrd is not None:
-            self.storage.existing(spec.kernel_boot.initrd, "initrd")
+            self.storage.policy.resolve(spec.kernel_boot.initrd, self._hv.files(), what="initrd")
 
     def _discard_volumes(self, paths: list[str]) -> None:
         """Best effort: remove volumes this create made before its define failed."""

@@ -29,7 +29,7 @@ import libvirt
 from agent.drivers import host_facts
 from agent.host_files import OsPathLookup
 from agent.ports import GIB, NodeFacts, shutdown_timed_out
-from agent.storage_pools import PathLookup
+from agent.storage_pools import FileKind, PathLookup
 from common.domain_xml import VF_NAMESPACE, DomainXmlError, parse_domain_xml
 from common.errors import HypervisorError, NotFound, Unsupported, VirtfleetError
 from common.messages.host import CpuTopology, StoragePoolInfo
@@ -215,6 +215,19 @@ def domain_has_nvram(domain_xml: str) -> bool:
 
 
 # ------------------------------------------------------------------------------ the driver
+
+
+class _VolumeAwareLookup(OsPathLookup):
+    """:class:`~agent.host_files.OsPathLookup`, plus libvirt's volumes as files."""
+
+    def __init__(self, hv: LibvirtHypervisor) -> None:
+        self._hv = hv
+
+    def kind(self, path: str) -> FileKind:
+        found = super().kind(path)
+        if found is FileKind.MISSING and self._hv.is_pool_volume(path):
+            return FileKind.FILE
+        return found
 
 
 class LibvirtHypervisor:
@@ -713,8 +726,9 @@ class LibvirtHypervisor:
         return path
 
     def files(self) -> PathLookup:
-        """The real file system (a test:/// host's pools name real directories too)."""
-        return OsPathLookup()
+        """The real file system, where a pool volume counts as a file even when libvirt keeps it
+        elsewhere (the test driver's volumes exist only in libvirt)."""
+        return _VolumeAwareLookup(self)
 
     def refresh_pool(self, pool: str) -> None:
         pool_obj = self._pool(pool)
