@@ -123,6 +123,7 @@ class AgentHandlers:
                 refuse_name_of_another(self._hv, spec.name, spec.uuid)
                 existing = self._hv.find(spec.uuid)
                 if existing is None:
+                    self.storage.check_spec_files(spec)  # before anything looks at those files
                     if not body.allow_shared_disk:
                         self._refuse_disks_in_use(spec)
                     disks = self._create_and_define(spec)
@@ -160,15 +161,8 @@ class AgentHandlers:
         existing images must exist; without it (the VM is defined already) nothing is touched.
         """
         resolved = []
-        self._confine_boot_files(spec)
         for disk in spec.disks:
             if disk.source == "existing":
-                assert disk.path is not None  # vm.DiskSpec guarantees it
-                what = f"disk {disk.target}"
-                if created is not None:
-                    confined = self.storage.existing(disk.path, what)
-                    self.storage.policy.check_format(confined, disk.format.value, what=what)
-                    self.storage.formats.record(confined.path, disk.format.value)
                 resolved.append(disk)
                 continue
             if disk.device is vm.DiskDevice.CDROM:
@@ -185,15 +179,6 @@ class AgentHandlers:
                 self.storage.formats.record(path, disk.format.value)
             resolved.append(replace(disk, pool=pool, volume=name, path=path))
         return tuple(resolved)
-
-    def _confine_boot_files(self, spec: vm.VmSpec) -> None:
-        """The kernel and initrd of a direct kernel boot live in a pool like every image (whether
-        they exist is libvirt's to say when the VM starts)."""
-        if spec.kernel_boot is None:
-            return
-        self.storage.policy.resolve(spec.kernel_boot.kernel, self._hv.files(), what="kernel")
-        if spec.kernel_boot.initrd is not None:
-            self.storage.policy.resolve(spec.kernel_boot.initrd, self._hv.files(), what="initrd")
 
     def _discard_volumes(self, paths: list[str]) -> None:
         """Best effort: remove volumes this create made before its define failed."""

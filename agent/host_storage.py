@@ -14,11 +14,14 @@ from agent.host_files import FormatBook
 from agent.ports import Hypervisor, Images
 from agent.storage_pools import ConfinedPath, PathLookup, PoolPolicy, StoragePool
 from common.errors import InvalidRequest, VirtfleetError
-from common.messages.vm import DiskFormat
+from common.messages.vm import DiskFormat, VmSpec
 from common.messages.vmops import ImageInfo
 
 #: Backing chains longer than this are refused (qemu's own limit is about as deep).
 MAX_CHAIN = 16
+
+#: Where a VM's serial console may be logged besides the pools: libvirt's own QEMU log directory.
+SERIAL_LOG_POOL = StoragePool("libvirt-logs", "/var/log/libvirt/qemu")
 
 
 def default_pool(hv: Hypervisor, name: str | None = None) -> StoragePool | None:
@@ -62,6 +65,24 @@ class HostStorage:
     def new(self, path: str, fmt: DiskFormat, what: str = "image") -> ConfinedPath:
         """A path to create an image of ``fmt`` at (it may exist already: the caller decides)."""
         return self.policy.resolve_new(path, self._lookup, fmt, what=what)
+
+    def check_spec_files(self, spec: VmSpec) -> None:
+        """Every host file a VM spec names lies in a pool: existing disks and CD-ROMs (which must
+        exist; their format is recorded), the kernel and initrd (their existence is libvirt's to
+        check at start), the serial log (in a pool or libvirt's QEMU log directory)."""
+        for disk in spec.disks:
+            if disk.source != "existing" or disk.path is None:
+                continue
+            what = f"disk {disk.target}"
+            confined = self.existing(disk.path, what)
+            self.policy.check_format(confined, disk.format.value, what=what)
+            self.formats.record(confined.path, disk.format.value)
+        if spec.kernel_boot is not None:
+            self.policy.resolve(spec.kernel_boot.kernel, self._lookup, what="kernel")
+            if spec.kernel_boot.initrd is not None:
+                self.policy.resolve(spec.kernel_boot.initrd, self._lookup, what="initrd")
+        if spec.serial_log is not None:
+            self.policy.with_pool(SERIAL_LOG_POOL).resolve(spec.serial_log, self._lookup, what="serial log")
 
     def pool_volume(self, pool: str, directory: str, volume: str, fmt: DiskFormat) -> str:
         """Check that volume ``volume`` of libvirt pool ``pool`` (in ``directory``) lies in a

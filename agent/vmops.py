@@ -23,6 +23,7 @@ from common.domain_xml import (
     ParsedDomain,
     ParsedNic,
     build_disk_xml,
+    build_domain_xml,
     build_interface_xml,
     build_snapshot_xml,
     detach_disk_xml,
@@ -30,6 +31,7 @@ from common.domain_xml import (
     domiflist,
     parse_domain_xml,
     parse_snapshot_xml,
+    spec_from_xml,
     writable_disk_paths,
 )
 from common.errors import (
@@ -52,6 +54,7 @@ from common.messages.vm import (
     VmAction,
     VmRef,
     VmResult,
+    VmSpec,
     VmStatus,
 )
 from common.messages.vmops import (
@@ -187,48 +190,44 @@ class VmOpsHandlers:
 
     # -- define / dumpxml / console -------------------------------------------------------
     def define(self, body: DefineVm) -> VmResult:
-        parsed = _parse_request_xml(body.xml)
-        if parsed.uuid != body.uuid.lower() or parsed.name != body.name:
-            raise InvalidRequest(
-                f"the XML defines {parsed.name} ({parsed.uuid}), not {body.name} ({body.uuid})"
-            )
+        """``vm import``: the domain defined is rebuilt from the validated spec of ``body.xml``,
+        never the XML as given (elements that reach the host are refused, every file must lie in
+        a storage pool)."""
+        spec = _spec_from_request_xml(body.xml)
+        if spec.uuid != body.uuid.lower() or spec.name != body.name:
+            raise InvalidRequest(f"the XML defines {spec.name} ({spec.uuid}), not {body.name} ({body.uuid})")
         refuse_kvm_without_hw_virt(
             self._hv,
-            parsed.name,
-            parsed.domain_type,
+            spec.name,
+            spec.domain_type.value,
             "; change <domain type='kvm'> to 'qemu' (TCG) in the XML",
         )
-        with self._changing(parsed.uuid):
+        try:
+            xml = build_domain_xml(spec)
+        except ValueError as exc:
+            raise InvalidRequest(f"VM {spec.name}: {exc}") from exc
+        with self._changing(spec.uuid):
             with self._define_lock:
-                refuse_name_of_another(self._hv, parsed.name, parsed.uuid)
-                for disk in parsed.disks:
-                    if (
-                        disk.path is not None
-                        and disk.source_type == "file"
-                        and not self._hv.path_exists(disk.path)
-                    ):
-                        raise NotFound(
-                            f"disk {disk.target}: image {disk.path} does not exist on this host "
-                            "(virsh define cannot bring back deleted disks)"
-                        )
+                refuse_name_of_another(self._hv, spec.name, spec.uuid)
+                self._storage.check_spec_files(spec)
                 if not body.allow_shared_disk:
-                    for path in writable_disk_paths(parsed):
-                        users = disk_helpers.disk_users(self._hv, path, exclude_uuid=parsed.uuid)
+                    for path in writable_disk_paths(parse_domain_xml(xml)):
+                        users = disk_helpers.disk_users(self._hv, path, exclude_uuid=spec.uuid)
                         if users:
                             raise AlreadyExists(
                                 disk_helpers.in_use_message(path, users),
                                 details={"path": path, "users": users},
                             )
-                existed = self._hv.find(parsed.uuid) is not None
-                self._hv.define(body.xml)
-                self._hv.mark_managed(parsed.uuid)
+                existed = self._hv.find(spec.uuid) is not None
+                self._hv.define(xml)
+                self._hv.mark_managed(spec.uuid)
             message = "definition replaced" if existed else "defined"
-            status = self._hv.status(parsed.uuid)
+            status = self._hv.status(spec.uuid)
             if body.start and status.state in STARTABLE:
-                self._hv.start(parsed.uuid)
+                self._hv.start(spec.uuid)
                 message += " and started"
-            log.info("defined VM %s (%s) from XML", parsed.name, parsed.uuid)
-            return VmResult(status=self._hv.status(parsed.uuid), message=message)
+            log.info("defined VM %s (%s) from XML, rebuilt from its spec", spec.name, spec.uuid)
+            return VmResult(status=self._hv.status(spec.uuid), message=message)
 
     def dumpxml(self, body: DumpXml) -> DomainXml:
         self._existing(body.vm)
@@ -686,8 +685,8 @@ class VmOpsHandlers:
         return replace(info, path=dst)
 
 
-def _parse_request_xml(xml: str) -> ParsedDomain:
+def _spec_from_request_xml(xml: str) -> VmSpec:
     try:
-        return parse_domain_xml(xml)
+        return spec_from_xml(xml)
     except DomainXmlError as exc:
         raise InvalidRequest(f"not usable domain XML: {exc}") from exc

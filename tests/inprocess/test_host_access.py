@@ -118,3 +118,49 @@ def test_images_inside_the_pools_still_work(fleet: InProcessFleet) -> None:
     fleet.fake(HOST).hypervisor.add_file(f"{IMAGES}/operator.qcow2", DiskFormat.QCOW2, 1)
     # An image virtfleet has no record of is read as raw: its format is never guessed.
     assert fleet.cli_ok("image", "info", HOST, f"{IMAGES}/operator.qcow2")["image"]["format"] == "raw"
+
+
+# ------------------------------------------------------------------------------------------ attack 7
+
+_UUID = "0b5c3f1e-8d1a-4c44-9a55-6f1e2d3c4b5a"
+_FORBIDDEN = {
+    "emulator": "<emulator>/tmp/evil-qemu</emulator>",
+    "filesystem": "<filesystem type='mount'><source dir='/'/><target dir='host'/></filesystem>",
+    "hostdev": "<hostdev mode='subsystem' type='pci'><source><address bus='0x01' slot='0x00'/></source></hostdev>",
+    "qemu:commandline": "",
+}
+
+
+def _domain(devices: str, extra: str = "") -> str:
+    return (
+        "<domain type='test' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+        f"<name>intruder</name><uuid>{_UUID}</uuid><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+        f"<os><type arch='x86_64'>hvm</type></os><devices>{devices}</devices>{extra}</domain>"
+    )
+
+
+@pytest.mark.parametrize("element", sorted(_FORBIDDEN))
+def test_vm_import_refuses_elements_that_reach_the_host(
+    fleet: InProcessFleet, tmp_path: Any, element: str
+) -> None:
+    extra = (
+        "<qemu:commandline><qemu:arg value='-fsdev'/></qemu:commandline>"
+        if element == "qemu:commandline"
+        else ""
+    )
+    xml = tmp_path / "intruder.xml"
+    xml.write_text(_domain(_FORBIDDEN[element], extra))
+    used = fleet.used(HOST)
+    error = _refused(fleet, "vm", "import", str(xml), "--host", HOST)
+    assert f"<{element}" in error["message"]
+    assert fleet.cli("vm", "show", "intruder").code == 3
+    assert fleet.used(HOST) == used
+    assert fleet.fake(HOST).hypervisor.uuid_for_name("intruder") is None
+
+
+def test_vm_import_refuses_a_disk_outside_the_pools(fleet: InProcessFleet, tmp_path: Any) -> None:
+    disk = "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/root/secret'/><target dev='vda'/></disk>"
+    xml = tmp_path / "intruder.xml"
+    xml.write_text(_domain(disk))
+    assert "outside the storage pools" in _refused(fleet, "vm", "import", str(xml), "--host", HOST)["message"]
+    assert fleet.fake(HOST).hypervisor.uuid_for_name("intruder") is None

@@ -398,11 +398,11 @@ def test_import_refuses_bad_xml_and_missing_disks(fleet: InProcessFleet, tmp_pat
     missing.write_text(
         "<domain type='test'><name>ghost</name><uuid>6a1f0c3e-0d5e-4f0a-9c3e-2b7f6f1d9a01</uuid>"
         "<memory unit='MiB'>256</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os><devices>"
-        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/nonexistent/ghost.raw'/>"
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/srv/images/ghost.raw'/>"
         "<target dev='vda' bus='virtio'/></disk></devices></domain>"
     )
     error = _error(fleet, 3, "vm", "import", str(missing), "--host", "large")
-    assert "/nonexistent/ghost.raw does not exist" in error["message"]
+    assert "/srv/images/ghost.raw does not exist" in error["message"]
     assert _vm_names(fleet) == names
     assert fleet.used("large") == used  # the claim made for the placement was given back
     assert fleet.fake("large").hypervisor.uuid_for_name("ghost") is None
