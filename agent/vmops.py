@@ -221,6 +221,9 @@ class VmOpsHandlers:
                 existed = self._hv.find(spec.uuid) is not None
                 self._hv.define(xml)
                 self._hv.mark_managed(spec.uuid)
+                owned = self._vouched_volumes(spec, body.xml)
+                if owned and not self._hv.owned_volumes(spec.uuid):
+                    self._hv.set_owned_volumes(spec.uuid, owned)
             message = "definition replaced" if existed else "defined"
             status = self._hv.status(spec.uuid)
             if body.start and status.state in STARTABLE:
@@ -228,6 +231,19 @@ class VmOpsHandlers:
                 message += " and started"
             log.info("defined VM %s (%s) from XML, rebuilt from its spec", spec.name, spec.uuid)
             return VmResult(status=self._hv.status(spec.uuid), message=message)
+
+    def _vouched_volumes(self, spec: VmSpec, xml: str) -> tuple[str, ...]:
+        """The volumes an exported VM says virtfleet made for it that are its own writable disks
+        and pool volumes of this host (so `vm delete --delete-disks` can never reach another
+        file through a forged claim)."""
+        disks = {
+            d.path
+            for d in spec.disks
+            if d.path is not None and d.device is DiskDevice.DISK and not d.readonly
+        }
+        return tuple(
+            p for p in disk_helpers.claimed_volumes(xml) if p in disks and self._hv.is_pool_volume(p)
+        )
 
     def dumpxml(self, body: DumpXml) -> DomainXml:
         self._existing(body.vm)

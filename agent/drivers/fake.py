@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
+from agent.disks import OWNED_VOLUMES_NS as OWNED_VOLUMES_NS  # noqa: PLC0414 - re-exported
 from agent.ports import (
     ACTIVE_STATES,
     GIB,
@@ -75,9 +76,6 @@ _T = TypeVar("_T")
 KIB = 1024
 MIB = 1024**2
 
-#: Namespace of the agent's owned-volumes metadata (the value of libvirt_driver.OWNED_VOLUMES_NS;
-#: repeated so that this module does not import libvirt; a unit test keeps the two equal).
-OWNED_VOLUMES_NS = "https://virtfleet.dev/xmlns/agent-volumes/1"
 _TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"
 _PREFIXES = {VF_NAMESPACE: "vf", OWNED_VOLUMES_NS: "vfa", _TEST_NS: "test"}
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import libvirt
 
+from agent.disks import OWNED_VOLUMES_NS as OWNED_VOLUMES_NS  # noqa: PLC0414 - re-exported
 from agent.drivers import host_facts
 from agent.host_files import OsPathLookup
 from agent.ports import GIB, NodeFacts, shutdown_timed_out
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 
 MIB = 1024**2
 
-#: Namespace of the agent's own ``<metadata>`` element: the volumes it created for a domain.
-OWNED_VOLUMES_NS = "https://virtfleet.dev/xmlns/agent-volumes/1"
 OWNED_VOLUMES_PREFIX = "vfa"
 
 #: libvirt domain state -> virtfleet power state, spelled out for every VIR_DOMAIN_* state.

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import pytest
 
+from agent.disks import OWNED_VOLUMES_NS
 from agent.drivers.fake import FakeHypervisor
 from agent.handlers import AgentHandlers
 from common.domain_xml import unsafe_elements
 from common.errors import InvalidRequest
+from common.messages.vm import DeleteVm, DiskFormat, VmRef
 from common.messages.vmops import DefineVm
 
 UUID = "0b5c3f1e-8d1a-4c44-9a55-6f1e2d3c4b5a"
@@ -69,3 +71,20 @@ def test_the_domain_defined_is_rebuilt_from_the_spec(hv: FakeHypervisor) -> None
     defined = hv.domain_xml(UUID, live=False)
     for absent in ("emulator", "watchdog", "coredump"):  # our builder writes its own <on_crash>
         assert absent not in defined, absent
+
+
+def test_an_import_keeps_only_the_volume_claims_it_can_vouch_for(hv: FakeHypervisor) -> None:
+    own = hv.create_volume("default", "guest-vda.qcow2", DiskFormat.QCOW2, 1)
+    other = hv.create_volume("default", "someone-else.qcow2", DiskFormat.QCOW2, 1)
+    claims = f"<vfa:volumes xmlns:vfa='{OWNED_VOLUMES_NS}'><vfa:volume path='{own}'/><vfa:volume path='{other}'/></vfa:volumes>"
+    xml = domain(
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{own}'/>"
+        "<target dev='vda' bus='virtio'/></disk>",
+        extra=f"<metadata>{claims}</metadata>",
+        kind="qemu",
+    )
+    handlers = AgentHandlers(hv, lambda: 0, hv.images())
+    handlers.vmops.define(DefineVm(uuid=UUID, name="guest", xml=xml))
+    assert hv.owned_volumes(UUID) == (own,)  # its own disk, not the other VM's volume
+    handlers.delete(DeleteVm(VmRef(UUID, "guest"), delete_disks=True))
+    assert hv.volumes() == {("default", "someone-else.qcow2"): other}
