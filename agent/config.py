@@ -17,6 +17,7 @@ The TOML file holds an ``[agent]`` table (or the same keys at the top level)::
     shared_cpus = "0-1"                        # shared VMs and emulator threads (default: the rest)
     reserved_cpus = ""                         # left to the host alone (default none)
     allowed_devices = ["/dev/vg0/db"]          # block devices usable as disks outside any pool
+    hugepage_max_share = 0.5                   # hugepage pools together at most this share of MemTotal
 
     [agent.pools.iso]                          # more storage pools (the default pool is always one)
     path = "/srv/iso"
@@ -62,6 +63,9 @@ DEFAULT_STORAGE_POOL = "default"
 DEFAULT_IMAGES_DIR = Path("/var/lib/virtfleet/images")
 DEFAULT_STATE_ROOT = Path("/var/lib/virtfleet/agent")
 DEFAULT_HOST_PREFIX = "sim-"
+#: Share of MemTotal that hugepage pools may take together: pages are taken from the host at once,
+#: and a host left without memory for itself dies.
+DEFAULT_HUGEPAGE_SHARE = 0.5
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 #: environment variable -> config key
@@ -88,6 +92,7 @@ _KEYS = frozenset(
         "reserved_cpus",
         "pools",
         "allowed_devices",
+        "hugepage_max_share",
     }
 )
 
@@ -112,6 +117,8 @@ class AgentConfig:
     pools: tuple[StoragePool, ...] = ()
     #: block or character devices usable outside any pool
     allowed_devices: frozenset[str] = frozenset()
+    #: share of MemTotal all hugepage pools together may take
+    hugepage_max_share: float = DEFAULT_HUGEPAGE_SHARE
 
 
 def _str(key: str, value: Any) -> str:
@@ -139,6 +146,14 @@ def _cpuset(key: str, value: Any) -> str | None:
         raise InvalidRequest(f'config {key}: expected a CPU list string such as "2-7", got {value!r}')
     cpusets.parse_setting(key, value)
     return value.strip()
+
+
+def _share(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 0.9:
+        raise InvalidRequest(
+            f"config {key}: expected a share of memory above 0 and at most 0.9, got {value!r}"
+        )
+    return float(value)
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -209,6 +224,9 @@ def resolve(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str,
         reserved_cpus=sets["reserved_cpus"],
         pools=parse_pools(merged.get("pools", {})),
         allowed_devices=parse_devices(merged.get("allowed_devices", [])),
+        hugepage_max_share=_share(
+            "hugepage_max_share", merged.get("hugepage_max_share", DEFAULT_HUGEPAGE_SHARE)
+        ),
     )
 
 

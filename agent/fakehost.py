@@ -24,7 +24,7 @@ from agent.handlers import AgentHandlers
 from agent.host_runtime import AgentModule
 from agent.main import Agent
 from agent.network.fake import FakeLinkDriver, FakeNetworks, FakeProbe
-from agent.network.module import NetworkModule, NetworkSettings
+from agent.network.module import NetworkModule, simulated_settings
 from agent.storage_pools import StoragePool
 from agent.tuning import cpusets
 from agent.tuning.fake import FakePinning
@@ -173,22 +173,13 @@ def build_fake_host(
     pinning = FakePinning(hv)
     tuning = TuningModule(pinning, kernel, sets, simulated=True)
 
-    netroot = state_dir / "netroot"
-    (netroot / "etc" / "systemd" / "network").mkdir(parents=True, exist_ok=True)
-    resolv = netroot / "etc" / "resolv.conf"
-    if not resolv.exists():
-        resolv.write_text(f"nameserver {gateway}\n", encoding="utf-8")
-    forward = netroot / "proc" / "sys" / "net" / "ipv4" / "ip_forward"
-    forward.parent.mkdir(parents=True, exist_ok=True)
-    if not forward.exists():
-        forward.write_text("0\n", encoding="utf-8")
     probe = FakeProbe(reachable=lambda: links.reaches(broker_ip))
     nets = FakeNetworks(hv)
     network = NetworkModule(
         links,
         nets,
         probe,
-        settings=NetworkSettings(root=netroot, persist="networkd", proc=netroot / "proc"),
+        settings=simulated_settings(state_dir, gateway),
         state_dir=state_dir,
     )
     return FakeHost(config, hv, hv.images(), links, nets, probe, pinning, tuning, network)
