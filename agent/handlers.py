@@ -185,6 +185,7 @@ class AgentHandlers:
         for path in paths:
             try:
                 self._hv.delete_volume_path(path)
+                self.storage.formats.forget(path)
             except VirtfleetError as exc:
                 log.warning("could not remove volume %s after a failed define: %s", path, exc.message)
 
@@ -285,6 +286,7 @@ class AgentHandlers:
                 # Before undefine: if we die in between, the redelivered delete still knows the volumes.
                 for path in self._hv.owned_volumes(uuid):
                     deleted += self._hv.delete_volume_path(path)
+                    self.storage.formats.forget(path)
             self._hv.undefine(uuid)
             log.info("deleted VM %s (%s) and %d volume(s)", body.vm.name, uuid, deleted)
             return vm.VmResult(status=None, message=f"deleted ({deleted} volume(s) removed)")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import tempfile
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from agent.storage_pools import FileKind
 from common.errors import AlreadyExists, NotFound, StorageError
+
+log = logging.getLogger(__name__)
 
 #: Mode of every image file the agent creates: readable by its owner (root, or libvirt's qemu user
 #: after libvirt's DAC relabelling) and nobody else.
@@ -85,7 +88,12 @@ class FormatBook:
         self._lock = threading.Lock()
         self._formats: dict[str, str] = {}
         if file is not None and file.exists():
-            data = json.loads(file.read_text(encoding="utf-8"))
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                # Safe either way: an image with no record is read as raw, never interpreted.
+                log.warning("image format record %s unreadable (%s): every image reads as raw", file, exc)
+                data = {}
             if isinstance(data, dict):
                 self._formats = {str(k): str(v) for k, v in data.items()}
 

@@ -17,6 +17,7 @@ from typing import TypeVar
 from agent import disks as disk_helpers
 from agent.host_storage import HostStorage
 from agent.ports import ACTIVE_STATES, GIB, Hypervisor, Images
+from agent.storage_pools import FileKind
 from common.domain_xml import (
     DomainXmlError,
     ParsedDisk,
@@ -507,6 +508,7 @@ class VmOpsHandlers:
     def _forget_volume(self, uuid: str, path: str) -> None:
         try:
             self._hv.delete_volume_path(path)
+            self._storage.formats.forget(path)
             self._hv.set_owned_volumes(uuid, tuple(p for p in self._hv.owned_volumes(uuid) if p != path))
         except VirtfleetError as exc:
             log.warning("could not remove volume %s after a failed attach: %s", path, exc.message)
@@ -542,6 +544,7 @@ class VmOpsHandlers:
                 )
             elif body.delete_volume and disk.path is not None:
                 self._hv.delete_volume_path(disk.path)
+                self._storage.formats.forget(disk.path)
                 self._hv.set_owned_volumes(ref.uuid, tuple(p for p in owned if p != disk.path))
                 message += f" and deleted {disk.path}"
                 deleted = (disk.path,)
@@ -670,7 +673,10 @@ class VmOpsHandlers:
     def image_create(self, body: ImageCreate) -> ImageInfo:
         path, pool = self._image_path(body.image)
         confined = self._storage.new(path, body.format)
-        if self._storage.formats.get(confined.path) == body.format.value:
+        if (
+            confined.kind is not FileKind.MISSING
+            and self._storage.formats.get(confined.path) == body.format.value
+        ):
             # A repeated create of the image it made: the same answer, nothing overwritten.
             existing = self._storage.inspect(self._images, confined)
             if existing.virtual_size_bytes == body.size_gib * GIB:

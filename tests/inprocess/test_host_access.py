@@ -75,6 +75,13 @@ def test_vm_create_with_a_disk_outside_the_pools_is_refused(fleet: InProcessFlee
     for path in ("/root/secret", "/etc/shadow"):
         _refused(fleet, "vm", "create", "thief", "--host", HOST, "--memory", "64", "--disk", f"path={path}")
         assert fleet.cli("vm", "show", "thief").code == 3  # forgotten, claim released
+        _refused(
+            fleet, "vm", "create", "thief", "--host", HOST, "--memory", "64", "--disk", "1", "--cdrom", path
+        )
+        _refused(
+            fleet, "vm", "create", "thief", "--host", HOST, "--memory", "64", "--disk", "1", "--kernel", path
+        )
+        assert fleet.cli("vm", "show", "thief").code == 3
     assert fleet.used(HOST) == used
     assert fleet.fake(HOST).hypervisor.count("define") == 0
 

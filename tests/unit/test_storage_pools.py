@@ -144,6 +144,11 @@ def test_format_book_survives_a_restart(tmp_path: Path) -> None:
     assert FormatBook(tmp_path / "formats.json").get("/p/a") is None
 
 
+def test_an_unreadable_format_record_reads_every_image_as_raw(tmp_path: Path) -> None:
+    (tmp_path / "formats.json").write_text("{not json")
+    assert FormatBook(tmp_path / "formats.json").format_of("/p/a") == "raw"
+
+
 def test_pools_from_the_agent_config() -> None:
     cfg = config.resolve(
         {
