@@ -67,6 +67,7 @@ class AgentHandlers:
             from agent.drivers.images import QemuImg  # noqa: PLC0415 - the default tool; tests inject theirs
 
             images = QemuImg()
+        self._images = images
         self.vmops = VmOpsHandlers(hypervisor, images, self._changing, self._define_lock, self.storage)
 
     def register(self, table: HandlerTable) -> None:
@@ -123,7 +124,7 @@ class AgentHandlers:
                 refuse_name_of_another(self._hv, spec.name, spec.uuid)
                 existing = self._hv.find(spec.uuid)
                 if existing is None:
-                    self.storage.check_spec_files(spec)  # before anything looks at those files
+                    self.storage.check_spec_files(spec, self._images)  # before anything uses those files
                     if not body.allow_shared_disk:
                         self._refuse_disks_in_use(spec)
                     disks = self._create_and_define(spec)

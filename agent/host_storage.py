@@ -7,14 +7,15 @@ hypervisor port) and the recorded image formats (:class:`~agent.host_files.Forma
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from agent.host_files import FormatBook
 from agent.ports import Hypervisor, Images
 from agent.storage_pools import ConfinedPath, PathLookup, PoolPolicy, StoragePool
-from common.errors import InvalidRequest, VirtfleetError
-from common.messages.vm import DiskFormat, VmSpec
+from common.errors import InvalidRequest, NotFound, VirtfleetError
+from common.messages.vm import DiskFormat, DiskSpec, VmSpec
 from common.messages.vmops import ImageInfo
 
 #: Backing chains longer than this are refused (qemu's own limit is about as deep).
@@ -66,17 +67,13 @@ class HostStorage:
         """A path to create an image of ``fmt`` at (it may exist already: the caller decides)."""
         return self.policy.resolve_new(path, self._lookup, fmt, what=what)
 
-    def check_spec_files(self, spec: VmSpec) -> None:
-        """Every host file a VM spec names lies in a pool: existing disks and CD-ROMs (which must
-        exist; their format is recorded), the kernel and initrd (their existence is libvirt's to
-        check at start), the serial log (in a pool or libvirt's QEMU log directory)."""
+    def check_spec_files(self, spec: VmSpec, images: Images) -> None:
+        """Every host file a VM spec names lies in a pool: existing disks and CD-ROMs (see
+        :meth:`existing_disk`), the kernel and initrd (their existence is libvirt's to check at
+        start), the serial log (in a pool or libvirt's QEMU log directory)."""
         for disk in spec.disks:
-            if disk.source != "existing" or disk.path is None:
-                continue
-            what = f"disk {disk.target}"
-            confined = self.existing(disk.path, what)
-            self.policy.check_format(confined, disk.format.value, what=what)
-            self.formats.record(confined.path, disk.format.value)
+            if disk.source == "existing":
+                self.existing_disk(images, disk)
         if spec.kernel_boot is not None:
             self.policy.resolve(spec.kernel_boot.kernel, self._lookup, what="kernel")
             if spec.kernel_boot.initrd is not None:
@@ -84,16 +81,39 @@ class HostStorage:
         if spec.serial_log is not None:
             self.policy.with_pool(SERIAL_LOG_POOL).resolve(spec.serial_log, self._lookup, what="serial log")
 
+    def existing_disk(self, images: Images, disk: DiskSpec) -> ConfinedPath:
+        """An existing image given to a VM: inside the pools, in a format its pool allows, not a
+        format other than the one recorded for it, and (read with that format, as libvirt will)
+        with no backing or data file outside the pools. The format is recorded."""
+        assert disk.path is not None  # DiskSpec guarantees it for existing images
+        what = f"disk {disk.target}"
+        fmt = disk.format.value
+        confined = self.existing(disk.path, what)
+        self.policy.check_format(confined, fmt, what=what)
+        recorded = self.formats.get(confined.path)
+        if recorded is not None and recorded != fmt:
+            raise InvalidRequest(
+                f"{what}: {disk.path} is a {recorded} image (as virtfleet made or attached it), not {fmt}",
+                details={"path": disk.path, "format": recorded},
+            )
+        with contextlib.suppress(NotFound):  # a volume only libvirt has (the test driver's): no file to read
+            self.inspect(images, confined, what, fmt=fmt)
+        self.formats.record(confined.path, fmt)
+        return confined
+
     def pool_volume(self, pool: str, directory: str, volume: str, fmt: DiskFormat) -> str:
         """Check that volume ``volume`` of libvirt pool ``pool`` (in ``directory``) lies in a
         storage pool allowing ``fmt``; its path."""
         return self.new(f"{directory.rstrip('/')}/{volume}", fmt, what=f"volume {pool}/{volume}").path
 
-    def inspect(self, images: Images, confined: ConfinedPath, what: str = "image") -> ImageInfo:
-        """``qemu-img info`` of an image with its recorded format; InvalidRequest when it (or any
-        image down its backing chain) reads a file outside the pools, or a backing file of no
-        stated format (qemu would probe it)."""
-        path, fmt = confined.path, self.formats.format_of(confined.path)
+    def inspect(
+        self, images: Images, confined: ConfinedPath, what: str = "image", *, fmt: str | None = None
+    ) -> ImageInfo:
+        """``qemu-img info`` of an image with ``fmt`` (default: its recorded format); InvalidRequest
+        when it (or any image down its backing chain) reads a file outside the pools, or a backing
+        file of no stated format (qemu would probe it)."""
+        path = confined.path
+        fmt = fmt or self.formats.format_of(confined.path)
         first: ImageInfo | None = None
         for _depth in range(MAX_CHAIN):
             facts = images.inspect(path, fmt)

@@ -210,7 +210,7 @@ class VmOpsHandlers:
         with self._changing(spec.uuid):
             with self._define_lock:
                 refuse_name_of_another(self._hv, spec.name, spec.uuid)
-                self._storage.check_spec_files(spec)
+                self._storage.check_spec_files(spec, self._images)
                 if not body.allow_shared_disk:
                     for path in writable_disk_paths(parse_domain_xml(xml)):
                         users = disk_helpers.disk_users(self._hv, path, exclude_uuid=spec.uuid)
@@ -487,12 +487,9 @@ class VmOpsHandlers:
 
     def _resolve_attach(self, ref: VmRef, disk: DiskSpec) -> DiskSpec:
         """The disk with pool, volume and path filled in (path None: a volume still to create)."""
-        what = f"disk {disk.target}"
         if disk.source == "existing":
             assert disk.path is not None
-            confined = self._storage.existing(disk.path, what)
-            self._storage.policy.check_format(confined, disk.format.value, what=what)
-            self._storage.formats.record(confined.path, disk.format.value)
+            self._storage.existing_disk(self._images, disk)
             return disk
         pool = disk.pool or self._hv.default_pool
         name = disk_helpers.volume_name(ref.name, disk.target, disk.format, disk.volume)

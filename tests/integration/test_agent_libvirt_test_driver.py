@@ -135,7 +135,7 @@ def test_delete_keeps_existing_images(hv: LibvirtHypervisor, handlers: AgentHand
     s = spec(
         disks=(
             DiskSpec(target="vda", size_gib=1, format=DiskFormat.RAW),
-            DiskSpec(target="vdb", source="existing", path=str(image)),
+            DiskSpec(target="vdb", source="existing", path=str(image), format=DiskFormat.RAW),
             DiskSpec(target="vdc", source="existing", path=golden),
         )
     )

@@ -23,7 +23,7 @@ from agent.host_files import FormatBook, OsPathLookup
 from agent.host_storage import HostStorage
 from agent.storage_pools import PoolPolicy, StoragePool
 from common.errors import InvalidRequest
-from common.messages.vm import DiskFormat
+from common.messages.vm import CreateVm, DiskFormat, DiskSpec, VmSpec
 from common.messages.vmops import ImageConvert, ImageCreate, ImageInfoRequest, ImageLocation
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed")
@@ -42,7 +42,8 @@ class Host:
             OsPathLookup(),
             FormatBook(tmp / "formats.json"),
         )
-        self.handlers = AgentHandlers(FakeHypervisor(), lambda: 0, QemuImg(), storage=storage).vmops
+        self.agent = AgentHandlers(FakeHypervisor(), lambda: 0, QemuImg(), storage=storage)
+        self.handlers = self.agent.vmops
 
     def at(self, name: str) -> ImageLocation:
         return ImageLocation(path=str(self.pool / name))
@@ -150,3 +151,20 @@ def test_image_convert_of_a_root_only_file_outside_is_refused(host: Host) -> Non
             ImageConvert(ImageLocation(path=str(host.secret)), host.at("stolen.raw"), DiskFormat.RAW)
         )
     assert list(host.pool.iterdir()) == []
+
+
+def _vm_with(path: Path, fmt: DiskFormat) -> CreateVm:
+    disk = DiskSpec(target="vda", source="existing", path=str(path), format=fmt)
+    return CreateVm(VmSpec(uuid=str(uuid.uuid4()), name="vm", vcpus=1, memory_mib=64, disks=(disk,)))
+
+
+def test_a_vm_cannot_read_a_raw_image_as_the_qcow2_its_guest_wrote(host: Host) -> None:
+    """Attack 6 through vm create: libvirt told format=qcow2 would follow the header's backing file."""
+    host.handlers.image_create(ImageCreate(host.at("guest.raw"), DiskFormat.RAW, 1))
+    with (host.pool / "guest.raw").open("r+b") as disk:
+        disk.write(host.qcow2_header_to(host.secret))
+    with pytest.raises(InvalidRequest, match="is a raw image"):
+        host.agent.create(_vm_with(host.pool / "guest.raw", DiskFormat.QCOW2))
+    (host.pool / "dropped.qcow2").write_bytes(host.qcow2_header_to(host.secret))  # no record: checked
+    with pytest.raises(InvalidRequest, match="backing file"):
+        host.agent.create(_vm_with(host.pool / "dropped.qcow2", DiskFormat.QCOW2))

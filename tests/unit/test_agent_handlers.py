@@ -341,7 +341,9 @@ def test_delete_with_disks_removes_only_created_volumes(handlers: AgentHandlers,
         disks=(
             DiskSpec(target="vda", size_gib=10),
             DiskSpec(target="vdb", source="existing", path="/srv/images/base.qcow2"),
-            DiskSpec(target="vdc", source="existing", path="/pools/default/shared.iso"),
+            DiskSpec(
+                target="vdc", source="existing", path="/pools/default/shared.iso", format=DiskFormat.RAW
+            ),
         )
     )
     handlers.create(CreateVm(spec=spec))
