@@ -19,6 +19,16 @@ The TOML file holds an ``[agent]`` table (or the same keys at the top level)::
     key_file = "/etc/virtfleet/keys/hv1.key"   # this host's signing key (keys enroll; mode 0600)
     max_message_lifetime = 900                 # longest expires_at - sent_at accepted (>= 600)
     clock_skew = 30                            # how far in the future a sent_at may be
+    allowed_devices = ["/dev/vg0/db"]          # block devices usable as disks outside any pool
+    hugepage_max_share = 0.5                   # hugepage pools together at most this share of MemTotal
+
+    [agent.pools.iso]                          # more storage pools (the default pool is always one)
+    path = "/srv/iso"
+    formats = ["raw"]                          # default: every format
+    devices = false                            # block/char devices inside it (default false)
+
+Every path a command names must lie inside a storage pool (:mod:`agent.storage_pools`): the
+libvirt pool ``storage_pool`` (its directory) and the ``[agent.pools.NAME]`` tables.
 
 The three CPU sets are cpuset strings (``0-3,^2,8``); they must be disjoint, and they are checked
 against the host's online CPUs when the agent starts (:mod:`agent.tuning.cpusets`).
@@ -49,6 +59,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from agent.storage_pools import StoragePool, parse_devices, parse_pools
 from agent.tuning import cpusets
 from common.broker_url import DEFAULT_URL
 from common.errors import InvalidRequest
@@ -61,6 +72,9 @@ DEFAULT_STORAGE_POOL = "default"
 DEFAULT_IMAGES_DIR = Path("/var/lib/virtfleet/images")
 DEFAULT_STATE_ROOT = Path("/var/lib/virtfleet/agent")
 DEFAULT_HOST_PREFIX = "sim-"
+#: Share of MemTotal that hugepage pools may take together: pages are taken from the host at once,
+#: and a host left without memory for itself dies.
+DEFAULT_HUGEPAGE_SHARE = 0.5
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 #: environment variable -> config key
@@ -89,6 +103,9 @@ _KEYS = frozenset(
         "key_file",
         "max_message_lifetime",
         "clock_skew",
+        "pools",
+        "allowed_devices",
+        "hugepage_max_share",
     }
 )
 #: What ``key_file`` holds in place of the host id when one process serves several hosts.
@@ -115,6 +132,12 @@ class AgentConfig:
     key_file: Path | None = None
     max_message_lifetime: float = DEFAULT_MAX_LIFETIME_S
     clock_skew: float = DEFAULT_CLOCK_SKEW_S
+    #: storage pools besides the libvirt pool ``storage_pool`` (whose directory is always one)
+    pools: tuple[StoragePool, ...] = ()
+    #: block or character devices usable outside any pool
+    allowed_devices: frozenset[str] = frozenset()
+    #: share of MemTotal all hugepage pools together may take
+    hugepage_max_share: float = DEFAULT_HUGEPAGE_SHARE
 
 
 def _str(key: str, value: Any) -> str:
@@ -142,6 +165,14 @@ def _cpuset(key: str, value: Any) -> str | None:
         raise InvalidRequest(f'config {key}: expected a CPU list string such as "2-7", got {value!r}')
     cpusets.parse_setting(key, value)
     return value.strip()
+
+
+def _share(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 0.9:
+        raise InvalidRequest(
+            f"config {key}: expected a share of memory above 0 and at most 0.9, got {value!r}"
+        )
+    return float(value)
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -222,6 +253,11 @@ def resolve(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str,
         else None,
         max_message_lifetime=max_lifetime,
         clock_skew=skew,
+        pools=parse_pools(merged.get("pools", {})),
+        allowed_devices=parse_devices(merged.get("allowed_devices", [])),
+        hugepage_max_share=_share(
+            "hugepage_max_share", merged.get("hugepage_max_share", DEFAULT_HUGEPAGE_SHARE)
+        ),
     )
 
 

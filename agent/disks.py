@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import os
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from agent.ports import Hypervisor
 from common.domain_xml import DomainXmlError, parse_domain_xml, writable_disk_paths
 from common.errors import InvalidRequest
 from common.messages.vm import DiskFormat
+
+#: Namespace of the agent's own ``<metadata>`` element: the volumes it created for a domain.
+OWNED_VOLUMES_NS = "https://virtfleet.dev/xmlns/agent-volumes/1"
 
 _VOLUME_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
@@ -55,3 +59,16 @@ def in_use_message(path: str, users: list[str]) -> str:
         f"disk {path} is already in use by other guests {users!r}; two guests writing one image corrupt it "
         "(override with --allow-shared-disk if that is really intended)"
     )
+
+
+def claimed_volumes(xml: str) -> tuple[str, ...]:
+    """The volumes a domain XML says the agent created for it (``<metadata><vfa:volumes>``): what an
+    exported VM brings back on import. Only a claim: the caller keeps those it can vouch for."""
+    try:
+        root = ET.fromstring(xml)  # noqa: S314 - parsed before by spec_from_xml, which refuses entities
+    except ET.ParseError:
+        return ()
+    volumes = root.find(f"metadata/{{{OWNED_VOLUMES_NS}}}volumes")
+    if volumes is None:
+        return ()
+    return tuple(p for v in volumes if (p := v.get("path")))

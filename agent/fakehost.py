@@ -24,7 +24,8 @@ from agent.handlers import AgentHandlers
 from agent.host_runtime import AgentModule
 from agent.main import Agent
 from agent.network.fake import FakeLinkDriver, FakeNetworks, FakeProbe
-from agent.network.module import NetworkModule, NetworkSettings
+from agent.network.module import NetworkModule, simulated_settings
+from agent.storage_pools import StoragePool
 from agent.tuning import cpusets
 from agent.tuning.fake import FakePinning
 from agent.tuning.module import TuningModule
@@ -78,6 +79,10 @@ class FakeHost:
         self.network.close()
 
 
+#: The simulated host's directory of operator images (ISOs, base images): a storage pool.
+SIMULATED_IMAGES_POOL = StoragePool("images", "/srv/images")
+
+
 def build_fake_host(
     state_dir: Path,
     *,
@@ -100,6 +105,7 @@ def build_fake_host(
     gateway: str = "192.0.2.1",
     broker_ip: str = "198.51.100.1",
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F",
+    pools: Sequence[StoragePool] = (SIMULATED_IMAGES_POOL,),
 ) -> FakeHost:
     """One simulated host; nothing outside ``state_dir`` is touched.
 
@@ -109,7 +115,9 @@ def build_fake_host(
     ``host_address`` and a default route via ``gateway``) and ``bridges`` (the first with the second
     NIC as its port); the probe reaches the broker while a usable route to ``broker_ip`` exists, so a
     change that cuts the host off is rolled back as on a real host. The CPU sets are the agent
-    configuration's (``dedicated_cpus`` ...), checked against the host's CPUs.
+    configuration's (``dedicated_cpus`` ...), checked against the host's CPUs. ``pools`` are the
+    storage pools of its configuration besides the hypervisor's default pool (by default the
+    simulated operator's images directory ``/srv/images``).
     """
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     bridge_list = tuple(bridges)
@@ -146,6 +154,7 @@ def build_fake_host(
         dedicated_cpus=dedicated_cpus,
         shared_cpus=shared_cpus,
         reserved_cpus=reserved_cpus,
+        pools=tuple(pools),
     )
 
     cpu = hv.cpu
@@ -164,22 +173,13 @@ def build_fake_host(
     pinning = FakePinning(hv)
     tuning = TuningModule(pinning, kernel, sets, simulated=True)
 
-    netroot = state_dir / "netroot"
-    (netroot / "etc" / "systemd" / "network").mkdir(parents=True, exist_ok=True)
-    resolv = netroot / "etc" / "resolv.conf"
-    if not resolv.exists():
-        resolv.write_text(f"nameserver {gateway}\n", encoding="utf-8")
-    forward = netroot / "proc" / "sys" / "net" / "ipv4" / "ip_forward"
-    forward.parent.mkdir(parents=True, exist_ok=True)
-    if not forward.exists():
-        forward.write_text("0\n", encoding="utf-8")
     probe = FakeProbe(reachable=lambda: links.reaches(broker_ip))
     nets = FakeNetworks(hv)
     network = NetworkModule(
         links,
         nets,
         probe,
-        settings=NetworkSettings(root=netroot, persist="networkd", proc=netroot / "proc"),
+        settings=simulated_settings(state_dir, gateway),
         state_dir=state_dir,
     )
     return FakeHost(config, hv, hv.images(), links, nets, probe, pinning, tuning, network)

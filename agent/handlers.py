@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from agent import disks as disk_helpers
+from agent.host_storage import HostStorage
 from agent.ports import ACTIVE_STATES, Hypervisor, Images
 from agent.vmops import STARTABLE, VmOpsHandlers, refuse_kvm_without_hw_virt, refuse_name_of_another
 from common.domain_xml import build_domain_xml
@@ -49,10 +50,13 @@ class AgentHandlers:
         images: Images | None = None,
         *,
         vm_changed: Callable[[str], None] = lambda _uuid: None,
+        storage: HostStorage | None = None,
     ) -> None:
         """``request_report`` asks for a full report (``host.report_now``); ``vm_changed(uuid)``
-        for a delta of one VM, after every command that may have changed it."""
+        for a delta of one VM, after every command that may have changed it; ``storage``: where
+        commands may touch the host's files (default: the hypervisor's default pool only)."""
         self._hv = hypervisor
+        self.storage = storage or HostStorage.for_host(hypervisor)
         self._request_report = request_report
         self._vm_changed = vm_changed
         self._locks: dict[str, threading.Lock] = {}
@@ -63,7 +67,8 @@ class AgentHandlers:
             from agent.drivers.images import QemuImg  # noqa: PLC0415 - the default tool; tests inject theirs
 
             images = QemuImg()
-        self.vmops = VmOpsHandlers(hypervisor, images, self._changing, self._define_lock)
+        self._images = images
+        self.vmops = VmOpsHandlers(hypervisor, images, self._changing, self._define_lock, self.storage)
 
     def register(self, table: HandlerTable) -> None:
         """Serve the VM and host commands (and, through :attr:`vmops`, the other VM operations)."""
@@ -119,6 +124,7 @@ class AgentHandlers:
                 refuse_name_of_another(self._hv, spec.name, spec.uuid)
                 existing = self._hv.find(spec.uuid)
                 if existing is None:
+                    self.storage.check_spec_files(spec, self._images)  # before anything uses those files
                     if not body.allow_shared_disk:
                         self._refuse_disks_in_use(spec)
                     disks = self._create_and_define(spec)
@@ -158,9 +164,6 @@ class AgentHandlers:
         resolved = []
         for disk in spec.disks:
             if disk.source == "existing":
-                assert disk.path is not None  # vm.DiskSpec guarantees it
-                if created is not None and not self._hv.path_exists(disk.path):
-                    raise NotFound(f"disk {disk.target}: image {disk.path} does not exist on this host")
                 resolved.append(disk)
                 continue
             if disk.device is vm.DiskDevice.CDROM:
@@ -171,8 +174,10 @@ class AgentHandlers:
             name = volume_name(spec, disk)
             path = self._hv.volume_path(pool, name)
             if path is None and created is not None:
+                self.storage.pool_volume(pool, self._hv.pool_path(pool), name, disk.format)
                 path = self._hv.create_volume(pool, name, disk.format, disk.size_gib)
                 created.append(path)
+                self.storage.formats.record(path, disk.format.value)
             resolved.append(replace(disk, pool=pool, volume=name, path=path))
         return tuple(resolved)
 
@@ -181,6 +186,7 @@ class AgentHandlers:
         for path in paths:
             try:
                 self._hv.delete_volume_path(path)
+                self.storage.formats.forget(path)
             except VirtfleetError as exc:
                 log.warning("could not remove volume %s after a failed define: %s", path, exc.message)
 
@@ -281,6 +287,7 @@ class AgentHandlers:
                 # Before undefine: if we die in between, the redelivered delete still knows the volumes.
                 for path in self._hv.owned_volumes(uuid):
                     deleted += self._hv.delete_volume_path(path)
+                    self.storage.formats.forget(path)
             self._hv.undefine(uuid)
             log.info("deleted VM %s (%s) and %d volume(s)", body.vm.name, uuid, deleted)
             return vm.VmResult(status=None, message=f"deleted ({deleted} volume(s) removed)")

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from agent.config import AgentConfig
 from agent.handlers import AgentHandlers
+from agent.host_storage import HostStorage
 from agent.journal import SqliteJournal
 from agent.ports import Hypervisor, Images
 from agent.reporter import Reporter, TransportReportSink
@@ -96,8 +97,19 @@ class HostRuntime:
             alive=alive,
             enrichers=[m.enrich_report for m in modules],
         )
+        storage = HostStorage.for_host(
+            hypervisor,
+            cfg.pools,
+            cfg.allowed_devices,
+            default=cfg.storage_pool,
+            formats_file=cfg.state_dir / "image-formats.json",
+        )
         self.handlers = AgentHandlers(
-            hypervisor, self.reporter.request_report, images, vm_changed=self.reporter.vm_changed
+            hypervisor,
+            self.reporter.request_report,
+            images,
+            vm_changed=self.reporter.vm_changed,
+            storage=storage,
         )
         table = HandlerTable(Side.AGENT)
         self.handlers.register(table)

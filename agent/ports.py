@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from agent.storage_pools import PathLookup
 from common.errors import Conflict, InvalidRequest
 from common.messages.host import CpuTopology, StoragePoolInfo
 from common.messages.vm import DiskFormat, PowerState, VmStatus
@@ -213,6 +214,10 @@ class Hypervisor(Protocol):
 
     def refresh_pool(self, pool: str) -> None: ...
 
+    def files(self) -> PathLookup:
+        """The host's file system as the storage-pool policy sees it (real paths, file kinds)."""
+        ...
+
     def is_pool_volume(self, path: str) -> bool: ...
 
     def network_exists(self, name: str) -> bool: ...
@@ -220,21 +225,37 @@ class Hypervisor(Protocol):
     def bridge_exists(self, name: str) -> bool: ...
 
 
-class Images(Protocol):
-    """Disk image files (``qemu-img``); :class:`~agent.drivers.images.QemuImg` implements it."""
+@dataclass(frozen=True, slots=True)
+class ImageFacts:
+    """``qemu-img info`` of an image read with a given format, and the files it makes qemu read."""
 
-    def info(self, path: str) -> ImageInfo:
-        """NotFound when there is no such file."""
+    info: ImageInfo
+    #: the backing file as the image names it (relative names are relative to its directory)
+    backing_file: str | None = None
+    #: the backing file's format as the image states it (None: qemu would probe it)
+    backing_format: str | None = None
+    #: a qcow2 external data file, as the image names it
+    data_file: str | None = None
+
+
+class Images(Protocol):
+    """Disk image files (``qemu-img``); :class:`~agent.drivers.images.QemuImg` implements it.
+
+    Every method gets the image's format (``-f``): nothing here ever probes one.
+    """
+
+    def inspect(self, path: str, fmt: str) -> ImageFacts:
+        """``qemu-img info -f fmt``; NotFound when there is no such file."""
         ...
 
     def create(self, path: str, fmt: DiskFormat, size_gib: int) -> ImageInfo:
-        """Never overwrites: AlreadyExists unless ``path`` is this very image already."""
+        """Never overwrites: AlreadyExists when ``path`` exists. The file is made 0600."""
         ...
 
-    def convert(self, src: str, dst: str, fmt: DiskFormat) -> ImageInfo:
-        """AlreadyExists when ``dst`` exists."""
+    def convert(self, src: str, src_fmt: str, dst: str, fmt: DiskFormat) -> ImageInfo:
+        """AlreadyExists when ``dst`` exists; ``dst`` is made 0600 and appears only complete."""
         ...
 
-    def resize(self, path: str, size_gib: int) -> ImageInfo:
+    def resize(self, path: str, fmt: str, size_gib: int) -> ImageInfo:
         """Grow only."""
         ...

@@ -15,13 +15,16 @@ from contextlib import AbstractContextManager
 from typing import TypeVar
 
 from agent import disks as disk_helpers
+from agent.host_storage import HostStorage
 from agent.ports import ACTIVE_STATES, GIB, Hypervisor, Images
+from agent.storage_pools import FileKind
 from common.domain_xml import (
     DomainXmlError,
     ParsedDisk,
     ParsedDomain,
     ParsedNic,
     build_disk_xml,
+    build_domain_xml,
     build_interface_xml,
     build_snapshot_xml,
     detach_disk_xml,
@@ -29,6 +32,7 @@ from common.domain_xml import (
     domiflist,
     parse_domain_xml,
     parse_snapshot_xml,
+    spec_from_xml,
     writable_disk_paths,
 )
 from common.errors import (
@@ -51,6 +55,7 @@ from common.messages.vm import (
     VmAction,
     VmRef,
     VmResult,
+    VmSpec,
     VmStatus,
 )
 from common.messages.vmops import (
@@ -124,10 +129,16 @@ class VmOpsHandlers:
     """Handlers for the ``vm.*`` operations of common.messages.vmops and the ``image.*`` commands."""
 
     def __init__(
-        self, hypervisor: Hypervisor, images: Images, changing: Changing, define_lock: threading.Lock
+        self,
+        hypervisor: Hypervisor,
+        images: Images,
+        changing: Changing,
+        define_lock: threading.Lock,
+        storage: HostStorage,
     ) -> None:
         self._hv = hypervisor
         self._images = images
+        self._storage = storage
         self._changing = changing
         self._define_lock = define_lock
 
@@ -180,48 +191,60 @@ class VmOpsHandlers:
 
     # -- define / dumpxml / console -------------------------------------------------------
     def define(self, body: DefineVm) -> VmResult:
-        parsed = _parse_request_xml(body.xml)
-        if parsed.uuid != body.uuid.lower() or parsed.name != body.name:
-            raise InvalidRequest(
-                f"the XML defines {parsed.name} ({parsed.uuid}), not {body.name} ({body.uuid})"
-            )
+        """``vm import``: the domain defined is rebuilt from the validated spec of ``body.xml``,
+        never the XML as given (elements that reach the host are refused, every file must lie in
+        a storage pool)."""
+        spec = _spec_from_request_xml(body.xml)
+        if spec.uuid != body.uuid.lower() or spec.name != body.name:
+            raise InvalidRequest(f"the XML defines {spec.name} ({spec.uuid}), not {body.name} ({body.uuid})")
         refuse_kvm_without_hw_virt(
             self._hv,
-            parsed.name,
-            parsed.domain_type,
+            spec.name,
+            spec.domain_type.value,
             "; change <domain type='kvm'> to 'qemu' (TCG) in the XML",
         )
-        with self._changing(parsed.uuid):
+        try:
+            xml = build_domain_xml(spec)
+        except ValueError as exc:
+            raise InvalidRequest(f"VM {spec.name}: {exc}") from exc
+        with self._changing(spec.uuid):
             with self._define_lock:
-                refuse_name_of_another(self._hv, parsed.name, parsed.uuid)
-                for disk in parsed.disks:
-                    if (
-                        disk.path is not None
-                        and disk.source_type == "file"
-                        and not self._hv.path_exists(disk.path)
-                    ):
-                        raise NotFound(
-                            f"disk {disk.target}: image {disk.path} does not exist on this host "
-                            "(virsh define cannot bring back deleted disks)"
-                        )
+                refuse_name_of_another(self._hv, spec.name, spec.uuid)
+                self._storage.check_spec_files(spec, self._images)
                 if not body.allow_shared_disk:
-                    for path in writable_disk_paths(parsed):
-                        users = disk_helpers.disk_users(self._hv, path, exclude_uuid=parsed.uuid)
+                    for path in writable_disk_paths(parse_domain_xml(xml)):
+                        users = disk_helpers.disk_users(self._hv, path, exclude_uuid=spec.uuid)
                         if users:
                             raise AlreadyExists(
                                 disk_helpers.in_use_message(path, users),
                                 details={"path": path, "users": users},
                             )
-                existed = self._hv.find(parsed.uuid) is not None
-                self._hv.define(body.xml)
-                self._hv.mark_managed(parsed.uuid)
+                existed = self._hv.find(spec.uuid) is not None
+                self._hv.define(xml)
+                self._hv.mark_managed(spec.uuid)
+                owned = self._vouched_volumes(spec, body.xml)
+                if owned and not self._hv.owned_volumes(spec.uuid):
+                    self._hv.set_owned_volumes(spec.uuid, owned)
             message = "definition replaced" if existed else "defined"
-            status = self._hv.status(parsed.uuid)
+            status = self._hv.status(spec.uuid)
             if body.start and status.state in STARTABLE:
-                self._hv.start(parsed.uuid)
+                self._hv.start(spec.uuid)
                 message += " and started"
-            log.info("defined VM %s (%s) from XML", parsed.name, parsed.uuid)
-            return VmResult(status=self._hv.status(parsed.uuid), message=message)
+            log.info("defined VM %s (%s) from XML, rebuilt from its spec", spec.name, spec.uuid)
+            return VmResult(status=self._hv.status(spec.uuid), message=message)
+
+    def _vouched_volumes(self, spec: VmSpec, xml: str) -> tuple[str, ...]:
+        """The volumes an exported VM says virtfleet made for it that are its own writable disks
+        and pool volumes of this host (so `vm delete --delete-disks` can never reach another
+        file through a forged claim)."""
+        disks = {
+            d.path
+            for d in spec.disks
+            if d.path is not None and d.device is DiskDevice.DISK and not d.readonly
+        }
+        return tuple(
+            p for p in disk_helpers.claimed_volumes(xml) if p in disks and self._hv.is_pool_volume(p)
+        )
 
     def dumpxml(self, body: DumpXml) -> DomainXml:
         self._existing(body.vm)
@@ -466,11 +489,11 @@ class VmOpsHandlers:
         """The disk with pool, volume and path filled in (path None: a volume still to create)."""
         if disk.source == "existing":
             assert disk.path is not None
-            if not self._hv.path_exists(disk.path):
-                raise NotFound(f"disk {disk.target}: image {disk.path} does not exist on this host")
+            self._storage.existing_disk(self._images, disk)
             return disk
         pool = disk.pool or self._hv.default_pool
         name = disk_helpers.volume_name(ref.name, disk.target, disk.format, disk.volume)
+        self._storage.pool_volume(pool, self._hv.pool_path(pool), name, disk.format)
         path = self._hv.volume_path(pool, name)
         if path is not None and path not in self._hv.owned_volumes(ref.uuid):
             raise Conflict(
@@ -482,6 +505,7 @@ class VmOpsHandlers:
     def _forget_volume(self, uuid: str, path: str) -> None:
         try:
             self._hv.delete_volume_path(path)
+            self._storage.formats.forget(path)
             self._hv.set_owned_volumes(uuid, tuple(p for p in self._hv.owned_volumes(uuid) if p != path))
         except VirtfleetError as exc:
             log.warning("could not remove volume %s after a failed attach: %s", path, exc.message)
@@ -517,6 +541,7 @@ class VmOpsHandlers:
                 )
             elif body.delete_volume and disk.path is not None:
                 self._hv.delete_volume_path(disk.path)
+                self._storage.formats.forget(disk.path)
                 self._hv.set_owned_volumes(ref.uuid, tuple(p for p in owned if p != disk.path))
                 message += f" and deleted {disk.path}"
                 deleted = (disk.path,)
@@ -533,11 +558,13 @@ class VmOpsHandlers:
             if disk is None or disk.device != "disk" or disk.path is None:
                 raise NotFound(f"VM {ref.name} has no disk {body.target}")
             wanted = body.size_gib * GIB
-            current = (
-                self._hv.block_size(ref.uuid, body.target)
-                if running
-                else self._images.info(disk.path).virtual_size_bytes
-            )
+            if running:
+                current = self._hv.block_size(ref.uuid, body.target)
+            else:
+                confined = self._storage.existing(disk.path, f"disk {body.target}")
+                if disk.format is not None:
+                    self._storage.formats.record(confined.path, disk.format)
+                current = self._storage.inspect(self._images, confined).virtual_size_bytes
             if wanted < current:
                 raise InvalidRequest(
                     f"disk {body.target} of VM {ref.name} is {current / GIB:g} GiB; shrinking a disk loses data "
@@ -548,7 +575,7 @@ class VmOpsHandlers:
             if running:
                 self._hv.block_resize(ref.uuid, body.target, wanted)
             else:
-                self._images.resize(disk.path, body.size_gib)
+                self._images.resize(disk.path, self._storage.formats.format_of(disk.path), body.size_gib)
             log.info("VM %s: disk %s grown to %d GiB", ref.name, body.target, body.size_gib)
             return VmResult(
                 status=self._hv.status(ref.uuid),
@@ -630,7 +657,7 @@ class VmOpsHandlers:
 
     # -- images ------------------------------------------------------------------------
     def _image_path(self, image: ImageLocation) -> tuple[str, str | None]:
-        """(path, pool or None) of an image location."""
+        """(path, pool or None) of an image location (not checked yet: see :attr:`_storage`)."""
         if image.path is not None:
             return image.path, None
         assert image.volume is not None
@@ -642,26 +669,43 @@ class VmOpsHandlers:
 
     def image_create(self, body: ImageCreate) -> ImageInfo:
         path, pool = self._image_path(body.image)
-        info = self._images.create(path, body.format, body.size_gib)
+        confined = self._storage.new(path, body.format)
+        if (
+            confined.kind is not FileKind.MISSING
+            and self._storage.formats.get(confined.path) == body.format.value
+        ):
+            # A repeated create of the image it made: the same answer, nothing overwritten.
+            existing = self._storage.inspect(self._images, confined)
+            if existing.virtual_size_bytes == body.size_gib * GIB:
+                return replace(existing, path=path)
+        info = self._images.create(confined.path, body.format, body.size_gib)
+        self._storage.formats.record(confined.path, body.format.value)
         if pool is not None:
             self._hv.refresh_pool(pool)
-        return info
+        return replace(info, path=path)
 
     def image_info(self, body: ImageInfoRequest) -> ImageInfo:
         path, _pool = self._image_path(body.image)
-        return self._images.info(path)
+        info = self._storage.inspect(self._images, self._storage.existing(path))
+        return replace(info, path=path)
 
     def image_convert(self, body: ImageConvert) -> ImageInfo:
         src, _ = self._image_path(body.source)
         dst, pool = self._image_path(body.dest)
-        info = self._images.convert(src, dst, body.format)
+        source = self._storage.existing(src)
+        target = self._storage.new(dst, body.format)
+        self._storage.inspect(self._images, source)  # refuses a chain leaving the pools
+        info = self._images.convert(
+            source.path, self._storage.formats.format_of(source.path), target.path, body.format
+        )
+        self._storage.formats.record(target.path, body.format.value)
         if pool is not None:
             self._hv.refresh_pool(pool)
-        return info
+        return replace(info, path=dst)
 
 
-def _parse_request_xml(xml: str) -> ParsedDomain:
+def _spec_from_request_xml(xml: str) -> VmSpec:
     try:
-        return parse_domain_xml(xml)
+        return spec_from_xml(xml)
     except DomainXmlError as exc:
         raise InvalidRequest(f"not usable domain XML: {exc}") from exc

@@ -72,6 +72,8 @@ __all__ = [
     "parse_snapshot_xml",
     "shared_disk_paths",
     "spec_from_parsed",
+    "spec_from_xml",
+    "unsafe_elements",
     "writable_disk_paths",
 ]
 
@@ -655,6 +657,63 @@ def _graphics_spec(graphics: ParsedGraphics | None) -> GraphicsSpec | None:
         port=None if graphics.autoport else graphics.port,
         password=graphics.password,
     )
+
+
+#: libvirt's namespace for raw QEMU arguments and overrides (``qemu:commandline``, ``qemu:arg``...).
+QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+#: Elements that give a guest (or QEMU) the host itself, refused on import: where each one is
+#: looked for and why it is dangerous.
+_UNSAFE_ELEMENTS: tuple[tuple[str, str], ...] = (
+    ("devices/filesystem", "passes a host directory through to the guest"),
+    ("devices/hostdev", "passes a host device through to the guest"),
+    ("devices/redirdev", "redirects a host USB device"),
+    ("devices/smartcard", "passes a host smartcard through"),
+    ("devices/shmem", "shares host memory"),
+    ("os/loader", "names a firmware file on the host"),
+    ("os/nvram", "names a firmware variables file on the host"),
+    ("os/dtb", "names a device tree file on the host"),
+)
+
+#: QEMU binaries libvirt picks by itself; an ``<emulator>`` naming another program is refused.
+_DEFAULT_EMULATORS = re.compile(r"/usr/(bin/qemu-system-[a-z0-9_]+|bin/kvm|libexec/qemu-kvm)")
+
+
+def unsafe_elements(xml: str) -> list[str]:
+    """What in domain ``xml`` would reach beyond the VM's own images: one line per element
+    (``<filesystem>: passes a host directory ...``). Empty when the XML is safe to import."""
+    root = _parse_root(xml)
+    found = [
+        f"<{path.rsplit('/', 1)[-1]}> ({path}): {why}"
+        for path, why in _UNSAFE_ELEMENTS
+        if root.find(path) is not None
+    ]
+    for elem in root.iter():
+        if isinstance(elem.tag, str) and elem.tag.startswith(f"{{{QEMU_NAMESPACE}}}"):
+            tag = elem.tag.split("}", 1)[1]
+            found.append(f"<qemu:{tag}>: passes raw arguments or overrides to QEMU")
+            break
+    for label in root.iter("seclabel"):
+        if label.get("type") in ("none", "static") or label.get("relabel") == "no":
+            found.append("<seclabel>: turns off or fixes the VM's security (sVirt) confinement")
+            break
+    emulator = (root.findtext("devices/emulator") or "").strip()
+    if emulator and not _DEFAULT_EMULATORS.fullmatch(emulator):
+        found.append(f"<emulator>{emulator}</emulator>: runs a program other than the host's QEMU")
+    return found
+
+
+def spec_from_xml(xml: str) -> VmSpec:
+    """``vm import``: the validated spec of domain ``xml``; the domain defined is rebuilt from it
+    (:func:`build_domain_xml`), never the XML as given. InvalidRequest names every element that
+    cannot be expressed safely; DomainXmlError when the XML is not a usable domain."""
+    unsafe = unsafe_elements(xml)
+    if unsafe:
+        raise InvalidRequest(
+            "cannot import: the domain XML has element(s) virtfleet refuses: " + "; ".join(unsafe),
+            details={"elements": unsafe},
+        )
+    return spec_from_parsed(parse_domain_xml(xml))
 
 
 def spec_from_parsed(parsed: ParsedDomain) -> VmSpec:

@@ -13,12 +13,8 @@ from typing import Any
 from common.broker_url import DEFAULT_URL
 from common.errors import InvalidRequest
 from common.messages.catalogue import CATALOGUE
-<<<<<<< HEAD
 from common.messages.descriptor import Role, Side, Version
-=======
-from common.messages.descriptor import Side, Version
 from common.signing import DEFAULT_CLOCK_SKEW_S, DEFAULT_GRACE_S, DEFAULT_MAX_LIFETIME_S, check_limits
->>>>>>> msg-signing
 
 DEFAULT_DATABASE_URL = "sqlite:///./virtfleet.db"
 
@@ -161,9 +157,7 @@ class ControllerConfig:
     #: ``[rpc] version_cap``: family -> newest version the controller may send agents (oslo's
     #: version_cap), so that the controller can be upgraded before the agents.
     version_cap: Mapping[str, Version] = field(default_factory=dict)
-<<<<<<< HEAD
     access: AccessConfig = field(default_factory=AccessConfig)
-=======
     #: The fleet master secret (``virtfleet-controller keys init``; mode 0600): commands are
     #: signed with each host's key and reports must be. Empty: messages are neither signed nor
     #: checked (a warning at start; docs/security.md, "Message signatures").
@@ -175,7 +169,6 @@ class ControllerConfig:
     max_message_lifetime_s: float = DEFAULT_MAX_LIFETIME_S
     #: How far in the future a message's ``sent_at`` may be (clock differences between machines).
     clock_skew_s: float = DEFAULT_CLOCK_SKEW_S
->>>>>>> msg-signing
 
     def __post_init__(self) -> None:
         if self.strategy not in {"spread", "pack"}:

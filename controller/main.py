@@ -22,8 +22,8 @@ from common.transport.factory import open_transport
 from common.transport.port import Transport
 from common.transport.rpc import HandlerTable
 from common.transport.topology import API_QUEUE, API_READ_QUEUE, HEARTBEATS_QUEUE, REPORTS_QUEUE
-from controller.access import Rate, RateLimiter, RoleCheck
 from controller import keys_cli
+from controller.access import Rate, RateLimiter, RoleCheck
 from controller.agent_api import AgentClient, configured_cap
 from controller.audit import AuditedApi
 from controller.config import ControllerConfig, load_config

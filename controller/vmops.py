@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from common.domain_xml import DomainXmlError, parse_domain_xml, spec_from_parsed
+from common.domain_xml import DomainXmlError, spec_from_xml
 from common.errors import (
     AlreadyExists,
     Conflict,
@@ -150,8 +150,7 @@ class VmOps:
 
     def import_vm(self, req: vmops.VmImportRequest) -> api.VmCreated:
         try:
-            parsed = parse_domain_xml(req.xml)
-            spec = spec_from_parsed(parsed)
+            spec = spec_from_xml(req.xml)  # refuses <filesystem>, <hostdev>, qemu:commandline, ...
         except DomainXmlError as exc:
             raise InvalidRequest(f"cannot import: {exc}") from exc
         with self.service.tx() as s:

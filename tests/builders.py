@@ -92,10 +92,18 @@ def host_report(host_id: str = "h1", **fields: Any) -> HostReport:
     return HostReport(**(values | fields))
 
 
-def qemu_process(root: Path, pid: int, vm_uuid: str, accel: str = "KVM") -> Path:
+def qemu_process(
+    root: Path, pid: int, vm_uuid: str, accel: str = "KVM", *, libvirt_name: str | None = None
+) -> Path:
     """A QEMU process of ``vm_uuid`` in the simulated /proc under ``root`` (what ``-uuid`` on its command
     line and its thread names look like): a main thread ``pid`` and the vCPU thread ``pid + 1``
-    (``CPU 0/<accel>``), both allowed on CPUs 0-7. Returns its /proc directory."""
+    (``CPU 0/<accel>``), both allowed on CPUs 0-7. With ``libvirt_name`` libvirt's record of the
+    domain's PID is written too (``run/libvirt/qemu/<name>.pid``); without it the process only
+    claims the uuid, as anyone's process could. Returns its /proc directory."""
+    if libvirt_name is not None:
+        run = root / "run" / "libvirt" / "qemu"
+        run.mkdir(parents=True, exist_ok=True)
+        (run / f"{libvirt_name}.pid").write_text(f"{pid}\n")
     proc = root / "proc" / str(pid)
     proc.mkdir(parents=True)
     (proc / "cmdline").write_bytes(b"/usr/bin/qemu-system-x86_64\0-uuid\0" + vm_uuid.encode() + b"\0")

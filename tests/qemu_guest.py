@@ -23,6 +23,7 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.main import Agent, build_hypervisor
+from agent.storage_pools import StoragePool
 from agent.tuning.module import TuningModule
 from common.messages.base import replace
 from common.messages.vm import DiskFormat, DiskSpec, DomainType, GraphicsSpec, KernelBoot, NicSpec, VmSpec
@@ -34,6 +35,8 @@ TEST_PREFIX = "vftest-"
 #: Our own pool so tests never touch a real "default" pool's images.
 TEST_POOL = "vftest-pool"
 TEST_POOL_DIR = Path("/var/lib/virtfleet/test-images")
+#: The test guest's kernel and initrd: a storage pool of the test agents (paths must lie in one).
+GUEST_POOL = StoragePool("guest", str(GUEST_DIR), frozenset({DiskFormat.RAW}))
 
 _STATE_RE = re.compile(r"GUEST-STATE cpus=(\S+) memtotal_kb=(\d+)")
 
@@ -150,7 +153,10 @@ def wait_for_serial(name: str, needle: str, timeout: float = 60.0) -> None:
 
 def write_agent_toml(path: Path) -> Path:
     """An agent configuration file that puts images in the test pool (for ``virtfleet-agent --config``)."""
-    path.write_text(f'[agent]\nstorage_pool = "{TEST_POOL}"\nimages_dir = "{TEST_POOL_DIR}"\n')
+    path.write_text(
+        f'[agent]\nstorage_pool = "{TEST_POOL}"\nimages_dir = "{TEST_POOL_DIR}"\n'
+        f'[agent.pools.guest]\npath = "{GUEST_DIR}"\nformats = ["raw"]\n'
+    )
     return path
 
 
@@ -167,6 +173,7 @@ def start_qemu_agent(
         storage_pool=TEST_POOL,
         images_dir=TEST_POOL_DIR,
         report_interval=300,
+        pools=(GUEST_POOL,),
         **settings,
     )
     modules = [TuningModule.for_host(cfg, conn)] if tuning else []

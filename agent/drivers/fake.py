@@ -42,7 +42,18 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
-from agent.ports import ACTIVE_STATES, GIB, Hypervisor, Images, NodeFacts, grown_size, shutdown_timed_out
+from agent.disks import OWNED_VOLUMES_NS as OWNED_VOLUMES_NS  # noqa: PLC0414 - re-exported
+from agent.ports import (
+    ACTIVE_STATES,
+    GIB,
+    Hypervisor,
+    ImageFacts,
+    Images,
+    NodeFacts,
+    grown_size,
+    shutdown_timed_out,
+)
+from agent.storage_pools import FileKind, PathLookup
 from common.cpuset import format_cpuset
 from common.domain_xml import VF_NAMESPACE, DomainXmlError, ParsedDomain, parse_domain_xml
 from common.errors import (
@@ -65,9 +76,6 @@ _T = TypeVar("_T")
 KIB = 1024
 MIB = 1024**2
 
-#: Namespace of the agent's owned-volumes metadata (the value of libvirt_driver.OWNED_VOLUMES_NS;
-#: repeated so that this module does not import libvirt; a unit test keeps the two equal).
-OWNED_VOLUMES_NS = "https://virtfleet.dev/xmlns/agent-volumes/1"
 _TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"
 _PREFIXES = {VF_NAMESPACE: "vf", OWNED_VOLUMES_NS: "vfa", _TEST_NS: "test"}
 
@@ -311,6 +319,8 @@ class FakeFile:
     virtual_size: int
     actual_size: int = 0
     snapshots: list[str] = field(default_factory=list)  # internal qcow2 snapshots, by name
+    backing: str | None = None  # qcow2 only: the backing file the header names
+    backing_format: str | None = None
 
 
 class FakeStorage:
@@ -359,6 +369,17 @@ class FakeStorage:
         with self.lock:
             return self.norm(path) in self.dirs
 
+    def realpath(self, path: str) -> str:
+        """:class:`agent.storage_pools.PathLookup`: the fake host has no symlinks."""
+        return self.norm(path)
+
+    def kind(self, path: str) -> FileKind:
+        with self.lock:
+            key = self.norm(path)
+            if key in self.files:
+                return FileKind.FILE
+            return FileKind.DIRECTORY if key in self.dirs else FileKind.MISSING
+
     def in_dir(self, directory: str) -> dict[str, str]:
         """name -> path of the files directly in ``directory``."""
         with self.lock:
@@ -375,31 +396,45 @@ class FakeImages:
         self.storage = storage
         self._in_use = in_use or (lambda _path: False)
 
-    def _info(self, path: str, f: FakeFile) -> ImageInfo:
+    def _info(self, path: str, f: FakeFile, fmt: str | None = None) -> ImageInfo:
+        fmt = fmt or f.format
         return ImageInfo(
             path=path,
-            format=f.format,
-            virtual_size_bytes=f.virtual_size,
+            format=fmt,
+            virtual_size_bytes=f.virtual_size if fmt == f.format else f.actual_size,
             actual_size_bytes=f.actual_size,
-            cluster_size=_QCOW2_CLUSTER if f.format == "qcow2" else None,
-            snapshots=len(f.snapshots),
+            cluster_size=_QCOW2_CLUSTER if fmt == "qcow2" else None,
+            backing_file=f.backing if fmt == "qcow2" == f.format else None,
+            snapshots=len(f.snapshots) if fmt == f.format else 0,
         )
 
-    def info(self, path: str) -> ImageInfo:
-        """NotFound when there is no such file."""
+    def inspect(self, path: str, fmt: str) -> ImageFacts:
+        """NotFound when there is no such file. Read with another format than its own, a file is
+        what qemu-img would make of its bytes: raw reads a qcow2 file as its bytes (no backing)."""
         with self.storage.lock:
             f = self.storage.get(path)
             if f is None:
                 raise NotFound(f"image {path} does not exist on this host")
-            return self._info(path, f)
+            info = self._info(path, f, fmt)
+            if fmt not in (f.format, "raw"):
+                raise StorageError(
+                    f"qemu-img info {path}: Image is not in {fmt} format", details={"returncode": 1}
+                )
+            return ImageFacts(info, info.backing_file, f.backing_format if info.backing_file else None)
+
+    def info(self, path: str, fmt: str | None = None) -> ImageInfo:
+        """For tests: :meth:`inspect` with the file's own format unless ``fmt`` is given."""
+        with self.storage.lock:
+            f = self.storage.get(path)
+            if f is None:
+                raise NotFound(f"image {path} does not exist on this host")
+            return self.inspect(path, fmt or f.format).info
 
     def create(self, path: str, fmt: DiskFormat, size_gib: int) -> ImageInfo:
-        """Never overwrites: AlreadyExists unless ``path`` is this very image already."""
+        """Never overwrites: AlreadyExists when ``path`` exists."""
         with self.storage.lock:
             existing = self.storage.get(path)
             if existing is not None:
-                if existing.format == fmt.value and existing.virtual_size == size_gib * GIB:
-                    return self._info(path, existing)
                 raise AlreadyExists(
                     f"{path} exists already ({existing.format}, {existing.virtual_size // GIB} GiB); "
                     "virtfleet never overwrites an image"
@@ -417,10 +452,10 @@ class FakeImages:
                 f"{what}: Failed to get {lock} lock (is a running VM using it?)", details={"returncode": 1}
             )
 
-    def convert(self, src: str, dst: str, fmt: DiskFormat) -> ImageInfo:
+    def convert(self, src: str, src_fmt: str, dst: str, fmt: DiskFormat) -> ImageInfo:
         """AlreadyExists when ``dst`` exists."""
         with self.storage.lock:
-            source = self.info(src)
+            source = self.inspect(src, src_fmt).info
             if self.storage.exists(dst):
                 raise AlreadyExists(f"{dst} exists already; virtfleet never overwrites an image")
             if not self.storage.is_dir(str(PurePosixPath(dst).parent)):
@@ -429,17 +464,17 @@ class FakeImages:
             made = self.storage.add_file(dst, fmt.value, source.virtual_size_bytes, source.actual_size_bytes)
             return self._info(dst, made)
 
-    def resize(self, path: str, size_gib: int) -> ImageInfo:
+    def resize(self, path: str, fmt: str, size_gib: int) -> ImageInfo:
         """Grow only."""
         with self.storage.lock:
-            current = self.info(path)
+            current = self.inspect(path, fmt).info
             wanted = grown_size(current, size_gib)
             if wanted is None:
                 return current
             what = f"qemu-img resize {path}"
             self._locked(path, what, '"write"')
             f = self.storage.get(path)
-            assert f is not None  # info() found it under the same lock
+            assert f is not None  # inspect() found it under the same lock
             if f.snapshots:
                 raise StorageError(
                     f"{what}: Can't resize an image which has snapshots", details={"returncode": 1}
@@ -1697,6 +1732,9 @@ class FakeHypervisor:
             if not path:
                 raise NotFound(f"storage pool {pool} has no target directory")
             return path
+
+    def files(self) -> PathLookup:
+        return self.storage
 
     def refresh_pool(self, pool: str) -> None:
         with self.lock:

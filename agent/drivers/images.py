@@ -4,9 +4,12 @@
 the pure :func:`parse_info`. Failures become :class:`~common.errors.StorageError` with qemu-img's own
 message; a missing binary is :class:`~common.errors.Unsupported`.
 
-Nothing here ever overwrites an image: ``create`` reserves the file with ``O_EXCL`` first and
-``convert`` writes a temporary file next to the destination and links it into place only if the
-destination still does not exist.
+Nothing here ever overwrites an image: ``create`` reserves the file with ``O_EXCL | O_NOFOLLOW``
+(mode 0600) first and ``convert`` writes into such a temporary file next to the destination
+(``qemu-img create`` then ``convert -n``, so qemu never creates a file with its own mode) and links
+it into place only if the destination still does not exist. Every call passes the image's format
+with ``-f``: qemu-img never probes one. Which paths may be used is decided before, by
+:class:`agent.host_storage.HostStorage`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import subprocess
 import uuid
 from collections.abc import Callable, Sequence
 
-from agent.ports import GIB, grown_size
+from agent.host_files import create_exclusive
+from agent.ports import GIB, ImageFacts, grown_size
 from common.errors import AlreadyExists, NotFound, StorageError, Unsupported
 from common.messages.vm import DiskFormat
 from common.messages.vmops import ImageInfo
@@ -34,8 +38,8 @@ QUICK_TIMEOUT_S = 60.0
 Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
-def parse_info(text: str, path: str) -> ImageInfo:
-    """An :class:`ImageInfo` from ``qemu-img info --output=json`` (pure)."""
+def parse_info(text: str, path: str) -> ImageFacts:
+    """An image's facts from ``qemu-img info --output=json`` (pure)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -50,7 +54,12 @@ def parse_info(text: str, path: str) -> ImageInfo:
     cluster = data.get("cluster-size")
     backing = data.get("full-backing-filename") or data.get("backing-filename")
     snapshots = data.get("snapshots")
-    return ImageInfo(
+    specific = data.get("format-specific")
+    specific_data = specific.get("data") if isinstance(specific, dict) else None
+    data_file = specific_data.get("data-file") if isinstance(specific_data, dict) else None
+    raw_backing = data.get("backing-filename")
+    backing_format = data.get("backing-filename-format")
+    info = ImageInfo(
         path=path,
         format=fmt,
         virtual_size_bytes=virtual,
@@ -59,6 +68,14 @@ def parse_info(text: str, path: str) -> ImageInfo:
         backing_file=backing if isinstance(backing, str) else None,
         snapshots=len(snapshots) if isinstance(snapshots, list) else 0,
         dirty=data.get("dirty-flag") is True,
+    )
+    return ImageFacts(
+        info,
+        backing_file=backing
+        if isinstance(backing, str)
+        else (raw_backing if isinstance(raw_backing, str) else None),
+        backing_format=backing_format if isinstance(backing_format, str) else None,
+        data_file=data_file if isinstance(data_file, str) else None,
     )
 
 
@@ -92,30 +109,22 @@ class QemuImg:
             raise StorageError(f"{what}: {message}{hint}", details={"returncode": done.returncode})
         return str(done.stdout)
 
-    def info(self, path: str) -> ImageInfo:
-        """``qemu-img info -U``: -U (force share) reads the metadata of an image a VM has open."""
-        if not os.path.exists(path):  # noqa: PTH110 - str paths throughout
+    def inspect(self, path: str, fmt: str) -> ImageFacts:
+        """``qemu-img info -f FMT -U``: -U (force share) reads the metadata of an image a VM has
+        open; info never opens a backing file."""
+        if not os.path.lexists(path):
             raise NotFound(f"image {path} does not exist on this host")
-        out = self._call(["info", "--output=json", "-U", path], f"qemu-img info {path}", QUICK_TIMEOUT_S)
+        out = self._call(
+            ["info", "--output=json", "-f", fmt, "-U", path], f"qemu-img info {path}", QUICK_TIMEOUT_S
+        )
         return parse_info(out, path)
 
+    def info(self, path: str, fmt: str) -> ImageInfo:
+        return self.inspect(path, fmt).info
+
     def create(self, path: str, fmt: DiskFormat, size_gib: int) -> ImageInfo:
-        """Create a new image; AlreadyExists when ``path`` exists (unless it is this very image)."""
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            existing = self.info(path)
-            if existing.format == fmt.value and existing.virtual_size_bytes == size_gib * GIB:
-                return existing  # a repeated create of the same image
-            raise AlreadyExists(
-                f"{path} exists already ({existing.format}, {existing.virtual_size_bytes // GIB} GiB); "
-                "virtfleet never overwrites an image"
-            ) from None
-        except FileNotFoundError:
-            raise NotFound(f"cannot create {path}: its directory does not exist") from None
-        except OSError as exc:
-            raise StorageError(f"cannot create {path}: {exc.strerror}") from None
-        os.close(fd)
+        """Create a new image (mode 0600); AlreadyExists when anything is at ``path``."""
+        create_exclusive(path)
         try:
             self._call(
                 ["create", "-q", "-f", fmt.value, path, str(size_gib * GIB)],
@@ -124,25 +133,30 @@ class QemuImg:
             )
         except Exception:
             with contextlib.suppress(OSError):
-                os.unlink(path)  # noqa: PTH108
+                os.unlink(path)  # noqa: PTH108 - str paths throughout
             raise
         log.info("created image %s (%s, %d GiB)", path, fmt.value, size_gib)
-        return self.info(path)
+        return self.info(path, fmt.value)
 
-    def convert(self, src: str, dst: str, fmt: DiskFormat) -> ImageInfo:
-        """``qemu-img convert -O fmt``; the destination appears only when it is complete."""
-        source = self.info(src)
+    def convert(self, src: str, src_fmt: str, dst: str, fmt: DiskFormat) -> ImageInfo:
+        """``qemu-img convert -f SRC_FMT -O fmt``; the destination (0600) appears only complete."""
+        source = self.info(src, src_fmt)
         if os.path.lexists(dst):
             raise AlreadyExists(f"{dst} exists already; virtfleet never overwrites an image")
         directory = os.path.dirname(dst)  # noqa: PTH120
         if not os.path.isdir(directory):  # noqa: PTH112
             raise NotFound(f"cannot convert to {dst}: its directory does not exist")
         tmp = os.path.join(directory, f".{os.path.basename(dst)}.part-{uuid.uuid4().hex[:8]}")  # noqa: PTH118, PTH119
+        create_exclusive(tmp)
         try:
+            what = f"qemu-img convert {src} -> {dst}"
+            # Formatted in our own 0600 file, then filled with -n: qemu-img would otherwise create
+            # the destination itself with its default mode (0644), readable by every user.
             self._call(
-                ["convert", "-q", "-f", source.format, "-O", fmt.value, src, tmp],
-                f"qemu-img convert {src} -> {dst}",
-                CONVERT_TIMEOUT_S,
+                ["create", "-q", "-f", fmt.value, tmp, str(source.virtual_size_bytes)], what, QUICK_TIMEOUT_S
+            )
+            self._call(
+                ["convert", "-q", "-n", "-f", src_fmt, "-O", fmt.value, src, tmp], what, CONVERT_TIMEOUT_S
             )
             try:
                 os.link(tmp, dst)  # fails if dst appeared meanwhile: never overwrite
@@ -153,18 +167,18 @@ class QemuImg:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)  # noqa: PTH108
-        log.info("converted %s (%s) to %s (%s)", src, source.format, dst, fmt.value)
-        return self.info(dst)
+        log.info("converted %s (%s) to %s (%s)", src, src_fmt, dst, fmt.value)
+        return self.info(dst, fmt.value)
 
-    def resize(self, path: str, size_gib: int) -> ImageInfo:
+    def resize(self, path: str, fmt: str, size_gib: int) -> ImageInfo:
         """Grow an image (``qemu-img resize``); shrinking is refused (it loses data)."""
-        current = self.info(path)
+        current = self.info(path, fmt)
         wanted = grown_size(current, size_gib)
         if wanted is None:
             return current
         self._call(
-            ["resize", "-q", "-f", current.format, path, str(wanted)],
+            ["resize", "-q", "-f", fmt, path, str(wanted)],
             f"qemu-img resize {path}",
             QUICK_TIMEOUT_S,
         )
-        return self.info(path)
+        return self.info(path, fmt)

@@ -26,8 +26,11 @@ from typing import Any
 
 import libvirt
 
+from agent.disks import OWNED_VOLUMES_NS as OWNED_VOLUMES_NS  # noqa: PLC0414 - re-exported
 from agent.drivers import host_facts
+from agent.host_files import OsPathLookup
 from agent.ports import GIB, NodeFacts, shutdown_timed_out
+from agent.storage_pools import FileKind, PathLookup
 from common.domain_xml import VF_NAMESPACE, DomainXmlError, parse_domain_xml
 from common.errors import HypervisorError, NotFound, Unsupported, VirtfleetError
 from common.messages.host import CpuTopology, StoragePoolInfo
@@ -37,8 +40,6 @@ log = logging.getLogger(__name__)
 
 MIB = 1024**2
 
-#: Namespace of the agent's own ``<metadata>`` element: the volumes it created for a domain.
-OWNED_VOLUMES_NS = "https://virtfleet.dev/xmlns/agent-volumes/1"
 OWNED_VOLUMES_PREFIX = "vfa"
 
 #: libvirt domain state -> virtfleet power state, spelled out for every VIR_DOMAIN_* state.
@@ -213,6 +214,19 @@ def domain_has_nvram(domain_xml: str) -> bool:
 
 
 # ------------------------------------------------------------------------------ the driver
+
+
+class _VolumeAwareLookup(OsPathLookup):
+    """:class:`~agent.host_files.OsPathLookup`, plus libvirt's volumes as files."""
+
+    def __init__(self, hv: LibvirtHypervisor) -> None:
+        self._hv = hv
+
+    def kind(self, path: str) -> FileKind:
+        found = super().kind(path)
+        if found is FileKind.MISSING and self._hv.is_pool_volume(path):
+            return FileKind.FILE
+        return found
 
 
 class LibvirtHypervisor:
@@ -709,6 +723,11 @@ class LibvirtHypervisor:
         if not path:
             raise NotFound(f"storage pool {pool} has no target directory")
         return path
+
+    def files(self) -> PathLookup:
+        """The real file system, where a pool volume counts as a file even when libvirt keeps it
+        elsewhere (the test driver's volumes exist only in libvirt)."""
+        return _VolumeAwareLookup(self)
 
     def refresh_pool(self, pool: str) -> None:
         pool_obj = self._pool(pool)

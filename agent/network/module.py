@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.drivers import host_facts
 from agent.network import planner, resolv
 from agent.network.model import Probe
 from agent.network.persist import Persister
@@ -284,6 +285,16 @@ def build_network_module(cfg: Any, conn: Any, env: Mapping[str, str] | None = No
     from agent.network.netlink import NetlinkDriver  # noqa: PLC0415 - keeps pyroute2 out of pure imports
     from agent.network.probe import BrokerProbe  # noqa: PLC0415 - keeps pika out of pure imports
 
+    if host_facts.is_test_uri(cfg.libvirt_uri):
+        # A simulated host: its links live in memory and its files under its state directory.
+        # Netlink here would change this machine's real interfaces, routes and bridges.
+        return NetworkModule(
+            simulated_links(),
+            LibvirtNetworks(conn),
+            BrokerProbe(cfg.amqp_url, f"agent-{cfg.host_id}-netprobe-{uuid.uuid4().hex[:6]}"),
+            settings=simulated_settings(cfg.state_dir),
+            state_dir=cfg.state_dir,
+        )
     settings = NetworkSettings.from_env(os.environ if env is None else env)
     return NetworkModule(
         NetlinkDriver(),
@@ -292,3 +303,32 @@ def build_network_module(cfg: Any, conn: Any, env: Mapping[str, str] | None = No
         settings=settings,
         state_dir=cfg.state_dir,
     )
+
+
+def simulated_links(
+    nics: tuple[str, ...] = ("eth0", "eth1"),
+    bridges: tuple[str, ...] = (),
+    address: str = "192.0.2.10/24",
+    gateway: str = "192.0.2.1",
+) -> LinkDriver:
+    """The in-memory links of a simulated host: ``nics`` (the first with ``address`` and a default
+    route via ``gateway``) and ``bridges`` (the first with the second NIC as its port)."""
+    from agent.network.fake import FakeLinkDriver  # noqa: PLC0415 - the simulation only
+
+    ports = {bridges[0]: nics[1:2]} if bridges and len(nics) > 1 else {}
+    return FakeLinkDriver.simple(nics=nics, bridges=bridges, ports=ports, address=address, gateway=gateway)
+
+
+def simulated_settings(state_dir: Path, gateway: str = "192.0.2.1") -> NetworkSettings:
+    """A simulated host's network files: a tree under ``state_dir/netroot`` shaped like the
+    host's /etc and /proc (networkd persistence, resolv.conf, ip_forward)."""
+    netroot = state_dir / "netroot"
+    (netroot / "etc" / "systemd" / "network").mkdir(parents=True, exist_ok=True)
+    resolv_conf = netroot / "etc" / "resolv.conf"
+    if not resolv_conf.exists():
+        resolv_conf.write_text(f"nameserver {gateway}\n", encoding="utf-8")
+    forward = netroot / "proc" / "sys" / "net" / "ipv4" / "ip_forward"
+    forward.parent.mkdir(parents=True, exist_ok=True)
+    if not forward.exists():
+        forward.write_text("0\n", encoding="utf-8")
+    return NetworkSettings(root=netroot, persist="networkd", proc=netroot / "proc")

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from agent.config import AgentConfig
+from agent.config import DEFAULT_HUGEPAGE_SHARE, AgentConfig
 from agent.drivers import host_facts
 from agent.drivers.libvirt_driver import libvirt_errors
 from agent.tuning import cpusets, parse
@@ -65,9 +65,16 @@ class TuningModule:
     """:class:`agent.host_runtime.AgentModule` for performance tuning."""
 
     def __init__(
-        self, pinning: Pinning, kernel: HostKernel, sets: cpusets.CpuSets, *, simulated: bool = False
+        self,
+        pinning: Pinning,
+        kernel: HostKernel,
+        sets: cpusets.CpuSets,
+        *,
+        simulated: bool = False,
+        hugepage_share: float = DEFAULT_HUGEPAGE_SHARE,
     ) -> None:
         self.kernel = kernel
+        self.hugepage_share = hugepage_share
         self.sets = sets
         self.simulated = simulated
         self.pinning: Pinning = pinning
@@ -95,7 +102,13 @@ class TuningModule:
         else:
             kernel = HostKernel()
         sets = cpusets.resolve(kernel.online_cpus(), cfg.dedicated_cpus, cfg.shared_cpus, cfg.reserved_cpus)
-        module = cls(LibvirtPinning(conn, simulated=simulated), kernel, sets, simulated=simulated)
+        module = cls(
+            LibvirtPinning(conn, simulated=simulated),
+            kernel,
+            sets,
+            simulated=simulated,
+            hugepage_share=cfg.hugepage_max_share,
+        )
         width = module.pinning.cpu_map_width()
         beyond = sorted(c for c in sets.dedicated if c >= width)
         if beyond:
@@ -219,20 +232,24 @@ class TuningModule:
         )
 
     def qemu_pid(self, uuid: str) -> int | None:
-        """The QEMU process running domain ``uuid`` (its ``-uuid`` argument), or None."""
-        wanted = uuid.lower()
-        for pid in self.kernel.pids():
-            try:
-                if parse.qemu_uuid(self.kernel.cmdline(pid)) == wanted:
-                    return pid
-            except NotFound:
-                continue
-        return None
+        """The QEMU process running domain ``uuid``, as libvirt recorded it, or None.
+
+        Never from a ``-uuid`` match on command lines: any user can start a process whose argv
+        names a VM's uuid."""
+        try:
+            dom = self.pinning.domain(uuid)
+            with libvirt_errors("cannot read the domain"):
+                name = str(dom.name())
+        except NotFound:
+            return None
+        return self.kernel.libvirt_qemu_pid(name)
 
     # -- taskset --------------------------------------------------------------------------
     def process(self, body: ProcessQuery) -> ProcessInfo:
+        """Which VM's QEMU ``body.pid`` is: the uuid its command line names, believed only when
+        libvirt's own record of that domain's QEMU process is this very PID."""
         uuid = parse.qemu_uuid(self.kernel.cmdline(body.pid))
-        if uuid is None:
+        if uuid is None or self.qemu_pid(uuid) != body.pid:
             return ProcessInfo(pid=body.pid, qemu=False)
         try:
             dom = self.pinning.domain(uuid)
@@ -277,9 +294,26 @@ class TuningModule:
         return TasksetResult(pid=body.pid, vm_uuid=info.vm_uuid or "", before=before, after=after)
 
     # -- hugepages, IO, profiles ----------------------------------------------------------
+    def _check_hugepage_share(self, size_kib: int, count: int) -> None:
+        """InvalidRequest when every hugepage pool together, with ``count`` pages of ``size_kib``,
+        would take more than the configured share of MemTotal."""
+        total_kib = self.kernel.meminfo().get("MemTotal", 0)
+        others = sum(p.size_kib * p.total for p in self.kernel.hugepage_pools() if p.size_kib != size_kib)
+        wanted = others + size_kib * count
+        cap = int(total_kib * self.hugepage_share)
+        if wanted > cap:
+            most = max(0, (cap - others) // size_kib)
+            raise InvalidRequest(
+                f"{count} {page_size_label(size_kib)} hugepages would put {wanted // 1024} MiB of this host's "
+                f"{total_kib // 1024} MiB in hugepage pools, above the configured share "
+                f"{self.hugepage_share:g} (hugepage_max_share); at most {most} pages",
+                details={"max_pages": most},
+            )
+
     def hugepages(self, body: SetHugepages) -> HugepagesResult:
         label = page_size_label(body.size_kib)
         with self._lock:
+            self._check_hugepage_share(body.size_kib, body.count)
             before = self.kernel.hugepage_pool(body.size_kib)
             self.kernel.set_hugepages(body.size_kib, body.count)
             pool = self.kernel.hugepage_pool(body.size_kib)
@@ -330,6 +364,8 @@ class TuningModule:
     def _apply(self, step: profiles.Step) -> str:
         """Apply one step and return the value the kernel shows afterwards."""
         kind, what = step.target
+        if kind == "hugepages":
+            self._check_hugepage_share(int(what), int(step.after))
         if kind == "thp":
             self.kernel.set_thp(str(what), step.after)
             return self.kernel.thp(str(what)).selected

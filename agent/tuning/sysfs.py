@@ -245,6 +245,19 @@ class HostKernel:
                 if entry.name.isdigit():
                     yield int(entry.name)
 
+    def libvirt_qemu_pid(self, domain_name: str) -> int | None:
+        """The PID libvirt recorded for the QEMU process of a running domain
+        (``/run/libvirt/qemu/<name>.pid``, root's, written by libvirtd); None when there is none.
+        Unlike a ``-uuid`` match on command lines, no other user's process can claim it."""
+        if not domain_name or "/" in domain_name or domain_name.startswith("."):
+            return None
+        path = self.root.joinpath("run", "libvirt", "qemu", f"{domain_name}.pid")
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return int(text) if text.isdigit() else None
+
     def cmdline(self, pid: int) -> bytes:
         try:
             return self._proc(str(pid), "cmdline").read_bytes()

@@ -441,9 +441,11 @@ def test_a_failed_operation_records_the_error_and_clears_the_task(fleet: InProce
 def test_a_request_the_agent_refuses_is_not_retried_and_leaves_nothing(fleet: InProcessFleet) -> None:
     before = {h: fleet.used(h) for h in SIZES}
     defines = {h: fleet.fake(h).hypervisor.count("define") for h in SIZES}
-    refused = fleet.cli("vm", "create", "no-image", "--memory", "64", "--disk", "path=/srv/missing.qcow2")
+    refused = fleet.cli(
+        "vm", "create", "no-image", "--memory", "64", "--disk", "path=/srv/images/missing.qcow2"
+    )
     assert refused.code == 3, refused.stdout + refused.stderr
-    assert "/srv/missing.qcow2 does not exist" in refused.json["error"]["message"]
+    assert "/srv/images/missing.qcow2 does not exist" in refused.json["error"]["message"]
     assert fleet.cli("vm", "show", "no-image").code == 3  # forgotten, claim released
     assert {h: fleet.used(h) for h in SIZES} == before
     assert {h: fleet.fake(h).hypervisor.count("define") for h in SIZES} == defines

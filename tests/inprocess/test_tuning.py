@@ -188,7 +188,13 @@ def test_taskset_only_for_the_qemu_process_of_a_managed_vm(fleet: InProcessFleet
     made = create(fleet, "task-1", "--host", "pin-a")
     assert made.code == 0, made.stdout + made.stderr
     vm_uuid = made.json["vm"]["uuid"]
-    qemu_process(fleet.fake("pin-a").tuning.kernel.root, 4100, vm_uuid)
+    root = fleet.fake("pin-a").tuning.kernel.root
+    # A process of anyone's that names the VM's uuid on its command line is not its QEMU.
+    qemu_process(root, 4000, vm_uuid)
+    forged = fleet.cli("host", "taskset", "pin-a", "4000", "--cpus", "0-1")
+    assert forged.code == 4 and "not a QEMU process" in forged.json["error"]["message"]
+    assert "Cpus_allowed_list:\t0-7" in (root / "proc/4000/task/4001/status").read_text()
+    qemu_process(root, 4100, vm_uuid, libvirt_name="task-1")  # libvirt's record names this one
     done = fleet.cli_ok("host", "taskset", "pin-a", "4100", "--cpus", "0-1")
     assert done["vm"] == "task-1"
     assert [t["cpus"] for t in done["result"]["before"]] == ["0-7", "0-7"]
@@ -204,7 +210,7 @@ def test_taskset_only_for_the_qemu_process_of_a_managed_vm(fleet: InProcessFleet
     # A QEMU process of a VM virtfleet does not know, and a process that is not QEMU: refused.
     qemu_process(fleet.fake("pin-a").tuning.kernel.root, 4200, "6a1f0c3e-0d5e-4f0a-9c3e-2b7f6f1d9a02")
     foreign = fleet.cli("host", "taskset", "pin-a", "4200", "--cpus", "0")
-    assert foreign.code == 4 and "does not manage" in foreign.json["error"]["message"]
+    assert foreign.code == 4 and "not a QEMU process" in foreign.json["error"]["message"]
     sshd = fleet.fake("pin-a").tuning.kernel.root / "proc" / "4300"
     sshd.mkdir()
     (sshd / "cmdline").write_bytes(b"/usr/sbin/sshd\0-D\0")
@@ -222,6 +228,12 @@ def test_hugepages_io_scheduler_and_profile_on_a_simulated_host(fleet: InProcess
     refused = create(fleet, "hp-1", "--hugepage-size", "2M", "--host", "pin-b")
     assert refused.code == 4
     assert "2M hugepages short by 128 pages" in refused.json["error"]["message"]
+    # More than the configured share of MemTotal (hugepage_max_share, 0.5 by default): refused.
+    memory_mib = fleet.fake("pin-b").hypervisor.memory_mib
+    too_many = str(memory_mib // 2 // 2 + 1)  # 2 MiB pages just above half the host's memory
+    capped = fleet.cli("host", "hugepages", "pin-b", "--size", "2M", "--count", too_many)
+    assert capped.code == 2 and "hugepage_max_share" in capped.json["error"]["message"], capped.stdout
+    assert fleet.fake("pin-b").tuning.kernel.hugepage_pool(2048).total == 0
     done = fleet.cli_ok("host", "hugepages", "pin-b", "--size", "2M", "--count", "128")
     assert done["result"]["pool"]["total"] == 128
     wait_until(lambda: tuning(fleet, "pin-b")["facts"]["hugepages"][0]["total"] == 128, 30, "the new pool")

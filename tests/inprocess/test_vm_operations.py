@@ -29,7 +29,7 @@ from common.messages.vm import DiskFormat
 from controller.db import repository as repo
 
 HOSTS = ("small", "medium", "large")
-#: Where operators keep images by hand on every host (outside the storage pool).
+#: Where operators keep images by hand on every host (a storage pool of the simulated hosts: agent.fakehost).
 IMAGES = "/srv/images"
 
 
@@ -398,11 +398,11 @@ def test_import_refuses_bad_xml_and_missing_disks(fleet: InProcessFleet, tmp_pat
     missing.write_text(
         "<domain type='test'><name>ghost</name><uuid>6a1f0c3e-0d5e-4f0a-9c3e-2b7f6f1d9a01</uuid>"
         "<memory unit='MiB'>256</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os><devices>"
-        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/nonexistent/ghost.raw'/>"
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/srv/images/ghost.raw'/>"
         "<target dev='vda' bus='virtio'/></disk></devices></domain>"
     )
     error = _error(fleet, 3, "vm", "import", str(missing), "--host", "large")
-    assert "/nonexistent/ghost.raw does not exist" in error["message"]
+    assert "/srv/images/ghost.raw does not exist" in error["message"]
     assert _vm_names(fleet) == names
     assert fleet.used("large") == used  # the claim made for the placement was given back
     assert fleet.fake("large").hypervisor.uuid_for_name("ghost") is None
@@ -767,7 +767,7 @@ def test_images_create_info_convert(fleet: InProcessFleet) -> None:
     clash = _error(fleet, 4, "image", "create", "large", raw, "--format", "qcow2", "--size", "2")
     assert "never overwrites" in clash["message"]
     nodir = _error(
-        fleet, 3, "image", "create", "large", "/no/such/dir/x.raw", "--format", "raw", "--size", "1"
+        fleet, 3, "image", "create", "large", f"{IMAGES}/no/such/dir/x.raw", "--format", "raw", "--size", "1"
     )
     assert "directory does not exist" in nodir["message"]
     # Each host has its own files: the image made on large is not on medium.

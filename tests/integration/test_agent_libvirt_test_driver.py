@@ -17,7 +17,9 @@ from builders import vm_spec
 from agent.drivers import host_facts
 from agent.drivers.libvirt_driver import LibvirtHypervisor, open_connection
 from agent.handlers import AgentHandlers
+from agent.host_storage import HostStorage
 from agent.reporter import build_report
+from agent.storage_pools import StoragePool
 from common.domain_xml import build_domain_xml
 from common.errors import AlreadyExists, HypervisorError, NotFound
 from common.messages.vm import (
@@ -55,8 +57,9 @@ def hv(conn: Any) -> LibvirtHypervisor:
 
 
 @pytest.fixture
-def handlers(hv: LibvirtHypervisor) -> AgentHandlers:
-    return AgentHandlers(hv, lambda: 0)
+def handlers(hv: LibvirtHypervisor, tmp_path: Path) -> AgentHandlers:
+    # the test driver's default pool, and this test's directory for images made by hand
+    return AgentHandlers(hv, lambda: 0, storage=HostStorage.for_host(hv, [StoragePool("tmp", str(tmp_path))]))
 
 
 #: as in tests/unit/test_fake_hypervisor.py, whose parity test runs the fake against this driver
@@ -132,7 +135,7 @@ def test_delete_keeps_existing_images(hv: LibvirtHypervisor, handlers: AgentHand
     s = spec(
         disks=(
             DiskSpec(target="vda", size_gib=1, format=DiskFormat.RAW),
-            DiskSpec(target="vdb", source="existing", path=str(image)),
+            DiskSpec(target="vdb", source="existing", path=str(image), format=DiskFormat.RAW),
             DiskSpec(target="vdc", source="existing", path=golden),
         )
     )

@@ -174,7 +174,11 @@ def test_unmanaged_domains_are_not_touched(module: TuningModule, conn: Any) -> N
 def test_process_and_taskset(module: TuningModule, conn: Any) -> None:
     table = _table(module)
     ref = _define(conn)
-    qemu_process(module.kernel.root, 4000, ref.uuid, accel="TCG")
+    qemu_process(module.kernel.root, 3000, ref.uuid, accel="TCG")  # claims the uuid: not believed
+    assert table.handler(TUNING_PROCESS)(ProcessQuery(3000)).qemu is False
+    with pytest.raises(Conflict):
+        table.handler(TUNING_TASKSET)(SetTaskset(3000, ref.uuid, "0-1"))
+    qemu_process(module.kernel.root, 4000, ref.uuid, accel="TCG", libvirt_name=ref.name)
     info = table.handler(TUNING_PROCESS)(ProcessQuery(4000))
     assert (info.qemu, info.vm_uuid, info.vm_name, info.managed) == (True, ref.uuid, ref.name, True)
     assert [t.vcpu for t in info.threads] == [None, 0]

@@ -1,4 +1,2 @@
-"""The security tier: attacks of issue 12 against a live fleet (real RabbitMQ, real processes).
-
-Each test module marks itself (``broker``, ``db``); a test reproduces one attack as an attacker
-would run it and asserts that it had no effect."""
+"""The security tier: issue 12's attacks reproduced against a live fleet (real RabbitMQ, agent
+processes on libvirt's test driver, the real qemu-img); each asserts the attack has no effect."""

@@ -16,8 +16,10 @@ from builders import vm_spec
 
 from agent.drivers.fake import FakeHypervisor
 from agent.handlers import AgentHandlers, volume_name
+from agent.host_storage import HostStorage
 from agent.journal import SqliteJournal
 from agent.ports import GIB, Hypervisor
+from agent.storage_pools import StoragePool
 from common import errors
 from common.codec import to_wire
 from common.domain_xml import parse_domain_xml
@@ -82,7 +84,10 @@ def reports() -> ReportRequests:
 
 @pytest.fixture
 def handlers(hv: FakeHypervisor, reports: ReportRequests) -> AgentHandlers:
-    return AgentHandlers(hv, reports, hv.images(), vm_changed=reports.vm_changed)
+    # the hypervisor's default pool, plus an operator's images directory and a second pool
+    pools = [StoragePool("images", "/srv/images"), StoragePool("fast", "/pools/fast")]
+    storage = HostStorage.for_host(hv, pools)
+    return AgentHandlers(hv, reports, hv.images(), vm_changed=reports.vm_changed, storage=storage)
 
 
 def test_fake_satisfies_the_port() -> None:
@@ -336,7 +341,9 @@ def test_delete_with_disks_removes_only_created_volumes(handlers: AgentHandlers,
         disks=(
             DiskSpec(target="vda", size_gib=10),
             DiskSpec(target="vdb", source="existing", path="/srv/images/base.qcow2"),
-            DiskSpec(target="vdc", source="existing", path="/pools/default/shared.iso"),
+            DiskSpec(
+                target="vdc", source="existing", path="/pools/default/shared.iso", format=DiskFormat.RAW
+            ),
         )
     )
     handlers.create(CreateVm(spec=spec))

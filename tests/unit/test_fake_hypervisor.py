@@ -545,23 +545,24 @@ def test_fake_images_are_qemu_img() -> None:
     images = FakeImages(storage, in_use.__contains__)
     made = images.create("/img/a.qcow2", DiskFormat.QCOW2, 2)
     assert (made.format, made.virtual_size_bytes, made.cluster_size) == ("qcow2", 2 * GIB, 65536)
-    assert images.create("/img/a.qcow2", DiskFormat.QCOW2, 2) == made  # the very same image again
+    with pytest.raises(AlreadyExists, match="never overwrites"):
+        images.create("/img/a.qcow2", DiskFormat.QCOW2, 2)  # not even the very same image
     with pytest.raises(AlreadyExists, match="never overwrites"):
         images.create("/img/a.qcow2", DiskFormat.RAW, 2)
     with pytest.raises(NotFound, match="directory does not exist"):
         images.create("/nodir/a.qcow2", DiskFormat.QCOW2, 1)
     with pytest.raises(NotFound):
         images.info("/img/none")
-    copy = images.convert("/img/a.qcow2", "/img/b.raw", DiskFormat.RAW)
+    copy = images.convert("/img/a.qcow2", "qcow2", "/img/b.raw", DiskFormat.RAW)
     assert (copy.format, copy.virtual_size_bytes) == ("raw", 2 * GIB)
     with pytest.raises(AlreadyExists):
-        images.convert("/img/a.qcow2", "/img/b.raw", DiskFormat.RAW)
+        images.convert("/img/a.qcow2", "qcow2", "/img/b.raw", DiskFormat.RAW)
     with pytest.raises(InvalidRequest, match="shrinking"):
-        images.resize("/img/a.qcow2", 1)
-    assert images.resize("/img/a.qcow2", 4).virtual_size_bytes == 4 * GIB
+        images.resize("/img/a.qcow2", "qcow2", 1)
+    assert images.resize("/img/a.qcow2", "qcow2", 4).virtual_size_bytes == 4 * GIB
     in_use.add("/img/a.qcow2")
     with pytest.raises(StorageError, match="is a running VM using it"):
-        images.resize("/img/a.qcow2", 5)
+        images.resize("/img/a.qcow2", "qcow2", 5)
     assert images.info("/img/a.qcow2").virtual_size_bytes == 4 * GIB  # reading is fine (-U)
 
 
