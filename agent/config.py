@@ -16,11 +16,15 @@ The TOML file holds an ``[agent]`` table (or the same keys at the top level)::
     dedicated_cpus = "2-7"                     # pinned one per vCPU to dedicated-policy VMs (default none)
     shared_cpus = "0-1"                        # shared VMs and emulator threads (default: the rest)
     reserved_cpus = ""                         # left to the host alone (default none)
+    controller_login = "controller"            # the only broker login whose commands are obeyed
+    trust_broker_logins = true                 # false: no identity check (development broker only)
+    max_message_bytes = 8388608                # the largest message published or handled
 
 The three CPU sets are cpuset strings (``0-3,^2,8``); they must be disjoint, and they are checked
 against the host's online CPUs when the agent starts (:mod:`agent.tuning.cpusets`).
 
-Environment: ``VIRTFLEET_AMQP_URL``, ``VIRTFLEET_AGENT_HOST_ID``, ``VIRTFLEET_LIBVIRT_URI``.
+Environment: ``VIRTFLEET_AMQP_URL``, ``VIRTFLEET_AGENT_HOST_ID``, ``VIRTFLEET_LIBVIRT_URI``,
+``VIRTFLEET_TRUST_BROKER_LOGINS`` (docs/security.md, "Identity checks").
 :func:`resolve` is pure (unit-tested); :func:`load` adds argv parsing and file reading.
 
 One process may serve several hosts (:class:`MultiHostConfig`, :func:`resolve_hosts`):
@@ -44,6 +48,7 @@ from typing import Any
 from agent.tuning import cpusets
 from common.broker_url import DEFAULT_URL
 from common.errors import InvalidRequest
+from common.transport.topology import MAX_MESSAGE_BYTES
 from common.validation import check_host_id, check_name
 
 DEFAULT_REPORT_INTERVAL = 30.0
@@ -59,6 +64,7 @@ ENVIRONMENT: Mapping[str, str] = {
     "VIRTFLEET_AMQP_URL": "amqp_url",
     "VIRTFLEET_AGENT_HOST_ID": "host_id",
     "VIRTFLEET_LIBVIRT_URI": "libvirt_uri",
+    "VIRTFLEET_TRUST_BROKER_LOGINS": "trust_broker_logins",
 }
 
 _KEYS = frozenset(
@@ -76,6 +82,9 @@ _KEYS = frozenset(
         "dedicated_cpus",
         "shared_cpus",
         "reserved_cpus",
+        "controller_login",
+        "trust_broker_logins",
+        "max_message_bytes",
     }
 )
 
@@ -96,6 +105,12 @@ class AgentConfig:
     dedicated_cpus: str | None = None
     shared_cpus: str | None = None
     reserved_cpus: str | None = None
+    #: the broker login of the controller: commands from any other login are refused
+    controller_login: str = "controller"
+    #: False only on a development broker where every party logs in as one user (no identity check)
+    trust_broker_logins: bool = True
+    #: the largest message body published or handled (as the broker's ``max_message_size``)
+    max_message_bytes: int = MAX_MESSAGE_BYTES
 
 
 def _str(key: str, value: Any) -> str:
@@ -125,7 +140,15 @@ def _cpuset(key: str, value: Any) -> str | None:
     return value.strip()
 
 
+def _size(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1024:
+        raise InvalidRequest(f"config {key}: expected a number of bytes of at least 1024, got {value!r}")
+    return value
+
+
 def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, str) and value.lower() in {"true", "false"}:  # from the environment
+        return value.lower() == "true"
     if not isinstance(value, bool):
         raise InvalidRequest(f"config {key}: expected true or false, got {value!r}")
     return value
@@ -191,6 +214,9 @@ def resolve(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str,
         dedicated_cpus=sets["dedicated_cpus"],
         shared_cpus=sets["shared_cpus"],
         reserved_cpus=sets["reserved_cpus"],
+        controller_login=_str("controller_login", merged.get("controller_login", "controller")),
+        trust_broker_logins=_bool("trust_broker_logins", merged.get("trust_broker_logins", True)),
+        max_message_bytes=_size("max_message_bytes", merged.get("max_message_bytes", MAX_MESSAGE_BYTES)),
     )
 
 

@@ -19,6 +19,7 @@ from agent.ports import Hypervisor, Images
 from agent.reporter import Reporter, TransportReportSink
 from common.messages.descriptor import Side
 from common.messages.host import HostReport
+from common.transport.identity import Logins, identity_checks
 from common.transport.port import Route, Transport
 from common.transport.rpc import Dispatcher, HandlerTable
 from common.transport.topology import agent_queue
@@ -85,7 +86,11 @@ class HostRuntime:
             # Host-level changes (networks, bridges, hugepages, tuning profiles) change facts only
             # the full report carries: those modules still ask for one.
             module.register(table, self.reporter.request_report)
-        self.dispatcher = Dispatcher(sender, table, journal=self.journal)
+        # Commands only from the controller's broker login (checked before the journal).
+        admit = identity_checks(
+            Logins(controller=cfg.controller_login), trust_broker_logins=cfg.trust_broker_logins
+        )
+        self.dispatcher = Dispatcher(sender, table, journal=self.journal, admit=admit)
         #: VMs changed outside virtfleet reach the controller in deltas too, where the driver
         #: emits lifecycle events (None: they wait for the next full report)
         self._unwatch = hypervisor.watch_lifecycle(self.reporter.vm_changed)

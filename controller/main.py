@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING
 
 from common.errors import VirtfleetError
 from common.transport.factory import open_transport
+from common.transport.identity import identity_checks
 from common.transport.port import Transport
+from common.transport.rpc import Dispatcher
 from common.transport.topology import API_QUEUE, API_READ_QUEUE, HEARTBEATS_QUEUE, REPORTS_QUEUE
 from controller.agent_api import AgentClient, configured_cap
 from controller.config import ControllerConfig, load_config
 from controller.db.engine import make_engine, migrate
-from controller.endpoint import api_dispatcher, report_dispatcher
+from controller.endpoint import api_handlers, report_handlers
 from controller.service import ControllerService
 
 if TYPE_CHECKING:
@@ -56,13 +58,23 @@ class Controller:
         self.name = name or f"controller:{socket.gethostname()}:{os.getpid()}"
         self.engine = make_engine(config.database_url)
         migrate(self.engine)
-        self.transport: Transport = open_transport(config.amqp_url, name=self.name, memory=memory)
+        # On the in-process broker the controller logs in as the configured controller login.
+        self.transport: Transport = open_transport(
+            config.amqp_url,
+            name=self.name,
+            memory=memory,
+            memory_user=config.logins.controller,
+            max_message_bytes=config.max_message_bytes,
+        )
         agents = AgentClient(self.transport, self.name, cap=configured_cap(config.version_cap))
         self.service = ControllerService(self.engine, config, agents)
-        reports = report_dispatcher(self.service, self.name)
+        # Who a delivery is from (the broker login) is checked before anything is handled.
+        admit = identity_checks(config.logins, trust_broker_logins=config.trust_broker_logins)
+        reports = Dispatcher(self.name, report_handlers(self.service), admit=admit)
+        api = Dispatcher(self.name, api_handlers(self.service), admit=admit)
         self.api = self.transport.consumer(
             API_QUEUE,
-            api_dispatcher(self.service, self.name),
+            api,
             name=f"{self.name}-api",
             prefetch=config.workers,
             workers=config.workers,
@@ -70,7 +82,7 @@ class Controller:
         # Reads on their own lane and workers: they never queue behind creates waiting on agents.
         self.reads = self.transport.consumer(
             API_READ_QUEUE,
-            api_dispatcher(self.service, self.name),
+            api,
             name=f"{self.name}-api-read",
             prefetch=8,
             workers=4,

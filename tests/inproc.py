@@ -115,7 +115,7 @@ class InProcessFleet(CliFleet):
     def start_agent(self, name: str) -> Agent:
         host = self.hosts_by_name[name]
         assert host.agent is None, f"the agent of {name} runs already"
-        host.agent = host.fake.agent(self.broker.transport(f"agent-{name}"))
+        host.agent = host.fake.agent(self.broker.transport(f"agent-{name}", user=f"agent-{name}"))
         host.agent.start()
         return host.agent
 
@@ -170,7 +170,7 @@ class InProcessFleet(CliFleet):
             argv += ["--timeout", str(timeout)]
         out, err = io.StringIO(), io.StringIO()
         env = Environment(
-            connect=lambda _url: self.broker.transport("cli"),
+            connect=lambda _url: self.broker.transport("cli", user="operator"),
             stdin=_Input(stdin, tty),
             stdout=out,
             stderr=err,

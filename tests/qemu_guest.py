@@ -167,6 +167,7 @@ def start_qemu_agent(
         storage_pool=TEST_POOL,
         images_dir=TEST_POOL_DIR,
         report_interval=300,
+        trust_broker_logins=False,  # the test publishes as guest: development mode
         **settings,
     )
     modules = [TuningModule.for_host(cfg, conn)] if tuning else []

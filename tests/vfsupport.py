@@ -196,6 +196,9 @@ class Fleet(CliFleet):
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTFLEET_")}
         env["VIRTFLEET_AMQP_URL"] = self.amqp_url
+        # Every party logs in as guest here: the documented development mode (docs/security.md);
+        # tests/security runs a fleet with the bootstrapped users and the checks on.
+        env["VIRTFLEET_TRUST_BROKER_LOGINS"] = "false"
         env["PYTHONUNBUFFERED"] = "1"
         return env
 

@@ -179,6 +179,7 @@ def agent(vhost_url: str, host_id: str, reports: Tap, tmp_path: Path) -> Iterato
         amqp_url=vhost_url,
         state_dir=tmp_path / "state",
         report_interval=300,
+        trust_broker_logins=False,  # the test publishes as guest: development mode
         heartbeat_interval=1,
     )
     running = Agent(cfg, hv)

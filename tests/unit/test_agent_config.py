@@ -179,3 +179,15 @@ def test_bad_multi_host_flags(argv: list[str], message: str) -> None:
 def test_load_is_for_one_host() -> None:
     with pytest.raises(InvalidRequest, match="several hosts"):
         config.load(["--simulate", "2", "--node-template", str(NODE)], {})
+
+
+def test_commands_are_obeyed_from_the_controller_login_and_checked_unless_told_otherwise() -> None:
+    base = {"host_id": "hv1", "libvirt_uri": "qemu:///system"}
+    cfg = config.resolve(base, {}, {})
+    assert (cfg.controller_login, cfg.trust_broker_logins) == ("controller", True)
+    cfg = config.resolve(
+        {**base, "controller_login": "vf-ctl"}, {"VIRTFLEET_TRUST_BROKER_LOGINS": "false"}, {}
+    )
+    assert (cfg.controller_login, cfg.trust_broker_logins) == ("vf-ctl", False)
+    with pytest.raises(InvalidRequest, match="true or false"):
+        config.resolve(base, {"VIRTFLEET_TRUST_BROKER_LOGINS": "maybe"}, {})
