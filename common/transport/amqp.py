@@ -523,6 +523,8 @@ class ConsumerServer(PooledConsumer):
         self.last_tick = time.monotonic()
         self.connected = False
         self._consumed = False
+        #: the channel replies are published on (see :meth:`_reply`); per connection
+        self._reply_channel: BlockingChannel | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -575,6 +577,7 @@ class ConsumerServer(PooledConsumer):
 
     def _consume_once(self) -> None:
         conn = connect(self.url, self.name)
+        self._reply_channel = None
         try:
             ch = conn.channel()
             for route in self._routes:
@@ -645,6 +648,25 @@ class ConsumerServer(PooledConsumer):
             self._inflight = {f for f in self._inflight if not f.done()}
             self._inflight.add(future)
 
+    def _reply(self, conn: BlockingConnection, reply_to: str, reply: Envelope) -> None:
+        """Publish ``reply`` on a channel of its own (from the connection's thread): when the broker
+        refuses it (a reply queue this login may not publish to, 403), only that channel closes, and
+        the delivery is still acknowledged on the consuming one -- never redelivered in a loop."""
+        if self._reply_channel is None or not self._reply_channel.is_open:
+            self._reply_channel = conn.channel()
+        try:
+            self._reply_channel.basic_publish(
+                topology.REPLIES_EXCHANGE.name,
+                reply_to,
+                reply.encode(),
+                _properties(reply, persistent=False, user_id=self._user_id),
+            )
+        except (pika.exceptions.ChannelClosedByBroker, pika.exceptions.ChannelWrongStateError) as exc:
+            # A refusal closes the channel when the broker's answer arrives (the next use of it
+            # raises): this reply or an earlier one was refused; a new channel next time.
+            self._reply_channel = None
+            log.warning("%s: reply to %s refused (%s)", self.name, reply_to, _describe(exc))
+
     def _work(
         self, conn: BlockingConnection, ch: BlockingChannel, tag: int, handler: Handler, delivery: Delivery
     ) -> None:
@@ -653,12 +675,7 @@ class ConsumerServer(PooledConsumer):
         def finish() -> None:
             try:
                 if outcome.reply is not None and delivery.reply_to:
-                    ch.basic_publish(
-                        topology.REPLIES_EXCHANGE.name,
-                        delivery.reply_to,
-                        outcome.reply.encode(),
-                        _properties(outcome.reply, persistent=False, user_id=self._user_id),
-                    )
+                    self._reply(conn, delivery.reply_to, outcome.reply)
                 if outcome.dead_letter:
                     ch.basic_nack(tag, requeue=False)
                 else:
