@@ -154,6 +154,8 @@ class TreeRun:
 def fleet_env(tree: Path, url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTFLEET_", "PYTHON"))}
     env.update(VIRTFLEET_AMQP_URL=url, PYTHONPATH=str(tree), PYTHONUNBUFFERED="1")
+    # Every process (and the load generator's fake hosts) logs in as guest: development mode.
+    env.update(VIRTFLEET_TRUST_BROKER_LOGINS="false")
     return env
 
 
