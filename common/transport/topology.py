@@ -76,15 +76,11 @@ class Queue:
         return value if isinstance(value, str) else None
 
     def exchanges(self) -> tuple[Exchange, ...]:
-        """The exchanges this queue needs (its bindings' and its dead-letter exchange)."""
-        seen = {b.exchange.name: b.exchange for b in (*self.bindings, *map(_bound, self.companions))}
+        """The exchanges this queue needs (its bindings', its companions and its dead-letter exchange)."""
+        seen = {e.name: e for e in (*(b.exchange for b in self.bindings), *self.companions)}
         if self.dead_letter_exchange == DEAD_LETTER_EXCHANGE.name:
             seen.setdefault(DEAD_LETTER_EXCHANGE.name, DEAD_LETTER_EXCHANGE)
         return tuple(seen.values())
-
-
-def _bound(exchange: Exchange) -> Binding:
-    return Binding(exchange, "")
 
 
 # ---------------------------------------------------------------------------------- exchanges
