@@ -351,8 +351,7 @@ class _Session:
         self._retrying(f"declaring {queue.name}", once, retries)
 
     def declare_exchange(self, exchange: Exchange, *, retries: int = 3) -> None:
-        """Declare only ``exchange``."""
-
+        """Make sure ``exchange`` exists: checked, declared only when missing."""
         step = topology.ensure_exchange(exchange)
 
         def once() -> None:

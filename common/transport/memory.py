@@ -904,8 +904,8 @@ class MemoryTransport:
         _declare(self._broker, self._connection(), queue)
 
     def declare_exchange(self, exchange: Exchange) -> None:
-        """Declare only ``exchange`` (see the port)."""
-        topology.declare_exchange(_Channel(self._broker, self._connection()), exchange)
+        """Make sure ``exchange`` exists: checked, declared only when missing (see the port)."""
+        topology.run_step(_Channel(self._broker, self._connection()), topology.ensure_exchange(exchange))
 
     def publish(
         self,

@@ -392,5 +392,6 @@ def ensure_exchange(exchange: Exchange) -> Declaration:
 
 
 def declare_exchange(ch: Channel, exchange: Exchange) -> None:
-    """Only an exchange, only when missing: what a publisher needs (see :func:`ensure_exchange`)."""
-    run_step(ch, ensure_exchange(exchange))
+    """Only an exchange, declared outright (on any channel; a publisher's transport uses
+    :func:`ensure_exchange` instead)."""
+    _exchange(exchange).run(ch)
