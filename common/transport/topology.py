@@ -115,12 +115,21 @@ DEFAULT_EXCHANGE = ""
 
 # ---------------------------------------------------------------------------------- arguments
 
-#: Messages kept in the dead-letter queue; beyond it (or :data:`DEAD_LETTER_MAX_BYTES`) new dead
-#: letters are dropped (``reject-publish``), so the queue keeps the first of a flood for people.
+#: Messages kept in the dead-letter queue before the oldest are dropped (a queue argument).
 DEAD_LETTER_MAX = 10_000
 #: Bytes (message bodies) kept in the dead-letter queue: 10,000 oversized messages would otherwise
-#: fill the broker's disk or memory.
+#: fill the broker's disk or memory. Beyond it new dead letters are refused (``reject-publish``), so
+#: the queue keeps the first of a flood for people. Applied by the broker policy
+#: :data:`DEAD_LETTER_POLICY` (deploy/rabbitmq/bootstrap.sh), not by queue arguments: every release
+#: declares ``virtfleet.dead`` (the agents too), and a queue argument that differs between releases
+#: would make RabbitMQ refuse one release's declaration (406) during an upgrade.
 DEAD_LETTER_MAX_BYTES = 64 * 1024 * 1024
+#: The RabbitMQ policy bootstrap.sh sets on ``virtfleet.dead`` (name, pattern, definition).
+DEAD_LETTER_POLICY: tuple[str, str, Mapping[str, Any]] = (
+    "virtfleet-dead-letters",
+    r"^virtfleet\.dead$",
+    {"max-length-bytes": DEAD_LETTER_MAX_BYTES, "overflow": "reject-publish"},
+)
 #: The largest message body virtfleet publishes or handles (``max_message_bytes`` in both
 #: configurations); a full report of a host with a thousand VMs is well under 1 MiB. The broker
 #: refuses larger ones when rabbitmq.conf says ``max_message_size = 8388608`` (deploy/rabbitmq).
@@ -144,13 +153,10 @@ _DEAD_LETTERED = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name}
 
 DEAD_LETTER_QUEUE = Queue(
     "virtfleet.dead",
-    arguments={
-        "x-max-length": DEAD_LETTER_MAX,
-        "x-max-length-bytes": DEAD_LETTER_MAX_BYTES,
-        "x-overflow": "reject-publish",
-    },
+    arguments={"x-max-length": DEAD_LETTER_MAX},
     bindings=(Binding(DEAD_LETTER_EXCHANGE, ""),),
-    doc="every rejected message, for people to inspect; no consumer; new ones dropped beyond the limits",
+    doc="every rejected message, for people to inspect; no consumer; at most DEAD_LETTER_MAX_BYTES"
+    " (policy virtfleet-dead-letters: new ones refused beyond it), oldest dropped beyond DEAD_LETTER_MAX",
 )
 API_QUEUE = Queue(
     "virtfleet.api",

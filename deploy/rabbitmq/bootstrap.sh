@@ -59,6 +59,7 @@
 # Limits (rabbitmqctl set_user_limits): agents and operators get at most
 #   $AGENT_MAX_CONNECTIONS / $OPERATOR_MAX_CONNECTIONS connections and
 #   $AGENT_MAX_CHANNELS / $OPERATOR_MAX_CHANNELS channels (defaults below).
+# Policy virtfleet-dead-letters on virtfleet.dead: max-length-bytes 64 MiB, overflow reject-publish.
 # The broker's max_message_size (rabbitmq.conf) should be virtfleet's max_message_bytes:
 #   max_message_size = 8388608
 # This script checks it and warns; it cannot set it (a node setting, applied at restart).
@@ -71,6 +72,7 @@ AGENT_MAX_CHANNELS="${AGENT_MAX_CHANNELS:-64}"
 OPERATOR_MAX_CONNECTIONS="${OPERATOR_MAX_CONNECTIONS:-16}"
 OPERATOR_MAX_CHANNELS="${OPERATOR_MAX_CHANNELS:-64}"
 MAX_MESSAGE_BYTES=8388608
+DEAD_LETTER_MAX_BYTES=67108864
 PASSWORD_FILE=""
 
 usage() {
@@ -112,6 +114,14 @@ ensure_vhost() {
         ctl add_vhost "$VHOST" >/dev/null
         echo "created vhost $VHOST"
     fi
+}
+
+# The dead-letter queue's byte cap (common/transport/topology.py DEAD_LETTER_POLICY): a policy, not a
+# queue argument, so that every release declares virtfleet.dead alike (a changed argument would be
+# refused with 406 during an upgrade); it applies to an existing queue at once.
+ensure_policies() {
+    ctl set_policy -p "$VHOST" --apply-to queues --priority 10 virtfleet-dead-letters '^virtfleet\.dead$' \
+        "{\"max-length-bytes\": $DEAD_LETTER_MAX_BYTES, \"overflow\": \"reject-publish\"}" >/dev/null
 }
 
 ensure_user() { # ensure_user NAME PASSWORD
@@ -165,6 +175,7 @@ controller)
     [[ $# -le 2 ]] || usage
     pass="$(password "${@:2}")"
     ensure_vhost
+    ensure_policies
     ensure_user "$CONTROLLER_USER" "$pass"
     everything='^virtfleet\..*$'
     set_permissions "$CONTROLLER_USER" "$everything" "$everything" "$everything"
@@ -178,6 +189,7 @@ agent)
     user="agent-$host"
     h="$(re_escape "$host")"
     ensure_vhost
+    ensure_policies
     ensure_user "$user" "$pass"
     set_permissions "$user" \
         "^virtfleet\\.agent\\.${h}\$" \
@@ -199,6 +211,7 @@ operator)
     o="$(re_escape "$user")"
     replies="virtfleet\\.reply\\.${o}\\.[0-9a-f]+"
     ensure_vhost
+    ensure_policies
     ensure_user "$user" "$pass"
     set_permissions "$user" "^${replies}\$" "^(virtfleet\\.requests|${replies})\$" "^(virtfleet\\.replies|${replies})\$"
     set_topic "$user" virtfleet.replies '^$' "^${replies}\$"

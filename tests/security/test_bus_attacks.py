@@ -11,6 +11,7 @@ anywhere (a misconfigured broker).
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from typing import Any
 import pika
 import pika.exceptions
 import pytest
-from securefleet import BrokerUser, SecureBroker, secure_fleet
+from securefleet import BrokerUser, SecureBroker, rabbitmqctl, secure_fleet
 from vfsupport import Fleet, wait_until
 
 from common import codec
@@ -34,6 +35,7 @@ from common.transport.topology import (
     API_QUEUE,
     COMMANDS_EXCHANGE,
     DEAD_LETTER_MAX_BYTES,
+    DEAD_LETTER_POLICY,
     DEAD_LETTER_QUEUE,
     DEFAULT_EXCHANGE,
     HEARTBEATS_QUEUE,
@@ -312,6 +314,11 @@ def test_a_17_mib_message_is_refused_and_the_dead_letter_queue_keeps_its_byte_ca
     # RabbitMQ refuses a message that would take the queue over its cap: the cap holds exactly.
     assert dead_bytes + (count - dead) * big == size <= DEAD_LETTER_MAX_BYTES
     assert 17 * MiB > MAX_MESSAGE_BYTES
+    name, pattern, definition = DEAD_LETTER_POLICY  # the cap is bootstrap.sh's policy, as topology says
+    policies = [line.split("\t") for line in rabbitmqctl("list_policies", "-p", broker.vhost).splitlines()]
+    assert any(p[1] == name and p[2] == pattern and json.loads(p[4]) == definition for p in policies), (
+        policies
+    )
     assert fleet.cli_ok("vm", "show", "web")["status"] == "active"  # the controller serves on
 
 
