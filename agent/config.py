@@ -19,6 +19,9 @@ The TOML file holds an ``[agent]`` table (or the same keys at the top level)::
     key_file = "/etc/virtfleet/keys/hv1.key"   # this host's signing key (keys enroll; mode 0600)
     max_message_lifetime = 900                 # longest expires_at - sent_at accepted (>= 600)
     clock_skew = 30                            # how far in the future a sent_at may be
+    controller_login = "controller"            # the only broker login whose commands are obeyed
+    trust_broker_logins = true                 # false: no identity check (development broker only)
+    max_message_bytes = 8388608                # the largest message published or handled
     allowed_devices = ["/dev/vg0/db"]          # block devices usable as disks outside any pool
     hugepage_max_share = 0.5                   # hugepage pools together at most this share of MemTotal
 
@@ -38,7 +41,7 @@ docs/security.md, "Message signatures"). With several hosts it names each host's
 ``{host}`` (``/etc/virtfleet/keys/{host}.key``).
 
 Environment: ``VIRTFLEET_AMQP_URL``, ``VIRTFLEET_AGENT_HOST_ID``, ``VIRTFLEET_LIBVIRT_URI``,
-``VIRTFLEET_AGENT_KEY_FILE``.
+``VIRTFLEET_AGENT_KEY_FILE``, ``VIRTFLEET_TRUST_BROKER_LOGINS`` (docs/security.md, "Identity checks").
 :func:`resolve` is pure (unit-tested); :func:`load` adds argv parsing and file reading.
 
 One process may serve several hosts (:class:`MultiHostConfig`, :func:`resolve_hosts`):
@@ -64,6 +67,7 @@ from agent.tuning import cpusets
 from common.broker_url import DEFAULT_URL
 from common.errors import InvalidRequest
 from common.signing import DEFAULT_CLOCK_SKEW_S, DEFAULT_GRACE_S, DEFAULT_MAX_LIFETIME_S, check_limits
+from common.transport.topology import MAX_MESSAGE_BYTES
 from common.validation import check_host_id, check_name
 
 DEFAULT_REPORT_INTERVAL = 30.0
@@ -83,6 +87,7 @@ ENVIRONMENT: Mapping[str, str] = {
     "VIRTFLEET_AGENT_HOST_ID": "host_id",
     "VIRTFLEET_LIBVIRT_URI": "libvirt_uri",
     "VIRTFLEET_AGENT_KEY_FILE": "key_file",
+    "VIRTFLEET_TRUST_BROKER_LOGINS": "trust_broker_logins",
 }
 
 _KEYS = frozenset(
@@ -106,6 +111,9 @@ _KEYS = frozenset(
         "pools",
         "allowed_devices",
         "hugepage_max_share",
+        "controller_login",
+        "trust_broker_logins",
+        "max_message_bytes",
     }
 )
 #: What ``key_file`` holds in place of the host id when one process serves several hosts.
@@ -138,6 +146,13 @@ class AgentConfig:
     allowed_devices: frozenset[str] = frozenset()
     #: share of MemTotal all hugepage pools together may take
     hugepage_max_share: float = DEFAULT_HUGEPAGE_SHARE
+
+    #: the broker login of the controller: commands from any other login are refused
+    controller_login: str = "controller"
+    #: False only on a development broker where every party logs in as one user (no identity check)
+    trust_broker_logins: bool = True
+    #: the largest message body published or handled (as the broker's ``max_message_size``)
+    max_message_bytes: int = MAX_MESSAGE_BYTES
 
 
 def _str(key: str, value: Any) -> str:
@@ -175,7 +190,15 @@ def _share(key: str, value: Any) -> float:
     return float(value)
 
 
+def _size(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1024:
+        raise InvalidRequest(f"config {key}: expected a number of bytes of at least 1024, got {value!r}")
+    return value
+
+
 def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, str) and value.lower() in {"true", "false"}:  # from the environment
+        return value.lower() == "true"
     if not isinstance(value, bool):
         raise InvalidRequest(f"config {key}: expected true or false, got {value!r}")
     return value
@@ -258,6 +281,9 @@ def resolve(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str,
         hugepage_max_share=_share(
             "hugepage_max_share", merged.get("hugepage_max_share", DEFAULT_HUGEPAGE_SHARE)
         ),
+        controller_login=_str("controller_login", merged.get("controller_login", "controller")),
+        trust_broker_logins=_bool("trust_broker_logins", merged.get("trust_broker_logins", True)),
+        max_message_bytes=_size("max_message_bytes", merged.get("max_message_bytes", MAX_MESSAGE_BYTES)),
     )
 
 

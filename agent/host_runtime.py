@@ -22,8 +22,9 @@ from agent.reporter import Reporter, TransportReportSink
 from common.messages.descriptor import Side
 from common.messages.host import HostReport
 from common.signing import HostKeyring, SignatureCheck, Signer
+from common.transport.identity import Logins, identity_checks
 from common.transport.port import Delivery, Outcome, Route, Transport
-from common.transport.rpc import Dispatcher, HandlerTable
+from common.transport.rpc import Admission, Dispatcher, HandlerTable
 from common.transport.topology import agent_queue
 
 log = logging.getLogger("agent")
@@ -117,7 +118,13 @@ class HostRuntime:
             # Host-level changes (networks, bridges, hugepages, tuning profiles) change facts only
             # the full report carries: those modules still ask for one.
             module.register(table, self.reporter.request_report)
-        admit = [self.signatures] if self.signatures is not None else []
+        # Commands only from the controller's broker login, then a valid signature (both before
+        # the journal).
+        admit: list[Admission] = identity_checks(
+            Logins(controller=cfg.controller_login), trust_broker_logins=cfg.trust_broker_logins
+        )
+        if self.signatures is not None:
+            admit.append(self.signatures)
         self.dispatcher = Dispatcher(sender, table, journal=self.journal, admit=admit)
         #: VMs changed outside virtfleet reach the controller in deltas too, where the driver
         #: emits lifecycle events (None: they wait for the next full report)

@@ -84,7 +84,9 @@ class Agent:
     ) -> None:
         self.cfg = cfg
         host = cfg.host_id
-        self.transport = transport or open_transport(cfg.amqp_url, name=f"agent-{host}")
+        self.transport = transport or open_transport(
+            cfg.amqp_url, name=f"agent-{host}", max_message_bytes=cfg.max_message_bytes
+        )
         self.runtime = HostRuntime(
             cfg, hypervisor, self.transport, alive=self._consumer_healthy, modules=modules, images=images
         )

@@ -61,7 +61,9 @@ class MultiHostAgent:
             raise ValueError("a multi-host agent needs at least one host")
         first, last = hosts[0].cfg.host_id, hosts[-1].cfg.host_id
         self.name = f"agent-{first}" if len(hosts) == 1 else f"agent-{first}..{last}"
-        self.transport = transport or open_transport(hosts[0].cfg.amqp_url, name=self.name)
+        self.transport = transport or open_transport(
+            hosts[0].cfg.amqp_url, name=self.name, max_message_bytes=hosts[0].cfg.max_message_bytes
+        )
         self.runtimes = [
             HostRuntime(
                 h.cfg,

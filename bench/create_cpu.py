@@ -156,8 +156,13 @@ class TreeRun:
 def fleet_env(tree: Path, url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTFLEET_", "PYTHON"))}
     env.update(VIRTFLEET_AMQP_URL=url, PYTHONPATH=str(tree), PYTHONUNBUFFERED="1")
-    # The bench's one broker login (guest) is an admin, and its bursts are not rate limited.
-    env.update(VIRTFLEET_ACCESS_ROLES="guest=admin", VIRTFLEET_ACCESS_RATE_PER_S="0")
+    # The bench's one broker login (guest) is an admin, and its bursts are not rate limited;
+    # every process (and the load generator's fake hosts) logs in as guest: development mode.
+    env.update(
+        VIRTFLEET_ACCESS_ROLES="guest=admin",
+        VIRTFLEET_ACCESS_RATE_PER_S="0",
+        VIRTFLEET_TRUST_BROKER_LOGINS="false",
+    )
     return env
 
 

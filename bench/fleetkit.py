@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NODE_FILE = ROOT / "tests" / "fixtures" / "nodes" / "large.xml"
 API_QUEUE = "virtfleet.api"
 API_READ_QUEUE = "virtfleet.api.read"
+REQUESTS_EXCHANGE = "virtfleet.requests"
+REPLIES_EXCHANGE = "virtfleet.replies"
 TICKS = os.sysconf("SC_CLK_TCK")
 PYSPY = Path(sys.executable).parent / "py-spy"
 
@@ -361,7 +363,14 @@ class RawClient:
         self.ch = self.conn.channel()
         if confirm:
             self.ch.confirm_delivery()
-        self.reply_queue = self.ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        # docs/protocol.md §2.2: a reply queue named after the login, bound to the replies exchange.
+        login = (
+            params.credentials.username if isinstance(params.credentials, pika.PlainCredentials) else "bench"
+        )
+        self.reply_queue = f"virtfleet.reply.{login}.{uuid.uuid4().hex}"
+        self.ch.queue_declare(self.reply_queue, exclusive=True, auto_delete=True)
+        self.ch.queue_bind(self.reply_queue, REPLIES_EXCHANGE, self.reply_queue)
+        self.login = login
         self.replies: dict[str, dict[str, Any]] = {}
         self.waiting: set[str] = set()
         self.ch.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
@@ -376,8 +385,9 @@ class RawClient:
         """Publish one request; its id (the reply is collected by :meth:`poll`)."""
         rid, data, props = envelope(kind, body, timeout or self.timeout)
         props.reply_to = self.reply_queue
+        props.user_id = self.login
         self.waiting.add(rid)
-        self.ch.basic_publish("", self.lane(kind), data, props, mandatory=True)
+        self.ch.basic_publish(REQUESTS_EXCHANGE, self.lane(kind), data, props, mandatory=True)
         return rid
 
     def poll(self, time_limit: float) -> dict[str, dict[str, Any]]:

@@ -98,6 +98,10 @@ QUEUE_ARGUMENT_MEANINGS: Mapping[str, str] = types.MappingProxyType(
             "(`drop-head`) the oldest message is dropped, or dead-lettered if the queue has a "
             "dead-letter exchange."
         ),
+        "x-max-length-bytes": (
+            "The most bytes (bodies of the ready messages) the queue holds; beyond it `x-overflow` "
+            "decides, as for `x-max-length`."
+        ),
         "x-overflow": (
             "What a full queue does: `reject-publish` refuses new messages (a publisher in confirm "
             "mode gets `basic.nack`; a refused message is not dead-lettered) instead of dropping old ones."

@@ -15,6 +15,8 @@ from common.errors import InvalidRequest
 from common.messages.catalogue import CATALOGUE
 from common.messages.descriptor import Role, Side, Version
 from common.signing import DEFAULT_CLOCK_SKEW_S, DEFAULT_GRACE_S, DEFAULT_MAX_LIFETIME_S, check_limits
+from common.transport.identity import Logins
+from common.transport.topology import MAX_MESSAGE_BYTES
 
 DEFAULT_DATABASE_URL = "sqlite:///./virtfleet.db"
 
@@ -24,6 +26,7 @@ ENV_VARS: Mapping[str, str] = {
     "VIRTFLEET_DOWN_AFTER": "down_after_s",
     "VIRTFLEET_STRATEGY": "strategy",
     "VIRTFLEET_MASTER_KEY_FILE": "master_key_file",
+    "VIRTFLEET_TRUST_BROKER_LOGINS": "trust_broker_logins",
 }
 #: ``[rpc] version_cap`` from the environment: ``vm=1.0,net=1.0``.
 VERSION_CAP_ENV = "VIRTFLEET_RPC_VERSION_CAP"
@@ -169,6 +172,14 @@ class ControllerConfig:
     max_message_lifetime_s: float = DEFAULT_MAX_LIFETIME_S
     #: How far in the future a message's ``sent_at`` may be (clock differences between machines).
     clock_skew_s: float = DEFAULT_CLOCK_SKEW_S
+    #: ``[security] controller_login / agent_login``: who the broker logins of the fleet are
+    logins: Logins = field(default_factory=Logins)
+    #: ``[security] trust_broker_logins``: False only on a development broker where every party
+    #: logs in as one user; then nothing checks who a message is from (logged loudly)
+    trust_broker_logins: bool = True
+    #: The largest message body published or handled (the broker's ``max_message_size`` should
+    #: be the same: docs/security.md, "Limits").
+    max_message_bytes: int = MAX_MESSAGE_BYTES
 
     def __post_init__(self) -> None:
         if self.strategy not in {"spread", "pack"}:
@@ -185,6 +196,8 @@ class ControllerConfig:
                 f"fleet_sync_s must be positive and at most a third of down_after_s ({self.down_after_s / 3:g} s):"
                 " heartbeats reach the database that often"
             )
+        if self.max_message_bytes < 1024:
+            raise InvalidRequest(f"max_message_bytes must be at least 1024, got {self.max_message_bytes}")
         if self.choose_among < 1:
             raise InvalidRequest(f"choose_among must be at least 1, got {self.choose_among}")
         check_limits(self.max_message_lifetime_s, self.clock_skew_s, self.key_grace_s)
@@ -218,6 +231,23 @@ def _coerce(cls: type[Any], values: Mapping[str, Any], where: str) -> dict[str, 
     return out
 
 
+#: ``[security]`` keys that name logins (the rest are settings of :class:`ControllerConfig`).
+_LOGIN_KEYS: Mapping[str, str] = {"controller_login": "controller", "agent_login": "agent"}
+
+
+def _security(table: object, path: Path | None) -> tuple[Logins, dict[str, Any]]:
+    """``[security]``: the fleet's broker logins, and ``trust_broker_logins``."""
+    if not isinstance(table, dict) or set(table) - {*_LOGIN_KEYS, "trust_broker_logins"}:
+        raise InvalidRequest(
+            f"{path}: [security] takes only {', '.join(sorted(_LOGIN_KEYS))} and trust_broker_logins"
+        )
+    for key in _LOGIN_KEYS:
+        if key in table and not isinstance(table[key], str):
+            raise InvalidRequest(f"{path}: [security] {key} must be a string")
+    logins = Logins(**{field_: table[key] for key, field_ in _LOGIN_KEYS.items() if key in table})
+    return logins, {k: v for k, v in table.items() if k == "trust_broker_logins"}
+
+
 def load_config(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -243,12 +273,13 @@ def load_config(
     if VERSION_CAP_ENV in env:
         caps = parse_version_cap(env[VERSION_CAP_ENV], VERSION_CAP_ENV)
     access = _access(file_values.pop("access", {}), env, path)
-    values = _coerce(ControllerConfig, file_values, str(path))
+    logins, security = _security(file_values.pop("security", {}), path)
+    values = _coerce(ControllerConfig, {**file_values, **security}, str(path))
     values.update(
         _coerce(ControllerConfig, {ENV_VARS[k]: v for k, v in env.items() if k in ENV_VARS}, "environment")
     )
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    config = ControllerConfig(**values, version_cap=caps, access=access)
+    config = ControllerConfig(**values, version_cap=caps, access=access, logins=logins)
     if overcommit_values:
         config = replace(
             config, overcommit=Overcommit(**_coerce(Overcommit, overcommit_values, "[overcommit]"))

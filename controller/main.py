@@ -19,6 +19,7 @@ from common.messages.audit import API_AUDIT_LIST
 from common.messages.descriptor import Side
 from common.signing import FleetKeys, SignatureCheck, Signer, body_host, check_reply
 from common.transport.factory import open_transport
+from common.transport.identity import identity_checks
 from common.transport.port import Transport
 from common.transport.rpc import HandlerTable
 from common.transport.topology import API_QUEUE, API_READ_QUEUE, HEARTBEATS_QUEUE, REPORTS_QUEUE
@@ -88,7 +89,14 @@ class Controller:
         # The key file is checked first: a bad one stops the start before the database is touched.
         self.engine = make_engine(config.database_url)
         migrate(self.engine)
-        self.transport: Transport = open_transport(config.amqp_url, name=self.name, memory=memory)
+        # On the in-process broker the controller logs in as the configured controller login.
+        self.transport: Transport = open_transport(
+            config.amqp_url,
+            name=self.name,
+            memory=memory,
+            memory_user=config.logins.controller,
+            max_message_bytes=config.max_message_bytes,
+        )
         agents = AgentClient(
             self.transport,
             self.name,
@@ -104,8 +112,15 @@ class Controller:
         self._limiter = RateLimiter(
             Rate(access.rate_per_s, access.burst), Rate(access.read_rate_per_s, access.read_burst)
         )
-        reports = report_dispatcher(self.service, self.name, [self.signatures] if self.signatures else [])
-        #: the reports and heartbeats dispatcher (its `refused` counts what the signature check refused)
+        # Who a delivery is from (the broker login) is checked before anything else is.
+        self._identity = identity_checks(config.logins, trust_broker_logins=config.trust_broker_logins)
+        reports = report_dispatcher(
+            self.service,
+            self.name,
+            [*self._identity, *([self.signatures] if self.signatures is not None else [])],
+        )
+        #: the reports and heartbeats dispatcher (its `refused` counts what identity and signature
+        #: checks refused)
         self.report_dispatcher = reports
         self.api = self.transport.consumer(
             API_QUEUE,
@@ -140,7 +155,7 @@ class Controller:
         extra = HandlerTable(Side.CONTROLLER)
         extra.register(API_AUDIT_LIST, self.audit.list)
         roles = RoleCheck(self.config.access.roles)
-        dispatcher = api_dispatcher(self.service, self.name, admit=[roles], extra=extra)
+        dispatcher = api_dispatcher(self.service, self.name, admit=[*self._identity, roles], extra=extra)
         return AuditedApi(dispatcher, self.audit.record, limit=self._limiter)
 
     def start(self) -> None:

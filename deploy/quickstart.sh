@@ -13,6 +13,9 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 QS="$ROOT/.quickstart"
 BIN="$ROOT/.venv/bin"
 export VIRTFLEET_AMQP_URL="${VIRTFLEET_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2F}"
+# Every process logs in as guest here: the development mode, with no identity check on the bus
+# (docs/security.md). A deployment bootstraps one broker user per party instead.
+export VIRTFLEET_TRUST_BROKER_LOGINS="${VIRTFLEET_TRUST_BROKER_LOGINS:-false}"
 export COLUMNS="${COLUMNS:-120}"
 HOSTS=(small medium large)
 

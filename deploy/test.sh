@@ -90,7 +90,9 @@ inprocess_pytest() {
         --cov-fail-under=80 tests "$@" 2>&1 | tee "$LOG_DIR/inprocess.log"
 }
 step inprocess inprocess_pytest "$@"
-step pytest run_pytest "$LOG_DIR/main.log" -m "not inprocess" tests "$@"
+step pytest run_pytest "$LOG_DIR/main.log" -m "not inprocess and not security" tests "$@"
+# Attacks on a live fleet with the users deploy/rabbitmq/bootstrap.sh makes (docs/security.md).
+step security run_pytest "$LOG_DIR/security.log" -m security tests/security "$@"
 
 pg_pytest() {
     local rc=0
@@ -108,8 +110,8 @@ pg_pytest() {
 }
 step pytest-pg pg_pytest
 
-total() { # total WORD: summed over the three passes
-    echo $(($(count "$1" "$LOG_DIR/inprocess.log") + $(count "$1" "$LOG_DIR/main.log") + $(count "$1" "$LOG_DIR/pg.log")))
+total() { # total WORD: summed over the four passes
+    echo $(($(count "$1" "$LOG_DIR/inprocess.log") + $(count "$1" "$LOG_DIR/main.log") + $(count "$1" "$LOG_DIR/security.log") + $(count "$1" "$LOG_DIR/pg.log")))
 }
 passed=$(total passed)
 failed=$(total failed)

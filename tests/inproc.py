@@ -40,8 +40,9 @@ from controller.main import Controller
 
 log = logging.getLogger(__name__)
 
-#: The broker login of the CLI, the agents and the controller in this tier (the memory broker's default).
-HARNESS_LOGIN = "guest"
+#: The broker login of the CLI in this tier (the controller logs in as ``controller``, each agent as
+#: ``agent-<host>``, as in a deployment).
+HARNESS_LOGIN = "operator"
 #: The test fleet's access settings: its one login is an admin, and no call is rate limited.
 HARNESS_ACCESS = AccessConfig(roles={HARNESS_LOGIN: Role.ADMIN}, rate_per_s=0.0)
 
@@ -139,7 +140,7 @@ class InProcessFleet(CliFleet):
     def start_agent(self, name: str) -> Agent:
         host = self.hosts_by_name[name]
         assert host.agent is None, f"the agent of {name} runs already"
-        host.agent = host.fake.agent(self.broker.transport(f"agent-{name}"))
+        host.agent = host.fake.agent(self.broker.transport(f"agent-{name}", user=f"agent-{name}"))
         host.agent.start()
         return host.agent
 

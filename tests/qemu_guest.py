@@ -174,6 +174,7 @@ def start_qemu_agent(
         images_dir=TEST_POOL_DIR,
         report_interval=300,
         pools=(GUEST_POOL,),
+        trust_broker_logins=False,  # the test publishes as guest: development mode
         **settings,
     )
     modules = [TuningModule.for_host(cfg, conn)] if tuning else []

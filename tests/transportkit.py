@@ -24,7 +24,7 @@ from common.messages.envelope import Envelope, new_id
 from common.transport.amqp import AmqpTransport
 from common.transport.memory import MemoryBroker
 from common.transport.port import Delivery, Outcome, Transport
-from common.transport.topology import Binding, Exchange, ExchangeType, Queue
+from common.transport.topology import MAX_MESSAGE_BYTES, Binding, Exchange, ExchangeType, Queue
 
 #: Upper bound for things that normally take milliseconds (generous: CI machines get loaded).
 WAIT = 20.0
@@ -68,7 +68,7 @@ class Kit(Protocol):
     kind: str
     transport: Transport
 
-    def new_transport(self, name: str) -> Transport: ...
+    def new_transport(self, name: str, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> Transport: ...
 
     def publish_raw(self, exchange: str, routing_key: str, body: bytes) -> None: ...
 
@@ -103,8 +103,8 @@ class MemoryKit:
         self._transports: list[Transport] = []
         self.transport = self.new_transport("kit")
 
-    def new_transport(self, name: str) -> Transport:
-        transport = self.broker.transport(name)
+    def new_transport(self, name: str, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> Transport:
+        transport = self.broker.transport(name, max_message_bytes=max_message_bytes)
         self._transports.append(transport)
         return transport
 
@@ -155,8 +155,8 @@ class AmqpKit:
         self._ch: Any = None
         self.transport = self.new_transport("kit")
 
-    def new_transport(self, name: str) -> Transport:
-        transport = AmqpTransport(self.url, f"contract-{name}")
+    def new_transport(self, name: str, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> Transport:
+        transport = AmqpTransport(self.url, f"contract-{name}", max_message_bytes=max_message_bytes)
         self._transports.append(transport)
         return transport
 

@@ -30,6 +30,7 @@ import logging
 import re
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -44,7 +45,7 @@ from common.errors import RequestTimeout, TransportError, VirtfleetError
 from common.messages.envelope import Envelope
 from common.transport import topology
 from common.transport.backoff import backoff_delays
-from common.transport.base import PooledConsumer, Replies
+from common.transport.base import PooledConsumer, Replies, check_size
 from common.transport.port import Delivery, Handler, Outcome, Refused, Route, Unroutable
 from common.transport.topology import Exchange, Queue
 
@@ -141,16 +142,36 @@ def declare_queue(
 ) -> BlockingChannel:
     """``topology.declare`` on ``ch``; returns the channel to go on with.
 
-    A ``406 PRECONDITION_FAILED`` (the queue exists with other arguments, declared by another
-    release) closes the channel: for a ``disposable`` queue, a new channel from ``reopen``
-    deletes the queue and declares it again; otherwise a non-retryable TransportError names the
-    queue and the argument. Connection failures propagate as pika exceptions.
+    A dependency the queue does not own is checked with a passive declaration first and declared
+    only when missing (a 404 closes the channel: ``reopen`` gives another). A ``406
+    PRECONDITION_FAILED`` (the queue exists with other arguments, declared by another release)
+    closes the channel: for a ``disposable`` queue, a new channel from ``reopen`` deletes the
+    queue and declares it again; otherwise a non-retryable TransportError names the queue and the
+    argument. Connection failures propagate as pika exceptions.
     """
     for step in topology.declarations(queue):
         try:
-            step.run(ch)
+            ch = _run_step(ch, step, reopen)
         except pika.exceptions.ChannelClosedByBroker as exc:
             return _refused(exc, step, ch, queue, reopen)
+    return ch
+
+
+def _run_step(
+    ch: BlockingChannel, step: topology.Declaration, reopen: Callable[[], BlockingChannel]
+) -> BlockingChannel:
+    """``topology.run_step`` with pika's way of saying "missing": a passive declaration's 404,
+    which closes the channel."""
+    if step.exists is not None:
+        try:
+            step.exists(ch)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            ch = reopen()
+        else:
+            return ch
+    step.run(ch)
     return ch
 
 
@@ -198,9 +219,17 @@ class _Session:
     ``closing`` (the owning transport's) makes a waiting call give up.
     """
 
-    def __init__(self, url: str, name: str, *, closing: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        *,
+        closing: threading.Event | None = None,
+        max_message_bytes: int = topology.MAX_MESSAGE_BYTES,
+    ) -> None:
         self.url = url
         self.name = name
+        self.max_message_bytes = max_message_bytes
         self.user_id = _user(url)
         self.conn: BlockingConnection | None = None
         self.ch: BlockingChannel | None = None
@@ -288,8 +317,11 @@ class _Session:
         expiration_ms: int | None = None,
         retries: int = 3,
     ) -> None:
-        """Publish and wait for the broker's confirm; TransportError after ``retries`` reconnects."""
-        body = env.encode()
+        """Publish and wait for the broker's confirm; TransportError after ``retries`` reconnects
+        (InvalidRequest, nothing sent, when it is over ``max_message_bytes``)."""
+        body = check_size(
+            env.encode(), self.max_message_bytes, f"{exchange or '(default exchange)'}/{routing_key}"
+        )
         props = _properties(env, persistent=persistent, expiration_ms=expiration_ms, user_id=self.user_id)
         self._retrying(
             f"publish to {exchange}/{routing_key}",
@@ -319,12 +351,18 @@ class _Session:
         self._retrying(f"declaring {queue.name}", once, retries)
 
     def declare_exchange(self, exchange: Exchange, *, retries: int = 3) -> None:
-        """Declare only ``exchange``."""
+        """Make sure ``exchange`` exists: checked, declared only when missing."""
+        step = topology.ensure_exchange(exchange)
 
         def once() -> None:
             ch = self.ensure()
             try:
-                topology.declare_exchange(ch, exchange)
+                self.ch = _run_step(ch, step, self._new_channel)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                raise TransportError(
+                    f"cannot declare exchange {exchange.name}: {exc.reply_code} {exc.reply_text}",
+                    retryable=False,
+                ) from None
             except _PIKA_ERRORS as exc:
                 raise _ConnectionLost(_describe(exc)) from exc
 
@@ -359,12 +397,16 @@ class _Session:
         """This connection's private reply queue, declared on first use."""
         ch = self.ensure()
         if not self._reply_queue:
+            queue = topology.reply_queue(self.user_id or "anonymous", uuid.uuid4().hex)
             try:
-                result = ch.queue_declare("", exclusive=True, auto_delete=True)
-                ch.basic_consume(result.method.queue, self._on_reply, auto_ack=True)
+                ch = declare_queue(ch, queue, self._new_channel)
+                ch.basic_consume(queue.name, self._on_reply, auto_ack=True)
+            except TransportError as exc:
+                raise TransportError(f"cannot declare a reply queue: {exc.message}", retryable=False) from exc
             except _PIKA_ERRORS as exc:
                 raise _ConnectionLost(f"cannot declare a reply queue: {_describe(exc)}") from exc
-            self._reply_queue = result.method.queue
+            self.ch = ch
+            self._reply_queue = queue.name
         return self._reply_queue
 
     def _on_reply(self, _ch: Any, _method: Any, _props: pika.BasicProperties, body: bytes) -> None:
@@ -389,7 +431,9 @@ class _Session:
         """
         deadline = time.monotonic() + timeout
         delays = backoff_delays()
-        body = env.encode()
+        body = check_size(
+            env.encode(), self.max_message_bytes, f"{exchange or '(default exchange)'}/{routing_key}"
+        )
         self._replies.expect(env.id)
         try:
             while True:
@@ -462,8 +506,11 @@ class ConsumerServer(PooledConsumer):
         prefetch: int = 8,
         workers: int = 4,
         tick: float = 0.2,
+        max_message_bytes: int = topology.MAX_MESSAGE_BYTES,
     ) -> None:
-        super().__init__(name, routes, prefetch=prefetch, workers=workers)
+        super().__init__(
+            name, routes, prefetch=prefetch, workers=workers, max_message_bytes=max_message_bytes
+        )
         self.url = url
         self._user_id = _user(url)
         self._tick = tick
@@ -475,6 +522,8 @@ class ConsumerServer(PooledConsumer):
         self.last_tick = time.monotonic()
         self.connected = False
         self._consumed = False
+        #: the channel replies are published on (see :meth:`_reply`); per connection
+        self._reply_channel: BlockingChannel | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -527,6 +576,7 @@ class ConsumerServer(PooledConsumer):
 
     def _consume_once(self) -> None:
         conn = connect(self.url, self.name)
+        self._reply_channel = None
         try:
             ch = conn.channel()
             for route in self._routes:
@@ -597,6 +647,25 @@ class ConsumerServer(PooledConsumer):
             self._inflight = {f for f in self._inflight if not f.done()}
             self._inflight.add(future)
 
+    def _reply(self, conn: BlockingConnection, reply_to: str, reply: Envelope) -> None:
+        """Publish ``reply`` on a channel of its own (from the connection's thread): when the broker
+        refuses it (a reply queue this login may not publish to, 403), only that channel closes, and
+        the delivery is still acknowledged on the consuming one -- never redelivered in a loop."""
+        if self._reply_channel is None or not self._reply_channel.is_open:
+            self._reply_channel = conn.channel()
+        try:
+            self._reply_channel.basic_publish(
+                topology.REPLIES_EXCHANGE.name,
+                reply_to,
+                reply.encode(),
+                _properties(reply, persistent=False, user_id=self._user_id),
+            )
+        except (pika.exceptions.ChannelClosedByBroker, pika.exceptions.ChannelWrongStateError) as exc:
+            # A refusal closes the channel when the broker's answer arrives (the next use of it
+            # raises): this reply or an earlier one was refused; a new channel next time.
+            self._reply_channel = None
+            log.warning("%s: reply to %s refused (%s)", self.name, reply_to, _describe(exc))
+
     def _work(
         self, conn: BlockingConnection, ch: BlockingChannel, tag: int, handler: Handler, delivery: Delivery
     ) -> None:
@@ -605,12 +674,7 @@ class ConsumerServer(PooledConsumer):
         def finish() -> None:
             try:
                 if outcome.reply is not None and delivery.reply_to:
-                    ch.basic_publish(
-                        "",
-                        delivery.reply_to,
-                        outcome.reply.encode(),
-                        _properties(outcome.reply, persistent=False, user_id=self._user_id),
-                    )
+                    self._reply(conn, delivery.reply_to, outcome.reply)
                 if outcome.dead_letter:
                     ch.basic_nack(tag, requeue=False)
                 else:
@@ -657,9 +721,11 @@ class AmqpTransport:
     first used, so constructing one never fails.
     """
 
-    def __init__(self, url: str, name: str) -> None:
+    def __init__(self, url: str, name: str, *, max_message_bytes: int = topology.MAX_MESSAGE_BYTES) -> None:
         self._url = url
         self.name = name
+        #: the largest body published or handled (config ``max_message_bytes``)
+        self.max_message_bytes = max_message_bytes
         self._local = threading.local()
         self._lock = threading.Lock()
         self._sessions: list[tuple[threading.Thread, _Session]] = []
@@ -678,7 +744,12 @@ class AmqpTransport:
         session: _Session | None = getattr(self._local, "session", None)
         if session is None:
             thread = threading.current_thread()
-            session = _Session(self._url, f"{self.name}:{thread.name}", closing=self._closed)
+            session = _Session(
+                self._url,
+                f"{self.name}:{thread.name}",
+                closing=self._closed,
+                max_message_bytes=self.max_message_bytes,
+            )
             with self._lock:
                 # Threads come and go (worker pools): close what dead threads left behind.
                 for dead in [s for t, s in self._sessions if not t.is_alive()]:
@@ -707,7 +778,14 @@ class AmqpTransport:
     ) -> ConsumerServer:
         """A :class:`ConsumerServer` of every route's queue on one connection (and channel)
         named ``name``."""
-        consumer = ConsumerServer(self._url, name, routes, prefetch=prefetch, workers=workers)
+        consumer = ConsumerServer(
+            self._url,
+            name,
+            routes,
+            prefetch=prefetch,
+            workers=workers,
+            max_message_bytes=self.max_message_bytes,
+        )
         self._consumers.add(consumer)
         return consumer
 

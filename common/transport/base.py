@@ -16,11 +16,23 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from common.errors import VirtfleetError
+from common.errors import InvalidRequest, VirtfleetError
 from common.messages.envelope import Envelope, decode_envelope
 from common.transport.port import Delivery, Handler, Outcome, Route
+from common.transport.topology import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
+
+
+def check_size(body: bytes, limit: int, where: str) -> bytes:
+    """``body`` when it is at most ``limit`` bytes (``max_message_bytes``), else InvalidRequest:
+    nothing larger is published, and the broker would refuse it too (``max_message_size``)."""
+    if len(body) > limit:
+        raise InvalidRequest(
+            f"a message of {len(body)} bytes for {where} exceeds max_message_bytes ({limit}); nothing was sent",
+            details={"bytes": len(body), "max_message_bytes": limit},
+        )
+    return body
 
 
 class PooledConsumer:
@@ -31,7 +43,15 @@ class PooledConsumer:
     the connection was lost and made again.
     """
 
-    def __init__(self, name: str, routes: Sequence[Route], *, prefetch: int, workers: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        routes: Sequence[Route],
+        *,
+        prefetch: int,
+        workers: int,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
         if not routes:
             raise ValueError(f"consumer {name}: no queue to consume")
         queues = [r.queue.name for r in routes]
@@ -40,6 +60,7 @@ class PooledConsumer:
         self.name = name
         self._routes = tuple(routes)
         self._prefetch = prefetch
+        self._max_message_bytes = max_message_bytes
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-worker")
         self._stop = threading.Event()
         self.ready = threading.Event()
@@ -48,8 +69,18 @@ class PooledConsumer:
     def _delivery(
         self, body: bytes, routing_key: str, redelivered: bool, reply_to: str | None, user_id: str | None
     ) -> Delivery | None:
-        """The delivery of a message, or None (logged) when it cannot be read: the caller
-        dead-letters it, never requeues it."""
+        """The delivery of a message, or None (logged) when it cannot be read or is larger than
+        ``max_message_bytes`` (not even decoded): the caller dead-letters it, never requeues it."""
+        if len(body) > self._max_message_bytes:
+            log.warning(
+                "%s: rejecting a message of %d bytes (over max_message_bytes %d, from login %r) to the "
+                "dead-letter queue",
+                self.name,
+                len(body),
+                self._max_message_bytes,
+                user_id,
+            )
+            return None
         try:
             env = decode_envelope(body)
         except VirtfleetError as exc:
@@ -113,4 +144,4 @@ class Replies:
         return self._replies.pop(msg_id, None)
 
 
-__all__ = ["PooledConsumer", "Replies"]
+__all__ = ["PooledConsumer", "Replies", "check_size"]

@@ -8,7 +8,8 @@ messages are stored as their encoded bytes, so the codec runs exactly as on the 
 
 What it models, as RabbitMQ does:
 
-* queue arguments ``x-message-ttl``, ``x-max-length`` with ``x-overflow`` ``drop-head``
+* queue arguments ``x-message-ttl``, ``x-max-length`` and ``x-max-length-bytes`` (the bodies of
+  the ready messages) with ``x-overflow`` ``drop-head``
   (the dropped head is dead-lettered, reason ``maxlen``), ``reject-publish`` (the publisher gets
   :class:`~common.transport.port.Refused`, nothing is dead-lettered) and ``reject-publish-dlx``,
   ``x-dead-letter-exchange`` and ``x-dead-letter-routing-key``; per-message expiration; dead
@@ -47,7 +48,7 @@ from common.errors import NotFound, RequestTimeout, TransportError, VirtfleetErr
 from common.messages.envelope import Envelope
 from common.transport import topology
 from common.transport.backoff import backoff_delays
-from common.transport.base import PooledConsumer, Replies
+from common.transport.base import PooledConsumer, Replies, check_size
 from common.transport.port import Delivery, Handler, Outcome, Refused, Route, Unroutable
 from common.transport.topology import Exchange, ExchangeType, Queue
 
@@ -58,6 +59,7 @@ SUPPORTED_ARGUMENTS = frozenset(
     {
         "x-message-ttl",
         "x-max-length",
+        "x-max-length-bytes",
         "x-overflow",
         "x-dead-letter-exchange",
         "x-dead-letter-routing-key",
@@ -70,6 +72,7 @@ _ARGUMENT_ORDER = (
     "x-dead-letter-exchange",
     "x-dead-letter-routing-key",
     "x-max-length",
+    "x-max-length-bytes",
     "x-overflow",
 )
 
@@ -182,6 +185,21 @@ class _Queue:
         return int(value) if value is not None else None
 
     @property
+    def max_length_bytes(self) -> int | None:
+        value = self.arguments.get("x-max-length-bytes")
+        return int(value) if value is not None else None
+
+    def ready_bytes(self) -> int:
+        return sum(len(s.message.body) for s in self.ready)
+
+    def over_limits(self, extra: int = 0, extra_bytes: int = 0) -> bool:
+        """Whether the ready messages (plus ``extra`` of ``extra_bytes``) exceed a limit."""
+        length, size = self.max_length, self.max_length_bytes
+        return (length is not None and len(self.ready) + extra > length) or (
+            size is not None and self.ready_bytes() + extra_bytes > size
+        )
+
+    @property
     def overflow(self) -> str:
         return str(self.arguments.get("x-overflow", "drop-head"))
 
@@ -234,9 +252,11 @@ class MemoryBroker:
     def url(self) -> str:
         return f"memory://{self.name}"
 
-    def transport(self, name: str, user: str = "guest") -> MemoryTransport:
+    def transport(
+        self, name: str, user: str = "guest", *, max_message_bytes: int = topology.MAX_MESSAGE_BYTES
+    ) -> MemoryTransport:
         """A transport whose connections are named ``name`` and publish as ``user``."""
-        return MemoryTransport(self, name, user)
+        return MemoryTransport(self, name, user, max_message_bytes=max_message_bytes)
 
     # ------------------------------------------------------------------ public: inspection
     def messages(self, queue: str) -> tuple[Message, ...]:
@@ -382,9 +402,13 @@ class MemoryBroker:
             raise TransportError(f"connection {conn.name} to {self.url} is closed")
 
     # ------------------------------------------------------------------ declarations (locked)
-    def _exchange_declare(self, conn: _Connection, name: str, kind: str) -> None:
+    def _exchange_declare(self, conn: _Connection, name: str, kind: str, *, passive: bool = False) -> None:
         with self._lock:
             self._check(conn)
+            if passive:
+                if name not in self._exchanges:
+                    raise topology.Missing(f"no exchange {name} (404 NOT_FOUND)")
+                return
             if not name or name.startswith("amq."):
                 raise TransportError(f"exchange name {name!r} is reserved", retryable=False)
             try:
@@ -418,7 +442,7 @@ class MemoryBroker:
                 raise TransportError(f"queue {name} is exclusive to another connection", retryable=False)
             if passive:
                 if q is None:
-                    raise NotFound(f"no queue {name}")
+                    raise NotFound(f"no queue {name} (404 NOT_FOUND)")
             elif q is None:
                 _validate(args)
                 name = name or f"amq.gen-{uuid.uuid4().hex}"
@@ -504,8 +528,7 @@ class MemoryBroker:
 
     def _enqueue(self, q: _Queue, message: Message) -> bool:
         """Store ``message`` in ``q``; False when the queue refuses it (reject-publish)."""
-        limit = q.max_length
-        if limit is not None and len(q.ready) >= limit and q.overflow != "drop-head":
+        if q.overflow != "drop-head" and q.over_limits(1, len(message.body)):
             if q.overflow == "reject-publish-dlx":
                 self._dead_letter(q, message, "maxlen")
             return False
@@ -515,7 +538,7 @@ class MemoryBroker:
         q.ready.append(stored)
         if expires_at is not None:
             self._schedule_expiry(stored)
-        while limit is not None and len(q.ready) > limit:
+        while q.ready and q.over_limits():
             head = q.ready.popleft()
             head.state = "gone"
             self._dead_letter(q, head.message, "maxlen")
@@ -723,7 +746,7 @@ def _validate(arguments: Mapping[str, Any]) -> None:
             f"the memory broker does not implement queue argument(s) {', '.join(unknown)}",
             retryable=False,
         )
-    for key in ("x-message-ttl", "x-max-length"):
+    for key in ("x-message-ttl", "x-max-length", "x-max-length-bytes"):
         value = arguments.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise TransportError(f"{key} must be a non-negative integer, not {value!r}", retryable=False)
@@ -756,21 +779,34 @@ class _Channel:
         self._broker = broker
         self._conn = conn
 
-    def exchange_declare(self, exchange: str, exchange_type: str, durable: bool = True) -> None:
+    def exchange_declare(
+        self, exchange: str, exchange_type: str, durable: bool = True, *, passive: bool = False
+    ) -> None:
         del durable  # every virtfleet exchange is durable; nothing survives this broker anyway
-        self._broker._exchange_declare(self._conn, exchange, exchange_type)
+        self._broker._exchange_declare(self._conn, exchange, exchange_type, passive=passive)
 
     def queue_declare(
-        self, queue: str, *, durable: bool, exclusive: bool, auto_delete: bool, arguments: dict[str, Any]
+        self,
+        queue: str,
+        *,
+        passive: bool = False,
+        durable: bool = False,
+        exclusive: bool = False,
+        auto_delete: bool = False,
+        arguments: dict[str, Any] | None = None,
     ) -> QueueState:
-        return self._broker._queue_declare(
-            self._conn,
-            queue,
-            durable=durable,
-            exclusive=exclusive,
-            auto_delete=auto_delete,
-            arguments=arguments,
-        )
+        try:
+            return self._broker._queue_declare(
+                self._conn,
+                queue,
+                passive=passive,
+                durable=durable,
+                exclusive=exclusive,
+                auto_delete=auto_delete,
+                arguments=arguments,
+            )
+        except NotFound as exc:
+            raise topology.Missing(exc.message) from None
 
     def queue_bind(self, queue: str, exchange: str, routing_key: str | None = None) -> None:
         self._broker._queue_bind(self._conn, queue, exchange, routing_key or "")
@@ -825,10 +861,18 @@ def _answered_or_lost(replies: Replies, msg_id: str, conn: _Connection) -> Calla
 class MemoryTransport:
     """:class:`~common.transport.port.Transport` on a :class:`MemoryBroker`; shareable by threads."""
 
-    def __init__(self, broker: MemoryBroker, name: str, user: str = "guest") -> None:
+    def __init__(
+        self,
+        broker: MemoryBroker,
+        name: str,
+        user: str = "guest",
+        *,
+        max_message_bytes: int = topology.MAX_MESSAGE_BYTES,
+    ) -> None:
         self._broker = broker
         self.name = name
         self.user = user
+        self.max_message_bytes = max_message_bytes
         self._conn: _Connection | None = None
         self._reply_queue: str | None = None
         #: the replies the calls wait for (under the broker lock)
@@ -860,8 +904,8 @@ class MemoryTransport:
         _declare(self._broker, self._connection(), queue)
 
     def declare_exchange(self, exchange: Exchange) -> None:
-        """Declare only ``exchange`` (see the port)."""
-        topology.declare_exchange(_Channel(self._broker, self._connection()), exchange)
+        """Make sure ``exchange`` exists: checked, declared only when missing (see the port)."""
+        topology.run_step(_Channel(self._broker, self._connection()), topology.ensure_exchange(exchange))
 
     def publish(
         self,
@@ -873,10 +917,12 @@ class MemoryTransport:
         mandatory: bool = False,
         expiration_ms: int | None = None,
     ) -> None:
-        """Route ``env`` now: Unroutable, Refused or TransportError as RabbitMQ's confirm would say."""
+        """Route ``env`` now: Unroutable, Refused or TransportError as RabbitMQ's confirm would say
+        (InvalidRequest when it is over ``max_message_bytes``)."""
         message = _message(
             env, exchange, routing_key, user=self.user, persistent=persistent, expiration_ms=expiration_ms
         )
+        check_size(message.body, self.max_message_bytes, f"{exchange or '(default exchange)'}/{routing_key}")
         with self._broker._lock:
             self._connection()
             self._broker._publish(message, mandatory=mandatory)
@@ -902,6 +948,7 @@ class MemoryTransport:
         request = _message(
             env, exchange, routing_key, user=self.user, persistent=persistent, expiration_ms=expiration_ms
         )
+        check_size(request.body, self.max_message_bytes, f"{exchange or '(default exchange)'}/{routing_key}")
         with broker._changed:
             self._replies.expect(env.id)
             try:
@@ -935,9 +982,10 @@ class MemoryTransport:
     def _reply_queue_name(self, conn: _Connection) -> str:
         """The exclusive reply queue of this connection, declared on first use."""
         if self._reply_queue is None:
-            state = self._broker._queue_declare(conn, "", exclusive=True, auto_delete=True)
-            self._broker._consume(conn, state.name, self._on_reply, prefetch=0, auto_ack=True)
-            self._reply_queue = state.name
+            queue = topology.reply_queue(self.user, uuid.uuid4().hex)
+            _declare(self._broker, conn, queue)
+            self._broker._consume(conn, queue.name, self._on_reply, prefetch=0, auto_ack=True)
+            self._reply_queue = queue.name
         return self._reply_queue
 
     def _on_reply(self, _sub: _Subscription, _tag: int, message: Message) -> None:
@@ -955,7 +1003,14 @@ class MemoryTransport:
         self, routes: Sequence[Route], *, name: str, prefetch: int = 8, workers: int = 4
     ) -> MemoryConsumer:
         """A consumer of every route's queue on one connection named ``name``."""
-        consumer = MemoryConsumer(self, routes, name=name, prefetch=prefetch, workers=workers)
+        consumer = MemoryConsumer(
+            self,
+            routes,
+            name=name,
+            prefetch=prefetch,
+            workers=workers,
+            max_message_bytes=self.max_message_bytes,
+        )
         self._consumers.add(consumer)
         return consumer
 
@@ -991,8 +1046,11 @@ class MemoryConsumer(PooledConsumer):
         name: str,
         prefetch: int = 8,
         workers: int = 4,
+        max_message_bytes: int = topology.MAX_MESSAGE_BYTES,
     ) -> None:
-        super().__init__(name, routes, prefetch=prefetch, workers=workers)
+        super().__init__(
+            name, routes, prefetch=prefetch, workers=workers, max_message_bytes=max_message_bytes
+        )
         self._transport = transport
         self._broker = transport.broker
         self._conn: _Connection | None = None
@@ -1110,7 +1168,7 @@ class MemoryConsumer(PooledConsumer):
             if outcome.reply is not None and delivery.reply_to:
                 reply = _message(
                     outcome.reply,
-                    topology.DEFAULT_EXCHANGE,
+                    topology.REPLIES_EXCHANGE.name,
                     delivery.reply_to,
                     user=self._transport.user,
                     persistent=False,

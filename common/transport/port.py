@@ -122,8 +122,9 @@ class Transport(Protocol):
         ...
 
     def declare_exchange(self, exchange: Exchange) -> None:
-        """Declare only an exchange (idempotent): what a publisher needs before its first publish
-        (an agent may not configure the controller's queues)."""
+        """Make sure an exchange exists: what a publisher needs before its first publish. Checked
+        with a passive declaration and declared only when missing (a publisher's broker user, an
+        agent's, may not configure the controller's exchanges)."""
         ...
 
     def publish(

@@ -46,6 +46,16 @@ class Queue:
     declaration that the broker refuses because an older release declared the queue with other
     arguments (``406 PRECONDITION_FAILED``) may delete and re-declare it. Other queues are never
     deleted by virtfleet.
+
+    ``owns_dependencies``: whoever declares this queue also declares its exchanges and its
+    dead-letter queue (the controller's queues). False for the queues of the other parties (an
+    agent's command queue, a caller's reply queue): their exchanges and the dead-letter queue are
+    the controller's, which the other parties' broker users may not configure, so they are only
+    checked to exist (a passive declaration needs no permission) and declared only when missing
+    (a fresh broker where the party starts first and may: a development broker's single user).
+
+    ``companions``: more exchanges its declarer declares (the API queues': the replies exchange,
+    and the commands exchange the controller sends agents' commands on).
     """
 
     name: str
@@ -55,6 +65,8 @@ class Queue:
     exclusive: bool = False
     auto_delete: bool = False
     disposable: bool = False
+    owns_dependencies: bool = True
+    companions: tuple[Exchange, ...] = ()
     doc: str = ""
 
     @property
@@ -64,8 +76,8 @@ class Queue:
         return value if isinstance(value, str) else None
 
     def exchanges(self) -> tuple[Exchange, ...]:
-        """The exchanges this queue needs (its bindings' and its dead-letter exchange)."""
-        seen = {b.exchange.name: b.exchange for b in self.bindings}
+        """The exchanges this queue needs (its bindings', its companions and its dead-letter exchange)."""
+        seen = {e.name: e for e in (*(b.exchange for b in self.bindings), *self.companions)}
         if self.dead_letter_exchange == DEAD_LETTER_EXCHANGE.name:
             seen.setdefault(DEAD_LETTER_EXCHANGE.name, DEAD_LETTER_EXCHANGE)
         return tuple(seen.values())
@@ -85,13 +97,43 @@ COMMANDS_EXCHANGE = Exchange(
 REPORTS_EXCHANGE = Exchange(
     "virtfleet.reports", ExchangeType.TOPIC, "agent -> controller reports, key = <kind>.<host id>"
 )
-#: AMQP's default exchange: routes to the queue named by the routing key (API calls, replies).
+#: Client -> controller API calls; the routing key is the API queue's name. An exchange of its own,
+#: not the default one, so that no party but the controller needs write on ``amq.default`` (which
+#: reaches every queue by name: docs/security.md).
+API_EXCHANGE = Exchange(
+    "virtfleet.requests", ExchangeType.DIRECT, "client -> controller API calls, key = API queue name"
+)
+#: Every reply; the routing key is the caller's reply queue name, ``virtfleet.reply.<login>.<id>``
+#: (:func:`reply_queue`): a topic exchange, so that the broker's topic permissions bind each login
+#: to its own replies and let agents reply to the controller only.
+REPLIES_EXCHANGE = Exchange(
+    "virtfleet.replies", ExchangeType.TOPIC, "replies, key = the caller's reply queue name"
+)
+#: AMQP's default exchange: routes to the queue named by the routing key. virtfleet publishes
+#: nothing there (see :data:`API_EXCHANGE` and :data:`REPLIES_EXCHANGE`).
 DEFAULT_EXCHANGE = ""
 
 # ---------------------------------------------------------------------------------- arguments
 
-#: Messages kept in the dead-letter queue before the oldest are dropped.
+#: Messages kept in the dead-letter queue before the oldest are dropped (a queue argument).
 DEAD_LETTER_MAX = 10_000
+#: Bytes (message bodies) kept in the dead-letter queue: 10,000 oversized messages would otherwise
+#: fill the broker's disk or memory. Beyond it new dead letters are refused (``reject-publish``), so
+#: the queue keeps the first of a flood for people. Applied by the broker policy
+#: :data:`DEAD_LETTER_POLICY` (deploy/rabbitmq/bootstrap.sh), not by queue arguments: every release
+#: declares ``virtfleet.dead`` (the agents too), and a queue argument that differs between releases
+#: would make RabbitMQ refuse one release's declaration (406) during an upgrade.
+DEAD_LETTER_MAX_BYTES = 64 * 1024 * 1024
+#: The RabbitMQ policy bootstrap.sh sets on ``virtfleet.dead`` (name, pattern, definition).
+DEAD_LETTER_POLICY: tuple[str, str, Mapping[str, Any]] = (
+    "virtfleet-dead-letters",
+    r"^virtfleet\.dead$",
+    {"max-length-bytes": DEAD_LETTER_MAX_BYTES, "overflow": "reject-publish"},
+)
+#: The largest message body virtfleet publishes or handles (``max_message_bytes`` in both
+#: configurations); a full report of a host with a thousand VMs is well under 1 MiB. The broker
+#: refuses larger ones when rabbitmq.conf says ``max_message_size = 8388608`` (deploy/rabbitmq).
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 #: Heartbeats older than this are worthless (the host's liveness is judged by the newest one):
 #: the agent sets ``expires_at`` this far ahead and the controller skips expired ones.
 HEARTBEAT_TTL_MS = 30_000
@@ -103,6 +145,8 @@ REPORT_TTL_MS = 120_000
 #: the same reason these queues have no queue TTL (RabbitMQ dead-letters expired messages).
 REPORT_BACKLOG_MAX = 10_000
 
+#: What the controller's API consumers declare besides their queues (agents and callers may not).
+_CONTROLLER_EXCHANGES = (REPLIES_EXCHANGE, COMMANDS_EXCHANGE)
 _DEAD_LETTERED = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name}
 
 # ---------------------------------------------------------------------------------- queues
@@ -111,16 +155,21 @@ DEAD_LETTER_QUEUE = Queue(
     "virtfleet.dead",
     arguments={"x-max-length": DEAD_LETTER_MAX},
     bindings=(Binding(DEAD_LETTER_EXCHANGE, ""),),
-    doc="every rejected message, for people to inspect; no consumer; oldest dropped beyond the limit",
+    doc="every rejected message, for people to inspect; no consumer; at most DEAD_LETTER_MAX_BYTES"
+    " (policy virtfleet-dead-letters: new ones refused beyond it), oldest dropped beyond DEAD_LETTER_MAX",
 )
 API_QUEUE = Queue(
     "virtfleet.api",
     arguments=_DEAD_LETTERED,
-    doc="client -> controller API calls (on the default exchange); controllers compete for them",
+    bindings=(Binding(API_EXCHANGE, "virtfleet.api"),),
+    companions=_CONTROLLER_EXCHANGES,
+    doc="client -> controller API calls; controllers compete for them",
 )
 API_READ_QUEUE = Queue(
     "virtfleet.api.read",
     arguments=_DEAD_LETTERED,
+    bindings=(Binding(API_EXCHANGE, "virtfleet.api.read"),),
+    companions=_CONTROLLER_EXCHANGES,
     doc="client -> controller read-only API calls (role reader): their own lane and workers, so a"
     " `host list` or `vm show` never waits behind a burst of creates",
 )
@@ -167,7 +216,27 @@ def agent_queue(host_id: str) -> Queue:
         f"virtfleet.agent.{host_id}",
         arguments=_DEAD_LETTERED,
         bindings=(Binding(COMMANDS_EXCHANGE, host_id),),
+        owns_dependencies=False,
         doc="controller -> agent commands for one host",
+    )
+
+
+#: The name pattern of reply queues, for documentation.
+REPLY_QUEUE_PATTERN = "virtfleet.reply.<login>.<random>"
+
+
+def reply_queue(login: str, suffix: str) -> Queue:
+    """A caller's private reply queue (exclusive to its connection), named after its broker login so
+    that the broker's permissions can confine each login to its own replies."""
+    name = f"virtfleet.reply.{login}.{suffix}"
+    return Queue(
+        name,
+        bindings=(Binding(REPLIES_EXCHANGE, name),),
+        durable=False,
+        exclusive=True,
+        auto_delete=True,
+        owns_dependencies=False,
+        doc="one caller connection's replies",
     )
 
 
@@ -184,7 +253,13 @@ SHARED_QUEUES: tuple[Queue, ...] = (
     HEARTBEATS_QUEUE,
     DEAD_LETTER_QUEUE,
 )
-EXCHANGES: tuple[Exchange, ...] = (COMMANDS_EXCHANGE, REPORTS_EXCHANGE, DEAD_LETTER_EXCHANGE)
+EXCHANGES: tuple[Exchange, ...] = (
+    API_EXCHANGE,
+    COMMANDS_EXCHANGE,
+    REPORTS_EXCHANGE,
+    REPLIES_EXCHANGE,
+    DEAD_LETTER_EXCHANGE,
+)
 
 
 # ---------------------------------------------------------------------------------- declaring
@@ -193,10 +268,19 @@ EXCHANGES: tuple[Exchange, ...] = (COMMANDS_EXCHANGE, REPORTS_EXCHANGE, DEAD_LET
 class Channel(Protocol):
     """The subset of an AMQP channel (pika's BlockingChannel) that declarations use."""
 
-    def exchange_declare(self, exchange: str, exchange_type: str, durable: bool = ...) -> Any: ...
+    def exchange_declare(
+        self, exchange: str, exchange_type: str, durable: bool = ..., *, passive: bool = ...
+    ) -> Any: ...
 
     def queue_declare(
-        self, queue: str, *, durable: bool, exclusive: bool, auto_delete: bool, arguments: dict[str, Any]
+        self,
+        queue: str,
+        *,
+        passive: bool = ...,
+        durable: bool = ...,
+        exclusive: bool = ...,
+        auto_delete: bool = ...,
+        arguments: dict[str, Any] | None = ...,
     ) -> Any: ...
 
     def queue_bind(self, queue: str, exchange: str, routing_key: str | None = ...) -> Any: ...
@@ -205,22 +289,52 @@ class Channel(Protocol):
 @dataclass(frozen=True, slots=True)
 class Declaration:
     """One declaration; ``what`` (exchange, queue, binding of queue) and ``name`` say what it
-    declares, for the message when the broker refuses it."""
+    declares, for the message when the broker refuses it.
+
+    ``exists``: set for what the declarer does not own (see :attr:`Queue.owns_dependencies`): a
+    passive declaration, done first; ``run`` (which may be several steps) only when it fails
+    because the exchange or queue is missing.
+    """
 
     what: str
     name: str
     run: Callable[[Channel], object]
+    exists: Callable[[Channel], object] | None = None
 
 
 def declarations(queue: Queue) -> list[Declaration]:
     """What declaring ``queue`` takes, in order: its exchanges, its dead-letter queue (declared
-    the same way), the queue itself and its bindings."""
+    the same way), the queue itself and its bindings; exchanges and dead-letter queue only when
+    missing if the queue does not own them."""
     steps = [_exchange(exchange) for exchange in queue.exchanges()]
     if queue.dead_letter_exchange == DEAD_LETTER_EXCHANGE.name and queue is not DEAD_LETTER_QUEUE:
-        steps += declarations(DEAD_LETTER_QUEUE)
+        if queue.owns_dependencies:
+            steps += declarations(DEAD_LETTER_QUEUE)
+        else:
+            steps.append(_if_missing_queue(DEAD_LETTER_QUEUE))
+    if not queue.owns_dependencies:
+        steps = [_if_missing(step) for step in steps]
     steps.append(_queue(queue))
     steps += [_binding(queue, binding) for binding in queue.bindings]
     return steps
+
+
+def _if_missing(step: Declaration) -> Declaration:
+    if step.exists is not None or step.what != "exchange":
+        return step
+    name = step.name
+    return Declaration(
+        step.what, name, step.run, lambda ch: ch.exchange_declare(name, "direct", durable=True, passive=True)
+    )
+
+
+def _if_missing_queue(queue: Queue) -> Declaration:
+    return Declaration(
+        "queue",
+        queue.name,
+        lambda ch: declare(ch, queue),
+        lambda ch: ch.queue_declare(queue.name, passive=True),
+    )
 
 
 def _exchange(exchange: Exchange) -> Declaration:
@@ -253,13 +367,37 @@ def _binding(queue: Queue, binding: Binding) -> Declaration:
     )
 
 
+class Missing(Exception):
+    """What a :class:`Channel` raises when a passive declaration finds nothing (AMQP's 404)."""
+
+
 def declare(ch: Channel, queue: Queue) -> str:
-    """Declare ``queue``, its exchanges, its dead-letter queue and its bindings on ``ch``."""
+    """Declare ``queue``, its exchanges, its dead-letter queue and its bindings on ``ch`` (a channel
+    whose passive declarations raise :class:`Missing`; the AMQP transport runs the steps itself)."""
     for step in declarations(queue):
-        step.run(ch)
+        run_step(ch, step)
     return queue.name
 
 
+def run_step(ch: Channel, step: Declaration) -> None:
+    """One declaration; a dependency (``step.exists``) only when missing."""
+    if step.exists is not None:
+        try:
+            step.exists(ch)
+        except Missing:
+            pass
+        else:
+            return
+    step.run(ch)
+
+
+def ensure_exchange(exchange: Exchange) -> Declaration:
+    """An exchange a publisher needs: checked to exist, declared only when missing (a publisher's
+    login may not configure it: the controller declares it)."""
+    return _if_missing(_exchange(exchange))
+
+
 def declare_exchange(ch: Channel, exchange: Exchange) -> None:
-    """Only an exchange: what a publisher needs (an agent may not configure the controller's queues)."""
+    """Only an exchange, declared outright (on any channel; a publisher's transport uses
+    :func:`ensure_exchange` instead)."""
     _exchange(exchange).run(ch)

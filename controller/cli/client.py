@@ -9,7 +9,7 @@ from common.messages.catalogue import timeout_of
 from common.messages.descriptor import ApiCall
 from common.transport.port import Transport
 from common.transport.rpc import request, unwrap
-from common.transport.topology import API_QUEUE, DEFAULT_EXCHANGE, api_queue
+from common.transport.topology import API_EXCHANGE, API_QUEUE, api_queue
 
 B = TypeVar("B")
 R = TypeVar("R")
@@ -48,7 +48,7 @@ class ApiClient:
         timeout = self._timeout if self._timeout is not None else timeout_of(op)
         env = request(op, body, self._sender, timeout=timeout)
         reply = self._transport.call(
-            DEFAULT_EXCHANGE,
+            API_EXCHANGE.name,
             api_queue(op.role).name,
             env,
             timeout,

@@ -249,6 +249,41 @@ def test_a_handler_asking_for_it_dead_letters_the_message_once(
     assert letter.headers["x-first-death-reason"] == "rejected"
 
 
+def test_a_message_over_max_message_bytes_is_neither_published_nor_handled(
+    kit: Kit, names: Names, consumers: Consumers
+) -> None:
+    queue, dead = dead_lettered_queue(kit, names)
+    small = kit.new_transport("small", max_message_bytes=2048)
+    big = envelope(padding="x" * 4096)
+    with pytest.raises(InvalidRequest, match="exceeds max_message_bytes"):
+        small.publish("", queue.name, big)
+    with pytest.raises(InvalidRequest, match="exceeds max_message_bytes"):
+        small.call("", queue.name, big, WAIT)
+
+    handled = Recorder()
+    consumers.start(small.consumer(queue, handled, name="c"))
+    kit.transport.publish("", queue.name, big)  # another party's larger limit
+    kit.transport.publish("", queue.name, fits := envelope())
+    (letter,) = kit.take(dead.name)
+    assert (letter.message_id, letter.death["reason"]) == (big.id, "rejected")  # dead-lettered unread
+    handled.wait_for(1)
+    assert [d.envelope.id for d in handled.deliveries] == [fits.id]
+
+
+def test_max_length_bytes_with_reject_publish_refuses_what_would_go_over(kit: Kit, names: Names) -> None:
+    size = len(envelope().encode())
+    queue = names.queue(
+        arguments={"x-max-length-bytes": 2 * size + size // 2, "x-overflow": "reject-publish"}
+    )
+    kit.transport.declare(queue)
+    kept = [envelope(), envelope()]
+    for env in kept:
+        kit.transport.publish("", queue.name, env)
+    with pytest.raises(Refused):
+        kit.transport.publish("", queue.name, envelope())
+    assert [m.message_id for m in kit.take(queue.name, 2)] == [env.id for env in kept]
+
+
 def test_a_crashing_handler_dead_letters_the_message(kit: Kit, names: Names, consumers: Consumers) -> None:
     queue, dead = dead_lettered_queue(kit, names)
 

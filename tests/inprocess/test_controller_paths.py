@@ -147,7 +147,7 @@ def first_heartbeat(host_id: str) -> Heartbeat:
 
 def send_as_agent(fleet: InProcessFleet, host_id: str, op: Report[B], body: B) -> None:
     """Publish a report or heartbeat as the agent of ``host_id`` would, on a connection of its own."""
-    transport = fleet.broker.transport(f"agent-{host_id}")
+    transport = fleet.broker.transport(f"agent-{host_id}", user=f"agent-{host_id}")
     try:
         TransportReportSink(transport, host_id, f"agent:{host_id}", sign=fleet.signer(host_id)).send(
             op, body, sent_at=time.time(), ttl_s=60

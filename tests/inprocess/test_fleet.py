@@ -217,7 +217,7 @@ def test_50_concurrent_creates_never_exceed_capacity(own_fleet: InProcessFleet) 
     # stdout/stderr, which threads cannot share; the CLI's exit code is runner.exit_code.)
     def create(i: int) -> int:
         body = api.VmCreate(name=f"burst-{i:02d}", vcpus=1, memory_mib=4096, disks=parse_disks(["1"]) or ())
-        client = ApiClient(fleet.broker.transport(f"cli-burst-{i:02d}"))
+        client = ApiClient(fleet.broker.transport(f"cli-burst-{i:02d}", user="operator"))
         try:
             client.call(api.API_VM_CREATE, body)
         except VirtfleetError as exc:

@@ -85,8 +85,10 @@ def test_forged_and_replayed_commands_are_refused_and_the_agent_keeps_serving(fl
             dataclasses.replace(destroy, id="d" * 32), other
         ),
     }
+    # Published with the controller's own broker login (as a stolen controller password would):
+    # only the signatures tell these apart from genuine commands.
     for env in attacks.values():
-        fleet.broker.publish_raw(COMMANDS_EXCHANGE.name, host, env.encode())
+        fleet.broker.publish_raw(COMMANDS_EXCHANGE.name, host, env.encode(), user="controller")
     wait_until(
         lambda: len(fleet.broker.dead_letters()) >= dead_before + len(attacks),
         SOON,
@@ -94,7 +96,7 @@ def test_forged_and_replayed_commands_are_refused_and_the_agent_keeps_serving(fl
     )
     assert agent.dispatcher.refused["Unauthenticated"] == refused_before + len(attacks)
     # replayed as-is: the agent's journal answers it (it ran once); it is not run again
-    fleet.broker.publish_raw(COMMANDS_EXCHANGE.name, host, destroy.encode())
+    fleet.broker.publish_raw(COMMANDS_EXCHANGE.name, host, destroy.encode(), user="controller")
     wait_until(
         lambda: not fleet.broker.messages(f"virtfleet.agent.{host}"), SOON, "the replay to be consumed"
     )
@@ -117,8 +119,12 @@ def _publish_report(fleet: InProcessFleet, host: str, body: dict[str, Any], sign
     now = time.time()
     env = Envelope(kind=HOST_REPORT.kind, body=body, sender=f"agent:{host}", sent_at=now, expires_at=now + 60)
     signed = Signer(HostKeyring(fleet.key_file(signer_host), signer_host))(env, signer_host)
+    # Published with the host's own broker login: only the signature is wrong in the forged one.
     fleet.broker.publish_raw(
-        REPORTS_EXCHANGE.name, report_routing_key(HOST_REPORT.kind, host), signed.encode()
+        REPORTS_EXCHANGE.name,
+        report_routing_key(HOST_REPORT.kind, host),
+        signed.encode(),
+        user=f"agent-{host}",
     )
 
 

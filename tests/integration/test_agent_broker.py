@@ -179,6 +179,7 @@ def agent(vhost_url: str, host_id: str, reports: Tap, tmp_path: Path) -> Iterato
         amqp_url=vhost_url,
         state_dir=tmp_path / "state",
         report_interval=300,
+        trust_broker_logins=False,  # the test publishes as guest: development mode
         heartbeat_interval=1,
     )
     running = Agent(cfg, hv)
@@ -257,6 +258,7 @@ def test_the_agent_process_stops_cleanly_on_sigterm(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTFLEET_")}
     env["VIRTFLEET_AGENT_HOST_ID"] = host_id  # the host id from the environment, the rest from flags
+    env["VIRTFLEET_TRUST_BROKER_LOGINS"] = "false"  # the test commands it as guest: development mode
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -83,7 +83,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         fleet = Fleet(tmp, url, db)
         agent_log = tmp / "agent.log"
         env_vars = {k: v for k, v in os.environ.items() if not k.startswith("VIRTFLEET_")}
-        env_vars |= {"VIRTFLEET_NET_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+        env_vars |= {
+            "VIRTFLEET_NET_ROOT": str(root),
+            "PYTHONUNBUFFERED": "1",
+            "VIRTFLEET_TRUST_BROKER_LOGINS": "false",  # guest for all: development mode
+        }
         agent_url = url.replace("127.0.0.1", RELAY_IP)
         e = Env(fleet, the_lab, h, root, libvirtd, agent_log)
         try:

@@ -207,3 +207,15 @@ def test_several_hosts_name_their_key_files_with_a_placeholder() -> None:
         config.load_any([*argv, "--key-file", "/keys/one.key"], {})
     with pytest.raises(InvalidRequest, match=r"\{host\}"):
         config.load_any(argv, {"VIRTFLEET_AGENT_KEY_FILE": "/keys/one.key"})
+
+
+def test_commands_are_obeyed_from_the_controller_login_and_checked_unless_told_otherwise() -> None:
+    base = {"host_id": "hv1", "libvirt_uri": "qemu:///system"}
+    cfg = config.resolve(base, {}, {})
+    assert (cfg.controller_login, cfg.trust_broker_logins) == ("controller", True)
+    cfg = config.resolve(
+        {**base, "controller_login": "vf-ctl"}, {"VIRTFLEET_TRUST_BROKER_LOGINS": "false"}, {}
+    )
+    assert (cfg.controller_login, cfg.trust_broker_logins) == ("vf-ctl", False)
+    with pytest.raises(InvalidRequest, match="true or false"):
+        config.resolve(base, {"VIRTFLEET_TRUST_BROKER_LOGINS": "maybe"}, {})

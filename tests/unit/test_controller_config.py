@@ -67,6 +67,7 @@ def test_env_vars_map_to_real_fields() -> None:
         "VIRTFLEET_DOWN_AFTER": "down_after_s",
         "VIRTFLEET_STRATEGY": "strategy",
         "VIRTFLEET_MASTER_KEY_FILE": "master_key_file",
+        "VIRTFLEET_TRUST_BROKER_LOGINS": "trust_broker_logins",
     }
 
 
@@ -337,3 +338,21 @@ def test_signing_settings() -> None:
     assert config.master_key_file == "/etc/virtfleet/master.key"
     assert "at least 600 s" in refusal(overrides={"max_message_lifetime_s": 300.0})
     assert "clock_skew_s" in refusal(overrides={"clock_skew_s": -1.0})
+
+
+def test_security_names_the_logins_and_checks_them_unless_told_otherwise(tmp_path: Path) -> None:
+    assert load_config(None, env={}).trust_broker_logins  # a deployed config is secure by default
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[security]\ncontroller_login = "vf-ctl"\nagent_login = "hv-{host}"\ntrust_broker_logins = false\n'
+    )
+    config = load_config(path, env={})
+    assert (config.logins.controller, config.logins.agent_login("h1")) == ("vf-ctl", "hv-h1")
+    assert not config.trust_broker_logins
+    assert load_config(None, env={"VIRTFLEET_TRUST_BROKER_LOGINS": "false"}).trust_broker_logins is False
+    path.write_text('[security]\nagent_login = "agent"\n')
+    with pytest.raises(InvalidRequest, match="exactly once"):
+        load_config(path, env={})
+    path.write_text("[security]\nroles = 1\n")
+    with pytest.raises(InvalidRequest, match=r"\[security\] takes only"):
+        load_config(path, env={})

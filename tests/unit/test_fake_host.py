@@ -231,7 +231,7 @@ def test_agent_construction_uses_the_fake_images(host: FakeHost) -> None:
     try:
         body = ImageCreate(ImageLocation(volume="blank.qcow2"), DiskFormat.QCOW2, 3)
         env = request(vmops_msgs.IMAGE_CREATE, body, "test", timeout=60)
-        outcome = agent.dispatcher(Delivery(env, "fake1", False, "amq.reply"))
+        outcome = agent.dispatcher(Delivery(env, "fake1", False, "amq.reply", user_id="controller"))
         assert outcome.reply is not None
         info = unwrap(outcome.reply, vmops_msgs.IMAGE_CREATE)
         assert info.path == "/var/lib/virtfleet/images/blank.qcow2" and info.virtual_size_bytes == 3 * 1024**3

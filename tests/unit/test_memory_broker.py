@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
 from common.errors import NotFound, TransportError
 from common.messages.envelope import Envelope
-from common.transport.memory import MemoryBroker, MemoryTransport, topic_matches
+from common.transport.memory import MemoryBroker, MemoryTransport, PreconditionFailed, topic_matches
 from common.transport.port import Delivery, Outcome, Refused
 from common.transport.topology import (
+    API_QUEUE,
     DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
     Binding,
     Exchange,
     ExchangeType,
     Queue,
+    agent_queue,
 )
 
 WAIT = 10.0
@@ -230,3 +234,37 @@ def test_a_closed_broker_refuses_new_work_and_consumers_do_not_retry_forever(bro
     with pytest.raises(TransportError):
         broker.transport("late").publish("", "q", _env())
     consumer.stop()
+
+
+def test_an_agent_queue_only_checks_the_controllers_exchanges_and_dead_letter_queue(
+    broker: MemoryBroker,
+) -> None:
+    controller, agent = broker.transport("ctl", user="controller"), broker.transport("ag", user="agent-h1")
+    agent.declare(agent_queue("h1"))  # a fresh broker: what is missing is declared
+    assert DEAD_LETTER_QUEUE.name in broker.queues()
+    broker.delete_queue(DEAD_LETTER_QUEUE.name)
+    controller.declare(replace(DEAD_LETTER_QUEUE, arguments={"x-max-length": 1}))  # another release's
+    agent.declare(agent_queue("h1"))  # only checked: no 406 for the agent
+    with pytest.raises(PreconditionFailed, match="x-max-length"):
+        controller.declare(API_QUEUE)  # the controller, who owns it, is told
+
+
+def test_replies_travel_to_a_reply_queue_named_after_the_callers_login(broker: MemoryBroker) -> None:
+    server, caller = broker.transport("srv"), broker.transport("cli", user="alice")
+    seen: list[Delivery] = []
+
+    def answer(delivery: Delivery) -> Outcome:
+        seen.append(delivery)
+        return Outcome(reply=delivery.envelope.reply_ok({}, "srv"))
+
+    consumer = server.consumer(Queue("q"), answer, name="c")
+    consumer.start()
+    try:
+        reply = caller.call("", "q", _env(), 10)
+        assert reply.kind == "reply"
+        (delivery,) = seen
+        assert delivery.user_id == "alice"
+        assert delivery.reply_to is not None and delivery.reply_to.startswith("virtfleet.reply.alice.")
+        assert broker.queue_state(delivery.reply_to) is not None  # bound to the replies exchange
+    finally:
+        consumer.stop()
