@@ -141,7 +141,12 @@ def secure_fleet(tmp: Path, agents: Mapping[str, str]) -> Iterator[tuple[Fleet, 
             "controller",
             "--config",
             str(controller_toml),
-            env={**checked, "VIRTFLEET_AMQP_URL": broker.url(broker.controller)},
+            env={
+                **checked,
+                "VIRTFLEET_AMQP_URL": broker.url(broker.controller),
+                # the operator's login is the fleet's admin (access is closed to every other login)
+                "VIRTFLEET_ACCESS_ROLES": f"{broker.operator.login}=admin",
+            },
         )
         agent_toml = tmp / "agent.toml"
         agent_toml.write_text(f'[agent]\ncontroller_login = "{broker.controller.login}"\n')
