@@ -21,6 +21,9 @@ The three CPU sets are cpuset strings (``0-3,^2,8``); they must be disjoint, and
 against the host's online CPUs when the agent starts (:mod:`agent.tuning.cpusets`).
 
 Environment: ``VIRTFLEET_AMQP_URL``, ``VIRTFLEET_AGENT_HOST_ID``, ``VIRTFLEET_LIBVIRT_URI``.
+The broker URL carries a password: it may also be read from a file, named by ``amqp_url_file``
+in the TOML file, by ``VIRTFLEET_AMQP_URL_FILE`` or by the systemd credential ``amqp-url``
+(:mod:`common.credentials`); a password given with ``--amqp-url`` is warned about.
 :func:`resolve` is pure (unit-tested); :func:`load` adds argv parsing and file reading.
 
 One process may serve several hosts (:class:`MultiHostConfig`, :func:`resolve_hosts`):
@@ -42,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.tuning import cpusets
+from common import credentials
 from common.broker_url import DEFAULT_URL
 from common.errors import InvalidRequest
 from common.validation import check_host_id, check_name
@@ -137,6 +141,7 @@ def file_values(data: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(table, Mapping):
         raise InvalidRequest("config: [agent] must be a table")
     values = {k: v for k, v in table.items() if not (table is data and isinstance(v, Mapping))}
+    credentials.take_from_table(values, credentials.AMQP_URL, "config")
     unknown = sorted(set(values) - _KEYS)
     if unknown:
         raise InvalidRequest(
@@ -151,6 +156,9 @@ def resolve(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str,
     for var, key in ENVIRONMENT.items():
         if env.get(var):
             merged[key] = env[var]
+    amqp_url = credentials.from_environment(env, credentials.AMQP_URL)
+    if amqp_url is not None:
+        merged["amqp_url"] = amqp_url
     merged.update({k: v for k, v in flags.items() if v is not None})
     unknown = sorted(set(merged) - _KEYS)
     if unknown:
@@ -273,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="TOML file with an [agent] table")
     parser.add_argument(
-        "--amqp-url", dest="amqp_url", help=f"broker URL (default {DEFAULT_URL.replace('%', '%%')})"
+        "--amqp-url",
+        dest="amqp_url",
+        help=f"broker URL (default {DEFAULT_URL.replace('%', '%%')}); with a password, prefer"
+        " VIRTFLEET_AMQP_URL_FILE or amqp_url_file in the config file",
     )
     parser.add_argument(
         "--state-dir", dest="state_dir", help="journal directory (default /var/lib/virtfleet/agent/<host>)"

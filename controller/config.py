@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from common import credentials
 from common.broker_url import DEFAULT_URL
 from common.errors import InvalidRequest
 from common.messages.catalogue import CATALOGUE
@@ -23,6 +24,9 @@ ENV_VARS: Mapping[str, str] = {
     "VIRTFLEET_DOWN_AFTER": "down_after_s",
     "VIRTFLEET_STRATEGY": "strategy",
 }
+#: Settings that may carry a password: also read from ``KEY_file``, ``VIRTFLEET_..._FILE`` or a
+#: systemd credential (:mod:`common.credentials`).
+SECRET_SETTINGS = (credentials.AMQP_URL, credentials.DATABASE_URL)
 #: ``[rpc] version_cap`` from the environment: ``vm=1.0,net=1.0``.
 VERSION_CAP_ENV = "VIRTFLEET_RPC_VERSION_CAP"
 
@@ -153,7 +157,12 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> ControllerConfig:
-    """Build the configuration from a TOML file, the environment and explicit overrides."""
+    """Build the configuration from a TOML file, the environment and explicit overrides.
+
+    ``amqp_url`` and ``database_url`` may also come from files (``amqp_url_file`` in the TOML
+    file, ``VIRTFLEET_AMQP_URL_FILE``, the systemd credential ``amqp-url``; the same for the
+    database): see :mod:`common.credentials`.
+    """
     env = os.environ if env is None else env
     file_values: dict[str, Any] = {}
     if path is not None:
@@ -172,10 +181,14 @@ def load_config(
     caps = parse_version_cap(rpc_values.get("version_cap", {}), f"{path}: [rpc] version_cap")
     if VERSION_CAP_ENV in env:
         caps = parse_version_cap(env[VERSION_CAP_ENV], VERSION_CAP_ENV)
+    env_values = {ENV_VARS[k]: v for k, v in env.items() if k in ENV_VARS}
+    for secret in SECRET_SETTINGS:
+        credentials.take_from_table(file_values, secret, str(path))
+        from_env = credentials.from_environment(env, secret)
+        if from_env is not None:
+            env_values[secret.key] = from_env
     values = _coerce(ControllerConfig, file_values, str(path))
-    values.update(
-        _coerce(ControllerConfig, {ENV_VARS[k]: v for k, v in env.items() if k in ENV_VARS}, "environment")
-    )
+    values.update(_coerce(ControllerConfig, env_values, "environment"))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     config = ControllerConfig(**values, version_cap=caps)
     if overcommit_values:

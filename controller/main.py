@@ -13,12 +13,13 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from common import credentials
 from common.errors import VirtfleetError
 from common.transport.factory import open_transport
 from common.transport.port import Transport
 from common.transport.topology import API_QUEUE, API_READ_QUEUE, HEARTBEATS_QUEUE, REPORTS_QUEUE
 from controller.agent_api import AgentClient, configured_cap
-from controller.config import ControllerConfig, load_config
+from controller.config import SECRET_SETTINGS, ControllerConfig, load_config
 from controller.db.engine import make_engine, migrate
 from controller.endpoint import api_dispatcher, report_dispatcher
 from controller.service import ControllerService
@@ -32,8 +33,14 @@ log = logging.getLogger("virtfleet.controller")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="virtfleet-controller", description="The virtfleet controller.")
     parser.add_argument("--config", type=Path, help="TOML configuration file")
-    parser.add_argument("--amqp-url", help="broker URL (env VIRTFLEET_AMQP_URL)")
-    parser.add_argument("--database-url", help="SQLAlchemy URL (env VIRTFLEET_DATABASE_URL)")
+    parser.add_argument(
+        "--amqp-url",
+        help="broker URL (env VIRTFLEET_AMQP_URL); with a password, prefer VIRTFLEET_AMQP_URL_FILE",
+    )
+    parser.add_argument(
+        "--database-url",
+        help="SQLAlchemy URL (env VIRTFLEET_DATABASE_URL); with a password, prefer VIRTFLEET_DATABASE_URL_FILE",
+    )
     parser.add_argument(
         "--down-after", type=float, dest="down_after_s", help="seconds without heartbeat = down"
     )
@@ -137,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("pika").setLevel(logging.WARNING)
+    for warning in credentials.argv_password_warnings(
+        sys.argv[1:] if argv is None else argv, SECRET_SETTINGS
+    ):
+        log.warning("%s", warning)
     try:
         config = load_config(
             args.config,
