@@ -24,6 +24,8 @@ Environment: ``VIRTFLEET_AMQP_URL``, ``VIRTFLEET_AGENT_HOST_ID``, ``VIRTFLEET_LI
 The broker URL carries a password: it may also be read from a file, named by ``amqp_url_file``
 in the TOML file, by ``VIRTFLEET_AMQP_URL_FILE`` or by the systemd credential ``amqp-url``
 (:mod:`common.credentials`); a password given with ``--amqp-url`` is warned about.
+``amqp_ca_file``, ``amqp_cert_file``, ``amqp_key_file`` and ``amqp_server_name`` add TLS options
+to an ``amqps://`` URL (:mod:`common.broker_url`).
 :func:`resolve` is pure (unit-tested); :func:`load` adds argv parsing and file reading.
 
 One process may serve several hosts (:class:`MultiHostConfig`, :func:`resolve_hosts`):
@@ -46,7 +48,7 @@ from typing import Any
 
 from agent.tuning import cpusets
 from common import credentials
-from common.broker_url import DEFAULT_URL
+from common.broker_url import DEFAULT_URL, TLS_OPTIONS, with_tls
 from common.errors import InvalidRequest
 from common.validation import check_host_id, check_name
 
@@ -80,6 +82,7 @@ _KEYS = frozenset(
         "dedicated_cpus",
         "shared_cpus",
         "reserved_cpus",
+        *TLS_OPTIONS.values(),
     }
 )
 
@@ -182,7 +185,10 @@ def resolve(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str,
     return AgentConfig(
         host_id=host_id,
         libvirt_uri=_str("libvirt_uri", merged["libvirt_uri"]),
-        amqp_url=_str("amqp_url", merged.get("amqp_url", DEFAULT_URL)),
+        amqp_url=with_tls(
+            _str("amqp_url", merged.get("amqp_url", DEFAULT_URL)),
+            {key: _str(key, merged[key]) for key in TLS_OPTIONS.values() if key in merged},
+        ),
         state_dir=Path(_str("state_dir", state_dir))
         if state_dir is not None
         else DEFAULT_STATE_ROOT / host_id,

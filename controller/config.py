@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from common import credentials
-from common.broker_url import DEFAULT_URL
+from common.broker_url import DEFAULT_URL, TLS_OPTIONS, with_tls
 from common.errors import InvalidRequest
 from common.messages.catalogue import CATALOGUE
 from common.messages.descriptor import Side, Version
@@ -161,7 +161,9 @@ def load_config(
 
     ``amqp_url`` and ``database_url`` may also come from files (``amqp_url_file`` in the TOML
     file, ``VIRTFLEET_AMQP_URL_FILE``, the systemd credential ``amqp-url``; the same for the
-    database): see :mod:`common.credentials`.
+    database): see :mod:`common.credentials`. ``amqp_ca_file``, ``amqp_cert_file``,
+    ``amqp_key_file`` and ``amqp_server_name`` in the TOML file add TLS options to the broker URL
+    (:func:`common.broker_url.with_tls`).
     """
     env = os.environ if env is None else env
     file_values: dict[str, Any] = {}
@@ -187,9 +189,15 @@ def load_config(
         from_env = credentials.from_environment(env, secret)
         if from_env is not None:
             env_values[secret.key] = from_env
+    tls = {key: file_values.pop(key) for key in TLS_OPTIONS.values() if key in file_values}
+    for key, value in tls.items():
+        if not isinstance(value, str):
+            raise InvalidRequest(f"{path}: {key} must be a string, got {value!r}")
     values = _coerce(ControllerConfig, file_values, str(path))
     values.update(_coerce(ControllerConfig, env_values, "environment"))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if tls:
+        values["amqp_url"] = with_tls(values.get("amqp_url", DEFAULT_URL), tls)
     config = ControllerConfig(**values, version_cap=caps)
     if overcommit_values:
         config = replace(
