@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.messages.base import Message
+from common.messages.base import Int64, Message
 from common.messages.descriptor import Family, Timeout, Version, command, report
 from common.messages.network import HostNetworkReport
 from common.messages.tuning import HostTuningReport
@@ -50,7 +50,7 @@ class HostReport(Message, frozen=True):
     networks: tuple[str, ...]
     bridges: tuple[str, ...]
     vms: tuple[VmStatus, ...]
-    seq: int
+    seq: Int64
     started_at: float
     reported_at: float
     network: HostNetworkReport | None = None
@@ -61,7 +61,7 @@ class Heartbeat(Message, frozen=True):
     """``host.heartbeat``: the agent is alive and consuming; cheap, sent every heartbeat interval."""
 
     host_id: str
-    seq: int
+    seq: Int64
     started_at: float
     sent_at: float
 
@@ -77,7 +77,7 @@ class VmChanges(Message, frozen=True):
 
     host_id: str
     started_at: float
-    seq: int
+    seq: Int64
     reported_at: float
     #: changed or new domains, as the hypervisor reports them now
     vms: tuple[VmStatus, ...] = ()
@@ -92,7 +92,7 @@ class ReportRequest(Message, frozen=True):
 
 
 class ReportAck(Message, frozen=True):
-    seq: int
+    seq: Int64
 
 
 HOST_REPORT = report(HOST, "host.report", HostReport, "capacity, topology and VM states")
