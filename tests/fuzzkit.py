@@ -76,11 +76,14 @@ def examples(default: int = DEFAULT_EXAMPLES) -> int:
 
 def fuzz_settings(count: int | None = None) -> settings:
     """Settings for a fuzz test: no deadline (no timed assertions), no database of failures
-    written into the tree, slow and large examples allowed."""
+    written into the tree, slow and large examples allowed. The CI size is derandomized (the
+    same inputs every run, so CI never flakes on a new random input); a run that sets
+    ``VIRTFLEET_FUZZ_EXAMPLES`` draws new inputs each time."""
     return settings(
         max_examples=examples() if count is None else count,
         deadline=None,
         database=None,
+        derandomize=EXAMPLES_ENV not in os.environ,
         suppress_health_check=list(HealthCheck),
     )
 
