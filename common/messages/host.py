@@ -7,6 +7,7 @@ from common.messages.descriptor import Family, Timeout, Version, command, report
 from common.messages.network import HostNetworkReport
 from common.messages.tuning import HostTuningReport
 from common.messages.vm import VmStatus
+from common.validation import check_host_id
 
 #: Agent -> controller reports and the controller's "report now" command.
 HOST = Family("host", Version(1, 1), "agent -> controller reports and heartbeats; report on demand")
@@ -56,6 +57,9 @@ class HostReport(Message, frozen=True):
     network: HostNetworkReport | None = None
     tuning: HostTuningReport | None = None
 
+    def __post_init__(self) -> None:
+        check_host_id(self.host_id)
+
 
 class Heartbeat(Message, frozen=True):
     """``host.heartbeat``: the agent is alive and consuming; cheap, sent every heartbeat interval."""
@@ -64,6 +68,9 @@ class Heartbeat(Message, frozen=True):
     seq: Int64
     started_at: float
     sent_at: float
+
+    def __post_init__(self) -> None:
+        check_host_id(self.host_id)
 
 
 class VmChanges(Message, frozen=True):
@@ -83,6 +90,9 @@ class VmChanges(Message, frozen=True):
     vms: tuple[VmStatus, ...] = ()
     #: uuids of domains that are no longer defined on the host
     gone: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_host_id(self.host_id)
 
 
 class ReportRequest(Message, frozen=True):

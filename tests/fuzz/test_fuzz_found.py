@@ -12,7 +12,7 @@ import pytest
 
 from common import codec
 from common.errors import InvalidRequest
-from common.messages import host, placement, tuning
+from common.messages import api, host, network, placement, tuning, vm
 from common.messages.descriptor import Op
 
 FOUND: list[tuple[Op[Any, Any], dict[str, Any], str]] = [
@@ -26,6 +26,14 @@ FOUND: list[tuple[Op[Any, Any], dict[str, Any], str]] = [
     (host.HOST_VM_CHANGES, {"host_id": "", "started_at": 0.0, "seq": 2**63, "reported_at": 0.0}, "body.seq"),
     # ValueError: embedded null byte (the device name became a /sys path on the agent)
     (tuning.TUNING_IO_SCHEDULER, {"device": "\x00", "scheduler": ""}, "body"),
+    # On PostgreSQL: DataError: PostgreSQL text fields cannot contain NUL (0x00) bytes
+    (api.API_HOST_SHOW, {"host": "\x00"}, "body"),
+    (api.API_VM_LIST, {"host": "\x00"}, "body"),
+    (host.HOST_VM_CHANGES, {"host_id": "\x00", "started_at": 0.0, "seq": 0, "reported_at": 0.0}, "body"),
+    # a NUL in a VM reference reached the controller in the agent's next host.vm_changes
+    (vm.VM_RESUME, {"vm": {"uuid": "\x00", "name": "w"}}, "body.vm"),
+    # ValueError: embedded null byte (the interface name became a /sys path)
+    (network.NET_BRIDGE_CREATE, {"name": "\x00"}, "body"),
 ]
 
 
