@@ -42,6 +42,11 @@ docs/security.md, "Message signatures"). With several hosts it names each host's
 
 Environment: ``VIRTFLEET_AMQP_URL``, ``VIRTFLEET_AGENT_HOST_ID``, ``VIRTFLEET_LIBVIRT_URI``,
 ``VIRTFLEET_AGENT_KEY_FILE``, ``VIRTFLEET_TRUST_BROKER_LOGINS`` (docs/security.md, "Identity checks").
+The broker URL carries a password: it may also be read from a file, named by ``amqp_url_file``
+in the TOML file, by ``VIRTFLEET_AMQP_URL_FILE`` or by the systemd credential ``amqp-url``
+(:mod:`common.credentials`); a password given with ``--amqp-url`` is warned about.
+``amqp_ca_file``, ``amqp_cert_file``, ``amqp_key_file`` and ``amqp_server_name`` add TLS options
+to an ``amqps://`` URL (:mod:`common.broker_url`).
 :func:`resolve` is pure (unit-tested); :func:`load` adds argv parsing and file reading.
 
 One process may serve several hosts (:class:`MultiHostConfig`, :func:`resolve_hosts`):
@@ -64,7 +69,8 @@ from typing import Any
 
 from agent.storage_pools import StoragePool, parse_devices, parse_pools
 from agent.tuning import cpusets
-from common.broker_url import DEFAULT_URL
+from common import credentials
+from common.broker_url import DEFAULT_URL, TLS_OPTIONS, with_tls
 from common.errors import InvalidRequest
 from common.signing import DEFAULT_CLOCK_SKEW_S, DEFAULT_GRACE_S, DEFAULT_MAX_LIFETIME_S, check_limits
 from common.transport.topology import MAX_MESSAGE_BYTES
@@ -114,6 +120,7 @@ _KEYS = frozenset(
         "controller_login",
         "trust_broker_logins",
         "max_message_bytes",
+        *TLS_OPTIONS.values(),
     }
 )
 #: What ``key_file`` holds in place of the host id when one process serves several hosts.
@@ -210,6 +217,7 @@ def file_values(data: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(table, Mapping):
         raise InvalidRequest("config: [agent] must be a table")
     values = {k: v for k, v in table.items() if not (table is data and isinstance(v, Mapping))}
+    credentials.take_from_table(values, credentials.AMQP_URL, "config")
     unknown = sorted(set(values) - _KEYS)
     if unknown:
         raise InvalidRequest(
@@ -224,6 +232,9 @@ def resolve(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str,
     for var, key in ENVIRONMENT.items():
         if env.get(var):
             merged[key] = env[var]
+    amqp_url = credentials.from_environment(env, credentials.AMQP_URL)
+    if amqp_url is not None:
+        merged["amqp_url"] = amqp_url
     merged.update({k: v for k, v in flags.items() if v is not None})
     unknown = sorted(set(merged) - _KEYS)
     if unknown:
@@ -254,7 +265,10 @@ def resolve(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str,
     return AgentConfig(
         host_id=host_id,
         libvirt_uri=_str("libvirt_uri", merged["libvirt_uri"]),
-        amqp_url=_str("amqp_url", merged.get("amqp_url", DEFAULT_URL)),
+        amqp_url=with_tls(
+            _str("amqp_url", merged.get("amqp_url", DEFAULT_URL)),
+            {key: _str(key, merged[key]) for key in TLS_OPTIONS.values() if key in merged},
+        ),
         state_dir=Path(_str("state_dir", state_dir))
         if state_dir is not None
         else DEFAULT_STATE_ROOT / host_id,
@@ -382,7 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="TOML file with an [agent] table")
     parser.add_argument(
-        "--amqp-url", dest="amqp_url", help=f"broker URL (default {DEFAULT_URL.replace('%', '%%')})"
+        "--amqp-url",
+        dest="amqp_url",
+        help=f"broker URL (default {DEFAULT_URL.replace('%', '%%')}); with a password, prefer"
+        " VIRTFLEET_AMQP_URL_FILE or amqp_url_file in the config file",
     )
     parser.add_argument(
         "--state-dir", dest="state_dir", help="journal directory (default /var/lib/virtfleet/agent/<host>)"

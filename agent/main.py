@@ -34,6 +34,7 @@ from agent.multihost import HostParts, MultiHostAgent
 from agent.network.module import build_network_module
 from agent.ports import Hypervisor, Images
 from agent.tuning.module import TuningModule
+from common import credentials
 from common.errors import VirtfleetError
 from common.transport.factory import open_transport
 from common.transport.port import Transport
@@ -208,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"virtfleet-agent: error: {exc.message}", file=sys.stderr)
         return 2
     _setup_logging(cfg.log_level)
+    for warning in credentials.argv_password_warnings(
+        sys.argv[1:] if argv is None else argv, (credentials.AMQP_URL,)
+    ):
+        log.warning("%s", warning)
     libvirt.registerErrorHandler(_quiet_libvirt, None)
 
     stop = threading.Event()

@@ -1,11 +1,60 @@
-"""The broker URL a fleet uses when none is configured.
+"""The broker URL a fleet uses when none is configured, and its TLS options.
 
-A plain constant apart from :mod:`common.transport`: the CLI declares its ``--amqp-url`` option
+A plain module apart from :mod:`common.transport`: the CLI declares its ``--amqp-url`` option
 (and shows this default in ``virtfleet --help``) without loading any transport code
 (docs/performance.md, "CLI start-up").
+
+TLS (docs/security.md, "TLS to the broker"): an ``amqps://`` URL takes these query options,
+which the AMQP transport turns into pika's ``SSLOptions``::
+
+    amqps://hv1@broker.example:5671/%2F?cafile=/etc/virtfleet/ca.pem&certfile=/etc/virtfleet/hv1.pem&keyfile=/etc/virtfleet/hv1.key
+
+``cafile``: the CA that signed the broker's certificate (default: the system's CAs);
+``certfile``/``keyfile``: this client's certificate and key; ``server_name``: the name the
+broker's certificate must carry when it is not the URL's host. The configuration keys
+``amqp_ca_file``, ``amqp_cert_file``, ``amqp_key_file`` and ``amqp_server_name`` add the same
+options (:func:`with_tls`). pika's own ``ssl_options=`` query option works as well.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
 #: The broker of a single-machine installation (RabbitMQ's default user on loopback).
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+CA_FILE = "cafile"
+CERT_FILE = "certfile"
+KEY_FILE = "keyfile"
+SERVER_NAME = "server_name"
+#: URL query option -> the configuration key that sets it.
+TLS_OPTIONS: Mapping[str, str] = {
+    CA_FILE: "amqp_ca_file",
+    CERT_FILE: "amqp_cert_file",
+    KEY_FILE: "amqp_key_file",
+    SERVER_NAME: "amqp_server_name",
+}
+
+
+def split_tls_options(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` without the TLS query options of this module, and those options."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    tls = {key: value for key, value in query if key in TLS_OPTIONS}
+    if not tls:
+        return url, {}
+    rest = urlencode([(key, value) for key, value in query if key not in TLS_OPTIONS])
+    return urlunsplit(parts._replace(query=rest)), tls
+
+
+def with_tls(url: str, settings: Mapping[str, str | None]) -> str:
+    """``url`` with the TLS options that ``settings`` (configuration key -> value) give, those of
+    the configuration replacing the URL's own."""
+    given = {option: settings[key] for option, key in TLS_OPTIONS.items() if settings.get(key)}
+    if not given:
+        return url
+    plain, current = split_tls_options(url)
+    parts = urlsplit(plain)
+    query = parse_qsl(parts.query, keep_blank_values=True) + sorted({**current, **given}.items())
+    return urlunsplit(parts._replace(query=urlencode(query)))

@@ -340,6 +340,22 @@ def _families(catalogue: Mapping[str, Op[Any, Any]]) -> list[tuple[Family, list[
 
 # =============================================================================== type names
 
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _bounded_name(base: str, metas: Sequence[msgspec.Meta]) -> str:
+    """``int`` with msgspec bounds: ``int64`` for the database's range, else ``int (ge 0, le 9)``."""
+    bounds = [(meta.ge, meta.le) for meta in metas if meta.ge is not None or meta.le is not None]
+    if base == "int" and bounds == [_INT64]:
+        return "int64"
+    words = [
+        f"{name} {value}"
+        for ge, le in bounds
+        for name, value in (("ge", ge), ("le", le))
+        if value is not None
+    ]
+    return f"{base} ({', '.join(words)})" if words else base
+
 
 def type_name(tp: Any) -> str:
     """A field's type as a reader would write it, message types and enums linked to their sections."""
@@ -352,6 +368,8 @@ def type_name(tp: Any) -> str:
     if _is_struct(tp) or _is_enum(tp):
         return _link(tp)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _bounded_name(type_name(args[0]), [m for m in tp.__metadata__ if isinstance(m, msgspec.Meta)])
     if origin in (typing.Union, types.UnionType):
         return " | ".join(type_name(a) for a in args)
     if origin is tuple:

@@ -9,7 +9,7 @@ from common.errors import InvalidRequest
 VM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 HOST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Linux IFNAMSIZ is 16 including the NUL; '/' and whitespace break sysfs paths and tools.
-IFNAME_RE = re.compile(r"[^/\s:]{1,15}")
+IFNAME_RE = re.compile(r"[^/\s:\x00]{1,15}")
 MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 

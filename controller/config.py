@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from common.broker_url import DEFAULT_URL
+from common import credentials
+from common.broker_url import DEFAULT_URL, TLS_OPTIONS, with_tls
 from common.errors import InvalidRequest
 from common.messages.catalogue import CATALOGUE
 from common.messages.descriptor import Role, Side, Version
@@ -28,6 +29,9 @@ ENV_VARS: Mapping[str, str] = {
     "VIRTFLEET_MASTER_KEY_FILE": "master_key_file",
     "VIRTFLEET_TRUST_BROKER_LOGINS": "trust_broker_logins",
 }
+#: Settings that may carry a password: also read from ``KEY_file``, ``VIRTFLEET_..._FILE`` or a
+#: systemd credential (:mod:`common.credentials`).
+SECRET_SETTINGS = (credentials.AMQP_URL, credentials.DATABASE_URL)
 #: ``[rpc] version_cap`` from the environment: ``vm=1.0,net=1.0``.
 VERSION_CAP_ENV = "VIRTFLEET_RPC_VERSION_CAP"
 #: ``[access.roles]`` from the environment: ``alice=operator,bob=admin`` (replaces the file's table).
@@ -253,7 +257,14 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> ControllerConfig:
-    """Build the configuration from a TOML file, the environment and explicit overrides."""
+    """Build the configuration from a TOML file, the environment and explicit overrides.
+
+    ``amqp_url`` and ``database_url`` may also come from files (``amqp_url_file`` in the TOML
+    file, ``VIRTFLEET_AMQP_URL_FILE``, the systemd credential ``amqp-url``; the same for the
+    database): see :mod:`common.credentials`. ``amqp_ca_file``, ``amqp_cert_file``,
+    ``amqp_key_file`` and ``amqp_server_name`` in the TOML file add TLS options to the broker URL
+    (:func:`common.broker_url.with_tls`).
+    """
     env = os.environ if env is None else env
     file_values: dict[str, Any] = {}
     if path is not None:
@@ -274,11 +285,21 @@ def load_config(
         caps = parse_version_cap(env[VERSION_CAP_ENV], VERSION_CAP_ENV)
     access = _access(file_values.pop("access", {}), env, path)
     logins, security = _security(file_values.pop("security", {}), path)
+    env_values = {ENV_VARS[k]: v for k, v in env.items() if k in ENV_VARS}
+    for secret in SECRET_SETTINGS:
+        credentials.take_from_table(file_values, secret, str(path))
+        from_env = credentials.from_environment(env, secret)
+        if from_env is not None:
+            env_values[secret.key] = from_env
+    tls = {key: file_values.pop(key) for key in TLS_OPTIONS.values() if key in file_values}
+    for key, value in tls.items():
+        if not isinstance(value, str):
+            raise InvalidRequest(f"{path}: {key} must be a string, got {value!r}")
     values = _coerce(ControllerConfig, {**file_values, **security}, str(path))
-    values.update(
-        _coerce(ControllerConfig, {ENV_VARS[k]: v for k, v in env.items() if k in ENV_VARS}, "environment")
-    )
+    values.update(_coerce(ControllerConfig, env_values, "environment"))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if tls:
+        values["amqp_url"] = with_tls(values.get("amqp_url", DEFAULT_URL), tls)
     config = ControllerConfig(**values, version_cap=caps, access=access, logins=logins)
     if overcommit_values:
         config = replace(

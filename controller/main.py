@@ -14,6 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from common import credentials
 from common.errors import VirtfleetError
 from common.messages.audit import API_AUDIT_LIST
 from common.messages.descriptor import Side
@@ -27,7 +28,7 @@ from controller import keys_cli
 from controller.access import Rate, RateLimiter, RoleCheck
 from controller.agent_api import AgentClient, configured_cap
 from controller.audit import AuditedApi
-from controller.config import ControllerConfig, load_config
+from controller.config import SECRET_SETTINGS, ControllerConfig, load_config
 from controller.db.audit import AuditLog
 from controller.db.engine import make_engine, migrate
 from controller.endpoint import api_dispatcher, report_dispatcher
@@ -45,8 +46,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="The virtfleet controller. 'virtfleet-controller keys --help': the fleet's signing keys.",
     )
     parser.add_argument("--config", type=Path, help="TOML configuration file")
-    parser.add_argument("--amqp-url", help="broker URL (env VIRTFLEET_AMQP_URL)")
-    parser.add_argument("--database-url", help="SQLAlchemy URL (env VIRTFLEET_DATABASE_URL)")
+    parser.add_argument(
+        "--amqp-url",
+        help="broker URL (env VIRTFLEET_AMQP_URL); with a password, prefer VIRTFLEET_AMQP_URL_FILE",
+    )
+    parser.add_argument(
+        "--database-url",
+        help="SQLAlchemy URL (env VIRTFLEET_DATABASE_URL); with a password, prefer VIRTFLEET_DATABASE_URL_FILE",
+    )
     parser.add_argument(
         "--down-after", type=float, dest="down_after_s", help="seconds without heartbeat = down"
     )
@@ -215,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("pika").setLevel(logging.WARNING)
+    for warning in credentials.argv_password_warnings(
+        sys.argv[1:] if argv is None else argv, SECRET_SETTINGS
+    ):
+        log.warning("%s", warning)
     try:
         config = load_config(
             args.config,

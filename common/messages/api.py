@@ -30,7 +30,7 @@ from common.messages.vm import (
     VmRefRequest,
     VmView,
 )
-from common.validation import check_name, check_positive
+from common.validation import check_host_id, check_name, check_positive
 
 #: Every client -> controller call (this module and the feature modules' API calls).
 API = Family("api", Version(1, 1), "client (virtfleet CLI) -> controller")
@@ -108,6 +108,10 @@ class Empty(Message, frozen=True):
 
 class HostRef(Message, frozen=True):
     host: str
+
+    def __post_init__(self) -> None:
+        # Checked before any lookup: PostgreSQL refuses NUL in text (a crash found by the fuzz run).
+        check_host_id(self.host)
 
 
 class HostList(Message, frozen=True):
@@ -247,6 +251,10 @@ class VmCreated(Message, frozen=True):
 class VmListRequest(Message, frozen=True):
     all: bool = True
     host: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.host is not None:
+            check_host_id(self.host)
 
 
 class VmList(Message, frozen=True):

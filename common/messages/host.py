@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from common.messages.base import Message
+from common.messages.base import Int64, Message
 from common.messages.descriptor import Family, Timeout, Version, command, report
 from common.messages.network import HostNetworkReport
 from common.messages.tuning import HostTuningReport
 from common.messages.vm import VmStatus
+from common.validation import check_host_id
 
 #: Agent -> controller reports and the controller's "report now" command.
 HOST = Family("host", Version(1, 1), "agent -> controller reports and heartbeats; report on demand")
@@ -50,20 +51,26 @@ class HostReport(Message, frozen=True):
     networks: tuple[str, ...]
     bridges: tuple[str, ...]
     vms: tuple[VmStatus, ...]
-    seq: int
+    seq: Int64
     started_at: float
     reported_at: float
     network: HostNetworkReport | None = None
     tuning: HostTuningReport | None = None
+
+    def __post_init__(self) -> None:
+        check_host_id(self.host_id)
 
 
 class Heartbeat(Message, frozen=True):
     """``host.heartbeat``: the agent is alive and consuming; cheap, sent every heartbeat interval."""
 
     host_id: str
-    seq: int
+    seq: Int64
     started_at: float
     sent_at: float
+
+    def __post_init__(self) -> None:
+        check_host_id(self.host_id)
 
 
 class VmChanges(Message, frozen=True):
@@ -77,12 +84,15 @@ class VmChanges(Message, frozen=True):
 
     host_id: str
     started_at: float
-    seq: int
+    seq: Int64
     reported_at: float
     #: changed or new domains, as the hypervisor reports them now
     vms: tuple[VmStatus, ...] = ()
     #: uuids of domains that are no longer defined on the host
     gone: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_host_id(self.host_id)
 
 
 class ReportRequest(Message, frozen=True):
@@ -92,7 +102,7 @@ class ReportRequest(Message, frozen=True):
 
 
 class ReportAck(Message, frozen=True):
-    seq: int
+    seq: Int64
 
 
 HOST_REPORT = report(HOST, "host.report", HostReport, "capacity, topology and VM states")

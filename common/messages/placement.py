@@ -6,7 +6,7 @@ import math
 
 from common.errors import InvalidRequest
 from common.messages.api import API, ResourceView
-from common.messages.base import Message
+from common.messages.base import Int64, Message
 from common.messages.descriptor import Role, Timeout, api_call, query
 from common.messages.vm import HostStatus
 from common.validation import check_name
@@ -61,10 +61,10 @@ class HostSet(Message, frozen=True):
     cpu_ratio: float | None = None
     ram_ratio: float | None = None
     disk_ratio: float | None = None
-    reserved_memory_mib: int | None = None
-    reserved_cpus: int | None = None
-    reserved_disk_gib: int | None = None
-    max_vms: int | None = None
+    reserved_memory_mib: Int64 | None = None
+    reserved_cpus: Int64 | None = None
+    reserved_disk_gib: Int64 | None = None
+    max_vms: Int64 | None = None
     group: str | None = None
     limits: tuple[Limits, ...] = ()
     reset: tuple[str, ...] = ()
@@ -133,9 +133,9 @@ class HostGroupSet(Message, frozen=True):
     cpu_ratio: float | None = None
     ram_ratio: float | None = None
     disk_ratio: float | None = None
-    reserved_memory_mib: int | None = None
-    reserved_cpus: int | None = None
-    reserved_disk_gib: int | None = None
+    reserved_memory_mib: Int64 | None = None
+    reserved_cpus: Int64 | None = None
+    reserved_disk_gib: Int64 | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name, "host group")

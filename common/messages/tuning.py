@@ -235,6 +235,11 @@ class SetIoScheduler(Message, frozen=True):
     device: str
     scheduler: str
 
+    def __post_init__(self) -> None:
+        # Checked here too, not only in the API's request: the device becomes a /sys path.
+        _check_device(self.device)
+        _check_scheduler(self.scheduler)
+
 
 class IoSchedulerResult(Message, frozen=True):
     device: str

@@ -277,6 +277,12 @@ class VmRef(Message, frozen=True):
     uuid: str
     name: str
 
+    def __post_init__(self) -> None:
+        # libvirt names and uuids never hold NUL; refused here, not as a crash in a path or a
+        # PostgreSQL text column (found by the fuzz run).
+        if "\x00" in self.uuid or "\x00" in self.name:
+            raise InvalidRequest("a VM's uuid and name cannot contain NUL characters")
+
 
 class CreateVm(Message, frozen=True):
     """``vm.create``: create disks, define the domain, optionally start it. Idempotent by uuid.

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import logging
 import re
+import ssl
 import threading
 import time
 import uuid
@@ -41,6 +42,7 @@ import pika.credentials
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
+from common import broker_url
 from common.errors import RequestTimeout, TransportError, VirtfleetError
 from common.messages.envelope import Envelope
 from common.transport import topology
@@ -74,8 +76,9 @@ class _ConnectionLost(TransportError):
 
 
 def connect(url: str, name: str, *, heartbeat: int = 30, timeout: float = 5.0) -> BlockingConnection:
-    """Open a BlockingConnection; TransportError when the broker cannot be reached."""
-    params = pika.URLParameters(url)
+    """Open a BlockingConnection; TransportError when the broker cannot be reached (or, over
+    TLS, when its certificate is not signed by the CA or not issued for its name)."""
+    params = connection_parameters(url)
     params.heartbeat = heartbeat
     params.blocked_connection_timeout = 30
     params.socket_timeout = timeout
@@ -90,16 +93,47 @@ def connect(url: str, name: str, *, heartbeat: int = 30, timeout: float = 5.0) -
         ) from exc
 
 
+def connection_parameters(url: str) -> pika.URLParameters:
+    """pika's parameters for ``url``, with the TLS options of :mod:`common.broker_url` applied.
+
+    ``amqps://`` verifies the broker's certificate chain and that it was issued for the host
+    name (or ``server_name``): against ``cafile`` when given, else the system's CAs. ``certfile``
+    and ``keyfile`` are the client certificate the broker may require. pika's own
+    ``ssl_options=`` query option is passed through as it is.
+    """
+    plain, tls = broker_url.split_tls_options(url)
+    params = pika.URLParameters(plain)
+    if not tls:
+        return params
+    if params.ssl_options is None:
+        raise TransportError(
+            f"{safe_url(url)}: {', '.join(sorted(tls))} need an amqps:// URL", retryable=False
+        )
+    try:
+        context = ssl.create_default_context(cafile=tls.get(broker_url.CA_FILE))
+        if broker_url.CERT_FILE in tls:
+            context.load_cert_chain(tls[broker_url.CERT_FILE], tls.get(broker_url.KEY_FILE))
+    except (OSError, ssl.SSLError) as exc:
+        raise TransportError(
+            f"cannot set up TLS to {safe_url(url)}: {_describe(exc)}", retryable=False
+        ) from exc
+    params.ssl_options = pika.SSLOptions(
+        context, server_hostname=tls.get(broker_url.SERVER_NAME) or params.host
+    )
+    return params
+
+
 def safe_url(url: str) -> str:
-    """The URL without its credentials, for messages."""
-    params = pika.URLParameters(url)
+    """The URL without its credentials and options, for messages."""
+    params = pika.URLParameters(broker_url.split_tls_options(url)[0])
     vhost = params.virtual_host
-    return f"amqp://{params.host}:{params.port}/{'' if vhost == '/' else vhost}"
+    scheme = "amqps" if params.ssl_options is not None else "amqp"
+    return f"{scheme}://{params.host}:{params.port}/{'' if vhost == '/' else vhost}"
 
 
 def _user(url: str) -> str | None:
     """The login in ``url``: what the broker will authenticate, so what ``user_id`` may say."""
-    credentials = pika.URLParameters(url).credentials
+    credentials = pika.URLParameters(broker_url.split_tls_options(url)[0]).credentials
     return credentials.username if isinstance(credentials, pika.credentials.PlainCredentials) else None
 
 
