@@ -213,7 +213,8 @@ def test_hugepage_guest_starts_only_when_the_pool_has_pages(
 ) -> None:
     original = NR_HUGEPAGES.read_text()
     try:
-        with fresh_database(tmp_path) as db, Fleet(tmp_path, vhost_url, db) as fleet:
+        # The agent runs in this process without a key file (start_qemu_agent): an unsigned fleet.
+        with fresh_database(tmp_path) as db, Fleet(tmp_path, vhost_url, db, signed=False) as fleet:
             fleet.start_controller(down_after=30)
             # The agent started first: its first report found no controller queue. Ask again.
             wait_until(
