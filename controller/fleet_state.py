@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
 
@@ -256,6 +256,37 @@ class FleetState:
             basis = self._records.get(result.host_id) if isinstance(result, Placement) else None
         return result, basis
 
+    def place_batch(
+        self,
+        requests: Sequence[PlacementRequest],
+        policy: PlacementPolicy,
+        now: float,
+        amounts: Callable[[PlacementRequest, Placement], Mapping[str, int]],
+    ) -> list[tuple[Placement | Refusal, repo.HostRecord | None]]:
+        """Decide several requests in one pass (no server groups), each on the index as the
+        earlier ones left it.
+
+        Each placement is held in memory at once: its host becomes the record its claim will
+        write (``amounts(request, placement)`` added, the generation one up), so the next
+        request of the batch sees the room the earlier ones took and a batch never fills a host
+        past its capacity in memory. With each placement comes the host as that request saw it:
+        what the claim compares-and-sets against (the first claim on a host, the batch's start;
+        a later one, the generation after the earlier claims). A claim that is not written
+        leaves memory too full until the host is re-read (:meth:`refresh`, or the next
+        :meth:`sync`, which sees the generation differ): a worse decision, never a wrong one.
+        """
+        decided: list[tuple[Placement | Refusal, repo.HostRecord | None]] = []
+        with self._lock:
+            self._sweep(now)
+            for request in requests:
+                result = place_indexed(self._index, request, policy, server_groups=(), now=now)
+                basis = self._records.get(result.host_id) if isinstance(result, Placement) else None
+                if isinstance(result, Placement) and basis is not None:
+                    claimed = replace(basis, generation=basis.generation + 1)
+                    self._put(with_claim(claimed, amounts(request, result)), now)
+                decided.append((result, basis))
+        return decided
+
     # ------------------------------------------------------------------ inside the lock
 
     def _sweep(self, now: float) -> None:
@@ -301,6 +332,14 @@ def report_digest(report: HostReport) -> bytes:
         vms=tuple(msgspec.structs.replace(vm, cpu_time_ns=0) for vm in report.vms),
     )
     return hashlib.blake2b(encode(to_wire(said)), digest_size=16).digest()
+
+
+def with_claim(host: repo.HostRecord, amounts: Mapping[str, int]) -> repo.HostRecord:
+    """``host`` with one more VM holding ``amounts`` (the generation is the caller's to move)."""
+    used = dict(host.used)
+    for resource, amount in amounts.items():
+        used[resource] = used.get(resource, 0) + amount
+    return replace(host, used=used, vm_count=host.vm_count + 1)
 
 
 def _newer(candidate: float | None, current: float | None) -> bool:
