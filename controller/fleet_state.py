@@ -77,6 +77,8 @@ class FleetState:
         self._reports: dict[str, tuple[bytes, float, float]] = {}
         #: per host: (agent started_at, seq) of the newest report taken as a repeat (not written)
         self._repeats: dict[str, tuple[float, int]] = {}
+        #: per host: claims held in memory by a batch whose transaction has not ended (see settle)
+        self._held: dict[str, int] = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -101,10 +103,15 @@ class FleetState:
             with self._lock:
                 known = {h: (r.generation, r.updated_at) for h, r in self._records.items()}
                 groups_changed = fingerprint != self._groups_fingerprint
+                # A host with claims held by a batch not yet committed differs from the database
+                # until the commit: re-reading it would drop those claims from memory, and the
+                # next claims there would all lose their compare-and-set. The next sync looks.
+                held = set(self._held)
             changed = [
                 host_id
                 for host_id, marker in markers.items()
-                if groups_changed or known.get(host_id) != (marker.generation, marker.updated_at)
+                if host_id not in held
+                and (groups_changed or known.get(host_id) != (marker.generation, marker.updated_at))
             ]
             records = repo.list_hosts(s, changed, include_vms=False) if changed else []
         with self._lock:
@@ -116,7 +123,8 @@ class FleetState:
                     # Another controller took this host's heartbeat: it counts as ours.
                     self._put(replace(known_record, last_heartbeat=marker.last_heartbeat), now)
             for record in records:
-                self._put(_with_beat(record, self._pending_beats.get(record.id)), now)
+                if record.id not in self._held:  # a batch took it meanwhile: its claims stand
+                    self._put(_with_beat(record, self._pending_beats.get(record.id)), now)
             self._groups_fingerprint = fingerprint
         return len(records)
 
@@ -274,6 +282,8 @@ class FleetState:
         a later one, the generation after the earlier claims). A claim that is not written
         leaves memory too full until the host is re-read (:meth:`refresh`, or the next
         :meth:`sync`, which sees the generation differ): a worse decision, never a wrong one.
+        The caller must :meth:`settle` the held claims when its transaction ends: until then
+        :meth:`sync` leaves those hosts alone.
         """
         decided: list[tuple[Placement | Refusal, repo.HostRecord | None]] = []
         with self._lock:
@@ -284,8 +294,20 @@ class FleetState:
                 if isinstance(result, Placement) and basis is not None:
                     claimed = replace(basis, generation=basis.generation + 1)
                     self._put(with_claim(claimed, amounts(request, result)), now)
+                    self._held[result.host_id] = self._held.get(result.host_id, 0) + 1
                 decided.append((result, basis))
         return decided
+
+    def settle(self, held: Mapping[str, int]) -> None:
+        """The batch that held these claims (host -> how many) committed or rolled back: the
+        hosts are the database's again for :meth:`sync` (call before any :meth:`refresh`)."""
+        with self._lock:
+            for host_id, count in held.items():
+                left = self._held.get(host_id, 0) - count
+                if left > 0:
+                    self._held[host_id] = left
+                else:
+                    self._held.pop(host_id, None)
 
     # ------------------------------------------------------------------ inside the lock
 

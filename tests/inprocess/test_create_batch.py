@@ -24,9 +24,11 @@ from common.messages import api
 from common.messages.base import replace as replace_struct
 from common.messages.descriptor import Command
 from common.messages.vm import KernelBoot
+from controller import fleet
 from controller.config import ControllerConfig
 from controller.db import repository as repo
 from controller.db.engine import make_engine, migrate
+from controller.scheduler.model import Placement, ResourceClass
 from controller.service import ControllerService
 
 B = TypeVar("B")
@@ -260,4 +262,23 @@ def test_a_lone_create_is_one_transaction_of_its_own(engine: Engine) -> None:
     assert service.show_vm("alone").host == "h1"
     assert len([s for s in statements if s.startswith("INSERT INTO vms")]) == 1
     assert service._creates.batches == 1
+    service.close()
+
+
+def test_a_sync_while_a_batch_claims_keeps_its_claims_in_memory(engine: Engine) -> None:
+    """Between a batch's decision and its commit, memory is ahead of the database on the hosts it
+    chose: a sync then must not re-read them (the next claims there would all lose their
+    compare-and-set); once the batch settles, a claim that was never written is dropped."""
+    service = _service(engine)
+    _seed(service, {"h1": 8192})
+    request = fleet.placement_request("held", {ResourceClass.MEMORY_MIB: 1024})
+    ((placement, _basis),) = service.fleet.place_batch(
+        [request], fleet.policy(service.config), time.time(), lambda _r, _p: {"MEMORY_MIB": 1024}
+    )
+    assert isinstance(placement, Placement) and placement.host_id == "h1"
+    assert service.fleet.sync(time.time()) == 0
+    assert dict(service.fleet.records()[0].used) == {"MEMORY_MIB": 1024}
+    service.fleet.settle({"h1": 1})
+    assert service.fleet.sync(time.time()) == 1  # this batch never committed: the database wins
+    assert dict(service.fleet.records()[0].used) == {}
     service.close()
