@@ -313,13 +313,16 @@ class ControllerService:
                         )
                 repo.insert_claims(s, vms=vms, allocations=allocations)
         except AlreadyExists:
+            self.fleet.settle({h: len(i) for h, i in by_host.items()})
             self.fleet.refresh(touched, self.clock())
             return [None] * len(creates)
         except BaseException:
+            self.fleet.settle({h: len(i) for h, i in by_host.items()})
             self.fleet.refresh(touched, self.clock())
             raise
         for basis in lost:
             self.fleet.upsert(basis, now)
+        self.fleet.settle({h: len(i) for h, i in by_host.items()})
         return claims
 
     def _check_create(self, req: api.VmCreate) -> api.VmCreated | None:
@@ -590,25 +593,8 @@ class ControllerService:
             repo.update_vm(s, vm_uuid, self.clock(), **values)
 
     def apply_result(self, vm_uuid: str, result: VmResult, *, status: Lifecycle | None = None) -> VmView:
-        now = self.clock()
-        values: dict[str, object] = {"task": None, "last_error": None}
-        if status is not None:
-            values["status"] = status
-        st = result.status
-        if st is not None:
-            values.update(
-                power_state=st.state,
-                vcpus=st.vcpus,
-                max_vcpus=st.max_vcpus,
-                memory_mib=st.memory_mib,
-                max_memory_mib=st.max_memory_mib,
-                autostart=st.autostart,
-                persistent=st.persistent,
-                cpu_time_ns=st.cpu_time_ns,
-                reported_at=now,
-            )
         with self.tx() as s:
-            return fleet.vm_view(repo.update_vm_returning(s, vm_uuid, now, **values))
+            return fleet.vm_view(repo.record_result(s, vm_uuid, self.clock(), result.status, status))
 
     def resize_claim(self, vm_uuid: str, host_id: str, new_amounts: dict[str, int]) -> None:
         """Change a VM's allocations on its host (live vCPU/memory changes).

@@ -40,6 +40,29 @@ _CLAIM_GENERATION = (
 )
 _INSERT_VM = insert(_VMS)
 _INSERT_ALLOCATION = insert(_ALLOCATIONS)
+#: what a VM's reported status sets on its row (VmStatus field -> column)
+_STATUS_COLUMNS = {
+    "state": "power_state",
+    "vcpus": "vcpus",
+    "max_vcpus": "max_vcpus",
+    "memory_mib": "memory_mib",
+    "max_memory_mib": "max_memory_mib",
+    "autostart": "autostart",
+    "persistent": "persistent",
+    "cpu_time_ns": "cpu_time_ns",
+}
+
+
+def _record_result_statement(*, lifecycle: bool) -> Any:
+    values: dict[str, Any] = {column: bindparam(f"r_{column}") for column in _STATUS_COLUMNS.values()}
+    values.update(updated_at=bindparam("r_now"), reported_at=bindparam("r_now"), task=None, last_error=None)
+    if lifecycle:
+        values["status"] = bindparam("r_status")
+    return update(_VMS).where(_VMS.c.uuid == bindparam("r_uuid")).values(**values).returning(*_VMS.c)
+
+
+_RECORD_RESULT = _record_result_statement(lifecycle=False)
+_RECORD_RESULT_LIFECYCLE = _record_result_statement(lifecycle=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,6 +490,27 @@ def update_vm_returning(session: Session, uuid: str, now: float, **values: Any) 
         .execute(update(_VMS).where(_VMS.c.uuid == uuid).values(updated_at=now, **values).returning(*_VMS.c))
         .first()
     )
+    if row is None:
+        raise NotFound(f"VM {uuid} does not exist")
+    return _vm_record(row)
+
+
+def record_result(
+    session: Session, uuid: str, now: float, status: VmStatus | None, lifecycle: Lifecycle | None = None
+) -> VmRecord:
+    """An operation's result on the VM's row, in one precompiled UPDATE ... RETURNING: the task
+    and error cleared, the state the agent reported (and ``lifecycle``, if given); the VM as it
+    is now. Every create and every VM action ends here."""
+    if status is None:
+        extra = {} if lifecycle is None else {"status": lifecycle}
+        return update_vm_returning(session, uuid, now, task=None, last_error=None, **extra)
+    params = {f"r_{column}": getattr(status, field) for field, column in _STATUS_COLUMNS.items()}
+    params.update(r_uuid=uuid, r_now=now)
+    statement = _RECORD_RESULT
+    if lifecycle is not None:
+        params["r_status"] = lifecycle
+        statement = _RECORD_RESULT_LIFECYCLE
+    row = session.connection().execute(statement, params).first()
     if row is None:
         raise NotFound(f"VM {uuid} does not exist")
     return _vm_record(row)
