@@ -38,6 +38,8 @@ _CLAIM_GENERATION = (
     )
     .values(generation=_HOSTS.c.generation + bindparam("c_count"))
 )
+_HOST_COLUMNS = tuple(_HOSTS.c)
+_HOST_COLUMNS_NO_VMS = tuple(c for c in _HOSTS.c if c.name != "reported_vms")
 _INSERT_VM = insert(_VMS)
 _INSERT_ALLOCATION = insert(_ALLOCATIONS)
 #: what a VM's reported status sets on its row (VmStatus field -> column)
@@ -139,7 +141,7 @@ def _group_settings(group: HostGroup | None) -> dict[str, Any]:
 
 
 def _host_record(
-    row: Host,
+    row: Host | Row[Any],
     used: Mapping[str, int],
     vm_count: int,
     group: HostGroup | None = None,
@@ -232,19 +234,19 @@ def list_hosts(
     ``include_vms=False`` leaves ``reported_vms`` empty: decoding every VM a host reported
     is most of the cost of reading a host, and placement never needs them.
     """
-    query = select(Host).order_by(Host.id)
+    # Core rows, not ORM objects: reading a host is on every report written, every sync that
+    # finds a change and every claim that lost its compare-and-set.
+    query = select(*_HOST_COLUMNS if include_vms else _HOST_COLUMNS_NO_VMS).order_by(_HOSTS.c.id)
     allocations = select(Allocation.host_id, Allocation.resource, func.sum(Allocation.amount)).group_by(
         Allocation.host_id, Allocation.resource
     )
     counts_query = select(Vm.host_id, func.count()).where(Vm.host_id.is_not(None)).group_by(Vm.host_id)
     if host_ids is not None:
         wanted = list(host_ids)
-        query = query.where(Host.id.in_(wanted))
+        query = query.where(_HOSTS.c.id.in_(wanted))
         allocations = allocations.where(Allocation.host_id.in_(wanted))
         counts_query = counts_query.where(Vm.host_id.in_(wanted))
-    if not include_vms:
-        query = query.options(defer(Host.reported_vms))
-    hosts = list(session.scalars(query))
+    hosts = list(session.execute(query))  # the session's: pending ORM changes are flushed first
     used: dict[str, dict[str, int]] = {}
     for host_id, resource, amount in session.execute(allocations):
         used.setdefault(host_id, {})[resource] = int(amount)
