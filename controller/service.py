@@ -266,23 +266,41 @@ class ControllerService:
         now = self.clock()
         policy = fleet.policy(self.config)
         decided = self.fleet.place_batch([c.request for c in creates], policy, now, _claim_amounts)
-        claims: list[_Claimed | None] = [None] * len(creates)
-        vms: list[dict[str, object]] = []
-        allocations: list[dict[str, object]] = []
         by_host: dict[str, list[int]] = {}
+        for i, (result, basis) in enumerate(decided):
+            if isinstance(result, Placement) and basis is not None:
+                by_host.setdefault(result.host_id, []).append(i)
+        try:
+            return self._write_batch(creates, decided, by_host, now)
+        finally:  # whatever happened, the claims held in memory are the database's again
+            self.fleet.settle({host_id: len(held) for host_id, held in by_host.items()})
+
+    def _write_batch(
+        self,
+        creates: Sequence[_Create],
+        decided: Sequence[tuple[Placement | Refusal, repo.HostRecord | None]],
+        by_host: dict[str, list[int]],
+        now: float,
+    ) -> list[_Claimed | None]:
+        """The transaction of :meth:`_claim_batch`; ``by_host``: host -> the batch's placements there."""
+        claims: list[_Claimed | None] = [None] * len(creates)
         names: set[str] = set()
-        for i, (create, (result, basis)) in enumerate(zip(creates, decided, strict=True)):
-            if not isinstance(result, Placement) or basis is None:
-                continue
-            by_host.setdefault(result.host_id, []).append(i)
-            if create.req.name in names:
-                continue  # its host's generation then differs from memory: the sync re-reads it
-            names.add(create.req.name)
-            host = self.fleet.freshen(replace(basis, generation=basis.generation + 1))
-            spec = self._spec(create.req, create.vm_uuid, host, result.pcpus)
-            claims[i] = _Claimed(result, host, spec)
+        #: hosts where memory holds a claim this batch will not write (a name repeated in the batch)
+        unwritten: set[str] = set()
+        for host_id, placed in by_host.items():
+            for i in placed:
+                create, (result, basis) = creates[i], decided[i]
+                assert isinstance(result, Placement) and basis is not None  # what by_host holds
+                if create.req.name in names:
+                    unwritten.add(host_id)
+                    continue
+                names.add(create.req.name)
+                host = self.fleet.freshen(replace(basis, generation=basis.generation + 1))
+                claims[i] = _Claimed(result, host, self._spec(create.req, create.vm_uuid, host, result.pcpus))
         touched = sorted(by_host)
         lost: list[repo.HostRecord] = []
+        vms: list[dict[str, object]] = []
+        allocations: list[dict[str, object]] = []
         try:
             with self.tx() as s:
                 for host_id in touched:
@@ -313,16 +331,16 @@ class ControllerService:
                         )
                 repo.insert_claims(s, vms=vms, allocations=allocations)
         except AlreadyExists:
-            self.fleet.settle({h: len(i) for h, i in by_host.items()})
             self.fleet.refresh(touched, self.clock())
             return [None] * len(creates)
         except BaseException:
-            self.fleet.settle({h: len(i) for h, i in by_host.items()})
             self.fleet.refresh(touched, self.clock())
             raise
         for basis in lost:
             self.fleet.upsert(basis, now)
-        self.fleet.settle({h: len(i) for h, i in by_host.items()})
+        # The generation moved by every placement there, so memory and database agree on it
+        # while memory still counts the claim not written: only a re-read corrects that.
+        self.fleet.refresh(unwritten - {b.id for b in lost}, now)
         return claims
 
     def _check_create(self, req: api.VmCreate) -> api.VmCreated | None:
