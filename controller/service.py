@@ -128,6 +128,10 @@ class ControllerService:
         self._creates: GroupCommit[_Create, _Claimed | None] = GroupCommit(
             self._claim_batch, window_s=config.create_batch_window_s, max_size=config.create_batch_max
         )
+        #: and their builds' results are recorded together (no window: only what queued)
+        self._built: GroupCommit[tuple[str, VmResult], VmView] = GroupCommit(
+            self._record_builds, window_s=0.0, max_size=config.create_batch_max
+        )
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
@@ -590,7 +594,8 @@ class ControllerService:
                     repo.release(s, vm_uuid, host.id)
                 self.hosts_changed(host.id)
                 raise
-            return self.apply_result(vm_uuid, result, status=Lifecycle.ACTIVE)
+            # Builds that finish together record their results in one transaction.
+            return self._built.submit((vm_uuid, result))
 
     def _clean_failed_build(self, host_id: str, vm_uuid: str, name: str) -> None:
         """Remove what a failed build left on a host (a defined domain, new disks); best effort.
@@ -609,6 +614,21 @@ class ControllerService:
             if not keep_host:
                 values["host_id"] = None
             repo.update_vm(s, vm_uuid, self.clock(), **values)
+
+    def _record_builds(self, built: Sequence[tuple[str, VmResult]]) -> list[VmView | BaseException]:
+        """The results of builds that finished together (the VMs now active), in one transaction;
+        a VM deleted meanwhile is that build's NotFound only."""
+        now = self.clock()
+        views: list[VmView | BaseException] = []
+        with self.tx() as s:
+            for vm_uuid, result in built:
+                try:
+                    views.append(
+                        fleet.vm_view(repo.record_result(s, vm_uuid, now, result.status, Lifecycle.ACTIVE))
+                    )
+                except NotFound as exc:
+                    views.append(exc)
+        return views
 
     def apply_result(self, vm_uuid: str, result: VmResult, *, status: Lifecycle | None = None) -> VmView:
         with self.tx() as s:

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 from builders import host_report
@@ -23,9 +23,10 @@ from common.errors import AlreadyExists, NoValidHost, RequestTimeout
 from common.messages import api
 from common.messages.base import replace as replace_struct
 from common.messages.descriptor import Command
-from common.messages.vm import KernelBoot
+from common.messages.vm import CreateVm, KernelBoot, Lifecycle, PowerState, VmResult, VmStatus, VmView
 from controller import fleet
 from controller.config import ControllerConfig
+from controller.create_batcher import GroupCommit
 from controller.db import repository as repo
 from controller.db.engine import make_engine, migrate
 from controller.scheduler.model import Placement, ResourceClass
@@ -296,4 +297,54 @@ def test_a_name_twice_in_one_batch_is_created_once(engine: Engine, monkeypatch: 
         assert [v.name for v in repo.list_vms(s)] == ["twin"]
     assert _usage(service) == {"h1": 1024}
     _assert_memory_matches_database(service)  # the claim held for the second twin is gone
+    service.close()
+
+
+class _InstantAgents:
+    """Every build succeeds at once with the VM running."""
+
+    def call(self, host_id: str, op: Command[B, R], body: B) -> R:
+        assert isinstance(body, CreateVm), op.kind
+        spec = body.spec
+        status = VmStatus(
+            spec.uuid, spec.name, PowerState.RUNNING, spec.vcpus, spec.vcpus, spec.memory_mib, spec.memory_mib
+        )
+        return cast(R, VmResult(status=status))
+
+
+def test_results_of_builds_that_finish_together_are_recorded_in_one_transaction(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = ControllerService(engine, ControllerConfig(database_url=str(engine.url)), _InstantAgents())
+    _seed(service, {"h1": 16384, "h2": 16384})
+    gate, entered = threading.Event(), threading.Event()
+    original = service._record_builds
+
+    def gated(built: Sequence[tuple[str, VmResult]]) -> list[VmView | BaseException]:
+        if not entered.is_set():  # held before its transaction: SQLite has one writer
+            entered.set()
+            gate.wait(BOUND_S)
+        return original(built)
+
+    built: GroupCommit[tuple[str, VmResult], VmView] = GroupCommit(gated, window_s=0.0, max_size=32)
+    monkeypatch.setattr(service, "_built", built)
+    views: dict[str, VmView | None] = {}
+
+    def create(name: str) -> None:
+        views[name] = service.create_vm(_request(name, 1024)).vm
+
+    threads = [threading.Thread(target=create, args=("first",))]
+    threads[0].start()
+    entered.wait(BOUND_S)
+    threads += [threading.Thread(target=create, args=(f"vm{n}",)) for n in range(4)]
+    for thread in threads[1:]:
+        thread.start()
+    wait_until(lambda: built.queued == 4, BOUND_S, "four results queued behind the first")
+    gate.set()
+    for thread in threads:
+        thread.join(BOUND_S)
+        assert not thread.is_alive()
+    assert (built.batches, built.items) == (2, 5)
+    assert all(v is not None and v.status is Lifecycle.ACTIVE for v in views.values()), views
+    assert {service.show_vm(name).power_state for name in views} == {PowerState.RUNNING}
     service.close()
