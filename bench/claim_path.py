@@ -9,16 +9,24 @@ measured is the controller's own work per create: decide in memory, claim, recor
 
 Floor: two write transactions of one trivial UPDATE each on the same database (a create needs at
 least the claim and the result), timed the same way.
+
+``--threads N``: then ``--creates`` creates from N threads at once (as the controller's API
+workers run them), through two services on the same database: one with the default config
+(creates that arrive together are claimed in one batch) and one with ``create_batch_max = 1``
+(each create alone), alternated ``--rounds`` times. For each: creates/s, the process's CPU per
+create (``time.process_time``: every thread of this process) and the mean batch size.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -97,6 +105,8 @@ def main() -> None:
     parser.add_argument("--database", help="a PostgreSQL URL (default: a throw-away SQLite file)")
     parser.add_argument("--hosts", type=int, default=100)
     parser.add_argument("--creates", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=0, help="then creates from this many threads at once")
+    parser.add_argument("--rounds", type=int, default=2, help="of the batched and one-at-a-time runs")
     args = parser.parse_args()
     url, drop = _database(args.database)
     engine = make_engine(url)
@@ -134,6 +144,7 @@ def main() -> None:
                     with conn.begin():
                         conn.execute(text("UPDATE hosts SET generation = generation WHERE id = 'h0000'"))
                 floors.append((time.perf_counter() - start) * 1000.0)
+        concurrent = _concurrent(engine, url, args) if args.threads else []
         service.close()
     finally:
         engine.dispose()
@@ -146,6 +157,46 @@ def main() -> None:
     print(
         f"  create p50 {create_ms:.2f} ms; floor (2 write transactions) p50 {floor_ms:.2f} ms; {create_ms / floor_ms:.1f}x"
     )
+    for line in concurrent:
+        print(line)
+
+
+def _vm(name: str) -> api.VmCreate:
+    return api.VmCreate(name=name, vcpus=1, memory_mib=64, kernel_boot=KernelBoot("/vmlinuz"))
+
+
+def _concurrent(engine: Any, url: str, args: argparse.Namespace) -> list[str]:
+    """Creates from ``args.threads`` threads, batched (default config) and one at a time."""
+    configs = {"batched": ControllerConfig(database_url=url)}
+    if "create_batch_max" in {f.name for f in dataclasses.fields(ControllerConfig)}:
+        configs["one at a time"] = ControllerConfig(database_url=url, create_batch_max=1)
+    services = {mode: ControllerService(engine, c, _InstantAgents()) for mode, c in configs.items()}
+    results: dict[str, list[tuple[float, float, float]]] = {mode: [] for mode in services}
+    for round_ in range(args.rounds):
+        for mode, service in services.items():
+            service.fleet.load(time.time())  # the other service's creates since
+            batcher = getattr(service, "_creates", None)
+            before = (batcher.batches, batcher.items) if batcher is not None else (0, 0)
+            names = [f"r{round_}-{mode[0]}-{n}" for n in range(args.creates)]
+            cpu, wall = time.process_time(), time.perf_counter()
+            with ThreadPoolExecutor(max_workers=args.threads) as pool:
+                list(pool.map(service.create_vm, (_vm(name) for name in names)))
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            batches = (batcher.batches - before[0]) if batcher is not None else args.creates
+            items = (batcher.items - before[1]) if batcher is not None else args.creates
+            results[mode].append((args.creates / wall, cpu * 1000.0 / args.creates, items / max(batches, 1)))
+    for service in services.values():
+        service.close()
+    lines = [f"  {args.creates} creates from {args.threads} threads, {args.rounds} rounds alternated:"]
+    for mode, runs in results.items():
+        rates = ", ".join(f"{r:.0f}/s ({c:.2f} ms CPU, batch {b:.1f})" for r, c, b in runs)
+        lines.append(f"    {mode:14s} {rates}")
+    if len(results) == 2:
+        ratio = statistics.median(r for r, _c, _b in results["batched"]) / statistics.median(
+            r for r, _c, _b in results["one at a time"]
+        )
+        lines.append(f"    batched / one at a time (median creates/s): {ratio:.2f}x")
+    return lines
 
 
 if __name__ == "__main__":

@@ -160,6 +160,13 @@ class ControllerConfig:
     #: Seconds between syncs of the in-memory fleet with the database: heartbeats are written
     #: (in one batch) and other controllers' changes read this often. Well under down_after_s.
     fleet_sync_s: float = 1.0
+    #: Creates that arrive together are decided in one pass and claimed in one transaction
+    #: (group commit). A batch takes what queued while the previous one ran, at most this many.
+    #: 1 claims every create alone.
+    create_batch_max: int = 32
+    #: How long a batch waits for creates already being received (never when none is): the
+    #: latency one create may gain, in seconds. 0: batch only what has queued.
+    create_batch_window_s: float = 0.002
     overcommit: Overcommit = field(default_factory=Overcommit)
     #: ``[rpc] version_cap``: family -> newest version the controller may send agents (oslo's
     #: version_cap), so that the controller can be upgraded before the agents.
@@ -202,6 +209,12 @@ class ControllerConfig:
             )
         if self.max_message_bytes < 1024:
             raise InvalidRequest(f"max_message_bytes must be at least 1024, got {self.max_message_bytes}")
+        if self.create_batch_max < 1:
+            raise InvalidRequest(f"create_batch_max must be at least 1, got {self.create_batch_max}")
+        if not math.isfinite(self.create_batch_window_s) or not 0 <= self.create_batch_window_s <= 1:
+            raise InvalidRequest(
+                f"create_batch_window_s must be between 0 and 1 s, got {self.create_batch_window_s}"
+            )
         if self.choose_among < 1:
             raise InvalidRequest(f"choose_among must be at least 1, got {self.choose_among}")
         check_limits(self.max_message_lifetime_s, self.clock_skew_s, self.key_grace_s)

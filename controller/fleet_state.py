@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
 
@@ -77,6 +77,8 @@ class FleetState:
         self._reports: dict[str, tuple[bytes, float, float]] = {}
         #: per host: (agent started_at, seq) of the newest report taken as a repeat (not written)
         self._repeats: dict[str, tuple[float, int]] = {}
+        #: per host: claims held in memory by a batch whose transaction has not ended (see settle)
+        self._held: dict[str, int] = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -101,10 +103,15 @@ class FleetState:
             with self._lock:
                 known = {h: (r.generation, r.updated_at) for h, r in self._records.items()}
                 groups_changed = fingerprint != self._groups_fingerprint
+                # A host with claims held by a batch not yet committed differs from the database
+                # until the commit: re-reading it would drop those claims from memory, and the
+                # next claims there would all lose their compare-and-set. The next sync looks.
+                held = set(self._held)
             changed = [
                 host_id
                 for host_id, marker in markers.items()
-                if groups_changed or known.get(host_id) != (marker.generation, marker.updated_at)
+                if host_id not in held
+                and (groups_changed or known.get(host_id) != (marker.generation, marker.updated_at))
             ]
             records = repo.list_hosts(s, changed, include_vms=False) if changed else []
         with self._lock:
@@ -116,7 +123,8 @@ class FleetState:
                     # Another controller took this host's heartbeat: it counts as ours.
                     self._put(replace(known_record, last_heartbeat=marker.last_heartbeat), now)
             for record in records:
-                self._put(_with_beat(record, self._pending_beats.get(record.id)), now)
+                if record.id not in self._held:  # a batch took it meanwhile: its claims stand
+                    self._put(_with_beat(record, self._pending_beats.get(record.id)), now)
             self._groups_fingerprint = fingerprint
         return len(records)
 
@@ -256,6 +264,51 @@ class FleetState:
             basis = self._records.get(result.host_id) if isinstance(result, Placement) else None
         return result, basis
 
+    def place_batch(
+        self,
+        requests: Sequence[PlacementRequest],
+        policy: PlacementPolicy,
+        now: float,
+        amounts: Callable[[PlacementRequest, Placement], Mapping[str, int]],
+    ) -> list[tuple[Placement | Refusal, repo.HostRecord | None]]:
+        """Decide several requests in one pass (no server groups), each on the index as the
+        earlier ones left it.
+
+        Each placement is held in memory at once: its host becomes the record its claim will
+        write (``amounts(request, placement)`` added, the generation one up), so the next
+        request of the batch sees the room the earlier ones took and a batch never fills a host
+        past its capacity in memory. With each placement comes the host as that request saw it:
+        what the claim compares-and-sets against (the first claim on a host, the batch's start;
+        a later one, the generation after the earlier claims). A claim that is not written
+        leaves memory too full until the host is re-read (:meth:`refresh`, or the next
+        :meth:`sync`, which sees the generation differ): a worse decision, never a wrong one.
+        The caller must :meth:`settle` the held claims when its transaction ends: until then
+        :meth:`sync` leaves those hosts alone.
+        """
+        decided: list[tuple[Placement | Refusal, repo.HostRecord | None]] = []
+        with self._lock:
+            self._sweep(now)
+            for request in requests:
+                result = place_indexed(self._index, request, policy, server_groups=(), now=now)
+                basis = self._records.get(result.host_id) if isinstance(result, Placement) else None
+                if isinstance(result, Placement) and basis is not None:
+                    claimed = replace(basis, generation=basis.generation + 1)
+                    self._put(with_claim(claimed, amounts(request, result)), now)
+                    self._held[result.host_id] = self._held.get(result.host_id, 0) + 1
+                decided.append((result, basis))
+        return decided
+
+    def settle(self, held: Mapping[str, int]) -> None:
+        """The batch that held these claims (host -> how many) committed or rolled back: the
+        hosts are the database's again for :meth:`sync` (call before any :meth:`refresh`)."""
+        with self._lock:
+            for host_id, count in held.items():
+                left = self._held.get(host_id, 0) - count
+                if left > 0:
+                    self._held[host_id] = left
+                else:
+                    self._held.pop(host_id, None)
+
     # ------------------------------------------------------------------ inside the lock
 
     def _sweep(self, now: float) -> None:
@@ -301,6 +354,14 @@ def report_digest(report: HostReport) -> bytes:
         vms=tuple(msgspec.structs.replace(vm, cpu_time_ns=0) for vm in report.vms),
     )
     return hashlib.blake2b(encode(to_wire(said)), digest_size=16).digest()
+
+
+def with_claim(host: repo.HostRecord, amounts: Mapping[str, int]) -> repo.HostRecord:
+    """``host`` with one more VM holding ``amounts`` (the generation is the caller's to move)."""
+    used = dict(host.used)
+    for resource, amount in amounts.items():
+        used[resource] = used.get(resource, 0) + amount
+    return replace(host, used=used, vm_count=host.vm_count + 1)
 
 
 def _newer(candidate: float | None, current: float | None) -> bool:

@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -60,8 +60,9 @@ from common.messages.vm import (
 from controller import fleet, tuning_inventory
 from controller.agent_api import AgentCalls
 from controller.config import ControllerConfig
+from controller.create_batcher import GroupCommit
 from controller.db import repository as repo
-from controller.fleet_state import FleetState, report_digest
+from controller.fleet_state import FleetState, report_digest, with_claim
 from controller.scheduler.model import (
     FleetSnapshot,
     Placement,
@@ -81,6 +82,15 @@ R = TypeVar("R")
 
 #: Errors after which a build is retried on an alternate host (the host failed, not the request).
 RESCHEDULABLE = (HypervisorError, StorageError, Unsupported, TransportError)
+
+
+@dataclass(frozen=True, slots=True)
+class _Create:
+    """One create handed to the batch (see ``ControllerService._claim_batch``)."""
+
+    req: api.VmCreate
+    vm_uuid: str
+    request: PlacementRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +124,14 @@ class ControllerService:
         #: every host in memory: what placement decides on (see controller.fleet_state)
         self.fleet = FleetState(self.tx, config)
         self.fleet.load(clock())
+        #: creates that arrive together are decided and claimed together
+        self._creates: GroupCommit[_Create, _Claimed | None] = GroupCommit(
+            self._claim_batch, window_s=config.create_batch_window_s, max_size=config.create_batch_max
+        )
+        #: and their builds' results are recorded together (no window: only what queued)
+        self._built: GroupCommit[tuple[str, VmResult], VmView] = GroupCommit(
+            self._record_builds, window_s=0.0, max_size=config.create_batch_max
+        )
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
@@ -184,13 +202,31 @@ class ControllerService:
     # ------------------------------------------------------------------ VMs: create
 
     def create_vm(self, req: api.VmCreate) -> api.VmCreated:
-        """Place, claim atomically, then build on the agent (with reschedule on failure)."""
+        """Place, claim atomically, then build on the agent (with reschedule on failure).
+
+        The common create is decided and claimed in a batch with the creates that arrive with
+        it (:meth:`_claim_batch`); idempotency keys, dry runs, forced hosts and server groups
+        take the path of one create at a time (:meth:`_claim`).
+        """
+        if req.idempotency_key or req.dry_run or req.host is not None or req.server_group is not None:
+            return self._create_alone(req)
+        vm_uuid = str(uuidlib.uuid4())
         # The common case reads nothing before placing: a taken name is refused by the claim's
         # insert (unique index), and a refusal checks it first (below).
-        if req.idempotency_key or req.dry_run or req.host is not None or req.server_group is not None:
-            repeated = self._check_create(req)
-            if repeated is not None:
-                return repeated
+        with self._creates.announce() as ticket:
+            request = self._placement_request(req, exclude=())
+            try:
+                # None: the batch could not claim it (refused, or lost a race): alone, then.
+                claimed = ticket.submit(_Create(req, vm_uuid, request)) or self._claim(req, vm_uuid, request)
+            except NoValidHost:
+                self._check_create(req)  # a taken name says more than "no host"
+                raise
+        return self._build_claimed(req, vm_uuid, claimed)
+
+    def _create_alone(self, req: api.VmCreate) -> api.VmCreated:
+        repeated = self._check_create(req)
+        if repeated is not None:
+            return repeated
         request = self._placement_request(req, exclude=())
         if req.dry_run:
             result = self._decide(request, explain=True)[0]
@@ -203,6 +239,9 @@ class ControllerService:
         except NoValidHost:
             self._check_create(req)  # a taken name says more than "no host"
             raise
+        return self._build_claimed(req, vm_uuid, claimed)
+
+    def _build_claimed(self, req: api.VmCreate, vm_uuid: str, claimed: _Claimed) -> api.VmCreated:
         if not req.wait:
             self._background.submit(self._build_logged, req, vm_uuid, claimed)
             with self.tx() as s:
@@ -211,6 +250,102 @@ class ControllerService:
                 )
         view = self._build(req, vm_uuid, claimed)
         return api.VmCreated(view, _placement_view(claimed.placement))
+
+    def _claim_batch(self, creates: Sequence[_Create]) -> list[_Claimed | None]:
+        """Decide and claim creates that arrived together: one decision pass, one transaction.
+
+        Each request is placed on the in-memory index as the earlier ones of the batch left it
+        (:meth:`FleetState.place_batch`), so a batch never puts more on a host than it holds.
+        Then one transaction compares-and-sets each chosen host's generation, moving it up by
+        the number of claims on it, in host id order (the order every multi-host write takes,
+        so two batches, or a batch and the heartbeat flush, never deadlock), and writes every
+        VM and every allocation with one INSERT each. The answer is per create: its claim, or
+        None when this create must be claimed alone (:meth:`_claim`), which affects no other
+        create of the batch: it was refused (the alone path confirms the refusal on a fresh
+        read and explains it), its host changed since memory last saw it (the alone path
+        re-checks that host under its lock), or its name repeats one of the batch. A name taken
+        in the database fails the whole transaction (nothing is written): every create of the
+        batch is then claimed alone, so that only that one is refused.
+        """
+        now = self.clock()
+        policy = fleet.policy(self.config)
+        decided = self.fleet.place_batch([c.request for c in creates], policy, now, _claim_amounts)
+        by_host: dict[str, list[int]] = {}
+        for i, (result, basis) in enumerate(decided):
+            if isinstance(result, Placement) and basis is not None:
+                by_host.setdefault(result.host_id, []).append(i)
+        try:
+            return self._write_batch(creates, decided, by_host, now)
+        finally:  # whatever happened, the claims held in memory are the database's again
+            self.fleet.settle({host_id: len(held) for host_id, held in by_host.items()})
+
+    def _write_batch(
+        self,
+        creates: Sequence[_Create],
+        decided: Sequence[tuple[Placement | Refusal, repo.HostRecord | None]],
+        by_host: dict[str, list[int]],
+        now: float,
+    ) -> list[_Claimed | None]:
+        """The transaction of :meth:`_claim_batch`; ``by_host``: host -> the batch's placements there."""
+        claims: list[_Claimed | None] = [None] * len(creates)
+        names: set[str] = set()
+        #: hosts where memory holds a claim this batch will not write (a name repeated in the batch)
+        unwritten: set[str] = set()
+        for host_id, placed in by_host.items():
+            for i in placed:
+                create, (result, basis) = creates[i], decided[i]
+                assert isinstance(result, Placement) and basis is not None  # what by_host holds
+                if create.req.name in names:
+                    unwritten.add(host_id)
+                    continue
+                names.add(create.req.name)
+                host = self.fleet.freshen(replace(basis, generation=basis.generation + 1))
+                claims[i] = _Claimed(result, host, self._spec(create.req, create.vm_uuid, host, result.pcpus))
+        touched = sorted(by_host)
+        lost: list[repo.HostRecord] = []
+        vms: list[dict[str, object]] = []
+        allocations: list[dict[str, object]] = []
+        try:
+            with self.tx() as s:
+                for host_id in touched:
+                    first = decided[by_host[host_id][0]][1]
+                    assert first is not None  # only placements with a basis are in by_host
+                    if not repo.claim_generation(
+                        s, host_id, first.generation, first.updated_at, count=len(by_host[host_id])
+                    ):
+                        # Another claim got there first. Memory goes back to what these
+                        # creates decided on, so alone each re-checks this host under its lock
+                        # (deciding again on a host shown fuller would herd them elsewhere).
+                        lost.append(first)
+                        for i in by_host[host_id]:
+                            claims[i] = None
+                        continue
+                    for i in by_host[host_id]:
+                        claimed = claims[i]
+                        if claimed is None:
+                            continue
+                        create = creates[i]
+                        pcpus = claimed.placement.pcpus
+                        vms.append(
+                            self._vm_row(create.req, create.vm_uuid, host_id, now, pcpus, claimed.spec)
+                        )
+                        allocations.extend(
+                            {"vm_uuid": create.vm_uuid, "host_id": host_id, "resource": r, "amount": a}
+                            for r, a in _claim_amounts(create.request, claimed.placement).items()
+                        )
+                repo.insert_claims(s, vms=vms, allocations=allocations)
+        except AlreadyExists:
+            self.fleet.refresh(touched, self.clock())
+            return [None] * len(creates)
+        except BaseException:
+            self.fleet.refresh(touched, self.clock())
+            raise
+        for basis in lost:
+            self.fleet.upsert(basis, now)
+        # The generation moved by every placement there, so memory and database agree on it
+        # while memory still counts the claim not written: only a re-read corrects that.
+        self.fleet.refresh(unwritten - {b.id for b in lost}, now)
+        return claims
 
     def _check_create(self, req: api.VmCreate) -> api.VmCreated | None:
         """Check what a create refers to: the answer to a repeated idempotency key, else None;
@@ -337,10 +472,7 @@ class ControllerService:
                         continue
                     # The pCPUs picked on the fresh host state under its lock, not the memory's.
                     pcpus = recheck.pcpus
-                amounts = {
-                    **{str(k): v for k, v in request.resources.items()},
-                    **tuning_inventory.pcpu_allocations(pcpus),
-                }
+                amounts = _claim_amounts(request, replace(result, pcpus=pcpus))
                 # The definition is part of the claim: one transaction places, claims and
                 # records what will be built (the spec needs the host as locked and its pCPUs).
                 spec = self._spec(req, vm_uuid, host, pcpus)
@@ -352,7 +484,7 @@ class ControllerService:
                     new=not rehome,
                 )
             # The host as this transaction left it: no need to read it back.
-            self.fleet.upsert(_with_claim(host, amounts), now)
+            self.fleet.upsert(with_claim(host, amounts), now)
             return _Claimed(replace(result, pcpus=pcpus), host, spec)
         raise Conflict(
             f"could not claim a host for {req.name} after {self.config.claim_retries} attempts (heavy contention)",
@@ -462,7 +594,8 @@ class ControllerService:
                     repo.release(s, vm_uuid, host.id)
                 self.hosts_changed(host.id)
                 raise
-            return self.apply_result(vm_uuid, result, status=Lifecycle.ACTIVE)
+            # Builds that finish together record their results in one transaction.
+            return self._built.submit((vm_uuid, result))
 
     def _clean_failed_build(self, host_id: str, vm_uuid: str, name: str) -> None:
         """Remove what a failed build left on a host (a defined domain, new disks); best effort.
@@ -482,26 +615,24 @@ class ControllerService:
                 values["host_id"] = None
             repo.update_vm(s, vm_uuid, self.clock(), **values)
 
-    def apply_result(self, vm_uuid: str, result: VmResult, *, status: Lifecycle | None = None) -> VmView:
+    def _record_builds(self, built: Sequence[tuple[str, VmResult]]) -> list[VmView | BaseException]:
+        """The results of builds that finished together (the VMs now active), in one transaction;
+        a VM deleted meanwhile is that build's NotFound only."""
         now = self.clock()
-        values: dict[str, object] = {"task": None, "last_error": None}
-        if status is not None:
-            values["status"] = status
-        st = result.status
-        if st is not None:
-            values.update(
-                power_state=st.state,
-                vcpus=st.vcpus,
-                max_vcpus=st.max_vcpus,
-                memory_mib=st.memory_mib,
-                max_memory_mib=st.max_memory_mib,
-                autostart=st.autostart,
-                persistent=st.persistent,
-                cpu_time_ns=st.cpu_time_ns,
-                reported_at=now,
-            )
+        views: list[VmView | BaseException] = []
         with self.tx() as s:
-            return fleet.vm_view(repo.update_vm_returning(s, vm_uuid, now, **values))
+            for vm_uuid, result in built:
+                try:
+                    views.append(
+                        fleet.vm_view(repo.record_result(s, vm_uuid, now, result.status, Lifecycle.ACTIVE))
+                    )
+                except NotFound as exc:
+                    views.append(exc)
+        return views
+
+    def apply_result(self, vm_uuid: str, result: VmResult, *, status: Lifecycle | None = None) -> VmView:
+        with self.tx() as s:
+            return fleet.vm_view(repo.record_result(s, vm_uuid, self.clock(), result.status, status))
 
     def resize_claim(self, vm_uuid: str, host_id: str, new_amounts: dict[str, int]) -> None:
         """Change a VM's allocations on its host (live vCPU/memory changes).
@@ -713,12 +844,12 @@ class ControllerService:
         return changed
 
 
-def _with_claim(host: repo.HostRecord, amounts: dict[str, int]) -> repo.HostRecord:
-    """``host`` (read under its lock in the claim transaction) with the new claim added."""
-    used = dict(host.used)
-    for resource, amount in amounts.items():
-        used[resource] = used.get(resource, 0) + amount
-    return replace(host, used=used, vm_count=host.vm_count + 1)  # generation: bumped before the read
+def _claim_amounts(request: PlacementRequest, placement: Placement) -> dict[str, int]:
+    """What a claim allocates: the request's resources and the placement's dedicated pCPUs."""
+    return {
+        **{str(k): v for k, v in request.resources.items()},
+        **tuning_inventory.pcpu_allocations(placement.pcpus),
+    }
 
 
 def _ago(when: float | None, now: float) -> str:

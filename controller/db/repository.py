@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import Row, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
@@ -21,6 +21,50 @@ from common.messages.host import HostReport, VmChanges
 from common.messages.placement import GROUP_SETTINGS
 from common.messages.vm import Lifecycle, PowerState, VmSpec, VmStatus, VmView
 from controller.db.models import Allocation, Host, HostGroup, ServerGroup, Vm
+
+_HOSTS = cast(Table, Host.__table__)
+_VMS = cast(Table, Vm.__table__)
+_ALLOCATIONS = cast(Table, Allocation.__table__)
+
+# Built once: a statement object caches its compiled form's key, so executing the same object
+# again skips building the statement and its cache key (SQLAlchemy's own cost, ~30 % of the
+# create path's CPU under load with ORM statements built per call).
+_CLAIM_GENERATION = (
+    update(_HOSTS)
+    .where(
+        _HOSTS.c.id == bindparam("c_id"),
+        _HOSTS.c.generation == bindparam("c_generation"),
+        _HOSTS.c.updated_at == bindparam("c_updated_at"),
+    )
+    .values(generation=_HOSTS.c.generation + bindparam("c_count"))
+)
+_HOST_COLUMNS = tuple(_HOSTS.c)
+_HOST_COLUMNS_NO_VMS = tuple(c for c in _HOSTS.c if c.name != "reported_vms")
+_INSERT_VM = insert(_VMS)
+_INSERT_ALLOCATION = insert(_ALLOCATIONS)
+#: what a VM's reported status sets on its row (VmStatus field -> column)
+_STATUS_COLUMNS = {
+    "state": "power_state",
+    "vcpus": "vcpus",
+    "max_vcpus": "max_vcpus",
+    "memory_mib": "memory_mib",
+    "max_memory_mib": "max_memory_mib",
+    "autostart": "autostart",
+    "persistent": "persistent",
+    "cpu_time_ns": "cpu_time_ns",
+}
+
+
+def _record_result_statement(*, lifecycle: bool) -> Any:
+    values: dict[str, Any] = {column: bindparam(f"r_{column}") for column in _STATUS_COLUMNS.values()}
+    values.update(updated_at=bindparam("r_now"), reported_at=bindparam("r_now"), task=None, last_error=None)
+    if lifecycle:
+        values["status"] = bindparam("r_status")
+    return update(_VMS).where(_VMS.c.uuid == bindparam("r_uuid")).values(**values).returning(*_VMS.c)
+
+
+_RECORD_RESULT = _record_result_statement(lifecycle=False)
+_RECORD_RESULT_LIFECYCLE = _record_result_statement(lifecycle=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +141,7 @@ def _group_settings(group: HostGroup | None) -> dict[str, Any]:
 
 
 def _host_record(
-    row: Host,
+    row: Host | Row[Any],
     used: Mapping[str, int],
     vm_count: int,
     group: HostGroup | None = None,
@@ -148,7 +192,7 @@ def _host_record(
     )
 
 
-def _vm_record(row: Vm) -> VmRecord:
+def _vm_record(row: Vm | Row[Any]) -> VmRecord:
     return VmRecord(
         uuid=row.uuid,
         name=row.name,
@@ -190,19 +234,19 @@ def list_hosts(
     ``include_vms=False`` leaves ``reported_vms`` empty: decoding every VM a host reported
     is most of the cost of reading a host, and placement never needs them.
     """
-    query = select(Host).order_by(Host.id)
+    # Core rows, not ORM objects: reading a host is on every report written, every sync that
+    # finds a change and every claim that lost its compare-and-set.
+    query = select(*_HOST_COLUMNS if include_vms else _HOST_COLUMNS_NO_VMS).order_by(_HOSTS.c.id)
     allocations = select(Allocation.host_id, Allocation.resource, func.sum(Allocation.amount)).group_by(
         Allocation.host_id, Allocation.resource
     )
     counts_query = select(Vm.host_id, func.count()).where(Vm.host_id.is_not(None)).group_by(Vm.host_id)
     if host_ids is not None:
         wanted = list(host_ids)
-        query = query.where(Host.id.in_(wanted))
+        query = query.where(_HOSTS.c.id.in_(wanted))
         allocations = allocations.where(Allocation.host_id.in_(wanted))
         counts_query = counts_query.where(Vm.host_id.in_(wanted))
-    if not include_vms:
-        query = query.options(defer(Host.reported_vms))
-    hosts = list(session.scalars(query))
+    hosts = list(session.execute(query))  # the session's: pending ORM changes are flushed first
     used: dict[str, dict[str, int]] = {}
     for host_id, resource, amount in session.execute(allocations):
         used.setdefault(host_id, {})[resource] = int(amount)
@@ -372,14 +416,18 @@ def _apply_vm_status(
 
 
 def record_heartbeats(session: Session, beats: Mapping[str, float]) -> None:
-    """Write many hosts' last heartbeat in one batched UPDATE (never moving one back in time)."""
-    hosts = cast(Table, Host.__table__)
+    """Write many hosts' last heartbeat in one batched UPDATE (never moving one back in time).
+
+    Rows are updated in host id order, the order a batch of claims locks its hosts in
+    (``ControllerService._claim_batch``): two transactions that lock several host rows in one
+    order never deadlock (PostgreSQL)."""
+    hosts = _HOSTS
     session.execute(
         update(hosts)
         .where(hosts.c.id == bindparam("b_id"))
         .where(hosts.c.last_heartbeat.is_(None) | (hosts.c.last_heartbeat < bindparam("b_beat")))
         .values(last_heartbeat=bindparam("b_beat")),
-        [{"b_id": host_id, "b_beat": when} for host_id, when in beats.items()],
+        [{"b_id": host_id, "b_beat": when} for host_id, when in sorted(beats.items())],
     )
 
 
@@ -435,11 +483,36 @@ def update_vm(session: Session, uuid: str, now: float, **values: Any) -> None:
 
 
 def update_vm_returning(session: Session, uuid: str, now: float, **values: Any) -> VmRecord:
-    """:func:`update_vm` and the VM as it is now, in one statement (UPDATE ... RETURNING)."""
-    row = session.scalars(
-        update(Vm).where(Vm.uuid == uuid).values(updated_at=now, **values).returning(Vm),
-        execution_options={"synchronize_session": False},
-    ).first()
+    """:func:`update_vm` and the VM as it is now, in one statement (UPDATE ... RETURNING).
+
+    A Core statement on the table: the row comes back as a plain row, no ORM object is loaded
+    (this records every create's and every action's result)."""
+    row = (
+        session.connection()
+        .execute(update(_VMS).where(_VMS.c.uuid == uuid).values(updated_at=now, **values).returning(*_VMS.c))
+        .first()
+    )
+    if row is None:
+        raise NotFound(f"VM {uuid} does not exist")
+    return _vm_record(row)
+
+
+def record_result(
+    session: Session, uuid: str, now: float, status: VmStatus | None, lifecycle: Lifecycle | None = None
+) -> VmRecord:
+    """An operation's result on the VM's row, in one precompiled UPDATE ... RETURNING: the task
+    and error cleared, the state the agent reported (and ``lifecycle``, if given); the VM as it
+    is now. Every create and every VM action ends here."""
+    if status is None:
+        extra = {} if lifecycle is None else {"status": lifecycle}
+        return update_vm_returning(session, uuid, now, task=None, last_error=None, **extra)
+    params = {f"r_{column}": getattr(status, field) for field, column in _STATUS_COLUMNS.items()}
+    params.update(r_uuid=uuid, r_now=now)
+    statement = _RECORD_RESULT
+    if lifecycle is not None:
+        params["r_status"] = lifecycle
+        statement = _RECORD_RESULT_LIFECYCLE
+    row = session.connection().execute(statement, params).first()
     if row is None:
         raise NotFound(f"VM {uuid} does not exist")
     return _vm_record(row)
@@ -468,16 +541,46 @@ def bump_generation(session: Session, host_id: str) -> None:
         raise NotFound(f"host {host_id!r} is not known")
 
 
-def claim_generation(session: Session, host_id: str, generation: int, updated_at: float) -> bool:
-    """Compare-and-set: bump the host's generation only if the row is still at ``generation``
-    and ``updated_at`` (what the caller decided on). True when it was; the row is then locked
-    (PostgreSQL) until commit, and the caller's view of the host is exactly the database's."""
-    bumped = session.execute(
-        update(Host)
-        .where(Host.id == host_id, Host.generation == generation, Host.updated_at == updated_at)
-        .values(generation=Host.generation + 1)
+def claim_generation(
+    session: Session, host_id: str, generation: int, updated_at: float, *, count: int = 1
+) -> bool:
+    """Compare-and-set: move the host's generation ``count`` up (one per claim written in this
+    transaction) only if the row is still at ``generation`` and ``updated_at`` (what the caller
+    decided on). True when it was; the row is then locked (PostgreSQL) until commit, and the
+    caller's view of the host is exactly the database's.
+
+    One precompiled Core statement: this runs once per claimed host of every create.
+    """
+    bumped = session.connection().execute(
+        _CLAIM_GENERATION,
+        {"c_id": host_id, "c_generation": generation, "c_updated_at": updated_at, "c_count": count},
     )
-    return getattr(bumped, "rowcount", 0) == 1
+    return bumped.rowcount == 1
+
+
+def insert_claims(
+    session: Session, *, vms: Sequence[Mapping[str, Any]], allocations: Sequence[Mapping[str, Any]]
+) -> None:
+    """Write new VMs and their allocations: one INSERT of each kind, however many VMs.
+
+    Call inside the transaction that moved each host's generation (:func:`claim_generation`)
+    for the claims on it. Every VM row has the same keys, every allocation row
+    ``vm_uuid, host_id, resource, amount``. A name already taken (by anyone, in any process)
+    raises AlreadyExists and the transaction must be rolled back: no VM of the batch is written.
+    """
+    if not vms:
+        return
+    connection = session.connection()
+    try:
+        # The VM rows first: allocations reference them.
+        connection.execute(_INSERT_VM, list(vms))
+    except IntegrityError as exc:
+        # Names are unique in the schema: the index refuses a duplicate, whichever path
+        # (another create, an import, another controller) got there first.
+        names = ", ".join(repr(vm["name"]) for vm in vms)
+        raise AlreadyExists(f"a VM named {names} already exists in the fleet") from exc
+    if allocations:
+        connection.execute(_INSERT_ALLOCATION, list(allocations))
 
 
 def insert_claim(
@@ -489,29 +592,22 @@ def insert_claim(
     :func:`claim_generation`) and checked its capacity. A duplicate name raises AlreadyExists.
     ``new``: the VM is known not to exist yet (a first claim: no row to re-home).
     """
+    rows = [
+        {"vm_uuid": vm["uuid"], "host_id": host_id, "resource": resource, "amount": amount}
+        for resource, amount in amounts.items()
+    ]
     existing = None if new else session.get(Vm, vm["uuid"])
     if existing is None:
-        session.add(Vm(**vm))
-    else:  # a reschedule: the VM moves, with the definition and pCPUs made for its new host
-        existing.host_id = host_id
-        existing.status = Lifecycle(vm["status"])
-        existing.spec = vm["spec"]
-        existing.pcpus = vm["pcpus"]
-    try:
-        # The VM row first: allocations reference it (no ORM relationship orders the inserts).
-        session.flush()
-    except IntegrityError as exc:
-        # Names are unique in the schema: the index refuses a duplicate, whichever path
-        # (another create, an import, another controller) got there first.
-        raise AlreadyExists(f"a VM named {vm['name']!r} already exists in the fleet") from exc
-    if amounts:  # one INSERT of every row
-        session.execute(
-            insert(Allocation),
-            [
-                {"vm_uuid": vm["uuid"], "host_id": host_id, "resource": resource, "amount": amount}
-                for resource, amount in amounts.items()
-            ],
-        )
+        insert_claims(session, vms=[vm], allocations=rows)
+        return
+    # A reschedule: the VM moves, with the definition and pCPUs made for its new host.
+    existing.host_id = host_id
+    existing.status = Lifecycle(vm["status"])
+    existing.spec = vm["spec"]
+    existing.pcpus = vm["pcpus"]
+    session.flush()
+    if rows:  # one INSERT of every row
+        session.connection().execute(_INSERT_ALLOCATION, rows)
 
 
 def release(session: Session, vm_uuid: str, host_id: str) -> None:

@@ -214,6 +214,27 @@ def test_choose_among(tmp_path: Path) -> None:
         load_config(write(tmp_path, "choose_among = 0\n"), env={})
 
 
+def test_create_batching(tmp_path: Path) -> None:
+    defaults = load_config(env={})
+    assert (defaults.create_batch_max, defaults.create_batch_window_s) == (32, 0.002)
+    path = write(tmp_path, "create_batch_max = 1\ncreate_batch_window_s = 0\n")
+    config = load_config(path, env={})
+    assert (config.create_batch_max, config.create_batch_window_s) == (1, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("create_batch_max = 0", "create_batch_max must be at least 1, got 0"),
+        ("create_batch_window_s = -0.001", "create_batch_window_s must be between 0 and 1 s, got -0.001"),
+        ("create_batch_window_s = 2.0", "create_batch_window_s must be between 0 and 1 s, got 2.0"),
+        ("create_batch_window_s = nan", "create_batch_window_s must be between 0 and 1 s, got nan"),
+    ],
+)
+def test_create_batching_refuses_bad_values(tmp_path: Path, setting: str, message: str) -> None:
+    assert refusal(write(tmp_path, setting + "\n")) == message
+
+
 def test_overcommit_table(tmp_path: Path) -> None:
     path = write(
         tmp_path,
