@@ -1,4 +1,4 @@
-"""Issue 12's attacks 1, 2, 3 and 9 from a hypervisor's broker login, against a live fleet on the
+"""Issue 12's attacks 1, 2, 3, 8 and 9 from a hypervisor's broker login, against a live fleet on the
 real RabbitMQ with the users and permissions of deploy/rabbitmq/bootstrap.sh (tests/securefleet.py):
 a controller, the agents of ``victim`` and ``mallory`` on libvirt's test driver, and a VM ``web``
 on ``victim``. Mallory's login attacks; each test asserts the attack had no effect.
@@ -12,6 +12,8 @@ anywhere (a misconfigured broker).
 from __future__ import annotations
 
 import json
+import os
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from typing import Any
 import pika
 import pika.exceptions
 import pytest
+import sqlalchemy as sa
 from securefleet import BrokerUser, SecureBroker, rabbitmqctl, secure_fleet
 from vfsupport import Fleet, wait_until
 
@@ -337,3 +340,32 @@ def test_agents_and_operators_have_connection_and_channel_limits(
     finally:
         for conn in conns:
             conn.close()
+
+
+def test_attack_8_the_vnc_password_is_not_in_the_controller_database(
+    bed: tuple[Fleet, SecureBroker, dict[str, str]],
+) -> None:
+    """Attack 8: whoever can read the controller's database (a backup, a 0644 SQLite file) finds
+    no VNC password; the SQLite file is the controller's alone."""
+    fleet, _broker, names = bed
+    created = fleet.cli(
+        "vm", "create", "console", "--memory", "128", "--disk", "1", "--host", names["victim"],
+        "--graphics", "vnc,password=Att4ck8p,listen=127.0.0.1",
+    )  # fmt: skip
+    assert created.code == 0, created.stdout + created.stderr
+    engine = sa.create_engine(fleet.database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT name, spec FROM vms")).all()
+    finally:
+        engine.dispose()
+    specs = {name: str(spec) for name, spec in rows}
+    assert "console" in specs and '"listen": "127.0.0.1"' in specs["console"]  # the row is the VM's
+    assert not [name for name, spec in specs.items() if "Att4ck8p" in spec]
+    url = sa.engine.make_url(fleet.database_url)
+    if url.drivername.startswith("sqlite"):
+        assert url.database is not None
+        assert stat.S_IMODE(os.stat(url.database).st_mode) == 0o600
+    # the password is where the console needs it: in the domain's definition on its host (admins)
+    secure = fleet.cli("vm", "export", "console", "--secure", output="table")
+    assert secure.code == 0 and "Att4ck8p" in secure.stdout
