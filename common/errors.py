@@ -7,6 +7,7 @@ Tree (``retryable`` in brackets where it is true)::
     ├── NotFound                   unknown host, VM, image, snapshot
     ├── AlreadyExists              duplicate VM name, image in use
     ├── Conflict                   state does not allow it (e.g. delete a running VM) [sometimes]
+    │   └── HostDown               the host is down: refused before sending, or a wait aborted [retryable]
     ├── NoValidHost                placement refused; carries per-host reasons
     ├── CapacityExceeded           a claim lost to capacity (e.g. live grow)
     ├── Unsupported                the hypervisor or host cannot do it
@@ -19,6 +20,7 @@ Tree (``retryable`` in brackets where it is true)::
     ├── TransportError             broker unreachable or channel lost [retryable]
     │   └── ControllerUnavailable  nobody answered the CLI's request [retryable]
     ├── RequestTimeout             the peer did not answer in time [retryable]
+    ├── StoreUnavailable           the controller's database failed transiently (connection lost, serialization) [retryable]
     ├── Unauthenticated            a message whose sender could not be proven (login, signature, expiry, replay)
     ├── PermissionDenied           the caller's role does not allow the operation
     ├── RateLimited                the caller sent too many requests [retryable]; details.retry_after_s
@@ -87,6 +89,14 @@ class Conflict(VirtfleetError):
     """The object's current state does not allow the operation."""
 
 
+class HostDown(Conflict):
+    """The host is down (no heartbeat within ``down_after_s``): a command to it was refused before it
+    was sent, or a wait for its reply was aborted when the host was declared down.
+    ``details["host"]`` names it."""
+
+    retryable_default = True
+
+
 class NoValidHost(VirtfleetError):
     """Placement found no host; ``details["reasons"]`` lists every host and why."""
 
@@ -139,6 +149,13 @@ class RequestTimeout(VirtfleetError):
     retryable_default = True
 
 
+class StoreUnavailable(VirtfleetError):
+    """The controller's database failed in a way that may pass (connection lost, restart, a
+    serialization conflict); nothing was committed. Retry."""
+
+    retryable_default = True
+
+
 class Unauthenticated(VirtfleetError):
     """A message whose sender could not be proven: wrong broker login, bad or missing signature,
     expired or replayed; nothing was done."""
@@ -169,6 +186,7 @@ WIRE_TYPES: Mapping[str, type[VirtfleetError]] = {
         NotFound,
         AlreadyExists,
         Conflict,
+        HostDown,
         NoValidHost,
         CapacityExceeded,
         Unsupported,
@@ -181,6 +199,7 @@ WIRE_TYPES: Mapping[str, type[VirtfleetError]] = {
         TransportError,
         ControllerUnavailable,
         RequestTimeout,
+        StoreUnavailable,
         Unauthenticated,
         PermissionDenied,
         RateLimited,

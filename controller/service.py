@@ -21,6 +21,7 @@ from common.errors import (
     AlreadyExists,
     CapacityExceeded,
     Conflict,
+    HostDown,
     HypervisorError,
     InvalidRequest,
     NotFound,
@@ -706,10 +707,10 @@ class ControllerService:
     def _check_up(self, host: repo.HostRecord, now: float, what: str) -> None:
         host = self.fleet.freshen(host)
         if not fleet.host_is_up(host, now, self.config.down_after_s):
-            raise Conflict(
+            raise HostDown(
                 f"{what} is down (last heartbeat {_ago(host.last_heartbeat, now)}); "
                 "try again when its agent is back",
-                retryable=True,
+                details={"host": host.id},
             )
 
     def target(self, name: str, task: Task) -> tuple[repo.VmRecord, str]:

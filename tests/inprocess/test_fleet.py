@@ -315,7 +315,8 @@ def test_a_silent_host_is_down_and_its_vms_are_refused_naming_it(short_fleet: In
         refused = fleet.cli("vm", verb, "quiet")
         assert refused.code == 4, (verb, refused.stdout + refused.stderr)
         error = refused.json["error"]
-        assert error["type"] == "Conflict" and error["retryable"] is True
+        assert error["type"] == "HostDown" and error["retryable"] is True
+        assert error["details"] == {"host": "medium"}
         assert "host medium of VM quiet is down" in error["message"]
     assert hv.calls == calls  # nothing reached the host
     shown = fleet.cli_ok("vm", "show", "quiet")

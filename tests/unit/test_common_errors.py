@@ -9,7 +9,14 @@ import pytest
 
 from common import errors
 
-RETRYABLE_BY_DEFAULT = {"TransportError", "ControllerUnavailable", "RequestTimeout", "RateLimited"}
+RETRYABLE_BY_DEFAULT = {
+    "TransportError",
+    "ControllerUnavailable",
+    "RequestTimeout",
+    "RateLimited",
+    "HostDown",
+    "StoreUnavailable",
+}
 
 
 def test_every_error_class_of_the_module_is_on_the_allow_list() -> None:
