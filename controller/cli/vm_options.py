@@ -224,7 +224,7 @@ def run_with_progress(ctx: typer.Context, body: api.VmCreate, show: Callable[[St
     worker = threading.Thread(target=create, name="vm-create", daemon=True)
     started = time.monotonic()
     worker.start()
-    poller = state.client(timeout=10.0)
+    poller = state.client(timeout=10.0, progress=False)  # its phases are the create's progress
     last: str | None = None
     try:
         while True:
