@@ -197,10 +197,12 @@ class Controller:
             self._sync_fleet()
 
     def _sync_fleet(self) -> None:
+        # First, and from memory alone: the waits on hosts now down end even when the database
+        # cannot be reached.
+        self.service.fleet.sweep(self.service.clock())
         try:
             self.service.fleet.flush_heartbeats()
             self.service.fleet.sync(self.service.clock())
-            self.service.fleet.sweep(self.service.clock())  # ends the waits on hosts now down
         except Exception:
             log.exception("fleet sync failed (retried next interval)")
 
