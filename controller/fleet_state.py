@@ -167,6 +167,9 @@ class FleetState:
             state = self._index.get(host_id)
             if state is not None and not state.up:  # it comes back: the scheduler must know
                 self._index.upsert(self._state(record, now))
+                # and the sweep must look again when this beat is too old (it may be the only
+                # host up: nothing else would bring the next sweep forward)
+                self._next_expiry = min(self._next_expiry, now + self._config.down_after_s)
         return True
 
     def flush_heartbeats(self) -> int:

@@ -291,3 +291,17 @@ def test_a_watcher_of_a_host_is_told_once_when_the_sweep_declares_it_down(engine
     # A host the last sweep found down tells a new watcher at once.
     fleet.watch_down("h1", lambda: told.append("late"))
     assert told == ["h1", "late"]
+
+
+def test_a_host_that_came_back_is_declared_down_again_when_it_falls_silent_again(engine: Engine) -> None:
+    service = _service(engine, down_after_s=30.0)
+    _seed(service, "h1")  # the only host: no other heartbeat brings the next sweep forward
+    fleet = service.fleet
+    now = time.time()
+    fleet.sweep(now + 31)  # down
+    fleet.beat("h1", now + 40)  # back
+    told: list[str] = []
+    fleet.watch_down("h1", lambda: told.append("h1"))
+    assert told == []  # it is up again
+    fleet.sweep(now + 71)  # silent for 31 s since it came back
+    assert told == ["h1"]
