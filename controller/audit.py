@@ -63,6 +63,8 @@ def audit_target(body: Mapping[str, Any]) -> str | None:
 def _result(outcome: Outcome) -> tuple[str, str | None]:
     """``("ok", None)`` or ``(error type, message)`` of an outcome's reply."""
     reply = outcome.reply
+    if outcome.requeue:
+        return "handed-back", None  # a stopping controller gave it back unanswered
     if reply is None:
         return ("dead-lettered", None) if outcome.dead_letter else ("ok", None)
     if reply.body.get("ok") is True:

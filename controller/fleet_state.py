@@ -16,6 +16,10 @@ derived from it, and is kept current three ways:
   the hosts that changed. Every change to a host's allocations or settings bumps its
   generation, so nothing is missed for longer than one sync interval.
 
+Waiting calls to an agent subscribe to their host's going down (:meth:`FleetState.watch_down`):
+the sweep that marks a host down runs their callbacks, so a wait ends when its host is declared
+down, without any per-call polling (the sweep runs on every placement and every fleet sync).
+
 The database stays the source of truth: a claim re-reads its one host under the host's
 lock before it writes (see ``ControllerService._claim``), so a stale view can make a
 decision worse for one sync interval, never wrong. A restart rebuilds the view from the
@@ -79,6 +83,9 @@ class FleetState:
         self._repeats: dict[str, tuple[float, int]] = {}
         #: per host: claims held in memory by a batch whose transaction has not ended (see settle)
         self._held: dict[str, int] = {}
+        #: per host: the callbacks of calls waiting on its agent, run when it is declared down
+        self._down_watchers: dict[str, dict[int, Callable[[], None]]] = {}
+        self._next_watch = 0
 
     # ------------------------------------------------------------------ loading
 
@@ -160,6 +167,9 @@ class FleetState:
             state = self._index.get(host_id)
             if state is not None and not state.up:  # it comes back: the scheduler must know
                 self._index.upsert(self._state(record, now))
+                # and the sweep must look again when this beat is too old (it may be the only
+                # host up: nothing else would bring the next sweep forward)
+                self._next_expiry = min(self._next_expiry, now + self._config.down_after_s)
         return True
 
     def flush_heartbeats(self) -> int:
@@ -177,6 +187,38 @@ class FleetState:
                     self._pending_beats.setdefault(host_id, when)
             raise
         return len(beats)
+
+    # ------------------------------------------------------------------ down notifications
+
+    def watch_down(self, host_id: str, down: Callable[[], None]) -> Callable[[], None]:
+        """Run ``down()`` when ``host_id`` is declared down (at once when the last sweep found it
+        down already); returns the unsubscribe. ``down`` runs under the fleet's lock: it must
+        only signal (set an event or an abort), never call back into the fleet state.
+        Subscribing and unsubscribing are O(1)."""
+        with self._lock:
+            state = self._index.get(host_id)
+            if state is not None and not state.up:
+                down()
+                return lambda: None
+            token = self._next_watch
+            self._next_watch += 1
+            self._down_watchers.setdefault(host_id, {})[token] = down
+
+        def unsubscribe() -> None:
+            with self._lock:
+                watchers = self._down_watchers.get(host_id)
+                if watchers is not None:
+                    watchers.pop(token, None)
+                    if not watchers:
+                        del self._down_watchers[host_id]
+
+        return unsubscribe
+
+    def sweep(self, now: float) -> None:
+        """Mark the hosts whose heartbeat is too old as down, telling their watchers (the fleet
+        sync runs it, so a wait ends even when no placement happens)."""
+        with self._lock:
+            self._sweep(now)
 
     # ------------------------------------------------------------------ reports
 
@@ -325,6 +367,9 @@ class FleetState:
             state = self._index.get(host_id)
             if state is not None and state.up != up:
                 self._index.upsert(self._state(record, now))
+                if not up:
+                    for down in self._down_watchers.pop(host_id, {}).values():
+                        down()
             if up and record.last_heartbeat is not None:
                 next_expiry = min(next_expiry, record.last_heartbeat + down_after)
         self._next_expiry = next_expiry

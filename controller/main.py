@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("virtfleet.controller")
 
+#: seconds a stopping controller gives the API requests in flight that do not wait on an agent
+STOP_GRACE_S = 5.0
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -112,7 +115,10 @@ class Controller:
             check_reply=None
             if keys is None
             else lambda reply, host: check_reply(keys, reply, host, time.time()),
+            # A wait on an agent ends when the fleet state declares its host down.
+            down=lambda host, down: self.service.fleet.watch_down(host, down),  # noqa: PLW0108 (service made below)
         )
+        self.agents = agents
         self.service = ControllerService(self.engine, config, agents)
         self.audit = AuditLog(self.engine)
         access = config.access
@@ -191,16 +197,37 @@ class Controller:
             self._sync_fleet()
 
     def _sync_fleet(self) -> None:
+        # First, and from memory alone: the waits on hosts now down end even when the database
+        # cannot be reached.
+        self.service.fleet.sweep(self.service.clock())
         try:
             self.service.fleet.flush_heartbeats()
             self.service.fleet.sync(self.service.clock())
         except Exception:
             log.exception("fleet sync failed (retried next interval)")
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop in about ``grace_s`` seconds, even when agents never answer.
+
+        The API lanes stop taking deliveries; every call waiting on an agent (and any started
+        after this) ends with Interrupted, whose API request is handed back to its queue
+        unanswered (not acknowledged) for the next controller; what does not need an agent gets
+        ``grace_s`` to finish and be answered. Then the reports, the fleet sync and the audit
+        log stop, and the connections close.
+        """
         self._stop.set()
-        self.api.stop()
-        self.reads.stop()
+        lanes = [
+            threading.Thread(target=lane.stop, kwargs={"timeout": grace_s}, name=f"stop-{lane.name}")
+            for lane in (self.api, self.reads)
+        ]
+        for lane in lanes:
+            lane.start()
+        # After the lanes were told to stop: a request taken meanwhile is handed back at once.
+        waiting = self.agents.interrupt()
+        if waiting:
+            log.info("stopping: %d call(s) waiting on agents given up; their requests go back", waiting)
+        for lane in lanes:
+            lane.join()
         self.reports.stop()
         self.heartbeats.stop()
         self._fleet_sync.join(timeout=10)

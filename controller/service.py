@@ -58,6 +58,7 @@ from common.messages.vm import (
     VmSpec,
     VmView,
 )
+from common.transport.port import Interrupted
 from controller import fleet, tuning_inventory
 from controller.agent_api import AgentCalls
 from controller.config import ControllerConfig
@@ -550,9 +551,10 @@ class ControllerService:
                     VM_CREATE,
                     CreateVm(spec=spec, start=req.start, allow_shared_disk=req.allow_shared_disk),
                 )
-            except RequestTimeout as exc:
-                # Ambiguous: the agent may still finish. Keep the claim; reports will tell.
-                self._fail(vm_uuid, f"build on {host.id} timed out: {exc.message}", keep_host=True)
+            except (RequestTimeout, HostDown, Interrupted) as exc:
+                # Ambiguous: the agent may still finish (no reply in time, its host declared down
+                # meanwhile, or this controller stopping). Keep the claim; reports will tell.
+                self._fail(vm_uuid, f"build on {host.id} got no reply: {exc.message}", keep_host=True)
                 raise
             except RESCHEDULABLE as exc:
                 failures.append(f"{host.id}: {exc.message}")

@@ -17,6 +17,7 @@ from common.domain_xml import DomainXmlError, spec_from_xml
 from common.errors import (
     AlreadyExists,
     Conflict,
+    HostDown,
     InvalidRequest,
     NotFound,
     PermissionDenied,
@@ -41,6 +42,7 @@ from common.messages.vm import (
     VmResult,
     VmSpec,
 )
+from common.transport.port import Interrupted
 from common.transport.rpc import HandlerTable
 from controller.db import repository as repo
 from controller.service import ControllerService, _placement_view
@@ -101,7 +103,7 @@ class VmOps:
         old = self._resize(vm, host_id, changes)
         try:
             return call()
-        except RequestTimeout:
+        except (RequestTimeout, HostDown, Interrupted):
             raise  # the agent may still do it: keep the claim, the next report tells
         except VirtfleetError:
             self._restore(vm, host_id, old)

@@ -48,7 +48,7 @@ from common.messages.envelope import Envelope
 from common.transport import topology
 from common.transport.backoff import backoff_delays
 from common.transport.base import PooledConsumer, Replies, check_size
-from common.transport.port import Delivery, Handler, Outcome, Refused, Route, Unroutable
+from common.transport.port import Abort, Delivery, Handler, Outcome, Refused, Route, Unroutable
 from common.transport.topology import Exchange, Queue
 
 log = logging.getLogger(__name__)
@@ -456,12 +456,16 @@ class _Session:
         persistent: bool = True,
         expiration_ms: int | None = None,
         unroutable: Callable[[], VirtfleetError] | None = None,
+        abort: Abort | None = None,
     ) -> Envelope:
         """Send ``env`` and return the reply envelope.
 
         Raises RequestTimeout when no reply came within ``timeout`` seconds, TransportError
         when the broker stayed unreachable, Refused when a full queue refused the request, and
         ``unroutable()`` (default :class:`Unroutable`) when no queue is bound for ``routing_key``.
+        ``abort.error`` when ``abort`` is set: the wait already runs in slices of the connection's
+        I/O loop (pika's connection is not thread-safe, so nothing else may wake it), and the
+        abort is looked at between slices: at most ``_WAIT_SLICE`` late.
         """
         deadline = time.monotonic() + timeout
         delays = backoff_delays()
@@ -479,8 +483,9 @@ class _Session:
                         expiration_ms=expiration_ms,
                         user_id=self.user_id,
                     )
+                    _raise_if_aborted(abort)
                     self._publish_once(exchange, routing_key, body, props, mandatory=True)
-                    return self._wait(env.id, deadline)
+                    return self._wait(env.id, deadline, abort)
                 except Unroutable:
                     if unroutable is not None:
                         raise unroutable() from None
@@ -503,11 +508,12 @@ class _Session:
         finally:
             self._replies.forget(env.id)
 
-    def _wait(self, msg_id: str, deadline: float) -> Envelope:
+    def _wait(self, msg_id: str, deadline: float, abort: Abort | None) -> Envelope:
         while True:
             reply = self._replies.take(msg_id)
             if reply is not None:
                 return reply
+            _raise_if_aborted(abort)
             if self._closing.is_set():
                 raise TransportError("the transport was closed during a call", retryable=False)
             remaining = deadline - time.monotonic()
@@ -519,6 +525,12 @@ class _Session:
                 self.conn.process_data_events(time_limit=min(remaining, _WAIT_SLICE))
             except _PIKA_ERRORS as exc:
                 raise _ConnectionLost(_describe(exc)) from exc
+
+
+def _raise_if_aborted(abort: Abort | None) -> None:
+    error = None if abort is None else abort.error
+    if error is not None:
+        raise error
 
 
 # ------------------------------------------------------------------------------ consumer
@@ -707,6 +719,9 @@ class ConsumerServer(PooledConsumer):
 
         def finish() -> None:
             try:
+                if outcome.requeue:  # handed back unanswered (a stopping process)
+                    ch.basic_nack(tag, requeue=True)
+                    return
                 if outcome.reply is not None and delivery.reply_to:
                     self._reply(conn, delivery.reply_to, outcome.reply)
                 if outcome.dead_letter:

@@ -49,7 +49,7 @@ from common.messages.envelope import Envelope
 from common.transport import topology
 from common.transport.backoff import backoff_delays
 from common.transport.base import PooledConsumer, Replies, check_size
-from common.transport.port import Delivery, Handler, Outcome, Refused, Route, Unroutable
+from common.transport.port import Abort, Delivery, Handler, Outcome, Refused, Route, Unroutable
 from common.transport.topology import Exchange, ExchangeType, Queue
 
 log = logging.getLogger(__name__)
@@ -330,6 +330,11 @@ class MemoryBroker:
         )
         with self._lock:
             self._publish(message, mandatory=mandatory)
+
+    def wake(self) -> None:
+        """Wake every wait on the broker (a call's :class:`~common.transport.port.Abort` was set)."""
+        with self._changed:
+            self._changed.notify_all()
 
     def kill_connections(self, name_prefix: str) -> int:
         """Drop every connection whose name starts with ``name_prefix``, like the broker would.
@@ -646,14 +651,26 @@ class MemoryBroker:
         q.ready = deque(heapq.merge(held, q.ready, key=lambda s: s.seq))
         self._dispatch(q)
 
-    def _settle(self, sub: _Subscription, tag: int, *, dead_letter: bool) -> bool:
-        """Ack (or reject without requeue) one delivery; False when its connection is gone."""
+    def _settle(self, sub: _Subscription, tag: int, *, dead_letter: bool, requeue: bool = False) -> bool:
+        """Ack (or reject, without requeue or with ``requeue``) one delivery; False when its
+        connection is gone."""
         with self._lock:
             if not sub.conn.alive:
                 return False
             stored = sub.unacked.pop(tag, None)
             if stored is None:
                 return False
+            if requeue:  # basic.nack(requeue=True): back to its place, redelivered
+                stored.state = "ready"
+                stored.message = replace(stored.message, redelivered=True)
+                if stored.expires_at is not None:
+                    self._schedule_expiry(stored)
+                q = sub.queue
+                if not q.deleted:
+                    q.ready = deque(heapq.merge([stored], q.ready, key=lambda s: s.seq))
+                self._dispatch(q)
+                self._changed.notify_all()
+                return True
             stored.state = "gone"
             if dead_letter:
                 self._dead_letter(sub.queue, stored.message, "rejected")
@@ -854,8 +871,18 @@ def _message(
     )
 
 
-def _answered_or_lost(replies: Replies, msg_id: str, conn: _Connection) -> Callable[[], bool]:
-    return lambda: replies.arrived(msg_id) or not conn.alive
+def _answered_lost_or_aborted(
+    replies: Replies, msg_id: str, conn: _Connection, abort: Abort | None
+) -> Callable[[], bool]:
+    return lambda: (
+        replies.arrived(msg_id) or not conn.alive or (abort is not None and abort.error is not None)
+    )
+
+
+def _raise_if_aborted(abort: Abort | None) -> None:
+    error = None if abort is None else abort.error
+    if error is not None:
+        raise error
 
 
 class MemoryTransport:
@@ -937,11 +964,12 @@ class MemoryTransport:
         persistent: bool = True,
         expiration_ms: int | None = None,
         unroutable: Callable[[], VirtfleetError] | None = None,
+        abort: Abort | None = None,
     ) -> Envelope:
         """Publish ``env`` (mandatory) with this transport's reply queue and wait for its reply.
 
         When the broker drops the connection meanwhile, the same envelope is published again
-        on a new one, as on AMQP.
+        on a new one, as on AMQP. Setting ``abort`` wakes the wait, which raises its error.
         """
         deadline = self._broker._monotonic() + timeout
         broker = self._broker
@@ -949,10 +977,12 @@ class MemoryTransport:
             env, exchange, routing_key, user=self.user, persistent=persistent, expiration_ms=expiration_ms
         )
         check_size(request.body, self.max_message_bytes, f"{exchange or '(default exchange)'}/{routing_key}")
+        unsubscribe = None if abort is None else abort.subscribe(broker.wake)
         with broker._changed:
             self._replies.expect(env.id)
             try:
                 while True:
+                    _raise_if_aborted(abort)
                     conn = self._connection()
                     try:
                         broker._publish(
@@ -963,12 +993,13 @@ class MemoryTransport:
                             raise unroutable() from None
                         raise
                     broker._changed.wait_for(
-                        _answered_or_lost(self._replies, env.id, conn),
+                        _answered_lost_or_aborted(self._replies, env.id, conn, abort),
                         max(0.0, deadline - broker._monotonic()),
                     )
                     reply = self._replies.take(env.id)
                     if reply is not None:
                         return reply
+                    _raise_if_aborted(abort)
                     if self._closed:
                         raise TransportError(f"transport {self.name} closed during a call", retryable=False)
                     if conn.alive or broker._monotonic() >= deadline:
@@ -978,6 +1009,8 @@ class MemoryTransport:
                     log.warning("%s: connection lost during a call; publishing %s again", self.name, env.id)
             finally:
                 self._replies.forget(env.id)
+                if unsubscribe is not None:
+                    unsubscribe()
 
     def _reply_queue_name(self, conn: _Connection) -> str:
         """The exclusive reply queue of this connection, declared on first use."""
@@ -1164,6 +1197,9 @@ class MemoryConsumer(PooledConsumer):
                     self.name,
                     delivery.envelope.id,
                 )
+                return
+            if outcome.requeue:  # handed back unanswered (a stopping process): no reply
+                broker._settle(sub, tag, dead_letter=False, requeue=True)
                 return
             if outcome.reply is not None and delivery.reply_to:
                 reply = _message(

@@ -28,7 +28,12 @@ Semantics both implementations guarantee (and the contract tests in ``tests/cont
 * **Call** (request/reply): :meth:`Transport.call` publishes ``mandatory`` and persistent (or
   not), waits for the reply whose ``correlation_id`` is the request's id and returns it;
   :class:`~common.errors.RequestTimeout` after ``timeout`` seconds. On a lost connection it
-  publishes the *same* envelope again (receivers are idempotent by message id).
+  publishes the *same* envelope again (receivers are idempotent by message id). A call given
+  an :class:`Abort` ends as soon as the abort is set, raising the abort's error (the wait is
+  woken, never polled: a host declared down or a stopping process ends its calls at once).
+* **Hand back**: an :class:`Outcome` with ``requeue`` sends no reply and rejects the delivery
+  *with* requeue: the queue delivers it again (``redelivered=True``), to this or another
+  consumer. It is how a stopping process gives back requests it did not finish.
 
 Every broker-specific exception is translated into :class:`~common.errors.TransportError` (or a
 subclass) inside the implementation, once.
@@ -56,6 +61,14 @@ class Refused(TransportError):
     """The broker refused a publish (the queue is full and rejects new messages)."""
 
 
+class Interrupted(TransportError):
+    """This process is stopping: a call it waited on was given up. A handler that raises it
+    gets its delivery handed back to the queue unanswered (see :class:`Outcome`), so another
+    (or the next) process answers the request."""
+
+    retryable_default = True
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """A decoded message handed to a handler."""
@@ -70,10 +83,57 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What a handler wants done: an optional reply, and whether to dead-letter the message."""
+    """What a handler wants done: an optional reply, and whether to dead-letter the message or
+    hand it back to its queue unanswered (``requeue``, for a process that is stopping)."""
 
     reply: Envelope | None = None
     dead_letter: bool = False
+    requeue: bool = False
+
+
+class Abort:
+    """Ends a :meth:`Transport.call` early: :meth:`set` it with the error the call must raise.
+
+    Setting it runs the callbacks the waiting transport subscribed (they wake its wait), so a
+    waiting call ends at once without polling. Setting it twice keeps the first error.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._error: VirtfleetError | None = None
+        self._wakers: list[Callable[[], None]] = []
+
+    @property
+    def error(self) -> VirtfleetError | None:
+        """The error the call must raise, once set."""
+        with self._lock:
+            return self._error
+
+    def set(self, error: VirtfleetError) -> None:
+        """Abort with ``error`` (the first one wins) and wake the waiting call."""
+        with self._lock:
+            if self._error is not None:
+                return
+            self._error = error
+            wakers = list(self._wakers)
+        for wake in wakers:
+            wake()
+
+    def subscribe(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """Run ``wake`` when the abort is set (at once if it is); returns the unsubscribe."""
+        with self._lock:
+            already = self._error is not None
+            if not already:
+                self._wakers.append(wake)
+        if already:
+            wake()
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if wake in self._wakers:
+                    self._wakers.remove(wake)
+
+        return unsubscribe
 
 
 Handler = Callable[[Delivery], Outcome]
@@ -150,11 +210,14 @@ class Transport(Protocol):
         persistent: bool = True,
         expiration_ms: int | None = None,
         unroutable: Callable[[], VirtfleetError] | None = None,
+        abort: Abort | None = None,
     ) -> Envelope:
         """Send a request and return the reply envelope (RequestTimeout, TransportError).
 
         ``unroutable()`` builds the error raised when no queue is bound for ``routing_key``
-        (default: :class:`Unroutable`).
+        (default: :class:`Unroutable`). When ``abort`` is set before the reply comes (or before
+        the call starts), the call raises ``abort.error`` at once; a reply that comes later is
+        dropped.
         """
         ...
 
@@ -188,4 +251,15 @@ class Transport(Protocol):
         ...
 
 
-__all__ = ["Consumer", "Delivery", "Handler", "Outcome", "Refused", "Route", "Transport", "Unroutable"]
+__all__ = [
+    "Abort",
+    "Consumer",
+    "Delivery",
+    "Handler",
+    "Interrupted",
+    "Outcome",
+    "Refused",
+    "Route",
+    "Transport",
+    "Unroutable",
+]

@@ -5,7 +5,9 @@ whose body or result type does not match the descriptor is a mypy error, and reg
 operation the other side serves is refused at start. :class:`Dispatcher` turns a
 :class:`~common.transport.port.Delivery` into an :class:`~common.transport.port.Outcome`: it
 looks the kind up, refuses expired requests, decodes the body into its type, runs the handler
-and wraps the result or error as a reply. Malformed messages (unknown kind, body that does not
+and wraps the result or error as a reply (a handler that raises
+:class:`~common.transport.port.Interrupted` -- its process is stopping -- hands the delivery
+back to its queue, unanswered). Malformed messages (unknown kind, body that does not
 fit its type) are answered with an error *and* dead-lettered. An optional :class:`Journal`
 records each reply by message id so that a redelivered command is answered from the journal
 instead of being executed twice.
@@ -41,7 +43,7 @@ from common.errors import (
 from common.messages.catalogue import CATALOGUE, timeout_of
 from common.messages.descriptor import Op, Side
 from common.messages.envelope import REPLY_KIND, Envelope, decode_envelope
-from common.transport.port import Delivery, Outcome
+from common.transport.port import Delivery, Interrupted, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +190,11 @@ class Dispatcher:
         _op, handler = entry
         try:
             result = handler(body)
+        except Interrupted as exc:
+            # This process is stopping: the request goes back to its queue, unanswered, for the
+            # next process (nothing is journalled: it was not answered).
+            log.info("handing %s %s back to its queue: %s", env.kind, env.id, exc.message)
+            return Outcome(requeue=True)
         except VirtfleetError as exc:
             if exc.expected:
                 log.info("%s refused: %s: %s", env.kind, type(exc).__name__, exc.message)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import TypeVar
 
 from common.errors import ControllerUnavailable, TransportError
@@ -10,6 +12,10 @@ from common.messages.descriptor import ApiCall
 from common.transport.port import Transport
 from common.transport.rpc import request, unwrap
 from common.transport.topology import API_EXCHANGE, API_QUEUE, api_queue
+from controller.cli.progress import describe
+
+#: shows what a call waits for while it waits (given the call's description: controller.cli.progress)
+Progress = Callable[[str], AbstractContextManager[object]]
 
 B = TypeVar("B")
 R = TypeVar("R")
@@ -18,8 +24,16 @@ R = TypeVar("R")
 class ApiClient:
     """Calls controller API operations; fails fast and clearly when no controller is running."""
 
-    def __init__(self, transport: Transport, *, timeout: float | None = None, sender: str = "cli") -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        timeout: float | None = None,
+        sender: str = "cli",
+        progress: Progress | None = None,
+    ) -> None:
         self._transport = transport
+        self._progress = progress
         self._timeout = timeout
         self._sender = sender
         self._checked = False
@@ -47,16 +61,18 @@ class ApiClient:
             self._check_controller()
         timeout = self._timeout if self._timeout is not None else timeout_of(op)
         env = request(op, body, self._sender, timeout=timeout)
-        reply = self._transport.call(
-            API_EXCHANGE.name,
-            api_queue(op.role).name,
-            env,
-            timeout,
-            persistent=False,
-            # A request nobody took before the CLI gave up must not run later by surprise.
-            expiration_ms=int(timeout * 1000),
-            unroutable=lambda: ControllerUnavailable(
-                "no virtfleet controller has ever started on this broker"
-            ),
-        )
+        waiting = nullcontext() if self._progress is None else self._progress(describe(op.kind, env.body))
+        with waiting:
+            reply = self._transport.call(
+                API_EXCHANGE.name,
+                api_queue(op.role).name,
+                env,
+                timeout,
+                persistent=False,
+                # A request nobody took before the CLI gave up must not run later by surprise.
+                expiration_ms=int(timeout * 1000),
+                unroutable=lambda: ControllerUnavailable(
+                    "no virtfleet controller has ever started on this broker"
+                ),
+            )
         return unwrap(reply, op)

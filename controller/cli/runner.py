@@ -87,11 +87,22 @@ class State:
         self.err.print(f"{question} [y/N] ", end="", highlight=False, markup=False)
         return self.stdin.readline().strip().lower() in {"y", "yes"}
 
-    def client(self, timeout: float | None = None) -> ApiClient:
-        """A client of the controller API (close it after use)."""
+    def client(self, timeout: float | None = None, *, progress: bool = True) -> ApiClient:
+        """A client of the controller API (close it after use). With ``progress``, a call that
+        waits longer than a second says on stderr what it waits for (controller.cli.progress)."""
         from controller.cli.client import ApiClient  # noqa: PLC0415 - see the module docstring
+        from controller.cli.progress import WaitProgress  # noqa: PLC0415 - see the module docstring
 
-        return ApiClient(self.connect(self.amqp_url), timeout=self.timeout if timeout is None else timeout)
+        err = self.err
+
+        def waiting(what: str) -> WaitProgress:
+            return WaitProgress(err.file, what, tty=err.is_terminal)
+
+        return ApiClient(
+            self.connect(self.amqp_url),
+            timeout=self.timeout if timeout is None else timeout,
+            progress=waiting if progress else None,
+        )
 
 
 EXIT_CODES: list[tuple[type[VirtfleetError], int]] = [

@@ -35,6 +35,7 @@ from common.messages.vm import (
     VmRefRequest,
 )
 from controller.cli import render
+from controller.cli.progress import LOG_EVERY_S
 from controller.cli.runner import Output, State, fail
 
 if TYPE_CHECKING:
@@ -211,7 +212,8 @@ def run_with_progress(ctx: typer.Context, body: api.VmCreate, show: Callable[[St
     outcome: dict[str, Any] = {}
 
     def create() -> None:
-        client = state.client()
+        # Its progress is the phase lines below (a second, generic line would garble a terminal).
+        client = state.client(progress=False)
         try:
             outcome["result"] = client.call(API_VM_CREATE, body)
         except VirtfleetError as exc:
@@ -224,17 +226,20 @@ def run_with_progress(ctx: typer.Context, body: api.VmCreate, show: Callable[[St
     worker = threading.Thread(target=create, name="vm-create", daemon=True)
     started = time.monotonic()
     worker.start()
-    poller = state.client(timeout=10.0)
+    poller = state.client(timeout=10.0, progress=False)  # its phases are the create's progress
     last: str | None = None
+    last_at = started
     try:
         while True:
             worker.join(0.5)
             if not worker.is_alive():
                 break
             phase = _phase(poller, body.name)
-            if phase is not None and phase != last:
-                state.err.print(f"[{time.monotonic() - started:5.1f}s] {body.name}: {phase}", highlight=False)
-                last = phase
+            now = time.monotonic()
+            # A new phase at once; the same one again now and then, so a long build shows its time.
+            if phase is not None and (phase != last or now - last_at >= LOG_EVERY_S):
+                state.err.print(f"[{now - started:5.1f}s] {body.name}: {phase}", highlight=False)
+                last, last_at = phase, now
     finally:
         poller.close()
     if "error" in outcome:

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from transportkit import WAIT, Consumers, Gate, Kit, Names, Recorder, envelope, eventually
 
-from common.errors import InvalidRequest, NotFound, RequestTimeout, TransportError
+from common.errors import HostDown, InvalidRequest, NotFound, RequestTimeout, TransportError
 from common.messages.envelope import Envelope
 from common.transport.amqp import AmqpTransport
 from common.transport.factory import open_transport
 from common.transport.memory import MemoryBroker, MemoryTransport
-from common.transport.port import Delivery, Outcome, Refused, Route, Transport, Unroutable
+from common.transport.port import Abort, Delivery, Outcome, Refused, Route, Transport, Unroutable
 from common.transport.topology import (
     DEAD_LETTER_QUEUE,
     REPORTS_QUEUE,
@@ -105,6 +105,68 @@ def test_a_call_nobody_answers_times_out(kit: Kit, names: Names, consumers: Cons
         kit.transport.call("", queue.name, envelope(), 0.3, persistent=False)
     assert 0.3 <= time.monotonic() - started < 5
     silent.wait_for(1)
+
+
+def test_an_abort_set_while_a_call_waits_ends_it_with_the_aborts_error(
+    kit: Kit, names: Names, consumers: Consumers
+) -> None:
+    queue = names.queue()
+    gate = Gate()  # the handler holds the request and never answers until the end of the test
+    consumers.start(kit.transport.consumer(queue, Recorder(gate.handler), name="held"))
+    abort = Abort()
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            kit.transport.call("", queue.name, envelope(), 3600, persistent=False, abort=abort)
+        except BaseException as exc:
+            errors.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    gate.wait_inside(1)  # the request was delivered: the call waits for its reply
+    abort.set(HostDown("host h1 went down", details={"host": "h1"}))
+    caller.join(WAIT)  # far below the call's timeout: the abort ended it
+    gate.open()
+    assert not caller.is_alive()
+    assert [type(e) for e in errors] == [HostDown]
+    assert isinstance(errors[0], HostDown) and errors[0].details == {"host": "h1"}
+
+
+def test_a_call_given_an_abort_already_set_sends_nothing(
+    kit: Kit, names: Names, consumers: Consumers
+) -> None:
+    queue = names.queue()
+    recorder = Recorder()
+    abort = Abort()
+    abort.set(HostDown("down", details={"host": "h1"}))
+    with pytest.raises(HostDown):
+        kit.transport.call("", queue.name, envelope(), WAIT, persistent=False, abort=abort)
+    kit.transport.declare(queue)
+    assert kit.ready_count(queue.name) == 0
+    consumers.start(kit.transport.consumer(queue, recorder, name="after"))
+    marker = envelope(marker=True)
+    kit.transport.publish("", queue.name, marker)
+    assert [d.envelope.id for d in recorder.wait_for(1)] == [marker.id]
+
+
+def test_an_outcome_that_requeues_sends_no_reply_and_the_message_is_delivered_again(
+    kit: Kit, names: Names, consumers: Consumers
+) -> None:
+    queue = names.queue()
+    seen: list[Delivery] = []
+
+    def hand_back_first(delivery: Delivery) -> Outcome:
+        seen.append(delivery)
+        if len(seen) == 1:
+            return Outcome(requeue=True)
+        return Outcome(reply=delivery.envelope.reply_ok({"second": True}, "test"))
+
+    consumers.start(kit.transport.consumer(queue, Recorder(hand_back_first), name="requeue", prefetch=1))
+    request = envelope()
+    reply = kit.transport.call("", queue.name, request, WAIT, persistent=False)
+    assert reply.body == {"ok": True, "result": {"second": True}}  # the first handling sent nothing
+    assert [(d.envelope.id, d.redelivered) for d in seen] == [(request.id, False), (request.id, True)]
 
 
 # ------------------------------------------------------------------------------ ack after reply

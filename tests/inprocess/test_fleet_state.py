@@ -268,3 +268,40 @@ def test_the_reconciler_reads_only_the_vms_still_building(engine: Engine) -> Non
     reads = [s for s in _count_statements(engine, service.reconcile_once) if s.startswith("SELECT")]
     assert reads and all("WHERE vms.status =" in s for s in reads), reads
     service.close()
+
+
+def test_a_watcher_of_a_host_is_told_once_when_the_sweep_declares_it_down(engine: Engine) -> None:
+    service = _service(engine, down_after_s=30.0)
+    _seed(service, "h1", "h2")
+    fleet = service.fleet
+    now = time.time()
+    told: list[str] = []
+    fleet.watch_down("h1", lambda: told.append("h1"))
+    fleet.watch_down("h2", lambda: told.append("h2"))
+    gone = fleet.watch_down("h1", lambda: told.append("unsubscribed"))
+    gone()
+
+    fleet.sweep(now + 1)  # both still up
+    assert told == []
+    fleet.beat("h2", now + 20)  # h2 beats; h1 stays silent
+    fleet.sweep(now + 31)
+    assert told == ["h1"]
+    fleet.sweep(now + 40)  # told once, not at every sweep
+    assert told == ["h1"]
+    # A host the last sweep found down tells a new watcher at once.
+    fleet.watch_down("h1", lambda: told.append("late"))
+    assert told == ["h1", "late"]
+
+
+def test_a_host_that_came_back_is_declared_down_again_when_it_falls_silent_again(engine: Engine) -> None:
+    service = _service(engine, down_after_s=30.0)
+    _seed(service, "h1")  # the only host: no other heartbeat brings the next sweep forward
+    fleet = service.fleet
+    now = time.time()
+    fleet.sweep(now + 31)  # down
+    fleet.beat("h1", now + 40)  # back
+    told: list[str] = []
+    fleet.watch_down("h1", lambda: told.append("h1"))
+    assert told == []  # it is up again
+    fleet.sweep(now + 71)  # silent for 31 s since it came back
+    assert told == ["h1"]

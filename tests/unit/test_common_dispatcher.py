@@ -22,7 +22,7 @@ from common.messages import api, host, placement, vm
 from common.messages.catalogue import CATALOGUE, timeout_of
 from common.messages.descriptor import Op, Route, Side, Timeout, command
 from common.messages.envelope import Envelope, decode_envelope
-from common.transport.port import Delivery, Outcome
+from common.transport.port import Delivery, Interrupted, Outcome
 from common.transport.rpc import Dispatcher, HandlerTable, request, unwrap
 
 NOW = 1_000_000.0
@@ -306,6 +306,14 @@ def test_handler_raising_virtfleet_error_is_error_reply(error: VirtfleetError) -
     assert info.value.message == error.message
     assert info.value.retryable is error.retryable
     assert info.value.details == error.details
+
+
+def test_a_handler_interrupted_by_its_stopping_process_hands_the_request_back_unanswered() -> None:
+    journal = DictJournal()
+    handler = Recorder(raises=Interrupted("the controller is stopping"))
+    outcome = make({vm.VM_START: handler}, journal)(delivery(env_for(vm.VM_START.kind, VM_REF)))
+    assert outcome == Outcome(requeue=True)  # no reply, not dead-lettered: back to the queue
+    assert journal.puts == []  # not answered, so nothing to answer a redelivery with
 
 
 def test_handler_raising_plain_exception_is_internal_error() -> None:
