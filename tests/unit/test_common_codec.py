@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from common import codec
 from common.codec import from_wire, to_wire
 from common.errors import InvalidRequest
-from common.messages import vm
+from common.messages import limits, vm
 from common.messages.api import VmCreate
 from common.messages.catalogue import CATALOGUE
 
@@ -526,10 +526,13 @@ def test_optional_nested_dataclass_null_and_value() -> None:
 
 _ALNUM = string.ascii_letters + string.digits
 names = st.builds(operator.add, st.sampled_from(_ALNUM), st.text(alphabet=_ALNUM + "_.-", max_size=63))
-positive = st.integers(min_value=1, max_value=2**40)
-
 vm_create_bodies = st.fixed_dictionaries(
-    {"name": names, "vcpus": positive, "memory_mib": positive, "disk_gib": positive},
+    {
+        "name": names,
+        "vcpus": st.integers(min_value=1, max_value=limits.MAX_VCPUS),
+        "memory_mib": st.integers(min_value=1, max_value=limits.MAX_MEMORY_MIB),
+        "disk_gib": st.integers(min_value=1, max_value=limits.MAX_DISK_GIB),
+    },
     optional={
         "host": st.none() | names,
         "wait": st.booleans(),
