@@ -17,6 +17,7 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from common.cpuset import parse_cpuset
 from common.errors import (
     AlreadyExists,
     CapacityExceeded,
@@ -209,6 +210,7 @@ class ControllerService:
         it (:meth:`_claim_batch`); idempotency keys, dry runs, forced hosts and server groups
         take the path of one create at a time (:meth:`_claim`).
         """
+        self._check_cpuset(req)
         if req.idempotency_key or req.dry_run or req.host is not None or req.server_group is not None:
             return self._create_alone(req)
         vm_uuid = str(uuidlib.uuid4())
@@ -223,6 +225,24 @@ class ControllerService:
                 self._check_create(req)  # a taken name says more than "no host"
                 raise
         return self._build_claimed(req, vm_uuid, claimed)
+
+    def _check_cpuset(self, req: api.VmCreate) -> None:
+        """InvalidRequest, before any record, for a ``--cpuset`` naming a CPU that the forced host
+        (or, unforced, every host of the fleet) does not have: libvirt would refuse the domain
+        and leave an ``error`` VM behind."""
+        if req.cpuset is None:
+            return
+        highest = max(parse_cpuset(req.cpuset))
+        hosts = [r for r in self.fleet.records() if req.host is None or r.id == req.host]
+        if not hosts:
+            return  # an unknown forced host is NotFound, said by the checks that follow
+        widest = max(hosts, key=lambda r: r.cpus)
+        if highest >= widest.cpus:
+            where = f"host {widest.id}" if req.host is not None else f"the largest host, {widest.id},"
+            raise InvalidRequest(
+                f"cpuset {req.cpuset!r} names CPU {highest}, but {where} has CPUs 0-{widest.cpus - 1}",
+                details={"field": "cpuset", "max_cpu": widest.cpus - 1, "host": widest.id},
+            )
 
     def _create_alone(self, req: api.VmCreate) -> api.VmCreated:
         repeated = self._check_create(req)

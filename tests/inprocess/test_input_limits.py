@@ -1,0 +1,83 @@
+"""Values out of range at the edge (issue 13, item 4): each is refused with exit 2 and an
+InvalidRequest naming the field and its bound, and nothing is written (no VM record, no claim)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from inproc import HostShape, InProcessFleet, inprocess_fleet
+from sqlalchemy import func, select
+
+from controller.db.engine import make_engine
+from controller.db.models import Allocation, Vm
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessFleet]:
+    with inprocess_fleet(tmp_path_factory.mktemp("limits"), {"small": HostShape("small")}) as f:
+        yield f
+
+
+def rows_written(fleet: InProcessFleet) -> tuple[int, int]:
+    """(VM rows, allocation rows) in the controller's database."""
+    engine = make_engine(fleet.database_url)
+    try:
+        with engine.connect() as conn:
+            vms = conn.execute(select(func.count()).select_from(Vm)).scalar_one()
+            claims = conn.execute(select(func.count()).select_from(Allocation)).scalar_one()
+    finally:
+        engine.dispose()
+    return vms, claims
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "bound"),
+    [
+        (("--memory", "99999999999999999999"), "body.memory_mib", "at most 16777216"),
+        (("--memory", str(2**63)), "body.memory_mib", "at most 16777216"),
+        (("--memory", "256", "--vcpus", "5000"), "body.vcpus", "at most 4096"),
+        (("--memory", "256", "--idempotency-key", "k" * 129), "body.idempotency_key", "at most 128"),
+        (("--memory", "256", "--idempotency-key", "k" * 10_000), "body.idempotency_key", "at most 128"),
+        (("--memory", "256", "--cpuset", "0-99999999999"), "cpuset", "16383"),
+    ],
+)
+def test_an_out_of_range_value_is_refused_naming_the_field_and_nothing_is_written(
+    fleet: InProcessFleet, extra: tuple[str, ...], field: str, bound: str
+) -> None:
+    done = fleet.cli("vm", "create", "big", "--disk", "1", *extra)
+    assert done.code == 2, done.stdout + done.stderr
+    error = done.json["error"]
+    assert error["type"] == "InvalidRequest", error
+    assert field in error["message"] and bound in error["message"], error["message"]
+    assert "Traceback" not in done.stderr
+    assert rows_written(fleet) == (0, 0)
+
+
+def test_a_cpuset_beyond_the_hosts_cpus_is_refused_before_any_record(fleet: InProcessFleet) -> None:
+    cpus = fleet.cli_ok("host", "show", "small")["cpus"]
+    done = fleet.cli("vm", "create", "pinned", "--memory", "256", "--disk", "1", "--cpuset", f"0-{cpus}")
+    assert done.code == 2, done.stdout + done.stderr
+    error = done.json["error"]
+    assert error["type"] == "InvalidRequest" and "cpuset" in error["message"], error
+    assert rows_written(fleet) == (0, 0)
+    assert fleet.cli_ok("vm", "list", "--all")["vms"] == []
+
+
+def test_values_at_the_bounds_still_pass(fleet: InProcessFleet) -> None:
+    cpus = fleet.cli_ok("host", "show", "small")["cpus"]
+    created = fleet.cli_ok(
+        "vm",
+        "create",
+        "edge",
+        "--memory",
+        "256",
+        "--disk",
+        "1",
+        "--cpuset",
+        f"0-{cpus - 1}",
+        "--idempotency-key",
+        "k" * 128,
+    )
+    assert created["vm"]["status"] == "active"
+    fleet.cli_ok("vm", "delete", "edge", "--delete-disks")
