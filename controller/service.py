@@ -64,6 +64,7 @@ from controller.agent_api import AgentCalls
 from controller.config import ControllerConfig
 from controller.create_batcher import GroupCommit
 from controller.db import repository as repo
+from controller.db.errors import typed_database_errors
 from controller.fleet_state import FleetState, report_digest, with_claim
 from controller.scheduler.model import (
     FleetSnapshot,
@@ -137,12 +138,13 @@ class ControllerService:
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
-        """One database transaction (feature modules use this too)."""
+        """One database transaction (feature modules use this too); a database error leaves it
+        as a typed error (controller.db.errors), never as SQL text to a client."""
         if self._tx_lock is None:
-            with self._sessions.begin() as session:
+            with typed_database_errors(), self._sessions.begin() as session:
                 yield session
             return
-        with self._tx_lock, self._sessions.begin() as session:
+        with typed_database_errors(), self._tx_lock, self._sessions.begin() as session:
             yield session
 
     def close(self) -> None:
