@@ -43,6 +43,8 @@ MAX_ITEMS = 256
 MAX_DISKS = 64
 #: NICs of one VM (a PCI bus has 32 slots).
 MAX_NICS = 32
+#: Characters of a libvirt domain XML document (an import): 1 MiB, far above any real domain.
+MAX_XML_CHARS = 1024 * 1024
 #: Seconds of a timeout a client may ask for: one day.
 MAX_TIMEOUT_S = 86400.0
 
@@ -69,6 +71,7 @@ Path = Annotated[str, msgspec.Meta(max_length=MAX_PATH_CHARS)]
 CpuSetText = Annotated[str, msgspec.Meta(max_length=MAX_CPUSET_CHARS)]
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT_CHARS)]
 Token = Annotated[str, msgspec.Meta(max_length=MAX_TOKEN_CHARS)]
+Xml = Annotated[str, msgspec.Meta(max_length=MAX_XML_CHARS)]
 
 __all__ = [
     "INT64_MAX",
@@ -85,6 +88,7 @@ __all__ = [
     "MAX_TIMEOUT_S",
     "MAX_TOKEN_CHARS",
     "MAX_VCPUS",
+    "MAX_XML_CHARS",
     "Count",
     "CpuId",
     "CpuSetText",
@@ -100,4 +104,5 @@ __all__ = [
     "Text",
     "Token",
     "Vcpus",
+    "Xml",
 ]

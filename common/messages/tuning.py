@@ -9,11 +9,15 @@ cpuset strings (``"0-3,8"``); an empty string is the empty set. Page sizes trave
 from __future__ import annotations
 
 import re
+from typing import Annotated
+
+from msgspec import Meta
 
 from common.errors import InvalidRequest
 from common.messages.api import API, HostRef
 from common.messages.base import Message
 from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command, query
+from common.messages.limits import MAX_ITEMS, Count, CpuSetText, Name, Pid, Token, Vcpus
 from common.messages.vm import VcpuPin, VmRef, VmRefRequest
 from common.validation import check_host_id, check_name
 
@@ -307,9 +311,9 @@ class HostTuningView(Message, frozen=True):
 class VmPinRequest(Message, frozen=True):
     """``virtfleet vm pin NAME --vcpu N --cpus LIST`` (or ``--emulator``)."""
 
-    name: str
-    cpus: str
-    vcpu: int | None = None
+    name: Name
+    cpus: CpuSetText
+    vcpu: Vcpus | None = None
     emulator: bool = False
 
     def __post_init__(self) -> None:
@@ -334,9 +338,9 @@ class VmAffinityView(Message, frozen=True):
 
 
 class HostTasksetRequest(Message, frozen=True):
-    host: str
-    pid: int
-    cpus: str
+    host: Name
+    pid: Pid
+    cpus: CpuSetText
 
     def __post_init__(self) -> None:
         check_host_id(self.host)
@@ -351,9 +355,9 @@ class HostTasksetDone(Message, frozen=True):
 
 
 class HostHugepagesRequest(Message, frozen=True):
-    host: str
-    size: str
-    count: int
+    host: Name
+    size: Token
+    count: Count
 
     def __post_init__(self) -> None:
         check_host_id(self.host)
@@ -368,9 +372,9 @@ class HostHugepagesDone(Message, frozen=True):
 
 
 class HostIoSchedulerRequest(Message, frozen=True):
-    host: str
-    device: str
-    scheduler: str
+    host: Name
+    device: Token
+    scheduler: Token
 
     def __post_init__(self) -> None:
         check_host_id(self.host)
@@ -386,9 +390,11 @@ class HostIoSchedulerDone(Message, frozen=True):
 class HostTuneRequest(Message, frozen=True):
     """``virtfleet host tune HOST --profile virt-host [--hugepages 2M=64]``."""
 
-    host: str
-    profile: str
-    hugepages: dict[str, int] | None = None  # page size label -> pool size to grow to
+    host: Name
+    profile: Token
+    hugepages: Annotated[dict[Token, Count], Meta(max_length=MAX_ITEMS)] | None = (
+        None  # page size label -> pool size to grow to
+    )
     dry_run: bool = False
 
     def __post_init__(self) -> None:

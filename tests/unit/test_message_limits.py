@@ -3,8 +3,11 @@ naming the field, the bound and what came; a value at the bound passes."""
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any
 
+import msgspec
 import pytest
 
 from common import codec
@@ -12,6 +15,8 @@ from common.codec import from_wire
 from common.errors import InvalidRequest
 from common.messages import limits
 from common.messages.api import VmCreate, VmShutdownRequest
+from common.messages.catalogue import CATALOGUE
+from common.messages.descriptor import ApiCall
 from common.messages.vm import VmSpec
 
 BASE: dict[str, Any] = {"name": "web1", "vcpus": 1, "memory_mib": 256, "disk_gib": 1}
@@ -74,3 +79,34 @@ def test_a_cpuset_past_the_highest_cpu_id_is_refused(cpuset: str) -> None:
     with pytest.raises(InvalidRequest, match="above the limit 16383") as refused:
         from_wire(VmCreate, {**BASE, "cpuset": cpuset})
     assert refused.value.message.startswith(f"body: invalid cpuset {cpuset!r}")
+
+
+def _unbounded(tp: Any, where: str, seen: set[type], out: list[str]) -> None:
+    """Collect the int, str and list/map fields reachable from ``tp`` that carry no msgspec bound."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        for inner in typing.get_args(args[0]):  # a bounded list's items have bounds of their own
+            if inner is not Ellipsis:
+                _unbounded(inner, f"{where}[]", seen, out)
+        return
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            _unbounded(arg, where, seen, out)
+        return
+    if tp in (int, str) or origin in (tuple, dict, list, frozenset):
+        out.append(where)
+        return
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct) and tp not in seen:
+        seen.add(tp)
+        hints = typing.get_type_hints(tp, include_extras=True)
+        for field in msgspec.structs.fields(tp):
+            _unbounded(hints[field.name], f"{tp.__name__}.{field.name}", seen, out)
+
+
+def test_every_integer_string_and_list_of_every_api_body_has_a_bound() -> None:
+    missing: list[str] = []
+    seen: set[type] = set()
+    for op in CATALOGUE.values():
+        if isinstance(op, ApiCall):
+            _unbounded(op.body, op.kind, seen, missing)
+    assert missing == [], "declare these with a common.messages.limits alias"
