@@ -31,8 +31,9 @@ MAX_NAME_CHARS = 64
 MAX_KEY_CHARS = 128
 #: Characters of a path on a host (Linux PATH_MAX).
 MAX_PATH_CHARS = 4096
-#: Characters of a cpuset string (libvirt syntax): room for any real list of ranges.
-MAX_CPUSET_CHARS = 1024
+#: Characters of a cpuset string (libvirt syntax): every other CPU of the largest host libvirt
+#: knows (8192 ids of up to 5 digits and a comma) still fits.
+MAX_CPUSET_CHARS = 64 * 1024
 #: Characters of free text (a reason, a description, a kernel command line).
 MAX_TEXT_CHARS = 4096
 #: Characters of a short token (a MAC, a listen address, a machine type, a size such as "2M").

@@ -176,8 +176,8 @@ class PinVm(Message, frozen=True):
     """``tuning.pin``: re-pin vCPUs and/or the emulator threads of a VM (live, and persistently)."""
 
     vm: VmRef
-    vcpu_pins: tuple[VcpuPin, ...] = ()
-    emulator_cpuset: str | None = None
+    vcpu_pins: Annotated[tuple[VcpuPin, ...], Meta(max_length=MAX_ITEMS)] = ()
+    emulator_cpuset: CpuSetText | None = None
 
 
 class GetAffinity(Message, frozen=True):
@@ -189,7 +189,7 @@ class GetAffinity(Message, frozen=True):
 class ProcessQuery(Message, frozen=True):
     """``tuning.process``: what a host process is (is it the QEMU of a VM virtfleet manages?)."""
 
-    pid: int
+    pid: Pid
 
 
 class ProcessInfo(Message, frozen=True):
@@ -204,9 +204,9 @@ class ProcessInfo(Message, frozen=True):
 class SetTaskset(Message, frozen=True):
     """``tuning.taskset``: ``taskset -a -pc CPUS PID`` on the QEMU process of VM ``vm_uuid``."""
 
-    pid: int
-    vm_uuid: str
-    cpuset: str
+    pid: Pid
+    vm_uuid: Token
+    cpuset: CpuSetText
 
 
 class TasksetResult(Message, frozen=True):
@@ -219,8 +219,8 @@ class TasksetResult(Message, frozen=True):
 class SetHugepages(Message, frozen=True):
     """``tuning.hugepages``: set the kernel's pool of ``size_kib`` pages to ``count`` pages."""
 
-    size_kib: int
-    count: int
+    size_kib: Count
+    count: Count
 
 
 class HugepagesResult(Message, frozen=True):
@@ -236,8 +236,8 @@ class HugepagesResult(Message, frozen=True):
 class SetIoScheduler(Message, frozen=True):
     """``tuning.io_scheduler``: ``echo SCHED > /sys/block/DEVICE/queue/scheduler``."""
 
-    device: str
-    scheduler: str
+    device: Token
+    scheduler: Token
 
     def __post_init__(self) -> None:
         # Checked here too, not only in the API's request: the device becomes a /sys path.
@@ -253,16 +253,16 @@ class IoSchedulerResult(Message, frozen=True):
 
 
 class HugepageTarget(Message, frozen=True):
-    size_kib: int
-    count: int
+    size_kib: Count
+    count: Count
 
 
 class ApplyProfile(Message, frozen=True):
     """``tuning.profile``: apply a documented host profile; idempotent. ``hugepages`` are the
     pool sizes to grow to (a profile never shrinks a pool)."""
 
-    profile: str
-    hugepages: tuple[HugepageTarget, ...] = ()
+    profile: Token
+    hugepages: Annotated[tuple[HugepageTarget, ...], Meta(max_length=MAX_ITEMS)] = ()
     dry_run: bool = False
 
 

@@ -81,9 +81,9 @@ class DefineVm(Message, frozen=True):
     defining the same domain again just rewrites its definition.
     """
 
-    uuid: str
-    name: str
-    xml: str
+    uuid: Token
+    name: Name
+    xml: Xml
     allow_shared_disk: bool = False
     start: bool = False
 
@@ -123,8 +123,8 @@ class SnapshotCreate(Message, frozen=True):
     """``vm.snapshot.create``: an internal snapshot (disks and, when running, memory). Needs qcow2 disks."""
 
     vm: VmRef
-    name: str
-    description: str = ""
+    name: Name
+    description: Text = ""
 
     def __post_init__(self) -> None:
         check_name(self.name, "snapshot name")
@@ -134,7 +134,7 @@ class SnapshotRef(Message, frozen=True):
     """``vm.snapshot.revert`` / ``vm.snapshot.delete``."""
 
     vm: VmRef
-    name: str
+    name: Name
 
     def __post_init__(self) -> None:
         check_name(self.name, "snapshot name")
@@ -164,7 +164,7 @@ class SetVcpus(Message, frozen=True):
     """``vm.set_vcpus``: ``virsh setvcpus N --live --config``; a running VM can only gain vCPUs."""
 
     vm: VmRef
-    vcpus: int
+    vcpus: Vcpus
 
     def __post_init__(self) -> None:
         check_positive(self.vcpus, "vcpus")
@@ -174,7 +174,7 @@ class SetMemory(Message, frozen=True):
     """``vm.set_memory``: the balloon target (``virsh setmem``, the notes' ``balloon`` monitor command)."""
 
     vm: VmRef
-    memory_mib: int
+    memory_mib: MemoryMiB
 
     def __post_init__(self) -> None:
         check_positive(self.memory_mib, "memory (MiB)")
@@ -206,7 +206,7 @@ class DiskDetach(Message, frozen=True):
     """``vm.disk.detach``: detach by target; the image is kept unless ``delete_volume`` (agent-made only)."""
 
     vm: VmRef
-    target: str
+    target: Token
     live: bool | None = None
     config: bool = True
     delete_volume: bool = False
@@ -220,8 +220,8 @@ class DiskResize(Message, frozen=True):
     """``vm.disk.resize``: grow a disk image to ``size_gib`` (``virsh blockresize`` / ``qemu-img resize``)."""
 
     vm: VmRef
-    target: str
-    size_gib: int
+    target: Token
+    size_gib: DiskGiB
 
     def __post_init__(self) -> None:
         check_target(self.target)
@@ -246,7 +246,7 @@ class NicDetach(Message, frozen=True):
     """``vm.nic.detach``: ``virsh detach-interface --mac``."""
 
     vm: VmRef
-    mac: str
+    mac: Token
     live: bool | None = None
     config: bool = True
 
@@ -302,7 +302,7 @@ class ImageCreate(Message, frozen=True):
 
     image: ImageLocation
     format: DiskFormat
-    size_gib: int
+    size_gib: DiskGiB
 
     def __post_init__(self) -> None:
         check_positive(self.size_gib, "image size (GiB)")

@@ -16,7 +16,7 @@ from common.errors import InvalidRequest
 from common.messages import limits
 from common.messages.api import VmCreate, VmShutdownRequest
 from common.messages.catalogue import CATALOGUE
-from common.messages.descriptor import ApiCall
+from common.messages.descriptor import ApiCall, Command
 from common.messages.vm import VmSpec
 
 BASE: dict[str, Any] = {"name": "web1", "vcpus": 1, "memory_mib": 256, "disk_gib": 1}
@@ -103,10 +103,10 @@ def _unbounded(tp: Any, where: str, seen: set[type], out: list[str]) -> None:
             _unbounded(hints[field.name], f"{tp.__name__}.{field.name}", seen, out)
 
 
-def test_every_integer_string_and_list_of_every_api_body_has_a_bound() -> None:
+def test_every_integer_string_and_list_of_every_api_and_command_body_has_a_bound() -> None:
     missing: list[str] = []
     seen: set[type] = set()
     for op in CATALOGUE.values():
-        if isinstance(op, ApiCall):
+        if isinstance(op, ApiCall | Command):  # commands: what the controller builds from API bodies
             _unbounded(op.body, op.kind, seen, missing)
     assert missing == [], "declare these with a common.messages.limits alias"
