@@ -17,6 +17,7 @@ import msgpack
 import msgspec
 
 from common.errors import DecodeError, InvalidRequest
+from common.messages.limits import NO_NUL
 
 T = TypeVar("T")
 
@@ -120,6 +121,8 @@ def _out_of_bounds(message: str, path: str, data: object) -> tuple[str, dict[str
         shown = "" if got is _MISSING_VALUE or not hasattr(got, "__len__") else f" (got {len(got)})"
         details = {"field": field_path, limit_key[op] + "_length": int(limit)}
         return f"{field_path}: must have {_BOUND_WORDS[op]} {limit} {_LENGTH_UNITS[kind]}{shown}", details
+    if text == f"Expected `str` matching regex {NO_NUL!r}":
+        return f"{field_path}: must not contain a NUL character", {"field": field_path}
     return None
 
 

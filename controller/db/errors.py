@@ -64,8 +64,11 @@ def typed_database_errors() -> Iterator[None]:
         yield
     except sa.SQLAlchemyError as error:
         typed = translate(error)
-        # The SQL text and the driver's words stay here, with the traceback.
-        log.warning("database error, answered as %s: %s", type(typed).__name__, error, exc_info=True)
+        # The SQL text and the driver's words stay here; a traceback only for what is a bug.
+        if isinstance(typed, InternalError):
+            log.error("database error, answered as %s: %s", type(typed).__name__, error, exc_info=True)
+        else:
+            log.warning("database error, answered as %s: %s", type(typed).__name__, error)
         raise typed from error
 
 

@@ -60,6 +60,13 @@ def test_a_value_past_its_bound_is_refused_naming_field_bound_and_value(
     assert refused.value.details["field"] == f"body.{field}"
 
 
+@pytest.mark.parametrize("field", ["name", "idempotency_key", "cdrom", "cpuset", "machine"])
+def test_a_nul_character_is_refused_in_any_string(field: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        from_wire(VmCreate, {**BASE, field: "/a\x00b"})
+    assert refused.value.message == f"body.{field}: must not contain a NUL character"
+
+
 def test_the_path_of_a_nested_field_is_named() -> None:
     body = {**BASE, "disk_gib": 0, "disks": [{"target": "vda", "size_gib": 2**70}]}
     with pytest.raises(InvalidRequest, match=r"^body\.disks\[0\]\.size_gib: must be at most 1048576 \(got"):
