@@ -213,7 +213,13 @@ class ControllerService:
         take the path of one create at a time (:meth:`_claim`).
         """
         self._check_cpuset(req)
-        if req.idempotency_key or req.dry_run or req.host is not None or req.server_group is not None:
+        if (
+            req.idempotency_key
+            or req.dry_run
+            or req.host is not None
+            or req.server_group is not None
+            or req.cpuset is not None  # checked against the chosen host inside its claim (_spec)
+        ):
             return self._create_alone(req)
         vm_uuid = str(uuidlib.uuid4())
         # The common case reads nothing before placing: a taken name is refused by the claim's
@@ -515,6 +521,13 @@ class ControllerService:
         )
 
     def _spec(self, req: api.VmCreate, vm_uuid: str, host: repo.HostRecord, pcpus: tuple[int, ...]) -> VmSpec:
+        """The VM's definition on ``host``; InvalidRequest for a cpuset naming a CPU the host does
+        not have (called inside the claim's transaction, which the refusal rolls back)."""
+        if req.cpuset is not None and max(parse_cpuset(req.cpuset)) >= host.cpus:
+            raise InvalidRequest(
+                f"cpuset {req.cpuset!r} names CPUs that host {host.id} (CPUs 0-{host.cpus - 1}) does not have",
+                details={"field": "cpuset", "max_cpu": host.cpus - 1, "host": host.id},
+            )
         emulator = tuning_inventory.emulator_cpuset(host, dedicated=req.cpu_policy == "dedicated")
         return build_spec(req, vm_uuid, host, pcpus=pcpus, emulator_cpuset=emulator)
 

@@ -4,6 +4,7 @@ InvalidRequest naming the field and its bound, and nothing is written (no VM rec
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from inproc import HostShape, InProcessFleet, inprocess_fleet
@@ -81,3 +82,18 @@ def test_values_at_the_bounds_still_pass(fleet: InProcessFleet) -> None:
     )
     assert created["vm"]["status"] == "active"
     fleet.cli_ok("vm", "delete", "edge", "--delete-disks")
+
+
+def test_a_cpuset_the_chosen_host_lacks_is_refused_inside_the_claim(tmp_path: Path) -> None:
+    # The large host has the CPUs but is disabled: placement chooses the small one, whose claim
+    # refuses the cpuset and rolls back (no VM record, no allocation).
+    hosts = {"small": HostShape("small"), "large": HostShape("large")}
+    with inprocess_fleet(tmp_path, hosts) as f:
+        small, large = (f.cli_ok("host", "show", h)["cpus"] for h in ("small", "large"))
+        assert large > small
+        f.cli_ok("host", "disable", "large")
+        done = f.cli("vm", "create", "wide", "--memory", "256", "--disk", "1", "--cpuset", f"0-{large - 1}")
+        assert done.code == 2, done.stdout + done.stderr
+        error = done.json["error"]
+        assert error["type"] == "InvalidRequest" and error["details"]["host"] == "small", error
+        assert rows_written(f) == (0, 0)
