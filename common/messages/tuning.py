@@ -17,7 +17,7 @@ from common.errors import InvalidRequest
 from common.messages.api import API, HostRef
 from common.messages.base import Message
 from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command, query
-from common.messages.limits import MAX_ITEMS, Count, CpuSetText, Name, Pid, Token, Vcpus
+from common.messages.limits import MAX_ITEMS, MAX_VCPUS, Count, CpuSetText, Name, Pid, Token, Vcpus
 from common.messages.vm import VcpuPin, VmRef, VmRefRequest
 from common.validation import check_host_id, check_name
 
@@ -176,7 +176,7 @@ class PinVm(Message, frozen=True):
     """``tuning.pin``: re-pin vCPUs and/or the emulator threads of a VM (live, and persistently)."""
 
     vm: VmRef
-    vcpu_pins: Annotated[tuple[VcpuPin, ...], Meta(max_length=MAX_ITEMS)] = ()
+    vcpu_pins: Annotated[tuple[VcpuPin, ...], Meta(max_length=MAX_VCPUS)] = ()
     emulator_cpuset: CpuSetText | None = None
 
 

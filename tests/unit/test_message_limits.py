@@ -17,11 +17,14 @@ from common.messages import limits
 from common.messages.api import VmCreate, VmShutdownRequest
 from common.messages.catalogue import CATALOGUE
 from common.messages.descriptor import ApiCall, Command
+from common.messages.tuning import PinVm
 from common.messages.vm import VmSpec
 
 BASE: dict[str, Any] = {"name": "web1", "vcpus": 1, "memory_mib": 256, "disk_gib": 1}
 SPEC: dict[str, Any] = {"uuid": "u", "name": "web1", "vcpus": 1, "memory_mib": 256}
 NIC = {"kind": "network", "source": "default"}
+VM_REF = {"uuid": "u", "name": "web1"}
+PIN = {"vcpu": 0, "cpuset": "0-3"}
 
 
 @pytest.mark.parametrize(
@@ -45,6 +48,8 @@ NIC = {"kind": "network", "source": "default"}
         (VmShutdownRequest, {"name": "web1"}, "timeout_s", 86400.0, 1e300, "must be at most 86400.0"),
         (VmSpec, SPEC, "description", "d" * 4096, "d" * 4097, "must have at most 4096 characters"),
         (VmSpec, SPEC, "max_vcpus", 4096, 2**63, "must be at most 4096"),
+        # a VM of 4096 vCPUs re-pinned at once: every pin in one command
+        (PinVm, {"vm": VM_REF}, "vcpu_pins", [PIN] * 4096, [PIN] * 4097, "must have at most 4096 items"),
     ],
 )
 def test_a_value_past_its_bound_is_refused_naming_field_bound_and_value(
