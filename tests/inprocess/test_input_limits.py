@@ -46,23 +46,25 @@ def rows_written(fleet: InProcessFleet) -> tuple[int, int]:
 def test_an_out_of_range_value_is_refused_naming_the_field_and_nothing_is_written(
     fleet: InProcessFleet, extra: tuple[str, ...], field: str, bound: str
 ) -> None:
+    before = rows_written(fleet)
     done = fleet.cli("vm", "create", "big", "--disk", "1", *extra)
     assert done.code == 2, done.stdout + done.stderr
     error = done.json["error"]
     assert error["type"] == "InvalidRequest", error
     assert field in error["message"] and bound in error["message"], error["message"]
     assert "Traceback" not in done.stderr
-    assert rows_written(fleet) == (0, 0)
+    assert rows_written(fleet) == before
 
 
 def test_a_cpuset_beyond_the_hosts_cpus_is_refused_before_any_record(fleet: InProcessFleet) -> None:
     cpus = fleet.cli_ok("host", "show", "small")["cpus"]
+    before = rows_written(fleet)
     done = fleet.cli("vm", "create", "pinned", "--memory", "256", "--disk", "1", "--cpuset", f"0-{cpus}")
     assert done.code == 2, done.stdout + done.stderr
     error = done.json["error"]
     assert error["type"] == "InvalidRequest" and "cpuset" in error["message"], error
-    assert rows_written(fleet) == (0, 0)
-    assert fleet.cli_ok("vm", "list", "--all")["vms"] == []
+    assert rows_written(fleet) == before
+    assert "pinned" not in {v["name"] for v in fleet.cli_ok("vm", "list", "--all")["vms"]}
 
 
 def test_values_at_the_bounds_still_pass(fleet: InProcessFleet) -> None:
@@ -97,3 +99,24 @@ def test_a_cpuset_the_chosen_host_lacks_is_refused_inside_the_claim(tmp_path: Pa
         error = done.json["error"]
         assert error["type"] == "InvalidRequest" and error["details"]["host"] == "small", error
         assert rows_written(f) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("vm", "pin", "pinme", "--vcpu", "0", "--cpus", "0-99999999999"), "above the limit 16383"),
+        (("vm", "pin", "pinme", "--vcpu", str(2**64), "--cpus", "0"), "body.vcpu: must be at most 4096"),
+        (("host", "taskset", "small", str(2**63), "--cpus", "0"), "body.pid: must be at most 4194304"),
+    ],
+)
+def test_pin_and_taskset_refuse_out_of_range_values(
+    fleet: InProcessFleet, args: tuple[str, ...], fragment: str
+) -> None:
+    if not any(v["name"] == "pinme" for v in fleet.cli_ok("vm", "list", "--all")["vms"]):
+        fleet.cli_ok("vm", "create", "pinme", "--memory", "256", "--disk", "1")
+    before = rows_written(fleet)
+    done = fleet.cli(*args)
+    assert done.code == 2, done.stdout + done.stderr
+    error = done.json["error"]
+    assert error["type"] == "InvalidRequest" and fragment in error["message"], error
+    assert rows_written(fleet) == before
