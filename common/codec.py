@@ -17,6 +17,7 @@ import msgpack
 import msgspec
 
 from common.errors import DecodeError, InvalidRequest
+from common.messages.limits import NO_NUL
 
 T = TypeVar("T")
 
@@ -68,6 +69,9 @@ def from_wire(cls: type[T], data: object, path: str = "body") -> T:
         if isinstance(cause, InvalidRequest):  # a message's own __post_init__ check, at some depth
             where = _located(str(exc), path, cls).partition(": ")[0]
             raise InvalidRequest(f"{where}: {cause.message}", details=cause.details) from None
+        if (bound := _out_of_bounds(str(exc), path, data)) is not None:
+            message, details = bound
+            raise InvalidRequest(message, details=details) from None
         raise InvalidRequest(_located(str(exc), path, cls)) from None
 
 
@@ -88,6 +92,65 @@ _MISSING = re.compile(r"Object missing required field `([^`]+)`")
 _BAD_ENUM = re.compile(r"Invalid enum value (.+)")
 _LENGTH = re.compile(r"Expected `array` of length (\d+), got (\d+)")
 _STEP = re.compile(r"\.(\w+)|\[(\d+)\]|\[([^\]]+)\]")
+#: msgspec's words for a value outside a ``Meta`` bound: ``Expected `int` <= 4096``.
+_BOUND = re.compile(r"Expected `(int|float)` (<=|>=|<|>) (\S+)")
+_LENGTH_BOUND = re.compile(r"Expected `(str|array|object|bytes)` of length (<=|>=) (\d+)")
+_BOUND_WORDS = {"<=": "at most", ">=": "at least", "<": "below", ">": "above"}
+_LENGTH_UNITS = {"str": "characters", "array": "items", "object": "entries", "bytes": "bytes"}
+
+
+def _out_of_bounds(message: str, path: str, data: object) -> tuple[str, dict[str, Any]] | None:
+    """msgspec's ``Expected `int` <= 4096 - at `$.spec.vcpus``` -> ``body.spec.vcpus: must be at
+    most 4096 (got 5000)`` with details naming the field and the bound, or None for another error.
+
+    msgspec does not say which value it refused: it is read from ``data`` at the same path.
+    """
+    text, _sep, where = message.rpartition(" - at ")
+    steps = where.strip("`")[1:]
+    field_path = path + steps
+    limit_key = {"<=": "max", "<": "max", ">=": "min", ">": "min"}
+    if (number := _BOUND.fullmatch(text)) is not None:
+        _kind, op, limit = number.groups()
+        got = _value_at(data, steps)
+        shown = "" if got is _MISSING_VALUE else f" (got {got!r})"
+        details = {"field": field_path, limit_key[op]: _number(limit)}
+        return f"{field_path}: must be {_BOUND_WORDS[op]} {limit}{shown}", details
+    if (length := _LENGTH_BOUND.fullmatch(text)) is not None:
+        kind, op, limit = length.groups()
+        got = _value_at(data, steps)
+        shown = "" if got is _MISSING_VALUE or not hasattr(got, "__len__") else f" (got {len(got)})"
+        details = {"field": field_path, limit_key[op] + "_length": int(limit)}
+        return f"{field_path}: must have {_BOUND_WORDS[op]} {limit} {_LENGTH_UNITS[kind]}{shown}", details
+    if text == f"Expected `str` matching regex {NO_NUL!r}":
+        return f"{field_path}: must not contain a NUL character", {"field": field_path}
+    return None
+
+
+#: What :func:`_value_at` returns when the path does not lead to a value.
+_MISSING_VALUE = object()
+
+
+def _value_at(data: object, steps: str) -> object:
+    """The value at ``steps`` (``.spec.disks[0].size_gib``) in plain decoded data."""
+    value: Any = data
+    for name, index, key in _STEP.findall(steps):
+        try:
+            if name:
+                value = value[name]
+            elif index:
+                value = value[int(index)]
+            else:
+                value = value[key.strip("'\"")]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return _MISSING_VALUE
+    return value
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _located(message: str, path: str, root: type) -> str:

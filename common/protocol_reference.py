@@ -344,15 +344,16 @@ _INT64 = (-(2**63), 2**63 - 1)
 
 
 def _bounded_name(base: str, metas: Sequence[msgspec.Meta]) -> str:
-    """``int`` with msgspec bounds: ``int64`` for the database's range, else ``int (ge 0, le 9)``."""
+    """A type with msgspec bounds: ``int64`` for the database's range, else e.g. ``int (ge 0, le 9)``
+    or ``str (max_length 64)``."""
     bounds = [(meta.ge, meta.le) for meta in metas if meta.ge is not None or meta.le is not None]
-    if base == "int" and bounds == [_INT64]:
+    if base == "int" and bounds == [_INT64] and all(m.lt is None and m.gt is None for m in metas):
         return "int64"
     words = [
         f"{name} {value}"
-        for ge, le in bounds
-        for name, value in (("ge", ge), ("le", le))
-        if value is not None
+        for meta in metas
+        for name in ("ge", "gt", "le", "lt", "min_length", "max_length")
+        if (value := getattr(meta, name)) is not None
     ]
     return f"{base} ({', '.join(words)})" if words else base
 

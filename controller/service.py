@@ -17,6 +17,7 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from common.cpuset import parse_cpuset
 from common.errors import (
     AlreadyExists,
     CapacityExceeded,
@@ -64,6 +65,7 @@ from controller.agent_api import AgentCalls
 from controller.config import ControllerConfig
 from controller.create_batcher import GroupCommit
 from controller.db import repository as repo
+from controller.db.errors import typed_database_errors
 from controller.fleet_state import FleetState, report_digest, with_claim
 from controller.scheduler.model import (
     FleetSnapshot,
@@ -137,12 +139,13 @@ class ControllerService:
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
-        """One database transaction (feature modules use this too)."""
+        """One database transaction (feature modules use this too); a database error leaves it
+        as a typed error (controller.db.errors), never as SQL text to a client."""
         if self._tx_lock is None:
-            with self._sessions.begin() as session:
+            with typed_database_errors(), self._sessions.begin() as session:
                 yield session
             return
-        with self._tx_lock, self._sessions.begin() as session:
+        with typed_database_errors(), self._tx_lock, self._sessions.begin() as session:
             yield session
 
     def close(self) -> None:
@@ -210,7 +213,14 @@ class ControllerService:
         it (:meth:`_claim_batch`); idempotency keys, dry runs, forced hosts and server groups
         take the path of one create at a time (:meth:`_claim`).
         """
-        if req.idempotency_key or req.dry_run or req.host is not None or req.server_group is not None:
+        self._check_cpuset(req)
+        if (
+            req.idempotency_key
+            or req.dry_run
+            or req.host is not None
+            or req.server_group is not None
+            or req.cpuset is not None  # checked against the chosen host inside its claim (_spec)
+        ):
             return self._create_alone(req)
         vm_uuid = str(uuidlib.uuid4())
         # The common case reads nothing before placing: a taken name is refused by the claim's
@@ -224,6 +234,24 @@ class ControllerService:
                 self._check_create(req)  # a taken name says more than "no host"
                 raise
         return self._build_claimed(req, vm_uuid, claimed)
+
+    def _check_cpuset(self, req: api.VmCreate) -> None:
+        """InvalidRequest, before any record, for a ``--cpuset`` naming a CPU that the forced host
+        (or, unforced, every host of the fleet) does not have: libvirt would refuse the domain
+        and leave an ``error`` VM behind."""
+        if req.cpuset is None:
+            return
+        highest = max(parse_cpuset(req.cpuset))
+        hosts = [r for r in self.fleet.records() if req.host is None or r.id == req.host]
+        if not hosts:
+            return  # an unknown forced host is NotFound, said by the checks that follow
+        widest = max(hosts, key=lambda r: r.cpus)
+        if highest >= widest.cpus:
+            where = f"host {widest.id}" if req.host is not None else f"the largest host, {widest.id},"
+            raise InvalidRequest(
+                f"cpuset {req.cpuset!r} names CPU {highest}, but {where} has CPUs 0-{widest.cpus - 1}",
+                details={"field": "cpuset", "max_cpu": widest.cpus - 1, "host": widest.id},
+            )
 
     def _create_alone(self, req: api.VmCreate) -> api.VmCreated:
         repeated = self._check_create(req)
@@ -494,6 +522,13 @@ class ControllerService:
         )
 
     def _spec(self, req: api.VmCreate, vm_uuid: str, host: repo.HostRecord, pcpus: tuple[int, ...]) -> VmSpec:
+        """The VM's definition on ``host``; InvalidRequest for a cpuset naming a CPU the host does
+        not have (called inside the claim's transaction, which the refusal rolls back)."""
+        if req.cpuset is not None and max(parse_cpuset(req.cpuset)) >= host.cpus:
+            raise InvalidRequest(
+                f"cpuset {req.cpuset!r} names CPUs that host {host.id} (CPUs 0-{host.cpus - 1}) does not have",
+                details={"field": "cpuset", "max_cpu": host.cpus - 1, "host": host.id},
+            )
         emulator = tuning_inventory.emulator_cpuset(host, dedicated=req.cpu_policy == "dedicated")
         return build_spec(req, vm_uuid, host, pcpus=pcpus, emulator_cpuset=emulator)
 

@@ -164,6 +164,19 @@ class FieldSpec:
     type: Any
     has_baseline: bool
     baseline: Any
+    #: the type with its msgspec bounds (``Annotated[int, Meta(le=4096)]``): samples stay within them
+    bounded: Any = None
+
+    def admits(self, value: Any) -> bool:
+        """Whether ``value`` is within the field's bounds (a decoder would take it)."""
+        msgspec = _struct_module()
+        if self.bounded is None or msgspec is None or "Annotated" not in repr(self.bounded):
+            return True
+        try:
+            msgspec.convert(msgspec.to_builtins(value), self.bounded)
+        except (msgspec.ValidationError, TypeError, ValueError):
+            return False
+        return True
 
 
 def _is_optional(tp: Any) -> bool:
@@ -191,8 +204,12 @@ def message_fields(cls: type) -> tuple[FieldSpec, ...]:
     msgspec = _struct_module()
     if msgspec is None or not issubclass(cls, msgspec.Struct):
         raise TypeError(f"{cls!r} is neither a dataclass nor a msgspec Struct")
+    bounded = typing.get_type_hints(cls, include_extras=True)
     return tuple(
-        _field_spec(info.name, hints[info.name], info.default, info.default_factory, msgspec.NODEFAULT)
+        dataclasses.replace(
+            _field_spec(info.name, hints[info.name], info.default, info.default_factory, msgspec.NODEFAULT),
+            bounded=bounded[info.name],
+        )
         for info in msgspec.structs.fields(cls)
     )
 
@@ -369,7 +386,11 @@ class Sampler:
 
     def _values(self, f: FieldSpec) -> list[Any]:
         """Candidates that differ from the baseline, then the baseline itself as the last resort."""
-        cands = [v for v in self._candidates(f.name, f.type) if not (f.has_baseline and _same(v, f.baseline))]
+        cands = [
+            v
+            for v in self._candidates(f.name, f.type)
+            if not (f.has_baseline and _same(v, f.baseline)) and f.admits(v)
+        ]
         return [*cands, f.baseline] if f.has_baseline else cands
 
     def _nested(self, cls: type) -> list[Any]:

@@ -7,7 +7,11 @@ Field names here are the stable JSON field names of ``virtfleet --output json``
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
+from msgspec import Meta
+
+from common.cpuset import MAX_CPU_ID, CpuSetSyntaxError, parse_cpuset
 from common.errors import InvalidRequest
 from common.messages.base import Message, force_setattr
 from common.messages.descriptor import (
@@ -17,6 +21,19 @@ from common.messages.descriptor import (
     Version,
     api_call,
     query,
+)
+from common.messages.limits import (
+    MAX_DISKS,
+    MAX_NICS,
+    CpuSetText,
+    DiskGiB,
+    Key,
+    MemoryMiB,
+    Name,
+    Path,
+    Seconds,
+    Token,
+    Vcpus,
 )
 from common.messages.vm import (
     DiskDevice,
@@ -35,7 +52,6 @@ from common.validation import check_host_id, check_name, check_positive
 #: Every client -> controller call (this module and the feature modules' API calls).
 API = Family("api", Version(1, 1), "client (virtfleet CLI) -> controller")
 
-_CPUSET_RE = re.compile(r"\^?\d+(-\d+)?(,\^?\d+(-\d+)?)*")
 _TARGET_RE = re.compile(r"(vd|sd|hd|xvd)[a-z]{1,2}")
 _MACHINE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -107,7 +123,7 @@ class Empty(Message, frozen=True):
 
 
 class HostRef(Message, frozen=True):
-    host: str
+    host: Name
 
     def __post_init__(self) -> None:
         # Checked before any lookup: PostgreSQL refuses NUL in text (a crash found by the fuzz run).
@@ -130,31 +146,31 @@ class VmCreate(Message, frozen=True):
     ``hugepage_size`` are placement and tuning requests.
     """
 
-    name: str
-    vcpus: int
-    memory_mib: int
-    disk_gib: int = 0
-    host: str | None = None
+    name: Name
+    vcpus: Vcpus
+    memory_mib: MemoryMiB
+    disk_gib: DiskGiB = 0
+    host: Name | None = None
     wait: bool = True
     dry_run: bool = False
     start: bool = True
-    idempotency_key: str | None = None
-    domain_type: str | None = None  # None: kvm where the host has hardware virt, else qemu
-    max_vcpus: int = 0  # 0: same as vcpus; more leaves room to hot-add vCPUs
-    max_memory_mib: int = 0  # 0: same as memory_mib; more leaves room to balloon up
-    cpuset: str | None = None  # host CPUs the vCPUs may run on (virt-install --vcpus cpuset=)
-    disks: tuple[DiskSpec, ...] = ()
-    cdrom: str | None = None  # an ISO image on the host, attached as a CD-ROM (booted first)
-    nics: tuple[NicSpec, ...] = ()
+    idempotency_key: Key | None = None
+    domain_type: Token | None = None  # None: kvm where the host has hardware virt, else qemu
+    max_vcpus: Vcpus = 0  # 0: same as vcpus; more leaves room to hot-add vCPUs
+    max_memory_mib: MemoryMiB = 0  # 0: same as memory_mib; more leaves room to balloon up
+    cpuset: CpuSetText | None = None  # host CPUs the vCPUs may run on (virt-install --vcpus cpuset=)
+    disks: Annotated[tuple[DiskSpec, ...], Meta(max_length=MAX_DISKS)] = ()
+    cdrom: Path | None = None  # an ISO image on the host, attached as a CD-ROM (booted first)
+    nics: Annotated[tuple[NicSpec, ...], Meta(max_length=MAX_NICS)] = ()
     graphics: GraphicsSpec | None = None
     kernel_boot: KernelBoot | None = None
     autostart: bool = False
     allow_shared_disk: bool = False  # virt-install --check path_in_use=off
-    machine: str | None = None
-    serial_log: str | None = None  # a file on the host that receives the serial console
-    server_group: str | None = None
-    cpu_policy: str = "shared"  # shared | dedicated
-    hugepage_size: str | None = None  # None | 2M | 1G
+    machine: Token | None = None
+    serial_log: Path | None = None  # a file on the host that receives the serial console
+    server_group: Name | None = None
+    cpu_policy: Token = "shared"  # shared | dedicated
+    hugepage_size: Token | None = None  # None | 2M | 1G
 
     def __post_init__(self) -> None:
         check_name(self.name, "VM name")
@@ -188,10 +204,15 @@ class VmCreate(Message, frozen=True):
             raise InvalidRequest(
                 f"max memory ({self.max_memory_mib} MiB) is below memory ({self.memory_mib} MiB)"
             )
-        if self.cpuset is not None and not _CPUSET_RE.fullmatch(self.cpuset):
-            raise InvalidRequest(
-                f"invalid cpuset {self.cpuset!r}: use libvirt's syntax, e.g. 1-4,6,8 or 0-7,^3"
-            )
+        if self.cpuset is not None:
+            try:
+                # Bounded (common.cpuset.MAX_CPU_ID): `0-99999999999` is refused here, not by libvirt.
+                parse_cpuset(self.cpuset)
+            except CpuSetSyntaxError as exc:
+                raise InvalidRequest(
+                    f"invalid {exc}; use libvirt's syntax, e.g. 1-4,6,8 or 0-7,^3",
+                    details={"field": "cpuset", "max_cpu": MAX_CPU_ID},
+                ) from None
 
     def _check_boot(self) -> None:
         paths = [(self.cdrom, "CD-ROM image"), (self.serial_log, "serial log")]
@@ -250,7 +271,7 @@ class VmCreated(Message, frozen=True):
 
 class VmListRequest(Message, frozen=True):
     all: bool = True
-    host: str | None = None
+    host: Name | None = None
 
     def __post_init__(self) -> None:
         if self.host is not None:
@@ -262,8 +283,8 @@ class VmList(Message, frozen=True):
 
 
 class VmShutdownRequest(Message, frozen=True):
-    name: str
-    timeout_s: float = 60.0
+    name: Name
+    timeout_s: Seconds = 60.0
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -273,7 +294,7 @@ class VmShutdownRequest(Message, frozen=True):
 
 
 class VmDeleteRequest(Message, frozen=True):
-    name: str
+    name: Name
     delete_disks: bool = False
 
     def __post_init__(self) -> None:

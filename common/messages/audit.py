@@ -13,6 +13,7 @@ from common.errors import InvalidRequest
 from common.messages.api import API
 from common.messages.base import Message
 from common.messages.descriptor import Role, Timeout, Version, api_call
+from common.messages.limits import Count, Token
 
 #: The most entries one ``api.audit.list`` answers with.
 MAX_AUDIT_LIMIT = 10_000
@@ -22,10 +23,10 @@ class AuditListRequest(Message, frozen=True):
     """Filters, all optional: the login, entries at or after ``since`` (Unix seconds), the kind;
     the newest ``limit`` entries first."""
 
-    user: str | None = None
+    user: Token | None = None
     since: float | None = None
-    kind: str | None = None
-    limit: int = 100
+    kind: Token | None = None
+    limit: Count = 100
 
     def __post_init__(self) -> None:
         if not 1 <= self.limit <= MAX_AUDIT_LIMIT:

@@ -9,17 +9,14 @@ when a message is built in code and when one is decoded; it may normalise a fiel
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from msgspec.structs import force_setattr
 
-M = TypeVar("M", bound="Message")
+from common.messages.limits import Int64
 
-#: An integer the database can store (SQL BIGINT): a field that reaches a column is declared with
-#: it, so that a bigger number is refused at decoding (InvalidRequest) instead of overflowing
-#: in the driver (found by the fuzz run, docs/security.md "Fuzzing").
-Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+M = TypeVar("M", bound="Message")
 
 
 class Message(msgspec.Struct, frozen=True):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from common.messages.base import Int64, Message
 from common.messages.descriptor import Family, Timeout, Version, command, report
+from common.messages.limits import Text
 from common.messages.network import HostNetworkReport
 from common.messages.tuning import HostTuningReport
 from common.messages.vm import VmStatus
@@ -98,7 +99,7 @@ class VmChanges(Message, frozen=True):
 class ReportRequest(Message, frozen=True):
     """``host.report_now``: ask an agent for an immediate full report (also its liveness probe)."""
 
-    reason: str = ""
+    reason: Text = ""
 
 
 class ReportAck(Message, frozen=True):

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Annotated
 
 import msgspec
+from msgspec import Meta
 
 from common.errors import InvalidRequest
 from common.messages.api import API
 from common.messages.base import Message
 from common.messages.descriptor import Family, Role, Timeout, Version, command, host_twin, query
+from common.messages.limits import MAX_ITEMS, Count, Name, Token
 from common.validation import check_host_id, check_ifname, check_name
 
 #: Linux bonding modes by name, with the number ``BONDING_OPTS="mode=N"`` and netlink use.
@@ -217,13 +220,13 @@ class NetworkSpec(Message, frozen=True):
     """A libvirt network: ``nat`` (like ``default``), ``isolated`` (no forwarding) or ``bridge``
     (guests join an existing host bridge such as br0)."""
 
-    name: str
-    mode: str = "nat"
-    bridge: str | None = None  # nat/isolated: the bridge libvirt creates (virbrN if None)
-    address: str | None = None  # nat/isolated: host address on it, CIDR (192.168.122.1/24)
-    dhcp_start: str | None = None
-    dhcp_end: str | None = None
-    forward_dev: str | None = None  # nat: only NAT out of this interface
+    name: Name
+    mode: Token = "nat"
+    bridge: Token | None = None  # nat/isolated: the bridge libvirt creates (virbrN if None)
+    address: Token | None = None  # nat/isolated: host address on it, CIDR (192.168.122.1/24)
+    dhcp_start: Token | None = None
+    dhcp_end: Token | None = None
+    forward_dev: Token | None = None  # nat: only NAT out of this interface
     stp: bool = True
 
     def __post_init__(self) -> None:  # noqa: PLR0912 - one branch per rule
@@ -270,7 +273,7 @@ class DefineNetwork(Message, frozen=True):
     """``net.define``: define a libvirt network, then (by default) start it and mark it autostart."""
 
     spec: NetworkSpec
-    host: str = ""
+    host: Name = ""
     start: bool = True
     autostart: bool = True
 
@@ -281,8 +284,8 @@ class DefineNetwork(Message, frozen=True):
 class NetworkRef(Message, frozen=True):
     """``net.start`` / ``net.stop`` / ``net.undefine``."""
 
-    name: str
-    host: str = ""
+    name: Name
+    host: Name = ""
 
     def __post_init__(self) -> None:
         check_name(self.name, "network name")
@@ -290,8 +293,8 @@ class NetworkRef(Message, frozen=True):
 
 
 class NetworkAutostart(Message, frozen=True):
-    name: str
-    host: str = ""
+    name: Name
+    host: Name = ""
     enabled: bool = True
 
     def __post_init__(self) -> None:
@@ -307,7 +310,7 @@ class NetworkResult(Message, frozen=True):
 class NetworkListRequest(Message, frozen=True):
     """``net.list`` (one host, live) / ``api.net.list`` (all hosts from their reports, or one)."""
 
-    host: str = ""
+    host: Name = ""
     live: bool = False
 
     def __post_init__(self) -> None:
@@ -330,7 +333,7 @@ class FleetNetworkList(Message, frozen=True):
 class IpForwardRequest(Message, frozen=True):
     """``net.ip_forward``: read (and with ``enable``, switch on) net.ipv4.ip_forward."""
 
-    host: str = ""
+    host: Name = ""
     enable: bool = False
     persist: bool = True
 
@@ -348,7 +351,7 @@ class IpForwardState(Message, frozen=True):
 class HostNetShow(Message, frozen=True):
     """``net.host.facts`` (agent, always live) / ``api.net.host.show`` (last report unless live)."""
 
-    host: str = ""
+    host: Name = ""
     live: bool = False
 
     def __post_init__(self) -> None:
@@ -398,16 +401,16 @@ class BridgeCreate(Message, frozen=True):
     ``addresses``/``gateway``/``dns`` add to (and for the gateway replace) what is moved.
     """
 
-    name: str
-    nics: tuple[str, ...] = ()
-    host: str = ""
+    name: Name
+    nics: Annotated[tuple[Token, ...], Meta(max_length=MAX_ITEMS)] = ()
+    host: Name = ""
     stp: bool = False
     move_ip: bool = True
-    addresses: tuple[str, ...] = ()
-    gateway: str | None = None
-    dns: tuple[str, ...] = ()
+    addresses: Annotated[tuple[Token, ...], Meta(max_length=MAX_ITEMS)] = ()
+    gateway: Token | None = None
+    dns: Annotated[tuple[Token, ...], Meta(max_length=MAX_ITEMS)] = ()
     options: ChangeOptions = msgspec.field(default_factory=ChangeOptions)
-    change_id: str = ""
+    change_id: Token = ""
 
     def __post_init__(self) -> None:
         check_ifname(self.name)
@@ -422,11 +425,11 @@ class BridgeCreate(Message, frozen=True):
 class BridgeStp(Message, frozen=True):
     """``net.bridge.stp``: spanning tree on or off."""
 
-    name: str
+    name: Name
     enabled: bool
-    host: str = ""
+    host: Name = ""
     options: ChangeOptions = msgspec.field(default_factory=ChangeOptions)
-    change_id: str = ""
+    change_id: Token = ""
 
     def __post_init__(self) -> None:
         check_ifname(self.name)
@@ -439,12 +442,12 @@ class InterfaceRemove(Message, frozen=True):
     addresses, routes back to ``restore_to`` (default: the only port, or the first slave) and
     delete the bridge or bond."""
 
-    name: str
-    host: str = ""
-    restore_to: str | None = None
+    name: Name
+    host: Name = ""
+    restore_to: Token | None = None
     force: bool = False  # remove a bridge even though VM taps are attached
     options: ChangeOptions = msgspec.field(default_factory=ChangeOptions)
-    change_id: str = ""
+    change_id: Token = ""
 
     def __post_init__(self) -> None:
         check_ifname(self.name)
@@ -459,20 +462,20 @@ class BondCreate(Message, frozen=True):
     ``slaves``, with the slaves' addresses moved onto it (plus ``addresses``/``gateway``/
     ``dns``), optionally under a new bridge ``bridge`` that then carries the addresses."""
 
-    name: str
-    slaves: tuple[str, ...]
-    host: str = ""
-    mode: str = "active-backup"
-    miimon: int = 100
-    primary: str | None = None
+    name: Name
+    slaves: Annotated[tuple[Token, ...], Meta(max_length=MAX_ITEMS)]
+    host: Name = ""
+    mode: Token = "active-backup"
+    miimon: Count = 100
+    primary: Token | None = None
     move_ip: bool = True
-    addresses: tuple[str, ...] = ()
-    gateway: str | None = None
-    dns: tuple[str, ...] = ()
-    bridge: str | None = None
+    addresses: Annotated[tuple[Token, ...], Meta(max_length=MAX_ITEMS)] = ()
+    gateway: Token | None = None
+    dns: Annotated[tuple[Token, ...], Meta(max_length=MAX_ITEMS)] = ()
+    bridge: Token | None = None
     bridge_stp: bool = False
     options: ChangeOptions = msgspec.field(default_factory=ChangeOptions)
-    change_id: str = ""
+    change_id: Token = ""
 
     def __post_init__(self) -> None:
         check_ifname(self.name)
@@ -499,11 +502,11 @@ class BondCreate(Message, frozen=True):
 class BondEnslave(Message, frozen=True):
     """``net.bond.enslave``: add a NIC to an existing bond (its addresses move to the bond)."""
 
-    name: str
-    nic: str
-    host: str = ""
+    name: Name
+    nic: Token
+    host: Name = ""
     options: ChangeOptions = msgspec.field(default_factory=ChangeOptions)
-    change_id: str = ""
+    change_id: Token = ""
 
     def __post_init__(self) -> None:
         check_ifname(self.name)
@@ -517,8 +520,8 @@ class BondEnslave(Message, frozen=True):
 class ChangeRef(Message, frozen=True):
     """``net.host.confirm`` / ``net.host.revert``: keep or undo a change made with ``--confirm``."""
 
-    change_id: str
-    host: str = ""
+    change_id: Token
+    host: Name = ""
 
     def __post_init__(self) -> None:
         if not self.change_id:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
+
+from msgspec import Meta
 
 from common.errors import InvalidRequest
 from common.messages.api import API, ResourceView
 from common.messages.base import Int64, Message
 from common.messages.descriptor import Role, Timeout, api_call, query
+from common.messages.limits import MAX_ITEMS, Count, Name, Text, Token
 from common.messages.vm import HostStatus
 from common.validation import check_name
 
@@ -36,10 +40,10 @@ def _check_non_negative(value: int | None, what: str) -> None:
 class Limits(Message, frozen=True):
     """Nova-placement style unit rules for one resource of one host."""
 
-    resource: str
-    min_unit: int | None = None
-    max_unit: int | None = None
-    step_size: int | None = None
+    resource: Token
+    min_unit: Count | None = None
+    max_unit: Count | None = None
+    step_size: Count | None = None
 
     def __post_init__(self) -> None:
         if self.resource not in RESOURCE_NAMES:
@@ -57,7 +61,7 @@ class Limits(Message, frozen=True):
 class HostSet(Message, frozen=True):
     """``api.host.set``: operator overrides for one host; None leaves a setting as it is."""
 
-    host: str
+    host: Name
     cpu_ratio: float | None = None
     ram_ratio: float | None = None
     disk_ratio: float | None = None
@@ -65,9 +69,9 @@ class HostSet(Message, frozen=True):
     reserved_cpus: Int64 | None = None
     reserved_disk_gib: Int64 | None = None
     max_vms: Int64 | None = None
-    group: str | None = None
-    limits: tuple[Limits, ...] = ()
-    reset: tuple[str, ...] = ()
+    group: Name | None = None
+    limits: Annotated[tuple[Limits, ...], Meta(max_length=MAX_ITEMS)] = ()
+    reset: Annotated[tuple[Token, ...], Meta(max_length=MAX_ITEMS)] = ()
 
     def __post_init__(self) -> None:
         check_name(self.host, "host")
@@ -87,17 +91,17 @@ class HostSet(Message, frozen=True):
 class HostSwitch(Message, frozen=True):
     """``api.host.state``: enable/disable a host or put it in or out of maintenance."""
 
-    host: str
+    host: Name
     enabled: bool | None = None
     maintenance: bool | None = None
-    reason: str = ""
+    reason: Text = ""
 
     def __post_init__(self) -> None:
         check_name(self.host, "host")
 
 
 class CapacityRequest(Message, frozen=True):
-    host: str | None = None
+    host: Name | None = None
 
 
 class ResourceCapacity(ResourceView, frozen=True):
@@ -129,7 +133,7 @@ class CapacityReport(Message, frozen=True):
 class HostGroupSet(Message, frozen=True):
     """``api.hostgroup.set``: create or update a host group's defaults."""
 
-    name: str
+    name: Name
     cpu_ratio: float | None = None
     ram_ratio: float | None = None
     disk_ratio: float | None = None
@@ -163,9 +167,9 @@ class HostGroupList(Message, frozen=True):
 class ServerGroupCreate(Message, frozen=True):
     """``api.group.create``: an (anti-)affinity group of VMs."""
 
-    name: str
-    policy: str
-    max_per_host: int = 1
+    name: Name
+    policy: Token
+    max_per_host: Count = 1
 
     def __post_init__(self) -> None:
         check_name(self.name, "server group")
@@ -176,7 +180,7 @@ class ServerGroupCreate(Message, frozen=True):
 
 
 class ServerGroupRef(Message, frozen=True):
-    name: str
+    name: Name
 
     def __post_init__(self) -> None:
         check_name(self.name, "server group")

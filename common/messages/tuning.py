@@ -9,11 +9,15 @@ cpuset strings (``"0-3,8"``); an empty string is the empty set. Page sizes trave
 from __future__ import annotations
 
 import re
+from typing import Annotated
+
+from msgspec import Meta
 
 from common.errors import InvalidRequest
 from common.messages.api import API, HostRef
 from common.messages.base import Message
 from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command, query
+from common.messages.limits import MAX_ITEMS, MAX_VCPUS, Count, CpuSetText, Name, Pid, Token, Vcpus
 from common.messages.vm import VcpuPin, VmRef, VmRefRequest
 from common.validation import check_host_id, check_name
 
@@ -172,8 +176,8 @@ class PinVm(Message, frozen=True):
     """``tuning.pin``: re-pin vCPUs and/or the emulator threads of a VM (live, and persistently)."""
 
     vm: VmRef
-    vcpu_pins: tuple[VcpuPin, ...] = ()
-    emulator_cpuset: str | None = None
+    vcpu_pins: Annotated[tuple[VcpuPin, ...], Meta(max_length=MAX_VCPUS)] = ()
+    emulator_cpuset: CpuSetText | None = None
 
 
 class GetAffinity(Message, frozen=True):
@@ -185,7 +189,7 @@ class GetAffinity(Message, frozen=True):
 class ProcessQuery(Message, frozen=True):
     """``tuning.process``: what a host process is (is it the QEMU of a VM virtfleet manages?)."""
 
-    pid: int
+    pid: Pid
 
 
 class ProcessInfo(Message, frozen=True):
@@ -200,9 +204,9 @@ class ProcessInfo(Message, frozen=True):
 class SetTaskset(Message, frozen=True):
     """``tuning.taskset``: ``taskset -a -pc CPUS PID`` on the QEMU process of VM ``vm_uuid``."""
 
-    pid: int
-    vm_uuid: str
-    cpuset: str
+    pid: Pid
+    vm_uuid: Token
+    cpuset: CpuSetText
 
 
 class TasksetResult(Message, frozen=True):
@@ -215,8 +219,8 @@ class TasksetResult(Message, frozen=True):
 class SetHugepages(Message, frozen=True):
     """``tuning.hugepages``: set the kernel's pool of ``size_kib`` pages to ``count`` pages."""
 
-    size_kib: int
-    count: int
+    size_kib: Count
+    count: Count
 
 
 class HugepagesResult(Message, frozen=True):
@@ -232,8 +236,8 @@ class HugepagesResult(Message, frozen=True):
 class SetIoScheduler(Message, frozen=True):
     """``tuning.io_scheduler``: ``echo SCHED > /sys/block/DEVICE/queue/scheduler``."""
 
-    device: str
-    scheduler: str
+    device: Token
+    scheduler: Token
 
     def __post_init__(self) -> None:
         # Checked here too, not only in the API's request: the device becomes a /sys path.
@@ -249,16 +253,16 @@ class IoSchedulerResult(Message, frozen=True):
 
 
 class HugepageTarget(Message, frozen=True):
-    size_kib: int
-    count: int
+    size_kib: Count
+    count: Count
 
 
 class ApplyProfile(Message, frozen=True):
     """``tuning.profile``: apply a documented host profile; idempotent. ``hugepages`` are the
     pool sizes to grow to (a profile never shrinks a pool)."""
 
-    profile: str
-    hugepages: tuple[HugepageTarget, ...] = ()
+    profile: Token
+    hugepages: Annotated[tuple[HugepageTarget, ...], Meta(max_length=MAX_ITEMS)] = ()
     dry_run: bool = False
 
 
@@ -307,9 +311,9 @@ class HostTuningView(Message, frozen=True):
 class VmPinRequest(Message, frozen=True):
     """``virtfleet vm pin NAME --vcpu N --cpus LIST`` (or ``--emulator``)."""
 
-    name: str
-    cpus: str
-    vcpu: int | None = None
+    name: Name
+    cpus: CpuSetText
+    vcpu: Vcpus | None = None
     emulator: bool = False
 
     def __post_init__(self) -> None:
@@ -334,9 +338,9 @@ class VmAffinityView(Message, frozen=True):
 
 
 class HostTasksetRequest(Message, frozen=True):
-    host: str
-    pid: int
-    cpus: str
+    host: Name
+    pid: Pid
+    cpus: CpuSetText
 
     def __post_init__(self) -> None:
         check_host_id(self.host)
@@ -351,9 +355,9 @@ class HostTasksetDone(Message, frozen=True):
 
 
 class HostHugepagesRequest(Message, frozen=True):
-    host: str
-    size: str
-    count: int
+    host: Name
+    size: Token
+    count: Count
 
     def __post_init__(self) -> None:
         check_host_id(self.host)
@@ -368,9 +372,9 @@ class HostHugepagesDone(Message, frozen=True):
 
 
 class HostIoSchedulerRequest(Message, frozen=True):
-    host: str
-    device: str
-    scheduler: str
+    host: Name
+    device: Token
+    scheduler: Token
 
     def __post_init__(self) -> None:
         check_host_id(self.host)
@@ -386,9 +390,11 @@ class HostIoSchedulerDone(Message, frozen=True):
 class HostTuneRequest(Message, frozen=True):
     """``virtfleet host tune HOST --profile virt-host [--hugepages 2M=64]``."""
 
-    host: str
-    profile: str
-    hugepages: dict[str, int] | None = None  # page size label -> pool size to grow to
+    host: Name
+    profile: Token
+    hugepages: Annotated[dict[Token, Count], Meta(max_length=MAX_ITEMS)] | None = (
+        None  # page size label -> pool size to grow to
+    )
     dry_run: bool = False
 
     def __post_init__(self) -> None:

@@ -9,11 +9,27 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import ClassVar
+from typing import Annotated, ClassVar
+
+from msgspec import Meta
 
 from common.errors import InvalidRequest
 from common.messages.base import Message, force_setattr
 from common.messages.descriptor import ApiCall, Command, Family, Forward, Role, Timeout, Version, command
+from common.messages.limits import (
+    MAX_DISKS,
+    MAX_NICS,
+    MAX_VCPUS,
+    CpuSetText,
+    DiskGiB,
+    Int64,
+    MemoryMiB,
+    Name,
+    Path,
+    Text,
+    Token,
+    Vcpus,
+)
 from common.validation import check_mac, check_name, check_positive
 
 #: The controller -> agent VM commands (this module and :mod:`common.messages.vmops`).
@@ -147,13 +163,13 @@ class DiskSpec(Message, frozen=True):
     device name (vda, vdb, sda, hdc, ...); the controller assigns it.
     """
 
-    target: str
-    source: str = "new"
+    target: Token
+    source: Token = "new"
     format: DiskFormat = DiskFormat.QCOW2
-    size_gib: int = 0
-    pool: str | None = None
-    volume: str | None = None
-    path: str | None = None
+    size_gib: DiskGiB = 0
+    pool: Name | None = None
+    volume: Path | None = None
+    path: Path | None = None
     bus: DiskBus = DiskBus.VIRTIO
     device: DiskDevice = DiskDevice.DISK
     cache: CacheMode = CacheMode.NONE
@@ -175,9 +191,9 @@ class NicSpec(Message, frozen=True):
     """One network interface: on a libvirt network or a host bridge."""
 
     kind: NicKind
-    source: str
+    source: Name
     model: NicModel = NicModel.VIRTIO
-    mac: str | None = None
+    mac: Token | None = None
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -190,9 +206,9 @@ class NicSpec(Message, frozen=True):
 class GraphicsSpec(Message, frozen=True):
     """VNC console. ``port`` None means automatic; a fixed port must be 5900-65535."""
 
-    listen: str = "127.0.0.1"
-    port: int | None = None
-    password: str | None = None
+    listen: Token = "127.0.0.1"
+    port: Int64 | None = None
+    password: Token | None = None
 
     def __post_init__(self) -> None:
         if self.port is not None and not 5900 <= self.port <= 65535:
@@ -205,45 +221,45 @@ class GraphicsSpec(Message, frozen=True):
 class KernelBoot(Message, frozen=True):
     """Direct kernel boot, an alternative to booting from a disk."""
 
-    kernel: str
-    initrd: str | None = None
-    cmdline: str = ""
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: Text = ""
 
 
 class VcpuPin(Message, frozen=True):
-    vcpu: int
-    cpuset: str
+    vcpu: Annotated[int, Meta(ge=0, lt=MAX_VCPUS)]
+    cpuset: CpuSetText
 
 
 class CpuTune(Message, frozen=True):
     """Pinning: each vCPU to a host CPU set, emulator threads to another."""
 
-    vcpu_pins: tuple[VcpuPin, ...] = ()
-    emulator_cpuset: str | None = None
+    vcpu_pins: Annotated[tuple[VcpuPin, ...], Meta(max_length=MAX_VCPUS)] = ()
+    emulator_cpuset: CpuSetText | None = None
 
 
 class VmSpec(Message, frozen=True):
     """A VM as the controller wants it on a host."""
 
-    uuid: str
-    name: str
-    vcpus: int
-    memory_mib: int
-    max_vcpus: int = 0  # 0 = same as vcpus
-    max_memory_mib: int = 0  # 0 = same as memory_mib
+    uuid: Token
+    name: Name
+    vcpus: Vcpus
+    memory_mib: MemoryMiB
+    max_vcpus: Vcpus = 0  # 0 = same as vcpus
+    max_memory_mib: MemoryMiB = 0  # 0 = same as memory_mib
     domain_type: DomainType = DomainType.KVM
-    arch: str = "x86_64"
-    machine: str | None = None
-    cpuset: str | None = None  # host CPUs the vCPUs may float over (virt-install --vcpus cpuset=)
-    disks: tuple[DiskSpec, ...] = ()
-    nics: tuple[NicSpec, ...] = ()
+    arch: Token = "x86_64"
+    machine: Token | None = None
+    cpuset: CpuSetText | None = None  # host CPUs the vCPUs may float over (virt-install --vcpus cpuset=)
+    disks: Annotated[tuple[DiskSpec, ...], Meta(max_length=MAX_DISKS)] = ()
+    nics: Annotated[tuple[NicSpec, ...], Meta(max_length=MAX_NICS)] = ()
     graphics: GraphicsSpec | None = None
     kernel_boot: KernelBoot | None = None
     autostart: bool = False
     cputune: CpuTune | None = None
-    hugepage_size_kib: int | None = None
-    serial_log: str | None = None  # path of a file that receives the serial console
-    description: str = ""
+    hugepage_size_kib: Int64 | None = None
+    serial_log: Path | None = None  # path of a file that receives the serial console
+    description: Text = ""
 
     def __post_init__(self) -> None:
         check_name(self.name, "VM name")
@@ -274,8 +290,8 @@ class VmSpec(Message, frozen=True):
 class VmRef(Message, frozen=True):
     """Names a VM on a host; the uuid is authoritative, the name is for messages."""
 
-    uuid: str
-    name: str
+    uuid: Token
+    name: Token
 
     def __post_init__(self) -> None:
         # libvirt names and uuids never hold NUL; refused here, not as a crash in a path or a
@@ -378,7 +394,7 @@ class VmView(Message, frozen=True):
 
 
 class VmRefRequest(Message, frozen=True):
-    name: str
+    name: Name
 
     def __post_init__(self) -> None:
         check_name(self.name, "VM name")

@@ -21,6 +21,7 @@ from common.errors import InvalidRequest
 from common.messages.api import API, VmCreated
 from common.messages.base import Message, force_setattr
 from common.messages.descriptor import Family, Role, Timeout, Version, api_call, command, query
+from common.messages.limits import DiskGiB, MemoryMiB, Name, Path, Text, Token, Vcpus, Xml
 from common.messages.vm import (
     VM,
     CacheMode,
@@ -80,9 +81,9 @@ class DefineVm(Message, frozen=True):
     defining the same domain again just rewrites its definition.
     """
 
-    uuid: str
-    name: str
-    xml: str
+    uuid: Token
+    name: Name
+    xml: Xml
     allow_shared_disk: bool = False
     start: bool = False
 
@@ -122,8 +123,8 @@ class SnapshotCreate(Message, frozen=True):
     """``vm.snapshot.create``: an internal snapshot (disks and, when running, memory). Needs qcow2 disks."""
 
     vm: VmRef
-    name: str
-    description: str = ""
+    name: Name
+    description: Text = ""
 
     def __post_init__(self) -> None:
         check_name(self.name, "snapshot name")
@@ -133,7 +134,7 @@ class SnapshotRef(Message, frozen=True):
     """``vm.snapshot.revert`` / ``vm.snapshot.delete``."""
 
     vm: VmRef
-    name: str
+    name: Name
 
     def __post_init__(self) -> None:
         check_name(self.name, "snapshot name")
@@ -163,7 +164,7 @@ class SetVcpus(Message, frozen=True):
     """``vm.set_vcpus``: ``virsh setvcpus N --live --config``; a running VM can only gain vCPUs."""
 
     vm: VmRef
-    vcpus: int
+    vcpus: Vcpus
 
     def __post_init__(self) -> None:
         check_positive(self.vcpus, "vcpus")
@@ -173,7 +174,7 @@ class SetMemory(Message, frozen=True):
     """``vm.set_memory``: the balloon target (``virsh setmem``, the notes' ``balloon`` monitor command)."""
 
     vm: VmRef
-    memory_mib: int
+    memory_mib: MemoryMiB
 
     def __post_init__(self) -> None:
         check_positive(self.memory_mib, "memory (MiB)")
@@ -205,7 +206,7 @@ class DiskDetach(Message, frozen=True):
     """``vm.disk.detach``: detach by target; the image is kept unless ``delete_volume`` (agent-made only)."""
 
     vm: VmRef
-    target: str
+    target: Token
     live: bool | None = None
     config: bool = True
     delete_volume: bool = False
@@ -219,8 +220,8 @@ class DiskResize(Message, frozen=True):
     """``vm.disk.resize``: grow a disk image to ``size_gib`` (``virsh blockresize`` / ``qemu-img resize``)."""
 
     vm: VmRef
-    target: str
-    size_gib: int
+    target: Token
+    size_gib: DiskGiB
 
     def __post_init__(self) -> None:
         check_target(self.target)
@@ -245,7 +246,7 @@ class NicDetach(Message, frozen=True):
     """``vm.nic.detach``: ``virsh detach-interface --mac``."""
 
     vm: VmRef
-    mac: str
+    mac: Token
     live: bool | None = None
     config: bool = True
 
@@ -274,9 +275,9 @@ class NicList(Message, frozen=True):
 class ImageLocation(Message, frozen=True):
     """An image on a host: an absolute ``path``, or ``volume`` in ``pool`` (None: the default pool)."""
 
-    path: str | None = None
-    volume: str | None = None
-    pool: str | None = None
+    path: Path | None = None
+    volume: Path | None = None
+    pool: Token | None = None
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.volume is None):
@@ -301,7 +302,7 @@ class ImageCreate(Message, frozen=True):
 
     image: ImageLocation
     format: DiskFormat
-    size_gib: int
+    size_gib: DiskGiB
 
     def __post_init__(self) -> None:
         check_positive(self.size_gib, "image size (GiB)")
@@ -338,7 +339,7 @@ class ImageInfo(Message, frozen=True):
 
 
 class VmAutostartRequest(Message, frozen=True):
-    name: str
+    name: Name
     enabled: bool = True
 
     def __post_init__(self) -> None:
@@ -346,7 +347,7 @@ class VmAutostartRequest(Message, frozen=True):
 
 
 class VmExportRequest(Message, frozen=True):
-    name: str
+    name: Name
     secure: bool = False
     live: bool = False
 
@@ -363,8 +364,8 @@ class VmExport(Message, frozen=True):
 class VmImportRequest(Message, frozen=True):
     """``api.vm.import``: define a VM from libvirt XML, on ``host`` or where the scheduler puts it."""
 
-    xml: str
-    host: str | None = None
+    xml: Xml
+    host: Name | None = None
     start: bool = False
     allow_shared_disk: bool = False
 
@@ -388,9 +389,9 @@ class ConsoleView(Message, frozen=True):
 
 
 class SnapshotCreateRequest(Message, frozen=True):
-    name: str
-    snapshot: str
-    description: str = ""
+    name: Name
+    snapshot: Name
+    description: Text = ""
 
     def __post_init__(self) -> None:
         check_name(self.name, "VM name")
@@ -398,8 +399,8 @@ class SnapshotCreateRequest(Message, frozen=True):
 
 
 class SnapshotRequest(Message, frozen=True):
-    name: str
-    snapshot: str
+    name: Name
+    snapshot: Name
 
     def __post_init__(self) -> None:
         check_name(self.name, "VM name")
@@ -413,8 +414,8 @@ class SnapshotListView(Message, frozen=True):
 
 
 class VmSetVcpusRequest(Message, frozen=True):
-    name: str
-    vcpus: int
+    name: Name
+    vcpus: Vcpus
 
     def __post_init__(self) -> None:
         check_name(self.name, "VM name")
@@ -422,8 +423,8 @@ class VmSetVcpusRequest(Message, frozen=True):
 
 
 class VmSetMemoryRequest(Message, frozen=True):
-    name: str
-    memory_mib: int
+    name: Name
+    memory_mib: MemoryMiB
 
     def __post_init__(self) -> None:
         check_name(self.name, "VM name")
@@ -442,11 +443,11 @@ class MemStatView(Message, frozen=True):
 class VmDiskAttachRequest(Message, frozen=True):
     """A data disk: new (``size_gib`` in the host's pool) or an existing image (``path``)."""
 
-    name: str
-    size_gib: int = 0
-    path: str | None = None
+    name: Name
+    size_gib: DiskGiB = 0
+    path: Path | None = None
     format: DiskFormat = DiskFormat.QCOW2
-    target: str | None = None  # None: the next free name on the bus (vdb, vdc, ...)
+    target: Token | None = None  # None: the next free name on the bus (vdb, vdc, ...)
     bus: DiskBus = DiskBus.VIRTIO
     cache: CacheMode = CacheMode.NONE
     io: IoMode | None = None
@@ -469,8 +470,8 @@ class VmDiskAttachRequest(Message, frozen=True):
 
 
 class VmDiskDetachRequest(Message, frozen=True):
-    name: str
-    target: str
+    name: Name
+    target: Token
     live: bool | None = None
     config: bool = True
     delete_volume: bool = False
@@ -484,9 +485,9 @@ class VmDiskDetachRequest(Message, frozen=True):
 class VmDiskResizeRequest(Message, frozen=True):
     """Growing a disk is refused unless ``i_know`` (the notes: add a disk instead; back up first)."""
 
-    name: str
-    target: str
-    size_gib: int
+    name: Name
+    target: Token
+    size_gib: DiskGiB
     i_know: bool = False
 
     def __post_init__(self) -> None:
@@ -496,11 +497,11 @@ class VmDiskResizeRequest(Message, frozen=True):
 
 
 class VmNicAttachRequest(Message, frozen=True):
-    name: str
+    name: Name
     kind: NicKind
-    source: str
+    source: Token
     model: NicModel = NicModel.VIRTIO
-    mac: str | None = None  # None: the controller generates 52:54:00:xx:xx:xx
+    mac: Token | None = None  # None: the controller generates 52:54:00:xx:xx:xx
     live: bool | None = None
     config: bool = True
 
@@ -513,8 +514,8 @@ class VmNicAttachRequest(Message, frozen=True):
 
 
 class VmNicDetachRequest(Message, frozen=True):
-    name: str
-    mac: str
+    name: Name
+    mac: Token
     live: bool | None = None
     config: bool = True
 
@@ -532,10 +533,10 @@ class NicListView(Message, frozen=True):
 
 
 class ImageCreateRequest(Message, frozen=True):
-    host: str
+    host: Name
     image: ImageLocation
     format: DiskFormat = DiskFormat.QCOW2
-    size_gib: int = 0
+    size_gib: DiskGiB = 0
 
     def __post_init__(self) -> None:
         check_host_id(self.host)
@@ -543,7 +544,7 @@ class ImageCreateRequest(Message, frozen=True):
 
 
 class ImageInfoApiRequest(Message, frozen=True):
-    host: str
+    host: Name
     image: ImageLocation
 
     def __post_init__(self) -> None:
@@ -551,7 +552,7 @@ class ImageInfoApiRequest(Message, frozen=True):
 
 
 class ImageConvertRequest(Message, frozen=True):
-    host: str
+    host: Name
     source: ImageLocation
     dest: ImageLocation
     format: DiskFormat

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import TypeVar
 
+from common.codec import from_wire, to_wire
 from common.errors import ControllerUnavailable, TransportError
 from common.messages.catalogue import timeout_of
 from common.messages.descriptor import ApiCall
@@ -56,7 +57,13 @@ class ApiClient:
         self._checked = True
 
     def call(self, op: ApiCall[B, R], body: B) -> R:
-        """Send ``op`` with ``body`` and return its typed result (or raise its error)."""
+        """Send ``op`` with ``body`` and return its typed result (or raise its error).
+
+        The body is checked against its bounds first, as the controller will check it: a value
+        out of range (``--memory 99999999999999999999``, which MessagePack cannot even carry)
+        is an InvalidRequest naming the field and its range, and nothing is sent.
+        """
+        from_wire(type(body), to_wire(body))
         if not self._checked:
             self._check_controller()
         timeout = self._timeout if self._timeout is not None else timeout_of(op)

@@ -21,6 +21,7 @@ from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
 from common.messages.audit import AuditEntryView, AuditList, AuditListRequest
+from controller.db.errors import typed_database_errors
 from controller.db.models import AuditRecord
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class AuditLog:
     def list(self, req: AuditListRequest) -> AuditList:
         """``api.audit.list``: what was recorded until now (the queue is written first)."""
         self.flush()
-        with Session(self._engine) as session:
+        with typed_database_errors(), Session(self._engine) as session:
             return AuditList(entries=tuple(list_entries(session, req)))
 
     def _run(self) -> None:

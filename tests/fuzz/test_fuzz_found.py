@@ -34,6 +34,9 @@ FOUND: list[tuple[Op[Any, Any], dict[str, Any], str]] = [
     (vm.VM_RESUME, {"vm": {"uuid": "\x00", "name": "w"}}, "body.vm"),
     # ValueError: embedded null byte (the interface name became a /sys path)
     (network.NET_BRIDGE_CREATE, {"name": "\x00"}, "body"),
+    # On PostgreSQL, found by the input-limits run: the lookup's DataError (now typed, but
+    # logged with a traceback); every bounded string refuses NUL at decoding since
+    (placement.API_HOST_CAPACITY, {"host": "\x00"}, "body.host"),
 ]
 
 

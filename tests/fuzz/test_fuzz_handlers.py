@@ -6,7 +6,8 @@ API calls through the controller's API dispatcher, reports through its report di
 commands through an agent's. The body goes in as plain data, exactly as it would come out of a
 decoded envelope. Each reply must be a typed answer -- a result, or an error that is not
 InternalError (the dispatcher's answer to a handler that raised something untyped) -- and no
-log record may carry a traceback of a non-virtfleet exception or say "crashed (bug)".
+log record may carry a traceback of a non-virtfleet exception or say "crashed (bug)". An API call
+answered InvalidRequest must have written nothing (no VM, claim or group row added or removed).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import fuzzkit
 import pytest
 from hypothesis import given
 from inproc import HostShape, InProcessFleet, inprocess_fleet
+from sqlalchemy import func, select
 
 from common.errors import VirtfleetError
 from common.messages.catalogue import CATALOGUE
@@ -26,6 +28,7 @@ from common.messages.descriptor import ApiCall, Command, Op, Report
 from common.messages.envelope import Envelope
 from common.transport.port import Delivery
 from common.transport.rpc import Dispatcher
+from controller.db.models import Allocation, HostGroup, ServerGroup, Vm
 from controller.endpoint import api_dispatcher, report_dispatcher
 
 pytestmark = [pytest.mark.inprocess, pytest.mark.db]
@@ -65,6 +68,16 @@ def crashes(records: list[logging.LogRecord]) -> list[str]:
     return found
 
 
+def written(fleet: InProcessFleet) -> tuple[int, ...]:
+    """Rows a refused request must not have added or removed: VMs, claims, groups."""
+    assert fleet.controller is not None
+    with fleet.controller.engine.connect() as conn:
+        return tuple(
+            conn.execute(select(func.count()).select_from(table)).scalar_one()
+            for table in (Vm, Allocation, HostGroup, ServerGroup)
+        )
+
+
 def test_every_kind_is_routed(fleet: InProcessFleet) -> None:
     assert {op.kind for op in CATALOGUE.values() if dispatcher_for(fleet, op)} == set(CATALOGUE)
 
@@ -82,10 +95,13 @@ def test_handlers_answer_fuzzed_bodies_without_crashing(
     def check(env: Envelope) -> None:
         caplog.clear()
         cases.add()
+        before = written(fleet) if isinstance(op, ApiCall) else None
         outcome = dispatcher(Delivery(env, routing_key=kind, redelivered=False, reply_to=None))
         if outcome.reply is not None:
             error = outcome.reply.body.get("error") or {}
             assert error.get("type") != "InternalError", f"{kind} crashed on {env.body!r}: {error}"
+            if before is not None and error.get("type") == "InvalidRequest":
+                assert written(fleet) == before, f"{kind} refused {env.body!r} but wrote rows"
         assert not crashes(caplog.records), (
             f"{kind} logged a crash on {env.body!r}: {crashes(caplog.records)}"
         )

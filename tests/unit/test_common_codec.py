@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from common import codec
 from common.codec import from_wire, to_wire
 from common.errors import InvalidRequest
-from common.messages import vm
+from common.messages import limits, vm
 from common.messages.api import VmCreate
 from common.messages.catalogue import CATALOGUE
 
@@ -525,17 +525,22 @@ def test_optional_nested_dataclass_null_and_value() -> None:
 # ------------------------------------------------------------------ property: VmCreate bodies
 
 _ALNUM = string.ascii_letters + string.digits
+#: Any text a string field takes: no NUL (every bounded string refuses it, common.messages.limits).
+texts = st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=40)
 names = st.builds(operator.add, st.sampled_from(_ALNUM), st.text(alphabet=_ALNUM + "_.-", max_size=63))
-positive = st.integers(min_value=1, max_value=2**40)
-
 vm_create_bodies = st.fixed_dictionaries(
-    {"name": names, "vcpus": positive, "memory_mib": positive, "disk_gib": positive},
+    {
+        "name": names,
+        "vcpus": st.integers(min_value=1, max_value=limits.MAX_VCPUS),
+        "memory_mib": st.integers(min_value=1, max_value=limits.MAX_MEMORY_MIB),
+        "disk_gib": st.integers(min_value=1, max_value=limits.MAX_DISK_GIB),
+    },
     optional={
         "host": st.none() | names,
         "wait": st.booleans(),
         "dry_run": st.booleans(),
         "start": st.booleans(),
-        "idempotency_key": st.none() | st.text(max_size=40),
+        "idempotency_key": st.none() | texts,
         "domain_type": st.sampled_from([None, "kvm", "qemu", "test"]),
     },
 )
@@ -588,7 +593,7 @@ def vm_specs(draw: st.DrawFn) -> vm.VmSpec:
         nics=nics,
         graphics=draw(st.none() | st.builds(vm.GraphicsSpec, port=st.none() | st.integers(5900, 65535))),
         autostart=draw(st.booleans()),
-        description=draw(st.text(max_size=30)),
+        description=draw(texts),
     )
 
 
