@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from common.messages.base import Int64, Message
 from common.messages.descriptor import Family, Timeout, Version, command, report
-from common.messages.limits import Text
+from common.messages.limits import Count, Text
 from common.messages.network import HostNetworkReport
 from common.messages.tuning import HostTuningReport
 from common.messages.vm import VmStatus
@@ -17,21 +17,22 @@ HOST = Family("host", Version(1, 1), "agent -> controller reports and heartbeats
 class CpuTopology(Message, frozen=True):
     """Host CPUs as libvirt's nodeinfo and capabilities describe them."""
 
-    cpus: int
-    sockets: int = 1
-    cores: int = 1
-    threads: int = 1
-    numa_cells: int = 1
-    mhz: int = 0
+    # Counts are never negative (a negative total would reach the scheduler's inventories).
+    cpus: Count
+    sockets: Count = 1
+    cores: Count = 1
+    threads: Count = 1
+    numa_cells: Count = 1
+    mhz: Count = 0
     model: str = ""
 
 
 class StoragePoolInfo(Message, frozen=True):
     name: str
     path: str
-    capacity_gib: int
-    allocation_gib: int
-    available_gib: int
+    capacity_gib: Count
+    allocation_gib: Count
+    available_gib: Count
 
 
 class HostReport(Message, frozen=True):
@@ -46,8 +47,8 @@ class HostReport(Message, frozen=True):
     #: /dev/kvm is usable *and* the CPU has vmx/svm: VMs may use domain type kvm.
     hw_virt: bool
     cpu: CpuTopology
-    memory_mib: int
-    memory_free_mib: int
+    memory_mib: Count
+    memory_free_mib: Count
     storage: StoragePoolInfo | None
     networks: tuple[str, ...]
     bridges: tuple[str, ...]
