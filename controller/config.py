@@ -153,6 +153,11 @@ class ControllerConfig:
     choose_among: int = 1
     #: Optimistic-claim retries when another scheduler changed the host first (placement: 10).
     claim_retries: int = 10
+    #: A transaction that fails for a transient database reason (connection lost, the server
+    #: restarting, a deadlock or serialization failure: nothing committed) is run again for up
+    #: to this many seconds, with jittered exponential waits, before the client gets the
+    #: retryable StoreUnavailable (oslo.db's retry_on_deadlock / retry_on_disconnect).
+    db_retry_s: float = 15.0
     #: A VM still "building" after this long, and absent from its host's reports, is failed.
     build_timeout_s: float = 600.0
     #: Seconds between reconciliation passes (drift, stuck builds).
@@ -215,6 +220,8 @@ class ControllerConfig:
             raise InvalidRequest(
                 f"create_batch_window_s must be between 0 and 1 s, got {self.create_batch_window_s}"
             )
+        if not math.isfinite(self.db_retry_s) or self.db_retry_s < 0:
+            raise InvalidRequest(f"db_retry_s must be 0 or more seconds, got {self.db_retry_s}")
         if self.choose_among < 1:
             raise InvalidRequest(f"choose_among must be at least 1, got {self.choose_among}")
         check_limits(self.max_message_lifetime_s, self.clock_skew_s, self.key_grace_s)

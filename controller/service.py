@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
+import tenacity
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -65,7 +66,7 @@ from controller.agent_api import AgentCalls
 from controller.config import ControllerConfig
 from controller.create_batcher import GroupCommit
 from controller.db import repository as repo
-from controller.db.errors import typed_database_errors
+from controller.db.errors import transient_retries, typed_database_errors
 from controller.fleet_state import FleetState, report_digest, with_claim
 from controller.scheduler.model import (
     FleetSnapshot,
@@ -148,6 +149,11 @@ class ControllerService:
         with typed_database_errors(), self._tx_lock, self._sessions.begin() as session:
             yield session
 
+    def retrying(self) -> tenacity.Retrying:
+        """Attempts of a transaction that a transient database failure may run again
+        (:func:`controller.db.errors.transient_retries`, for ``db_retry_s``)."""
+        return transient_retries(self.config.db_retry_s)
+
     def close(self) -> None:
         self._background.shutdown(wait=True)
 
@@ -177,9 +183,11 @@ class ControllerService:
         digest = report_digest(report)  # once: it encodes every VM of the report
         if self.fleet.report_unchanged(report, digest, now) and self.fleet.beat(report.host_id, now):
             return
-        with self.tx() as s:
-            notes = repo.record_report(s, report, now)
-            self.fleet.upsert(repo.get_host(s, report.host_id, include_vms=False), now)
+        for attempt in self.retrying():
+            with attempt, self.tx() as s:
+                notes = repo.record_report(s, report, now)
+                written = repo.get_host(s, report.host_id, include_vms=False)
+        self.fleet.upsert(written, now)
         self.fleet.report_written(report.host_id, digest, now)
         for note in notes:
             log.info("drift on %s: %s", report.host_id, note)
@@ -189,8 +197,9 @@ class ControllerService:
         if self.fleet.delta_overtaken(changes.host_id, changes.started_at, changes.seq):
             notes = None
         else:
-            with self.tx() as s:
-                notes = repo.record_vm_changes(s, changes, self.clock())
+            for attempt in self.retrying():
+                with attempt, self.tx() as s:
+                    notes = repo.record_vm_changes(s, changes, self.clock())
             self.fleet.vms_changed(changes.host_id)
         if notes is None:
             log.debug(
@@ -332,38 +341,15 @@ class ControllerService:
                 host = self.fleet.freshen(replace(basis, generation=basis.generation + 1))
                 claims[i] = _Claimed(result, host, self._spec(create.req, create.vm_uuid, host, result.pcpus))
         touched = sorted(by_host)
+        prepared = claims
         lost: list[repo.HostRecord] = []
-        vms: list[dict[str, object]] = []
-        allocations: list[dict[str, object]] = []
         try:
-            with self.tx() as s:
-                for host_id in touched:
-                    first = decided[by_host[host_id][0]][1]
-                    assert first is not None  # only placements with a basis are in by_host
-                    if not repo.claim_generation(
-                        s, host_id, first.generation, first.updated_at, count=len(by_host[host_id])
-                    ):
-                        # Another claim got there first. Memory goes back to what these
-                        # creates decided on, so alone each re-checks this host under its lock
-                        # (deciding again on a host shown fuller would herd them elsewhere).
-                        lost.append(first)
-                        for i in by_host[host_id]:
-                            claims[i] = None
-                        continue
-                    for i in by_host[host_id]:
-                        claimed = claims[i]
-                        if claimed is None:
-                            continue
-                        create = creates[i]
-                        pcpus = claimed.placement.pcpus
-                        vms.append(
-                            self._vm_row(create.req, create.vm_uuid, host_id, now, pcpus, claimed.spec)
-                        )
-                        allocations.extend(
-                            {"vm_uuid": create.vm_uuid, "host_id": host_id, "resource": r, "amount": a}
-                            for r, a in _claim_amounts(create.request, claimed.placement).items()
-                        )
-                repo.insert_claims(s, vms=vms, allocations=allocations)
+            for attempt in self.retrying():
+                with attempt:
+                    again = attempt.retry_state.attempt_number > 1
+                    claims, lost = self._claim_transaction(
+                        creates, decided, by_host, prepared, now, again=again
+                    )
         except AlreadyExists:
             self.fleet.refresh(touched, self.clock())
             return [None] * len(creates)
@@ -376,6 +362,65 @@ class ControllerService:
         # while memory still counts the claim not written: only a re-read corrects that.
         self.fleet.refresh(unwritten - {b.id for b in lost}, now)
         return claims
+
+    def _claim_transaction(
+        self,
+        creates: Sequence[_Create],
+        decided: Sequence[tuple[Placement | Refusal, repo.HostRecord | None]],
+        by_host: dict[str, list[int]],
+        prepared: Sequence[_Claimed | None],
+        now: float,
+        *,
+        again: bool,
+    ) -> tuple[list[_Claimed | None], list[repo.HostRecord]]:
+        """One attempt at the transaction of :meth:`_write_batch`: the claims it wrote (None where
+        a host's generation moved first) and the bases of the hosts lost that way. Changes no
+        memory, so a transient failure can run it again; run ``again``, it first looks for the
+        batch's VMs (fresh uuids), in case the COMMIT of the attempt before went through
+        unseen: the batch is one transaction, so they are all there or none is."""
+        claims = list(prepared)
+        lost: list[repo.HostRecord] = []
+        vms: list[dict[str, object]] = []
+        allocations: list[dict[str, object]] = []
+        with self.tx() as s:
+            if again:
+                written = repo.vm_uuids_in_use(s, [c.vm_uuid for c in creates])
+                if written:
+                    log.info(
+                        "a batch of %d claims was committed by an attempt whose answer was lost", len(written)
+                    )
+                    return [c if creates[i].vm_uuid in written else None for i, c in enumerate(claims)], [
+                        first
+                        for host_id, placed in by_host.items()
+                        if not any(creates[i].vm_uuid in written for i in placed)
+                        and (first := decided[placed[0]][1]) is not None
+                    ]
+            for host_id in sorted(by_host):
+                first = decided[by_host[host_id][0]][1]
+                assert first is not None  # only placements with a basis are in by_host
+                if not repo.claim_generation(
+                    s, host_id, first.generation, first.updated_at, count=len(by_host[host_id])
+                ):
+                    # Another claim got there first. Memory goes back to what these
+                    # creates decided on, so alone each re-checks this host under its lock
+                    # (deciding again on a host shown fuller would herd them elsewhere).
+                    lost.append(first)
+                    for i in by_host[host_id]:
+                        claims[i] = None
+                    continue
+                for i in by_host[host_id]:
+                    claimed = claims[i]
+                    if claimed is None:
+                        continue
+                    create = creates[i]
+                    pcpus = claimed.placement.pcpus
+                    vms.append(self._vm_row(create.req, create.vm_uuid, host_id, now, pcpus, claimed.spec))
+                    allocations.extend(
+                        {"vm_uuid": create.vm_uuid, "host_id": host_id, "resource": r, "amount": a}
+                        for r, a in _claim_amounts(create.request, claimed.placement).items()
+                    )
+            repo.insert_claims(s, vms=vms, allocations=allocations)
+        return claims, lost
 
     def _check_create(self, req: api.VmCreate) -> api.VmCreated | None:
         """Check what a create refers to: the answer to a repeated idempotency key, else None;
@@ -468,58 +513,84 @@ class ControllerService:
             result, basis = self._decide(request)
             if isinstance(result, Refusal):
                 raise _no_valid_host(result)
-            now = self.clock()
-            with self.tx() as s:
-                if basis is not None and repo.claim_generation(
-                    s, basis.id, basis.generation, basis.updated_at
-                ):
-                    host = self.fleet.freshen(replace(basis, generation=basis.generation + 1))
-                    pcpus = result.pcpus
-                else:
-                    repo.bump_generation(s, result.host_id)
-                    host = self.fleet.freshen(repo.get_host(s, result.host_id, include_vms=False))
-                    # Group members on this host are VMs placed here, so under this host's lock
-                    # the count is exact: a hard anti-affinity limit cannot be raced past.
-                    recheck = _place(
-                        fleet.snapshot([host], self.config, now, _request_group(s, request)),
-                        PlacementRequest(
-                            vm_name=request.vm_name,
-                            resources=request.resources,
-                            needs_hw_virt=request.needs_hw_virt,
-                            networks=request.networks,
-                            bridges=request.bridges,
-                            group=request.group,
-                        ),
-                        _one_host_policy(self.config),
-                    )
-                    if isinstance(recheck, Refusal):
-                        log.info(
-                            "host %s filled up while placing %s; deciding again", result.host_id, req.name
-                        )
-                        s.rollback()
-                        self.fleet.upsert(host, now)
-                        attempts += 1
-                        continue
-                    # The pCPUs picked on the fresh host state under its lock, not the memory's.
-                    pcpus = recheck.pcpus
-                amounts = _claim_amounts(request, replace(result, pcpus=pcpus))
-                # The definition is part of the claim: one transaction places, claims and
-                # records what will be built (the spec needs the host as locked and its pCPUs).
-                spec = self._spec(req, vm_uuid, host, pcpus)
-                repo.insert_claim(
-                    s,
-                    vm=self._vm_row(req, vm_uuid, result.host_id, now, pcpus, spec),
-                    host_id=result.host_id,
-                    amounts=amounts,
-                    new=not rehome,
-                )
-            # The host as this transaction left it: no need to read it back.
-            self.fleet.upsert(with_claim(host, amounts), now)
-            return _Claimed(replace(result, pcpus=pcpus), host, spec)
+            claimed: _Claimed | None = None
+            for attempt in self.retrying():
+                with attempt:
+                    again = attempt.retry_state.attempt_number > 1
+                    claimed = self._claim_on(req, vm_uuid, request, result, basis, rehome=rehome, again=again)
+            if claimed is not None:
+                return claimed
+            attempts += 1
         raise Conflict(
             f"could not claim a host for {req.name} after {self.config.claim_retries} attempts (heavy contention)",
             retryable=True,
         )
+
+    def _claim_on(
+        self,
+        req: api.VmCreate,
+        vm_uuid: str,
+        request: PlacementRequest,
+        result: Placement,
+        basis: repo.HostRecord | None,
+        *,
+        rehome: bool,
+        again: bool,
+    ) -> _Claimed | None:
+        """One claim transaction of :meth:`_claim` on the decided host; None when that host
+        filled up meanwhile (decide again). Safe to run again after a transient failure: it
+        changes memory only after its commit, and a first claim whose COMMIT was lost with its
+        connection is found by its VM's uuid (fresh for this request) when run ``again``."""
+        now = self.clock()
+        with self.tx() as s:
+            mine = repo.find_vm_by_uuid(s, vm_uuid) if again and not rehome else None
+            if mine is not None and mine.host_id is not None:
+                log.info("the claim of %s was committed by an attempt whose answer was lost", req.name)
+                host = self.fleet.freshen(repo.get_host(s, mine.host_id, include_vms=False))
+                spec = mine.spec or self._spec(req, vm_uuid, host, mine.pcpus)
+                self.fleet.upsert(host, now)
+                return _Claimed(replace(result, host_id=host.id, pcpus=mine.pcpus), host, spec)
+            if basis is not None and repo.claim_generation(s, basis.id, basis.generation, basis.updated_at):
+                host = self.fleet.freshen(replace(basis, generation=basis.generation + 1))
+                pcpus = result.pcpus
+            else:
+                repo.bump_generation(s, result.host_id)
+                host = self.fleet.freshen(repo.get_host(s, result.host_id, include_vms=False))
+                # Group members on this host are VMs placed here, so under this host's lock
+                # the count is exact: a hard anti-affinity limit cannot be raced past.
+                recheck = _place(
+                    fleet.snapshot([host], self.config, now, _request_group(s, request)),
+                    PlacementRequest(
+                        vm_name=request.vm_name,
+                        resources=request.resources,
+                        needs_hw_virt=request.needs_hw_virt,
+                        networks=request.networks,
+                        bridges=request.bridges,
+                        group=request.group,
+                    ),
+                    _one_host_policy(self.config),
+                )
+                if isinstance(recheck, Refusal):
+                    log.info("host %s filled up while placing %s; deciding again", result.host_id, req.name)
+                    s.rollback()
+                    self.fleet.upsert(host, now)
+                    return None
+                # The pCPUs picked on the fresh host state under its lock, not the memory's.
+                pcpus = recheck.pcpus
+            amounts = _claim_amounts(request, replace(result, pcpus=pcpus))
+            # The definition is part of the claim: one transaction places, claims and
+            # records what will be built (the spec needs the host as locked and its pCPUs).
+            spec = self._spec(req, vm_uuid, host, pcpus)
+            repo.insert_claim(
+                s,
+                vm=self._vm_row(req, vm_uuid, result.host_id, now, pcpus, spec),
+                host_id=result.host_id,
+                amounts=amounts,
+                new=not rehome,
+            )
+        # The host as this transaction left it: no need to read it back.
+        self.fleet.upsert(with_claim(host, amounts), now)
+        return _Claimed(replace(result, pcpus=pcpus), host, spec)
 
     def _spec(self, req: api.VmCreate, vm_uuid: str, host: repo.HostRecord, pcpus: tuple[int, ...]) -> VmSpec:
         """The VM's definition on ``host``; InvalidRequest for a cpuset naming a CPU the host does
@@ -596,9 +667,10 @@ class ControllerService:
                 log.warning("build of %s failed on %s: %s", req.name, host.id, exc.message)
                 if not isinstance(exc, TransportError):
                     self._clean_failed_build(host.id, vm_uuid, req.name)
-                with self.tx() as s:
-                    repo.release(s, vm_uuid, host.id)
-                    repo.update_vm(s, vm_uuid, self.clock(), host_id=None, status=Lifecycle.BUILDING)
+                for attempt in self.retrying():
+                    with attempt, self.tx() as s:
+                        repo.release(s, vm_uuid, host.id)
+                        repo.update_vm(s, vm_uuid, self.clock(), host_id=None, status=Lifecycle.BUILDING)
                 self.hosts_changed(host.id)
                 if len(tried) >= self.config.max_attempts:
                     self._fail(vm_uuid, "; ".join(failures), keep_host=False)
@@ -621,15 +693,17 @@ class ControllerService:
             except (InvalidRequest, AlreadyExists, NotFound):
                 # The agent refused the request itself (image missing or in use by another guest, name
                 # taken on the host) and built nothing: a refusal changes nothing, so forget the VM.
-                with self.tx() as s:
-                    repo.release(s, vm_uuid, host.id)
-                    repo.delete_vm(s, vm_uuid)
+                for attempt in self.retrying():
+                    with attempt, self.tx() as s:
+                        repo.release(s, vm_uuid, host.id)
+                        repo.delete_vm(s, vm_uuid)
                 self.hosts_changed(host.id)
                 raise
             except VirtfleetError as exc:
                 self._fail(vm_uuid, exc.message, keep_host=False)
-                with self.tx() as s:
-                    repo.release(s, vm_uuid, host.id)
+                for attempt in self.retrying():
+                    with attempt, self.tx() as s:
+                        repo.release(s, vm_uuid, host.id)
                 self.hosts_changed(host.id)
                 raise
             # Builds that finish together record their results in one transaction.
@@ -647,30 +721,39 @@ class ControllerService:
             log.warning("could not clean up the failed build of %s on %s: %s", name, host_id, exc.message)
 
     def _fail(self, vm_uuid: str, message: str, *, keep_host: bool) -> None:
-        with self.tx() as s:
-            values: dict[str, object] = {"status": Lifecycle.ERROR, "task": None, "last_error": message}
-            if not keep_host:
-                values["host_id"] = None
-            repo.update_vm(s, vm_uuid, self.clock(), **values)
+        values: dict[str, object] = {"status": Lifecycle.ERROR, "task": None, "last_error": message}
+        if not keep_host:
+            values["host_id"] = None
+        for attempt in self.retrying():
+            with attempt, self.tx() as s:
+                repo.update_vm(s, vm_uuid, self.clock(), **values)
 
     def _record_builds(self, built: Sequence[tuple[str, VmResult]]) -> list[VmView | BaseException]:
         """The results of builds that finished together (the VMs now active), in one transaction;
         a VM deleted meanwhile is that build's NotFound only."""
         now = self.clock()
         views: list[VmView | BaseException] = []
-        with self.tx() as s:
-            for vm_uuid, result in built:
-                try:
-                    views.append(
-                        fleet.vm_view(repo.record_result(s, vm_uuid, now, result.status, Lifecycle.ACTIVE))
-                    )
-                except NotFound as exc:
-                    views.append(exc)
+        for attempt in self.retrying():
+            with attempt, self.tx() as s:
+                views = []
+                for vm_uuid, result in built:
+                    try:
+                        views.append(
+                            fleet.vm_view(
+                                repo.record_result(s, vm_uuid, now, result.status, Lifecycle.ACTIVE)
+                            )
+                        )
+                    except NotFound as exc:
+                        views.append(exc)
         return views
 
     def apply_result(self, vm_uuid: str, result: VmResult, *, status: Lifecycle | None = None) -> VmView:
-        with self.tx() as s:
-            return fleet.vm_view(repo.record_result(s, vm_uuid, self.clock(), result.status, status))
+        """Record what an agent did to a VM (a transient database failure is retried: the VM
+        changed on its host whatever happens here)."""
+        for attempt in self.retrying():
+            with attempt, self.tx() as s:
+                return fleet.vm_view(repo.record_result(s, vm_uuid, self.clock(), result.status, status))
+        raise AssertionError("unreachable: the last failed attempt re-raises")
 
     def resize_claim(self, vm_uuid: str, host_id: str, new_amounts: dict[str, int]) -> None:
         """Change a VM's allocations on its host (live vCPU/memory changes).

@@ -14,14 +14,19 @@ gets a typed error that says what to do:
 
 Message bounds (common.messages.limits) refuse bad values before any statement runs; this is
 the net under them, for what a bound does not say (and for SQLite, which enforces no length).
+
+A transient failure is first retried where the transaction can be run again as a whole
+(:func:`transient_retries`); only when it lasts does the client get ``StoreUnavailable``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import tenacity
 from sqlalchemy import exc as sa
 
 from common.errors import AlreadyExists, InternalError, InvalidRequest, StoreUnavailable, VirtfleetError
@@ -72,4 +77,39 @@ def typed_database_errors() -> Iterator[None]:
         raise typed from error
 
 
-__all__ = ["translate", "typed_database_errors"]
+def transient_retries(within_s: float, *, sleep: Callable[[float], None] = time.sleep) -> tenacity.Retrying:
+    """Attempts of one transaction, run again while it fails with ``StoreUnavailable`` (a
+    transient failure: connection lost, the server restarting, a deadlock or serialization
+    failure), with jittered exponential waits, for at most ``within_s`` seconds; then that error
+    is raised. Use as::
+
+        for attempt in transient_retries(15.0):
+            with attempt, service.tx() as session:
+                ...  # everything the transaction does, nothing after it in the loop
+
+    The body must be safe to run again: it may change memory only in ways that a rolled-back
+    attempt leaves true. PostgreSQL's own advice for 40001/40P01 is exactly this, and oslo.db's
+    ``wrap_db_retry`` does the same for Nova. A COMMIT whose connection dies leaves its outcome
+    unknown; callers whose rows have a known identity check for them on the next attempt.
+    """
+
+    def said(state: tenacity.RetryCallState) -> None:
+        outcome = state.outcome
+        error = outcome.exception() if outcome is not None else None
+        log.info(
+            "transient database failure (attempt %d), running the transaction again: %s",
+            state.attempt_number,
+            error,
+        )
+
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(StoreUnavailable),
+        stop=tenacity.stop_after_delay(within_s),
+        wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
+        before_sleep=said,
+        sleep=sleep,
+        reraise=True,
+    )
+
+
+__all__ = ["transient_retries", "translate", "typed_database_errors"]

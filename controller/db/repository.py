@@ -467,10 +467,15 @@ def get_vm(session: Session, name: str) -> VmRecord:
 
 
 def get_vm_by_uuid(session: Session, uuid: str) -> VmRecord:
-    row = session.get(Vm, uuid)
-    if row is None:
+    found = find_vm_by_uuid(session, uuid)
+    if found is None:
         raise NotFound(f"VM {uuid} does not exist")
-    return _vm_record(row)
+    return found
+
+
+def find_vm_by_uuid(session: Session, uuid: str) -> VmRecord | None:
+    row = session.get(Vm, uuid)
+    return None if row is None else _vm_record(row)
 
 
 def find_vm_by_key(session: Session, key: str) -> VmRecord | None:
@@ -659,6 +664,11 @@ def host_usage(session: Session, host_id: str) -> dict[str, int]:
 
 def names_in_use(session: Session, names: Sequence[str]) -> set[str]:
     return set(session.scalars(select(Vm.name).where(Vm.name.in_(list(names)))))
+
+
+def vm_uuids_in_use(session: Session, uuids: Sequence[str]) -> set[str]:
+    """Which of ``uuids`` have a VM row (claims whose commit outcome was not seen)."""
+    return set(session.scalars(select(Vm.uuid).where(Vm.uuid.in_(list(uuids)))))
 
 
 # ---------------------------------------------------------------------------- groups
