@@ -79,6 +79,9 @@ def test_a_host_that_loses_libvirt_is_degraded_refuses_commands_and_comes_back_u
         assert error["type"] == "HypervisorUnavailable", error
         assert error["retryable"] is True
         assert a.calls == calls
+        shown = fleet.cli_ok("vm", "show", "steady")
+        # The controller keeps its view of the host's VMs: not missing, not in error.
+        assert (shown["status"], shown["power_state"]) == ("active", "running"), shown
 
         # Placement skips the degraded host and says why; a forced create on it is refused.
         placed = fleet.cli_ok("vm", "create", "elsewhere", "--memory", "128", "--disk", "1")
