@@ -70,6 +70,8 @@ def test_a_host_that_loses_libvirt_is_degraded_refuses_commands_and_comes_back_u
         view = wait_until(lambda: listed(fleet, "a", "degraded"), SOON, "host a degraded")
         assert "libvirt unreachable" in (view["state_reason"] or "")
         assert "libvirtd closed the connection" in host_show(fleet, "a")["state_reason"]
+        capacity = fleet.cli_ok("host", "capacity", "a")
+        assert [h["status"] for h in capacity["hosts"]] == ["degraded"], capacity
 
         # A command fails at once with the typed, retryable error; nothing changed on the host.
         calls = list(a.calls)
