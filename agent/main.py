@@ -29,7 +29,7 @@ from agent import config as config_mod
 from agent.config import AgentConfig, MultiHostConfig
 from agent.drivers import host_facts
 from agent.drivers.libvirt_driver import LibvirtHypervisor, open_connection, open_link
-from agent.drivers.libvirt_link import LiveConnection
+from agent.drivers.libvirt_link import LibvirtLink, LiveConnection
 from agent.host_runtime import AgentModule, HostRuntime
 from agent.multihost import HostParts, MultiHostAgent
 from agent.network.module import build_network_module
@@ -71,18 +71,19 @@ class HostLibvirt:
     def __init__(self, uri: str) -> None:
         if host_facts.is_test_uri(uri):
             self._conn: Any = open_connection(uri)
-            self._link = None
+            #: the reconnecting link of a real host (None for the test driver)
+            self.link: LibvirtLink | None = None
             self.driver: Any = self._conn
             self.modules: Any = self._conn
         else:
-            self._link = open_link(uri)
+            self.link = open_link(uri)
             self._conn = None
-            self.driver = self._link
-            self.modules = LiveConnection(self._link)
+            self.driver = self.link
+            self.modules = LiveConnection(self.link)
 
     def close(self) -> None:
-        if self._link is not None:
-            self._link.close()
+        if self.link is not None:
+            self.link.close()
         else:
             with contextlib.suppress(libvirt.libvirtError):
                 self._conn.close()
