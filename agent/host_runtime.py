@@ -129,6 +129,9 @@ class HostRuntime:
         #: VMs changed outside virtfleet reach the controller in deltas too, where the driver
         #: emits lifecycle events (None: they wait for the next full report)
         self._unwatch = hypervisor.watch_lifecycle(self.reporter.vm_changed)
+        #: libvirt lost (libvirtd restarted) or back: a degraded report now, a full one after the
+        #: reconnect (the driver re-registers the lifecycle events first)
+        self._unwatch_connection = hypervisor.watch_connection(self.reporter.hypervisor_changed)
 
     @property
     def host_id(self) -> str:
@@ -153,6 +156,9 @@ class HostRuntime:
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
+        if self._unwatch_connection is not None:
+            self._unwatch_connection()
+            self._unwatch_connection = None
         self.journal.close()
 
 

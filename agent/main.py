@@ -28,7 +28,8 @@ import libvirt
 from agent import config as config_mod
 from agent.config import AgentConfig, MultiHostConfig
 from agent.drivers import host_facts
-from agent.drivers.libvirt_driver import LibvirtHypervisor, open_connection
+from agent.drivers.libvirt_driver import LibvirtHypervisor, open_connection, open_link
+from agent.drivers.libvirt_link import LibvirtLink, LiveConnection
 from agent.host_runtime import AgentModule, HostRuntime
 from agent.multihost import HostParts, MultiHostAgent
 from agent.network.module import build_network_module
@@ -59,6 +60,33 @@ def build_hypervisor(cfg: AgentConfig, conn: Any) -> LibvirtHypervisor:
     )
     hv.ensure_pool(cfg.images_dir)
     return hv
+
+
+class HostLibvirt:
+    """A host's libvirt connection as the driver (``driver``) and the modules (``modules``) take
+    it. A real host's is a LibvirtLink that reconnects after a libvirtd restart; the in-process
+    test driver's (``test:///``) is a plain connection: reopening it would lose its state, and it
+    cannot lose its connection anyway."""
+
+    def __init__(self, uri: str) -> None:
+        if host_facts.is_test_uri(uri):
+            self._conn: Any = open_connection(uri)
+            #: the reconnecting link of a real host (None for the test driver)
+            self.link: LibvirtLink | None = None
+            self.driver: Any = self._conn
+            self.modules: Any = self._conn
+        else:
+            self.link = open_link(uri)
+            self._conn = None
+            self.driver = self.link
+            self.modules = LiveConnection(self.link)
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+        else:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()
 
 
 def build_modules(cfg: AgentConfig, conn: Any) -> list[AgentModule]:
@@ -159,34 +187,35 @@ def _serve(agent: _Served, stop: threading.Event, received: list[int]) -> None:
 
 def _run_one(cfg: AgentConfig, stop: threading.Event, received: list[int]) -> int:
     try:
-        conn = open_connection(cfg.libvirt_uri)
+        conn = HostLibvirt(cfg.libvirt_uri)
     except VirtfleetError as exc:
         log.error("cannot start: %s", exc.message)
         return 1
     try:
         try:
-            agent = Agent(cfg, build_hypervisor(cfg, conn), modules=build_modules(cfg, conn))
+            agent = Agent(cfg, build_hypervisor(cfg, conn.driver), modules=build_modules(cfg, conn.modules))
         except VirtfleetError as exc:
             log.error("cannot start: %s", exc.message)
             return 1
 
         _serve(agent, stop, received)
     finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.close()
+        conn.close()
     return 0
 
 
 def _run_many(multi: MultiHostConfig, stop: threading.Event, received: list[int]) -> int:
     """Every host's own libvirt connection, driver and modules, served by one MultiHostAgent."""
-    conns: list[Any] = []
+    conns: list[HostLibvirt] = []
     try:
         hosts: list[HostParts] = []
         try:
             for cfg in multi.hosts:
-                conn = open_connection(cfg.libvirt_uri)
+                conn = HostLibvirt(cfg.libvirt_uri)
                 conns.append(conn)
-                hosts.append(HostParts(cfg, build_hypervisor(cfg, conn), build_modules(cfg, conn)))
+                hosts.append(
+                    HostParts(cfg, build_hypervisor(cfg, conn.driver), build_modules(cfg, conn.modules))
+                )
                 if stop.is_set():
                     return 0
             agent = MultiHostAgent(hosts)
@@ -197,8 +226,7 @@ def _run_many(multi: MultiHostConfig, stop: threading.Event, received: list[int]
         _serve(agent, stop, received)
     finally:
         for conn in conns:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.close()
+            conn.close()
     return 0
 
 

@@ -4,6 +4,7 @@
 :class:`~agent.drivers.fake.FakeHypervisor` is a stateful in-memory one with the same refusals
 (tests, in-process simulated hosts). Every method raises only virtfleet errors
 (:class:`~common.errors.NotFound` for an unknown domain, volume or pool,
+:class:`~common.errors.HypervisorUnavailable` while libvirt cannot be reached,
 :class:`~common.errors.HypervisorError` for anything libvirt refused).
 """
 
@@ -87,6 +88,14 @@ class Hypervisor(Protocol):
         events). It runs on libvirt's event-loop thread, or with the fake's lock held: it must only
         take note and return. Returns how to stop watching; None when this hypervisor emits no
         events (changes made outside virtfleet then wait for the next full report)."""
+        ...
+
+    def watch_connection(self, changed: Callable[[str | None], None]) -> Callable[[], None] | None:
+        """Have ``changed(reason)`` called when the connection to libvirt is lost (libvirtd
+        restarted or stopped: every method then raises
+        :class:`~common.errors.HypervisorUnavailable` until it is back) and ``changed(None)`` once
+        it is back, after lifecycle watchers were registered again. It must only take note and
+        return. Returns how to stop watching; None when the connection cannot be lost."""
         ...
 
     # -- storage --------------------------------------------------------------------

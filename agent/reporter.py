@@ -17,6 +17,13 @@
 
 A failure is logged and retried later; it never ends the thread.
 
+While the hypervisor cannot reach libvirt (its calls raise
+:class:`~common.errors.HypervisorUnavailable`: libvirtd restarted), the full report is the last
+one sent with :attr:`~common.messages.host.HostReport.hypervisor_error` set (the controller shows
+the host *degraded* and places nothing there), deltas wait, and heartbeats go on; after the
+reconnect (:meth:`Reporter.hypervisor_changed`) a full report is sent at once, since events may
+have been missed meanwhile.
+
 :meth:`Reporter.step` is one pass of that loop (send what is due, say when the next thing is
 due), so that :class:`agent.report_scheduler.ReportScheduler` can drive the reporters of many
 hosts from one thread instead of a thread per host.
@@ -30,9 +37,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
+import msgspec
+
 from agent.ports import ACTIVE_STATES, Hypervisor, NodeFacts
 from common import codec
-from common.errors import VirtfleetError
+from common.errors import HypervisorUnavailable, VirtfleetError
 from common.messages.descriptor import Report
 from common.messages.envelope import Envelope
 from common.messages.host import (
@@ -54,6 +63,9 @@ B = TypeVar("B")
 #: Seconds a delta waits after the first change it carries, so that the changes of one command
 #: (define, start, the command's own note) and of an event burst go out as one message.
 DELTA_DELAY_S = 0.05
+
+#: the longest ``hypervisor_error`` sent (libvirt's messages are short; the field is Text)
+MAX_ERROR_CHARS = 500
 
 
 # ------------------------------------------------------------------------------------------ pure
@@ -246,6 +258,12 @@ class Reporter:
             self._changed.add(uuid)
         self._notify()
 
+    def hypervisor_changed(self, reason: str | None) -> None:
+        """The hypervisor lost its libvirt connection (``reason``) or got it back (None): send a
+        full report soon, degraded or fresh. Non-blocking: safe from the link's thread."""
+        log.info("%s: libvirt %s", self.host_id, f"unreachable: {reason}" if reason else "reachable again")
+        self.request_report()
+
     def notify_with(self, notify: Callable[[], None]) -> None:
         """Let ``notify`` (instead of the own thread's wake-up) learn of every requested report:
         how a scheduler driving :meth:`step` hears of them."""
@@ -345,6 +363,36 @@ class Reporter:
     def _send_report(self) -> bool:
         changed = self._take_changed()  # before the listing: what changes after it goes in a delta
         try:
+            return self._send_full_report(changed)
+        except HypervisorUnavailable as exc:
+            return self._send_degraded_report(changed, exc)
+
+    def _send_degraded_report(self, changed: set[str], unreachable: HypervisorUnavailable) -> bool:
+        """libvirt is away: the last report again, marked with why (the controller takes only
+        that), so the host shows degraded. Not sent before a first full report (there are no
+        facts to send; the agent cannot start without libvirt anyway)."""
+        self._restore_changed(changed)  # they go in the first report after the reconnect
+        last = self.last_report
+        if last is None:
+            return self._not_sent("host report", set(), unreachable)
+        try:
+            now = self._clock()
+            with self._lock:
+                self._seq += 1
+                seq = self._seq
+            # No VMs: the controller keeps the states it has until libvirt answers again.
+            report = msgspec.structs.replace(
+                last, seq=seq, reported_at=now, vms=(), hypervisor_error=unreachable.message[:MAX_ERROR_CHARS]
+            )
+            self._sink.send(HOST_REPORT, report, sent_at=now, ttl_s=REPORT_TTL_MS / 1000)
+        except Exception as exc:  # noqa: BLE001 - see _send_full_report
+            return self._not_sent("degraded host report", set(), exc)
+        self.reports_sent += 1
+        log.warning("%s: sent degraded host report seq %d: %s", self.host_id, seq, unreachable.message)
+        return False  # retried soon: the next one may be a full one again
+
+    def _send_full_report(self, changed: set[str]) -> bool:
+        try:
             # Stamped before the hypervisor is read, so every state in the report is at least
             # this recent: the controller ignores a report for a VM it changed after
             # reported_at, which must include changes applied while this listing ran.
@@ -366,8 +414,13 @@ class Reporter:
             )
             for enrich in self._enrichers:
                 report = enrich(report)
-            self._sink.send(HOST_REPORT, report, sent_at=now, ttl_s=REPORT_TTL_MS / 1000)
+        except HypervisorUnavailable:
+            raise  # _send_report sends the degraded report instead
         except Exception as exc:  # noqa: BLE001 - the reporter must outlive any bug in one report; _not_sent logs it
+            return self._not_sent("host report", changed, exc)
+        try:
+            self._sink.send(HOST_REPORT, report, sent_at=now, ttl_s=REPORT_TTL_MS / 1000)
+        except Exception as exc:  # noqa: BLE001 - see above
             return self._not_sent("host report", changed, exc)
         self.last_report = report
         self.reports_sent += 1

@@ -12,6 +12,7 @@ Tree (``retryable`` in brackets where it is true)::
     ├── CapacityExceeded           a claim lost to capacity (e.g. live grow)
     ├── Unsupported                the hypervisor or host cannot do it
     ├── HypervisorError            libvirt failed; keeps libvirt's error code
+    │   └── HypervisorUnavailable  the agent has lost its libvirt connection and is reconnecting [retryable]
     ├── StorageError               qemu-img / storage pool failed
     ├── NetworkConfigError         netlink / host network change failed
     ├── ProtocolError              a message we cannot understand
@@ -113,6 +114,13 @@ class HypervisorError(VirtfleetError):
     """libvirt reported an error; ``details["code"]`` keeps libvirt's error code."""
 
 
+class HypervisorUnavailable(HypervisorError):
+    """The agent cannot reach libvirt (libvirtd restarted or stopped) and is reconnecting;
+    nothing was done on the host. Retry once the host is ``up`` again."""
+
+    retryable_default = True
+
+
 class StorageError(VirtfleetError):
     """An image or storage pool operation failed."""
 
@@ -191,6 +199,7 @@ WIRE_TYPES: Mapping[str, type[VirtfleetError]] = {
         CapacityExceeded,
         Unsupported,
         HypervisorError,
+        HypervisorUnavailable,
         StorageError,
         NetworkConfigError,
         ProtocolError,

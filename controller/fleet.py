@@ -39,6 +39,20 @@ def host_is_up(record: HostRecord, now: float, down_after_s: float) -> bool:
     return record.last_heartbeat is not None and now - record.last_heartbeat <= down_after_s
 
 
+def host_status(record: HostRecord, now: float, down_after_s: float) -> HostStatus:
+    """Down without a recent heartbeat; degraded while its agent cannot reach libvirt; else up."""
+    if not host_is_up(record, now, down_after_s):
+        return HostStatus.DOWN
+    return HostStatus.UP if record.hypervisor_error is None else HostStatus.DEGRADED
+
+
+def shown_reason(record: HostRecord) -> str | None:
+    """The reason shown with a host: the operator's (disabled, maintenance) and why it is
+    degraded, whichever are set."""
+    reasons = [r for r in (record.state_reason, record.hypervisor_error) if r]
+    return "; ".join(reasons) or None
+
+
 def down_since(record: HostRecord, now: float, down_after_s: float) -> float | None:
     """When a down host was last heard of (None if up or never heard of)."""
     if host_is_up(record, now, down_after_s):
@@ -122,6 +136,7 @@ def host_state(record: HostRecord, config: ControllerConfig, now: float) -> Host
         enabled=record.enabled,
         maintenance=record.maintenance,
         state_reason=record.state_reason,
+        hypervisor_error=record.hypervisor_error,
         up=host_is_up(record, now, config.down_after_s),
         down_since=down_since(record, now, config.down_after_s),
         has_hw_virt=record.hw_virt,
@@ -229,7 +244,7 @@ def host_view(
     return HostView(
         host_id=record.id,
         hostname=record.hostname,
-        status=HostStatus.UP if host_is_up(record, now, config.down_after_s) else HostStatus.DOWN,
+        status=host_status(record, now, config.down_after_s),
         enabled=record.enabled,
         maintenance=record.maintenance,
         hypervisor_type=record.hypervisor_type,
@@ -245,7 +260,7 @@ def host_view(
         networks=record.networks if detail else (),
         bridges=record.bridges if detail else (),
         vms=tuple(vms) if detail else (),
-        state_reason=record.state_reason,
+        state_reason=shown_reason(record),
     )
 
 

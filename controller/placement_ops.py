@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 
 from common.errors import NotFound
 from common.messages import placement as msgs
-from common.messages.vm import HostStatus, Lifecycle, PowerState
+from common.messages.vm import Lifecycle, PowerState
 from common.transport.rpc import HandlerTable
 from controller import fleet
 from controller.db import repository as repo
@@ -165,7 +165,8 @@ def capacity(service: ControllerService, req: msgs.CapacityRequest) -> msgs.Capa
             by_host.setdefault(vm.host_id, []).append(vm)
     hosts = []
     for record in records:
-        state = fleet.host_state(service.fleet.freshen(record), service.config, now)
+        fresh = service.fleet.freshen(record)
+        state = fleet.host_state(fresh, service.config, now)
         sources = fleet.inventory_sources(record, service.config)
         reported = _reported_usage(record)
         resources = []
@@ -186,7 +187,7 @@ def capacity(service: ControllerService, req: msgs.CapacityRequest) -> msgs.Capa
         hosts.append(
             msgs.HostCapacity(
                 host=record.id,
-                status=HostStatus.UP if state.up else HostStatus.DOWN,
+                status=fleet.host_status(fresh, now, service.config.down_after_s),
                 group=record.group_name,
                 resources=tuple(resources),
                 drift=tuple(drift_notes(record, by_host.get(record.id, []), claims)),

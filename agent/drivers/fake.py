@@ -59,6 +59,7 @@ from common.domain_xml import VF_NAMESPACE, DomainXmlError, ParsedDomain, parse_
 from common.errors import (
     AlreadyExists,
     HypervisorError,
+    HypervisorUnavailable,
     InternalError,
     InvalidRequest,
     NotFound,
@@ -537,7 +538,7 @@ class FakeHypervisor:
 
     Hooks for tests: :meth:`fail_next` (make a port method raise once), :attr:`ignore_acpi` (the guest
     ignores ACPI shutdown), :attr:`guest_acks_unplug` (False: a live detach waits for the guest, see
-    :meth:`release_devices`), :attr:`calls` (the changing port calls, in order), :meth:`add_file`.
+    :meth:`release_devices`), :attr:`calls` (the changing port calls, in order), :meth:`add_file`, :meth:`lose_libvirt` / :meth:`restore_libvirt` (a libvirtd restart).
     Lifecycle events as libvirt's (:meth:`watch_lifecycle`): a test that calls :meth:`destroy` or
     :meth:`start` itself acts as someone at the host's console, and the agent hears of it.
     """
@@ -601,6 +602,10 @@ class FakeHypervisor:
         self.calls: list[str] = []
         #: lifecycle-event callbacks (see :meth:`watch_lifecycle`)
         self._watchers: list[Callable[[str], None]] = []
+        #: connection callbacks (see :meth:`watch_connection`)
+        self._link_watchers: list[Callable[[str | None], None]] = []
+        #: why libvirt is unreachable (:meth:`lose_libvirt`); None while connected
+        self._lost: str | None = None
         #: True: ACPI shutdown does nothing (the guest has no ACPI button handling).
         self.ignore_acpi = False
         #: False: a live detach returns but the device stays until :meth:`release_devices` or a stop.
@@ -750,8 +755,45 @@ class FakeHypervisor:
         with self.lock:
             return self.calls.count(method)
 
+    def lose_libvirt(self, reason: str = "libvirtd closed the connection") -> None:
+        """Act as a libvirtd that stopped: every port method raises HypervisorUnavailable, and
+        lifecycle events are not delivered, until :meth:`restore_libvirt`. Domains keep their
+        state (QEMU keeps running while libvirtd is away)."""
+        with self.lock:
+            self._lost = reason
+            listeners = tuple(self._link_watchers)
+        for changed in listeners:
+            changed(reason)
+
+    def restore_libvirt(self) -> None:
+        """libvirtd is back: calls work again and :meth:`watch_connection` listeners hear None."""
+        with self.lock:
+            self._lost = None
+            listeners = tuple(self._link_watchers)
+        for changed in listeners:
+            changed(None)
+
+    def watch_connection(self, changed: Callable[[str | None], None]) -> Callable[[], None]:
+        """``changed(reason)`` on :meth:`lose_libvirt`, ``changed(None)`` on :meth:`restore_libvirt`
+        (called without the lock, like the link's thread calls it)."""
+        with self.lock:
+            self._link_watchers.append(changed)
+
+        def unwatch() -> None:
+            with self.lock:
+                if changed in self._link_watchers:
+                    self._link_watchers.remove(changed)
+
+        return unwatch
+
     def _enter(self, method: str) -> None:
-        """Record the call and raise an injected failure. Called with the lock held."""
+        """Record the call and raise an injected failure (or HypervisorUnavailable while libvirt
+        is lost). Called with the lock held."""
+        if self._lost is not None:
+            raise HypervisorUnavailable(
+                f"{method}: libvirt unreachable ({self._lost}); the agent is reconnecting",
+                details={"reason": self._lost},
+            )
         if method in MUTATING:
             self.calls.append(method)
         queue = self._failures.get(method)
@@ -777,6 +819,14 @@ class FakeHypervisor:
     def images(self) -> FakeImages:
         """qemu-img on this host's files, refusing to write to images a running VM holds."""
         return FakeImages(self.storage, self._path_in_use)
+
+    def guest_powered_off(self, uuid: str) -> None:
+        """The guest powered itself off (QEMU exited), not through libvirt: works while libvirt
+        is lost, and its lifecycle event is then missed, as libvirtd's would be."""
+        with self.lock:
+            dom = self._get(uuid, f"VM {uuid}")
+            self._stopped(dom)
+            self._emit(dom.uuid)
 
     def release_devices(self, uuid: str) -> None:
         """The guest acknowledges the unplugs it was asked for (with :attr:`guest_acks_unplug` False)."""
@@ -962,6 +1012,8 @@ class FakeHypervisor:
         return unwatch
 
     def _emit(self, uuid: str) -> None:
+        if self._lost is not None:
+            return  # no connection, no events: the full report after the reconnect carries it
         for changed in tuple(self._watchers):
             changed(uuid)
 

@@ -1,12 +1,15 @@
 """The libvirt implementation of :class:`agent.ports.Hypervisor`.
 
 Every ``libvirt.libvirtError`` is translated here, once: unknown domains, volumes, pools and
-networks become :class:`~common.errors.NotFound`, anything else
-:class:`~common.errors.HypervisorError`; both keep libvirt's error code in ``details["code"]``.
+networks become :class:`~common.errors.NotFound`, a lost connection to libvirtd
+:class:`~common.errors.HypervisorUnavailable` (retryable), anything else
+:class:`~common.errors.HypervisorError`; all keep libvirt's error code in ``details["code"]``.
 
 One connection is shared by all threads (libvirt connections are thread-safe). That matters for
 the test driver: every ``open()`` of ``test:///path/node.xml`` gets private state, so a second
-connection would not see the agent's domains.
+connection would not see the agent's domains. On a real host it is a
+:class:`~agent.drivers.libvirt_link.LibvirtLink`, which reopens it after libvirtd restarted; the
+driver re-registers its domain event callbacks on the new connection.
 
 Domain XML is never built here (:mod:`common.domain_xml` does that); only the small storage and
 metadata documents below are.
@@ -28,11 +31,12 @@ import libvirt
 
 from agent.disks import OWNED_VOLUMES_NS as OWNED_VOLUMES_NS  # noqa: PLC0414 - re-exported
 from agent.drivers import host_facts
+from agent.drivers.libvirt_link import LibvirtLink, is_connection_error
 from agent.host_files import OsPathLookup
 from agent.ports import GIB, NodeFacts, shutdown_timed_out
 from agent.storage_pools import FileKind, PathLookup
 from common.domain_xml import VF_NAMESPACE, DomainXmlError, parse_domain_xml
-from common.errors import HypervisorError, NotFound, Unsupported, VirtfleetError
+from common.errors import HypervisorError, HypervisorUnavailable, NotFound, Unsupported, VirtfleetError
 from common.messages.host import CpuTopology, StoragePoolInfo
 from common.messages.vm import DiskFormat, PowerState, VmStatus
 
@@ -82,6 +86,8 @@ def translate_error(exc: libvirt.libvirtError, action: str) -> VirtfleetError:
     details = {"code": code, "domain": exc.get_error_domain(), "libvirt_message": text}
     if code in _NOT_FOUND_CODES:
         return NotFound(f"{action}: {text}", details=details)
+    if is_connection_error(code, exc.get_error_domain()):
+        return HypervisorUnavailable(f"{action}: libvirt unreachable: {text}", details=details)
     if code in _UNSUPPORTED_CODES:
         return Unsupported(f"{action}: {text}", details=details)
     return HypervisorError(f"{action}: {text}", details=details)
@@ -139,6 +145,17 @@ def open_connection(uri: str) -> Any:
     if conn is None:  # older bindings returned None instead of raising
         raise HypervisorError(f"cannot open libvirt connection {uri}")
     return conn
+
+
+def open_link(uri: str) -> LibvirtLink:
+    """A :class:`~agent.drivers.libvirt_link.LibvirtLink` to ``uri`` (after starting libvirt's
+    event loop, which its close callback, keepalive and domain events need), connected now;
+    HypervisorError when libvirtd cannot be reached at start."""
+    start_event_loop()
+    link = LibvirtLink(uri)
+    with libvirt_errors(f"cannot open libvirt connection {uri}"):
+        link.open()
+    return link
 
 
 # ------------------------------------------------------------------------------ small documents (pure)
@@ -230,7 +247,8 @@ class _VolumeAwareLookup(OsPathLookup):
 
 
 class LibvirtHypervisor:
-    """:class:`agent.ports.Hypervisor` over one shared libvirt connection."""
+    """:class:`agent.ports.Hypervisor` over one shared libvirt connection (a raw one, or a
+    :class:`~agent.drivers.libvirt_link.LibvirtLink` that survives libvirtd restarts)."""
 
     def __init__(
         self,
@@ -248,7 +266,13 @@ class LibvirtHypervisor:
         """``simulated`` (default: the connection is the test driver) turns off /dev/kvm and sysfs probing;
         ``hw_virt`` None means detect it (always True when simulated); ``pool_capacity_bytes`` overrides the
         pool capacity that the test driver hard-codes at 100 GiB."""
-        self.conn = conn
+        self._link: LibvirtLink | None = conn if isinstance(conn, LibvirtLink) else None
+        self._raw_conn: Any = None if self._link is not None else conn
+        #: lifecycle watchers: callback -> its libvirt callback id on the current connection
+        self._watch_lock = threading.Lock()
+        self._lifecycle: dict[Callable[[str], None], int | None] = {}
+        if self._link is not None:
+            self._link.watch(self._on_link)
         self._pool_name = pool_name
         if simulated is None:
             with libvirt_errors("cannot query the hypervisor type"):
@@ -264,6 +288,13 @@ class LibvirtHypervisor:
         self._sys_class_net = sys_class_net
         self._cpu_model: str | None = None
 
+    @property
+    def conn(self) -> Any:
+        """The live connection; HypervisorUnavailable while libvirtd is away (see LibvirtLink)."""
+        if self._link is not None:
+            return self._link.current()
+        return self._raw_conn
+
     # -- host -------------------------------------------------------------------------
     @property
     def default_pool(self) -> str:
@@ -275,8 +306,26 @@ class LibvirtHypervisor:
     def watch_lifecycle(self, changed: Callable[[str], None]) -> Callable[[], None] | None:
         """``changed(uuid)`` on every VIR_DOMAIN_EVENT_ID_LIFECYCLE event of this connection
         (defined, undefined, started, suspended, resumed, stopped, shut down, crashed...), from
-        libvirt's event-loop thread; None (and a log line) when the connection cannot deliver them."""
+        libvirt's event-loop thread; None (and a log line) when the connection cannot deliver them.
+        After a reconnect the callback is registered again on the new connection."""
         start_event_loop()
+        callback_id = self._register_lifecycle(changed)
+        if callback_id is None and self._link is None:
+            return None
+        with self._watch_lock:
+            self._lifecycle[changed] = callback_id
+
+        def unwatch() -> None:
+            with self._watch_lock:
+                old = self._lifecycle.pop(changed, None)
+            if old is not None:
+                with contextlib.suppress(libvirt.libvirtError, HypervisorUnavailable):
+                    self.conn.domainEventDeregisterAny(old)
+
+        return unwatch
+
+    def _register_lifecycle(self, changed: Callable[[str], None]) -> int | None:
+        """Register ``changed`` for lifecycle events on the current connection; its id, or None."""
 
         def on_event(_conn: Any, dom: Any, _event: int, _detail: int, _opaque: object) -> None:
             try:
@@ -285,18 +334,32 @@ class LibvirtHypervisor:
                 log.exception("lifecycle event callback failed")
 
         try:
-            callback_id = self.conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_event, None
+            return int(
+                self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_event, None)
             )
-        except libvirt.libvirtError as exc:
+        except (libvirt.libvirtError, HypervisorUnavailable) as exc:
             log.warning("no domain lifecycle events (%s); outside changes wait for the next full report", exc)
             return None
 
-        def unwatch() -> None:
-            with contextlib.suppress(libvirt.libvirtError):
-                self.conn.domainEventDeregisterAny(callback_id)
+    def watch_connection(self, changed: Callable[[str | None], None]) -> Callable[[], None] | None:
+        """``changed(reason)`` when the libvirt connection is lost, ``changed(None)`` once it is
+        back (and the lifecycle callbacks are registered again); None without a LibvirtLink."""
+        if self._link is None:
+            return None
+        return self._link.watch(changed)
 
-        return unwatch
+    def _on_link(self, reason: str | None) -> None:
+        """The link's news: once reconnected, re-register every lifecycle watcher (the dead
+        connection took its callbacks with it)."""
+        if reason is not None:
+            return
+        with self._watch_lock:
+            watchers = list(self._lifecycle)
+        for changed in watchers:
+            callback_id = self._register_lifecycle(changed)
+            with self._watch_lock:
+                if changed in self._lifecycle:
+                    self._lifecycle[changed] = callback_id
 
     def ensure_pool(self, images_dir: Path) -> None:
         """Make sure the default pool exists and is active; on a real host create a dir pool if missing."""

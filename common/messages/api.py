@@ -90,7 +90,8 @@ class HostView(Message, frozen=True):
     networks: tuple[str, ...] = ()
     bridges: tuple[str, ...] = ()
     vms: tuple[str, ...] = ()
-    #: why it is disabled or in maintenance (None when neither, or no reason was given)
+    #: why it is disabled, in maintenance or degraded (its agent cannot reach libvirt); None when
+    #: none applies or no reason was given
     state_reason: str | None = None
 
 

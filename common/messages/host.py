@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 from common.messages.base import Int64, Message
 from common.messages.descriptor import Family, Timeout, Version, command, report
 from common.messages.limits import Count, Text
@@ -11,7 +14,7 @@ from common.messages.vm import VmStatus
 from common.validation import check_host_id
 
 #: Agent -> controller reports and the controller's "report now" command.
-HOST = Family("host", Version(1, 1), "agent -> controller reports and heartbeats; report on demand")
+HOST = Family("host", Version(1, 2), "agent -> controller reports and heartbeats; report on demand")
 
 
 class CpuTopology(Message, frozen=True):
@@ -36,7 +39,15 @@ class StoragePoolInfo(Message, frozen=True):
 
 
 class HostReport(Message, frozen=True):
-    """``host.report``: full capacity and VM state, on start and every report interval."""
+    """``host.report``: full capacity and VM state, on start and every report interval.
+
+    With ``hypervisor_error`` set the agent cannot reach libvirt (libvirtd restarted or stopped):
+    the host is *degraded*; the report's facts are the last ones it read and ``vms`` is empty
+    (the controller keeps what it has and takes only the error). A full report without it
+    follows the reconnect.
+    """
+
+    __since__: ClassVar[Mapping[str, Version]] = {"hypervisor_error": Version(1, 2)}
 
     host_id: str
     hostname: str
@@ -58,6 +69,8 @@ class HostReport(Message, frozen=True):
     reported_at: float
     network: HostNetworkReport | None = None
     tuning: HostTuningReport | None = None
+    #: why libvirt is unreachable ("libvirt unreachable: ..."); None while the agent reaches it
+    hypervisor_error: Text | None = None
 
     def __post_init__(self) -> None:
         check_host_id(self.host_id)

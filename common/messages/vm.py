@@ -149,10 +149,12 @@ class Task(StrEnum):
 
 
 class HostStatus(StrEnum):
-    """A host as the controller sees it: up while its heartbeats arrive in time."""
+    """A host as the controller sees it: up while its heartbeats arrive in time; degraded while
+    they arrive but its agent reports that it cannot reach libvirt (nothing is placed there)."""
 
     UP = "up"
     DOWN = "down"
+    DEGRADED = "degraded"
 
 
 class DiskSpec(Message, frozen=True):

@@ -126,6 +126,8 @@ class Host(GroupSettings, Base):
     maintenance: Mapped[bool] = mapped_column(Boolean, default=False)
     #: why an operator disabled the host or put it in maintenance (Nova's disabled_reason)
     state_reason: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    #: why the host's agent cannot reach libvirt (its last report said so); None when it can
+    hypervisor_error: Mapped[str | None] = mapped_column(String(255), nullable=True)
     hypervisor_type: Mapped[str] = mapped_column(String(32), default="")
     hypervisor_version: Mapped[str] = mapped_column(String(32), default="")
     libvirt_uri: Mapped[str] = mapped_column(String(255), default="")

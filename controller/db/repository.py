@@ -103,6 +103,8 @@ class HostRecord:
     group_name: str | None = None
     #: why it is disabled or in maintenance, as the operator said
     state_reason: str | None = None
+    #: why its agent cannot reach libvirt (the host is degraded); None when it can
+    hypervisor_error: str | None = None
     #: the host group's settings (cpu_ratio, ..., reserved_disk_gib; None = not set)
     group_settings: Mapping[str, Any] = field(default_factory=dict)
     inventory_overrides: Mapping[str, Any] = field(default_factory=dict)
@@ -154,6 +156,7 @@ def _host_record(
         enabled=row.enabled,
         maintenance=row.maintenance,
         state_reason=row.state_reason,
+        hypervisor_error=row.hypervisor_error,
         hypervisor_type=row.hypervisor_type,
         hypervisor_version=row.hypervisor_version,
         libvirt_uri=row.libvirt_uri,
@@ -311,6 +314,16 @@ def record_report(session: Session, report: HostReport, now: float) -> list[str]
         session.add(row)
     elif report.started_at == row.agent_started_at and report.seq < row.report_seq:
         return []  # an older report overtaken by a newer one: ignore
+    if report.hypervisor_error is not None and row.hostname:
+        # The agent cannot reach libvirt: its facts and VMs are not news. Keep what we have,
+        # note why (the host is degraded and takes nothing) and that the agent is alive.
+        row.hypervisor_error = report.hypervisor_error[:255]
+        row.agent_started_at = report.started_at
+        row.report_seq = report.seq
+        row.last_heartbeat = now
+        row.updated_at = now
+        return []
+    row.hypervisor_error = report.hypervisor_error[:255] if report.hypervisor_error else None
     row.hostname = report.hostname
     row.hypervisor_type = report.hypervisor_type
     row.hypervisor_version = report.hypervisor_version
@@ -336,6 +349,8 @@ def record_report(session: Session, report: HostReport, now: float) -> list[str]
     row.last_report = now
     row.last_heartbeat = now
     row.updated_at = now
+    if report.hypervisor_error is not None:
+        return []  # a first report already degraded: its (empty) VM list is not the host's
     return _apply_reported_vms(session, report, now)
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "forced_host",
     "fullness_key",
     "host_enabled",
+    "host_reachable",
     "host_rejections",
     "host_up",
     "hw_accelerated",
@@ -169,6 +170,15 @@ def host_up(host: HostState, ctx: FilterContext) -> HostRejection | None:
     since = host.down_since
     message = "down" if since is None else f"down since {format_timestamp(since, ctx.now)}"
     return HostRejection(host_id=host.host_id, rule=Rule.HOST_DOWN, message=message, since=since)
+
+
+def host_reachable(host: HostState, ctx: FilterContext) -> HostRejection | None:
+    """Degraded hosts (the agent cannot reach libvirt: libvirtd restarting) take nothing."""
+    if host.hypervisor_error is None:
+        return None
+    return HostRejection(
+        host_id=host.host_id, rule=Rule.DEGRADED, message=f"degraded: {host.hypervisor_error}"
+    )
 
 
 def host_enabled(host: HostState, ctx: FilterContext) -> HostRejection | None:
@@ -366,7 +376,7 @@ def make_context(request: PlacementRequest, group: ServerGroup | None, now: floa
         request=request,
         group=group,
         now=now,
-        filters=(host_up, host_enabled, not_in_maintenance, max_vms, *per_request),
+        filters=(host_up, host_reachable, host_enabled, not_in_maintenance, max_vms, *per_request),
         request_filters=per_request,
         resources=resources,
     )

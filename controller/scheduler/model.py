@@ -214,7 +214,7 @@ class HostState:
     ``up`` is decided by the caller from heartbeats; ``down_since`` (epoch seconds) is
     only used to explain. Derived on construction: ``free`` = ``capacity - used`` per
     inventory (negative when a ratio was lowered under existing allocations),
-    ``accepting`` (up, enabled, not in maintenance, below ``max_vms``) and
+    ``accepting`` (up, not degraded, enabled, not in maintenance, below ``max_vms``) and
     ``plain_units`` (no inventory has a min_unit, step_size or max_unit constraint).
     ``generation`` is carried through untouched for the caller's optimistic claim.
     """
@@ -226,6 +226,8 @@ class HostState:
     maintenance: bool = False
     #: the operator's reason for disabling it or putting it in maintenance (only explains)
     state_reason: str | None = None
+    #: why its agent cannot reach libvirt (degraded: takes nothing); None when it can
+    hypervisor_error: str | None = None
     up: bool = True
     down_since: float | None = None
     has_hw_virt: bool = True
@@ -266,6 +268,7 @@ class HostState:
         # a host that takes new VMs at all, and one whose inventories need only "fits?".
         accepting = (
             self.up
+            and self.hypervisor_error is None
             and self.enabled
             and not self.maintenance
             and (self.max_vms is None or self.vm_count < self.max_vms)
@@ -417,6 +420,7 @@ class Rule(StrEnum):
     """Stable identifiers of the rules that can exclude a host (used by CLI/API output)."""
 
     HOST_DOWN = "host_down"
+    DEGRADED = "degraded"
     DISABLED = "disabled"
     MAINTENANCE = "maintenance"
     EXCLUDED = "excluded"

@@ -16,6 +16,7 @@ RETRYABLE_BY_DEFAULT = {
     "RateLimited",
     "HostDown",
     "StoreUnavailable",
+    "HypervisorUnavailable",
 }
 
 
