@@ -16,7 +16,6 @@ from common.errors import InvalidRequest
 from common.messages.api import VmCreate
 from controller.db import repository as repo
 
-
 RETRY_S = 1.0
 
 
@@ -104,7 +103,9 @@ class CommitAnswerLost:
             return
         self.lost += 1
         conn.connection.dbapi_connection.commit()
-        raise sa.OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly (injected)"))
+        raise sa.OperationalError(
+            "COMMIT", {}, Exception("server closed the connection unexpectedly (injected)")
+        )
 
 
 @pytest.mark.parametrize("forced", [False, True], ids=["batched", "alone"])
