@@ -282,7 +282,7 @@ def test_libvirtd_killed_and_restarted_leaves_the_guest_running_and_the_host_deg
     )
     assert "libvirt unreachable" in degraded["state_reason"], degraded
     refused = fleet.cli("vm", "suspend", VM)
-    assert refused.code != 0, refused.stdout
+    assert refused.code == 5, refused.stdout  # unavailable for the moment: retry
     assert refused.json["error"]["type"] == "HypervisorUnavailable", refused.json
     assert refused.json["error"]["retryable"] is True
     os.kill(qemu, 0)  # QEMU runs on without libvirtd

@@ -76,7 +76,7 @@ def test_a_host_that_loses_libvirt_is_degraded_refuses_commands_and_comes_back_u
         # A command fails at once with the typed, retryable error; nothing changed on the host.
         calls = list(a.calls)
         result = fleet.cli("vm", "destroy", "steady")
-        assert result.code != 0, result.stdout
+        assert result.code == 5, result.stdout  # unavailable for the moment: retry
         error = result.json["error"]
         assert error["type"] == "HypervisorUnavailable", error
         assert error["retryable"] is True
