@@ -204,6 +204,27 @@ class RabbitNode:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
 
+    def ctl(self, *args: str, timeout: float = 60) -> str:
+        """``rabbitmqctl ARGS`` against this node (the Debian wrapper would switch to the shared
+        node's user and cookie, so the real script is called with this node's HOME)."""
+        # The CLI's own distribution port: by default DIST_PORT + 10000, which may pass 65535.
+        port = str(free_port())
+        env = {**self._env(), "RABBITMQ_CTL_DIST_PORT_MIN": port, "RABBITMQ_CTL_DIST_PORT_MAX": port}
+        return subprocess.run(
+            ["/usr/lib/rabbitmq/bin/rabbitmqctl", "-n", self.name, "-q", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+            env=env,
+        ).stdout
+
+    def queue_messages(self, queue: str) -> int:
+        """Messages (ready and unacknowledged) in ``queue`` of the default vhost."""
+        listed = self.ctl("list_queues", "--no-table-headers", "name", "messages")
+        counts = dict(line.split("\t") for line in listed.splitlines() if "\t" in line)
+        return int(counts.get(queue, "0"))
+
     def restart(self, down_s: float = 0.0) -> float:
         """Stop, stay down ``down_s`` seconds, start again; returns how long it took."""
         started = time.monotonic()
@@ -322,8 +343,7 @@ def start_creates(
         threading.Thread(target=submit_all, daemon=True).start()
     else:
         submit_all()
-    load = Load(items, futures, pool, transport, started, sent)
-    return load
+    return Load(items, futures, pool, transport, started, sent)
 
 
 def run_creates(
@@ -430,9 +450,7 @@ class Audit:
 def audit(outcomes: Sequence[Outcome], view: FleetView) -> Audit:
     """Compare what each client was told (``outcomes``, one request per VM name) with ``view``."""
     named = view.by_name()
-    reported_missing = {
-        note.split(" ", 2)[1] for h in view.capacity for note in h.drift if _NOT_REPORTED in note
-    }
+    reported_missing = _not_reported(view)
     unclaimed = [
         f"{h.host}: {n}" for h in view.capacity for n in h.drift if n.startswith(_UNCLAIMED_PREFIXES)
     ]
@@ -466,8 +484,9 @@ def audit(outcomes: Sequence[Outcome], view: FleetView) -> Audit:
             if out.result == AlreadyExists.__name__:
                 duplicated += 1  # one request per name: the VM it "already exists" as is its own
                 notes.append(f"{out.name}: AlreadyExists for its own request ({out.message})")
-            elif live:
-                notes.append(f"{out.name}: {out.result} ({out.message}) but the VM is active")
+            elif any(v.name not in reported_missing for v in records if v.host is not None):
+                where = _describe(records)
+                notes.append(f"{out.name}: answered {out.result} ({out.message}), yet the VM exists: {where}")
     duplicated += len(unclaimed)
     notes.extend(f"domain no record claims: {u}" for u in unclaimed)
     return Audit(
@@ -496,13 +515,21 @@ def _describe(records: Sequence[VmView]) -> str:
     return ", ".join(f"{v.status} on {v.host}" for v in records)
 
 
-def _leaked(view: FleetView) -> dict[str, int]:
-    """Per host: memory claimed minus the memory of the VM records that hold a claim there.
+def _not_reported(view: FleetView) -> set[str]:
+    """Names of the VMs a host is said to hold but does not report (its drift notes)."""
+    return {note.split(" ", 2)[1] for h in view.capacity for note in h.drift if _NOT_REPORTED in note}
 
-    A VM in ``error`` holds no claim once its build failed (the claim is released with it)."""
+
+def _leaked(view: FleetView) -> dict[str, int]:
+    """Per host: memory claimed beyond what the VMs there account for.
+
+    A VM ``active``, ``building`` or ``deleting`` holds its claim; one in ``error`` holds it only
+    while its host runs it (a build that timed out keeps the claim, one that failed releases it):
+    a claim of an ``error`` VM its host does not report is capacity leaked."""
+    missing = _not_reported(view)
     expected: Counter[str] = Counter()
     for vm in view.vms:
-        if vm.host is not None and vm.status is not Lifecycle.ERROR:
+        if vm.host is not None and (vm.status is not Lifecycle.ERROR or vm.name not in missing):
             expected[vm.host] += vm.memory_mib
     leaked: dict[str, int] = {}
     for h in view.capacity:

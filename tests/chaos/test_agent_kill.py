@@ -51,7 +51,9 @@ def test_creates_in_flight_on_an_agent_killed_and_restarted_end_once_each(fleet:
     freeze(agent)
     load = start_creates(fleet.amqp_url, [create_body(n, host=VICTIM) for n in names("inflight", IN_FLIGHT)])
     queue = agent_queue(VICTIM).name
-    wait_until(lambda: queue_messages(fleet.amqp_url, queue) >= IN_FLIGHT, 60, "the creates' commands in flight")
+    wait_until(
+        lambda: queue_messages(fleet.amqp_url, queue) >= IN_FLIGHT, 60, "the creates' commands in flight"
+    )
     kill9(agent)  # SIGKILL works on a stopped process; the commands go back to the queue
     set_aside(fleet, agent)
     time.sleep(2.0)
