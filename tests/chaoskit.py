@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import pika
 from vfsupport import Fleet, Proc, wait_until
 
 from common.errors import AlreadyExists, ControllerUnavailable, RequestTimeout, TransportError, VirtfleetError
@@ -39,6 +40,7 @@ from common.messages import api
 from common.messages import placement as pmsg
 from common.messages.vm import Lifecycle, VmView
 from common.transport.amqp import AmqpTransport
+from common.transport.topology import DEAD_LETTER_EXCHANGE
 from controller.cli.client import ApiClient
 
 #: what :attr:`Outcome.result` says of a call that got no reply (its error was a timeout or a
@@ -248,6 +250,58 @@ def private_rabbit(base: Path) -> Iterator[RabbitNode]:
         yield node
     finally:
         node.stop()
+
+
+# ------------------------------------------------------------------ malformed messages
+
+
+def publish_raw(amqp_url: str, exchange: str, routing_key: str, bodies: Sequence[bytes]) -> None:
+    """Publish ``bodies`` as they are (no envelope, no signature: what a broken or hostile
+    sender puts on the bus), persistent, with publisher confirms."""
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        for body in bodies:
+            ch.basic_publish(
+                exchange, routing_key, body, pika.BasicProperties(delivery_mode=2), mandatory=True
+            )
+    finally:
+        conn.close()
+
+
+class DeadLetterTap:
+    """A private queue bound to the dead-letter exchange: what is dead-lettered from now on."""
+
+    def __init__(self, amqp_url: str) -> None:
+        self._conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        self._ch = self._conn.channel()
+        self._ch.exchange_declare(DEAD_LETTER_EXCHANGE.name, str(DEAD_LETTER_EXCHANGE.type), durable=True)
+        self._queue = str(self._ch.queue_declare("", exclusive=True).method.queue)
+        self._ch.queue_bind(self._queue, DEAD_LETTER_EXCHANGE.name, "")
+        #: (queue it died in, body) of each message seen so far
+        self.seen: list[tuple[str, bytes]] = []
+
+    def wait_for(self, bodies: Sequence[bytes], timeout: float = 60) -> list[str]:
+        """The queue each of ``bodies`` was dead-lettered from; fails after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = {body: queue for queue, body in self.seen}
+            if all(b in found for b in bodies):
+                return [found[b] for b in bodies]
+            if time.monotonic() >= deadline:
+                missing = [b[:40] for b in bodies if b not in found]
+                raise AssertionError(f"not dead-lettered within {timeout}s: {missing}")
+            method, props, body = self._ch.basic_get(self._queue, auto_ack=True)
+            if method is None:
+                self._conn.sleep(0.1)
+                continue
+            deaths = (props.headers or {}).get("x-death") or [{}]
+            queue = deaths[0].get("queue", b"?")
+            self.seen.append((queue.decode() if isinstance(queue, bytes) else str(queue), bytes(body)))
+
+    def close(self) -> None:
+        self._conn.close()
 
 
 # ------------------------------------------------------------------ load
@@ -561,6 +615,7 @@ __all__ = [
     "NO_ANSWER",
     "OK",
     "Audit",
+    "DeadLetterTap",
     "FleetView",
     "Load",
     "Outcome",
@@ -576,6 +631,7 @@ __all__ = [
     "kill9",
     "names",
     "private_rabbit",
+    "publish_raw",
     "queue_messages",
     "run_creates",
     "set_aside",
