@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 import tempfile
 import time
@@ -276,6 +277,10 @@ def main() -> int:
     parser.add_argument("--scenario", action="append", metavar="NAME", help="run only NAME (repeatable)")
     parser.add_argument("--creates", type=int, default=8, help="creates per scenario (default 8)")
     args = parser.parse_args()
+    # The clients' reconnect warnings during a fault would drown the figures (the fleet's own
+    # logs are kept in each scenario's directory while it runs).
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     known = {s.name: s for s in SCENARIOS}
     if args.list:
         for s in SCENARIOS:

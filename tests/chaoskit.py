@@ -221,9 +221,24 @@ class RabbitNode:
             env=env,
         ).stdout
 
-    def queue_messages(self, queue: str) -> int:
-        """Messages (ready and unacknowledged) in ``queue`` of the default vhost."""
-        listed = self.ctl("list_queues", "--no-table-headers", "name", "messages")
+    @contextlib.contextmanager
+    def vhost(self) -> Iterator[str]:
+        """A fresh vhost on this node for guest: yields its AMQP URL; deleted afterwards (when the
+        node runs). Fleets that follow one another on one node must not share queues: a report
+        left over for a host of the same name would show as a domain nobody claims."""
+        name = f"vfchaos-{uuid.uuid4().hex[:8]}"
+        self.ctl("add_vhost", name)
+        self.ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        try:
+            yield f"amqp://guest:guest@127.0.0.1:{self.port}/{name}"
+        finally:
+            if self.proc is not None and self.proc.poll() is None:
+                self.ctl("delete_vhost", name)
+
+    def queue_messages(self, queue: str, amqp_url: str | None = None) -> int:
+        """Messages (ready and unacknowledged) in ``queue`` of ``amqp_url``'s vhost (default: /)."""
+        vhost = unquote(urlsplit(amqp_url).path.lstrip("/")) if amqp_url else "/"
+        listed = self.ctl("list_queues", "-p", vhost, "--no-table-headers", "name", "messages")
         counts = dict(line.split("\t") for line in listed.splitlines() if "\t" in line)
         return int(counts.get(queue, "0"))
 

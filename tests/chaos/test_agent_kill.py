@@ -30,7 +30,7 @@ from vfsupport import SHORT_DOWN_AFTER_S, Fleet, node_uri, private_fleet, wait_u
 
 from common.transport.topology import agent_queue
 
-pytestmark = [pytest.mark.chaos, pytest.mark.broker, pytest.mark.db]
+pytestmark = [pytest.mark.chaos, pytest.mark.broker]
 
 VICTIM, SPARE = "victim", "spare"
 IN_FLIGHT = 6

@@ -27,7 +27,7 @@ from common.transport.topology import (
     REPORTS_QUEUE,
 )
 
-pytestmark = [pytest.mark.chaos, pytest.mark.broker, pytest.mark.db]
+pytestmark = [pytest.mark.chaos, pytest.mark.broker]
 
 HOSTS = ("small", "medium")
 
