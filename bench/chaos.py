@@ -264,7 +264,7 @@ def report(name: str, result: Result, took: float) -> None:
         f"    stuck building {len(a.stuck)}, past capacity {len(a.over_capacity)}, "
         f"leaked MiB {sum(a.leaked_mib.values())}; recovered in {recover}; scenario took {took:.0f} s"
     )
-    for line in [result.note, *a.notes[:5], *a.drift[:3]]:
+    for line in [result.note, *a.notes, *a.drift]:
         if line:
             print(f"    {line}")
 
