@@ -150,6 +150,8 @@ class RabbitNode:
             "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(self.dist_port),
+            # Erlang distribution on loopback too (it listens on every interface by default).
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
             "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
             "RABBITMQ_LOG_BASE": str(self.base / "log"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
@@ -557,7 +559,13 @@ def audit(outcomes: Sequence[Outcome], view: FleetView) -> Audit:
                 where = _describe(records)
                 notes.append(f"{out.name}: answered {out.result} ({out.message}), yet the VM exists: {where}")
     duplicated += len(unclaimed)
-    notes.extend(f"domain no record claims: {u}" for u in unclaimed)
+    for u in unclaimed:
+        # "h1: unknown domain NAME (...)": a record of that name elsewhere or with another uuid
+        # means the VM was made twice; none means an orphan of a request whose record went away.
+        domain = u.split(" ")[3]
+        notes.append(
+            f"domain no record claims: {u}; records named {domain}: {_describe(named.get(domain, []))}"
+        )
     return Audit(
         sent=len(outcomes),
         completed=completed,
