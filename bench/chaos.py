@@ -57,7 +57,16 @@ from chaoskit import (  # noqa: E402
     start_creates,
     thaw,
 )
-from vfsupport import SHORT_DOWN_AFTER_S, Fleet, fresh_database, node_uri, private_fleet, wait_until  # noqa: E402
+from pgserver import private_postgres  # noqa: E402
+from vfsupport import (  # noqa: E402
+    SHORT_DOWN_AFTER_S,
+    Fleet,
+    fresh_database,
+    node_uri,
+    private_fleet,
+    private_vhost,
+    wait_until,
+)
 
 from common.transport.amqp import AmqpTransport  # noqa: E402
 from common.transport.topology import API_EXCHANGE, API_QUEUE, REPORTS_EXCHANGE, agent_queue  # noqa: E402
@@ -226,6 +235,34 @@ def malformed(run: Run) -> Result:
         )
 
 
+def database_restart(run: Run) -> Result:
+    """A private PostgreSQL restarted (pg_ctl -m fast: every session cut) under a create load on two controllers."""
+    with (
+        private_postgres() as postgres,
+        private_vhost() as url,
+        Fleet(run.work, url, postgres.url) as fleet,
+    ):
+        fleet.start_controller("controller-a", down_after=60)
+        fleet.start_controller("controller-b", down_after=60)
+        for host in ("small", "medium", "large"):
+            fleet.start_agent(host, node_uri(host), heartbeat=2.0)
+        fleet.wait_hosts({"small", "medium", "large"}, timeout=120)
+        load = start_creates(
+            fleet.amqp_url, [create_body(n) for n in names("pgr", run.creates)], spacing_s=0.1
+        )
+        time.sleep(1.0)
+        started = time.monotonic()
+        postgres.restart()
+        back = time.monotonic()
+        outcomes = load.wait(240)
+        recover = first_ok_after(outcomes, back - load.started) or _recovered_by_probe(fleet, back)
+        return Result(
+            audit(outcomes, settled_view(fleet.amqp_url)),
+            recover,
+            f"server down and up in {back - started:.1f} s",
+        )
+
+
 def controllers_race(run: Run) -> Result:
     """Two controllers on one database (VIRTFLEET_DATABASE_URL: PostgreSQL), creates for twice the room."""
     with private_fleet(run.work) as fleet:
@@ -246,7 +283,15 @@ def controllers_race(run: Run) -> Result:
 
 SCENARIOS: tuple[Scenario, ...] = tuple(
     Scenario(f.__name__.replace("_", "-"), f, (f.__doc__ or "").strip())
-    for f in (agent_kill, broker_restart, broker_restart_waiting, wedged_agent, malformed, controllers_race)
+    for f in (
+        agent_kill,
+        broker_restart,
+        broker_restart_waiting,
+        wedged_agent,
+        malformed,
+        controllers_race,
+        database_restart,
+    )
 )
 
 
