@@ -195,6 +195,9 @@ class Vm(Base):
     pcpus: Mapped[tuple[int, ...]] = mapped_column(IntTuple(), default=())  # dedicated host CPUs
     hugepage_size_kib: Mapped[int | None] = mapped_column(Integer, nullable=True)
     needs_hw_virt: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: the controller instance (``controller_instances.id``) working on the VM's build or task;
+    #: when that instance is no longer alive, recovery (controller.recovery) finishes the work
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class Allocation(Base):
@@ -245,3 +248,25 @@ class ServerGroup(Base):
     policy: Mapped[str] = mapped_column(String(32))
     max_per_host: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class ControllerInstance(Base):
+    """A controller process that is alive while its heartbeat is recent (controller.db.liveness)."""
+
+    __tablename__ = "controller_instances"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
+
+
+class Lease(Base):
+    """A named lease one controller instance holds until ``expires_at`` (controller.db.liveness);
+    the migration creates each lease's row, so acquiring is always an UPDATE."""
+
+    __tablename__ = "controller_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    expires_at: Mapped[float] = mapped_column(Float, default=0.0)
