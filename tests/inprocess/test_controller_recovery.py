@@ -21,6 +21,7 @@ from common.messages.base import replace
 from common.messages.vm import Lifecycle, PowerState, Task
 from controller.db import liveness
 from controller.db import repository as repo
+from controller.db.models import ControllerInstance
 from controller.recovery import Recovery
 
 #: the instance id of the simulated dead controller
@@ -35,6 +36,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessFleet]:
         tmp_path_factory.mktemp("recovery"),
         hosts,
         down_after_s=3.0,
+        instance_heartbeat_s=0.5,
         recovery_interval_s=HOUR,
         reconcile_interval_s=HOUR,
     ) as f:
@@ -69,6 +71,25 @@ def _vm(fleet: InProcessFleet, name: str) -> dict[str, Any]:
 
 def _step(fleet: InProcessFleet, *, full: bool = False) -> list[str]:
     return _recovery(fleet).step(full=full)
+
+
+def test_a_running_controller_is_alive_and_holds_the_lease(fleet: InProcessFleet) -> None:
+    recovery = _recovery(fleet)
+    assert recovery.holds_lease(), "it took the lease at start and renews it"
+    with recovery.service.tx() as s:
+        row = s.get(ControllerInstance, recovery.instance_id)
+        assert row is not None and row.name == "controller"
+        assert liveness.holder_of(s, liveness.RECONCILER, time.time()) == recovery.instance_id
+    beat = row.heartbeat_at
+    wait_until(lambda: _heartbeat(fleet) > beat, 30, "the next liveness heartbeat")
+
+
+def _heartbeat(fleet: InProcessFleet) -> float:
+    recovery = _recovery(fleet)
+    with recovery.service.tx() as s:
+        row = s.get(ControllerInstance, recovery.instance_id)
+        assert row is not None
+        return row.heartbeat_at
 
 
 def test_a_build_that_never_reached_its_host_is_sent_again(fleet: InProcessFleet) -> None:
