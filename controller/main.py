@@ -122,7 +122,7 @@ class Controller:
         self.agents = agents
         self.service = ControllerService(self.engine, config, agents)
         #: this instance's liveness record, the reconciler lease and the recovery passes
-        self.recovery = Recovery(self.service, self.name)
+        self.recovery = Recovery(self.service, self.name, self.engine)
         self.audit = AuditLog(self.engine)
         access = config.access
         self._limiter = RateLimiter(

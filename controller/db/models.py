@@ -169,8 +169,9 @@ class Vm(Base):
     uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     host_id: Mapped[str | None] = mapped_column(String(64), ForeignKey("hosts.id"), nullable=True, index=True)
-    status: Mapped[Lifecycle] = mapped_column(EnumText(Lifecycle, 16))
-    task: Mapped[Task | None] = mapped_column(EnumText(Task, 32), nullable=True)
+    #: indexed with ``task``: recovery reads the VMs in flight (building or with a task) only
+    status: Mapped[Lifecycle] = mapped_column(EnumText(Lifecycle, 16), index=True)
+    task: Mapped[Task | None] = mapped_column(EnumText(Task, 32), nullable=True, index=True)
     desired_power: Mapped[DesiredPower] = mapped_column(
         EnumText(DesiredPower, 16), default=DesiredPower.RUNNING
     )

@@ -266,7 +266,7 @@ def test_the_reconciler_reads_only_the_vms_still_building(engine: Engine) -> Non
     service = _service(engine, build_timeout_s=0.5)
     _seed(service, "h1")
     _create(service, "stuck")  # the silent agent: its build ends in error, not building
-    stale = Recovery(service, "test").fail_stale_builds
+    stale = Recovery(service, "test", engine).fail_stale_builds
     reads = [s for s in _count_statements(engine, stale) if s.startswith("SELECT")]
     assert reads and all("WHERE vms.status =" in s for s in reads), reads
     service.close()

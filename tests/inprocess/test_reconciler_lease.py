@@ -74,7 +74,7 @@ class _Controllers:
             _SilentAgents(),
             clock=self.clock,
         )
-        recovery = Recovery(service, name)
+        recovery = Recovery(service, name, engine)
         recovery.register()
         self._made.append((recovery, engine))
         return recovery

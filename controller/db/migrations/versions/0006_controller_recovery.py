@@ -40,10 +40,15 @@ def upgrade() -> None:
     with op.batch_alter_table("vms") as batch:
         batch.add_column(sa.Column("owner", sa.String(64), nullable=True))
         batch.create_index("ix_vms_owner", ["owner"])
+        # Recovery reads the VMs in flight (building, or with a task) by these two, every few seconds.
+        batch.create_index("ix_vms_status", ["status"])
+        batch.create_index("ix_vms_task", ["task"])
 
 
 def downgrade() -> None:
     with op.batch_alter_table("vms") as batch:
+        batch.drop_index("ix_vms_task")
+        batch.drop_index("ix_vms_status")
         batch.drop_index("ix_vms_owner")
         batch.drop_column("owner")
     op.drop_table("controller_leases")
