@@ -249,3 +249,20 @@ def test_a_refused_resend_releases_the_claim_and_says_why(fleet: InProcessFleet)
     assert "re-sent" in shown["last_error"] and DEAD in shown["last_error"], shown["last_error"]
     assert fleet.used("a")["MEMORY_MIB"] == used
     fleet.cli_ok("vm", "delete", "refused")
+
+
+def test_a_build_left_between_two_hosts_is_failed(fleet: InProcessFleet) -> None:
+    uuid = _create(fleet, "between-hosts")
+    recovery = _recovery(fleet)
+    with recovery.service.tx() as s:  # a reschedule: the first host's claim released, no new one yet
+        repo.release(s, uuid, "a")
+    _leave(fleet, uuid, host_id=None, status=Lifecycle.BUILDING, task=Task.BUILDING)
+
+    _step(fleet)
+
+    vm = _vm(fleet, "between-hosts")
+    assert (vm["status"], vm["task"], vm["host"]) == ("error", None, None)
+    assert vm["last_error"] == f"build interrupted: controller instance {DEAD} stopped"
+    fleet.fake("a").hypervisor.destroy(uuid)
+    fleet.fake("a").hypervisor.undefine(uuid)
+    fleet.cli_ok("vm", "delete", "between-hosts")
