@@ -160,8 +160,18 @@ class ControllerConfig:
     db_retry_s: float = 15.0
     #: A VM still "building" after this long, and absent from its host's reports, is failed.
     build_timeout_s: float = 600.0
-    #: Seconds between reconciliation passes (drift, stuck builds).
+    #: Seconds between reconciliation passes (stuck builds, claims that no VM holds).
     reconcile_interval_s: float = 30.0
+    #: Seconds between looks for work left by a dead controller (builds and tasks whose owner
+    #: instance has expired) and attempts at the reconciler lease (controller.recovery).
+    recovery_interval_s: float = 5.0
+    #: Each controller process moves its liveness record this often ...
+    instance_heartbeat_s: float = 3.0
+    #: ... and is taken for dead when it has not for this long (at least twice the heartbeat).
+    instance_expiry_s: float = 15.0
+    #: How long the reconciler lease lasts without renewal (renewed with every heartbeat): the
+    #: longest a dead holder keeps the other controllers from the reconciliation passes.
+    lease_ttl_s: float = 15.0
     #: Seconds between syncs of the in-memory fleet with the database: heartbeats are written
     #: (in one batch) and other controllers' changes read this often. Well under down_after_s.
     fleet_sync_s: float = 1.0
@@ -222,6 +232,21 @@ class ControllerConfig:
             )
         if not math.isfinite(self.db_retry_s) or self.db_retry_s < 0:
             raise InvalidRequest(f"db_retry_s must be 0 or more seconds, got {self.db_retry_s}")
+        if not all(
+            math.isfinite(v) and v > 0
+            for v in (self.recovery_interval_s, self.instance_heartbeat_s, self.lease_ttl_s)
+        ) or not (
+            math.isfinite(self.instance_expiry_s) and self.instance_expiry_s >= 2 * self.instance_heartbeat_s
+        ):
+            raise InvalidRequest(
+                "recovery_interval_s, instance_heartbeat_s and lease_ttl_s must be positive, and "
+                f"instance_expiry_s at least twice instance_heartbeat_s ({2 * self.instance_heartbeat_s:g} s)"
+            )
+        if self.lease_ttl_s <= self.instance_heartbeat_s:
+            raise InvalidRequest(
+                f"lease_ttl_s must be longer than instance_heartbeat_s ({self.instance_heartbeat_s:g} s):"
+                " the lease is renewed with every heartbeat"
+            )
         if self.choose_among < 1:
             raise InvalidRequest(f"choose_among must be at least 1, got {self.choose_among}")
         check_limits(self.max_message_lifetime_s, self.clock_skew_s, self.key_grace_s)

@@ -32,6 +32,7 @@ from controller.config import SECRET_SETTINGS, ControllerConfig, load_config
 from controller.db.audit import AuditLog
 from controller.db.engine import make_engine, migrate
 from controller.endpoint import api_dispatcher, report_dispatcher
+from controller.recovery import Recovery
 from controller.service import ControllerService
 
 if TYPE_CHECKING:
@@ -120,6 +121,8 @@ class Controller:
         )
         self.agents = agents
         self.service = ControllerService(self.engine, config, agents)
+        #: this instance's liveness record, the reconciler lease and the recovery passes
+        self.recovery = Recovery(self.service, self.name, self.engine)
         self.audit = AuditLog(self.engine)
         access = config.access
         self._limiter = RateLimiter(
@@ -158,6 +161,7 @@ class Controller:
         )
         self._stop = threading.Event()
         self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
+        self._liveness = threading.Thread(target=self._liveness_loop, name="liveness", daemon=True)
         self._fleet_sync = threading.Thread(target=self._fleet_sync_loop, name="fleet-sync", daemon=True)
 
     def _api_front(self) -> AuditedApi:
@@ -172,6 +176,10 @@ class Controller:
         return AuditedApi(dispatcher, self.audit.record, limit=self._limiter)
 
     def start(self) -> None:
+        # Alive before it takes any request: no build or task of this instance is ever taken
+        # for a dead controller's.
+        self.recovery.register()
+        self._liveness.start()
         self.audit.start()
         self.heartbeats.start()
         self.reports.start()
@@ -184,12 +192,31 @@ class Controller:
         return all(s.ready.wait(timeout) for s in (self.api, self.reads, self.reports, self.heartbeats))
 
     def _reconcile_loop(self) -> None:
-        while not self._stop.wait(self.config.reconcile_interval_s):
+        """At start, then every recovery_interval_s: the work of dead controllers; every
+        reconcile_interval_s also the fleet-wide checks. Only in the lease holder (Recovery.step)."""
+        config = self.config
+        last_full: float | None = None
+        while True:
+            started = time.monotonic()
+            full = last_full is None or started - last_full >= config.reconcile_interval_s
             try:
-                for change in self.service.reconcile_once():
+                for change in self.recovery.step(full=full):
                     log.info("reconcile: %s", change)
             except Exception:
                 log.exception("reconciliation pass failed")
+            if full:
+                last_full = started
+            if self._stop.wait(min(config.recovery_interval_s, config.reconcile_interval_s)):
+                return
+
+    def _liveness_loop(self) -> None:
+        """This instance's heartbeat in the database (and the lease's renewal), every
+        instance_heartbeat_s; a failed beat is retried at the next one."""
+        while not self._stop.wait(self.config.instance_heartbeat_s):
+            try:
+                self.recovery.heartbeat()
+            except Exception:
+                log.exception("liveness heartbeat failed (retried next interval)")
 
     def _fleet_sync_loop(self) -> None:
         """Write batched heartbeats and read other controllers' changes, every fleet_sync_s."""
@@ -234,6 +261,12 @@ class Controller:
         self.service.fleet.flush_heartbeats()  # the last beats, so the next controller sees them
         self.audit.stop()  # every call answered is in the audit log
         self.service.close()
+        self._reconciler.join(timeout=10)
+        self._liveness.join(timeout=10)
+        try:  # what is left is recovered by another controller at once, not after the expiry
+            self.recovery.resign()
+        except Exception:
+            log.exception("could not remove this instance's liveness record (it expires)")
         self.transport.close()
         self.engine.dispose()
 

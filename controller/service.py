@@ -122,6 +122,9 @@ class ControllerService:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self.agents = agents
         self.clock = clock
+        #: this process's instance: recorded as the owner of every build and task it starts, so
+        #: that what it leaves when it dies is recovered (controller.recovery) and nothing else is
+        self.instance_id = uuidlib.uuid4().hex
         self._background = background or ThreadPoolExecutor(max_workers=8, thread_name_prefix="build")
         # SQLite has one writer at a time and its busy handler waits by sleeping and polling;
         # queueing this process's threads on a lock instead keeps latency flat under load.
@@ -618,6 +621,7 @@ class ControllerService:
             "host_id": host_id,
             "status": Lifecycle.BUILDING,
             "task": Task.BUILDING,
+            "owner": self.instance_id,
             "desired_power": DesiredPower.RUNNING if req.start else DesiredPower.SHUTOFF,
             "power_state": PowerState.NOSTATE.value,
             "vcpus": req.vcpus,
@@ -844,7 +848,7 @@ class ControllerService:
                 raise Conflict(f"VM {name} is still being built", retryable=True)
             host = repo.get_host(s, vm.host_id)
             self._check_up(host, now, f"host {host.id} of VM {name}")
-            repo.update_vm(s, vm.uuid, now, task=task)
+            repo.update_vm(s, vm.uuid, now, task=task, owner=self.instance_id)
         return vm, vm.host_id
 
     def finish_task(self, vm: repo.VmRecord, **values: object) -> None:
@@ -945,24 +949,6 @@ class ControllerService:
         if vm.host_id is not None:
             self.hosts_changed(vm.host_id)
         return VmActionDone(None, f"deleted {vm.name}" + (" and its disks" if req.delete_disks else ""))
-
-    # ------------------------------------------------------------------ reconciliation
-
-    def reconcile_once(self) -> list[str]:
-        """Fail builds stuck longer than the build timeout. Returns what it changed.
-
-        Reads only the VMs still building (a read of every VM, at 100,000 VMs, held the GIL for
-        seconds and heartbeats queued behind it)."""
-        now = self.clock()
-        changed = []
-        with self.tx() as s:
-            for vm in repo.list_vms(s, status=Lifecycle.BUILDING):
-                if now - vm.created_at > self.config.build_timeout_s:
-                    repo.update_vm(
-                        s, vm.uuid, now, status=Lifecycle.ERROR, task=None, last_error="build timed out"
-                    )
-                    changed.append(f"{vm.name}: build timed out")
-        return changed
 
 
 def _claim_amounts(request: PlacementRequest, placement: Placement) -> dict[str, int]:

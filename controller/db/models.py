@@ -171,8 +171,9 @@ class Vm(Base):
     uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     host_id: Mapped[str | None] = mapped_column(String(64), ForeignKey("hosts.id"), nullable=True, index=True)
-    status: Mapped[Lifecycle] = mapped_column(EnumText(Lifecycle, 16))
-    task: Mapped[Task | None] = mapped_column(EnumText(Task, 32), nullable=True)
+    #: indexed with ``task``: recovery reads the VMs in flight (building or with a task) only
+    status: Mapped[Lifecycle] = mapped_column(EnumText(Lifecycle, 16), index=True)
+    task: Mapped[Task | None] = mapped_column(EnumText(Task, 32), nullable=True, index=True)
     desired_power: Mapped[DesiredPower] = mapped_column(
         EnumText(DesiredPower, 16), default=DesiredPower.RUNNING
     )
@@ -197,6 +198,9 @@ class Vm(Base):
     pcpus: Mapped[tuple[int, ...]] = mapped_column(IntTuple(), default=())  # dedicated host CPUs
     hugepage_size_kib: Mapped[int | None] = mapped_column(Integer, nullable=True)
     needs_hw_virt: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: the controller instance (``controller_instances.id``) working on the VM's build or task;
+    #: when that instance is no longer alive, recovery (controller.recovery) finishes the work
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class Allocation(Base):
@@ -247,3 +251,25 @@ class ServerGroup(Base):
     policy: Mapped[str] = mapped_column(String(32))
     max_per_host: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class ControllerInstance(Base):
+    """A controller process that is alive while its heartbeat is recent (controller.db.liveness)."""
+
+    __tablename__ = "controller_instances"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
+
+
+class Lease(Base):
+    """A named lease one controller instance holds until ``expires_at`` (controller.db.liveness);
+    the migration creates each lease's row, so acquiring is always an UPDATE."""
+
+    __tablename__ = "controller_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    expires_at: Mapped[float] = mapped_column(Float, default=0.0)

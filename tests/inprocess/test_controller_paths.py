@@ -198,26 +198,28 @@ def test_the_reconciler_survives_a_failing_pass(
     configured: InProcessFleet, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR, logger="virtfleet.controller")
-    service = service_of(configured)
-    original = service.reconcile_once
+    assert configured.controller is not None
+    recovery = configured.controller.recovery
+    original = recovery.step
     passes: list[str] = []
 
-    def reconcile_once() -> list[str]:
+    def step(*, full: bool) -> list[str]:
         passes.append("failed" if not passes else "ok")
         if len(passes) == 1:
             raise RuntimeError("simulated: the database went away")
-        return original()
+        return original(full=full)
 
-    monkeypatch.setattr(service, "reconcile_once", reconcile_once)
+    monkeypatch.setattr(recovery, "step", step)
     wait_until(lambda: len(passes) >= 3, 30, "more reconciliation passes after the failed one")
     assert "reconciliation pass failed" in caplog.text and "simulated: the database went away" in caplog.text
 
 
-def test_reconcile_once_leaves_finished_and_young_builds_alone(fleet: InProcessFleet) -> None:
+def test_the_build_timeout_leaves_finished_and_young_builds_alone(fleet: InProcessFleet) -> None:
     created = create(fleet, "young", "--host", "a")
     assert created.code == 0, created.stdout
-    service = service_of(fleet)
-    assert service.reconcile_once() == []  # an active VM is never failed, however old
+    assert fleet.controller is not None
+    # an active VM is never failed, however old
+    assert fleet.controller.recovery.fail_stale_builds() == []
     assert vm_show(fleet, "young")["status"] == "active"
     fleet.cli_ok("vm", "delete", "young", "--delete-disks")
 

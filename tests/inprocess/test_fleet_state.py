@@ -25,6 +25,7 @@ from common.messages.vm import KernelBoot, PowerState, VmStatus
 from controller.config import ControllerConfig
 from controller.db import repository as repo
 from controller.db.engine import make_engine, migrate
+from controller.recovery import Recovery
 from controller.service import ControllerService
 
 B = TypeVar("B")
@@ -265,7 +266,8 @@ def test_the_reconciler_reads_only_the_vms_still_building(engine: Engine) -> Non
     service = _service(engine, build_timeout_s=0.5)
     _seed(service, "h1")
     _create(service, "stuck")  # the silent agent: its build ends in error, not building
-    reads = [s for s in _count_statements(engine, service.reconcile_once) if s.startswith("SELECT")]
+    stale = Recovery(service, "test", engine).fail_stale_builds
+    reads = [s for s in _count_statements(engine, stale) if s.startswith("SELECT")]
     assert reads and all("WHERE vms.status =" in s for s in reads), reads
     service.close()
 

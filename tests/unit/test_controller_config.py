@@ -235,6 +235,32 @@ def test_create_batching_refuses_bad_values(tmp_path: Path, setting: str, messag
     assert refusal(write(tmp_path, setting + "\n")) == message
 
 
+def test_recovery_settings(tmp_path: Path) -> None:
+    defaults = load_config(env={})
+    assert (
+        defaults.recovery_interval_s,
+        defaults.instance_heartbeat_s,
+        defaults.instance_expiry_s,
+        defaults.lease_ttl_s,
+    ) == (5.0, 3.0, 15.0, 15.0)
+    path = write(tmp_path, "instance_heartbeat_s = 1\ninstance_expiry_s = 2\nlease_ttl_s = 1.5\n")
+    config = load_config(path, env={})
+    assert (config.instance_heartbeat_s, config.instance_expiry_s, config.lease_ttl_s) == (1.0, 2.0, 1.5)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("recovery_interval_s = 0", "must be positive"),
+        ("lease_ttl_s = -1", "must be positive"),
+        ("instance_expiry_s = 5", "instance_expiry_s at least twice instance_heartbeat_s (6 s)"),
+        ("lease_ttl_s = 3", "lease_ttl_s must be longer than instance_heartbeat_s (3 s)"),
+    ],
+)
+def test_recovery_settings_refuse_bad_values(tmp_path: Path, setting: str, message: str) -> None:
+    assert message in refusal(write(tmp_path, setting + "\n"))
+
+
 def test_overcommit_table(tmp_path: Path) -> None:
     path = write(
         tmp_path,
