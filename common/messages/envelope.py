@@ -6,6 +6,11 @@ On the wire an envelope is a MessagePack map::
      "sender": "controller:node1:4242", "sent_at": 1764111111.5, "expires_at": 1764111141.5,
      "body": {...}, "key_id": "hv1:2", "sig": b"<32 bytes>"}
 
+``idem`` (optional, API requests only) is the caller's idempotency key: a retry of a call with a
+new ``id`` and the same key is answered with the first call's answer instead of running again
+(at most :data:`~common.messages.limits.MAX_KEY_CHARS` characters; docs/operations.md, "Request
+journal"). A peer that does not know the field ignores it.
+
 ``key_id`` and ``sig`` (protocol 1.1) are present only on signed messages: ``sig`` is the
 HMAC-SHA256 of the canonical bytes of every other field under the key ``key_id`` names
 (:mod:`common.signing`; docs/security.md, "Message signatures").
@@ -24,6 +29,7 @@ from typing import Any
 
 from common import codec
 from common.errors import DecodeError, UnsupportedVersion, VirtfleetError
+from common.messages.limits import MAX_KEY_CHARS
 
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 1
@@ -52,6 +58,8 @@ class Envelope:
     key_id: str | None = None
     #: HMAC-SHA256 over :func:`common.signing.canonical_bytes`, None when unsigned
     signature: bytes | None = None
+    #: the caller's idempotency key (API requests), None when the caller gave none
+    idempotency_key: str | None = None
 
     def expired(self, now: float) -> bool:
         """True when the sender said the message is worthless after ``expires_at``."""
@@ -73,6 +81,8 @@ class Envelope:
             wire["key_id"] = self.key_id
         if self.signature is not None:
             wire["sig"] = self.signature
+        if self.idempotency_key is not None:
+            wire["idem"] = self.idempotency_key
         return wire
 
     def encode(self) -> bytes:
@@ -142,6 +152,9 @@ def decode_envelope(raw: bytes) -> Envelope:
         raise DecodeError("envelope field 'key_id' must be a non-empty string or absent")
     if signature is not None and not isinstance(signature, bytes):
         raise DecodeError("envelope field 'sig' must be bytes (MessagePack bin) or absent")
+    idem = data.get("idem")
+    if idem is not None and (not isinstance(idem, str) or not 0 < len(idem) <= MAX_KEY_CHARS):
+        raise DecodeError(f"envelope field 'idem' must be a string of 1-{MAX_KEY_CHARS} characters or absent")
     return Envelope(
         kind=kind,
         body=body,
@@ -153,4 +166,5 @@ def decode_envelope(raw: bytes) -> Envelope:
         version=version,
         key_id=key_id,
         signature=signature,
+        idempotency_key=idem,
     )
