@@ -117,6 +117,18 @@ def parse_version(text: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def _optional_fields(data: dict[str, Any]) -> tuple[str | None, bytes | None, str | None]:
+    """``key_id``, ``sig`` and ``idem``, checked (None when absent)."""
+    key_id, signature, idem = data.get("key_id"), data.get("sig"), data.get("idem")
+    if key_id is not None and (not isinstance(key_id, str) or not key_id):
+        raise DecodeError("envelope field 'key_id' must be a non-empty string or absent")
+    if signature is not None and not isinstance(signature, bytes):
+        raise DecodeError("envelope field 'sig' must be bytes (MessagePack bin) or absent")
+    if idem is not None and (not isinstance(idem, str) or not 0 < len(idem) <= MAX_KEY_CHARS):
+        raise DecodeError(f"envelope field 'idem' must be a string of 1-{MAX_KEY_CHARS} characters or absent")
+    return key_id, signature, idem
+
+
 def decode_envelope(raw: bytes) -> Envelope:
     """Decode and validate an envelope; DecodeError or UnsupportedVersion if it is not one of ours.
 
@@ -147,14 +159,7 @@ def decode_envelope(raw: bytes) -> Envelope:
         raise DecodeError("envelope field 'sent_at' must be a number")
     if expires_at is not None and (isinstance(expires_at, bool) or not isinstance(expires_at, int | float)):
         raise DecodeError("envelope field 'expires_at' must be a number or null")
-    key_id, signature = data.get("key_id"), data.get("sig")
-    if key_id is not None and (not isinstance(key_id, str) or not key_id):
-        raise DecodeError("envelope field 'key_id' must be a non-empty string or absent")
-    if signature is not None and not isinstance(signature, bytes):
-        raise DecodeError("envelope field 'sig' must be bytes (MessagePack bin) or absent")
-    idem = data.get("idem")
-    if idem is not None and (not isinstance(idem, str) or not 0 < len(idem) <= MAX_KEY_CHARS):
-        raise DecodeError(f"envelope field 'idem' must be a string of 1-{MAX_KEY_CHARS} characters or absent")
+    key_id, signature, idem = _optional_fields(data)
     return Envelope(
         kind=kind,
         body=body,
