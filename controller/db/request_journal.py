@@ -54,8 +54,9 @@ def start(session: Session, entry: Entry) -> bool:
     }
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    result = session.execute(insert(ApiRequest).values(**values).on_conflict_do_nothing())
-    return bool(getattr(result, "rowcount", 0))
+    # RETURNING says whether the row went in (a rowcount is not reliable across drivers here).
+    statement = insert(ApiRequest).values(**values).on_conflict_do_nothing().returning(ApiRequest.request_id)
+    return session.execute(statement).first() is not None
 
 
 def find(session: Session, request_id: str, caller: str, key: str | None) -> Entry | None:
