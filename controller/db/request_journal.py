@@ -8,6 +8,7 @@ the row that won (:func:`start` answers False) and treats the request as a redel
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -39,24 +40,29 @@ class Entry:
     created_at: float
 
 
-def start(session: Session, entry: Entry) -> bool:
-    """Record ``entry`` as started; False (nothing written) when its id, or its caller's key, is
-    journalled already."""
-    values = {
-        "request_id": entry.request_id,
-        "kind": entry.kind,
-        "caller": entry.caller,
-        "idempotency_key": entry.idempotency_key,
-        "digest": entry.digest,
-        "state": State.STARTED.value,
-        "reply": None,
-        "created_at": entry.created_at,
-    }
+def start(session: Session, entries: Sequence[Entry]) -> set[str]:
+    """Record ``entries`` as started, in one INSERT; the ids of those that went in (the others'
+    id, or their caller's key, is journalled already: nothing of theirs is written)."""
+    if not entries:
+        return set()
+    rows = [
+        {
+            "request_id": e.request_id,
+            "kind": e.kind,
+            "caller": e.caller,
+            "idempotency_key": e.idempotency_key,
+            "digest": e.digest,
+            "state": State.STARTED.value,
+            "reply": None,
+            "created_at": e.created_at,
+        }
+        for e in entries
+    ]
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    # RETURNING says whether the row went in (a rowcount is not reliable across drivers here).
-    statement = insert(ApiRequest).values(**values).on_conflict_do_nothing().returning(ApiRequest.request_id)
-    return session.execute(statement).first() is not None
+    # RETURNING says which rows went in (a rowcount is not reliable across drivers here).
+    statement = insert(ApiRequest).values(rows).on_conflict_do_nothing().returning(ApiRequest.request_id)
+    return set(session.scalars(statement))
 
 
 def find(session: Session, request_id: str, caller: str, key: str | None) -> Entry | None:
@@ -80,6 +86,16 @@ def find(session: Session, request_id: str, caller: str, key: str | None) -> Ent
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The answer to a started request: its encoded reply, or None to drop the entry."""
+
+    request_id: str
+    caller: str
+    key: str | None
+    reply: bytes | None
+
+
 def _entry_of(request_id: str, caller: str, key: str | None) -> ColumnElement[bool]:
     """The entry of a request: by its id, or (a retry's) by its caller's key."""
     by_id = ApiRequest.request_id == request_id
@@ -88,20 +104,17 @@ def _entry_of(request_id: str, caller: str, key: str | None) -> ColumnElement[bo
     return or_(by_id, and_(ApiRequest.caller == caller, ApiRequest.idempotency_key == key))
 
 
-def finish(session: Session, request_id: str, caller: str, key: str | None, reply: bytes) -> None:
-    """Record the answer of a started request (one UPDATE)."""
-    session.execute(
-        update(ApiRequest)
-        .where(_entry_of(request_id, caller, key), ApiRequest.state == State.STARTED.value)
-        .values(state=State.DONE.value, reply=reply)
-    )
-
-
-def forget(session: Session, request_id: str, caller: str, key: str | None) -> None:
-    """Drop a started request's entry (its answer was a retryable error: a retry runs it again)."""
-    session.execute(
-        delete(ApiRequest).where(_entry_of(request_id, caller, key), ApiRequest.state == State.STARTED.value)
-    )
+def finish(session: Session, done: Sequence[Finished]) -> None:
+    """Record the answers of started requests (a None reply drops the entry: the answer was a
+    retryable error, so a retry runs again)."""
+    for item in done:
+        entry = and_(
+            _entry_of(item.request_id, item.caller, item.key), ApiRequest.state == State.STARTED.value
+        )
+        if item.reply is None:
+            session.execute(delete(ApiRequest).where(entry))
+        else:
+            session.execute(update(ApiRequest).where(entry).values(state=State.DONE.value, reply=item.reply))
 
 
 def prune(session: Session, before: float, limit: int) -> int:
@@ -117,4 +130,4 @@ def prune(session: Session, before: float, limit: int) -> int:
     return int(getattr(result, "rowcount", 0))
 
 
-__all__ = ["Entry", "State", "find", "finish", "forget", "prune", "start"]
+__all__ = ["Entry", "Finished", "State", "find", "finish", "prune", "start"]

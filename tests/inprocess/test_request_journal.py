@@ -231,9 +231,8 @@ def test_a_started_call_is_run_again_only_when_idempotent(ctl: _Controller) -> N
     delete = request(API_GROUP_DELETE, ServerGroupRef(name="g5"), "cli")
     with ctl.service.tx() as s:  # what a controller that died right after journalling them left
         for env, kind in ((group, API_GROUP_CREATE.kind), (delete, API_GROUP_DELETE.kind)):
-            assert store.start(
-                s, store.Entry(env.id, kind, CALLER, None, "x", store.State.STARTED, None, now)
-            )
+            entry = store.Entry(env.id, kind, CALLER, None, "x", store.State.STARTED, None, now)
+            assert store.start(s, [entry]) == {env.id}
     with pytest.raises(Conflict, match="whether it took effect is unknown"):
         _answer(ctl.deliver(group, redelivered=True), API_GROUP_CREATE)
     with ctl.service.tx() as s:
@@ -288,11 +287,12 @@ def test_entries_past_the_retention_are_pruned_in_batches(ctl: _Controller) -> N
     now = time.time()
     old = now - ctl.service.config.request_retention_s - 1
     with ctl.service.tx() as s:
-        for i in range(PRUNE_BATCH + 5):
-            store.start(
-                s, store.Entry(f"old{i}", "api.vm.start", CALLER, None, "x", store.State.DONE, None, old)
-            )
-        store.start(s, store.Entry("new", "api.vm.start", CALLER, None, "x", store.State.DONE, None, now))
+        old_entries = [
+            store.Entry(f"old{i}", "api.vm.start", CALLER, None, "x", store.State.DONE, None, old)
+            for i in range(PRUNE_BATCH + 5)
+        ]
+        store.start(s, old_entries)
+        store.start(s, [store.Entry("new", "api.vm.start", CALLER, None, "x", store.State.DONE, None, now)])
     assert ctl.journal.prune(now, batches=1) == PRUNE_BATCH
     assert ctl.journal.prune(now) == 5
     with ctl.service.tx() as s:
