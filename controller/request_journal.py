@@ -12,20 +12,27 @@ runs, and as *done*, with its encoded reply, after. Then:
 * a **retry** (new id, same caller and key) is answered the same way; the key used for another
   operation or another body is ``Conflict``;
 * a request found *started* (the controller that took it died mid-way, or is still at it) gets
-  the true answer: ``api.vm.create`` is answered from the VM that request claimed (every create
-  carries a key of its own, :func:`implicit_key`, stored with its VM): once the VM has left
-  ``building`` (bounded by the build timeout), its state; when the request claimed no VM, the
-  create runs. Any other operation declared ``idempotent`` runs again (running it twice changes
-  nothing more); the rest are answered ``Conflict`` "outcome unknown" (the change may or may not
-  have been made: check, then retry with a new key), never run twice;
+  the true answer: any operation declared ``idempotent`` runs again (running it twice changes
+  nothing more); the others are answered ``Conflict`` "outcome unknown" (the change may or may
+  not have been made: check, then retry with a new key), never run twice;
 * an answer that is a retryable error (the host was down, the database unavailable) is not kept:
   the entry is dropped, so that a retry with the same key runs again.
+
+``api.vm.create`` (the hot path) is journalled by its VM row instead, in the claim's own
+transaction: every create gets a key of its own, :func:`implicit_key` of its request id, stored
+with its VM (unique). A first delivery (the broker marks every later one ``redelivered``) runs
+at once, with no lookup; a redelivery is answered from the VM its request claimed, once that VM
+has left ``building`` (bounded by the build timeout), or runs when it claimed none. Two runs of
+one create (two controllers handed it) claim one VM: the loser's insert is refused by the key
+and it answers from the winner's VM. A create with an envelope key is journalled like any call
+(its retry is answered from the first one's VM the same way).
 
 The started insert is the arbiter between controllers sharing the database (a unique key; the
 loser treats the request as a redelivery). Entries older than ``request_retention_s`` are
 deleted in bounded batches, at most once a minute per controller, through the ``created_at``
 index. Cost: one INSERT before and one UPDATE after the handler, each in a transaction of its
-own shared by the requests that arrive together (group commit; docs/performance.md).
+own shared by the requests that arrive together (group commit); none for a create
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -134,6 +141,8 @@ class ApiJournal:
                 details={"field": "idempotency_key"},
             )
         caller, key = delivery.user_id or "", env.idempotency_key
+        if isinstance(body, api.VmCreate) and key is None:
+            return self._create(delivery, body)
         now = self._service.clock()
         self._prune(now)
         entry = store.Entry(env.id, op.kind, caller, key, digest(op, body), store.State.STARTED, None, now)
@@ -186,6 +195,16 @@ class ApiJournal:
         return [None] * len(done)
 
     # ------------------------------------------------------------------ answers
+
+    def _create(self, delivery: Delivery, req: api.VmCreate) -> Proceed:
+        """A create without an envelope key: journalled by its VM row (see the module docstring)."""
+        if req.dry_run or req.idempotency_key is not None:
+            # A dry run changes nothing; a caller's create key is looked up by the create itself.
+            return Proceed(req)
+        req = self._own_key(req, delivery.envelope.id)
+        # The broker marks every delivery of a message after the first: one it does not mark was
+        # never handed to anyone before, so its key is fresh and needs no lookup.
+        return Proceed(req, handler=self._settled_create if delivery.redelivered else self._fresh_create)
 
     def _own_key(self, body: Any, request_id: str) -> Any:
         """A create's body with its own key (a caller's key, or a dry run, stays as it is)."""
