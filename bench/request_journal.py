@@ -6,8 +6,9 @@ Run from the repository root: ``python bench/request_journal.py [--database URL]
 deliveries (no broker: what is measured is the controller's own work), agents answered
 in-process (a build succeeds at once), as in ``bench/claim_path.py``. Each round runs the
 creates without the journal, then with it (alternated, so drift in the machine's load hits both);
-printed: ms per create (median of the rounds), the ratio with/without, and the SQL statements and
-transactions one create costs with the journal. ``--threads`` > 1: the creates come from that
+printed: ms per call (median of the rounds), the ratio with/without, and the SQL statements and
+transactions one call costs with the journal, for creates (journalled by their VM row) and for
+``group create`` (a state-changing call journalled in ``api_requests``). ``--threads`` > 1: the creates come from that
 many threads at once (as the API workers run them; they are then claimed in batches).
 """
 
@@ -17,6 +18,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from claim_path import _database, _InstantAgents, _report  # the same fleet and 
 from sqlalchemy import event
 
 from common.messages import api
+from common.messages.placement import API_GROUP_CREATE, ServerGroupCreate
 from common.messages.vm import KernelBoot
 from common.transport.port import Delivery
 from common.transport.rpc import Dispatcher, request, unwrap
@@ -38,28 +41,35 @@ from controller.request_journal import ApiJournal
 from controller.service import ControllerService
 
 
-def _delivery(name: str) -> Delivery:
-    body = api.VmCreate(name=name, vcpus=1, memory_mib=64, kernel_boot=KernelBoot("/vmlinuz"))
-    return Delivery(request(api.API_VM_CREATE, body, "bench"), "api", False, "reply", user_id="bench")
-
-
 def _create(dispatcher: Dispatcher, name: str) -> None:
-    outcome = dispatcher(_delivery(name))
+    body = api.VmCreate(name=name, vcpus=1, memory_mib=64, kernel_boot=KernelBoot("/vmlinuz"))
+    env = request(api.API_VM_CREATE, body, "bench")
+    outcome = dispatcher(Delivery(env, "api", False, "reply", user_id="bench"))
     assert outcome.reply is not None
     unwrap(outcome.reply, api.API_VM_CREATE)
 
 
-def _run(dispatcher: Dispatcher, prefix: str, creates: int, threads: int) -> float:
-    """ms per create (wall time over all creates)."""
-    names = [f"{prefix}-{n}" for n in range(creates)]
+def _group(dispatcher: Dispatcher, name: str) -> None:
+    """A state-changing call other than a create (journalled in ``api_requests``)."""
+    env = request(API_GROUP_CREATE, ServerGroupCreate(name=name, policy="affinity"), "bench")
+    outcome = dispatcher(Delivery(env, "api", False, "reply", user_id="bench"))
+    assert outcome.reply is not None
+    unwrap(outcome.reply, API_GROUP_CREATE)
+
+
+def _run(
+    call: Callable[[Dispatcher, str], None], dispatcher: Dispatcher, prefix: str, n: int, threads: int
+) -> float:
+    """ms per call (wall time over all calls)."""
+    names = [f"{prefix}-{i}" for i in range(n)]
     start = time.perf_counter()
     if threads <= 1:
         for name in names:
-            _create(dispatcher, name)
+            call(dispatcher, name)
     else:
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(lambda n: _create(dispatcher, n), names))
-    return (time.perf_counter() - start) * 1000.0 / creates
+            list(pool.map(lambda name: call(dispatcher, name), names))
+    return (time.perf_counter() - start) * 1000.0 / n
 
 
 def main() -> None:
@@ -83,32 +93,44 @@ def main() -> None:
         for n in range(20):  # warm up both (statement caches, the indexes)
             _create(plain, f"warm-p{n}")
             _create(journalled, f"warm-j{n}")
-        statements: list[str] = []
+            _group(plain, f"warm-gp{n}")
+            _group(journalled, f"warm-gj{n}")  # the first also runs the journal's first prune
+        counted: dict[str, list[str]] = {"create": [], "group create": []}
 
-        def seen(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
-            statements.append(statement.split(None, 1)[0].upper())
+        def counting(kind: str, call: Callable[[Dispatcher, str], None]) -> None:
+            statements = counted[kind]
 
-        event.listen(engine, "before_cursor_execute", seen)
-        _create(journalled, "counted")
-        event.remove(engine, "before_cursor_execute", seen)
-        without, with_ = [], []
+            def seen(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+                statements.append(statement.split(None, 1)[0].upper())
+
+            event.listen(engine, "before_cursor_execute", seen)
+            call(journalled, f"counted-{len(kind)}")
+            event.remove(engine, "before_cursor_execute", seen)
+
+        counting("create", _create)
+        counting("group create", _group)
+        runs: dict[str, dict[str, list[float]]] = {k: {"without": [], "with": []} for k in counted}
+        calls = {"create": _create, "group create": _group}
         for round_ in range(args.rounds):
-            without.append(_run(plain, f"r{round_}-p", args.creates, args.threads))
-            with_.append(_run(journalled, f"r{round_}-j", args.creates, args.threads))
+            for kind, call in calls.items():
+                for mode, dispatcher in (("without", plain), ("with", journalled)):
+                    prefix = f"r{round_}-{kind[0]}-{mode}"
+                    runs[kind][mode].append(_run(call, dispatcher, prefix, args.creates, args.threads))
         service.close()
     finally:
         engine.dispose()
         drop()
-    kinds = {k: statements.count(k) for k in sorted(set(statements))}
-    off, on = statistics.median(without), statistics.median(with_)
     print(
-        f"database {engine.dialect.name}, {args.hosts} hosts, {args.creates} creates x {args.rounds} rounds,"
+        f"database {engine.dialect.name}, {args.hosts} hosts, {args.creates} calls x {args.rounds} rounds,"
         f" {args.threads} thread(s)"
     )
-    print(f"  statements per journalled create: {len(statements)} {kinds}")
-    print(f"  without journal: {', '.join(f'{x:.2f}' for x in without)} ms/create")
-    print(f"  with journal:    {', '.join(f'{x:.2f}' for x in with_)} ms/create")
-    print(f"  with / without (medians): {on / off:.2f}x (+{on - off:.2f} ms per create)")
+    for kind, statements in counted.items():
+        kinds = {k: statements.count(k) for k in sorted(set(statements))}
+        off, on = statistics.median(runs[kind]["without"]), statistics.median(runs[kind]["with"])
+        print(f"  {kind}: statements with the journal: {len(statements)} {kinds}")
+        print(f"    without journal: {', '.join(f'{x:.2f}' for x in runs[kind]['without'])} ms/call")
+        print(f"    with journal:    {', '.join(f'{x:.2f}' for x in runs[kind]['with'])} ms/call")
+        print(f"    with / without (medians): {on / off:.2f}x ({on - off:+.2f} ms per call)")
 
 
 if __name__ == "__main__":
