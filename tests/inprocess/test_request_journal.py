@@ -16,6 +16,7 @@ from typing import Any, TypeVar, cast
 
 import pytest
 from builders import host_report
+from inproc import HostShape, inprocess_fleet
 from sqlalchemy import Engine, func, select
 from vfsupport import fresh_database
 
@@ -296,3 +297,22 @@ def test_entries_past_the_retention_are_pruned_in_batches(ctl: _Controller) -> N
     assert ctl.journal.prune(now) == 5
     with ctl.service.tx() as s:
         assert s.scalar(select(func.count()).select_from(ApiRequest)) == 1
+
+
+def test_the_cli_idempotency_key_makes_any_command_safe_to_retry(tmp_path: Path) -> None:
+    with inprocess_fleet(tmp_path, {"small": HostShape("small")}) as fleet:
+        first = fleet.cli("--idempotency-key", "grp-1", "group", "create", "web", "--policy", "anti-affinity")
+        assert first.code == 0, first.stdout + first.stderr
+        again = fleet.cli("--idempotency-key", "grp-1", "group", "create", "web", "--policy", "anti-affinity")
+        assert (again.code, again.json) == (0, first.json)  # not AlreadyExists
+        other = fleet.cli("--idempotency-key", "grp-1", "group", "create", "db", "--policy", "affinity")
+        assert other.code == 4 and other.json["error"]["type"] == "Conflict", other.stdout
+        too_long = fleet.cli("--idempotency-key", "k" * 129, "group", "create", "x", "--policy", "affinity")
+        assert too_long.code == 2 and too_long.json["error"]["type"] == "InvalidRequest", too_long.stdout
+        assert fleet.controller is not None
+        with fleet.controller.service.tx() as s:  # nothing else was created
+            assert [repo.find_server_group(s, n) is not None for n in ("web", "db", "x")] == [
+                True,
+                False,
+                False,
+            ]
