@@ -288,11 +288,13 @@ def test_entries_past_the_retention_are_pruned_in_batches(ctl: _Controller) -> N
     old = now - ctl.service.config.request_retention_s - 1
     with ctl.service.tx() as s:
         old_entries = [
-            store.Entry(f"old{i}", "api.vm.start", CALLER, None, "x", store.State.DONE, None, old)
+            store.Entry(f"old{i}", API_GROUP_DELETE.kind, CALLER, None, "x", store.State.DONE, None, old)
             for i in range(PRUNE_BATCH + 5)
         ]
         store.start(s, old_entries)
-        store.start(s, [store.Entry("new", "api.vm.start", CALLER, None, "x", store.State.DONE, None, now)])
+        store.start(
+            s, [store.Entry("new", API_GROUP_DELETE.kind, CALLER, None, "x", store.State.DONE, None, now)]
+        )
     assert ctl.journal.prune(now, batches=1) == PRUNE_BATCH
     assert ctl.journal.prune(now) == 5
     with ctl.service.tx() as s:

@@ -445,7 +445,7 @@ def test_with_body_drops_the_signature() -> None:
 
 
 def test_the_idempotency_key_travels_only_when_set_and_is_bounded() -> None:
-    plain = Envelope(kind="api.ping", body={}, sender="cli")
+    plain = Envelope(kind="k", body={}, sender="cli")
     assert "idem" not in plain.to_wire()
     keyed = dataclasses.replace(plain, idempotency_key="retry-1")
     assert decode_envelope(keyed.encode()).idempotency_key == "retry-1"
