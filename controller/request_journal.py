@@ -16,7 +16,8 @@ runs, and as *done*, with its encoded reply, after. Then:
   nothing more); the others are answered ``Conflict`` "outcome unknown" (the change may or may
   not have been made: check, then retry with a new key), never run twice;
 * an answer that is a retryable error (the host was down, the database unavailable) is not kept:
-  the entry is dropped, so that a retry with the same key runs again.
+  the entry is dropped, so that a retry with the same key runs again; nor is ``InvalidRequest``
+  (refused input changes nothing, not even the journal).
 
 ``api.vm.create`` (the hot path) is journalled by its VM row instead, in the claim's own
 transaction: every create gets a key of its own, :func:`implicit_key` of its request id, stored
@@ -165,13 +166,18 @@ class ApiJournal:
         return self._after_started(op, self._own_key(body, found.request_id), found)
 
     def finish(self, delivery: Delivery, op: Op[Any, Any], outcome: Outcome) -> None:
-        """Record the answer (a retryable error is dropped: a retry runs again)."""
+        """Record the answer (a retryable error or refused input drops the entry instead)."""
         if outcome.requeue or outcome.reply is None:
             return  # handed back unanswered: the next controller finds it started
         env = delivery.envelope
         error = outcome.reply.body.get("error")
-        retryable = isinstance(error, dict) and error.get("retryable") is True
-        reply = None if retryable else outcome.reply.encode()
+        # Kept: answers, and errors after which running again could differ from the first run.
+        # Dropped: a retryable error (a retry must run again) and refused input (nothing changed,
+        # and the same input is refused again).
+        dropped = isinstance(error, dict) and (
+            error.get("retryable") is True or error.get("type") == "InvalidRequest"
+        )
+        reply = None if dropped else outcome.reply.encode()
         self._finishes.submit(store.Finished(env.id, delivery.user_id or "", env.idempotency_key, reply))
 
     def _start_batch(self, entries: Sequence[store.Entry]) -> list[tuple[bool, store.Entry | None]]:

@@ -20,7 +20,7 @@ from inproc import HostShape, inprocess_fleet
 from sqlalchemy import Engine, func, select
 from vfsupport import fresh_database
 
-from common.errors import Conflict, RequestTimeout
+from common.errors import Conflict, InvalidRequest, RequestTimeout
 from common.messages import api
 from common.messages.descriptor import ApiCall, Command
 from common.messages.placement import API_GROUP_CREATE, API_GROUP_DELETE, ServerGroupCreate, ServerGroupRef
@@ -281,6 +281,10 @@ def test_reads_cost_nothing_and_retryable_errors_are_not_kept(ctl: _Controller) 
     with pytest.raises(RequestTimeout):
         _answer(ctl.deliver(env), api.API_VM_CREATE)
     assert _entries(ctl.service) == {}  # a retry with the key runs again
+    bad = request(api.API_VM_CREATE, _create("web7", cpuset="0-500"), "cli", idempotency_key="web7")
+    with pytest.raises(InvalidRequest, match="cpuset"):
+        _answer(ctl.deliver(bad), api.API_VM_CREATE)
+    assert _entries(ctl.service) == {}  # refused input changes nothing, not even the journal
 
 
 def test_entries_past_the_retention_are_pruned_in_batches(ctl: _Controller) -> None:
