@@ -227,8 +227,9 @@ class ApiJournal:
 
         def unknown(_body: Any) -> Any:
             raise Conflict(
-                f"{op.kind} request {found.request_id} was taken by a controller that stopped before"
-                " answering: whether it took effect is unknown; check, then retry with a new key",
+                f"{op.kind} request {found.request_id} was taken by a controller that has not answered"
+                " it (it stopped, or is still at it): whether it took effect is unknown; check, then"
+                " retry with a new key",
                 details={"request": found.request_id, "outcome": "unknown"},
             )
 
