@@ -51,6 +51,7 @@ from common.messages import api
 from common.messages.base import replace as replace_message
 from common.messages.descriptor import Op
 from common.messages.envelope import decode_envelope
+from common.messages.limits import MAX_KEY_CHARS
 from common.messages.vm import Lifecycle
 from common.transport.port import Delivery, Interrupted, Outcome
 from common.transport.rpc import Proceed, Replay
@@ -136,6 +137,11 @@ class ApiJournal:
         env = delivery.envelope
         if len(env.id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequest(f"request id longer than {MAX_REQUEST_ID_CHARS} characters")
+        if env.idempotency_key is not None and len(env.idempotency_key) > MAX_KEY_CHARS:
+            raise InvalidRequest(
+                f"idempotency key longer than {MAX_KEY_CHARS} characters",
+                details={"field": "idempotency_key", "max_length": MAX_KEY_CHARS},
+            )
         if isinstance(body, api.VmCreate) and is_implicit(body.idempotency_key):
             raise InvalidRequest(
                 f"idempotency keys starting with {IMPLICIT_PREFIX!r} are reserved",

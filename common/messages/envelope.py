@@ -8,8 +8,9 @@ On the wire an envelope is a MessagePack map::
 
 ``idem`` (optional, API requests only) is the caller's idempotency key: a retry of a call with a
 new ``id`` and the same key is answered with the first call's answer instead of running again
-(at most :data:`~common.messages.limits.MAX_KEY_CHARS` characters; docs/operations.md, "Request
-journal"). A peer that does not know the field ignores it.
+(at most :data:`~common.messages.limits.MAX_KEY_CHARS` characters, or the controller answers
+``InvalidRequest``; docs/operations.md, "Request journal"). A peer that does not know the field
+ignores it.
 
 ``key_id`` and ``sig`` (protocol 1.1) are present only on signed messages: ``sig`` is the
 HMAC-SHA256 of the canonical bytes of every other field under the key ``key_id`` names
@@ -29,7 +30,6 @@ from typing import Any
 
 from common import codec
 from common.errors import DecodeError, UnsupportedVersion, VirtfleetError
-from common.messages.limits import MAX_KEY_CHARS
 
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 1
@@ -124,8 +124,9 @@ def _optional_fields(data: dict[str, Any]) -> tuple[str | None, bytes | None, st
         raise DecodeError("envelope field 'key_id' must be a non-empty string or absent")
     if signature is not None and not isinstance(signature, bytes):
         raise DecodeError("envelope field 'sig' must be bytes (MessagePack bin) or absent")
-    if idem is not None and (not isinstance(idem, str) or not 0 < len(idem) <= MAX_KEY_CHARS):
-        raise DecodeError(f"envelope field 'idem' must be a string of 1-{MAX_KEY_CHARS} characters or absent")
+    # Its length is the receiver's to refuse with an answer (InvalidRequest), not a malformed envelope.
+    if idem is not None and (not isinstance(idem, str) or not idem):
+        raise DecodeError("envelope field 'idem' must be a non-empty string or absent")
     return key_id, signature, idem
 
 

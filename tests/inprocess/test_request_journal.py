@@ -201,6 +201,9 @@ def test_a_retry_with_the_same_key_gets_the_first_answer_and_another_call_confli
         _answer(ctl.deliver(other), API_GROUP_CREATE)
     with ctl.service.tx() as s:
         assert repo.find_server_group(s, "g2") is None  # nothing changed
+    too_long = request(API_GROUP_CREATE, body, "cli", idempotency_key="k" * 129)
+    with pytest.raises(InvalidRequest, match="idempotency key longer than 128"):
+        _answer(ctl.deliver(too_long), API_GROUP_CREATE)
     # The key is the caller's: another login's same key is another request.
     mine = request(
         API_GROUP_CREATE, ServerGroupCreate(name="g3", policy="affinity"), "cli", idempotency_key="k-1"
