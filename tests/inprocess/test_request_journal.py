@@ -325,3 +325,16 @@ def test_the_cli_idempotency_key_makes_any_command_safe_to_retry(tmp_path: Path)
                 False,
                 False,
             ]
+
+
+def test_a_redelivered_create_waiting_on_a_build_is_handed_back_when_the_controller_stops(
+    ctl: _Controller,
+) -> None:
+    env = request(api.API_VM_CREATE, _create("web8"), "cli")
+    ctl.agents.die_on_create = True
+    with pytest.raises(_Died):
+        ctl.deliver(env)
+    threading.Timer(0.3, ctl.journal.interrupt).start()
+    outcome = ctl.deliver(env, redelivered=True)  # waits on the VM still building, then stops
+    assert outcome.requeue and outcome.reply is None
+    assert _vms(ctl.service) == [("web8", Lifecycle.BUILDING)]
