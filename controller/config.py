@@ -14,7 +14,7 @@ from common import credentials
 from common.broker_url import DEFAULT_URL, TLS_OPTIONS, with_tls
 from common.errors import InvalidRequest
 from common.messages.catalogue import CATALOGUE
-from common.messages.descriptor import Role, Side, Version
+from common.messages.descriptor import TIMEOUT_SECONDS, Role, Side, Timeout, Version
 from common.signing import DEFAULT_CLOCK_SKEW_S, DEFAULT_GRACE_S, DEFAULT_MAX_LIFETIME_S, check_limits
 from common.transport.identity import Logins
 from common.transport.topology import MAX_MESSAGE_BYTES
@@ -136,6 +136,11 @@ class Overcommit:
     reserved_disk_gib: int = 0
 
 
+#: The shortest request journal retention: an API request may be delivered (or redelivered) up
+#: to its expiry, at most the slowest timeout class after it was sent.
+MIN_RETENTION_S = TIMEOUT_SECONDS[Timeout.SLOW]
+
+
 @dataclass(frozen=True, slots=True)
 class ControllerConfig:
     amqp_url: str = DEFAULT_URL
@@ -206,6 +211,9 @@ class ControllerConfig:
     #: The largest message body published or handled (the broker's ``max_message_size`` should
     #: be the same: docs/security.md, "Limits").
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    #: Seconds the API request journal keeps a request's answer (controller.request_journal): a
+    #: redelivery or a retry with the same idempotency key within it gets the recorded answer.
+    request_retention_s: float = 86400.0
 
     def __post_init__(self) -> None:
         if self.strategy not in {"spread", "pack"}:
@@ -232,6 +240,22 @@ class ControllerConfig:
             )
         if not math.isfinite(self.db_retry_s) or self.db_retry_s < 0:
             raise InvalidRequest(f"db_retry_s must be 0 or more seconds, got {self.db_retry_s}")
+        self._check_recovery()
+        if self.choose_among < 1:
+            raise InvalidRequest(f"choose_among must be at least 1, got {self.choose_among}")
+        if not math.isfinite(self.request_retention_s) or self.request_retention_s < MIN_RETENTION_S:
+            raise InvalidRequest(
+                f"request_retention_s must be at least {MIN_RETENTION_S:g} s (the longest a request"
+                f" may wait in its queue), got {self.request_retention_s}"
+            )
+        check_limits(self.max_message_lifetime_s, self.clock_skew_s, self.key_grace_s)
+        oc = self.overcommit
+        for name in ("cpu_ratio", "ram_ratio", "disk_ratio"):
+            if not math.isfinite(getattr(oc, name)) or getattr(oc, name) <= 0:
+                raise InvalidRequest(f"overcommit.{name} must be positive")
+
+    def _check_recovery(self) -> None:
+        """The recovery knobs (controller.recovery) hold together."""
         if not all(
             math.isfinite(v) and v > 0
             for v in (self.recovery_interval_s, self.instance_heartbeat_s, self.lease_ttl_s)
@@ -247,13 +271,6 @@ class ControllerConfig:
                 f"lease_ttl_s must be longer than instance_heartbeat_s ({self.instance_heartbeat_s:g} s):"
                 " the lease is renewed with every heartbeat"
             )
-        if self.choose_among < 1:
-            raise InvalidRequest(f"choose_among must be at least 1, got {self.choose_among}")
-        check_limits(self.max_message_lifetime_s, self.clock_skew_s, self.key_grace_s)
-        oc = self.overcommit
-        for name in ("cpu_ratio", "ram_ratio", "disk_ratio"):
-            if not math.isfinite(getattr(oc, name)) or getattr(oc, name) <= 0:
-                raise InvalidRequest(f"overcommit.{name} must be positive")
 
 
 def _coerce(cls: type[Any], values: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from common.messages import api, host
 from common.messages.catalogue import CATALOGUE
 from common.messages.descriptor import ApiCall, Side, ToHostAgent
 from common.messages.vm import VmForward
-from common.transport.rpc import Admission, Dispatcher, HandlerTable
+from common.transport.rpc import Admission, Dispatcher, HandlerTable, RequestJournal
 from controller import network, placement_ops, tuning, vmops
 from controller.service import ControllerService
 
@@ -59,13 +59,15 @@ def api_dispatcher(
     *,
     admit: Sequence[Admission] = (),
     extra: HandlerTable | None = None,
+    journal: RequestJournal | None = None,
 ) -> Dispatcher:
     """The API's Dispatcher; ``admit``: admission checks (the role check), ``extra``: handlers that
-    need more than the service (the audit log's)."""
+    need more than the service (the audit log's), ``journal``: the request journal that answers
+    redeliveries and retries (controller.request_journal)."""
     table = api_handlers(service)
     if extra is not None:
         table.update(extra)
-    return Dispatcher(sender, table, admit=admit)
+    return Dispatcher(sender, table, admit=admit, journal=journal)
 
 
 def report_dispatcher(service: ControllerService, sender: str, admit: Sequence[Admission] = ()) -> Dispatcher:

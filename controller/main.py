@@ -33,6 +33,7 @@ from controller.db.audit import AuditLog
 from controller.db.engine import make_engine, migrate
 from controller.endpoint import api_dispatcher, report_dispatcher
 from controller.recovery import Recovery
+from controller.request_journal import ApiJournal
 from controller.service import ControllerService
 
 if TYPE_CHECKING:
@@ -123,6 +124,8 @@ class Controller:
         self.service = ControllerService(self.engine, config, agents)
         #: this instance's liveness record, the reconciler lease and the recovery passes
         self.recovery = Recovery(self.service, self.name, self.engine)
+        #: answers redelivered and retried API requests (both lanes share it)
+        self.journal = ApiJournal(self.service)
         self.audit = AuditLog(self.engine)
         access = config.access
         self._limiter = RateLimiter(
@@ -172,7 +175,9 @@ class Controller:
         extra = HandlerTable(Side.CONTROLLER)
         extra.register(API_AUDIT_LIST, self.audit.list)
         roles = RoleCheck(self.config.access.roles)
-        dispatcher = api_dispatcher(self.service, self.name, admit=[*self._identity, roles], extra=extra)
+        dispatcher = api_dispatcher(
+            self.service, self.name, admit=[*self._identity, roles], extra=extra, journal=self.journal
+        )
         return AuditedApi(dispatcher, self.audit.record, limit=self._limiter)
 
     def start(self) -> None:
@@ -250,6 +255,7 @@ class Controller:
         for lane in lanes:
             lane.start()
         # After the lanes were told to stop: a request taken meanwhile is handed back at once.
+        self.journal.interrupt()
         waiting = self.agents.interrupt()
         if waiting:
             log.info("stopping: %d call(s) waiting on agents given up; their requests go back", waiting)

@@ -68,6 +68,7 @@ from controller.create_batcher import GroupCommit
 from controller.db import repository as repo
 from controller.db.errors import transient_retries, typed_database_errors
 from controller.fleet_state import FleetState, report_digest, with_claim
+from controller.request_journal import is_implicit
 from controller.scheduler.model import (
     FleetSnapshot,
     Placement,
@@ -222,12 +223,15 @@ class ControllerService:
         """Place, claim atomically, then build on the agent (with reschedule on failure).
 
         The common create is decided and claimed in a batch with the creates that arrive with
-        it (:meth:`_claim_batch`); idempotency keys, dry runs, forced hosts and server groups
-        take the path of one create at a time (:meth:`_claim`).
+        it (:meth:`_claim_batch`); a caller's idempotency key, dry runs, forced hosts and server
+        groups take the path of one create at a time (:meth:`_claim`). The key the request
+        journal gives every create (controller.request_journal) is fresh (its request was just
+        journalled) and needs no lookup: it is stored with the VM by the batch's insert, whose
+        unique index refuses a second VM for it.
         """
         self._check_cpuset(req)
         if (
-            req.idempotency_key
+            (req.idempotency_key and not is_implicit(req.idempotency_key))
             or req.dry_run
             or req.host is not None
             or req.server_group is not None

@@ -60,5 +60,6 @@ API_AUDIT_LIST = api_call(
     "virtfleet audit list",
     role=Role.ADMIN,
     idempotent=True,
+    read_only=True,
     since=Version(1, 1),
 )

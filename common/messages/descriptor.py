@@ -116,6 +116,9 @@ class Op(Generic[B, R]):
     idempotent: bool = False
     #: the family minor version that introduced the operation
     since: Version | None = None
+    #: changes nothing (a query): the controller's request journal skips it, at no cost, and
+    #: never stores its answer (a console or a secure export carries secrets)
+    read_only: bool = False
 
     route: ClassVar[Route]
     served_by: ClassVar[Side]
@@ -124,6 +127,12 @@ class Op(Generic[B, R]):
     def introduced(self) -> Version:
         """The family version that introduced this operation."""
         return self.since or Version(self.family.version.major, 0)
+
+    @property
+    def changes(self) -> bool:
+        """Whether a call may change state: what the controller's request journal records (a
+        reader's call, or one declared ``read_only``, cannot)."""
+        return not self.read_only and self.role is not Role.READER
 
     @property
     def replies(self) -> bool:
@@ -211,11 +220,15 @@ def api_call(
     role: Role,
     idempotent: bool = False,
     since: Version | None = None,
+    read_only: bool = False,
 ) -> ApiCall[B, R]:
-    """Declare a client -> controller call; ``role`` is the least role allowed to make it."""
+    """Declare a client -> controller call; ``role`` is the least role allowed to make it,
+    ``read_only`` says it changes nothing (see :attr:`Op.read_only`)."""
     if role in (Role.CONTROLLER, Role.AGENT):
         raise ValueError(f"{kind}: API calls are made by people: reader, operator or admin")
-    return ApiCall(kind, body, result, family, timeout, doc, role, idempotent, since)
+    if read_only and not idempotent:
+        raise ValueError(f"{kind}: a call that changes nothing is idempotent")
+    return ApiCall(kind, body, result, family, timeout, doc, role, idempotent, since, read_only)
 
 
 def query(
@@ -223,7 +236,9 @@ def query(
 ) -> ApiCall[B, R]:
     """Declare a client -> controller call that only reads: any reader may make it, and it is
     idempotent (asking twice changes nothing)."""
-    return api_call(family, kind, body, result, timeout, doc, role=Role.READER, idempotent=True)
+    return api_call(
+        family, kind, body, result, timeout, doc, role=Role.READER, idempotent=True, read_only=True
+    )
 
 
 #: An API call waits one timeout class longer than the command it wraps, so that the

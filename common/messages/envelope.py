@@ -6,6 +6,12 @@ On the wire an envelope is a MessagePack map::
      "sender": "controller:node1:4242", "sent_at": 1764111111.5, "expires_at": 1764111141.5,
      "body": {...}, "key_id": "hv1:2", "sig": b"<32 bytes>"}
 
+``idem`` (optional, API requests only) is the caller's idempotency key: a retry of a call with a
+new ``id`` and the same key is answered with the first call's answer instead of running again
+(at most :data:`~common.messages.limits.MAX_KEY_CHARS` characters, or the controller answers
+``InvalidRequest``; docs/operations.md, "Request journal"). A peer that does not know the field
+ignores it.
+
 ``key_id`` and ``sig`` (protocol 1.1) are present only on signed messages: ``sig`` is the
 HMAC-SHA256 of the canonical bytes of every other field under the key ``key_id`` names
 (:mod:`common.signing`; docs/security.md, "Message signatures").
@@ -52,6 +58,8 @@ class Envelope:
     key_id: str | None = None
     #: HMAC-SHA256 over :func:`common.signing.canonical_bytes`, None when unsigned
     signature: bytes | None = None
+    #: the caller's idempotency key (API requests), None when the caller gave none
+    idempotency_key: str | None = None
 
     def expired(self, now: float) -> bool:
         """True when the sender said the message is worthless after ``expires_at``."""
@@ -73,6 +81,8 @@ class Envelope:
             wire["key_id"] = self.key_id
         if self.signature is not None:
             wire["sig"] = self.signature
+        if self.idempotency_key is not None:
+            wire["idem"] = self.idempotency_key
         return wire
 
     def encode(self) -> bytes:
@@ -107,6 +117,19 @@ def parse_version(text: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def _optional_fields(data: dict[str, Any]) -> tuple[str | None, bytes | None, str | None]:
+    """``key_id``, ``sig`` and ``idem``, checked (None when absent)."""
+    key_id, signature, idem = data.get("key_id"), data.get("sig"), data.get("idem")
+    if key_id is not None and (not isinstance(key_id, str) or not key_id):
+        raise DecodeError("envelope field 'key_id' must be a non-empty string or absent")
+    if signature is not None and not isinstance(signature, bytes):
+        raise DecodeError("envelope field 'sig' must be bytes (MessagePack bin) or absent")
+    # Its length is the receiver's to refuse with an answer (InvalidRequest), not a malformed envelope.
+    if idem is not None and (not isinstance(idem, str) or not idem):
+        raise DecodeError("envelope field 'idem' must be a non-empty string or absent")
+    return key_id, signature, idem
+
+
 def decode_envelope(raw: bytes) -> Envelope:
     """Decode and validate an envelope; DecodeError or UnsupportedVersion if it is not one of ours.
 
@@ -137,11 +160,7 @@ def decode_envelope(raw: bytes) -> Envelope:
         raise DecodeError("envelope field 'sent_at' must be a number")
     if expires_at is not None and (isinstance(expires_at, bool) or not isinstance(expires_at, int | float)):
         raise DecodeError("envelope field 'expires_at' must be a number or null")
-    key_id, signature = data.get("key_id"), data.get("sig")
-    if key_id is not None and (not isinstance(key_id, str) or not key_id):
-        raise DecodeError("envelope field 'key_id' must be a non-empty string or absent")
-    if signature is not None and not isinstance(signature, bytes):
-        raise DecodeError("envelope field 'sig' must be bytes (MessagePack bin) or absent")
+    key_id, signature, idem = _optional_fields(data)
     return Envelope(
         kind=kind,
         body=body,
@@ -153,4 +172,5 @@ def decode_envelope(raw: bytes) -> Envelope:
         version=version,
         key_id=key_id,
         signature=signature,
+        idempotency_key=idem,
     )

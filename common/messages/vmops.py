@@ -658,6 +658,7 @@ API_VM_CONSOLE = api_call(
     "virtfleet vm console",
     role=_OPERATE,
     idempotent=True,
+    read_only=True,
 )
 API_VM_EXPORT = query(API, "api.vm.export", VmExportRequest, VmExport, "virtfleet vm export")
 #: The XML with its secrets (the VNC password): a call of its own, so that only admins may make it.
@@ -670,6 +671,7 @@ API_VM_EXPORT_SECURE = api_call(
     "virtfleet vm export --secure",
     role=Role.ADMIN,
     idempotent=True,
+    read_only=True,
     since=Version(1, 1),
 )
 API_VM_IMPORT = api_call(

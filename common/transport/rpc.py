@@ -8,9 +8,15 @@ looks the kind up, refuses expired requests, decodes the body into its type, run
 and wraps the result or error as a reply (a handler that raises
 :class:`~common.transport.port.Interrupted` -- its process is stopping -- hands the delivery
 back to its queue, unanswered). Malformed messages (unknown kind, body that does not
-fit its type) are answered with an error *and* dead-lettered. An optional :class:`Journal`
-records each reply by message id so that a redelivered command is answered from the journal
-instead of being executed twice.
+fit its type) are answered with an error *and* dead-lettered.
+
+The journal seam: an optional journal makes a redelivered request be answered instead of
+executed twice. A :class:`Journal` (the agent's) records each reply by message id and is asked
+before anything else. A :class:`RequestJournal` (the controller's API journal) is asked once the
+body is decoded, and decides per request: :class:`Replay` a recorded reply, or :class:`Proceed`
+(run the operation's handler, or the one it names, with the body it gives: a redelivery whose
+first run died is answered by a handler that finds out what that run did), and is told the
+outcome afterwards (:meth:`RequestJournal.finish`).
 
 Admission (the trust model: nothing on the bus is trusted for what it says about itself): each
 :data:`Admission` check runs on a delivery of a known kind before the journal and the handler.
@@ -27,7 +33,8 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from common import codec
 from common.errors import (
@@ -61,6 +68,40 @@ class Journal(Protocol):
     def get(self, message_id: str) -> bytes | None: ...
 
     def put(self, message_id: str, kind: str, reply: bytes) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A :class:`RequestJournal`'s answer: reply with this; the handler does not run."""
+
+    reply: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Proceed:
+    """A :class:`RequestJournal`'s answer: run ``handler`` (None: the operation's) on ``body``.
+
+    ``record``: the journal recorded the request as started and wants :meth:`RequestJournal.finish`
+    called with the outcome.
+    """
+
+    body: Any
+    handler: Callable[[Any], Any] | None = None
+    record: bool = False
+
+
+@runtime_checkable
+class RequestJournal(Protocol):
+    """A journal that records a request as started before its handler runs and done after
+    (the controller's API journal: controller.request_journal)."""
+
+    def begin(self, delivery: Delivery, op: Op[Any, Any], body: Any) -> Replay | Proceed:
+        """What to do with a decoded, unexpired request; raises a VirtfleetError to refuse it."""
+        ...
+
+    def finish(self, delivery: Delivery, op: Op[Any, Any], outcome: Outcome) -> None:
+        """The outcome of a request that :meth:`begin` answered with ``Proceed(record=True)``."""
+        ...
 
 
 class HandlerTable:
@@ -115,13 +156,19 @@ class Dispatcher:
         sender: str,
         table: HandlerTable,
         *,
-        journal: Journal | None = None,
+        journal: Journal | RequestJournal | None = None,
         clock: Callable[[], float] = time.time,
         admit: Sequence[Admission] = (),
     ) -> None:
         self.sender = sender
         self._table = table
-        self._journal = journal
+        #: the agent's kind of journal (asked first), or the controller's (asked after decoding)
+        self._journal: Journal | None = None
+        self._requests: RequestJournal | None = None
+        if isinstance(journal, RequestJournal):
+            self._requests = journal
+        else:
+            self._journal = journal
         self._clock = clock
         self._admit = tuple(admit)
         #: deliveries refused by an admission check, by error type name
@@ -139,7 +186,7 @@ class Dispatcher:
             if recorded is not None:
                 log.info("answering redelivered %s %s from the journal", env.kind, env.id)
                 return Outcome(reply=decode_envelope(recorded))
-        outcome = self._handle(env)
+        outcome = self._handle(delivery)
         if self._journal is not None and outcome.reply is not None and not outcome.dead_letter:
             self._journal.put(env.id, env.kind, outcome.reply.encode())
         return outcome
@@ -165,7 +212,8 @@ class Dispatcher:
             return Outcome(reply, dead_letter=unproven)
         return None
 
-    def _handle(self, env: Envelope) -> Outcome:
+    def _handle(self, delivery: Delivery) -> Outcome:
+        env = delivery.envelope
         op = CATALOGUE.get(env.kind)
         if op is None:
             log.warning("dead-lettering message of unknown kind %r from %s", env.kind, env.sender)
@@ -188,6 +236,28 @@ class Dispatcher:
         if entry is None:
             return Outcome(env.reply_error(Unsupported(f"{env.kind} is not handled here"), self.sender))
         _op, handler = entry
+        if self._requests is None:
+            return self._run(env, op, handler, body)
+        try:
+            step = self._requests.begin(delivery, op, body)
+        except VirtfleetError as exc:
+            log.info("%s %s refused by the request journal: %s", env.kind, env.id, exc.message)
+            return Outcome(env.reply_error(exc, self.sender))
+        if isinstance(step, Replay):
+            log.info("answering redelivered %s %s from the request journal", env.kind, env.id)
+            return Outcome(reply=step.reply)
+        outcome = self._run(env, op, step.handler or handler, step.body)
+        if step.record:
+            try:
+                self._requests.finish(delivery, op, outcome)
+            except VirtfleetError as exc:
+                # The answer stands; only its record is missing (a redelivery then finds the
+                # request started and answers it as a request whose first run died).
+                log.warning("could not record the answer to %s %s: %s", env.kind, env.id, exc.message)
+        return outcome
+
+    def _run(self, env: Envelope, op: Op[Any, Any], handler: Callable[[Any], Any], body: Any) -> Outcome:
+        """Run ``handler`` on ``body`` and wrap its result or error as the reply."""
         try:
             result = handler(body)
         except Interrupted as exc:
@@ -211,9 +281,16 @@ class Dispatcher:
 
 
 def request(
-    op: Op[B, Any], body: B, sender: str, *, timeout: float | None = None, now: float | None = None
+    op: Op[B, Any],
+    body: B,
+    sender: str,
+    *,
+    timeout: float | None = None,
+    now: float | None = None,
+    idempotency_key: str | None = None,
 ) -> Envelope:
-    """An envelope for ``op`` whose ``expires_at`` is its timeout from now."""
+    """An envelope for ``op`` whose ``expires_at`` is its timeout from now (``idempotency_key``:
+    the caller's key, which a controller's request journal answers a retry by)."""
     if not isinstance(body, op.body):
         raise TypeError(f"{op.kind} takes {op.body.__name__}, not {type(body).__name__}")
     sent = time.time() if now is None else now
@@ -224,6 +301,7 @@ def request(
         sender=sender,
         sent_at=sent,
         expires_at=sent + seconds,
+        idempotency_key=idempotency_key,
     )
 
 
@@ -237,4 +315,14 @@ def unwrap(reply: Envelope, op: Op[Any, R]) -> R:
     raise error_from_wire(body.get("error"))
 
 
-__all__ = ["Admission", "Dispatcher", "HandlerTable", "Journal", "request", "unwrap"]
+__all__ = [
+    "Admission",
+    "Dispatcher",
+    "HandlerTable",
+    "Journal",
+    "Proceed",
+    "Replay",
+    "RequestJournal",
+    "request",
+    "unwrap",
+]

@@ -46,6 +46,14 @@ def main_options(
         str, typer.Option("--amqp-url", envvar="VIRTFLEET_AMQP_URL", help="RabbitMQ URL of the fleet")
     ] = DEFAULT_URL,
     timeout: Annotated[float | None, typer.Option(help="seconds to wait for the controller")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            "--idempotency-key",
+            help="retry-safe: a command repeated with the same key gets the first one's answer"
+            " instead of running again (kept request_retention_s, 24 h by default)",
+        ),
+    ] = None,
 ) -> None:
     """Global options."""
     # rich only now: a command runs (``--help`` of the root has exited before this callback).
@@ -63,6 +71,7 @@ def main_options(
         err=Console(file=env.stderr, stderr=env.stderr is None, width=width, markup=False),
         connect=env.connect,
         stdin=env.stdin or sys.stdin,
+        idempotency_key=idempotency_key,
     )
 
 
@@ -75,7 +84,7 @@ def _open_broker(url: str) -> Transport:
 def wants_json(argv: list[str]) -> bool:
     """Whether the global options ask for JSON, read before click parses anything (a usage
     error stops parsing before ``main_options`` can record the choice)."""
-    takes_value = {"--amqp-url", "--timeout"}
+    takes_value = {"--amqp-url", "--timeout", "--idempotency-key"}
     args = iter(argv)
     for arg in args:
         if arg in ("-o", "--output"):

@@ -77,6 +77,8 @@ class State:
     err: Console
     connect: Connect
     stdin: TextIO
+    #: ``--idempotency-key``: sent with the command's state-changing calls (None: none)
+    idempotency_key: str | None = None
 
     @property
     def interactive(self) -> bool:
@@ -103,6 +105,7 @@ class State:
             self.connect(self.amqp_url),
             timeout=self.timeout if timeout is None else timeout,
             progress=waiting if progress else None,
+            idempotency_key=self.idempotency_key,
         )
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -273,3 +274,26 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str | None] = mapped_column(String(64), nullable=True)
     expires_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class ApiRequest(Base):
+    """One state-changing API request in the request journal (controller.request_journal):
+    recorded as started before its handler runs and done, with its encoded reply, after."""
+
+    __tablename__ = "api_requests"
+    __table_args__ = (UniqueConstraint("caller", "idempotency_key", name="uq_api_requests_caller_key"),)
+
+    #: the request envelope's id
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    #: the broker login the broker authenticated ("" when the delivery carried none)
+    caller: Mapped[str] = mapped_column(String(128))
+    #: the caller's idempotency key (the envelope's ``idem``), unique per caller
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    #: SHA-256 of the kind and the body: a key reused for another call is refused
+    digest: Mapped[str] = mapped_column(String(64))
+    #: "started" or "done"
+    state: Mapped[str] = mapped_column(String(8))
+    #: the encoded reply envelope (done only)
+    reply: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, index=True)

@@ -442,3 +442,14 @@ def test_bad_signature_fields_are_decode_errors(field: str, value: object, messa
 def test_with_body_drops_the_signature() -> None:
     env = dataclasses.replace(Envelope(kind="k", body={}, sender="s"), key_id="hv1:1", signature=b"x")
     assert env.with_body({"b": 1}).signature is None
+
+
+def test_the_idempotency_key_travels_only_when_set_and_is_bounded() -> None:
+    plain = Envelope(kind="k", body={}, sender="cli")
+    assert "idem" not in plain.to_wire()
+    keyed = dataclasses.replace(plain, idempotency_key="retry-1")
+    assert decode_envelope(keyed.encode()).idempotency_key == "retry-1"
+    for bad in ("", 7):
+        wire = {**plain.to_wire(), "idem": bad}
+        with pytest.raises(DecodeError, match="'idem'"):
+            decode_envelope(codec.encode(wire))

@@ -403,3 +403,9 @@ def test_security_names_the_logins_and_checks_them_unless_told_otherwise(tmp_pat
     path.write_text("[security]\nroles = 1\n")
     with pytest.raises(InvalidRequest, match=r"\[security\] takes only"):
         load_config(path, env={})
+
+
+def test_the_request_journal_retention_is_at_least_the_longest_request_life() -> None:
+    assert ControllerConfig().request_retention_s == 86400.0
+    with pytest.raises(InvalidRequest, match="request_retention_s must be at least 600"):
+        ControllerConfig(request_retention_s=60)
