@@ -169,6 +169,12 @@ class Unauthenticated(VirtfleetError):
     expired or replayed; nothing was done."""
 
 
+class Replayed(Unauthenticated):
+    """An authentic message whose id was seen before and is not answered yet: a replay, or a copy
+    re-published after a broker connection was lost while the first copy still runs. It is
+    dead-lettered and never answered, so that its requester gets the answer of the copy that ran."""
+
+
 class PermissionDenied(VirtfleetError):
     """The authenticated caller's role does not allow this operation; nothing was done."""
 
@@ -212,6 +218,7 @@ WIRE_TYPES: Mapping[str, type[VirtfleetError]] = {
         Unauthenticated,
         PermissionDenied,
         RateLimited,
+        Replayed,
         InternalError,
     )
 }

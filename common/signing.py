@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from common import codec
-from common.errors import InvalidRequest, Unauthenticated
+from common.errors import InvalidRequest, Replayed, Unauthenticated
 from common.messages.descriptor import TIMEOUT_SECONDS
 from common.messages.envelope import Envelope
 from common.transport.port import Delivery
@@ -475,7 +475,10 @@ class SignatureCheck:
     the controller: the ``host_id`` the report's body claims). ``answered(id)``: not None when
     the receiver's journal holds the reply to that id -- a second delivery of such an id is
     answered from the journal, never executed, so it is let through; any other second delivery
-    that the broker did not flag ``redelivered`` is a replay.
+    that the broker did not flag ``redelivered`` is :class:`~common.errors.Replayed`: a replay,
+    or a copy a sender re-published (same id) after losing its broker connection while the first
+    copy still runs; it is dead-lettered without an answer, so that the requester is answered by
+    the copy that runs.
 
     An authentic message that has expired is not refused here: the Dispatcher's expiry check
     skips it (a report) or answers it with RequestTimeout (a command) without running it, and it
@@ -533,7 +536,9 @@ class SignatureCheck:
             and not delivery.redelivered
             and self._answered(env.id) is None
         ):
-            raise Unauthenticated(f"{env.kind} {env.id} was seen before: a replay")
+            raise Replayed(
+                f"{env.kind} {env.id} was seen before and is not answered: a replay or a re-published copy"
+            )
         self._keys.proven(host_id, generation)
 
 

@@ -41,6 +41,7 @@ from common.errors import (
     InternalError,
     InvalidRequest,
     PermissionDenied,
+    Replayed,
     RequestTimeout,
     Unauthenticated,
     Unsupported,
@@ -208,7 +209,10 @@ class Dispatcher:
                 env.sender,
                 exc.message,
             )
-            reply = env.reply_error(exc, self.sender) if op.replies else None
+            # A replayed or re-published copy is not answered: its requester (if it is one)
+            # waits for the answer of the copy that runs, which a refusal would overtake.
+            answers = op.replies and not isinstance(exc, Replayed)
+            reply = env.reply_error(exc, self.sender) if answers else None
             return Outcome(reply, dead_letter=unproven)
         return None
 

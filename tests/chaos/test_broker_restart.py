@@ -3,10 +3,9 @@ broker (tests/chaoskit.py, never the shared one on 5672), stopped cleanly and st
 data in the middle of a create load. The controller and the agents reconnect by themselves, every
 client is answered, no VM is made twice on a host, nothing is lost, stuck or leaked.
 
-What is not right yet (issue 13 item 1): a client whose create was in flight when the node went
-re-publishes it (same request id) and is told ``AlreadyExists`` for the VM its own request made.
-The second test pins it down (xfail strict: it passes, and must lose its marker, once the
-controller-side request journal lands)."""
+A client whose create was in flight when the node went re-publishes it (same request id): the
+controller's request journal (controller/request_journal.py) answers the copy with the VM the
+first copy made, never ``AlreadyExists`` for the client's own VM (before the journal: 4 of 4)."""
 
 from __future__ import annotations
 
@@ -73,25 +72,16 @@ def test_a_broker_restart_during_creates_loses_nothing_silently_and_everything_r
     print(f"first create answered ok {recovered} s after the node was back")
     for out in outcomes:
         print(f"  {out.name} at {out.at:.1f} s: {out.result} {out.message}")
-    # Nothing made twice on a host and nothing stuck or leaked. A create in flight at the moment the
-    # node stops is answered AlreadyExists for the VM its own request made (seen in 1 of 3 runs):
-    # the bug the next test pins down (xfail strict); here it is only allowed in that form.
-    own_vm = report.errors.get("AlreadyExists", 0)
-    assert report.duplicated == own_vm and not report.stuck, report.explain() + fleet.logs()
-    assert report.completed + own_vm == CREATES, report.explain()
+    # Nothing made twice on a host, nothing stuck or leaked, and no client told AlreadyExists for the
+    # VM its own request made (a create in flight at the stop is re-published: the journal answers it).
+    assert report.duplicated == 0 and not report.stuck, report.explain() + fleet.logs()
+    assert report.completed == CREATES, report.explain()
     assert not report.over_capacity and not any(report.leaked_mib.values()), report.explain()
     assert report.lost == 0, report.explain() + fleet.logs()
     assert fleet_serves(fleet.amqp_url, "after-broker-restart").result == OK
     assert NO_ANSWER not in {o.result for o in outcomes}, report.explain()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug (issue 13 item 1, the controller-side request journal): after the restart each "
-    "client publishes its request again (same request id) and the controller, which already created the "
-    "VM for the first copy (its answer went to the client's reply queue that died with the node), answers "
-    "the copy AlreadyExists: 4 of 4 clients are told AlreadyExists for the VM their own request made",
-)
 def test_creates_waiting_on_an_agent_when_the_broker_restarts_end_with_the_truth(
     fleet: Fleet, node: RabbitNode
 ) -> None:

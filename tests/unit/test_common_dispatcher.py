@@ -13,6 +13,7 @@ from common.errors import (
     InvalidRequest,
     NotFound,
     PermissionDenied,
+    Replayed,
     RequestTimeout,
     TransportError,
     Unauthenticated,
@@ -574,6 +575,19 @@ def test_an_unauthenticated_delivery_is_dead_lettered_answered_and_counted_not_h
     assert handler.calls == [] and journal.puts == []
     assert seen == [(None, vm.VM_START.kind)]
     assert dispatcher.refused == {"Unauthenticated": 1}
+
+
+def test_a_replayed_copy_is_dead_lettered_without_an_answer() -> None:
+    """A copy re-published (same id) while the first still runs: the requester must get the answer
+    of the copy that runs, not a refusal that overtakes it."""
+    handler = Recorder(result=STATUS)
+    dispatcher = Dispatcher(
+        SENDER, table({vm.VM_START: handler}), admit=[refuse_with(Replayed("seen before: a replay"))]
+    )
+    outcome = dispatcher(delivery(env_for(vm.VM_START.kind, VM_REF)))
+    assert outcome == Outcome(None, dead_letter=True)
+    assert handler.calls == []
+    assert dispatcher.refused == {"Replayed": 1}
 
 
 def test_a_denied_delivery_is_answered_but_not_dead_lettered() -> None:

@@ -14,7 +14,7 @@ import pytest
 from agent.fakehost import build_fake_host
 from agent.host_runtime import HostRuntime
 from common import codec
-from common.errors import NotFound, Unauthenticated
+from common.errors import NotFound, Replayed, Unauthenticated
 from common.messages import host, vm
 from common.messages.descriptor import Side
 from common.messages.envelope import Envelope, decode_envelope
@@ -39,7 +39,7 @@ from common.signing import (
     write_secret_file,
 )
 from common.transport.memory import MemoryBroker
-from common.transport.port import Delivery
+from common.transport.port import Delivery, Outcome
 from common.transport.rpc import Dispatcher, HandlerTable
 from controller.agent_api import AgentClient
 from controller.config import ControllerConfig
@@ -233,7 +233,7 @@ def test_a_replay_within_the_window_is_refused() -> None:
     chk = check()
     env = sign(command_env(), "hv1:1", KEY)
     admit(chk, env)
-    with pytest.raises(Unauthenticated, match="a replay"):
+    with pytest.raises(Replayed, match="a replay"):
         admit(chk, env)
 
 
@@ -282,8 +282,8 @@ def test_a_dispatcher_dead_letters_refusals_counts_them_and_keeps_serving() -> N
     assert outcome.reply.body["error"]["type"] == "Unauthenticated"
     genuine = sign(command_env(), "hv1:1", KEY)
     assert not dispatcher(delivery(genuine)).dead_letter
-    assert dispatcher(delivery(genuine)).dead_letter  # replayed
-    assert len(calls) == 1 and dispatcher.refused["Unauthenticated"] == 2
+    assert dispatcher(delivery(genuine)) == Outcome(None, dead_letter=True)  # replayed: no answer
+    assert len(calls) == 1 and dispatcher.refused == {"Unauthenticated": 1, "Replayed": 1}
 
 
 # ------------------------------------------------------------------ the controller's keys, rotation
