@@ -235,6 +235,41 @@ def malformed(run: Run) -> Result:
         )
 
 
+def controller_kill(run: Run) -> Result:
+    """The controller killed (-9) while every create waits on a (frozen) agent, another started at once."""
+    config = run.work / "controller.toml"
+    # A dead controller's work is taken over 3 s after its last liveness heartbeat.
+    config.write_text(
+        "instance_heartbeat_s = 1.0\ninstance_expiry_s = 3.0\nlease_ttl_s = 3.0\nrecovery_interval_s = 1.0\n"
+    )
+    with private_fleet(run.work) as fleet:
+        controller = fleet.start_controller("controller", "--config", str(config))
+        agents = [fleet.start_agent(h, node_uri(h)) for h in ("medium", "large")]
+        fleet.wait_hosts({"medium", "large"})
+        for agent in agents:
+            freeze(agent)
+        try:
+            load = start_creates(fleet.amqp_url, [create_body(n) for n in names("ctl", run.creates)])
+            wait_until(
+                lambda: (
+                    sum(queue_messages(fleet.amqp_url, agent_queue(h).name) for h in ("medium", "large"))
+                    >= run.creates
+                ),
+                60,
+                "every create's command queued for its frozen agent",
+            )
+            kill9(controller)
+            set_aside(fleet, controller)
+        finally:
+            for agent in agents:
+                thaw(agent)
+        fleet.start_controller("controller", "--config", str(config))
+        back = time.monotonic()
+        outcomes = load.wait(240)
+        recover = first_ok_after(outcomes, back - load.started) or _recovered_by_probe(fleet, back)
+        return Result(audit(outcomes, settled_view(fleet.amqp_url)), recover, "restarted at once")
+
+
 def database_restart(run: Run) -> Result:
     """A private PostgreSQL restarted (pg_ctl -m fast: every session cut) under a create load on two controllers."""
     with (
@@ -290,6 +325,7 @@ SCENARIOS: tuple[Scenario, ...] = tuple(
         wedged_agent,
         malformed,
         controllers_race,
+        controller_kill,
         database_restart,
     )
 )
