@@ -75,22 +75,39 @@ class _ConnectionLost(TransportError):
     """
 
 
-def connect(url: str, name: str, *, heartbeat: int = 30, timeout: float = 5.0) -> BlockingConnection:
+def connect(
+    url: str, name: str, *, heartbeat: int = 30, timeout: float = 5.0, first: int = 0
+) -> BlockingConnection:
     """Open a BlockingConnection; TransportError when the broker cannot be reached (or, over
-    TLS, when its certificate is not signed by the CA or not issued for its name)."""
-    params = connection_parameters(url)
-    params.heartbeat = heartbeat
-    params.blocked_connection_timeout = 30
-    params.socket_timeout = timeout
-    params.stack_timeout = timeout + 5
-    params.connection_attempts = 1
-    params.client_properties = {"connection_name": name}
+    TLS, when its certificate is not signed by the CA or not issued for its name).
+
+    ``url`` may name several brokers (the nodes of a cluster, comma-separated:
+    :func:`common.broker_url.split_urls`): pika tries them in turn, starting with the one at
+    index ``first`` (modulo their number), and connects to the first that answers. Callers that
+    reconnect after a loss pass a growing ``first``, so the next attempt starts with the next node
+    rather than with the one that just failed.
+    """
+    every = []
+    for one in _rotated(broker_url.split_urls(url), first):
+        params = connection_parameters(one)
+        params.heartbeat = heartbeat
+        params.blocked_connection_timeout = 30
+        params.socket_timeout = timeout
+        params.stack_timeout = timeout + 5
+        params.connection_attempts = 1
+        params.client_properties = {"connection_name": name}
+        every.append(params)
     try:
-        return BlockingConnection(params)
+        return BlockingConnection(every)
     except _PIKA_ERRORS as exc:
         raise TransportError(
             f"cannot connect to the message broker at {safe_url(url)}: {_describe(exc)}"
         ) from exc
+
+
+def _rotated(urls: list[str], first: int) -> list[str]:
+    start = first % len(urls)
+    return urls[start:] + urls[:start]
 
 
 def connection_parameters(url: str) -> pika.URLParameters:
@@ -124,7 +141,9 @@ def connection_parameters(url: str) -> pika.URLParameters:
 
 
 def safe_url(url: str) -> str:
-    """The URL without its credentials and options, for messages."""
+    """The URL (or each of several, comma-separated) without credentials and options, for messages."""
+    if broker_url.SEPARATOR in url:
+        return broker_url.join_urls([safe_url(one) for one in broker_url.split_urls(url)])
     params = pika.URLParameters(broker_url.split_tls_options(url)[0])
     vhost = params.virtual_host
     scheme = "amqps" if params.ssl_options is not None else "amqp"
@@ -132,8 +151,10 @@ def safe_url(url: str) -> str:
 
 
 def _user(url: str) -> str | None:
-    """The login in ``url``: what the broker will authenticate, so what ``user_id`` may say."""
-    credentials = pika.URLParameters(broker_url.split_tls_options(url)[0]).credentials
+    """The login in ``url`` (the first URL's, which the others take unless they name their own):
+    what the broker will authenticate, so what ``user_id`` may say."""
+    first = broker_url.split_urls(url)[0]
+    credentials = pika.URLParameters(broker_url.split_tls_options(first)[0]).credentials
     return credentials.username if isinstance(credentials, pika.credentials.PlainCredentials) else None
 
 
@@ -230,6 +251,12 @@ def _refused(
         ch.queue_delete(queue.name)
         # Once only: should the broker refuse again, the error is the plain one.
         return declare_queue(ch, dataclasses.replace(queue, disposable=False), reopen)
+    if exc.reply_code == 406 and argument == "x-queue-type" and step.what == "queue":
+        raise TransportError(
+            topology.queue_type_refused(step.name),
+            retryable=False,
+            details={step.what: step.name, "argument": argument},
+        ) from None
     if exc.reply_code == 406:
         raise TransportError(
             f"{step.what} {step.name} exists with other arguments"
@@ -272,6 +299,8 @@ class _Session:
         self._closing = closing or threading.Event()
         self._reply_queue = ""
         self._replies = Replies(name)
+        #: connections lost so far: where the next connection starts in a list of broker URLs
+        self._losses = 0
 
     # -- connection -----------------------------------------------------------------------
     def ensure(self) -> BlockingChannel:
@@ -281,7 +310,7 @@ class _Session:
         if self.conn is None or not self.conn.is_open:
             self.close()
             try:
-                self.conn = connect(self.url, self.name)
+                self.conn = connect(self.url, self.name, first=self._losses)
             except TransportError as exc:
                 raise _ConnectionLost(exc.message) from exc
         try:
@@ -292,6 +321,11 @@ class _Session:
             self.close()
             raise _ConnectionLost(f"cannot open a channel: {_describe(exc)}") from exc
         return self.ch
+
+    def lost(self) -> None:
+        """Close after a lost connection: the next connection starts with the next broker URL."""
+        self._losses += 1
+        self.close()
 
     def close(self) -> None:
         conn, self.conn, self.ch = self.conn, None, None
@@ -307,7 +341,7 @@ class _Session:
             try:
                 return op()
             except _ConnectionLost as exc:
-                self.close()
+                self.lost()
                 if attempt == retries or self._closing.is_set():
                     raise TransportError(f"{what} failed: {exc.message}") from exc
                 delay = next(delays)
@@ -491,7 +525,7 @@ class _Session:
                         raise unroutable() from None
                     raise
                 except _ConnectionLost as exc:
-                    self.close()
+                    self.lost()
                     delay = next(delays)
                     if time.monotonic() + delay >= deadline or self._closing.is_set():
                         raise TransportError(
@@ -621,7 +655,8 @@ class ConsumerServer(PooledConsumer):
                 self._stop.wait(delay)
 
     def _consume_once(self) -> None:
-        conn = connect(self.url, self.name)
+        # After a failure, start with the next broker URL (a cluster's next node).
+        conn = connect(self.url, self.name, first=self.reconnects)
         self._reply_channel = None
         try:
             ch = conn.channel()

@@ -456,7 +456,9 @@ def test_a_full_reject_publish_queue_refuses_and_dead_letters_nothing(kit: Kit, 
 
 
 def test_the_reports_queue_refuses_when_full(kit: Kit, names: Names) -> None:
-    """The fleet's reports queue shape (x-max-length + reject-publish + DLX), shrunk to 1."""
+    """The fleet's reports queue shape (a quorum queue: x-max-length + reject-publish + DLX),
+    shrunk to 1. A quorum queue refuses once it is *over* its length (RabbitMQ 3.10, measured):
+    it holds one message more than x-max-length."""
     exchange = names.exchange(ExchangeType.TOPIC)
     queue = names.queue(
         arguments={**REPORTS_QUEUE.arguments, "x-max-length": 1},
@@ -464,8 +466,10 @@ def test_the_reports_queue_refuses_when_full(kit: Kit, names: Names) -> None:
     )
     kit.transport.declare(queue)
     kit.transport.publish(exchange.name, "host.report.h1", envelope())
+    kit.transport.publish(exchange.name, "host.report.h1", envelope())
     with pytest.raises(Refused):
         kit.transport.publish(exchange.name, "host.report.h1", envelope())
+    assert kit.ready_count(queue.name) == 2
 
 
 # ------------------------------------------------------------------------------ routing
