@@ -106,3 +106,10 @@ def split_urls(value: str) -> list[str]:
 def join_urls(urls: Sequence[str]) -> str:
     """The inverse of :func:`split_urls`."""
     return SEPARATOR.join(urls)
+
+
+def checked_urls(value: str) -> str:
+    """``value`` unchanged once :func:`split_urls` accepts it (configuration loading: a bad list
+    is refused at start, exit 2, not at the first connection)."""
+    split_urls(value)
+    return value

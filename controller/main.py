@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, help="TOML configuration file")
     parser.add_argument(
         "--amqp-url",
-        help="broker URL (env VIRTFLEET_AMQP_URL); with a password, prefer VIRTFLEET_AMQP_URL_FILE",
+        help="broker URL, or a cluster's URLs comma-separated (env VIRTFLEET_AMQP_URL); with a password,"
+        " prefer VIRTFLEET_AMQP_URL_FILE",
     )
     parser.add_argument(
         "--database-url",
