@@ -1,4 +1,5 @@
-"""AMQP transport over pika: the only module that imports pika.
+"""AMQP transport over pika: the only module that imports pika (with its offline tool,
+:mod:`common.transport.amqp_migration`).
 
 :class:`AmqpTransport` implements :class:`~common.transport.port.Transport` (see the port's
 docstring for the semantics) on top of two building blocks:
