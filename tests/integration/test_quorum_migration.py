@@ -4,13 +4,15 @@ message (also when run twice, or after an interruption)."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Iterator
 from urllib.parse import unquote, urlsplit
 
 import pika
 import pytest
-from vfsupport import BIN
+from transportkit import Recorder
+from vfsupport import BIN, wait_until
 
 from common.errors import TransportError
 from common.transport.amqp import AmqpTransport
@@ -115,7 +117,9 @@ def _drain(ch: pika.adapters.blocking_connection.BlockingChannel, queue: str) ->
 
 
 def test_a_classic_queue_is_refused_naming_the_migration_and_migrate_keeps_every_message(
-    vhost_url: str, channel: pika.adapters.blocking_connection.BlockingChannel
+    vhost_url: str,
+    channel: pika.adapters.blocking_connection.BlockingChannel,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     sent = _old_release(channel)
 
@@ -126,6 +130,15 @@ def test_a_classic_queue_is_refused_naming_the_migration_and_migrate_keeps_every
         assert not refused.value.retryable
     finally:
         transport.close()
+
+    # A controller's consumer keeps saying so, retrying with backoff: not consuming, not exiting.
+    consumer = AmqpTransport(vhost_url, "new-controller").consumer(API_QUEUE, Recorder(), name="api")
+    with caplog.at_level(logging.ERROR, logger="common.transport.amqp"):
+        consumer.start()
+        wait_until(lambda: consumer.reconnects >= 2, 60, "the consumer to try twice")
+        consumer.stop(timeout=1)
+    assert not consumer.ready.is_set()
+    assert "run `virtfleet-controller broker migrate`" in caplog.text
 
     done = _migrate(vhost_url, "--host", "h1")
     assert done.returncode == 0, done.stderr
