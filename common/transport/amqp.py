@@ -194,7 +194,7 @@ _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)'")
 
 
 def declare_queue(
-    ch: BlockingChannel, queue: Queue, reopen: Callable[[], BlockingChannel]
+    ch: BlockingChannel, queue: Queue, reopen: Callable[[], BlockingChannel], *, strict: bool = False
 ) -> BlockingChannel:
     """``topology.declare`` on ``ch``; returns the channel to go on with.
 
@@ -203,13 +203,14 @@ def declare_queue(
     PRECONDITION_FAILED`` (the queue exists with other arguments, declared by another release)
     closes the channel: for a ``disposable`` queue, a new channel from ``reopen`` deletes the
     queue and declares it again; otherwise a non-retryable TransportError names the queue and the
-    argument. Connection failures propagate as pika exceptions.
+    argument. Connection failures propagate as pika exceptions. A classic ``virtfleet.dead`` is
+    tolerated (see :func:`_classic_dead_letters`) unless ``strict``.
     """
     for step in topology.declarations(queue):
         try:
             ch = _run_step(ch, step, reopen)
         except pika.exceptions.ChannelClosedByBroker as exc:
-            if _classic_dead_letters(exc, step):
+            if not strict and _classic_dead_letters(exc, step):
                 ch = reopen()
                 continue
             return _refused(exc, step, ch, queue, reopen)

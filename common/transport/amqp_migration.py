@@ -118,7 +118,7 @@ class _Migration:
     def _is_quorum(self) -> bool:
         """Declare the queue as quorum; False when the broker says it is classic."""
         try:
-            self.ch = declare_queue(self.ch, self.queue, self._channel)
+            self.ch = declare_queue(self.ch, self.queue, self._channel, strict=True)
         except TransportError as exc:
             self.ch = self._channel()
             if exc.details.get("argument") != "x-queue-type":

@@ -26,7 +26,7 @@ from common.transport.amqp import AmqpTransport
 from common.transport.topology import API_QUEUE
 from controller.cli.client import ApiClient
 
-pytestmark = [pytest.mark.chaos, pytest.mark.broker]
+pytestmark = [pytest.mark.chaos, pytest.mark.broker, pytest.mark.db]
 
 HOSTS = ("small", "medium")
 CREATES = 40
