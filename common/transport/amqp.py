@@ -65,6 +65,10 @@ _PIKA_ERRORS: tuple[type[Exception], ...] = (
 )
 #: What makes a consumer reconnect.
 _RECONNECT_ERRORS: tuple[type[Exception], ...] = (TransportError, *_PIKA_ERRORS)
+#: The pauses before a call publishes a request the broker refused (nacked) again: a quorum queue
+#: refuses while it elects a new leader, which took about 0.5 s after a node was killed
+#: (tests/chaos/test_broker_cluster.py); a full queue still refuses after them.
+_REFUSAL_DELAYS = (0.25, 0.5, 1.0, 2.0)
 #: How often a waiting call looks at its transport's state (closed?) between reply checks.
 _WAIT_SLICE = 0.2
 
@@ -541,6 +545,7 @@ class _Session:
         """
         deadline = time.monotonic() + timeout
         delays = backoff_delays()
+        refusal_delays = iter(_REFUSAL_DELAYS)
         body = check_size(
             env.encode(), self.max_message_bytes, f"{exchange or '(default exchange)'}/{routing_key}"
         )
@@ -562,6 +567,17 @@ class _Session:
                     if unroutable is not None:
                         raise unroutable() from None
                     raise
+                except Refused:
+                    # A full queue, or a quorum queue failing over to a new leader (about 0.5 s
+                    # after its node is lost, measured): the same message again a few times
+                    # (on a new channel) before the refusal is taken as final.
+                    delay = next(refusal_delays, None)
+                    if delay is None or time.monotonic() + delay >= deadline or self._closing.is_set():
+                        raise
+                    log.warning(
+                        "%s: %s refused by the broker; publishing it again in %.2fs", self.name, env.id, delay
+                    )
+                    time.sleep(delay)
                 except _ConnectionLost as exc:
                     self.lost()
                     delay = next(delays)
