@@ -537,7 +537,8 @@ class _Session:
         """Send ``env`` and return the reply envelope.
 
         Raises RequestTimeout when no reply came within ``timeout`` seconds, TransportError
-        when the broker stayed unreachable, Refused when a full queue refused the request, and
+        when the broker stayed unreachable, Refused when the broker still refused the request after
+        the pauses of ``_REFUSAL_DELAYS`` (a full queue; a failing-over one accepts it again), and
         ``unroutable()`` (default :class:`Unroutable`) when no queue is bound for ``routing_key``.
         ``abort.error`` when ``abort`` is set: the wait already runs in slices of the connection's
         I/O loop (pika's connection is not thread-safe, so nothing else may wake it), and the
