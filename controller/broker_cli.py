@@ -45,11 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def queues_to_migrate(hosts: Sequence[str]) -> list[Queue]:
-    """The shared queues, each host's command queue, and the dead-letter queue last (the others
-    dead-letter into it while they move)."""
-    shared = [q for q in SHARED_QUEUES if q.dead_letter_exchange is not None]
-    rest = [q for q in SHARED_QUEUES if q.dead_letter_exchange is None]
-    return [*shared, *(agent_queue(h) for h in sorted(set(hosts))), *rest]
+    """The shared quorum queues (not the dead-letter queue, which stays classic: topology.py) and
+    each host's command queue."""
+    shared = [q for q in SHARED_QUEUES if q.arguments.get("x-queue-type") == "quorum"]
+    return [*shared, *(agent_queue(h) for h in sorted(set(hosts)))]
 
 
 def _database_hosts(url: str) -> list[str]:

@@ -198,7 +198,7 @@ _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)'")
 
 
 def declare_queue(
-    ch: BlockingChannel, queue: Queue, reopen: Callable[[], BlockingChannel], *, strict: bool = False
+    ch: BlockingChannel, queue: Queue, reopen: Callable[[], BlockingChannel]
 ) -> BlockingChannel:
     """``topology.declare`` on ``ch``; returns the channel to go on with.
 
@@ -207,39 +207,14 @@ def declare_queue(
     PRECONDITION_FAILED`` (the queue exists with other arguments, declared by another release)
     closes the channel: for a ``disposable`` queue, a new channel from ``reopen`` deletes the
     queue and declares it again; otherwise a non-retryable TransportError names the queue and the
-    argument. Connection failures propagate as pika exceptions. A classic ``virtfleet.dead`` is
-    tolerated (see :func:`_classic_dead_letters`) unless ``strict``.
+    argument. Connection failures propagate as pika exceptions.
     """
     for step in topology.declarations(queue):
         try:
             ch = _run_step(ch, step, reopen)
         except pika.exceptions.ChannelClosedByBroker as exc:
-            if not strict and _classic_dead_letters(exc, step):
-                ch = reopen()
-                continue
             return _refused(exc, step, ch, queue, reopen)
     return ch
-
-
-def _classic_dead_letters(exc: pika.exceptions.ChannelClosedByBroker, step: topology.Declaration) -> bool:
-    """Whether the broker refused only because ``virtfleet.dead`` is an older release's classic
-    queue. That one is tolerated (with a warning): agents of releases before the quorum queues
-    declare it themselves, as a classic queue, so it can be migrated only once every agent runs
-    this release (docs/operations.md); until then dead letters still reach it."""
-    match = _INEQUIVALENT.search(exc.reply_text or "")
-    if not (
-        exc.reply_code == 406
-        and match is not None
-        and match.group(1) == "x-queue-type"
-        and step.what == "queue"
-        and step.name == topology.DEAD_LETTER_QUEUE.name
-    ):
-        return False
-    log.warning(
-        "%s; it is used as it is meanwhile (dead letters are not replicated)",
-        topology.queue_type_refused(step.name),
-    )
-    return True
 
 
 def _run_step(

@@ -15,7 +15,7 @@ Messages travel through an exchange of the migration's own (``virtfleet.migrate`
 controller's login may write ``virtfleet.*`` but not AMQP's default exchange) and keep their
 properties, ``user_id`` included: RabbitMQ lets a login publish another login's ``user_id`` only
 when it has the ``impersonator`` tag, so messages of other logins (API calls waiting in the API
-queue, dead letters) need a login with that tag (the refusal says so; nothing is lost).
+queue, reports) need a login with that tag (the refusal says so; nothing is lost).
 
 Safe to run twice, and after an interruption at any step: a queue that is quorum already with no
 ``Q.migrating`` left is skipped; a ``Q.migrating`` that is left is finished. The queue's consumers
@@ -93,8 +93,8 @@ class _Migration:
     def __init__(self, conn: BlockingConnection, queue: Queue) -> None:
         self.conn = conn
         # Never the disposable rule here (delete and declare again): its messages are moved too.
-        # Its exchanges and dead-letter queue only when missing: the dead-letter queue may be
-        # classic still (it is migrated last).
+        # Its exchanges and dead-letter queue only when missing: they are the controller's, and
+        # an older release's dead-letter queue (classic, like this release's) may differ.
         self.queue = dataclasses.replace(queue, disposable=False, owns_dependencies=False)
         self.temp = dataclasses.replace(self.queue, name=migrating_queue(queue.name))
         self.ch = self._channel()
@@ -118,7 +118,7 @@ class _Migration:
     def _is_quorum(self) -> bool:
         """Declare the queue as quorum; False when the broker says it is classic."""
         try:
-            self.ch = declare_queue(self.ch, self.queue, self._channel, strict=True)
+            self.ch = declare_queue(self.ch, self.queue, self._channel)
         except TransportError as exc:
             self.ch = self._channel()
             if exc.details.get("argument") != "x-queue-type":

@@ -155,7 +155,7 @@ DELIVERY_LIMIT = 20
 
 #: What the controller's API consumers declare besides their queues (agents and callers may not).
 _CONTROLLER_EXCHANGES = (REPLIES_EXCHANGE, COMMANDS_EXCHANGE)
-#: Every shared queue is a quorum queue: replicated on every node of a RabbitMQ cluster (Raft),
+#: Every shared queue (but the dead-letter queue, see there) is a quorum queue: replicated on every node of a RabbitMQ cluster (Raft),
 #: so losing a node loses neither the queue nor its messages (docs/operations.md, "Running it
 #: highly available"). A queue cannot change type in place: a broker that has the classic queues
 #: of an older release is migrated with ``virtfleet-controller broker migrate``.
@@ -168,7 +168,12 @@ _CONSUMED = {**_DEAD_LETTERED, "x-delivery-limit": DELIVERY_LIMIT}
 
 DEAD_LETTER_QUEUE = Queue(
     "virtfleet.dead",
-    arguments={**QUORUM, "x-max-length": DEAD_LETTER_MAX},
+    # Classic, not quorum, on purpose: agents of the releases before the quorum queues declare
+    # it themselves (a quorum one would be refused to them, 406, so a controller-first upgrade
+    # would stop every old agent); RabbitMQ 3.10's quorum queues let a byte cap be overshot by a
+    # message and report no message bytes. Nothing waits on it: while its node is down, dead
+    # letters are dropped (quorum queues dead-letter at most once), never looped.
+    arguments={"x-max-length": DEAD_LETTER_MAX},
     bindings=(Binding(DEAD_LETTER_EXCHANGE, ""),),
     doc="every rejected message, for people to inspect; no consumer; at most DEAD_LETTER_MAX_BYTES"
     " (policy virtfleet-dead-letters: new ones refused beyond it), oldest dropped beyond DEAD_LETTER_MAX",

@@ -19,7 +19,6 @@ from common.transport.amqp import AmqpTransport
 from common.transport.amqp_migration import migrating_queue
 from common.transport.topology import (
     API_QUEUE,
-    DEAD_LETTER_QUEUE,
     EXCHANGES,
     REPORTS_QUEUE,
     Queue,
@@ -36,7 +35,6 @@ OLD_QUEUES: tuple[tuple[Queue, dict[str, object]], ...] = (
         REPORTS_QUEUE,
         {"x-dead-letter-exchange": "virtfleet.dlx", "x-max-length": 10_000, "x-overflow": "reject-publish"},
     ),
-    (DEAD_LETTER_QUEUE, {"x-max-length": 10_000}),
 )
 PER_QUEUE = 25
 
