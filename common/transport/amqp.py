@@ -213,8 +213,26 @@ def declare_queue(
         try:
             ch = _run_step(ch, step, reopen)
         except pika.exceptions.ChannelClosedByBroker as exc:
+            if _dead_letters_unavailable(exc, step):
+                ch = reopen()
+                continue
             return _refused(exc, step, ch, queue, reopen)
     return ch
+
+
+def _dead_letters_unavailable(exc: pika.exceptions.ChannelClosedByBroker, step: topology.Declaration) -> bool:
+    """Whether the broker refused only because ``virtfleet.dead`` (a classic queue, see
+    topology.py) lives on a cluster node that is down (404, "home node ... is down"). Tolerated,
+    with a warning: the queue is no request's path, and a consumer must come back on the live
+    nodes; dead letters are dropped until that node returns."""
+    if exc.reply_code != 404 or step.name != topology.DEAD_LETTER_QUEUE.name or step.what == "exchange":
+        return False
+    log.warning(
+        "dead-letter queue %s unavailable (%s); going on without it: dead letters are dropped until its node is back",
+        step.name,
+        exc.reply_text,
+    )
+    return True
 
 
 def _run_step(

@@ -171,8 +171,9 @@ DEAD_LETTER_QUEUE = Queue(
     # Classic, not quorum, on purpose: agents of the releases before the quorum queues declare
     # it themselves (a quorum one would be refused to them, 406, so a controller-first upgrade
     # would stop every old agent); RabbitMQ 3.10's quorum queues let a byte cap be overshot by a
-    # message and report no message bytes. Nothing waits on it: while its node is down, dead
-    # letters are dropped (quorum queues dead-letter at most once), never looped.
+    # message and report no message bytes. Nothing waits on it: while its node is down, the
+    # parties declare their queues without it (amqp.py) and dead letters are dropped (quorum
+    # queues dead-letter at most once), never looped.
     arguments={"x-max-length": DEAD_LETTER_MAX},
     bindings=(Binding(DEAD_LETTER_EXCHANGE, ""),),
     doc="every rejected message, for people to inspect; no consumer; at most DEAD_LETTER_MAX_BYTES"
