@@ -70,7 +70,7 @@ from typing import Any
 from agent.storage_pools import StoragePool, parse_devices, parse_pools
 from agent.tuning import cpusets
 from common import credentials
-from common.broker_url import DEFAULT_URL, TLS_OPTIONS, with_tls
+from common.broker_url import DEFAULT_URL, TLS_OPTIONS, checked_urls, with_tls
 from common.errors import InvalidRequest
 from common.signing import DEFAULT_CLOCK_SKEW_S, DEFAULT_GRACE_S, DEFAULT_MAX_LIFETIME_S, check_limits
 from common.transport.topology import MAX_MESSAGE_BYTES
@@ -265,9 +265,12 @@ def resolve(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str,
     return AgentConfig(
         host_id=host_id,
         libvirt_uri=_str("libvirt_uri", merged["libvirt_uri"]),
-        amqp_url=with_tls(
-            _str("amqp_url", merged.get("amqp_url", DEFAULT_URL)),
-            {key: _str(key, merged[key]) for key in TLS_OPTIONS.values() if key in merged},
+        # One URL or several (a cluster's nodes), comma-separated.
+        amqp_url=checked_urls(
+            with_tls(
+                _str("amqp_url", merged.get("amqp_url", DEFAULT_URL)),
+                {key: _str(key, merged[key]) for key in TLS_OPTIONS.values() if key in merged},
+            )
         ),
         state_dir=Path(_str("state_dir", state_dir))
         if state_dir is not None
@@ -398,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--amqp-url",
         dest="amqp_url",
-        help=f"broker URL (default {DEFAULT_URL.replace('%', '%%')}); with a password, prefer"
+        help=f"broker URL, or a cluster's URLs comma-separated (default {DEFAULT_URL.replace('%', '%%')}); with a password, prefer"
         " VIRTFLEET_AMQP_URL_FILE or amqp_url_file in the config file",
     )
     parser.add_argument(

@@ -89,8 +89,8 @@ QUEUE_ARGUMENT_MEANINGS: Mapping[str, str] = types.MappingProxyType(
         "x-dead-letter-exchange": (
             "The exchange that receives what the queue dead-letters: messages rejected with "
             "`requeue=false` (`basic.nack` / `basic.reject`), messages whose per-message `expiration` "
-            "ran out while queued, and messages dropped from the head by `x-max-length` (default "
-            "overflow). No `x-dead-letter-routing-key` is set, so a dead letter keeps its routing key; "
+            "ran out while queued, messages dropped from the head by `x-max-length` (default "
+            "overflow) and messages past `x-delivery-limit`. No `x-dead-letter-routing-key` is set, so a dead letter keeps its routing key; "
             "the broker adds the `x-death` header (queue, reason `rejected` / `expired` / `maxlen`, count)."
         ),
         "x-max-length": (
@@ -102,9 +102,22 @@ QUEUE_ARGUMENT_MEANINGS: Mapping[str, str] = types.MappingProxyType(
             "The most bytes (bodies of the ready messages) the queue holds; beyond it `x-overflow` "
             "decides, as for `x-max-length`."
         ),
+        "x-queue-type": (
+            "`quorum`: the queue is replicated on every node of a RabbitMQ cluster (Raft) and survives "
+            "the loss of a minority of them; it is durable and neither exclusive nor auto-delete. A "
+            "queue cannot change type: redeclaring a classic queue as quorum is refused (406), and "
+            "`virtfleet-controller broker migrate` moves an older release's classic queues."
+        ),
+        "x-delivery-limit": (
+            "How often a message may come back to the queue unacknowledged (a `basic.nack` with "
+            "`requeue=true`, or its consumer's connection closing) before the broker dead-letters it "
+            "(reason `delivery_limit`): a message that kills every consumer that takes it does not "
+            "go round forever."
+        ),
         "x-overflow": (
             "What a full queue does: `reject-publish` refuses new messages (a publisher in confirm "
-            "mode gets `basic.nack`; a refused message is not dead-lettered) instead of dropping old ones."
+            "mode gets `basic.nack`; a refused message is not dead-lettered) instead of dropping old ones. "
+            "A quorum queue refuses once it is over the limit, so it holds one message more."
         ),
     }
 )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from common import credentials
-from common.broker_url import DEFAULT_URL, TLS_OPTIONS, with_tls
+from common.broker_url import DEFAULT_URL, TLS_OPTIONS, checked_urls, with_tls
 from common.errors import InvalidRequest
 from common.messages.catalogue import CATALOGUE
 from common.messages.descriptor import TIMEOUT_SECONDS, Role, Side, Timeout, Version
@@ -360,8 +360,8 @@ def load_config(
     values = _coerce(ControllerConfig, {**file_values, **security}, str(path))
     values.update(_coerce(ControllerConfig, env_values, "environment"))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    if tls:
-        values["amqp_url"] = with_tls(values.get("amqp_url", DEFAULT_URL), tls)
+    # One URL or several (a cluster's nodes), comma-separated; TLS options apply to each.
+    values["amqp_url"] = checked_urls(with_tls(values.get("amqp_url", DEFAULT_URL), tls))
     config = ControllerConfig(**values, version_cap=caps, access=access, logins=logins)
     if overcommit_values:
         config = replace(

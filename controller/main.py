@@ -24,7 +24,7 @@ from common.transport.identity import identity_checks
 from common.transport.port import Transport
 from common.transport.rpc import HandlerTable
 from common.transport.topology import API_QUEUE, API_READ_QUEUE, HEARTBEATS_QUEUE, REPORTS_QUEUE
-from controller import keys_cli
+from controller import broker_cli, keys_cli
 from controller.access import Rate, RateLimiter, RoleCheck
 from controller.agent_api import AgentClient, configured_cap
 from controller.audit import AuditedApi
@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, help="TOML configuration file")
     parser.add_argument(
         "--amqp-url",
-        help="broker URL (env VIRTFLEET_AMQP_URL); with a password, prefer VIRTFLEET_AMQP_URL_FILE",
+        help="broker URL, or a cluster's URLs comma-separated (env VIRTFLEET_AMQP_URL); with a password,"
+        " prefer VIRTFLEET_AMQP_URL_FILE",
     )
     parser.add_argument(
         "--database-url",
@@ -281,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     if given[:1] == ["keys"]:
         return keys_cli.main(given[1:])  # key management on the controller's host (no service started)
+    if given[:1] == ["broker"]:
+        return broker_cli.main(given[1:])  # broker maintenance: the quorum migration (no service started)
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),

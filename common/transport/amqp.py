@@ -1,4 +1,5 @@
-"""AMQP transport over pika: the only module that imports pika.
+"""AMQP transport over pika: the only module that imports pika (with its offline tool,
+:mod:`common.transport.amqp_migration`).
 
 :class:`AmqpTransport` implements :class:`~common.transport.port.Transport` (see the port's
 docstring for the semantics) on top of two building blocks:
@@ -64,6 +65,10 @@ _PIKA_ERRORS: tuple[type[Exception], ...] = (
 )
 #: What makes a consumer reconnect.
 _RECONNECT_ERRORS: tuple[type[Exception], ...] = (TransportError, *_PIKA_ERRORS)
+#: The pauses before a call publishes a request the broker refused (nacked) again: a quorum queue
+#: refuses while it elects a new leader, which took about 0.5 s after a node was killed
+#: (tests/chaos/test_broker_cluster.py); a full queue still refuses after them.
+_REFUSAL_DELAYS = (0.25, 0.5, 1.0, 2.0)
 #: How often a waiting call looks at its transport's state (closed?) between reply checks.
 _WAIT_SLICE = 0.2
 
@@ -75,22 +80,39 @@ class _ConnectionLost(TransportError):
     """
 
 
-def connect(url: str, name: str, *, heartbeat: int = 30, timeout: float = 5.0) -> BlockingConnection:
+def connect(
+    url: str, name: str, *, heartbeat: int = 30, timeout: float = 5.0, first: int = 0
+) -> BlockingConnection:
     """Open a BlockingConnection; TransportError when the broker cannot be reached (or, over
-    TLS, when its certificate is not signed by the CA or not issued for its name)."""
-    params = connection_parameters(url)
-    params.heartbeat = heartbeat
-    params.blocked_connection_timeout = 30
-    params.socket_timeout = timeout
-    params.stack_timeout = timeout + 5
-    params.connection_attempts = 1
-    params.client_properties = {"connection_name": name}
+    TLS, when its certificate is not signed by the CA or not issued for its name).
+
+    ``url`` may name several brokers (the nodes of a cluster, comma-separated:
+    :func:`common.broker_url.split_urls`): pika tries them in turn, starting with the one at
+    index ``first`` (modulo their number), and connects to the first that answers. Callers that
+    reconnect after a loss pass a growing ``first``, so the next attempt starts with the next node
+    rather than with the one that just failed.
+    """
+    every = []
+    for one in _rotated(broker_url.split_urls(url), first):
+        params = connection_parameters(one)
+        params.heartbeat = heartbeat
+        params.blocked_connection_timeout = 30
+        params.socket_timeout = timeout
+        params.stack_timeout = timeout + 5
+        params.connection_attempts = 1
+        params.client_properties = {"connection_name": name}
+        every.append(params)
     try:
-        return BlockingConnection(params)
+        return BlockingConnection(every)
     except _PIKA_ERRORS as exc:
         raise TransportError(
             f"cannot connect to the message broker at {safe_url(url)}: {_describe(exc)}"
         ) from exc
+
+
+def _rotated(urls: list[str], first: int) -> list[str]:
+    start = first % len(urls)
+    return urls[start:] + urls[:start]
 
 
 def connection_parameters(url: str) -> pika.URLParameters:
@@ -124,7 +146,9 @@ def connection_parameters(url: str) -> pika.URLParameters:
 
 
 def safe_url(url: str) -> str:
-    """The URL without its credentials and options, for messages."""
+    """The URL (or each of several, comma-separated) without credentials and options, for messages."""
+    if broker_url.SEPARATOR in url:
+        return broker_url.join_urls([safe_url(one) for one in broker_url.split_urls(url)])
     params = pika.URLParameters(broker_url.split_tls_options(url)[0])
     vhost = params.virtual_host
     scheme = "amqps" if params.ssl_options is not None else "amqp"
@@ -132,8 +156,10 @@ def safe_url(url: str) -> str:
 
 
 def _user(url: str) -> str | None:
-    """The login in ``url``: what the broker will authenticate, so what ``user_id`` may say."""
-    credentials = pika.URLParameters(broker_url.split_tls_options(url)[0]).credentials
+    """The login in ``url`` (the first URL's, which the others take unless they name their own):
+    what the broker will authenticate, so what ``user_id`` may say."""
+    first = broker_url.split_urls(url)[0]
+    credentials = pika.URLParameters(broker_url.split_tls_options(first)[0]).credentials
     return credentials.username if isinstance(credentials, pika.credentials.PlainCredentials) else None
 
 
@@ -187,8 +213,26 @@ def declare_queue(
         try:
             ch = _run_step(ch, step, reopen)
         except pika.exceptions.ChannelClosedByBroker as exc:
+            if _dead_letters_unavailable(exc, step):
+                ch = reopen()
+                continue
             return _refused(exc, step, ch, queue, reopen)
     return ch
+
+
+def _dead_letters_unavailable(exc: pika.exceptions.ChannelClosedByBroker, step: topology.Declaration) -> bool:
+    """Whether the broker refused only because ``virtfleet.dead`` (a classic queue, see
+    topology.py) lives on a cluster node that is down (404, "home node ... is down"). Tolerated,
+    with a warning: the queue is no request's path, and a consumer must come back on the live
+    nodes; dead letters are dropped until that node returns."""
+    if exc.reply_code != 404 or step.name != topology.DEAD_LETTER_QUEUE.name or step.what == "exchange":
+        return False
+    log.warning(
+        "dead-letter queue %s unavailable (%s); going on without it: dead letters are dropped until its node is back",
+        step.name,
+        exc.reply_text,
+    )
+    return True
 
 
 def _run_step(
@@ -230,6 +274,12 @@ def _refused(
         ch.queue_delete(queue.name)
         # Once only: should the broker refuse again, the error is the plain one.
         return declare_queue(ch, dataclasses.replace(queue, disposable=False), reopen)
+    if exc.reply_code == 406 and argument == "x-queue-type" and step.what == "queue":
+        raise TransportError(
+            topology.queue_type_refused(step.name),
+            retryable=False,
+            details={step.what: step.name, "argument": argument},
+        ) from None
     if exc.reply_code == 406:
         raise TransportError(
             f"{step.what} {step.name} exists with other arguments"
@@ -272,6 +322,8 @@ class _Session:
         self._closing = closing or threading.Event()
         self._reply_queue = ""
         self._replies = Replies(name)
+        #: connections lost so far: where the next connection starts in a list of broker URLs
+        self._losses = 0
 
     # -- connection -----------------------------------------------------------------------
     def ensure(self) -> BlockingChannel:
@@ -281,7 +333,7 @@ class _Session:
         if self.conn is None or not self.conn.is_open:
             self.close()
             try:
-                self.conn = connect(self.url, self.name)
+                self.conn = connect(self.url, self.name, first=self._losses)
             except TransportError as exc:
                 raise _ConnectionLost(exc.message) from exc
         try:
@@ -292,6 +344,18 @@ class _Session:
             self.close()
             raise _ConnectionLost(f"cannot open a channel: {_describe(exc)}") from exc
         return self.ch
+
+    def _drop_channel(self) -> None:
+        ch, self.ch = self.ch, None
+        self._reply_queue = ""  # it was consumed on that channel
+        if ch is not None and ch.is_open:
+            with contextlib.suppress(*_PIKA_ERRORS):
+                ch.close()
+
+    def lost(self) -> None:
+        """Close after a lost connection: the next connection starts with the next broker URL."""
+        self._losses += 1
+        self.close()
 
     def close(self) -> None:
         conn, self.conn, self.ch = self.conn, None, None
@@ -307,7 +371,7 @@ class _Session:
             try:
                 return op()
             except _ConnectionLost as exc:
-                self.close()
+                self.lost()
                 if attempt == retries or self._closing.is_set():
                     raise TransportError(f"{what} failed: {exc.message}") from exc
                 delay = next(delays)
@@ -326,9 +390,14 @@ class _Session:
         except pika.exceptions.UnroutableError:
             raise Unroutable(f"no queue is bound for {where}") from None
         except pika.exceptions.NackError:
-            # The channel stays usable: nothing to reconnect (and retrying would be refused too).
+            # A full queue (x-overflow reject-publish), or a quorum queue whose leader was lost:
+            # RabbitMQ 3.10 then nacks every later publish on this channel even once a new leader
+            # is elected (measured: 16 s and counting, while a new channel publishes 0.5 s after the
+            # kill). So the next publish gets a new channel; the connection stays.
+            self._drop_channel()
             raise Refused(
-                f"the broker refused the message for {where} (a queue full with x-overflow reject-publish)"
+                f"the broker refused the message for {where} (a full queue, or a queue whose "
+                "broker node was lost and is failing over); retry"
             ) from None
         except pika.exceptions.ChannelClosedByBroker as exc:
             # No such exchange (404), no permission (403), a forged user_id (406): retrying
@@ -461,7 +530,8 @@ class _Session:
         """Send ``env`` and return the reply envelope.
 
         Raises RequestTimeout when no reply came within ``timeout`` seconds, TransportError
-        when the broker stayed unreachable, Refused when a full queue refused the request, and
+        when the broker stayed unreachable, Refused when the broker still refused the request after
+        the pauses of ``_REFUSAL_DELAYS`` (a full queue; a failing-over one accepts it again), and
         ``unroutable()`` (default :class:`Unroutable`) when no queue is bound for ``routing_key``.
         ``abort.error`` when ``abort`` is set: the wait already runs in slices of the connection's
         I/O loop (pika's connection is not thread-safe, so nothing else may wake it), and the
@@ -469,6 +539,7 @@ class _Session:
         """
         deadline = time.monotonic() + timeout
         delays = backoff_delays()
+        refusal_delays = iter(_REFUSAL_DELAYS)
         body = check_size(
             env.encode(), self.max_message_bytes, f"{exchange or '(default exchange)'}/{routing_key}"
         )
@@ -490,8 +561,19 @@ class _Session:
                     if unroutable is not None:
                         raise unroutable() from None
                     raise
+                except Refused:
+                    # A full queue, or a quorum queue failing over to a new leader (about 0.5 s
+                    # after its node is lost, measured): the same message again a few times
+                    # (on a new channel) before the refusal is taken as final.
+                    delay = next(refusal_delays, None)
+                    if delay is None or time.monotonic() + delay >= deadline or self._closing.is_set():
+                        raise
+                    log.warning(
+                        "%s: %s refused by the broker; publishing it again in %.2fs", self.name, env.id, delay
+                    )
+                    time.sleep(delay)
                 except _ConnectionLost as exc:
-                    self.close()
+                    self.lost()
                     delay = next(delays)
                     if time.monotonic() + delay >= deadline or self._closing.is_set():
                         raise TransportError(
@@ -621,7 +703,8 @@ class ConsumerServer(PooledConsumer):
                 self._stop.wait(delay)
 
     def _consume_once(self) -> None:
-        conn = connect(self.url, self.name)
+        # After a failure, start with the next broker URL (a cluster's next node).
+        conn = connect(self.url, self.name, first=self.reconnects)
         self._reply_channel = None
         try:
             ch = conn.channel()

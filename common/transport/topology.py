@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from common.messages.descriptor import Role
@@ -145,14 +146,34 @@ REPORT_TTL_MS = 120_000
 #: the same reason these queues have no queue TTL (RabbitMQ dead-letters expired messages).
 REPORT_BACKLOG_MAX = 10_000
 
+#: How often a message of a consumed queue may be delivered before the broker dead-letters it
+#: (reason ``delivery_limit``): a message that kills or wedges every consumer that takes it (a
+#: poison message) ends in ``virtfleet.dead`` instead of going round forever. Each connection lost
+#: or process stopped with the message unacknowledged counts once, so the limit is far above what
+#: failovers and restarts spend.
+DELIVERY_LIMIT = 20
+
 #: What the controller's API consumers declare besides their queues (agents and callers may not).
 _CONTROLLER_EXCHANGES = (REPLIES_EXCHANGE, COMMANDS_EXCHANGE)
-_DEAD_LETTERED = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name}
+#: Every shared queue (but the dead-letter queue, see there) is a quorum queue: replicated on every node of a RabbitMQ cluster (Raft),
+#: so losing a node loses neither the queue nor its messages (docs/operations.md, "Running it
+#: highly available"). A queue cannot change type in place: a broker that has the classic queues
+#: of an older release is migrated with ``virtfleet-controller broker migrate``.
+QUORUM: Mapping[str, str] = MappingProxyType({"x-queue-type": "quorum"})
+_DEAD_LETTERED = {**QUORUM, "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name}
+#: A consumed queue: quorum, dead-lettered, and a poison message stops after DELIVERY_LIMIT tries.
+_CONSUMED = {**_DEAD_LETTERED, "x-delivery-limit": DELIVERY_LIMIT}
 
 # ---------------------------------------------------------------------------------- queues
 
 DEAD_LETTER_QUEUE = Queue(
     "virtfleet.dead",
+    # Classic, not quorum, on purpose: agents of the releases before the quorum queues declare
+    # it themselves (a quorum one would be refused to them, 406, so a controller-first upgrade
+    # would stop every old agent); RabbitMQ 3.10's quorum queues let a byte cap be overshot by a
+    # message and report no message bytes. Nothing waits on it: while its node is down, the
+    # parties declare their queues without it (amqp.py) and dead letters are dropped (quorum
+    # queues dead-letter at most once), never looped.
     arguments={"x-max-length": DEAD_LETTER_MAX},
     bindings=(Binding(DEAD_LETTER_EXCHANGE, ""),),
     doc="every rejected message, for people to inspect; no consumer; at most DEAD_LETTER_MAX_BYTES"
@@ -160,14 +181,14 @@ DEAD_LETTER_QUEUE = Queue(
 )
 API_QUEUE = Queue(
     "virtfleet.api",
-    arguments=_DEAD_LETTERED,
+    arguments=_CONSUMED,
     bindings=(Binding(API_EXCHANGE, "virtfleet.api"),),
     companions=_CONTROLLER_EXCHANGES,
     doc="client -> controller API calls; controllers compete for them",
 )
 API_READ_QUEUE = Queue(
     "virtfleet.api.read",
-    arguments=_DEAD_LETTERED,
+    arguments=_CONSUMED,
     bindings=(Binding(API_EXCHANGE, "virtfleet.api.read"),),
     companions=_CONTROLLER_EXCHANGES,
     doc="client -> controller read-only API calls (role reader): their own lane and workers, so a"
@@ -185,7 +206,7 @@ def _reports_queue(name: str, routing_patterns: tuple[str, ...], doc: str) -> Qu
     messages when full (see :data:`REPORT_BACKLOG_MAX`), disposable (a newer message follows)."""
     return Queue(
         name,
-        arguments={**_DEAD_LETTERED, "x-max-length": REPORT_BACKLOG_MAX, "x-overflow": "reject-publish"},
+        arguments={**_CONSUMED, "x-max-length": REPORT_BACKLOG_MAX, "x-overflow": "reject-publish"},
         bindings=tuple(Binding(REPORTS_EXCHANGE, pattern) for pattern in routing_patterns),
         disposable=True,
         doc=doc,
@@ -214,10 +235,24 @@ def agent_queue(host_id: str) -> Queue:
     """The durable command queue of one agent, bound to the commands exchange by host id."""
     return Queue(
         f"virtfleet.agent.{host_id}",
-        arguments=_DEAD_LETTERED,
+        arguments=_CONSUMED,
         bindings=(Binding(COMMANDS_EXCHANGE, host_id),),
         owns_dependencies=False,
         doc="controller -> agent commands for one host",
+    )
+
+
+#: What moves a broker's classic queues (an older release's) to quorum queues: docs/operations.md.
+MIGRATE_COMMAND = "virtfleet-controller broker migrate"
+
+
+def queue_type_refused(queue: str) -> str:
+    """What an operator is told when the broker refuses to declare ``queue`` as a quorum queue
+    because an older release left a classic queue of that name (406, ``x-queue-type`` differs)."""
+    return (
+        f"queue {queue} is a classic queue (an older release's) and a queue cannot change its type "
+        f"in place: stop the controllers and agents and run `{MIGRATE_COMMAND}` "
+        "(docs/operations.md, 'Running it highly available')"
     )
 
 
@@ -227,7 +262,9 @@ REPLY_QUEUE_PATTERN = "virtfleet.reply.<login>.<random>"
 
 def reply_queue(login: str, suffix: str) -> Queue:
     """A caller's private reply queue (exclusive to its connection), named after its broker login so
-    that the broker's permissions can confine each login to its own replies."""
+    that the broker's permissions can confine each login to its own replies. A classic queue:
+    RabbitMQ allows no exclusive quorum queue, and it dies with its connection anyway (a caller
+    that reconnects to another node declares a new one and sends its request again)."""
     name = f"virtfleet.reply.{login}.{suffix}"
     return Queue(
         name,

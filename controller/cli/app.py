@@ -43,7 +43,12 @@ def main_options(
         Output, typer.Option("--output", "-o", help="table for people, json for scripts")
     ] = Output.TABLE,
     amqp_url: Annotated[
-        str, typer.Option("--amqp-url", envvar="VIRTFLEET_AMQP_URL", help="RabbitMQ URL of the fleet")
+        str,
+        typer.Option(
+            "--amqp-url",
+            envvar="VIRTFLEET_AMQP_URL",
+            help="RabbitMQ URL of the fleet (several nodes: comma-separated)",
+        ),
     ] = DEFAULT_URL,
     timeout: Annotated[float | None, typer.Option(help="seconds to wait for the controller")] = None,
     idempotency_key: Annotated[

@@ -118,7 +118,9 @@ ensure_vhost() {
 
 # The dead-letter queue's byte cap (common/transport/topology.py DEAD_LETTER_POLICY): a policy, not a
 # queue argument, so that every release declares virtfleet.dead alike (a changed argument would be
-# refused with 406 during an upgrade); it applies to an existing queue at once.
+# refused with 406 during an upgrade); it applies to an existing queue at once, classic or quorum
+# (every shared queue is a quorum queue: max-length-bytes and overflow reject-publish apply to both).
+# In a cluster, vhosts, users, permissions and policies are cluster-wide: run this once, on any node.
 ensure_policies() {
     ctl set_policy -p "$VHOST" --apply-to queues --priority 10 virtfleet-dead-letters '^virtfleet\.dead$' \
         "{\"max-length-bytes\": $DEAD_LETTER_MAX_BYTES, \"overflow\": \"reject-publish\"}" >/dev/null

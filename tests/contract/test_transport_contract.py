@@ -433,6 +433,25 @@ def test_max_length_drops_and_dead_letters_the_oldest(kit: Kit, names: Names) ->
     assert [m.message_id for m in kit.take(queue.name, 2)] == [sent[1].id, sent[2].id]
 
 
+def test_a_quorum_queue_dead_letters_a_message_handed_back_too_often(
+    kit: Kit, names: Names, consumers: Consumers
+) -> None:
+    """A poison message (its consumer hands it back every time: a crash, a stopping process)
+    ends in the dead-letter queue after x-delivery-limit returns, instead of looping."""
+    queue, dead = dead_lettered_queue(kit, names, {"x-queue-type": "quorum", "x-delivery-limit": 2})
+    kit.transport.declare(queue)
+    recorder = Recorder(lambda _d: Outcome(requeue=True))
+    consumers.start(kit.transport.consumer(queue, recorder, name="poisoned"))
+    sent = envelope()
+    kit.transport.publish("", queue.name, sent)
+
+    (letter,) = kit.take(dead.name)
+    assert (letter.message_id, letter.death["reason"]) == (sent.id, "delivery_limit")
+    # Delivered once, then handed back twice more (the limit) before it was dead-lettered.
+    assert [d.envelope.id for d in recorder.deliveries] == [sent.id] * 3
+    assert kit.ready_count(queue.name) == 0
+
+
 def test_a_full_reject_publish_queue_refuses_and_dead_letters_nothing(kit: Kit, names: Names) -> None:
     dlx, dead = names.dead_letters()
     kit.transport.declare(dead)
@@ -456,7 +475,9 @@ def test_a_full_reject_publish_queue_refuses_and_dead_letters_nothing(kit: Kit, 
 
 
 def test_the_reports_queue_refuses_when_full(kit: Kit, names: Names) -> None:
-    """The fleet's reports queue shape (x-max-length + reject-publish + DLX), shrunk to 1."""
+    """The fleet's reports queue shape (a quorum queue: x-max-length + reject-publish + DLX),
+    shrunk to 1. A quorum queue refuses once it is *over* its length (RabbitMQ 3.10, measured):
+    it holds one message more than x-max-length."""
     exchange = names.exchange(ExchangeType.TOPIC)
     queue = names.queue(
         arguments={**REPORTS_QUEUE.arguments, "x-max-length": 1},
@@ -464,8 +485,10 @@ def test_the_reports_queue_refuses_when_full(kit: Kit, names: Names) -> None:
     )
     kit.transport.declare(queue)
     kit.transport.publish(exchange.name, "host.report.h1", envelope())
+    kit.transport.publish(exchange.name, "host.report.h1", envelope())
     with pytest.raises(Refused):
         kit.transport.publish(exchange.name, "host.report.h1", envelope())
+    assert kit.ready_count(queue.name) == 2
 
 
 # ------------------------------------------------------------------------------ routing

@@ -1,14 +1,16 @@
-"""TLS options of broker URLs (common/broker_url.py) and the configuration keys that set them."""
+"""TLS options of broker URLs (common/broker_url.py) and the configuration keys that set them;
+lists of broker URLs (the nodes of a cluster)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from agent import config as agent_config
-from common.broker_url import split_tls_options, with_tls
-from common.errors import TransportError
+from common.broker_url import split_tls_options, split_urls, with_tls
+from common.errors import InvalidRequest, TransportError
 from common.transport.amqp import connection_parameters, safe_url
 from controller.config import load_config
 
@@ -52,3 +54,44 @@ def test_controller_and_agent_tls_keys(tmp_path: Path) -> None:
         {"host_id": "hv1", "libvirt_uri": "test:///default"},
     )
     assert split_tls_options(cfg.amqp_url)[1] == {"certfile": "/c.pem", "keyfile": "/c.key"}
+
+
+def test_a_list_of_broker_urls_shares_the_first_urls_login_vhost_and_options() -> None:
+    given = "amqp://hv1:pw@rmq1:5672/fleet?heartbeat=5, amqp://rmq2:5673 ,amqp://other:pw2@rmq3/vh2,"
+    assert split_urls(given) == [
+        "amqp://hv1:pw@rmq1:5672/fleet?heartbeat=5",
+        "amqp://hv1:pw@rmq2:5673/fleet?heartbeat=5",
+        "amqp://other:pw2@rmq3/vh2?heartbeat=5",
+    ]
+    assert split_urls(URL) == [URL]
+    assert safe_url(given) == "amqp://rmq1:5672/fleet,amqp://rmq2:5673/fleet,amqp://rmq3:5672/vh2"
+
+
+def test_tls_configuration_applies_to_every_url_of_a_list() -> None:
+    both = with_tls(f"{URL},amqps://broker2.example:5671", {"amqp_ca_file": "/ca.pem"})
+    for url in split_urls(both):
+        assert split_tls_options(url)[1] == {"cafile": "/ca.pem"}
+        assert urlsplit(url).username == "hv1"
+
+
+@pytest.mark.parametrize("bad", ["", " , ", "amqps://a/%2F,amqp://b"])
+def test_an_empty_or_mixed_list_of_broker_urls_is_refused(bad: str) -> None:
+    with pytest.raises(InvalidRequest):
+        split_urls(bad)
+
+
+def test_controller_and_agent_configurations_take_a_list_of_urls() -> None:
+    urls = "amqps://hv1:pw@rmq1:5671/%2F,amqps://rmq2:5671"
+    assert load_config(None, env={"VIRTFLEET_AMQP_URL": urls}).amqp_url == urls
+    agent = agent_config.resolve(
+        agent_config.file_values({"amqp_url": urls}), {}, {"host_id": "hv1", "libvirt_uri": "test:///default"}
+    )
+    assert agent.amqp_url == urls
+    with pytest.raises(InvalidRequest, match="mix"):
+        load_config(None, env={"VIRTFLEET_AMQP_URL": "amqps://a,amqp://b"})
+    with pytest.raises(InvalidRequest, match="mix"):
+        agent_config.resolve(
+            agent_config.file_values({"amqp_url": "amqps://a,amqp://b"}),
+            {},
+            {"host_id": "hv1", "libvirt_uri": "test:///default"},
+        )

@@ -243,7 +243,9 @@ def test_an_agent_queue_only_checks_the_controllers_exchanges_and_dead_letter_qu
     agent.declare(agent_queue("h1"))  # a fresh broker: what is missing is declared
     assert DEAD_LETTER_QUEUE.name in broker.queues()
     broker.delete_queue(DEAD_LETTER_QUEUE.name)
-    controller.declare(replace(DEAD_LETTER_QUEUE, arguments={"x-max-length": 1}))  # another release's
+    controller.declare(
+        replace(DEAD_LETTER_QUEUE, arguments={**DEAD_LETTER_QUEUE.arguments, "x-max-length": 1})
+    )  # another release's
     agent.declare(agent_queue("h1"))  # only checked: no 406 for the agent
     with pytest.raises(PreconditionFailed, match="x-max-length"):
         controller.declare(API_QUEUE)  # the controller, who owns it, is told
