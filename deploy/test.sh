@@ -9,7 +9,9 @@
 # 4. ruff check, ruff format --check, mypy --strict, import directions (lint-imports)
 # 5. pytest -m inprocess          the in-process tier, without a network, >= 80 % of controller/
 # 6. pytest -m "not inprocess"    everything else (SQLite for the database tests)
-# 7. pytest -m db tests           again, against PostgreSQL (virtfleet_test), in-process tier included
+# 7. pytest -m "db and not backend_neutral" tests
+#                                 again, against PostgreSQL (virtfleet_test), in-process tier included;
+#                                 backend_neutral tests use the database only as storage (pyproject.toml)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -94,13 +96,16 @@ step pytest run_pytest "$LOG_DIR/main.log" -m "not inprocess and not security" t
 # Attacks on a live fleet with the users deploy/rabbitmq/bootstrap.sh makes (docs/security.md).
 step security run_pytest "$LOG_DIR/security.log" -m security tests/security "$@"
 
+# Only what can behave differently on PostgreSQL runs again there: a test marked backend_neutral
+# uses the database only as storage (its subject is the bus, the agent or the CLI).
+PG_MARKERS="db and not backend_neutral"
 pg_pytest() {
     local rc=0
-    VIRTFLEET_DATABASE_URL="$PG_URL" run_pytest "$LOG_DIR/pg.log" -m db tests || rc=$?
+    VIRTFLEET_DATABASE_URL="$PG_URL" run_pytest "$LOG_DIR/pg.log" -m "$PG_MARKERS" tests || rc=$?
     if ((rc == 5)); then
         # "No tests collected": fine only if tests exist and none is marked db yet.
         local collected
-        collected="$("$PY" -m pytest --collect-only -q -m db tests 2>&1 || true)"
+        collected="$("$PY" -m pytest --collect-only -q -m "$PG_MARKERS" tests 2>&1 || true)"
         if grep -qE 'no tests collected \([0-9]+ deselected\)' <<<"$collected"; then
             echo "pytest -m db: no test is marked db yet; nothing to run against PostgreSQL"
             return 0
