@@ -10,6 +10,7 @@
 # 5. two lanes at once (each pytest is one Python process: one of the two cores; the lanes share
 #    no broker, libvirt or network resource, only the PostgreSQL server, with a database per test):
 #    a. pytest -m inprocess          the in-process tier, without a network, >= 80 % of controller/;
+#       then the rest of tests/unit and tests/fuzz (pure: no broker, libvirtd or network);
 #       then pytest -m "db and inprocess and not backend_neutral" against PostgreSQL (virtfleet_test)
 #    b. pytest -m "not inprocess and not security"  everything else (SQLite for the database tests);
 #       then pytest -m security tests/security
@@ -28,11 +29,11 @@ export VIRTFLEET_TEST_GUEST_DIR="${VIRTFLEET_TEST_GUEST_DIR:-/var/cache/virtflee
 PG_URL="postgresql+psycopg://postgres@127.0.0.1:5432/virtfleet_test"
 PY="$ROOT/.venv/bin/python"
 LINT_PATHS=(controller agent common tests bench)
-# Bytecode (and pytest's rewritten test modules) kept between the passes and the runs: without it each
-# pytest pass and each daemon or CLI a test starts compiles everything again (PYTHONDONTWRITEBYTECODE
-# is set on some machines). Inside the venv, so a new venv starts a new cache.
-unset PYTHONDONTWRITEBYTECODE
-export PYTHONPYCACHEPREFIX="$ROOT/.venv/pycache"
+# Bytecode (and pytest's rewritten test modules) kept in __pycache__ (git ignores it) between the
+# passes and the runs: without it each pytest pass compiles every module again, and so does each
+# daemon and CLI a test starts (PYTHONDONTWRITEBYTECODE is set on some machines). Next to the
+# sources, where the netlab guest (tests/realnet) finds what its fixture compiled for it.
+unset PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX
 
 STEPS=()
 CURRENT=""
@@ -139,9 +140,12 @@ pg_pytest() { # pg_pytest LOGFILE MARKERS ARGS...: the db tests of MARKERS again
 }
 
 # Lane a, in the background: nothing it runs needs the broker, libvirt or a network (the in-process
-# fleet), so it cannot disturb lane b's daemons; its output is shown when it ends.
+# fleet, the pure tests), so it cannot disturb lane b's daemons; its output is shown when it ends.
+PURE=(tests/unit tests/fuzz)
 lane_in_process() {
     lane_step inprocess inprocess_pytest "$@"
+    lane_step pytest-pure run_pytest "$LOG_DIR/pure.log" -m "not inprocess and not security" \
+        --basetemp "$LOG_DIR/tmp-pure" "${PURE[@]}" "$@" >/dev/null
     lane_step pytest-pg-inp pg_pytest "$LOG_DIR/pg-inprocess.log" inprocess --basetemp "$LOG_DIR/tmp-pg-inprocess"
 }
 LANE_STEPS="$LOG_DIR/lane.steps"
@@ -152,7 +156,10 @@ LANE_PID=$!
 show_lane() { # the background lane's output, as if it had run in the foreground
     echo "==== in-process lane (ran in parallel with the steps above)"
     cat "$LOG_DIR/lane.out" "$LOG_DIR/inprocess.log"
-    [[ -f "$LOG_DIR/pg-inprocess.log" ]] && cat "$LOG_DIR/pg-inprocess.log"
+    local f
+    for f in pure pg-inprocess; do
+        if [[ -f "$LOG_DIR/$f.log" ]]; then cat "$LOG_DIR/$f.log"; fi
+    done
     return 0
 }
 lane_rc=0
@@ -165,7 +172,8 @@ lane_exit() { # if lane b fails, still wait for lane a and show it before the su
 }
 trap 'lane_exit $?' EXIT
 
-step pytest run_pytest "$LOG_DIR/main.log" -m "not inprocess and not security" tests "$@"
+step pytest run_pytest "$LOG_DIR/main.log" -m "not inprocess and not security" \
+    "${PURE[@]/#/--ignore=}" tests "$@"
 # Attacks on a live fleet with the users deploy/rabbitmq/bootstrap.sh makes (docs/security.md).
 step security run_pytest "$LOG_DIR/security.log" -m security tests/security "$@"
 
@@ -186,9 +194,9 @@ pg_processes() { # and tee: this one runs in the foreground
 }
 step pytest-pg pg_processes
 
-total() { # total WORD: summed over the five passes
+total() { # total WORD: summed over the six passes
     local n=0 f
-    for f in inprocess main security pg-inprocess pg; do
+    for f in inprocess pure main security pg-inprocess pg; do
         n=$((n + $(count "$1" "$LOG_DIR/$f.log")))
     done
     echo "$n"
