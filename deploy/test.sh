@@ -7,16 +7,16 @@
 # 2. deploy/services.sh           RabbitMQ, PostgreSQL, libvirtd (started if needed)
 # 3. deploy/guest/build-guest.sh  the tiny QEMU test guest ($VIRTFLEET_TEST_GUEST_DIR)
 # 4. ruff check, ruff format --check, mypy --strict, import directions (lint-imports)
-# 5. two lanes at once (each pytest is one Python process: one of the two cores; the lanes share
-#    no broker, libvirt or network resource, only the PostgreSQL server, with a database per test):
+# 5. two lanes at once (each pytest is one Python process: one of the two cores; every test that
+#    uses the broker has a vhost and users of its own, every database test a database of its own):
 #    a. pytest -m inprocess          the in-process tier, without a network, >= 80 % of controller/;
 #       then the rest of tests/unit and tests/fuzz (pure: no broker, libvirtd or network);
-#       then pytest -m "db and inprocess and not backend_neutral" against PostgreSQL (virtfleet_test)
-#    b. pytest -m "not inprocess and not security"  everything else (SQLite for the database tests);
-#       then pytest -m security tests/security
+#       then pytest -m "db and inprocess and not backend_neutral" against PostgreSQL (virtfleet_test);
+#       then pytest -m security tests/security (live fleets on the broker and libvirt's test driver)
+#    b. pytest -m "not inprocess and not security"  everything else (SQLite for the database tests)
 # 6. pytest -m "db and not inprocess and not backend_neutral" against PostgreSQL, once both lanes
-#    are done (it uses libvirt domain names and the broker like lane b). backend_neutral tests use
-#    the database only as storage (pyproject.toml), so they run on SQLite only.
+#    are done (it uses qemu:///system domain names like lane b). backend_neutral tests use the
+#    database only as storage (pyproject.toml), so they run on SQLite only.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -139,14 +139,17 @@ pg_pytest() { # pg_pytest LOGFILE MARKERS ARGS...: the db tests of MARKERS again
     return "$rc"
 }
 
-# Lane a, in the background: nothing it runs needs the broker, libvirt or a network (the in-process
-# fleet, the pure tests), so it cannot disturb lane b's daemons; its output is shown when it ends.
+# Lane a, in the background; its output is shown when it ends. Nothing before the security tier needs
+# the broker, libvirt or a network (the in-process fleet, the pure tests); the security tier's fleets
+# use the broker with vhosts and users of their own and libvirt's test driver (in each agent process).
 PURE=(tests/unit tests/fuzz)
 lane_in_process() {
     lane_step inprocess inprocess_pytest "$@"
     lane_step pytest-pure run_pytest "$LOG_DIR/pure.log" -m "not inprocess and not security" \
         --basetemp "$LOG_DIR/tmp-pure" "${PURE[@]}" "$@" >/dev/null
     lane_step pytest-pg-inp pg_pytest "$LOG_DIR/pg-inprocess.log" inprocess --basetemp "$LOG_DIR/tmp-pg-inprocess"
+    # Attacks on a live fleet with the users deploy/rabbitmq/bootstrap.sh makes (docs/security.md).
+    lane_step security run_pytest "$LOG_DIR/security.log" -m security tests/security "$@" >/dev/null
 }
 LANE_STEPS="$LOG_DIR/lane.steps"
 : >"$LANE_STEPS"
@@ -157,7 +160,7 @@ show_lane() { # the background lane's output, as if it had run in the foreground
     echo "==== in-process lane (ran in parallel with the steps above)"
     cat "$LOG_DIR/lane.out" "$LOG_DIR/inprocess.log"
     local f
-    for f in pure pg-inprocess; do
+    for f in pure pg-inprocess security; do
         if [[ -f "$LOG_DIR/$f.log" ]]; then cat "$LOG_DIR/$f.log"; fi
     done
     return 0
@@ -174,8 +177,6 @@ trap 'lane_exit $?' EXIT
 
 step pytest run_pytest "$LOG_DIR/main.log" -m "not inprocess and not security" \
     "${PURE[@]/#/--ignore=}" tests "$@"
-# Attacks on a live fleet with the users deploy/rabbitmq/bootstrap.sh makes (docs/security.md).
-step security run_pytest "$LOG_DIR/security.log" -m security tests/security "$@"
 
 CURRENT="in-process lane"
 lane_wait
