@@ -13,10 +13,10 @@
 #       then the rest of tests/unit and tests/fuzz (pure: no broker, libvirtd or network);
 #       then pytest -m "db and inprocess and not backend_neutral" against PostgreSQL (virtfleet_test);
 #       then pytest -m security tests/security (live fleets on the broker and libvirt's test driver)
-#    b. pytest -m "not inprocess and not security"  everything else (SQLite for the database tests)
-# 6. pytest -m "db and not inprocess and not backend_neutral" against PostgreSQL, once both lanes
-#    are done (it uses qemu:///system domain names like lane b). backend_neutral tests use the
-#    database only as storage (pyproject.toml), so they run on SQLite only.
+#    b. pytest -m "not inprocess and not security"  everything else (SQLite for the database tests);
+#       then pytest -m "db and not inprocess and not backend_neutral" against PostgreSQL (after the
+#       SQLite pass, not beside it: the same tests, the same qemu:///system domain names).
+#    backend_neutral tests use the database only as storage (pyproject.toml): SQLite only.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -178,6 +178,14 @@ trap 'lane_exit $?' EXIT
 step pytest run_pytest "$LOG_DIR/main.log" -m "not inprocess and not security" \
     "${PURE[@]/#/--ignore=}" tests "$@"
 
+pg_processes() { # and tee: this one runs in the foreground
+    local rc=0
+    pg_pytest "$LOG_DIR/pg.log" "not inprocess" || rc=$?
+    cat "$LOG_DIR/pg.log"
+    return "$rc"
+}
+step pytest-pg pg_processes
+
 CURRENT="in-process lane"
 lane_wait
 trap summary EXIT
@@ -186,14 +194,6 @@ if ((lane_rc != 0)); then
     exit "$lane_rc"
 fi
 CURRENT=""
-
-pg_processes() { # and tee: this one runs in the foreground
-    local rc=0
-    pg_pytest "$LOG_DIR/pg.log" "not inprocess" || rc=$?
-    cat "$LOG_DIR/pg.log"
-    return "$rc"
-}
-step pytest-pg pg_processes
 
 total() { # total WORD: summed over the six passes
     local n=0 f
