@@ -31,3 +31,17 @@ def fleet_factory(tmp_path: Path) -> Iterator[list[Fleet]]:
     yield fleets
     for f in fleets:
         f.stop_all()
+
+
+@pytest.hookimpl(trylast=True)  # after the folders' conftests have added their markers (db...)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse ``backend_neutral`` on a test that is not ``db``: the marker only takes a database
+    test out of deploy/test.sh's PostgreSQL pass, and a test that needs no database is in no such pass."""
+    del config
+    wrong = [
+        i.nodeid
+        for i in items
+        if i.get_closest_marker("backend_neutral") is not None and i.get_closest_marker("db") is None
+    ]
+    if wrong:
+        raise pytest.UsageError(f"backend_neutral without db: {', '.join(wrong)}")

@@ -11,7 +11,9 @@ from vfsupport import broker_login, node_uri, private_fleet
 from common.messages import api
 from common.messages.audit import API_AUDIT_LIST
 
-pytestmark = [pytest.mark.broker, pytest.mark.db]
+# SQLite only (deploy/test.sh): roles and rate limits are the controller's; the audit store itself
+# runs on both backends in tests/inprocess/test_audit_log.py.
+pytestmark = [pytest.mark.broker, pytest.mark.db, pytest.mark.backend_neutral]
 
 
 def test_exit_6_and_7_and_audit_list(tmp_path: Path) -> None:

@@ -32,6 +32,9 @@ from common.transport.topology import (
     report_routing_key,
 )
 
+# SQLite only (deploy/test.sh): who may send what is checked on the bus; the database only holds the fleet.
+pytestmark = pytest.mark.backend_neutral
+
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessFleet]:

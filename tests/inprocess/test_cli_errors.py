@@ -13,6 +13,9 @@ from inproc import InProcessFleet
 
 from controller.cli.app import wants_json
 
+# SQLite only (deploy/test.sh): usage errors and a missing controller never reach the database.
+pytestmark = pytest.mark.backend_neutral
+
 
 @pytest.fixture
 def no_controller(tmp_path: Path) -> InProcessFleet:

@@ -30,7 +30,8 @@ from common.transport.factory import open_transport
 from common.transport.rpc import request, unwrap
 from common.transport.topology import API_QUEUE
 
-pytestmark = [pytest.mark.broker, pytest.mark.db]
+# SQLite only (deploy/test.sh): what is tested is TLS on the bus; the database only holds the fleet.
+pytestmark = [pytest.mark.broker, pytest.mark.db, pytest.mark.backend_neutral]
 
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 #: A cold RabbitMQ start takes ~6 s on an idle machine and ~30 s on a loaded one (host-facts.md).

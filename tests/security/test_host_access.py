@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 from vfsupport import Fleet, node_uri, private_fleet
 
+# SQLite only (deploy/test.sh): the agent refuses the paths; the database only holds the fleet.
 pytestmark = [
     pytest.mark.broker,
     pytest.mark.db,
+    pytest.mark.backend_neutral,
     pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed"),
 ]
 

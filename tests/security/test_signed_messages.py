@@ -21,7 +21,8 @@ from common.messages.envelope import Envelope, decode_envelope
 from common.messages.vm import VM_DESTROY
 from common.transport.topology import COMMANDS_EXCHANGE, DEAD_LETTER_QUEUE, agent_queue
 
-pytestmark = [pytest.mark.broker, pytest.mark.db]
+# SQLite only (deploy/test.sh): signatures are checked on the bus; the database only holds the fleet.
+pytestmark = [pytest.mark.broker, pytest.mark.db, pytest.mark.backend_neutral]
 
 HOST = "h1"
 TAP = "attacker.tap"

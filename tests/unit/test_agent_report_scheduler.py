@@ -116,8 +116,10 @@ def test_a_requested_report_is_sent_soon_and_for_that_host_only(log: Log, hosts:
     log.wait_for(HOST_REPORT.kind, 5)
     asked = time.monotonic()
     hosts[3].request_report()
+    # Served on request: its next due report is an hour away, and wait_for gives up after WAIT
+    # seconds (no wall-clock bound of its own here: a loaded machine delays a thread by seconds).
     (_first, again) = log.wait_for(HOST_REPORT.kind, 2, host="h3")
-    assert again[2] - asked < 1.0
+    assert again[2] >= asked
     assert len(log.of(HOST_REPORT.kind)) == 6  # the others' next reports are an hour away
 
 

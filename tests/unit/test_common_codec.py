@@ -525,8 +525,10 @@ def test_optional_nested_dataclass_null_and_value() -> None:
 # ------------------------------------------------------------------ property: VmCreate bodies
 
 _ALNUM = string.ascii_letters + string.digits
-#: Any text a string field takes: no NUL (every bounded string refuses it, common.messages.limits).
-texts = st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=40)
+#: Any text a string field takes: no NUL (every bounded string refuses it, common.messages.limits),
+#: and only what UTF-8 can carry (a lone surrogate cannot be on the wire: the codec refuses it on
+#: encode, and the round trips failed whenever hypothesis drew one).
+texts = st.text(alphabet=st.characters(codec="utf-8", blacklist_characters="\x00"), max_size=40)
 names = st.builds(operator.add, st.sampled_from(_ALNUM), st.text(alphabet=_ALNUM + "_.-", max_size=63))
 vm_create_bodies = st.fixed_dictionaries(
     {
