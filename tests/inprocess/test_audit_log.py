@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 
 from common.messages.audit import AuditListRequest
 from controller.db.audit import AuditEntry, AuditLog
-from controller.db.engine import make_engine, migrate
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    engine = make_engine(database_url)
-    migrate(engine)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def entry(n: int, login: str = "olga", kind: str = "api.x") -> AuditEntry:

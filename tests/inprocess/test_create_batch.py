@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import pytest
 from builders import host_report
 from sqlalchemy import Engine, event
-from vfsupport import fresh_database, wait_until
+from vfsupport import wait_until
 
 from common.errors import AlreadyExists, NoValidHost, RequestTimeout
 from common.messages import api
@@ -28,7 +27,6 @@ from controller import fleet
 from controller.config import ControllerConfig
 from controller.create_batcher import GroupCommit
 from controller.db import repository as repo
-from controller.db.engine import make_engine, migrate
 from controller.scheduler.model import Placement, ResourceClass
 from controller.service import ControllerService
 
@@ -42,15 +40,6 @@ class _SilentAgents:
 
     def call(self, host_id: str, op: Command[B, R], body: B) -> R:
         raise RequestTimeout(f"{op.kind} to {host_id}: no answer (test double)")
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    with fresh_database(tmp_path) as url:
-        eng = make_engine(url)
-        migrate(eng)
-        yield eng
-        eng.dispose()
 
 
 def _service(engine: Engine, **config: Any) -> ControllerService:

@@ -7,14 +7,11 @@ what one writes, the other learns by its sync; a new one (a restart) rebuilds fr
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from builders import host_report
 from sqlalchemy import Engine, event
-from vfsupport import fresh_database
 
 from common.errors import RequestTimeout
 from common.messages import api
@@ -24,7 +21,6 @@ from common.messages.host import Heartbeat, HostReport, VmChanges
 from common.messages.vm import KernelBoot, PowerState, VmStatus
 from controller.config import ControllerConfig
 from controller.db import repository as repo
-from controller.db.engine import make_engine, migrate
 from controller.recovery import Recovery
 from controller.service import ControllerService
 
@@ -37,15 +33,6 @@ class _SilentAgents:
 
     def call(self, host_id: str, op: Command[B, R], body: B) -> R:
         raise RequestTimeout(f"{op.kind} to {host_id}: no answer (test double)")
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    with fresh_database(tmp_path) as url:
-        eng = make_engine(url)
-        migrate(eng)
-        yield eng
-        eng.dispose()
 
 
 def _service(engine: Engine, **config: Any) -> ControllerService:

@@ -18,7 +18,6 @@ import pytest
 from builders import host_report
 from inproc import HostShape, inprocess_fleet
 from sqlalchemy import Engine, func, select
-from vfsupport import fresh_database
 
 from common.errors import Conflict, InvalidRequest, RequestTimeout
 from common.messages import api
@@ -30,7 +29,6 @@ from common.transport.rpc import Dispatcher, request, unwrap
 from controller.config import ControllerConfig
 from controller.db import repository as repo
 from controller.db import request_journal as store
-from controller.db.engine import make_engine, migrate
 from controller.db.models import ApiRequest
 from controller.endpoint import api_dispatcher
 from controller.request_journal import PRUNE_BATCH, ApiJournal, implicit_key
@@ -65,15 +63,6 @@ class _Agents:
             spec.uuid, spec.name, PowerState.RUNNING, spec.vcpus, spec.vcpus, spec.memory_mib, spec.memory_mib
         )
         return cast(R, VmResult(status=status))
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    with fresh_database(tmp_path) as url:
-        eng = make_engine(url)
-        migrate(eng)
-        yield eng
-        eng.dispose()
 
 
 class _Controller:

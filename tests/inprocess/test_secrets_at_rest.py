@@ -5,26 +5,14 @@ from __future__ import annotations
 
 import json
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 from alembic import command
 
 from common.messages.vm import GraphicsSpec, VmSpec
 from controller.db.engine import alembic_config, make_engine, migrate
 from controller.db.models import SpecJson, without_secrets
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    engine = make_engine(database_url)
-    migrate(engine)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def test_a_stored_spec_keeps_the_graphics_but_not_the_password() -> None:
