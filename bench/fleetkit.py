@@ -81,9 +81,11 @@ def _die_with_parent() -> None:
 
 def rabbitmqctl(*args: str, timeout: float = 60) -> str:
     """Run ``rabbitmqctl -q ARGS``; its stdout. Its own session: a Ctrl-C in the terminal must not
-    kill it half way through."""
+    kill it half way through. ``VF_BENCH_RABBITMQCTL`` (a rabbitmqctl for another node) and
+    ``VF_BENCH_AMQP_PORT`` (its port on 127.0.0.1) point the benches at a private broker instead of
+    the shared one on 5672."""
     done = subprocess.run(
-        ["rabbitmqctl", "-q", *args],
+        [os.environ.get("VF_BENCH_RABBITMQCTL", "rabbitmqctl"), "-q", *args],
         check=True,
         capture_output=True,
         text=True,
@@ -104,7 +106,8 @@ def private_vhost(prefix: str) -> Iterator[str]:
     try:
         rabbitmqctl("add_vhost", name)
         rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@127.0.0.1:5672/{quote(name, safe='')}"
+        port = os.environ.get("VF_BENCH_AMQP_PORT", "5672")
+        yield f"amqp://guest:guest@127.0.0.1:{port}/{quote(name, safe='')}"
     finally:
         with contextlib.suppress(subprocess.SubprocessError, OSError):
             rabbitmqctl("delete_vhost", name)
