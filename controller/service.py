@@ -285,6 +285,13 @@ class ControllerService:
         except NoValidHost:
             self._check_create(req)  # a taken name says more than "no host"
             raise
+        except AlreadyExists:
+            # A twin of this request (same idempotency key: a copy redelivered while this one
+            # ran, seen in tests/chaos/test_broker_cluster.py) claimed first: its VM is the answer.
+            repeated = self._check_create(req) if req.idempotency_key else None
+            if repeated is None:
+                raise
+            return repeated
         return self._build_claimed(req, vm_uuid, claimed)
 
     def _build_claimed(self, req: api.VmCreate, vm_uuid: str, claimed: _Claimed) -> api.VmCreated:

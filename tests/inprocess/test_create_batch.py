@@ -337,3 +337,29 @@ def test_results_of_builds_that_finish_together_are_recorded_in_one_transaction(
     assert all(v is not None and v.status is Lifecycle.ACTIVE for v in views.values()), views
     assert {service.show_vm(name).power_state for name in views} == {PowerState.RUNNING}
     service.close()
+
+
+def test_a_keyed_create_whose_twin_claimed_first_answers_with_the_twins_vm(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two copies of one keyed create (a redelivery while the first still runs): the second looked
+    before the first committed, so its own claim is refused by the name; it answers with the
+    first copy's VM, not AlreadyExists (seen in tests/chaos/test_broker_cluster.py)."""
+    service = _service(engine)
+    _seed(service, {"h1": 8192})
+    keyed = replace_struct(_request("twin", 1024), idempotency_key="twin-key", wait=False)
+    first = service.create_vm(keyed)
+    assert first.vm is not None
+    looked = service._check_create
+    calls: list[api.VmCreated | None] = []
+
+    def before_the_twin_committed(req: api.VmCreate) -> api.VmCreated | None:
+        calls.append(None if not calls else looked(req))  # the first look saw nothing yet
+        return calls[-1]
+
+    monkeypatch.setattr(service, "_check_create", before_the_twin_committed)
+    second = service.create_vm(keyed)
+    assert len(calls) == 2
+    assert second.vm is not None and second.vm.uuid == first.vm.uuid
+    with service.tx() as s:
+        assert [v.name for v in repo.list_vms(s)] == ["twin"]
