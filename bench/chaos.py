@@ -40,6 +40,7 @@ from chaoskit import (  # noqa: E402
     OK,
     Audit,
     DeadLetterTap,
+    Load,
     RabbitNode,
     audit,
     create_body,
@@ -68,7 +69,6 @@ from vfsupport import (  # noqa: E402
     wait_until,
 )
 
-from common.transport.amqp import AmqpTransport  # noqa: E402
 from common.transport.topology import API_EXCHANGE, API_QUEUE, REPORTS_EXCHANGE, agent_queue  # noqa: E402
 
 
@@ -145,6 +145,15 @@ def _private_broker_fleet(run: Run) -> Iterator[tuple[Fleet, RabbitNode]]:
         yield fleet, node
 
 
+def _after_node_restart(fleet: Fleet, load: Load, took: float) -> Result:
+    """The audit of a broker scenario whose node came back ``took`` s after it was stopped."""
+    back = time.monotonic()
+    outcomes = load.wait(240)
+    fleet.wait_hosts({"small", "medium"}, timeout=60)
+    recover = first_ok_after(outcomes, back - load.started) or _recovered_by_probe(fleet, back)
+    return Result(audit(outcomes, settled_view(fleet.amqp_url)), recover, f"node down and up in {took:.1f} s")
+
+
 def broker_restart(run: Run) -> Result:
     """The (private) broker node stopped and started again in the middle of a spaced create load."""
     with _private_broker_fleet(run) as (fleet, node):
@@ -152,13 +161,7 @@ def broker_restart(run: Run) -> Result:
         load = start_creates(fleet.amqp_url, bodies, client_timeout=60, spacing_s=0.5)
         time.sleep(2.0)
         took = node.restart()
-        back = time.monotonic()
-        outcomes = load.wait(240)
-        fleet.wait_hosts({"small", "medium"}, timeout=60)
-        recover = first_ok_after(outcomes, back - load.started) or _recovered_by_probe(fleet, back)
-        return Result(
-            audit(outcomes, settled_view(fleet.amqp_url)), recover, f"node down and up in {took:.1f} s"
-        )
+        return _after_node_restart(fleet, load, took)
 
 
 def broker_restart_waiting(run: Run) -> Result:
@@ -174,13 +177,7 @@ def broker_restart_waiting(run: Run) -> Result:
                 "the commands queued for the frozen agent",
             )
             took = node.restart()
-        back = time.monotonic()
-        outcomes = load.wait(240)
-        fleet.wait_hosts({"small", "medium"}, timeout=60)
-        recover = first_ok_after(outcomes, back - load.started) or _recovered_by_probe(fleet, back)
-        return Result(
-            audit(outcomes, settled_view(fleet.amqp_url)), recover, f"node down and up in {took:.1f} s"
-        )
+        return _after_node_restart(fleet, load, took)
 
 
 def wedged_agent(run: Run) -> Result:
@@ -305,11 +302,7 @@ def controllers_race(run: Run) -> Result:
         fleet.start_controller("controller-b", down_after=30)
         fleet.start_agent("small", node_uri("small"), heartbeat=2.0)
         fleet.wait_hosts({"small"})
-        probe = AmqpTransport(fleet.amqp_url, "probe")
-        try:
-            wait_until(lambda: probe.consumer_count(API_QUEUE.name) == 2, 60, "both controllers consuming")
-        finally:
-            probe.close()
+        fleet.wait_api_consumers(2, timeout=60)
         room = 15872 // 2048  # small.xml's memory at ratio 1.0 less 512 MiB reserved, 2 GiB VMs
         bodies = [create_body(n, memory_mib=2048) for n in names("race", max(run.creates, 2 * room))]
         outcomes = start_creates(fleet.amqp_url, bodies, workers=len(bodies)).wait(240)

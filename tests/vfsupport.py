@@ -32,6 +32,8 @@ from common.signing import (
     read_secret_file,
     write_secret_file,
 )
+from common.transport.amqp import AmqpTransport
+from common.transport.topology import API_QUEUE
 
 REPO = Path(__file__).resolve().parents[1]
 #: How long a test fleet's controller waits for a live host's heartbeat before calling it down. Long:
@@ -332,6 +334,19 @@ class Fleet(CliFleet):
 
     def logs(self) -> str:
         return "\n\n".join(f"===== {p.name} =====\n{p.log()}" for p in self.procs)
+
+    def wait_api_consumers(self, count: int, timeout: float = 60) -> None:
+        """Until ``count`` controllers consume the API queue (a race between controllers needs
+        each of them taking requests before the load starts)."""
+        probe = AmqpTransport(self.amqp_url, "probe")
+        try:
+            wait_until(
+                lambda: probe.consumer_count(API_QUEUE.name) == count,
+                timeout,
+                f"{count} controllers to consume the API queue",
+            )
+        finally:
+            probe.close()
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):

@@ -12,10 +12,7 @@ from pathlib import Path
 
 import pytest
 from chaoskit import OK, audit, create_body, names, run_creates, settled_view
-from vfsupport import Fleet, node_uri, private_fleet, wait_until
-
-from common.transport.amqp import AmqpTransport
-from common.transport.topology import API_QUEUE
+from vfsupport import Fleet, node_uri, private_fleet
 
 pytestmark = [pytest.mark.chaos, pytest.mark.broker, pytest.mark.db]
 
@@ -33,11 +30,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         f.start_controller("controller-b", down_after=30)
         f.start_agent("small", node_uri("small"), heartbeat=2.0)
         f.wait_hosts({"small"})
-        probe = AmqpTransport(f.amqp_url, "probe")
-        try:
-            wait_until(lambda: probe.consumer_count(API_QUEUE.name) == 2, 60, "both controllers consuming")
-        finally:
-            probe.close()
+        f.wait_api_consumers(2, timeout=60)
         yield f
 
 

@@ -23,7 +23,6 @@ from common.errors import VirtfleetError
 from common.messages import api
 from common.messages.vm import Lifecycle
 from common.transport.amqp import AmqpTransport
-from common.transport.topology import API_QUEUE
 from controller.cli.client import ApiClient
 from controller.db.engine import make_engine, migrate
 
@@ -54,11 +53,7 @@ def fleet(tmp_path: Path, postgres: PostgresServer) -> Iterator[Fleet]:
         for name in HOSTS:
             f.start_agent(name, node_uri(name), heartbeat=2.0)
         f.wait_hosts(set(HOSTS), timeout=BOUND_S)
-        probe = AmqpTransport(f.amqp_url, "probe")
-        try:
-            wait_until(lambda: probe.consumer_count(API_QUEUE.name) == 2, 60, "both controllers to consume")
-        finally:
-            probe.close()
+        f.wait_api_consumers(2, timeout=60)
         yield f
 
 

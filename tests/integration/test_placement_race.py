@@ -11,13 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from vfsupport import Fleet, node_uri, private_fleet, wait_until
+from vfsupport import Fleet, node_uri, private_fleet
 
 from common.errors import NoValidHost, VirtfleetError
 from common.messages import api
 from common.messages import placement as pmsg
 from common.transport.amqp import AmqpTransport
-from common.transport.topology import API_QUEUE
 from controller.cli.client import ApiClient
 
 pytestmark = [pytest.mark.broker, pytest.mark.db]
@@ -37,15 +36,7 @@ def two_controllers(tmp_path: Path) -> Iterator[Fleet]:
         for name in HOSTS:
             fleet.start_agent(name, node_uri(name), heartbeat=2.0)
         fleet.wait_hosts(set(HOSTS))
-        probe = AmqpTransport(fleet.amqp_url, "probe")
-        try:
-            wait_until(
-                lambda: probe.consumer_count(API_QUEUE.name) == 2,
-                30,
-                "both controllers to consume the API queue",
-            )
-        finally:
-            probe.close()
+        fleet.wait_api_consumers(2, timeout=30)
         yield fleet
 
 
