@@ -29,7 +29,10 @@ from controller.db.engine import make_engine, migrate
 pytestmark = [
     pytest.mark.chaos,
     pytest.mark.broker,
-    pytest.mark.skipif(server_bin() is None, reason="PostgreSQL's server binaries are not installed"),
+    pytest.mark.skipif(
+        server_bin() is None,
+        reason="PostgreSQL's server binaries (initdb, pg_ctl) are not installed: the restart of a PostgreSQL under a create load and the multi-host URL went untested",
+    ),
 ]
 
 HOSTS = ("small", "medium", "large")
