@@ -318,8 +318,7 @@ class Recovery:
             return self._undo(
                 work, host_id, f"build re-sent after {who} stopped failed on {host_id}: {exc.message}"
             )
-        with self.service.tx() as s:
-            repo.record_result(s, work.uuid, self.service.clock(), result.status, Lifecycle.ACTIVE)
+        self.service.apply_result(work.uuid, result, status=Lifecycle.ACTIVE)
         return f"{work.name}: build left by {who} re-sent to {host_id}; active"
 
     def _undo(self, work: liveness.LeftWork, host_id: str, why: str) -> str:
