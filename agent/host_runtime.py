@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.config import AgentConfig
 from agent.handlers import AgentHandlers
@@ -21,6 +21,7 @@ from agent.ports import Hypervisor, Images
 from agent.reporter import Reporter, TransportReportSink
 from common.messages.descriptor import Side
 from common.messages.host import HostReport
+from common.messages.vm import VmResult, VmStatus
 from common.signing import HostKeyring, SignatureCheck, Signer
 from common.transport.identity import Logins, identity_checks
 from common.transport.port import Delivery, Outcome, Route, Transport
@@ -45,6 +46,28 @@ class AgentModule(Protocol):
     def register(self, table: HandlerTable, request_report: Callable[[], int]) -> None: ...
 
     def enrich_report(self, report: HostReport) -> HostReport: ...
+
+
+def telling(table: HandlerTable, told: Callable[[VmStatus], None]) -> HandlerTable:
+    """``table`` with each handler that answers a :class:`~common.messages.vm.VmResult` also
+    passing its status to ``told`` (the reporter's :meth:`~agent.reporter.Reporter.vm_told`), so
+    that the delta after the command does not repeat what the reply says."""
+    out = HandlerTable(table.side)
+    for op in table.ops():
+        entry = table.get(op.kind)
+        assert entry is not None  # listed by ops()
+        out.register(op, _telling_handler(entry[1], told))
+    return out
+
+
+def _telling_handler(handler: Callable[[Any], Any], told: Callable[[VmStatus], None]) -> Callable[[Any], Any]:
+    def handle(body: Any) -> Any:
+        result = handler(body)
+        if isinstance(result, VmResult) and result.status is not None:
+            told(result.status)
+        return result
+
+    return handle
 
 
 class HostRuntime:
@@ -118,6 +141,7 @@ class HostRuntime:
             # Host-level changes (networks, bridges, hugepages, tuning profiles) change facts only
             # the full report carries: those modules still ask for one.
             module.register(table, self.reporter.request_report)
+        table = telling(table, self.reporter.vm_told)
         # Commands only from the controller's broker login, then a valid signature (both before
         # the journal).
         admit: list[Admission] = identity_checks(
@@ -162,4 +186,4 @@ class HostRuntime:
         self.journal.close()
 
 
-__all__ = ["AgentModule", "HostRuntime", "agent_version"]
+__all__ = ["AgentModule", "HostRuntime", "agent_version", "telling"]

@@ -14,6 +14,13 @@
   the console, the guest shut itself down, QEMU crashed). The domains named are re-read when the
   delta is sent, after its ``reported_at`` is stamped, so a delta never carries a state older
   than its stamp, and notes made within :data:`DELTA_DELAY_S` of each other go out as one.
+  A domain whose re-read state is the one a command just answered the controller with
+  (:meth:`Reporter.vm_told`: the controller records every :class:`~common.messages.vm.VmResult`
+  status by the delta's rule) is left out, and a delta left empty is not sent: after a command
+  and its own lifecycle events, a delta would only say again what the reply said (the agent's
+  and the controller's cost of a create fell by a fifth, docs/performance.md). Only a reply the
+  controller never recorded (its call timed out, it crashed) leaves the VM's power state to the
+  next full report or to recovery.
 
 A failure is logged and retried later; it never ends the thread.
 
@@ -128,6 +135,15 @@ def build_vm_changes(
     )
 
 
+def same_state(reread: VmStatus | None, told: VmStatus | None) -> bool:
+    """Whether a re-read domain is what the controller was last told of it: every field the
+    controller stores, except the CPU time (which runs on in a running guest and is only written
+    along with a change, as in the controller's rule for deltas and reports)."""
+    if reread is None or told is None:
+        return False
+    return msgspec.structs.replace(reread, cpu_time_ns=0) == msgspec.structs.replace(told, cpu_time_ns=0)
+
+
 def report_envelope(op: Report[B], body: B, sender: str, sent_at: float, ttl_s: float) -> Envelope:
     """The envelope of a report: worthless (skipped by the controller) after ``ttl_s`` seconds."""
     return Envelope(
@@ -222,6 +238,9 @@ class Reporter:
         self._pending = False
         #: uuids of domains to send in the next delta, and when (monotonic) it is due
         self._changed: set[str] = set()
+        #: uuid -> the status a command's reply told the controller (vm_told), until the next
+        #: delta naming that VM or the next full report
+        self._told: dict[str, VmStatus] = {}
         self._delta_delay = delta_delay
         self._next_delta = 0.0
         self._wake = threading.Event()
@@ -237,6 +256,8 @@ class Reporter:
         self.last_delta: VmChanges | None = None
         self.reports_sent = 0
         self.deltas_sent = 0
+        #: deltas not sent because each of their VMs was as a command's reply had said
+        self.deltas_skipped = 0
         self.heartbeats_sent = 0
         self.failures = 0
 
@@ -257,6 +278,12 @@ class Reporter:
                 self._next_delta = max(self._next_delta, self._monotonic() + self._delta_delay)
             self._changed.add(uuid)
         self._notify()
+
+    def vm_told(self, status: VmStatus) -> None:
+        """A command answered the controller with this status of the VM (in a ``VmResult``, which
+        the controller records): the next delta leaves the VM out if it is still so."""
+        with self._lock:
+            self._told[status.uuid] = status
 
     def hypervisor_changed(self, reason: str | None) -> None:
         """The hypervisor lost its libvirt connection (``reason``) or got it back (None): send a
@@ -335,6 +362,15 @@ class Reporter:
             changed, self._changed = self._changed, set()
         return changed
 
+    def _take_told(self, uuids: Iterable[str] | None) -> dict[str, VmStatus]:
+        """What the controller was told of ``uuids`` (None: of every VM; a full report tells it
+        everything anew), forgotten here."""
+        with self._lock:
+            if uuids is None:
+                told, self._told = self._told, {}
+                return told
+            return {uuid: st for uuid in uuids if (st := self._told.pop(uuid, None)) is not None}
+
     def _restore_changed(self, changed: set[str]) -> None:
         """After a failed send: the changes go out with the next delta or report."""
         with self._lock:
@@ -345,7 +381,13 @@ class Reporter:
         try:
             # As for the full report: stamped before the domains are read.
             now = self._clock()
+            told = self._take_told(changed)
             found = {uuid: self._hv.find(uuid) for uuid in changed}
+            found = {uuid: st for uuid, st in found.items() if not same_state(st, told.get(uuid))}
+            if not found:
+                self.deltas_skipped += 1
+                log.debug("%s: no delta: %d VMs as their commands' replies said", self.host_id, len(changed))
+                return True
             with self._lock:
                 self._seq += 1
                 seq = self._seq
@@ -362,6 +404,7 @@ class Reporter:
 
     def _send_report(self) -> bool:
         changed = self._take_changed()  # before the listing: what changes after it goes in a delta
+        self._take_told(None)
         try:
             return self._send_full_report(changed)
         except HypervisorUnavailable as exc:

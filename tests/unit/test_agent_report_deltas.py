@@ -10,13 +10,25 @@ from typing import Any
 import pytest
 
 from agent.drivers.fake import FakeHypervisor
+from agent.host_runtime import telling
 from agent.ports import NodeFacts
 from agent.report_scheduler import ReportScheduler
-from agent.reporter import DELTA_DELAY_S, Reporter, build_vm_changes
+from agent.reporter import DELTA_DELAY_S, Reporter, build_vm_changes, same_state
 from common.errors import HypervisorError, TransportError
-from common.messages.descriptor import Report
-from common.messages.host import HOST_REPORT, HOST_VM_CHANGES, CpuTopology, HostReport, VmChanges
-from common.messages.vm import PowerState, VmStatus
+from common.messages.base import replace
+from common.messages.descriptor import Report, Side
+from common.messages.host import (
+    HOST_REPORT,
+    HOST_REPORT_NOW,
+    HOST_VM_CHANGES,
+    CpuTopology,
+    HostReport,
+    ReportAck,
+    ReportRequest,
+    VmChanges,
+)
+from common.messages.vm import VM_DELETE, VM_START, DeleteVm, PowerState, VmAction, VmRef, VmResult, VmStatus
+from common.transport.rpc import HandlerTable
 
 
 def vm(name: str, state: PowerState, memory_mib: int) -> VmStatus:
@@ -336,3 +348,76 @@ def test_a_transient_domain_stopping_is_one_event(
     events.clear()
     hv.destroy(uuid)
     assert events == [uuid] and hv.find(uuid) is None
+
+
+# ------------------------------------------------------------------- deltas a reply already told
+
+
+def test_a_vm_as_its_commands_reply_said_is_left_out_and_an_empty_delta_not_sent(stepped: Stepped) -> None:
+    running = vm("a", PowerState.RUNNING, 512)
+    stepped.hv.vms = (replace(running, cpu_time_ns=99),)  # the guest's CPU time ran on: not news
+    stepped.reporter.vm_told(running)
+    stepped.reporter.vm_changed(UUID_A)
+    stepped.tick(DELTA_DELAY_S)
+    stepped.step()
+    assert stepped.deltas() == [], "the reply said it all"
+    assert stepped.hv.found, "the domain was re-read all the same"
+    assert (stepped.reporter.deltas_sent, stepped.reporter.deltas_skipped) == (0, 1)
+
+
+def test_a_vm_changed_since_the_reply_or_not_told_goes_out(stepped: Stepped) -> None:
+    b = vm("b", PowerState.RUNNING, 256)
+    stepped.hv.vms = (vm("a", PowerState.SHUTOFF, 512), b)
+    stepped.reporter.vm_told(vm("a", PowerState.RUNNING, 512))  # then shut off behind its back
+    stepped.reporter.vm_told(b)
+    for uuid in (UUID_A, b.uuid, "00000000-gone"):
+        stepped.reporter.vm_changed(uuid)
+    stepped.tick(DELTA_DELAY_S)
+    stepped.step()
+    [delta] = stepped.deltas()
+    assert (delta.vms, delta.gone) == ((stepped.hv.vms[0],), ("00000000-gone",))
+
+
+def test_a_told_state_serves_one_delta_only_and_a_full_report_forgets_them_all(stepped: Stepped) -> None:
+    running = vm("a", PowerState.RUNNING, 512)
+    stepped.hv.vms = (running,)
+    stepped.reporter.vm_told(running)
+    stepped.reporter.vm_changed(UUID_A)
+    stepped.tick(DELTA_DELAY_S)
+    stepped.step()
+    stepped.reporter.vm_changed(UUID_A)  # a lifecycle event later, nothing told since
+    stepped.tick(DELTA_DELAY_S)
+    stepped.step()
+    assert [d.vms for d in stepped.deltas()] == [(running,)]
+    stepped.reporter.vm_told(running)
+    stepped.reporter.request_report()
+    stepped.step()  # the full report carries every VM: what was told is forgotten
+    stepped.reporter.vm_changed(UUID_A)
+    stepped.tick(DELTA_DELAY_S)
+    stepped.step()
+    assert [d.vms for d in stepped.deltas()] == [(running,), (running,)]
+
+
+def test_same_state_compares_what_the_controller_stores_but_the_cpu_time() -> None:
+    running = vm("a", PowerState.RUNNING, 512)
+    assert same_state(replace(running, cpu_time_ns=5), running)
+    assert not same_state(replace(running, memory_mib=256), running)
+    assert not same_state(replace(running, autostart=True), running)
+    assert not same_state(None, running)
+    assert not same_state(running, None)
+
+
+def test_telling_passes_each_vm_result_status_on_and_leaves_other_results_alone() -> None:
+    running = vm("a", PowerState.RUNNING, 512)
+    table = HandlerTable(Side.AGENT)
+    table.register(VM_START, lambda body: VmResult(status=running, message="started"))
+    table.register(VM_DELETE, lambda body: VmResult(message="deleted"))
+    table.register(HOST_REPORT_NOW, lambda body: ReportAck(seq=3))
+    told: list[VmStatus] = []
+    wrapped = telling(table, told.append)
+    assert list(wrapped.ops()) == list(table.ops())
+    ref = VmAction(VmRef(running.uuid, "a"))
+    assert wrapped.handler(VM_START)(ref) == VmResult(status=running, message="started")
+    assert wrapped.handler(VM_DELETE)(DeleteVm(vm=VmRef(running.uuid, "a"))) == VmResult(message="deleted")
+    assert wrapped.handler(HOST_REPORT_NOW)(ReportRequest()) == ReportAck(seq=3)
+    assert told == [running]
