@@ -8,7 +8,9 @@ end), one controller ``python -m controller.main`` and one multi-host agent ``py
 agent.main --simulate N --node-template FILE``:
 
 0. floors: the raw pika RPC round trip (bench/placement.py's ``raw_rpc``), transient as an API call
-   and persistent as an agent command, and the libvirt test driver's defineXML + create;
+   and persistent as an agent command, on classic queues (the floor the issue measured) and again
+   on quorum queues (the type of virtfleet's queues since broker HA), and the libvirt test
+   driver's defineXML + create;
 1. small fleet (``--small-hosts``, 5): creates until ``--base`` VMs (50), ``--sample`` sequential
    creates (p50 against the floor = API round trip + agent round trip + define+start), creates
    until ``--fill`` VMs (2,000) with ``--outstanding`` in flight, the same sample again (p50 at
@@ -360,16 +362,27 @@ def floors(args: argparse.Namespace, out: dict[str, Any]) -> None:
     with private_vhost("vffleet-floor") as url:
         api = raw_rpc(url, args.rpc_calls, persistent=False)
         agent = raw_rpc(url, args.rpc_calls, persistent=True)
+        # The same round trips on quorum queues, the type virtfleet's API and agent queues have
+        # had since broker HA (issue 13): what the product's own hops cost at least.
+        api_q = raw_rpc(url, args.rpc_calls, persistent=False, queue_type="quorum")
+        agent_q = raw_rpc(url, args.rpc_calls, persistent=True, queue_type="quorum")
     lv = libvirt_cycles(args.libvirt_cycles, SMALL_TEMPLATE)
     out["rpc_api_p50_ms"] = statistics.median(api) * 1000
     out["rpc_api_p99_ms"] = pct(api, 0.99) * 1000
     out["rpc_agent_p50_ms"] = statistics.median(agent) * 1000
     out["libvirt_define_start_ms"] = statistics.median(a for a, _ in lv) * 1000
     out["create_floor_ms"] = out["rpc_api_p50_ms"] + out["rpc_agent_p50_ms"] + out["libvirt_define_start_ms"]
+    out["rpc_api_quorum_p50_ms"] = statistics.median(api_q) * 1000
+    out["rpc_agent_quorum_p50_ms"] = statistics.median(agent_q) * 1000
+    out["create_floor_quorum_ms"] = (
+        out["rpc_api_quorum_p50_ms"] + out["rpc_agent_quorum_p50_ms"] + out["libvirt_define_start_ms"]
+    )
     print(
         f"  floors: raw pika RPC p50 {out['rpc_api_p50_ms']:.2f} ms transient (API call),"
         f" {out['rpc_agent_p50_ms']:.2f} ms persistent (agent command); test driver define+start"
-        f" {out['libvirt_define_start_ms']:.3f} ms; create floor = sum {out['create_floor_ms']:.2f} ms",
+        f" {out['libvirt_define_start_ms']:.3f} ms; create floor = sum {out['create_floor_ms']:.2f} ms"
+        f" (on quorum queues: {out['rpc_api_quorum_p50_ms']:.2f} + {out['rpc_agent_quorum_p50_ms']:.2f}"
+        f" + define+start = {out['create_floor_quorum_ms']:.2f} ms)",
         flush=True,
     )
 
@@ -1167,6 +1180,18 @@ def report(out: dict[str, Any]) -> list[dict[str, Any]]:
             "<= 3x",
             r <= TARGETS["create_over_floor"],
         )
+        if "create_floor_quorum_ms" in out:
+            rq = s["p50_base_ms"] / out["create_floor_quorum_ms"]
+            row(
+                "1",
+                "the same p50 over the floor on quorum queues (the product's queue type, issue 13)",
+                f"{s['p50_base_ms']:.1f} ms",
+                f"{out['create_floor_quorum_ms']:.2f} ms (API RPC {out['rpc_api_quorum_p50_ms']:.2f} + agent"
+                f" RPC {out['rpc_agent_quorum_p50_ms']:.2f} + define+start {out['libvirt_define_start_ms']:.3f})",
+                f"{rq:.1f}x",
+                "(detail)",
+                None,
+            )
         row(
             "1",
             "outside reference: Nova mean boot, 1,000 simulated hosts",

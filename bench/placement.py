@@ -41,7 +41,7 @@ ECHO_SERVER = """
 import sys, pika
 conn = pika.BlockingConnection(pika.URLParameters(sys.argv[1]))
 ch = conn.channel()
-ch.queue_declare("bench.echo", durable=True)
+ch.queue_declare("bench.echo", durable=True, arguments={"x-queue-type": sys.argv[2]})
 ch.basic_qos(prefetch_count=50)
 def on(ch, method, props, body):
     ch.basic_publish("", props.reply_to, body, pika.BasicProperties(correlation_id=props.correlation_id))
@@ -57,10 +57,13 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def raw_rpc(url: str, calls: int, *, persistent: bool = True) -> list[float]:
+def raw_rpc(url: str, calls: int, *, persistent: bool = True, queue_type: str = "classic") -> list[float]:
     """Round trips of a 200-byte request through a plain pika echo server in another process
-    (confirmed publishes; ``persistent``: delivery_mode 2, as agent commands, else 1, as API calls)."""
-    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, url], stdout=subprocess.PIPE, text=True)
+    (confirmed publishes; ``persistent``: delivery_mode 2, as agent commands, else 1, as API calls),
+    on a durable queue of ``queue_type`` (``classic``, or ``quorum`` as virtfleet's queues are)."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", ECHO_SERVER, url, queue_type], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert server.stdout is not None
         server.stdout.readline()
