@@ -126,6 +126,32 @@ def proc_cpu(proc: Proc) -> float:
     return sum(cpu_seconds(proc.popen.pid))
 
 
+#: The processes of the other parties a create costs CPU in: RabbitMQ's Erlang VM and PostgreSQL.
+BROKER_COMMANDS = frozenset({"beam.smp"})
+DATABASE_COMMANDS = frozenset({"postgres"})
+
+
+def named_cpu(names: frozenset[str]) -> float:
+    """CPU seconds used so far by every live process whose command name is in ``names`` (a
+    process that ends in between is missed: PostgreSQL backends of closed connections)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # ended meanwhile
+        if text[text.index("(") + 1 : text.rindex(")")] in names:
+            fields = text.rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def self_cpu() -> float:
+    """CPU seconds of this process (the bench's client threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def big_template(tmp: Path) -> Path:
     """large.xml with 128 CPUs (512 vCPUs at the default 4x overcommit), so that a few hosts hold
     2,000 small VMs."""
@@ -615,6 +641,7 @@ def burst_phase(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) -> Non
                 )
 
         c0, a0, m0 = proc_cpu(fleet.controller), proc_cpu(fleet.agent), machine_busy()
+        r0, d0, s0 = named_cpu(BROKER_COMMANDS), named_cpu(DATABASE_COMMANDS), self_cpu()
         started = time.monotonic()
         result = burst(
             fleet.url,
@@ -627,6 +654,7 @@ def burst_phase(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) -> Non
         )
         ended = time.monotonic()
         c1, a1, m1 = proc_cpu(fleet.controller), proc_cpu(fleet.agent), machine_busy()
+        r1, d1, s1 = named_cpu(BROKER_COMMANDS), named_cpu(DATABASE_COMMANDS), self_cpu()
         spy_ctx.close()
         rss_after = rss_mib(fleet.controller.popen.pid)
         time.sleep(args.after)
@@ -655,6 +683,15 @@ def burst_phase(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) -> Non
             "timeouts": result.timeouts,
             "controller_cpu_ms_per_create": (c1 - c0) / n * 1000 if n else None,
             "agent_cpu_ms_per_create": (a1 - a0) / n * 1000 if n else None,
+            # Every process's share of a create: what 500/s on this machine's CPUs leaves each.
+            "broker_cpu_ms_per_create": (r1 - r0) / n * 1000 if n else None,
+            "database_cpu_ms_per_create": (d1 - d0) / n * 1000 if n else None,
+            "client_cpu_ms_per_create": (s1 - s0) / n * 1000 if n else None,
+            "machine_cpu_ms_per_create": (
+                (m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * (os.cpu_count() or 1) * (ended - started) / n * 1000
+                if n
+                else None
+            ),
             "controller_cpu_pct": (c1 - c0) / (ended - started) * 100,
             "agent_cpu_pct": (a1 - a0) / (ended - started) * 100,
             "machine_busy_pct": (m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * 100 * (os.cpu_count() or 1),
@@ -679,6 +716,16 @@ def burst_phase(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) -> Non
             f" during, {b['down_max_after']} after; RSS {rss_before:.0f} -> {rss_after:.0f} MiB",
             flush=True,
         )
+        if n:
+            print(
+                f"  CPU per create: controller {b['controller_cpu_ms_per_create']:.2f} ms, agent"
+                f" {b['agent_cpu_ms_per_create']:.2f} ms, RabbitMQ {b['broker_cpu_ms_per_create']:.2f} ms,"
+                f" PostgreSQL {b['database_cpu_ms_per_create']:.2f} ms, bench client"
+                f" {b['client_cpu_ms_per_create']:.2f} ms; machine {b['machine_cpu_ms_per_create']:.2f} ms"
+                f" ({TARGETS['creates_per_s']:.0f}/s on {os.cpu_count()} CPUs allows"
+                f" {(os.cpu_count() or 1) / TARGETS['creates_per_s'] * 1000:.2f} ms)",
+                flush=True,
+            )
 
 
 # ------------------------------------------------------------------ phase 4: synthetic ingestion
