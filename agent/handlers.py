@@ -135,10 +135,10 @@ class AgentHandlers:
                 owned = tuple(d.path for d in disks if d.source == "new" and d.path is not None)
                 if owned and (existing is None or not self._hv.owned_volumes(spec.uuid)):
                     self._hv.set_owned_volumes(spec.uuid, owned)
-            status = self._hv.status(spec.uuid)
-            if spec.autostart and not status.autostart:
+            state, autostart = self._hv.power(spec.uuid)  # the full status only once, at the end
+            if spec.autostart and not autostart:
                 self._hv.set_autostart(spec.uuid, True)
-            if body.start and status.state in STARTABLE:
+            if body.start and state in STARTABLE:
                 self._hv.start(spec.uuid)
                 message += " and started"
             return vm.VmResult(status=self._hv.status(spec.uuid), message=message, disks=disks)

@@ -168,6 +168,11 @@ class Hypervisor(Protocol):
         """The domain's status; NotFound when there is none."""
         ...
 
+    def power(self, uuid: str) -> tuple[PowerState, bool]:
+        """(state, autostart) of the domain, as :meth:`status` gives them but without reading its
+        definition (what a command decides on); NotFound when there is none."""
+        ...
+
     def list_statuses(self) -> tuple[VmStatus, ...]:
         """Every domain on the host, including ones virtfleet did not create (managed=False)."""
         ...

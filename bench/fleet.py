@@ -437,7 +437,9 @@ def small_fleet(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) -> Non
             call_timeout=args.call_timeout,
             procs=fleet.procs,
         )
+        cpu0 = proc_cpu(fleet.controller), proc_cpu(fleet.agent)
         at_base = sequential(fleet.client, "s-base", args.sample)
+        cpu1 = proc_cpu(fleet.controller), proc_cpu(fleet.agent)
         grown = burst(
             fleet.url,
             limited("fill", args.fill - args.base - args.sample),
@@ -447,7 +449,9 @@ def small_fleet(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) -> Non
             procs=fleet.procs,
         )
         vms = args.base + args.sample + grown.done
+        cpu2 = proc_cpu(fleet.controller), proc_cpu(fleet.agent)
         at_fill = sequential(fleet.client, "s-fill", args.sample)
+        cpu3 = proc_cpu(fleet.controller), proc_cpu(fleet.agent)
         failed = fill.errors.total() + fill.timeouts + grown.errors.total() + grown.timeouts
         out["small"] = {
             "hosts": args.small_hosts,
@@ -460,12 +464,19 @@ def small_fleet(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) -> Non
             "fill_rate": grown.rate,
             "fill_failed": failed,
             "fill_errors": dict(fill.errors + grown.errors),
+            # CPU of each process per sequential create (utime + stime over the sample)
+            "controller_cpu_ms_base": (cpu1[0] - cpu0[0]) / args.sample * 1000,
+            "agent_cpu_ms_base": (cpu1[1] - cpu0[1]) / args.sample * 1000,
+            "controller_cpu_ms_fill": (cpu3[0] - cpu2[0]) / args.sample * 1000,
+            "agent_cpu_ms_fill": (cpu3[1] - cpu2[1]) / args.sample * 1000,
         }
         s = out["small"]
         print(
             f"  small fleet: p50 {s['p50_base_ms']:.1f} ms with {args.base} VMs, {s['p50_fill_ms']:.1f} ms"
             f" with {vms} VMs ({args.sample} sequential creates each); filled at {grown.rate:.0f}"
-            f" creates/s with {args.outstanding} outstanding, {failed} failed {dict(fill.errors + grown.errors)}",
+            f" creates/s with {args.outstanding} outstanding, {failed} failed {dict(fill.errors + grown.errors)};"
+            f" CPU per sequential create: controller {s['controller_cpu_ms_base']:.2f} / {s['controller_cpu_ms_fill']:.2f} ms,"
+            f" agent {s['agent_cpu_ms_base']:.2f} / {s['agent_cpu_ms_fill']:.2f} ms (with {args.base} / {vms} VMs)",
             flush=True,
         )
 

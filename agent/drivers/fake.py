@@ -1371,6 +1371,10 @@ class FakeHypervisor:
         with self._domain("status", uuid) as dom:
             return self._status(dom)
 
+    def power(self, uuid: str) -> tuple[PowerState, bool]:
+        with self._domain("power", uuid) as dom:
+            return dom.state, dom.autostart
+
     def list_statuses(self) -> tuple[VmStatus, ...]:
         with self.lock:
             self._enter("list_statuses")

@@ -287,6 +287,11 @@ class LibvirtHypervisor:
         self._poll_interval = poll_interval
         self._sys_class_net = sys_class_net
         self._cpu_model: str | None = None
+        #: uuid -> (the domain XML :meth:`status` parsed last, what it gave: (max vCPUs, managed),
+        #: None when unparsable). A status of an unchanged definition (the reporter's, right after
+        #: a command's own) does not parse it again: the parse is most of a status's CPU.
+        self._parsed: dict[str, tuple[str, tuple[int, bool] | None]] = {}
+        self._parsed_lock = threading.Lock()
 
     @property
     def conn(self) -> Any:
@@ -613,6 +618,7 @@ class LibvirtHypervisor:
         try:
             dom = self._dom(uuid)
         except NotFound:
+            self._forget_parsed(uuid)
             return  # a transient domain vanished when it was powered off
         with libvirt_errors(f"cannot undefine VM {uuid}"):
             if not dom.isPersistent():
@@ -625,28 +631,36 @@ class LibvirtHypervisor:
             if domain_has_nvram(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)):
                 flags |= libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
             dom.undefineFlags(flags)
+        self._forget_parsed(uuid)
 
     def set_autostart(self, uuid: str, enabled: bool) -> None:
         with self._domain(uuid, f"cannot set autostart of VM {uuid}") as dom:
             dom.setAutostart(1 if enabled else 0)
 
     def status(self, uuid: str) -> VmStatus:
-        return self._status(self._dom(uuid))
+        try:
+            return self._status(self._dom(uuid))
+        except NotFound:
+            self._forget_parsed(uuid)
+            raise
+
+    def power(self, uuid: str) -> tuple[PowerState, bool]:
+        dom = self._dom(uuid)
+        with libvirt_errors("cannot read VM status"):
+            state = dom.info()[0]  # as status() reads it
+            autostart = bool(dom.autostart())
+        return power_state(int(state)), autostart
 
     def _status(self, dom: Any) -> VmStatus:
         with libvirt_errors("cannot read VM status"):
             uuid = str(dom.UUIDString())
             name = str(dom.name())
             state, max_mem_kib, mem_kib, vcpus, cpu_time = dom.info()
-            xml = dom.XMLDesc(0)
+            xml = str(dom.XMLDesc(0))
             autostart = bool(dom.autostart())
             persistent = bool(dom.isPersistent())
-        try:
-            parsed = parse_domain_xml(xml)
-            max_vcpus, managed = parsed.max_vcpus, parsed.managed
-        except DomainXmlError as exc:
-            log.debug("VM %s: unparsable domain XML (%s); reporting it as unmanaged", name, exc)
-            max_vcpus, managed = int(vcpus), False
+        facts = self._definition_facts(uuid, name, xml)
+        max_vcpus, managed = facts if facts is not None else (int(vcpus), False)
         return VmStatus(
             uuid=uuid,
             name=name,
@@ -661,6 +675,28 @@ class LibvirtHypervisor:
             managed=managed,
         )
 
+    def _definition_facts(self, uuid: str, name: str, xml: str) -> tuple[int, bool] | None:
+        """(max vCPUs, managed) from a domain's XML, None when it cannot be parsed; parsed again
+        only when the XML differs from the last one of that domain."""
+        with self._parsed_lock:
+            known = self._parsed.get(uuid)
+        if known is not None and known[0] == xml:
+            return known[1]
+        facts: tuple[int, bool] | None
+        try:
+            parsed = parse_domain_xml(xml)
+            facts = (parsed.max_vcpus, parsed.managed)
+        except DomainXmlError as exc:
+            log.debug("VM %s: unparsable domain XML (%s); reporting it as unmanaged", name, exc)
+            facts = None
+        with self._parsed_lock:
+            self._parsed[uuid] = (xml, facts)
+        return facts
+
+    def _forget_parsed(self, uuid: str) -> None:
+        with self._parsed_lock:
+            self._parsed.pop(uuid.lower(), None)
+
     def list_statuses(self) -> tuple[VmStatus, ...]:
         with libvirt_errors("cannot list domains"):
             domains = self.conn.listAllDomains(0)
@@ -670,6 +706,10 @@ class LibvirtHypervisor:
                 statuses.append(self._status(dom))
             except NotFound:
                 continue  # undefined between the listing and the lookup
+        listed = {s.uuid for s in statuses}
+        with self._parsed_lock:  # domains undefined by others: their XML need not be kept
+            for uuid in [u for u in self._parsed if u not in listed]:
+                del self._parsed[uuid]
         return tuple(sorted(statuses, key=lambda s: (s.name, s.uuid)))
 
     # -- whole definitions (vm import / export) ------------------------------------------

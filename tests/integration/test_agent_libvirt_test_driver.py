@@ -20,8 +20,9 @@ from agent.handlers import AgentHandlers
 from agent.host_storage import HostStorage
 from agent.reporter import build_report
 from agent.storage_pools import StoragePool
-from common.domain_xml import build_domain_xml
+from common.domain_xml import DomainXmlError, build_domain_xml, parse_domain_xml
 from common.errors import AlreadyExists, HypervisorError, NotFound
+from common.messages.base import replace
 from common.messages.vm import (
     CreateVm,
     DeleteVm,
@@ -32,6 +33,7 @@ from common.messages.vm import (
     VmAction,
     VmRef,
     VmSpec,
+    VmStatus,
 )
 
 NODE = Path(__file__).resolve().parents[1] / "fixtures" / "nodes" / "small.xml"
@@ -266,3 +268,80 @@ def test_lifecycle_events_reach_the_watcher_for_changes_made_outside_the_agent(
     handlers.delete(DeleteVm(vm=ref(s), delete_disks=True))
     time.sleep(0.2)  # an event would arrive within a millisecond on this driver
     assert len(seen) == 3, "no events after unwatch"
+
+
+def test_status_parses_a_definition_only_when_it_changed(
+    hv: LibvirtHypervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status() keeps the facts of a domain's last parsed XML: the reporter's status right after a
+    command's own costs no second parse. A changed definition is parsed again, and gives what
+    a status without that memory gives."""
+    parses: list[str] = []
+
+    def timeless(status: VmStatus | None) -> VmStatus | None:  # the test driver's CPU time is a clock
+        return None if status is None else replace(status, cpu_time_ns=0)
+
+    def counting(xml: str) -> Any:
+        parses.append(xml)
+        return parse_domain_xml(xml)
+
+    monkeypatch.setattr("agent.drivers.libvirt_driver.parse_domain_xml", counting)
+    s = spec(disks=())
+    hv.define(build_domain_xml(s))
+    first = timeless(hv.status(s.uuid))
+    assert timeless(hv.status(s.uuid)) == first and timeless(hv.find(s.uuid)) == first
+    assert len(parses) == 1
+    hv.set_vcpus(s.uuid, 3, live=False, config=True)
+    hv.mark_managed(s.uuid)
+    changed = hv.status(s.uuid)
+    assert len(parses) == 2
+    assert (changed.vcpus, changed.managed) == (3, True)
+    hv.start(s.uuid)
+    running = hv.status(s.uuid)
+    assert len(parses) == 3 and running.state is PowerState.RUNNING
+    fresh = LibvirtHypervisor(hv.conn, "default", simulated=True)  # nothing remembered
+    assert timeless(fresh.status(s.uuid)) == timeless(running)
+
+
+def test_status_of_an_unparsable_definition_is_unmanaged_every_time(
+    hv: LibvirtHypervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(_xml: str) -> Any:
+        raise DomainXmlError("unusable")
+
+    monkeypatch.setattr("agent.drivers.libvirt_driver.parse_domain_xml", refuse)
+    s = spec(vcpus=2, disks=())
+    hv.define(build_domain_xml(s))
+    hv.mark_managed(s.uuid)
+    for _ in range(2):
+        status = hv.status(s.uuid)
+        assert (status.managed, status.max_vcpus) == (False, 2)
+
+
+def test_power_is_the_state_and_autostart_of_status(hv: LibvirtHypervisor) -> None:
+    s = spec(disks=())
+    hv.define(build_domain_xml(s))
+    seen = []
+    for step in ("defined", "autostart", "started"):
+        if step == "autostart":
+            hv.set_autostart(s.uuid, True)
+        elif step == "started":
+            hv.start(s.uuid)
+        status = hv.status(s.uuid)
+        assert hv.power(s.uuid) == (status.state, status.autostart)
+        seen.append(hv.power(s.uuid))
+    assert seen == [(PowerState.SHUTOFF, False), (PowerState.SHUTOFF, True), (PowerState.RUNNING, True)]
+    with pytest.raises(NotFound):
+        hv.power(str(uuid_mod.uuid4()))
+
+
+def test_undefined_domains_are_not_remembered(hv: LibvirtHypervisor, conn: Any) -> None:
+    ours, theirs = spec("ours", disks=()), spec("theirs", disks=())
+    for s in (ours, theirs):
+        hv.define(build_domain_xml(s))
+        hv.status(s.uuid)
+    hv.undefine(ours.uuid)
+    conn.lookupByUUIDString(theirs.uuid).undefine()  # behind the agent's back
+    assert hv.find(ours.uuid) is None
+    hv.list_statuses()
+    assert hv._parsed == {}

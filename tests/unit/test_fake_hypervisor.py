@@ -199,6 +199,7 @@ def test_define_refusals(hv: FakeHypervisor) -> None:
 
 UUID_METHODS: dict[str, Callable[[FakeHypervisor, str], object]] = {
     "status": lambda h, u: h.status(u),
+    "power": lambda h, u: h.power(u),
     "start": lambda h, u: h.start(u),
     "shutdown": lambda h, u: h.shutdown(u, 1, False),
     "destroy": lambda h, u: h.destroy(u),
@@ -649,6 +650,7 @@ def s_lifecycle(r: Recorder, uuid: str) -> None:
     hv = r.hv
     r("define", lambda: hv.define(build_domain_xml(spec(uuid=uuid))) == uuid)
     r("status", lambda: hv.status(uuid))
+    r("power", lambda: hv.power(uuid))
     r("destroy off", lambda: hv.destroy(uuid))
     r("suspend off", lambda: hv.suspend(uuid))
     r("resume off", lambda: hv.resume(uuid))
@@ -660,6 +662,7 @@ def s_lifecycle(r: Recorder, uuid: str) -> None:
     r("resume running", lambda: hv.resume(uuid))
     r("suspend", lambda: hv.suspend(uuid))
     r("status", lambda: hv.status(uuid))
+    r("power paused", lambda: hv.power(uuid))
     r("suspend again", lambda: hv.suspend(uuid))
     r("reset paused", lambda: hv.reset(uuid))
     r("status after reset", lambda: hv.status(uuid))
@@ -673,6 +676,7 @@ def s_lifecycle(r: Recorder, uuid: str) -> None:
     r("destroy paused", lambda: hv.destroy(uuid))
     r("autostart", lambda: hv.set_autostart(uuid, True))
     r("status", lambda: hv.status(uuid))
+    r("power autostart", lambda: hv.power(uuid))
     r("list", hv.list_statuses)
     r("undefine", lambda: hv.undefine(uuid))
     r("find", lambda: hv.find(uuid))
