@@ -126,7 +126,7 @@ class HostRuntime:
             cfg.pools,
             cfg.allowed_devices,
             default=cfg.storage_pool,
-            formats_file=cfg.state_dir / "image-formats.json",
+            formats_file=cfg.state_dir / "image-formats.db",
         )
         self.handlers = AgentHandlers(
             hypervisor,
@@ -175,8 +175,8 @@ class HostRuntime:
         return Outcome(self._signer(outcome.reply, self.cfg.host_id), outcome.dead_letter)
 
     def close(self) -> None:
-        """Stop watching lifecycle events and close the journal (after the consumer stopped and
-        the final report went out)."""
+        """Stop watching lifecycle events and close the journal and the image format record
+        (after the consumer stopped and the final report went out)."""
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
@@ -184,6 +184,7 @@ class HostRuntime:
             self._unwatch_connection()
             self._unwatch_connection = None
         self.journal.close()
+        self.handlers.storage.formats.close()
 
 
 __all__ = ["AgentModule", "HostRuntime", "agent_version", "telling"]

@@ -73,9 +73,11 @@ def host(state: Path, images: int) -> Iterator[AgentHandlers]:
             pool_capacity_bytes=host_facts.read_node_file_pool_capacity(URI, "default"),
         )
         hv.ensure_pool(state / "images")
-        formats = state / "image-formats.json"
-        # As many records as the host has images: written the way the agent leaves them.
-        formats.write_text(json.dumps({f"/var/lib/old/img-{i}.qcow2": "qcow2" for i in range(images)}))
+        formats = state / "image-formats.db"
+        # As many records as the host has images (an earlier agent's record, imported at the start).
+        formats.with_suffix(".json").write_text(
+            json.dumps({f"/var/lib/old/img-{i}.qcow2": "qcow2" for i in range(images)})
+        )
         storage = HostStorage.for_host(hv, default="default", formats_file=formats)
         yield AgentHandlers(hv, lambda: 0, storage=storage)
     finally:

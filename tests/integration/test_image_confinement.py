@@ -40,7 +40,7 @@ class Host:
         storage = HostStorage(
             PoolPolicy((StoragePool("default", str(self.pool)),)),
             OsPathLookup(),
-            FormatBook(tmp / "formats.json"),
+            FormatBook(tmp / "formats.db"),
         )
         self.agent = AgentHandlers(FakeHypervisor(), lambda: 0, QemuImg(), storage=storage)
         self.handlers = self.agent.vmops

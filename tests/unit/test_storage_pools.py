@@ -136,17 +136,17 @@ def test_create_exclusive_makes_a_0600_file_and_never_reuses_one(tmp_path: Path)
 
 
 def test_format_book_survives_a_restart(tmp_path: Path) -> None:
-    book = FormatBook(tmp_path / "formats.json")
+    book = FormatBook(tmp_path / "formats.db")
     assert book.format_of("/p/a") == "raw"  # unrecorded: never probed, read as bytes
     book.record("/p/a", "qcow2")
-    assert FormatBook(tmp_path / "formats.json").format_of("/p/a") == "qcow2"
+    assert FormatBook(tmp_path / "formats.db").format_of("/p/a") == "qcow2"
     book.forget("/p/a")
-    assert FormatBook(tmp_path / "formats.json").get("/p/a") is None
+    assert FormatBook(tmp_path / "formats.db").get("/p/a") is None
 
 
 def test_an_unreadable_format_record_reads_every_image_as_raw(tmp_path: Path) -> None:
-    (tmp_path / "formats.json").write_text("{not json")
-    assert FormatBook(tmp_path / "formats.json").format_of("/p/a") == "raw"
+    (tmp_path / "formats.json").write_text("{not json")  # an earlier agent's record
+    assert FormatBook(tmp_path / "formats.db").format_of("/p/a") == "raw"
 
 
 def test_pools_from_the_agent_config() -> None:
