@@ -15,7 +15,9 @@ For the floor and for each N (default 1, 100, 1000), in a private RabbitMQ vhost
 Printed: RSS in MiB, threads, startup seconds, and the per-host MiB above the floor
 ``(RSS - floor) / N``, next to the 512 MiB target at 1,000 hosts.
 
-Run from the repository root (RabbitMQ on 127.0.0.1:5672, rabbitmqctl on PATH)::
+Run from the repository root (RabbitMQ on 127.0.0.1:5672, rabbitmqctl on PATH; or a private node
+named by ``VF_BENCH_AMQP_PORT`` and ``VF_BENCH_RABBITMQCTL``, as for bench/fleet.py: a shared
+RabbitMQ 3.10 node once wedged with 1,000 quorum queues, docs/performance.md)::
 
     .venv/bin/python bench/agent_memory.py [--hosts 1 100 1000] [--template tests/fixtures/nodes/small.xml]
         [--heartbeat 5] [--settle 10] [--timeout 300]
@@ -27,44 +29,27 @@ Bounded (a deadline per agent) and self-cleaning on any exit, Ctrl-C included: t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 from common.messages.host import HOST_HEARTBEAT, HOST_REPORT
 from common.transport.amqp import AmqpTransport
 from common.transport.port import Delivery, Outcome, Route
 from common.transport.topology import DEAD_LETTER_QUEUE, HEARTBEATS_QUEUE, REPORTS_QUEUE
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fleetkit import private_vhost
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TARGET_MIB = 512.0
 TARGET_HOSTS = 1000
-
-
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
-@contextlib.contextmanager
-def private_vhost() -> Iterator[str]:
-    """A throw-away vhost (guest has full rights); its AMQP URL; deleted on the way out."""
-    name = f"vfbench-mem-{uuid.uuid4().hex[:8]}"
-    _rabbitmqctl("add_vhost", name)
-    try:
-        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@127.0.0.1:5672/{quote(name, safe='')}"
-    finally:
-        _rabbitmqctl("delete_vhost", name)
 
 
 class Seen:
@@ -109,7 +94,7 @@ class Sample:
 
 def measure(label: str, hosts: int, argv: list[str], args: argparse.Namespace) -> Sample:
     """Start the agent ``argv`` in a fresh vhost, wait for ``hosts`` hosts, settle, read its RSS."""
-    with private_vhost() as url, tempfile.TemporaryDirectory(prefix="vfbench-mem-") as tmp:
+    with private_vhost("vfbench-mem") as url, tempfile.TemporaryDirectory(prefix="vfbench-mem-") as tmp:
         transport = AmqpTransport(url, "bench-agent-memory")
         seen = Seen()
         for queue in (DEAD_LETTER_QUEUE, REPORTS_QUEUE, HEARTBEATS_QUEUE):
