@@ -127,7 +127,12 @@ class RabbitCluster:
     def _launch(self, node: Node) -> None:
         out = (node.base / "log" / "stdout.log").open("ab")
         node.popen = subprocess.Popen(
-            [SERVER], env=node.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            [SERVER],
+            env=node.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=node.base,  # where a crashing node writes its MnesiaCore dump: not the checkout
         )
         out.close()
 
