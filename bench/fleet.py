@@ -437,9 +437,22 @@ def small_fleet(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) -> Non
             call_timeout=args.call_timeout,
             procs=fleet.procs,
         )
-        cpu0 = proc_cpu(fleet.controller), proc_cpu(fleet.agent)
-        at_base = sequential(fleet.client, "s-base", args.sample)
-        cpu1 = proc_cpu(fleet.controller), proc_cpu(fleet.agent)
+        cpu = CpuMeter(fleet)
+        with contextlib.ExitStack() as spying:
+            if args.profile:  # py-spy on the first sequential sample (see --small-profile-s)
+                spy = profile_path(args.profile, "small")
+                spying.enter_context(
+                    pyspy(
+                        fleet.controller.popen.pid,
+                        spy,
+                        args.small_profile_s,
+                        args.profile_rate,
+                        tmp,
+                        fleet.procs,
+                    )
+                )
+            at_base = sequential(fleet.client, "s-base", args.sample)
+            cpu_base = cpu.per_create(args.sample)
         grown = burst(
             fleet.url,
             limited("fill", args.fill - args.base - args.sample),
@@ -448,10 +461,10 @@ def small_fleet(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) -> Non
             call_timeout=args.call_timeout,
             procs=fleet.procs,
         )
+        cpu_grown = cpu.per_create(grown.done)
         vms = args.base + args.sample + grown.done
-        cpu2 = proc_cpu(fleet.controller), proc_cpu(fleet.agent)
         at_fill = sequential(fleet.client, "s-fill", args.sample)
-        cpu3 = proc_cpu(fleet.controller), proc_cpu(fleet.agent)
+        cpu_fill = cpu.per_create(args.sample)
         failed = fill.errors.total() + fill.timeouts + grown.errors.total() + grown.timeouts
         out["small"] = {
             "hosts": args.small_hosts,
@@ -464,21 +477,42 @@ def small_fleet(args: argparse.Namespace, tmp: Path, out: dict[str, Any]) -> Non
             "fill_rate": grown.rate,
             "fill_failed": failed,
             "fill_errors": dict(fill.errors + grown.errors),
-            # CPU of each process per sequential create (utime + stime over the sample)
-            "controller_cpu_ms_base": (cpu1[0] - cpu0[0]) / args.sample * 1000,
-            "agent_cpu_ms_base": (cpu1[1] - cpu0[1]) / args.sample * 1000,
-            "controller_cpu_ms_fill": (cpu3[0] - cpu2[0]) / args.sample * 1000,
-            "agent_cpu_ms_fill": (cpu3[1] - cpu2[1]) / args.sample * 1000,
+            # CPU ms per create (controller, agent) in the sample at base, the fill, the sample at fill
+            "cpu_ms_base": cpu_base,
+            "cpu_ms_fill_burst": cpu_grown,
+            "cpu_ms_fill": cpu_fill,
         }
         s = out["small"]
         print(
             f"  small fleet: p50 {s['p50_base_ms']:.1f} ms with {args.base} VMs, {s['p50_fill_ms']:.1f} ms"
             f" with {vms} VMs ({args.sample} sequential creates each); filled at {grown.rate:.0f}"
-            f" creates/s with {args.outstanding} outstanding, {failed} failed {dict(fill.errors + grown.errors)};"
-            f" CPU per sequential create: controller {s['controller_cpu_ms_base']:.2f} / {s['controller_cpu_ms_fill']:.2f} ms,"
-            f" agent {s['agent_cpu_ms_base']:.2f} / {s['agent_cpu_ms_fill']:.2f} ms (with {args.base} / {vms} VMs)",
+            f" creates/s with {args.outstanding} outstanding, {failed} failed {dict(fill.errors + grown.errors)}",
             flush=True,
         )
+        print(
+            "  small fleet, CPU ms per create (controller / agent): sequential at base"
+            f" {cpu_base[0]:.2f} / {cpu_base[1]:.2f}, fill ({args.outstanding} outstanding)"
+            f" {cpu_grown[0]:.2f} / {cpu_grown[1]:.2f}, sequential at fill {cpu_fill[0]:.2f} / {cpu_fill[1]:.2f}",
+            flush=True,
+        )
+
+
+class CpuMeter:
+    """The controller's and the agent's CPU (``/proc/PID/stat``, 10-ms ticks) since the last reading."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.last = self.read()
+
+    def read(self) -> tuple[float, float]:
+        return proc_cpu(self.fleet.controller), proc_cpu(self.fleet.agent)
+
+    def per_create(self, creates: int) -> tuple[float, float]:
+        """(controller, agent) CPU ms per create since the last call."""
+        now = self.read()
+        spent = [(b - a) * 1000 / max(1, creates) for a, b in zip(self.last, now, strict=True)]
+        self.last = now
+        return spent[0], spent[1]
 
 
 # ------------------------------------------------------------------ phase 2: ingestion
@@ -1468,6 +1502,13 @@ def main() -> int:
     )
     parser.add_argument("--profile", type=Path, help="py-spy raw output of the controller during the burst")
     parser.add_argument("--profile-rate", type=int, default=100)
+    parser.add_argument(
+        "--small-profile-s",
+        type=int,
+        default=10,
+        help="with --profile and the small phase: seconds of py-spy on the first sequential sample"
+        " (FILE.small.SUFFIX; give a --sample that lasts longer)",
+    )
     parser.add_argument("--rpc-calls", type=int, default=1000)
     parser.add_argument("--libvirt-cycles", type=int, default=500)
     parser.add_argument("--log-level", default="INFO", help="of the controller (the product default)")
@@ -1548,6 +1589,12 @@ def main() -> int:
             out["profile_top"] = {
                 "gil": print_profile(gil_path(args.profile), "controller, thread holding the GIL (CPU)"),
                 "active": print_profile(args.profile, "controller, every thread not sleeping"),
+            }
+        if args.profile and "small" in phases:
+            spy = profile_path(args.profile, "small")
+            out["profile_top_small"] = {
+                "gil": print_profile(gil_path(spy), "controller, sequential creates, GIL (CPU)"),
+                "active": print_profile(spy, "controller, sequential creates, every thread not sleeping"),
             }
         if args.profile and "synthetic" in phases:
             spy = profile_path(args.profile, "synthetic")

@@ -12,6 +12,12 @@ A lone item is run at once: the leader waits for more only while other callers h
 that an item is on its way (:meth:`GroupCommit.announce`), and at most ``window_s``. So the
 window costs nothing when nothing else is coming, and a batch never waits for traffic that is
 not there.
+
+Each waiting caller sleeps on a lock of its own, released once: when its item is done, or when
+the lead is handed to it (the first item queued when a batch ends leads the next one). One
+condition shared by every waiter would wake all of them at every submit and at the end of every
+batch, only for most to sleep again: with the API's 16 workers that herd cost several per cent of
+the controller's CPU in a create burst (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -20,17 +26,27 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
+def _held() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass(slots=True)
 class _Slot(Generic[T, R]):
     item: T
+    #: held from the start; released once, when ``done`` or ``lead`` is set (its caller waits on it)
+    wake: threading.Lock = field(default_factory=_held)
     done: bool = False
+    #: the lead was handed to this item's caller: it gathers and runs the next batch
+    lead: bool = False
     outcome: object = None
 
 
@@ -69,8 +85,10 @@ class GroupCommit(Generic[T, R]):
         self._run = run
         self._window_s = window_s
         self._max_size = max_size
+        #: guards the queue and the counts; only a leader gathering a batch waits on it
         self._cond = threading.Condition()
         self._queue: list[_Slot[T, R]] = []
+        #: a batch is being gathered or run, or the lead was handed to a queued item's caller
         self._leading = False
         #: callers that announced an item and have not submitted it yet
         self._coming = 0
@@ -105,24 +123,32 @@ class GroupCommit(Generic[T, R]):
     def _arrived(self) -> None:
         with self._cond:
             self._coming -= 1
-            self._cond.notify_all()
+            self._cond.notify()  # the leader, if it waits for this announced item
 
     def _submit(self, item: T, *, announced: bool) -> R:
         slot: _Slot[T, R] = _Slot(item)
+        batch: list[_Slot[T, R]] | None = None
         with self._cond:
             if announced:
                 self._coming -= 1
             self._queue.append(slot)
-            self._cond.notify_all()
-        while True:
-            with self._cond:
-                while not slot.done and self._leading:
-                    self._cond.wait()
-                if slot.done:
-                    break
+            if self._leading:
+                self._cond.notify()  # the leader, if it waits for more within the window
+            else:
                 self._leading = True
                 batch = self._gather()
+        while True:
+            if batch is None:
+                slot.wake.acquire()  # released once: this item is done, or the lead is ours
+                if slot.done:
+                    break
+                assert slot.lead  # the only other reason its lock is released
+                with self._cond:
+                    batch = self._gather()
             self._lead(batch)
+            if slot.done:
+                break
+            batch = None
         if isinstance(slot.outcome, BaseException):
             raise slot.outcome
         return slot.outcome  # type: ignore[return-value]  # run() gave an R for this slot
@@ -155,5 +181,15 @@ class GroupCommit(Generic[T, R]):
                     slot.done = True
                 self.batches += 1
                 self.items += len(batch)
-                self._leading = False
-                self._cond.notify_all()
+                # What queued meanwhile is the next batch, led by the caller of its first item
+                # (whose item is therefore in it); the lead stays taken until that caller runs it.
+                heir = self._queue[0] if self._queue else None
+                if heir is None:
+                    self._leading = False
+                else:
+                    heir.lead = True
+            # Wake exactly the callers concerned, outside the lock they do not need.
+            for slot in batch:
+                slot.wake.release()
+            if heir is not None:
+                heir.wake.release()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
 import tenacity
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.cpuset import parse_cpuset
@@ -121,6 +121,7 @@ class ControllerService:
     ) -> None:
         self.config = config
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._engine = engine
         self.agents = agents
         self.clock = clock
         #: this process's instance: recorded as the owner of every build and task it starts, so
@@ -152,6 +153,19 @@ class ControllerService:
             return
         with typed_database_errors(), self._tx_lock, self._sessions.begin() as session:
             yield session
+
+    @contextmanager
+    def core_tx(self) -> Iterator[Connection]:
+        """One database transaction of Core statements only, on a plain connection: as
+        :meth:`tx`, without an ORM session, whose own bookkeeping (begin, connection, commit
+        through its state machine) cost about 0.1 ms of CPU per transaction. The claims and the
+        results of creates run here."""
+        if self._tx_lock is None:
+            with typed_database_errors(), self._engine.begin() as connection:
+                yield connection
+            return
+        with typed_database_errors(), self._tx_lock, self._engine.begin() as connection:
+            yield connection
 
     def retrying(self) -> tenacity.Retrying:
         """Attempts of a transaction that a transient database failure may run again
@@ -396,7 +410,7 @@ class ControllerService:
         lost: list[repo.HostRecord] = []
         vms: list[dict[str, object]] = []
         allocations: list[dict[str, object]] = []
-        with self.tx() as s:
+        with self.core_tx() as s:
             if again:
                 written = repo.vm_uuids_in_use(s, [c.vm_uuid for c in creates])
                 if written:
@@ -749,7 +763,7 @@ class ControllerService:
         now = self.clock()
         views: list[VmView | BaseException] = []
         for attempt in self.retrying():
-            with attempt, self.tx() as s:
+            with attempt, self.core_tx() as s:
                 views = []
                 for vm_uuid, result in built:
                     try:

@@ -715,8 +715,9 @@ class ConsumerServer(PooledConsumer):
             cancelled: list[object] = []
             # RabbitMQ cancels consumers of a deleted queue; pika would then idle silently.
             ch.add_on_cancel_callback(cancelled.append)
+            finishes = FinishQueue(conn)
             tags = [
-                ch.basic_consume(route.queue.name, self._on_message_for(conn, route.handler))
+                ch.basic_consume(route.queue.name, self._on_message_for(finishes, route.handler))
                 for route in self._routes
             ]
             self.connected = True
@@ -751,14 +752,14 @@ class ConsumerServer(PooledConsumer):
 
     # -- per message -----------------------------------------------------------------
     def _on_message_for(
-        self, conn: BlockingConnection, handler: Handler
+        self, finishes: FinishQueue, handler: Handler
     ) -> Callable[[BlockingChannel, Any, pika.BasicProperties, bytes], None]:
         """pika's delivery callback for one queue: its deliveries go to ``handler``."""
-        return lambda ch, method, props, body: self._on_message(conn, handler, ch, method, props, body)
+        return lambda ch, method, props, body: self._on_message(finishes, handler, ch, method, props, body)
 
     def _on_message(
         self,
-        conn: BlockingConnection,
+        finishes: FinishQueue,
         handler: Handler,
         ch: BlockingChannel,
         method: Any,
@@ -771,7 +772,7 @@ class ConsumerServer(PooledConsumer):
         if delivery is None:
             ch.basic_nack(method.delivery_tag, requeue=False)
             return
-        future = self._pool.submit(self._work, conn, ch, method.delivery_tag, handler, delivery)
+        future = self._pool.submit(self._work, finishes, ch, method.delivery_tag, handler, delivery)
         with self._lock:
             self._inflight = {f for f in self._inflight if not f.done()}
             self._inflight.add(future)
@@ -796,9 +797,10 @@ class ConsumerServer(PooledConsumer):
             log.warning("%s: reply to %s refused (%s)", self.name, reply_to, _describe(exc))
 
     def _work(
-        self, conn: BlockingConnection, ch: BlockingChannel, tag: int, handler: Handler, delivery: Delivery
+        self, finishes: FinishQueue, ch: BlockingChannel, tag: int, handler: Handler, delivery: Delivery
     ) -> None:
         outcome = self._outcome(handler, delivery)
+        conn = finishes.conn
 
         def finish() -> None:
             try:
@@ -818,13 +820,47 @@ class ConsumerServer(PooledConsumer):
                 )
 
         try:
-            conn.add_callback_threadsafe(finish)
+            finishes.add(finish)
         except _PIKA_ERRORS as exc:
             log.warning(
                 "%s: connection gone before ack (%s); the message will be redelivered",
                 self.name,
                 _describe(exc),
             )
+
+
+class FinishQueue:
+    """(Internal to :class:`ConsumerServer`.) The finishing steps (reply, then ack or nack) of one connection's deliveries, run by that
+    connection's thread (pika is not thread-safe), several per wake-up of its loop.
+
+    Each ``add_callback_threadsafe`` wakes the consumer's loop (a write to its pipe, a poll that
+    returns, a read): workers that finish together (a batch of creates answered at once) now
+    queue their steps and the first of them schedules one run of all of them.
+    """
+
+    def __init__(self, conn: BlockingConnection) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+        self._steps: list[Callable[[], None]] = []
+
+    def add(self, step: Callable[[], None]) -> None:
+        """Queue ``step``; raises pika's error when the connection is gone (nothing then runs)."""
+        with self._lock:
+            self._steps.append(step)
+            if len(self._steps) > 1:
+                return  # a run of the queue is scheduled and has not taken it yet
+        try:
+            self.conn.add_callback_threadsafe(self._run)
+        except BaseException:
+            with self._lock:
+                self._steps.clear()  # the connection is gone: its deliveries are redelivered
+            raise
+
+    def _run(self) -> None:
+        with self._lock:
+            steps, self._steps = self._steps, []
+        for step in steps:
+            step()
 
 
 # ------------------------------------------------------------------------------ transport
@@ -947,6 +983,7 @@ __all__ = [
     "AmqpTransport",
     "ConsumerServer",
     "Delivery",
+    "FinishQueue",
     "Handler",
     "Outcome",
     "backoff_delays",

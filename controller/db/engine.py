@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import select
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,45 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_size=10, max_overflow=20)
+    _check_at_checkout(engine)
+    return engine
+
+
+def _check_at_checkout(engine: Engine) -> None:
+    """Find pooled PostgreSQL connections that died with their server session at checkout, and
+    replace them (all those opened before, as ``pool_pre_ping`` does), before any statement fails.
+
+    A server that ends a session (a restart, a failover, ``pg_terminate_backend``) tells its
+    client (an error message, then the connection closed), so the socket of a pooled connection
+    has something to read only then: a ``poll`` of it, no round trip, decides whether the
+    ``SELECT 1`` of ``pool_pre_ping`` is needed. That ping on every checkout was 3 % of the
+    controller's CPU in a create burst (and one more round trip per transaction); a connection
+    whose server spoke is pinged as before.
+    """
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        if not has_unread_input(dbapi_connection):
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise sa_exc.InvalidatePoolError(f"the database ended this session: {exc}") from exc
+
+
+def has_unread_input(dbapi_connection: Any) -> bool:
+    """Whether an idle (pooled) DBAPI connection's socket has something to read, or is closed:
+    the server spoke although no statement runs, i.e. it ended the session."""
+    if getattr(dbapi_connection, "closed", False):
+        return True
+    try:
+        fd = dbapi_connection.fileno()
+    except Exception:  # noqa: BLE001  a connection whose socket is gone: as good as closed
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
 
 
 def _private_file(database: str | None) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Row, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
@@ -25,6 +25,13 @@ from controller.db.models import Allocation, Host, HostGroup, ServerGroup, Vm
 _HOSTS = cast(Table, Host.__table__)
 _VMS = cast(Table, Vm.__table__)
 _ALLOCATIONS = cast(Table, Allocation.__table__)
+
+
+def _connection(session: Session | Connection) -> Connection:
+    """Where a Core statement runs: a plain transaction's connection (the create path's claim and
+    result transactions, which need no ORM session), or an ORM session's."""
+    return session if isinstance(session, Connection) else session.connection()
+
 
 # Built once: a statement object caches its compiled form's key, so executing the same object
 # again skips building the statement and its cache key (SQLAlchemy's own cost, ~30 % of the
@@ -502,13 +509,13 @@ def update_vm(session: Session, uuid: str, now: float, **values: Any) -> None:
     session.execute(update(Vm).where(Vm.uuid == uuid).values(updated_at=now, **values))
 
 
-def update_vm_returning(session: Session, uuid: str, now: float, **values: Any) -> VmRecord:
+def update_vm_returning(session: Session | Connection, uuid: str, now: float, **values: Any) -> VmRecord:
     """:func:`update_vm` and the VM as it is now, in one statement (UPDATE ... RETURNING).
 
     A Core statement on the table: the row comes back as a plain row, no ORM object is loaded
     (this records every create's and every action's result)."""
     row = (
-        session.connection()
+        _connection(session)
         .execute(update(_VMS).where(_VMS.c.uuid == uuid).values(updated_at=now, **values).returning(*_VMS.c))
         .first()
     )
@@ -518,7 +525,11 @@ def update_vm_returning(session: Session, uuid: str, now: float, **values: Any) 
 
 
 def record_result(
-    session: Session, uuid: str, now: float, status: VmStatus | None, lifecycle: Lifecycle | None = None
+    session: Session | Connection,
+    uuid: str,
+    now: float,
+    status: VmStatus | None,
+    lifecycle: Lifecycle | None = None,
 ) -> VmRecord:
     """An operation's result on the VM's row, in one precompiled UPDATE ... RETURNING: the task
     and error cleared, the state the agent reported (and ``lifecycle``, if given); the VM as it
@@ -532,7 +543,7 @@ def record_result(
     if lifecycle is not None:
         params["r_status"] = lifecycle
         statement = _RECORD_RESULT_LIFECYCLE
-    row = session.connection().execute(statement, params).first()
+    row = _connection(session).execute(statement, params).first()
     if row is None:
         raise NotFound(f"VM {uuid} does not exist")
     return _vm_record(row)
@@ -562,7 +573,7 @@ def bump_generation(session: Session, host_id: str) -> None:
 
 
 def claim_generation(
-    session: Session, host_id: str, generation: int, updated_at: float, *, count: int = 1
+    session: Session | Connection, host_id: str, generation: int, updated_at: float, *, count: int = 1
 ) -> bool:
     """Compare-and-set: move the host's generation ``count`` up (one per claim written in this
     transaction) only if the row is still at ``generation`` and ``updated_at`` (what the caller
@@ -571,7 +582,7 @@ def claim_generation(
 
     One precompiled Core statement: this runs once per claimed host of every create.
     """
-    bumped = session.connection().execute(
+    bumped = _connection(session).execute(
         _CLAIM_GENERATION,
         {"c_id": host_id, "c_generation": generation, "c_updated_at": updated_at, "c_count": count},
     )
@@ -579,7 +590,10 @@ def claim_generation(
 
 
 def insert_claims(
-    session: Session, *, vms: Sequence[Mapping[str, Any]], allocations: Sequence[Mapping[str, Any]]
+    session: Session | Connection,
+    *,
+    vms: Sequence[Mapping[str, Any]],
+    allocations: Sequence[Mapping[str, Any]],
 ) -> None:
     """Write new VMs and their allocations: one INSERT of each kind, however many VMs.
 
@@ -590,7 +604,7 @@ def insert_claims(
     """
     if not vms:
         return
-    connection = session.connection()
+    connection = _connection(session)
     try:
         # The VM rows first: allocations reference them.
         connection.execute(_INSERT_VM, list(vms))
@@ -681,9 +695,9 @@ def names_in_use(session: Session, names: Sequence[str]) -> set[str]:
     return set(session.scalars(select(Vm.name).where(Vm.name.in_(list(names)))))
 
 
-def vm_uuids_in_use(session: Session, uuids: Sequence[str]) -> set[str]:
+def vm_uuids_in_use(session: Session | Connection, uuids: Sequence[str]) -> set[str]:
     """Which of ``uuids`` have a VM row (claims whose commit outcome was not seen)."""
-    return set(session.scalars(select(Vm.uuid).where(Vm.uuid.in_(list(uuids)))))
+    return set(_connection(session).scalars(select(_VMS.c.uuid).where(_VMS.c.uuid.in_(list(uuids)))))
 
 
 # ---------------------------------------------------------------------------- groups

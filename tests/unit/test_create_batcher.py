@@ -6,7 +6,7 @@ Threads here are bounded by joins with a timeout; no assertion is about how long
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from vfsupport import wait_until
@@ -140,3 +140,50 @@ def test_a_withdrawn_announcement_releases_the_leader() -> None:
         wait_until(lambda: batcher.queued == 1, BOUND_S, "the leader waiting for the announced item")
     _join(threads)  # left the block without submitting: the leader goes on
     assert outcomes == {"a": "A"}
+
+
+def test_the_caller_of_the_first_queued_item_leads_the_next_batch() -> None:
+    leaders: list[str] = []
+
+    def run(items: Sequence[str]) -> list[str | BaseException]:
+        leaders.append(threading.current_thread().name)
+        if len(leaders) == 1:
+            release.wait(BOUND_S)
+        return [i.upper() for i in items]
+
+    release = threading.Event()
+    batcher: GroupCommit[str, str] = GroupCommit(run, window_s=0.0, max_size=2)
+    threads: list[threading.Thread] = []
+    for item in ["a", "b", "c", "d"]:
+        thread = threading.Thread(target=batcher.submit, args=(item,), name=f"caller-{item}")
+        thread.start()
+        threads.append(thread)
+        if item == "a":
+            wait_until(lambda: bool(leaders), BOUND_S, "a leads")
+        else:
+            wait_until(_queued(batcher, len(threads) - 1), BOUND_S, f"{item} queued in order")
+    release.set()
+    _join(threads)
+    # Each waiting caller sleeps until its own item is done or the lead is handed to it: the
+    # next batch ([b, c], then [d]) is run by the caller of its first item, not by whoever woke.
+    assert leaders == ["caller-a", "caller-b", "caller-d"]
+
+
+def test_many_callers_in_small_batches_each_get_their_own_outcome() -> None:
+    run = _Recorder()
+    batcher: GroupCommit[str, str] = GroupCommit(run, window_s=0.0, max_size=3)
+    items = [f"bad{n}" if n % 7 == 0 else f"i{n}" for n in range(200)]
+    threads, outcomes = _in_threads(batcher, items)
+    _join(threads)  # a lost wake-up (a caller never told its item is done or its lead) hangs here
+    for item in items:
+        outcome = outcomes[item]
+        if item.startswith("bad"):
+            assert isinstance(outcome, ValueError) and str(outcome) == f"refused {item}"
+        else:
+            assert outcome == item.upper()
+    assert sum(len(b) for b in run.batches) == 200 and max(len(b) for b in run.batches) <= 3
+    assert (batcher.batches, batcher.items) == (len(run.batches), 200)
+
+
+def _queued(batcher: GroupCommit[str, str], count: int) -> Callable[[], bool]:
+    return lambda: batcher.queued == count
