@@ -107,6 +107,7 @@ class HostRuntime:
                 max_lifetime_s=cfg.max_message_lifetime,
                 clock_skew_s=cfg.clock_skew,
                 answered=self.journal.get,
+                wait_answer=self.journal.wait_for,
             )
         else:
             log.warning("host %s: no key_file: commands are not checked and reports not signed", host)

@@ -66,6 +66,8 @@ class SqliteJournal:
         self._max_age_s = max_age_s
         self._clock = clock
         self._lock = threading.Lock()
+        #: notified at every put, for wait_for
+        self._put = threading.Condition(self._lock)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db: sqlite3.Connection | None = sqlite3.connect(
@@ -91,14 +93,30 @@ class SqliteJournal:
     def get(self, message_id: str) -> bytes | None:
         """The recorded reply for ``message_id``, or None."""
         with self._lock:
-            try:
-                row = (
-                    self._conn()
-                    .execute("SELECT reply FROM journal WHERE message_id = ?", (message_id,))
-                    .fetchone()
-                )
-            except sqlite3.Error as exc:
-                raise StorageError(f"command journal read failed: {exc}") from exc
+            return self._get(message_id)
+
+    def wait_for(self, message_id: str, until: float) -> bytes | None:
+        """The reply for ``message_id`` once one is recorded, or None if none is by ``until``
+        (wall-clock time, as a command's ``expires_at``): how a copy of a command that is still
+        running waits for the answer of the first copy."""
+        with self._put:
+            while (reply := self._get(message_id)) is None:
+                left = until - self._clock()
+                if left <= 0:
+                    return None
+                self._put.wait(min(left, 1.0))  # the clock may be injected: look again each second
+            return reply
+
+    def _get(self, message_id: str) -> bytes | None:
+        """As :meth:`get`, with the lock held."""
+        try:
+            row = (
+                self._conn()
+                .execute("SELECT reply FROM journal WHERE message_id = ?", (message_id,))
+                .fetchone()
+            )
+        except sqlite3.Error as exc:
+            raise StorageError(f"command journal read failed: {exc}") from exc
         return None if row is None else bytes(row[0])
 
     def put(self, message_id: str, kind: str, reply: bytes) -> None:
@@ -118,6 +136,7 @@ class SqliteJournal:
                     (self._max_entries,),
                 )
                 db.execute("COMMIT")
+                self._put.notify_all()
             except sqlite3.Error as exc:
                 if db.in_transaction:
                     db.execute("ROLLBACK")

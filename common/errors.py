@@ -170,8 +170,9 @@ class Unauthenticated(VirtfleetError):
 
 
 class Replayed(Unauthenticated):
-    """An authentic message whose id was seen before and is not answered yet: a replay, or a copy
-    re-published after a broker connection was lost while the first copy still runs. It is
+    """An authentic message whose id was seen before and is not answered: a replay, or a copy
+    re-published after a broker connection was lost whose first copy did not answer before it
+    expired (an agent waits that long for it, then answers the copy from its journal). It is
     dead-lettered and never answered, so that its requester gets the answer of the copy that ran."""
 
 

@@ -474,11 +474,15 @@ class SignatureCheck:
     ``expected_host(envelope)``: the host whose key must have signed it (the agent: its own;
     the controller: the ``host_id`` the report's body claims). ``answered(id)``: not None when
     the receiver's journal holds the reply to that id -- a second delivery of such an id is
-    answered from the journal, never executed, so it is let through; any other second delivery
-    that the broker did not flag ``redelivered`` is :class:`~common.errors.Replayed`: a replay,
-    or a copy a sender re-published (same id) after losing its broker connection while the first
-    copy still runs; it is dead-lettered without an answer, so that the requester is answered by
-    the copy that runs.
+    answered from the journal, never executed, so it is let through. A second delivery of a
+    command the journal has not answered yet, that the broker did not flag ``redelivered``, is a
+    copy a sender re-published (same id) after losing its broker connection while the first copy
+    still runs (or a replay): with ``wait_answer(id, until)`` it waits, at most until the
+    command expires, for the first copy's answer, and is then let through to be answered from
+    the journal, to its own ``reply_to``: after a broker restart the first copy's reply queue
+    is gone with the node, and the requester waits on a new one. Without ``wait_answer``, or if
+    no answer comes in time, it is :class:`~common.errors.Replayed` and dead-lettered without an
+    answer.
 
     An authentic message that has expired is not refused here: the Dispatcher's expiry check
     skips it (a report) or answers it with RequestTimeout (a command) without running it, and it
@@ -494,6 +498,7 @@ class SignatureCheck:
         clock_skew_s: float = DEFAULT_CLOCK_SKEW_S,
         clock: Callable[[], float] = time.time,
         answered: Callable[[str], object | None] = _no_answer,
+        wait_answer: Callable[[str, float], object | None] | None = None,
     ) -> None:
         self._keys = keys
         self._expected_host = expected_host
@@ -501,9 +506,10 @@ class SignatureCheck:
         self.clock_skew_s = clock_skew_s
         self._clock = clock
         self._answered = answered
+        self._wait_answer = wait_answer
         self.window = ReplayWindow()
 
-    def __call__(self, delivery: Delivery, _op: Any) -> None:
+    def __call__(self, delivery: Delivery, op: Any) -> None:
         env = delivery.envelope
         now = self._clock()
         if env.signature is None or env.key_id is None:
@@ -535,11 +541,19 @@ class SignatureCheck:
             self.window.seen_before(env.id, env.expires_at, now)
             and not delivery.redelivered
             and self._answered(env.id) is None
+            and not self._first_copy_answered(env, op)
         ):
             raise Replayed(
                 f"{env.kind} {env.id} was seen before and is not answered: a replay or a re-published copy"
             )
         self._keys.proven(host_id, generation)
+
+    def _first_copy_answered(self, env: Envelope, op: Any) -> bool:
+        """Whether the first copy of a command answered it before the command expired (waited
+        for here, on this copy's worker thread)."""
+        if self._wait_answer is None or not getattr(op, "replies", False) or env.expires_at is None:
+            return False
+        return self._wait_answer(env.id, env.expires_at) is not None
 
 
 class Signer:

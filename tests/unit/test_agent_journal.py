@@ -93,3 +93,23 @@ def test_unwritable_location(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(StorageError, match="cannot open"):
         SqliteJournal(blocker / "j.db")
+
+
+def test_wait_for_returns_the_reply_once_another_thread_puts_it(tmp_path: Path) -> None:
+    journal = SqliteJournal(tmp_path / "j.db")
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(journal.wait_for, "m1", float("inf"))
+        assert not waiting.done()
+        journal.put("m2", VM_START.kind, b"another")
+        journal.put("m1", VM_START.kind, b"answer")
+        assert waiting.result(timeout=30) == b"answer"
+    assert journal.wait_for("m1", 0.0) == b"answer"  # recorded already: no wait at all
+    journal.close()
+
+
+def test_wait_for_gives_up_at_the_deadline(tmp_path: Path) -> None:
+    clock = Clock()
+    journal = SqliteJournal(tmp_path / "j.db", clock=clock)
+    assert journal.wait_for("m1", clock.now) is None
+    assert journal.wait_for("m1", clock.now - 5) is None
+    journal.close()

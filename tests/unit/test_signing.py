@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 
 from agent.fakehost import build_fake_host
 from agent.host_runtime import HostRuntime
+from agent.journal import SqliteJournal
 from common import codec
 from common.errors import NotFound, Replayed, Unauthenticated
 from common.messages import host, vm
@@ -252,6 +255,65 @@ def test_a_second_delivery_the_journal_answers_is_admitted() -> None:
     env = sign(command_env(), "hv1:1", KEY)
     admit(chk, env)
     admit(chk, env)
+
+
+def test_a_re_published_copy_waits_for_the_first_copys_answer_then_is_admitted() -> None:
+    """After a broker restart the first copy's reply queue is gone: the copy the requester
+    re-published (same id, a new reply queue) is answered from the journal once the first is."""
+    waited: list[tuple[str, float]] = []
+
+    def wait_answer(message_id: str, until: float) -> bytes | None:
+        waited.append((message_id, until))
+        return b"reply"
+
+    chk = check(wait_answer=wait_answer)
+    env = sign(command_env(), "hv1:1", KEY)
+    admit(chk, env)
+    assert waited == []  # the first copy runs without waiting
+    admit(chk, env)
+    assert waited == [("id-1", NOW + 120)], "waited at most until the command expires"
+
+
+def test_a_copy_whose_first_copy_never_answers_in_time_is_replayed() -> None:
+    chk = check(wait_answer=lambda _id, _until: None)
+    env = sign(command_env(), "hv1:1", KEY)
+    admit(chk, env)
+    with pytest.raises(Replayed, match="a replay"):
+        admit(chk, env)
+
+
+def test_a_re_published_command_is_answered_from_the_journal_to_its_own_reply_queue(tmp_path: Path) -> None:
+    """The whole agent side, with the real journal: the first copy runs (slowly), the copy
+    re-published meanwhile waits and gets the first copy's reply; the handler ran once."""
+    journal = SqliteJournal(tmp_path / "journal.db", clock=lambda: NOW)
+    started, release = threading.Event(), threading.Event()
+    runs: list[vm.VmAction] = []
+
+    def start(body: vm.VmAction) -> vm.VmResult:
+        runs.append(body)
+        started.set()
+        assert release.wait(30)
+        return vm.VmResult(message="started")
+
+    handlers = HandlerTable(Side.AGENT)
+    handlers.register(vm.VM_START, start)
+    chk = check(answered=journal.get, wait_answer=journal.wait_for)
+    dispatcher = Dispatcher("agent:hv1", handlers, journal=journal, clock=lambda: NOW, admit=[chk])
+    env = sign(command_env(), "hv1:1", KEY)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(dispatcher, Delivery(env, "hv1", False, "reply-queue-1"))
+        assert started.wait(30)
+        copy = pool.submit(dispatcher, Delivery(env, "hv1", False, "reply-queue-2"))
+        assert not copy.done(), "the copy waits for the first copy's answer"
+        release.set()
+        answered, again = first.result(timeout=30), copy.result(timeout=30)
+    assert len(runs) == 1
+    assert not again.dead_letter and again.reply is not None
+    assert answered.reply is not None
+    assert again.reply.encode() == answered.reply.encode(), "the journal's copy of the first reply"
+    assert again.reply.body["ok"] is True
+    assert dispatcher.refused == {}
+    journal.close()
 
 
 def test_the_window_forgets_ids_once_they_expire() -> None:
