@@ -98,10 +98,16 @@ class FormatBook:
         self._lock = threading.Lock()
         self._formats: dict[str, str] = {}
         self._db: sqlite3.Connection | None = None
+        #: kept on disk (a file was given): a change after close() is refused, not kept in memory only
+        self._persistent = file is not None
         if file is None:
             return
         self._db = _open_format_db(file)
-        self._formats = dict(self._db.execute("SELECT path, format FROM formats"))
+        try:
+            self._formats = dict(self._db.execute("SELECT path, format FROM formats"))
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StorageError(f"cannot read the image format record {file}: {exc}") from None
 
     def get(self, path: str) -> str | None:
         with self._lock:
@@ -135,8 +141,14 @@ class FormatBook:
                 self._db = None
 
     def _write(self, statement: str, params: tuple[str, ...]) -> None:
-        """One change, committed (and so on disk) before returning; StorageError if not."""
+        """One change, committed (and so on disk) before returning; StorageError if not (also
+        after :meth:`close`: a command still running as the agent stops must not be told that a
+        format it will never find again is recorded)."""
         if self._db is None:
+            if self._persistent:
+                raise StorageError(
+                    "cannot record image formats: the record is closed (the agent is stopping)"
+                )
             return
         try:
             with self._db:
@@ -155,10 +167,13 @@ LEGACY_SUFFIX = ".json"
 def _open_format_db(file: Path) -> sqlite3.Connection:
     """The format database at ``file``, made private (0600) and, when new, filled from the JSON
     record of an earlier agent."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    # Made 0600 before SQLite opens it: its -wal and -shm files take the database file's mode.
-    os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, IMAGE_MODE))
-    db = sqlite3.connect(file, check_same_thread=False, isolation_level=None)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        # Made 0600 before SQLite opens it: its -wal and -shm files take the database file's mode.
+        os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, IMAGE_MODE))
+        db = sqlite3.connect(file, check_same_thread=False, isolation_level=None)
+    except (OSError, sqlite3.Error) as exc:
+        raise StorageError(f"cannot open the image format record {file}: {exc}") from None
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")

@@ -100,12 +100,15 @@ class SqliteJournal:
         (wall-clock time, as a command's ``expires_at``): how a copy of a command that is still
         running waits for the answer of the first copy."""
         with self._put:
-            while (reply := self._get(message_id)) is None:
+            while True:
+                if self._db is None:
+                    return None  # closed: the agent stops, and the copy is redelivered to the next
+                if (reply := self._get(message_id)) is not None:
+                    return reply
                 left = until - self._clock()
                 if left <= 0:
                     return None
                 self._put.wait(min(left, 1.0))  # the clock may be injected: look again each second
-            return reply
 
     def _get(self, message_id: str) -> bytes | None:
         """As :meth:`get`, with the lock held."""
@@ -162,3 +165,4 @@ class SqliteJournal:
             db, self._db = self._db, None
             if db is not None:
                 db.close()
+            self._put.notify_all()  # copies waiting in wait_for give up now

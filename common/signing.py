@@ -464,6 +464,11 @@ class ReplayWindow:
         return len(self._expiry)
 
 
+#: At most this many re-published copies wait for their first copy's answer at once (each holds
+#: a consumer worker; a multi-host agent's pool has 16).
+MAX_WAITING_COPIES = 2
+
+
 def _no_answer(_message_id: str) -> object | None:
     return None
 
@@ -507,6 +512,10 @@ class SignatureCheck:
         self._clock = clock
         self._answered = answered
         self._wait_answer = wait_answer
+        #: ids whose re-published copy waits for the first copy's answer (one copy each, at most
+        #: MAX_WAITING_COPIES in all: each holds a consumer worker while it waits)
+        self._waiting: set[str] = set()
+        self._waiting_lock = threading.Lock()
         self.window = ReplayWindow()
 
     def __call__(self, delivery: Delivery, op: Any) -> None:
@@ -550,10 +559,20 @@ class SignatureCheck:
 
     def _first_copy_answered(self, env: Envelope, op: Any) -> bool:
         """Whether the first copy of a command answered it before the command expired (waited
-        for here, on this copy's worker thread)."""
+        for here, on this copy's worker thread). Only one copy of an id waits, and at most
+        :data:`MAX_WAITING_COPIES` in all, so that copies never take every worker of the
+        consumer: any further copy is refused at once, as before."""
         if self._wait_answer is None or not getattr(op, "replies", False) or env.expires_at is None:
             return False
-        return self._wait_answer(env.id, env.expires_at) is not None
+        with self._waiting_lock:
+            if env.id in self._waiting or len(self._waiting) >= MAX_WAITING_COPIES:
+                return False
+            self._waiting.add(env.id)
+        try:
+            return self._wait_answer(env.id, env.expires_at) is not None
+        finally:
+            with self._waiting_lock:
+                self._waiting.discard(env.id)
 
 
 class Signer:

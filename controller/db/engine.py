@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import select
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,12 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+#: A pooled PostgreSQL connection idle this long is pinged at checkout (seconds).
+PING_AFTER_IDLE_S = 5.0
+#: Where a pooled connection's record keeps when it was last checked in.
+_IDLE_SINCE = "virtfleet_idle_since"
+
+
 def _check_at_checkout(engine: Engine) -> None:
     """Find pooled PostgreSQL connections that died with their server session at checkout, and
     replace them (all those opened before, as ``pool_pre_ping`` does), before any statement fails.
@@ -70,12 +77,21 @@ def _check_at_checkout(engine: Engine) -> None:
     has something to read only then: a ``poll`` of it, no round trip, decides whether the
     ``SELECT 1`` of ``pool_pre_ping`` is needed. That ping on every checkout was 3 % of the
     controller's CPU in a create burst (and one more round trip per transaction); a connection
-    whose server spoke is pinged as before.
+    whose server spoke is pinged as before. A server that vanished without a word (a crash or
+    power loss, its address moved to a standby) leaves nothing to read: a connection idle in the
+    pool for :data:`PING_AFTER_IDLE_S` or more is pinged too, as ``pool_pre_ping`` did. Under
+    load, connections go back out within milliseconds and are not pinged.
     """
 
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
     @event.listens_for(engine, "checkout")
-    def _checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-        if not has_unread_input(dbapi_connection):
+    def _checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get(_IDLE_SINCE)
+        idle_long = idle_since is not None and time.monotonic() - idle_since >= PING_AFTER_IDLE_S
+        if not idle_long and not has_unread_input(dbapi_connection):
             return
         try:
             engine.dialect.do_ping(dbapi_connection)

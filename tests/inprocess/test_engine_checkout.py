@@ -11,6 +11,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 from vfsupport import wait_until
 
+from controller.db import engine as engine_module
 from controller.db.engine import has_unread_input
 
 BOUND_S = 30.0
@@ -52,3 +53,25 @@ def test_a_connection_whose_session_the_server_ended_is_replaced_before_it_is_us
     # The next checkout finds it, replaces it, and the statement runs: no error reaches the caller.
     new_pid, _raw = _backend(engine)
     assert new_pid != pid
+
+
+def test_a_connection_idle_long_in_the_pool_is_pinged_at_checkout(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that vanished without a word leaves nothing to read on the socket: a connection
+    idle for PING_AFTER_IDLE_S is pinged anyway (here made 0, so every checkout of a pooled one)."""
+    pings: list[object] = []
+    real_ping = engine.dialect.do_ping
+
+    def counting_ping(dbapi_connection: Any) -> bool:
+        pings.append(dbapi_connection)
+        return bool(real_ping(dbapi_connection))
+
+    monkeypatch.setattr(engine.dialect, "do_ping", counting_ping)
+    _backend(_one_connection(engine))  # a fresh connection: never idle in the pool, no ping
+    assert pings == []
+    _backend(engine)  # back from the pool at once: idle less than PING_AFTER_IDLE_S
+    assert pings == []
+    monkeypatch.setattr(engine_module, "PING_AFTER_IDLE_S", 0.0)
+    _backend(engine)
+    assert len(pings) == 1

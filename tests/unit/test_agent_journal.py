@@ -113,3 +113,11 @@ def test_wait_for_gives_up_at_the_deadline(tmp_path: Path) -> None:
     assert journal.wait_for("m1", clock.now) is None
     assert journal.wait_for("m1", clock.now - 5) is None
     journal.close()
+
+
+def test_wait_for_gives_up_when_the_journal_closes(tmp_path: Path) -> None:
+    journal = SqliteJournal(tmp_path / "j.db")
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(journal.wait_for, "m1", float("inf"))
+        journal.close()
+        assert waiting.result(timeout=30) is None

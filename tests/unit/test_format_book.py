@@ -104,3 +104,22 @@ def test_without_a_file_the_record_is_kept_in_memory(tmp_path: Path) -> None:
     book.forget("/p/a")
     assert book.format_of("/p/a") == "raw"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_change_after_close_is_refused_not_kept_in_memory_only(book_file: Path) -> None:
+    """A command still running as the agent stops must not believe its format recorded."""
+    book = FormatBook(book_file)
+    book.record("/p/a", "qcow2")
+    book.close()
+    with pytest.raises(StorageError, match="closed"):
+        book.record("/p/b", "qcow2")
+    with pytest.raises(StorageError, match="closed"):
+        book.forget("/p/a")
+    again = FormatBook(book_file)
+    assert (again.get("/p/a"), again.get("/p/b")) == ("qcow2", None)
+
+
+def test_a_state_directory_that_cannot_be_made_is_a_storage_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StorageError, match="cannot open the image format record"):
+        FormatBook(tmp_path / "file" / "image-formats.db")

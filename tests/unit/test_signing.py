@@ -22,6 +22,7 @@ from common.messages import host, vm
 from common.messages.descriptor import Side
 from common.messages.envelope import Envelope, decode_envelope
 from common.signing import (
+    MAX_WAITING_COPIES,
     FleetKeys,
     HostKeyring,
     KeyFileError,
@@ -280,6 +281,34 @@ def test_a_copy_whose_first_copy_never_answers_in_time_is_replayed() -> None:
     admit(chk, env)
     with pytest.raises(Replayed, match="a replay"):
         admit(chk, env)
+
+
+def test_only_one_copy_of_an_id_and_a_few_copies_in_all_wait() -> None:
+    """Each waiting copy holds a consumer worker: a second copy of the same id, or a copy beyond
+    MAX_WAITING_COPIES, is refused at once instead of taking another."""
+    entered, release = threading.Barrier(MAX_WAITING_COPIES + 1), threading.Event()
+
+    def wait_answer(_message_id: str, _until: float) -> bytes | None:
+        if not release.is_set():  # the copies below that take the slots: held until released
+            entered.wait(30)
+            assert release.wait(30)
+        return b"reply"
+
+    chk = check(wait_answer=wait_answer)
+    envs = [sign(command_env(id=f"id-{n}"), "hv1:1", KEY) for n in range(MAX_WAITING_COPIES + 1)]
+    for env in envs:
+        admit(chk, env)  # the first copies run
+    with ThreadPoolExecutor(MAX_WAITING_COPIES) as pool:
+        waiting = [pool.submit(admit, chk, env) for env in envs[:MAX_WAITING_COPIES]]
+        entered.wait(30)  # every waiting slot is taken
+        with pytest.raises(Replayed):
+            admit(chk, envs[0])  # a second copy of an id already waiting
+        with pytest.raises(Replayed):
+            admit(chk, envs[-1])  # a copy beyond the bound
+        release.set()
+        for future in waiting:
+            future.result(timeout=30)
+    admit(chk, envs[-1])  # the slots are free again
 
 
 def test_a_re_published_command_is_answered_from_the_journal_to_its_own_reply_queue(tmp_path: Path) -> None:
