@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pika
-from vfsupport import Fleet, Proc, wait_until
+from vfsupport import Fleet, Proc, free_port, wait_until
 
 from common.errors import AlreadyExists, ControllerUnavailable, RequestTimeout, TransportError, VirtfleetError
 from common.messages import api
@@ -104,13 +103,6 @@ def queue_messages(amqp_url: str, queue: str) -> int:
     ).stdout
     counts = dict(line.split("\t") for line in listed.splitlines() if "\t" in line)
     return int(counts.get(queue, "0"))
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now on 127.0.0.1 (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -648,7 +640,6 @@ __all__ = [
     "first_ok_after",
     "fleet_serves",
     "fleet_view",
-    "free_port",
     "freeze",
     "frozen",
     "kill9",

@@ -8,12 +8,13 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from vfsupport import free_port
 
 #: Debian's PostgreSQL binaries (the server is not on PATH)
 _BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -23,13 +24,6 @@ def server_bin() -> Path | None:
     """The directory of ``pg_ctl`` and ``initdb``, None when PostgreSQL is not installed."""
     found = sorted(Path("/").glob(_BIN_GLOB.lstrip("/")))
     return found[-1] if found and (found[-1] / "pg_ctl").exists() else None
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on (now)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

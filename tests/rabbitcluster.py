@@ -14,7 +14,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,18 +22,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vfsupport import free_port
+
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 #: A cold node start is ~6 s on an idle 2-core machine (/work/shared/host-facts.md); three at
 #: once on a loaded one take far longer.
 START_TIMEOUT_S = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -81,7 +75,7 @@ class RabbitCluster:
         for i in range(1, self.size + 1):
             base = self.root / f"node{i}"
             (base / "log").mkdir(parents=True)
-            amqp_port, dist_port = _free_port(), _free_port()
+            amqp_port, dist_port = free_port(), free_port()
             (base / "rabbitmq.conf").write_text(
                 f"listeners.tcp.default = 127.0.0.1:{amqp_port}\n"
                 # A lost node is noticed by its peers within seconds, not a minute.

@@ -133,6 +133,14 @@ def fresh_database(tmp: Path) -> Iterator[str]:
         admin.dispose()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now (the kernel's pick, just freed): for private
+    brokers, databases and the dead addresses of failover tests."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2) -> T:
     """Poll ``predicate`` until it returns something truthy (which it returns); fail the test with
     ``what`` after ``timeout``."""

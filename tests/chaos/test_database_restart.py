@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from pgserver import PostgresServer, free_port, private_postgres, server_bin
-from vfsupport import Fleet, node_uri, private_vhost, wait_until
+from pgserver import PostgresServer, private_postgres, server_bin
+from vfsupport import Fleet, free_port, node_uri, private_vhost, wait_until
 
 from common.errors import VirtfleetError
 from common.messages import api

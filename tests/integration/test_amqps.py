@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from vfsupport import Fleet, fresh_database, node_uri
+from vfsupport import Fleet, free_port, fresh_database, node_uri
 
 from common.errors import TransportError
 from common.messages import api
@@ -56,13 +56,6 @@ class TlsBroker:
         return self.url(
             host, cafile=str(self.ca), certfile=str(self.client_cert), keyfile=str(self.client_key), **extra
         )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def make_certificates(tmp: Path) -> None:

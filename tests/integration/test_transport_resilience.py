@@ -5,7 +5,6 @@ handlers; this module checks them with the fleet's own queue and dispatcher.)"""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from urllib.parse import unquote, urlparse
 
 import pika
 import pytest
-from vfsupport import wait_until
+from vfsupport import free_port, wait_until
 
 from common.errors import InvalidRequest, TransportError
 from common.messages import api
@@ -79,19 +78,11 @@ def test_server_and_client_recover_after_the_broker_drops_all_connections(
     assert _ping(transport) == api.Empty()
 
 
-def _free_port() -> int:
-    """A loopback port where nothing listens (just freed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_a_list_of_broker_urls_goes_on_to_a_live_node(server: ConsumerServer, vhost_url: str) -> None:
     """The first URL is dead (a cluster node down): calls and consumers use the next one, with
     the first URL's login and virtual host."""
     assert ":5672/" in vhost_url
-    urls = f"{vhost_url.replace(':5672/', f':{_free_port()}/')},amqp://127.0.0.1:5672"
+    urls = f"{vhost_url.replace(':5672/', f':{free_port()}/')},amqp://127.0.0.1:5672"
     client = AmqpTransport(urls, "test-url-list")
     other = AmqpTransport(urls, "test-url-list-consumer").consumer(
         API_QUEUE, Dispatcher("second-controller", HandlerTable(Side.CONTROLLER)), name="second"
