@@ -362,13 +362,9 @@ class Reporter:
             changed, self._changed = self._changed, set()
         return changed
 
-    def _take_told(self, uuids: Iterable[str] | None) -> dict[str, VmStatus]:
-        """What the controller was told of ``uuids`` (None: of every VM; a full report tells it
-        everything anew), forgotten here."""
+    def _take_told(self, uuids: Iterable[str]) -> dict[str, VmStatus]:
+        """What the controller was told of ``uuids``, forgotten here."""
         with self._lock:
-            if uuids is None:
-                told, self._told = self._told, {}
-                return told
             return {uuid: st for uuid in uuids if (st := self._told.pop(uuid, None)) is not None}
 
     def _restore_changed(self, changed: set[str]) -> None:
@@ -404,7 +400,8 @@ class Reporter:
 
     def _send_report(self) -> bool:
         changed = self._take_changed()  # before the listing: what changes after it goes in a delta
-        self._take_told(None)
+        with self._lock:
+            self._told.clear()  # the full report tells the controller everything anew
         try:
             return self._send_full_report(changed)
         except HypervisorUnavailable as exc:
