@@ -78,6 +78,7 @@ from create_cpu import fleet_env  # noqa: E402
 from fleetkit import (  # noqa: E402
     NODE_FILE,
     PYSPY,
+    TICKS,
     BenchTimeout,
     Proc,
     Processes,
@@ -142,7 +143,7 @@ def named_cpu(names: frozenset[str]) -> float:
             continue  # ended meanwhile
         if text[text.index("(") + 1 : text.rindex(")")] in names:
             fields = text.rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            total += (int(fields[11]) + int(fields[12])) / TICKS
     return total
 
 
