@@ -34,6 +34,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
+from typing import NamedTuple
 
 import msgspec
 from sqlalchemy.orm import Session
@@ -62,6 +63,15 @@ REPORT_REWRITE_S = 300.0
 Transaction = Callable[[], AbstractContextManager[Session]]
 
 
+class _Written(NamedTuple):
+    """The last report of a host that this controller wrote, and the host row as it left it."""
+
+    digest: bytes
+    at: float
+    updated_at: float
+    generation: int
+
+
 class FleetState:
     """Every host's record and scheduler state, in memory, safe to use from many threads."""
 
@@ -77,8 +87,8 @@ class FleetState:
         #: heartbeats received and not yet written: host -> time
         self._pending_beats: dict[str, float] = {}
         self._groups_fingerprint: tuple[object, ...] = ()
-        #: per host: the digest of the last report written, when, and the host row's updated_at then
-        self._reports: dict[str, tuple[bytes, float, float]] = {}
+        #: per host: the last report written, and the host row then (see report_unchanged)
+        self._reports: dict[str, _Written] = {}
         #: per host: (agent started_at, seq) of the newest report taken as a repeat (not written)
         self._repeats: dict[str, tuple[float, int]] = {}
         #: per host: claims held in memory by a batch whose transaction has not ended (see settle)
@@ -223,20 +233,22 @@ class FleetState:
     # ------------------------------------------------------------------ reports
 
     def report_unchanged(self, report: HostReport, digest: bytes, now: float) -> bool:
-        """True when ``report`` (whose :func:`report_digest` is ``digest``) says what the last one this controller wrote said (counters and
-        times aside), less than REPORT_REWRITE_S ago, and nobody wrote the host since (another
-        controller's report changes the row's ``updated_at``, seen at the next sync): then it is
-        only a heartbeat. Reports of idle hosts are most reports; each would otherwise be a
-        write of the host and its VMs."""
+        """True when ``report`` (whose :func:`report_digest` is ``digest``) says what the last one
+        this controller wrote said (counters and times aside), less than REPORT_REWRITE_S ago,
+        and nobody wrote the host since: another controller's report changes the row's
+        ``updated_at`` and any claim, release or move its ``generation`` (both seen here at once
+        from this controller, at the next sync from another), so that a VM claimed or removed
+        since is checked against what the host lists. Then it is only a heartbeat. Reports of
+        idle hosts are most reports; each would otherwise be a write of the host and its VMs."""
         with self._lock:
             last = self._reports.get(report.host_id)
             record = self._records.get(report.host_id)
             repeat = (
                 last is not None
                 and record is not None
-                and last[0] == digest
-                and now - last[1] < REPORT_REWRITE_S
-                and record.updated_at == last[2]
+                and last.digest == digest
+                and now - last.at < REPORT_REWRITE_S
+                and (record.updated_at, record.generation) == (last.updated_at, last.generation)
             )
             if repeat:
                 self._repeats[report.host_id] = (report.started_at, report.seq)
@@ -250,7 +262,9 @@ class FleetState:
         return newest is not None and newest[0] == started_at and seq < newest[1]
 
     def vms_changed(self, host_id: str) -> None:
-        """A delta changed VM rows of the host: its next full report is written, whatever it says."""
+        """VM rows of the host changed in a way no written report accounts for (a delta wrote them,
+        or a report could not speak for some of them): its next full report is written, whatever
+        it says."""
         with self._lock:
             self._reports.pop(host_id, None)
 
@@ -259,7 +273,7 @@ class FleetState:
         with self._lock:
             record = self._records.get(host_id)
             if record is not None:
-                self._reports[host_id] = (digest, now, record.updated_at)
+                self._reports[host_id] = _Written(digest, now, record.updated_at, record.generation)
 
     # ------------------------------------------------------------------ reading
 

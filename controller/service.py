@@ -203,11 +203,16 @@ class ControllerService:
             return
         for attempt in self.retrying():
             with attempt, self.tx() as s:
-                notes = repo.record_report(s, report, now)
+                applied = repo.record_report(s, report, now)
                 written = repo.get_host(s, report.host_id, include_vms=False)
         self.fleet.upsert(written, now)
-        self.fleet.report_written(report.host_id, digest, now)
-        for note in notes:
+        if applied.deferred:
+            # Some VM changed here after the agent took the report: the report could not speak
+            # for it, and the agent's next one (which may say the same) is the one that will.
+            self.fleet.vms_changed(report.host_id)
+        else:
+            self.fleet.report_written(report.host_id, digest, now)
+        for note in applied.notes:
             log.info("drift on %s: %s", report.host_id, note)
 
     def record_vm_changes(self, changes: VmChanges) -> None:

@@ -313,14 +313,25 @@ def get_host(session: Session, host_id: str, *, include_vms: bool = True) -> Hos
     return records[0]
 
 
-def record_report(session: Session, report: HostReport, now: float) -> list[str]:
-    """Store an agent's report; update reported power states. Returns drift notes."""
+@dataclass(frozen=True, slots=True)
+class ReportApplied:
+    """What writing a full report did: drift notes, and how many of the host's VM rows it could
+    not speak for (the controller changed them after the report was taken; see
+    :func:`_apply_vm_status`). A report with such VMs must not be taken as the host's settled
+    state: the agent's next report, even if it says the same, is written for them."""
+
+    notes: list[str]
+    deferred: int = 0
+
+
+def record_report(session: Session, report: HostReport, now: float) -> ReportApplied:
+    """Store an agent's report; update reported power states."""
     row = session.get(Host, report.host_id)
     if row is None:
         row = Host(id=report.host_id, created_at=now, generation=0, report_seq=0)
         session.add(row)
     elif report.started_at == row.agent_started_at and report.seq < row.report_seq:
-        return []  # an older report overtaken by a newer one: ignore
+        return ReportApplied([])  # an older report overtaken by a newer one: ignore
     if report.hypervisor_error is not None and row.hostname:
         # The agent cannot reach libvirt: its facts and VMs are not news. Keep what we have,
         # note why (the host is degraded and takes nothing) and that the agent is alive.
@@ -329,7 +340,7 @@ def record_report(session: Session, report: HostReport, now: float) -> list[str]
         row.report_seq = report.seq
         row.last_heartbeat = now
         row.updated_at = now
-        return []
+        return ReportApplied([])
     row.hypervisor_error = report.hypervisor_error[:255] if report.hypervisor_error else None
     row.hostname = report.hostname
     row.hypervisor_type = report.hypervisor_type
@@ -357,16 +368,17 @@ def record_report(session: Session, report: HostReport, now: float) -> list[str]
     row.last_heartbeat = now
     row.updated_at = now
     if report.hypervisor_error is not None:
-        return []  # a first report already degraded: its (empty) VM list is not the host's
+        return ReportApplied([])  # a first report already degraded: its (empty) VM list is not the host's
     return _apply_reported_vms(session, report, now)
 
 
-def _apply_reported_vms(session: Session, report: HostReport, now: float) -> list[str]:
+def _apply_reported_vms(session: Session, report: HostReport, now: float) -> ReportApplied:
     """A full report: every VM row of the host against what the host lists (absent = missing)."""
     seen = {vm.uuid: vm for vm in report.vms}
-    rows = session.scalars(select(Vm).where(Vm.host_id == report.host_id).options(defer(Vm.spec)))
+    rows = list(session.scalars(select(Vm).where(Vm.host_id == report.host_id).options(defer(Vm.spec))))
+    deferred = sum(1 for vm in rows if vm.updated_at > report.reported_at)
     notes = (_apply_vm_status(vm, seen.get(vm.uuid), report.host_id, report.reported_at, now) for vm in rows)
-    return [note for note in notes if note is not None]
+    return ReportApplied([note for note in notes if note is not None], deferred)
 
 
 def record_vm_changes(session: Session, changes: VmChanges, now: float) -> list[str] | None:

@@ -484,11 +484,15 @@ def test_a_report_taken_before_the_controller_changed_a_vm_does_not_undo_the_cha
     without_vm = replace(last, vms=(), seq=1, started_at=last.started_at - 1)
     with service.tx() as s:
         stale = repo.record_report(s, replace(without_vm, reported_at=vm["updated_at"] - 1), time.time())
-    assert stale == [], "taken before the VM was built: it cannot know about it"
+    assert stale == repo.ReportApplied([], deferred=1), (
+        "taken before the VM was built: it cannot know about it"
+    )
     assert vm_show(fleet, "race")["power_state"] == "running"
     with service.tx() as s:
         fresh = repo.record_report(s, replace(without_vm, reported_at=time.time()), time.time())
-    assert fresh == ["race: missing on b"], "the same report taken afterwards does mark it missing"
+    assert fresh == repo.ReportApplied(["race: missing on b"]), (
+        "the same report taken afterwards marks it missing"
+    )
     # Written behind the controller's back (as another controller would): its fleet sync reads
     # the host's row changed, so the agent's next report is written, not taken as a repeat.
     service.fleet.sync(time.time())

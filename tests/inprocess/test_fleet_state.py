@@ -228,6 +228,40 @@ def test_a_repeated_report_after_a_delta_is_written_and_an_overtaken_delta_is_dr
     service.close()
 
 
+def test_a_report_that_could_not_speak_for_a_vm_is_not_taken_as_a_repeat(engine: Engine) -> None:
+    # The agent stamps a report before it lists the domains; a VM the controller changed after
+    # the stamp is left alone by that report. Saying the same thing again, the agent's next
+    # report (stamped after the change) is the first that can speak for it: it must be written.
+    service = _service(engine)
+    _seed(service, "h1")
+    _create(service, "v")
+    changed_at = service.show_vm("v").updated_at
+    started = time.time() + 1
+
+    def report(seq: int, reported_at: float) -> HostReport:
+        # Unlike _seed's report (the free memory), so that the first one is written whatever
+        # the claim did to the host row.
+        return host_report("h1", memory_free_mib=8192, seq=seq, started_at=started, reported_at=reported_at)
+
+    service.record_report(report(1, changed_at - 1))
+    assert service.show_vm("v").power_state != PowerState.MISSING
+    service.record_report(report(2, changed_at + 1))
+    assert service.show_vm("v").power_state == PowerState.MISSING
+    service.close()
+
+
+def test_a_report_after_a_claim_is_not_taken_as_a_repeat(engine: Engine) -> None:
+    # A build whose reply never came keeps its claim, "reports will tell": the host's next
+    # report says what the one before the claim said, and is the one that tells.
+    service = _service(engine)
+    _seed(service, "h1")
+    _create(service, "v")
+    later = service.show_vm("v").updated_at + 1
+    service.record_report(host_report("h1", seq=2, reported_at=later))
+    assert service.show_vm("v").power_state == PowerState.MISSING
+    service.close()
+
+
 def test_a_create_that_lost_the_race_for_a_host_rechecks_it_under_its_lock(engine: Engine) -> None:
     # Both controllers see h1 and h2 empty and pick h1 (spread, ties by id); the second one's
     # compare-and-set fails, so it re-reads h1 under its lock, finds room, and claims there
