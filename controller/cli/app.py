@@ -15,8 +15,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, cast
 
 import typer
 
@@ -110,6 +110,39 @@ def _command() -> Callable[..., Any]:
     return typer.main.get_command(app)
 
 
+def undecodable(args: Sequence[str]) -> int | None:
+    """The index of the first argument that is not valid UTF-8, or None. Python hands such bytes
+    of the command line over as lone surrogates (PEP 383), which no UTF-8 text can hold."""
+    for index, arg in enumerate(args):
+        try:
+            arg.encode()
+        except UnicodeEncodeError:
+            return index
+    return None
+
+
+def _as_typed(arg: str) -> str:
+    """An undecodable argument as the bytes typed (``ab\\xffc``), for the error message."""
+    try:
+        raw = os.fsencode(arg)  # the bytes Python decoded it from (surrogateescape)
+    except UnicodeEncodeError:  # a surrogate no byte maps to: handed in by a caller, not a shell
+        return arg.encode("utf-8", "backslashreplace").decode()
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _json_usage_error(message: str, details: dict[str, object], env: Environment | None) -> NoReturn:
+    """A command-line mistake under ``--output json``: one error document on stdout, exit 2."""
+    # the error path imports what it renders with (see the module docstring)
+    from rich.console import Console  # noqa: PLC0415
+
+    from common.errors import InvalidRequest  # noqa: PLC0415
+    from controller.cli import render  # noqa: PLC0415
+
+    error = InvalidRequest(message, details=details)
+    render.emit_json(Console(file=env.stdout if env else None, soft_wrap=True), render.error_document(error))
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
     """Console-script entry point.
 
@@ -119,21 +152,23 @@ def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
     (tests hand in an in-process one); by default the URL is opened.
     """
     args = sys.argv[1:] if argv is None else argv
+    bad = undecodable(args)
+    if bad is not None:
+        # No message can carry it (MessagePack text is UTF-8): refused here, before any
+        # option is read or anything is sent, as bad input always is (exit 2).
+        shown = _as_typed(args[bad])
+        message = f"argument {bad + 1} ({shown}) is not valid UTF-8 text"
+        if not wants_json(args):
+            (env.stderr if env is not None and env.stderr is not None else sys.stderr).write(
+                f"Error: {message}\n"
+            )
+            sys.exit(2)
+        _json_usage_error(message, {"usage": True, "argument": bad + 1}, env)
     try:
         code = _command()(args=args, standalone_mode=False, obj=env)
     except typer.TyperException as exc:
         if wants_json(args):
-            # the error path imports what it renders with (see the module docstring)
-            from rich.console import Console  # noqa: PLC0415
-
-            from common.errors import InvalidRequest  # noqa: PLC0415
-            from controller.cli import render  # noqa: PLC0415
-
-            error = InvalidRequest(exc.format_message(), details={"usage": True})
-            render.emit_json(
-                Console(file=env.stdout if env else None, soft_wrap=True), render.error_document(error)
-            )
-            sys.exit(2)
+            _json_usage_error(exc.format_message(), {"usage": True}, env)
         if env is not None and env.stderr is not None:
             env.stderr.write(f"Error: {exc.format_message()}\n")
         else:

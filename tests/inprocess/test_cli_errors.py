@@ -43,6 +43,23 @@ def test_json_mode_reports_usage_errors_as_one_document(
     assert no_controller.broker.queues() == ()  # nothing was sent
 
 
+@pytest.mark.parametrize("output", ["json", "table"])
+def test_an_argument_that_is_not_utf8_is_refused_before_anything_is_sent(
+    no_controller: InProcessFleet, output: str
+) -> None:
+    # What Python makes of the bytes of `virtfleet host disable h1 --reason $'ab\xffc'` (PEP 383):
+    # no message can carry it; it used to fail in the encoder with exit 1 (DecodeError).
+    done = no_controller.cli("host", "disable", "h1", "--reason", "ab\udcffc", output=output)
+    assert done.code == 2, done.stdout + done.stderr
+    if output == "json":
+        error = done.json["error"]
+        assert error["type"] == "InvalidRequest" and error["details"]["usage"] is True
+        assert f"argument {error['details']['argument']} (ab\\xffc) is not valid UTF-8" in error["message"]
+    else:
+        assert done.stdout == "" and "(ab\\xffc) is not valid UTF-8" in done.stderr
+    assert no_controller.broker.queues() == ()  # nothing was sent
+
+
 def test_table_mode_keeps_the_usage_text(no_controller: InProcessFleet) -> None:
     done = no_controller.cli("vm", "show", output="table")
     assert done.code == 2 and done.stdout == ""
