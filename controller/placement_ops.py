@@ -119,7 +119,9 @@ def drift_notes(
 
     ``claims``: each VM's allocations (uuid -> resource -> amount). A VM is compared with what it
     claims, not with its record, which the reports keep up to date with what the host runs (so a VM
-    grown by hand with virsh would otherwise never show).
+    grown by hand with virsh would otherwise never show). A VM the controller changed after the last
+    full report was written (one just created or moved here: commands and deltas keep its state,
+    the full report comes every report interval) is not said to be missing from that report.
     """
     notes: list[str] = []
     claims = claims or {}
@@ -137,7 +139,8 @@ def drift_notes(
             continue
         status = reported.get(vm.uuid)
         if status is None:
-            notes.append(f"VM {vm.name} is claimed here but the host does not report it")
+            if record.last_report is not None and vm.updated_at <= record.last_report:
+                notes.append(f"VM {vm.name} is claimed here but the host does not report it")
         else:
             claim = claims.get(vm.uuid, {})
             vcpus = claim.get(str(ResourceClass.VCPU), claim.get(str(ResourceClass.PCPU), vm.vcpus))

@@ -384,9 +384,12 @@ def _apply_reported_vms(session: Session, report: HostReport, now: float) -> Rep
 def record_vm_changes(session: Session, changes: VmChanges, now: float) -> list[str] | None:
     """Apply an agent's delta to the VM rows it names, by the same rule as a full report.
 
-    Only those rows change; the host row only takes the delta's seq (deltas and full reports share
-    one ordering, so an older one of either kind is dropped afterwards). Its ``reported_vms``
-    stays the last full report's list. Returns drift notes, or None when the delta is dropped:
+    Only those rows change; the host row takes the delta's seq (deltas and full reports share
+    one ordering, so an older one of either kind is dropped afterwards), and its ``reported_vms``
+    (the last full report's list) loses the domains the delta says are gone, so that a VM just
+    deleted is not shown as an unknown domain on its host until the next full report. A changed
+    domain stays as the full report listed it (rewriting the list on every delta would cost
+    O(VMs) per change). Returns drift notes, or None when the delta is dropped:
     older than the newest report or delta applied, or from an agent run whose first full report
     is not recorded yet (that report, sent at the agent's start, lists every VM anyway).
     """
@@ -400,6 +403,8 @@ def record_vm_changes(session: Session, changes: VmChanges, now: float) -> list[
     )
     if not getattr(result, "rowcount", 0):
         return None
+    if changes.gone:
+        _forget_reported(session, changes.host_id, set(changes.gone))
     statuses: dict[str, VmStatus | None] = {vm.uuid: vm for vm in changes.vms}
     statuses.update(dict.fromkeys(changes.gone))
     rows = session.scalars(
@@ -409,6 +414,21 @@ def record_vm_changes(session: Session, changes: VmChanges, now: float) -> list[
         _apply_vm_status(vm, statuses[vm.uuid], changes.host_id, changes.reported_at, now) for vm in rows
     )
     return [note for note in notes if note is not None]
+
+
+def _forget_reported(session: Session, host_id: str, gone: set[str]) -> None:
+    """Drop ``gone`` domains from the host's last full report (only deletes and domains removed
+    by hand send them: rare enough to rewrite the list for)."""
+    listed = session.scalar(select(Host.reported_vms).where(Host.id == host_id))
+    vms = json.loads(listed) if listed else []
+    kept = [vm for vm in vms if vm.get("uuid") not in gone]
+    if len(kept) != len(vms):
+        session.execute(
+            update(Host)
+            .where(Host.id == host_id)
+            .values(reported_vms=json.dumps(kept))
+            .execution_options(synchronize_session=False)
+        )
 
 
 def _apply_vm_status(

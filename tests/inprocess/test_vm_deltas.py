@@ -101,6 +101,22 @@ def test_a_vm_powered_off_behind_the_controllers_back_shows_in_vm_show_long_befo
     fleet.cli_ok("vm", "delete", "event")
 
 
+def test_a_deleted_vm_is_not_shown_as_an_unknown_domain_until_the_next_full_report(
+    fleet: InProcessFleet,
+) -> None:
+    fleet.cli_ok("vm", "create", "listed", "--memory", "128", "--disk", "1", "--host", "a")
+    reporter_of(fleet, "a").request_report()
+    wait_until(lambda: "listed" in {vm.name for vm in reported_vms(fleet, "a")}, SOON, "a report listing it")
+    reports = reporter_of(fleet, "a").reports_sent
+    fleet.cli_ok("vm", "delete", "listed", "--delete-disks")
+    # The undefine's delta says it is gone: the stored list (what drift and reported use read)
+    # loses it now, not at the next full report (300 s away here).
+    wait_until(lambda: "listed" not in {vm.name for vm in reported_vms(fleet, "a")}, SOON, "the gone delta")
+    (entry,) = fleet.cli_ok("host", "capacity", "a")["hosts"]
+    assert entry["drift"] == []
+    assert reporter_of(fleet, "a").reports_sent == reports, "it came in a delta"
+
+
 # ------------------------------------------------------------------------ the controller's rules
 
 
@@ -122,7 +138,7 @@ def test_the_controller_applies_a_delta_in_order_to_the_vms_it_names_only(fleet:
     last = reporter.last_report
     assert last is not None
     wait_until(lambda: _host_row(fleet)[0] == last.seq, SOON, "b's last report recorded")
-    seq, updated_at, reported_vms = _host_row(fleet)
+    seq, updated_at, stored_vms = _host_row(fleet)
     running = fleet.fake("b").hypervisor.status(uuid)
     assert running.state is PowerState.RUNNING
     service = service_of(fleet)
@@ -141,7 +157,7 @@ def test_the_controller_applies_a_delta_in_order_to_the_vms_it_names_only(fleet:
 
     service.record_vm_changes(delta(seq + 1, state=PowerState.PAUSED))
     assert vm_show(fleet, "ruled")["power_state"] == "paused"
-    assert _host_row(fleet) == (seq + 1, updated_at, reported_vms), "only the seq of the host row moves"
+    assert _host_row(fleet) == (seq + 1, updated_at, stored_vms), "only the seq of the host row moves"
     # Older than the newest applied (or the same one redelivered): dropped.
     service.record_vm_changes(delta(seq + 1, state=PowerState.SHUTOFF))
     service.record_vm_changes(delta(seq, state=PowerState.SHUTOFF))
@@ -155,10 +171,12 @@ def test_the_controller_applies_a_delta_in_order_to_the_vms_it_names_only(fleet:
     service.record_vm_changes(delta(seq + 2, state=PowerState.SHUTOFF, at=changed_at - 1))
     assert vm_show(fleet, "ruled")["power_state"] == "paused"
     assert _host_row(fleet)[0] == seq + 2
-    # Gone from the host: missing.
+    # Gone from the host: missing, and no longer in the host's last full report's list.
+    assert uuid in {vm.uuid for vm in reported_vms(fleet, "b")}
     service.record_vm_changes(delta(seq + 3, state=None))
     assert vm_show(fleet, "ruled")["power_state"] == "missing"
-    assert _host_row(fleet) == (seq + 3, updated_at, reported_vms)
+    assert _host_row(fleet)[:2] == (seq + 3, updated_at)
+    assert {vm.uuid for vm in reported_vms(fleet, "b")} == {vm.uuid for vm in last.vms} - {uuid}
     fleet.start_agent("b")  # its first full report puts things right
     wait_until(
         lambda: vm_show(fleet, "ruled")["power_state"] == "running", SOON, "b's report after its restart"

@@ -115,6 +115,16 @@ def test_drift_names_unmanaged_missing_and_oversized_vms() -> None:
     ]
 
 
+def test_a_vm_newer_than_the_last_full_report_is_not_called_missing() -> None:
+    # Created (or moved here) after the report was written: deltas and replies tell its state,
+    # the host's next full report lists it.
+    record = host(last_report=100.0)
+    assert drift_notes(record, [vm("new", "u1", updated_at=100.5)]) == []
+    assert drift_notes(record, [vm("old", "u2", updated_at=99.0)]) == [
+        "VM old is claimed here but the host does not report it"
+    ]
+
+
 def test_no_drift_when_report_and_claims_agree() -> None:
     assert drift_notes(host(reported_vms=(status("a", "u1"),)), [vm("a", "u1")]) == []
 
