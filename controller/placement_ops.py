@@ -120,8 +120,8 @@ def drift_notes(
     ``claims``: each VM's allocations (uuid -> resource -> amount). A VM is compared with what it
     claims, not with its record, which the reports keep up to date with what the host runs (so a VM
     grown by hand with virsh would otherwise never show). A VM the controller changed after the last
-    full report was written (one just created or moved here: commands and deltas keep its state,
-    the full report comes every report interval) is not said to be missing from that report.
+    full report was written (created or moved here, resized, ballooned since: commands and deltas
+    keep its state, the full report comes every report interval) is not judged by that report.
     """
     notes: list[str] = []
     claims = claims or {}
@@ -135,12 +135,15 @@ def drift_notes(
                 "is not claimed by virtfleet"
             )
     for vm in known.values():
-        if vm.status is Lifecycle.BUILDING:
-            continue
+        if (
+            vm.status is Lifecycle.BUILDING
+            or record.last_report is None
+            or vm.updated_at > record.last_report
+        ):
+            continue  # the last full report cannot speak for it (see above)
         status = reported.get(vm.uuid)
         if status is None:
-            if record.last_report is not None and vm.updated_at <= record.last_report:
-                notes.append(f"VM {vm.name} is claimed here but the host does not report it")
+            notes.append(f"VM {vm.name} is claimed here but the host does not report it")
         else:
             claim = claims.get(vm.uuid, {})
             vcpus = claim.get(str(ResourceClass.VCPU), claim.get(str(ResourceClass.PCPU), vm.vcpus))

@@ -115,13 +115,20 @@ def test_drift_names_unmanaged_missing_and_oversized_vms() -> None:
     ]
 
 
-def test_a_vm_newer_than_the_last_full_report_is_not_called_missing() -> None:
-    # Created (or moved here) after the report was written: deltas and replies tell its state,
-    # the host's next full report lists it.
-    record = host(last_report=100.0)
-    assert drift_notes(record, [vm("new", "u1", updated_at=100.5)]) == []
-    assert drift_notes(record, [vm("old", "u2", updated_at=99.0)]) == [
-        "VM old is claimed here but the host does not report it"
+def test_a_vm_changed_after_the_last_full_report_is_not_judged_by_it() -> None:
+    # Created or moved here, or resized (here: ballooned to 512 MiB, its claim with it) after the
+    # report was written: deltas and replies tell its state, the host's next full report lists it.
+    record = host(last_report=100.0, reported_vms=(status("shrunk", "u3", memory=1024),))
+    shrunk = vm("shrunk", "u3", memory_mib=512)
+    assert (
+        drift_notes(
+            record, [vm("new", "u1", updated_at=100.5), vm("shrunk", "u3", memory_mib=512, updated_at=100.5)]
+        )
+        == []
+    )
+    assert drift_notes(record, [vm("old", "u2", updated_at=99.0), shrunk]) == [
+        "VM old is claimed here but the host does not report it",
+        "VM shrunk uses 2 vCPU / 1024 MiB, claimed 2 vCPU / 512 MiB",
     ]
 
 
