@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 QUEUE_CAPACITY = 10_000
 #: Entries written in one transaction at most.
 BATCH = 500
+#: Seconds the writer waits, after the first entry of a batch, for more to join it. Calls that
+#: come one after another (a script's creates, 10 ms apart) would otherwise cost one transaction
+#: each, a tenth of the controller's CPU per create (docs/performance.md); a crash loses at most
+#: this much more of them (docs/security.md, "Audit"). A flush or a stop does not wait for it.
+LINGER_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +110,9 @@ class _Mark:
 class AuditLog:
     """The controller's audit log: :meth:`record` queues, a writer thread inserts in batches."""
 
-    def __init__(self, engine: Engine, *, capacity: int = QUEUE_CAPACITY) -> None:
+    def __init__(self, engine: Engine, *, capacity: int = QUEUE_CAPACITY, linger_s: float = LINGER_S) -> None:
         self._engine = engine
+        self._linger_s = linger_s
         self._queue: queue.Queue[AuditEntry | _Mark] = queue.Queue(capacity)
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         #: the queue was full at the last record (its warning is logged once per episode)
@@ -156,9 +163,11 @@ class AuditLog:
     def _run(self) -> None:
         while True:
             batch = [self._queue.get()]
-            while len(batch) < BATCH:
+            until = time.monotonic() + self._linger_s
+            # A mark (flush, stop) ends the gathering: its caller waits for what is before it.
+            while len(batch) < BATCH and not isinstance(batch[-1], _Mark):
                 try:
-                    batch.append(self._queue.get_nowait())
+                    batch.append(self._queue.get(timeout=max(0.0, until - time.monotonic())))
                 except queue.Empty:
                     break
             if self._settle(batch):

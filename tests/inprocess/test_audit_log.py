@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -31,6 +32,30 @@ def test_recorded_entries_are_listed_newest_first_with_filters(engine: sa.Engine
         assert [e.request_id for e in log.list(AuditListRequest(limit=1)).entries] == ["r4"]
     finally:
         log.stop()
+
+
+def test_calls_one_after_another_share_a_transaction_and_a_flush_does_not_wait_for_more(
+    engine: sa.Engine,
+) -> None:
+    inserts: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.startswith("INSERT INTO audit_log"):
+            inserts.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", seen)
+    # An hour of linger: a flush that waited for it would hang the test (pytest's timeout).
+    log = AuditLog(engine, linger_s=3600.0)
+    log.start()
+    try:
+        log.record(entry(1))
+        time.sleep(0.1)  # the writer has taken the first entry and waits for more
+        log.record(entry(2))
+        assert [e.request_id for e in log.list(AuditListRequest()).entries] == ["r2", "r1"]
+        assert len(inserts) == 1, "both entries in one INSERT"
+    finally:
+        log.stop()
+        sa.event.remove(engine, "before_cursor_execute", seen)
 
 
 def test_stop_writes_what_is_queued(engine: sa.Engine) -> None:
