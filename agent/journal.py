@@ -58,9 +58,13 @@ class SqliteJournal:
         max_entries: int = DEFAULT_MAX_ENTRIES,
         max_age_s: float = DEFAULT_MAX_AGE_S,
         clock: Callable[[], float] = time.time,
+        poll_s: float = 1.0,
     ) -> None:
-        if max_entries <= 0 or max_age_s <= 0:
+        """``poll_s``: how often a :meth:`wait_for` looks again without being woken (the clock
+        may be injected, so its deadline is checked by looking); a put wakes it at once."""
+        if max_entries <= 0 or max_age_s <= 0 or poll_s <= 0:
             raise ValueError("journal limits must be positive")
+        self._poll_s = poll_s
         self.path = Path(path)
         self._max_entries = max_entries
         self._max_age_s = max_age_s
@@ -108,7 +112,7 @@ class SqliteJournal:
                 left = until - self._clock()
                 if left <= 0:
                     return None
-                self._put.wait(min(left, 1.0))  # the clock may be injected: look again each second
+                self._put.wait(min(left, self._poll_s))
 
     def _get(self, message_id: str) -> bytes | None:
         """As :meth:`get`, with the lock held."""

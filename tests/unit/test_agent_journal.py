@@ -96,7 +96,8 @@ def test_unwritable_location(tmp_path: Path) -> None:
 
 
 def test_wait_for_returns_the_reply_once_another_thread_puts_it(tmp_path: Path) -> None:
-    journal = SqliteJournal(tmp_path / "j.db")
+    # An hour between looks: only the put's wake-up can end the wait within the result's timeout.
+    journal = SqliteJournal(tmp_path / "j.db", poll_s=3600)
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(journal.wait_for, "m1", float("inf"))
         assert not waiting.done()
@@ -116,7 +117,7 @@ def test_wait_for_gives_up_at_the_deadline(tmp_path: Path) -> None:
 
 
 def test_wait_for_gives_up_when_the_journal_closes(tmp_path: Path) -> None:
-    journal = SqliteJournal(tmp_path / "j.db")
+    journal = SqliteJournal(tmp_path / "j.db", poll_s=3600)  # the close must wake it
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(journal.wait_for, "m1", float("inf"))
         journal.close()
