@@ -100,12 +100,14 @@ def test_wait_for_returns_the_reply_once_another_thread_puts_it(tmp_path: Path) 
     journal = SqliteJournal(tmp_path / "j.db", poll_s=3600)
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(journal.wait_for, "m1", float("inf"))
-        assert not waiting.done()
-        journal.put("m2", VM_START.kind, b"another")
-        journal.put("m1", VM_START.kind, b"answer")
-        assert waiting.result(timeout=30) == b"answer"
-    assert journal.wait_for("m1", 0.0) == b"answer"  # recorded already: no wait at all
-    journal.close()
+        try:
+            assert not waiting.done()
+            journal.put("m2", VM_START.kind, b"another")
+            journal.put("m1", VM_START.kind, b"answer")
+            assert waiting.result(timeout=30) == b"answer"
+            assert journal.wait_for("m1", 0.0) == b"answer"  # recorded already: no wait at all
+        finally:
+            journal.close()  # wakes a waiter that a failure left behind
 
 
 def test_wait_for_gives_up_at_the_deadline(tmp_path: Path) -> None:
