@@ -593,14 +593,8 @@ class ControllerService:
                 # the count is exact: a hard anti-affinity limit cannot be raced past.
                 recheck = _place(
                     fleet.snapshot([host], self.config, now, _request_group(s, request)),
-                    PlacementRequest(
-                        vm_name=request.vm_name,
-                        resources=request.resources,
-                        needs_hw_virt=request.needs_hw_virt,
-                        networks=request.networks,
-                        bridges=request.bridges,
-                        group=request.group,
-                    ),
+                    # Every need as decided; the choice of host is made (and locked) already.
+                    replace(request, force_host=None, exclude_hosts=frozenset()),
                     _one_host_policy(self.config),
                 )
                 if isinstance(recheck, Refusal):
