@@ -97,15 +97,28 @@ def host_state(service: ControllerService, req: msgs.HostSwitch) -> msgs.Done:
     )
 
 
-def _reported_usage(record: repo.HostRecord) -> dict[str, int]:
-    running = [
-        v
-        for v in record.reported_vms
-        if v.state in (PowerState.RUNNING, PowerState.PAUSED, PowerState.BLOCKED)
-    ]
+#: The power states in which a domain holds its vCPUs and memory on the host.
+_HOLDING = (PowerState.RUNNING, PowerState.PAUSED, PowerState.BLOCKED)
+
+
+def _changed_since_report(record: repo.HostRecord, vm: repo.VmRecord) -> bool:
+    """The controller changed ``vm`` after the host's last full report was written (created or
+    moved here, resized, powered on or off since): that report cannot speak for it."""
+    return record.last_report is None or vm.updated_at > record.last_report
+
+
+def reported_usage(record: repo.HostRecord, vms: Iterable[repo.VmRecord] = ()) -> dict[str, int]:
+    """What the host's domains use, as the host said it (pure): its last full report, with the
+    VMs the controller changed since (``vms`` of the host) as their commands' replies and the
+    host's deltas said (a VM created after the report is counted, not missed until the next)."""
+    newer = {
+        vm.uuid: vm for vm in vms if vm.status is not Lifecycle.BUILDING and _changed_since_report(record, vm)
+    }
+    listed = [v for v in record.reported_vms if v.uuid not in newer and v.state in _HOLDING]
+    told = [vm for vm in newer.values() if vm.power_state in _HOLDING]
     return {
-        "VCPU": sum(v.vcpus for v in running),
-        "MEMORY_MIB": sum(v.memory_mib for v in running),
+        "VCPU": sum(v.vcpus for v in listed) + sum(vm.vcpus for vm in told),
+        "MEMORY_MIB": sum(v.memory_mib for v in listed) + sum(vm.memory_mib for vm in told),
         "DISK_GIB": max(0, record.disk_gib - record.disk_free_gib),
     }
 
@@ -135,11 +148,7 @@ def drift_notes(
                 "is not claimed by virtfleet"
             )
     for vm in known.values():
-        if (
-            vm.status is Lifecycle.BUILDING
-            or record.last_report is None
-            or vm.updated_at > record.last_report
-        ):
+        if vm.status is Lifecycle.BUILDING or _changed_since_report(record, vm):
             continue  # the last full report cannot speak for it (see above)
         status = reported.get(vm.uuid)
         if status is None:
@@ -174,7 +183,7 @@ def capacity(service: ControllerService, req: msgs.CapacityRequest) -> msgs.Capa
         fresh = service.fleet.freshen(record)
         state = fleet.host_state(fresh, service.config, now)
         sources = fleet.inventory_sources(record, service.config)
-        reported = _reported_usage(record)
+        reported = reported_usage(record, by_host.get(record.id, []))
         resources = []
         for rc, inv in sorted(state.inventories.items(), key=lambda kv: str(kv[0])):
             resources.append(

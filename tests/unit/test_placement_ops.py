@@ -16,7 +16,7 @@ from controller.cli.cmd_placement import parse_limit
 from controller.config import ControllerConfig
 from controller.db.repository import VmRecord
 from controller.fleet import inventories, inventory_sources
-from controller.placement_ops import drift_notes
+from controller.placement_ops import drift_notes, reported_usage
 from controller.scheduler.model import ResourceClass
 
 host = functools.partial(
@@ -130,6 +130,27 @@ def test_a_vm_changed_after_the_last_full_report_is_not_judged_by_it() -> None:
         "VM old is claimed here but the host does not report it",
         "VM shrunk uses 2 vCPU / 1024 MiB, claimed 2 vCPU / 512 MiB",
     ]
+
+
+def test_reported_use_counts_what_the_host_said_since_its_last_full_report() -> None:
+    record = host(
+        last_report=100.0,
+        reported_vms=(
+            status("old", "u1", vcpus=2, memory=1024),
+            status("resized", "u2", vcpus=4, memory=4096),
+        ),
+    )
+    vms = [
+        vm("old", "u1", updated_at=99.0),  # as the report said
+        vm("resized", "u2", vcpus=1, memory_mib=512, updated_at=101.0),  # setvcpus + setmem since
+        vm("new", "u3", vcpus=2, memory_mib=2048, updated_at=102.0),  # created since
+        vm("stopped", "u4", power_state=PowerState.SHUTOFF, updated_at=103.0),  # holds nothing
+        vm("building", "u5", status=Lifecycle.BUILDING, updated_at=104.0),  # not on the host yet
+    ]
+    used = reported_usage(record, vms)
+    assert (used["VCPU"], used["MEMORY_MIB"]) == (2 + 1 + 2, 1024 + 512 + 2048)
+    # The report alone, as before any command: what it listed.
+    assert (reported_usage(record)["VCPU"], reported_usage(record)["MEMORY_MIB"]) == (6, 5120)
 
 
 def test_no_drift_when_report_and_claims_agree() -> None:
