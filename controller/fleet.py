@@ -148,6 +148,7 @@ def host_state(record: HostRecord, config: ControllerConfig, now: float) -> Host
         generation=record.generation,
         free_pcpus=tuned.free_pcpus,
         pcpu_numa=tuned.pcpu_numa,
+        cpus=record.cpus,
     )
 
 
@@ -198,6 +199,7 @@ def placement_request(
     networks: Iterable[str] = (),
     bridges: Iterable[str] = (),
     group: str | None = None,
+    highest_cpu: int | None = None,
 ) -> PlacementRequest:
     return PlacementRequest(
         vm_name=name,
@@ -208,6 +210,7 @@ def placement_request(
         group=group,
         force_host=force_host,
         exclude_hosts=frozenset(exclude),
+        highest_cpu=highest_cpu,
     )
 
 

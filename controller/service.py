@@ -254,7 +254,7 @@ class ControllerService:
             or req.dry_run
             or req.host is not None
             or req.server_group is not None
-            or req.cpuset is not None  # checked against the chosen host inside its claim (_spec)
+            or req.cpuset is not None  # placed on hosts that have its CPUs; checked again in _spec
         ):
             return self._create_alone(req)
         vm_uuid = str(uuidlib.uuid4())
@@ -491,6 +491,7 @@ class ControllerService:
             networks=(n.source for n in req.nics if n.kind is NicKind.NETWORK),
             bridges=(n.source for n in req.nics if n.kind is NicKind.BRIDGE),
             group=req.server_group,
+            highest_cpu=max(parse_cpuset(req.cpuset)) if req.cpuset is not None else None,
         )
 
     def _decide(

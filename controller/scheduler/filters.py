@@ -39,6 +39,7 @@ __all__ = [
     "bridges",
     "build_context",
     "check_resource",
+    "cpuset",
     "dedicated_cpus",
     "excluded",
     "forced_host",
@@ -346,6 +347,26 @@ def dedicated_cpus(host: HostState, ctx: FilterContext) -> HostRejection | None:
     )
 
 
+def cpuset(host: HostState, ctx: FilterContext) -> HostRejection | None:
+    """A ``--cpuset`` names CPUs by id: the host must have the highest it names (libvirt
+    refuses a domain pinned to a CPU the host does not have)."""
+    highest = ctx.request.highest_cpu
+    if highest is None or highest < host.cpus:
+        return None
+    return HostRejection(
+        host_id=host.host_id,
+        rule=Rule.CPUSET,
+        message=(
+            f"the cpuset names CPU {highest}, the host has CPUs 0-{host.cpus - 1}"
+            if host.cpus
+            else f"the cpuset names CPU {highest}, the host has not reported its CPUs"
+        ),
+        requested=highest + 1,
+        free=host.cpus,
+        short_by=highest + 1 - host.cpus,
+    )
+
+
 def build_context(snapshot: FleetSnapshot, request: PlacementRequest) -> FilterContext:
     """Resolve the request's group and select the filters that can reject anything.
 
@@ -367,6 +388,7 @@ def make_context(request: PlacementRequest, group: ServerGroup | None, now: floa
         (group is not None and group.policy is GroupPolicy.AFFINITY, affinity),
         (group is not None and group.policy is GroupPolicy.ANTI_AFFINITY, anti_affinity),
         (request.dedicated_cpus > 0, dedicated_cpus),
+        (request.highest_cpu is not None, cpuset),
     )
     per_request = tuple(check for wanted, check in optional if wanted)
     resources = tuple(

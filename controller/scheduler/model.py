@@ -240,6 +240,8 @@ class HostState:
     generation: int = 0
     free_pcpus: frozenset[int] = frozenset()
     pcpu_numa: Mapping[int, int] = field(default_factory=FrozenMap)
+    #: logical CPUs, numbered 0..cpus-1 (what a ``--cpuset`` names); 0 when not reported yet
+    cpus: int = 0
     free: Mapping[ResourceClass, int] = field(init=False, compare=False, repr=False)
     accepting: bool = field(init=False, compare=False, repr=False)
     plain_units: bool = field(init=False, compare=False, repr=False)
@@ -350,6 +352,8 @@ class PlacementRequest:
     exclude_hosts: frozenset[str] = frozenset()
     dedicated_cpus: int = 0
     prefer_numa_local: bool = True
+    #: the highest CPU id a ``--cpuset`` names: only a host that has that CPU can take the VM
+    highest_cpu: int | None = None
 
     def __post_init__(self) -> None:
         resources = dict(self.resources)
@@ -430,6 +434,7 @@ class Rule(StrEnum):
     BRIDGE = "bridge"
     CAPACITY = "capacity"
     DEDICATED_CPUS = "dedicated_cpus"
+    CPUSET = "cpuset"
     HUGEPAGES = "hugepages"
     MAX_VMS = "max_vms"
     AFFINITY = "affinity"

@@ -17,7 +17,7 @@ from common.errors import RequestTimeout
 from common.messages import api
 from common.messages.base import replace as replace_struct
 from common.messages.descriptor import Command
-from common.messages.host import Heartbeat, HostReport, VmChanges
+from common.messages.host import CpuTopology, Heartbeat, HostReport, VmChanges
 from common.messages.vm import KernelBoot, PowerState, VmStatus
 from controller.config import ControllerConfig
 from controller.db import repository as repo
@@ -49,10 +49,22 @@ def _seed(service: ControllerService, *hosts: str, memory_mib: int = 16384) -> N
         )
 
 
-def _create(service: ControllerService, name: str, *, memory_mib: int = 1024, dry_run: bool = False) -> str:
+def _create(
+    service: ControllerService,
+    name: str,
+    *,
+    memory_mib: int = 1024,
+    dry_run: bool = False,
+    cpuset: str | None = None,
+) -> str:
     """Place and claim ``name``; the silent agents leave the claim in place. The chosen host."""
     request = api.VmCreate(
-        name=name, vcpus=1, memory_mib=memory_mib, dry_run=dry_run, kernel_boot=KernelBoot("/boot/vmlinuz")
+        name=name,
+        vcpus=1,
+        memory_mib=memory_mib,
+        dry_run=dry_run,
+        kernel_boot=KernelBoot("/boot/vmlinuz"),
+        cpuset=cpuset,
     )
     if dry_run:
         placement = service.create_vm(request).placement
@@ -247,6 +259,28 @@ def test_a_report_that_could_not_speak_for_a_vm_is_not_taken_as_a_repeat(engine:
     assert service.show_vm("v").power_state != PowerState.MISSING
     service.record_report(report(2, changed_at + 1))
     assert service.show_vm("v").power_state == PowerState.MISSING
+    service.close()
+
+
+def test_a_cpuset_is_placed_on_a_host_that_has_its_cpus(engine: Engine) -> None:
+    # The weigher prefers the 8-CPU host (the most free memory); a cpuset naming CPU 10 can only
+    # run on the 32-CPU one. It used to be placed on the first and refused there by the claim
+    # (InvalidRequest, exit 2), although another host could take it.
+    service = _service(engine)
+    now = time.time()
+    service.record_report(
+        host_report(
+            "narrow", cpu=CpuTopology(cpus=8), memory_mib=65536, memory_free_mib=65536, reported_at=now
+        )
+    )
+    service.record_report(
+        host_report(
+            "wide", cpu=CpuTopology(cpus=32), memory_mib=16384, memory_free_mib=16384, reported_at=now
+        )
+    )
+    assert _create(service, "probe", dry_run=True) == "narrow"
+    assert _create(service, "probe", dry_run=True, cpuset="10-11") == "wide"
+    assert _create(service, "pinned", cpuset="10-11") == "wide"
     service.close()
 
 

@@ -86,18 +86,23 @@ def test_values_at_the_bounds_still_pass(fleet: InProcessFleet) -> None:
     fleet.cli_ok("vm", "delete", "edge", "--delete-disks")
 
 
-def test_a_cpuset_the_chosen_host_lacks_is_refused_inside_the_claim(tmp_path: Path) -> None:
-    # The large host has the CPUs but is disabled: placement chooses the small one, whose claim
-    # refuses the cpuset and rolls back (no VM record, no allocation).
+def test_a_cpuset_only_a_disabled_host_has_is_refused_by_placement(tmp_path: Path) -> None:
+    # The large host has the CPUs but is disabled: the small one lacks them, so no host can take
+    # the VM, and the refusal says why for each (it used to be placed on the small host and
+    # refused by its claim, as an InvalidRequest naming only that host). Nothing is written.
     hosts = {"small": HostShape("small"), "large": HostShape("large")}
     with inprocess_fleet(tmp_path, hosts) as f:
         small, large = (f.cli_ok("host", "show", h)["cpus"] for h in ("small", "large"))
         assert large > small
         f.cli_ok("host", "disable", "large")
         done = f.cli("vm", "create", "wide", "--memory", "256", "--disk", "1", "--cpuset", f"0-{large - 1}")
-        assert done.code == 2, done.stdout + done.stderr
+        assert done.code == 4, done.stdout + done.stderr
         error = done.json["error"]
-        assert error["type"] == "InvalidRequest" and error["details"]["host"] == "small", error
+        assert error["type"] == "NoValidHost", error
+        assert {(r["host"], r["rule"]) for r in error["details"]["reasons"]} == {
+            ("large", "disabled"),
+            ("small", "cpuset"),
+        }
         assert rows_written(f) == (0, 0)
 
 

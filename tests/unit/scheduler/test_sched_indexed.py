@@ -73,6 +73,7 @@ def random_host(host_id: str, seed: int, *, scale: int = 1) -> sched.HostState:
         max_vms=max_vms,
         free_pcpus=frozenset(range(cpus)) - busy,
         pcpu_numa={cpu: cpu % 2 for cpu in range(cpus)},
+        cpus=rng.choice((0, 8, 16, 32)),
     )
 
 
@@ -96,6 +97,7 @@ def random_request(seed: int, host_ids: list[str], *, scale: int = 1) -> sched.P
         else frozenset(),
         force_host=rng.choice([*host_ids[:2], "absent"]) if rng.random() < 0.1 else None,
         prefer_numa_local=rng.random() < 0.5,
+        highest_cpu=rng.choice((None, None, None, 5, 12, 20)),
     )
 
 

@@ -82,6 +82,20 @@ def test_spread_prefers_most_free_and_orders_alternates() -> None:
     assert result.ranked[1].weights == {"memory_mib": pytest.approx(0.5)}
 
 
+def test_a_cpuset_goes_only_to_hosts_that_have_its_cpus() -> None:
+    narrow, wide = make_host("narrow", memory=16384, cpus=8), make_host("wide", memory=8192, cpus=32)
+    unknown = make_host("unknown", memory=32768)  # no CPUs reported yet
+    fleet = FleetSnapshot(hosts=(narrow, wide, unknown))
+    assert placed(place(fleet, make_request(), MEMORY_ONLY)).host_id == "unknown"  # most free memory
+    assert placed(place(fleet, make_request(highest_cpu=10), MEMORY_ONLY)).host_id == "wide"
+    refusal = refused(place(fleet, make_request(highest_cpu=40), MEMORY_ONLY))
+    by_host = {r.host_id: r for r in refusal.reasons}
+    assert {r.rule for r in refusal.reasons} == {Rule.CPUSET}
+    assert by_host["narrow"].message == "the cpuset names CPU 40, the host has CPUs 0-7"
+    assert by_host["unknown"].message == "the cpuset names CPU 40, the host has not reported its CPUs"
+    assert (by_host["wide"].requested, by_host["wide"].free, by_host["wide"].short_by) == (41, 32, 9)
+
+
 def test_pack_prefers_least_free() -> None:
     policy = PlacementPolicy(strategy=Strategy.PACK, multipliers={R.MEMORY_MIB: 1.0})
     result = placed(place(FLEET, make_request(), policy))
