@@ -376,8 +376,8 @@ def _apply_reported_vms(session: Session, report: HostReport, now: float) -> Rep
     """A full report: every VM row of the host against what the host lists (absent = missing)."""
     seen = {vm.uuid: vm for vm in report.vms}
     rows = list(session.scalars(select(Vm).where(Vm.host_id == report.host_id).options(defer(Vm.spec))))
-    deferred = sum(1 for vm in rows if vm.updated_at > report.reported_at)
     notes = (_apply_vm_status(vm, seen.get(vm.uuid), report.host_id, report.reported_at, now) for vm in rows)
+    deferred = sum(1 for vm in rows if _changed_after(vm, report.reported_at))
     return ReportApplied([note for note in notes if note is not None], deferred)
 
 
@@ -431,14 +431,19 @@ def _forget_reported(session: Session, host_id: str, gone: set[str]) -> None:
         )
 
 
+def _changed_after(vm: Vm, reported_at: float) -> bool:
+    """The controller changed ``vm`` after the agent took the report stamped ``reported_at``:
+    the report cannot know about it yet (e.g. a create finishing while the report was queued),
+    so it leaves the row alone (and a full report is not the host's settled state)."""
+    return vm.updated_at > reported_at
+
+
 def _apply_vm_status(
     vm: Vm, status: VmStatus | None, host_id: str, reported_at: float, now: float
 ) -> str | None:
     """The one rule for a VM row and what its host reported (None: the host has no such domain),
     for full reports and deltas alike. Returns a drift note, if any."""
-    if vm.updated_at > reported_at:
-        # The controller changed this VM after the agent took the report: the report
-        # cannot know about it yet (e.g. a create finishing while the report was queued).
+    if _changed_after(vm, reported_at):
         return None
     if status is None:
         # A VM still building may not be defined yet; anything else is missing.
