@@ -679,8 +679,12 @@ class ConsumerServer(PooledConsumer):
         while not self._stop.is_set():
             try:
                 self._consume_once()
-            except _RECONNECT_ERRORS as exc:
+            except Exception as exc:
                 self.connected = False
+                if not isinstance(exc, _RECONNECT_ERRORS):
+                    # A defect (ours or pika's): a consumer thread that died here would leave
+                    # the process up but deaf to its queues, so it is logged and started over.
+                    log.exception("%s: consumer failed; reconnecting", self.name)
                 if self._consumed:
                     # It was consuming before this failure: start the backoff over, so that a
                     # consumer that survived many broker restarts does not wait the maximum.
@@ -725,6 +729,10 @@ class ConsumerServer(PooledConsumer):
             self.ready.set()
             log.info("%s: consuming %s", self.name, self._what())
             while not self._stop.is_set():
+                if not conn.is_open:
+                    # Lost inside a finishing step (see _work), whose nested flush closed pika's
+                    # event loop: calling into it again would raise ValueError, not a pika error.
+                    raise _ConnectionLost("connection closed")
                 conn.process_data_events(time_limit=self._tick)
                 self.last_tick = time.monotonic()
                 if cancelled:
@@ -735,11 +743,13 @@ class ConsumerServer(PooledConsumer):
             # the deadline stop() set. Unacknowledged deliveries go back when the connection closes.
             for tag in tags:
                 ch.basic_cancel(tag)
-            while self._pending() and time.monotonic() < self._drain_until:
+            # (A connection lost meanwhile ends the drain: what is unacknowledged goes back.)
+            while self._pending() and time.monotonic() < self._drain_until and conn.is_open:
                 conn.process_data_events(
                     time_limit=min(self._tick, max(0.0, self._drain_until - time.monotonic()))
                 )
-            conn.process_data_events(time_limit=0)
+            if conn.is_open:
+                conn.process_data_events(time_limit=0)
         finally:
             self.connected = False
             if conn.is_open:
@@ -818,6 +828,10 @@ class ConsumerServer(PooledConsumer):
                 log.warning(
                     "%s: could not reply/ack (%s); the message will be redelivered", self.name, _describe(exc)
                 )
+                if not conn.is_open:
+                    # The connection died during this step (pika noticed it in the step's own
+                    # flush and closed its event loop): out of the loop, to reconnect now.
+                    raise _ConnectionLost(_describe(exc)) from exc
 
         try:
             finishes.add(finish)

@@ -8,16 +8,19 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pika
 import pytest
+from cutproxy import CHANNEL_OPEN, cutting_proxy
 from vfsupport import free_port, wait_until
 
 from common.errors import InvalidRequest, TransportError
 from common.messages import api
 from common.messages.descriptor import Side
 from common.messages.envelope import Envelope, decode_envelope
+from common.transport import amqp
 from common.transport.amqp import AmqpTransport, ConsumerServer
 from common.transport.rpc import Dispatcher, HandlerTable, request, unwrap
 from common.transport.topology import (
@@ -76,6 +79,71 @@ def test_server_and_client_recover_after_the_broker_drops_all_connections(
     wait_until(server.healthy, 30, "the server to reconnect and consume again")
     # The client's connection was dropped too: the call reconnects and re-publishes.
     assert _ping(transport) == api.Empty()
+
+
+def test_a_connection_lost_inside_the_reply_step_is_noticed_and_the_request_answered_again(
+    transport: AmqpTransport, vhost_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection dies while the server's consumer thread opens its reply channel (inside its
+    finishing step, itself inside pika's event loop): pika raises there and closes the loop. The
+    server must treat that as any lost connection -- reconnect, and answer the request the broker
+    redelivers. (Before: the next tick raised ValueError from pika's closed timer, the consumer
+    thread died without a word, and every later request waited for its timeout; seen once in a
+    dozen runs of tests/chaos/test_broker_cluster.py.)"""
+    handled: list[str] = []
+
+    def ping(_body: api.Empty) -> api.Empty:
+        handled.append("ping")
+        return api.Empty()
+
+    table = HandlerTable(Side.CONTROLLER)
+    table.register(api.API_PING, ping)
+    with cutting_proxy() as proxy:
+        proxied = AmqpTransport(vhost_url.replace(":5672/", f":{proxy.port}/"), "test-cut")
+        srv = proxied.consumer(API_QUEUE, Dispatcher("test-controller", table), name="test-cut")
+        srv.start()
+        try:
+            assert srv.ready.wait(30)
+            # The server opens its reply channel with its first reply: the connection dies there.
+            proxy.cut_at(CHANNEL_OPEN)
+            assert _ping(transport) == api.Empty()
+            assert proxy.cut.is_set(), "the proxy never saw the reply channel open"
+            assert handled == ["ping", "ping"], "the request was not redelivered and handled again"
+            assert srv.reconnects == 1
+            # ... as a lost connection, not through the last-resort catch for defects
+            assert "consumer failed" not in caplog.text
+            wait_until(srv.healthy, 30, "the server to consume again")
+            assert _ping(transport) == api.Empty()
+        finally:
+            srv.stop(timeout=1)
+            proxied.close()
+
+
+def test_an_unexpected_error_in_the_consumer_loop_is_logged_and_the_server_starts_over(
+    vhost_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A defect that raises something other than a broker error in the consumer's thread must not
+    end that thread (the process would stay up, deaf to its queue): it is logged with its
+    traceback and the server connects again."""
+    real_connect = amqp.connect
+    failures = ["a defect"]
+
+    def connect_failing_once(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise RuntimeError(failures.pop())
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(amqp, "connect", connect_failing_once)
+    srv = AmqpTransport(vhost_url, "test-defect").consumer(
+        API_QUEUE, Dispatcher("test-controller", HandlerTable(Side.CONTROLLER)), name="test-defect"
+    )
+    srv.start()
+    try:
+        assert srv.ready.wait(30), "the consumer thread did not survive the error"
+        assert srv.reconnects == 1
+        assert "RuntimeError: a defect" in caplog.text
+    finally:
+        srv.stop(timeout=1)
 
 
 def test_a_list_of_broker_urls_goes_on_to_a_live_node(server: ConsumerServer, vhost_url: str) -> None:
