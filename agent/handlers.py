@@ -158,8 +158,10 @@ class AgentHandlers:
     def _resolve_disks(self, spec: vm.VmSpec, created: list[str] | None) -> tuple[vm.DiskSpec, ...]:
         """Every disk with its pool, volume and path filled in.
 
-        With ``created`` (a new VM), missing volumes are created and their paths appended to it, and
-        existing images must exist; without it (the VM is defined already) nothing is touched.
+        With ``created`` (a new VM), missing volumes are created and their paths appended to it, a
+        volume already there is used only if it was made for this VM (by an attempt that died;
+        AlreadyExists otherwise), and existing images must exist; without it (the VM is defined
+        already) nothing is touched.
         """
         resolved = []
         for disk in spec.disks:
@@ -173,13 +175,37 @@ class AgentHandlers:
             pool = disk.pool or self._hv.default_pool
             name = volume_name(spec, disk)
             path = self._hv.volume_path(pool, name)
-            if path is None and created is not None:
-                self.storage.pool_volume(pool, self._hv.pool_path(pool), name, disk.format)
-                path = self._hv.create_volume(pool, name, disk.format, disk.size_gib)
-                created.append(path)
-                self.storage.formats.record(path, disk.format.value)
+            if created is not None:
+                if path is None:
+                    path = self._new_volume(spec, disk, pool, name, created)
+                elif self.storage.formats.owner(path) != spec.uuid:
+                    raise AlreadyExists(
+                        f"disk {disk.target}: volume {pool}/{name} exists already and was not made for "
+                        f"this VM (a disk kept by a deleted VM of this name?); delete the volume, or "
+                        f"give this disk another volume name, or attach the image as an existing disk",
+                        details={"pool": pool, "volume": name, "path": path},
+                    )
             resolved.append(replace(disk, pool=pool, volume=name, path=path))
         return tuple(resolved)
+
+    def _new_volume(
+        self, spec: vm.VmSpec, disk: vm.DiskSpec, pool: str, name: str, created: list[str]
+    ) -> str:
+        """Create the volume of a new disk. Its record (format, and this VM as its owner) is
+        written first: if the agent dies after the volume is made, the redelivered create knows it
+        for its own; if the volume cannot be made, the record goes again."""
+        planned = self.storage.pool_volume(pool, self._hv.pool_path(pool), name, disk.format)
+        self.storage.formats.record(planned, disk.format.value, owner=spec.uuid)
+        try:
+            path = self._hv.create_volume(pool, name, disk.format, disk.size_gib)
+        except BaseException:
+            self.storage.formats.forget(planned)
+            raise
+        created.append(path)
+        if path != planned:  # a pool whose volumes are not files of its directory
+            self.storage.formats.record(path, disk.format.value, owner=spec.uuid)
+            self.storage.formats.forget(planned)
+        return path
 
     def _discard_volumes(self, paths: list[str]) -> None:
         """Best effort: remove volumes this create made before its define failed."""

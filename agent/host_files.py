@@ -77,7 +77,12 @@ def create_exclusive(path: str) -> None:
 
 
 class FormatBook:
-    """Image path -> format, for images virtfleet made or was told the format of.
+    """Image path -> format, for images virtfleet made or was told the format of, and for a new
+    VM's volume the VM it is made for (its uuid, the *owner*).
+
+    The owner tells a create that finds its volume already there whether that is its own, left
+    by an earlier attempt that died (used again), or somebody else's, such as the disk a deleted
+    VM of the same name kept (refused: a new VM must never start on an old VM's data).
 
     ``file`` None keeps the record in memory only (handlers built without a state directory).
     Otherwise ``file`` is an SQLite database (mode 0600) and every change is committed with
@@ -97,6 +102,7 @@ class FormatBook:
     def __init__(self, file: Path | None = None) -> None:
         self._lock = threading.Lock()
         self._formats: dict[str, str] = {}
+        self._owners: dict[str, str] = {}
         self._db: sqlite3.Connection | None = None
         #: kept on disk (a file was given): a change after close() is refused, not kept in memory only
         self._persistent = file is not None
@@ -104,7 +110,10 @@ class FormatBook:
             return
         self._db = _open_format_db(file)
         try:
-            self._formats = dict(self._db.execute("SELECT path, format FROM formats"))
+            for path, fmt, owner in self._db.execute("SELECT path, format, owner FROM formats"):
+                self._formats[path] = fmt
+                if owner is not None:
+                    self._owners[path] = owner
         except sqlite3.Error as exc:
             self._db.close()
             raise StorageError(f"cannot read the image format record {file}: {exc}") from None
@@ -117,13 +126,25 @@ class FormatBook:
         """The recorded format, else raw (never probed)."""
         return self.get(path) or UNRECORDED_FORMAT
 
-    def record(self, path: str, fmt: str) -> None:
-        """Record ``path`` as an image of ``fmt``; on disk when this returns."""
+    def owner(self, path: str) -> str | None:
+        """The uuid of the VM that ``path`` was made for as a new volume; None if not one."""
         with self._lock:
-            if self._formats.get(path) == fmt:
+            return self._owners.get(path)
+
+    def record(self, path: str, fmt: str, *, owner: str | None = None) -> None:
+        """Record ``path`` as an image of ``fmt`` (``owner``: made as a new volume of that VM, see
+        :meth:`owner`; None keeps what was recorded); on disk when this returns."""
+        with self._lock:
+            kept = self._owners.get(path)
+            owner = owner or kept
+            if self._formats.get(path) == fmt and owner == kept:
                 return
-            self._write("INSERT OR REPLACE INTO formats (path, format) VALUES (?, ?)", (path, fmt))
+            self._write(
+                "INSERT OR REPLACE INTO formats (path, format, owner) VALUES (?, ?, ?)", (path, fmt, owner)
+            )
             self._formats[path] = fmt
+            if owner is not None:
+                self._owners[path] = owner
 
     def forget(self, path: str) -> None:
         """Drop the record of ``path`` (its image was deleted); on disk when this returns."""
@@ -132,6 +153,7 @@ class FormatBook:
                 return
             self._write("DELETE FROM formats WHERE path = ?", (path,))
             del self._formats[path]
+            self._owners.pop(path, None)
 
     def close(self) -> None:
         """Close the database (the agent stops); the record is on disk already."""
@@ -140,7 +162,7 @@ class FormatBook:
                 self._db.close()
                 self._db = None
 
-    def _write(self, statement: str, params: tuple[str, ...]) -> None:
+    def _write(self, statement: str, params: tuple[str | None, ...]) -> None:
         """One change, committed (and so on disk) before returning; StorageError if not (also
         after :meth:`close`: a command still running as the agent stops must not be told that a
         format it will never find again is recorded)."""
@@ -182,10 +204,14 @@ def _open_format_db(file: Path) -> sqlite3.Connection:
             db.execute("BEGIN IMMEDIATE")
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if "formats" not in tables:
-                db.execute("CREATE TABLE formats (path TEXT PRIMARY KEY, format TEXT NOT NULL)")
+                db.execute("CREATE TABLE formats (path TEXT PRIMARY KEY, format TEXT NOT NULL, owner TEXT)")
                 db.executemany(
-                    "INSERT INTO formats VALUES (?, ?)", _legacy_record(file.with_suffix(LEGACY_SUFFIX))
+                    "INSERT INTO formats (path, format) VALUES (?, ?)",
+                    _legacy_record(file.with_suffix(LEGACY_SUFFIX)),
                 )
+            elif "owner" not in {row[1] for row in db.execute("PRAGMA table_info(formats)")}:
+                # The record of an agent before owners: its volumes have none (see FormatBook).
+                db.execute("ALTER TABLE formats ADD COLUMN owner TEXT")
     except sqlite3.Error as exc:
         db.close()
         raise StorageError(f"cannot open the image format record {file}: {exc}") from None

@@ -203,6 +203,27 @@ def test_lifecycle_through_the_cli(fleet: InProcessFleet) -> None:
     assert not [path for path in hv.volumes().values() if "life" in path]
 
 
+def test_a_new_vm_of_a_deleted_vms_name_is_not_given_the_disk_that_delete_kept(fleet: InProcessFleet) -> None:
+    fleet.cli_ok("vm", "create", "kept", "--host", "small", "--memory", "256", "--disk", "1")
+    fleet.cli_ok("vm", "delete", "kept")  # disks kept (no --delete-disks)
+    used = fleet.used("small")
+
+    again = fleet.cli("vm", "create", "kept", "--host", "small", "--memory", "256", "--disk", "1")
+
+    assert again.code == 4, again.stdout + again.stderr
+    error = again.json["error"]
+    assert error["type"] == "AlreadyExists"
+    assert "volume default/kept-vda.qcow2 exists already" in error["message"]
+    assert fleet.cli("vm", "show", "kept").code == 3, "the refused VM is not left behind"
+    assert fleet.used("small") == used, "nor its claim"
+    hv = fleet.fake("small").hypervisor
+    assert hv.uuid_for_name("kept") is None
+    # The kept disk is the old VM's, as it was: still there, for vm import or --disk path=.
+    assert [path for path in hv.volumes().values() if "kept" in path] == [
+        "/var/lib/virtfleet/images/kept-vda.qcow2"
+    ]
+
+
 def test_50_concurrent_creates_never_exceed_capacity(own_fleet: InProcessFleet) -> None:
     fleet = own_fleet
     size = {"VCPU": 1, "MEMORY_MIB": 4096, "DISK_GIB": 1}

@@ -145,13 +145,76 @@ def test_create_again_finishes_an_interrupted_create(handlers: AgentHandlers, hv
     assert hv.count("define") == 1
 
 
-def test_create_reuses_a_volume_left_by_an_earlier_attempt(
+class _Crash(BaseException):
+    """The agent process dying mid-command (nothing of the handler's own cleanup runs)."""
+
+
+def test_create_reuses_its_own_volume_left_by_an_attempt_that_died(
+    handlers: AgentHandlers, hv: FakeHypervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = make_spec()
+
+    def die(_xml: str) -> str:
+        raise _Crash
+
+    with monkeypatch.context() as patched:
+        patched.setattr(hv, "define", die)  # the agent dies after the volume was made
+        with pytest.raises(_Crash):
+            handlers.create(CreateVm(spec=spec))
+    hv.calls.clear()
+
+    result = handlers.create(CreateVm(spec=spec))  # the command, redelivered
+
+    assert result.status is not None and result.status.state is PowerState.RUNNING
+    assert hv.count("create_volume") == 0
+    assert hv.owned_volumes(spec.uuid) == ("/pools/default/web1-vda.qcow2",)
+
+
+def test_create_refuses_a_volume_kept_by_a_deleted_vm_of_the_same_name(
     handlers: AgentHandlers, hv: FakeHypervisor
 ) -> None:
-    hv.create_volume("default", "web1-vda.qcow2", DiskFormat.QCOW2, 10)
+    """A new VM never starts on an old VM's data: the disk ``vm delete`` kept (without
+    ``--delete-disks``) has the name the new VM's disk would get, and is not used for it."""
+    old = make_spec()
+    handlers.create(CreateVm(spec=old))
+    handlers.delete(DeleteVm(ref(old)))
     hv.calls.clear()
-    handlers.create(CreateVm(spec=make_spec()))
-    assert hv.count("create_volume") == 0
+
+    new = make_spec()  # the same name, another VM
+    with pytest.raises(errors.AlreadyExists) as info:
+        handlers.create(CreateVm(spec=new))
+
+    assert "volume default/web1-vda.qcow2 exists already" in info.value.message
+    assert info.value.details["path"] == "/pools/default/web1-vda.qcow2"
+    assert hv.find(new.uuid) is None and hv.count("define") == 0
+    assert hv.volume_path("default", "web1-vda.qcow2") is not None, "the kept disk is left alone"
+    # ... which the deleted VM can still be brought back with (vm import, an existing disk)
+    handlers.delete(DeleteVm(ref(new), delete_disks=True))  # the controller's cleanup: nothing of its own
+    assert hv.volume_path("default", "web1-vda.qcow2") is not None
+
+
+def test_create_refuses_a_volume_that_virtfleet_did_not_make(
+    handlers: AgentHandlers, hv: FakeHypervisor
+) -> None:
+    hv.create_volume("default", "web1-vda.qcow2", DiskFormat.QCOW2, 10)  # virsh vol-create-as
+    with pytest.raises(errors.AlreadyExists):
+        handlers.create(CreateVm(spec=make_spec()))
+    assert hv.count("define") == 0
+
+
+def test_a_volume_that_cannot_be_made_leaves_no_record(
+    handlers: AgentHandlers, hv: FakeHypervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = make_spec()
+
+    def full(*_args: object) -> str:
+        raise errors.StorageError("pool default is full")
+
+    monkeypatch.setattr(hv, "create_volume", full)
+    with pytest.raises(errors.StorageError):
+        handlers.create(CreateVm(spec=spec))
+    assert handlers.storage.formats.get("/pools/default/web1-vda.qcow2") is None
+    assert handlers.storage.formats.owner("/pools/default/web1-vda.qcow2") is None
 
 
 def test_create_with_a_taken_name_and_another_uuid_is_already_exists(

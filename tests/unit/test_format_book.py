@@ -123,3 +123,28 @@ def test_a_state_directory_that_cannot_be_made_is_a_storage_error(tmp_path: Path
     (tmp_path / "file").write_text("")
     with pytest.raises(StorageError, match="cannot open the image format record"):
         FormatBook(tmp_path / "file" / "image-formats.db")
+
+
+def test_the_owner_of_a_new_volume_is_kept_until_it_is_forgotten(book_file: Path) -> None:
+    book = FormatBook(book_file)
+    book.record("/p/web-vda.qcow2", "qcow2", owner="uuid-1")
+    book.record("/p/web-vda.qcow2", "qcow2")  # told the format again (a disk attach): still uuid-1's
+    book.record("/p/disk.raw", "raw")
+    again = FormatBook(book_file)
+    assert again.owner("/p/web-vda.qcow2") == "uuid-1"
+    assert again.owner("/p/disk.raw") is None
+    again.forget("/p/web-vda.qcow2")
+    assert FormatBook(book_file).owner("/p/web-vda.qcow2") is None
+
+
+def test_the_record_of_an_agent_before_owners_gains_the_column_and_keeps_its_formats(
+    book_file: Path,
+) -> None:
+    book_file.parent.mkdir()
+    with sqlite3.connect(book_file) as db:
+        db.execute("CREATE TABLE formats (path TEXT PRIMARY KEY, format TEXT NOT NULL)")
+        db.execute("INSERT INTO formats VALUES ('/p/old.qcow2', 'qcow2')")
+    book = FormatBook(book_file)
+    assert (book.format_of("/p/old.qcow2"), book.owner("/p/old.qcow2")) == ("qcow2", None)
+    book.record("/p/new.qcow2", "qcow2", owner="uuid-2")
+    assert FormatBook(book_file).owner("/p/new.qcow2") == "uuid-2"
