@@ -298,7 +298,11 @@ class Recovery:
             vm = repo.get_vm_by_uuid(s, work.uuid)
         if vm.spec is None:
             return self._undo(work, host_id, f"build left by {who} has no stored definition to re-send")
-        body = CreateVm(spec=_console_password(vm.spec), start=vm.desired_power is DesiredPower.RUNNING)
+        body = CreateVm(
+            spec=_console_password(vm.spec),
+            start=vm.desired_power is DesiredPower.RUNNING,
+            allow_shared_disk=vm.allow_shared_disk,
+        )
         try:
             result = self.service.agents.call(host_id, VM_CREATE, body)
         except Interrupted:

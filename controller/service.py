@@ -660,6 +660,7 @@ class ControllerService:
             "server_group": req.server_group,
             "pcpus": pcpus,
             "hugepage_size_kib": page_size_kib(req.hugepage_size) if req.hugepage_size else None,
+            "allow_shared_disk": req.allow_shared_disk,
             "created_at": now,
             "updated_at": now,
         }

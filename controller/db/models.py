@@ -199,6 +199,9 @@ class Vm(Base):
     pcpus: Mapped[tuple[int, ...]] = mapped_column(IntTuple(), default=())  # dedicated host CPUs
     hugepage_size_kib: Mapped[int | None] = mapped_column(Integer, nullable=True)
     needs_hw_virt: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: its create allowed a disk in use by other guests (``--allow-shared-disk``): a build
+    #: re-sent by recovery must say so again
+    allow_shared_disk: Mapped[bool] = mapped_column(Boolean, default=False)
     #: the controller instance (``controller_instances.id``) working on the VM's build or task;
     #: when that instance is no longer alive, recovery (controller.recovery) finishes the work
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)

@@ -134,6 +134,7 @@ class VmRecord(VmView, frozen=True):
     pcpus: tuple[int, ...] = ()
     hugepage_size_kib: int | None = None
     needs_hw_virt: bool = False
+    allow_shared_disk: bool = False
 
     @property
     def host_id(self) -> str | None:
@@ -230,6 +231,7 @@ def _vm_record(row: Vm | Row[Any]) -> VmRecord:
         pcpus=row.pcpus,
         hugepage_size_kib=row.hugepage_size_kib,
         needs_hw_virt=row.needs_hw_virt,
+        allow_shared_disk=row.allow_shared_disk,
     )
 
 

@@ -18,7 +18,7 @@ from inproc import HostShape, InProcessFleet, inprocess_fleet
 from vfsupport import wait_until
 
 from common.messages.base import replace
-from common.messages.vm import Lifecycle, PowerState, Task
+from common.messages.vm import DiskFormat, Lifecycle, PowerState, Task
 from controller.db import liveness
 from controller.db import repository as repo
 from controller.db.models import ControllerInstance
@@ -226,6 +226,33 @@ def test_builds_on_a_host_that_is_down_are_left_with_their_claims(fleet: InProce
     _step(fleet)  # back up: now it is recovered (the domain runs there: adopted)
     assert _vm(fleet, "on-down-host")["status"] == "active"
     fleet.cli_ok("vm", "delete", "on-down-host", "--delete-disks")
+
+
+def test_a_build_re_sent_keeps_the_shared_disk_its_create_allowed(fleet: InProcessFleet) -> None:
+    """``--allow-shared-disk`` is part of what was asked: the re-sent build says it again (it
+    used not to, and the agent refused the disk the first guest holds: the VM failed)."""
+    hv = fleet.fake("a").hypervisor
+    image = hv.add_file("/srv/images/shared.raw", DiskFormat.RAW, 1)
+    for name in ("holder", "sharer"):
+        created = fleet.cli(
+            "vm", "create", name, "--host", "a", "--memory", "64", "--disk", f"path={image}",
+            "--allow-shared-disk",
+        )  # fmt: skip
+        assert created.code == 0, created.stdout + created.stderr
+        if name == "holder":  # defined, so its disk is in use; off, so qemu's write lock is free
+            fleet.cli_ok("vm", "destroy", name)
+    uuid = str(_vm(fleet, "sharer")["uuid"])
+    hv.destroy(uuid)
+    hv.undefine(uuid)  # the sharer's build as it was before the command was sent
+    _leave(fleet, uuid, status=Lifecycle.BUILDING, task=Task.BUILDING, power_state=PowerState.NOSTATE)
+
+    changes = _step(fleet)
+
+    assert any("sharer" in c and "re-sent" in c for c in changes), changes
+    shown = _vm(fleet, "sharer")
+    assert (shown["status"], shown["power_state"], shown["last_error"]) == ("active", "running", None)
+    for name in ("sharer", "holder"):
+        fleet.cli_ok("vm", "delete", name)
 
 
 def test_a_refused_resend_releases_the_claim_and_says_why(fleet: InProcessFleet) -> None:
