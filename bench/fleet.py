@@ -203,6 +203,10 @@ def start_controllers(
     procs = Processes()
     stack.callback(procs.stop_all)
     env = fleet_env(ROOT, url)
+    if args.trace is not None:  # bench/stagetrace/sitecustomize.py, loaded by each process
+        env.update(
+            PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'bench' / 'stagetrace'}", VF_TRACE_FILE=str(args.trace)
+        )
     env.update(init_keys(work, env))  # signed, as a deployed fleet is
     argv = [sys.executable, "-m", "controller.main", "--database-url", db, "--log-level", args.log_level]
     if args.down_after:
@@ -1502,6 +1506,12 @@ def main() -> int:
         help="controllers' choose_among (a --config TOML): pick at random among the best N (product default 1)",
     )
     parser.add_argument("--profile", type=Path, help="py-spy raw output of the controller during the burst")
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        help="append each process's stage timestamps to this file (bench/stagetrace; read it with "
+        "bench/stage_report.py); slows every create a little",
+    )
     parser.add_argument("--profile-rate", type=int, default=100)
     parser.add_argument(
         "--small-profile-s",
