@@ -9,12 +9,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from agent.ports import Hypervisor
+from common.domain_xml import OWNED_VOLUMES_NS as OWNED_VOLUMES_NS  # noqa: PLC0414 - re-exported
 from common.domain_xml import DomainXmlError, parse_domain_xml, writable_disk_paths
 from common.errors import InvalidRequest
 from common.messages.vm import DiskFormat
-
-#: Namespace of the agent's own ``<metadata>`` element: the volumes it created for a domain.
-OWNED_VOLUMES_NS = "https://virtfleet.dev/xmlns/agent-volumes/1"
 
 _VOLUME_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 

@@ -35,6 +35,11 @@ _STARTED = frozenset(vm.PowerState) - STARTABLE
 _UP = frozenset({vm.PowerState.RUNNING, vm.PowerState.BLOCKED})
 
 
+def _owned(disks: tuple[vm.DiskSpec, ...]) -> tuple[str, ...]:
+    """The volumes virtfleet created for a VM: what ``vm delete --delete-disks`` may remove."""
+    return tuple(d.path for d in disks if d.source == "new" and d.path is not None)
+
+
 def volume_name(spec: vm.VmSpec, disk: vm.DiskSpec) -> str:
     """The pool volume for a new disk: the spec's name, else ``<vmname>-<target>.<fmt>``."""
     return disk_helpers.volume_name(spec.name, disk.target, disk.format, disk.volume)
@@ -127,14 +132,15 @@ class AgentHandlers:
                     self.storage.check_spec_files(spec, self._images)  # before anything uses those files
                     if not body.allow_shared_disk:
                         self._refuse_disks_in_use(spec)
-                    disks = self._create_and_define(spec)
+                    disks = self._create_and_define(spec)  # its volumes recorded by the define
                     message = "defined"
                 else:
                     disks = self._resolve_disks(spec, None)
                     message = "already defined"
-                owned = tuple(d.path for d in disks if d.source == "new" and d.path is not None)
-                if owned and (existing is None or not self._hv.owned_volumes(spec.uuid)):
-                    self._hv.set_owned_volumes(spec.uuid, owned)
+                    owned = _owned(disks)
+                    if owned and not self._hv.owned_volumes(spec.uuid):
+                        # defined by an agent that recorded them after the define, and died between
+                        self._hv.set_owned_volumes(spec.uuid, owned)
             state, autostart = self._hv.power(spec.uuid)  # the full status only once, at the end
             if spec.autostart and not autostart:
                 self._hv.set_autostart(spec.uuid, True)
@@ -223,7 +229,7 @@ class AgentHandlers:
             disks = self._resolve_disks(spec, created)
             resolved = replace(spec, disks=disks)
             try:
-                xml = build_domain_xml(resolved)
+                xml = build_domain_xml(resolved, owned_volumes=_owned(disks))
             except ValueError as exc:
                 raise InvalidRequest(f"VM {spec.name}: {exc}") from exc
             self._hv.define(xml)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 import uuid as uuid_mod
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NamedTuple, TypeVar
@@ -80,6 +80,9 @@ __all__ = [
 #: Namespace of virtfleet's ``<metadata>`` element; its presence marks a domain as managed by virtfleet.
 VF_NAMESPACE = "https://virtfleet.dev/xmlns/domain/1"
 _VF_PREFIX = "vf"
+#: Namespace and prefix of the agent's own ``<metadata>`` element: the volumes it created for a domain.
+OWNED_VOLUMES_NS = "https://virtfleet.dev/xmlns/agent-volumes/1"
+OWNED_VOLUMES_PREFIX = "vfa"
 
 # Characters XML 1.0 cannot carry at all (ElementTree would write them and produce unparsable XML).
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -269,12 +272,18 @@ def _serial_elements(devices: ET.Element, serial_log: str | None) -> None:
         _sub(elem, "target", target)
 
 
-def _metadata_element(parent: ET.Element) -> None:
+def _metadata_element(parent: ET.Element, owned_volumes: Sequence[str]) -> None:
     # The prefix is spelled out (no ET.register_namespace: that is process-global state) and declared on the
     # element itself, which is where libvirt expects the namespace of a metadata element.
     metadata = _sub(parent, "metadata")
     instance = _sub(metadata, f"{_VF_PREFIX}:instance", {f"xmlns:{_VF_PREFIX}": VF_NAMESPACE})
     _sub(instance, f"{_VF_PREFIX}:managed", text="true")
+    if owned_volumes:
+        volumes = _sub(
+            metadata, f"{OWNED_VOLUMES_PREFIX}:volumes", {f"xmlns:{OWNED_VOLUMES_PREFIX}": OWNED_VOLUMES_NS}
+        )
+        for path in owned_volumes:
+            _sub(volumes, f"{OWNED_VOLUMES_PREFIX}:volume", {"path": path})
 
 
 def _os_element(parent: ET.Element, spec: VmSpec) -> None:
@@ -297,8 +306,12 @@ def _tostring(elem: ET.Element) -> str:
     return ET.tostring(elem, encoding="unicode") + "\n"
 
 
-def build_domain_xml(spec: VmSpec) -> str:
-    """The libvirt domain XML for a resolved spec; raises ValueError for a disk without a path."""
+def build_domain_xml(spec: VmSpec, owned_volumes: Sequence[str] = ()) -> str:
+    """The libvirt domain XML for a resolved spec; raises ValueError for a disk without a path.
+
+    ``owned_volumes``: the volumes the agent created for this VM, recorded in the agent's own
+    metadata element (:data:`OWNED_VOLUMES_NS`) by the define itself, so that no later call is
+    needed and no crash can leave the domain defined without them."""
     try:
         uuid_mod.UUID(spec.uuid)
     except ValueError:
@@ -308,7 +321,7 @@ def build_domain_xml(spec: VmSpec) -> str:
     _sub(root, "uuid", text=spec.uuid)
     if spec.description:
         _sub(root, "description", text=spec.description)
-    _metadata_element(root)
+    _metadata_element(root, owned_volumes)
     _sub(root, "memory", {"unit": "KiB"}, text=str(spec.effective_max_memory_mib * 1024))
     _sub(root, "currentMemory", {"unit": "KiB"}, text=str(spec.memory_mib * 1024))
     if spec.hugepage_size_kib is not None:

@@ -35,6 +35,7 @@ from agent.drivers.libvirt_link import LibvirtLink, is_connection_error
 from agent.host_files import OsPathLookup
 from agent.ports import GIB, NodeFacts, shutdown_timed_out
 from agent.storage_pools import FileKind, PathLookup
+from common.domain_xml import OWNED_VOLUMES_PREFIX as OWNED_VOLUMES_PREFIX  # noqa: PLC0414 - re-exported
 from common.domain_xml import VF_NAMESPACE, DomainXmlError, parse_domain_xml
 from common.errors import HypervisorError, HypervisorUnavailable, NotFound, Unsupported, VirtfleetError
 from common.messages.host import CpuTopology, StoragePoolInfo
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 
 MIB = 1024**2
 
-OWNED_VOLUMES_PREFIX = "vfa"
 
 #: libvirt domain state -> virtfleet power state, spelled out for every VIR_DOMAIN_* state.
 STATE_MAP: Mapping[int, PowerState] = {

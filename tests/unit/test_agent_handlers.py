@@ -115,6 +115,8 @@ def test_create_makes_volume_defines_and_starts(handlers: AgentHandlers, hv: Fak
     parsed = parse_domain_xml(hv.domain_xml(spec.uuid, live=False))
     assert [d.path for d in parsed.disks] == ["/pools/default/web1-vda.qcow2"]
     assert hv.owned_volumes(spec.uuid) == ("/pools/default/web1-vda.qcow2",)
+    # ... recorded by the define itself: no second write of the definition, no window between
+    assert hv.count("set_owned_volumes") == 0
 
 
 def test_create_twice_with_the_same_uuid_defines_once(handlers: AgentHandlers, hv: FakeHypervisor) -> None:
