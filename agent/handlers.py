@@ -187,8 +187,9 @@ class AgentHandlers:
                 elif self.storage.formats.owner(path) != spec.uuid:
                     raise AlreadyExists(
                         f"disk {disk.target}: volume {pool}/{name} exists already and was not made for "
-                        f"this VM (a disk kept by a deleted VM of this name?); delete the volume, or "
-                        f"give this disk another volume name, or attach the image as an existing disk",
+                        f"this VM (a disk kept by a deleted VM of this name?); use another VM name, "
+                        f"attach that image on purpose (--disk path={path},format=...), or delete it "
+                        f"on the host (virsh vol-delete --pool {pool} {name})",
                         details={"pool": pool, "volume": name, "path": path},
                     )
             resolved.append(replace(disk, pool=pool, volume=name, path=path))
