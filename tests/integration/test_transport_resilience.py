@@ -35,9 +35,8 @@ from common.transport.topology import (
 pytestmark = pytest.mark.broker
 
 
-@pytest.fixture
-def server(vhost_url: str) -> Iterator[ConsumerServer]:
-    calls: list[str] = []
+def _ping_dispatcher(calls: list[str]) -> Dispatcher:
+    """The API's dispatcher with ``api.ping`` only, noting each call in ``calls``."""
 
     def ping(_body: api.Empty) -> api.Empty:
         calls.append("ping")
@@ -45,8 +44,13 @@ def server(vhost_url: str) -> Iterator[ConsumerServer]:
 
     table = HandlerTable(Side.CONTROLLER)
     table.register(api.API_PING, ping)
+    return Dispatcher("test-controller", table)
+
+
+@pytest.fixture
+def server(vhost_url: str) -> Iterator[ConsumerServer]:
     transport = AmqpTransport(vhost_url, "test-api")
-    srv = transport.consumer(API_QUEUE, Dispatcher("test-controller", table), name="test-api", prefetch=4)
+    srv = transport.consumer(API_QUEUE, _ping_dispatcher([]), name="test-api", prefetch=4)
     srv.start()
     assert srv.ready.wait(30)
     yield srv
@@ -91,16 +95,9 @@ def test_a_connection_lost_inside_the_reply_step_is_noticed_and_the_request_answ
     thread died without a word, and every later request waited for its timeout; seen once in a
     dozen runs of tests/chaos/test_broker_cluster.py.)"""
     handled: list[str] = []
-
-    def ping(_body: api.Empty) -> api.Empty:
-        handled.append("ping")
-        return api.Empty()
-
-    table = HandlerTable(Side.CONTROLLER)
-    table.register(api.API_PING, ping)
     with cutting_proxy() as proxy:
         proxied = AmqpTransport(vhost_url.replace(":5672/", f":{proxy.port}/"), "test-cut")
-        srv = proxied.consumer(API_QUEUE, Dispatcher("test-controller", table), name="test-cut")
+        srv = proxied.consumer(API_QUEUE, _ping_dispatcher(handled), name="test-cut")
         srv.start()
         try:
             assert srv.ready.wait(30)
